@@ -1,0 +1,3 @@
+from lakesync.cli import main
+
+main()

@@ -1,0 +1,66 @@
+"""The one place that maps lakesync errors to HTTP answers: `{"error": ...}`, never a trace."""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from starlette.exceptions import HTTPException
+
+from lakesync.errors import LakesyncError
+from lakesync.mongo import mask_uri
+
+logger = logging.getLogger(__name__)
+
+
+def error_response(status: int, message: str, **details: Any) -> JSONResponse:
+    """A JSON error body with what is wrong and how to fix it."""
+    return JSONResponse({"error": mask_uri(message), **details}, status_code=status)
+
+
+def _validation_message(exc: RequestValidationError) -> tuple[int, str]:
+    problems = []
+    status = 422
+    for item in exc.errors():
+        if item.get("type") == "json_invalid":
+            return 400, (
+                "The request body is not valid JSON. Send a JSON object such as "
+                '{"operation": "copy-taskdetail", "options": {}}.'
+            )
+        loc = ".".join(str(p) for p in item.get("loc", ()) if p != "body") or "body"
+        problems.append(f"{loc}: {item.get('msg')}")
+    return status, "Invalid request: " + "; ".join(problems) + "."
+
+
+def install_error_handlers(app: FastAPI) -> None:
+    """Register the handlers on the app."""
+
+    @app.exception_handler(LakesyncError)
+    async def lakesync_error(request: Request, exc: LakesyncError) -> JSONResponse:
+        if exc.http_status >= 500:
+            logger.warning("%s %s: %s", request.method, request.url.path, exc)
+        return error_response(exc.http_status, str(exc), **exc.details)
+
+    @app.exception_handler(RequestValidationError)
+    async def validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:
+        status, message = _validation_message(exc)
+        return error_response(status, message)
+
+    @app.exception_handler(HTTPException)
+    async def http_error(request: Request, exc: HTTPException) -> JSONResponse:
+        detail = exc.detail if isinstance(exc.detail, str) else "Request failed"
+        if exc.status_code == 404 and detail == "Not Found":
+            detail = f"No route {request.method} {request.url.path}. See /docs for the API."
+        if exc.status_code == 405:
+            detail = f"{request.method} is not allowed on {request.url.path}. See /docs."
+        return JSONResponse(
+            {"error": detail}, status_code=exc.status_code, headers=getattr(exc, "headers", None)
+        )
+
+    @app.exception_handler(Exception)
+    async def unexpected(request: Request, exc: Exception) -> JSONResponse:
+        logger.exception("unhandled error on %s %s", request.method, request.url.path)
+        return error_response(500, "Internal error; the server log has the details.")

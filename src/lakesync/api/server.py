@@ -1,0 +1,55 @@
+"""`lakesync serve`: the runtime, the app and uvicorn, with a clean shutdown."""
+
+from __future__ import annotations
+
+import ipaddress
+import logging
+import socket
+
+import uvicorn
+
+from lakesync.api.app import create_app
+from lakesync.config import Settings
+from lakesync.errors import ConfigError
+from lakesync.runtime import Runtime
+
+logger = logging.getLogger(__name__)
+
+
+def is_loopback(host: str) -> bool:
+    """True when `host` only accepts connections from this machine."""
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        try:
+            return all(ipaddress.ip_address(a[4][0]).is_loopback
+                       for a in socket.getaddrinfo(host, None))  # fmt: skip
+        except OSError:
+            return False
+
+
+def serve(settings: Settings, host: str, port: int) -> None:
+    """Run until SIGTERM/Ctrl-C; running jobs stop at a batch boundary and stay resumable."""
+    if not is_loopback(host) and settings.api_token is None:
+        raise ConfigError(
+            f"Refusing to listen on {host} without an API token: anyone who can reach it could "
+            "start or cancel copies. Set LAKESYNC_API_TOKEN to a long random secret (e.g. "
+            "`export LAKESYNC_API_TOKEN=$(openssl rand -hex 32)`), or listen on 127.0.0.1."
+        )
+    runtime = Runtime(settings, executor=settings.executor)
+    try:
+        runtime.start()
+        app = create_app(runtime)
+        config = uvicorn.Config(app, host=host, port=port, log_config=None, access_log=False,
+                                timeout_graceful_shutdown=3)  # fmt: skip
+        server = uvicorn.Server(config)
+        shown = f"[{host}]" if ":" in host else host
+        logger.info("lakesync is serving on http://%s:%d (executor: %s)", shown, port,
+                    settings.executor)  # fmt: skip
+        print(f"lakesync: open http://{shown}:{port}/ in your browser", flush=True)
+        server.run()
+    finally:
+        logger.info("shutting down: handing running jobs back at a batch boundary")
+        runtime.close(timeout=5.0)

@@ -1,0 +1,247 @@
+"""The `lakesync` command line: serve, copy, status, jobs, cancel, operations, demo-data, worker."""
+
+from __future__ import annotations
+
+import json
+import signal
+import sys
+import threading
+from pathlib import Path
+from typing import Annotated, Any, NoReturn
+
+import typer
+from rich.console import Console
+from rich.progress import BarColumn, Progress, TaskProgressColumn, TextColumn, TimeRemainingColumn
+from rich.table import Table
+
+from lakesync.config import Settings, get_settings
+from lakesync.errors import LakesyncError
+from lakesync.logs import configure_logging
+from lakesync.models import JobState, JobStatus
+from lakesync.runner import Outcome
+
+app = typer.Typer(
+    add_completion=False,
+    no_args_is_help=True,
+    help="Copy data-lake records into MongoDB as durable background jobs.",
+)
+err = Console(stderr=True)
+out = Console()
+
+JsonFlag = Annotated[bool, typer.Option("--json", help="Print JSON for scripts.")]
+
+
+def _settings() -> Settings:
+    settings = get_settings()
+    configure_logging(settings.log_format, settings.log_level)
+    return settings
+
+
+def _fail(error: Exception, code: int = 1) -> NoReturn:
+    err.print(f"[bold red]error:[/] {error}", highlight=False)
+    raise typer.Exit(code)
+
+
+def _print_json(data: Any) -> None:
+    sys.stdout.write(json.dumps(data) + "\n")
+
+
+@app.command()
+def serve(
+    host: Annotated[str, typer.Option(help="Address to listen on.")] = "127.0.0.1",
+    port: Annotated[int, typer.Option(help="Port to listen on.")] = 8000,
+) -> None:
+    """Run the HTTP API, the web page and the job workers."""
+    try:
+        from lakesync.api.server import serve as run_server
+
+        run_server(_settings(), host, port)
+    except LakesyncError as e:
+        _fail(e)
+
+
+@app.command()
+def copy(
+    operation: Annotated[str, typer.Argument(help="Operation to run.")] = "copy-taskdetail",
+    source: Annotated[str | None, typer.Option(help="Lake URI (dir, file, glob, s3://).")] = None,
+    batch_size: Annotated[int | None, typer.Option(help="Records per bulk write.")] = None,
+    mode: Annotated[str | None, typer.Option(help="full, incremental or mirror.")] = None,
+    as_json: JsonFlag = False,
+) -> None:
+    """Run a copy job in the foreground with a progress bar; exit 1 unless it completes."""
+    from lakesync.runtime import Runtime
+
+    options = {k: v for k, v in {"source": source, "batchSize": batch_size, "mode": mode}.items()
+               if v is not None}  # fmt: skip
+    try:
+        settings = _settings()
+        with Runtime(settings, executor=None) as rt:
+            status, created = rt.jobs.start(operation, options)
+            if not created:
+                _fail(LakesyncError(
+                    f"Job {status.jobId} for {operation} on this source is already "
+                    f"{status.status.value}; follow it with `lakesync status {status.jobId}`."))  # fmt: skip
+            err.print(f"job {status.jobId} started", highlight=False)
+            final = _run_foreground(rt, status.jobId, show_bar=err.is_terminal and not as_json)
+    except LakesyncError as e:
+        _fail(e)
+    if as_json:
+        _print_json(final.public())
+    else:
+        _print_summary(final)
+    raise typer.Exit(0 if final.state is JobState.COMPLETED else 1)
+
+
+def _run_foreground(rt: Any, job_id: str, show_bar: bool) -> JobStatus:
+    """Run the job in this thread until it ends; Ctrl-C pauses it at a batch boundary."""
+    previous = signal.getsignal(signal.SIGINT)
+
+    def interrupt(*_: object) -> None:
+        err.print("stopping after the current batch (Ctrl-C again to force)...")
+        rt.runner.stop.set()
+        signal.signal(signal.SIGINT, previous)
+
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGINT, interrupt)
+        signal.signal(signal.SIGTERM, interrupt)
+    columns = (TextColumn("{task.description}"), BarColumn(), TaskProgressColumn(),
+               TextColumn("{task.completed:,.0f}/{task.total:,.0f} records  {task.fields[rate]}"),
+               TimeRemainingColumn())  # fmt: skip
+    with Progress(*columns, console=err, disable=not show_bar) as bar:
+        task = bar.add_task("copying", total=None, rate="")
+
+        def progress(s: JobStatus) -> None:
+            bar.update(task, total=s.totalRecords or None, completed=s.processedRecords,
+                       rate=f"{s.recordsPerSecond:,.0f}/s")  # fmt: skip
+
+        while True:
+            outcome = rt.runner.run(job_id, on_progress=progress)
+            if outcome is not Outcome.CONTINUE or rt.runner.stop.is_set():
+                break
+    return rt.store.get(job_id)
+
+
+def _print_summary(s: JobStatus) -> None:
+    colour = {"completed": "green", "failed": "red", "cancelled": "yellow"}.get(s.status, "cyan")
+    out.print(f"[bold {colour}]{s.status.value}[/] {s.jobId}: {s.message or ''}", highlight=False)
+    if s.error:
+        out.print(f"[red]{s.error}[/]", highlight=False)
+    if s.state is JobState.PENDING:
+        out.print("Run `lakesync copy` again or `lakesync serve` to resume it from its checkpoint.")
+
+
+@app.command()
+def status(job_id: str, as_json: JsonFlag = False) -> None:
+    """Show one job's status."""
+    from lakesync.runtime import Runtime
+
+    try:
+        with Runtime(_settings()) as rt:
+            s = rt.jobs.get(job_id)
+    except LakesyncError as e:
+        _fail(e)
+    if as_json:
+        _print_json(s.public())
+        return
+    table = Table(show_header=False, box=None)
+    for key, value in s.public().items():
+        if value not in (None, {}, ""):
+            table.add_row(f"[bold]{key}[/]", str(value))
+    out.print(table)
+
+
+@app.command()
+def jobs(
+    limit: Annotated[int, typer.Option(min=1, max=1000, help="How many jobs.")] = 20,
+    as_json: JsonFlag = False,
+) -> None:
+    """List recent jobs, newest first."""
+    from lakesync.runtime import Runtime
+
+    try:
+        with Runtime(_settings()) as rt:
+            found = rt.jobs.list(limit=limit)
+    except LakesyncError as e:
+        _fail(e)
+    if as_json:
+        _print_json({"jobs": [j.public() for j in found]})
+        return
+    table = Table("jobId", "status", "operation", "processed", "total", "started")
+    for j in found:
+        table.add_row(j.jobId, j.status.value, j.operation, f"{j.processedRecords:,}",
+                      f"{j.totalRecords:,}", j.public()["startTime"])  # fmt: skip
+    out.print(table)
+
+
+@app.command()
+def cancel(job_id: str) -> None:
+    """Cancel a job; it stops after its current batch."""
+    from lakesync.runtime import Runtime
+
+    try:
+        with Runtime(_settings()) as rt:
+            s = rt.jobs.cancel(job_id)
+    except LakesyncError as e:
+        _fail(e)
+    word = "already cancelled" if s.state is JobState.CANCELLED else "cancellation requested"
+    out.print(f"{job_id}: {word}")
+
+
+@app.command()
+def operations(as_json: JsonFlag = False) -> None:
+    """List the declared operations."""
+    from lakesync.runtime import Runtime
+
+    try:
+        with Runtime(_settings()) as rt:
+            listed = [{"name": op.name, "description": op.description,
+                       "collection": op.collection, "source": op.source_uri(rt.settings),
+                       "mode": op.mode} for op in rt.registry.all()]  # fmt: skip
+    except LakesyncError as e:
+        _fail(e)
+    if as_json:
+        _print_json({"operations": listed})
+        return
+    for op in listed:
+        out.print(f"[bold]{op['name']}[/]  {op['description']} -> {op['collection']}")
+
+
+@app.command("demo-data")
+def demo_data(
+    rows: Annotated[int, typer.Option(min=1, help="Records to write.")],
+    out_dir: Annotated[Path, typer.Option("--out", help="Directory to write.")],
+    bad_rows: Annotated[int, typer.Option(min=0, help="Records breaking schema rules.")] = 0,
+    seed: Annotated[int, typer.Option(help="Random seed (same seed, same data).")] = 0,
+) -> None:
+    """Write a realistic TaskDetail demo lake (Parquet, partitioned by projectId)."""
+    from lakesync.demo import generate
+
+    if bad_rows > rows:
+        _fail(LakesyncError(f"--bad-rows {bad_rows} is more than --rows {rows}."), 2)
+    try:
+        made = generate(out_dir, rows, bad_rows=bad_rows, seed=seed)
+    except LakesyncError as e:
+        _fail(e)
+    out.print(f"wrote {made.rows:,} records ({made.bad_rows:,} bad) in {made.files} files "
+              f"to {made.out}")  # fmt: skip
+
+
+@app.command()
+def worker(
+    concurrency: Annotated[int | None, typer.Option(min=1, help="Parallel jobs.")] = None,
+) -> None:
+    """Run a Celery worker that runs jobs (LAKESYNC_EXECUTOR=celery)."""
+    try:
+        from lakesync.executors.celery import run_worker
+
+        run_worker(_settings(), concurrency)
+    except LakesyncError as e:
+        _fail(e)
+
+
+def main() -> None:
+    """Entry point: settings errors become one clear line and exit code 2."""
+    try:
+        app()
+    except LakesyncError as e:
+        _fail(e, 2)

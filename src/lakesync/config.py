@@ -1,0 +1,94 @@
+"""Settings: the only place that reads the environment (prefix LAKESYNC_, or a `.env` file)."""
+
+from __future__ import annotations
+
+from functools import lru_cache
+from pathlib import Path
+from typing import Literal
+
+from pydantic import Field, SecretStr, ValidationError, field_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from lakesync.errors import ConfigError
+
+
+class Settings(BaseSettings):
+    """lakesync configuration; see the README's configuration table."""
+
+    model_config = SettingsConfigDict(
+        env_prefix="LAKESYNC_", env_file=".env", extra="ignore", validate_default=True
+    )
+
+    mongodb_uri: SecretStr | None = None
+    database: str = Field("lakesync", min_length=1, pattern=r"^[^/\\. \"$]+$")
+    data_dir: Path = Path(".lakesync")
+    lake_uri: str | None = None
+    s3_endpoint_url: str | None = None
+    s3_region: str | None = None
+    batch_size: int = Field(1000, ge=1, le=100_000)
+    job_time_limit: float = Field(900, gt=0)
+    status_ttl_days: float = Field(7, gt=0)
+    api_token: SecretStr | None = None
+    executor: Literal["local", "celery"] = "local"
+    broker_url: SecretStr | None = None
+    workers: int = Field(2, ge=1, le=64)
+    lease_seconds: float = Field(60, gt=0)
+    max_attempts: int = Field(3, ge=1, le=100)
+    retry_budget_seconds: float = Field(60, ge=0)
+    demo_rows: int = Field(100_000, ge=1)
+    allowed_roots: list[str] = Field(default_factory=list)
+    operations_file: Path = Path("lakesync.toml")
+    partition_rows: int = Field(50_000, ge=1)
+    log_format: Literal["text", "json"] = "text"
+    log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
+
+    @field_validator("mongodb_uri", "broker_url", "api_token", "lake_uri", "s3_endpoint_url")
+    @classmethod
+    def _empty_is_unset(cls, value: object) -> object:
+        if isinstance(value, SecretStr) and not value.get_secret_value().strip():
+            return None
+        if isinstance(value, str) and not value.strip():
+            return None
+        return value
+
+    @field_validator("log_format", "executor", "log_level", mode="before")
+    @classmethod
+    def _case_insensitive(cls, value: object) -> object:
+        if isinstance(value, str):
+            return value.upper() if value.lower() in {"debug", "info", "warning", "error"} else value.lower()
+        return value
+
+    @property
+    def demo_lake_dir(self) -> Path:
+        """Where the generated demo lake lives when LAKESYNC_LAKE_URI is unset."""
+        return self.data_dir / "demo-lake"
+
+    @property
+    def effective_lake_uri(self) -> str:
+        """The lake to read: LAKESYNC_LAKE_URI, or the demo lake under the data dir."""
+        return self.lake_uri or str(self.demo_lake_dir)
+
+
+def _describe(error: ValidationError) -> str:
+    lines = []
+    for item in error.errors():
+        field = str(item["loc"][0]) if item["loc"] else "?"
+        variable = f"LAKESYNC_{field.upper()}"
+        given = item.get("input")
+        shown = "" if isinstance(given, dict) or field in {"mongodb_uri", "api_token", "broker_url"} else f"={given!r}"
+        lines.append(f"{variable}{shown} is invalid: {item['msg']}.")
+    return " ".join(lines) + " Fix the environment variable (or .env file) and start again."
+
+
+def load_settings(**overrides: object) -> Settings:
+    """Build Settings from the environment, raising ConfigError with a readable message."""
+    try:
+        return Settings(**overrides)  # type: ignore[arg-type]
+    except ValidationError as e:
+        raise ConfigError(_describe(e)) from None
+
+
+@lru_cache(maxsize=1)
+def get_settings() -> Settings:
+    """The process-wide Settings, read once."""
+    return load_settings()

@@ -1,0 +1,94 @@
+"""The local executor: a pool of threads in this process, plus a recovery loop."""
+
+from __future__ import annotations
+
+import logging
+import threading
+from concurrent.futures import Future, ThreadPoolExecutor
+
+from lakesync.runner import JobRunner, Outcome
+
+logger = logging.getLogger(__name__)
+
+
+class LocalExecutor:
+    """Runs jobs in `workers` threads; takes over jobs whose lease expired."""
+
+    name = "local"
+
+    def __init__(self, runner: JobRunner, workers: int, lease_seconds: float) -> None:
+        self.runner = runner
+        self.workers = workers
+        self.scan_every = max(0.5, min(lease_seconds / 2, 15.0))
+        self._pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="lakesync-job")
+        self._inflight: set[str] = set()
+        self._lock = threading.Lock()
+        self._recovery = threading.Thread(target=self._recover_loop, name="lakesync-recovery",
+                                          daemon=True)  # fmt: skip
+        self._started = False
+
+    def start(self) -> None:
+        """Start the recovery loop (it also resumes jobs left by a previous process)."""
+        self._started = True
+        self._recovery.start()
+
+    def submit(self, job_id: str) -> None:
+        """Queue a run unless this process already runs or queued the job."""
+        with self._lock:
+            if job_id in self._inflight or self.runner.stop.is_set():
+                return
+            self._inflight.add(job_id)
+        future = self._pool.submit(self._run, job_id)
+        future.add_done_callback(lambda f, j=job_id: self._done(f, j))
+
+    def _run(self, job_id: str) -> Outcome:
+        return self.runner.run(job_id)
+
+    def _done(self, future: Future[Outcome], job_id: str) -> None:
+        with self._lock:
+            self._inflight.discard(job_id)
+        error = future.exception()
+        if error is not None:
+            logger.error("job %s: run crashed: %s", job_id, error)
+            return
+        if future.result() is Outcome.CONTINUE and not self.runner.stop.is_set():
+            self.submit(job_id)
+
+    def _recover_loop(self) -> None:
+        stop = self.runner.stop
+        while not stop.is_set():
+            try:
+                for job_id in self.runner.store.stale(self.runner.settings.lease_seconds):
+                    logger.info("job %s: lease expired or never started; resuming it", job_id)
+                    self.submit(job_id)
+            except Exception as e:
+                logger.warning("recovery scan failed: %s", e)
+            stop.wait(self.scan_every)
+
+    def active(self) -> int:
+        """Jobs running or queued in this process."""
+        with self._lock:
+            return len(self._inflight)
+
+    def shutdown(self, timeout: float) -> None:
+        """Ask runs to stop at their next batch boundary and wait for them."""
+        self.runner.stop.set()
+        self._pool.shutdown(wait=False, cancel_futures=True)
+        done = threading.Event()
+
+        def wait() -> None:
+            self._pool.shutdown(wait=True)
+            done.set()
+
+        threading.Thread(target=wait, daemon=True).start()
+        if not done.wait(timeout):
+            logger.warning("jobs still running after %.0f s; they resume from their checkpoint",
+                           timeout)  # fmt: skip
+
+    def healthy(self) -> tuple[bool, str]:
+        """Healthy while started and not stopping."""
+        if not self._started or self.runner.stop.is_set():
+            return False, "the local executor is not running"
+        if not self._recovery.is_alive():
+            return False, "the local executor's recovery loop stopped"
+        return True, f"local executor, {self.workers} workers, {self.active()} jobs active"

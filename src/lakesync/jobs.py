@@ -1,0 +1,85 @@
+"""Starting, cancelling and reading jobs: what the API and the CLI both call."""
+
+from __future__ import annotations
+
+import glob
+import logging
+import os
+from typing import Any
+
+from lakesync.config import Settings
+from lakesync.errors import SourceError
+from lakesync.executors import Executor
+from lakesync.models import JobStatus
+from lakesync.operations import OperationRegistry, parse_options
+from lakesync.store import JobStore
+
+logger = logging.getLogger(__name__)
+
+
+class JobService:
+    """Validates requests, creates jobs (single-flight, idempotent) and hands them to an executor."""
+
+    def __init__(
+        self,
+        settings: Settings,
+        store: JobStore,
+        registry: OperationRegistry,
+        executor: Executor | None,
+    ) -> None:
+        self.settings = settings
+        self.store = store
+        self.registry = registry
+        self.executor = executor
+
+    def start(
+        self, operation: str, raw_options: Any = None, idempotency_key: str | None = None
+    ) -> tuple[JobStatus, bool]:
+        """Validate, then create and submit a job; (status, created). Never reads the data."""
+        op = self.registry.get(operation)
+        options = parse_options(raw_options)
+        source = options.source or op.source_uri(self.settings)
+        check_source_exists(source)
+        body = {"operation": operation, "options": options.model_dump(exclude_none=True)}
+        if idempotency_key:
+            known = self.store.lookup_idempotency(idempotency_key, body)
+            if known is not None:
+                return self.store.get(known), False
+        stored = {**options.model_dump(exclude_none=True, exclude_defaults=True), "source": source}
+        status, created = self.store.create(operation, stored, flight=f"{operation}|{source}")
+        if idempotency_key:
+            self.store.remember_idempotency(idempotency_key, body, status.jobId)
+        if created:
+            logger.info("job %s: created (%s, source %s)", status.jobId, operation, source)
+            if self.executor is not None:
+                self.executor.submit(status.jobId)
+        return status, created
+
+    def cancel(self, job_id: str) -> JobStatus:
+        """Request cancellation; it takes effect after the current batch."""
+        return self.store.request_cancel(job_id)
+
+    def get(self, job_id: str) -> JobStatus:
+        """One job's status."""
+        return self.store.get(job_id)
+
+    def list(
+        self, *, status: str | None = None, operation: str | None = None, limit: int = 20
+    ) -> list[JobStatus]:
+        """Jobs, newest first."""
+        return self.store.list(status=status, operation=operation, limit=limit)
+
+
+def check_source_exists(source: str) -> None:
+    """Cheap up-front check of a local source (S3 is checked when the job opens it)."""
+    if "://" in source:
+        return
+    if any(ch in source for ch in "*?["):
+        if not glob.glob(source, recursive=True):
+            raise SourceError(f"No files match {source!r}. Fix the source glob or path.")
+        return
+    if not os.path.exists(source):
+        raise SourceError(
+            f"The source {source!r} does not exist. Set LAKESYNC_LAKE_URI or the job's "
+            "source option to a directory, file, glob or s3:// URI of the lake."
+        )

@@ -1,0 +1,22 @@
+"""Prometheus metrics of this process: records by kind, batch latency, runs, resumes, retries."""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
+REGISTRY = CollectorRegistry(auto_describe=True)
+
+RECORDS = Counter(
+    "lakesync_records", "Records handled by copy jobs, by outcome", ["kind"], registry=REGISTRY
+)
+BATCH_SECONDS = Histogram(
+    "lakesync_batch_write_seconds",
+    "Time to write one batch to MongoDB",
+    buckets=(0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30),
+    registry=REGISTRY,
+)
+ACTIVE = Gauge("lakesync_active_jobs", "Job runs executing in this process", registry=REGISTRY)
+RESUMES = Counter("lakesync_resumes", "Job runs that continued from a checkpoint", registry=REGISTRY)
+RETRIES = Counter("lakesync_retries", "MongoDB calls retried after a transient error",
+                  registry=REGISTRY)  # fmt: skip
+JOBS = Gauge("lakesync_jobs", "Jobs in the status store, by status", ["status"], registry=REGISTRY)

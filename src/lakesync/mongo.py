@@ -1,0 +1,256 @@
+"""MongoDB connections, and the embedded nx-27017 server started when no URI is configured.
+
+This is the only module that knows the embedded server exists; everything else gets a
+`pymongo.database.Database` and talks the ordinary MongoDB protocol.
+
+Server differences worked around by design elsewhere (see README, "Known limits"):
+nx-27017 stores a top-level date given to `$set` as a string, so lakesync writes records
+with insert/replace and stamps times with `$currentDate`, which every server keeps as a date.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import fcntl
+import json
+import logging
+import os
+import re
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from types import TracebackType
+from typing import Any
+
+from pymongo import MongoClient
+from pymongo.database import Database
+from pymongo.errors import PyMongoError
+from pymongo.uri_parser import parse_uri
+
+from lakesync.config import Settings
+from lakesync.errors import ConfigError, StoreError
+
+logger = logging.getLogger(__name__)
+
+CONNECT_TIMEOUT_MS = 5000
+_PASSWORD = re.compile(r"(?P<scheme>[a-z][a-z0-9+.-]*://)(?P<user>[^:@/]*):(?P<pw>[^@/]*)@", re.I)
+
+
+def mask_uri(text: str) -> str:
+    """Replace the password of every URI in `text` with ***."""
+    return _PASSWORD.sub(lambda m: f"{m['scheme']}{m['user']}:***@", text)
+
+
+def describe_hosts(uri: str) -> str:
+    """`host:port` list of a MongoDB URI, for error messages (never the credentials)."""
+    try:
+        nodes = parse_uri(uri, warn=True)["nodelist"]
+        return ", ".join(f"{h}:{p}" for h, p in nodes) or mask_uri(uri)
+    except Exception:
+        return mask_uri(uri)
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def _die_with_parent() -> None:
+    """In the child: get SIGTERM when lakesync dies, even by SIGKILL (Linux prctl)."""
+    with contextlib.suppress(Exception):
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+    os.setpgid(0, 0)  # Ctrl-C in a terminal must not reach the server before lakesync
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except OSError:
+        return False
+    return True
+
+
+@dataclass
+class EmbeddedServer:
+    """An nx-27017 child process on a free loopback port, files under `<data_dir>/mongo`."""
+
+    data_dir: Path
+    port: int = 0
+    process: subprocess.Popen[bytes] | None = None
+    owned: bool = False
+    _state_file: Path = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.data_dir = self.data_dir / "mongo"
+        self._state_file = self.data_dir / "embedded.json"
+
+    @property
+    def uri(self) -> str:
+        """The URI pymongo connects to."""
+        return f"mongodb://127.0.0.1:{self.port}/?directConnection=true"
+
+    def start(self, timeout: float = 20.0) -> EmbeddedServer:
+        """Attach to a live server of this data dir, or start one and wait for its ping."""
+        self.data_dir.mkdir(parents=True, exist_ok=True)
+        with open(self.data_dir / ".lock", "w") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            if self._attach():
+                return self
+            self.port = _free_port()
+            log = open(self.data_dir / "server.log", "ab")  # noqa: SIM115 - the child keeps it
+            cmd = [
+                sys.executable, "-c", "from nx_27017.nx_27017 import main; main()",
+                "--data-dir", str(self.data_dir), "--host", "127.0.0.1", "-p", str(self.port),
+                "--log-file", str(self.data_dir / "nx.log"),
+                "--pid-file", str(self.data_dir / "nx.pid"),
+            ]  # fmt: skip
+            self.process = subprocess.Popen(
+                cmd, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                preexec_fn=_die_with_parent,
+            )  # fmt: skip
+            log.close()
+            self.owned = True
+            self._wait_ready(timeout)
+            self._state_file.write_text(json.dumps({"pid": self.process.pid, "port": self.port}))
+        logger.info("embedded MongoDB-wire server (nx-27017) on 127.0.0.1:%d, files in %s",
+                    self.port, self.data_dir)  # fmt: skip
+        return self
+
+    def _attach(self) -> bool:
+        try:
+            state = json.loads(self._state_file.read_text())
+        except (OSError, ValueError):
+            return False
+        if not _pid_alive(int(state["pid"])):
+            return False
+        self.port = int(state["port"])
+        if not self._ping(1.0):
+            return False
+        logger.info("using the embedded server already running on port %d", self.port)
+        return True
+
+    def _ping(self, seconds: float) -> bool:
+        client: MongoClient[dict[str, Any]] = MongoClient(
+            self.uri, serverSelectionTimeoutMS=int(seconds * 1000), connectTimeoutMS=500
+        )
+        try:
+            client.admin.command("ping")
+            return True
+        except PyMongoError:
+            return False
+        finally:
+            client.close()
+
+    def _wait_ready(self, timeout: float) -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            assert self.process is not None
+            if self.process.poll() is not None:
+                tail = (self.data_dir / "server.log").read_text(errors="replace")[-2000:]
+                raise StoreError(
+                    f"The embedded MongoDB-wire server (nx-27017) exited at start-up with code "
+                    f"{self.process.returncode}. Its log ({self.data_dir / 'server.log'}) ends "
+                    f"with: {tail.strip()[-500:]!r}. Check that {self.data_dir} is writable, or set "
+                    "LAKESYNC_MONGODB_URI to use another MongoDB."
+                )
+            if self._ping(0.5):
+                return
+            time.sleep(0.1)
+        self.stop()
+        raise StoreError(
+            f"The embedded MongoDB-wire server did not answer within {timeout:.0f} s. "
+            "Set LAKESYNC_MONGODB_URI to use another MongoDB."
+        )
+
+    def stop(self, timeout: float = 5.0) -> None:
+        """Stop the server if this process started it: SIGINT, then SIGTERM, then SIGKILL."""
+        proc, self.process = self.process, None
+        if proc is None or not self.owned:
+            return
+        for sig, wait in ((signal.SIGINT, timeout), (signal.SIGTERM, 2.0), (signal.SIGKILL, 2.0)):
+            if proc.poll() is not None:
+                break
+            proc.send_signal(sig)
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                proc.wait(wait)
+        with contextlib.suppress(OSError):
+            self._state_file.unlink()
+        logger.info("embedded MongoDB-wire server stopped")
+
+    def __enter__(self) -> EmbeddedServer:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+
+class Mongo:
+    """A connected client and the lakesync database; owns the embedded server if it started one."""
+
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        self.embedded: EmbeddedServer | None = None
+        secret = settings.mongodb_uri.get_secret_value() if settings.mongodb_uri else None
+        if secret is None:
+            self.embedded = EmbeddedServer(settings.data_dir).start()
+            uri = self.embedded.uri
+        else:
+            uri = secret
+            try:
+                parse_uri(uri, warn=True)
+            except Exception as e:
+                raise ConfigError(
+                    f"LAKESYNC_MONGODB_URI={mask_uri(uri)} is not a valid MongoDB URI: "
+                    f"{mask_uri(str(e))}. Use mongodb://host:port or mongodb+srv://host."
+                ) from None
+        self.where = describe_hosts(uri)
+        self.client: MongoClient[dict[str, Any]] = MongoClient(
+            uri,
+            serverSelectionTimeoutMS=CONNECT_TIMEOUT_MS,
+            connectTimeoutMS=CONNECT_TIMEOUT_MS,
+            tz_aware=True,
+            appname="lakesync",
+        )
+        self.db: Database[dict[str, Any]] = self.client[settings.database]
+
+    def ping(self) -> None:
+        """Raise StoreError naming the host (password masked) if MongoDB does not answer."""
+        try:
+            self.client.admin.command("ping")
+        except PyMongoError as e:
+            raise StoreError(
+                f"Cannot reach MongoDB at {self.where}: {mask_uri(str(e)).splitlines()[0][:300]}. "
+                "Check LAKESYNC_MONGODB_URI (host, port, credentials) and that the server is up."
+            ) from None
+
+    def close(self) -> None:
+        """Close the client and stop the embedded server if this process owns it."""
+        self.client.close()
+        if self.embedded is not None:
+            self.embedded.stop()
+
+    def __enter__(self) -> Mongo:
+        return self
+
+    def __exit__(
+        self, t: type[BaseException] | None, e: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        self.close()
+
+
+@contextlib.contextmanager
+def connect(settings: Settings) -> Iterator[Mongo]:
+    """Connect (starting the embedded server when no URI is set) and check it answers."""
+    mongo = Mongo(settings)
+    try:
+        mongo.ping()
+        yield mongo
+    finally:
+        mongo.close()

@@ -1,0 +1,71 @@
+"""Wires one process together: settings -> MongoDB -> store -> runner -> executor -> service."""
+
+from __future__ import annotations
+
+import logging
+from types import TracebackType
+
+from lakesync.config import Settings
+from lakesync.executors import Executor
+from lakesync.jobs import JobService
+from lakesync.mongo import Mongo
+from lakesync.operations import OperationRegistry
+from lakesync.runner import JobRunner
+from lakesync.store import JobStore
+
+logger = logging.getLogger(__name__)
+
+
+class Runtime:
+    """Everything a lakesync process needs; `executor` is "local", "celery" or None (inline)."""
+
+    def __init__(self, settings: Settings, executor: str | None = None) -> None:
+        self.settings = settings
+        self.registry = OperationRegistry.from_settings(settings)
+        self.mongo = Mongo(settings)
+        try:
+            self.mongo.ping()
+            self.store = JobStore(self.mongo.db, settings.status_ttl_days)
+            self.store.ensure_indexes()
+            if settings.lake_uri is None:
+                from lakesync.demo import ensure_demo_lake
+
+                ensure_demo_lake(settings)
+            self.runner = JobRunner(settings, self.store, self.registry)
+            self.executor: Executor | None = self._executor(executor)
+        except BaseException:
+            self.mongo.close()
+            raise
+        self.jobs = JobService(settings, self.store, self.registry, self.executor)
+
+    def _executor(self, kind: str | None) -> Executor | None:
+        if kind is None:
+            return None
+        if kind == "celery":
+            from lakesync.executors.celery import CeleryExecutor
+
+            return CeleryExecutor(self.settings)
+        from lakesync.executors.local import LocalExecutor
+
+        return LocalExecutor(self.runner, self.settings.workers, self.settings.lease_seconds)
+
+    def start(self) -> Runtime:
+        """Start the executor (and with it, recovery of jobs left running)."""
+        if self.executor is not None:
+            self.executor.start()
+        return self
+
+    def close(self, timeout: float = 8.0) -> None:
+        """Hand running jobs back at a batch boundary, then disconnect (and stop the server)."""
+        self.runner.stop.set()
+        if self.executor is not None:
+            self.executor.shutdown(timeout)
+        self.mongo.close()
+
+    def __enter__(self) -> Runtime:
+        return self
+
+    def __exit__(
+        self, t: type[BaseException] | None, e: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        self.close()

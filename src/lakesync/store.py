@@ -1,0 +1,321 @@
+"""The job status store: `jobstatuses` documents created, claimed, advanced and ended.
+
+Every state change is one atomic conditional update on the job document. A run owns a job
+while `owner` names it and its heartbeat is fresh; every write of a run is filtered on its
+owner, so a run whose job was taken over learns it (LeaseLost) instead of writing over it.
+Times written after creation use `$currentDate` (the server's clock, kept as a date on
+every MongoDB-wire server).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+from collections.abc import Mapping
+from datetime import timedelta
+from typing import Any
+
+from pydantic import ValidationError
+from pymongo import ASCENDING, DESCENDING, ReturnDocument
+from pymongo.collection import Collection
+from pymongo.database import Database
+from pymongo.errors import DuplicateKeyError
+
+from lakesync.errors import IdempotencyConflict, JobError, JobNotFound, LeaseLost
+from lakesync.models import (
+    ACTIVE_STATES,
+    Checkpoint,
+    Counters,
+    JobState,
+    JobStatus,
+    new_job_id,
+    utcnow,
+)
+
+logger = logging.getLogger(__name__)
+
+IDEMPOTENCY_TTL_SECONDS = 24 * 3600
+_NOW = {"updatedAt": True, "heartbeatAt": True}
+
+
+class JobStore:
+    """Creates, claims, advances and queries job status documents."""
+
+    def __init__(self, db: Database[dict[str, Any]], ttl_days: float = 7) -> None:
+        self.db = db
+        self.jobs: Collection[dict[str, Any]] = db["jobstatuses"]
+        self.copyerrors: Collection[dict[str, Any]] = db["copyerrors"]
+        self.idempotency: Collection[dict[str, Any]] = db["idempotencykeys"]
+        self.ttl_days = ttl_days
+
+    def ensure_indexes(self) -> None:
+        """Create the indexes the contract names (idempotent)."""
+        ttl = int(self.ttl_days * 86400)
+        self.jobs.create_index("jobId", unique=True, name="jobId_unique")
+        self._ensure_ttl(self.jobs, "startTime", ttl)
+        self.jobs.create_index("flightKey", unique=True, sparse=True, name="single_flight")
+        self.jobs.create_index([("status", ASCENDING), ("heartbeatAt", ASCENDING)])
+        self.jobs.create_index([("startTime", DESCENDING)])
+        self.copyerrors.create_index("jobId")
+        self._ensure_ttl(self.copyerrors, "time", ttl)
+        self._ensure_ttl(self.idempotency, "createdAt", IDEMPOTENCY_TTL_SECONDS)
+
+    @staticmethod
+    def _ensure_ttl(coll: Collection[dict[str, Any]], field: str, seconds: int) -> None:
+        for index in coll.list_indexes():
+            if dict(index["key"]) == {field: 1} and index.get("expireAfterSeconds") != seconds:
+                coll.drop_index(index["name"])  # the TTL setting changed
+        coll.create_index(field, expireAfterSeconds=seconds)
+
+    # -- reading -------------------------------------------------------------------------
+
+    @staticmethod
+    def _model(doc: Mapping[str, Any]) -> JobStatus:
+        try:
+            return JobStatus.model_validate(doc)
+        except ValidationError as e:
+            raise JobError(
+                f"Job {doc.get('jobId')!r} has a malformed status document ({e.errors()[0]['loc']}: "
+                f"{e.errors()[0]['msg']}); it was edited by hand or by another tool. Fix or "
+                "delete it in the jobstatuses collection."
+            ) from None
+
+    def get(self, job_id: str) -> JobStatus:
+        """The job's status; JobNotFound if unknown or expired."""
+        doc = self.jobs.find_one({"jobId": job_id}, {"_id": 0})
+        if doc is None:
+            raise JobNotFound(
+                f"No job {job_id!r}: the id is wrong or its status expired "
+                f"(statuses are kept {self.ttl_days:g} days). List jobs with GET /api/jobs."
+            )
+        return self._model(doc)
+
+    def list(
+        self, *, status: str | None = None, operation: str | None = None, limit: int = 20
+    ) -> list[JobStatus]:
+        """Newest first; unreadable documents are reported in the log and skipped."""
+        query: dict[str, Any] = {}
+        if status:
+            query["status"] = status
+        if operation:
+            query["operation"] = operation
+        out = []
+        for doc in self.jobs.find(query, {"_id": 0}).sort("startTime", DESCENDING).limit(limit):
+            try:
+                out.append(self._model(doc))
+            except JobError as e:
+                logger.warning("%s", e)
+        return out
+
+    def count_by_status(self) -> dict[str, int]:
+        """How many job documents are in each status."""
+        pipeline = [{"$group": {"_id": "$status", "n": {"$sum": 1}}}]
+        return {str(d["_id"]): int(d["n"]) for d in self.jobs.aggregate(pipeline)}
+
+    def stale(self, lease_seconds: float) -> list[str]:
+        """Jobs in progress whose owner stopped heartbeating, and pending jobs nobody runs."""
+        cutoff = utcnow() - timedelta(seconds=lease_seconds)
+        query = {"status": {"$in": list(ACTIVE_STATES)}, "heartbeatAt": {"$lt": cutoff}}
+        return [d["jobId"] for d in self.jobs.find(query, {"jobId": 1}).limit(100)]
+
+    # -- creating ------------------------------------------------------------------------
+
+    def create(self, operation: str, options: dict[str, Any], flight: str) -> tuple[JobStatus, bool]:
+        """A new pending job, or the active job of the same flight (operation + source)."""
+        now = utcnow()
+        doc = JobStatus(
+            jobId=new_job_id(),
+            status=JobState.PENDING,
+            operation=operation,
+            startTime=now,
+            heartbeatAt=now,
+            options=options,
+            message="Waiting for a worker",
+        ).model_dump(exclude_none=True)
+        doc["flightKey"] = flight
+        for _ in range(3):
+            try:
+                self.jobs.insert_one(dict(doc))
+                return self._model(doc), True
+            except DuplicateKeyError:
+                running = self.jobs.find_one({"flightKey": flight}, {"_id": 0})
+                if running is not None:
+                    return self._model(running), False
+        raise JobError(f"Could not start {operation}: the single-flight slot kept changing.")
+
+    def remember_idempotency(self, key: str, body: Any, job_id: str) -> str:
+        """Record key -> job; returns the job id already stored for the key, checking the body."""
+        digest = hashlib.sha256(json.dumps(body, sort_keys=True, default=str).encode()).hexdigest()
+        try:
+            self.idempotency.insert_one(
+                {"_id": key, "body": digest, "jobId": job_id, "createdAt": utcnow()}
+            )
+            return job_id
+        except DuplicateKeyError:
+            old = self.idempotency.find_one({"_id": key}) or {}
+            if old.get("body") != digest:
+                raise IdempotencyConflict(
+                    f"Idempotency-Key {key!r} was already used with a different request body "
+                    "in the last 24 hours. Use a new key for a different request."
+                ) from None
+            return str(old["jobId"])
+
+    def lookup_idempotency(self, key: str, body: Any) -> str | None:
+        """The job id stored for this key and body, if any (IdempotencyConflict on a new body)."""
+        old = self.idempotency.find_one({"_id": key})
+        if old is None:
+            return None
+        digest = hashlib.sha256(json.dumps(body, sort_keys=True, default=str).encode()).hexdigest()
+        if old.get("body") != digest:
+            raise IdempotencyConflict(
+                f"Idempotency-Key {key!r} was already used with a different request body "
+                "in the last 24 hours. Use a new key for a different request."
+            )
+        return str(old["jobId"])
+
+    # -- running -------------------------------------------------------------------------
+
+    def claim(self, job_id: str, owner: str, lease_seconds: float) -> JobStatus | None:
+        """Take the job if it is pending or its owner's lease expired; None if someone has it.
+
+        Taking over an in-progress job means its previous run died: that counts as a failure
+        towards LAKESYNC_MAX_ATTEMPTS.
+        """
+        cutoff = utcnow() - timedelta(seconds=lease_seconds)
+        update: dict[str, Any] = {
+            "$set": {"owner": owner, "status": JobState.IN_PROGRESS.value, "runProcessed": 0},
+            "$inc": {"attempt": 1},
+            "$currentDate": {**_NOW, "runStartedAt": True},
+        }
+        pending = {"jobId": job_id, "status": JobState.PENDING.value}
+        doc = self.jobs.find_one_and_update(
+            pending, update, projection={"_id": 0}, return_document=ReturnDocument.AFTER
+        )
+        if doc is None:
+            expired = {
+                "jobId": job_id,
+                "status": JobState.IN_PROGRESS.value,
+                "heartbeatAt": {"$lt": cutoff},
+            }
+            update["$inc"]["failures"] = 1
+            doc = self.jobs.find_one_and_update(
+                expired, update, projection={"_id": 0}, return_document=ReturnDocument.AFTER
+            )
+            if doc is not None:
+                logger.warning("job %s: took over from a run whose lease expired", job_id)
+        return None if doc is None else self._model(doc)
+
+    def _owned(self, job_id: str, owner: str) -> dict[str, Any]:
+        return {"jobId": job_id, "owner": owner, "status": JobState.IN_PROGRESS.value}
+
+    def update_run(self, job_id: str, owner: str, **fields: Any) -> JobStatus:
+        """Set fields of a running job (total, message, partitions...) and heartbeat."""
+        return self._advance(job_id, owner, {"$set": fields, "$currentDate": _NOW})
+
+    def commit(
+        self,
+        job_id: str,
+        owner: str,
+        delta: Counters,
+        checkpoint: Checkpoint | dict[str, Any],
+        derived: dict[str, Any],
+        checkpoint_field: str = "checkpoint",
+    ) -> JobStatus:
+        """One atomic update after a committed batch: counters, checkpoint, progress."""
+        cp = checkpoint.model_dump() if isinstance(checkpoint, Checkpoint) else checkpoint
+        return self._advance(
+            job_id,
+            owner,
+            {
+                "$inc": {
+                    "processedRecords": delta.processed,
+                    "insertedRecords": delta.inserted,
+                    "updatedRecords": delta.updated,
+                    "unchangedRecords": delta.unchanged,
+                    "errorRecords": delta.errors,
+                    "deletedRecords": delta.deleted,
+                    "runProcessed": delta.processed,
+                },
+                "$set": {checkpoint_field: cp, **derived},
+                "$currentDate": _NOW,
+            },
+        )
+
+    def heartbeat(self, job_id: str, owner: str) -> JobStatus:
+        """Renew the lease; returns the document (to see cancelRequested)."""
+        return self._advance(job_id, owner, {"$currentDate": _NOW})
+
+    def _advance(self, job_id: str, owner: str, update: dict[str, Any]) -> JobStatus:
+        doc = self.jobs.find_one_and_update(
+            self._owned(job_id, owner), update, projection={"_id": 0},
+            return_document=ReturnDocument.AFTER,
+        )  # fmt: skip
+        if doc is None:
+            raise LeaseLost(f"Job {job_id} is no longer owned by {owner}; stopping this run.")
+        return self._model(doc)
+
+    def finish(
+        self,
+        job_id: str,
+        owner: str | None,
+        state: JobState,
+        message: str,
+        error: str | None = None,
+        extra: dict[str, Any] | None = None,
+    ) -> JobStatus:
+        """End the job (completed, failed, cancelled) and free its single-flight slot."""
+        query: dict[str, Any] = {"jobId": job_id}
+        if owner is not None:
+            query.update(owner=owner, status=JobState.IN_PROGRESS.value)
+        else:
+            query["status"] = {"$in": list(ACTIVE_STATES)}
+        fields: dict[str, Any] = {"status": state.value, "message": message, **(extra or {})}
+        if error is not None:
+            fields["error"] = error
+        if state is JobState.COMPLETED:
+            fields.update(percentComplete=100, etaSeconds=0)
+        doc = self.jobs.find_one_and_update(
+            query,
+            {"$set": fields, "$unset": {"flightKey": "", "owner": ""},
+             "$currentDate": {"endTime": True, "updatedAt": True}},
+            projection={"_id": 0}, return_document=ReturnDocument.AFTER,
+        )  # fmt: skip
+        if doc is None:
+            raise LeaseLost(f"Job {job_id} could not be ended: another run owns it or it ended.")
+        logger.info("job %s %s: %s", job_id, state.value, message)
+        return self._model(doc)
+
+    def release(self, job_id: str, owner: str, message: str, *, failure: bool = False) -> JobStatus:
+        """Hand the job back (pending) so a new run continues from its checkpoint."""
+        update: dict[str, Any] = {
+            "$set": {"status": JobState.PENDING.value, "message": message},
+            "$unset": {"owner": ""},
+            "$currentDate": _NOW,
+        }
+        if failure:
+            update["$inc"] = {"failures": 1}
+        doc = self.jobs.find_one_and_update(
+            self._owned(job_id, owner), update, projection={"_id": 0},
+            return_document=ReturnDocument.AFTER,
+        )  # fmt: skip
+        if doc is None:
+            raise LeaseLost(f"Job {job_id} could not be released: another run owns it.")
+        return self._model(doc)
+
+    def request_cancel(self, job_id: str) -> JobStatus:
+        """Flag the job for cancellation; a pending job nobody runs is cancelled at once."""
+        current = self.get(job_id)
+        if current.state.is_final:
+            if current.state is JobState.CANCELLED:
+                return current
+            raise JobError(
+                f"Job {job_id} already ended with status {current.status.value}; "
+                "only pending or in-progress jobs can be cancelled.",
+                status=current.status.value,
+            )
+        self.jobs.update_one(
+            {"jobId": job_id, "status": {"$in": list(ACTIVE_STATES)}},
+            {"$set": {"cancelRequested": True}, "$currentDate": {"updatedAt": True}},
+        )
+        return self.get(job_id)
