@@ -118,7 +118,8 @@ def _run_foreground(rt: Any, job_id: str, show_bar: bool) -> JobStatus:
             outcome = rt.runner.run(job_id, on_progress=progress)
             if outcome is not Outcome.CONTINUE or rt.runner.stop.is_set():
                 break
-    return rt.store.get(job_id)
+    final: JobStatus = rt.store.get(job_id)
+    return final
 
 
 def _print_summary(s: JobStatus) -> None:

@@ -55,7 +55,11 @@ class Settings(BaseSettings):
     @classmethod
     def _case_insensitive(cls, value: object) -> object:
         if isinstance(value, str):
-            return value.upper() if value.lower() in {"debug", "info", "warning", "error"} else value.lower()
+            return (
+                value.upper()
+                if value.lower() in {"debug", "info", "warning", "error"}
+                else value.lower()
+            )
         return value
 
     @property
@@ -69,14 +73,31 @@ class Settings(BaseSettings):
         return self.lake_uri or str(self.demo_lake_dir)
 
 
+def _accepted(field: str) -> str:
+    """The accepted range of a numeric setting, e.g. " Accepted range: 1..100000." (or "")."""
+    info = Settings.model_fields.get(field)
+    bounds = {
+        name: getattr(m, name)
+        for m in (info.metadata if info else [])
+        for name in ("ge", "gt", "le")
+        if hasattr(m, name)
+    }
+    if "ge" in bounds and "le" in bounds:
+        return f" Accepted range: {bounds['ge']}..{bounds['le']}."
+    words = {"ge": ">=", "gt": ">", "le": "<="}
+    parts = [f"{words[k]} {v}" for k, v in bounds.items()]
+    return f" Accepted: {' and '.join(parts)}." if parts else ""
+
+
 def _describe(error: ValidationError) -> str:
     lines = []
     for item in error.errors():
         field = str(item["loc"][0]) if item["loc"] else "?"
         variable = f"LAKESYNC_{field.upper()}"
         given = item.get("input")
-        shown = "" if isinstance(given, dict) or field in {"mongodb_uri", "api_token", "broker_url"} else f"={given!r}"
-        lines.append(f"{variable}{shown} is invalid: {item['msg']}.")
+        secret = field in {"mongodb_uri", "api_token", "broker_url"}
+        shown = "" if isinstance(given, dict) or secret else f"={given!r}"
+        lines.append(f"{variable}{shown} is invalid: {item['msg']}.{_accepted(field)}")
     return " ".join(lines) + " Fix the environment variable (or .env file) and start again."
 
 

@@ -1,15 +1,22 @@
 """The copy engine: one lake batch -> validate -> bulk write -> exact counts.
 
-Each written document carries `_lakesync: {h, job, op}`: a hash of its content, the job
-that last wrote it and whether that job inserted ("i") or updated ("u") it. One `$in` read
-per batch tells, for every record, whether it is new, changed or unchanged, so:
+Records are written whole, with InsertOne / ReplaceOne, never with `$set`: nx-27017 (the
+embedded server) stores a top-level date given to `$set` as a string, while inserted and
+replaced documents keep their dates as BSON dates on every MongoDB-wire server.
+
+Each written document carries `_lakesync: {h, job, op, at}`: a hash of its content, the
+job that last wrote it, how that job counted the batch's first record of the key ("i"
+inserted, "u" updated, "n" unchanged) and the lake position (file index, row) it was
+written from. One `$in` read per batch tells, for every record, whether it is new,
+changed or unchanged, so:
 
 * unchanged records are not written at all (a re-sync is nearly read-only);
-* counts come from the server's bulk-write result, not from guesses;
+* the write of each key is counted from the server's bulk-write result;
 * a batch replayed after a crash (written, not yet checkpointed) is counted as it was
-  the first time: a record whose marker names this job counts as that job's insert or
-  update again, never as "unchanged". That keeps processed = inserted + updated +
-  unchanged + error = total exact across crashes.
+  the first time: a record whose marker names this job and a position inside this batch
+  counts as that job counted it, never as "unchanged". That keeps processed = inserted +
+  updated + unchanged + error = total exact across crashes. The same key seen again in a
+  later batch of the same job is compared as usual (unchanged if equal).
 """
 
 from __future__ import annotations
@@ -17,6 +24,7 @@ from __future__ import annotations
 import hashlib
 import logging
 import time
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -86,42 +94,52 @@ class CopyEngine:
         counts: Counters,
         rejected: list[dict[str, Any]],
     ) -> dict[str, tuple[str, dict[str, Any], int]]:
-        """Classify each record: key -> (op, document, batch row) for those to write."""
+        """Classify each record: key -> (op, document, batch row) for those to write.
+
+        The occurrences of one key in a batch form a chain, each compared with the one
+        before it (the first with the stored document). The first change in the chain is
+        the one write (counted from the server's answer); the others are counted here.
+        """
         if not docs:
             return {}
         existing = {
             d["_id"]: d.get(MARKER) or {}
             for d in self.target.find({"_id": {"$in": [d["_id"] for d in docs]}}, {MARKER: 1})
         }
-        plan: dict[str, tuple[str, dict[str, Any], int]] = {}
+        chains: dict[Any, list[tuple[dict[str, Any], int, str]]] = {}
         for doc, row in zip(docs, rows, strict=True):
-            key = doc["_id"]
-            digest = content_hash(doc)
-            if key in plan:  # the same key twice in one batch: the later record wins
-                op, previous, _ = plan[key]
-                if previous[MARKER]["h"] == digest:
-                    counts.unchanged += 1
-                    continue
-                counts.updated += 1
-                doc[MARKER] = {"h": digest, "job": self.job_id, "op": op}
-                plan[key] = (op, doc, row)
-                continue
+            chains.setdefault(doc["_id"], []).append((doc, row, content_hash(doc)))
+        first_row, end_row = batch.start_row, batch.start_row + batch.table.num_rows
+        plan: dict[str, tuple[str, dict[str, Any], int]] = {}
+        for key, chain in chains.items():
             marker = existing.get(key)
-            if marker is None:
-                op = "i"
-            elif marker.get("h") != digest:
-                op = "u"
-            elif marker.get("job") == self.job_id:  # replay of this job's own write
-                if marker.get("op") == "i":
-                    counts.inserted += 1
-                else:
-                    counts.updated += 1
+            changes = [chain[j][2] != chain[j - 1][2] for j in range(1, len(chain))]
+            at = (marker or {}).get("at")
+            if (
+                marker is not None
+                and marker.get("job") == self.job_id
+                and marker.get("h") == chain[-1][2]
+                and isinstance(at, list)
+                and at[0] == batch.file_index
+                and first_row <= at[1] < end_row
+            ):  # a replay: this job already wrote this batch's records of the key
+                first = {"i": "inserted", "u": "updated"}.get(marker.get("op", ""), "unchanged")
+                setattr(counts, first, getattr(counts, first) + 1)
+                counts.updated += sum(changes)
+                counts.unchanged += len(changes) - sum(changes)
                 continue
-            else:
-                counts.unchanged += 1
+            op = "i" if marker is None else "u" if marker.get("h") != chain[0][2] else "n"
+            changes.insert(0, op != "n")
+            if not any(changes):
+                counts.unchanged += len(changes)
                 continue
-            doc[MARKER] = {"h": digest, "job": self.job_id, "op": op}
-            plan[key] = (op, doc, row)
+            # the first change is written and counted by the server; the rest are counted here
+            counts.updated += sum(changes) - 1
+            counts.unchanged += len(changes) - sum(changes)
+            doc, row, digest = chain[-1]
+            doc[MARKER] = {"h": digest, "job": self.job_id, "op": op,
+                           "at": [batch.file_index, batch.start_row + row]}  # fmt: skip
+            plan[key] = ("i" if marker is None else "u", doc, row)
         return plan
 
     def _execute(
@@ -157,6 +175,7 @@ class CopyEngine:
         rejected: list[dict[str, Any]],
         batch: LakeBatch,
     ) -> None:
+        details: Mapping[str, Any]
         try:
             result = self.target.bulk_write(ops, ordered=False)
             details = result.bulk_api_result
@@ -175,8 +194,6 @@ class CopyEngine:
             rejected.append(
                 self._rejection(batch, Rejection(row, str(doc["_id"]), err.get("errmsg", "")))
             )
-        if len(retry) == len(ops) and errors:
-            raise RuntimeError("duplicate-key retry made no progress")  # pragma: no cover
         if retry:
             for _, doc, _ in retry:
                 doc[MARKER]["op"] = "u"

@@ -58,6 +58,12 @@ class JobNotFound(JobError):
     http_status = 404
 
 
+class CorruptJobDocument(JobError):
+    """A job status document that no longer matches the schema (edited by hand?)."""
+
+    http_status = 500
+
+
 class JobCancelled(JobError):
     """Raised inside a running job when a cancellation request was seen."""
 

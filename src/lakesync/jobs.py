@@ -67,7 +67,7 @@ class JobService:
         self, *, status: str | None = None, operation: str | None = None, limit: int = 20
     ) -> list[JobStatus]:
         """Jobs, newest first."""
-        return self.store.list(status=status, operation=operation, limit=limit)
+        return self.store.list_jobs(status=status, operation=operation, limit=limit)
 
 
 def check_source_exists(source: str) -> None:

@@ -33,7 +33,8 @@ _EXTENSIONS |= {".jsonl": "json", ".ndjson": "json"}
 _FORMATS = {"parquet": ds.ParquetFileFormat, "csv": ds.CsvFileFormat, "json": ds.JsonFileFormat}
 _ALIASES = {"pq": "parquet", "jsonl": "json", "ndjson": "json"} | {f: f for f in _FORMATS}
 _GLOB = {"**/": "(?:[^/]*/)*", "**": ".*", "*": "[^/]*", "?": "[^/]"}
-_READAHEAD = 2  # record batches decoded ahead of the consumer: keeps memory flat
+#: Decode at most two record batches ahead of the consumer: memory stays flat.
+_STREAMING = {"batch_readahead": 2, "fragment_readahead": 1}
 _INSPECT_THREADS = 16  # footers / headers read in parallel at open (matters on S3)
 _MISSING = ("NO_SUCH_KEY", "Path does not exist", "No such file")
 
@@ -203,9 +204,11 @@ class Lake:
                 first += 1
             if first:  # row groups before the start position are never read
                 fragment = fragment.subset(row_group_ids=[g.id for g in groups[first:]])
+        scan = {"schema": schema, "columns": columns, "filter": filter, "batch_size": size}
+        source = iter(self._guard(index, fragment.to_batches, **scan, **_STREAMING))
         pending: list[pa.RecordBatch] = []
         pending_rows = 0
-        for batch in self._stream(index, fragment, schema, columns, filter, size):
+        while (batch := self._guard(index, next, source, None)) is not None:
             if skip:
                 if batch.num_rows <= skip:
                     skip -= batch.num_rows
@@ -224,36 +227,6 @@ class Lake:
             yield LakeBatch(pa.Table.from_batches(pending), self.files[index], index, offset)
         if skip:
             logger.warning("Start row %d is past the end of %s", offset, self.files[index])
-
-    def _stream(
-        self,
-        index: int,
-        fragment: Any,
-        schema: pa.Schema,
-        columns: list[str] | None,
-        filter: pc.Expression | None,
-        size: int,
-    ) -> Iterator[pa.RecordBatch]:
-        iterator = iter(
-            self._guard(
-                index,
-                fragment.to_batches,
-                schema=schema,
-                columns=columns,
-                filter=filter,
-                batch_size=size,
-                batch_readahead=_READAHEAD,
-                fragment_readahead=1,
-            )
-        )
-        while True:
-            try:
-                batch = next(iterator)
-            except StopIteration:
-                return
-            except (pa.ArrowException, OSError) as e:
-                raise _read_error(e, self.files[index], self.format, self._endpoint) from e
-            yield batch
 
     def _guard(self, index: int, call: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
         try:

@@ -115,7 +115,9 @@ class JobStatus(BaseModel):
     def _times(cls, value: Any) -> Any:
         return _parse_time(value)
 
-    @field_serializer("startTime", "endTime", "updatedAt", "heartbeatAt", "runStartedAt")
+    @field_serializer(
+        "startTime", "endTime", "updatedAt", "heartbeatAt", "runStartedAt", when_used="json"
+    )  # python-mode dumps (what the store inserts) keep datetimes: BSON dates, TTL works
     def _iso(self, value: datetime | None) -> str | None:
         if value is None:
             return None

@@ -11,7 +11,6 @@ with insert/replace and stamps times with `$currentDate`, which every server kee
 from __future__ import annotations
 
 import contextlib
-import ctypes
 import fcntl
 import json
 import logging
@@ -62,11 +61,19 @@ def _free_port() -> int:
         return int(s.getsockname()[1])
 
 
-def _die_with_parent() -> None:
-    """In the child: get SIGTERM when lakesync dies, even by SIGKILL (Linux prctl)."""
-    with contextlib.suppress(Exception):
-        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
-    os.setpgid(0, 0)  # Ctrl-C in a terminal must not reach the server before lakesync
+#: The child: nx-27017, plus a thread that ends it (SIGTERM: a clean exit) once lakesync is
+#: gone, however it died. Not PR_SET_PDEATHSIG: that fires when the *thread* that started
+#: the server ends, which killed servers started from short-lived threads.
+_CHILD = """
+import os, signal, threading, time
+def _watch(parent=os.getppid()):
+    while os.getppid() == parent:
+        time.sleep(0.2)
+    os.kill(os.getpid(), signal.SIGTERM)
+threading.Thread(target=_watch, daemon=True).start()
+from nx_27017.nx_27017 import main
+main()
+"""
 
 
 def _pid_alive(pid: int) -> bool:
@@ -106,14 +113,14 @@ class EmbeddedServer:
             self.port = _free_port()
             log = open(self.data_dir / "server.log", "ab")  # noqa: SIM115 - the child keeps it
             cmd = [
-                sys.executable, "-c", "from nx_27017.nx_27017 import main; main()",
+                sys.executable, "-c", _CHILD,
                 "--data-dir", str(self.data_dir), "--host", "127.0.0.1", "-p", str(self.port),
                 "--log-file", str(self.data_dir / "nx.log"),
                 "--pid-file", str(self.data_dir / "nx.pid"),
             ]  # fmt: skip
             self.process = subprocess.Popen(
                 cmd, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                preexec_fn=_die_with_parent,
+                process_group=0,  # Ctrl-C in a terminal must reach lakesync, not the server
             )  # fmt: skip
             log.close()
             self.owned = True

@@ -51,7 +51,7 @@ COPY_TASKDETAIL = Operation(
     name="copy-taskdetail",
     description="Copy TaskDetail records from the data lake into the taskdetails collection",
     collection="taskdetails",
-    schema=TASK_DETAIL,
+    schema_=TASK_DETAIL,
 )
 
 

@@ -12,6 +12,7 @@ import threading
 import time
 import uuid
 from collections.abc import Callable
+from functools import partial
 from dataclasses import dataclass, field
 from enum import Enum
 from typing import Any
@@ -80,9 +81,14 @@ class JobRunner:
         """Run one job from its checkpoint until it ends, yields or loses its lease."""
         owner = f"{self.owner}:{threading.get_ident()}"
         policy = self.retry()
-        status = policy.call(
-            lambda: self.store.claim(job_id, owner, self.settings.lease_seconds), "claiming a job"
-        )
+        try:
+            status = policy.call(
+                lambda: self.store.claim(job_id, owner, self.settings.lease_seconds),
+                "claiming a job",
+            )
+        except LakesyncError as e:
+            logger.error("job %s cannot be run: %s", job_id, e)
+            return Outcome.NOT_CLAIMED
         if status is None:
             return Outcome.NOT_CLAIMED
         log = logging.LoggerAdapter(logger, {"jobId": job_id, "operation": status.operation})
@@ -92,17 +98,24 @@ class JobRunner:
                 f"The job's runs died {status.failures} times (max {self.settings.max_attempts}, "
                 "LAKESYNC_MAX_ATTEMPTS); last checkpoint kept."))  # fmt: skip
             return Outcome.ENDED
+        if status.cancelRequested:
+            self._end(job_id, owner, JobState.CANCELLED, f"Cancelled; {summary(status)[0].lower()}"
+                      f"{summary(status)[1:]}")  # fmt: skip
+            return Outcome.ENDED
         beat = _Heartbeat(self.store, job_id, owner, self.settings.lease_seconds / 4)
         beat.start()
         try:
             return self._copy(status, owner, policy, beat, on_progress)
         except LeaseLost as e:
-            log.warning("%s", e)
+            log.warning("%s", e, exc_info=True)
             return Outcome.NOT_CLAIMED
         except TransientStoreError as e:
             log.error("job %s: %s", job_id, e)
-            self._try_end(job_id, owner, JobState.FAILED, "MongoDB unavailable", str(e))
-            return Outcome.ENDED
+            try:  # hand it back: the recovery loop resumes it, up to LAKESYNC_MAX_ATTEMPTS
+                self.store.release(job_id, owner, f"MongoDB unavailable: {e}", failure=True)
+            except Exception:
+                log.error("job %s: could not hand the job back; its lease will expire", job_id)
+            return Outcome.NOT_CLAIMED
         except LakesyncError as e:
             log.error("job %s failed: %s", job_id, e)
             self._try_end(job_id, owner, JobState.FAILED, "Failed", str(e))
@@ -147,13 +160,13 @@ class JobRunner:
         run_started = time.monotonic()
         run_done = 0
         for batch in lake.batches(batch_size, Position(cp.fileIndex, cp.row)):
-            result = policy.call(lambda b=batch: engine.write(b), f"writing batch {cp.batches + 1}")
+            result = policy.call(partial(engine.write, batch), f"writing batch {cp.batches + 1}")
             cp = Checkpoint(fileIndex=batch.end.file_index, row=batch.end.row,
                             batches=cp.batches + 1)  # fmt: skip
             run_done += result.counts.processed
             derived = _progress(status, result.counts, run_done, time.monotonic() - run_started)
             status = policy.call(
-                lambda r=result, c=cp, d=derived: self.store.commit(job_id, owner, r.counts, c, d),
+                partial(self.store.commit, job_id, owner, result.counts, cp, derived),
                 f"committing batch {cp.batches}",
             )
             logger.debug("job %s batch %d: %s in %.3f s", job_id, cp.batches,

@@ -44,7 +44,8 @@ class Runtime:
         if kind == "celery":
             from lakesync.executors.celery import CeleryExecutor
 
-            return CeleryExecutor(self.settings)
+            celery: Executor = CeleryExecutor(self.settings)
+            return celery
         from lakesync.executors.local import LocalExecutor
 
         return LocalExecutor(self.runner, self.settings.workers, self.settings.lease_seconds)

@@ -63,9 +63,12 @@ TASK_DETAIL = RecordSchema(
         FieldRule(name="projectId", type="string", required=True, nullable=False),
         FieldRule(name="assignee", type="string"),
         FieldRule(
-            name="status", type="string", required=True, nullable=False,
+            name="status",
+            type="string",
+            required=True,
+            nullable=False,
             allowed=["todo", "in_progress", "blocked", "done"],
-        ),  # fmt: skip
+        ),
         FieldRule(name="hoursLogged", type="float", required=True, nullable=False, min=0),
         FieldRule(name="estimateHours", type="float", min=0),
         FieldRule(name="startedAt", type="timestamp"),
@@ -157,6 +160,13 @@ _TYPE_WORDS = {
 
 def _coerce(column: pa.ChunkedArray | pa.Array, rule: FieldRule) -> tuple[pa.Array, dict[int, str]]:
     """Cast a column to the rule's type; values that cannot be cast become null + a reason."""
+    col, bad = _cast(column, rule)
+    if pa.types.is_floating(col.type):  # NaN means "missing" (pandas): null, so rules see it
+        col = pc.if_else(pc.is_nan(col), pa.scalar(None, col.type), col)
+    return col, bad
+
+
+def _cast(column: pa.ChunkedArray | pa.Array, rule: FieldRule) -> tuple[pa.Array, dict[int, str]]:
     if isinstance(column, pa.ChunkedArray):
         column = column.combine_chunks()
     target = _ARROW.get(rule.type)
@@ -167,7 +177,9 @@ def _coerce(column: pa.ChunkedArray | pa.Array, rule: FieldRule) -> tuple[pa.Arr
     try:
         if rule.type == "list[string]" and pa.types.is_null(column.type):
             return pa.nulls(len(column), target), {}
-        return column.cast(target, safe=True), {}
+        # timestamps: sub-millisecond digits are dropped (BSON dates hold milliseconds)
+        safe = not (pa.types.is_timestamp(column.type) and pa.types.is_timestamp(target))
+        return column.cast(target, safe=safe), {}
     except (pa.ArrowInvalid, pa.ArrowNotImplementedError, pa.ArrowTypeError):
         pass
     values, bad = [], {}
@@ -212,7 +224,7 @@ def _to_python(col: pa.Array, ftype: str) -> list[Any]:
 
 
 def validate(schema: RecordSchema, table: pa.Table) -> Validated:
-    """Validate a batch: documents (with `_id` = key) for good rows, a Rejection for each bad one."""
+    """Validate a batch: documents (`_id` = key) for good rows, a Rejection for each bad one."""
     n = table.num_rows
     reasons: dict[int, str] = {}
     columns: dict[str, pa.Array] = {}

@@ -4,7 +4,8 @@ Every state change is one atomic conditional update on the job document. A run o
 while `owner` names it and its heartbeat is fresh; every write of a run is filtered on its
 owner, so a run whose job was taken over learns it (LeaseLost) instead of writing over it.
 Times written after creation use `$currentDate` (the server's clock, kept as a date on
-every MongoDB-wire server).
+every MongoDB-wire server). Leases are compared on `heartbeatMs`, a number (epoch ms), not on
+the `heartbeatAt` date: nx-27017 cannot range-query a date written by `$currentDate`.
 """
 
 from __future__ import annotations
@@ -12,8 +13,8 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import time
 from collections.abc import Mapping
-from datetime import timedelta
 from typing import Any
 
 from pydantic import ValidationError
@@ -22,7 +23,13 @@ from pymongo.collection import Collection
 from pymongo.database import Database
 from pymongo.errors import DuplicateKeyError
 
-from lakesync.errors import IdempotencyConflict, JobError, JobNotFound, LeaseLost
+from lakesync.errors import (
+    CorruptJobDocument,
+    IdempotencyConflict,
+    JobError,
+    JobNotFound,
+    LeaseLost,
+)
 from lakesync.models import (
     ACTIVE_STATES,
     Checkpoint,
@@ -37,6 +44,17 @@ logger = logging.getLogger(__name__)
 
 IDEMPOTENCY_TTL_SECONDS = 24 * 3600
 _NOW = {"updatedAt": True, "heartbeatAt": True}
+
+
+def _now_ms() -> int:
+    return int(time.time() * 1000)
+
+
+def _beat(update: dict[str, Any]) -> dict[str, Any]:
+    """Add the lease stamp (heartbeatMs) and the server-side times to an update."""
+    update.setdefault("$set", {})["heartbeatMs"] = _now_ms()
+    update.setdefault("$currentDate", {}).update(_NOW)
+    return update
 
 
 class JobStore:
@@ -55,7 +73,7 @@ class JobStore:
         self.jobs.create_index("jobId", unique=True, name="jobId_unique")
         self._ensure_ttl(self.jobs, "startTime", ttl)
         self.jobs.create_index("flightKey", unique=True, sparse=True, name="single_flight")
-        self.jobs.create_index([("status", ASCENDING), ("heartbeatAt", ASCENDING)])
+        self.jobs.create_index([("status", ASCENDING), ("heartbeatMs", ASCENDING)])
         self.jobs.create_index([("startTime", DESCENDING)])
         self.copyerrors.create_index("jobId")
         self._ensure_ttl(self.copyerrors, "time", ttl)
@@ -75,9 +93,10 @@ class JobStore:
         try:
             return JobStatus.model_validate(doc)
         except ValidationError as e:
-            raise JobError(
-                f"Job {doc.get('jobId')!r} has a malformed status document ({e.errors()[0]['loc']}: "
-                f"{e.errors()[0]['msg']}); it was edited by hand or by another tool. Fix or "
+            first = e.errors()[0]
+            raise CorruptJobDocument(
+                f"Job {doc.get('jobId')!r} has a malformed status document ({first['loc']}: "
+                f"{first['msg']}); it was edited by hand or by another tool. Fix or "
                 "delete it in the jobstatuses collection."
             ) from None
 
@@ -91,7 +110,7 @@ class JobStore:
             )
         return self._model(doc)
 
-    def list(
+    def list_jobs(
         self, *, status: str | None = None, operation: str | None = None, limit: int = 20
     ) -> list[JobStatus]:
         """Newest first; unreadable documents are reported in the log and skipped."""
@@ -114,14 +133,22 @@ class JobStore:
         return {str(d["_id"]): int(d["n"]) for d in self.jobs.aggregate(pipeline)}
 
     def stale(self, lease_seconds: float) -> list[str]:
-        """Jobs in progress whose owner stopped heartbeating, and pending jobs nobody runs."""
-        cutoff = utcnow() - timedelta(seconds=lease_seconds)
-        query = {"status": {"$in": list(ACTIVE_STATES)}, "heartbeatAt": {"$lt": cutoff}}
+        """Jobs in progress whose owner stopped heartbeating, and pending jobs left waiting."""
+        now = _now_ms()
+        query = {
+            "$or": [
+                {"status": JobState.IN_PROGRESS.value,
+                 "heartbeatMs": {"$lt": now - int(lease_seconds * 1000)}},
+                {"status": JobState.PENDING.value, "heartbeatMs": {"$lt": now - 2000}},
+            ]
+        }  # fmt: skip
         return [d["jobId"] for d in self.jobs.find(query, {"jobId": 1}).limit(100)]
 
     # -- creating ------------------------------------------------------------------------
 
-    def create(self, operation: str, options: dict[str, Any], flight: str) -> tuple[JobStatus, bool]:
+    def create(
+        self, operation: str, options: dict[str, Any], flight: str
+    ) -> tuple[JobStatus, bool]:
         """A new pending job, or the active job of the same flight (operation + source)."""
         now = utcnow()
         doc = JobStatus(
@@ -134,6 +161,7 @@ class JobStore:
             message="Waiting for a worker",
         ).model_dump(exclude_none=True)
         doc["flightKey"] = flight
+        doc["heartbeatMs"] = _now_ms()
         for _ in range(3):
             try:
                 self.jobs.insert_one(dict(doc))
@@ -182,12 +210,12 @@ class JobStore:
         Taking over an in-progress job means its previous run died: that counts as a failure
         towards LAKESYNC_MAX_ATTEMPTS.
         """
-        cutoff = utcnow() - timedelta(seconds=lease_seconds)
-        update: dict[str, Any] = {
+        cutoff = _now_ms() - int(lease_seconds * 1000)
+        update = _beat({
             "$set": {"owner": owner, "status": JobState.IN_PROGRESS.value, "runProcessed": 0},
             "$inc": {"attempt": 1},
-            "$currentDate": {**_NOW, "runStartedAt": True},
-        }
+            "$currentDate": {"runStartedAt": True},
+        })  # fmt: skip
         pending = {"jobId": job_id, "status": JobState.PENDING.value}
         doc = self.jobs.find_one_and_update(
             pending, update, projection={"_id": 0}, return_document=ReturnDocument.AFTER
@@ -196,7 +224,7 @@ class JobStore:
             expired = {
                 "jobId": job_id,
                 "status": JobState.IN_PROGRESS.value,
-                "heartbeatAt": {"$lt": cutoff},
+                "heartbeatMs": {"$lt": cutoff},
             }
             update["$inc"]["failures"] = 1
             doc = self.jobs.find_one_and_update(
@@ -211,7 +239,7 @@ class JobStore:
 
     def update_run(self, job_id: str, owner: str, **fields: Any) -> JobStatus:
         """Set fields of a running job (total, message, partitions...) and heartbeat."""
-        return self._advance(job_id, owner, {"$set": fields, "$currentDate": _NOW})
+        return self._advance(job_id, owner, _beat({"$set": dict(fields)}))
 
     def commit(
         self,
@@ -238,17 +266,16 @@ class JobStore:
                     "runProcessed": delta.processed,
                 },
                 "$set": {checkpoint_field: cp, **derived},
-                "$currentDate": _NOW,
             },
         )
 
     def heartbeat(self, job_id: str, owner: str) -> JobStatus:
         """Renew the lease; returns the document (to see cancelRequested)."""
-        return self._advance(job_id, owner, {"$currentDate": _NOW})
+        return self._advance(job_id, owner, {})
 
     def _advance(self, job_id: str, owner: str, update: dict[str, Any]) -> JobStatus:
         doc = self.jobs.find_one_and_update(
-            self._owned(job_id, owner), update, projection={"_id": 0},
+            self._owned(job_id, owner), _beat(update), projection={"_id": 0},
             return_document=ReturnDocument.AFTER,
         )  # fmt: skip
         if doc is None:
@@ -288,11 +315,10 @@ class JobStore:
 
     def release(self, job_id: str, owner: str, message: str, *, failure: bool = False) -> JobStatus:
         """Hand the job back (pending) so a new run continues from its checkpoint."""
-        update: dict[str, Any] = {
+        update = _beat({
             "$set": {"status": JobState.PENDING.value, "message": message},
             "$unset": {"owner": ""},
-            "$currentDate": _NOW,
-        }
+        })  # fmt: skip
         if failure:
             update["$inc"] = {"failures": 1}
         doc = self.jobs.find_one_and_update(
@@ -314,6 +340,17 @@ class JobStore:
                 "only pending or in-progress jobs can be cancelled.",
                 status=current.status.value,
             )
+        ended = self.jobs.find_one_and_update(
+            {"jobId": job_id, "status": JobState.PENDING.value},
+            {"$set": {"status": JobState.CANCELLED.value, "cancelRequested": True,
+                      "message": f"Cancelled before it started; {current.processedRecords:,} "
+                      "records had been copied"},
+             "$unset": {"flightKey": "", "owner": ""},
+             "$currentDate": {"endTime": True, "updatedAt": True}},
+            projection={"_id": 0}, return_document=ReturnDocument.AFTER,
+        )  # fmt: skip
+        if ended is not None:
+            return self._model(ended)
         self.jobs.update_one(
             {"jobId": job_id, "status": {"$in": list(ACTIVE_STATES)}},
             {"$set": {"cancelRequested": True}, "$currentDate": {"updatedAt": True}},

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 
-from starlette.types import ASGIApp, Receive, Scope, Send
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 
 class BodySizeLimit:
@@ -24,17 +24,17 @@ class BodySizeLimit:
             return
         seen = 0
 
-        async def limited() -> dict[str, object]:
+        async def limited() -> Message:
             nonlocal seen
             message = await receive()
             if message["type"] == "http.request":
-                seen += len(message.get("body", b""))  # type: ignore[arg-type]
+                seen += len(message.get("body", b""))
                 if seen > self.max_bytes:
                     raise _TooLarge
-            return message  # type: ignore[return-value]
+            return message
 
         try:
-            await self.app(scope, limited, send)  # type: ignore[arg-type]
+            await self.app(scope, limited, send)
         except _TooLarge:
             await self._reject(send)
 

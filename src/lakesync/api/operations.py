@@ -15,7 +15,7 @@ router = APIRouter(prefix="/api/operations", tags=["operations"], dependencies=[
 def list_operations(runtime: RuntimeDep) -> dict[str, Any]:
     out = []
     for op in runtime.registry.all():
-        last = runtime.store.list(operation=op.name, limit=1)
+        last = runtime.store.list_jobs(operation=op.name, limit=1)
         out.append({
             "name": op.name,
             "description": op.description,

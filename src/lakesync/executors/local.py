@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import threading
+from functools import partial
 from concurrent.futures import Future, ThreadPoolExecutor
 
 from lakesync.runner import JobRunner, Outcome
@@ -39,12 +40,12 @@ class LocalExecutor:
                 return
             self._inflight.add(job_id)
         future = self._pool.submit(self._run, job_id)
-        future.add_done_callback(lambda f, j=job_id: self._done(f, j))
+        future.add_done_callback(partial(self._done, job_id))
 
     def _run(self, job_id: str) -> Outcome:
         return self.runner.run(job_id)
 
-    def _done(self, future: Future[Outcome], job_id: str) -> None:
+    def _done(self, job_id: str, future: Future[Outcome]) -> None:
         with self._lock:
             self._inflight.discard(job_id)
         error = future.exception()

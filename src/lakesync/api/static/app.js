@@ -1,0 +1,938 @@
+// lakesync web page: start copies, follow them live (SSE, polling as a fallback), list recent jobs.
+// Plain ES module, no build step. Everything from the server is written with textContent.
+
+const TOKEN_KEY = "lakesync.token";
+const FOLLOW_KEY = "lakesync.followJob";
+const SAMPLES_PREFIX = "lakesync.samples.";
+const MAX_SAMPLES = 400;
+const POLL_MS = 1000;
+const JOBS_REFRESH_MS = 5000;
+const HEALTH_REFRESH_MS = 15000;
+const DEFAULT_OPERATION = "copy-taskdetail";
+
+const ACTIVE = new Set(["pending", "in_progress"]);
+const STATUS_LABEL = {
+  pending: "Pending",
+  in_progress: "In progress",
+  completed: "Completed",
+  failed: "Failed",
+  cancelled: "Cancelled",
+};
+
+const $ = (id) => document.getElementById(id);
+const isActive = (s) => ACTIVE.has(s);
+const isFinal = (s) => s === "completed" || s === "failed" || s === "cancelled";
+
+const state = {
+  operations: [],
+  jobId: null,
+  job: null,
+  es: null,
+  pollTimer: null,
+  pollFailures: 0,
+  followSeq: 0,
+  endHandled: false,
+  samples: [],
+  announced: { status: null, decile: -1 },
+  authRequired: false,
+  jobs: [],
+  timersStarted: false,
+};
+
+/* ------------------------------------------------------------------ formatting */
+
+const numberFmt = new Intl.NumberFormat(undefined);
+const rateFmt = new Intl.NumberFormat(undefined, { maximumFractionDigits: 1 });
+const compactFmt = new Intl.NumberFormat(undefined, { notation: "compact", maximumFractionDigits: 1 });
+const timeFmt = new Intl.DateTimeFormat(undefined, { hour: "2-digit", minute: "2-digit", second: "2-digit" });
+const dateTimeFmt = new Intl.DateTimeFormat(undefined, { dateStyle: "medium", timeStyle: "medium" });
+const relFmt = typeof Intl.RelativeTimeFormat === "function"
+  ? new Intl.RelativeTimeFormat(undefined, { numeric: "auto" }) : null;
+
+const fmt = (n) => numberFmt.format(Number(n) || 0);
+const fmtRate = (n) => (n >= 100 ? numberFmt.format(Math.round(n)) : rateFmt.format(n));
+
+function fmtDuration(seconds) {
+  if (seconds == null || !Number.isFinite(seconds) || seconds < 0) return "—";
+  if (seconds < 1) return seconds < 0.05 ? "0 s" : `${rateFmt.format(seconds)} s`;
+  if (seconds < 60) return `${seconds < 10 ? rateFmt.format(seconds) : Math.round(seconds)} s`;
+  const s = Math.round(seconds);
+  if (s < 3600) return `${Math.floor(s / 60)} min ${String(s % 60).padStart(2, "0")} s`;
+  return `${Math.floor(s / 3600)} h ${String(Math.floor((s % 3600) / 60)).padStart(2, "0")} min`;
+}
+
+function parseTime(iso) {
+  if (!iso) return null;
+  const t = Date.parse(iso);
+  return Number.isNaN(t) ? null : t;
+}
+
+function jobSeconds(job, now = Date.now()) {
+  const start = parseTime(job.startTime);
+  if (start == null) return null;
+  const end = parseTime(job.endTime) ?? (isActive(job.status) ? now : parseTime(job.updatedAt));
+  return end == null ? null : Math.max(0, (end - start) / 1000);
+}
+
+function fmtRelative(iso) {
+  const t = parseTime(iso);
+  if (t == null) return "—";
+  const diff = (t - Date.now()) / 1000;
+  const abs = Math.abs(diff);
+  if (!relFmt) return timeFmt.format(t);
+  if (abs < 45) return "just now";
+  if (abs < 3600) return relFmt.format(Math.round(diff / 60), "minute");
+  if (abs < 86400) return relFmt.format(Math.round(diff / 3600), "hour");
+  return relFmt.format(Math.round(diff / 86400), "day");
+}
+
+function shortId(id) {
+  return id.length > 16 ? `${id.slice(0, 10)}…${id.slice(-4)}` : id;
+}
+
+function buttonLabel(operation) {
+  if (operation === DEFAULT_OPERATION) return "Copy TaskDetail Data";
+  return `Run ${operation}`;
+}
+
+/* ------------------------------------------------------------------ API access */
+
+class ApiError extends Error {
+  constructor(status, message) {
+    super(message);
+    this.status = status;
+  }
+}
+
+function getToken() {
+  try { return sessionStorage.getItem(TOKEN_KEY) || ""; } catch { return ""; }
+}
+
+function setToken(token) {
+  try {
+    if (token) sessionStorage.setItem(TOKEN_KEY, token);
+    else sessionStorage.removeItem(TOKEN_KEY);
+  } catch { /* storage disabled: the token lives only until reload */ }
+  memoryToken = token;
+}
+let memoryToken = "";
+const token = () => getToken() || memoryToken;
+
+function plainError(status, body) {
+  if (body && typeof body.error === "string" && body.error.trim()) return body.error.trim();
+  if (status === 404) return "Not found on the lakesync server.";
+  if (status === 413) return "The request is too large.";
+  if (status === 429) return "Too many requests; wait a moment and try again.";
+  if (status >= 500) return `The lakesync server had a problem (HTTP ${status}). Try again in a moment; the server log has the details.`;
+  return `The request failed (HTTP ${status}).`;
+}
+
+async function api(path, { method = "GET", body } = {}) {
+  const headers = { Accept: "application/json" };
+  const t = token();
+  if (t) headers.Authorization = `Bearer ${t}`;
+  if (body !== undefined) headers["Content-Type"] = "application/json";
+  let res;
+  try {
+    res = await fetch(path, {
+      method, headers, cache: "no-store",
+      body: body === undefined ? undefined : JSON.stringify(body),
+    });
+  } catch {
+    throw new ApiError(0, "Could not reach the lakesync server. Check that it is running and that you are online, then try again.");
+  }
+  let data = null;
+  const text = await res.text();
+  if (text) {
+    try { data = JSON.parse(text); } catch { data = null; }
+  }
+  if (res.status === 401) {
+    requireAuth(Boolean(t));
+    throw new ApiError(401, "This server needs an API token. Enter it in the form above.");
+  }
+  if (!res.ok) throw new ApiError(res.status, plainError(res.status, data));
+  return { status: res.status, data };
+}
+
+/* ------------------------------------------------------------------ alerts, notices, live region */
+
+function showAlert(text) {
+  $("alert-text").textContent = text;
+  $("alert").hidden = false;
+}
+
+function clearAlert() {
+  $("alert").hidden = true;
+  $("alert-text").textContent = "";
+}
+
+function showNotice(kind, headline, jobId) {
+  const el = $("notice");
+  el.replaceChildren();
+  el.dataset.kind = kind;
+  const strong = document.createElement("strong");
+  strong.textContent = headline;
+  el.append(strong);
+  if (jobId) {
+    el.append(document.createTextNode(" · Job "));
+    const code = document.createElement("code");
+    code.textContent = jobId;
+    el.append(code);
+  }
+  el.hidden = false;
+}
+
+function hideNotice() {
+  $("notice").hidden = true;
+}
+
+function announce(text) {
+  const live = $("live");
+  live.textContent = "";
+  // a fresh text node after a tick makes screen readers announce repeated messages too
+  setTimeout(() => { live.textContent = text; }, 30);
+}
+
+/* ------------------------------------------------------------------ auth */
+
+function requireAuth(hadToken) {
+  const first = !state.authRequired;
+  state.authRequired = true;
+  stopFollowing();
+  const card = $("auth-card");
+  const help = $("auth-help");
+  if (hadToken) {
+    setToken("");
+    help.textContent = "The saved API token was not accepted. Enter the current value of LAKESYNC_API_TOKEN. It is kept only in this browser tab.";
+  }
+  card.hidden = false;
+  if (first || hadToken) $("token-input").focus();
+}
+
+async function saveToken(event) {
+  event.preventDefault();
+  const input = $("token-input");
+  const value = input.value.trim();
+  if (!value) {
+    input.setAttribute("aria-invalid", "true");
+    showAlert("Enter the API token (the value of LAKESYNC_API_TOKEN) before saving.");
+    input.focus();
+    return;
+  }
+  input.removeAttribute("aria-invalid");
+  setToken(value);
+  input.value = "";
+  state.authRequired = false;
+  $("auth-card").hidden = true;
+  clearAlert();
+  announce("Token saved.");
+  await init();
+}
+
+/* ------------------------------------------------------------------ operations */
+
+async function loadOperations() {
+  let ops = [];
+  try {
+    const { data } = await api("/api/operations");
+    ops = (data && Array.isArray(data.operations)) ? data.operations : [];
+  } catch (e) {
+    if (e.status !== 401) showAlert(`Could not load the operations: ${e.message}`);
+    return;
+  }
+  state.operations = ops;
+  const select = $("operation-select");
+  const previous = select.value || DEFAULT_OPERATION;
+  select.replaceChildren();
+  for (const op of ops) {
+    const opt = document.createElement("option");
+    opt.value = op.name;
+    opt.textContent = op.name;
+    select.append(opt);
+  }
+  if (ops.some((o) => o.name === previous)) select.value = previous;
+  $("operation-field").hidden = ops.length <= 1;
+  onOperationChange();
+}
+
+function selectedOperation() {
+  const select = $("operation-select");
+  return select.value || (state.operations[0] && state.operations[0].name) || DEFAULT_OPERATION;
+}
+
+function onOperationChange() {
+  const name = selectedOperation();
+  $("copy-button-label").textContent = buttonLabel(name);
+  const op = state.operations.find((o) => o.name === name);
+  if (op && op.description) {
+    const sentence = op.description.replace(/[.\s]+$/, "");
+    $("operation-description").textContent = `${sentence}. The copy runs in the background; you can close this page and come back.`;
+  }
+  updateCopyButton();
+}
+
+function updateCopyButton() {
+  const btn = $("copy-button");
+  if (btn.getAttribute("aria-busy") === "true") return;
+  const job = state.job;
+  const blocked = Boolean(job && isActive(job.status) && job.operation === selectedOperation());
+  btn.disabled = blocked;
+  btn.title = blocked ? "A copy is running; it must end before another one starts." : "";
+}
+
+/* ------------------------------------------------------------------ starting and cancelling */
+
+function readOptions() {
+  const options = {};
+  const source = $("opt-source").value.trim();
+  if (source) options.source = source;
+  const mode = $("opt-mode").value;
+  if (mode) options.mode = mode;
+  const batchRaw = $("opt-batch").value.trim();
+  if (batchRaw) {
+    const n = Number(batchRaw);
+    if (!Number.isInteger(n) || n < 1 || n > 100000) {
+      throw new ApiError(400, "Batch size must be a whole number from 1 to 100,000 (or empty for the server default).");
+    }
+    options.batchSize = n;
+  }
+  return options;
+}
+
+async function startCopy(event) {
+  event.preventDefault();
+  clearAlert();
+  const btn = $("copy-button");
+  if (btn.disabled) return;
+  let options;
+  try {
+    options = readOptions();
+  } catch (e) {
+    showAlert(e.message);
+    $("opt-batch").focus();
+    return;
+  }
+  btn.setAttribute("aria-busy", "true");
+  btn.disabled = true;
+  try {
+    const { status, data } = await api("/api/jobs", {
+      method: "POST",
+      body: { operation: selectedOperation(), options },
+    });
+    if (status === 202) {
+      showNotice("started", "Copy started as background process", data.jobId);
+      announce(`Copy started as background process. Job ${data.jobId}.`);
+    } else {
+      showNotice("existing", "A copy is already running", data.jobId);
+      announce(`A copy is already running. Following job ${data.jobId}.`);
+    }
+    follow(data.jobId, data);
+    refreshJobs();
+  } catch (e) {
+    if (e.status === 401) $("token-input").focus();
+    else showAlert(e.message);
+  } finally {
+    btn.removeAttribute("aria-busy");
+    updateCopyButton();
+  }
+}
+
+async function cancelJob() {
+  const id = state.jobId;
+  if (!id) return;
+  const btn = $("cancel-button");
+  btn.disabled = true;
+  btn.textContent = "Cancelling…";
+  clearAlert();
+  try {
+    const { data } = await api(`/api/jobs/${encodeURIComponent(id)}/cancel`, { method: "POST" });
+    announce("Cancellation requested. It takes effect after the current batch.");
+    onStatus(data);
+  } catch (e) {
+    btn.disabled = false;
+    btn.textContent = "Cancel";
+    if (e.status !== 401) showAlert(`Could not cancel the job: ${e.message}`);
+  }
+}
+
+/* ------------------------------------------------------------------ following a job */
+
+function remember(jobId) {
+  try { sessionStorage.setItem(FOLLOW_KEY, jobId); } catch { /* ignore */ }
+  const hash = `#job=${encodeURIComponent(jobId)}`;
+  if (location.hash !== hash) history.replaceState(null, "", hash);
+}
+
+function hashJob() {
+  const m = /^#job=([A-Za-z0-9_-]{1,200})$/.exec(location.hash);
+  return m ? m[1] : null;
+}
+
+function rememberedJob() {
+  try { return hashJob() || sessionStorage.getItem(FOLLOW_KEY); } catch { return hashJob(); }
+}
+
+function forget() {
+  try { sessionStorage.removeItem(FOLLOW_KEY); } catch { /* ignore */ }
+  if (location.hash) history.replaceState(null, "", location.pathname + location.search);
+}
+
+function stopFollowing() {
+  if (state.es) { state.es.close(); state.es = null; }
+  if (state.pollTimer) { clearTimeout(state.pollTimer); state.pollTimer = null; }
+  state.followSeq += 1;
+  setTransport("idle");
+}
+
+function follow(jobId, initial) {
+  const sameJob = jobId === state.jobId;
+  stopFollowing();
+  const seq = state.followSeq;
+  state.jobId = jobId;
+  state.endHandled = false;
+  if (!sameJob) {
+    state.job = null;
+    state.samples = loadSamples(jobId);
+    state.announced = { status: null, decile: -1 };
+  }
+  remember(jobId);
+  if (initial && initial.jobId === jobId) onStatus(initial, { quiet: !sameJob && isFinal(initial.status) });
+  else renderShell(jobId);
+  if (state.job && isFinal(state.job.status)) return; // nothing more will change
+  openStream(jobId, seq);
+}
+
+function openStream(jobId, seq) {
+  if (typeof EventSource !== "function") { startPolling(jobId, seq); return; }
+  let url = `/api/jobs/${encodeURIComponent(jobId)}/events`;
+  const t = token();
+  if (t) url += `?access_token=${encodeURIComponent(t)}`;
+  const es = new EventSource(url);
+  state.es = es;
+  setTransport("connecting");
+  es.onopen = () => { if (seq === state.followSeq) setTransport("live"); };
+  es.addEventListener("status", (ev) => {
+    if (seq !== state.followSeq) return;
+    setTransport("live");
+    let data;
+    try { data = JSON.parse(ev.data); } catch { return; }
+    onStatus(data);
+  });
+  es.addEventListener("end", () => {
+    es.close();
+    if (state.es === es) state.es = null;
+    if (seq !== state.followSeq) return;
+    setTransport("idle");
+    // The stream ends with the job; make sure the final status was seen.
+    if (!state.job || !isFinal(state.job.status)) startPolling(jobId, seq);
+  });
+  es.onerror = () => {
+    es.close();
+    if (state.es === es) state.es = null;
+    if (seq !== state.followSeq) return;
+    if (state.job && state.job.jobId === jobId && isFinal(state.job.status)) return;
+    startPolling(jobId, seq); // EventSource failed (proxy, auth, network): poll instead
+  };
+}
+
+function startPolling(jobId, seq) {
+  if (state.pollTimer) clearTimeout(state.pollTimer);
+  state.pollFailures = 0;
+  setTransport("polling");
+  const tick = async () => {
+    state.pollTimer = null;
+    if (seq !== state.followSeq) return;
+    let delay = POLL_MS;
+    try {
+      const { data } = await api(`/api/jobs/${encodeURIComponent(jobId)}`);
+      if (seq !== state.followSeq) return;
+      state.pollFailures = 0;
+      setTransport("polling");
+      onStatus(data);
+      if (isFinal(data.status)) { setTransport("idle"); return; }
+    } catch (e) {
+      if (seq !== state.followSeq) return;
+      if (e.status === 401) return; // init() follows again once the token is saved
+      if (e.status === 404) { jobVanished(jobId, e.message); return; }
+      state.pollFailures += 1;
+      setTransport("offline");
+      delay = Math.min(POLL_MS * 2 ** state.pollFailures, 10000);
+    }
+    state.pollTimer = setTimeout(tick, delay);
+  };
+  tick();
+}
+
+function jobVanished(jobId, message) {
+  stopFollowing();
+  forget();
+  renderShell(jobId);
+  const err = $("error");
+  err.replaceChildren();
+  const strong = document.createElement("strong");
+  strong.textContent = "This job can no longer be found.";
+  err.append(strong, document.createTextNode(message));
+  err.hidden = false;
+  $("message").textContent = "";
+  setBadge($("status-badge"), null, "Unknown");
+  state.job = null;
+  updateCopyButton();
+}
+
+function onStatus(job, { quiet = false } = {}) {
+  if (!job || job.jobId !== state.jobId) return;
+  const prev = state.job;
+  if (prev) {
+    if (isFinal(prev.status) && !isFinal(job.status)) return; // a stale answer after the end
+    if (prev.updatedAt && job.updatedAt && job.updatedAt < prev.updatedAt) return;
+  }
+  state.job = job;
+  addSample(job);
+  render(job);
+  if (!quiet) announceProgress(job);
+  else state.announced = { status: job.status, decile: 10 };
+  if (isFinal(job.status) && !state.endHandled) {
+    state.endHandled = true;
+    stopFollowing();
+    if (!quiet) refreshJobs();
+  }
+}
+
+function announceProgress(job) {
+  const a = state.announced;
+  if (job.status !== a.status) {
+    a.status = job.status;
+    if (job.status === "pending") announce("Copy queued; waiting for a worker.");
+    else if (job.status === "in_progress") announce("Copy in progress.");
+    else if (job.status === "completed") announce(`Copy completed. ${job.message || ""}`);
+    else if (job.status === "failed") announce("Copy failed. The error is shown below the progress.");
+    else if (job.status === "cancelled") announce(`Copy cancelled. ${job.message || ""}`);
+    return;
+  }
+  if (job.status === "in_progress") {
+    const decile = Math.floor((job.percentComplete || 0) / 10);
+    if (decile > a.decile && decile < 10) {
+      a.decile = decile;
+      if (decile > 0) {
+        announce(`${decile * 10} percent: ${fmt(job.processedRecords)} of ${fmt(job.totalRecords)} records processed.`);
+      }
+    }
+  }
+}
+
+/* ------------------------------------------------------------------ throughput samples */
+
+function loadSamples(jobId) {
+  try {
+    const raw = sessionStorage.getItem(SAMPLES_PREFIX + jobId);
+    const list = raw ? JSON.parse(raw) : [];
+    return Array.isArray(list) ? list.filter((p) => Number.isFinite(p.t) && Number.isFinite(p.v)) : [];
+  } catch { return []; }
+}
+
+function saveSamples() {
+  if (!state.jobId) return;
+  try {
+    sessionStorage.setItem(SAMPLES_PREFIX + state.jobId, JSON.stringify(state.samples));
+  } catch { /* full or disabled: the chart still works for this page view */ }
+}
+
+function addSample(job) {
+  if (!(job.recordsPerSecond > 0)) return;
+  // final statuses close the curve of a job that was watched live
+  if (job.status !== "in_progress" && !(isFinal(job.status) && state.samples.length)) return;
+  const start = parseTime(job.startTime);
+  const at = parseTime(job.updatedAt) ?? Date.now();
+  if (start == null) return;
+  const t = Math.max(0, (at - start) / 1000);
+  const last = state.samples[state.samples.length - 1];
+  if (last && t <= last.t) return;
+  state.samples.push({ t, v: job.recordsPerSecond });
+  if (state.samples.length > MAX_SAMPLES) {
+    // keep the whole life of the job at half the resolution
+    state.samples = state.samples.filter((_, i) => i % 2 === 0 || i === state.samples.length - 1);
+  }
+  saveSamples();
+}
+
+/* ------------------------------------------------------------------ rendering the job */
+
+function setBadge(el, status, text) {
+  el.dataset.status = status || "none";
+  el.textContent = text || STATUS_LABEL[status] || status || "Unknown";
+}
+
+function setTransport(mode) {
+  const el = $("transport");
+  el.dataset.mode = mode;
+  const labels = { live: "Live", connecting: "Connecting…", polling: "Polling", offline: "Reconnecting…" };
+  el.hidden = !labels[mode];
+  el.textContent = labels[mode] || "";
+  el.title = {
+    live: "Updates stream from the server as each batch is written",
+    connecting: "Opening the live update stream",
+    polling: "Live stream unavailable; checking the status every second",
+    offline: "The server cannot be reached; retrying",
+  }[mode] || "";
+}
+
+function renderShell(jobId) {
+  $("job-empty").hidden = true;
+  $("job-body").hidden = false;
+  $("job-id").textContent = jobId;
+  $("job-title").textContent = "Current job";
+  setBadge($("status-badge"), "pending", "Loading…");
+  highlightRow();
+}
+
+function setProgress(job) {
+  const bar = $("progress");
+  const fill = $("progress-fill");
+  const pct = Math.max(0, Math.min(100, Number(job.percentComplete) || 0));
+  const waiting = job.status === "pending" || (job.status === "in_progress" && !job.totalRecords);
+  if (waiting) {
+    bar.dataset.indeterminate = "true";
+    bar.removeAttribute("aria-valuenow");
+    bar.setAttribute("aria-valuetext", job.status === "pending" ? "Waiting for a worker" : "Counting records");
+    $("progress-percent").textContent = "—";
+    fill.style.width = "0%";
+    return;
+  }
+  bar.dataset.indeterminate = "false";
+  // never show 100% before the job really completed
+  const shown = job.status === "completed" ? 100 : Math.min(Math.floor(pct), 99);
+  bar.setAttribute("aria-valuenow", String(shown));
+  bar.setAttribute("aria-valuetext", `${shown} percent, ${fmt(job.processedRecords)} of ${fmt(job.totalRecords)} records`);
+  $("progress-percent").textContent = `${shown}%`;
+  fill.style.width = `${job.status === "completed" ? 100 : pct}%`;
+}
+
+function render(job) {
+  $("job-empty").hidden = true;
+  $("job-body").hidden = false;
+  const card = $("job-card");
+  card.dataset.status = job.status;
+  $("job-title").textContent = isActive(job.status) ? "Current job" : "Last job";
+  $("job-id").textContent = job.jobId;
+  setBadge($("status-badge"), job.status);
+  setProgress(job);
+
+  const total = job.totalRecords || 0;
+  $("progress-counts").textContent = `${fmt(job.processedRecords)} / ${fmt(total)} records`;
+  $("stat-inserted").textContent = fmt(job.insertedRecords);
+  $("stat-updated").textContent = fmt(job.updatedRecords);
+  $("stat-unchanged").textContent = fmt(job.unchangedRecords);
+  $("stat-errors").textContent = fmt(job.errorRecords);
+  $("stat-deleted-wrap").hidden = !job.deletedRecords;
+  $("stat-deleted").textContent = fmt(job.deletedRecords);
+  $("stat-rate").textContent = job.recordsPerSecond > 0 ? fmtRate(job.recordsPerSecond) : "—";
+  let eta = "—";
+  if (job.status === "completed") eta = "Done";
+  else if (job.status === "in_progress" && job.etaSeconds != null) eta = fmtDuration(job.etaSeconds);
+  $("stat-eta").textContent = eta;
+
+  let message = job.message || "";
+  if (job.status === "in_progress" && job.cancelRequested) message = "Cancelling after the current batch…";
+  if (job.status === "failed") message = "The copy failed and was stopped.";
+  $("message").textContent = message;
+
+  const err = $("error");
+  if (job.status === "failed" || job.error) {
+    err.replaceChildren();
+    const strong = document.createElement("strong");
+    strong.textContent = job.status === "failed" ? "What went wrong" : "Last error";
+    err.append(strong, document.createTextNode(job.error || "The job failed without a reason; see the server log."));
+    err.hidden = false;
+  } else {
+    err.hidden = true;
+    err.replaceChildren();
+  }
+
+  const start = parseTime(job.startTime);
+  $("meta-start").textContent = start == null ? "—" : dateTimeFmt.format(start);
+  $("meta-start").title = job.startTime || "";
+  renderDuration();
+  $("meta-attempt").textContent = job.attempt ? `#${job.attempt}` : "—";
+  $("meta-source").textContent = (job.options && job.options.source) || "Server default";
+
+  const cancel = $("cancel-button");
+  cancel.hidden = !isActive(job.status);
+  cancel.disabled = Boolean(job.cancelRequested);
+  cancel.textContent = job.cancelRequested ? "Cancelling…" : "Cancel";
+
+  renderChart();
+  updateCopyButton();
+  highlightRow();
+}
+
+function renderDuration() {
+  const job = state.job;
+  if (!job) return;
+  const secs = jobSeconds(job);
+  $("meta-duration").textContent = secs == null ? "—" : fmtDuration(secs);
+}
+
+/* ------------------------------------------------------------------ throughput chart */
+
+const SVG_NS = "http://www.w3.org/2000/svg";
+
+function svgEl(name, attrs, text) {
+  const el = document.createElementNS(SVG_NS, name);
+  for (const [k, v] of Object.entries(attrs)) el.setAttribute(k, String(v));
+  if (text != null) el.textContent = text;
+  return el;
+}
+
+function niceMax(v) {
+  if (v <= 0) return 1;
+  const p = 10 ** Math.floor(Math.log10(v));
+  for (const m of [1, 1.5, 2, 2.5, 3, 4, 5, 6, 8, 10]) if (m * p >= v) return m * p;
+  return 10 * p;
+}
+
+function renderChart() {
+  const svg = $("throughput-chart");
+  const W = Math.max(240, Math.round(svg.clientWidth || 560));
+  const H = Math.max(100, Math.round(svg.clientHeight || 130));
+  svg.setAttribute("viewBox", `0 0 ${W} ${H}`);
+  svg.replaceChildren();
+  const job = state.job;
+  const pts = state.samples;
+  const summary = $("chart-summary");
+
+  if (!pts.length) {
+    let text = "No throughput samples yet; they appear while a copy runs.";
+    if (job && isFinal(job.status)) {
+      const secs = jobSeconds(job);
+      text = secs && job.processedRecords
+        ? `This job was not watched live, so there are no samples. Average over the whole job: ${fmtRate(job.processedRecords / secs)} records per second.`
+        : "No throughput samples for this job.";
+    }
+    svg.append(svgEl("text", { x: W / 2, y: H / 2 + 4, "text-anchor": "middle", class: "empty-label" },
+      job && isFinal(job.status) ? "No live samples for this job" : "Waiting for data…"));
+    summary.textContent = text;
+    return;
+  }
+
+  const pad = { l: 46, r: 12, t: 12, b: 22 };
+  const iw = W - pad.l - pad.r;
+  const ih = H - pad.t - pad.b;
+  const t0 = pts.length > 1 ? pts[0].t : 0;
+  const tMax = Math.max(pts[pts.length - 1].t, t0 + 0.1);
+  const peak = Math.max(...pts.map((p) => p.v));
+  const yMax = niceMax(peak * 1.1);
+  const x = (t) => pad.l + ((t - t0) / (tMax - t0)) * iw;
+  const y = (v) => pad.t + ih - (v / yMax) * ih;
+
+  for (const frac of [0, 0.5, 1]) {
+    const yy = y(yMax * frac);
+    svg.append(svgEl("line", { x1: pad.l, x2: W - pad.r, y1: yy, y2: yy, class: "grid-line" }));
+    svg.append(svgEl("text", { x: pad.l - 6, y: yy + 4, "text-anchor": "end", class: "axis-label" },
+      compactFmt.format(yMax * frac)));
+  }
+  svg.append(svgEl("text", { x: pad.l, y: H - 6, "text-anchor": "start", class: "axis-label" }, fmtDuration(t0)));
+  svg.append(svgEl("text", { x: W - pad.r, y: H - 6, "text-anchor": "end", class: "axis-label" }, fmtDuration(tMax)));
+
+  const coords = pts.map((p) => [x(p.t), y(p.v)]);
+  if (coords.length === 1) coords.unshift([pad.l, coords[0][1]]);
+  const line = coords.map(([cx, cy], i) => `${i ? "L" : "M"}${cx.toFixed(1)},${cy.toFixed(1)}`).join(" ");
+  const base = (pad.t + ih).toFixed(1);
+  const area = `${line} L${coords[coords.length - 1][0].toFixed(1)},${base} L${coords[0][0].toFixed(1)},${base} Z`;
+  svg.append(svgEl("path", { d: area, class: "area" }));
+  svg.append(svgEl("path", { d: line, class: "line" }));
+  const [lx, ly] = coords[coords.length - 1];
+  svg.append(svgEl("circle", { cx: lx, cy: ly, r: 3.5, class: "dot" }));
+
+  const avg = pts.reduce((s, p) => s + p.v, 0) / pts.length;
+  const latest = pts[pts.length - 1].v;
+  summary.textContent = `${fmt(pts.length)} sample${pts.length === 1 ? "" : "s"} over ${fmtDuration(tMax)} of the job: `
+    + `latest ${fmtRate(latest)}, peak ${fmtRate(peak)}, average ${fmtRate(avg)} records per second.`;
+}
+
+/* ------------------------------------------------------------------ recent jobs table */
+
+let jobsLoading = null;
+
+function refreshJobs() {
+  if (jobsLoading) return jobsLoading;
+  jobsLoading = (async () => {
+    try {
+      const { data } = await api("/api/jobs?limit=10");
+      state.jobs = (data && data.jobs) || [];
+      renderJobs(state.jobs);
+      return state.jobs;
+    } catch (e) {
+      if (e.status !== 401 && !state.jobs.length) renderJobsMessage(`Could not load the jobs: ${e.message}`);
+      return null;
+    } finally {
+      jobsLoading = null;
+    }
+  })();
+  return jobsLoading;
+}
+
+function renderJobsMessage(text) {
+  const tr = document.createElement("tr");
+  tr.className = "jobs-table__empty";
+  const td = document.createElement("td");
+  td.colSpan = 6;
+  td.textContent = text;
+  tr.append(td);
+  $("jobs-body").replaceChildren(tr);
+}
+
+function cell(cls, label) {
+  const td = document.createElement("td");
+  td.className = cls;
+  if (label) td.dataset.label = label;
+  return td;
+}
+
+function renderJobs(jobs) {
+  if (!jobs.length) {
+    renderJobsMessage("No jobs yet. Jobs you start appear here.");
+    return;
+  }
+  const rows = jobs.map((job) => {
+    const tr = document.createElement("tr");
+    tr.dataset.jobId = job.jobId;
+    tr.dataset.status = job.status;
+
+    const tdJob = cell("c-job");
+    const link = document.createElement("button");
+    link.type = "button";
+    link.className = "btn--link job-link";
+    link.title = `Show job ${job.jobId}`;
+    link.setAttribute("aria-label", `Show job ${job.jobId}`);
+    const code = document.createElement("code");
+    code.textContent = shortId(job.jobId);
+    link.append(code);
+    link.addEventListener("click", () => {
+      hideNotice();
+      clearAlert();
+      follow(job.jobId, job);
+      $("job-card").scrollIntoView({ behavior: "smooth", block: "start" });
+    });
+    tdJob.append(link);
+
+    const tdStatus = cell("c-status");
+    const badge = document.createElement("span");
+    badge.className = "badge";
+    setBadge(badge, job.status);
+    tdStatus.append(badge);
+
+    const tdWhen = cell("c-when when", "Started");
+    const time = document.createElement("time");
+    time.dateTime = job.startTime || "";
+    const start = parseTime(job.startTime);
+    time.title = start == null ? "" : dateTimeFmt.format(start);
+    time.textContent = fmtRelative(job.startTime);
+    tdWhen.append(time);
+
+    const tdDur = cell("c-dur dur", "Duration");
+    const secs = jobSeconds(job);
+    tdDur.textContent = secs == null ? "—" : fmtDuration(secs) + (isActive(job.status) ? " so far" : "");
+
+    const tdNum = cell("c-num num", "Records");
+    tdNum.textContent = job.totalRecords
+      ? `${fmt(job.processedRecords)} / ${fmt(job.totalRecords)}`
+      : (job.processedRecords ? fmt(job.processedRecords) : "—");
+
+    const tdResult = cell(`c-result result${job.status === "failed" ? " result--failed" : ""}`);
+    const resultText = document.createElement("span");
+    resultText.textContent = job.status === "failed" ? (job.error || job.message || "Failed") : (job.message || "");
+    resultText.title = resultText.textContent;
+    tdResult.append(resultText);
+
+    tr.append(tdJob, tdStatus, tdWhen, tdDur, tdNum, tdResult);
+    return tr;
+  });
+  $("jobs-body").replaceChildren(...rows);
+  highlightRow();
+}
+
+function highlightRow() {
+  for (const tr of $("jobs-body").querySelectorAll("tr[data-job-id]")) {
+    if (tr.dataset.jobId === state.jobId) tr.setAttribute("aria-current", "true");
+    else tr.removeAttribute("aria-current");
+  }
+}
+
+/* ------------------------------------------------------------------ server health */
+
+async function checkHealth() {
+  const el = $("server-health");
+  const text = el.querySelector(".health__text");
+  let st = "bad";
+  let label = "Server unreachable";
+  try {
+    const res = await fetch("/readyz", { cache: "no-store" });
+    if (res.ok) { st = "ok"; label = "Server ready"; }
+    else {
+      let why = "";
+      try { why = (await res.json()).error || ""; } catch { /* ignore */ }
+      label = "Server not ready";
+      el.title = why;
+    }
+  } catch { /* unreachable */ }
+  if (el.dataset.state !== st || text.textContent !== label) {
+    el.dataset.state = st;
+    text.textContent = label;
+  }
+  if (st === "ok") el.title = "The API answers and MongoDB is reachable";
+}
+
+/* ------------------------------------------------------------------ start-up */
+
+async function init() {
+  checkHealth();
+  const [, jobs] = await Promise.all([loadOperations(), refreshJobs()]);
+  if (state.authRequired) return;
+  const newest = jobs && jobs[0];
+  const remembered = rememberedJob();
+  if (newest && isActive(newest.status) && newest.jobId !== remembered) {
+    follow(newest.jobId, newest); // a copy is running (maybe started elsewhere): follow it
+  } else if (remembered) {
+    const known = jobs && jobs.find((j) => j.jobId === remembered);
+    follow(remembered, known);
+  } else if (newest) {
+    follow(newest.jobId, newest); // show the last result
+  }
+  startTimers();
+}
+
+function startTimers() {
+  if (state.timersStarted) return;
+  state.timersStarted = true;
+  setInterval(() => {
+    if (!document.hidden && !state.authRequired) refreshJobs();
+  }, JOBS_REFRESH_MS);
+  setInterval(() => { if (!document.hidden) checkHealth(); }, HEALTH_REFRESH_MS);
+  setInterval(() => { if (state.job && isActive(state.job.status)) renderDuration(); }, 1000);
+  if (typeof ResizeObserver === "function") {
+    let last = 0;
+    new ResizeObserver((entries) => {
+      const w = Math.round(entries[0].contentRect.width);
+      if (w !== last) { last = w; if (state.job) renderChart(); }
+    }).observe($("throughput-chart"));
+  }
+}
+
+function wire() {
+  $("start-form").addEventListener("submit", startCopy);
+  $("cancel-button").addEventListener("click", cancelJob);
+  $("token-form").addEventListener("submit", saveToken);
+  $("operation-select").addEventListener("change", onOperationChange);
+  $("alert-close").addEventListener("click", clearAlert);
+  $("jobs-refresh").addEventListener("click", () => refreshJobs());
+  window.addEventListener("hashchange", () => {
+    const id = hashJob();
+    if (id && id !== state.jobId && !state.authRequired) follow(id);
+  });
+  document.addEventListener("visibilitychange", () => {
+    if (!document.hidden && !state.authRequired) refreshJobs();
+  });
+}
+
+wire();
+init();

@@ -1,0 +1,134 @@
+"""The Celery executor: the API submits, `lakesync worker` processes run jobs.
+
+Tasks are acknowledged late and rejected when the worker is lost, so the broker redelivers
+a killed worker's job; the job is claimed atomically in MongoDB, so a duplicate delivery
+finds it owned and returns at once, and the new run resumes from the checkpoint.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from typing import Any
+
+from celery import Celery
+
+from lakesync.config import Settings
+from lakesync.errors import ConfigError, StoreError
+from lakesync.mongo import mask_uri
+
+logger = logging.getLogger(__name__)
+
+TASK = "lakesync.run_job"
+QUEUE = "lakesync"
+
+
+def _broker(settings: Settings) -> str:
+    if settings.broker_url is None:
+        raise ConfigError(
+            "LAKESYNC_EXECUTOR=celery needs LAKESYNC_BROKER_URL, e.g. redis://127.0.0.1:6379/0 "
+            "or amqp://guest:guest@127.0.0.1:5672//."
+        )
+    return settings.broker_url.get_secret_value()
+
+
+def make_celery(settings: Settings) -> Celery:
+    """A Celery app for lakesync's one task, configured for at-least-once delivery."""
+    app = Celery("lakesync", broker=_broker(settings))
+    app.conf.update(
+        task_acks_late=True,
+        task_reject_on_worker_lost=True,
+        worker_prefetch_multiplier=1,
+        task_default_queue=QUEUE,
+        task_serializer="json",
+        accept_content=["json"],
+        broker_connection_retry_on_startup=False,
+        broker_transport_options={"visibility_timeout": 12 * 3600},
+        worker_hijack_root_logger=False,
+        result_backend=None,
+        task_ignore_result=True,
+    )
+    return app
+
+
+def check_broker(app: Celery, settings: Settings, timeout: float = 5.0) -> None:
+    """Raise StoreError naming the broker (password masked) if it cannot be reached."""
+    where = mask_uri(_broker(settings))
+    try:
+        with app.connection_for_write() as conn:
+            conn.ensure_connection(max_retries=1, timeout=timeout)
+    except Exception as e:
+        raise StoreError(
+            f"Cannot reach the Celery broker at {where}: {mask_uri(str(e))[:200]}. Check "
+            "LAKESYNC_BROKER_URL and that Redis or RabbitMQ is running."
+        ) from None
+
+
+class CeleryExecutor:
+    """Submits jobs as Celery tasks; the API process runs nothing itself."""
+
+    name = "celery"
+
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        self.app = make_celery(settings)
+        self._started = False
+
+    def start(self) -> None:
+        """Check the broker answers."""
+        check_broker(self.app, self.settings)
+        self._started = True
+
+    def submit(self, job_id: str) -> None:
+        """Enqueue one run of the job."""
+        self.app.send_task(TASK, args=[job_id], queue=QUEUE)
+
+    def shutdown(self, timeout: float) -> None:
+        """Nothing runs here; workers keep going."""
+        self._started = False
+
+    def healthy(self) -> tuple[bool, str]:
+        """Healthy when the broker answers."""
+        try:
+            check_broker(self.app, self.settings, timeout=2.0)
+        except StoreError as e:
+            return False, str(e)
+        return True, "celery executor, broker reachable"
+
+
+def run_worker(settings: Settings, concurrency: int | None) -> None:
+    """`lakesync worker`: check MongoDB and the broker, then consume jobs until stopped."""
+    from lakesync.runner import Outcome
+    from lakesync.runtime import Runtime
+
+    app = make_celery(settings)
+    check_broker(app, settings)
+    runtime = Runtime(settings, executor=None)
+    stop = threading.Event()
+
+    @app.task(name=TASK, bind=True, acks_late=True, reject_on_worker_lost=True)  # type: ignore[untyped-decorator]
+    def run_job(task: Any, job_id: str) -> str:
+        outcome = runtime.runner.run(job_id)
+        if outcome is Outcome.CONTINUE and not runtime.runner.stop.is_set():
+            app.send_task(TASK, args=[job_id], queue=QUEUE)
+        return outcome.value
+
+    def recover() -> None:
+        while not stop.wait(max(1.0, min(settings.lease_seconds / 2, 15.0))):
+            try:
+                for job_id in runtime.store.stale(settings.lease_seconds):
+                    logger.info("job %s: lease expired; re-enqueuing it", job_id)
+                    app.send_task(TASK, args=[job_id], queue=QUEUE)
+            except Exception as e:
+                logger.warning("recovery scan failed: %s", e)
+
+    threading.Thread(target=recover, name="lakesync-recovery", daemon=True).start()
+    try:
+        app.worker_main([
+            "worker", "--loglevel", settings.log_level, "--queues", QUEUE,
+            "--concurrency", str(concurrency or settings.workers), "--pool", "threads",
+            "--without-gossip", "--without-mingle", "--without-heartbeat",
+        ])  # fmt: skip
+    finally:
+        stop.set()
+        runtime.close()

@@ -1,0 +1,320 @@
+"""The data-lake reader against real Parquet / CSV / NDJSON files (and an S3 server)."""
+
+from __future__ import annotations
+
+import json
+import re
+from collections.abc import Iterator
+from pathlib import Path
+
+import boto3
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+import pytest
+from moto.server import ThreadedMotoServer
+
+from lakesync.config import Settings
+from lakesync.demo import generate
+from lakesync.errors import SourceError
+from lakesync.lake import Lake, Position
+
+ROWS = 3000
+
+
+@pytest.fixture(scope="module")
+def lake_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    out = tmp_path_factory.mktemp("lake") / "taskdetails"
+    generate(out, ROWS, seed=7, files_per_partition=2)
+    (out / "_SUCCESS").write_text("")
+    (out / "_delta_log").mkdir()
+    (out / "_delta_log" / "000.json").write_text("{}")
+    (out / ".part-0.parquet.crc").write_bytes(b"\0")
+    return out
+
+
+@pytest.fixture(scope="module")
+def small_groups(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Three files of 20, 45 and 8 rows in row groups of 7 rows (ids are 0..72 in order)."""
+    out = tmp_path_factory.mktemp("groups")
+    start = 0
+    for i, n in enumerate([20, 45, 8]):
+        ids = list(range(start, start + n))
+        table = pa.table({"id": ids, "even": [x % 2 == 0 for x in ids]})
+        pq.write_table(table, out / f"f{i}.parquet", row_group_size=7)
+        start += n
+    return out
+
+
+def keys(lake: Lake, column: str = "taskDetailId", **kwargs: object) -> list[object]:
+    return [k for b in lake.batches(**kwargs) for k in b.table[column].to_pylist()]  # type: ignore[arg-type]
+
+
+def test_directory_with_hive_partitions(lake_dir: Path) -> None:
+    lake = Lake.open(str(lake_dir))
+    assert lake.format == "parquet" and lake.uri == str(lake_dir)
+    assert lake.files == sorted(lake.files)
+    assert all("/projectId=PRJ-" in f and f.endswith(".parquet") for f in lake.files)
+    assert lake.schema.field("projectId").type == pa.string() and lake.has_column("notes")
+    assert not lake.has_column("nope")
+    for batch in lake.batches(500):
+        expected = batch.file.split("projectId=")[1].split("/")[0]
+        assert set(batch.table["projectId"].to_pylist()) == {expected}
+
+
+def test_counts_agree(lake_dir: Path) -> None:
+    lake = Lake.open(str(lake_dir))
+    counts = lake.file_row_counts()
+    assert lake.count_rows() == sum(counts) == ROWS
+    per_file = [0] * len(lake.files)
+    for batch in lake.batches(128):
+        per_file[batch.file_index] += batch.table.num_rows
+    assert per_file == counts
+    assert len(set(keys(lake, batch_size=1000))) == ROWS
+
+
+def test_batches_are_exact_and_never_span_files(small_groups: Path) -> None:
+    lake = Lake.open(str(small_groups))
+    batches = list(lake.batches(10))
+    assert [(b.file_index, b.start_row, b.table.num_rows) for b in batches] == [
+        (0, 0, 10),
+        (0, 10, 10),
+        (1, 0, 10),
+        (1, 10, 10),
+        (1, 20, 10),
+        (1, 30, 10),
+        (1, 40, 5),
+        (2, 0, 8),
+    ]
+    assert all(b.file == lake.files[b.file_index] for b in batches)
+    assert batches[1].end == Position(0, 20)
+    assert keys(lake, "id", batch_size=3) == list(range(73))
+
+
+@pytest.mark.parametrize(
+    "start",
+    [
+        Position(0, 0),
+        Position(0, 5),
+        Position(0, 20),
+        Position(1, 0),
+        Position(1, 7),
+        Position(1, 30),
+        Position(1, 44),
+        Position(2, 3),
+        Position(3, 0),
+        Position(1, 99),
+    ],
+)
+def test_resume_yields_exactly_the_rest(small_groups: Path, start: Position) -> None:
+    lake = Lake.open(str(small_groups))
+    before = sum(lake.file_row_counts()[: start.file_index])
+    offset = min(before + start.row, sum(lake.file_row_counts()[: start.file_index + 1]))
+    resumed = list(lake.batches(4, start))
+    assert [k for b in resumed for k in b.table["id"].to_pylist()] == list(range(offset, 73))
+    if resumed and start.file_index < 3:
+        assert resumed[0].start_row == (
+            start.row if resumed[0].file_index == start.file_index else 0
+        )
+
+
+def test_resume_from_batch_ends_loses_and_duplicates_nothing(lake_dir: Path) -> None:
+    lake = Lake.open(str(lake_dir))
+    batches = list(lake.batches(256))
+    everything = [k for b in batches for k in b.table["taskDetailId"].to_pylist()]
+    done = 0
+    for i, cut in enumerate(batches):
+        done += cut.table.num_rows
+        if i % 5 == 0:
+            assert keys(lake, batch_size=100, start=cut.end) == everything[done:]
+
+
+def test_stop_file_bounds_the_files_read(small_groups: Path) -> None:
+    lake = Lake.open(str(small_groups))
+    assert keys(lake, "id", batch_size=50, start=Position(0, 15), stop_file=2) == list(
+        range(15, 65)
+    )
+    assert keys(lake, "id", batch_size=50, start=Position(1, 0), stop_file=1) == []
+
+
+def test_filter_counts_and_batches_agree(lake_dir: Path, small_groups: Path) -> None:
+    lake = Lake.open(str(lake_dir))
+    table = pa.concat_tables(b.table for b in lake.batches(1000))
+    done = pc.field("status") == "done"
+    expected = pc.sum(pc.equal(table["status"], "done")).as_py()
+    assert lake.count_rows(done) == expected == len(keys(lake, batch_size=333, filter=done))
+    project = pc.field("projectId") == "PRJ-002"
+    assert lake.count_rows(project) == pc.sum(pc.equal(table["projectId"], "PRJ-002")).as_py()
+    assert lake.count_rows(pc.field("projectId") == "nope") == 0
+    groups = Lake.open(str(small_groups))
+    even = pc.field("even")
+    assert groups.count_rows(even) == 37
+    # rows are counted after the filter: row 5 of file 1 is its 6th even row (id 30)
+    assert keys(groups, "id", batch_size=4, start=Position(1, 5), filter=even)[0] == 30
+    assert keys(groups, "id", batch_size=4, filter=pc.field("id") >= 60) == list(range(60, 73))
+
+
+def test_columns_projection(lake_dir: Path) -> None:
+    lake = Lake.open(str(lake_dir))
+    batch = next(lake.batches(10, columns=["taskDetailId", "projectId"]))
+    assert batch.table.column_names == ["taskDetailId", "projectId"]
+    with pytest.raises(SourceError, match="nope"):
+        next(lake.batches(10, columns=["nope"]))
+
+
+def test_single_file_and_glob(lake_dir: Path) -> None:
+    lake = Lake.open(str(lake_dir))
+    one = Lake.open(lake.files[0])
+    assert one.files == [lake.files[0]] and one.count_rows() == lake.file_row_counts()[0]
+    glob = Lake.open(f"{lake_dir}/**/part-1.parquet")
+    assert glob.files == [f for f in lake.files if f.endswith("part-1.parquet")]
+    assert set(glob.batches(100).__next__().table.column_names) >= {"projectId", "notes"}
+    assert Lake.open(f"{lake_dir}/projectId=PRJ-00[12]/*.parquet").files == lake.files[:4]
+
+
+def test_csv_and_ndjson(tmp_path: Path) -> None:
+    (tmp_path / "csv" / "region=eu").mkdir(parents=True)
+    (tmp_path / "csv" / "region=eu" / "a.csv").write_text("id,h\n1,2.5\n2,3\n3,\n")
+    (tmp_path / "csv" / "b.csv").write_text("id,h\n4,1\n")
+    lake = Lake.open(str(tmp_path / "csv"))
+    assert lake.format == "csv" and lake.count_rows() == 4 and lake.file_row_counts() == [1, 3]
+    assert keys(lake, "id", batch_size=2) == [4, 1, 2, 3]
+    regions = [b.table.to_pydict().get("region") for b in lake.batches(2)]
+    assert regions == [None, ["eu", "eu"], ["eu"]]  # b.csv is not in a partition directory
+    rows = [{"id": i, "tags": ["x"] * (i % 3)} for i in range(25)]
+    (tmp_path / "data.ndjson").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    lake = Lake.open(str(tmp_path / "data.ndjson"))
+    assert lake.format == "json" and lake.count_rows() == 25
+    assert keys(lake, "id", batch_size=10, start=Position(0, 12)) == list(range(12, 25))
+    (tmp_path / "odd.txt").write_text("id\n7\n")
+    assert keys(Lake.open(str(tmp_path / "odd.txt"), format="csv"), "id", batch_size=5) == [7]
+
+
+def test_each_file_keeps_its_own_types(tmp_path: Path) -> None:
+    generate(tmp_path / "lake", 600, bad_rows=6, seed=1)
+    lake = Lake.open(str(tmp_path / "lake"))
+    types = {
+        b.file.rsplit("/", 1)[1]: b.table.schema.field("hoursLogged").type
+        for b in lake.batches(1000)
+    }
+    assert types["part-bad.parquet"] == pa.string() and types["part-0.parquet"] == pa.float64()
+    assert lake.count_rows() == 600
+
+
+def test_missing_path(tmp_path: Path) -> None:
+    with pytest.raises(SourceError, match=re.escape(f"{tmp_path}/nope does not exist")):
+        Lake.open(str(tmp_path / "nope"))
+    with pytest.raises(SourceError, match=re.escape(f"{tmp_path}/nope does not exist")):
+        Lake.open(str(tmp_path / "nope" / "*.parquet"))
+
+
+def test_no_data_files(tmp_path: Path) -> None:
+    (tmp_path / "_SUCCESS").write_text("")
+    (tmp_path / ".hidden.parquet").write_text("")
+    with pytest.raises(SourceError, match=re.escape(f"No data files found in {tmp_path}")):
+        Lake.open(str(tmp_path))
+    with pytest.raises(SourceError, match="No data files found"):
+        Lake.open(f"{tmp_path}/**/*.csv")
+
+
+def test_not_a_parquet_file(tmp_path: Path, small_groups: Path) -> None:
+    for f in small_groups.iterdir():
+        (tmp_path / f.name).write_bytes(f.read_bytes())
+    (tmp_path / "f1.parquet").write_text("id,even\n1,true\n")
+    with pytest.raises(
+        SourceError, match=re.escape(f"{tmp_path}/f1.parquet is not a valid parquet file")
+    ):
+        Lake.open(str(tmp_path))
+
+
+def test_mixed_formats(tmp_path: Path) -> None:
+    (tmp_path / "a.csv").write_text("id\n1\n")
+    (tmp_path / "b.parquet").write_bytes(b"")
+    with pytest.raises(
+        SourceError, match=re.escape(f"Mixed file formats in {tmp_path}") + ".*a.csv"
+    ):
+        Lake.open(str(tmp_path))
+    with pytest.raises(SourceError, match="Mixed file formats"):
+        Lake.open(str(tmp_path), format="csv")
+    assert Lake.open(f"{tmp_path}/*.csv").count_rows() == 1
+
+
+def test_file_deleted_after_open(tmp_path: Path, small_groups: Path) -> None:
+    for f in small_groups.iterdir():
+        (tmp_path / f.name).write_bytes(f.read_bytes())
+    lake = Lake.open(str(tmp_path))
+    (tmp_path / "f1.parquet").unlink()
+    batches = lake.batches(100)
+    assert next(batches).file_index == 0
+    with pytest.raises(SourceError, match=re.escape(f"{tmp_path}/f1.parquet no longer exists")):
+        next(batches)
+
+
+def test_bad_uri_and_format() -> None:
+    with pytest.raises(SourceError, match="Unsupported lake URI scheme gs://"):
+        Lake.open("gs://bucket/x")
+    with pytest.raises(SourceError, match="never in the URI"):
+        Lake.open("s3://key:secret@bucket/x")
+    with pytest.raises(SourceError, match="Unknown lake format 'orc'"):
+        Lake.open("/tmp", format="orc")
+
+
+@pytest.fixture(scope="module")
+def s3_endpoint() -> Iterator[str]:
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
+    server.start()
+    host, port = server.get_host_and_port()
+    yield f"http://{host}:{port}"
+    server.stop()
+
+
+def test_s3_lake(s3_endpoint: str, lake_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "testing")
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "testing")
+    monkeypatch.setenv("AWS_DEFAULT_REGION", "us-east-1")
+    s3 = boto3.client("s3", endpoint_url=s3_endpoint, region_name="us-east-1")
+    s3.create_bucket(Bucket="lake")
+    for path in lake_dir.rglob("*"):
+        if path.is_file():
+            s3.upload_file(str(path), "lake", f"td/{path.relative_to(lake_dir).as_posix()}")
+    settings = Settings(s3_endpoint_url=s3_endpoint, s3_region="us-east-1")
+    local = Lake.open(str(lake_dir))
+    lake = Lake.open("s3://lake/td", settings=settings)
+    assert lake.files == [f.replace(str(lake_dir), "s3://lake/td") for f in local.files]
+    assert lake.count_rows() == ROWS
+    assert keys(lake, batch_size=700, start=Position(3, 10)) == keys(
+        local, batch_size=700, start=Position(3, 10)
+    )
+    assert Lake.open("s3://lake/td/projectId=PRJ-001/*.parquet", settings=settings).files == [
+        "s3://lake/td/projectId=PRJ-001/part-0.parquet",
+        "s3://lake/td/projectId=PRJ-001/part-1.parquet",
+    ]
+    with pytest.raises(SourceError, match="s3://lake/nothing-here does not exist"):
+        Lake.open("s3://lake/nothing-here", settings=settings)
+    with pytest.raises(SourceError, match="bucket s3://no-such-bucket does not exist"):
+        Lake.open("s3://no-such-bucket/td", settings=settings)
+    s3.delete_object(Bucket="lake", Key="td/projectId=PRJ-001/part-1.parquet")
+    with pytest.raises(
+        SourceError, match=re.escape("s3://lake/td/projectId=PRJ-001/part-1.parquet")
+    ):
+        list(lake.batches(1000, stop_file=2))
+
+
+def test_s3_endpoint_unreachable() -> None:
+    settings = Settings(s3_endpoint_url="http://127.0.0.1:9", s3_region="us-east-1")
+    with pytest.raises(SourceError, match=re.escape(r"endpoint 127.0.0.1:9 is unreachable")):
+        Lake.open("s3://lake/td", settings=settings)
+
+
+def test_resume_skips_row_groups_without_reading_them(tmp_path: Path) -> None:
+    path = tmp_path / "groups.parquet"
+    pq.write_table(pa.table({"id": list(range(100))}), path, row_group_size=10, compression="none")
+    second = pq.ParquetFile(path).metadata.row_group(1).column(0)
+    data = bytearray(path.read_bytes())
+    start = min(o for o in (second.dictionary_page_offset, second.data_page_offset) if o)
+    data[4:start] = b"\xff" * (start - 4)  # row group 0 is garbage, the footer is intact
+    path.write_bytes(bytes(data))
+    lake = Lake.open(str(path))
+    assert keys(lake, "id", batch_size=7, start=Position(0, 13)) == list(range(13, 100))
+    with pytest.raises(SourceError, match=re.escape(str(path))):
+        keys(lake, "id", batch_size=7)
