@@ -11,11 +11,12 @@ from typing import Annotated, Any, NoReturn
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.progress import BarColumn, Progress, TaskProgressColumn, TextColumn, TimeRemainingColumn
 from rich.table import Table
 
 from lakesync.config import Settings, get_settings
-from lakesync.errors import LakesyncError
+from lakesync.errors import ConfigError, LakesyncError
 from lakesync.logs import configure_logging
 from lakesync.models import JobState, JobStatus
 from lakesync.runner import Outcome
@@ -38,8 +39,9 @@ def _settings() -> Settings:
 
 
 def _fail(error: Exception, code: int = 1) -> NoReturn:
-    err.print(f"[bold red]error:[/] {error}", highlight=False)
-    raise typer.Exit(code)
+    """Print one clear line to stderr and exit; a bad setting is a start-up error (code 2)."""
+    err.print(f"[bold red]error:[/] {escape(str(error))}", highlight=False, soft_wrap=True)
+    raise typer.Exit(2 if isinstance(error, ConfigError) else code)
 
 
 def _print_json(data: Any) -> None:
@@ -71,6 +73,10 @@ def copy(
     """Run a copy job in the foreground with a progress bar; exit 1 unless it completes."""
     from lakesync.runtime import Runtime
 
+    if batch_size is not None and not 1 <= batch_size <= 100_000:
+        _fail(LakesyncError(f"--batch-size {batch_size} is out of range: give the number of "
+                            "records per bulk write, from 1 to 100000."),
+              2)  # fmt: skip
     options = {k: v for k, v in {"source": source, "batchSize": batch_size, "mode": mode}.items()
                if v is not None}  # fmt: skip
     try:
@@ -80,7 +86,8 @@ def copy(
             if not created:
                 _fail(LakesyncError(
                     f"Job {status.jobId} for {operation} on this source is already "
-                    f"{status.status.value}; follow it with `lakesync status {status.jobId}`."))  # fmt: skip
+                    f"{status.status.value}; follow it with "
+                    f"`lakesync status {status.jobId}`."))  # fmt: skip
             err.print(f"job {status.jobId} started", highlight=False)
             final = _run_foreground(rt, status.jobId, show_bar=err.is_terminal and not as_json)
     except LakesyncError as e:

@@ -164,8 +164,8 @@ class EmbeddedServer:
                 raise StoreError(
                     f"The embedded MongoDB-wire server (nx-27017) exited at start-up with code "
                     f"{self.process.returncode}. Its log ({self.data_dir / 'server.log'}) ends "
-                    f"with: {tail.strip()[-500:]!r}. Check that {self.data_dir} is writable, or set "
-                    "LAKESYNC_MONGODB_URI to use another MongoDB."
+                    f"with: {tail.strip()[-500:]!r}. Check that {self.data_dir} is writable, or "
+                    "set LAKESYNC_MONGODB_URI to use another MongoDB."
                 )
             if self._ping(0.5):
                 return

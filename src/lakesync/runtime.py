@@ -37,6 +37,7 @@ class Runtime:
             self.mongo.close()
             raise
         self.jobs = JobService(settings, self.store, self.registry, self.executor)
+        self._closed = False
 
     def _executor(self, kind: str | None) -> Executor | None:
         if kind is None:
@@ -58,6 +59,9 @@ class Runtime:
 
     def close(self, timeout: float = 8.0) -> None:
         """Hand running jobs back at a batch boundary, then disconnect (and stop the server)."""
+        if self._closed:
+            return
+        self._closed = True
         self.runner.stop.set()
         if self.executor is not None:
             self.executor.shutdown(timeout)

@@ -232,7 +232,21 @@ class JobStore:
             )
             if doc is not None:
                 logger.warning("job %s: took over from a run whose lease expired", job_id)
+                doc = self._count_crash(doc, owner)
         return None if doc is None else self._model(doc)
+
+    def _count_crash(self, doc: dict[str, Any], owner: str) -> dict[str, Any]:
+        """Failures count crashed runs in a row that made no progress: a run that committed
+        batches before dying restarts the count, so only a job stuck at one spot gives up."""
+        batches = (doc.get("checkpoint") or {}).get("batches", 0)
+        if doc.get("failedAtBatch") == batches:
+            return doc
+        fixed = self.jobs.find_one_and_update(
+            {"jobId": doc["jobId"], "owner": owner},
+            {"$set": {"failures": 1, "failedAtBatch": batches}},
+            projection={"_id": 0}, return_document=ReturnDocument.AFTER,
+        )  # fmt: skip
+        return fixed or doc
 
     def _owned(self, job_id: str, owner: str) -> dict[str, Any]:
         return {"jobId": job_id, "owner": owner, "status": JobState.IN_PROGRESS.value}

@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+
 from fastapi import FastAPI
+from fastapi.concurrency import run_in_threadpool
 from fastapi.staticfiles import StaticFiles
 
 from lakesync import __version__
@@ -12,9 +16,21 @@ from lakesync.api.limits import BodySizeLimit
 from lakesync.runtime import Runtime
 
 
-def create_app(runtime: Runtime) -> FastAPI:
-    """The app serving the API, the seed endpoints, health, metrics and the page."""
+def create_app(runtime: Runtime, close_on_shutdown: bool = False) -> FastAPI:
+    """The app serving the API, the seed endpoints, health, metrics and the page.
+
+    With `close_on_shutdown`, the app's shutdown hands running jobs back and stops the
+    runtime (uvicorn re-raises SIGTERM once it returns, so later cleanup would not run).
+    """
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        yield
+        if close_on_shutdown:
+            await run_in_threadpool(runtime.close)
+
     app = FastAPI(
+        lifespan=lifespan,
         title="lakesync",
         version=__version__,
         description="Copy data-lake records into MongoDB as durable background jobs.",

@@ -41,7 +41,7 @@ def serve(settings: Settings, host: str, port: int) -> None:
     runtime = Runtime(settings, executor=settings.executor)
     try:
         runtime.start()
-        app = create_app(runtime)
+        app = create_app(runtime, close_on_shutdown=True)
         config = uvicorn.Config(app, host=host, port=port, log_config=None, access_log=False,
                                 timeout_graceful_shutdown=3)  # fmt: skip
         server = uvicorn.Server(config)

@@ -206,6 +206,8 @@ function requireAuth(hadToken) {
     help.textContent = "The saved API token was not accepted. Enter the current value of LAKESYNC_API_TOKEN. It is kept only in this browser tab.";
   }
   card.hidden = false;
+  if (!state.jobs.length) renderJobsMessage("Enter the API token above to see the jobs.");
+  if (!state.job) $("job-empty").firstElementChild.textContent = "Enter the API token above to see the current job.";
   if (first || hadToken) $("token-input").focus();
 }
 
@@ -224,6 +226,7 @@ async function saveToken(event) {
   input.value = "";
   state.authRequired = false;
   $("auth-card").hidden = true;
+  $("job-empty").firstElementChild.replaceChildren(EMPTY_JOB_TEXT.cloneNode(true));
   clearAlert();
   announce("Token saved.");
   await init();
@@ -321,12 +324,11 @@ async function startCopy(event) {
     });
     if (status === 202) {
       showNotice("started", "Copy started as background process", data.jobId);
-      announce(`Copy started as background process. Job ${data.jobId}.`);
     } else {
       showNotice("existing", "A copy is already running", data.jobId);
-      announce(`A copy is already running. Following job ${data.jobId}.`);
     }
-    follow(data.jobId, data);
+    // the notice is a status region and is announced; follow() skips announcing "queued"
+    follow(data.jobId, data, { quietStart: true });
     refreshJobs();
   } catch (e) {
     if (e.status === 401) $("token-input").focus();
@@ -384,7 +386,7 @@ function stopFollowing() {
   setTransport("idle");
 }
 
-function follow(jobId, initial) {
+function follow(jobId, initial, { quietStart = false } = {}) {
   const sameJob = jobId === state.jobId;
   stopFollowing();
   const seq = state.followSeq;
@@ -396,6 +398,7 @@ function follow(jobId, initial) {
     state.announced = { status: null, decile: -1 };
   }
   remember(jobId);
+  if (quietStart && initial) state.announced.status = initial.status;
   if (initial && initial.jobId === jobId) onStatus(initial, { quiet: !sameJob && isFinal(initial.status) });
   else renderShell(jobId);
   if (state.job && isFinal(state.job.status)) return; // nothing more will change
@@ -599,6 +602,13 @@ function setProgress(job) {
     return;
   }
   bar.dataset.indeterminate = "false";
+  if (isFinal(job.status) && !job.totalRecords && !job.processedRecords) {
+    bar.setAttribute("aria-valuenow", "0");
+    bar.setAttribute("aria-valuetext", "No records were read");
+    $("progress-percent").textContent = "—";
+    fill.style.width = "0%";
+    return;
+  }
   // never show 100% before the job really completed
   const shown = job.status === "completed" ? 100 : Math.min(Math.floor(pct), 99);
   bar.setAttribute("aria-valuenow", String(shown));
@@ -618,7 +628,9 @@ function render(job) {
   setProgress(job);
 
   const total = job.totalRecords || 0;
-  $("progress-counts").textContent = `${fmt(job.processedRecords)} / ${fmt(total)} records`;
+  $("progress-counts").textContent = isFinal(job.status) && !total && !job.processedRecords
+    ? "No records read"
+    : `${fmt(job.processedRecords)} / ${fmt(total)} records`;
   $("stat-inserted").textContent = fmt(job.insertedRecords);
   $("stat-updated").textContent = fmt(job.updatedRecords);
   $("stat-unchanged").textContent = fmt(job.unchangedRecords);
@@ -701,16 +713,20 @@ function renderChart() {
   const summary = $("chart-summary");
 
   if (!pts.length) {
-    let text = "No throughput samples yet; they appear while a copy runs.";
-    if (job && isFinal(job.status)) {
-      const secs = jobSeconds(job);
-      text = secs && job.processedRecords
-        ? `This job was not watched live, so there are no samples. Average over the whole job: ${fmtRate(job.processedRecords / secs)} records per second.`
-        : "No throughput samples for this job.";
+    const secs = job && isFinal(job.status) ? jobSeconds(job) : null;
+    if (secs && job.processedRecords) {
+      // nothing was sampled while it ran (too short, or not watched): show its average
+      const avg = job.processedRecords / secs;
+      drawAverage(svg, W, H, avg);
+      summary.textContent = "No throughput samples were taken while this job ran. "
+        + `Average over the whole job: ${fmtRate(avg)} records per second.`;
+      return;
     }
     svg.append(svgEl("text", { x: W / 2, y: H / 2 + 4, "text-anchor": "middle", class: "empty-label" },
-      job && isFinal(job.status) ? "No live samples for this job" : "Waiting for data…"));
-    summary.textContent = text;
+      job && isFinal(job.status) ? "No throughput for this job" : "Waiting for data…"));
+    summary.textContent = job && isFinal(job.status)
+      ? "No records were processed, so there is no throughput to show."
+      : "No throughput samples yet; they appear while a copy runs.";
     return;
   }
 
@@ -749,17 +765,41 @@ function renderChart() {
     + `latest ${fmtRate(latest)}, peak ${fmtRate(peak)}, average ${fmtRate(avg)} records per second.`;
 }
 
+function drawAverage(svg, W, H, avg) {
+  const pad = { l: 46, r: 12, t: 12, b: 22 };
+  const ih = H - pad.t - pad.b;
+  const yMax = niceMax(avg * 1.4);
+  const y = (v) => pad.t + ih - (v / yMax) * ih;
+  for (const frac of [0, 0.5, 1]) {
+    const yy = y(yMax * frac);
+    svg.append(svgEl("line", { x1: pad.l, x2: W - pad.r, y1: yy, y2: yy, class: "grid-line" }));
+    svg.append(svgEl("text", { x: pad.l - 6, y: yy + 4, "text-anchor": "end", class: "axis-label" },
+      compactFmt.format(yMax * frac)));
+  }
+  const ya = y(avg);
+  svg.append(svgEl("line", { x1: pad.l, x2: W - pad.r, y1: ya, y2: ya, class: "avg-line" }));
+  svg.append(svgEl("text", { x: W - pad.r, y: ya - 6, "text-anchor": "end", class: "axis-label" },
+    `average ${fmtRate(avg)}/s`));
+  svg.append(svgEl("text", { x: pad.l, y: H - 6, "text-anchor": "start", class: "axis-label" },
+    "whole job (no live samples)"));
+}
+
 /* ------------------------------------------------------------------ recent jobs table */
 
 let jobsLoading = null;
 
-function refreshJobs() {
+function refreshJobs({ autoFollow = false } = {}) {
   if (jobsLoading) return jobsLoading;
   jobsLoading = (async () => {
     try {
       const { data } = await api("/api/jobs?limit=10");
       state.jobs = (data && data.jobs) || [];
       renderJobs(state.jobs);
+      const newest = state.jobs[0];
+      const busy = state.job && isActive(state.job.status);
+      if (autoFollow && newest && isActive(newest.status) && newest.jobId !== state.jobId && !busy) {
+        follow(newest.jobId, newest); // a copy started elsewhere (CLI, another tab): show it
+      }
       return state.jobs;
     } catch (e) {
       if (e.status !== 401 && !state.jobs.length) renderJobsMessage(`Could not load the jobs: ${e.message}`);
@@ -905,7 +945,7 @@ function startTimers() {
   if (state.timersStarted) return;
   state.timersStarted = true;
   setInterval(() => {
-    if (!document.hidden && !state.authRequired) refreshJobs();
+    if (!document.hidden && !state.authRequired) refreshJobs({ autoFollow: true });
   }, JOBS_REFRESH_MS);
   setInterval(() => { if (!document.hidden) checkHealth(); }, HEALTH_REFRESH_MS);
   setInterval(() => { if (state.job && isActive(state.job.status)) renderDuration(); }, 1000);
@@ -918,7 +958,12 @@ function startTimers() {
   }
 }
 
+let EMPTY_JOB_TEXT = null;
+
 function wire() {
+  const empty = $("job-empty").firstElementChild;
+  EMPTY_JOB_TEXT = document.createDocumentFragment();
+  for (const n of empty.childNodes) EMPTY_JOB_TEXT.append(n.cloneNode(true));
   $("start-form").addEventListener("submit", startCopy);
   $("cancel-button").addEventListener("click", cancelJob);
   $("token-form").addEventListener("submit", saveToken);
@@ -930,7 +975,7 @@ function wire() {
     if (id && id !== state.jobId && !state.authRequired) follow(id);
   });
   document.addEventListener("visibilitychange", () => {
-    if (!document.hidden && !state.authRequired) refreshJobs();
+    if (!document.hidden && !state.authRequired) refreshJobs({ autoFollow: true });
   });
 }
 
