@@ -1,22 +1,21 @@
 """The data-lake reader: list, count and stream records from Parquet, CSV or NDJSON files.
 
 A lake is a directory (hive partitions such as ``projectId=P-003/`` become string columns),
-a single file, a glob, or ``s3://bucket/prefix``. Each file is read through its own
+a single file, a glob, or ``s3://bucket/prefix``; a directory holding ``_delta_log`` is a
+Delta table, read at one version (see ``delta.py``). Each file is read through its own
 ``pyarrow.dataset`` fragment with its own physical schema, so one odd file does not change
 how the others are read, and batches stream with bounded memory.
 """
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import re
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
-from urllib.parse import unquote, urlsplit
+from urllib.parse import unquote
 
 import pyarrow as pa
 import pyarrow.compute as pc
@@ -24,19 +23,21 @@ import pyarrow.dataset as ds
 import pyarrow.fs as pafs
 
 from lakesync.config import Settings, get_settings
+from lakesync.delta import LOG_DIR, is_delta_table, snapshot
 from lakesync.errors import SourceError
+from lakesync.storage import Location, read_error, resolve
 
 logger = logging.getLogger(__name__)
 
 _EXTENSIONS = {".parquet": "parquet", ".pq": "parquet", ".csv": "csv", ".json": "json"}
 _EXTENSIONS |= {".jsonl": "json", ".ndjson": "json"}
 _FORMATS = {"parquet": ds.ParquetFileFormat, "csv": ds.CsvFileFormat, "json": ds.JsonFileFormat}
-_ALIASES = {"pq": "parquet", "jsonl": "json", "ndjson": "json"} | {f: f for f in _FORMATS}
+_ALIASES = {"pq": "parquet", "jsonl": "json", "ndjson": "json", "delta": "delta"}
+_ALIASES |= {f: f for f in _FORMATS}
 _GLOB = {"**/": "(?:[^/]*/)*", "**": ".*", "*": "[^/]*", "?": "[^/]"}
 #: Decode at most two record batches ahead of the consumer: memory stays flat.
 _STREAMING = {"batch_readahead": 2, "fragment_readahead": 1}
 _INSPECT_THREADS = 16  # footers / headers read in parallel at open (matters on S3)
-_MISSING = ("NO_SUCH_KEY", "Path does not exist", "No such file")
 
 
 @dataclass(frozen=True)
@@ -63,7 +64,12 @@ class LakeBatch:
 
 
 class Lake:
-    """A sorted set of same-format data files read as one stream; build it with ``open``."""
+    """A sorted set of same-format data files read as one stream; build it with ``open``.
+
+    ``format`` is parquet, csv, json or delta; ``version`` is the Delta table version read
+    (None for plain files). ``files`` are the data files' URIs in reading order: a Position's
+    file index points into it, and ``file_name`` gives the stable name a checkpoint keeps.
+    """
 
     def __init__(
         self,
@@ -73,12 +79,21 @@ class Lake:
         fragments: list[Any],
         schemas: list[pa.Schema],
         endpoint: str | None,
+        *,
+        root: str = "",
+        version: int | None = None,
+        schema: pa.Schema | None = None,
     ) -> None:
-        self.uri, self.format, self.files = uri, fmt, files
+        self.uri, self.format, self.files, self.version = uri, fmt, files, version
         self._fragments, self._schemas, self._endpoint = fragments, schemas, endpoint
+        self._root = root.rstrip("/")
+        self._parquet = fmt in ("parquet", "delta")
         self._row_counts: list[int] | None = None
+        if schema is not None:
+            self.schema: pa.Schema = schema
+            return
         try:
-            self.schema: pa.Schema = pa.unify_schemas(schemas, promote_options="permissive")
+            self.schema = pa.unify_schemas(schemas, promote_options="permissive")
         except (pa.ArrowException, TypeError):  # e.g. a column is double here, string there
             fields: dict[str, pa.Field] = {}
             for field in (f for schema in schemas for f in schema):
@@ -86,55 +101,130 @@ class Lake:
             self.schema = pa.schema(list(fields.values()))
 
     @classmethod
-    def open(cls, uri: str, *, format: str | None = None, settings: Settings | None = None) -> Lake:
-        """List and inspect the lake at ``uri``; raise SourceError if it cannot be read."""
-        if format is not None and format.lower() not in _ALIASES:
-            raise SourceError(f"Unknown lake format {format!r}: use parquet, csv or json.")
-        fs, path, prefix, endpoint = _filesystem(uri, settings or get_settings())
-        segments = path.split("/")
+    def open(
+        cls,
+        uri: str,
+        *,
+        format: str | None = None,
+        settings: Settings | None = None,
+        version: int | None = None,
+    ) -> Lake:
+        """List and inspect the lake at ``uri``; raise SourceError if it cannot be read.
+
+        A directory holding ``_delta_log`` is read as a Delta table (its latest version,
+        or ``version``) unless ``format`` names a plain file format.
+        """
+        fmt_given = None if format is None else _ALIASES.get(format.lower())
+        if format is not None and fmt_given is None:
+            raise SourceError(f"Unknown lake format {format!r}: use parquet, csv, json or delta.")
+        if version is not None and (version < 0 or fmt_given not in (None, "delta")):
+            raise SourceError(
+                f"Invalid Delta version {version} for {uri}: a version (>= 0) can only "
+                "be read from a Delta table."
+            )
+        loc = resolve(uri, settings or get_settings())
+        segments = loc.path.split("/")
         glob_at = next((i for i, s in enumerate(segments) if any(c in s for c in "*?[")), None)
-        base, pattern = path, None
+        base, pattern = loc.path, None
         if glob_at is not None:
             base = "/".join(segments[:glob_at]) or "/"
             pattern = _glob_regex("/".join(segments[glob_at:]))
+        if glob_at is None and fmt_given in (None, "delta") and is_delta_table(loc, base):
+            return cls._open_delta(uri, loc, base, version)
+        if fmt_given == "delta" or version is not None:
+            raise SourceError(
+                f"{loc.show(loc.path)} is not a Delta table (no {LOG_DIR} folder in it). "
+                "Point the source at the table's folder, or drop format = delta to read "
+                "plain Parquet, CSV or JSON files.",
+                uri=uri,
+            )
+        if fmt_given is None and glob_at is None and loc.path.endswith("/" + LOG_DIR):
+            raise SourceError(f"{loc.show(loc.path)} is a Delta log: use its parent folder.")
         try:
-            found, single = _list_files(fs, base, pattern, prefix)
+            found, single = _list_files(loc, base, pattern)
         except (OSError, pa.ArrowException) as e:
-            raise _read_error(e, prefix + base, "", endpoint, listing=True) from e
-        fmt = _choose_format([prefix + p for p in found], format, prefix + base, single)
+            raise read_error(e, loc.show(base), "", loc.endpoint, listing=True) from e
+        fmt = _choose_format([loc.show(p) for p in found], fmt_given, loc.show(base), single)
         if not single and any(_format_of(p) for p in found):
             found = [p for p in found if _format_of(p) == fmt]  # skip README.md, *.crc...
         if not found:
             raise SourceError(
-                f"No data files found in {prefix + path}: expected .parquet/.pq, .csv or "
+                f"No data files found in {loc.show(loc.path)}: expected .parquet/.pq, .csv or "
                 ".json/.jsonl/.ndjson files (hidden and _-prefixed files are skipped). "
                 "Check the path or the glob.",
                 uri=uri,
             )
         root = base.rsplit("/", 1)[0] if single else base
-        file_format = _FORMATS[fmt]()
-
-        def inspect(path: str) -> tuple[Any, pa.Schema]:
-            keys = _partition(path[len(root) :].lstrip("/"))
-            expr = None
-            for key, value in keys:
-                term = pc.field(key).is_null() if value is None else pc.field(key) == value
-                expr = term if expr is None else expr & term
-            try:
-                fragment = file_format.make_fragment(path, filesystem=fs, partition_expression=expr)
-                schema = fragment.physical_schema  # Parquet: reads and caches the footer
-            except (pa.ArrowException, OSError) as e:
-                raise _read_error(e, prefix + path, fmt, endpoint) from e
-            for key, _ in keys:
-                if key not in schema.names:
-                    schema = schema.append(pa.field(key, pa.string()))
-            return fragment, schema
-
-        with ThreadPoolExecutor(max_workers=min(_INSPECT_THREADS, len(found))) as pool:
-            inspected = list(pool.map(inspect, found))
-        logger.info("Opened lake %s: %d %s file(s)", prefix + path, len(found), fmt)
+        keys = [_partition(p[len(root) :].lstrip("/")) for p in found]
+        inspected = _inspect(
+            loc, fmt, [(p, _hive_expression(k), k) for p, k in zip(found, keys, strict=True)]
+        )
+        logger.info("Opened lake %s: %d %s file(s)", loc.show(loc.path), len(found), fmt)
         fragments, schemas = [f for f, _ in inspected], [s for _, s in inspected]
-        return cls(uri, fmt, [prefix + p for p in found], fragments, schemas, endpoint)
+        files = [loc.show(p) for p in found]
+        return cls(uri, fmt, files, fragments, schemas, loc.endpoint, root=loc.show(root))
+
+    @classmethod
+    def _open_delta(cls, uri: str, loc: Location, base: str, version: int | None) -> Lake:
+        snap = snapshot(loc, base, version)
+        inspected = _inspect(loc, "delta", [(p, expr, []) for p, expr in snap.files])
+        fragments = [f for f, _ in inspected]
+        files = [loc.show(p) for p, _ in snap.files]
+        schemas = [snap.schema] * len(files)  # the table's schema, not each file's
+        logger.info("Opened Delta table %s version %d: %d file(s)", uri, snap.version, len(files))
+        return cls(uri, "delta", files, fragments, schemas, loc.endpoint,
+                   root=loc.show(base), version=snap.version, schema=snap.schema)  # fmt: skip
+
+    def file_name(self, index: int) -> str:
+        """The stable name of file ``index``: its path relative to the lake's root folder.
+
+        A checkpoint keeps it beside the file index, so that a resumed run can check (with
+        ``resume_position``) that the index still points at the same file.
+        """
+        file = self.files[index]
+        return file[len(self._root) :].lstrip("/") if file.startswith(self._root) else file
+
+    def resume_position(self, position: Position, file_name: str | None) -> Position:
+        """``position`` checked against the lake as it is now; raise SourceError if stale.
+
+        ``file_name`` is what ``file_name(position.file_index)`` returned when the checkpoint
+        was taken (None for checkpoints without one: only the index range is checked). If
+        files were added or removed before it, the position follows the file to its new
+        index; if the file is gone, or now has fewer rows than the checkpoint consumed, the
+        checkpoint cannot be trusted and the job must start over.
+        """
+        names = [self.file_name(i) for i in range(len(self.files))]
+        index = position.file_index
+        if file_name is None:
+            if not 0 <= index <= len(self.files):
+                raise SourceError(
+                    f"The checkpoint points at file {index} but {self.uri} now has "
+                    f"{len(self.files)} files. Start a new copy.",
+                    uri=self.uri,
+                )
+            return position
+        if index >= len(names) or names[index] != file_name:
+            if file_name not in names:
+                raise SourceError(
+                    f"The checkpoint's file {file_name} is no longer in {self.uri} (the lake "
+                    "changed under the job). Start a new copy; an incremental copy only "
+                    "reads what changed.",
+                    uri=self.uri,
+                    file=file_name,
+                )
+            logger.warning(
+                "Lake %s changed since the checkpoint: %s moved from file %d to file %d",
+                self.uri, file_name, index, names.index(file_name),
+            )  # fmt: skip
+            index = names.index(file_name)
+        if self._parquet and position.row > self.file_row_counts()[index]:
+            raise SourceError(
+                f"The checkpoint consumed {position.row:,} rows of {self.files[index]}, which "
+                f"now has {self.file_row_counts()[index]:,} (rewritten since). Start a new copy.",
+                uri=self.uri,
+                file=self.files[index],
+            )
+        return Position(index, position.row)
 
     def has_column(self, name: str) -> bool:
         """Whether some file of the lake (or a partition key) has this column."""
@@ -143,7 +233,7 @@ class Lake:
     def file_row_counts(self) -> list[int]:
         """Rows per file, unfiltered (Parquet: from the footers, no data read)."""
         if self._row_counts is None:
-            if self.format == "parquet":
+            if self._parquet:
                 self._row_counts = [int(f.metadata.num_rows) for f in self._fragments]
             else:
                 self._row_counts = [
@@ -197,7 +287,7 @@ class Lake:
         fragment, schema, offset = self._fragments[index], self._schemas[index], skip
         if columns is not None:  # a column some other file has is simply absent here
             columns = [c for c in columns if c in schema.names]
-        if skip and filter is None and self.format == "parquet":
+        if skip and filter is None and self._parquet:
             groups, first = fragment.row_groups, 0
             while first < len(groups) and groups[first].num_rows <= skip:
                 skip -= groups[first].num_rows
@@ -232,7 +322,7 @@ class Lake:
         try:
             return call(*args, **kwargs)
         except (pa.ArrowException, OSError) as e:
-            raise _read_error(e, self.files[index], self.format, self._endpoint) from e
+            raise read_error(e, self.files[index], self.format, self._endpoint) from e
 
 
 def _format_of(name: str) -> str | None:
@@ -261,12 +351,46 @@ def _partition(rel: str) -> list[tuple[str, str | None]]:
     ]
 
 
+def _hive_expression(keys: list[tuple[str, str | None]]) -> pc.Expression | None:
+    expr = None
+    for key, value in keys:
+        term = pc.field(key).is_null() if value is None else pc.field(key) == value
+        expr = term if expr is None else expr & term
+    return expr
+
+
+_Item = tuple[str, pc.Expression | None, list[tuple[str, str | None]]]
+
+
+def _inspect(loc: Location, fmt: str, files: list[_Item]) -> list[tuple[Any, pa.Schema]]:
+    """A fragment per file and its schema (plus hive keys), read in parallel (S3 latency)."""
+    file_format = _FORMATS["parquet" if fmt == "delta" else fmt]()
+
+    def inspect(item: _Item) -> tuple[Any, pa.Schema]:
+        path, expr, keys = item
+        try:
+            fragment = file_format.make_fragment(path, filesystem=loc.fs, partition_expression=expr)
+            schema = fragment.physical_schema  # Parquet: reads and caches the footer
+        except (pa.ArrowException, OSError) as e:
+            raise read_error(e, loc.show(path), fmt, loc.endpoint) from e
+        for key, _ in keys:
+            if key not in schema.names:
+                schema = schema.append(pa.field(key, pa.string()))
+        return fragment, schema
+
+    if not files:
+        return []
+    with ThreadPoolExecutor(max_workers=min(_INSPECT_THREADS, len(files))) as pool:
+        return list(pool.map(inspect, files))
+
+
 def _list_files(
-    fs: Any, base: str, pattern: re.Pattern[str] | None, prefix: str
+    loc: Location, base: str, pattern: re.Pattern[str] | None
 ) -> tuple[list[str], bool]:
     """Sorted file paths under ``base`` (or base itself), and whether base is one file."""
+    fs = loc.fs
     info = fs.get_file_info(base)
-    if info.type == pafs.FileType.NotFound and prefix:
+    if info.type == pafs.FileType.NotFound and loc.is_s3:
         bucket = base.split("/", 1)[0]
         if fs.get_file_info(bucket).type == pafs.FileType.NotFound:
             raise SourceError(
@@ -276,7 +400,7 @@ def _list_files(
             )
     if info.type == pafs.FileType.NotFound:
         raise SourceError(
-            f"Data lake path {prefix + base} does not exist. Check "
+            f"Data lake path {loc.show(base)} does not exist. Check "
             "LAKESYNC_LAKE_URI or the source option (a directory, a file, a glob "
             "or s3://bucket/prefix)."
         )
@@ -311,78 +435,3 @@ def _choose_format(found: list[str], given: str | None, where: str, single: bool
             where=where,
         )
     return next(iter(by_format), "parquet")
-
-
-def _read_error(
-    error: BaseException, file: str, fmt: str, endpoint: str | None, listing: bool = False
-) -> SourceError:
-    text = str(error)
-    if not listing and (isinstance(error, FileNotFoundError) or any(m in text for m in _MISSING)):
-        message = (
-            f"Data file {file} no longer exists (deleted or replaced after the lake was "
-            "listed). Start the copy again so that the lake is listed afresh."
-        )
-    elif file.startswith("s3://") and isinstance(error, OSError):
-        if "ACCESS_DENIED" in text or "INVALID_ACCESS_KEY" in text or "SIGNATURE" in text:
-            message = (
-                f"Access to {file} was denied. Check AWS_ACCESS_KEY_ID and "
-                "AWS_SECRET_ACCESS_KEY (and AWS_SESSION_TOKEN), and that they allow "
-                "s3:ListBucket and s3:GetObject."
-            )
-        elif "NETWORK_CONNECTION" in text or "curlCode" in text:
-            message = (
-                f"The S3 endpoint {endpoint or '(AWS default)'} is unreachable while "
-                f"reading {file}. Check LAKESYNC_S3_ENDPOINT_URL and that the server is "
-                "running and reachable."
-            )
-        else:
-            message = f"Cannot read {file}: {text}. Check the URI, credentials and endpoint."
-    elif "FieldRef" in text:
-        message = f"The filter names a column {file} does not have ({text}). Fix the filter."
-    elif isinstance(error, OSError):
-        message = f"Cannot read {file}: {text}. Check that it exists and is readable."
-    else:
-        message = (
-            f"{file} is not a valid {fmt} file or holds bad data ({text}). Fix or "
-            "remove it, or exclude it from the source with a glob."
-        )
-    return SourceError(message, file=file)
-
-
-def _filesystem(uri: str, settings: Settings) -> tuple[Any, str, str, str | None]:
-    """(filesystem, path inside it, display prefix, S3 endpoint) for a lake URI."""
-    parts = urlsplit(uri)
-    if parts.scheme == "s3":
-        if "@" in parts.netloc or not parts.netloc:
-            raise SourceError(
-                "Invalid S3 URI: use s3://bucket/prefix, and give credentials "
-                "with AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY, never in the URI."
-            )
-        options: dict[str, Any] = {"connect_timeout": 10.0, "request_timeout": 60.0}
-        options["retry_strategy"] = pafs.AwsStandardS3RetryStrategy(max_attempts=3)
-        endpoint = settings.s3_endpoint_url
-        if endpoint:  # "http://host:9000" -> endpoint_override="host:9000", scheme="http"
-            ep = urlsplit(endpoint if "://" in endpoint else f"https://{endpoint}")
-            endpoint = f"{ep.hostname}:{ep.port}" if ep.port else str(ep.hostname)
-            options |= {"endpoint_override": endpoint, "scheme": ep.scheme}
-        if settings.s3_region:
-            options["region"] = settings.s3_region
-        elif not endpoint:  # AWS answers a bucket in another region with redirects
-            with contextlib.suppress(OSError, pa.ArrowException):
-                options["region"] = pafs.resolve_s3_region(parts.netloc)
-        try:
-            fs = pafs.S3FileSystem(**options)
-        except (OSError, pa.ArrowException) as e:
-            raise SourceError(
-                f"Cannot set up S3 access: {e}. Check LAKESYNC_S3_ENDPOINT_URL "
-                "and LAKESYNC_S3_REGION."
-            ) from e
-        return fs, f"{parts.netloc}{parts.path}".rstrip("/"), "s3://", endpoint
-    if parts.scheme == "file":
-        uri = unquote(parts.path)
-    elif len(parts.scheme) > 1:  # one letter is a Windows drive
-        raise SourceError(
-            f"Unsupported lake URI scheme {parts.scheme}://: use a local "
-            "path, a glob or s3://bucket/prefix."
-        )
-    return pafs.LocalFileSystem(), Path(uri).expanduser().absolute().as_posix(), "", None

@@ -16,9 +16,9 @@ from lakesync.mongo import mask_uri
 logger = logging.getLogger(__name__)
 
 
-def error_response(status: int, message: str, **details: Any) -> JSONResponse:
+def error_response(http_status: int, message: str, **details: Any) -> JSONResponse:
     """A JSON error body with what is wrong and how to fix it."""
-    return JSONResponse({"error": mask_uri(message), **details}, status_code=status)
+    return JSONResponse({"error": mask_uri(message), **details}, status_code=http_status)
 
 
 def _validation_message(exc: RequestValidationError) -> tuple[int, str]:

@@ -179,11 +179,10 @@ function showNotice(kind, headline, jobId) {
     code.textContent = jobId;
     el.append(code);
   }
-  el.hidden = false;
 }
 
 function hideNotice() {
-  $("notice").hidden = true;
+  $("notice").replaceChildren();
 }
 
 function announce(text) {

@@ -1,0 +1,136 @@
+"""Delta Lake tables: the active Parquet files of one table version, found by ``deltalake``.
+
+``deltalake`` (the optional extra ``lakesync[delta]``) reads the transaction log: which
+files make up the version, their partition values and the table schema. The files
+themselves are then read like any other Parquet lake, through lakesync's own filesystem
+(the same endpoint, timeouts and error messages as plain Parquet on S3).
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from typing import Any
+from urllib.parse import unquote
+
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.fs as pafs
+
+from lakesync.errors import SourceError
+from lakesync.storage import Location, read_error, s3_message, short_error
+
+logger = logging.getLogger(__name__)
+
+LOG_DIR = "_delta_log"
+
+
+@dataclass(frozen=True)
+class DeltaSnapshot:
+    """One version of a Delta table: its schema and active files (sorted, with partitions)."""
+
+    version: int
+    schema: pa.Schema
+    files: list[tuple[str, pc.Expression | None]]  # paths inside the Location's filesystem
+
+
+def is_delta_table(location: Location, path: str) -> bool:
+    """Whether the directory ``path`` holds a ``_delta_log`` folder."""
+    log = f"{path.rstrip('/')}/{LOG_DIR}"
+    try:
+        return bool(location.fs.get_file_info(log).type == pafs.FileType.Directory)
+    except (OSError, pa.ArrowException) as e:
+        raise read_error(e, location.show(path), "delta", location.endpoint, listing=True) from e
+
+
+def snapshot(location: Location, path: str, version: int | None = None) -> DeltaSnapshot:
+    """The active files of the table at ``path`` (its latest version, or ``version``)."""
+    try:
+        from deltalake import DeltaTable
+    except ImportError:
+        raise SourceError(
+            f"{location.show(path)} is a Delta table, and reading Delta tables needs the "
+            "optional deltalake package: pip install 'lakesync[delta]'."
+        ) from None
+    uri = location.show(path)
+    options = location.storage_options if location.is_s3 else None
+    try:
+        table = DeltaTable(uri, version=version, storage_options=options)
+        # The gate for reader features lakesync cannot honour by reading the Parquet
+        # files as they are (deletion vectors, column mapping...): deltalake refuses them.
+        table.to_pyarrow_dataset(filesystem=pafs.SubTreeFileSystem(path, location.fs))
+        schema = pa.schema(table.schema().to_arrow())
+        actions = pa.table(table.get_add_actions(flatten=True))
+        current = int(table.version())
+    except SourceError:
+        raise
+    except Exception as e:  # deltalake raises its own DeltaError family, OSError, ValueError
+        raise _delta_error(e, location, uri, version) from e
+    partitions = [n.removeprefix("partition.") for n in actions.column_names
+                  if n.startswith("partition.")]  # fmt: skip
+    files = []
+    for row in actions.select(["path", *(f"partition.{p}" for p in partitions)]).to_pylist():
+        files.append((_file_path(location, path, row["path"]), _expression(schema, row)))
+    files.sort(key=lambda f: f[0])
+    logger.info("Delta table %s version %d: %d active file(s)", uri, current, len(files))
+    return DeltaSnapshot(current, schema, files)
+
+
+def _file_path(location: Location, root: str, logged: str) -> str:
+    """The filesystem path of a file named in the log (URI-encoded, relative or absolute)."""
+    if "://" not in logged:
+        return f"{root.rstrip('/')}/{unquote(logged)}"
+    if location.is_s3 and logged.startswith("s3://"):
+        return unquote(logged.removeprefix("s3://"))
+    if not location.is_s3 and logged.startswith("file://"):
+        return unquote(logged.removeprefix("file://"))
+    raise SourceError(
+        f"The Delta table {location.show(root)} names a data file elsewhere ({logged}); "
+        "lakesync reads tables whose files live on the table's own storage."
+    )
+
+
+def _expression(schema: pa.Schema, row: dict[str, Any]) -> pc.Expression | None:
+    """The partition values of one file as the expression pyarrow fills the columns from."""
+    expr = None
+    for key, value in row.items():
+        if not key.startswith("partition."):
+            continue
+        name = key.removeprefix("partition.")
+        if value is None:
+            term = pc.field(name).is_null()
+        else:
+            term = pc.field(name) == pa.scalar(value, type=schema.field(name).type)
+        expr = term if expr is None else expr & term
+    return expr
+
+
+def _delta_error(
+    error: BaseException, location: Location, uri: str, version: int | None
+) -> SourceError:
+    text = short_error(str(error))
+    name = type(error).__name__
+    if name == "TableNotFoundError" or "No files in log segment" in text:
+        message = (
+            f"{uri} has a {LOG_DIR} folder but no Delta table commits in it. Point the "
+            "source at a Delta table's folder, or read its Parquet files as plain files "
+            "with the operation's format = parquet."
+        )
+    elif version is not None and ("version" in text.lower()):
+        message = (
+            f"Version {version} of the Delta table {uri} cannot be read ({text}). It may "
+            "not exist yet, or its log was cleaned up: start a new copy of the current "
+            "version."
+        )
+    elif name == "DeltaProtocolError":
+        message = (
+            f"The Delta table {uri} uses a feature lakesync cannot read ({text}). Rewrite "
+            "the table without it (e.g. purge deletion vectors with OPTIMIZE/REORG)."
+        )
+    elif location.is_s3 and isinstance(error, OSError):
+        message = s3_message(text, uri, location.endpoint)[0]
+        transient = s3_message(text, uri, location.endpoint)[1]
+        return SourceError(message, file=uri, transient=transient)
+    else:
+        message = f"Cannot read the Delta table {uri}: {text}. Check the path and the table."
+    return SourceError(message, file=uri, transient=False)

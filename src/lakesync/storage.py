@@ -1,0 +1,242 @@
+"""Where a lake lives: a local path or an ``s3://`` URI resolved to a pyarrow filesystem.
+
+Also the allowed-roots check (the same rules for local paths and S3) and the messages of
+storage failures. Credentials come from the standard AWS chain (``AWS_ACCESS_KEY_ID`` /
+``AWS_SECRET_ACCESS_KEY`` / ``AWS_SESSION_TOKEN``, ``AWS_PROFILE``, instance roles): never
+from a URI or job options, and never shown in a message.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+from urllib.parse import unquote, urlsplit
+
+import pyarrow as pa
+import pyarrow.fs as pafs
+
+from lakesync.config import Settings
+from lakesync.errors import SourceError
+
+_MISSING = ("NO_SUCH_KEY", "Path does not exist", "No such file")
+_DENIED = (
+    *("ACCESS_DENIED", "INVALID_ACCESS_KEY", "SIGNATURE", "AccessDenied", "Forbidden"),
+    *("InvalidAccessKeyId", "SignatureDoesNotMatch", "Missing AccessKeyId"),
+)
+_UNREACHABLE = (
+    *("NETWORK_CONNECTION", "curlCode", "error sending request", "Connection refused"),
+    *("connection closed", "tcp connect", "dns error", "timed out", "Timeout"),
+)
+_BUSY = (
+    *("SLOW_DOWN", "SlowDown", "SERVICE_UNAVAILABLE", "ServiceUnavailable"),
+    *("INTERNAL_FAILURE", "InternalError"),
+)
+_SECRET_VALUE = (
+    r"(?i)\b(credential|signature|x-amz-security-token|secret[_a-z]*|token)"
+    r"(\s*[=:]\s*)[^\s,;&\"'<]+"
+)
+#: AWS access key ids, secret-looking key=value pairs, URI passwords.
+_SECRETS = [
+    (re.compile(r"\b(AKIA|ASIA|AROA|AIDA)[A-Z0-9]{12,}\b"), r"\1****"),
+    (re.compile(_SECRET_VALUE), r"\1\2***"),
+    (re.compile(r"(?<=://)[^/@\s:]+:[^/@\s]+@"), "***@"),
+]
+_ANSI = re.compile(r"\x1b\[[0-9;]*m")
+
+
+@dataclass(frozen=True)
+class Location:
+    """A lake URI resolved: its filesystem, the path inside it, how to show paths."""
+
+    fs: Any
+    path: str  # "/abs/dir" locally, "bucket/key/prefix" on S3 (may hold a glob)
+    prefix: str = ""  # "s3://" on S3: prefix + path is the URI shown to users
+    endpoint: str | None = None  # S3 host[:port] when LAKESYNC_S3_ENDPOINT_URL is set
+    #: deltalake (object_store) options for the same endpoint and region; never credentials.
+    storage_options: dict[str, str] = field(default_factory=dict)
+
+    @property
+    def is_s3(self) -> bool:
+        """Whether the lake is on S3 (or an S3-compatible server)."""
+        return self.prefix == "s3://"
+
+    def show(self, path: str) -> str:
+        """The user-facing URI of a path inside this filesystem."""
+        return self.prefix + path
+
+
+def resolve(uri: str, settings: Settings) -> Location:
+    """The filesystem and path of a lake URI (a local path, ``file://`` or ``s3://``)."""
+    parts = urlsplit(uri)
+    if parts.scheme == "s3":
+        _check_s3_uri(uri)
+        return _s3(parts.netloc, f"{parts.netloc}{parts.path}".rstrip("/"), settings)
+    return Location(pafs.LocalFileSystem(), _local_path(uri))
+
+
+def _local_path(uri: str) -> str:
+    parts = urlsplit(uri)
+    if parts.scheme == "file":
+        uri = unquote(parts.path)
+    elif len(parts.scheme) > 1:  # one letter is a Windows drive
+        raise SourceError(
+            f"Unsupported lake URI scheme {parts.scheme}://: use a local "
+            "path, a glob or s3://bucket/prefix."
+        )
+    return Path(uri).expanduser().absolute().as_posix()
+
+
+def _check_s3_uri(uri: str) -> None:
+    parts = urlsplit(uri)
+    if "@" in parts.netloc or not parts.netloc or parts.query or parts.fragment:
+        raise SourceError(
+            "Invalid S3 URI: use s3://bucket/prefix (no user, query string or fragment). "
+            "Credentials come from AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY or "
+            "AWS_PROFILE in lakesync's environment, never from the URI."
+        )
+
+
+def _s3(bucket: str, path: str, settings: Settings) -> Location:
+    options: dict[str, Any] = {"connect_timeout": 10.0, "request_timeout": 60.0}
+    options["retry_strategy"] = pafs.AwsStandardS3RetryStrategy(max_attempts=3)
+    delta = {"timeout": "60s", "connect_timeout": "10s", "max_retries": "2"}
+    endpoint = settings.s3_endpoint_url
+    if endpoint:  # "http://host:9000" -> endpoint_override="host:9000", scheme="http"
+        ep = urlsplit(endpoint if "://" in endpoint else f"https://{endpoint}")
+        endpoint = f"{ep.hostname}:{ep.port}" if ep.port else str(ep.hostname)
+        options |= {"endpoint_override": endpoint, "scheme": ep.scheme}
+        delta["AWS_ENDPOINT_URL"] = f"{ep.scheme}://{endpoint}"
+        if ep.scheme == "http":
+            delta["AWS_ALLOW_HTTP"] = "true"
+    region = settings.s3_region
+    if not region and not endpoint:  # AWS answers a bucket in another region with redirects
+        with contextlib.suppress(OSError, pa.ArrowException):
+            region = pafs.resolve_s3_region(bucket)
+    if region:
+        options["region"] = delta["AWS_REGION"] = region
+    try:
+        fs = pafs.S3FileSystem(**options)
+    except (OSError, pa.ArrowException) as e:
+        raise SourceError(
+            f"Cannot set up S3 access: {mask_secrets(str(e))}. Check "
+            "LAKESYNC_S3_ENDPOINT_URL and LAKESYNC_S3_REGION."
+        ) from e
+    return Location(fs, path, "s3://", endpoint, delta)
+
+
+def canonical_uri(uri: str) -> str:
+    """A lake URI in one spelling, for comparisons: an absolute real path or s3://bucket/key.
+
+    Local paths are made absolute with ``..`` and symlinks resolved; S3 URIs lose repeated
+    and trailing slashes (and may hold no ``.`` or ``..`` segment). A glob keeps its
+    pattern after the canonical base directory.
+    """
+    parts = urlsplit(uri)
+    if parts.scheme == "s3":
+        _check_s3_uri(uri)
+        segments = [s for s in parts.path.split("/") if s]
+        if any(s in (".", "..") for s in segments):
+            raise SourceError(
+                f"Invalid S3 URI s3://{parts.netloc}/...: '.' and '..' are not allowed."
+            )
+        return "/".join(["s3:/", parts.netloc, *segments])
+    path = _local_path(uri)
+    segments = path.split("/")
+    glob_at = next((i for i, s in enumerate(segments) if any(c in s for c in "*?[")), None)
+    base = "/".join(segments[:glob_at]) if glob_at is not None else path
+    real = os.path.realpath(base or "/")
+    return real if glob_at is None else "/".join([real.rstrip("/"), *segments[glob_at:]])
+
+
+def within_roots(uri: str, roots: list[str]) -> bool:
+    """Whether the lake at ``uri`` lies inside one of ``roots`` (local paths or s3:// URIs).
+
+    Whole path segments are compared, so ``s3://b/data`` allows ``s3://b/data/x`` but not
+    ``s3://b/database``; a local root never allows an S3 URI and vice versa. An empty list
+    allows nothing: callers decide whether "no roots configured" means "no check".
+    """
+    target = _base(canonical_uri(uri))
+    for root in roots:
+        base = _base(canonical_uri(root)).rstrip("/")
+        if target == base or target.startswith(base + "/"):
+            return True
+    return False
+
+
+def _base(canonical: str) -> str:
+    """The part of a canonical URI before its first glob segment."""
+    segments = canonical.split("/")
+    glob_at = next((i for i, s in enumerate(segments) if any(c in s for c in "*?[")), None)
+    return canonical if glob_at is None else "/".join(segments[:glob_at])
+
+
+def mask_secrets(text: str) -> str:
+    """``text`` without colour codes, access key ids, signatures, tokens or URI passwords."""
+    text = _ANSI.sub("", text)
+    for pattern, replacement in _SECRETS:
+        text = pattern.sub(replacement, text)
+    return text
+
+
+def short_error(text: str, limit: int = 400) -> str:
+    """One masked line of an error text (deltalake's are multi-line, coloured, with XML)."""
+    text = re.sub(r"\s*↳\s*", ": ", mask_secrets(text))
+    text = re.sub(r"<(RequestId|HostId)>[^<]*</\1>", "", text)
+    text = " ".join(text.split())
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def read_error(
+    error: BaseException, file: str, fmt: str, endpoint: str | None, listing: bool = False
+) -> SourceError:
+    """A SourceError naming ``file`` that says what went wrong and how to fix it."""
+    text = short_error(str(error))
+    transient = False
+    if not listing and (isinstance(error, FileNotFoundError) or any(m in text for m in _MISSING)):
+        message = (
+            f"Data file {file} no longer exists (deleted or replaced after the lake was "
+            "listed). Start the copy again so that the lake is listed afresh."
+        )
+    elif file.startswith("s3://") and isinstance(error, OSError):
+        message, transient = s3_message(text, file, endpoint)
+    elif "FieldRef" in text:
+        message = f"The filter names a column {file} does not have ({text}). Fix the filter."
+    elif isinstance(error, OSError):
+        message = f"Cannot read {file}: {text}. Check that it exists and is readable."
+    else:
+        message = (
+            f"{file} is not a valid {fmt} file or holds bad data ({text}). Fix or "
+            "remove it, or exclude it from the source with a glob."
+        )
+    return SourceError(message, file=file, transient=transient)
+
+
+def s3_message(text: str, where: str, endpoint: str | None) -> tuple[str, bool]:
+    """The message for an S3 failure at ``where``, and whether retrying later may help."""
+    if "NO_SUCH_BUCKET" in text or "NoSuchBucket" in text:
+        bucket = where.removeprefix("s3://").split("/", 1)[0]
+        return (
+            f"S3 bucket s3://{bucket} does not exist (or these credentials cannot see it). "
+            "Check the bucket name in the source URI and LAKESYNC_S3_ENDPOINT_URL.",
+            False,
+        )
+    if any(m in text for m in _DENIED):
+        return (
+            f"Access to {where} was denied ({text}). Check the credentials in "
+            "AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY (and AWS_SESSION_TOKEN) or "
+            "AWS_PROFILE, and that they allow s3:ListBucket and s3:GetObject.",
+            False,
+        )
+    if any(m in text for m in _UNREACHABLE):
+        return (
+            f"The S3 endpoint {endpoint or '(AWS default)'} is unreachable while reading "
+            f"{where} ({text}). Check LAKESYNC_S3_ENDPOINT_URL and that the server is "
+            "running and reachable; the job can resume from its last checkpoint.",
+            True,
+        )
+    slow = any(m in text for m in _BUSY)
+    return f"Cannot read {where}: {text}. Check the URI, credentials and endpoint.", slow

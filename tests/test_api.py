@@ -1,0 +1,178 @@
+"""The HTTP API of the contract, in-process (TestClient) and over a real `lakesync serve`."""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Iterator
+from typing import Any
+
+import httpx
+import pytest
+from fastapi.testclient import TestClient
+
+from lakesync.api.app import create_app
+from lakesync.config import Settings
+from lakesync.runtime import Runtime
+from tests.conftest import ServeProcess, wait_for
+
+
+@pytest.fixture
+def runtime(settings: Settings) -> Iterator[Runtime]:
+    with Runtime(settings, executor="local") as rt:
+        rt.start()
+        yield rt
+
+
+@pytest.fixture
+def client(runtime: Runtime) -> Iterator[TestClient]:
+    with TestClient(create_app(runtime), raise_server_exceptions=False) as c:
+        yield c
+
+
+def wait_done(client: TestClient, job_id: str) -> dict[str, Any]:
+    def done() -> Any:
+        s = client.get(f"/api/jobs/{job_id}").json()
+        return s if s["status"] in ("completed", "failed", "cancelled") else None
+
+    result: dict[str, Any] = wait_for(done, timeout=60)
+    return result
+
+
+CONTRACT_FIELDS = {
+    "jobId", "status", "operation", "totalRecords", "processedRecords", "insertedRecords",
+    "updatedRecords", "errorRecords", "percentComplete", "startTime", "endTime", "message",
+    "error", "options", "unchangedRecords", "updatedAt", "heartbeatAt", "attempt",
+    "recordsPerSecond", "etaSeconds", "deletedRecords",
+}  # fmt: skip
+
+
+def test_post_answers_202_with_location_then_job_completes(client: TestClient) -> None:
+    r = client.post("/api/jobs", json={"operation": "copy-taskdetail", "options": {}})
+    assert r.status_code == 202
+    body = r.json()
+    assert r.headers["location"] == f"/api/jobs/{body['jobId']}"
+    assert int(r.headers["retry-after"]) >= 1
+    assert body["status"] == "pending" and body["processedRecords"] == 0
+    assert body["jobId"].startswith("job_") and len(body["jobId"]) >= 30
+    assert CONTRACT_FIELDS <= set(body)
+    done = wait_done(client, body["jobId"])
+    assert done["status"] == "completed"
+    assert done["insertedRecords"] == 4975 and done["errorRecords"] == 25
+    assert done["endTime"].endswith("Z") and done["startTime"].endswith("Z")
+    listed = client.get("/api/jobs", params={"status": "completed", "limit": 5}).json()["jobs"]
+    assert listed[0]["jobId"] == body["jobId"]
+    seed = client.get("/.netlify/functions/simple-status", params={"jobId": body["jobId"]})
+    assert seed.status_code == 200 and seed.json()["processedRecords"] == 5000
+
+
+def test_single_flight_and_idempotency_key(client: TestClient, runtime: Runtime) -> None:
+    runtime.executor.shutdown(1)  # type: ignore[union-attr]  # keep jobs pending
+    first = client.post("/api/jobs", json={}, headers={"Idempotency-Key": "abc"})
+    again = client.post("/api/jobs", json={}, headers={"Idempotency-Key": "abc"})
+    same_flight = client.post("/api/jobs", json={"options": {"batchSize": 10}})
+    assert first.status_code == 202
+    assert again.status_code == 200 and again.json()["jobId"] == first.json()["jobId"]
+    assert same_flight.status_code == 200 and same_flight.json()["jobId"] == first.json()["jobId"]
+    clash = client.post("/api/jobs", json={"options": {"batchSize": 7}},
+                        headers={"Idempotency-Key": "abc"})  # fmt: skip
+    assert clash.status_code == 422 and "Idempotency-Key" in clash.json()["error"]
+
+
+@pytest.mark.parametrize(
+    ("body", "status", "needle"),
+    [
+        ("{not json", 400, "not valid JSON"),
+        (json.dumps({"operation": "nope"}), 400, "copy-taskdetail"),
+        (json.dumps({"options": {"batchSize": 0}}), 400, "batchSize"),
+        (json.dumps({"options": {"batchSize": "many"}}), 400, "batchSize"),
+        (json.dumps({"options": {"mode": "sideways"}}), 400, "mode"),
+        (json.dumps({"options": {"colour": "red"}}), 400, "colour"),
+        (json.dumps({"options": {"source": "/no/such/lake"}}), 400, "does not exist"),
+        (json.dumps({"options": []}), 422, "options"),
+    ],
+)
+def test_bad_requests_get_clear_json_errors(
+    client: TestClient, body: str, status: int, needle: str
+) -> None:
+    r = client.post("/api/jobs", content=body, headers={"content-type": "application/json"})
+    assert r.status_code == status, r.text
+    assert needle in r.json()["error"]
+    assert "Traceback" not in r.text
+
+
+def test_lookup_errors(client: TestClient) -> None:
+    assert client.get("/api/jobs/job_nope").status_code == 404
+    assert "error" in client.get("/api/jobs/job_nope").json()
+    assert client.get("/.netlify/functions/simple-status").status_code == 400
+    assert client.get("/.netlify/functions/simple-status?jobId=job_x").status_code == 404
+    assert client.post("/api/jobs/job_nope/cancel").status_code == 404
+    assert client.get("/api/jobs", params={"limit": 100000}).status_code == 422
+    r = client.post("/api/jobs", content=b"x" * 200_000, headers={"content-type": "application/json"})
+    assert r.status_code == 413
+
+
+def test_cancel_finished_job_is_409(client: TestClient) -> None:
+    job_id = client.post("/api/jobs", json={}).json()["jobId"]
+    wait_done(client, job_id)
+    r = client.post(f"/api/jobs/{job_id}/cancel")
+    assert r.status_code == 409 and r.json()["status"] == "completed"
+
+
+def test_seed_copy_endpoint_is_a_drop_in(client: TestClient) -> None:
+    r = client.post("/.netlify/functions/copy-taskdetail")
+    assert r.status_code == 202
+    assert wait_done(client, r.json()["jobId"])["status"] == "completed"
+
+
+def test_health_and_metrics(client: TestClient) -> None:
+    assert client.get("/healthz").json() == {"status": "ok"}
+    assert client.get("/readyz").status_code == 200
+    assert "lakesync_jobs" in client.get("/metrics").text
+    assert client.get("/docs").status_code == 200
+    assert client.get("/").status_code == 200
+
+
+def test_post_answers_before_reading_a_large_lake(
+    settings: Settings, tmp_path: Any, serve_env: dict[str, str]
+) -> None:
+    from lakesync.demo import generate
+
+    lake = tmp_path / "million"
+    generate(lake, 1_000_000, seed=1)
+    serve_env["LAKESYNC_LAKE_URI"] = str(lake)
+    proc = ServeProcess(serve_env, tmp_path / "serve.log").start()
+    try:
+        took = []
+        for _ in range(3):
+            started = time.perf_counter()
+            r = httpx.post(f"{proc.url}/api/jobs", json={"options": {"batchSize": 5000}},
+                           timeout=10)  # fmt: skip
+            took.append(time.perf_counter() - started)
+            assert r.status_code in (200, 202)
+        assert r.json()["processedRecords"] == 0
+        assert sorted(took)[1] < 1.0  # generous: the point is no data is read first
+        httpx.post(f"{proc.url}/api/jobs/{r.json()['jobId']}/cancel", timeout=10)
+    finally:
+        proc.kill()
+
+
+def test_events_stream_status_until_the_job_ends(serve: ServeProcess) -> None:
+    job_id = httpx.post(f"{serve.url}/api/jobs", json={"options": {"batchSize": 500}},
+                        timeout=10).json()["jobId"]  # fmt: skip
+    events: list[dict[str, Any]] = []
+    ended = False
+    with httpx.stream("GET", f"{serve.url}/api/jobs/{job_id}/events", timeout=60) as r:
+        assert r.headers["content-type"].startswith("text/event-stream")
+        kind = ""
+        for line in r.iter_lines():
+            if line.startswith("event: "):
+                kind = line[7:]
+            elif line.startswith("data: ") and kind == "status":
+                events.append(json.loads(line[6:]))
+            elif line.startswith("data: ") and kind == "end":
+                ended = True
+                break
+    assert ended and events[-1]["status"] == "completed"
+    processed = [e["processedRecords"] for e in events]
+    assert processed == sorted(processed) and len(set(processed)) >= 3
