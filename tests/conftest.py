@@ -1,4 +1,4 @@
-"""Real-server fixtures: the embedded MongoDB-wire server, demo lakes, a running `lakesync serve`."""
+"""Real-server fixtures: the embedded MongoDB-wire server, demo lakes, `lakesync serve`."""
 
 from __future__ import annotations
 
@@ -133,7 +133,9 @@ def serve_env(settings: Settings) -> dict[str, str]:
     """Environment for a `lakesync serve` child that uses the test's database and lake."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("LAKESYNC_")}
     env.update(
-        LAKESYNC_MONGODB_URI=settings.mongodb_uri.get_secret_value() if settings.mongodb_uri else "",
+        LAKESYNC_MONGODB_URI=settings.mongodb_uri.get_secret_value()
+        if settings.mongodb_uri
+        else "",
         LAKESYNC_DATABASE=settings.database,
         LAKESYNC_DATA_DIR=str(settings.data_dir),
         LAKESYNC_LAKE_URI=settings.lake_uri or "",

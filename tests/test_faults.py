@@ -6,21 +6,26 @@ import random
 import subprocess
 import sys
 import time
+from functools import partial
 from pathlib import Path
 from typing import Any
 
 import httpx
 import pytest
 from pymongo import MongoClient
+from tests.conftest import ServeProcess, free_port, wait_for
 
 from lakesync.demo import generate
-from tests.conftest import ServeProcess, free_port, wait_for
 
 pytestmark = pytest.mark.slow
 
 
 def job(url: str, job_id: str) -> dict[str, Any]:
     return httpx.get(f"{url}/api/jobs/{job_id}", timeout=10).json()
+
+
+def reached(url: str, job_id: str, target: int) -> bool:
+    return int(job(url, job_id)["processedRecords"]) >= target
 
 
 def assert_invariant(s: dict[str, Any], total: int) -> None:
@@ -43,7 +48,7 @@ def test_sigkill_serve_three_times_job_completes_exactly_once(
         rng = random.Random(5)
         for round_ in range(3):
             target = (round_ + 1) * 40_000 + rng.randint(0, 15_000)
-            wait_for(lambda t=target: job(proc.url, job_id)["processedRecords"] >= t, timeout=120)
+            wait_for(partial(reached, proc.url, job_id, target), timeout=120)
             proc.kill()  # SIGKILL: no chance to checkpoint or hand back
             proc = ServeProcess(serve_env, tmp_path / "serve.log").start()
         final = wait_for(

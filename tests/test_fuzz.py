@@ -6,9 +6,9 @@ from typing import Any
 
 import pytest
 import schemathesis
-from pydantic import SecretStr
 from hypothesis import HealthCheck, given
 from hypothesis import settings as hsettings
+from pydantic import SecretStr
 from schemathesis.checks import not_a_server_error
 
 from lakesync.api.app import create_app

@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from tests.conftest import wait_for
 
 from lakesync.config import Settings
 from lakesync.demo import generate
@@ -15,7 +16,6 @@ from lakesync.errors import IdempotencyConflict, JobError
 from lakesync.models import JobState
 from lakesync.runner import Outcome
 from lakesync.runtime import Runtime
-from tests.conftest import wait_for
 
 VALID = 4975
 

@@ -72,10 +72,6 @@ class LeaseLost(JobError):
     """Another process took the job over; this run must stop without writing status."""
 
 
-class TimeLimitReached(JobError):
-    """The run reached LAKESYNC_JOB_TIME_LIMIT at a batch boundary and must continue in a new run."""
-
-
 class IdempotencyConflict(LakesyncError):
     """An Idempotency-Key was reused with a different request body."""
 

@@ -18,7 +18,7 @@ logger = logging.getLogger(__name__)
 
 
 class JobService:
-    """Validates requests, creates jobs (single-flight, idempotent) and hands them to an executor."""
+    """Validates requests, creates jobs (single-flight, idempotent), hands them to an executor."""
 
     def __init__(
         self,

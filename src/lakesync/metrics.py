@@ -16,7 +16,9 @@ BATCH_SECONDS = Histogram(
     registry=REGISTRY,
 )
 ACTIVE = Gauge("lakesync_active_jobs", "Job runs executing in this process", registry=REGISTRY)
-RESUMES = Counter("lakesync_resumes", "Job runs that continued from a checkpoint", registry=REGISTRY)
+RESUMES = Counter(
+    "lakesync_resumes", "Job runs that continued from a checkpoint", registry=REGISTRY
+)
 RETRIES = Counter("lakesync_retries", "MongoDB calls retried after a transient error",
                   registry=REGISTRY)  # fmt: skip
 JOBS = Gauge("lakesync_jobs", "Jobs in the status store, by status", ["status"], registry=REGISTRY)

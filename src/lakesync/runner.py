@@ -12,9 +12,9 @@ import threading
 import time
 import uuid
 from collections.abc import Callable
-from functools import partial
 from dataclasses import dataclass, field
 from enum import Enum
+from functools import partial
 from typing import Any
 
 from lakesync.config import Settings
@@ -26,8 +26,8 @@ from lakesync.errors import (
     TransientStoreError,
 )
 from lakesync.lake import Lake, Position
-from lakesync.mongo import mask_uri
 from lakesync.models import Checkpoint, Counters, JobState, JobStatus
+from lakesync.mongo import mask_uri
 from lakesync.operations import OperationRegistry, parse_options
 from lakesync.retry import RetryPolicy
 from lakesync.schema import check_columns
@@ -75,9 +75,7 @@ class JobRunner:
         """The transient-failure policy for one job."""
         return RetryPolicy(budget=self.settings.retry_budget_seconds, stop=self.stop)
 
-    def run(
-        self, job_id: str, on_progress: Callable[[JobStatus], None] | None = None
-    ) -> Outcome:
+    def run(self, job_id: str, on_progress: Callable[[JobStatus], None] | None = None) -> Outcome:
         """Run one job from its checkpoint until it ends, yields or loses its lease."""
         owner = f"{self.owner}:{threading.get_ident()}"
         policy = self.retry()
@@ -209,9 +207,7 @@ class JobRunner:
             lambda: self.store.finish(job_id, owner, state, message, error), "ending the job"
         )
 
-    def _try_end(
-        self, job_id: str, owner: str, state: JobState, message: str, error: str
-    ) -> None:
+    def _try_end(self, job_id: str, owner: str, state: JobState, message: str, error: str) -> None:
         try:
             self._end(job_id, owner, state, message, error)
         except (LakesyncError, JobError) as e:

@@ -39,7 +39,9 @@ def job_response(response: Response, status: Any, created: bool) -> dict[str, An
     return body
 
 
-@router.post("", status_code=202, summary="Start a job (answers at once; the copy runs in the background)")
+@router.post(
+    "", status_code=202, summary="Start a job (answers at once; the copy runs in the background)"
+)
 def start_job(
     body: JobRequest,
     response: Response,

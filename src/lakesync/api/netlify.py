@@ -15,7 +15,9 @@ router = APIRouter(prefix="/.netlify/functions", tags=["seed compatibility"],
 
 
 @router.post("/copy-taskdetail", status_code=202, summary="Start copy-taskdetail (seed endpoint)")
-async def copy_taskdetail(request: Request, response: Response, runtime: RuntimeDep) -> dict[str, Any]:
+async def copy_taskdetail(
+    request: Request, response: Response, runtime: RuntimeDep
+) -> dict[str, Any]:
     from fastapi.concurrency import run_in_threadpool
 
     raw = await request.body()

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import logging
 import threading
-from functools import partial
 from concurrent.futures import Future, ThreadPoolExecutor
+from functools import partial
 
 from lakesync.runner import JobRunner, Outcome
 
