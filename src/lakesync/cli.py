@@ -83,12 +83,14 @@ def copy(
         settings = _settings()
         with Runtime(settings, executor=None) as rt:
             status, created = rt.jobs.start(operation, options)
-            if not created:
+            if not created and status.state is not JobState.PENDING:
                 _fail(LakesyncError(
                     f"Job {status.jobId} for {operation} on this source is already "
                     f"{status.status.value}; follow it with "
                     f"`lakesync status {status.jobId}`."))  # fmt: skip
-            err.print(f"job {status.jobId} started", highlight=False)
+            # a pending job of this source (e.g. paused by Ctrl-C) resumes from its checkpoint
+            verb = "started" if created else "resumed from its checkpoint"
+            err.print(f"job {status.jobId} {verb}", highlight=False)
             final = _run_foreground(rt, status.jobId, show_bar=err.is_terminal and not as_json)
     except LakesyncError as e:
         _fail(e)

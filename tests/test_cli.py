@@ -1,0 +1,200 @@
+"""The `lakesync` command as scripts use it: a child process, JSON on stdout, exit codes."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+from tests.conftest import wait_for
+from tests.test_store import CONTRACT_FIELDS, ISO_Z
+
+from lakesync.config import Settings
+
+
+@pytest.fixture
+def env(settings: Settings) -> dict[str, str]:
+    """The session's embedded server, this test's database and the 5,000-row demo lake."""
+    assert settings.mongodb_uri is not None
+    out = {k: v for k, v in os.environ.items() if not k.startswith("LAKESYNC_")}
+    out.update(
+        LAKESYNC_MONGODB_URI=settings.mongodb_uri.get_secret_value(),
+        LAKESYNC_DATABASE=settings.database,
+        LAKESYNC_DATA_DIR=str(settings.data_dir),
+        LAKESYNC_LAKE_URI=str(settings.lake_uri),
+        COLUMNS="80",
+    )
+    return out
+
+
+def lakesync(env: dict[str, str], *args: str) -> subprocess.CompletedProcess[str]:
+    return in_parallel((env, list(args)))[0]
+
+
+def in_parallel(
+    *commands: tuple[dict[str, str], list[str]],
+) -> list[subprocess.CompletedProcess[str]]:
+    """Run `lakesync` commands at the same time (each costs a Python start-up)."""
+    procs = [
+        (args, subprocess.Popen(
+            [sys.executable, "-m", "lakesync", *args],
+            env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        ))
+        for env, args in commands
+    ]  # fmt: skip
+    done = []
+    for args, proc in procs:
+        stdout, stderr = proc.communicate(timeout=120)
+        done.append(subprocess.CompletedProcess(args, proc.returncode, stdout, stderr))
+    return done
+
+
+def json_out(run: subprocess.CompletedProcess[str]) -> Any:
+    lines = run.stdout.strip().splitlines()
+    assert len(lines) == 1, run.stdout + run.stderr  # one JSON object, nothing else on stdout
+    return json.loads(lines[0])
+
+
+def one_line_error(run: subprocess.CompletedProcess[str]) -> str:
+    assert "Traceback" not in run.stderr, run.stderr
+    errors = [line for line in run.stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1, run.stderr
+    return errors[0]
+
+
+def test_copy_status_and_jobs(env: dict[str, str], db: Any) -> None:
+    first = lakesync(env, "copy", "--json")
+    assert first.returncode == 0, first.stderr
+    job = json_out(first)
+    assert job["status"] == "completed" and job["operation"] == "copy-taskdetail"
+    assert (job["totalRecords"], job["processedRecords"]) == (5000, 5000)
+    assert (job["insertedRecords"], job["errorRecords"]) == (4975, 25)
+    assert job["insertedRecords"] + job["errorRecords"] == job["totalRecords"]
+    assert job["percentComplete"] == 100 and job["error"] is None
+    for field, kind in CONTRACT_FIELDS.items():
+        assert isinstance(job[field], kind), (field, job[field])
+    for field in ("startTime", "endTime", "updatedAt", "heartbeatAt"):
+        assert ISO_Z.match(job[field]), (field, job[field])
+    assert db.copyerrors.count_documents({"jobId": job["jobId"]}) == 25
+
+    second = lakesync(env, "copy", "copy-taskdetail", "--batch-size", "100000", "--json")
+    assert second.returncode == 0, second.stderr
+    again = json_out(second)
+    assert (again["insertedRecords"], again["unchangedRecords"]) == (0, 4975)
+    assert again["options"]["batchSize"] == 100000
+
+    status, listed, latest, human = in_parallel(
+        (env, ["status", job["jobId"], "--json"]),
+        (env, ["jobs", "--json"]),
+        (env, ["jobs", "--limit", "1", "--json"]),
+        (env, ["status", job["jobId"]]),
+    )
+    assert status.returncode == listed.returncode == latest.returncode == 0, status.stderr
+    assert json_out(status) == job  # the same document, field by field
+    jobs = json_out(listed)
+    assert list(jobs) == ["jobs"]
+    assert [j["jobId"] for j in jobs["jobs"]] == [again["jobId"], job["jobId"]]  # newest first
+    assert json_out(latest)["jobs"] == [again]
+    assert human.returncode == 0 and job["jobId"] in human.stdout and "completed" in human.stdout
+
+
+def test_failed_copy_exits_1_with_the_failed_status(
+    env: dict[str, str], tmp_path: Path, db: Any
+) -> None:
+    junk = tmp_path / "junk" / "part-0.parquet"
+    junk.parent.mkdir()
+    junk.write_bytes(b"not parquet at all")
+    run = lakesync(env, "copy", "--source", str(junk.parent), "--json")
+    assert run.returncode == 1
+    job = json_out(run)
+    assert job["status"] == "failed" and "part-0.parquet" in job["error"]
+    assert "not a valid parquet file" in job["error"] and ISO_Z.match(job["endTime"])
+    assert db.taskdetails.count_documents({}) == 0
+
+    human = lakesync(env, "copy", "--source", str(junk.parent))
+    assert human.returncode == 1 and "failed" in human.stdout
+
+
+BATCH = "LAKESYNC_BATCH_SIZE"
+RANGE = "from 1 to 100000"
+
+
+BAD_INPUT = [
+    (["copy", "--json"], {BATCH: "0"}, 2, [f"{BATCH}='0'", "1..100000"]),
+    (["jobs", "--json"], {BATCH: "100001"}, 2, [f"{BATCH}='100001'", "1..100000"]),
+    (["copy", "--batch-size", "0", "--json"], {}, 2, ["--batch-size 0", RANGE]),
+    (["copy", "--batch-size", "100001"], {}, 2, ["--batch-size 100001", RANGE]),
+    (["copy", "no-such-op", "--json"], {}, 1, ["'no-such-op'", "Valid operations: copy-"]),
+    (["copy", "--source", "/no/such/lake", "--json"], {}, 1, ["/no/such/lake", "not exist"]),
+    (["status", "job_unknown", "--json"], {}, 1, ["job_unknown"]),
+]
+
+
+def test_bad_input_gives_one_clear_error_and_creates_no_job(env: dict[str, str], db: Any) -> None:
+    runs = in_parallel(*((env | extra, args) for args, extra, _, _ in BAD_INPUT))
+    for (args, extra, code, words), run in zip(BAD_INPUT, runs, strict=True):
+        assert run.returncode == code, (args, extra, run.stderr)
+        assert run.stdout == "", args
+        message = one_line_error(run)
+        for word in words:
+            assert word in message, (args, extra, message)
+    assert db.jobstatuses.count_documents({}) == 0
+
+
+def test_demo_data_writes_a_lake_that_copies(env: dict[str, str], tmp_path: Path) -> None:
+    out = tmp_path / "lake"
+    run = lakesync(env, "demo-data", "--rows", "300", "--out", str(out), "--bad-rows", "6")
+    assert run.returncode == 0, run.stderr
+    assert "300" in run.stdout and any(out.rglob("*.parquet"))
+    copy, used, too_many = in_parallel(
+        (env, ["copy", "--source", str(out), "--json"]),
+        (env, ["demo-data", "--rows", "10", "--out", str(out)]),
+        (env, ["demo-data", "--rows", "10", "--bad-rows", "11", "--out", str(tmp_path / "x")]),
+    )
+    copied = json_out(copy)
+    assert (copied["totalRecords"], copied["insertedRecords"], copied["errorRecords"]) == (
+        300,
+        294,
+        6,
+    )
+    assert used.returncode != 0 and "already exists" in one_line_error(used)
+    assert too_many.returncode == 2 and "--bad-rows" in one_line_error(too_many)
+
+
+def test_ctrl_c_pauses_and_copy_again_resumes_with_exact_counts(
+    env: dict[str, str], db: Any
+) -> None:
+    args = [sys.executable, "-m", "lakesync", "copy", "--batch-size", "50", "--json"]
+    paused = subprocess.Popen(args, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    try:
+        wait_for(
+            lambda: (db.jobstatuses.find_one() or {}).get("processedRecords", 0) > 0,
+            timeout=60,
+            every=0.05,
+        )
+        paused.send_signal(signal.SIGINT)
+        stdout, stderr = paused.communicate(timeout=60)
+    finally:
+        if paused.poll() is None:
+            paused.kill()
+    assert paused.returncode == 1, stderr
+    job = json.loads(stdout)
+    assert job["status"] == "pending" and 0 < job["processedRecords"] < 5000, job
+
+    resumed = lakesync(env, "copy", "--batch-size", "50", "--json")
+    assert resumed.returncode == 0, resumed.stderr
+    assert "resumed" in resumed.stderr
+    done = json_out(resumed)
+    assert done["jobId"] == job["jobId"] and done["status"] == "completed"
+    assert (done["processedRecords"], done["insertedRecords"], done["errorRecords"]) == (
+        5000,
+        4975,
+        25,
+    )
+    assert db.taskdetails.count_documents({}) == 4975
+    assert db.copyerrors.count_documents({}) == 25

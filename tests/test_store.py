@@ -1,0 +1,153 @@
+"""The job status store against the embedded server: indexes, the status document, its life."""
+
+from __future__ import annotations
+
+import re
+import time
+from datetime import datetime
+from typing import Any
+
+import pytest
+from pymongo.errors import DuplicateKeyError
+
+from lakesync.config import Settings, load_settings
+from lakesync.errors import JobNotFound, LeaseLost
+from lakesync.models import Checkpoint, Counters, JobState
+from lakesync.runtime import Runtime
+from lakesync.store import JobStore
+
+#: The job status document of the contract: the seed's fields and lakesync's additions.
+CONTRACT_FIELDS = {
+    "jobId": str,
+    "status": str,
+    "operation": str,
+    "totalRecords": int,
+    "processedRecords": int,
+    "insertedRecords": int,
+    "updatedRecords": int,
+    "errorRecords": int,
+    "percentComplete": (int, float),
+    "startTime": str,
+    "endTime": (str, type(None)),
+    "message": (str, type(None)),
+    "error": (str, type(None)),
+    "options": dict,
+    "unchangedRecords": int,
+    "updatedAt": (str, type(None)),
+    "heartbeatAt": (str, type(None)),
+    "attempt": int,
+    "recordsPerSecond": (int, float),
+    "etaSeconds": (int, float, type(None)),
+    "deletedRecords": int,
+}
+ISO_Z = re.compile(r"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d(\.\d+)?Z$")
+JOB_ID = re.compile(r"^job_[0-9a-z]{26,}$")
+
+
+@pytest.fixture
+def store(db: Any) -> JobStore:
+    s = JobStore(db, ttl_days=7)
+    s.ensure_indexes()
+    return s
+
+
+def indexes(collection: Any) -> dict[tuple[tuple[str, Any], ...], dict[str, Any]]:
+    return {tuple(ix["key"].items()): dict(ix) for ix in collection.list_indexes()}
+
+
+def test_unique_job_id_and_ttl_indexes(
+    settings: Settings, db: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("LAKESYNC_STATUS_TTL_DAYS", "3")
+    assert settings.mongodb_uri is not None
+    configured = load_settings(
+        mongodb_uri=settings.mongodb_uri.get_secret_value(),
+        database=settings.database,
+        lake_uri=settings.lake_uri,
+    )
+    with Runtime(configured):  # start-up creates the indexes
+        pass
+    store = JobStore(db, ttl_days=3)
+    store.ensure_indexes()  # idempotent
+    found = indexes(db.jobstatuses)
+    assert found[(("jobId", 1),)].get("unique") is True
+    assert found[(("startTime", 1),)]["expireAfterSeconds"] == 3 * 86400
+    assert indexes(db.copyerrors)[(("time", 1),)]["expireAfterSeconds"] == 3 * 86400
+
+    store.create("copy-taskdetail", {}, flight="f1")
+    doc = db.jobstatuses.find_one({}, {"_id": 0})
+    with pytest.raises(DuplicateKeyError):
+        db.jobstatuses.insert_one({**doc, "flightKey": "another"})
+    assert db.jobstatuses.count_documents({}) == 1
+
+
+def test_a_changed_ttl_replaces_the_index(db: Any) -> None:
+    JobStore(db, ttl_days=7).ensure_indexes()
+    JobStore(db, ttl_days=0.5).ensure_indexes()
+    ttl = [ix for ix in db.jobstatuses.list_indexes() if dict(ix["key"]) == {"startTime": 1}]
+    assert [ix["expireAfterSeconds"] for ix in ttl] == [43200]
+
+
+def test_status_document_through_its_life_matches_the_contract(store: JobStore, db: Any) -> None:
+    created, is_new = store.create("copy-taskdetail", {"source": "/lake"}, flight="f")
+    assert is_new and JOB_ID.match(created.jobId)
+    assert created.status == JobState.PENDING and created.percentComplete == 0
+    assert store.create("copy-taskdetail", {}, flight="f") == (created, False)  # single flight
+
+    running = store.claim(created.jobId, "me", lease_seconds=30)
+    assert running is not None and running.status == JobState.IN_PROGRESS
+    assert running.attempt == 1 and store.claim(created.jobId, "other", 30) is None
+    store.update_run(created.jobId, "me", totalRecords=10)
+    delta = Counters(processed=10, inserted=6, updated=1, unchanged=2, errors=1)
+    progress = {"percentComplete": 100.0, "recordsPerSecond": 5.0, "etaSeconds": 0.0}
+    store.commit(created.jobId, "me", delta, Checkpoint(fileIndex=1, row=10, batches=1), progress)
+    with pytest.raises(LeaseLost):
+        store.commit(created.jobId, "other", delta, Checkpoint(), progress)
+    done = store.finish(created.jobId, "me", JobState.COMPLETED, "Copied 10 records")
+
+    public = done.public()
+    for field, kind in CONTRACT_FIELDS.items():
+        assert field in public, field
+        assert isinstance(public[field], kind), (field, public[field])
+    assert public["status"] == "completed" and public["options"] == {"source": "/lake"}
+    assert (public["totalRecords"], public["processedRecords"]) == (10, 10)
+    assert (public["insertedRecords"], public["updatedRecords"]) == (6, 1)
+    assert (public["unchangedRecords"], public["errorRecords"]) == (2, 1)
+    assert public["percentComplete"] == 100 and public["error"] is None
+    for field in ("startTime", "endTime", "updatedAt", "heartbeatAt"):
+        assert ISO_Z.match(public[field]), (field, public[field])
+    assert "owner" not in public and "flightKey" not in public
+
+    raw = db.jobstatuses.find_one({"jobId": created.jobId})
+    for field in ("startTime", "endTime", "updatedAt", "heartbeatAt"):
+        assert isinstance(raw[field], datetime), (field, raw[field])  # BSON dates: the TTL works
+    assert raw["endTime"] >= raw["startTime"]
+    assert "flightKey" not in raw  # the slot is free for the next job
+    assert store.create("copy-taskdetail", {}, flight="f")[1]
+
+
+def test_a_failed_job_keeps_its_error(store: JobStore) -> None:
+    job, _ = store.create("copy-taskdetail", {}, flight="f")
+    store.claim(job.jobId, "me", 30)
+    failed = store.finish(job.jobId, "me", JobState.FAILED, "Failed", error="what and how to fix")
+    assert failed.public()["status"] == "failed"
+    assert store.get(job.jobId).error == "what and how to fix"
+
+
+def test_unknown_job_is_not_found_with_a_hint(store: JobStore) -> None:
+    with pytest.raises(JobNotFound) as e:
+        store.get("job_doesnotexist")
+    assert "job_doesnotexist" in str(e.value) and "7 days" in str(e.value)
+
+
+def test_jobs_are_listed_newest_first(store: JobStore) -> None:
+    ids = []
+    for i in range(3):
+        ids.append(store.create("copy-taskdetail", {}, flight=f"f{i}")[0].jobId)
+        time.sleep(0.005)  # distinct start times (milliseconds)
+    store.claim(ids[0], "me", 30)
+    store.finish(ids[0], "me", JobState.COMPLETED, "done")
+    listed = store.list_jobs()
+    assert [j.jobId for j in listed] == ids[::-1]
+    assert [j.jobId for j in store.list_jobs(limit=2)] == ids[:0:-1]
+    assert [j.jobId for j in store.list_jobs(status="completed")] == ids[:1]
