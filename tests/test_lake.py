@@ -1,21 +1,19 @@
-"""The data-lake reader against real Parquet / CSV / NDJSON files (and an S3 server)."""
+"""The data-lake reader against real Parquet / CSV / NDJSON files (S3: test_s3.py, Delta:
+test_delta.py)."""
 
 from __future__ import annotations
 
 import json
 import re
-from collections.abc import Iterator
+import shutil
 from pathlib import Path
 
-import boto3
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import pytest
-from moto.server import ThreadedMotoServer
 
-from lakesync.config import Settings
-from lakesync.demo import generate
+from lakesync.demo import append_records, generate
 from lakesync.errors import SourceError
 from lakesync.lake import Lake, Position
 
@@ -27,8 +25,8 @@ def lake_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     out = tmp_path_factory.mktemp("lake") / "taskdetails"
     generate(out, ROWS, seed=7, files_per_partition=2)
     (out / "_SUCCESS").write_text("")
-    (out / "_delta_log").mkdir()
-    (out / "_delta_log" / "000.json").write_text("{}")
+    (out / "_temporary" / "0").mkdir(parents=True)  # Spark's leftovers
+    (out / "_temporary" / "0" / "part-9.parquet").write_text("partial")
     (out / ".part-0.parquet.crc").write_bytes(b"\0")
     return out
 
@@ -253,57 +251,15 @@ def test_file_deleted_after_open(tmp_path: Path, small_groups: Path) -> None:
 def test_bad_uri_and_format() -> None:
     with pytest.raises(SourceError, match="Unsupported lake URI scheme gs://"):
         Lake.open("gs://bucket/x")
-    with pytest.raises(SourceError, match="never in the URI"):
-        Lake.open("s3://key:secret@bucket/x")
+    for uri in ("s3://key:secret@bucket/x", "s3://bucket/x?secret_key=hunter2"):
+        with pytest.raises(SourceError, match="never from the URI") as info:
+            Lake.open(uri)
+        assert "secret" not in str(info.value).replace("AWS_SECRET", "")
+        assert "hunter2" not in str(info.value)
     with pytest.raises(SourceError, match="Unknown lake format 'orc'"):
         Lake.open("/tmp", format="orc")
-
-
-@pytest.fixture(scope="module")
-def s3_endpoint() -> Iterator[str]:
-    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
-    server.start()
-    host, port = server.get_host_and_port()
-    yield f"http://{host}:{port}"
-    server.stop()
-
-
-def test_s3_lake(s3_endpoint: str, lake_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "testing")
-    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "testing")
-    monkeypatch.setenv("AWS_DEFAULT_REGION", "us-east-1")
-    s3 = boto3.client("s3", endpoint_url=s3_endpoint, region_name="us-east-1")
-    s3.create_bucket(Bucket="lake")
-    for path in lake_dir.rglob("*"):
-        if path.is_file():
-            s3.upload_file(str(path), "lake", f"td/{path.relative_to(lake_dir).as_posix()}")
-    settings = Settings(s3_endpoint_url=s3_endpoint, s3_region="us-east-1")
-    local = Lake.open(str(lake_dir))
-    lake = Lake.open("s3://lake/td", settings=settings)
-    assert lake.files == [f.replace(str(lake_dir), "s3://lake/td") for f in local.files]
-    assert lake.count_rows() == ROWS
-    assert keys(lake, batch_size=700, start=Position(3, 10)) == keys(
-        local, batch_size=700, start=Position(3, 10)
-    )
-    assert Lake.open("s3://lake/td/projectId=PRJ-001/*.parquet", settings=settings).files == [
-        "s3://lake/td/projectId=PRJ-001/part-0.parquet",
-        "s3://lake/td/projectId=PRJ-001/part-1.parquet",
-    ]
-    with pytest.raises(SourceError, match="s3://lake/nothing-here does not exist"):
-        Lake.open("s3://lake/nothing-here", settings=settings)
-    with pytest.raises(SourceError, match="bucket s3://no-such-bucket does not exist"):
-        Lake.open("s3://no-such-bucket/td", settings=settings)
-    s3.delete_object(Bucket="lake", Key="td/projectId=PRJ-001/part-1.parquet")
-    with pytest.raises(
-        SourceError, match=re.escape("s3://lake/td/projectId=PRJ-001/part-1.parquet")
-    ):
-        list(lake.batches(1000, stop_file=2))
-
-
-def test_s3_endpoint_unreachable() -> None:
-    settings = Settings(s3_endpoint_url="http://127.0.0.1:9", s3_region="us-east-1")
-    with pytest.raises(SourceError, match=re.escape(r"endpoint 127.0.0.1:9 is unreachable")):
-        Lake.open("s3://lake/td", settings=settings)
+    with pytest.raises(SourceError, match="Invalid Delta version -1"):
+        Lake.open("/tmp", version=-1)
 
 
 def test_resume_skips_row_groups_without_reading_them(tmp_path: Path) -> None:
@@ -318,3 +274,58 @@ def test_resume_skips_row_groups_without_reading_them(tmp_path: Path) -> None:
     assert keys(lake, "id", batch_size=7, start=Position(0, 13)) == list(range(13, 100))
     with pytest.raises(SourceError, match=re.escape(str(path))):
         keys(lake, "id", batch_size=7)
+
+
+def test_file_names_are_relative_to_the_lake_root(lake_dir: Path, small_groups: Path) -> None:
+    lake = Lake.open(str(lake_dir))
+    assert lake.file_name(0) == "projectId=PRJ-001/part-0.parquet"
+    assert [lake.file_name(i) for i in range(len(lake.files))] == [
+        f.removeprefix(f"{lake_dir}/") for f in lake.files
+    ]
+    assert Lake.open(f"{lake_dir}/projectId=PRJ-001/*.parquet").file_name(1) == "part-1.parquet"
+    assert Lake.open(f"{small_groups}/f1.parquet").file_name(0) == "f1.parquet"
+    assert Lake.open(f"file://{small_groups}").file_name(2) == "f2.parquet"
+
+
+def test_resume_position_follows_the_file_or_refuses(tmp_path: Path) -> None:
+    generate(tmp_path / "lake", 2000, seed=4)
+    before = Lake.open(str(tmp_path / "lake"))
+    start = Position(3, 10)
+    name = before.file_name(3)
+    assert before.resume_position(start, name) == start
+    assert before.resume_position(start, None) == start  # a checkpoint without a name
+    rest = keys(before, batch_size=500, start=start)
+    # A file that sorts before the checkpoint's file appears: the index moves with the name.
+    shutil.copy(before.files[0], tmp_path / "lake" / "projectId=PRJ-001" / "part-00.parquet")
+    after = Lake.open(str(tmp_path / "lake"))
+    moved = after.resume_position(start, name)
+    assert moved == Position(4, 10) and after.file_name(4) == name
+    assert keys(after, batch_size=500, start=moved) == rest
+    # Files appended after it (append_records sorts last) leave the index alone.
+    append_records(tmp_path / "lake", 10, start_id=90_000)
+    assert Lake.open(str(tmp_path / "lake")).resume_position(moved, name) == moved
+    # The checkpoint's file is gone, or now has fewer rows than were consumed: refuse.
+    (tmp_path / "lake" / name).unlink()
+    gone = Lake.open(str(tmp_path / "lake"))
+    with pytest.raises(SourceError, match=re.escape(f"checkpoint's file {name} is no longer")):
+        gone.resume_position(moved, name)
+    with pytest.raises(SourceError, match="now has"):
+        gone.resume_position(Position(1, 10**6), gone.file_name(1))
+    with pytest.raises(SourceError, match="Start a new copy"):
+        gone.resume_position(Position(len(gone.files) + 1, 0), None)
+
+
+def test_a_stray_delta_log_is_not_ignored(tmp_path: Path, small_groups: Path) -> None:
+    shutil.copytree(small_groups, tmp_path / "t")
+    (tmp_path / "t" / "_delta_log").mkdir()
+    (tmp_path / "t" / "_delta_log" / "notes.txt").write_text("not a commit")
+    with pytest.raises(SourceError, match="_delta_log folder but no Delta table commits"):
+        Lake.open(str(tmp_path / "t"))
+    assert Lake.open(str(tmp_path / "t"), format="parquet").count_rows() == 73
+    assert Lake.open(f"{tmp_path}/t/*.parquet").count_rows() == 73  # a glob is plain files
+    with pytest.raises(SourceError, match="not a Delta table"):
+        Lake.open(str(small_groups), format="delta")
+    with pytest.raises(SourceError, match="no Delta format or version"):
+        Lake.open(str(small_groups), version=0)
+    with pytest.raises(SourceError, match="Invalid Delta version 0"):
+        Lake.open(str(small_groups), format="csv", version=0)

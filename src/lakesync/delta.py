@@ -59,6 +59,7 @@ def snapshot(location: Location, path: str, version: int | None = None) -> Delta
         # The gate for reader features lakesync cannot honour by reading the Parquet
         # files as they are (deletion vectors, column mapping...): deltalake refuses them.
         table.to_pyarrow_dataset(filesystem=pafs.SubTreeFileSystem(path, location.fs))
+        mapping = table.metadata().configuration.get("delta.columnMapping.mode", "none")
         schema = pa.schema(table.schema().to_arrow())
         actions = pa.table(table.get_add_actions(flatten=True))
         current = int(table.version())
@@ -66,6 +67,12 @@ def snapshot(location: Location, path: str, version: int | None = None) -> Delta
         raise
     except Exception as e:  # deltalake raises its own DeltaError family, OSError, ValueError
         raise _delta_error(e, location, uri, version) from e
+    if mapping != "none":  # Parquet columns are named col-<uuid>; deltalake lets it through
+        raise SourceError(
+            f"The Delta table {uri} uses column mapping (delta.columnMapping.mode = "
+            f"{mapping}), which lakesync cannot read. Rewrite the table without it.",
+            file=uri,
+        )
     partitions = [n.removeprefix("partition.") for n in actions.column_names
                   if n.startswith("partition.")]  # fmt: skip
     files = []
@@ -119,8 +126,8 @@ def _delta_error(
     elif version is not None and ("version" in text.lower()):
         message = (
             f"Version {version} of the Delta table {uri} cannot be read ({text}). It may "
-            "not exist yet, or its log was cleaned up: start a new copy of the current "
-            "version."
+            f"not exist yet{_latest(location, uri)}, or its log was cleaned up: copy the "
+            "current version instead."
         )
     elif name == "DeltaProtocolError":
         message = (
@@ -128,9 +135,19 @@ def _delta_error(
             "the table without it (e.g. purge deletion vectors with OPTIMIZE/REORG)."
         )
     elif location.is_s3 and isinstance(error, OSError):
-        message = s3_message(text, uri, location.endpoint)[0]
-        transient = s3_message(text, uri, location.endpoint)[1]
+        message, transient = s3_message(text, uri, location.endpoint)
         return SourceError(message, file=uri, transient=transient)
     else:
         message = f"Cannot read the Delta table {uri}: {text}. Check the path and the table."
     return SourceError(message, file=uri, transient=False)
+
+
+def _latest(location: Location, uri: str) -> str:
+    """The error message's hint " (the latest is N)", or "" if that cannot be read."""
+    from deltalake import DeltaTable
+
+    try:
+        options = location.storage_options if location.is_s3 else None
+        return f" (the latest is {DeltaTable(uri, storage_options=options).version()})"
+    except Exception:
+        return ""

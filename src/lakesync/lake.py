@@ -129,19 +129,24 @@ class Lake:
         if glob_at is not None:
             base = "/".join(segments[:glob_at]) or "/"
             pattern = _glob_regex("/".join(segments[glob_at:]))
-        if glob_at is None and fmt_given in (None, "delta") and is_delta_table(loc, base):
+        try:
+            info = loc.fs.get_file_info(base)
+        except (OSError, pa.ArrowException) as e:
+            raise read_error(e, loc.show(base), "", loc.endpoint, listing=True) from e
+        maybe_delta = glob_at is None and fmt_given in (None, "delta")
+        if maybe_delta and info.type == pafs.FileType.Directory and is_delta_table(loc, base):
             return cls._open_delta(uri, loc, base, version)
         if fmt_given == "delta" or version is not None:
             raise SourceError(
-                f"{loc.show(loc.path)} is not a Delta table (no {LOG_DIR} folder in it). "
-                "Point the source at the table's folder, or drop format = delta to read "
-                "plain Parquet, CSV or JSON files.",
+                f"{loc.show(loc.path)} is not a Delta table (no {LOG_DIR} folder in it), "
+                "so it has no Delta format or version to read. Point the source at the "
+                "table's folder, or read plain Parquet, CSV or JSON files without them.",
                 uri=uri,
             )
-        if fmt_given is None and glob_at is None and loc.path.endswith("/" + LOG_DIR):
+        if glob_at is None and loc.path.endswith("/" + LOG_DIR):
             raise SourceError(f"{loc.show(loc.path)} is a Delta log: use its parent folder.")
         try:
-            found, single = _list_files(loc, base, pattern)
+            found, single = _list_files(loc, base, pattern, info)
         except (OSError, pa.ArrowException) as e:
             raise read_error(e, loc.show(base), "", loc.endpoint, listing=True) from e
         fmt = _choose_format([loc.show(p) for p in found], fmt_given, loc.show(base), single)
@@ -385,11 +390,10 @@ def _inspect(loc: Location, fmt: str, files: list[_Item]) -> list[tuple[Any, pa.
 
 
 def _list_files(
-    loc: Location, base: str, pattern: re.Pattern[str] | None
+    loc: Location, base: str, pattern: re.Pattern[str] | None, info: Any
 ) -> tuple[list[str], bool]:
-    """Sorted file paths under ``base`` (or base itself), and whether base is one file."""
+    """Sorted file paths under ``base`` (``info``: its FileInfo), and whether it is a file."""
     fs = loc.fs
-    info = fs.get_file_info(base)
     if info.type == pafs.FileType.NotFound and loc.is_s3:
         bucket = base.split("/", 1)[0]
         if fs.get_file_info(bucket).type == pafs.FileType.NotFound:

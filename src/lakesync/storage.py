@@ -74,7 +74,8 @@ def resolve(uri: str, settings: Settings) -> Location:
     parts = urlsplit(uri)
     if parts.scheme == "s3":
         _check_s3_uri(uri)
-        return _s3(parts.netloc, f"{parts.netloc}{parts.path}".rstrip("/"), settings)
+        key = "/".join(s for s in parts.path.split("/") if s)  # "//" is no S3 "directory"
+        return _s3(parts.netloc, f"{parts.netloc}/{key}".rstrip("/"), settings)
     return Location(pafs.LocalFileSystem(), _local_path(uri))
 
 
@@ -235,7 +236,7 @@ def s3_message(text: str, where: str, endpoint: str | None) -> tuple[str, bool]:
         return (
             f"The S3 endpoint {endpoint or '(AWS default)'} is unreachable while reading "
             f"{where} ({text}). Check LAKESYNC_S3_ENDPOINT_URL and that the server is "
-            "running and reachable; the job can resume from its last checkpoint.",
+            "running and reachable (the job's last checkpoint is kept).",
             True,
         )
     slow = any(m in text for m in _BUSY)

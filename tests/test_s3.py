@@ -1,0 +1,343 @@
+"""lakesync against a real S3-compatible HTTP server (moto) on a free loopback port.
+
+The main server is moto's ThreadedMotoServer in this process. The cases that need a
+server to die, or to check signatures, run ``python -m moto.server`` as a child process:
+killing it is a real outage (an in-process server keeps serving open keep-alive
+connections after ``stop``), and its authentication switch is process-wide.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import os
+import re
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import boto3
+import httpx
+import pytest
+from moto.server import ThreadedMotoServer
+from tests.conftest import free_port
+
+from lakesync.config import Settings
+from lakesync.demo import generate
+from lakesync.errors import SourceError
+from lakesync.lake import Lake, Position
+from lakesync.models import JobState
+from lakesync.runner import Outcome
+from lakesync.runtime import Runtime
+from lakesync.storage import canonical_uri, within_roots
+
+ROWS, BAD = 50_000, 60
+REGION = "us-east-1"
+
+
+@contextlib.contextmanager
+def aws_test_env() -> Iterator[None]:
+    """Test credentials; the caller's AWS profile, config and instance role stay out."""
+    with pytest.MonkeyPatch.context() as mp:
+        for key in [k for k in os.environ if k.startswith("AWS_")]:
+            mp.delenv(key)
+        mp.setenv("AWS_ACCESS_KEY_ID", "testing")
+        mp.setenv("AWS_SECRET_ACCESS_KEY", "testing")
+        mp.setenv("AWS_CONFIG_FILE", os.devnull)
+        mp.setenv("AWS_SHARED_CREDENTIALS_FILE", os.devnull)
+        mp.setenv("AWS_EC2_METADATA_DISABLED", "true")
+        yield
+
+
+@pytest.fixture(scope="module")
+def aws_env() -> Iterator[None]:
+    with aws_test_env():
+        yield
+
+
+def start_moto_thread() -> tuple[ThreadedMotoServer, str]:
+    """moto in this process on a free loopback port (its request log silenced)."""
+    logging.getLogger("werkzeug").setLevel(logging.ERROR)
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
+    server.start()
+    host, port = server.get_host_and_port()
+    return server, f"http://{host}:{port}"
+
+
+@pytest.fixture(scope="module")
+def s3_url(aws_env: None) -> Iterator[str]:
+    server, url = start_moto_thread()
+    yield url
+    server.stop()
+
+
+class MotoProcess:
+    """``python -m moto.server`` in a child process: a server that can really die."""
+
+    def __init__(self) -> None:
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(self.port)],
+            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        )  # fmt: skip
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline:
+            try:
+                httpx.get(f"{self.url}/moto-api/", timeout=1)
+                return
+            except httpx.HTTPError:
+                time.sleep(0.05)
+        self.kill()
+        raise RuntimeError("moto server did not start")
+
+    def require_signatures(self) -> None:
+        """From now on every request must be signed by an IAM user's access key."""
+        httpx.post(f"{self.url}/moto-api/reset-auth", content=b"0").raise_for_status()
+
+    def kill(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait(10)
+
+
+@pytest.fixture
+def moto_process(aws_env: None) -> Iterator[MotoProcess]:
+    server = MotoProcess()
+    yield server
+    server.kill()
+
+
+def s3_client(url: str) -> Any:
+    return boto3.client("s3", endpoint_url=url, region_name=REGION)
+
+
+def upload(url: str, local: Path, bucket: str, prefix: str) -> None:
+    s3 = s3_client(url)
+    if bucket not in [b["Name"] for b in s3.list_buckets()["Buckets"]]:
+        s3.create_bucket(Bucket=bucket)
+    for path in sorted(local.rglob("*")):
+        if path.is_file():
+            s3.upload_file(str(path), bucket, f"{prefix}/{path.relative_to(local).as_posix()}")
+
+
+def s3_settings(settings: Settings, url: str, **update: Any) -> Settings:
+    return settings.model_copy(
+        update={"lake_uri": "s3://lake/tasks", "s3_endpoint_url": url, "s3_region": REGION} | update
+    )
+
+
+def keys(lake: Lake, **kwargs: Any) -> list[str]:
+    return [k for b in lake.batches(**kwargs) for k in b.table["taskDetailId"].to_pylist()]
+
+
+@pytest.fixture(scope="module")
+def big_lake(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    out = tmp_path_factory.mktemp("s3lake") / "tasks"
+    generate(out, ROWS, bad_rows=BAD, seed=11)
+    return out
+
+
+@pytest.fixture(scope="module")
+def small_lake(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    out = tmp_path_factory.mktemp("s3small") / "tasks"
+    generate(out, 3000, seed=7, files_per_partition=2)
+    (out / "_SUCCESS").write_text("")
+    return out
+
+
+@pytest.fixture(scope="module")
+def s3_lake(s3_url: str, big_lake: Path) -> str:
+    """The 50,000-row demo lake uploaded to s3://lake/tasks."""
+    upload(s3_url, big_lake, "lake", "tasks")
+    return "s3://lake/tasks"
+
+
+def run_job(rt: Runtime, source: str, **options: Any) -> Any:
+    """Start a copy and run it inline, run after run, until it ends; return its status."""
+    status, created = rt.jobs.start("copy-taskdetail", {"source": source, **options})
+    assert created
+    for _ in range(100):
+        if rt.runner.run(status.jobId) is not Outcome.CONTINUE:
+            break
+    return rt.jobs.get(status.jobId)
+
+
+def test_copies_50k_demo_lake_from_s3_with_exact_counts(
+    settings: Settings, db: Any, s3_url: str, s3_lake: str
+) -> None:
+    # A short time limit: the job checkpoints and resumes from S3 positions several times.
+    settings = s3_settings(settings, s3_url, batch_size=5000, job_time_limit=4)
+    with Runtime(settings) as rt:
+        done = run_job(rt, s3_lake)
+    assert done.status == JobState.COMPLETED, (done.message, done.error)
+    assert done.totalRecords == done.processedRecords == ROWS
+    assert done.insertedRecords == ROWS - BAD and done.errorRecords == BAD
+    assert done.updatedRecords == done.unchangedRecords == 0
+    assert done.attempt >= 2  # resumed from an S3 checkpoint at least once
+    assert db.taskdetails.count_documents({}) == ROWS - BAD
+    rejected = list(db.copyerrors.find({"jobId": done.jobId}, {"file": 1}))
+    assert len(rejected) == BAD
+    assert all(r["file"].startswith("s3://lake/tasks/projectId=PRJ-") for r in rejected)
+
+
+def test_s3_lake_reads_like_the_local_one(
+    s3_url: str, small_lake: Path, settings: Settings
+) -> None:
+    upload(s3_url, small_lake, "lake", "small")
+    settings = s3_settings(settings, s3_url)
+    local = Lake.open(str(small_lake))
+    lake = Lake.open("s3://lake/small", settings=settings)
+    assert lake.files == [f.replace(str(small_lake), "s3://lake/small") for f in local.files]
+    assert [lake.file_name(i) for i in range(len(lake.files))] == [
+        local.file_name(i) for i in range(len(local.files))
+    ]
+    assert lake.count_rows() == local.count_rows() == 3000
+    assert lake.file_row_counts() == local.file_row_counts()
+    start = Position(3, 10)
+    assert keys(lake, batch_size=700, start=start) == keys(local, batch_size=700, start=start)
+    assert keys(lake, batch_size=300, stop_file=4) == keys(local, batch_size=300, stop_file=4)
+    glob = Lake.open("s3://lake/small/projectId=PRJ-001/*.parquet", settings=settings)
+    assert glob.files == [
+        "s3://lake/small/projectId=PRJ-001/part-0.parquet",
+        "s3://lake/small/projectId=PRJ-001/part-1.parquet",
+    ]
+    assert Lake.open("s3://lake//small/", settings=settings).files == lake.files
+    with pytest.raises(SourceError, match="s3://lake/nothing-here does not exist"):
+        Lake.open("s3://lake/nothing-here", settings=settings)
+    s3_client(s3_url).delete_object(Bucket="lake", Key="small/projectId=PRJ-001/part-1.parquet")
+    with pytest.raises(
+        SourceError, match=re.escape("s3://lake/small/projectId=PRJ-001/part-1.parquet no longer")
+    ):
+        list(lake.batches(1000, stop_file=2))
+
+
+def test_missing_bucket_fails_the_job_naming_it(settings: Settings, s3_url: str) -> None:
+    with Runtime(s3_settings(settings, s3_url)) as rt:
+        done = run_job(rt, "s3://no-such-bucket/tasks")
+    assert done.status == JobState.FAILED
+    assert "S3 bucket s3://no-such-bucket does not exist" in (done.error or "")
+    assert "LAKESYNC_S3_ENDPOINT_URL" in (done.error or "")
+
+
+def test_an_object_that_is_not_parquet_fails_the_job_naming_it(
+    settings: Settings, s3_url: str, small_lake: Path
+) -> None:
+    upload(s3_url, small_lake, "lake", "broken")
+    bad = "broken/projectId=PRJ-002/part-1.parquet"
+    s3_client(s3_url).put_object(Bucket="lake", Key=bad, Body=b"taskDetailId,status\nTD-1,done\n")
+    with Runtime(s3_settings(settings, s3_url)) as rt:
+        done = run_job(rt, "s3://lake/broken")
+    assert done.status == JobState.FAILED
+    assert f"s3://lake/{bad} is not a valid parquet file" in (done.error or "")
+
+
+def test_wrong_credentials_fail_the_job_without_showing_them(
+    settings: Settings, moto_process: MotoProcess, small_lake: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    upload(moto_process.url, small_lake, "lake", "tasks")
+    iam = boto3.client("iam", endpoint_url=moto_process.url, region_name=REGION)
+    iam.create_user(UserName="reader")
+    policy = {"Effect": "Allow", "Action": ["s3:GetObject", "s3:ListBucket"], "Resource": "*"}
+    iam.put_user_policy(
+        UserName="reader", PolicyName="read",
+        PolicyDocument=json.dumps({"Version": "2012-10-17", "Statement": [policy]}),
+    )  # fmt: skip
+    key = iam.create_access_key(UserName="reader")["AccessKey"]
+    moto_process.require_signatures()
+    settings = s3_settings(settings, moto_process.url)
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", key["AccessKeyId"])
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", key["SecretAccessKey"])
+    assert Lake.open("s3://lake/tasks", settings=settings).count_rows() == 3000  # the right key
+    wrong = [(key["AccessKeyId"], "wrong-secret-0123456789"), ("AKIAWRONGKEY0123456789", "x" * 40)]
+    with Runtime(settings) as rt:
+        for key_id, secret in wrong:
+            monkeypatch.setenv("AWS_ACCESS_KEY_ID", key_id)
+            monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", secret)
+            done = run_job(rt, "s3://lake/tasks")
+            assert done.status == JobState.FAILED
+            assert "Access to s3://lake/tasks was denied" in (done.error or "")
+            assert "AWS_ACCESS_KEY_ID" in (done.error or "")
+            shown = json.dumps(done.public())
+            assert key_id not in shown and secret not in shown
+            assert key["SecretAccessKey"] not in shown
+
+
+def test_server_stopping_mid_copy_fails_resumably(
+    settings: Settings, db: Any, moto_process: MotoProcess, small_lake: Path
+) -> None:
+    upload(moto_process.url, small_lake, "lake", "tasks")
+    settings = s3_settings(settings, moto_process.url, batch_size=100)
+
+    def stop_server_after_two_batches(status: Any) -> None:
+        if status.processedRecords >= 200:
+            moto_process.kill()
+
+    with Runtime(settings) as rt:
+        status, _ = rt.jobs.start("copy-taskdetail", {"source": "s3://lake/tasks"})
+        started = time.monotonic()
+        rt.runner.run(status.jobId, on_progress=stop_server_after_two_batches)
+        assert time.monotonic() - started < 30  # fails fast: no endless retries
+        stopped = rt.jobs.get(status.jobId)
+    error = stopped.error or stopped.message or ""
+    unreachable = r"endpoint 127\.0\.0\.1:\d+ is unreachable while reading s3://lake/tasks/"
+    assert re.search(unreachable + r"projectId=PRJ-\d+/part-\d\.parquet", error), error
+    assert "checkpoint is kept" in error
+    cp = stopped.checkpoint
+    assert cp is not None and 200 <= stopped.processedRecords < 3000
+    assert db.taskdetails.count_documents({}) == stopped.processedRecords
+    if stopped.status == JobState.PENDING:  # the runner hands transient S3 errors back
+        assert stopped.failures == 1
+    else:
+        assert stopped.status == JobState.FAILED
+    # The server is back (a new one holding the same objects): the checkpoint resumes exactly.
+    back = MotoProcess()
+    try:
+        upload(back.url, small_lake, "lake", "tasks")
+        settings = s3_settings(settings, back.url)
+        lake = Lake.open("s3://lake/tasks", settings=settings)
+        name = cp.model_dump().get("file") or lake.file_name(cp.fileIndex)
+        start = lake.resume_position(Position(cp.fileIndex, cp.row), name)
+        rest = sum(b.table.num_rows for b in lake.batches(1000, start))
+        assert stopped.processedRecords + rest == 3000
+        if stopped.status == JobState.PENDING:
+            with Runtime(settings) as rt:
+                assert rt.runner.run(stopped.jobId) is Outcome.ENDED
+                done = rt.jobs.get(stopped.jobId)
+            assert done.status == JobState.COMPLETED and done.processedRecords == 3000
+            assert db.taskdetails.count_documents({}) == 3000
+    finally:
+        back.kill()
+
+
+def test_allowed_roots_are_checked_alike_on_s3_and_locally(tmp_path: Path) -> None:
+    tmp_path = tmp_path.resolve()
+    (tmp_path / "lakes" / "tasks").mkdir(parents=True)
+    (tmp_path / "other").mkdir()
+    (tmp_path / "lakes" / "link").symlink_to(tmp_path / "other")
+    roots = [f"{tmp_path}/lakes", "s3://corp-lake/exports/"]
+    allowed = [
+        f"{tmp_path}/lakes", f"{tmp_path}/lakes/tasks", f"file://{tmp_path}/lakes/tasks",
+        f"{tmp_path}/lakes/tasks/**/*.parquet", f"{tmp_path}/other/../lakes/tasks",
+        "s3://corp-lake/exports", "s3://corp-lake/exports/tasks", "s3://corp-lake//exports/t/",
+        "s3://corp-lake/exports/tasks/*.parquet",
+    ]  # fmt: skip
+    refused = [
+        f"{tmp_path}/lakesX", f"{tmp_path}/lakes/../other", f"{tmp_path}/lakes/link",
+        f"{tmp_path}/lakes/link/x.parquet", f"{tmp_path}", "/etc",
+        "s3://corp-lake/exportsX", "s3://corp-lake", "s3://corp-lake/other/exports",
+        "s3://other-bucket/exports", f"s3://corp-lake{tmp_path}/lakes",
+    ]  # fmt: skip
+    assert [u for u in allowed if not within_roots(u, roots)] == []
+    assert [u for u in refused if within_roots(u, roots)] == []
+    assert not within_roots(f"{tmp_path}/lakes", [])
+    assert within_roots("s3://corp-lake/x", ["s3://corp-lake"])
+    assert canonical_uri("s3://b//a/c/") == "s3://b/a/c"
+    assert canonical_uri(f"{tmp_path}/lakes/link/*.pq") == f"{tmp_path}/other/*.pq"
+    for bad in ("s3://corp-lake/exports/../secrets", "s3://k:s@corp-lake/exports"):
+        with pytest.raises(SourceError):
+            within_roots(bad, roots)
