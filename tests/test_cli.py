@@ -198,3 +198,13 @@ def test_ctrl_c_pauses_and_copy_again_resumes_with_exact_counts(
     )
     assert db.taskdetails.count_documents({}) == 4975
     assert db.copyerrors.count_documents({}) == 25
+
+
+def test_reading_commands_do_not_generate_the_demo_lake(
+    env: dict[str, str], settings: Settings
+) -> None:
+    env = {k: v for k, v in env.items() if k != "LAKESYNC_LAKE_URI"}
+    env["LAKESYNC_DEMO_ROWS"] = "1000"  # small, should it be generated anyway
+    listed = lakesync(env, "jobs", "--json")
+    assert listed.returncode == 0 and json_out(listed) == {"jobs": []}
+    assert not (settings.data_dir / "demo-lake").exists()

@@ -16,9 +16,9 @@ from lakesync.copy import MARKER, CopyEngine
 from lakesync.demo import touch_records
 from lakesync.errors import LakesyncError, RequestError, SourceError
 from lakesync.lake import LakeBatch
-from lakesync.models import JobState, JobStatus
+from lakesync.models import Counters, JobState, JobStatus
 from lakesync.runtime import Runtime
-from lakesync.schema import TASK_DETAIL
+from lakesync.schema import TASK_DETAIL, validate
 
 TS = pa.timestamp("ms", tz="UTC")
 WHEN = datetime(2024, 3, 1, 12, 30, 15, 123000, tzinfo=UTC)
@@ -153,9 +153,6 @@ def test_records_inserted_by_another_writer_meanwhile_become_updates(db: Any) ->
     """A race the engine cannot see coming: its plan says insert, the server says duplicate."""
     e = engine(db)
     b = batch(task_table(["TD-1", "TD-2"]))
-    from lakesync.models import Counters
-    from lakesync.schema import validate
-
     checked = validate(TASK_DETAIL, b.table)
     c = Counters(processed=2)
     plan = e._plan(checked.documents, checked.rows, b, c, [])

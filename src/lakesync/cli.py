@@ -81,7 +81,7 @@ def copy(
                if v is not None}  # fmt: skip
     try:
         settings = _settings()
-        with Runtime(settings, executor=None) as rt:
+        with Runtime(settings, executor=None, reads_lake=True) as rt:
             status, created = rt.jobs.start(operation, options)
             if not created and status.state is not JobState.PENDING:
                 _fail(LakesyncError(

@@ -19,7 +19,9 @@ logger = logging.getLogger(__name__)
 class Runtime:
     """Everything a lakesync process needs; `executor` is "local", "celery" or None (inline)."""
 
-    def __init__(self, settings: Settings, executor: str | None = None) -> None:
+    def __init__(
+        self, settings: Settings, executor: str | None = None, *, reads_lake: bool = False
+    ) -> None:
         self.settings = settings
         self.registry = OperationRegistry.from_settings(settings)
         self.mongo = Mongo(settings)
@@ -27,7 +29,7 @@ class Runtime:
             self.mongo.ping()
             self.store = JobStore(self.mongo.db, settings.status_ttl_days)
             self.store.ensure_indexes()
-            if settings.lake_uri is None:
+            if reads_lake and settings.lake_uri is None:
                 from lakesync.demo import ensure_demo_lake
 
                 ensure_demo_lake(settings)

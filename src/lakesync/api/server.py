@@ -38,7 +38,7 @@ def serve(settings: Settings, host: str, port: int) -> None:
             "start or cancel copies. Set LAKESYNC_API_TOKEN to a long random secret (e.g. "
             "`export LAKESYNC_API_TOKEN=$(openssl rand -hex 32)`), or listen on 127.0.0.1."
         )
-    runtime = Runtime(settings, executor=settings.executor)
+    runtime = Runtime(settings, executor=settings.executor, reads_lake=True)
     try:
         runtime.start()
         app = create_app(runtime, close_on_shutdown=True)

@@ -103,7 +103,7 @@ def run_worker(settings: Settings, concurrency: int | None) -> None:
 
     app = make_celery(settings)
     check_broker(app, settings)
-    runtime = Runtime(settings, executor=None)
+    runtime = Runtime(settings, executor=None, reads_lake=True)
     stop = threading.Event()
 
     @app.task(name=TASK, bind=True, acks_late=True, reject_on_worker_lost=True)  # type: ignore[untyped-decorator]
