@@ -33,7 +33,7 @@ from lakesync.lake import Lake, Position
 from lakesync.models import JobState
 from lakesync.runner import Outcome
 from lakesync.runtime import Runtime
-from lakesync.storage import canonical_uri, within_roots
+from lakesync.storage import canonical_uri, mask_secrets, s3_message, short_error, within_roots
 
 ROWS, BAD = 50_000, 60
 REGION = "us-east-1"
@@ -341,3 +341,34 @@ def test_allowed_roots_are_checked_alike_on_s3_and_locally(tmp_path: Path) -> No
     for bad in ("s3://corp-lake/exports/../secrets", "s3://k:s@corp-lake/exports"):
         with pytest.raises(SourceError):
             within_roots(bad, roots)
+
+
+def test_storage_error_texts_become_clear_masked_messages() -> None:
+    """Texts captured from pyarrow and deltalake (object_store) against moto and AWS."""
+    where = "s3://lake/tasks"
+    samples = {
+        "When listing objects under key 'x/' in bucket 'lake': AWS Error INVALID_ACCESS_KEY_ID "
+        "during ListObjectsV2 operation: The AWS Access Key Id you provided does not exist "
+        "in our records. Credential=AKIAIOSFODNN7EXAMPLE/20240101/us-east-1/s3": "was denied",
+        "Kernel error -> Generic S3 error\n \x1b[31m↳\x1b[0m Error performing GET "
+        "http://127.0.0.1:1/nobucket?list-type=2 - Server returned non-2xx status code\n"
+        "\x1b[31m↳\x1b[0m 404 Not Found\n <Error><Code>NoSuchBucket</Code><RequestId>X1"
+        "</RequestId></Error>": "S3 bucket s3://lake does not exist",
+        "Kernel error -> Generic S3 error ↳ Error performing PUT "
+        "http://169.254.169.254/latest/api/token - 403 Forbidden": "No AWS credentials",
+        "Generic S3 error ↳ error sending request for url (http://127.0.0.1:9/lake) ↳ "
+        "tcp connect error: Connection refused": "is unreachable while reading",
+    }
+    for text, expected in samples.items():
+        message, transient = s3_message(short_error(text), where, "127.0.0.1:9")
+        assert expected in message and "s3://lake" in message, message
+        assert transient == ("unreachable" in expected)
+        assert "AKIAIOSFODNN7EXAMPLE" not in message and "\x1b" not in message
+        assert "RequestId" not in message
+    masked = mask_secrets(
+        "key AKIAIOSFODNN7EXAMPLE Signature=0a1b2c X-Amz-Security-Token: FQoGZXIvYXdz "
+        "secret_access_key=wJalrXUtnFEMI mongodb://admin:hunter2@db:27017"
+    )
+    for secret in ("IOSFODNN7EXAMPLE", "0a1b2c", "FQoGZXIvYXdz", "wJalrXUtnFEMI", "hunter2"):
+        assert secret not in masked, masked
+    assert "AKIA****" in masked and "mongodb://***@db:27017" in masked

@@ -12,6 +12,7 @@ from lakesync.errors import SourceError
 from lakesync.executors import Executor
 from lakesync.models import JobStatus
 from lakesync.operations import OperationRegistry, parse_options
+from lakesync.storage import mask_secrets, within_roots
 from lakesync.store import JobStore
 
 logger = logging.getLogger(__name__)
@@ -39,6 +40,13 @@ class JobService:
         op = self.registry.get(operation)
         options = parse_options(raw_options)
         source = options.source or op.source_uri(self.settings)
+        roots = self.settings.allowed_roots
+        if options.source and roots and not within_roots(options.source, roots):
+            raise SourceError(
+                f"The source {mask_secrets(options.source)} is outside the allowed roots "
+                f"({', '.join(roots)}). Use a source under one of them, or add its root to "
+                "LAKESYNC_ALLOWED_ROOTS."
+            )
         check_source_exists(source)
         body = {"operation": operation, "options": options.model_dump(exclude_none=True)}
         if idempotency_key:

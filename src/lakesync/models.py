@@ -48,6 +48,7 @@ class Checkpoint(BaseModel):
     fileIndex: int = 0
     row: int = 0
     batches: int = 0
+    file: str | None = None  # Lake.file_name(fileIndex): resume checks it still matches
 
 
 class Counters(BaseModel):

@@ -45,6 +45,7 @@ class JobOptions(BaseModel):
     batchSize: int | None = Field(None, ge=1, le=100_000)
     mode: Mode | None = None
     allowEmpty: bool = False
+    deltaVersion: int | None = Field(None, ge=0)  # Delta table version to read (default: latest)
 
 
 COPY_TASKDETAIL = Operation(

@@ -23,6 +23,7 @@ from lakesync.errors import (
     JobError,
     LakesyncError,
     LeaseLost,
+    SourceError,
     TransientStoreError,
 )
 from lakesync.lake import Lake, Position
@@ -114,6 +115,18 @@ class JobRunner:
             except Exception:
                 log.error("job %s: could not hand the job back; its lease will expire", job_id)
             return Outcome.NOT_CLAIMED
+        except SourceError as e:
+            if not e.details.get("transient"):
+                log.error("job %s failed: %s", job_id, e)
+                self._try_end(job_id, owner, JobState.FAILED, "Failed", str(e))
+                return Outcome.ENDED
+            log.error("job %s: %s", job_id, e)
+            try:  # S3 unreachable or throttling: resume from the checkpoint, up to MAX_ATTEMPTS
+                self.store.update_run(job_id, owner, error=str(e))  # shown if it gives up
+                self.store.release(job_id, owner, f"Lake unavailable: {e}", failure=True)
+            except Exception:
+                log.error("job %s: could not hand the job back; its lease will expire", job_id)
+            return Outcome.NOT_CLAIMED
         except LakesyncError as e:
             log.error("job %s failed: %s", job_id, e)
             self._try_end(job_id, owner, JobState.FAILED, "Failed", str(e))
@@ -138,15 +151,19 @@ class JobRunner:
         op = self.registry.get(status.operation)
         options = parse_options(status.options)
         source = options.source or op.source_uri(self.settings)
-        lake = Lake.open(source, format=op.format, settings=self.settings)
+        lake = Lake.open(
+            source, format=op.format, settings=self.settings, version=options.deltaVersion
+        )
         check_columns(op.schema_, lake.schema.names, lake.uri)
         batch_size = options.batchSize or op.batchSize or self.settings.batch_size
         cp = status.checkpoint or Checkpoint()
         if status.checkpoint is None:
             total = lake.count_rows()
+            pinned = {} if lake.version is None else {
+                "options": {**status.options, "deltaVersion": lake.version}}  # fmt: skip
             status = policy.call(lambda: self.store.update_run(
                 job_id, owner, totalRecords=total, checkpoint=cp.model_dump(),
-                message=f"Copying {total:,} records"), "recording the total")  # fmt: skip
+                message=f"Copying {total:,} records", **pinned), "recording the total")  # fmt: skip
         elif status.attempt > 1:
             status = policy.call(lambda: self.store.update_run(
                 job_id, owner, message=f"Resumed (run {status.attempt}) at record "
@@ -157,10 +174,12 @@ class JobRunner:
         engine = CopyEngine(db[op.collection], self.store.copyerrors, op.schema_, job_id)
         run_started = time.monotonic()
         run_done = 0
-        for batch in lake.batches(batch_size, Position(cp.fileIndex, cp.row)):
+        start = lake.resume_position(Position(cp.fileIndex, cp.row), cp.file)
+        for batch in lake.batches(batch_size, start):
             result = policy.call(partial(engine.write, batch), f"writing batch {cp.batches + 1}")
             cp = Checkpoint(fileIndex=batch.end.file_index, row=batch.end.row,
-                            batches=cp.batches + 1)  # fmt: skip
+                            batches=cp.batches + 1,
+                            file=lake.file_name(batch.end.file_index))  # fmt: skip
             run_done += result.counts.processed
             derived = _progress(status, result.counts, run_done, time.monotonic() - run_started)
             status = policy.call(

@@ -31,6 +31,10 @@ _UNREACHABLE = (
     *("NETWORK_CONNECTION", "curlCode", "error sending request", "Connection refused"),
     *("connection closed", "tcp connect", "dns error", "timed out", "Timeout"),
 )
+_NO_CREDENTIALS = (
+    *("169.254.169.254", "Missing AccessKeyId", "NoCredentialProviders"),
+    *("Unable to locate credentials", "No credentials"),
+)
 _BUSY = (
     *("SLOW_DOWN", "SlowDown", "SERVICE_UNAVAILABLE", "ServiceUnavailable"),
     *("INTERNAL_FAILURE", "InternalError"),
@@ -187,7 +191,7 @@ def short_error(text: str, limit: int = 400) -> str:
     """One masked line of an error text (deltalake's are multi-line, coloured, with XML)."""
     text = re.sub(r"\s*↳\s*", ": ", mask_secrets(text))
     text = re.sub(r"<(RequestId|HostId)>[^<]*</\1>", "", text)
-    text = " ".join(text.split())
+    text = " ".join(text.split()).rstrip(".")
     return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
@@ -223,6 +227,15 @@ def s3_message(text: str, where: str, endpoint: str | None) -> tuple[str, bool]:
         return (
             f"S3 bucket s3://{bucket} does not exist (or these credentials cannot see it). "
             "Check the bucket name in the source URI and LAKESYNC_S3_ENDPOINT_URL.",
+            False,
+        )
+    if any(m in text for m in _NO_CREDENTIALS):
+        return (
+            f"No AWS credentials were found to read {where} ({text}). Set "
+            "AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY (and AWS_SESSION_TOKEN) in "
+            "lakesync's environment. AWS_PROFILE works for plain files but not for Delta "
+            "tables (deltalake ignores it): export a profile's keys with eval \"$(aws "
+            'configure export-credentials --profile NAME --format env)".',
             False,
         )
     if any(m in text for m in _DENIED):

@@ -1,0 +1,194 @@
+"""Delta Lake tables the test writes itself with deltalake, read locally and from S3 (moto)."""
+
+from __future__ import annotations
+
+import re
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.dataset as ds
+import pytest
+from deltalake import DeltaTable, write_deltalake
+from tests.test_s3 import REGION, aws_test_env, run_job, s3_client, start_moto_thread
+
+from lakesync.config import Settings
+from lakesync.demo import generate
+from lakesync.errors import SourceError
+from lakesync.lake import Lake, Position
+from lakesync.models import JobState
+from lakesync.runtime import Runtime
+
+FIRST, APPENDED = 3000, 1000  # version 0 holds FIRST records, version 1 adds APPENDED
+
+
+@pytest.fixture(scope="module")
+def records(tmp_path_factory: pytest.TempPathFactory) -> pa.Table:
+    """4,000 valid TaskDetail records with a projectId column (from the demo generator)."""
+    out = tmp_path_factory.mktemp("demo") / "lake"
+    generate(out, FIRST + APPENDED, seed=5)
+    table = ds.dataset(out, partitioning="hive").to_table()
+    return table.sort_by("taskDetailId")
+
+
+def write_versions(uri: str, records: pa.Table, options: dict[str, str] | None = None) -> None:
+    """Version 0: the first 3,000 records; version 1: 1,000 more appended."""
+    write_deltalake(
+        uri, records.slice(0, FIRST), partition_by=["projectId"], storage_options=options
+    )
+    write_deltalake(
+        uri, records.slice(FIRST), partition_by=["projectId"], mode="append",
+        storage_options=options,
+    )  # fmt: skip
+
+
+def ids(lake: Lake, **kwargs: Any) -> list[str]:
+    return [k for b in lake.batches(**kwargs) for k in b.table["taskDetailId"].to_pylist()]
+
+
+@pytest.fixture(scope="module")
+def local_table(tmp_path_factory: pytest.TempPathFactory, records: pa.Table) -> Path:
+    path = tmp_path_factory.mktemp("delta") / "tasks"
+    write_versions(str(path), records)
+    return path
+
+
+def test_reads_the_current_version_and_an_older_one(local_table: Path, records: pa.Table) -> None:
+    lake = Lake.open(str(local_table))
+    assert lake.format == "delta" and lake.version == 1
+    assert lake.count_rows() == FIRST + APPENDED == len(set(ids(lake, batch_size=700)))
+    assert sorted(ids(lake, batch_size=1000)) == records["taskDetailId"].to_pylist()
+    active = DeltaTable(str(local_table)).file_uris()
+    assert lake.files == sorted(active) and len(lake.files) > 20
+    assert lake.file_name(0).startswith("projectId=PRJ-001/part-")
+    assert lake.schema.field("projectId").type == pa.string()
+    for batch in lake.batches(500):  # partition values come from the log
+        assert set(batch.table["projectId"].to_pylist()) == {
+            batch.file.split("projectId=")[1].split("/")[0]
+        }
+    old = Lake.open(str(local_table), version=0)
+    assert old.version == 0 and old.count_rows() == FIRST
+    assert sorted(ids(old, batch_size=1000)) == records["taskDetailId"].to_pylist()[:FIRST]
+    assert Lake.open(str(local_table), format="delta").version == 1
+    assert Lake.open(f"file://{local_table}").version == 1
+
+
+def test_positions_resume_on_a_delta_table(local_table: Path) -> None:
+    lake = Lake.open(str(local_table))
+    batches = list(lake.batches(256))
+    everything = [k for b in batches for k in b.table["taskDetailId"].to_pylist()]
+    done = 0
+    for i, cut in enumerate(batches):
+        done += cut.table.num_rows
+        if i % 4 == 0:
+            start = lake.resume_position(cut.end, lake.file_name(cut.end.file_index))
+            assert ids(lake, batch_size=100, start=start) == everything[done:]
+    # The same version read again lists the same files: checkpoints stay valid.
+    again = Lake.open(str(local_table), version=1)
+    assert again.files == lake.files
+    assert ids(again, batch_size=999, start=Position(5, 7)) == ids(
+        lake, batch_size=999, start=Position(5, 7)
+    )
+
+
+def test_only_active_files_are_read(tmp_path: Path, records: pa.Table) -> None:
+    path = str(tmp_path / "tasks")
+    write_versions(path, records)
+    DeltaTable(path).delete("status = 'blocked'")  # version 2 rewrites files
+    blocked = pc.sum(pc.equal(records["status"], "blocked")).as_py()
+    lake = Lake.open(path)
+    assert lake.version == 2 and lake.count_rows() == FIRST + APPENDED - blocked
+    assert "blocked" not in set(pc.unique(pa.concat_tables(b.table for b in lake.batches(5000))
+                                          ["status"]).to_pylist())  # fmt: skip
+    raw = Lake.open(path, format="parquet")  # every file on disk, removed ones included
+    assert raw.format == "parquet" and raw.version is None
+    assert raw.count_rows() > lake.count_rows()
+    assert Lake.open(path, version=1).count_rows() == FIRST + APPENDED
+
+
+def test_typed_partitions_and_an_empty_table(tmp_path: Path) -> None:
+    table = pa.table({"id": [1, 2, 3, 4], "year": [2023, 2024, 2024, None]})
+    write_deltalake(str(tmp_path / "t"), table, partition_by=["year"])
+    lake = Lake.open(str(tmp_path / "t"))
+    assert lake.schema.field("year").type == pa.int64()
+    got = pa.concat_tables(b.table for b in lake.batches(10)).sort_by("id")
+    assert got.to_pydict() == {"id": [1, 2, 3, 4], "year": [2023, 2024, 2024, None]}
+    assert lake.count_rows(pc.field("year") == 2024) == 2
+    DeltaTable(str(tmp_path / "t")).delete()
+    empty = Lake.open(str(tmp_path / "t"))
+    assert empty.files == [] and empty.count_rows() == 0 and empty.version == 1
+    assert list(empty.batches(10)) == []
+
+
+def test_delta_errors(tmp_path: Path, local_table: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    with pytest.raises(SourceError, match=r"Version 9 of the Delta table .*the latest is 1"):
+        Lake.open(str(local_table), version=9)
+    write_deltalake(str(tmp_path / "dv"), pa.table({"a": [1, 2]}),
+                    configuration={"delta.enableDeletionVectors": "true"})  # fmt: skip
+    with pytest.raises(SourceError, match=r"uses a feature lakesync cannot read.*deletionVectors"):
+        Lake.open(str(tmp_path / "dv"))
+    write_deltalake(str(tmp_path / "cm"), pa.table({"a": [1, 2]}),
+                    configuration={"delta.columnMapping.mode": "name"})  # fmt: skip
+    with pytest.raises(SourceError, match="uses column mapping"):
+        Lake.open(str(tmp_path / "cm"))
+    with pytest.raises(SourceError, match="is a Delta log: use its parent folder"):
+        Lake.open(str(local_table / "_delta_log"))
+    monkeypatch.setitem(sys.modules, "deltalake", None)  # as if the extra is not installed
+    with pytest.raises(SourceError, match=re.escape("pip install 'lakesync[delta]'")):
+        Lake.open(str(local_table))
+
+
+def test_copies_a_delta_table(settings: Settings, db: Any, local_table: Path) -> None:
+    settings = settings.model_copy(update={"lake_uri": str(local_table), "batch_size": 700})
+    with Runtime(settings) as rt:
+        done = run_job(rt, str(local_table))
+    assert done.status == JobState.COMPLETED, (done.message, done.error)
+    assert done.totalRecords == done.processedRecords == done.insertedRecords == 4000
+    assert done.options["deltaVersion"] == 1
+    assert db.taskdetails.count_documents({}) == 4000
+    with Runtime(settings) as rt:  # an older version, asked for; kept on resume
+        old = run_job(rt, str(local_table), deltaVersion=0, batchSize=500)
+    assert old.status == JobState.COMPLETED and old.totalRecords == 3000
+    assert old.unchangedRecords == 3000 and old.options["deltaVersion"] == 0
+    assert old.checkpoint is not None and old.checkpoint.file is not None
+    doc = db.taskdetails.find_one({"_id": "TD-00000001"})
+    assert doc is not None and doc["projectId"].startswith("PRJ-")
+
+
+@pytest.fixture(scope="module")
+def s3_delta(records: pa.Table) -> Iterator[str]:
+    """The two-version table written to s3://delta-lake/tasks on a moto server."""
+    with aws_test_env():
+        server, url = start_moto_thread()
+        s3_client(url).create_bucket(Bucket="delta-lake")
+        options = {
+            "AWS_ENDPOINT_URL": url, "AWS_ALLOW_HTTP": "true", "AWS_REGION": REGION,
+            "AWS_S3_ALLOW_UNSAFE_RENAME": "true",
+        }  # fmt: skip
+        write_versions("s3://delta-lake/tasks", records, options)
+        yield url
+        server.stop()
+
+
+def test_delta_table_on_s3(s3_delta: str, local_table: Path, settings: Settings, db: Any) -> None:
+    with aws_test_env():
+        settings = settings.model_copy(update={
+            "lake_uri": "s3://delta-lake/tasks", "s3_endpoint_url": s3_delta,
+            "s3_region": REGION, "batch_size": 1000,
+        })  # fmt: skip
+        lake = Lake.open("s3://delta-lake/tasks", settings=settings)
+        local = Lake.open(str(local_table))
+        assert lake.format == "delta" and lake.version == 1 and lake.count_rows() == 4000
+        assert all(f.startswith("s3://delta-lake/tasks/projectId=PRJ-") for f in lake.files)
+        assert sorted(ids(lake, batch_size=1000)) == sorted(ids(local, batch_size=1000))
+        assert Lake.open("s3://delta-lake/tasks", settings=settings, version=0).count_rows() == 3000
+        with pytest.raises(SourceError, match="Version 5 of the Delta table s3://delta-lake"):
+            Lake.open("s3://delta-lake/tasks", settings=settings, version=5)
+        with Runtime(settings) as rt:
+            done = run_job(rt, "s3://delta-lake/tasks")
+        assert done.status == JobState.COMPLETED, (done.message, done.error)
+        assert done.totalRecords == done.insertedRecords == 4000
+        assert db.taskdetails.count_documents({}) == 4000
