@@ -172,11 +172,6 @@ class LostReplies:
         return getattr(self.collection, name)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="store.commit's $inc is not idempotent: the runner's retry of a commit whose "
-    "reply was lost counts the batch twice (and the runner then raises totalRecords)",
-)
 def test_a_commit_retried_after_a_lost_reply_counts_the_batch_once(settings: Settings) -> None:
     with Runtime(settings.model_copy(update={"batch_size": 1000})) as rt:
         fault = LostReplies(rt.store.jobs)

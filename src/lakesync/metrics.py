@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
+from lakesync.models import Counters
+
 REGISTRY = CollectorRegistry(auto_describe=True)
 
 RECORDS = Counter(
@@ -22,3 +24,14 @@ RESUMES = Counter(
 RETRIES = Counter("lakesync_retries", "MongoDB calls retried after a transient error",
                   registry=REGISTRY)  # fmt: skip
 JOBS = Gauge("lakesync_jobs", "Jobs in the status store, by status", ["status"], registry=REGISTRY)
+
+
+def observe_batch(counts: Counters, write_seconds: float) -> None:
+    """Record one committed batch."""
+    RECORDS.labels(kind="inserted").inc(counts.inserted)
+    RECORDS.labels(kind="updated").inc(counts.updated)
+    RECORDS.labels(kind="unchanged").inc(counts.unchanged)
+    RECORDS.labels(kind="error").inc(counts.errors)
+    if counts.deleted:
+        RECORDS.labels(kind="deleted").inc(counts.deleted)
+    BATCH_SECONDS.observe(write_seconds)

@@ -17,6 +17,7 @@ from enum import Enum
 from functools import partial
 from typing import Any
 
+from lakesync import metrics
 from lakesync.config import Settings
 from lakesync.copy import CopyEngine
 from lakesync.errors import (
@@ -74,7 +75,9 @@ class JobRunner:
 
     def retry(self) -> RetryPolicy:
         """The transient-failure policy for one job."""
-        return RetryPolicy(budget=self.settings.retry_budget_seconds, stop=self.stop)
+        return RetryPolicy(
+            budget=self.settings.retry_budget_seconds, stop=self.stop, on_retry=metrics.RETRIES.inc
+        )
 
     def run(self, job_id: str, on_progress: Callable[[JobStatus], None] | None = None) -> Outcome:
         """Run one job from its checkpoint until it ends, yields or loses its lease."""
@@ -103,6 +106,7 @@ class JobRunner:
             return Outcome.ENDED
         beat = _Heartbeat(self.store, job_id, owner, self.settings.lease_seconds / 4)
         beat.start()
+        metrics.ACTIVE.inc()
         try:
             return self._copy(status, owner, policy, beat, on_progress)
         except LeaseLost as e:
@@ -138,6 +142,7 @@ class JobRunner:
             return Outcome.ENDED
         finally:
             beat.cancel()
+            metrics.ACTIVE.dec()
 
     def _copy(
         self,
@@ -165,6 +170,7 @@ class JobRunner:
                 job_id, owner, totalRecords=total, checkpoint=cp.model_dump(),
                 message=f"Copying {total:,} records", **pinned), "recording the total")  # fmt: skip
         elif status.attempt > 1:
+            metrics.RESUMES.inc()
             status = policy.call(lambda: self.store.update_run(
                 job_id, owner, message=f"Resumed (run {status.attempt}) at record "
                 f"{status.processedRecords:,} of {status.totalRecords:,}"), "resuming")  # fmt: skip
@@ -186,8 +192,13 @@ class JobRunner:
                 partial(self.store.commit, job_id, owner, result.counts, cp, derived),
                 f"committing batch {cp.batches}",
             )
-            logger.debug("job %s batch %d: %s in %.3f s", job_id, cp.batches,
-                         result.counts.model_dump(), result.write_seconds)  # fmt: skip
+            metrics.observe_batch(result.counts, result.write_seconds)
+            logger.debug(
+                "job %s batch %d: %s in %.3f s", job_id, cp.batches,
+                result.counts.model_dump(), result.write_seconds,
+                extra={"jobId": job_id, "operation": status.operation, "batch": cp.batches,
+                       **result.counts.model_dump(), "seconds": round(result.write_seconds, 4)},
+            )  # fmt: skip
             if on_progress:
                 on_progress(status)
             if status.cancelRequested or beat.cancel_seen:

@@ -57,6 +57,16 @@ def _beat(update: dict[str, Any]) -> dict[str, Any]:
     return update
 
 
+def _field(doc: Mapping[str, Any], path: str) -> Any:
+    """The value at a dotted path of a document (None when absent)."""
+    value: Any = doc
+    for part in path.split("."):
+        if not isinstance(value, Mapping):
+            return None
+        value = value.get(part)
+    return value
+
+
 class JobStore:
     """Creates, claims, advances and queries job status documents."""
 
@@ -264,24 +274,39 @@ class JobStore:
         derived: dict[str, Any],
         checkpoint_field: str = "checkpoint",
     ) -> JobStatus:
-        """One atomic update after a committed batch: counters, checkpoint, progress."""
+        """One atomic update after a committed batch: counters, checkpoint, progress.
+
+        The update only applies on top of the previous checkpoint (`batches - 1`), so a retry
+        of a commit whose reply was lost finds the checkpoint already there and does not
+        count the batch twice.
+        """
         cp = checkpoint.model_dump() if isinstance(checkpoint, Checkpoint) else checkpoint
-        return self._advance(
-            job_id,
-            owner,
-            {
-                "$inc": {
-                    "processedRecords": delta.processed,
-                    "insertedRecords": delta.inserted,
-                    "updatedRecords": delta.updated,
-                    "unchangedRecords": delta.unchanged,
-                    "errorRecords": delta.errors,
-                    "deletedRecords": delta.deleted,
-                    "runProcessed": delta.processed,
-                },
-                "$set": {checkpoint_field: cp, **derived},
+        query: dict[str, Any] = self._owned(job_id, owner)
+        if cp["batches"] > 1:
+            query[f"{checkpoint_field}.batches"] = cp["batches"] - 1
+        else:  # the first batch: no checkpoint yet, or the empty one set with the total
+            query["$or"] = [{checkpoint_field: None}, {f"{checkpoint_field}.batches": 0}]
+        update = {
+            "$inc": {
+                "processedRecords": delta.processed,
+                "insertedRecords": delta.inserted,
+                "updatedRecords": delta.updated,
+                "unchangedRecords": delta.unchanged,
+                "errorRecords": delta.errors,
+                "deletedRecords": delta.deleted,
+                "runProcessed": delta.processed,
             },
+            "$set": {checkpoint_field: cp, **derived},
+        }
+        doc = self.jobs.find_one_and_update(
+            query, _beat(update), projection={"_id": 0}, return_document=ReturnDocument.AFTER
         )
+        if doc is None:
+            current = self.jobs.find_one(self._owned(job_id, owner), {"_id": 0})
+            if current is None or _field(current, checkpoint_field) != cp:
+                raise LeaseLost(f"Job {job_id} is no longer owned by {owner}; stopping this run.")
+            doc = current  # the first attempt was applied; its reply was lost
+        return self._model(doc)
 
     def heartbeat(self, job_id: str, owner: str) -> JobStatus:
         """Renew the lease; returns the document (to see cancelRequested)."""
