@@ -119,6 +119,8 @@ def test_cancel_finished_job_is_409(client: TestClient) -> None:
     wait_done(client, job_id)
     r = client.post(f"/api/jobs/{job_id}/cancel")
     assert r.status_code == 409 and r.json()["status"] == "completed"
+    r = client.post(f"/api/jobs/{job_id}/resume")
+    assert r.status_code == 409 and "only failed jobs" in r.json()["error"]
 
 
 def test_seed_copy_endpoint_is_a_drop_in(client: TestClient) -> None:

@@ -158,3 +158,39 @@ def test_malformed_job_document_is_reported_not_crashed_on(settings: Settings) -
         assert "malformed" in str(info.value)
         assert rt.runner.run(status.jobId) is Outcome.NOT_CLAIMED
         assert rt.jobs.list() == []  # skipped with a warning, the list still answers
+
+
+def test_file_lost_mid_copy_fails_naming_it_then_resumes_exactly(
+    settings: Settings, db: Any, tmp_path: Path
+) -> None:
+    import shutil
+
+    lake = tmp_path / "lake"
+    shutil.copytree(settings.lake_uri or "", lake)
+    victim = sorted(lake.rglob("*.parquet"))[-5]
+    parked = tmp_path / "parked.parquet"
+    settings = settings.model_copy(update={"lake_uri": str(lake), "batch_size": 100})
+    with Runtime(settings) as rt:
+        status, _ = rt.jobs.start("copy-taskdetail")
+
+        def lose_file(s: Any) -> None:
+            if s.processedRecords and victim.exists():
+                victim.rename(parked)
+
+        assert rt.runner.run(status.jobId, on_progress=lose_file) is Outcome.ENDED
+        failed = rt.jobs.get(status.jobId)
+        assert failed.status == JobState.FAILED
+        assert victim.name in (failed.error or ""), failed.error
+        committed = failed.insertedRecords + failed.errorRecords
+        assert failed.processedRecords == committed < 5000
+        assert db.taskdetails.count_documents({}) == failed.insertedRecords
+        parked.rename(victim)  # the operator restores the file
+        reopened = rt.jobs.resume(status.jobId)
+        assert reopened.status == JobState.PENDING and reopened.error is None
+        with pytest.raises(JobError):
+            rt.jobs.resume(status.jobId)  # only failed jobs
+        assert rt.runner.run(status.jobId) is Outcome.ENDED
+        done = rt.jobs.get(status.jobId)
+    assert_exact(done)
+    assert done.insertedRecords == VALID and done.errorRecords == 25
+    assert db.taskdetails.count_documents({}) == VALID

@@ -94,11 +94,30 @@ def copy(
             final = _run_foreground(rt, status.jobId, show_bar=err.is_terminal and not as_json)
     except LakesyncError as e:
         _fail(e)
+    _finish(final, as_json)
+
+
+def _finish(final: JobStatus, as_json: bool) -> NoReturn:
     if as_json:
         _print_json(final.public())
     else:
         _print_summary(final)
     raise typer.Exit(0 if final.state is JobState.COMPLETED else 1)
+
+
+@app.command()
+def resume(job_id: str, as_json: JsonFlag = False) -> None:
+    """Resume a failed job from its checkpoint, in the foreground; exit 1 unless it completes."""
+    from lakesync.runtime import Runtime
+
+    try:
+        with Runtime(_settings(), executor=None, reads_lake=True) as rt:
+            rt.jobs.resume(job_id)
+            err.print(f"job {job_id} resumed from its checkpoint", highlight=False)
+            final = _run_foreground(rt, job_id, show_bar=err.is_terminal and not as_json)
+    except LakesyncError as e:
+        _fail(e)
+    _finish(final, as_json)
 
 
 def _run_foreground(rt: Any, job_id: str, show_bar: bool) -> JobStatus:

@@ -67,6 +67,13 @@ class JobService:
         """Request cancellation; it takes effect after the current batch."""
         return self.store.request_cancel(job_id)
 
+    def resume(self, job_id: str) -> JobStatus:
+        """Continue a failed job from its checkpoint (after the cause was fixed)."""
+        status = self.store.reopen(job_id)
+        if self.executor is not None:
+            self.executor.submit(job_id)
+        return status
+
     def get(self, job_id: str) -> JobStatus:
         """One job's status."""
         return self.store.get(job_id)

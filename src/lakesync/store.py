@@ -368,6 +368,38 @@ class JobStore:
             raise LeaseLost(f"Job {job_id} could not be released: another run owns it.")
         return self._model(doc)
 
+    def reopen(self, job_id: str) -> JobStatus:
+        """Make a failed job pending again, to continue from its checkpoint."""
+        current = self.get(job_id)
+        if current.state is not JobState.FAILED:
+            raise JobError(
+                f"Job {job_id} is {current.status.value}; only failed jobs can be resumed.",
+                status=current.status.value,
+            )
+        flight = f"{current.operation}|{current.options.get('source', '')}"
+        try:
+            doc = self.jobs.find_one_and_update(
+                {"jobId": job_id, "status": JobState.FAILED.value},
+                _beat({
+                    "$set": {"status": JobState.PENDING.value, "failures": 0, "flightKey": flight,
+                             "message": f"Resuming from record {current.processedRecords:,} "
+                             f"of {current.totalRecords:,}"},
+                    "$unset": {"error": "", "endTime": "", "failedAtBatch": ""},
+                }),
+                projection={"_id": 0}, return_document=ReturnDocument.AFTER,
+            )  # fmt: skip
+        except DuplicateKeyError:
+            running = self.jobs.find_one({"flightKey": flight}, {"jobId": 1}) or {}
+            raise JobError(
+                f"Job {running.get('jobId')} copies the same operation and source right now; "
+                f"resume {job_id} once it has ended.",
+                status=current.status.value,
+            ) from None
+        if doc is None:
+            raise JobError(f"Job {job_id} changed while resuming it; try again.")
+        logger.info("job %s: reopened to resume from its checkpoint", job_id)
+        return self._model(doc)
+
     def request_cancel(self, job_id: str) -> JobStatus:
         """Flag the job for cancellation; a pending job nobody runs is cancelled at once."""
         current = self.get(job_id)
