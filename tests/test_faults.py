@@ -103,6 +103,8 @@ def test_mongodb_down_for_five_seconds_job_completes_without_restart(
         nx.kill()
         nx.wait()
         assert httpx.get(f"{proc.url}/readyz", timeout=15).status_code == 503
+        down = httpx.get(f"{proc.url}/api/jobs/{job_id}", timeout=15)
+        assert down.status_code == 503 and "MongoDB" in down.json()["error"]
         time.sleep(5)
         nx = _start_nx(data, port)
         final = wait_for(

@@ -8,6 +8,7 @@ from typing import Any
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
+from pymongo.errors import PyMongoError
 from starlette.exceptions import HTTPException
 
 from lakesync.errors import LakesyncError
@@ -58,6 +59,16 @@ def install_error_handlers(app: FastAPI) -> None:
             detail = f"{request.method} is not allowed on {request.url.path}. See /docs."
         return JSONResponse(
             {"error": detail}, status_code=exc.status_code, headers=getattr(exc, "headers", None)
+        )
+
+    @app.exception_handler(PyMongoError)
+    async def mongo_error(request: Request, exc: PyMongoError) -> JSONResponse:
+        logger.warning("%s %s: MongoDB error: %s", request.method, request.url.path, exc)
+        where = request.app.state.runtime.mongo.where
+        return error_response(
+            503,
+            f"MongoDB at {where} is not answering ({type(exc).__name__}). The request was not "
+            "carried out; retry in a few seconds. /readyz tells when it is back.",
         )
 
     @app.exception_handler(Exception)
