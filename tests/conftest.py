@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import socket
@@ -129,8 +130,11 @@ class ServeProcess:
 
 
 @pytest.fixture
-def serve_env(settings: Settings) -> dict[str, str]:
-    """Environment for a `lakesync serve` child that uses the test's database and lake."""
+def serve_env(settings: Settings, tmp_path: Path) -> dict[str, str]:
+    """Environment for a `lakesync serve` child that uses the test's database and lake.
+
+    Job sources may be the lake or anything under the test's tmp_path (allowed roots).
+    """
     env = {k: v for k, v in os.environ.items() if not k.startswith("LAKESYNC_")}
     env.update(
         LAKESYNC_MONGODB_URI=settings.mongodb_uri.get_secret_value()
@@ -141,6 +145,7 @@ def serve_env(settings: Settings) -> dict[str, str]:
         LAKESYNC_LAKE_URI=settings.lake_uri or "",
         LAKESYNC_LEASE_SECONDS="3",
         LAKESYNC_RETRY_BUDGET_SECONDS="10",
+        LAKESYNC_ALLOWED_ROOTS=json.dumps([settings.lake_uri, str(tmp_path)]),
     )
     return env
 

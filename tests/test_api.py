@@ -88,7 +88,7 @@ def test_single_flight_and_idempotency_key(client: TestClient, runtime: Runtime)
         (json.dumps({"options": {"batchSize": "many"}}), 400, "batchSize"),
         (json.dumps({"options": {"mode": "sideways"}}), 400, "mode"),
         (json.dumps({"options": {"colour": "red"}}), 400, "colour"),
-        (json.dumps({"options": {"source": "/no/such/lake"}}), 400, "does not exist"),
+        (json.dumps({"options": {"source": "/no/such/lake"}}), 400, "outside the allowed roots"),
         (json.dumps({"options": []}), 422, "options"),
     ],
 )

@@ -167,7 +167,7 @@ def test_records_inserted_by_another_writer_meanwhile_become_updates(db: Any) ->
 
 
 def run_job(rt: Runtime, options: dict[str, Any] | None = None) -> JobStatus:
-    status, created = rt.jobs.start("copy-taskdetail", options or {})
+    status, created = rt.jobs.start("copy-taskdetail", options or {}, trusted=True)
     assert created
     rt.runner.run(status.jobId)
     return rt.jobs.get(status.jobId)

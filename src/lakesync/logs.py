@@ -1,16 +1,58 @@
-"""Logging set-up, done once when a process starts: human text or one JSON object per line."""
+"""Logging set-up, done once when a process starts: human text or one JSON object per line.
+
+Every line is masked (passwords in URIs become ``***``). Job code runs inside
+`job_context`, so each line it logs, whichever module logs it, carries ``jobId`` (and
+``operation``) as JSON fields; `extra={...}` adds more fields (batch, counts, seconds).
+"""
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import json
 import logging
 import sys
+from collections.abc import Iterator
 from datetime import UTC, datetime
 from typing import Any
 
 from lakesync.mongo import mask_uri
 
 _STANDARD = set(logging.LogRecord("", 0, "", 0, "", (), None).__dict__) | {"message", "asctime"}
+_JOB: contextvars.ContextVar[dict[str, str] | None] = contextvars.ContextVar("job", default=None)
+_format = "text"
+
+
+def masked(value: Any) -> Any:
+    """`value` with URI passwords masked in every string, however deeply nested."""
+    if isinstance(value, str):
+        return mask_uri(value)
+    if isinstance(value, dict):
+        return {k: masked(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [masked(v) for v in value]
+    return value
+
+
+@contextlib.contextmanager
+def job_context(job_id: str, operation: str | None = None) -> Iterator[None]:
+    """Tag every record logged in this context (thread or task) with the job's id."""
+    fields = {"jobId": job_id} | ({"operation": operation} if operation else {})
+    token = _JOB.set(fields)
+    try:
+        yield
+    finally:
+        _JOB.reset(token)
+
+
+class JobFields(logging.Filter):
+    """Adds the `job_context` fields to a record that does not carry them already."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        for key, value in (_JOB.get() or {}).items():
+            if not hasattr(record, key):
+                setattr(record, key, value)
+        return True
 
 
 class JsonFormatter(logging.Formatter):
@@ -26,11 +68,13 @@ class JsonFormatter(logging.Formatter):
             "message": mask_uri(record.getMessage()),
         }
         for key, value in record.__dict__.items():
-            if key not in _STANDARD and not key.startswith("_"):
-                out[key] = value
+            if key not in _STANDARD and not key.startswith("_") and key not in out:
+                out[key] = masked(value)
         if record.exc_info:
             out["exception"] = mask_uri(self.formatException(record.exc_info))
-        return json.dumps(out, default=str)
+        if record.stack_info:
+            out["stack"] = mask_uri(self.formatStack(record.stack_info))
+        return json.dumps(out, default=lambda v: mask_uri(str(v)))
 
 
 class MaskingFormatter(logging.Formatter):
@@ -42,11 +86,13 @@ class MaskingFormatter(logging.Formatter):
 
 def configure_logging(fmt: str = "text", level: str = "INFO") -> None:
     """Install one stderr handler on the root logger (replacing earlier ones)."""
+    global _format
     handler = logging.StreamHandler(sys.stderr)
     if fmt == "json":
         handler.setFormatter(JsonFormatter())
     else:
         handler.setFormatter(MaskingFormatter("%(asctime)s %(levelname)-7s %(name)s: %(message)s"))
+    handler.addFilter(JobFields())
     root = logging.getLogger()
     for old in list(root.handlers):
         root.removeHandler(old)
@@ -54,3 +100,10 @@ def configure_logging(fmt: str = "text", level: str = "INFO") -> None:
     root.setLevel(level)
     for noisy in ("pymongo", "urllib3", "botocore", "celery", "kombu", "amqp"):
         logging.getLogger(noisy).setLevel(max(logging.WARNING, logging.getLevelName(level)))
+    logging.captureWarnings(True)  # warnings become (JSON, masked) log lines, not raw stderr
+    _format = fmt
+
+
+def json_enabled() -> bool:
+    """Whether stderr carries JSON lines only (then the CLI logs its notices instead)."""
+    return _format == "json"

@@ -1,15 +1,24 @@
-"""Prometheus metrics of this process: records by kind, batch latency, runs, resumes, retries."""
+"""Prometheus metrics of this process: records by kind, batch latency, runs, resumes, retries.
+
+Counters are per process (reset when it restarts); `lakesync_jobs` is read from the status
+store at each scrape, so every process reports the same, shared numbers.
+"""
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
-from lakesync.models import Counters
+from lakesync.models import Counters, JobState
 
 REGISTRY = CollectorRegistry(auto_describe=True)
 
 RECORDS = Counter(
-    "lakesync_records", "Records handled by copy jobs, by outcome", ["kind"], registry=REGISTRY
+    "lakesync_records",
+    "Records handled by copy jobs, by outcome (inserted, updated, unchanged, error, deleted)",
+    ["kind"],
+    registry=REGISTRY,
 )
 BATCH_SECONDS = Histogram(
     "lakesync_batch_write_seconds",
@@ -21,9 +30,16 @@ ACTIVE = Gauge("lakesync_active_jobs", "Job runs executing in this process", reg
 RESUMES = Counter(
     "lakesync_resumes", "Job runs that continued from a checkpoint", registry=REGISTRY
 )
-RETRIES = Counter("lakesync_retries", "MongoDB calls retried after a transient error",
-                  registry=REGISTRY)  # fmt: skip
+RETRIES = Counter(
+    "lakesync_retries", "MongoDB calls retried after a transient error", registry=REGISTRY
+)
 JOBS = Gauge("lakesync_jobs", "Jobs in the status store, by status", ["status"], registry=REGISTRY)
+MONGODB_UP = Gauge(
+    "lakesync_mongodb_up", "1 if MongoDB answered the last scrape, else 0", registry=REGISTRY
+)
+
+for _kind in ("inserted", "updated", "unchanged", "error"):
+    RECORDS.labels(kind=_kind)  # present (at 0) from the first scrape, so rate() works
 
 
 def observe_batch(counts: Counters, write_seconds: float) -> None:
@@ -35,3 +51,9 @@ def observe_batch(counts: Counters, write_seconds: float) -> None:
     if counts.deleted:
         RECORDS.labels(kind="deleted").inc(counts.deleted)
     BATCH_SECONDS.observe(write_seconds)
+
+
+def set_job_counts(counts: Mapping[str, int]) -> None:
+    """Set `lakesync_jobs` from the store's count per status (absent statuses are 0)."""
+    for state in JobState:
+        JOBS.labels(status=state.value).set(counts.get(state.value, 0))

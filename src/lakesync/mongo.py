@@ -38,7 +38,11 @@ from lakesync.errors import ConfigError, StoreError
 logger = logging.getLogger(__name__)
 
 CONNECT_TIMEOUT_MS = 5000
-_PASSWORD = re.compile(r"(?P<scheme>[a-z][a-z0-9+.-]*://)(?P<user>[^:@/]*):(?P<pw>[^@/]*)@", re.I)
+#: user:password@ of a URI; the password runs to the last "@" before the host, so one with
+#: an unescaped "@" (a common mistake pymongo then rejects) is still masked whole
+_PASSWORD = re.compile(
+    r"(?P<scheme>[a-z][a-z0-9+.-]*://)(?P<user>[^:@/\s]*):(?P<pw>[^/\s]*)@", re.I
+)
 
 
 def mask_uri(text: str) -> str:
@@ -231,9 +235,10 @@ class Mongo:
         """Raise StoreError naming the host (password masked) if MongoDB does not answer."""
         try:
             self.client.admin.command("ping")
-        except PyMongoError as e:
+        except Exception as e:  # the driver can fail with other errors, e.g. on auth replies
+            reason = mask_uri(f"{type(e).__name__}: {e}").splitlines()[0][:300]
             raise StoreError(
-                f"Cannot reach MongoDB at {self.where}: {mask_uri(str(e)).splitlines()[0][:300]}. "
+                f"Cannot reach MongoDB at {self.where}: {reason}. "
                 "Check LAKESYNC_MONGODB_URI (host, port, credentials) and that the server is up."
             ) from None
 

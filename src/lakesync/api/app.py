@@ -11,6 +11,7 @@ from fastapi.staticfiles import StaticFiles
 
 from lakesync import __version__
 from lakesync.api import health, jobs, netlify, operations, page
+from lakesync.api.auth import TokenGuard
 from lakesync.api.errors import install_error_handlers
 from lakesync.api.limits import BodySizeLimit
 from lakesync.runtime import Runtime
@@ -37,6 +38,7 @@ def create_app(runtime: Runtime, close_on_shutdown: bool = False) -> FastAPI:
     )
     app.state.runtime = runtime
     app.add_middleware(BodySizeLimit, max_bytes=64 * 1024)
+    app.add_middleware(TokenGuard)  # added last, runs first: 401 before any body is read
     install_error_handlers(app)
     for module in (jobs, operations, netlify, health, page):
         app.include_router(module.router)

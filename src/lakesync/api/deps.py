@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
-import hmac
 from typing import Annotated
 
-from fastapi import Depends, Request
+from fastapi import Depends, Request, Security
+from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from starlette.exceptions import HTTPException
 
+from lakesync.api.auth import UNAUTHORIZED, authorized
 from lakesync.runtime import Runtime
 
 
@@ -19,28 +20,22 @@ def get_runtime(request: Request) -> Runtime:
 
 RuntimeDep = Annotated[Runtime, Depends(get_runtime)]
 
+#: Only declares the scheme in OpenAPI (the /docs "Authorize" button); the check is ours.
+_bearer = HTTPBearer(auto_error=False, description="The value of LAKESYNC_API_TOKEN.")
 
-def require_token(request: Request) -> None:
+
+def require_token(
+    request: Request,
+    _declared: Annotated[HTTPAuthorizationCredentials | None, Security(_bearer)] = None,
+) -> None:
     """With LAKESYNC_API_TOKEN set, demand `Authorization: Bearer <token>` (constant time).
 
     EventSource cannot send headers, so the events stream also accepts `?access_token=`.
+    `auth.TokenGuard` applies the same check to every protected path before the body is
+    read; this dependency keeps each route safe on its own and documents the scheme.
     """
-    token = request.app.state.runtime.settings.api_token
-    if token is None:
-        return
-    given = ""
-    header = request.headers.get("authorization", "")
-    if header.lower().startswith("bearer "):
-        given = header[7:].strip()
-    elif request.url.path.endswith("/events"):
-        given = request.query_params.get("access_token", "")
-    if not hmac.compare_digest(given.encode(), token.get_secret_value().encode()):
-        raise HTTPException(
-            401,
-            "Missing or wrong API token. Send the header 'Authorization: Bearer <token>' "
-            "with the value of LAKESYNC_API_TOKEN.",
-            headers={"WWW-Authenticate": "Bearer"},
-        )
+    if not authorized(request):
+        raise HTTPException(401, UNAUTHORIZED, headers={"WWW-Authenticate": "Bearer"})
 
 
 Authorized = Depends(require_token)

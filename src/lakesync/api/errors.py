@@ -12,14 +12,17 @@ from pymongo.errors import PyMongoError
 from starlette.exceptions import HTTPException
 
 from lakesync.errors import LakesyncError
-from lakesync.mongo import mask_uri
+from lakesync.logs import masked
 
 logger = logging.getLogger(__name__)
 
 
-def error_response(http_status: int, message: str, **details: Any) -> JSONResponse:
-    """A JSON error body with what is wrong and how to fix it."""
-    return JSONResponse({"error": mask_uri(message), **details}, status_code=http_status)
+def error_response(
+    http_status: int, message: str, headers: dict[str, str] | None = None, **details: Any
+) -> JSONResponse:
+    """A JSON error body with what is wrong and how to fix it (passwords masked)."""
+    body = masked({"error": message, **details})
+    return JSONResponse(body, status_code=http_status, headers=headers)
 
 
 def _validation_message(exc: RequestValidationError) -> tuple[int, str]:
@@ -57,9 +60,7 @@ def install_error_handlers(app: FastAPI) -> None:
             detail = f"No route {request.method} {request.url.path}. See /docs for the API."
         if exc.status_code == 405:
             detail = f"{request.method} is not allowed on {request.url.path}. See /docs."
-        return JSONResponse(
-            {"error": detail}, status_code=exc.status_code, headers=getattr(exc, "headers", None)
-        )
+        return error_response(exc.status_code, detail, getattr(exc, "headers", None))
 
     @app.exception_handler(PyMongoError)
     async def mongo_error(request: Request, exc: PyMongoError) -> JSONResponse:

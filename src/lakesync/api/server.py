@@ -15,6 +15,8 @@ from lakesync.runtime import Runtime
 
 logger = logging.getLogger(__name__)
 
+MIN_TOKEN_LENGTH = 16
+
 
 def is_loopback(host: str) -> bool:
     """True when `host` only accepts connections from this machine."""
@@ -30,14 +32,25 @@ def is_loopback(host: str) -> bool:
             return False
 
 
-def serve(settings: Settings, host: str, port: int) -> None:
-    """Run until SIGTERM/Ctrl-C; running jobs stop at a batch boundary and stay resumable."""
-    if not is_loopback(host) and settings.api_token is None:
+def check_exposure(settings: Settings, host: str) -> None:
+    """Refuse a non-loopback address without LAKESYNC_API_TOKEN; warn about a short token."""
+    token = settings.api_token
+    if token is None and not is_loopback(host):
         raise ConfigError(
             f"Refusing to listen on {host} without an API token: anyone who can reach it could "
             "start or cancel copies. Set LAKESYNC_API_TOKEN to a long random secret (e.g. "
             "`export LAKESYNC_API_TOKEN=$(openssl rand -hex 32)`), or listen on 127.0.0.1."
         )
+    if token is not None and len(token.get_secret_value()) < MIN_TOKEN_LENGTH:
+        logger.warning(
+            "LAKESYNC_API_TOKEN is shorter than %d characters and easy to guess; use e.g. "
+            "`openssl rand -hex 32`.", MIN_TOKEN_LENGTH,
+        )  # fmt: skip
+
+
+def serve(settings: Settings, host: str, port: int) -> None:
+    """Run until SIGTERM/Ctrl-C; running jobs stop at a batch boundary and stay resumable."""
+    check_exposure(settings, host)
     runtime = Runtime(settings, executor=settings.executor, reads_lake=True)
     try:
         runtime.start()
