@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import signal
 import sys
 import threading
@@ -17,17 +18,19 @@ from rich.table import Table
 
 from lakesync.config import Settings, get_settings
 from lakesync.errors import ConfigError, LakesyncError
-from lakesync.logs import configure_logging
+from lakesync.logs import configure_logging, json_enabled
 from lakesync.models import JobState, JobStatus
 from lakesync.runner import Outcome
 
 app = typer.Typer(
     add_completion=False,
+    pretty_exceptions_show_locals=False,  # locals may hold URIs with passwords
     no_args_is_help=True,
     help="Copy data-lake records into MongoDB as durable background jobs.",
 )
 err = Console(stderr=True)
 out = Console()
+logger = logging.getLogger(__name__)
 
 JsonFlag = Annotated[bool, typer.Option("--json", help="Print JSON for scripts.")]
 
@@ -40,8 +43,19 @@ def _settings() -> Settings:
 
 def _fail(error: Exception, code: int = 1) -> NoReturn:
     """Print one clear line to stderr and exit; a bad setting is a start-up error (code 2)."""
-    err.print(f"[bold red]error:[/] {escape(str(error))}", highlight=False, soft_wrap=True)
+    if json_enabled():
+        logger.error("%s", error)
+    else:
+        err.print(f"[bold red]error:[/] {escape(str(error))}", highlight=False, soft_wrap=True)
     raise typer.Exit(2 if isinstance(error, ConfigError) else code)
+
+
+def _notice(text: str, **fields: str) -> None:
+    """A note for the user on stderr; a log line when logs are JSON, so stderr stays JSON."""
+    if json_enabled():
+        logger.info("%s", text, extra=fields)
+    else:
+        err.print(text, highlight=False)
 
 
 def _print_json(data: Any) -> None:
@@ -82,7 +96,7 @@ def copy(
     try:
         settings = _settings()
         with Runtime(settings, executor=None, reads_lake=True) as rt:
-            status, created = rt.jobs.start(operation, options)
+            status, created = rt.jobs.start(operation, options, trusted=True)
             if not created and status.state is not JobState.PENDING:
                 _fail(LakesyncError(
                     f"Job {status.jobId} for {operation} on this source is already "
@@ -90,7 +104,7 @@ def copy(
                     f"`lakesync status {status.jobId}`."))  # fmt: skip
             # a pending job of this source (e.g. paused by Ctrl-C) resumes from its checkpoint
             verb = "started" if created else "resumed from its checkpoint"
-            err.print(f"job {status.jobId} {verb}", highlight=False)
+            _notice(f"job {status.jobId} {verb}", jobId=status.jobId, operation=operation)
             final = _run_foreground(rt, status.jobId, show_bar=err.is_terminal and not as_json)
     except LakesyncError as e:
         _fail(e)
@@ -113,7 +127,7 @@ def resume(job_id: str, as_json: JsonFlag = False) -> None:
     try:
         with Runtime(_settings(), executor=None, reads_lake=True) as rt:
             rt.jobs.resume(job_id)
-            err.print(f"job {job_id} resumed from its checkpoint", highlight=False)
+            _notice(f"job {job_id} resumed from its checkpoint", jobId=job_id)
             final = _run_foreground(rt, job_id, show_bar=err.is_terminal and not as_json)
     except LakesyncError as e:
         _fail(e)
@@ -125,7 +139,7 @@ def _run_foreground(rt: Any, job_id: str, show_bar: bool) -> JobStatus:
     previous = signal.getsignal(signal.SIGINT)
 
     def interrupt(*_: object) -> None:
-        err.print("stopping after the current batch (Ctrl-C again to force)...")
+        _notice("stopping after the current batch (Ctrl-C again to force)...")
         rt.runner.stop.set()
         signal.signal(signal.SIGINT, previous)
 
@@ -218,21 +232,27 @@ def cancel(job_id: str) -> None:
 
 @app.command()
 def operations(as_json: JsonFlag = False) -> None:
-    """List the declared operations."""
+    """List the declared operations with their last job and watermark."""
     from lakesync.runtime import Runtime
+    from lakesync.watermarks import WatermarkStore
 
     try:
         with Runtime(_settings()) as rt:
-            listed = [{"name": op.name, "description": op.description,
-                       "collection": op.collection, "source": op.source_uri(rt.settings),
-                       "mode": op.mode} for op in rt.registry.all()]  # fmt: skip
+            listed = rt.registry.overview(rt.settings, rt.store, WatermarkStore(rt.store.db))
     except LakesyncError as e:
         _fail(e)
     if as_json:
-        _print_json({"operations": listed})
+        _print_json({"operations": [op.model_dump(mode="json") for op in listed]})
         return
+    table = Table("operation", "mode", "source -> collection", "watermark", "last job")
     for op in listed:
-        out.print(f"[bold]{op['name']}[/]  {op['description']} -> {op['collection']}")
+        mark = "-" if op.watermarkColumn is None else f"{op.watermarkColumn} > " + (
+            str(op.watermark["value"]) if op.watermark else "(none yet)")  # fmt: skip
+        last = "-" if op.lastJob is None else f"{op.lastJob['status']} {op.lastJob['jobId']}"
+        table.add_row(f"[bold]{escape(op.name)}[/]\n{escape(op.description)}", op.mode,
+                      escape(f"{op.source} -> {op.collection}"), escape(mark),
+                      escape(last))  # fmt: skip
+    out.print(table)
 
 
 @app.command("demo-data")

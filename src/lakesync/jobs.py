@@ -34,19 +34,32 @@ class JobService:
         self.executor = executor
 
     def start(
-        self, operation: str, raw_options: Any = None, idempotency_key: str | None = None
+        self,
+        operation: str,
+        raw_options: Any = None,
+        idempotency_key: str | None = None,
+        *,
+        trusted: bool = False,
     ) -> tuple[JobStatus, bool]:
-        """Validate, then create and submit a job; (status, created). Never reads the data."""
+        """Validate, then create and submit a job; (status, created). Never reads the data.
+
+        A `source` option must lie inside the allowed roots (checked before its existence,
+        so API clients cannot probe the server's files) unless the caller is `trusted`:
+        the CLI, whose user can read those files anyway.
+        """
         op = self.registry.get(operation)
         options = parse_options(raw_options)
+        op.check_options(options)  # mode-level checks (incremental needs a watermark...)
         source = options.source or op.source_uri(self.settings)
-        roots = self.settings.allowed_roots
-        if options.source and roots and not within_roots(options.source, roots):
-            raise SourceError(
-                f"The source {mask_secrets(options.source)} is outside the allowed roots "
-                f"({', '.join(roots)}). Use a source under one of them, or add its root to "
-                "LAKESYNC_ALLOWED_ROOTS."
-            )
+        if options.source and not trusted:
+            roots = self.settings.allowed_roots or [op.source_uri(self.settings)]
+            if not within_roots(options.source, roots):
+                raise SourceError(
+                    f"The source {mask_secrets(options.source)} is outside the allowed roots "
+                    f"({', '.join(mask_secrets(r) for r in roots)}). Use a source under one "
+                    "of them, or list more roots in LAKESYNC_ALLOWED_ROOTS (a JSON list).",
+                    allowedRoots=[mask_secrets(r) for r in roots],
+                )
         check_source_exists(source)
         body = {"operation": operation, "options": options.model_dump(exclude_none=True)}
         if idempotency_key:
@@ -58,7 +71,8 @@ class JobService:
         if idempotency_key:
             self.store.remember_idempotency(idempotency_key, body, status.jobId)
         if created:
-            logger.info("job %s: created (%s, source %s)", status.jobId, operation, source)
+            logger.info("job %s: created (%s, source %s)", status.jobId, operation, source,
+                        extra={"jobId": status.jobId, "operation": operation})  # fmt: skip
             if self.executor is not None:
                 self.executor.submit(status.jobId)
         return status, created

@@ -5,7 +5,7 @@ from __future__ import annotations
 import secrets
 from datetime import UTC, datetime
 from enum import StrEnum
-from typing import Any
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_serializer, field_validator
 
@@ -42,6 +42,15 @@ ACTIVE_STATES = (JobState.PENDING.value, JobState.IN_PROGRESS.value)
 FINAL_STATES = (JobState.COMPLETED.value, JobState.FAILED.value, JobState.CANCELLED.value)
 
 
+class Watermark(BaseModel):
+    """A value of an operation's watermark column (e.g. updatedAt): how far a copy has read."""
+
+    column: str
+    kind: Literal["timestamp", "date", "int"]
+    value: int  # epoch milliseconds for timestamps and dates (UTC), else the integer itself
+    iso: str | None = None  # timestamps and dates for people: ISO 8601 UTC ending in Z
+
+
 class Checkpoint(BaseModel):
     """Where a job (or one partition of it) stands in the lake after its last committed batch."""
 
@@ -49,6 +58,15 @@ class Checkpoint(BaseModel):
     row: int = 0
     batches: int = 0
     file: str | None = None  # Lake.file_name(fileIndex): resume checks it still matches
+    # watermarks pinned at the job's start (see watermarks.py): an incremental job reads
+    # since < column <= until, so a resumed run reads the same rows (positions count
+    # filtered rows); until becomes the operation's watermark when the job completes
+    since: Watermark | None = None
+    until: Watermark | None = None
+    # mirror: the last _id compared with the lake, and ids counted as deleted but maybe
+    # not deleted yet (a resumed run deletes them again)
+    mirrorAfter: str | int | float | None = None
+    mirrorPending: list[str | int | float] = Field(default_factory=list)
 
 
 class Counters(BaseModel):
@@ -108,6 +126,7 @@ class JobStatus(BaseModel):
     runProcessed: int = 0
     partitions: int | None = None
     partitionsDone: int | None = None
+    partitionedAtMs: int | None = None
 
     @field_validator(
         "startTime", "endTime", "updatedAt", "heartbeatAt", "runStartedAt", mode="before"
@@ -131,4 +150,7 @@ class JobStatus(BaseModel):
 
     def public(self) -> dict[str, Any]:
         """The JSON document the API and `--json` print (internal lease fields left out)."""
-        return self.model_dump(mode="json", exclude={"owner", "runStartedAt", "runProcessed"})
+        return self.model_dump(
+            mode="json",
+            exclude={"owner", "runStartedAt", "runProcessed", "partitionedAtMs"},
+        )

@@ -1,15 +1,40 @@
-"""The registry of operations: `copy-taskdetail` built in, more declared in lakesync.toml."""
+"""The registry of operations: `copy-taskdetail` built in, more declared in lakesync.toml.
+
+An operations file (``LAKESYNC_OPERATIONS_FILE``, default ``lakesync.toml``; read only if
+it exists) declares one ``[operations.<name>]`` table per operation::
+
+    [operations.copy-projects]
+    source = "/data/lake/projects"   # relative paths are relative to the file
+    collection = "projects"
+    key = "projectId"
+    mode = "incremental"
+    watermark = "updatedAt"
+    [operations.copy-projects.schema.fields]
+    projectId = { type = "string", required = true }
+    updatedAt = { type = "timestamp", required = true }
+
+Any mistake stops start-up with a ConfigError naming the file, the operation and the field.
+"""
 
 from __future__ import annotations
 
 import logging
-from typing import Any, Literal
+import os
+import re
+import tomllib
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from lakesync.config import Settings
-from lakesync.errors import RequestError
-from lakesync.schema import TASK_DETAIL, RecordSchema
+from lakesync.errors import ConfigError, RequestError
+from lakesync.schema import TASK_DETAIL, FieldRule, FieldType, RecordSchema
+from lakesync.storage import mask_secrets
+
+if TYPE_CHECKING:
+    from lakesync.store import JobStore
+    from lakesync.watermarks import WatermarkStore
 
 logger = logging.getLogger(__name__)
 
@@ -34,6 +59,22 @@ class Operation(BaseModel):
     def source_uri(self, settings: Settings) -> str:
         """The lake this operation reads by default."""
         return self.source or settings.effective_lake_uri
+
+    def check_options(self, options: JobOptions) -> None:
+        """Refuse, before a job exists, options this operation cannot honour (RequestError)."""
+        mode = options.mode or self.mode
+        if mode == "incremental" and not self.watermark:
+            raise RequestError(
+                f"Operation {self.name!r} has no watermark column, so it cannot copy "
+                "incrementally. Use mode full or mirror, or declare its `watermark` in "
+                "lakesync.toml.",
+                operation=self.name,
+            )
+        if options.allowEmpty and mode != "mirror":
+            raise RequestError(
+                f'"allowEmpty" only applies to mode mirror; this job\'s mode is {mode}. '
+                'Remove the option, or send "mode": "mirror".',
+            )
 
 
 class JobOptions(BaseModel):
@@ -65,7 +106,14 @@ class OperationRegistry:
     @classmethod
     def from_settings(cls, settings: Settings) -> OperationRegistry:
         """The built-in operation plus those declared in the operations file, if present."""
-        return cls([COPY_TASKDETAIL])
+        path = Path(settings.operations_file)
+        if not path.is_file():
+            if path.exists():
+                raise ConfigError(f"{path}: not a file (LAKESYNC_OPERATIONS_FILE).")
+            return cls([COPY_TASKDETAIL])
+        declared = load_operations(path)
+        logger.info("Loaded %d operation(s) from %s", len(declared), path)
+        return cls([COPY_TASKDETAIL, *declared])
 
     def names(self) -> list[str]:
         """Operation names, built-in first."""
@@ -84,6 +132,186 @@ class OperationRegistry:
                 f"Unknown operation {name!r}. Valid operations: {', '.join(self._ops)}.",
                 valid=self.names(),
             ) from None
+
+    def overview(
+        self, settings: Settings, store: JobStore, watermarks: WatermarkStore
+    ) -> list[OperationInfo]:
+        """Every operation with its last job and its watermark (for the API and the CLI)."""
+        out = []
+        for op in self._ops.values():
+            last = store.list_jobs(operation=op.name, limit=1)
+            source = op.source_uri(settings)
+            states = watermarks.for_operation(op.name)
+            state = next((s for s in states if s.source == source), states[0] if states else None)
+            shown = None
+            if state is not None:
+                w = state.watermark
+                shown = {"column": w.column, "kind": w.kind, "value": w.iso or w.value,
+                         "source": mask_secrets(state.source), "jobId": state.jobId}  # fmt: skip
+            out.append(OperationInfo(
+                name=op.name, description=op.description, source=mask_secrets(source),
+                format=op.format, collection=op.collection, key=op.schema_.key,
+                batchSize=op.batchSize, mode=op.mode, watermarkColumn=op.watermark,
+                watermark=shown, lastJob=last[0].public() if last else None,
+            ))  # fmt: skip
+        return out
+
+
+class OperationInfo(BaseModel):
+    """What GET /api/operations and `lakesync operations` show about one operation."""
+
+    name: str
+    description: str
+    source: str
+    format: str | None
+    collection: str
+    key: str
+    batchSize: int | None
+    mode: Mode
+    watermarkColumn: str | None
+    watermark: dict[str, Any] | None  # column, kind, value (ISO time or number), source, jobId
+    lastJob: dict[str, Any] | None
+
+
+# -- lakesync.toml ---------------------------------------------------------------------------
+
+_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,99}")
+_COLLECTION = re.compile(r"[A-Za-z_][A-Za-z0-9_.-]{0,119}")
+#: lakesync's own collections, and the prefix of its temporary ones
+RESERVED = {"jobstatuses", "copyerrors", "idempotencykeys", "syncstate", "jobpartitions"}
+_RESERVED_PREFIXES = ("mirrorseen_", "system.")
+_WATERMARK_TYPES = ("timestamp", "int", "any")
+
+
+class FieldConfig(BaseModel):
+    """One field of a declared schema, as written in lakesync.toml."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    type: FieldType = "any"
+    required: bool = False  # the column must exist and hold a value
+    nullable: bool | None = None  # default: nulls allowed unless required
+    min: float | None = None
+    allowed: list[str] | None = None
+    nonEmpty: bool = False
+
+
+class SchemaConfig(BaseModel):
+    """The `schema` table of a declared operation."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    fields: dict[str, FieldConfig] = Field(default_factory=dict)
+    keepExtra: bool = False  # also copy columns the schema does not declare
+
+
+class OperationConfig(BaseModel):
+    """One `[operations.<name>]` table of lakesync.toml."""
+
+    model_config = ConfigDict(extra="forbid", populate_by_name=True)
+
+    description: str = ""
+    source: str | None = Field(None, min_length=1)
+    format: Literal["parquet", "pq", "csv", "json", "jsonl", "ndjson", "delta"] | None = None
+    collection: str
+    key: str = Field(min_length=1)
+    batchSize: int | None = Field(None, ge=1, le=100_000)
+    mode: Mode = "full"
+    watermark: str | None = Field(None, min_length=1)
+    schema_: SchemaConfig | None = Field(None, alias="schema")
+
+
+def load_operations(path: Path) -> list[Operation]:
+    """The operations declared in a TOML file; ConfigError naming the file, operation, field."""
+    try:
+        with path.open("rb") as f:
+            data = tomllib.load(f)
+    except tomllib.TOMLDecodeError as e:
+        raise ConfigError(f"{path}: not valid TOML: {e}. Fix the file and start again.") from None
+    except OSError as e:
+        raise ConfigError(f"{path}: cannot be read: {e.strerror or e}.") from None
+    unknown = [k for k in data if k != "operations"]
+    if unknown:
+        raise ConfigError(
+            f"{path}: unknown top-level key {unknown[0]!r}; declare each operation as an "
+            "[operations.<name>] table."
+        )
+    tables = data.get("operations", {})
+    if not isinstance(tables, dict):
+        raise ConfigError(f"{path}: `operations` must be a table of [operations.<name>] tables.")
+    return [_operation(path, name, table) for name, table in tables.items()]
+
+
+def _operation(path: Path, name: str, table: Any) -> Operation:
+    def fail(problem: str) -> ConfigError:
+        return ConfigError(f"{path}: operation {name!r}: {problem}", operation=name)
+
+    if name == COPY_TASKDETAIL.name:
+        raise fail("is built in and cannot be redeclared; give your operation another name.")
+    if not _NAME.fullmatch(name):
+        raise fail("the name may hold letters, digits, '.', '_' and '-' (at most 100).")
+    if not isinstance(table, dict):
+        raise fail(f"must be a table ([operations.{name}]), not a value.")
+    try:
+        cfg = OperationConfig.model_validate(table)
+    except ValidationError as e:
+        raise fail("; ".join(_problem(item) for item in e.errors())) from None
+    if not _COLLECTION.fullmatch(cfg.collection):
+        raise fail(f"collection {cfg.collection!r} is not a valid collection name (letters, "
+                   "digits, '_', '.' and '-', starting with a letter or '_').")  # fmt: skip
+    if cfg.collection in RESERVED or cfg.collection.startswith(_RESERVED_PREFIXES):
+        raise fail(f"collection {cfg.collection!r} is used by lakesync itself; choose another.")
+    if cfg.mode == "incremental" and cfg.watermark is None:
+        raise fail("watermark is required when mode is incremental (e.g. watermark = "
+                   '"updatedAt").')  # fmt: skip
+    fields = _fields(cfg, fail)
+    source = cfg.source
+    if source is not None and "://" not in source:  # relative to the file, not the working dir
+        source = os.path.abspath(path.parent / Path(source).expanduser())
+    schema = RecordSchema(
+        key=cfg.key, fields=fields, keepExtra=cfg.schema_.keepExtra if cfg.schema_ else False
+    )
+    return Operation(
+        name=name, description=cfg.description, source=source, format=cfg.format,
+        collection=cfg.collection, schema_=schema, batchSize=cfg.batchSize, mode=cfg.mode,
+        watermark=cfg.watermark,
+    )  # fmt: skip
+
+
+def _fields(cfg: OperationConfig, fail: Any) -> list[FieldRule]:
+    """The schema's field rules; the key is always required (it becomes `_id`)."""
+    declared = cfg.schema_.fields if cfg.schema_ else {}
+    rules = []
+    for name, f in declared.items():
+        where = f"schema.fields.{name}"
+        if f.min is not None and f.type not in ("float", "int"):
+            raise fail(f"{where}: min only applies to float and int fields, not {f.type}.")
+        if f.allowed is not None and f.type != "string":
+            raise fail(f"{where}: allowed only applies to string fields, not {f.type}.")
+        if name == cfg.watermark and f.type not in _WATERMARK_TYPES:
+            raise fail(f"watermark {name!r} is a {f.type} field; a watermark must be a "
+                       "timestamp or int field.")  # fmt: skip
+        is_key = name == cfg.key
+        required = f.required or is_key
+        nullable = (not required if f.nullable is None else f.nullable) and not is_key
+        rules.append(FieldRule(name=name, type=f.type, required=required, nullable=nullable,
+                               min=f.min, allowed=f.allowed, nonEmpty=f.nonEmpty))  # fmt: skip
+    if rules and cfg.key not in declared:  # the key must be validated like the engine uses it
+        rules.insert(0, FieldRule(name=cfg.key, required=True, nullable=False))
+    return rules
+
+
+def _problem(item: Any) -> str:
+    """One pydantic error as `field problem`, in the file's own terms."""
+    where = ".".join(str(p) for p in item["loc"])
+    if item["type"] == "missing":
+        return f"{where} is required"
+    if item["type"] == "extra_forbidden":
+        *parent, last = [str(p) for p in item["loc"]]
+        inside = f"{'.'.join(parent)}: " if parent else ""
+        return f"{inside}unknown field {last!r}"
+    msg = str(item["msg"])
+    return f"{where}: {msg[0].lower()}{msg[1:]} (got {item.get('input')!r})"
 
 
 def parse_options(raw: Any) -> JobOptions:

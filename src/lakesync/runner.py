@@ -14,10 +14,10 @@ import uuid
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from enum import Enum
-from functools import partial
-from typing import Any
+from functools import cached_property, partial
+from typing import TYPE_CHECKING, Any
 
-from lakesync import metrics
+from lakesync import metrics, mirror
 from lakesync.config import Settings
 from lakesync.copy import CopyEngine
 from lakesync.errors import (
@@ -28,12 +28,17 @@ from lakesync.errors import (
     TransientStoreError,
 )
 from lakesync.lake import Lake, Position
-from lakesync.models import Checkpoint, Counters, JobState, JobStatus
+from lakesync.mirror import MirrorSet, key_type
+from lakesync.models import Checkpoint, Counters, JobState, JobStatus, Watermark
 from lakesync.mongo import mask_uri
 from lakesync.operations import OperationRegistry, parse_options
 from lakesync.retry import RetryPolicy
 from lakesync.schema import check_columns
 from lakesync.store import JobStore
+from lakesync.watermarks import WatermarkStore, lake_filter, scan, shown, watermark_column
+
+if TYPE_CHECKING:
+    from lakesync.partitions import PartitionedJobs
 
 logger = logging.getLogger(__name__)
 
@@ -72,6 +77,13 @@ class JobRunner:
     registry: OperationRegistry
     owner: str = field(default_factory=new_owner)
     stop: threading.Event = field(default_factory=threading.Event)
+    #: set when the executor can run partitions in parallel (see partitions.py)
+    partitioned: PartitionedJobs | None = None
+
+    @cached_property
+    def watermarks(self) -> WatermarkStore:
+        """The operations' watermarks (`syncstate`)."""
+        return WatermarkStore(self.store.db)
 
     def retry(self) -> RetryPolicy:
         """The transient-failure policy for one job."""
@@ -95,6 +107,9 @@ class JobRunner:
             return Outcome.NOT_CLAIMED
         log = logging.LoggerAdapter(logger, {"jobId": job_id, "operation": status.operation})
         log.info("job %s: run %d started by %s", job_id, status.attempt, owner)
+        if status.partitions and self.partitioned is not None:  # partitions run on their own
+            self.partitioned.dispatch(job_id, owner)
+            return Outcome.ENDED
         if status.failures >= self.settings.max_attempts:
             self._end(job_id, owner, JobState.FAILED, "Gave up", status.error or (
                 f"The job's runs died {status.failures} times (max {self.settings.max_attempts}, "
@@ -155,20 +170,46 @@ class JobRunner:
         job_id = status.jobId
         op = self.registry.get(status.operation)
         options = parse_options(status.options)
+        mode = options.mode or op.mode
         source = options.source or op.source_uri(self.settings)
         lake = Lake.open(
             source, format=op.format, settings=self.settings, version=options.deltaVersion
         )
         check_columns(op.schema_, lake.schema.names, lake.uri)
+        column = watermark_column(op, lake, mode)
+        key_kind = key_type(op.schema_, lake) if mode == "mirror" else None
+        db = self.store.db
+        seen = None if key_kind is None else MirrorSet(db, op.collection, job_id, op.schema_,
+                                                       key_kind)  # fmt: skip
         batch_size = options.batchSize or op.batchSize or self.settings.batch_size
         cp = status.checkpoint or Checkpoint()
         if status.checkpoint is None:
-            total = lake.count_rows()
-            pinned = {} if lake.version is None else {
-                "options": {**status.options, "deltaVersion": lake.version}}  # fmt: skip
+            since = until = None
+            changed = 0
+            if column is not None:
+                if mode == "incremental":
+                    since = policy.call(lambda: self.watermarks.get(op.name, source, column),
+                                        "reading the watermark")  # fmt: skip
+                changed, until = scan(lake, column, since)
+                until = until or since  # nothing newer: read nothing, keep the watermark
+            cp = Checkpoint(since=since, until=until)
+            total = changed if since is not None else lake.count_rows()
+            if (
+                self.partitioned is not None
+                and mode == "full"
+                and self.partitioned.start(status, owner, lake, total)
+            ):
+                return Outcome.ENDED
+            pinned = {**status.options, "mode": mode}  # a resumed run keeps mode and version
+            if lake.version is not None:
+                pinned["deltaVersion"] = lake.version
+            if seen is not None:
+                mirror.sweep(db, self.store.jobs)
+                policy.call(seen.begin, "starting the mirror's key set")
+            what = f"{total:,} records" + (f" changed since {shown(since)}" if since else "")
             status = policy.call(lambda: self.store.update_run(
-                job_id, owner, totalRecords=total, checkpoint=cp.model_dump(),
-                message=f"Copying {total:,} records", **pinned), "recording the total")  # fmt: skip
+                job_id, owner, totalRecords=total, checkpoint=cp.model_dump(), options=pinned,
+                message=f"Copying {what}"), "recording the total")  # fmt: skip
         elif status.attempt > 1:
             metrics.RESUMES.inc()
             status = policy.call(lambda: self.store.update_run(
@@ -176,18 +217,21 @@ class JobRunner:
                 f"{status.processedRecords:,} of {status.totalRecords:,}"), "resuming")  # fmt: skip
         if on_progress:
             on_progress(status)
-        db = self.store.db
         engine = CopyEngine(db[op.collection], self.store.copyerrors, op.schema_, job_id)
-        run_started = time.monotonic()
-        run_done = 0
+        clock = _Clock()
         start = lake.resume_position(Position(cp.fileIndex, cp.row), cp.file)
-        for batch in lake.batches(batch_size, start):
+        reading = lake_filter(lake, cp.since, cp.until)
+        for batch in lake.batches(batch_size, start, filter=reading):
             result = policy.call(partial(engine.write, batch), f"writing batch {cp.batches + 1}")
-            cp = Checkpoint(fileIndex=batch.end.file_index, row=batch.end.row,
-                            batches=cp.batches + 1,
-                            file=lake.file_name(batch.end.file_index))  # fmt: skip
-            run_done += result.counts.processed
-            derived = _progress(status, result.counts, run_done, time.monotonic() - run_started)
+            if seen is not None and status.errorRecords + result.counts.errors == 0:
+                # with a rejected record the delete phase is refused: no need to remember keys
+                policy.call(partial(seen.add, batch.table), f"recording keys of {cp.batches + 1}")
+            end = batch.end
+            cp = cp.model_copy(update={"fileIndex": end.file_index, "row": end.row,
+                                       "batches": cp.batches + 1,
+                                       "file": lake.file_name(end.file_index)})  # fmt: skip
+            clock.done += result.counts.processed
+            derived = _progress(status, result.counts, clock.done, clock.elapsed())
             status = policy.call(
                 partial(self.store.commit, job_id, owner, result.counts, cp, derived),
                 f"committing batch {cp.batches}",
@@ -201,47 +245,138 @@ class JobRunner:
             )  # fmt: skip
             if on_progress:
                 on_progress(status)
-            if status.cancelRequested or beat.cancel_seen:
-                self._end(job_id, owner, JobState.CANCELLED,
-                          f"Cancelled after {status.processedRecords:,} of "
-                          f"{status.totalRecords:,} records; " + summary(status)[0].lower()
-                          + summary(status)[1:])  # fmt: skip
-                return Outcome.ENDED
-            if self.stop.is_set():
-                self.store.release(job_id, owner, f"Paused at record {status.processedRecords:,} "
-                                   "(lakesync stopped); resumes from this checkpoint")  # fmt: skip
-                return Outcome.CONTINUE
-            if time.monotonic() - run_started >= self.settings.job_time_limit:
-                self.store.release(
-                    job_id, owner,
-                    f"Run {status.attempt} reached the {self.settings.job_time_limit:g} s time "
-                    f"limit at record {status.processedRecords:,} of {status.totalRecords:,}; "
-                    f"continuing in run {status.attempt + 1}",
-                )  # fmt: skip
-                return Outcome.CONTINUE
+            if (paused := self._interrupted(status, owner, beat, clock)) is not None:
+                return paused
         final = self.store.get(job_id)
         if final.processedRecords != final.totalRecords:
             logger.warning("job %s: processed %d but counted %d at start (lake changed?)",
                            job_id, final.processedRecords, final.totalRecords)  # fmt: skip
             self.store.update_run(job_id, owner, totalRecords=final.processedRecords)
             final = self.store.get(job_id)
-        done = self._end(job_id, owner, JobState.COMPLETED, summary(final))
+        message = summary(final)
+        if seen is not None:
+            refused = mirror.refusal(final, op.collection, options.allowEmpty)
+            if refused is None and not policy.call(seen.intact, "checking the mirror's keys"):
+                refused = mirror.LOST
+            if refused is not None:
+                self._end(job_id, owner, JobState.FAILED, f"{message}; nothing deleted", refused)
+                mirror.drop_seen(db, job_id)  # a resumed run would refuse again: not needed
+                return Outcome.ENDED
+            ended = self._delete_missing(final, cp, seen, owner, policy, beat, clock, on_progress)
+            if ended is not None:
+                return ended
+            final = self.store.get(job_id)
+            message = summary(final)
+        if cp.since is not None:
+            message += f" (records changed since {shown(cp.since)})"
+        done = self._end(job_id, owner, JobState.COMPLETED, message)
+        if cp.until is not None:
+            self._save_watermark(op.name, source, cp.until, job_id, mode)
         if on_progress:
             on_progress(done)
         return Outcome.ENDED
 
+    def _delete_missing(
+        self,
+        status: JobStatus,
+        cp: Checkpoint,
+        seen: MirrorSet,
+        owner: str,
+        policy: RetryPolicy,
+        beat: _Heartbeat,
+        clock: _Clock,
+        on_progress: Callable[[JobStatus], None] | None,
+    ) -> Outcome | None:
+        """Mirror's delete phase, a page per commit; an Outcome if the run stops before its end."""
+        job_id = status.jobId
+        if cp.mirrorPending:  # counted by a run that died before deleting them
+            policy.call(partial(seen.delete, cp.mirrorPending), "deleting records")
+        while True:
+            page = policy.call(partial(seen.next_page, cp.mirrorAfter), "comparing ids")
+            if page is None:
+                return None
+            last, gone = page
+            cp = cp.model_copy(
+                update={"batches": cp.batches + 1, "mirrorAfter": last, "mirrorPending": gone}
+            )
+            derived = {"message": "Deleting records the lake no longer holds: "
+                                  f"{status.deletedRecords + len(gone):,} so far"}  # fmt: skip
+            status = policy.call(
+                partial(self.store.commit, job_id, owner, Counters(deleted=len(gone)), cp, derived),
+                "committing deletions",
+            )
+            policy.call(partial(seen.delete, gone), "deleting records")
+            if on_progress:
+                on_progress(status)
+            if (paused := self._interrupted(status, owner, beat, clock)) is not None:
+                return paused
+
+    def _interrupted(
+        self, status: JobStatus, owner: str, beat: _Heartbeat, clock: _Clock
+    ) -> Outcome | None:
+        """After a commit: end on cancel, hand back on stop or at the time limit, else None."""
+        job_id = status.jobId
+        if status.cancelRequested or beat.cancel_seen:
+            self._end(job_id, owner, JobState.CANCELLED,
+                      f"Cancelled after {status.processedRecords:,} of "
+                      f"{status.totalRecords:,} records; " + summary(status)[0].lower()
+                      + summary(status)[1:])  # fmt: skip
+            return Outcome.ENDED
+        if self.stop.is_set():
+            self.store.release(job_id, owner, f"Paused at record {status.processedRecords:,} "
+                               "(lakesync stopped); resumes from this checkpoint")  # fmt: skip
+            return Outcome.CONTINUE
+        if clock.elapsed() >= self.settings.job_time_limit:
+            self.store.release(
+                job_id, owner,
+                f"Run {status.attempt} reached the {self.settings.job_time_limit:g} s time "
+                f"limit at record {status.processedRecords:,} of {status.totalRecords:,}; "
+                f"continuing in run {status.attempt + 1}",
+            )  # fmt: skip
+            return Outcome.CONTINUE
+        return None
+
+    def _save_watermark(
+        self, operation: str, source: str, reached: Watermark, job_id: str, mode: str
+    ) -> None:
+        """Move the operation's watermark; a failure only makes the next copy read more."""
+        try:
+            self.retry().call(
+                lambda: self.watermarks.save(operation, source, reached, job_id, mode),
+                "recording the watermark",
+            )
+            logger.info("job %s: watermark of %s is now %s", job_id, operation, shown(reached))
+        except LakesyncError as e:
+            logger.error("job %s: could not record the watermark %s (%s); the next "
+                         "incremental copy reads from the previous one", job_id,
+                         shown(reached), e)  # fmt: skip
+
     def _end(
         self, job_id: str, owner: str, state: JobState, message: str, error: str | None = None
     ) -> JobStatus:
-        return self.retry().call(
+        done = self.retry().call(
             lambda: self.store.finish(job_id, owner, state, message, error), "ending the job"
         )
+        if state is not JobState.FAILED:  # a failed job may be resumed: it needs its keys
+            mirror.drop_seen(self.store.db, job_id)
+        return done
 
     def _try_end(self, job_id: str, owner: str, state: JobState, message: str, error: str) -> None:
         try:
             self._end(job_id, owner, state, message, error)
         except (LakesyncError, JobError) as e:
             logger.error("job %s: could not record its end (%s); it stays resumable", job_id, e)
+
+
+@dataclass
+class _Clock:
+    """When the current run started and how many records it processed (rate, time limit)."""
+
+    started: float = field(default_factory=time.monotonic)
+    done: int = 0
+
+    def elapsed(self) -> float:
+        return time.monotonic() - self.started
 
 
 def _progress(status: JobStatus, delta: Counters, run_done: int, elapsed: float) -> dict[str, Any]:

@@ -35,6 +35,18 @@ class Runtime:
                 ensure_demo_lake(settings)
             self.runner = JobRunner(settings, self.store, self.registry)
             self.executor: Executor | None = self._executor(executor)
+            if self.executor is not None:
+                from lakesync.partitions import PartitionedJobs
+
+                self.runner.partitioned = PartitionedJobs(
+                    settings,
+                    self.store,
+                    self.registry,
+                    self.runner.owner,
+                    self.runner.stop,
+                    submit=self.executor.submit_partition,
+                )
+                self.runner.partitioned.ensure_indexes()
         except BaseException:
             self.mongo.close()
             raise

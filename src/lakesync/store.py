@@ -285,7 +285,10 @@ class JobStore:
         if cp["batches"] > 1:
             query[f"{checkpoint_field}.batches"] = cp["batches"] - 1
         else:  # the first batch: no checkpoint yet, or the empty one set with the total
-            query["$or"] = [{checkpoint_field: None}, {f"{checkpoint_field}.batches": 0}]
+            # inside $and: nx-27017 applies a top-level $or holding a null test to updates
+            # without the other conditions, i.e. to another job's document
+            first = [{checkpoint_field: None}, {f"{checkpoint_field}.batches": 0}]
+            query["$and"] = [{"$or": first}]
         update = {
             "$inc": {
                 "processedRecords": delta.processed,
@@ -349,7 +352,8 @@ class JobStore:
         )  # fmt: skip
         if doc is None:
             raise LeaseLost(f"Job {job_id} could not be ended: another run owns it or it ended.")
-        logger.info("job %s %s: %s", job_id, state.value, message)
+        logger.info("job %s %s: %s", job_id, state.value, message,
+                    extra={"jobId": job_id, "operation": doc.get("operation")})  # fmt: skip
         return self._model(doc)
 
     def release(self, job_id: str, owner: str, message: str, *, failure: bool = False) -> JobStatus:

@@ -70,9 +70,7 @@ def get_job(job_id: str, runtime: RuntimeDep) -> dict[str, Any]:
     return runtime.jobs.get(job_id).public()
 
 
-@router.post(
-    "/{job_id}/resume", status_code=202, summary="Resume a failed job from its checkpoint"
-)
+@router.post("/{job_id}/resume", status_code=202, summary="Resume a failed job from its checkpoint")
 def resume_job(job_id: str, response: Response, runtime: RuntimeDep) -> dict[str, Any]:
     return job_response(response, runtime.jobs.resume(job_id), created=True)
 

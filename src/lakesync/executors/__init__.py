@@ -16,6 +16,9 @@ class Executor(Protocol):
     def submit(self, job_id: str) -> None:
         """Schedule a run of the job (harmless if it is already running)."""
 
+    def submit_partition(self, job_id: str, index: int) -> None:
+        """Schedule a run of one partition of a partitioned job."""
+
     def shutdown(self, timeout: float) -> None:
         """Stop taking work; let running jobs reach a batch boundary and hand them back."""
 

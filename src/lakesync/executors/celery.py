@@ -20,6 +20,7 @@ from lakesync.mongo import mask_uri
 logger = logging.getLogger(__name__)
 
 TASK = "lakesync.run_job"
+PARTITION_TASK = "lakesync.run_partition"
 QUEUE = "lakesync"
 
 
@@ -83,6 +84,10 @@ class CeleryExecutor:
         """Enqueue one run of the job."""
         self.app.send_task(TASK, args=[job_id], queue=QUEUE)
 
+    def submit_partition(self, job_id: str, index: int) -> None:
+        """Enqueue one run of a partition; any worker may take it."""
+        self.app.send_task(PARTITION_TASK, args=[job_id, index], queue=QUEUE)
+
     def shutdown(self, timeout: float) -> None:
         """Nothing runs here; workers keep going."""
         self._started = False
@@ -103,14 +108,24 @@ def run_worker(settings: Settings, concurrency: int | None) -> None:
 
     app = make_celery(settings)
     check_broker(app, settings)
-    runtime = Runtime(settings, executor=None, reads_lake=True)
+    runtime = Runtime(settings, executor="celery", reads_lake=True)  # submits partitions
+    submit = runtime.executor
+    partitioned = runtime.runner.partitioned
+    assert submit is not None and partitioned is not None
     stop = threading.Event()
 
     @app.task(name=TASK, bind=True, acks_late=True, reject_on_worker_lost=True)  # type: ignore[untyped-decorator]
     def run_job(task: Any, job_id: str) -> str:
         outcome = runtime.runner.run(job_id)
         if outcome is Outcome.CONTINUE and not runtime.runner.stop.is_set():
-            app.send_task(TASK, args=[job_id], queue=QUEUE)
+            submit.submit(job_id)
+        return outcome.value
+
+    @app.task(name=PARTITION_TASK, bind=True, acks_late=True, reject_on_worker_lost=True)  # type: ignore[untyped-decorator]
+    def run_partition(task: Any, job_id: str, index: int) -> str:
+        outcome = partitioned.run(job_id, index)
+        if outcome is Outcome.CONTINUE and not runtime.runner.stop.is_set():
+            submit.submit_partition(job_id, index)
         return outcome.value
 
     def recover() -> None:
@@ -118,7 +133,10 @@ def run_worker(settings: Settings, concurrency: int | None) -> None:
             try:
                 for job_id in runtime.store.stale(settings.lease_seconds):
                     logger.info("job %s: lease expired; re-enqueuing it", job_id)
-                    app.send_task(TASK, args=[job_id], queue=QUEUE)
+                    submit.submit(job_id)
+                for job_id, index in partitioned.stale():
+                    logger.info("job %s: re-enqueuing partition %d", job_id, index + 1)
+                    submit.submit_partition(job_id, index)
             except Exception as e:
                 logger.warning("recovery scan failed: %s", e)
 

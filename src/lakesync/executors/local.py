@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import threading
+from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from functools import partial
 
@@ -35,25 +36,31 @@ class LocalExecutor:
 
     def submit(self, job_id: str) -> None:
         """Queue a run unless this process already runs or queued the job."""
+        self._queue(job_id, partial(self.runner.run, job_id))
+
+    def submit_partition(self, job_id: str, index: int) -> None:
+        """Queue a run of one partition of a partitioned job."""
+        partitioned = self.runner.partitioned
+        assert partitioned is not None
+        self._queue(f"{job_id}#{index}", partial(partitioned.run, job_id, index))
+
+    def _queue(self, key: str, work: Callable[[], Outcome]) -> None:
         with self._lock:
-            if job_id in self._inflight or self.runner.stop.is_set():
+            if key in self._inflight or self.runner.stop.is_set():
                 return
-            self._inflight.add(job_id)
-        future = self._pool.submit(self._run, job_id)
-        future.add_done_callback(partial(self._done, job_id))
+            self._inflight.add(key)
+        future = self._pool.submit(work)
+        future.add_done_callback(partial(self._done, key, work))
 
-    def _run(self, job_id: str) -> Outcome:
-        return self.runner.run(job_id)
-
-    def _done(self, job_id: str, future: Future[Outcome]) -> None:
+    def _done(self, key: str, work: Callable[[], Outcome], future: Future[Outcome]) -> None:
         with self._lock:
-            self._inflight.discard(job_id)
+            self._inflight.discard(key)
         error = future.exception()
         if error is not None:
-            logger.error("job %s: run crashed: %s", job_id, error)
+            logger.error("%s: run crashed: %s", key, error)
             return
         if future.result() is Outcome.CONTINUE and not self.runner.stop.is_set():
-            self.submit(job_id)
+            self._queue(key, work)
 
     def _recover_loop(self) -> None:
         stop = self.runner.stop
@@ -62,6 +69,10 @@ class LocalExecutor:
                 for job_id in self.runner.store.stale(self.runner.settings.lease_seconds):
                     logger.info("job %s: lease expired or never started; resuming it", job_id)
                     self.submit(job_id)
+                if self.runner.partitioned is not None:
+                    for job_id, index in self.runner.partitioned.stale():
+                        logger.info("job %s: resuming partition %d", job_id, index + 1)
+                        self.submit_partition(job_id, index)
             except Exception as e:
                 logger.warning("recovery scan failed: %s", e)
             stop.wait(self.scan_every)

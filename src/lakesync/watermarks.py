@@ -1,0 +1,253 @@
+"""Watermarks: how far an operation has read a lake, so incremental copies read only changes.
+
+An operation's watermark is the highest value of its watermark column (e.g. ``updatedAt``)
+in the last completed copy of a source. It lives in ``syncstate``, one document per
+operation and source::
+
+    {_id: "op|source", operation, source, jobId, mode, updatedAt,
+     watermark: {column, kind, value, iso}}
+
+The value is a number (epoch milliseconds for timestamps and dates) inside a nested
+document: nx-27017 turns a top-level date given to ``$set`` into a string and cannot
+range-query dates written by ``$currentDate``, while numbers behave alike on every server.
+
+At its start a job scans the watermark column alone (with pyarrow filter pushdown, so
+Parquet row groups and files whose statistics rule them out are not read) for the rows
+above the watermark (``since``) and their highest value (``until``), and pins both in its
+checkpoint. An incremental job reads ``since < column <= until``: a resumed run reads with
+the same filter, so checkpoint positions (counted in filtered rows) stay valid, and a
+record rewritten while the job runs is newer than ``until`` and read by the next copy
+instead of being skipped. A completed job, of any mode, moves the watermark to ``until``;
+a failed or cancelled one leaves it where it was.
+"""
+
+from __future__ import annotations
+
+import logging
+from datetime import UTC, datetime
+from typing import Any, Literal
+
+import pyarrow as pa
+import pyarrow.compute as pc
+from pydantic import BaseModel, ConfigDict, ValidationError
+from pymongo import DESCENDING
+from pymongo.collection import Collection
+from pymongo.database import Database
+
+from lakesync.errors import RequestError, SourceError
+from lakesync.lake import Lake
+from lakesync.models import Watermark
+from lakesync.operations import Mode, Operation
+
+logger = logging.getLogger(__name__)
+
+Kind = Literal["timestamp", "date", "int"]
+_DAY_MS = 86_400_000
+_SCAN_ROWS = 65_536  # rows per batch of the watermark scan (one column)
+_PER_MS = {"s": (1000, 1), "ms": (1, 1), "us": (1, 1000), "ns": (1, 1_000_000)}
+
+
+def kind_of(arrow_type: pa.DataType) -> Kind | None:
+    """The watermark kind of an Arrow type (None when it cannot be a watermark)."""
+    if pa.types.is_timestamp(arrow_type):
+        return "timestamp"
+    if pa.types.is_date(arrow_type):
+        return "date"
+    if pa.types.is_integer(arrow_type):
+        return "int"
+    return None
+
+
+def lake_kind(lake: Lake, column: str) -> Kind:
+    """The kind of the lake's watermark column; SourceError if it is missing or unusable."""
+    if not lake.has_column(column):
+        raise SourceError(
+            f"The watermark column {column!r} is not in the lake at {lake.uri} (it has: "
+            f"{', '.join(lake.schema.names)}). Incremental copies need it: fix the "
+            "operation's `watermark` in lakesync.toml, or run a full copy (mode full).",
+            column=column,
+        )
+    arrow_type = lake.schema.field(column).type
+    kind = kind_of(arrow_type)
+    if kind is None:
+        raise SourceError(
+            f"The watermark column {column!r} in the lake at {lake.uri} is {arrow_type}; "
+            "a watermark must be a timestamp, date or integer column. Fix the operation's "
+            "`watermark` in lakesync.toml, or run a full copy (mode full).",
+            column=column,
+        )
+    return kind
+
+
+def scan(lake: Lake, column: str, since: Watermark | None) -> tuple[int, Watermark | None]:
+    """Rows whose watermark is above ``since`` (None: all rows), and their highest value.
+
+    Only the watermark column is read; with ``since``, only row groups that may hold newer
+    values.
+    """
+    rows, high = 0, None
+    above = None if since is None else pc.field(column) > _scalar(lake, since)
+    for batch in lake.batches(_SCAN_ROWS, filter=above, columns=[column]):
+        rows += batch.table.num_rows
+        high = later(high, batch_max(batch.table, column))
+    return rows, high
+
+
+def lake_filter(
+    lake: Lake, since: Watermark | None, until: Watermark | None
+) -> pc.Expression | None:
+    """The pushdown filter of an incremental job: ``since < column <= until`` (None: all)."""
+    if since is None:
+        return None
+    field = pc.field(since.column)
+    return (field > _scalar(lake, since)) & (field <= _scalar(lake, until or since))
+
+
+def _scalar(lake: Lake, since: Watermark) -> pa.Scalar:
+    """A watermark as an Arrow scalar comparable with the lake's column."""
+    if not lake.has_column(since.column):
+        lake_kind(lake, since.column)  # raises, naming the column
+    arrow_type = lake.schema.field(since.column).type
+    kind = kind_of(arrow_type)
+    if kind != since.kind:
+        raise SourceError(
+            f"The watermark column {since.column!r} in the lake at {lake.uri} is now "
+            f"{arrow_type}, but the last copy recorded a {since.kind} watermark. Run a full "
+            "copy (mode full) to record a new watermark.",
+            column=since.column,
+        )
+    if kind == "timestamp":  # the comparison casts to the column's unit
+        return pa.scalar(since.value, type=pa.timestamp("ms", tz=arrow_type.tz))
+    if kind == "date":
+        return pa.scalar(since.value // _DAY_MS, type=pa.date32())
+    return pa.scalar(since.value, type=arrow_type)
+
+
+def batch_max(table: pa.Table, column: str) -> Watermark | None:
+    """The highest watermark in a batch (None if the batch has no usable value).
+
+    Sub-millisecond digits are dropped (rounding down): a copy may read again a record of
+    the same millisecond, never skip one.
+    """
+    if column not in table.column_names:
+        return None
+    values = table.column(column)
+    if pa.types.is_dictionary(values.type):
+        values = values.cast(values.type.value_type)
+    kind = kind_of(values.type)
+    if kind is None or len(values) == 0:
+        return None
+    top = pc.max(values)
+    if not top.is_valid:
+        return None
+    if kind == "timestamp":
+        mul, div = _PER_MS[values.type.unit]
+        return from_millis(column, int(top.value) * mul // div)
+    if kind == "date":
+        raw = int(top.value)  # date32: days, date64: milliseconds
+        days = raw if pa.types.is_date32(values.type) else raw // _DAY_MS
+        return from_millis(column, days * _DAY_MS, kind="date")
+    return Watermark(column=column, kind="int", value=int(top.as_py()))
+
+
+def from_millis(column: str, millis: int, kind: Kind = "timestamp") -> Watermark:
+    """A timestamp (or date) watermark from epoch milliseconds, with its ISO form."""
+    when = datetime.fromtimestamp(millis / 1000, tz=UTC)
+    text = when.isoformat(timespec="milliseconds").replace("+00:00", "Z")
+    return Watermark(column=column, kind=kind, value=millis, iso=text)
+
+
+def later(a: Watermark | None, b: Watermark | None) -> Watermark | None:
+    """The higher of two watermarks of one column (either may be None)."""
+    if a is None or b is None:
+        return a or b
+    return b if b.value > a.value else a
+
+
+def shown(w: Watermark | None) -> str:
+    """A watermark for messages: its ISO time, or its number."""
+    if w is None:
+        return "none"
+    return w.iso or str(w.value)
+
+
+def watermark_column(op: Operation, lake: Lake, mode: Mode) -> str | None:
+    """The column a job of this mode tracks (None: none); incremental needs a usable one."""
+    if op.watermark is None:
+        if mode == "incremental":
+            raise RequestError(f"Operation {op.name!r} has no watermark column, so it cannot "
+                               "copy incrementally. Use mode full.")  # fmt: skip
+        return None
+    if mode == "incremental":
+        lake_kind(lake, op.watermark)  # SourceError when missing or of the wrong type
+        return op.watermark
+    usable = lake.has_column(op.watermark) and kind_of(lake.schema.field(op.watermark).type)
+    return op.watermark if usable else None
+
+
+class SyncState(BaseModel):
+    """One `syncstate` document: an operation's watermark for one source."""
+
+    model_config = ConfigDict(extra="ignore")
+
+    operation: str
+    source: str
+    watermark: Watermark
+    jobId: str | None = None
+    mode: str | None = None
+    updatedAtMs: int | None = None
+
+
+class WatermarkStore:
+    """Reads and writes operations' watermarks (the `syncstate` collection)."""
+
+    def __init__(self, db: Database[dict[str, Any]]) -> None:
+        self.states: Collection[dict[str, Any]] = db["syncstate"]
+
+    @staticmethod
+    def _id(operation: str, source: str) -> str:
+        return f"{operation}|{source}"
+
+    def get(self, operation: str, source: str, column: str) -> Watermark | None:
+        """The watermark of the operation for this source (None if none, or another column's)."""
+        doc = self.states.find_one({"_id": self._id(operation, source)})
+        state = self._model(doc)
+        if state is None:
+            return None
+        if state.watermark.column != column:
+            logger.warning(
+                "%s: the stored watermark is for column %s, not %s; reading everything",
+                operation, state.watermark.column, column,
+            )  # fmt: skip
+            return None
+        return state.watermark
+
+    def save(
+        self, operation: str, source: str, watermark: Watermark, job_id: str, mode: str
+    ) -> None:
+        """Record the watermark a completed job reached."""
+        now = datetime.now(UTC)
+        self.states.update_one(
+            {"_id": self._id(operation, source)},
+            {"$set": {"operation": operation, "source": source, "jobId": job_id, "mode": mode,
+                      "watermark": watermark.model_dump(),
+                      "updatedAtMs": int(now.timestamp() * 1000)},
+             "$currentDate": {"updatedAt": True}},
+            upsert=True,
+        )  # fmt: skip
+
+    def for_operation(self, operation: str) -> list[SyncState]:
+        """The operation's watermarks, most recently updated first."""
+        docs = self.states.find({"operation": operation}).sort("updatedAtMs", DESCENDING)
+        return [s for s in (self._model(d) for d in docs.limit(50)) if s is not None]
+
+    @staticmethod
+    def _model(doc: dict[str, Any] | None) -> SyncState | None:
+        if doc is None:
+            return None
+        try:
+            return SyncState.model_validate(doc)
+        except ValidationError:
+            logger.warning("syncstate %r is malformed; ignoring it (a full copy rewrites it)",
+                           doc.get("_id"))  # fmt: skip
+            return None

@@ -1,0 +1,141 @@
+"""Partitioned parallel copies: the local executor with 4 workers and Celery workers on Redis."""
+
+from __future__ import annotations
+
+import itertools
+import os
+import signal
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from tests.conftest import free_port, wait_for
+
+from lakesync.config import Settings
+from lakesync.demo import generate
+from lakesync.models import JobState
+from lakesync.partitions import plan
+from lakesync.runtime import Runtime
+
+
+def test_plan_splits_files_into_ranges_of_about_the_target() -> None:
+    assert plan([10] * 10, 30) == [(0, 3), (3, 6), (6, 10)]
+    assert plan([100], 30) == [(0, 1)]
+    assert plan([10, 10, 10, 20], 20) == [(0, 2), (2, 4)]
+    ranges = plan([7] * 40, 50)
+    assert ranges[0][0] == 0 and ranges[-1][1] == 40
+    assert all(a[1] == b[0] for a, b in itertools.pairwise(ranges))
+
+
+@pytest.fixture(scope="module")
+def lake_200k(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    out = tmp_path_factory.mktemp("lake200k") / "tasks"
+    generate(out, 200_000, bad_rows=40, seed=21, files_per_partition=2)
+    return out
+
+
+def assert_exact(s: Any, total: int, bad: int) -> None:
+    assert s.status == JobState.COMPLETED, (s.message, s.error)
+    parts = s.insertedRecords + s.updatedRecords + s.unchangedRecords + s.errorRecords
+    assert s.processedRecords == parts == s.totalRecords == total
+    assert s.errorRecords == bad and s.insertedRecords == total - bad
+
+
+@pytest.mark.slow
+def test_local_executor_with_four_workers_copies_partitions_in_parallel(
+    settings: Settings, db: Any, lake_200k: Path
+) -> None:
+    settings = settings.model_copy(
+        update={"lake_uri": str(lake_200k), "workers": 4, "partition_rows": 20_000,
+                "batch_size": 2000}
+    )  # fmt: skip
+    with Runtime(settings, executor="local") as rt:
+        rt.start()
+        status, _ = rt.jobs.start("copy-taskdetail")
+        done = wait_for(lambda: (s := rt.jobs.get(status.jobId)).state.is_final and s, timeout=300)
+        parts = list(db.jobpartitions.find({"jobId": status.jobId}))
+    assert_exact(done, 200_000, 40)
+    assert done.partitions == len(parts) >= 8 and done.partitionsDone == done.partitions
+    assert {p["status"] for p in parts} == {"completed"}
+    assert sum(p["processedRecords"] for p in parts) == 200_000
+    assert db.taskdetails.count_documents({}) == 200_000 - 40
+
+
+@pytest.fixture
+def redis_url(tmp_path: Path) -> Iterator[str]:
+    """A redis-server of this test's own, on a free port."""
+    port = free_port()
+    proc = subprocess.Popen(
+        ["redis-server", "--port", str(port), "--bind", "127.0.0.1", "--save", "",
+         "--appendonly", "no", "--dir", str(tmp_path)],
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )  # fmt: skip
+    import redis
+
+    client = redis.Redis(port=port)
+    wait_for(lambda: _redis_up(client), timeout=10)
+    yield f"redis://127.0.0.1:{port}/0"
+    proc.terminate()
+    proc.wait(5)
+
+
+def _redis_up(client: Any) -> bool:
+    try:
+        return bool(client.ping())
+    except Exception:
+        return False
+
+
+def _worker(env: dict[str, str], log: Path) -> subprocess.Popen[bytes]:
+    with open(log, "ab") as out:
+        return subprocess.Popen(
+            [sys.executable, "-m", "lakesync", "worker", "--concurrency", "2"],
+            env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True,
+        )  # fmt: skip
+
+
+@pytest.mark.slow
+def test_celery_workers_share_a_job_and_survive_a_killed_worker(
+    settings: Settings, serve_env: dict[str, str], db: Any, lake_200k: Path, redis_url: str,
+    tmp_path: Path,
+) -> None:  # fmt: skip
+    env = dict(serve_env)
+    env.update(
+        LAKESYNC_EXECUTOR="celery", LAKESYNC_BROKER_URL=redis_url,
+        LAKESYNC_LAKE_URI=str(lake_200k), LAKESYNC_PARTITION_ROWS="20000",
+        LAKESYNC_BATCH_SIZE="2000", LAKESYNC_LEASE_SECONDS="4",
+    )  # fmt: skip
+    workers = [_worker(env, tmp_path / f"worker{i}.log") for i in range(2)]
+    try:
+        api_settings = settings.model_copy(update={
+            "executor": "celery", "lake_uri": str(lake_200k), "partition_rows": 20_000,
+            "broker_url": __import__("pydantic").SecretStr(redis_url), "lease_seconds": 4,
+        })  # fmt: skip
+        with Runtime(api_settings, executor="celery") as rt:
+            rt.start()
+            status, created = rt.jobs.start("copy-taskdetail")
+            assert created
+            wait_for(lambda: rt.jobs.get(status.jobId).processedRecords >= 60_000, timeout=180)
+            os.killpg(workers[0].pid, signal.SIGKILL)  # a worker dies mid-job
+            workers[0].wait(10)
+            done = wait_for(
+                lambda: (s := rt.jobs.get(status.jobId)).state.is_final and s, timeout=300
+            )
+        parts = list(db.jobpartitions.find({"jobId": status.jobId}))
+    finally:
+        for w in workers:
+            if w.poll() is None:
+                os.killpg(w.pid, signal.SIGTERM)
+        for w in workers:
+            try:
+                w.wait(15)
+            except subprocess.TimeoutExpired:
+                os.killpg(w.pid, signal.SIGKILL)
+    assert_exact(done, 200_000, 40)
+    assert done.partitions == len(parts) >= 8
+    owners = {run.split(":")[1] for p in parts for run in p["ranBy"]}
+    assert len(owners) == 2, owners  # both worker processes did part of the work
+    assert db.taskdetails.count_documents({}) == 200_000 - 40
