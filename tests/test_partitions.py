@@ -57,6 +57,10 @@ def test_local_executor_with_four_workers_copies_partitions_in_parallel(
         status, _ = rt.jobs.start("copy-taskdetail")
         done = wait_for(lambda: (s := rt.jobs.get(status.jobId)).state.is_final and s, timeout=300)
         parts = list(db.jobpartitions.find({"jobId": status.jobId}))
+        # the partitioned full copy recorded the watermark: nothing new to read after it
+        again, _ = rt.jobs.start("copy-taskdetail", {"mode": "incremental"})
+        quiet = wait_for(lambda: (s := rt.jobs.get(again.jobId)).state.is_final and s, timeout=60)
+    assert quiet.status == JobState.COMPLETED and quiet.totalRecords == 0, quiet
     assert_exact(done, 200_000, 40)
     assert done.partitions == len(parts) >= 8 and done.partitionsDone == done.partitions
     assert {p["status"] for p in parts} == {"completed"}

@@ -29,11 +29,13 @@ from lakesync.config import Settings
 from lakesync.copy import CopyEngine
 from lakesync.errors import LakesyncError, LeaseLost
 from lakesync.lake import Lake, Position
+from lakesync.logs import job_context
 from lakesync.models import ACTIVE_STATES, Checkpoint, Counters, JobState, JobStatus
 from lakesync.operations import OperationRegistry, parse_options
 from lakesync.retry import RetryPolicy
 from lakesync.runner import Outcome, summary
 from lakesync.store import JobStore
+from lakesync.watermarks import WatermarkStore
 
 logger = logging.getLogger(__name__)
 
@@ -108,8 +110,13 @@ class PartitionedJobs:
 
     # -- the job's run: plan or re-dispatch --------------------------------------------------
 
-    def start(self, status: JobStatus, owner: str, lake: Lake, total: int) -> bool:
-        """Plan the job's partitions and dispatch them; False when one partition is enough."""
+    def start(
+        self, status: JobStatus, owner: str, lake: Lake, total: int, checkpoint: Checkpoint
+    ) -> bool:
+        """Plan the job's partitions and dispatch them; False when one partition is enough.
+
+        `checkpoint` carries the watermark the copy reaches (`until`), saved at completion.
+        """
         ranges = plan(lake.file_row_counts(), self.settings.partition_rows)
         if len(ranges) < 2:
             return False
@@ -124,12 +131,13 @@ class PartitionedJobs:
         ]  # fmt: skip
         with contextlib.suppress(BulkWriteError):  # planned by a run that died before recording
             self.parts.insert_many(docs, ordered=False)
-        pinned = {} if lake.version is None else {
-            "options": {**status.options, "deltaVersion": lake.version}}  # fmt: skip
+        options = {**status.options, "mode": "full"}
+        if lake.version is not None:
+            options["deltaVersion"] = lake.version
         self.store.update_run(
             status.jobId, owner, totalRecords=total, partitions=len(ranges), partitionsDone=0,
-            partitionedAtMs=now, checkpoint=Checkpoint().model_dump(),
-            message=f"Copying {total:,} records in {len(ranges)} partitions", **pinned,
+            partitionedAtMs=now, checkpoint=checkpoint.model_dump(), options=options,
+            message=f"Copying {total:,} records in {len(ranges)} partitions",
         )  # fmt: skip
         self.dispatch(status.jobId, owner)
         return True
@@ -147,6 +155,10 @@ class PartitionedJobs:
 
     def run(self, job_id: str, index: int) -> Outcome:
         """Copy one partition from its checkpoint until it ends, yields or is taken over."""
+        with job_context(job_id):
+            return self._run(job_id, index)
+
+    def _run(self, job_id: str, index: int) -> Outcome:
         owner = f"{self.owner}:{threading.get_ident()}"
         policy = RetryPolicy(budget=self.settings.retry_budget_seconds, stop=self.stop,
                              on_retry=metrics.RETRIES.inc)  # fmt: skip
@@ -297,6 +309,11 @@ class PartitionedJobs:
                    + text[0].lower() + text[1:]  # fmt: skip
         with contextlib.suppress(LeaseLost):  # another partition ended it first
             self.store.finish(job_id, None, state, text)
+            reached = job.checkpoint.until if job.checkpoint else None
+            if state is JobState.COMPLETED and reached is not None:
+                WatermarkStore(self.store.db).save(
+                    job.operation, str(job.options.get("source", "")), reached, job_id, "full"
+                )
 
     def _fail_job(self, job_id: str, error: str) -> None:
         self._aggregate(job_id)

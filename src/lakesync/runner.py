@@ -28,6 +28,7 @@ from lakesync.errors import (
     TransientStoreError,
 )
 from lakesync.lake import Lake, Position
+from lakesync.logs import job_context
 from lakesync.mirror import MirrorSet, key_type
 from lakesync.models import Checkpoint, Counters, JobState, JobStatus, Watermark
 from lakesync.mongo import mask_uri
@@ -93,6 +94,10 @@ class JobRunner:
 
     def run(self, job_id: str, on_progress: Callable[[JobStatus], None] | None = None) -> Outcome:
         """Run one job from its checkpoint until it ends, yields or loses its lease."""
+        with job_context(job_id):  # every line logged by this run carries the job id
+            return self._run(job_id, on_progress)
+
+    def _run(self, job_id: str, on_progress: Callable[[JobStatus], None] | None) -> Outcome:
         owner = f"{self.owner}:{threading.get_ident()}"
         policy = self.retry()
         try:
@@ -105,6 +110,17 @@ class JobRunner:
             return Outcome.NOT_CLAIMED
         if status is None:
             return Outcome.NOT_CLAIMED
+        with job_context(job_id, status.operation):
+            return self._run_claimed(status, owner, policy, on_progress)
+
+    def _run_claimed(
+        self,
+        status: JobStatus,
+        owner: str,
+        policy: RetryPolicy,
+        on_progress: Callable[[JobStatus], None] | None,
+    ) -> Outcome:
+        job_id = status.jobId
         log = logging.LoggerAdapter(logger, {"jobId": job_id, "operation": status.operation})
         log.info("job %s: run %d started by %s", job_id, status.attempt, owner)
         if status.partitions and self.partitioned is not None:  # partitions run on their own
@@ -197,7 +213,7 @@ class JobRunner:
             if (
                 self.partitioned is not None
                 and mode == "full"
-                and self.partitioned.start(status, owner, lake, total)
+                and self.partitioned.start(status, owner, lake, total, cp)
             ):
                 return Outcome.ENDED
             pinned = {**status.options, "mode": mode}  # a resumed run keeps mode and version
