@@ -39,7 +39,10 @@ def test_sigkill_serve_three_times_job_completes_exactly_once(
 ) -> None:
     lake = tmp_path / "lake200k"
     generate(lake, 200_000, seed=11)
-    serve_env.update(LAKESYNC_LAKE_URI=str(lake), LAKESYNC_BATCH_SIZE="2000")
+    serve_env.update(
+        LAKESYNC_LAKE_URI=str(lake), LAKESYNC_BATCH_SIZE="2000", LAKESYNC_WORKERS="4",
+        LAKESYNC_PARTITION_ROWS="15000",  # 8+ partitions across the 4 local workers
+    )
     proc = ServeProcess(serve_env, tmp_path / "serve.log").start()
     try:
         r = httpx.post(f"{proc.url}/api/jobs", json={"operation": "copy-taskdetail"}, timeout=10)
@@ -59,6 +62,7 @@ def test_sigkill_serve_three_times_job_completes_exactly_once(
         proc.kill()
     assert_invariant(final, 200_000)
     assert final["attempt"] >= 2
+    assert final["partitions"] >= 8 and final["partitionsDone"] == final["partitions"]
     assert final["insertedRecords"] == 200_000  # replayed batches still count as inserts
     assert db.taskdetails.count_documents({}) == 200_000
 

@@ -7,6 +7,7 @@ import os
 import signal
 import subprocess
 import sys
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -143,3 +144,15 @@ def test_celery_workers_share_a_job_and_survive_a_killed_worker(
     owners = {run.split(":")[1] for p in parts for run in p["ranBy"]}
     assert len(owners) == 2, owners  # both worker processes did part of the work
     assert db.taskdetails.count_documents({}) == 200_000 - 40
+
+
+def test_worker_refuses_to_start_without_its_broker(serve_env: dict[str, str]) -> None:
+    env = dict(serve_env, LAKESYNC_EXECUTOR="celery",
+               LAKESYNC_BROKER_URL="redis://user:hunter2@127.0.0.1:1/0")  # fmt: skip
+    started = time.monotonic()
+    run = subprocess.run([sys.executable, "-m", "lakesync", "worker"], env=env,
+                         capture_output=True, text=True, timeout=60)  # fmt: skip
+    assert run.returncode != 0
+    assert time.monotonic() - started < 30
+    assert "Cannot reach the Celery broker at redis://user:***@127.0.0.1:1/0" in run.stderr
+    assert "hunter2" not in run.stderr + run.stdout

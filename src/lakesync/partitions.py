@@ -261,11 +261,12 @@ class PartitionedJobs:
     def _aggregate(self, job_id: str) -> JobStatus:
         """Put the sums of the partitions into the job document (monotonic, so race-free)."""
         sums = {k: 0 for k in COUNTERS}
-        done = 0
+        done = attempt = 0
         for doc in self.parts.find({"jobId": job_id}):
             for k in COUNTERS:
                 sums[k] += int(doc.get(k, 0))
             done += doc.get("status") == JobState.COMPLETED.value
+            attempt = max(attempt, int(doc.get("attempt", 0)))  # runs of the most-retried part
         job = self.store.get(job_id)
         total = max(job.totalRecords, 1)
         elapsed = max((_now_ms() - (job.partitionedAtMs or _now_ms())) / 1000, 1e-3)
@@ -280,7 +281,7 @@ class PartitionedJobs:
         }  # fmt: skip
         updated: dict[str, Any] | None = self.store.jobs.find_one_and_update(
             {"jobId": job_id, "status": JobState.IN_PROGRESS.value},
-            {"$max": {**sums, "partitionsDone": done}, "$set": fields,
+            {"$max": {**sums, "partitionsDone": done, "attempt": attempt}, "$set": fields,
              "$currentDate": {"updatedAt": True, "heartbeatAt": True}},
             projection={"_id": 0}, return_document=ReturnDocument.AFTER,
         )  # fmt: skip
