@@ -156,3 +156,33 @@ def test_worker_refuses_to_start_without_its_broker(serve_env: dict[str, str]) -
     assert time.monotonic() - started < 30
     assert "Cannot reach the Celery broker at redis://user:***@127.0.0.1:1/0" in run.stderr
     assert "hunter2" not in run.stderr + run.stdout
+
+
+@pytest.mark.slow
+def test_celery_worker_on_rabbitmq_runs_a_job(
+    settings: Settings, serve_env: dict[str, str], tmp_path: Path
+) -> None:
+    """The same executor on RabbitMQ (the machine's broker at 127.0.0.1:5672, guest/guest)."""
+    broker = "amqp://guest:guest@127.0.0.1:5672//"
+    env = dict(serve_env, LAKESYNC_EXECUTOR="celery", LAKESYNC_BROKER_URL=broker,
+               LAKESYNC_PARTITION_ROWS="2000")  # fmt: skip
+    worker = _worker(env, tmp_path / "worker.log")
+    try:
+        api_settings = settings.model_copy(update={
+            "executor": "celery", "partition_rows": 2000,
+            "broker_url": __import__("pydantic").SecretStr(broker),
+        })  # fmt: skip
+        with Runtime(api_settings, executor="celery") as rt:
+            rt.start()
+            status, _ = rt.jobs.start("copy-taskdetail")
+            done = wait_for(
+                lambda: (s := rt.jobs.get(status.jobId)).state.is_final and s, timeout=120
+            )
+    finally:
+        os.killpg(worker.pid, signal.SIGTERM)
+        try:
+            worker.wait(15)
+        except subprocess.TimeoutExpired:
+            os.killpg(worker.pid, signal.SIGKILL)
+    assert_exact(done, 5000, 25)
+    assert (done.partitions or 0) >= 2
