@@ -1,22 +1,28 @@
 """Record schemas and their validation: an Arrow batch in, valid documents and rejections out.
 
 Validation is vectorised with pyarrow.compute; Python touches a value only when a column
-has the wrong Arrow type (to name the bad values) and when documents are built.
+has the wrong Arrow type (to name the bad values) and when documents are built. The copy
+engine does not build them: it takes each record's BSON from ``Validated.encoded``, which
+writes it column by column (see ``encode.py``).
 """
 
 from __future__ import annotations
 
+import itertools
 import json
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import UTC, datetime
+from functools import cached_property
 from typing import Any, Literal
 
+import bson
 import pyarrow as pa
 import pyarrow.compute as pc
 from bson.datetime_ms import DatetimeMS
 from pydantic import BaseModel, Field
 
+from lakesync.encode import encode_rows
 from lakesync.errors import SourceError
 
 FieldType = Literal["string", "float", "int", "bool", "timestamp", "list[string]", "any"]
@@ -91,11 +97,44 @@ class Rejection:
 
 @dataclass
 class Validated:
-    """The outcome of validating one batch."""
+    """The outcome of validating one batch.
 
-    documents: list[dict[str, Any]]
+    ``columns`` hold the valid rows, converted as they are stored (see ``_prepare``);
+    ``documents`` (Python dicts) and ``encoded`` (their BSON) are built from them on demand.
+    """
+
     rows: list[int]  # batch row index of each document
     rejections: list[Rejection]
+    columns: dict[str, pa.Array] = field(default_factory=dict)
+    key: str = ""
+
+    @cached_property
+    def keys(self) -> list[Any]:
+        """The ``_id`` of each document."""
+        return _to_python(self.columns[self.key]) if self.columns else []
+
+    @cached_property
+    def documents(self) -> list[dict[str, Any]]:
+        """``{"_id": key, field: value, ...}`` for each valid row, BSON-ready values."""
+        if not self.columns:
+            return []
+        names = ("_id", *self.columns)
+        values = [_to_python(col) for col in self.columns.values()]
+        return [dict(zip(names, row, strict=True)) for row in zip(self.keys, *values, strict=True)]
+
+    def encoded(self) -> list[bytes]:
+        """The BSON of each document: ``bson.encode(documents[i])``, byte for byte."""
+        if not self.columns:
+            return []
+        out = None
+        if "_id" not in self.columns:
+            fields = [("_id", self.columns[self.key]), *self.columns.items()]
+            out = encode_rows(fields, len(self.rows))
+        if out is None:  # a column type encode.py does not write: one document at a time
+            return [bson.encode(doc) for doc in self.documents]
+        data, offsets = out
+        bounds = offsets.tolist()
+        return [data[a:b] for a, b in itertools.pairwise(bounds)]
 
 
 def check_columns(schema: RecordSchema, columns: list[str], where: str) -> None:
@@ -209,16 +248,25 @@ def _rule_masks(col: pa.Array, rule: FieldRule, is_key: bool) -> list[tuple[pa.A
     return masks
 
 
-def _to_python(col: pa.Array, ftype: str) -> list[Any]:
-    """Arrow column to BSON-ready Python values, timestamps as cheap DatetimeMS."""
+def _prepare(col: pa.Array) -> pa.Array:
+    """A column as it is stored: timestamps and dates in UTC milliseconds, decimals as floats."""
     if pa.types.is_timestamp(col.type):
-        millis = col.cast(pa.timestamp("ms", tz=col.type.tz)).cast(pa.int64()).to_pylist()
-        return [None if m is None else DatetimeMS(m) for m in millis]
+        return col.cast(pa.timestamp("ms", tz=col.type.tz))
     if pa.types.is_date(col.type):
-        return _to_python(col.cast(pa.timestamp("ms", tz="UTC")), ftype)
+        return col.cast(pa.timestamp("ms", tz="UTC"))
     if pa.types.is_decimal(col.type):
-        return _to_python(col.cast(pa.float64()), ftype)
-    if pa.types.is_floating(col.type):
+        return col.cast(pa.float64())
+    return col
+
+
+def _to_python(col: pa.Array) -> list[Any]:
+    """A prepared column as BSON-ready Python values, timestamps as cheap DatetimeMS."""
+    if pa.types.is_timestamp(col.type):
+        millis = col.cast(pa.int64()).to_pylist()
+        if col.null_count == 0:
+            return list(map(DatetimeMS, millis))
+        return [None if m is None else DatetimeMS(m) for m in millis]
+    if pa.types.is_floating(col.type) and pc.any(pc.is_nan(col)).as_py():
         return [None if v is None or math.isnan(v) else v for v in col.to_pylist()]
     return list(col.to_pylist())
 
@@ -260,15 +308,8 @@ def validate(schema: RecordSchema, table: pa.Table) -> Validated:
         rows = [i for i in range(n) if i not in reasons]
     else:
         rows = list(range(n))
-    ftypes = {r.name: r.type for r in rules}
-    lists = {k: _to_python(v, ftypes.get(k, "any")) for k, v in columns.items()}
-    ids = lists[schema.key]
-    names_order = list(lists)
-    documents = [
-        {"_id": _id, **dict(zip(names_order, values, strict=True))}
-        for _id, values in zip(ids, zip(*lists.values(), strict=True), strict=True)
-    ] if names_order else []  # fmt: skip
-    return Validated(documents=documents, rows=rows, rejections=rejections)
+    prepared = {k: _prepare(v) for k, v in columns.items()}
+    return Validated(rows=rows, rejections=rejections, columns=prepared, key=schema.key)
 
 
 def _key_text(value: Any) -> str | None:
