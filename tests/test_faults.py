@@ -40,7 +40,9 @@ def test_sigkill_serve_three_times_job_completes_exactly_once(
     lake = tmp_path / "lake200k"
     generate(lake, 200_000, seed=11)
     serve_env.update(
-        LAKESYNC_LAKE_URI=str(lake), LAKESYNC_BATCH_SIZE="2000", LAKESYNC_WORKERS="4",
+        LAKESYNC_LAKE_URI=str(lake),
+        LAKESYNC_BATCH_SIZE="2000",
+        LAKESYNC_WORKERS="4",
         LAKESYNC_PARTITION_ROWS="15000",  # 8+ partitions across the 4 local workers
     )
     proc = ServeProcess(serve_env, tmp_path / "serve.log").start()
