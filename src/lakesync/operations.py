@@ -22,6 +22,7 @@ import logging
 import os
 import re
 import tomllib
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
@@ -29,6 +30,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from lakesync.config import Settings
 from lakesync.errors import ConfigError, RequestError
+from lakesync.lake import Lake
 from lakesync.schema import TASK_DETAIL, FieldRule, FieldType, RecordSchema
 from lakesync.storage import mask_secrets
 
@@ -97,6 +99,21 @@ COPY_TASKDETAIL = Operation(
 )
 
 
+@dataclass(frozen=True)
+class ResolvedJob:
+    """What one job copies: its operation, options, source and batch size, resolved once."""
+
+    op: Operation
+    options: JobOptions
+    source: str
+    batch_size: int
+
+    def open_lake(self, settings: Settings) -> Lake:
+        """The job's lake, at the Delta version the job pinned (if any)."""
+        return Lake.open(self.source, format=self.op.format, settings=settings,
+                         version=self.options.deltaVersion)  # fmt: skip
+
+
 class OperationRegistry:
     """Looks up operations by name; lists them in a stable order."""
 
@@ -122,6 +139,15 @@ class OperationRegistry:
     def all(self) -> list[Operation]:
         """Every operation."""
         return list(self._ops.values())
+
+    def resolve(self, name: str, raw_options: Any, settings: Settings) -> ResolvedJob:
+        """A job's operation and options with every default applied (settings, then op)."""
+        op = self.get(name)
+        options = parse_options(raw_options)
+        return ResolvedJob(
+            op=op, options=options, source=options.source or op.source_uri(settings),
+            batch_size=options.batchSize or op.batchSize or settings.batch_size,
+        )  # fmt: skip
 
     def get(self, name: str) -> Operation:
         """The named operation, or a RequestError listing the valid names."""

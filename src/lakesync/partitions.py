@@ -31,7 +31,7 @@ from lakesync.errors import LakesyncError, LeaseLost
 from lakesync.lake import Lake, Position
 from lakesync.logs import job_context
 from lakesync.models import ACTIVE_STATES, Checkpoint, Counters, JobState, JobStatus
-from lakesync.operations import OperationRegistry, parse_options
+from lakesync.operations import OperationRegistry
 from lakesync.retry import RetryPolicy
 from lakesync.runner import Outcome, summary
 from lakesync.store import JobStore
@@ -195,12 +195,10 @@ class PartitionedJobs:
         self, job: JobStatus, part: dict[str, Any], owner: str, policy: RetryPolicy, where: str
     ) -> Outcome:
         job_id, index = job.jobId, int(part["index"])
-        op = self.registry.get(job.operation)
-        options = parse_options(job.options)
-        lake = Lake.open(options.source or op.source_uri(self.settings), format=op.format,
-                         settings=self.settings, version=options.deltaVersion)  # fmt: skip
+        resolved = self.registry.resolve(job.operation, job.options, self.settings)
+        op, batch_size = resolved.op, resolved.batch_size
+        lake = resolved.open_lake(self.settings)
         engine = CopyEngine(self.store.db[op.collection], self.store.copyerrors, op.schema_, job_id)
-        batch_size = options.batchSize or op.batchSize or self.settings.batch_size
         cp = Checkpoint.model_validate(part.get("checkpoint") or {"fileIndex": part["fileStart"]})
         start = lake.resume_position(Position(cp.fileIndex, cp.row), cp.file)
         started = time.monotonic()

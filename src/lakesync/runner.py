@@ -27,12 +27,12 @@ from lakesync.errors import (
     SourceError,
     TransientStoreError,
 )
-from lakesync.lake import Lake, Position
+from lakesync.lake import Position
 from lakesync.logs import job_context
 from lakesync.mirror import MirrorSet, key_type
 from lakesync.models import Checkpoint, Counters, JobState, JobStatus, Watermark
 from lakesync.mongo import mask_uri
-from lakesync.operations import OperationRegistry, parse_options
+from lakesync.operations import OperationRegistry
 from lakesync.retry import RetryPolicy
 from lakesync.schema import check_columns
 from lakesync.store import JobStore
@@ -94,10 +94,6 @@ class JobRunner:
 
     def run(self, job_id: str, on_progress: Callable[[JobStatus], None] | None = None) -> Outcome:
         """Run one job from its checkpoint until it ends, yields or loses its lease."""
-        with job_context(job_id):  # every line logged by this run carries the job id
-            return self._run(job_id, on_progress)
-
-    def _run(self, job_id: str, on_progress: Callable[[JobStatus], None] | None) -> Outcome:
         owner = f"{self.owner}:{threading.get_ident()}"
         policy = self.retry()
         try:
@@ -184,20 +180,17 @@ class JobRunner:
         on_progress: Callable[[JobStatus], None] | None,
     ) -> Outcome:
         job_id = status.jobId
-        op = self.registry.get(status.operation)
-        options = parse_options(status.options)
+        job = self.registry.resolve(status.operation, status.options, self.settings)
+        op, options, source = job.op, job.options, job.source
         mode = options.mode or op.mode
-        source = options.source or op.source_uri(self.settings)
-        lake = Lake.open(
-            source, format=op.format, settings=self.settings, version=options.deltaVersion
-        )
+        lake = job.open_lake(self.settings)
         check_columns(op.schema_, lake.schema.names, lake.uri)
         column = watermark_column(op, lake, mode)
         key_kind = key_type(op.schema_, lake) if mode == "mirror" else None
         db = self.store.db
         seen = None if key_kind is None else MirrorSet(db, op.collection, job_id, op.schema_,
                                                        key_kind)  # fmt: skip
-        batch_size = options.batchSize or op.batchSize or self.settings.batch_size
+        batch_size = job.batch_size
         cp = status.checkpoint or Checkpoint()
         if status.checkpoint is None:
             since = until = None
