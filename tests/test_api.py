@@ -180,3 +180,22 @@ def test_events_stream_status_until_the_job_ends(serve: ServeProcess) -> None:
     assert ended and events[-1]["status"] == "completed"
     processed = [e["processedRecords"] for e in events]
     assert processed == sorted(processed) and len(set(processed)) >= 3
+
+
+def test_polls_show_another_processs_change_within_the_status_max_age(
+    client: TestClient, runtime: Runtime
+) -> None:
+    from lakesync.jobs import STATUS_MAX_AGE_SECONDS
+
+    runtime.executor.shutdown(1)  # type: ignore[union-attr]  # keep the job pending
+    job_id = client.post("/api/jobs", json={"operation": "copy-taskdetail"}).json()["jobId"]
+    assert client.get(f"/api/jobs/{job_id}").json()["status"] == "pending"  # from memory
+    # e.g. `lakesync cancel` run on another machine: this process did not see the write
+    runtime.store.jobs.update_one({"jobId": job_id}, {"$set": {"message": "changed elsewhere"}})
+    wait_for(
+        lambda: client.get(f"/api/jobs/{job_id}").json()["message"] == "changed elsewhere",
+        timeout=STATUS_MAX_AGE_SECONDS + 5, every=0.05,
+    )  # fmt: skip
+    # this process's own writes show at once
+    cancelled = client.post(f"/api/jobs/{job_id}/cancel").json()
+    assert client.get(f"/api/jobs/{job_id}").json() == cancelled

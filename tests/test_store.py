@@ -183,3 +183,87 @@ def test_a_commit_retried_after_a_lost_reply_counts_the_batch_once(settings: Set
     assert done.status == JobState.COMPLETED, done.error
     assert (done.totalRecords, done.processedRecords) == (5000, 5000)
     assert (done.insertedRecords, done.errorRecords) == (4975, 25)
+
+
+# -- polls answered from the process's recent copy (RecentStatuses) ---------------------------
+
+
+def test_every_write_raises_the_revision(store: JobStore) -> None:
+    job, _ = store.create("copy-taskdetail", {}, flight="f")
+    seen = [job.revision]
+    claimed = store.claim(job.jobId, "me", lease_seconds=30)
+    assert claimed is not None
+    seen.append(claimed.revision)
+    seen.append(store.update_run(job.jobId, "me", totalRecords=10).revision)
+    cp = Checkpoint(fileIndex=1, row=10, batches=1)
+    seen.append(store.commit(job.jobId, "me", Counters(processed=10), cp, {}).revision)
+    seen.append(store.heartbeat(job.jobId, "me").revision)
+    seen.append(store.request_cancel(job.jobId).revision)
+    seen.append(store.finish(job.jobId, "me", JobState.CANCELLED, "Cancelled").revision)
+    assert seen == sorted(set(seen)) and len(seen) == 7, seen
+    assert "revision" not in store.get(job.jobId).public()
+
+
+def test_a_poll_is_answered_from_what_this_process_last_wrote(store: JobStore, db: Any) -> None:
+    job, _ = store.create("copy-taskdetail", {}, flight="f")
+    store.claim(job.jobId, "me", lease_seconds=30)
+    cp = Checkpoint(fileIndex=1, row=10, batches=1)
+    committed = store.commit(job.jobId, "me", Counters(processed=10, inserted=10), cp, {})
+    # another process changes the document: a fresh copy is still answered without a read...
+    db.jobstatuses.update_one({"jobId": job.jobId}, {"$set": {"message": "from elsewhere"}})
+    assert store.recent(job.jobId, max_age=60) == committed
+    # ...and once it is older than max_age, the poll reads the document again
+    assert store.recent(job.jobId, max_age=0).message == "from elsewhere"
+    assert store.seen.get(job.jobId, 60).message == "from elsewhere"  # kept for the next polls
+
+
+def test_a_late_reply_never_moves_a_job_back(store: JobStore) -> None:
+    job, _ = store.create("copy-taskdetail", {}, flight="f")
+    store.claim(job.jobId, "me", lease_seconds=30)
+    older = store.heartbeat(job.jobId, "me")
+    newer = store.commit(
+        job.jobId, "me", Counters(processed=5), Checkpoint(fileIndex=0, row=5, batches=1), {}
+    )
+    store.seen.put(older)  # e.g. a heartbeat's reply that arrives after the commit's
+    assert store.recent(job.jobId, max_age=60) == newer
+
+
+def test_concurrent_polls_of_a_stale_job_share_one_read(mongo_uri: str, database: str) -> None:
+    from threading import Barrier, Thread
+
+    from pymongo import MongoClient, monitoring
+
+    class Finds(monitoring.CommandListener):
+        def __init__(self) -> None:
+            self.count = 0
+
+        def started(self, event: monitoring.CommandStartedEvent) -> None:
+            if event.command_name == "find" and event.command.get("find") == "jobstatuses":
+                self.count += 1
+
+        def succeeded(self, event: monitoring.CommandSucceededEvent) -> None: ...
+
+        def failed(self, event: monitoring.CommandFailedEvent) -> None: ...
+
+    finds = Finds()
+    client: MongoClient[dict[str, Any]] = MongoClient(mongo_uri, event_listeners=[finds])
+    try:
+        job, _ = JobStore(client[database]).create("copy-taskdetail", {}, flight="f")
+        store = JobStore(client[database])  # another process: it has not seen the job
+        barrier = Barrier(20)
+        answers: list[str] = []
+
+        def poll() -> None:
+            barrier.wait()
+            answers.append(store.recent(job.jobId, max_age=60).jobId)
+
+        threads = [Thread(target=poll) for _ in range(20)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(30)
+        assert answers == [job.jobId] * 20
+        assert finds.count == 1
+    finally:
+        client.drop_database(database)
+        client.close()

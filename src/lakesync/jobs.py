@@ -17,6 +17,10 @@ from lakesync.store import JobStore
 
 logger = logging.getLogger(__name__)
 
+#: How old a status answered to a poll may be. A job run by this process refreshes it with
+#: every batch; others' writes show within this time. The page polls once a second.
+STATUS_MAX_AGE_SECONDS = 1.0
+
 
 class JobService:
     """Validates requests, creates jobs (single-flight, idempotent), hands them to an executor."""
@@ -89,8 +93,12 @@ class JobService:
         return status
 
     def get(self, job_id: str) -> JobStatus:
-        """One job's status."""
-        return self.store.get(job_id)
+        """One job's status, as seen at most STATUS_MAX_AGE_SECONDS ago (may read MongoDB)."""
+        return self.store.recent(job_id, STATUS_MAX_AGE_SECONDS)
+
+    def peek(self, job_id: str) -> JobStatus | None:
+        """`get` without waiting: the status if this process saw it recently enough, else None."""
+        return self.store.seen.get(job_id, STATUS_MAX_AGE_SECONDS)
 
     def list(
         self, *, status: str | None = None, operation: str | None = None, limit: int = 20

@@ -127,6 +127,7 @@ class JobStatus(BaseModel):
     partitions: int | None = None
     partitionsDone: int | None = None
     partitionedAtMs: int | None = None
+    revision: int = 0  # +1 on every write: orders the copies a process keeps (store.py)
 
     @field_validator(
         "startTime", "endTime", "updatedAt", "heartbeatAt", "runStartedAt", mode="before"
@@ -152,5 +153,5 @@ class JobStatus(BaseModel):
         """The JSON document the API and `--json` print (internal lease fields left out)."""
         return self.model_dump(
             mode="json",
-            exclude={"owner", "runStartedAt", "runProcessed", "partitionedAtMs"},
+            exclude={"owner", "runStartedAt", "runProcessed", "partitionedAtMs", "revision"},
         )

@@ -148,7 +148,7 @@ class PartitionedJobs:
             {"jobId": job_id, "status": {"$in": list(ACTIVE_STATES)}}, {"index": 1}
         ):
             self.submit(job_id, int(doc["index"]))
-        self.store.jobs.update_one({"jobId": job_id, "owner": owner}, {"$unset": {"owner": ""}})
+        self.store.let_go(job_id, owner)
         logger.info("job %s: partitions dispatched", job_id)
 
     # -- one partition ---------------------------------------------------------------------
@@ -277,13 +277,8 @@ class PartitionedJobs:
                        f"{done} of {job.partitions} partitions done",
             "heartbeatMs": _now_ms(),
         }  # fmt: skip
-        updated: dict[str, Any] | None = self.store.jobs.find_one_and_update(
-            {"jobId": job_id, "status": JobState.IN_PROGRESS.value},
-            {"$max": {**sums, "partitionsDone": done, "attempt": attempt}, "$set": fields,
-             "$currentDate": {"updatedAt": True, "heartbeatAt": True}},
-            projection={"_id": 0}, return_document=ReturnDocument.AFTER,
-        )  # fmt: skip
-        return self.store.get(job_id) if updated is None else JobStatus.model_validate(updated)
+        maxes = {**sums, "partitionsDone": done, "attempt": attempt}
+        return self.store.raise_totals(job_id, maxes, fields) or self.store.get(job_id)
 
     def _set_part(
         self, job_id: str, index: int, owner: str, state: JobState, error: str | None = None

@@ -6,6 +6,11 @@ owner, so a run whose job was taken over learns it (LeaseLost) instead of writin
 Times written after creation use `$currentDate` (the server's clock, kept as a date on
 every MongoDB-wire server). Leases are compared on `heartbeatMs`, a number (epoch ms), not on
 the `heartbeatAt` date: nx-27017 cannot range-query a date written by `$currentDate`.
+
+Every write also increments `revision`, and every document this process writes or reads
+is kept in `RecentStatuses`, newest revision wins. Status polls (`JobStore.recent`) are
+answered from there while it is fresh: a job this process runs refreshes it with every
+batch, so polling costs no database read (see docs/performance.md, "Status polling").
 """
 
 from __future__ import annotations
@@ -13,7 +18,9 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import threading
 import time
+from collections import OrderedDict
 from collections.abc import Mapping
 from typing import Any
 
@@ -50,11 +57,17 @@ def _now_ms() -> int:
     return int(time.time() * 1000)
 
 
+def _rev(update: dict[str, Any]) -> dict[str, Any]:
+    """Count the write in `revision`, which orders the documents RecentStatuses keeps."""
+    update.setdefault("$inc", {})["revision"] = 1
+    return update
+
+
 def _beat(update: dict[str, Any]) -> dict[str, Any]:
-    """Add the lease stamp (heartbeatMs) and the server-side times to an update."""
+    """Add the lease stamp (heartbeatMs), the server-side times and the revision to an update."""
     update.setdefault("$set", {})["heartbeatMs"] = _now_ms()
     update.setdefault("$currentDate", {}).update(_NOW)
-    return update
+    return _rev(update)
 
 
 def _field(doc: Mapping[str, Any], path: str) -> Any:
@@ -67,6 +80,44 @@ def _field(doc: Mapping[str, Any], path: str) -> Any:
     return value
 
 
+class RecentStatuses:
+    """The newest status document of each job this process wrote or read, with when.
+
+    Thread-safe and bounded (least recently stored first out). A document only replaces one
+    with a lower `revision`, so replies that arrive out of order never move a job back.
+    """
+
+    def __init__(self, capacity: int = 2048) -> None:
+        self.capacity = capacity
+        self._lock = threading.Lock()
+        self._items: OrderedDict[str, tuple[float, JobStatus]] = OrderedDict()
+        self._reading = [threading.Lock() for _ in range(64)]
+
+    def put(self, status: JobStatus) -> None:
+        """Keep `status` unless a newer revision of the job is kept already."""
+        now = time.monotonic()
+        with self._lock:
+            old = self._items.get(status.jobId)
+            if old is not None and old[1].revision > status.revision:
+                return
+            self._items[status.jobId] = (now, status)
+            self._items.move_to_end(status.jobId)
+            while len(self._items) > self.capacity:
+                self._items.popitem(last=False)
+
+    def get(self, job_id: str, max_age: float) -> JobStatus | None:
+        """The kept status if it was seen at most `max_age` seconds ago."""
+        with self._lock:
+            item = self._items.get(job_id)
+        if item is None or time.monotonic() - item[0] > max_age:
+            return None
+        return item[1]
+
+    def reading(self, job_id: str) -> threading.Lock:
+        """The lock that lets one thread at a time read this job for everybody waiting."""
+        return self._reading[hash(job_id) % len(self._reading)]
+
+
 class JobStore:
     """Creates, claims, advances and queries job status documents."""
 
@@ -76,6 +127,7 @@ class JobStore:
         self.copyerrors: Collection[dict[str, Any]] = db["copyerrors"]
         self.idempotency: Collection[dict[str, Any]] = db["idempotencykeys"]
         self.ttl_days = ttl_days
+        self.seen = RecentStatuses()
 
     def ensure_indexes(self) -> None:
         """Create the indexes the contract names (idempotent)."""
@@ -110,6 +162,12 @@ class JobStore:
                 "delete it in the jobstatuses collection."
             ) from None
 
+    def _seen(self, doc: Mapping[str, Any]) -> JobStatus:
+        """The document as a model, kept as the job's most recent status."""
+        status = self._model(doc)
+        self.seen.put(status)
+        return status
+
     def get(self, job_id: str) -> JobStatus:
         """The job's status; JobNotFound if unknown or expired."""
         doc = self.jobs.find_one({"jobId": job_id}, {"_id": 0})
@@ -118,7 +176,21 @@ class JobStore:
                 f"No job {job_id!r}: the id is wrong or its status expired "
                 f"(statuses are kept {self.ttl_days:g} days). List jobs with GET /api/jobs."
             )
-        return self._model(doc)
+        return self._seen(doc)
+
+    def recent(self, job_id: str, max_age: float) -> JobStatus:
+        """The job's status as this process saw it at most `max_age` seconds ago, else read.
+
+        Concurrent callers for the same job share one read. Status polls use this: a job
+        that runs in this process is refreshed by every committed batch, so they cost no
+        database read; a job run elsewhere is read at most once per `max_age`.
+        """
+        kept = self.seen.get(job_id, max_age)
+        if kept is not None:
+            return kept
+        with self.seen.reading(job_id):
+            kept = self.seen.get(job_id, max_age)
+            return kept if kept is not None else self.get(job_id)
 
     def list_jobs(
         self, *, status: str | None = None, operation: str | None = None, limit: int = 20
@@ -132,7 +204,7 @@ class JobStore:
         out = []
         for doc in self.jobs.find(query, {"_id": 0}).sort("startTime", DESCENDING).limit(limit):
             try:
-                out.append(self._model(doc))
+                out.append(self._seen(doc))
             except JobError as e:
                 logger.warning("%s", e)
         return out
@@ -175,11 +247,11 @@ class JobStore:
         for _ in range(3):
             try:
                 self.jobs.insert_one(dict(doc))
-                return self._model(doc), True
+                return self._seen(doc), True
             except DuplicateKeyError:
                 running = self.jobs.find_one({"flightKey": flight}, {"_id": 0})
                 if running is not None:
-                    return self._model(running), False
+                    return self._seen(running), False
         raise JobError(f"Could not start {operation}: the single-flight slot kept changing.")
 
     def remember_idempotency(self, key: str, body: Any, job_id: str) -> str:
@@ -243,7 +315,7 @@ class JobStore:
             if doc is not None:
                 logger.warning("job %s: took over from a run whose lease expired", job_id)
                 doc = self._count_crash(doc, owner)
-        return None if doc is None else self._model(doc)
+        return None if doc is None else self._seen(doc)
 
     def _count_crash(self, doc: dict[str, Any], owner: str) -> dict[str, Any]:
         """Failures count crashed runs in a row that made no progress: a run that committed
@@ -253,7 +325,7 @@ class JobStore:
             return doc
         fixed = self.jobs.find_one_and_update(
             {"jobId": doc["jobId"], "owner": owner},
-            {"$set": {"failures": 1, "failedAtBatch": batches}},
+            _rev({"$set": {"failures": 1, "failedAtBatch": batches}}),
             projection={"_id": 0}, return_document=ReturnDocument.AFTER,
         )  # fmt: skip
         return fixed or doc
@@ -309,7 +381,24 @@ class JobStore:
             if current is None or _field(current, checkpoint_field) != cp:
                 raise LeaseLost(f"Job {job_id} is no longer owned by {owner}; stopping this run.")
             doc = current  # the first attempt was applied; its reply was lost
-        return self._model(doc)
+        return self._seen(doc)
+
+    def raise_totals(
+        self, job_id: str, maxes: dict[str, int], fields: dict[str, Any]
+    ) -> JobStatus | None:
+        """Raise a partitioned job's sums to `maxes` (never lowers them, so concurrent
+        partitions need no lock) and set `fields`; None once the job is no longer running."""
+        doc = self.jobs.find_one_and_update(
+            {"jobId": job_id, "status": JobState.IN_PROGRESS.value},
+            _rev({"$max": maxes, "$set": fields,
+                  "$currentDate": {"updatedAt": True, "heartbeatAt": True}}),
+            projection={"_id": 0}, return_document=ReturnDocument.AFTER,
+        )  # fmt: skip
+        return None if doc is None else self._seen(doc)
+
+    def let_go(self, job_id: str, owner: str) -> None:
+        """Stop owning the job without changing its status (its partitions carry on)."""
+        self.jobs.update_one({"jobId": job_id, "owner": owner}, _rev({"$unset": {"owner": ""}}))
 
     def heartbeat(self, job_id: str, owner: str) -> JobStatus:
         """Renew the lease; returns the document (to see cancelRequested)."""
@@ -322,7 +411,7 @@ class JobStore:
         )  # fmt: skip
         if doc is None:
             raise LeaseLost(f"Job {job_id} is no longer owned by {owner}; stopping this run.")
-        return self._model(doc)
+        return self._seen(doc)
 
     def finish(
         self,
@@ -346,15 +435,15 @@ class JobStore:
             fields.update(percentComplete=100, etaSeconds=0)
         doc = self.jobs.find_one_and_update(
             query,
-            {"$set": fields, "$unset": {"flightKey": "", "owner": ""},
-             "$currentDate": {"endTime": True, "updatedAt": True}},
+            _rev({"$set": fields, "$unset": {"flightKey": "", "owner": ""},
+                  "$currentDate": {"endTime": True, "updatedAt": True}}),
             projection={"_id": 0}, return_document=ReturnDocument.AFTER,
         )  # fmt: skip
         if doc is None:
             raise LeaseLost(f"Job {job_id} could not be ended: another run owns it or it ended.")
         logger.info("job %s %s: %s", job_id, state.value, message,
                     extra={"jobId": job_id, "operation": doc.get("operation")})  # fmt: skip
-        return self._model(doc)
+        return self._seen(doc)
 
     def release(self, job_id: str, owner: str, message: str, *, failure: bool = False) -> JobStatus:
         """Hand the job back (pending) so a new run continues from its checkpoint."""
@@ -363,14 +452,14 @@ class JobStore:
             "$unset": {"owner": ""},
         })  # fmt: skip
         if failure:
-            update["$inc"] = {"failures": 1}
+            update["$inc"]["failures"] = 1
         doc = self.jobs.find_one_and_update(
             self._owned(job_id, owner), update, projection={"_id": 0},
             return_document=ReturnDocument.AFTER,
         )  # fmt: skip
         if doc is None:
             raise LeaseLost(f"Job {job_id} could not be released: another run owns it.")
-        return self._model(doc)
+        return self._seen(doc)
 
     def reopen(self, job_id: str) -> JobStatus:
         """Make a failed job pending again, to continue from its checkpoint."""
@@ -402,7 +491,7 @@ class JobStore:
         if doc is None:
             raise JobError(f"Job {job_id} changed while resuming it; try again.")
         logger.info("job %s: reopened to resume from its checkpoint", job_id)
-        return self._model(doc)
+        return self._seen(doc)
 
     def request_cancel(self, job_id: str) -> JobStatus:
         """Flag the job for cancellation; a pending job nobody runs is cancelled at once."""
@@ -417,17 +506,17 @@ class JobStore:
             )
         ended = self.jobs.find_one_and_update(
             {"jobId": job_id, "status": JobState.PENDING.value},
-            {"$set": {"status": JobState.CANCELLED.value, "cancelRequested": True,
-                      "message": f"Cancelled before it started; {current.processedRecords:,} "
-                      "records had been copied"},
-             "$unset": {"flightKey": "", "owner": ""},
-             "$currentDate": {"endTime": True, "updatedAt": True}},
+            _rev({"$set": {"status": JobState.CANCELLED.value, "cancelRequested": True,
+                           "message": f"Cancelled before it started; "
+                           f"{current.processedRecords:,} records had been copied"},
+                  "$unset": {"flightKey": "", "owner": ""},
+                  "$currentDate": {"endTime": True, "updatedAt": True}}),
             projection={"_id": 0}, return_document=ReturnDocument.AFTER,
         )  # fmt: skip
         if ended is not None:
-            return self._model(ended)
+            return self._seen(ended)
         self.jobs.update_one(
             {"jobId": job_id, "status": {"$in": list(ACTIVE_STATES)}},
-            {"$set": {"cancelRequested": True}, "$currentDate": {"updatedAt": True}},
+            _rev({"$set": {"cancelRequested": True}, "$currentDate": {"updatedAt": True}}),
         )
         return self.get(job_id)

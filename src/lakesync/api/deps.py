@@ -12,8 +12,8 @@ from lakesync.api.auth import UNAUTHORIZED, authorized
 from lakesync.runtime import Runtime
 
 
-def get_runtime(request: Request) -> Runtime:
-    """The process's Runtime, stored on the app at start-up."""
+async def get_runtime(request: Request) -> Runtime:
+    """The process's Runtime, stored on the app at start-up (async: no thread-pool hop)."""
     runtime: Runtime = request.app.state.runtime
     return runtime
 
@@ -24,7 +24,7 @@ RuntimeDep = Annotated[Runtime, Depends(get_runtime)]
 _bearer = HTTPBearer(auto_error=False, description="The value of LAKESYNC_API_TOKEN.")
 
 
-def require_token(
+async def require_token(
     request: Request,
     _declared: Annotated[HTTPAuthorizationCredentials | None, Security(_bearer)] = None,
 ) -> None:

@@ -28,7 +28,7 @@ PROBE_SECONDS = 2.0
 
 
 @router.get("/healthz", summary="Liveness: the process answers")
-def healthz() -> dict[str, Any]:
+async def healthz() -> dict[str, Any]:
     return {"status": "ok"}
 
 

@@ -14,7 +14,8 @@ from pydantic import BaseModel, Field
 
 from lakesync.api.deps import Authorized, RuntimeDep
 from lakesync.errors import JobNotFound
-from lakesync.models import JobState
+from lakesync.models import JobState, JobStatus
+from lakesync.runtime import Runtime
 
 router = APIRouter(prefix="/api/jobs", tags=["jobs"], dependencies=[Authorized])
 
@@ -66,8 +67,17 @@ def list_jobs(
 
 
 @router.get("/{job_id}", summary="A job's status")
-def get_job(job_id: str, runtime: RuntimeDep) -> dict[str, Any]:
-    return runtime.jobs.get(job_id).public()
+async def get_job(job_id: str, runtime: RuntimeDep) -> dict[str, Any]:
+    return (await job_status(runtime, job_id)).public()
+
+
+async def job_status(runtime: Runtime, job_id: str) -> JobStatus:
+    """A polled status: from this process's recent copy when fresh (no thread hop, no
+    database read), else read in the thread pool."""
+    status = runtime.jobs.peek(job_id)
+    if status is None:
+        status = await run_in_threadpool(runtime.jobs.get, job_id)
+    return status
 
 
 @router.post("/{job_id}/resume", status_code=202, summary="Resume a failed job from its checkpoint")
@@ -86,7 +96,7 @@ def cancel_job(job_id: str, runtime: RuntimeDep) -> dict[str, Any]:
     response_class=StreamingResponse,
 )
 async def job_events(job_id: str, request: Request, runtime: RuntimeDep) -> StreamingResponse:
-    first = await run_in_threadpool(runtime.jobs.get, job_id)  # 404 before the stream starts
+    first = await job_status(runtime, job_id)  # 404 before the stream starts
 
     async def stream() -> AsyncIterator[str]:
         status = first
@@ -108,7 +118,7 @@ async def job_events(job_id: str, request: Request, runtime: RuntimeDep) -> Stre
             if await request.is_disconnected():
                 return
             try:
-                status = await run_in_threadpool(runtime.jobs.get, job_id)
+                status = await job_status(runtime, job_id)
             except JobNotFound:
                 return
 

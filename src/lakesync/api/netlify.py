@@ -7,7 +7,7 @@ from typing import Annotated, Any
 from fastapi import APIRouter, Query, Request, Response
 
 from lakesync.api.deps import Authorized, RuntimeDep
-from lakesync.api.jobs import job_response
+from lakesync.api.jobs import job_response, job_status
 from lakesync.errors import RequestError
 
 router = APIRouter(prefix="/.netlify/functions", tags=["seed compatibility"],
@@ -38,9 +38,9 @@ async def copy_taskdetail(
 
 
 @router.get("/simple-status", summary="A job's status by ?jobId= (seed endpoint)")
-def simple_status(
+async def simple_status(
     runtime: RuntimeDep, jobId: Annotated[str | None, Query(max_length=200)] = None
 ) -> dict[str, Any]:
     if not jobId:
         raise RequestError("Missing jobId: call /.netlify/functions/simple-status?jobId=job_...")
-    return runtime.jobs.get(jobId).public()
+    return (await job_status(runtime, jobId)).public()
