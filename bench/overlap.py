@@ -1,8 +1,8 @@
 """What overlapping a batch's preparation with the previous batch's write is worth.
 
 ``Lake.batches(prepare=engine.prepare)`` validates, encodes and hashes the next batch in
-the lake's reader thread while the current one is written. The runner does not pass it
-yet (see docs/performance.md). This measures the copy engine's loop both ways against a
+the lake's reader thread while the current one is written; the runner and the partitions
+pass it (see docs/performance.md). This measures the copy engine's loop both ways against a
 simulated server that answers each bulk write after ``--server-us`` microseconds per
 document (sleeping, so it takes no CPU from the client, as a real MongoDB on another
 machine would not), plus 0.5 ms per batch for the status commit.

@@ -202,7 +202,8 @@ class PartitionedJobs:
         cp = Checkpoint.model_validate(part.get("checkpoint") or {"fileIndex": part["fileStart"]})
         start = lake.resume_position(Position(cp.fileIndex, cp.row), cp.file)
         started = time.monotonic()
-        for batch in lake.batches(batch_size, start, stop_file=int(part["fileStop"])):
+        stop = int(part["fileStop"])
+        for batch in lake.batches(batch_size, start, stop_file=stop, prepare=engine.prepare):
             result = policy.call(partial(engine.write, batch), f"writing a batch of {where}")
             cp = Checkpoint(
                 fileIndex=batch.end.file_index,

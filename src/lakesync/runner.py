@@ -230,7 +230,8 @@ class JobRunner:
         clock = _Clock()
         start = lake.resume_position(Position(cp.fileIndex, cp.row), cp.file)
         reading = lake_filter(lake, cp.since, cp.until)
-        for batch in lake.batches(batch_size, start, filter=reading):
+        # the lake's reader thread validates, encodes and hashes the next batch meanwhile
+        for batch in lake.batches(batch_size, start, filter=reading, prepare=engine.prepare):
             result = policy.call(partial(engine.write, batch), f"writing batch {cp.batches + 1}")
             if seen is not None and status.errorRecords + result.counts.errors == 0:
                 # with a rejected record the delete phase is refused: no need to remember keys
