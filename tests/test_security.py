@@ -434,3 +434,22 @@ def test_masking_hides_the_whole_password_even_with_an_unescaped_at() -> None:
     assert mask_uri("see mongodb://db:27017/x or mail ops@example.com") == (
         "see mongodb://db:27017/x or mail ops@example.com"
     )
+
+
+def test_a_link_out_of_the_lake_is_not_followed(lakes: tuple[Path, Path]) -> None:
+    from lakesync.errors import SourceError
+    from lakesync.lake import Lake
+
+    lake, outside = lakes
+    for source, link in ((f"{lake}/tasks", "leak.parquet"), (str(lake), "escape")):
+        with pytest.raises(SourceError) as info:
+            Lake.open(source)
+        message = str(info.value)
+        assert link in message and str(outside) in message, message
+        assert "does not follow links out of the lake" in message
+    (lake / "tasks" / "leak.parquet").unlink()
+    # a link that stays inside the lake is read like any file
+    inside = next((lake / "tasks").rglob("*.parquet"))
+    (lake / "tasks" / "alias.parquet").symlink_to(inside)
+    opened = Lake.open(f"{lake}/tasks")
+    assert any(f.endswith("alias.parquet") for f in opened.files)

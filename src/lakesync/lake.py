@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import itertools
 import logging
+import os
 import queue
 import re
 import threading
@@ -512,7 +513,25 @@ def _list_files(
             continue  # hidden files, _SUCCESS, _delta_log/, _common_metadata...
         if pattern is None or pattern.fullmatch(rel):
             found.append(item.path)
-    return sorted(found), False
+    found.sort()
+    if not loc.is_s3:
+        _refuse_links_out(base, found)
+    return found, False
+
+
+def _refuse_links_out(base: str, found: list[str]) -> None:
+    """A symlink inside a local lake must stay inside it: the allowed roots are checked on
+    the source, and a planted link must not make the server read any file it can."""
+    root = os.path.realpath(base)
+    for path in found:
+        real = os.path.realpath(path)
+        if real != root and not real.startswith(root.rstrip("/") + "/"):
+            raise SourceError(
+                f"{path} is a symbolic link (or lies under one) that points outside the lake "
+                f"{base}, to {real}; lakesync does not follow links out of the lake. Move "
+                "or copy the file into the lake, or point the source at where it really is.",
+                file=path,
+            )
 
 
 def _choose_format(found: list[str], given: str | None, where: str, single: bool) -> str:
