@@ -35,13 +35,20 @@ ARTIFACTS = Path(__file__).resolve().parent.parent / "test-artifacts"
 TOKEN = "page-test-token-3f9a"
 COPIED_5000 = "Copied 5,000 records: 4,975 inserted, 0 updated, 0 unchanged, 25 rejected"
 
-# Records every aria-valuenow of #progress and every transport mode the page goes through.
+# Records every aria-valuenow of #progress, every transport mode the page goes through, and
+# the record counts shown in the jobs table's rows of running jobs.
 RECORDER = """
 window.__progress = [];
 window.__transport = [];
+window.__rows = [];
 document.addEventListener("DOMContentLoaded", () => {
   const bar = document.getElementById("progress");
   const transport = document.getElementById("transport");
+  new MutationObserver(() => {
+    for (const tr of document.querySelectorAll('#jobs-body tr[data-status="in_progress"]'))
+      window.__rows.push(tr.querySelector(".c-num").textContent);
+  }).observe(document.getElementById("jobs-body"),
+             { subtree: true, childList: true, characterData: true, attributes: true });
   new MutationObserver(() => {
     const v = bar.getAttribute("aria-valuenow");
     if (v !== null) window.__progress.push(Number(v));
@@ -141,6 +148,9 @@ def test_copy_runs_to_completion_with_live_progress(
     row = page.locator(f'#jobs-table tr[data-job-id="{job_id}"]')
     expect(row).to_contain_text("Completed")
     expect(row).to_contain_text("5,000 / 5,000")
+    counts = page.evaluate("window.__rows")
+    live = [c for c in counts if re.fullmatch(r"[1-9][\d,]* / 5,000", c) and c != "5,000 / 5,000"]
+    assert live, f"the job's row did not follow its progress: {counts}"
     expect(row.locator(".badge")).to_have_attribute("data-status", "completed")
 
     chart = page.locator("#throughput-chart")

@@ -491,6 +491,7 @@ function onStatus(job, { quiet = false } = {}) {
   state.job = job;
   addSample(job);
   render(job);
+  syncRow(job);
   if (!quiet) announceProgress(job);
   else state.announced = { status: job.status, decile: 10 };
   if (isFinal(job.status) && !state.endHandled) {
@@ -832,62 +833,86 @@ function renderJobs(jobs) {
     renderJobsMessage("No jobs yet. Jobs you start appear here.");
     return;
   }
-  const rows = jobs.map((job) => {
-    const tr = document.createElement("tr");
-    tr.dataset.jobId = job.jobId;
-    tr.dataset.status = job.status;
-
-    const tdJob = cell("c-job");
-    const link = document.createElement("button");
-    link.type = "button";
-    link.className = "btn--link job-link";
-    link.title = `Show job ${job.jobId}`;
-    link.setAttribute("aria-label", `Show job ${job.jobId}`);
-    const code = document.createElement("code");
-    code.textContent = shortId(job.jobId);
-    link.append(code);
-    link.addEventListener("click", () => {
-      hideNotice();
-      clearAlert();
-      follow(job.jobId, job);
-      $("job-card").scrollIntoView({ behavior: "smooth", block: "start" });
-    });
-    tdJob.append(link);
-
-    const tdStatus = cell("c-status");
-    const badge = document.createElement("span");
-    badge.className = "badge";
-    setBadge(badge, job.status);
-    tdStatus.append(badge);
-
-    const tdWhen = cell("c-when when", "Started");
-    const time = document.createElement("time");
-    time.dateTime = job.startTime || "";
-    const start = parseTime(job.startTime);
-    time.title = start == null ? "" : dateTimeFmt.format(start);
-    time.textContent = fmtRelative(job.startTime);
-    tdWhen.append(time);
-
-    const tdDur = cell("c-dur dur", "Duration");
-    const secs = jobSeconds(job);
-    tdDur.textContent = secs == null ? "—" : fmtDuration(secs) + (isActive(job.status) ? " so far" : "");
-
-    const tdNum = cell("c-num num", "Records");
-    tdNum.textContent = job.totalRecords
-      ? `${fmt(job.processedRecords)} / ${fmt(job.totalRecords)}`
-      : (job.processedRecords ? fmt(job.processedRecords) : "—");
-
-    const tdResult = cell(`c-result result${job.status === "failed" ? " result--failed" : ""}`);
-    const resultText = document.createElement("span");
-    resultText.textContent = job.status === "failed" ? (job.error || job.message || "Failed") : (job.message || "");
-    resultText.title = resultText.textContent;
-    tdResult.append(resultText);
-
-    tr.append(tdJob, tdStatus, tdWhen, tdDur, tdNum, tdResult);
-    return tr;
-  });
-  $("jobs-body").replaceChildren(...rows);
+  $("jobs-body").replaceChildren(...jobs.map(jobRow));
   highlightRow();
+}
+
+// One row of the table: its cells, filled by fillRow (which also updates it in place).
+function jobRow(job) {
+  const tr = document.createElement("tr");
+  tr.dataset.jobId = job.jobId;
+
+  const tdJob = cell("c-job");
+  const link = document.createElement("button");
+  link.type = "button";
+  link.className = "btn--link job-link";
+  link.title = `Show job ${job.jobId}`;
+  link.setAttribute("aria-label", `Show job ${job.jobId}`);
+  const code = document.createElement("code");
+  code.textContent = shortId(job.jobId);
+  link.append(code);
+  link.addEventListener("click", () => {
+    hideNotice();
+    clearAlert();
+    const known = state.jobs.find((j) => j.jobId === job.jobId) || job;
+    follow(job.jobId, known);
+    $("job-card").scrollIntoView({ behavior: "smooth", block: "start" });
+  });
+  tdJob.append(link);
+
+  const tdStatus = cell("c-status");
+  const badge = document.createElement("span");
+  badge.className = "badge";
+  tdStatus.append(badge);
+
+  const tdWhen = cell("c-when when", "Started");
+  tdWhen.append(document.createElement("time"));
+
+  const tdResult = cell("c-result result");
+  tdResult.append(document.createElement("span"));
+
+  tr.append(tdJob, tdStatus, tdWhen, cell("c-dur dur", "Duration"), cell("c-num num", "Records"),
+    tdResult);
+  fillRow(tr, job);
+  return tr;
+}
+
+function fillRow(tr, job) {
+  tr.dataset.status = job.status;
+  setBadge(tr.querySelector(".badge"), job.status);
+
+  const time = tr.querySelector("time");
+  time.dateTime = job.startTime || "";
+  const start = parseTime(job.startTime);
+  time.title = start == null ? "" : dateTimeFmt.format(start);
+  time.textContent = fmtRelative(job.startTime);
+
+  const secs = jobSeconds(job);
+  tr.querySelector(".c-dur").textContent =
+    secs == null ? "—" : fmtDuration(secs) + (isActive(job.status) ? " so far" : "");
+
+  tr.querySelector(".c-num").textContent = job.totalRecords
+    ? `${fmt(job.processedRecords)} / ${fmt(job.totalRecords)}`
+    : (job.processedRecords ? fmt(job.processedRecords) : "—");
+
+  const failed = job.status === "failed";
+  const tdResult = tr.querySelector(".c-result");
+  tdResult.classList.toggle("result--failed", failed);
+  const text = tdResult.querySelector("span");
+  text.textContent = failed ? (job.error || job.message || "Failed") : (job.message || "");
+  text.title = text.textContent;
+}
+
+// The followed job's row follows its live status (at most once a second, and at its end).
+function syncRow(job) {
+  const i = state.jobs.findIndex((j) => j.jobId === job.jobId);
+  if (i < 0) return;
+  state.jobs[i] = job;
+  const now = Date.now();
+  if (!isFinal(job.status) && now - (state.rowSyncedAt || 0) < 1000) return;
+  state.rowSyncedAt = now;
+  const tr = $("jobs-body").querySelector(`tr[data-job-id="${CSS.escape(job.jobId)}"]`);
+  if (tr) fillRow(tr, job);
 }
 
 function highlightRow() {
