@@ -17,7 +17,7 @@ from tests.test_s3 import REGION, aws_test_env, run_job, s3_client, start_moto_t
 
 from lakesync.config import Settings
 from lakesync.demo import generate
-from lakesync.errors import SourceError
+from lakesync.errors import RequestError, SourceError
 from lakesync.lake import Lake, Position
 from lakesync.models import JobState
 from lakesync.runtime import Runtime
@@ -192,3 +192,56 @@ def test_delta_table_on_s3(s3_delta: str, local_table: Path, settings: Settings,
         assert done.status == JobState.COMPLETED, (done.message, done.error)
         assert done.totalRecords == done.insertedRecords == 4000
         assert db.taskdetails.count_documents({}) == 4000
+
+
+def test_incremental_copies_read_only_the_files_added_since_the_last_copy(
+    settings: Settings, db: Any, tmp_path: Path, records: pa.Table
+) -> None:
+    path = tmp_path / "tasks"
+    write_deltalake(str(path), records.slice(0, FIRST), partition_by=["projectId"])  # version 0
+    settings = settings.model_copy(update={"lake_uri": str(path)})
+    with Runtime(settings) as rt:
+        first = run_job(rt, str(path), mode="incremental")  # no watermark yet: everything
+    assert first.status == JobState.COMPLETED, (first.message, first.error)
+    assert first.insertedRecords == FIRST and "sinceDeltaVersion" not in first.options
+    assert db.syncstate.find_one({"operation": "copy-taskdetail"})["deltaVersion"] == 0
+
+    # version 1 adds newer records; then every file of version 0 is broken, so a copy that
+    # still opened them (even only their footers) would fail
+    old_files = list(path.rglob("*.parquet"))
+    added = records.slice(FIRST)
+    newer = pa.array([pc.max(records["updatedAt"]).as_py()] * added.num_rows,
+                     type=records.schema.field("updatedAt").type)  # fmt: skip
+    added = added.set_column(added.schema.get_field_index("updatedAt"), "updatedAt",
+                             pc.add(newer, pa.scalar(60_000, type=pa.duration("ms"))))  # fmt: skip
+    write_deltalake(str(path), added, partition_by=["projectId"], mode="append")
+    for f in old_files:
+        f.write_bytes(b"not Parquet any more")
+    with Runtime(settings) as rt:
+        second = run_job(rt, str(path), mode="incremental")
+        assert second.status == JobState.COMPLETED, (second.message, second.error)
+        assert second.processedRecords == second.insertedRecords == APPENDED
+        assert second.options["sinceDeltaVersion"] == 0 and second.options["deltaVersion"] == 1
+        third = run_job(rt, str(path), mode="incremental")  # nothing added since version 1
+        assert third.status == JobState.COMPLETED and third.processedRecords == 0
+        assert third.options["sinceDeltaVersion"] == 1
+        # the option is lakesync's own: a request may not set it
+        with pytest.raises(RequestError, match="sinceDeltaVersion"):
+            rt.jobs.start("copy-taskdetail", {"mode": "incremental", "sinceDeltaVersion": 0})
+    assert db.taskdetails.count_documents({}) == FIRST + APPENDED
+
+
+def test_incremental_reads_the_whole_table_when_the_recorded_version_cannot_be_listed(
+    settings: Settings, db: Any, tmp_path: Path, records: pa.Table
+) -> None:
+    path = tmp_path / "tasks"
+    write_versions(str(path), records)
+    settings = settings.model_copy(update={"lake_uri": str(path)})
+    with Runtime(settings) as rt:
+        assert run_job(rt, str(path), mode="full").status == JobState.COMPLETED
+    # a version the table does not have (it was recreated), like one whose log was cleaned up
+    db.syncstate.update_one({"operation": "copy-taskdetail"}, {"$set": {"deltaVersion": 7}})
+    with Runtime(settings) as rt:
+        again = run_job(rt, str(path), mode="incremental")
+    assert again.status == JobState.COMPLETED, (again.message, again.error)
+    assert "sinceDeltaVersion" not in again.options and again.processedRecords == 0

@@ -86,7 +86,8 @@ class Lake:
     """A sorted set of same-format data files read as one stream; build it with ``open``.
 
     ``format`` is parquet, csv, json or delta; ``version`` is the Delta table version read
-    (None for plain files). ``files`` are the data files' URIs in reading order: a Position's
+    (None for plain files), ``since_version`` the version whose files were left out (None:
+    all the version's files). ``files`` are the data files' URIs in reading order: a Position's
     file index points into it, and ``file_name`` gives the stable name a checkpoint keeps.
     """
 
@@ -101,9 +102,11 @@ class Lake:
         *,
         root: str = "",
         version: int | None = None,
+        since_version: int | None = None,
         schema: pa.Schema | None = None,
     ) -> None:
         self.uri, self.format, self.files, self.version = uri, fmt, files, version
+        self.since_version = since_version
         self._fragments, self._schemas, self._endpoint = fragments, schemas, endpoint
         self._root = root.rstrip("/")
         self._parquet = fmt in ("parquet", "delta")
@@ -127,11 +130,14 @@ class Lake:
         format: str | None = None,
         settings: Settings | None = None,
         version: int | None = None,
+        since_version: int | None = None,
     ) -> Lake:
         """List and inspect the lake at ``uri``; raise SourceError if it cannot be read.
 
         A directory holding ``_delta_log`` is read as a Delta table (its latest version,
-        or ``version``) unless ``format`` names a plain file format.
+        or ``version``) unless ``format`` names a plain file format. With ``since_version``
+        only the files added to the table after that version are read: what an incremental
+        copy needs, since Delta never changes a file in place.
         """
         fmt_given = None if format is None else _ALIASES.get(format.lower())
         if format is not None and fmt_given is None:
@@ -154,8 +160,8 @@ class Lake:
             raise read_error(e, loc.show(base), "", loc.endpoint, listing=True) from e
         maybe_delta = glob_at is None and fmt_given in (None, "delta")
         if maybe_delta and info.type == pafs.FileType.Directory and is_delta_table(loc, base):
-            return cls._open_delta(uri, loc, base, version)
-        if fmt_given == "delta" or version is not None:
+            return cls._open_delta(uri, loc, base, version, since_version)
+        if fmt_given == "delta" or version is not None or since_version is not None:
             raise SourceError(
                 f"{loc.show(loc.path)} is not a Delta table (no {LOG_DIR} folder in it), "
                 "so it has no Delta format or version to read. Point the source at the "
@@ -189,15 +195,29 @@ class Lake:
         return cls(uri, fmt, files, fragments, schemas, loc.endpoint, root=loc.show(root))
 
     @classmethod
-    def _open_delta(cls, uri: str, loc: Location, base: str, version: int | None) -> Lake:
+    def _open_delta(
+        cls, uri: str, loc: Location, base: str, version: int | None, since: int | None
+    ) -> Lake:
         snap = snapshot(loc, base, version)
-        inspected = _inspect(loc, "delta", [(p, expr, []) for p, expr in snap.files])
+        chosen = snap.files
+        if since is not None:
+            if since > snap.version:
+                raise SourceError(
+                    f"Cannot read the files added to the Delta table {uri} after version "
+                    f"{since}: the table is at version {snap.version}. Copy it in mode full.",
+                    uri=uri,
+                )
+            before = {p for p, _ in snapshot(loc, base, since).files}
+            chosen = [(p, expr) for p, expr in snap.files if p not in before]
+        inspected = _inspect(loc, "delta", [(p, expr, []) for p, expr in chosen])
         fragments = [f for f, _ in inspected]
-        files = [loc.show(p) for p, _ in snap.files]
+        files = [loc.show(p) for p, _ in chosen]
         schemas = [snap.schema] * len(files)  # the table's schema, not each file's
-        logger.info("Opened Delta table %s version %d: %d file(s)", uri, snap.version, len(files))
-        return cls(uri, "delta", files, fragments, schemas, loc.endpoint,
-                   root=loc.show(base), version=snap.version, schema=snap.schema)  # fmt: skip
+        added = "" if since is None else f" added since version {since}"
+        logger.info("Opened Delta table %s version %d: %d file(s)%s", uri, snap.version,
+                    len(files), added)  # fmt: skip
+        return cls(uri, "delta", files, fragments, schemas, loc.endpoint, root=loc.show(base),
+                   version=snap.version, schema=snap.schema, since_version=since)  # fmt: skip
 
     def file_name(self, index: int) -> str:
         """The stable name of file ``index``: its path relative to the lake's root folder.

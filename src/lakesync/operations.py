@@ -72,6 +72,12 @@ class Operation(BaseModel):
                 "lakesync.toml.",
                 operation=self.name,
             )
+        if options.sinceDeltaVersion is not None:
+            raise RequestError(
+                '"sinceDeltaVersion" is chosen by lakesync: an incremental job of a Delta table '
+                "reads the files added since the version its last completed copy read. Remove "
+                'the option, and send "mode": "incremental".',
+            )
         if options.allowEmpty and mode != "mirror":
             raise RequestError(
                 f'"allowEmpty" only applies to mode mirror; this job\'s mode is {mode}. '
@@ -89,6 +95,8 @@ class JobOptions(BaseModel):
     mode: Mode | None = None
     allowEmpty: bool = False
     deltaVersion: int | None = Field(None, ge=0)  # Delta table version to read (default: latest)
+    #: Delta: read only the files added after this version (incremental jobs pin it)
+    sinceDeltaVersion: int | None = Field(None, ge=0)
 
 
 COPY_TASKDETAIL = Operation(
@@ -109,9 +117,10 @@ class ResolvedJob:
     batch_size: int
 
     def open_lake(self, settings: Settings) -> Lake:
-        """The job's lake, at the Delta version the job pinned (if any)."""
+        """The job's lake, at the Delta version (and from the version) the job pinned."""
         return Lake.open(self.source, format=self.op.format, settings=settings,
-                         version=self.options.deltaVersion)  # fmt: skip
+                         version=self.options.deltaVersion,
+                         since_version=self.options.sinceDeltaVersion)  # fmt: skip
 
 
 class OperationRegistry:
@@ -174,6 +183,8 @@ class OperationRegistry:
                 w = state.watermark
                 shown = {"column": w.column, "kind": w.kind, "value": w.iso or w.value,
                          "source": mask_secrets(state.source), "jobId": state.jobId}  # fmt: skip
+                if state.deltaVersion is not None:
+                    shown["deltaVersion"] = state.deltaVersion
             out.append(OperationInfo(
                 name=op.name, description=op.description, source=mask_secrets(source),
                 format=op.format, collection=op.collection, key=op.schema_.key,
@@ -195,7 +206,8 @@ class OperationInfo(BaseModel):
     batchSize: int | None
     mode: Mode
     watermarkColumn: str | None
-    watermark: dict[str, Any] | None  # column, kind, value (ISO time or number), source, jobId
+    #: column, kind, value (ISO time or number), source, jobId, and a Delta table's version
+    watermark: dict[str, Any] | None
     lastJob: dict[str, Any] | None
 
 

@@ -307,7 +307,12 @@ class PartitionedJobs:
             reached = job.checkpoint.until if job.checkpoint else None
             if state is JobState.COMPLETED and reached is not None:
                 WatermarkStore(self.store.db).save(
-                    job.operation, str(job.options.get("source", "")), reached, job_id, "full"
+                    job.operation,
+                    str(job.options.get("source", "")),
+                    reached,
+                    job_id,
+                    "full",
+                    job.options.get("deltaVersion"),
                 )
 
     def _fail_job(self, job_id: str, error: str) -> None:

@@ -12,7 +12,7 @@ import threading
 import time
 import uuid
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from enum import Enum
 from functools import cached_property, partial
 from typing import TYPE_CHECKING, Any
@@ -27,12 +27,12 @@ from lakesync.errors import (
     SourceError,
     TransientStoreError,
 )
-from lakesync.lake import Position
+from lakesync.lake import Lake, Position
 from lakesync.logs import job_context
 from lakesync.mirror import MirrorSet, key_type
 from lakesync.models import Checkpoint, Counters, JobState, JobStatus, Watermark
 from lakesync.mongo import mask_uri
-from lakesync.operations import OperationRegistry
+from lakesync.operations import OperationRegistry, ResolvedJob
 from lakesync.retry import RetryPolicy
 from lakesync.schema import check_columns
 from lakesync.store import JobStore
@@ -183,7 +183,10 @@ class JobRunner:
         job = self.registry.resolve(status.operation, status.options, self.settings)
         op, options, source = job.op, job.options, job.source
         mode = options.mode or op.mode
-        lake = job.open_lake(self.settings)
+        lake = None
+        if status.checkpoint is None and mode == "incremental" and op.watermark:
+            lake = self._added_files(job, op.watermark, policy)
+        lake = lake or job.open_lake(self.settings)
         check_columns(op.schema_, lake.schema.names, lake.uri)
         column = watermark_column(op, lake, mode)
         key_kind = key_type(op.schema_, lake) if mode == "mirror" else None
@@ -212,6 +215,8 @@ class JobRunner:
             pinned = {**status.options, "mode": mode}  # a resumed run keeps mode and version
             if lake.version is not None:
                 pinned["deltaVersion"] = lake.version
+            if lake.since_version is not None:
+                pinned["sinceDeltaVersion"] = lake.since_version
             if seen is not None:
                 mirror.sweep(db, self.store.jobs)
                 policy.call(seen.begin, "starting the mirror's key set")
@@ -281,7 +286,7 @@ class JobRunner:
             message += f" (records changed since {shown(cp.since)})"
         done = self._end(job_id, owner, JobState.COMPLETED, message)
         if cp.until is not None:
-            self._save_watermark(op.name, source, cp.until, job_id, mode)
+            self._save_watermark(op.name, source, cp.until, job_id, mode, lake.version)
         if on_progress:
             on_progress(done)
         return Outcome.ENDED
@@ -346,13 +351,42 @@ class JobRunner:
             return Outcome.CONTINUE
         return None
 
+    def _added_files(self, job: ResolvedJob, column: str, policy: RetryPolicy) -> Lake | None:
+        """The Delta table's files added since the version the last completed copy read.
+
+        Delta never changes a file in place, so every record changed or added since then
+        lies in those files, and the others are not even opened. None (read the whole
+        version, with the watermark filter as usual) when no version was recorded, or when
+        it cannot be listed any more (its log was cleaned up, the source is no Delta table).
+        """
+        source, name = job.source, job.op.name
+        since = policy.call(lambda: self.watermarks.delta_version(name, source, column),
+                            "reading the watermark")  # fmt: skip
+        if since is None:
+            return None
+        pinned = job.options.model_copy(update={"sinceDeltaVersion": since})
+        try:
+            return replace(job, options=pinned).open_lake(self.settings)
+        except SourceError as e:
+            logger.warning("%s: cannot list the files added to %s since Delta version %d (%s); "
+                           "reading the whole table", name, source, since, e)  # fmt: skip
+            return None
+
     def _save_watermark(
-        self, operation: str, source: str, reached: Watermark, job_id: str, mode: str
+        self,
+        operation: str,
+        source: str,
+        reached: Watermark,
+        job_id: str,
+        mode: str,
+        delta_version: int | None,
     ) -> None:
         """Move the operation's watermark; a failure only makes the next copy read more."""
         try:
             self.retry().call(
-                lambda: self.watermarks.save(operation, source, reached, job_id, mode),
+                lambda: self.watermarks.save(
+                    operation, source, reached, job_id, mode, delta_version
+                ),
                 "recording the watermark",
             )
             logger.info("job %s: watermark of %s is now %s", job_id, operation, shown(reached))

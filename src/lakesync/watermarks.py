@@ -196,6 +196,7 @@ class SyncState(BaseModel):
     jobId: str | None = None
     mode: str | None = None
     updatedAtMs: int | None = None
+    deltaVersion: int | None = None  # the Delta table version that copy read
 
 
 class WatermarkStore:
@@ -223,18 +224,33 @@ class WatermarkStore:
         return state.watermark
 
     def save(
-        self, operation: str, source: str, watermark: Watermark, job_id: str, mode: str
+        self,
+        operation: str,
+        source: str,
+        watermark: Watermark,
+        job_id: str,
+        mode: str,
+        delta_version: int | None = None,
     ) -> None:
-        """Record the watermark a completed job reached."""
+        """Record the watermark a completed job reached (and the Delta version it read)."""
         now = datetime.now(UTC)
-        self.states.update_one(
-            {"_id": self._id(operation, source)},
-            {"$set": {"operation": operation, "source": source, "jobId": job_id, "mode": mode,
-                      "watermark": watermark.model_dump(),
-                      "updatedAtMs": int(now.timestamp() * 1000)},
-             "$currentDate": {"updatedAt": True}},
-            upsert=True,
-        )  # fmt: skip
+        fields = {"operation": operation, "source": source, "jobId": job_id, "mode": mode,
+                  "watermark": watermark.model_dump(),
+                  "updatedAtMs": int(now.timestamp() * 1000)}  # fmt: skip
+        update: dict[str, Any] = {"$set": fields, "$currentDate": {"updatedAt": True}}
+        if delta_version is None:
+            update["$unset"] = {"deltaVersion": ""}
+        else:
+            fields["deltaVersion"] = delta_version
+        self.states.update_one({"_id": self._id(operation, source)}, update, upsert=True)
+
+    def delta_version(self, operation: str, source: str, column: str) -> int | None:
+        """The Delta version the last completed copy read, if it recorded this column's
+        watermark (an incremental copy then reads only the files added since)."""
+        state = self._model(self.states.find_one({"_id": self._id(operation, source)}))
+        if state is None or state.watermark.column != column:
+            return None
+        return state.deltaVersion
 
     def for_operation(self, operation: str) -> list[SyncState]:
         """The operation's watermarks, most recently updated first."""
