@@ -5,6 +5,7 @@ from __future__ import annotations
 import re
 import sys
 from collections.abc import Iterator
+from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
@@ -20,6 +21,7 @@ from lakesync.demo import generate
 from lakesync.errors import RequestError, SourceError
 from lakesync.lake import Lake, Position
 from lakesync.models import JobState
+from lakesync.runner import Outcome
 from lakesync.runtime import Runtime
 
 FIRST, APPENDED = 3000, 1000  # version 0 holds FIRST records, version 1 adds APPENDED
@@ -209,11 +211,12 @@ def test_incremental_copies_read_only_the_files_added_since_the_last_copy(
     # version 1 adds newer records; then every file of version 0 is broken, so a copy that
     # still opened them (even only their footers) would fail
     old_files = list(path.rglob("*.parquet"))
+    # newer by a minute, in steps of 250 µs: the highest values lie between two milliseconds
     added = records.slice(FIRST)
-    newer = pa.array([pc.max(records["updatedAt"]).as_py()] * added.num_rows,
-                     type=records.schema.field("updatedAt").type)  # fmt: skip
-    added = added.set_column(added.schema.get_field_index("updatedAt"), "updatedAt",
-                             pc.add(newer, pa.scalar(60_000, type=pa.duration("ms"))))  # fmt: skip
+    latest = pc.max(records["updatedAt"]).as_py() + timedelta(minutes=1)
+    newer = pa.array([latest + timedelta(microseconds=250 * i) for i in range(added.num_rows)],
+                     type=pa.timestamp("us", tz="UTC"))  # fmt: skip
+    added = added.set_column(added.schema.get_field_index("updatedAt"), "updatedAt", newer)
     write_deltalake(str(path), added, partition_by=["projectId"], mode="append")
     for f in old_files:
         f.write_bytes(b"not Parquet any more")
@@ -245,3 +248,49 @@ def test_incremental_reads_the_whole_table_when_the_recorded_version_cannot_be_l
         again = run_job(rt, str(path), mode="incremental")
     assert again.status == JobState.COMPLETED, (again.message, again.error)
     assert "sinceDeltaVersion" not in again.options and again.processedRecords == 0
+
+
+def test_a_delta_file_linked_from_outside_the_table_is_refused(
+    tmp_path: Path, records: pa.Table
+) -> None:
+    path = tmp_path / "tasks"
+    write_deltalake(str(path), records.slice(0, 100))
+    (victim,) = path.glob("*.parquet")
+    outside = tmp_path / "outside.parquet"
+    victim.rename(outside)
+    victim.symlink_to(outside)
+    with pytest.raises(SourceError, match="does not follow links out of the lake"):
+        Lake.open(str(path))
+
+
+def test_a_resumed_incremental_run_reads_the_whole_table_once_the_old_log_is_gone(
+    settings: Settings, db: Any, tmp_path: Path, records: pa.Table, caplog: Any
+) -> None:
+    path = tmp_path / "tasks"
+    write_deltalake(str(path), records.slice(0, FIRST))  # version 0, one file
+    settings = settings.model_copy(update={"lake_uri": str(path), "batch_size": 100})
+    with Runtime(settings) as rt:
+        assert run_job(rt, str(path), mode="incremental").status == JobState.COMPLETED
+    added = records.slice(FIRST)
+    latest = pc.max(records["updatedAt"]).as_py() + timedelta(minutes=1)
+    newer = pa.array([latest] * added.num_rows, type=pa.timestamp("us", tz="UTC"))
+    added = added.set_column(added.schema.get_field_index("updatedAt"), "updatedAt", newer)
+    write_deltalake(str(path), added.slice(0, 500), mode="append")  # version 1
+    write_deltalake(str(path), added.slice(500), mode="append")  # version 2
+    with Runtime(settings) as rt:
+        job, _ = rt.jobs.start("copy-taskdetail", {"mode": "incremental"}, trusted=True)
+        rt.runner.run(job.jobId, on_progress=lambda s: s.processedRecords and rt.runner.stop.set())
+        paused = rt.store.get(job.jobId)
+        assert paused.status == JobState.PENDING and 0 < paused.processedRecords < APPENDED
+        assert paused.options["sinceDeltaVersion"] == 0
+        # log retention removes the commits before a checkpoint: version 0 cannot be listed
+        DeltaTable(str(path)).create_checkpoint()
+        for commit in ("00000000000000000000.json", "00000000000000000001.json"):
+            (path / "_delta_log" / commit).unlink()
+        rt.runner.stop.clear()
+        assert rt.runner.run(job.jobId) is Outcome.ENDED
+        assert "since Delta version 0" in caplog.text and "reading the whole table" in caplog.text
+        done = rt.store.get(job.jobId)
+    assert done.status == JobState.COMPLETED, (done.message, done.error)
+    assert done.processedRecords == done.insertedRecords == APPENDED  # nothing twice, none lost
+    assert db.taskdetails.count_documents({}) == FIRST + APPENDED

@@ -209,6 +209,8 @@ class Lake:
                 )
             before = {p for p, _ in snapshot(loc, base, since).files}
             chosen = [(p, expr) for p, expr in snap.files if p not in before]
+        if not loc.is_s3:  # the log may name a symlink, or a path out of the table
+            _refuse_links_out(base, [p for p, _ in chosen])
         inspected = _inspect(loc, "delta", [(p, expr, []) for p, expr in chosen])
         fragments = [f for f, _ in inspected]
         files = [loc.show(p) for p, _ in chosen]

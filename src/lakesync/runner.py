@@ -183,10 +183,7 @@ class JobRunner:
         job = self.registry.resolve(status.operation, status.options, self.settings)
         op, options, source = job.op, job.options, job.source
         mode = options.mode or op.mode
-        lake = None
-        if status.checkpoint is None and mode == "incremental" and op.watermark:
-            lake = self._added_files(job, op.watermark, policy)
-        lake = lake or job.open_lake(self.settings)
+        lake = self._open_lake(job, mode, status.checkpoint is None, policy)
         check_columns(op.schema_, lake.schema.names, lake.uri)
         column = watermark_column(op, lake, mode)
         key_kind = key_type(op.schema_, lake) if mode == "mirror" else None
@@ -234,7 +231,10 @@ class JobRunner:
         engine = CopyEngine(db[op.collection], self.store.copyerrors, op.schema_, job_id)
         clock = _Clock()
         start = lake.resume_position(Position(cp.fileIndex, cp.row), cp.file)
-        reading = lake_filter(lake, cp.since, cp.until)
+        # A Delta version's files never change, so its range needs no upper bound; that also
+        # keeps records above `until`'s last whole millisecond, which files added later
+        # cannot bring back
+        reading = lake_filter(lake, cp.since, cp.until if lake.version is None else None)
         # the lake's reader thread validates, encodes and hashes the next batch meanwhile
         for batch in lake.batches(batch_size, start, filter=reading, prepare=engine.prepare):
             result = policy.call(partial(engine.write, batch), f"writing batch {cp.batches + 1}")
@@ -351,26 +351,32 @@ class JobRunner:
             return Outcome.CONTINUE
         return None
 
-    def _added_files(self, job: ResolvedJob, column: str, policy: RetryPolicy) -> Lake | None:
-        """The Delta table's files added since the version the last completed copy read.
-
-        Delta never changes a file in place, so every record changed or added since then
-        lies in those files, and the others are not even opened. None (read the whole
-        version, with the watermark filter as usual) when no version was recorded, or when
-        it cannot be listed any more (its log was cleaned up, the source is no Delta table).
+    def _open_lake(self, job: ResolvedJob, mode: str, first_run: bool, policy: RetryPolicy) -> Lake:
+        """The job's lake. An incremental copy of a Delta table opens only the files added
+        since the version the last completed copy read: Delta never changes a file in place,
+        so every record added or changed since then lies in them, and the other files are
+        not even opened. The first run looks that version up; it is pinned in the options
+        (`sinceDeltaVersion`), so a resumed run opens the same files. When it can no longer
+        be listed (its log was cleaned up, the table was recreated, the source is no Delta
+        table), the whole version is read, with the watermark filter as for plain files.
         """
-        source, name = job.source, job.op.name
-        since = policy.call(lambda: self.watermarks.delta_version(name, source, column),
-                            "reading the watermark")  # fmt: skip
-        if since is None:
-            return None
-        pinned = job.options.model_copy(update={"sinceDeltaVersion": since})
-        try:
-            return replace(job, options=pinned).open_lake(self.settings)
-        except SourceError as e:
-            logger.warning("%s: cannot list the files added to %s since Delta version %d (%s); "
-                           "reading the whole table", name, source, since, e)  # fmt: skip
-            return None
+        since = job.options.sinceDeltaVersion
+        if first_run and mode == "incremental" and job.op.watermark:
+            column, name, source = job.op.watermark, job.op.name, job.source
+            since = policy.call(lambda: self.watermarks.delta_version(name, source, column),
+                                "reading the watermark")  # fmt: skip
+        if since is not None:
+            narrowed = job.options.model_copy(update={"sinceDeltaVersion": since})
+            try:
+                return replace(job, options=narrowed).open_lake(self.settings)
+            except SourceError as e:
+                if e.details.get("transient"):
+                    raise
+                logger.warning("%s: cannot list the files added to %s since Delta version %d "
+                               "(%s); reading the whole table", job.op.name, job.source, since,
+                               e)  # fmt: skip
+        whole = job.options.model_copy(update={"sinceDeltaVersion": None})
+        return replace(job, options=whole).open_lake(self.settings)
 
     def _save_watermark(
         self,

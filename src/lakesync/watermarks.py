@@ -17,8 +17,11 @@ above the watermark (``since``) and their highest value (``until``), and pins bo
 checkpoint. An incremental job reads ``since < column <= until``: a resumed run reads with
 the same filter, so checkpoint positions (counted in filtered rows) stay valid, and a
 record rewritten while the job runs is newer than ``until`` and read by the next copy
-instead of being skipped. A completed job, of any mode, moves the watermark to ``until``;
-a failed or cancelled one leaves it where it was.
+instead of being skipped. A job that reads a Delta table pins its version, whose files
+cannot change, and reads ``since < column`` with no upper bound; the next incremental
+copy then opens only the files added after that version (``runner._open_lake``). A
+completed job, of any mode, moves the watermark to ``until`` (and records the Delta
+version it read); a failed or cancelled one leaves it where it was.
 """
 
 from __future__ import annotations
@@ -96,11 +99,13 @@ def scan(lake: Lake, column: str, since: Watermark | None) -> tuple[int, Waterma
 def lake_filter(
     lake: Lake, since: Watermark | None, until: Watermark | None
 ) -> pc.Expression | None:
-    """The pushdown filter of an incremental job: ``since < column <= until`` (None: all)."""
+    """The pushdown filter of an incremental job: ``since < column <= until`` (None: all;
+    no upper bound without ``until``)."""
     if since is None:
         return None
     field = pc.field(since.column)
-    return (field > _scalar(lake, since)) & (field <= _scalar(lake, until or since))
+    above = field > _scalar(lake, since)
+    return above if until is None else above & (field <= _scalar(lake, until))
 
 
 def _scalar(lake: Lake, since: Watermark) -> pa.Scalar:
