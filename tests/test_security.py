@@ -4,6 +4,7 @@ no secret in any response, log line or stored document, and `serve` refusing to 
 
 from __future__ import annotations
 
+import glob
 import io
 import json
 import logging
@@ -29,11 +30,13 @@ from lakesync.api.app import create_app
 from lakesync.api.auth import needs_token
 from lakesync.api.server import check_exposure, is_loopback
 from lakesync.config import Settings
-from lakesync.errors import ConfigError
+from lakesync.errors import ConfigError, SourceError
+from lakesync.lake import Lake
 from lakesync.logs import JobFields, JsonFormatter, MaskingFormatter
 from lakesync.mongo import EmbeddedServer, Mongo
 from lakesync.runner import Outcome
 from lakesync.runtime import Runtime
+from lakesync.storage import within_roots
 
 TOKEN = "sec-test-token-5b0c1e9f7a"
 AUTH = {"Authorization": f"Bearer {TOKEN}"}
@@ -215,6 +218,43 @@ def test_sources_outside_the_lake_are_refused(settings: Settings, lakes: tuple[P
         missing = post_source(c, f"{lake}/no-such-dir")  # inside: existence may be told
         assert missing.status_code == 400 and "does not exist" in missing.json()["error"]
         assert rt.store.jobs.count_documents({}) == 2
+
+
+def test_dot_segments_after_a_wildcard_are_refused_whether_files_exist_or_not(
+    settings: Settings, lakes: tuple[Path, Path]
+) -> None:
+    """Only the part of a glob before its first wildcard is resolved and compared with the
+    roots, but glob.glob follows a later `..`: 400 versus 202 would tell what exists outside."""
+    lake, outside = lakes
+    (outside.parent / "empty").mkdir()
+    with_files = [f"{lake}/*/../../outside/**/*.parquet", f"{lake}/tasks/*/../../../outside/*"]
+    assert all(glob.glob(s, recursive=True) for s in with_files)  # the oracle this closes
+    refused = [
+        *with_files, f"{lake}/*/../../empty/**/*.parquet", f"{lake}/*/../../no-such-dir/*",
+        f"{lake}/tasks/*/../../../outside/*.nothing", f"{lake}/tasks/*/../../tasks/*",
+        f"{lake}/tasks/*/./*.parquet", f"file://{lake}/*/%2E%2E/%2E%2E/outside/*",
+        f"{lake}/tasks/**/../../../outside/*.parquet", f"{lake}/t?sks/../../outside/*",
+    ]  # fmt: skip
+    with Runtime(tokened(settings, lake_uri=str(lake))) as rt, TestClient(create_app(rt)) as c:
+        for source in refused:
+            for seed in (False, True):
+                r = post_source(c, source, seed)
+                assert r.status_code == 400, (source, r.text)
+                assert "outside the allowed roots" in r.json()["error"], (source, r.text)
+        assert rt.store.jobs.count_documents({}) == 0
+        assert post_source(c, f"{lake}/tasks/*/*.parquet").status_code == 202
+        assert rt.store.jobs.count_documents({}) == 1
+    with pytest.raises(SourceError, match="not allowed"):  # S3: refused wherever they are
+        within_roots("s3://corp-lake/exports/*/../../other/*", ["s3://corp-lake/exports"])
+
+
+def test_the_lake_reader_refuses_dot_segments_after_a_wildcard(lakes: tuple[Path, Path]) -> None:
+    lake, _ = lakes
+    for source in (f"{lake}/*/../../outside/**/*.parquet", f"{lake}/*/../../no-such-dir/*"):
+        with pytest.raises(SourceError) as info:
+            Lake.open(source)
+        assert "'..' segment after a wildcard" in str(info.value) and "Remove it" in str(info.value)
+    assert Lake.open(f"{lake}/tasks/*/*.parquet").files  # a glob inside the lake still opens
 
 
 def test_allowed_roots_replace_the_lake_as_the_limit(
@@ -437,9 +477,6 @@ def test_masking_hides_the_whole_password_even_with_an_unescaped_at() -> None:
 
 
 def test_a_link_out_of_the_lake_is_not_followed(lakes: tuple[Path, Path]) -> None:
-    from lakesync.errors import SourceError
-    from lakesync.lake import Lake
-
     lake, outside = lakes
     for source, link in ((f"{lake}/tasks", "leak.parquet"), (str(lake), "escape")):
         with pytest.raises(SourceError) as info:
@@ -453,3 +490,15 @@ def test_a_link_out_of_the_lake_is_not_followed(lakes: tuple[Path, Path]) -> Non
     (lake / "tasks" / "alias.parquet").symlink_to(inside)
     opened = Lake.open(f"{lake}/tasks")
     assert any(f.endswith("alias.parquet") for f in opened.files)
+
+
+def test_a_glob_through_a_planted_link_cannot_tell_what_exists_outside(
+    settings: Settings, lakes: tuple[Path, Path]
+) -> None:
+    lake, _ = lakes  # lake/escape is a symlink out of the lake, to files that exist
+    assert list((lake / "escape").glob("*/*.parquet"))
+    with Runtime(tokened(settings, lake_uri=str(lake))) as rt, TestClient(create_app(rt)) as c:
+        for source in (f"{lake}/e*/*/*.parquet", f"{lake}/e*/nothing-here*"):
+            r = post_source(c, source)
+            assert r.status_code == 400 and "No files match" in r.json()["error"], r.text
+        assert rt.store.jobs.count_documents({}) == 0

@@ -55,6 +55,7 @@ class JobService:
         options = parse_options(raw_options)
         op.check_options(options)  # mode-level checks (incremental needs a watermark...)
         source = options.source or op.source_uri(self.settings)
+        roots: list[str] | None = None
         if options.source and not trusted:
             roots = self.settings.allowed_roots or [op.source_uri(self.settings)]
             if not within_roots(options.source, roots):
@@ -64,7 +65,7 @@ class JobService:
                     "of them, or list more roots in LAKESYNC_ALLOWED_ROOTS (a JSON list).",
                     allowedRoots=[mask_secrets(r) for r in roots],
                 )
-        check_source_exists(source)
+        check_source_exists(source, roots)
         body = {"operation": operation, "options": options.model_dump(exclude_none=True)}
         if idempotency_key:
             known = self.store.lookup_idempotency(idempotency_key, body)
@@ -107,12 +108,19 @@ class JobService:
         return self.store.list_jobs(status=status, operation=operation, limit=limit)
 
 
-def check_source_exists(source: str) -> None:
-    """Cheap up-front check of a local source (S3 is checked when the job opens it)."""
+def check_source_exists(source: str, roots: list[str] | None = None) -> None:
+    """Cheap up-front check of a local source (S3 is checked when the job opens it).
+
+    With ``roots``, only glob matches that really lie inside them count: a symlink in the
+    lake must not let the answer tell whether files exist elsewhere.
+    """
     if "://" in source:
         return
     if any(ch in source for ch in "*?["):
-        if not glob.glob(source, recursive=True):
+        found = glob.glob(source, recursive=True)
+        if roots is not None:
+            found = [path for path in found if within_roots(path, roots)]
+        if not found:
             raise SourceError(f"No files match {source!r}. Fix the source glob or path.")
         return
     if not os.path.exists(source):

@@ -29,7 +29,13 @@ import pyarrow.fs as pafs
 from lakesync.config import Settings, get_settings
 from lakesync.delta import LOG_DIR, is_delta_table, snapshot
 from lakesync.errors import SourceError
-from lakesync.storage import Location, read_error, resolve
+from lakesync.storage import (
+    Location,
+    dot_segment_after_glob,
+    first_glob_segment,
+    read_error,
+    resolve,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -148,8 +154,15 @@ class Lake:
                 "be read from a Delta table."
             )
         loc = resolve(uri, settings or get_settings())
+        if dot_segment_after_glob(loc.path):  # refused before the filesystem is asked
+            raise SourceError(
+                f"The glob {loc.show(loc.path)} has a '.' or '..' segment after a wildcard, "
+                "which lakesync does not follow (it could lead out of the lake). Remove it: "
+                "put the folder meant before the first wildcard.",
+                uri=uri,
+            )
         segments = loc.path.split("/")
-        glob_at = next((i for i, s in enumerate(segments) if any(c in s for c in "*?[")), None)
+        glob_at = first_glob_segment(segments)
         base, pattern = loc.path, None
         if glob_at is not None:
             base = "/".join(segments[:glob_at]) or "/"

@@ -151,7 +151,7 @@ def canonical_uri(uri: str) -> str:
         return "/".join(["s3:/", parts.netloc, *segments])
     path = _local_path(uri)
     segments = path.split("/")
-    glob_at = next((i for i, s in enumerate(segments) if any(c in s for c in "*?[")), None)
+    glob_at = first_glob_segment(segments)
     base = "/".join(segments[:glob_at]) if glob_at is not None else path
     real = os.path.realpath(base or "/")
     return real if glob_at is None else "/".join([real.rstrip("/"), *segments[glob_at:]])
@@ -161,10 +161,15 @@ def within_roots(uri: str, roots: list[str]) -> bool:
     """Whether the lake at ``uri`` lies inside one of ``roots`` (local paths or s3:// URIs).
 
     Whole path segments are compared, so ``s3://b/data`` allows ``s3://b/data/x`` but not
-    ``s3://b/database``; a local root never allows an S3 URI and vice versa. An empty list
-    allows nothing: callers decide whether "no roots configured" means "no check".
+    ``s3://b/database``; a local root never allows an S3 URI and vice versa. A glob with a
+    ``.`` or ``..`` segment after its first wildcard is refused. An empty list allows
+    nothing: callers decide whether "no roots configured" means "no check".
     """
-    target = _base(canonical_uri(uri))
+    canonical = canonical_uri(uri)
+    # both spellings: a local "." is gone from the canonical one, a file:// "%2E%2E" from the raw
+    if dot_segment_after_glob(uri) or dot_segment_after_glob(canonical):
+        return False
+    target = _base(canonical)
     for root in roots:
         base = _base(canonical_uri(root)).rstrip("/")
         if target == base or target.startswith(base + "/"):
@@ -175,8 +180,24 @@ def within_roots(uri: str, roots: list[str]) -> bool:
 def _base(canonical: str) -> str:
     """The part of a canonical URI before its first glob segment."""
     segments = canonical.split("/")
-    glob_at = next((i for i, s in enumerate(segments) if any(c in s for c in "*?[")), None)
+    glob_at = first_glob_segment(segments)
     return canonical if glob_at is None else "/".join(segments[:glob_at])
+
+
+def first_glob_segment(segments: list[str]) -> int | None:
+    """The index of the first path segment holding ``*``, ``?`` or ``[``; None if none does."""
+    return next((i for i, s in enumerate(segments) if any(c in s for c in "*?[")), None)
+
+
+def dot_segment_after_glob(path: str) -> bool:
+    """Whether a ``.`` or ``..`` segment follows the first glob segment of ``path``.
+
+    Only the part before the first wildcard is resolved and compared with the roots, but a
+    glob follows a later ``..`` out of it: ``lake/*/../../etc/x*`` matches files in /etc.
+    """
+    segments = path.split("/")
+    glob_at = first_glob_segment(segments)
+    return glob_at is not None and any(s in (".", "..") for s in segments[glob_at:])
 
 
 def mask_secrets(text: str) -> str:
