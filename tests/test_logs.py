@@ -82,6 +82,10 @@ def test_info_level_logs_job_start_and_end_but_no_batches(settings: Settings) ->
     assert not [line for line in lines if "batch" in line]
     job_id = json.loads(run.stdout)["jobId"]
     assert any(line.get("jobId") == job_id and "created" in line["message"] for line in lines)
+    (end,) = [line for line in lines if line["message"].startswith(f"job {job_id} completed")]
+    assert end["status"] == "completed" and end["seconds"] >= 0  # the outcome, as fields
+    assert (end["processedRecords"], end["insertedRecords"], end["errorRecords"]) == (
+        5000, 4975, 25)  # fmt: skip
 
 
 def test_a_failing_command_keeps_stderr_json(settings: Settings) -> None:

@@ -16,7 +16,7 @@ import pytest
 from tests.conftest import free_port, wait_for
 
 from lakesync.config import Settings
-from lakesync.demo import generate
+from lakesync.demo import append_records, generate
 from lakesync.models import JobState
 from lakesync.partitions import plan
 from lakesync.runtime import Runtime
@@ -186,3 +186,87 @@ def test_celery_worker_on_rabbitmq_runs_a_job(
             os.killpg(worker.pid, signal.SIGKILL)
     assert_exact(done, 5000, 25)
     assert (done.partitions or 0) >= 2
+
+
+# -- the lake changing under a partitioned job, and resuming one ------------------------------
+
+
+@pytest.fixture
+def lake_20k(tmp_path: Path) -> Path:
+    out = tmp_path / "tasks"
+    generate(out, 20_000, bad_rows=0, seed=8, files_per_partition=2)
+    return out
+
+
+def stepped(settings: Settings, lake: Path) -> tuple[Runtime, list[tuple[str, int]]]:
+    """A runtime whose job and partition runs the test makes itself, one at a time."""
+    settings = settings.model_copy(
+        update={"lake_uri": str(lake), "partition_rows": 2000, "batch_size": 500}
+    )
+    rt = Runtime(settings, executor="local")
+    queued: list[tuple[str, int]] = []
+    rt.executor.submit = lambda job_id: None  # type: ignore[method-assign,union-attr]
+    rt.runner.partitioned.submit = lambda job_id, i: queued.append((job_id, i))  # type: ignore[union-attr]
+    return rt, queued
+
+
+def test_a_partitioned_job_copies_the_files_it_planned_while_the_lake_changes(
+    settings: Settings, db: Any, lake_20k: Path
+) -> None:
+    rt, queued = stepped(settings, lake_20k)
+    with rt:
+        job, _ = rt.jobs.start("copy-taskdetail")
+        rt.runner.run(job.jobId)
+        assert rt.runner.partitioned is not None and len(queued) >= 5
+        rt.runner.partitioned.run(*queued[0])
+        # a new file sorts before every planned one: list positions all shift by one
+        new = append_records(lake_20k, 700, start_id=900_000)
+        first = sorted(lake_20k.glob("projectId=*"))[0]
+        (first / "part-0000-added.parquet").write_bytes(
+            (lake_20k / new_file(lake_20k)).read_bytes()
+        )
+        (lake_20k / new_file(lake_20k)).unlink()
+        for step in queued[1:]:
+            rt.runner.partitioned.run(*step)
+        done = rt.store.get(job.jobId)
+    assert_exact(done, 20_000, 0)  # exactly what was planned: the new file waits for the next
+    assert db.taskdetails.count_documents({}) == 20_000
+    assert db.taskdetails.count_documents({"_id": {"$in": new}}) == 0
+
+
+def new_file(lake: Path) -> str:
+    (path,) = lake.glob("projectId=*/part-append-*.parquet")
+    return str(path.relative_to(lake))
+
+
+def test_a_lost_file_fails_the_partitioned_job_and_resume_finishes_it_exactly(
+    settings: Settings, db: Any, lake_20k: Path, tmp_path: Path
+) -> None:
+    rt, queued = stepped(settings, lake_20k)
+    with rt:
+        job, _ = rt.jobs.start("copy-taskdetail")
+        rt.runner.run(job.jobId)
+        assert rt.runner.partitioned is not None
+        parts = rt.runner.partitioned
+        for step in queued[:2]:
+            parts.run(*step)
+        victim_index = queued[2][1]
+        victim = db.jobpartitions.find_one({"_id": f"{job.jobId}:{victim_index}"})["files"][-1]
+        parked = tmp_path / "parked.parquet"
+        (lake_20k / victim).rename(parked)
+        parts.run(*queued[2])
+        failed = rt.store.get(job.jobId)
+        assert failed.status == JobState.FAILED and victim in (failed.error or ""), failed.error
+        assert "Restore the file and resume the job" in (failed.error or "")
+
+        parked.rename(lake_20k / victim)  # the cause is fixed: resume from the checkpoints
+        rt.jobs.resume(job.jobId)
+        queued.clear()
+        rt.runner.run(job.jobId)
+        assert (job.jobId, victim_index) in queued
+        for step in list(queued):
+            parts.run(*step)
+        done = rt.store.get(job.jobId)
+    assert_exact(done, 20_000, 0)
+    assert db.taskdetails.count_documents({}) == 20_000
+    assert {p["status"] for p in db.jobpartitions.find({"jobId": job.jobId})} == {"completed"}

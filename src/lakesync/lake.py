@@ -243,6 +243,34 @@ class Lake:
         file = self.files[index]
         return file[len(self._root) :].lstrip("/") if file.startswith(self._root) else file
 
+    def only(self, names: list[str]) -> Lake:
+        """This lake reduced to the files named (as ``file_name`` gives them), in that order.
+
+        A partition reads exactly the files it was planned with: a file added to the lake
+        since is left to the next copy, and one that is gone stops it (SourceError, naming
+        the file) instead of shifting every range after it.
+        """
+        index = {self.file_name(i): i for i in range(len(self.files))}
+        gone = [name for name in names if name not in index]
+        if gone:
+            raise SourceError(
+                f"{gone[0]} is no longer in {self.uri}: the lake changed while the job was "
+                f"copying it ({len(gone)} of the files planned for this part are gone). "
+                "Restore the file and resume the job, or start a new copy.",
+                uri=self.uri,
+                file=gone[0],
+            )
+        picked = [index[name] for name in names]
+        part = Lake(
+            self.uri, self.format, [self.files[i] for i in picked],
+            [self._fragments[i] for i in picked], [self._schemas[i] for i in picked],
+            self._endpoint, root=self._root, version=self.version,
+            since_version=self.since_version, schema=self.schema,
+        )  # fmt: skip
+        if self._row_counts is not None:
+            part._row_counts = [self._row_counts[i] for i in picked]
+        return part
+
     def resume_position(self, position: Position, file_name: str | None) -> Position:
         """``position`` checked against the lake as it is now; raise SourceError if stale.
 

@@ -125,6 +125,7 @@ class PartitionedJobs:
         docs = [
             {"_id": f"{status.jobId}:{i}", "jobId": status.jobId, "index": i,
              "fileStart": a, "fileStop": b, "rows": sum(counts[a:b]),
+             "files": [lake.file_name(f) for f in range(a, b)],
              "status": JobState.PENDING.value, "heartbeatMs": now, "attempt": 0,
              "createdAt": status.startTime, **{k: 0 for k in COUNTERS}}
             for i, (a, b) in enumerate(ranges)
@@ -143,7 +144,17 @@ class PartitionedJobs:
         return True
 
     def dispatch(self, job_id: str, owner: str) -> None:
-        """Hand every unfinished partition to the executor and let go of the job document."""
+        """Hand every unfinished partition to the executor and let go of the job document.
+
+        The job runs again, so if some partitions failed or were stopped by that failure,
+        it was resumed (`lakesync resume`): they continue from their checkpoints.
+        """
+        self.parts.update_many(
+            {"jobId": job_id,
+             "status": {"$in": [JobState.FAILED.value, JobState.CANCELLED.value]}},
+            {"$set": {"status": JobState.PENDING.value, "heartbeatMs": _now_ms()},
+             "$unset": {"owner": "", "error": ""}},
+        )  # fmt: skip
         for doc in self.parts.find(
             {"jobId": job_id, "status": {"$in": list(ACTIVE_STATES)}}, {"index": 1}
         ):
@@ -198,11 +209,14 @@ class PartitionedJobs:
         resolved = self.registry.resolve(job.operation, job.options, self.settings)
         op, batch_size = resolved.op, resolved.batch_size
         lake = resolved.open_lake(self.settings)
+        if part.get("files") is not None:  # the files it was planned with, whatever changed
+            lake, first, stop = lake.only(part["files"]), 0, None
+        else:  # planned by lakesync 0.1.0 and earlier: a range of the current file list
+            first, stop = int(part["fileStart"]), int(part["fileStop"])
         engine = CopyEngine(self.store.db[op.collection], self.store.copyerrors, op.schema_, job_id)
-        cp = Checkpoint.model_validate(part.get("checkpoint") or {"fileIndex": part["fileStart"]})
+        cp = Checkpoint.model_validate(part.get("checkpoint") or {"fileIndex": first})
         start = lake.resume_position(Position(cp.fileIndex, cp.row), cp.file)
         started = time.monotonic()
-        stop = int(part["fileStop"])
         for batch in lake.batches(batch_size, start, stop_file=stop, prepare=engine.prepare):
             result = policy.call(partial(engine.write, batch), f"writing a batch of {where}")
             cp = Checkpoint(

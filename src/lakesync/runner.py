@@ -119,9 +119,6 @@ class JobRunner:
         job_id = status.jobId
         log = logging.LoggerAdapter(logger, {"jobId": job_id, "operation": status.operation})
         log.info("job %s: run %d started by %s", job_id, status.attempt, owner)
-        if status.partitions and self.partitioned is not None:  # partitions run on their own
-            self.partitioned.dispatch(job_id, owner)
-            return Outcome.ENDED
         if status.failures >= self.settings.max_attempts:
             self._end(job_id, owner, JobState.FAILED, "Gave up", status.error or (
                 f"The job's runs died {status.failures} times (max {self.settings.max_attempts}, "
@@ -130,6 +127,9 @@ class JobRunner:
         if status.cancelRequested:
             self._end(job_id, owner, JobState.CANCELLED, f"Cancelled; {summary(status)[0].lower()}"
                       f"{summary(status)[1:]}")  # fmt: skip
+            return Outcome.ENDED
+        if status.partitions and self.partitioned is not None:  # partitions run on their own
+            self.partitioned.dispatch(job_id, owner)
             return Outcome.ENDED
         beat = _Heartbeat(self.store, job_id, owner, self.settings.lease_seconds / 4)
         beat.start()

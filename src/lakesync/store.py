@@ -174,7 +174,8 @@ class JobStore:
         if doc is None:
             raise JobNotFound(
                 f"No job {job_id!r}: the id is wrong or its status expired "
-                f"(statuses are kept {self.ttl_days:g} days). List jobs with GET /api/jobs."
+                f"(statuses are kept {self.ttl_days:g} days). List jobs with GET /api/jobs "
+                "or `lakesync jobs`."
             )
         return self._seen(doc)
 
@@ -319,13 +320,14 @@ class JobStore:
 
     def _count_crash(self, doc: dict[str, Any], owner: str) -> dict[str, Any]:
         """Failures count crashed runs in a row that made no progress: a run that committed
-        batches before dying restarts the count, so only a job stuck at one spot gives up."""
-        batches = (doc.get("checkpoint") or {}).get("batches", 0)
-        if doc.get("failedAtBatch") == batches:
+        records before dying (itself, or the job's partitions) restarts the count, so only a
+        job stuck at one spot gives up."""
+        reached = int(doc.get("processedRecords", 0))
+        if doc.get("failedAtRecord") == reached:
             return doc
         fixed = self.jobs.find_one_and_update(
             {"jobId": doc["jobId"], "owner": owner},
-            _rev({"$set": {"failures": 1, "failedAtBatch": batches}}),
+            _rev({"$set": {"failures": 1, "failedAtRecord": reached}}),
             projection={"_id": 0}, return_document=ReturnDocument.AFTER,
         )  # fmt: skip
         return fixed or doc
@@ -441,9 +443,16 @@ class JobStore:
         )  # fmt: skip
         if doc is None:
             raise LeaseLost(f"Job {job_id} could not be ended: another run owns it or it ended.")
+        ended = self._seen(doc)
+        counts = {k: getattr(ended, k) for k in (
+            "totalRecords", "processedRecords", "insertedRecords", "updatedRecords",
+            "unchangedRecords", "errorRecords", "deletedRecords")}  # fmt: skip
+        if ended.endTime is not None:
+            counts["seconds"] = round((ended.endTime - ended.startTime).total_seconds(), 3)
         logger.info("job %s %s: %s", job_id, state.value, message,
-                    extra={"jobId": job_id, "operation": doc.get("operation")})  # fmt: skip
-        return self._seen(doc)
+                    extra={"jobId": job_id, "operation": ended.operation, "status": state.value,
+                           **counts})  # fmt: skip
+        return ended
 
     def release(self, job_id: str, owner: str, message: str, *, failure: bool = False) -> JobStatus:
         """Hand the job back (pending) so a new run continues from its checkpoint."""
@@ -477,7 +486,7 @@ class JobStore:
                     "$set": {"status": JobState.PENDING.value, "failures": 0, "flightKey": flight,
                              "message": f"Resuming from record {current.processedRecords:,} "
                              f"of {current.totalRecords:,}"},
-                    "$unset": {"error": "", "endTime": "", "failedAtBatch": ""},
+                    "$unset": {"error": "", "endTime": "", "failedAtRecord": ""},
                 }),
                 projection={"_id": 0}, return_document=ReturnDocument.AFTER,
             )  # fmt: skip
