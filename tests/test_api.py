@@ -3,15 +3,21 @@
 from __future__ import annotations
 
 import json
+import socket
+import threading
 import time
+import weakref
 from collections.abc import Iterator
 from typing import Any
 
 import httpx
 import pytest
+import uvicorn
+from fastapi.responses import StreamingResponse
 from fastapi.testclient import TestClient
 from tests.conftest import ServeProcess, wait_for
 
+from lakesync.api import jobs as jobs_api
 from lakesync.api.app import create_app
 from lakesync.config import Settings
 from lakesync.runtime import Runtime
@@ -28,6 +34,27 @@ def runtime(settings: Settings) -> Iterator[Runtime]:
 def client(runtime: Runtime) -> Iterator[TestClient]:
     with TestClient(create_app(runtime), raise_server_exceptions=False) as c:
         yield c
+
+
+@pytest.fixture
+def live(runtime: Runtime) -> Iterator[str]:
+    """The app served by uvicorn over a real socket, in a thread of this process, so a test
+    can patch module settings; TestClient cannot follow a stream that does not end."""
+    sock = socket.socket()
+    sock.bind(("127.0.0.1", 0))
+    config = uvicorn.Config(create_app(runtime), log_config=None, access_log=False,
+                            timeout_graceful_shutdown=1)  # fmt: skip
+    server = uvicorn.Server(config)
+    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
+    thread.start()
+    try:
+        wait_for(lambda: server.started or not thread.is_alive(), timeout=10, every=0.01)
+        assert server.started, "uvicorn did not start; see the captured log"
+        yield f"http://127.0.0.1:{sock.getsockname()[1]}"
+    finally:
+        server.should_exit = True
+        thread.join(10)
+        sock.close()
 
 
 def wait_done(client: TestClient, job_id: str) -> dict[str, Any]:
@@ -199,3 +226,50 @@ def test_polls_show_another_processs_change_within_the_status_max_age(
     # this process's own writes show at once
     cancelled = client.post(f"/api/jobs/{job_id}/cancel").json()
     assert client.get(f"/api/jobs/{job_id}").json() == cancelled
+
+
+def test_events_keep_a_pending_job_alive_and_stop_when_the_client_leaves(
+    live: str, runtime: Runtime, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(jobs_api, "KEEPALIVE_SECONDS", 0.2)
+    monkeypatch.setattr(jobs_api, "POLL_SECONDS", 0.02)
+    streams: list[weakref.ref[Any]] = []  # the server-side generators, without keeping them
+
+    class Watched(StreamingResponse):
+        def __init__(self, content: Any, *args: Any, **kwargs: Any) -> None:
+            streams.append(weakref.ref(content))
+            super().__init__(content, *args, **kwargs)
+
+    monkeypatch.setattr(jobs_api, "StreamingResponse", Watched)
+
+    def stopped(ref: weakref.ref[Any]) -> bool:
+        generator = ref()
+        return generator is None or generator.ag_frame is None  # collected, or returned
+
+    runtime.executor.shutdown(1)  # type: ignore[union-attr]  # keep the job pending
+    with httpx.Client(base_url=live, timeout=5) as http:
+        job_id = http.post("/api/jobs", json={}).json()["jobId"]
+        lines = []
+        with http.stream("GET", f"/api/jobs/{job_id}/events") as r:
+            assert r.status_code == 200
+            assert r.headers["content-type"].startswith("text/event-stream")
+            for line in r.iter_lines():  # a read timeout (5 s) fails the test if pings stop
+                lines.append(line)
+                if lines.count(": ping") == 2:
+                    break
+        # one status event for the unchanged pending job, then keep-alive comments only
+        assert lines[0] == "event: status" and json.loads(lines[1][6:])["status"] == "pending"
+        assert [x for x in lines[2:] if x] == [": ping", ": ping"], lines
+        assert len(streams) == 1
+        wait_for(lambda: stopped(streams[0]), timeout=5, every=0.01)  # the client left
+
+        started = time.monotonic()
+        assert http.get("/healthz").status_code == 200
+        assert time.monotonic() - started < 2.0  # not held up by the stream that was left
+
+        assert http.post(f"/api/jobs/{job_id}/cancel").json()["status"] == "cancelled"
+        with http.stream("GET", f"/api/jobs/{job_id}/events") as r:
+            ended = [x for x in r.iter_lines() if x]  # the server ends this stream itself
+    assert ended[0] == "event: status" and json.loads(ended[1][6:])["status"] == "cancelled"
+    assert ended[2:] == ["event: end", "data: {}"], ended
+    wait_for(lambda: stopped(streams[1]), timeout=5, every=0.01)

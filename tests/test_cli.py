@@ -124,11 +124,11 @@ BATCH = "LAKESYNC_BATCH_SIZE"
 RANGE = "from 1 to 100000"
 
 
-BAD_INPUT = [
-    (["copy", "--json"], {BATCH: "0"}, 2, [f"{BATCH}='0'", "1..100000"]),
+BAD_INPUT = [  # `copy` exits 1 unless it completes (the contract); other commands exit 2
+    (["copy", "--json"], {BATCH: "0"}, 1, [f"{BATCH}='0'", "1..100000", "Fix the environment"]),
     (["jobs", "--json"], {BATCH: "100001"}, 2, [f"{BATCH}='100001'", "1..100000"]),
-    (["copy", "--batch-size", "0", "--json"], {}, 2, ["--batch-size 0", RANGE]),
-    (["copy", "--batch-size", "100001"], {}, 2, ["--batch-size 100001", RANGE]),
+    (["copy", "--batch-size", "0", "--json"], {}, 1, ["--batch-size 0", RANGE]),
+    (["copy", "--batch-size", "100001"], {}, 1, ["--batch-size 100001", RANGE]),
     (["copy", "no-such-op", "--json"], {}, 1, ["'no-such-op'", "Valid operations: copy-"]),
     (["copy", "--source", "/no/such/lake", "--json"], {}, 1, ["/no/such/lake", "not exist"]),
     (["status", "job_unknown", "--json"], {}, 1, ["job_unknown"]),
@@ -144,6 +144,68 @@ def test_bad_input_gives_one_clear_error_and_creates_no_job(env: dict[str, str],
         for word in words:
             assert word in message, (args, extra, message)
     assert db.jobstatuses.count_documents({}) == 0
+
+
+def test_copy_exits_1_on_arguments_it_cannot_parse(env: dict[str, str]) -> None:
+    not_a_number, unknown, other_command = in_parallel(
+        (env, ["copy", "--batch-size", "many", "--json"]),
+        (env, ["copy", "--no-such-flag", "--json"]),
+        (env, ["jobs", "--no-such-flag"]),
+    )
+    for run, words in ((not_a_number, ["'--batch-size'", "integer"]),
+                       (unknown, ["No such option", "--no-such-flag"])):  # fmt: skip
+        assert run.returncode == 1, (run.args, run.stderr)
+        assert run.stdout == "" and "Traceback" not in run.stderr
+        for word in [*words, "lakesync copy --help"]:  # what is wrong and where to look
+            assert word in run.stderr, (run.args, run.stderr)
+    assert other_command.returncode == 2, other_command.stderr  # click's usual code elsewhere
+
+
+def test_cancel_pending_finished_and_unknown_jobs(
+    env: dict[str, str], settings: Settings, db: Any
+) -> None:
+    from lakesync.runner import Outcome
+    from lakesync.runtime import Runtime
+
+    with Runtime(settings) as rt:  # no executor: created jobs stay pending until run here
+        done, _ = rt.jobs.start("copy-taskdetail", trusted=True)
+        assert rt.runner.run(done.jobId) is Outcome.ENDED
+        assert rt.store.get(done.jobId).status == "completed"
+        pending, created = rt.jobs.start("copy-taskdetail", trusted=True)
+        assert created and pending.status == "pending"
+        running, _ = rt.jobs.start("copy-taskdetail", {"source": str(settings.lake_uri) + "/*"},
+                                   trusted=True)  # fmt: skip
+        # as a worker does when it picks the job up (the test runs no batch of it)
+        assert rt.store.claim(running.jobId, "another-worker", lease_seconds=60) is not None
+
+    cancel_pending, cancel_running, cancel_done, cancel_unknown = in_parallel(
+        (env, ["cancel", pending.jobId]),
+        (env, ["cancel", running.jobId]),
+        (env, ["cancel", done.jobId]),
+        (env, ["cancel", "job_nosuchjob"]),
+    )
+    assert cancel_pending.returncode == 0, cancel_pending.stderr
+    assert f"Job {pending.jobId} cancelled" in cancel_pending.stdout
+    stored = db.jobstatuses.find_one({"jobId": pending.jobId})
+    assert stored["status"] == "cancelled" and stored["endTime"] is not None
+
+    assert cancel_running.returncode == 0, cancel_running.stderr
+    assert f"Cancellation of job {running.jobId} requested" in cancel_running.stdout
+    assert "stops after its current batch" in cancel_running.stdout
+    stored = db.jobstatuses.find_one({"jobId": running.jobId})
+    assert stored["status"] == "in_progress" and stored["cancelRequested"]  # True (or 1)
+
+    assert cancel_done.returncode == 1 and cancel_done.stdout == ""
+    message = one_line_error(cancel_done)
+    assert done.jobId in message and "already ended with status completed" in message
+    assert db.jobstatuses.find_one({"jobId": done.jobId})["status"] == "completed"
+
+    assert cancel_unknown.returncode == 1 and cancel_unknown.stdout == ""
+    assert "No job 'job_nosuchjob'" in one_line_error(cancel_unknown)
+
+    again = lakesync(env, "cancel", pending.jobId)
+    assert again.returncode == 0, again.stderr
+    assert f"Job {pending.jobId} was already cancelled" in again.stdout
 
 
 def test_demo_data_writes_a_lake_that_copies(env: dict[str, str], tmp_path: Path) -> None:

@@ -15,6 +15,7 @@ from rich.console import Console
 from rich.markup import escape
 from rich.progress import BarColumn, Progress, TaskProgressColumn, TextColumn, TimeRemainingColumn
 from rich.table import Table
+from typer.core import TyperCommand
 
 from lakesync.config import Settings, get_settings
 from lakesync.errors import ConfigError, LakesyncError
@@ -41,13 +42,16 @@ def _settings() -> Settings:
     return settings
 
 
-def _fail(error: Exception, code: int = 1) -> NoReturn:
-    """Print one clear line to stderr and exit; a bad setting is a start-up error (code 2)."""
+def _fail(error: Exception, code: int | None = None) -> NoReturn:
+    """Print one clear line to stderr and exit with `code`; by default 2 for a bad setting
+    (a start-up error) and 1 for anything else."""
     if json_enabled():
         logger.error("%s", error)
     else:
         err.print(f"[bold red]error:[/] {escape(str(error))}", highlight=False, soft_wrap=True)
-    raise typer.Exit(2 if isinstance(error, ConfigError) else code)
+    if code is None:
+        code = 2 if isinstance(error, ConfigError) else 1
+    raise typer.Exit(code)
 
 
 def _notice(text: str, **fields: str) -> None:
@@ -76,7 +80,26 @@ def serve(
         _fail(e)
 
 
-@app.command()
+#: The contract: `lakesync copy` exits 0 when the job completed and 1 otherwise, whatever
+#: went wrong (bad arguments and bad settings included), so scripts test a single code.
+COPY_FAILED = 1
+
+
+class _CopyCommand(TyperCommand):
+    """`copy` with argument errors (unknown option, non-integer value) exiting 1, not 2."""
+
+    def make_context(self, *args: Any, **kwargs: Any) -> Any:
+        try:
+            return super().make_context(*args, **kwargs)
+        except Exception as e:
+            # click's UsageError carries exit code 2; matched by that code, not by class,
+            # because recent typer versions bundle their own copy of click
+            if getattr(e, "exit_code", None) == 2:
+                setattr(e, "exit_code", COPY_FAILED)  # noqa: B010
+            raise
+
+
+@app.command(cls=_CopyCommand)
 def copy(
     operation: Annotated[str, typer.Argument(help="Operation to run.")] = "copy-taskdetail",
     source: Annotated[str | None, typer.Option(help="Lake URI (dir, file, glob, s3://).")] = None,
@@ -90,7 +113,7 @@ def copy(
     if batch_size is not None and not 1 <= batch_size <= 100_000:
         _fail(LakesyncError(f"--batch-size {batch_size} is out of range: give the number of "
                             "records per bulk write, from 1 to 100000."),
-              2)  # fmt: skip
+              COPY_FAILED)  # fmt: skip
     options = {k: v for k, v in {"source": source, "batchSize": batch_size, "mode": mode}.items()
                if v is not None}  # fmt: skip
     try:
@@ -101,13 +124,13 @@ def copy(
                 _fail(LakesyncError(
                     f"Job {status.jobId} for {operation} on this source is already "
                     f"{status.status.value}; follow it with "
-                    f"`lakesync status {status.jobId}`."))  # fmt: skip
+                    f"`lakesync status {status.jobId}`."), COPY_FAILED)  # fmt: skip
             # a pending job of this source (e.g. paused by Ctrl-C) resumes from its checkpoint
             verb = "started" if created else "resumed from its checkpoint"
             _notice(f"job {status.jobId} {verb}", jobId=status.jobId, operation=operation)
             final = _run_foreground(rt, status.jobId, show_bar=err.is_terminal and not as_json)
     except LakesyncError as e:
-        _fail(e)
+        _fail(e, COPY_FAILED)
     _finish(final, as_json)
 
 
@@ -218,16 +241,23 @@ def jobs(
 
 @app.command()
 def cancel(job_id: str) -> None:
-    """Cancel a job; it stops after its current batch."""
+    """Cancel a job; a running one stops after its current batch. Exit 1 if it already ended."""
     from lakesync.runtime import Runtime
 
     try:
         with Runtime(_settings()) as rt:
+            before = rt.jobs.get(job_id)  # to tell "cancelled now" from "was cancelled"
             s = rt.jobs.cancel(job_id)
     except LakesyncError as e:
         _fail(e)
-    word = "already cancelled" if s.state is JobState.CANCELLED else "cancellation requested"
-    out.print(f"{job_id}: {word}")
+    if before.state is JobState.CANCELLED:
+        text = f"Job {job_id} was already cancelled; nothing to do."
+    elif s.state is JobState.CANCELLED:
+        text = f"Job {job_id} cancelled; {s.processedRecords:,} records had been copied."
+    else:
+        text = (f"Cancellation of job {job_id} requested; it stops after its current batch. "
+                f"Follow it with `lakesync status {job_id}`.")  # fmt: skip
+    out.print(escape(text), highlight=False, soft_wrap=True)
 
 
 @app.command()
