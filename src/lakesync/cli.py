@@ -117,6 +117,9 @@ def copy(
     options = {k: v for k, v in {"source": source, "batchSize": batch_size, "mode": mode}.items()
                if v is not None}  # fmt: skip
     try:
+        from lakesync.operations import parse_options
+
+        parse_options(options)  # e.g. a bad --mode, refused before any server starts
         settings = _settings()
         with Runtime(settings, executor=None, reads_lake=True) as rt:
             status, created = rt.jobs.start(operation, options, trusted=True)

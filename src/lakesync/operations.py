@@ -366,7 +366,7 @@ def parse_options(raw: Any) -> JobOptions:
             where = ".".join(str(p) for p in item["loc"]) or "options"
             msg = "is not an accepted option" if item["type"] == "extra_forbidden" else item["msg"]
             problems.append(f"options.{where} {msg}")
-        accepted = ", ".join(JobOptions.model_fields)
+        accepted = ", ".join(f for f in JobOptions.model_fields if f != "sinceDeltaVersion")
         raise RequestError(
             f"Invalid job options: {'; '.join(problems)}. Accepted options: {accepted}.",
             problems=problems,
