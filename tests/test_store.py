@@ -267,3 +267,19 @@ def test_concurrent_polls_of_a_stale_job_share_one_read(mongo_uri: str, database
     finally:
         client.drop_database(database)
         client.close()
+
+
+def test_hand_backs_after_failures_count_only_in_a_row_without_progress(store: JobStore) -> None:
+    job, _ = store.create("copy-taskdetail", {}, flight="f")
+    cp = Checkpoint(fileIndex=0, row=10, batches=1)
+
+    def run_then_fail(batch: Checkpoint | None) -> int:
+        assert store.claim(job.jobId, "me", lease_seconds=30) is not None
+        if batch is not None:
+            store.commit(job.jobId, "me", Counters(processed=10, inserted=10), batch, {})
+        return store.release(job.jobId, "me", "MongoDB unavailable", failure=True).failures
+
+    assert run_then_fail(None) == 1
+    assert run_then_fail(None) == 2  # no progress in between: they add up
+    assert run_then_fail(cp) == 1  # this run committed a batch: a new count starts
+    assert run_then_fail(None) == 2

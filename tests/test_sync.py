@@ -12,7 +12,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import pytest
 
-from lakesync import mirror
+from lakesync import metrics, mirror
 from lakesync.config import Settings
 from lakesync.demo import FILE_SCHEMA, append_records, generate, touch_records
 from lakesync.errors import RequestError
@@ -220,9 +220,12 @@ def test_mirror_deletes_exactly_the_records_gone_from_the_lake(
             f.unlink()
         kept = 3000 - len(removed)
 
+        deleted_metric = metrics.RECORDS.labels(kind="deleted")
+        before = deleted_metric._value.get()
         s = run(rt, {"mode": "mirror"})
         assert_exact(s, kept)
         assert s.unchangedRecords == kept and s.deletedRecords == len(removed)
+        assert deleted_metric._value.get() - before == len(removed)  # lakesync_records_total
         assert f"{len(removed):,} deleted" in (s.message or "")
         assert db.taskdetails.count_documents({"_id": {"$in": removed}}) == 0
         assert db.taskdetails.count_documents({}) == kept + 1

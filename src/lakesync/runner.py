@@ -320,7 +320,9 @@ class JobRunner:
                 partial(self.store.commit, job_id, owner, Counters(deleted=len(gone)), cp, derived),
                 "committing deletions",
             )
+            started = time.perf_counter()
             policy.call(partial(seen.delete, gone), "deleting records")
+            metrics.observe_batch(Counters(deleted=len(gone)), time.perf_counter() - started)
             if on_progress:
                 on_progress(status)
             if (paused := self._interrupted(status, owner, beat, clock)) is not None:

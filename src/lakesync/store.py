@@ -455,13 +455,27 @@ class JobStore:
         return ended
 
     def release(self, job_id: str, owner: str, message: str, *, failure: bool = False) -> JobStatus:
-        """Hand the job back (pending) so a new run continues from its checkpoint."""
+        """Hand the job back (pending) so a new run continues from its checkpoint.
+
+        A `failure` (MongoDB or the lake unavailable) counts towards LAKESYNC_MAX_ATTEMPTS
+        like a crash: only failures in a row without progress add up.
+        """
         update = _beat({
             "$set": {"status": JobState.PENDING.value, "message": message},
             "$unset": {"owner": ""},
         })  # fmt: skip
         if failure:
-            update["$inc"]["failures"] = 1
+            mine = (
+                self.jobs.find_one(
+                    self._owned(job_id, owner), {"processedRecords": 1, "failedAtRecord": 1}
+                )
+                or {}
+            )
+            reached = int(mine.get("processedRecords", 0))
+            if mine.get("failedAtRecord") == reached:
+                update["$inc"]["failures"] = 1
+            else:  # progress since the last failure: this one is the first in a row
+                update["$set"].update(failures=1, failedAtRecord=reached)
         doc = self.jobs.find_one_and_update(
             self._owned(job_id, owner), update, projection={"_id": 0},
             return_document=ReturnDocument.AFTER,
