@@ -176,6 +176,11 @@ class PartitionedJobs:
         job = policy.call(lambda: self.store.get(job_id), "reading the job")
         if job.state.is_final:
             return Outcome.ENDED
+        with job_context(job_id, job.operation):  # every line of the run names both
+            return self._run_part(job, index, owner, policy)
+
+    def _run_part(self, job: JobStatus, index: int, owner: str, policy: RetryPolicy) -> Outcome:
+        job_id = job.jobId
         part = policy.call(lambda: self._claim(job_id, index, owner), "claiming a partition")
         if part is None:
             return Outcome.NOT_CLAIMED
@@ -228,6 +233,12 @@ class PartitionedJobs:
             policy.call(partial(self._commit, job_id, index, owner, result.counts, cp),
                         f"committing a batch of {where}")  # fmt: skip
             metrics.observe_batch(result.counts, result.write_seconds)
+            logger.debug(
+                "job %s %s batch %d: %s in %.3f s", job_id, where, cp.batches,
+                result.counts.model_dump(), result.write_seconds,
+                extra={"partition": index, "batch": cp.batches, **result.counts.model_dump(),
+                       "seconds": round(result.write_seconds, 4)},
+            )  # fmt: skip
             job = policy.call(partial(self._aggregate, job_id), "updating the job's progress")
             if job.state.is_final or job.cancelRequested:
                 self._set_part(job_id, index, owner, JobState.CANCELLED)
