@@ -154,11 +154,6 @@ class Write:
     job: str
     at: tuple[int, int]  # file index, row in the file
 
-    @property
-    def marker(self) -> dict[str, Any]:
-        """The marker, as it is stored."""
-        return {"h": self.h, "job": self.job, "op": self.counted, "at": list(self.at)}
-
     def document(self) -> RawBSONDocument:
         """What is written: the record and its marker, already BSON."""
         marker = marker_bson(self.h, self.job, self.counted, self.at)
@@ -183,6 +178,7 @@ class BatchResult:
     counts: Counters
     rejections: list[dict[str, Any]] = field(default_factory=list)
     write_seconds: float = 0.0
+    keys: list[Any] = field(default_factory=list)  # the `_id` of each valid record
 
 
 class CopyEngine:
@@ -230,7 +226,7 @@ class CopyEngine:
         if rejected:
             self._store_rejections(rejected)
         counts.errors = len(rejected)
-        return BatchResult(counts, rejected, time.perf_counter() - started)
+        return BatchResult(counts, rejected, time.perf_counter() - started, checked.keys)
 
     def _copy(
         self,

@@ -29,7 +29,7 @@ from pymongo.errors import BulkWriteError, DuplicateKeyError, PyMongoError
 from lakesync.errors import JobError
 from lakesync.lake import Lake
 from lakesync.models import JobState, JobStatus
-from lakesync.schema import RecordSchema, validate
+from lakesync.schema import RecordSchema
 
 logger = logging.getLogger(__name__)
 
@@ -100,14 +100,11 @@ class MirrorSet:
         db: Database[dict[str, Any]],
         target: str,
         job_id: str,
-        schema: RecordSchema,
         kind: type,
     ) -> None:
         self.seen: Collection[dict[str, Any]] = db[SEEN_PREFIX + job_id]
         self.target: Collection[dict[str, Any]] = db[target]
-        self.key, self.kind = schema.key, kind
-        rules = [r for r in schema.fields if r.name == schema.key]
-        self._key_schema = RecordSchema(key=schema.key, fields=rules)
+        self.kind = kind
 
     def begin(self) -> None:
         """Mark the set as started, before the job's first batch (idempotent)."""
@@ -118,12 +115,9 @@ class MirrorSet:
         """Whether the set still holds everything since ``begin`` (it was not dropped)."""
         return self.seen.find_one({"_id": _SENTINEL[self.kind]}) is not None
 
-    def add(self, table: pa.Table) -> None:
-        """Remember the keys of a batch (as the copy engine turns them into `_id`s)."""
-        if self.key not in table.column_names:
-            return
-        checked = validate(self._key_schema, table.select([self.key]))
-        ids = list({d["_id"] for d in checked.documents})
+    def add(self, keys: list[Key]) -> None:
+        """Remember the keys of a batch (the `_id`s the copy engine wrote them under)."""
+        ids = list(set(keys))
         if not ids:
             return
         try:

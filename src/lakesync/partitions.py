@@ -197,12 +197,12 @@ class PartitionedJobs:
         except LakesyncError as e:
             logger.error("job %s %s failed: %s", job_id, where, e)
             self._set_part(job_id, index, owner, JobState.FAILED, str(e))
-            self._fail_job(job_id, f"{where.capitalize()} failed: {e}")
+            self._fail_job(job, f"{where.capitalize()} failed: {e}")
             return Outcome.ENDED
         except Exception as e:
             logger.exception("job %s %s: unexpected error", job_id, where)
             self._set_part(job_id, index, owner, JobState.FAILED, repr(e))
-            self._fail_job(job_id, f"{where.capitalize()} failed: {type(e).__name__}: {e}")
+            self._fail_job(job, f"{where.capitalize()} failed: {type(e).__name__}: {e}")
             return Outcome.ENDED
         finally:
             metrics.ACTIVE.dec()
@@ -216,7 +216,7 @@ class PartitionedJobs:
         lake = resolved.open_lake(self.settings)
         if part.get("files") is not None:  # the files it was planned with, whatever changed
             lake, first, stop = lake.only(part["files"]), 0, None
-        else:  # planned by lakesync 0.1.0 and earlier: a range of the current file list
+        else:  # planned before partitions recorded their files: a range of the file list
             first, stop = int(part["fileStart"]), int(part["fileStop"])
         engine = CopyEngine(self.store.db[op.collection], self.store.copyerrors, op.schema_, job_id)
         cp = Checkpoint.model_validate(part.get("checkpoint") or {"fileIndex": first})
@@ -239,19 +239,19 @@ class PartitionedJobs:
                 extra={"partition": index, "batch": cp.batches, **result.counts.model_dump(),
                        "seconds": round(result.write_seconds, 4)},
             )  # fmt: skip
-            job = policy.call(partial(self._aggregate, job_id), "updating the job's progress")
+            job = policy.call(partial(self._aggregate, job), "updating the job's progress")
             if job.state.is_final or job.cancelRequested:
                 self._set_part(job_id, index, owner, JobState.CANCELLED)
                 if job.cancelRequested and not job.state.is_final:
-                    self._end_job(job_id, JobState.CANCELLED)
+                    self._end_job(job, JobState.CANCELLED)
                 return Outcome.ENDED
             if self.stop.is_set() or time.monotonic() - started >= self.settings.job_time_limit:
                 self._release(job_id, index, owner)
                 return Outcome.CONTINUE
         self._set_part(job_id, index, owner, JobState.COMPLETED)
-        job = self._aggregate(job_id)
+        job = self._aggregate(job)
         if job.partitionsDone == job.partitions:
-            self._end_job(job_id, JobState.COMPLETED)
+            self._end_job(job, JobState.COMPLETED)
         return Outcome.ENDED
 
     # -- documents ---------------------------------------------------------------------------
@@ -282,8 +282,13 @@ class PartitionedJobs:
             if current is None or current.get("checkpoint") != cp.model_dump():
                 raise LeaseLost(f"partition {index} of job {job_id} was taken over")
 
-    def _aggregate(self, job_id: str) -> JobStatus:
-        """Put the sums of the partitions into the job document (monotonic, so race-free)."""
+    def _aggregate(self, job: JobStatus) -> JobStatus:
+        """Put the sums of the partitions into the job document (monotonic, so race-free).
+
+        ``job`` is any recent status of the job: only what planning fixed is read from it
+        (total, partitions, start), so no read of the job document is needed.
+        """
+        job_id = job.jobId
         sums = {k: 0 for k in COUNTERS}
         done = attempt = 0
         for doc in self.parts.find({"jobId": job_id}):
@@ -291,7 +296,6 @@ class PartitionedJobs:
                 sums[k] += int(doc.get(k, 0))
             done += doc.get("status") == JobState.COMPLETED.value
             attempt = max(attempt, int(doc.get("attempt", 0)))  # runs of the most-retried part
-        job = self.store.get(job_id)
         total = max(job.totalRecords, 1)
         elapsed = max((_now_ms() - (job.partitionedAtMs or _now_ms())) / 1000, 1e-3)
         rate = sums["processedRecords"] / elapsed
@@ -321,8 +325,9 @@ class PartitionedJobs:
              "$unset": {"owner": ""}},
         )  # fmt: skip
 
-    def _end_job(self, job_id: str, state: JobState) -> None:
-        job = self._aggregate(job_id)
+    def _end_job(self, job: JobStatus, state: JobState) -> None:
+        job = self._aggregate(job)
+        job_id = job.jobId
         text = summary(job)
         if state is JobState.CANCELLED:
             text = f"Cancelled after {job.processedRecords:,} of {job.totalRecords:,} records; " \
@@ -340,7 +345,7 @@ class PartitionedJobs:
                     job.options.get("deltaVersion"),
                 )
 
-    def _fail_job(self, job_id: str, error: str) -> None:
-        self._aggregate(job_id)
+    def _fail_job(self, job: JobStatus, error: str) -> None:
+        self._aggregate(job)
         with contextlib.suppress(LeaseLost):  # another partition ended it first
-            self.store.finish(job_id, None, JobState.FAILED, "Failed", error)
+            self.store.finish(job.jobId, None, JobState.FAILED, "Failed", error)

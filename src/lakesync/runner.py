@@ -188,8 +188,7 @@ class JobRunner:
         column = watermark_column(op, lake, mode)
         key_kind = key_type(op.schema_, lake) if mode == "mirror" else None
         db = self.store.db
-        seen = None if key_kind is None else MirrorSet(db, op.collection, job_id, op.schema_,
-                                                       key_kind)  # fmt: skip
+        seen = None if key_kind is None else MirrorSet(db, op.collection, job_id, key_kind)
         batch_size = job.batch_size
         cp = status.checkpoint or Checkpoint()
         if status.checkpoint is None:
@@ -202,7 +201,7 @@ class JobRunner:
                 changed, until = scan(lake, column, since)
                 until = until or since  # nothing newer: read nothing, keep the watermark
             cp = Checkpoint(since=since, until=until)
-            total = changed if since is not None else lake.count_rows()
+            total = changed if column is not None else lake.count_rows()  # scan counted them
             if (
                 self.partitioned is not None
                 and mode == "full"
@@ -240,7 +239,7 @@ class JobRunner:
             result = policy.call(partial(engine.write, batch), f"writing batch {cp.batches + 1}")
             if seen is not None and status.errorRecords + result.counts.errors == 0:
                 # with a rejected record the delete phase is refused: no need to remember keys
-                policy.call(partial(seen.add, batch.table), f"recording keys of {cp.batches + 1}")
+                policy.call(partial(seen.add, result.keys), f"recording keys of {cp.batches + 1}")
             end = batch.end
             cp = cp.model_copy(update={"fileIndex": end.file_index, "row": end.row,
                                        "batches": cp.batches + 1,
@@ -266,8 +265,7 @@ class JobRunner:
         if final.processedRecords != final.totalRecords:
             logger.warning("job %s: processed %d but counted %d at start (lake changed?)",
                            job_id, final.processedRecords, final.totalRecords)  # fmt: skip
-            self.store.update_run(job_id, owner, totalRecords=final.processedRecords)
-            final = self.store.get(job_id)
+            final = self.store.update_run(job_id, owner, totalRecords=final.processedRecords)
         message = summary(final)
         if seen is not None:
             refused = mirror.refusal(final, op.collection, options.allowEmpty)

@@ -80,6 +80,21 @@ def _field(doc: Mapping[str, Any], path: str) -> Any:
     return value
 
 
+def _body_digest(body: Any) -> str:
+    """What an idempotency key remembers of its request body."""
+    return hashlib.sha256(json.dumps(body, sort_keys=True, default=str).encode()).hexdigest()
+
+
+def _same_body(key: str, stored: Mapping[str, Any], digest: str) -> str:
+    """The job stored for ``key``; IdempotencyConflict if it came with another body."""
+    if stored.get("body") != digest:
+        raise IdempotencyConflict(
+            f"Idempotency-Key {key!r} was already used with a different request body "
+            "in the last 24 hours. Use a new key for a different request."
+        ) from None
+    return str(stored["jobId"])
+
+
 class RecentStatuses:
     """The newest status document of each job this process wrote or read, with when.
 
@@ -257,33 +272,19 @@ class JobStore:
 
     def remember_idempotency(self, key: str, body: Any, job_id: str) -> str:
         """Record key -> job; returns the job id already stored for the key, checking the body."""
-        digest = hashlib.sha256(json.dumps(body, sort_keys=True, default=str).encode()).hexdigest()
+        digest = _body_digest(body)
         try:
             self.idempotency.insert_one(
                 {"_id": key, "body": digest, "jobId": job_id, "createdAt": utcnow()}
             )
             return job_id
         except DuplicateKeyError:
-            old = self.idempotency.find_one({"_id": key}) or {}
-            if old.get("body") != digest:
-                raise IdempotencyConflict(
-                    f"Idempotency-Key {key!r} was already used with a different request body "
-                    "in the last 24 hours. Use a new key for a different request."
-                ) from None
-            return str(old["jobId"])
+            return _same_body(key, self.idempotency.find_one({"_id": key}) or {}, digest)
 
     def lookup_idempotency(self, key: str, body: Any) -> str | None:
         """The job id stored for this key and body, if any (IdempotencyConflict on a new body)."""
         old = self.idempotency.find_one({"_id": key})
-        if old is None:
-            return None
-        digest = hashlib.sha256(json.dumps(body, sort_keys=True, default=str).encode()).hexdigest()
-        if old.get("body") != digest:
-            raise IdempotencyConflict(
-                f"Idempotency-Key {key!r} was already used with a different request body "
-                "in the last 24 hours. Use a new key for a different request."
-            )
-        return str(old["jobId"])
+        return None if old is None else _same_body(key, old, _body_digest(body))
 
     # -- running -------------------------------------------------------------------------
 
