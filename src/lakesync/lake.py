@@ -79,8 +79,15 @@ class LakeBatch:
     file: str
     file_index: int
     start_row: int
+    #: the file's index in the job's whole lake (``file_index`` counts from a partition's
+    #: first file): lake positions in markers, rejections and the plan use it
+    ordinal: int = -1
     #: what ``batches(prepare=...)`` computed from the batch ahead of time (None if it failed)
     prepared: Any = field(default=None, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        if self.ordinal < 0:
+            self.ordinal = self.file_index
 
     @property
     def end(self) -> Position:
@@ -110,8 +117,11 @@ class Lake:
         version: int | None = None,
         since_version: int | None = None,
         schema: pa.Schema | None = None,
+        first_index: int = 0,
     ) -> None:
         self.uri, self.format, self.files, self.version = uri, fmt, files, version
+        #: the index of ``files[0]`` in the whole lake (non-zero for a partition's files)
+        self.first_index = first_index
         self.since_version = since_version
         self._fragments, self._schemas, self._endpoint = fragments, schemas, endpoint
         self._root = root.rstrip("/")
@@ -243,8 +253,11 @@ class Lake:
         file = self.files[index]
         return file[len(self._root) :].lstrip("/") if file.startswith(self._root) else file
 
-    def only(self, names: list[str]) -> Lake:
+    def only(self, names: list[str], first_index: int = 0) -> Lake:
         """This lake reduced to the files named (as ``file_name`` gives them), in that order.
+
+        ``first_index`` is the whole lake's index of the first file named: the batches'
+        ``ordinal`` keeps counting files as the whole lake does.
 
         A partition reads exactly the files it was planned with: a file added to the lake
         since is left to the next copy, and one that is gone stops it (SourceError, naming
@@ -265,7 +278,7 @@ class Lake:
             self.uri, self.format, [self.files[i] for i in picked],
             [self._fragments[i] for i in picked], [self._schemas[i] for i in picked],
             self._endpoint, root=self._root, version=self.version,
-            since_version=self.since_version, schema=self.schema,
+            since_version=self.since_version, schema=self.schema, first_index=first_index,
         )  # fmt: skip
         if self._row_counts is not None:
             part._row_counts = [self._row_counts[i] for i in picked]
@@ -383,6 +396,7 @@ class Lake:
         columns: list[str] | None,
     ) -> Iterator[LakeBatch]:
         fragment, schema, offset = self._fragments[index], self._schemas[index], skip
+        ordinal = self.first_index + index
         if columns is not None:  # a column some other file has is simply absent here
             columns = [c for c in columns if c in schema.names]
         if skip and filter is None and self._parquet:
@@ -409,12 +423,14 @@ class Lake:
                 pending_rows += batch.num_rows
             while pending_rows >= size:
                 table = pa.Table.from_batches(pending)
-                yield LakeBatch(table.slice(0, size), self.files[index], index, offset)
+                yield LakeBatch(table.slice(0, size), self.files[index], index, offset, ordinal)
                 offset += size
                 rest = table.slice(size)
                 pending, pending_rows = rest.to_batches(), rest.num_rows
         if pending_rows:
-            yield LakeBatch(pa.Table.from_batches(pending), self.files[index], index, offset)
+            yield LakeBatch(
+                pa.Table.from_batches(pending), self.files[index], index, offset, ordinal
+            )
         if skip:
             logger.warning("Start row %d is past the end of %s", offset, self.files[index])
 

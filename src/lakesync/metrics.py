@@ -16,7 +16,8 @@ REGISTRY = CollectorRegistry(auto_describe=True)
 
 RECORDS = Counter(
     "lakesync_records",
-    "Records handled by copy jobs, by outcome (inserted, updated, unchanged, error, deleted)",
+    "Records handled by copy jobs, by outcome "
+    "(inserted, updated, unchanged, duplicate, error, deleted)",
     ["kind"],
     registry=REGISTRY,
 )
@@ -38,7 +39,7 @@ MONGODB_UP = Gauge(
     "lakesync_mongodb_up", "1 if MongoDB answered the last scrape, else 0", registry=REGISTRY
 )
 
-for _kind in ("inserted", "updated", "unchanged", "error"):
+for _kind in ("inserted", "updated", "unchanged", "duplicate", "error"):
     RECORDS.labels(kind=_kind)  # present (at 0) from the first scrape, so rate() works
 
 
@@ -47,6 +48,7 @@ def observe_batch(counts: Counters, write_seconds: float) -> None:
     RECORDS.labels(kind="inserted").inc(counts.inserted)
     RECORDS.labels(kind="updated").inc(counts.updated)
     RECORDS.labels(kind="unchanged").inc(counts.unchanged)
+    RECORDS.labels(kind="duplicate").inc(counts.duplicates)
     RECORDS.labels(kind="error").inc(counts.errors)
     if counts.deleted:
         RECORDS.labels(kind="deleted").inc(counts.deleted)

@@ -76,6 +76,8 @@ class Counters(BaseModel):
     inserted: int = 0
     updated: int = 0
     unchanged: int = 0
+    #: valid records that a later record of the same key in the same lake replaces
+    duplicates: int = 0
     errors: int = 0
     deleted: int = 0
 
@@ -105,6 +107,7 @@ class JobStatus(BaseModel):
     insertedRecords: int = 0
     updatedRecords: int = 0
     unchangedRecords: int = 0
+    duplicateRecords: int = 0
     errorRecords: int = 0
     deletedRecords: int = 0
     percentComplete: float = 0

@@ -32,6 +32,7 @@ from lakesync.lake import Lake, Position
 from lakesync.logs import job_context
 from lakesync.models import ACTIVE_STATES, Checkpoint, Counters, JobState, JobStatus
 from lakesync.operations import OperationRegistry
+from lakesync.repeats import Superseded
 from lakesync.retry import RetryPolicy
 from lakesync.runner import Outcome, summary
 from lakesync.store import JobStore
@@ -44,6 +45,7 @@ COUNTERS = {
     "insertedRecords": "inserted",
     "updatedRecords": "updated",
     "unchangedRecords": "unchanged",
+    "duplicateRecords": "duplicates",
     "errorRecords": "errors",
 }
 
@@ -215,10 +217,16 @@ class PartitionedJobs:
         op, batch_size = resolved.op, resolved.batch_size
         lake = resolved.open_lake(self.settings)
         if part.get("files") is not None:  # the files it was planned with, whatever changed
-            lake, first, stop = lake.only(part["files"]), 0, None
+            lake = lake.only(part["files"], first_index=int(part["fileStart"]))
+            first, stop = 0, None
         else:  # planned before partitions recorded their files: a range of the file list
             first, stop = int(part["fileStart"]), int(part["fileStop"])
-        engine = CopyEngine(self.store.db[op.collection], self.store.copyerrors, op.schema_, job_id)
+        superseded = policy.call(
+            lambda: Superseded.load(self.store.db, job_id, lake.files), "reading the plan"
+        )
+        engine = CopyEngine(
+            self.store.db[op.collection], self.store.copyerrors, op.schema_, job_id, superseded
+        )
         cp = Checkpoint.model_validate(part.get("checkpoint") or {"fileIndex": first})
         start = lake.resume_position(Position(cp.fileIndex, cp.row), cp.file)
         started = time.monotonic()

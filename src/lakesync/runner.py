@@ -17,7 +17,7 @@ from enum import Enum
 from functools import cached_property, partial
 from typing import TYPE_CHECKING, Any
 
-from lakesync import metrics, mirror
+from lakesync import metrics, mirror, repeats
 from lakesync.config import Settings
 from lakesync.copy import CopyEngine
 from lakesync.errors import (
@@ -59,11 +59,14 @@ def new_owner() -> str:
 
 def summary(s: JobStatus) -> str:
     """The human message of a finished copy."""
+    noun = "record" if s.processedRecords == 1 else "records"
     text = (
-        f"Copied {s.processedRecords:,} records: {s.insertedRecords:,} inserted, "
+        f"Copied {s.processedRecords:,} {noun}: {s.insertedRecords:,} inserted, "
         f"{s.updatedRecords:,} updated, {s.unchangedRecords:,} unchanged, "
-        f"{s.errorRecords:,} rejected"
     )
+    if s.duplicateRecords:
+        text += f"{s.duplicateRecords:,} duplicates, "
+    text += f"{s.errorRecords:,} rejected"
     if s.deletedRecords:
         text += f", {s.deletedRecords:,} deleted"
     return text
@@ -202,6 +205,10 @@ class JobRunner:
                 until = until or since  # nothing newer: read nothing, keep the watermark
             cp = Checkpoint(since=since, until=until)
             total = changed if column is not None else lake.count_rows()  # scan counted them
+            # which records a later record of the same key replaces: skipped by every run
+            planned = lake_filter(lake, cp.since, cp.until if lake.version is None else None)
+            policy.call(lambda: repeats.plan_job(db, job_id, lake, op.schema_, planned),
+                        "planning repeated keys")  # fmt: skip
             if (
                 self.partitioned is not None
                 and mode == "full"
@@ -227,7 +234,10 @@ class JobRunner:
                 f"{status.processedRecords:,} of {status.totalRecords:,}"), "resuming")  # fmt: skip
         if on_progress:
             on_progress(status)
-        engine = CopyEngine(db[op.collection], self.store.copyerrors, op.schema_, job_id)
+        superseded = policy.call(lambda: repeats.Superseded.load(db, job_id), "reading the plan")
+        engine = CopyEngine(
+            db[op.collection], self.store.copyerrors, op.schema_, job_id, superseded
+        )
         clock = _Clock()
         start = lake.resume_position(Position(cp.fileIndex, cp.row), cp.file)
         # A Delta version's files never change, so its range needs no upper bound; that also

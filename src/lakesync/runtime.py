@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 from types import TracebackType
 
+from lakesync import repeats
 from lakesync.config import Settings
 from lakesync.executors import Executor
 from lakesync.jobs import JobService
@@ -29,6 +30,7 @@ class Runtime:
             self.mongo.ping()
             self.store = JobStore(self.mongo.db, settings.status_ttl_days)
             self.store.ensure_indexes()
+            repeats.ensure_indexes(self.mongo.db, int(settings.status_ttl_days * 86400))
             if reads_lake and settings.lake_uri is None:
                 from lakesync.demo import ensure_demo_lake
 

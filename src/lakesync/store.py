@@ -370,6 +370,7 @@ class JobStore:
                 "insertedRecords": delta.inserted,
                 "updatedRecords": delta.updated,
                 "unchangedRecords": delta.unchanged,
+                "duplicateRecords": delta.duplicates,
                 "errorRecords": delta.errors,
                 "deletedRecords": delta.deleted,
                 "runProcessed": delta.processed,
@@ -447,7 +448,7 @@ class JobStore:
         ended = self._seen(doc)
         counts = {k: getattr(ended, k) for k in (
             "totalRecords", "processedRecords", "insertedRecords", "updatedRecords",
-            "unchangedRecords", "errorRecords", "deletedRecords")}  # fmt: skip
+            "unchangedRecords", "duplicateRecords", "errorRecords", "deletedRecords")}  # fmt: skip
         if ended.endTime is not None:
             counts["seconds"] = round((ended.endTime - ended.startTime).total_seconds(), 3)
         logger.info("job %s %s: %s", job_id, state.value, message,
