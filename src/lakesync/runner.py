@@ -65,7 +65,7 @@ def summary(s: JobStatus) -> str:
         f"{s.updatedRecords:,} updated, {s.unchangedRecords:,} unchanged, "
     )
     if s.duplicateRecords:
-        text += f"{s.duplicateRecords:,} duplicates, "
+        text += f"{s.duplicateRecords:,} duplicate{'' if s.duplicateRecords == 1 else 's'}, "
     text += f"{s.errorRecords:,} rejected"
     if s.deletedRecords:
         text += f", {s.deletedRecords:,} deleted"
