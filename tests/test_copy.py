@@ -16,7 +16,7 @@ from lakesync.config import Settings
 from lakesync.copy import MARKER, CopyEngine
 from lakesync.demo import touch_records
 from lakesync.errors import LakesyncError, RequestError, SourceError
-from lakesync.lake import LakeBatch
+from lakesync.lake import LakeBatch, Segment
 from lakesync.models import Counters, JobState, JobStatus
 from lakesync.repeats import Superseded
 from lakesync.runtime import Runtime
@@ -308,3 +308,27 @@ def test_requests_that_cannot_work_create_no_job(
         rt.jobs.start(operation, options)
     assert type(e.value) is error and words in str(e.value)
     assert db.jobstatuses.count_documents({}) == 0 and db.taskdetails.count_documents({}) == 0
+
+
+def test_a_batch_spanning_files_keeps_each_records_own_position(db: Any) -> None:
+    """Rows 0-1 are rows 8-9 of file 3, rows 2-4 rows 0-2 of file 4 (a lake of small files)."""
+    table = task_table(["TD-1", "TD-2", "TD-3", "", "TD-2"], notes=["a", "old", "b", None, "new"])
+    segments = [
+        Segment("/lake/f3.parquet", 3, 3, 8, 2, 0),
+        Segment("/lake/f4.parquet", 4, 4, 0, 3, 2),
+    ]
+    b = LakeBatch(table, "/lake/f3.parquet", 3, 8, 3, segments=segments)
+    plan = Superseded({"/lake/f3.parquet": np.array([9])})  # TD-2 "old": replaced in file 4
+    e = CopyEngine(db.taskdetails, db.copyerrors, TASK_DETAIL, "job_a", plan)
+    first = e.write(b)
+    assert counts(first) == (3, 0, 0, 1) and first.counts.duplicates == 1
+    ats = {d["_id"]: d[MARKER]["at"] for d in db.taskdetails.find({}, {MARKER: 1})}
+    assert ats == {"TD-1": [3, 8], "TD-3": [4, 0], "TD-2": [4, 2]}
+    (rejected,) = db.copyerrors.find({})
+    assert (rejected["_id"], rejected["file"], rejected["row"]) == (
+        "job_a:4:1",
+        "/lake/f4.parquet",
+        1,
+    )
+    again = e.write(b)  # a replay: counted as the first time, nothing rejected twice
+    assert counts(again) == (3, 0, 0, 1) and db.copyerrors.count_documents({}) == 1

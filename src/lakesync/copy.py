@@ -35,6 +35,7 @@ marker appended as a ``RawBSONDocument``, so pymongo does not encode it again.
 
 from __future__ import annotations
 
+import bisect
 import functools
 import hashlib
 import logging
@@ -116,14 +117,28 @@ def _new_documents(
     job: str, batch: LakeBatch, rows: list[int], bodies: list[bytes], digests: list[str]
 ) -> list[RawBSONDocument]:
     """The documents that insert these records: each body with marker ``{h, job, "i", at}``."""
-    start = batch.start_row
-    if rows and start + rows[-1] > _INT32_MAX:  # rare: the general (slower) way
+    if len(batch.segments) == 1:
+        seg = batch.segments[0]
+        return _file_documents(job, seg.ordinal, seg.start_row, rows, bodies, digests)
+    docs: list[RawBSONDocument] = []
+    for seg in batch.segments:  # rows are sorted: each segment's are a slice
+        lo = bisect.bisect_left(rows, seg.offset)
+        hi = bisect.bisect_left(rows, seg.offset + seg.rows)
+        base = seg.start_row - seg.offset
+        docs += _file_documents(job, seg.ordinal, base, rows[lo:hi], bodies[lo:hi], digests[lo:hi])
+    return docs
+
+
+def _file_documents(
+    job: str, ordinal: int, start: int, rows: list[int], bodies: list[bytes], digests: list[str]
+) -> list[RawBSONDocument]:
+    """``_new_documents`` for rows of one file: batch row ``row`` is file row ``start + row``."""
+    if rows and not _INT32_MIN <= start + rows[-1] <= _INT32_MAX:  # rare: the general way
         return [
-            RawBSONDocument(with_marker(body, marker_bson(h, job, "i", (batch.ordinal,
-                                                                        start + row))))
+            RawBSONDocument(with_marker(body, marker_bson(h, job, "i", (ordinal, start + row))))
             for row, body, h in zip(rows, bodies, digests, strict=True)
-        ]  # fmt: skip
-    head, middle = _marker_template(job, "i", batch.ordinal)
+        ]
+    head, middle = _marker_template(job, "i", ordinal)
     lead = _MARKER_ELEMENT + head
     # the row (4 bytes) and the ends of at, of the marker and of the document replacing the
     # body's own end: 4 + 3 - 1
@@ -248,15 +263,16 @@ class CopyEngine:
         """
         if not rows:
             return None
-        start = batch.start_row
-        skip = self.superseded.within(batch.file, start, start + batch.table.num_rows)
+        dropped: set[int] = set()
+        for seg in batch.segments:
+            rel = self.superseded.within(seg.file, seg.start_row, seg.start_row + seg.rows)
+            dropped.update((rel + seg.offset).tolist())
         try:
             last = {key: i for i, key in enumerate(keys)}
         except TypeError:  # unhashable keys (subdocuments): compare their BSON
             last = {_lookup_key(key): i for i, key in enumerate(keys)}
-        if not len(skip) and len(last) == len(keys):
+        if not dropped and len(last) == len(keys):
             return None
-        dropped = set(skip.tolist())
         winners = set(last.values())
         return [i for i, row in enumerate(rows) if i in winners and row not in dropped]
 
@@ -351,8 +367,7 @@ class CopyEngine:
     def _write(
         self, op: str, key: Any, row: int, body: bytes, h: str, counted: str, batch: LakeBatch
     ) -> Write:
-        at = (batch.ordinal, batch.start_row + row)
-        return Write(op, key, row, body, h, counted, self.job_id, at)
+        return Write(op, key, row, body, h, counted, self.job_id, batch.at(row))
 
     def _classify(
         self,
@@ -395,8 +410,8 @@ class CopyEngine:
             marker.get("job") == self.job_id
             and marker.get("h") == h
             and isinstance(at, list)
-            and at[0] == batch.ordinal
-            and batch.start_row <= at[1] < batch.start_row + batch.table.num_rows
+            and len(at) == 2
+            and batch.holds(at[0], at[1])
         )
 
     def _execute(
@@ -454,12 +469,13 @@ class CopyEngine:
             self._bulk(retry, counts, rejected, batch)
 
     def _rejection(self, batch: LakeBatch, r: Rejection) -> dict[str, Any]:
-        row = batch.start_row + r.row
+        seg = batch.segment_of(r.row)
+        row = seg.file_row(r.row)
         return {
-            "_id": f"{self.job_id}:{batch.ordinal}:{row}",
+            "_id": f"{self.job_id}:{seg.ordinal}:{row}",
             "jobId": self.job_id,
             "key": r.key,
-            "file": batch.file,
+            "file": seg.file,
             "row": row,
             "reason": r.reason,
             "time": utcnow(),

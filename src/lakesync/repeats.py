@@ -63,16 +63,19 @@ def find_superseded(
     ``filter``). Invalid records replace nothing: they are rejected where they stand."""
     digests: list[pa.Array] = []
     positions: list[np.ndarray] = []
-    files: list[str] = []
+    files: dict[str, int] = {}
     for batch in lake.batches(_PLAN_BATCH, filter=filter):
         checked = validate(schema, batch.table)
         if not checked.rows:
             continue
-        if not files or files[-1] != batch.file:
-            files.append(batch.file)
-        base = (len(files) - 1) << 32 | batch.start_row
+        rows = np.asarray(checked.rows, dtype=np.int64)
+        where = np.empty_like(rows)
+        for seg in batch.segments:  # lake position: file number << 32 | row in the file
+            inside = (rows >= seg.offset) & (rows < seg.offset + seg.rows)
+            number = files.setdefault(seg.file, len(files))
+            where[inside] = (number << 32) + seg.start_row - seg.offset + rows[inside]
         digests.append(pa.array([key_digest(k) for k in checked.keys], pa.binary(16)))
-        positions.append(np.asarray(checked.rows, dtype=np.int64) + base)
+        positions.append(where)
     if not digests:
         return {}
     table = pa.table({"d": pa.chunked_array(digests), "p": np.concatenate(positions)})
@@ -86,12 +89,13 @@ def find_superseded(
     )
     losers = np.sort(table["p"].filter(mask).to_numpy())
     file_of, row_of = losers >> 32, losers & 0xFFFFFFFF
+    names = list(files)
     out: dict[str, np.ndarray] = {}
     bounds = np.flatnonzero(np.diff(file_of)) + 1
     for chunk_rows, chunk_files in zip(
         np.split(row_of, bounds), np.split(file_of, bounds), strict=True
     ):
-        out[files[int(chunk_files[0])]] = chunk_rows.astype(np.int64)
+        out[names[int(chunk_files[0])]] = chunk_rows.astype(np.int64)
     return out
 
 
