@@ -113,13 +113,17 @@ class Scheduler:
         """Create the indexes and tick in a background thread (only if anything is scheduled)."""
         if not self.scheduled() or self._thread is not None:
             return
-        ttl = int(self.settings.status_ttl_days * 86400)
-        self.slots.create_index([("operation", 1), ("slotMs", 1)], unique=True, name="one_run")
-        self.slots.create_index("claimedAt", expireAfterSeconds=ttl)
+        self.ensure_indexes()
         names = ", ".join(f"{op.name} ({s.text})" for op, s in self.scheduled())
         logger.info("scheduler started: %s", names)
         self._thread = threading.Thread(target=self._loop, name="lakesync-scheduler", daemon=True)
         self._thread.start()
+
+    def ensure_indexes(self) -> None:
+        """One run per operation and slot; slot records expire with the job statuses."""
+        ttl = int(self.settings.status_ttl_days * 86400)
+        self.slots.create_index([("operation", 1), ("slotMs", 1)], unique=True, name="one_run")
+        self.slots.create_index("claimedAt", expireAfterSeconds=ttl)
 
     def stop(self) -> None:
         """Stop ticking (a slot being started finishes first)."""
