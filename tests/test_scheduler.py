@@ -58,7 +58,7 @@ BAD = [
     ('every = "1m"\nmode = "mirror"', "allowEmpty", "empty"),
     ('notify = ["ftp://example.com/hook"]', "notify", "not an http(s) URL"),
     ('on = ["finished"]', "on", "finished"),
-    ('allowEmpty = true', "allowEmpty", "only applies to mode mirror"),
+    ("allowEmpty = true", "allowEmpty", "only applies to mode mirror"),
 ]
 
 
