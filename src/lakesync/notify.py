@@ -159,6 +159,9 @@ class Notifier:
         with self._lock:
             pending = list(self._pending)
         if pending:
-            wait(pending, timeout=timeout)
+            _, left = wait(pending, timeout=timeout)
+            if left:
+                logger.error("%d job notification(s) still under way were given up at "
+                             "shutdown", len(left))  # fmt: skip
         self._stop.set()
         self._pool.shutdown(wait=False, cancel_futures=True)
