@@ -230,3 +230,42 @@ def test_pause_and_unpause_skip_the_slots_in_between(runtimes: list[Runtime], db
     rt.scheduler.settings = rt.settings.model_copy(update={"schedule": None})
     with pytest.raises(JobError, match="has no schedule"):
         rt.scheduler.pause("copy-taskdetail")
+
+
+def test_scheduled_jobs_carry_the_schedule_mode_and_allow_empty(
+    settings: Settings, tiny_lake: Path, tmp_path: Path, db: Any
+) -> None:
+    path = tmp_path / "mirror.toml"
+    path.write_text(f"""
+[operations.mirrored]
+source = "{tiny_lake}"
+collection = "mirrored"
+key = "taskDetailId"
+mode = "mirror"
+allowEmpty = true
+every = "1m"
+""")
+    s = settings.model_copy(
+        update={"operations_file": path, "schedule": "1m", "schedule_mode": "incremental"}
+    )
+    clock = FakeClock(T0 + timedelta(seconds=1))
+    with Runtime(s) as rt:  # no executor: the jobs are created, not run
+        rt.scheduler.clock = clock
+        rt.scheduler.ensure_indexes()
+        assert rt.scheduler.tick() == []
+        clock.now = T0 + timedelta(minutes=1, seconds=2)
+        claimed = {c["operation"]: c["outcome"] for c in rt.scheduler.tick()}
+        listed = rt.scheduler.annotate(
+            rt.registry.overview(rt.settings, rt.store, rt.runner.watermarks)
+        )
+    assert claimed == {"mirrored": "started", "copy-taskdetail": "started"}
+    jobs = {j["operation"]: j for j in db.jobstatuses.find()}
+    assert jobs["mirrored"]["options"]["allowEmpty"] is True
+    assert jobs["copy-taskdetail"]["options"]["mode"] == "incremental"
+    assert {j["scheduledFor"] for j in jobs.values()} == {"2026-01-05T12:01:00.000Z"}
+    shown = {i.name: i for i in listed}
+    assert shown["mirrored"].nextRun == "2026-01-05T12:02:00.000Z"
+    assert shown["copy-taskdetail"].schedule is not None
+    assert shown["copy-taskdetail"].schedule["mode"] == "incremental"
+    assert shown["mirrored"].schedule is not None
+    assert shown["mirrored"].schedule["lastRun"]["result"] == "pending"
