@@ -322,3 +322,22 @@ notify = ["{hook}/ok", "{hook}/down", "{hook}/hang"]
             "status"] == "failed"  # fmt: skip
     finally:
         serve.kill()
+
+
+def test_a_cancelled_job_notifies_the_default_webhooks_unsigned_without_a_secret(
+    settings: Any, receiver: Receiver
+) -> None:
+    from lakesync.runtime import Runtime
+
+    s = settings.model_copy(
+        update={"notify": [f"{receiver.url}/ok"], "notify_on": ["cancelled", "failed"]}
+    )
+    with Runtime(s) as rt:  # no executor: the job stays pending until cancelled
+        status, _ = rt.jobs.start("copy-taskdetail", trigger="cli")
+        rt.jobs.cancel(status.jobId)
+        got = wait_for(lambda: receiver.received("/ok", status.jobId), timeout=30)
+    headers, body = got[0]
+    assert len(got) == 1 and headers["X-Lakesync-Event"] == "job.cancelled"
+    assert "X-Lakesync-Signature-256" not in headers
+    doc = json.loads(body)
+    assert doc["status"] == "cancelled" and doc["trigger"] == "cli"
