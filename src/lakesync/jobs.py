@@ -44,6 +44,8 @@ class JobService:
         idempotency_key: str | None = None,
         *,
         trusted: bool = False,
+        trigger: str = "api",
+        scheduled_for: str | None = None,
     ) -> tuple[JobStatus, bool]:
         """Validate, then create and submit a job; (status, created). Never reads the data.
 
@@ -72,7 +74,8 @@ class JobService:
             if known is not None:
                 return self.store.get(known), False
         stored = {**options.model_dump(exclude_none=True, exclude_defaults=True), "source": source}
-        status, created = self.store.create(operation, stored, flight=f"{operation}|{source}")
+        fields = {"trigger": trigger, "scheduledFor": scheduled_for}
+        status, created = self.store.create(operation, stored, f"{operation}|{source}", fields)
         if idempotency_key:
             self.store.remember_idempotency(idempotency_key, body, status.jobId)
         if created:

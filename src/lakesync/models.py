@@ -130,6 +130,8 @@ class JobStatus(BaseModel):
     partitions: int | None = None
     partitionsDone: int | None = None
     partitionedAtMs: int | None = None
+    trigger: Literal["api", "cli", "schedule"] | None = None  # who started the job
+    scheduledFor: str | None = None  # a scheduled job's slot, ISO 8601 UTC (scheduler.py)
     revision: int = 0  # +1 on every write: orders the copies a process keeps (store.py)
 
     @field_validator(

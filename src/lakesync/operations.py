@@ -31,6 +31,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from lakesync.config import Settings
 from lakesync.errors import ConfigError, RequestError
 from lakesync.lake import Lake
+from lakesync.schedules import Unattended, check_unattended
 from lakesync.schema import TASK_DETAIL, FieldRule, FieldType, RecordSchema
 from lakesync.storage import mask_secrets
 
@@ -43,7 +44,7 @@ logger = logging.getLogger(__name__)
 Mode = Literal["full", "incremental", "mirror"]
 
 
-class Operation(BaseModel):
+class Operation(Unattended):
     """A named copy: where records come from, what they look like, where they go."""
 
     name: str
@@ -209,6 +210,9 @@ class OperationInfo(BaseModel):
     #: column, kind, value (ISO time or number), source, jobId, and a Delta table's version
     watermark: dict[str, Any] | None
     lastJob: dict[str, Any] | None
+    #: its schedule (cron or interval, time zone, paused, last run and result), if any
+    schedule: dict[str, Any] | None = None
+    nextRun: str | None = None  # ISO 8601 UTC; None when unscheduled or paused
 
 
 # -- lakesync.toml ---------------------------------------------------------------------------
@@ -243,7 +247,7 @@ class SchemaConfig(BaseModel):
     keepExtra: bool = False  # also copy columns the schema does not declare
 
 
-class OperationConfig(BaseModel):
+class OperationConfig(Unattended):
     """One `[operations.<name>]` table of lakesync.toml."""
 
     model_config = ConfigDict(extra="forbid", populate_by_name=True)
@@ -302,6 +306,7 @@ def _operation(path: Path, name: str, table: Any) -> Operation:
     if cfg.mode == "incremental" and cfg.watermark is None:
         raise fail("watermark is required when mode is incremental (e.g. watermark = "
                    '"updatedAt").')  # fmt: skip
+    check_unattended(cfg, fail)  # schedule, every, timezone, notify, on, allowEmpty
     fields = _fields(cfg, fail)
     source = cfg.source
     if source is not None and "://" not in source:  # relative to the file, not the working dir
@@ -313,6 +318,7 @@ def _operation(path: Path, name: str, table: Any) -> Operation:
         name=name, description=cfg.description, source=source, format=cfg.format,
         collection=cfg.collection, schema_=schema, batchSize=cfg.batchSize, mode=cfg.mode,
         watermark=cfg.watermark,
+        **cfg.model_dump(include=set(Unattended.model_fields)),
     )  # fmt: skip
 
 

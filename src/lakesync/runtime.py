@@ -10,8 +10,10 @@ from lakesync.config import Settings
 from lakesync.executors import Executor
 from lakesync.jobs import JobService
 from lakesync.mongo import Mongo
+from lakesync.notify import Notifier
 from lakesync.operations import OperationRegistry
 from lakesync.runner import JobRunner
+from lakesync.scheduler import Scheduler
 from lakesync.store import JobStore
 
 logger = logging.getLogger(__name__)
@@ -53,6 +55,10 @@ class Runtime:
             self.mongo.close()
             raise
         self.jobs = JobService(settings, self.store, self.registry, self.executor)
+        self.notifier = Notifier(settings, self.registry)
+        self.store.on_end = self.notifier.job_ended
+        self.scheduler = Scheduler(settings, self.registry, self.store, self.jobs,
+                                   owner=self.runner.owner)  # fmt: skip
         self._closed = False
 
     def _executor(self, kind: str | None) -> Executor | None:
@@ -71,6 +77,7 @@ class Runtime:
         """Start the executor (and with it, recovery of jobs left running)."""
         if self.executor is not None:
             self.executor.start()
+            self.scheduler.start()
         return self
 
     def close(self, timeout: float = 8.0) -> None:
@@ -79,8 +86,10 @@ class Runtime:
             return
         self._closed = True
         self.runner.stop.set()
+        self.scheduler.stop()
         if self.executor is not None:
             self.executor.shutdown(timeout)
+        self.notifier.close(timeout)
         self.mongo.close()
 
     def __enter__(self) -> Runtime:

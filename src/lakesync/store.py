@@ -21,7 +21,7 @@ import logging
 import threading
 import time
 from collections import OrderedDict
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
 
 from pydantic import ValidationError
@@ -143,6 +143,8 @@ class JobStore:
         self.idempotency: Collection[dict[str, Any]] = db["idempotencykeys"]
         self.ttl_days = ttl_days
         self.seen = RecentStatuses()
+        #: called once with a job's final status by the write that ended it (notify.py)
+        self.on_end: Callable[[JobStatus], None] | None = None
 
     def ensure_indexes(self) -> None:
         """Create the indexes the contract names (idempotent)."""
@@ -245,9 +247,14 @@ class JobStore:
     # -- creating ------------------------------------------------------------------------
 
     def create(
-        self, operation: str, options: dict[str, Any], flight: str
+        self,
+        operation: str,
+        options: dict[str, Any],
+        flight: str,
+        fields: dict[str, Any] | None = None,
     ) -> tuple[JobStatus, bool]:
-        """A new pending job, or the active job of the same flight (operation + source)."""
+        """A new pending job (with `fields`, e.g. trigger), or the active job of the same
+        flight (operation + source)."""
         now = utcnow()
         doc = JobStatus(
             jobId=new_job_id(),
@@ -257,6 +264,7 @@ class JobStore:
             heartbeatAt=now,
             options=options,
             message="Waiting for a worker",
+            **(fields or {}),
         ).model_dump(exclude_none=True)
         doc["flightKey"] = flight
         doc["heartbeatMs"] = _now_ms()
@@ -454,7 +462,15 @@ class JobStore:
         logger.info("job %s %s: %s", job_id, state.value, message,
                     extra={"jobId": job_id, "operation": ended.operation, "status": state.value,
                            **counts})  # fmt: skip
+        self._ended(ended)
         return ended
+
+    def _ended(self, status: JobStatus) -> None:
+        if self.on_end is not None:
+            try:
+                self.on_end(status)
+            except Exception as e:  # a notification never changes how the job ended
+                logger.error("job %s: end hook failed: %s", status.jobId, e)
 
     def release(self, job_id: str, owner: str, message: str, *, failure: bool = False) -> JobStatus:
         """Hand the job back (pending) so a new run continues from its checkpoint.
@@ -539,7 +555,8 @@ class JobStore:
             projection={"_id": 0}, return_document=ReturnDocument.AFTER,
         )  # fmt: skip
         if ended is not None:
-            return self._seen(ended)
+            self._ended(cancelled := self._seen(ended))
+            return cancelled
         self.jobs.update_one(
             {"jobId": job_id, "status": {"$in": list(ACTIVE_STATES)}},
             _rev({"$set": {"cancelRequested": True}, "$currentDate": {"updatedAt": True}}),

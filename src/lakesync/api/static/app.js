@@ -270,7 +270,37 @@ function onOperationChange() {
     const sentence = op.description.replace(/[.\s]+$/, "");
     $("operation-description").textContent = `${sentence}. The copy runs in the background; you can close this page and come back.`;
   }
+  renderSchedule(op);
   updateCopyButton();
+}
+
+// The selected operation's schedule: how often it runs by itself, when next, how it last went.
+function renderSchedule(op) {
+  const el = $("operation-schedule");
+  const s = op && op.schedule;
+  el.hidden = !s;
+  if (!s) return;
+  const when = s.schedule ? `on the cron schedule “${s.schedule}” (${s.timezone})` : `every ${s.every}`;
+  const next = parseTime(op.nextRun);
+  let text = `Runs by itself ${when}; ` + (s.paused ? "paused." : `next run ${next == null ? "—" : dateTimeFmt.format(next)}.`);
+  const last = s.lastRun;
+  if (last) {
+    const result = last.outcome === "started" ? (last.result || "started") : last.outcome;
+    text += ` Last run ${fmtRelative(last.slot)}: ${result.replace("_", " ")}.`;
+  }
+  el.textContent = text;
+}
+
+// Next and last runs move on by themselves: re-read them without rebuilding the selector.
+async function refreshSchedules() {
+  if (!state.operations.some((o) => o.schedule)) return;
+  try {
+    const { data } = await api("/api/operations");
+    if (data && Array.isArray(data.operations)) state.operations = data.operations;
+  } catch (e) {
+    return;
+  }
+  renderSchedule(state.operations.find((o) => o.name === selectedOperation()));
 }
 
 function updateCopyButton() {
@@ -885,7 +915,7 @@ function fillRow(tr, job) {
   time.dateTime = job.startTime || "";
   const start = parseTime(job.startTime);
   time.title = start == null ? "" : dateTimeFmt.format(start);
-  time.textContent = fmtRelative(job.startTime);
+  time.textContent = fmtRelative(job.startTime) + (job.trigger === "schedule" ? " · scheduled" : "");
 
   const secs = jobSeconds(job);
   tr.querySelector(".c-dur").textContent =
@@ -972,6 +1002,7 @@ function startTimers() {
     if (!document.hidden && !state.authRequired) refreshJobs({ autoFollow: true });
   }, JOBS_REFRESH_MS);
   setInterval(() => { if (!document.hidden) checkHealth(); }, HEALTH_REFRESH_MS);
+  setInterval(() => { if (!document.hidden && !state.authRequired) refreshSchedules(); }, 15000);
   setInterval(() => { if (state.job && isActive(state.job.status)) renderDuration(); }, 1000);
   if (typeof ResizeObserver === "function") {
     let last = 0;
