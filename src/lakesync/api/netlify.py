@@ -14,9 +14,6 @@ from lakesync.api.deps import Authorized, RuntimeDep
 from lakesync.api.jobs import job_response
 from lakesync.errors import RequestError
 
-router = APIRouter(prefix="/.netlify/functions", tags=["seed compatibility"],
-                   dependencies=[Authorized])  # fmt: skip
-
 #: The job id a seed frontend names itself (the seed's example: job_1234567890).
 CLIENT_JOB_ID = re.compile(r"job_[A-Za-z0-9_-]{1,64}")
 CLIENT_JOB_ID_RULE = (
@@ -45,6 +42,10 @@ async def client_job_id(
 
 
 ClientJobId = Annotated[str | None, Depends(client_job_id)]
+
+
+router = APIRouter(prefix="/.netlify/functions", tags=["seed compatibility"],
+                   dependencies=[Authorized])  # fmt: skip
 
 
 @router.post("/copy-taskdetail", status_code=202, summary="Start copy-taskdetail (seed endpoint)")
