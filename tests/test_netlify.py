@@ -124,7 +124,9 @@ def test_a_client_id_is_read_only_where_the_seed_used_it(client: TestClient) -> 
         assert client.get(STATUS, params={"jobId": guess}).status_code == 404
     # a client id may not be another job's own id (the two must never name different jobs)
     clash = client.post(COPY, json={"jobId": job_id})
-    assert clash.status_code == 409 and "already the id of another job" in clash.json()["error"]
+    assert (
+        clash.status_code == 409 and "already the jobId of an existing job" in clash.json()["error"]
+    )
 
 
 def test_a_frontend_joining_a_running_copy_polls_its_own_id(

@@ -91,7 +91,7 @@ class JobService:
         return status, created
 
     def _named(self, client_job_id: str) -> JobStatus | None:
-        """The job already started under this client id; JobError if it is another job's id."""
+        """The job already started under this client id; JobError if it is a job's own id."""
         named = self.store.by_client_id(client_job_id)
         if named is None:
             try:
@@ -99,7 +99,8 @@ class JobService:
             except JobNotFound:
                 return None
             raise JobError(
-                f"{client_job_id!r} is already the id of another job; name this one differently."
+                f"{client_job_id!r} is already the jobId of an existing job; a client-named "
+                "jobId must be a new name (e.g. job_ + Date.now())."
             )
         return named
 
