@@ -43,8 +43,8 @@ class JobService:
         raw_options: Any = None,
         idempotency_key: str | None = None,
         *,
-        trusted: bool = False,
         client_job_id: str | None = None,
+        trusted: bool = False,
     ) -> tuple[JobStatus, bool]:
         """Validate, then create and submit a job; (status, created). Never reads the data.
 
