@@ -100,6 +100,7 @@ class JobStatus(BaseModel):
     model_config = ConfigDict(extra="ignore")
 
     jobId: str
+    clientJobId: str | None = None  # the seed frontend's own name for the job (api/netlify.py)
     status: JobState
     operation: str
     totalRecords: int = 0

@@ -106,6 +106,7 @@ class RecentStatuses:
         self.capacity = capacity
         self._lock = threading.Lock()
         self._items: OrderedDict[str, tuple[float, JobStatus]] = OrderedDict()
+        self._aliases: OrderedDict[str, str] = OrderedDict()  # clientJobId -> jobId
         self._reading = [threading.Lock() for _ in range(64)]
 
     def put(self, status: JobStatus) -> None:
@@ -119,6 +120,16 @@ class RecentStatuses:
             self._items.move_to_end(status.jobId)
             while len(self._items) > self.capacity:
                 self._items.popitem(last=False)
+            if status.clientJobId:
+                self._aliases[status.clientJobId] = status.jobId
+                self._aliases.move_to_end(status.clientJobId)
+                while len(self._aliases) > self.capacity:
+                    self._aliases.popitem(last=False)
+
+    def job_of(self, client_job_id: str) -> str | None:
+        """The jobId last seen with this clientJobId (check the status still carries it)."""
+        with self._lock:
+            return self._aliases.get(client_job_id)
 
     def get(self, job_id: str, max_age: float) -> JobStatus | None:
         """The kept status if it was seen at most `max_age` seconds ago."""
@@ -152,6 +163,8 @@ class JobStore:
         self.jobs.create_index("jobId", unique=True, name="jobId_unique")
         self._ensure_ttl(self.jobs, "startTime", ttl)
         self.jobs.create_index("flightKey", unique=True, sparse=True, name="single_flight")
+        # sparse: jobs started without a client-named id never collide on the missing field
+        self.jobs.create_index("clientJobId", unique=True, sparse=True, name="clientJobId_unique")
         self.jobs.create_index([("status", ASCENDING), ("heartbeatMs", ASCENDING)])
         self.jobs.create_index([("startTime", DESCENDING)])
         self.copyerrors.create_index("jobId")
@@ -193,6 +206,56 @@ class JobStore:
                 f"No job {job_id!r}: the id is wrong or its status expired "
                 f"(statuses are kept {self.ttl_days:g} days). List jobs with GET /api/jobs "
                 "or `lakesync jobs`."
+            )
+        return self._seen(doc)
+
+    # -- client-named job ids (the seed frontend's `job_<timestamp>`) --------------------
+
+    def by_client_id(self, client_job_id: str) -> JobStatus | None:
+        """The job started under this clientJobId, if its status still exists."""
+        doc = self.jobs.find_one({"clientJobId": client_job_id}, {"_id": 0})
+        return None if doc is None else self._seen(doc)
+
+    def recent_by_client_id(self, client_job_id: str, max_age: float) -> JobStatus:
+        """`recent` for a clientJobId; JobNotFound if no job carries it."""
+        job_id = self.seen.job_of(client_job_id)
+        if job_id is not None:
+            try:
+                status = self.recent(job_id, max_age)
+                if status.clientJobId == client_job_id:
+                    return status
+            except JobNotFound:
+                pass  # expired: the id may now name a newer job
+        named = self.by_client_id(client_job_id)
+        if named is None:
+            raise JobNotFound(
+                f"No job {client_job_id!r}: the id is wrong or its status expired "
+                f"(statuses are kept {self.ttl_days:g} days)."
+            )
+        return named
+
+    def add_client_id(self, job: JobStatus, client_job_id: str) -> JobStatus:
+        """Give a job that was started without one (single-flight) this clientJobId.
+
+        JobError (409) if the job already carries another one: the second frontend would
+        poll an id that no job answers to. If another job took the id meanwhile, that job.
+        """
+        try:
+            doc = self.jobs.find_one_and_update(
+                {"jobId": job.jobId, "clientJobId": {"$exists": False}},
+                _rev({"$set": {"clientJobId": client_job_id}}),
+                projection={"_id": 0}, return_document=ReturnDocument.AFTER,
+            )  # fmt: skip
+        except DuplicateKeyError:
+            doc = self.jobs.find_one({"clientJobId": client_job_id}, {"_id": 0})
+        if doc is None:
+            doc = self.jobs.find_one({"jobId": job.jobId}, {"_id": 0}) or {}
+        if doc.get("clientJobId") != client_job_id:
+            raise JobError(
+                f"{job.operation} is already running as job {job.jobId}, started under "
+                "another client job id; it copies the same lake. Wait until it ends, then "
+                f"start again (or follow it at /api/jobs/{job.jobId}).",
+                jobId=job.jobId,
             )
         return self._seen(doc)
 
@@ -273,6 +336,9 @@ class JobStore:
                 self.jobs.insert_one(dict(doc))
                 return self._seen(doc), True
             except DuplicateKeyError:
+                named = doc.get("clientJobId") and self.by_client_id(doc["clientJobId"])
+                if named:  # a concurrent start under the same client id made the job
+                    return named, False
                 running = self.jobs.find_one({"flightKey": flight}, {"_id": 0})
                 if running is not None:
                     return self._seen(running), False
