@@ -346,3 +346,13 @@ def test_a_stray_delta_log_is_not_ignored(tmp_path: Path, small_groups: Path) ->
         Lake.open(str(small_groups), version=0)
     with pytest.raises(SourceError, match="Invalid Delta version 0"):
         Lake.open(str(small_groups), format="csv", version=0)
+
+
+def test_open_only_some_files_reads_only_their_footers(small_groups: Path, tmp_path: Path) -> None:
+    whole = Lake.open(str(small_groups))
+    names = [whole.file_name(1), whole.file_name(2)]
+    part = Lake.open(str(small_groups), only=names, first_index=1)
+    assert part.files == whole.files[1:] and part.file_row_counts() == [45, 8]
+    assert [s.ordinal for b in part.batches(100) for s in b.segments] == [1, 2]
+    with pytest.raises(SourceError, match="Restore the file and resume the job"):
+        Lake.open(str(small_groups), only=[*names, "gone.parquet"])

@@ -255,8 +255,14 @@ class Lake:
         settings: Settings | None = None,
         version: int | None = None,
         since_version: int | None = None,
+        only: list[str] | None = None,
+        first_index: int = 0,
     ) -> Lake:
         """List and inspect the lake at ``uri``; raise SourceError if it cannot be read.
+
+        With ``only`` (names as ``file_name`` gives them), the lake is reduced to those files
+        as ``Lake.only`` does, and only their footers are read: a partition of a lake of
+        many files opens its own files, not all of them.
 
         A directory holding ``_delta_log`` is read as a Delta table (its latest version,
         or ``version``) unless ``format`` names a plain file format. With ``since_version``
@@ -291,7 +297,8 @@ class Lake:
             raise read_error(e, loc.show(base), "", loc.endpoint, listing=True) from e
         maybe_delta = glob_at is None and fmt_given in (None, "delta")
         if maybe_delta and info.type == pafs.FileType.Directory and is_delta_table(loc, base):
-            return cls._open_delta(uri, loc, base, version, since_version)
+            table = cls._open_delta(uri, loc, base, version, since_version)
+            return table if only is None else table.only(only, first_index)
         if fmt_given == "delta" or version is not None or since_version is not None:
             raise SourceError(
                 f"{loc.show(loc.path)} is not a Delta table (no {LOG_DIR} folder in it), "
@@ -316,6 +323,8 @@ class Lake:
                 uri=uri,
             )
         root = base.rsplit("/", 1)[0] if single else base
+        if only is not None:
+            found = _picked(found, root, only, uri)
         keys = [_partition(p[len(root) :].lstrip("/")) for p in found]
         inspected = _inspect(
             loc, fmt, [(p, _hive_expression(k), k) for p, k in zip(found, keys, strict=True)]
@@ -323,7 +332,8 @@ class Lake:
         logger.info("Opened lake %s: %d %s file(s)", loc.show(loc.path), len(found), fmt)
         fragments, schemas = [f for f, _ in inspected], [s for _, s in inspected]
         files = [loc.show(p) for p in found]
-        return cls(uri, fmt, files, fragments, schemas, loc.endpoint, root=loc.show(root))
+        return cls(uri, fmt, files, fragments, schemas, loc.endpoint, root=loc.show(root),
+                   first_index=first_index)  # fmt: skip
 
     @classmethod
     def _open_delta(
@@ -372,15 +382,7 @@ class Lake:
         the file) instead of shifting every range after it.
         """
         index = {self.file_name(i): i for i in range(len(self.files))}
-        gone = [name for name in names if name not in index]
-        if gone:
-            raise SourceError(
-                f"{gone[0]} is no longer in {self.uri}: the lake changed while the job was "
-                f"copying it ({len(gone)} of the files planned for this part are gone). "
-                "Restore the file and resume the job, or start a new copy.",
-                uri=self.uri,
-                file=gone[0],
-            )
+        _refuse_gone([name for name in names if name not in index], self.uri)
         picked = [index[name] for name in names]
         part = Lake(
             self.uri, self.format, [self.files[i] for i in picked],
@@ -686,6 +688,25 @@ def _hive_expression(keys: list[tuple[str, str | None]]) -> pc.Expression | None
 
 
 _Item = tuple[str, pc.Expression | None, list[tuple[str, str | None]]]
+
+
+def _refuse_gone(gone: list[str], uri: str) -> None:
+    """SourceError naming the first of the planned files that are no longer in the lake."""
+    if gone:
+        raise SourceError(
+            f"{gone[0]} is no longer in {uri}: the lake changed while the job was copying it "
+            f"({len(gone)} of the files planned for this part are gone). Restore the file and "
+            "resume the job, or start a new copy.",
+            uri=uri,
+            file=gone[0],
+        )
+
+
+def _picked(found: list[str], root: str, names: list[str], uri: str) -> list[str]:
+    """The paths of the files named (relative to ``root``), in that order."""
+    by_name = {p[len(root) :].lstrip("/") if p.startswith(root) else p: p for p in found}
+    _refuse_gone([n for n in names if n not in by_name], uri)
+    return [by_name[n] for n in names]
 
 
 def _inspect(loc: Location, fmt: str, files: list[_Item]) -> list[tuple[Any, pa.Schema]]:

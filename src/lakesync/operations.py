@@ -117,11 +117,15 @@ class ResolvedJob:
     source: str
     batch_size: int
 
-    def open_lake(self, settings: Settings) -> Lake:
-        """The job's lake, at the Delta version (and from the version) the job pinned."""
+    def open_lake(
+        self, settings: Settings, only: list[str] | None = None, first_index: int = 0
+    ) -> Lake:
+        """The job's lake, at the Delta version (and from the version) the job pinned;
+        with ``only``, just those of its files (see ``Lake.open``)."""
         return Lake.open(self.source, format=self.op.format, settings=settings,
                          version=self.options.deltaVersion,
-                         since_version=self.options.sinceDeltaVersion)  # fmt: skip
+                         since_version=self.options.sinceDeltaVersion,
+                         only=only, first_index=first_index)  # fmt: skip
 
 
 class OperationRegistry:

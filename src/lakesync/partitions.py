@@ -215,11 +215,11 @@ class PartitionedJobs:
         job_id, index = job.jobId, int(part["index"])
         resolved = self.registry.resolve(job.operation, job.options, self.settings)
         op, batch_size = resolved.op, resolved.batch_size
-        lake = resolved.open_lake(self.settings)
         if part.get("files") is not None:  # the files it was planned with, whatever changed
-            lake = lake.only(part["files"], first_index=int(part["fileStart"]))
+            lake = resolved.open_lake(self.settings, part["files"], int(part["fileStart"]))
             first, stop = 0, None
         else:  # planned before partitions recorded their files: a range of the file list
+            lake = resolved.open_lake(self.settings)
             first, stop = int(part["fileStart"]), int(part["fileStop"])
         superseded = policy.call(
             lambda: Superseded.load(self.store.db, job_id, lake.files), "reading the plan"
