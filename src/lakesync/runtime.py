@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 from types import TracebackType
 
+from lakesync import joblog, rejections
 from lakesync.config import Settings
 from lakesync.executors import Executor
 from lakesync.jobs import JobService
@@ -29,6 +30,8 @@ class Runtime:
             self.mongo.ping()
             self.store = JobStore(self.mongo.db, settings.status_ttl_days)
             self.store.ensure_indexes()
+            joblog.ensure_indexes(self.mongo.db, settings.status_ttl_days)
+            rejections.ensure_indexes(self.store.copyerrors)
             if reads_lake and settings.lake_uri is None:
                 from lakesync.demo import ensure_demo_lake
 
@@ -51,6 +54,7 @@ class Runtime:
             self.mongo.close()
             raise
         self.jobs = JobService(settings, self.store, self.registry, self.executor)
+        self.job_log = joblog.install(self.mongo.db)  # each job's own log lines (joblogs)
         self._closed = False
 
     def _executor(self, kind: str | None) -> Executor | None:
@@ -79,6 +83,7 @@ class Runtime:
         self.runner.stop.set()
         if self.executor is not None:
             self.executor.shutdown(timeout)
+        joblog.uninstall(self.job_log)
         self.mongo.close()
 
     def __enter__(self) -> Runtime:
