@@ -1050,7 +1050,7 @@ function jobRow(job) {
   const tdSource = cell("c-source", "Source");
   const source = document.createElement("span");
   const full = (job.options && job.options.source) || "default";
-  source.textContent = full.length > 34 ? `…${full.slice(-33)}` : full; // the end names the data
+  source.textContent = full.length > 26 ? `…${full.slice(-25)}` : full; // the end names the data
   source.title = full;
   tdSource.append(source);
 
@@ -1229,17 +1229,23 @@ function errorRow(rec) {
   const tr = document.createElement("tr");
   const cells = [
     ["c-key", "Key", rec.key == null ? "—" : String(rec.key)],
-    ["c-file", "File", rec.file || "—"],
+    ["c-file", "File", rec.file ? fileTail(rec.file) : "—", rec.file],
     ["c-row num", "Row", rec.row == null ? "—" : fmt(rec.row)],
     ["c-reason", "Reason", rec.reason || ""],
   ];
-  for (const [cls, label, text] of cells) {
+  for (const [cls, label, text, full] of cells) {
     const td = cell(cls, label);
     td.textContent = text;
-    td.title = text;
+    td.title = full || text;
     tr.append(td);
   }
   return tr;
+}
+
+// The end of a lake path (its last two parts): what tells files apart; the title has it all.
+function fileTail(path) {
+  const parts = path.split("/");
+  return parts.length > 2 ? `…/${parts.slice(-2).join("/")}` : path;
 }
 
 // With a token, a plain link cannot authenticate: fetch the file and save it.
