@@ -654,3 +654,40 @@ def test_docs_work_without_internet(serve: Any, browser: Any) -> None:
             page.screenshot(path=str(ARTIFACTS / f"page-docs-{width}.png"))
     finally:
         context.close()
+
+
+def test_page_recovers_after_a_server_restart(
+    serve_env: dict[str, str], tmp_path: Path, request: Any, run: Any
+) -> None:
+    lake = tmp_path / "lake"
+    generate(lake, 20000)
+    serve_env["LAKESYNC_LAKE_URI"] = str(lake)
+    serve_env["LAKESYNC_BATCH_SIZE"] = "100"
+    serve = request.getfixturevalue("serve")
+    r = run()
+    page = r.page
+    page.goto(serve.url + "/")
+    page.locator("#copy-button").click()
+    job_id = job_id_of(page)
+    progress = page.locator("#progress")
+    expect(progress).to_have_attribute("aria-valuenow", re.compile(r"^[1-9]\d?$"), timeout=30_000)
+    expect(page.locator("#transport")).to_have_text("Live")
+
+    serve.kill()  # the server dies mid-copy
+    health = page.locator("#server-health")
+    expect(health).to_have_attribute("data-state", "bad", timeout=10_000)
+    expect(health).to_contain_text("Server unreachable")
+    expect(page.locator("#stat-eta")).to_have_text("—")  # no ETA from a dead server
+    expect(page.locator("#message")).to_contain_text("cannot be reached")
+    shots(r, "server-down")
+
+    serve.start()  # same port; the job's lease expires and the new server resumes it
+    expect(health).to_have_attribute("data-state", "ok", timeout=10_000)
+    expect(health).to_contain_text("Server ready")
+    expect(page.locator("#transport")).to_have_text("Live", timeout=10_000)
+    expect(page.locator("#status-badge")).to_have_attribute(
+        "data-status", "completed", timeout=60_000
+    )
+    expect(page.locator("#message")).to_contain_text("Copied 20,000 records")
+    assert httpx.get(f"{serve.url}/api/jobs/{job_id}").json()["attempt"] >= 2
+    shots(r, "server-back")

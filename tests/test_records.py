@@ -287,3 +287,14 @@ def test_paging_is_exact_for_jobs_started_in_the_same_second(settings: Any) -> N
         cancelled = [j for j in whole if made.index(j) % 3 == 0]
         after = rt.jobs.list(status="cancelled", limit=3, before=cancelled[2])
         assert [j.jobId for j in after] == cancelled[3:6]
+
+
+def test_a_claimed_job_no_longer_says_it_waits_for_a_worker(settings: Any) -> None:
+    from lakesync.runtime import Runtime
+
+    with Runtime(settings) as rt:
+        job, _ = rt.jobs.start("copy-taskdetail")
+        assert job.message == "Waiting for a worker" and job.status == "pending"
+        claimed = rt.store.claim(job.jobId, "me", lease_seconds=60)
+        assert claimed is not None and claimed.status == "in_progress"
+        assert "Waiting" not in (claimed.message or "")
