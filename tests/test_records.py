@@ -298,3 +298,35 @@ def test_a_claimed_job_no_longer_says_it_waits_for_a_worker(settings: Any) -> No
         claimed = rt.store.claim(job.jobId, "me", lease_seconds=60)
         assert claimed is not None and claimed.status == "in_progress"
         assert "Waiting" not in (claimed.message or "")
+
+
+def test_the_log_tells_of_a_takeover_after_a_crash(
+    serve_env: dict[str, str], tmp_path: Path, request: Any
+) -> None:
+    from lakesync.demo import generate
+
+    lake = tmp_path / "lake"
+    generate(lake, 20000)
+    serve_env["LAKESYNC_LAKE_URI"] = str(lake)
+    serve_env["LAKESYNC_BATCH_SIZE"] = "100"
+    serve: ServeProcess = request.getfixturevalue("serve")
+    job_id = start(serve.url)
+    wait_for(lambda: httpx.get(f"{serve.url}/api/jobs/{job_id}").json()["processedRecords"])
+    serve.kill()  # the run dies with its process
+    serve.start()
+    assert finished(serve.url, job_id, timeout=120)["status"] == "completed"
+
+    def lines() -> list[dict[str, Any]]:
+        got: list[dict[str, Any]] = httpx.get(f"{serve.url}/api/jobs/{job_id}/logs").json()["lines"]
+        return got if any("completed" in x["message"] for x in got) else []
+
+    text = [(x["level"], x["message"]) for x in wait_for(lines, timeout=10)]
+    assert ("info", f"job {job_id}: run 1 started") in [
+        (lv, m[: len(m.split(" by ")[0])]) for lv, m in text
+    ]
+    assert any(
+        lv == "warning" and "took over from a run whose lease expired" in m for lv, m in text
+    )
+    assert any(lv == "info" and f"job {job_id}: run 2 started" in m for lv, m in text)
+    pids = {x["process"] for x in httpx.get(f"{serve.url}/api/jobs/{job_id}/logs").json()["lines"]}
+    assert len(pids) == 2, "the lines of both processes' runs are kept"

@@ -290,12 +290,19 @@ def errors(
         return
     table = Table("key", "file", "row", "reason")
     for doc in found:
-        table.add_row(escape(str(doc["key"] or "")), escape(str(doc["file"] or "")),
-                      str(doc["row"]), escape(str(doc["reason"] or "")))  # fmt: skip
+        table.add_row(
+            escape(str(doc["key"] or "")),
+            escape(str(doc["file"] or "")),
+            str(doc["row"]),
+            escape(str(doc["reason"] or "")),
+        )
     out.print(table)
     if job.errorRecords > len(found):
-        err.print(f"Showing {len(found):,} of {job.errorRecords:,} rejected records; "
-                  f"use --limit or --csv for more.", highlight=False)  # fmt: skip
+        err.print(
+            f"Showing {len(found):,} of {job.errorRecords:,} rejected records; "
+            f"use --limit or --csv for more.",
+            highlight=False,
+        )
 
 
 @app.command()

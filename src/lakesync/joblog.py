@@ -138,9 +138,13 @@ class JobLogHandler(logging.Handler):
             if n >= MAX_LINES_HARD or (n >= MAX_LINES and not important):
                 continue
             if n == MAX_LINES - 1:
-                line = {**line, "level": "warning", "logger": "lakesync.joblog",
-                        "message": f"{line['message']} (the log keeps {MAX_LINES} lines of a "
-                        "job; later ones are left out except warnings and errors)"}  # fmt: skip
+                line = {
+                    **line,
+                    "level": "warning",
+                    "logger": "lakesync.joblog",
+                    "message": f"{line['message']} (the log keeps {MAX_LINES} lines of a "
+                    "job; later ones are left out except warnings and errors)",
+                }
             self._counts[job_id] = n + 1
             line["seq"] = n + 1
             kept.append(line)

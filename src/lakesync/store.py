@@ -342,7 +342,11 @@ class JobStore:
                 expired, update, projection={"_id": 0}, return_document=ReturnDocument.AFTER
             )
             if doc is not None:
-                logger.warning("job %s: took over from a run whose lease expired", job_id)
+                logger.warning(
+                    "job %s: took over from a run whose lease expired",
+                    job_id,
+                    extra={"jobId": job_id},
+                )
                 doc = self._count_crash(doc, owner)
         return None if doc is None else self._seen(doc)
 

@@ -41,8 +41,12 @@ async def job_errors(
     coll = runtime.store.copyerrors
     if format is ErrorFormat.json:
         docs, following = await run_in_threadpool(rejections.page, coll, job_id, limit, after)
-        return {"jobId": job_id, "errorRecords": job.errorRecords, "errors": docs,
-                "next": following}  # fmt: skip
+        return {
+            "jobId": job_id,
+            "errorRecords": job.errorRecords,
+            "errors": docs,
+            "next": following,
+        }
     if format is ErrorFormat.csv:
         line, media, first = rejections.to_csv, "text/csv; charset=utf-8", rejections.csv_header()
     else:
