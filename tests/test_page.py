@@ -691,3 +691,41 @@ def test_page_recovers_after_a_server_restart(
     expect(page.locator("#message")).to_contain_text("Copied 20,000 records")
     assert httpx.get(f"{serve.url}/api/jobs/{job_id}").json()["attempt"] >= 2
     shots(r, "server-back")
+
+
+def test_a_run_that_went_quiet_is_not_shown_as_progressing(
+    serve_env: dict[str, str], db: Any, request: Any, run: Any
+) -> None:
+    from datetime import UTC, datetime, timedelta
+
+    serve_env["LAKESYNC_LEASE_SECONDS"] = "600"  # nobody takes the job over during the test
+    serve = request.getfixturevalue("serve")
+    now = datetime.now(UTC)
+    job_id = "job_quietquietquietquietquiet0"
+    db.jobstatuses.insert_one(
+        {
+            "jobId": job_id,
+            "status": "in_progress",
+            "operation": "copy-taskdetail",
+            "startTime": now - timedelta(minutes=3),
+            "updatedAt": now - timedelta(minutes=2),
+            "heartbeatAt": now - timedelta(minutes=2),
+            "heartbeatMs": int(now.timestamp() * 1000),
+            "totalRecords": 1000,
+            "processedRecords": 470,
+            "percentComplete": 47,
+            "recordsPerSecond": 30.0,
+            "etaSeconds": 14,
+            "owner": "elsewhere",
+            "attempt": 1,
+            "message": "Copying: 470 of 1,000 records",
+        }
+    )
+    r = run()
+    page = r.page
+    page.goto(f"{serve.url}/jobs/{job_id}")
+    expect(page.locator("#progress")).to_have_attribute("aria-valuenow", "47")
+    expect(page.locator("#message")).to_contain_text("No progress reported for 2 min")
+    expect(page.locator("#stat-eta")).to_have_text("—")
+    expect(page.locator("#stat-rate")).to_have_text("—")
+    shots(r, "quiet-run")

@@ -760,6 +760,7 @@ function render(job) {
   const silent = silentSeconds(job);
   const offline = state.pollFailures > 0 || state.health === "bad";
   const moving = silent == null && !offline;
+  card.dataset.quiet = String(!moving && isActive(job.status)); // stills the bar's animation
   $("stat-rate").textContent = job.recordsPerSecond > 0 && moving ? fmtRate(job.recordsPerSecond) : "—";
   let eta = "—";
   if (job.status === "completed") eta = "Done";
