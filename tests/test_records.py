@@ -228,8 +228,8 @@ def on_terminal(env: dict[str, str], *args: str, timeout: float = 60) -> tuple[i
 
 
 def lakesync(env: dict[str, str], *args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, "-m", "lakesync", *args], env=env,
-                          capture_output=True, text=True, timeout=120)  # fmt: skip
+    command = [sys.executable, "-m", "lakesync", *args]
+    return subprocess.run(command, env=env, capture_output=True, text=True, timeout=120)
 
 
 def test_errors_and_logs_commands(serve_env: dict[str, str], serve: ServeProcess) -> None:
@@ -330,3 +330,38 @@ def test_the_log_tells_of_a_takeover_after_a_crash(
     assert any(lv == "info" and f"job {job_id}: run 2 started" in m for lv, m in text)
     pids = {x["process"] for x in httpx.get(f"{serve.url}/api/jobs/{job_id}/logs").json()["lines"]}
     assert len(pids) == 2, "the lines of both processes' runs are kept"
+
+
+def test_active_jobs_metric_counts_a_partitioned_job_once(
+    serve_env: dict[str, str], tmp_path: Path, request: Any
+) -> None:
+    from lakesync.demo import generate
+
+    lake = tmp_path / "lake"
+    generate(lake, 20000)
+    serve_env.update(
+        LAKESYNC_LAKE_URI=str(lake),
+        LAKESYNC_BATCH_SIZE="100",
+        LAKESYNC_PARTITION_ROWS="4000",
+        LAKESYNC_WORKERS="2",
+    )
+    serve: ServeProcess = request.getfixturevalue("serve")
+    job_id = start(serve.url)
+    jobs_seen, runs_seen = set(), set()
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline:
+        text = httpx.get(f"{serve.url}/metrics").text
+        values = {
+            line.split(" ")[0]: float(line.split(" ")[1])
+            for line in text.splitlines()
+            if line.startswith(("lakesync_active_jobs ", "lakesync_active_runs "))
+        }
+        jobs_seen.add(values["lakesync_active_jobs"])
+        runs_seen.add(values["lakesync_active_runs"])
+        if httpx.get(f"{serve.url}/api/jobs/{job_id}").json()["status"] == "completed":
+            break
+        time.sleep(0.05)
+    job = httpx.get(f"{serve.url}/api/jobs/{job_id}").json()
+    assert job["status"] == "completed" and job["partitions"] >= 2
+    assert 2.0 in runs_seen, f"the partitions never ran side by side: {runs_seen}"
+    assert max(jobs_seen) == 1.0, f"one job was counted as several: {jobs_seen}"
