@@ -84,6 +84,7 @@ class PageRun:
     def shot(self, name: str) -> Path:
         ARTIFACTS.mkdir(exist_ok=True)
         path = ARTIFACTS / f"page-{name}.png"
+        self.page.evaluate("window.scrollTo(0, 0)")  # the sticky header stays on top
         self.page.screenshot(path=str(path), full_page=True)
         return path
 
@@ -383,7 +384,6 @@ def shots(r: PageRun, name: str, height: int = 900) -> None:
     page = r.page
     for width in (1280, 390):
         page.set_viewport_size({"width": width, "height": height})
-        page.evaluate("window.scrollTo(0, 0)")  # the sticky header stays on top
         page.wait_for_timeout(150)
         sizes = page.evaluate(
             "[document.documentElement.scrollWidth, document.documentElement.clientWidth]"
