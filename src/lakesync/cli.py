@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import json
 import logging
 import signal
@@ -261,6 +262,68 @@ def cancel(job_id: str) -> None:
         text = (f"Cancellation of job {job_id} requested; it stops after its current batch. "
                 f"Follow it with `lakesync status {job_id}`.")  # fmt: skip
     out.print(escape(text), highlight=False, soft_wrap=True)
+
+
+@app.command()
+def errors(
+    job_id: str,
+    as_csv: Annotated[
+        bool, typer.Option("--csv", help="Print CSV (key,file,row,reason,time).")
+    ] = False,
+    limit: Annotated[int, typer.Option(min=1, help="At most this many records.")] = 100,
+) -> None:
+    """List a job's rejected records: key, file, row and reason, in lake order."""
+    from lakesync import rejections
+    from lakesync.runtime import Runtime
+
+    try:
+        with Runtime(_settings()) as rt:
+            job = rt.jobs.get(job_id)
+            found = list(itertools.islice(rejections.every(rt.store.copyerrors, job_id), limit))
+    except LakesyncError as e:
+        _fail(e)
+    if as_csv:
+        sys.stdout.write(rejections.csv_header() + "".join(map(rejections.to_csv, found)))
+        return
+    if not found:
+        out.print(f"Job {job_id} rejected no records.", highlight=False)
+        return
+    table = Table("key", "file", "row", "reason")
+    for doc in found:
+        table.add_row(
+            escape(str(doc["key"] or "")),
+            escape(str(doc["file"] or "")),
+            str(doc["row"]),
+            escape(str(doc["reason"] or "")),
+        )
+    out.print(table)
+    if job.errorRecords > len(found):
+        err.print(
+            f"Showing {len(found):,} of {job.errorRecords:,} rejected records; "
+            f"use --limit or --csv for more.",
+            highlight=False,
+        )
+
+
+@app.command()
+def logs(job_id: str) -> None:
+    """Print a job's own log lines (runs, takeovers, retries, hand-backs, failures)."""
+    from lakesync import joblog
+    from lakesync.runtime import Runtime
+
+    try:
+        with Runtime(_settings()) as rt:
+            rt.jobs.get(job_id)
+            lines = joblog.read_lines(rt.store.db, job_id)
+    except LakesyncError as e:
+        _fail(e)
+    if not lines:
+        err.print(f"Job {job_id} has no log lines yet.", highlight=False)
+    for line in lines:
+        text = f"{line['time']} {line['level'].upper():<7} {line['message']}"
+        if line.get("cause"):
+            text += f" ({line['cause']})"
+        sys.stdout.write(text + "\n")
 
 
 @app.command()

@@ -148,10 +148,15 @@ class JobService:
         return self.store.seen.get(job_id, STATUS_MAX_AGE_SECONDS)
 
     def list(
-        self, *, status: str | None = None, operation: str | None = None, limit: int = 20
+        self,
+        *,
+        status: str | None = None,
+        operation: str | None = None,
+        limit: int = 20,
+        before: str | None = None,
     ) -> list[JobStatus]:
-        """Jobs, newest first."""
-        return self.store.list_jobs(status=status, operation=operation, limit=limit)
+        """Jobs, newest first (after job `before`, for the next page)."""
+        return self.store.list_jobs(status=status, operation=operation, limit=limit, before=before)
 
 
 def check_source_exists(source: str, roots: list[str] | None = None) -> None:

@@ -190,7 +190,7 @@ class PartitionedJobs:
         self.parts.update_one({"_id": part["_id"]}, {"$push": {"ranBy": self.owner}})
         where = f"partition {index + 1} of {job.partitions} (files {part['fileStart'] + 1}" \
                 f"-{part['fileStop']})"  # fmt: skip
-        metrics.ACTIVE.inc()
+        metrics.run_started(job_id)
         try:
             return self._copy(job, part, owner, policy, where)
         except LeaseLost as e:
@@ -207,7 +207,7 @@ class PartitionedJobs:
             self._fail_job(job, f"{where.capitalize()} failed: {type(e).__name__}: {e}")
             return Outcome.ENDED
         finally:
-            metrics.ACTIVE.dec()
+            metrics.run_ended(job_id)
 
     def _copy(
         self, job: JobStatus, part: dict[str, Any], owner: str, policy: RetryPolicy, where: str

@@ -136,7 +136,7 @@ class JobRunner:
             return Outcome.ENDED
         beat = _Heartbeat(self.store, job_id, owner, self.settings.lease_seconds / 4)
         beat.start()
-        metrics.ACTIVE.inc()
+        metrics.run_started(job_id)
         try:
             return self._copy(status, owner, policy, beat, on_progress)
         except LeaseLost as e:
@@ -172,7 +172,7 @@ class JobRunner:
             return Outcome.ENDED
         finally:
             beat.cancel()
-            metrics.ACTIVE.dec()
+            metrics.run_ended(job_id)
 
     def _copy(
         self,

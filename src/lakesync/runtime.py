@@ -5,7 +5,7 @@ from __future__ import annotations
 import logging
 from types import TracebackType
 
-from lakesync import repeats
+from lakesync import joblog, rejections, repeats
 from lakesync.config import Settings
 from lakesync.executors import Executor
 from lakesync.jobs import JobService
@@ -33,6 +33,8 @@ class Runtime:
             self.store = JobStore(self.mongo.db, settings.status_ttl_days)
             self.store.ensure_indexes()
             repeats.ensure_indexes(self.mongo.db, int(settings.status_ttl_days * 86400))
+            joblog.ensure_indexes(self.mongo.db, settings.status_ttl_days)
+            rejections.ensure_indexes(self.store.copyerrors)
             if reads_lake and settings.lake_uri is None:
                 from lakesync.demo import ensure_demo_lake
 
@@ -59,6 +61,7 @@ class Runtime:
         self.store.on_end = self.notifier.job_ended
         self.scheduler = Scheduler(settings, self.registry, self.store, self.jobs,
                                    owner=self.runner.owner)  # fmt: skip
+        self.job_log = joblog.install(self.mongo.db)  # each job's own log lines (joblogs)
         self._closed = False
 
     def _executor(self, kind: str | None) -> Executor | None:
@@ -90,6 +93,7 @@ class Runtime:
         if self.executor is not None:
             self.executor.shutdown(timeout)
         self.notifier.close(timeout)
+        joblog.uninstall(self.job_log)
         self.mongo.close()
 
     def __enter__(self) -> Runtime:

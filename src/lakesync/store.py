@@ -22,6 +22,7 @@ import threading
 import time
 from collections import OrderedDict
 from collections.abc import Callable, Mapping
+from datetime import timedelta
 from typing import Any
 
 from pydantic import ValidationError
@@ -36,6 +37,7 @@ from lakesync.errors import (
     JobError,
     JobNotFound,
     LeaseLost,
+    RequestError,
 )
 from lakesync.models import (
     ACTIVE_STATES,
@@ -274,20 +276,44 @@ class JobStore:
             return kept if kept is not None else self.get(job_id)
 
     def list_jobs(
-        self, *, status: str | None = None, operation: str | None = None, limit: int = 20
+        self,
+        *,
+        status: str | None = None,
+        operation: str | None = None,
+        limit: int = 20,
+        before: str | None = None,
     ) -> list[JobStatus]:
-        """Newest first; unreadable documents are reported in the log and skipped."""
+        """Newest first, from just after job `before` if given (paging); unreadable documents
+        are reported in the log and skipped."""
         query: dict[str, Any] = {}
         if status:
             query["status"] = status
         if operation:
             query["operation"] = operation
-        out = []
-        for doc in self.jobs.find(query, {"_id": 0}).sort("startTime", DESCENDING).limit(limit):
+        order = [("startTime", DESCENDING), ("jobId", DESCENDING)]
+        tie: tuple[Any, str] | None = None
+        if before:
+            mark = self.jobs.find_one({"jobId": before}, {"startTime": 1})
+            if mark is None:
+                raise RequestError(
+                    f"before={before!r} names no job (or it expired); pass the `next` value "
+                    "of the previous page."
+                )
+            # a bound a little past the mark, and the exact test below: nx-27017 compares
+            # dates to the second only (it sorts them to the millisecond)
+            query["startTime"] = {"$lt": mark["startTime"] + timedelta(seconds=2)}
+            tie = (mark["startTime"], before)
+        extra = 200 if tie else 0  # room for the jobs started just after the mark
+        out: list[JobStatus] = []
+        for doc in self.jobs.find(query, {"_id": 0}).sort(order).limit(limit + extra):
+            if tie is not None and (doc.get("startTime"), doc["jobId"]) >= tie:
+                continue
             try:
                 out.append(self._seen(doc))
             except JobError as e:
                 logger.warning("%s", e)
+            if len(out) >= limit:
+                break
         return out
 
     def count_by_status(self) -> dict[str, int]:
@@ -370,7 +396,8 @@ class JobStore:
         """
         cutoff = _now_ms() - int(lease_seconds * 1000)
         update = _beat({
-            "$set": {"owner": owner, "status": JobState.IN_PROGRESS.value, "runProcessed": 0},
+            "$set": {"owner": owner, "status": JobState.IN_PROGRESS.value, "runProcessed": 0,
+                     "message": "Started: opening the lake"},  # not "Waiting for a worker"
             "$inc": {"attempt": 1},
             "$currentDate": {"runStartedAt": True},
         })  # fmt: skip
@@ -389,7 +416,11 @@ class JobStore:
                 expired, update, projection={"_id": 0}, return_document=ReturnDocument.AFTER
             )
             if doc is not None:
-                logger.warning("job %s: took over from a run whose lease expired", job_id)
+                logger.warning(
+                    "job %s: took over from a run whose lease expired",
+                    job_id,
+                    extra={"jobId": job_id},
+                )
                 doc = self._count_crash(doc, owner)
         return None if doc is None else self._seen(doc)
 
