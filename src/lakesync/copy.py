@@ -46,6 +46,7 @@ from pymongo.errors import BulkWriteError
 from lakesync.lake import LakeBatch
 from lakesync.models import Counters, utcnow
 from lakesync.schema import RecordSchema, Rejection, Validated, validate
+from lakesync.typemap import KEY_CODEC, key_filter, lookup_key, replace_filter, server_limits
 
 logger = logging.getLogger(__name__)
 
@@ -195,6 +196,7 @@ class CopyEngine:
         self.errors = errors
         self.schema = schema
         self.job_id = job_id
+        self.limits = server_limits(target)  # what the server cannot store or find
         #: none of the last batch's keys existed: insert the next batch without reading first
         self._assume_new = False
 
@@ -204,7 +206,7 @@ class CopyEngine:
         Safe to call from another thread: ``Lake.batches(prepare=engine.prepare)`` runs it
         on the next batch while this one is written, and ``write`` then uses the result.
         """
-        checked = validate(self.schema, batch.table)
+        checked = validate(self.schema, batch.table, self.limits)
         bodies = checked.encoded() if checked.rows else []
         digests = [digest(b) for b in bodies]
         inserts = None
@@ -298,8 +300,10 @@ class CopyEngine:
 
     def _markers(self, keys: Sequence[Any]) -> dict[Any, dict[str, Any]]:
         """The stored marker of each key that has a document ({} for one without a marker)."""
-        found = self.target.find({"_id": {"$in": list(keys)}}, {MARKER: 1}, batch_size=len(keys))
-        return {d["_id"]: d.get(MARKER) or {} for d in found}
+        target = self.target.with_options(codec_options=KEY_CODEC)
+        query = key_filter(list(keys), self.limits)
+        found = target.find(query, {MARKER: 1}, batch_size=len(keys))
+        return {lookup_key(d["_id"]): d.get(MARKER) or {} for d in found}
 
     def _write(
         self, op: str, key: Any, row: int, body: bytes, h: str, counted: str, batch: LakeBatch
@@ -422,7 +426,9 @@ class CopyEngine:
     ) -> None:
         details: Mapping[str, Any]
         ops: list[Any] = [
-            InsertOne(doc) if w.op == "i" else ReplaceOne({"_id": w.key}, doc, upsert=True)
+            InsertOne(doc)
+            if w.op == "i"
+            else ReplaceOne(replace_filter(w.key, self.limits), doc, upsert=True)
             for w, doc in chunk
         ]
         try:

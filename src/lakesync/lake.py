@@ -58,6 +58,9 @@ _STREAMING = {
 #: kept for S3, where fewer larger requests matter) caches every range read until the file
 #: is done, so memory grew with file size: a million-record lake peaked 30% higher.
 _LOCAL_PARQUET = ds.ParquetFragmentScanOptions(pre_buffer=False)
+#: int96 timestamps are nanoseconds to pyarrow unless told otherwise, which wraps dates after
+#: 2262 (Spark's 9999-12-31 became 1816); microseconds cover every year
+_INT96 = ds.ParquetReadOptions(coerce_int96_timestamp_unit="us")
 #: Lake batches a reader thread prepares while the consumer writes the current one.
 _PREFETCH = 1
 _INSPECT_THREADS = 16  # footers / headers read in parallel at open (matters on S3)
@@ -528,7 +531,10 @@ _Item = tuple[str, pc.Expression | None, list[tuple[str, str | None]]]
 
 def _inspect(loc: Location, fmt: str, files: list[_Item]) -> list[tuple[Any, pa.Schema]]:
     """A fragment per file and its schema (plus hive keys), read in parallel (S3 latency)."""
-    file_format = _FORMATS["parquet" if fmt == "delta" else fmt]()
+    if fmt in ("parquet", "delta"):  # int96 (Spark, Impala): microseconds reach year 9999
+        file_format = ds.ParquetFileFormat(read_options=_INT96)
+    else:
+        file_format = _FORMATS[fmt]()
 
     def inspect(item: _Item) -> tuple[Any, pa.Schema]:
         path, expr, keys = item
