@@ -361,7 +361,7 @@ def _storable(
     if pa.types.is_timestamp(kind):
         lost = pc.and_(prepared.is_null(), col.is_valid())
         for i in pc.indices_nonzero(lost).to_pylist():
-            bad[i] = f"{name}: {col[i]} is beyond the range of a BSON date"
+            bad[i] = f"{name}: {_show(col[i])} is beyond the range of a BSON date"
         low_high = limits.date_range
         if low_high is not None:
             ms = prepared.cast(pa.int64())
@@ -516,11 +516,21 @@ def _row_key(
 ) -> str | None:
     """The key of a rejected row as text (composite: its fields as JSON-ish text)."""
     if single is not None:
-        return _key_text(single[i].as_py())
-    parts = {k: columns[k][i].as_py() for k in key_columns}
+        return _key_text(_show(single[i]))
+    parts = {k: _show(columns[k][i]) for k in key_columns}
     if all(v is None for v in parts.values()):
         return None
     return "{" + ", ".join(f"{k}: {v!s}" for k, v in parts.items()) + "}"
+
+
+def _show(scalar: pa.Scalar) -> Any:
+    """A scalar's Python value, or for one Python cannot hold (e.g. a timestamp in the year
+    100000) its integer with the unit."""
+    try:
+        return scalar.as_py()
+    except (OverflowError, ValueError, pa.ArrowException):
+        unit = getattr(scalar.type, "unit", "")
+        return f"{scalar.cast(pa.int64()).as_py()} {unit} from 1970".strip()
 
 
 def _key_text(value: Any) -> str | None:
