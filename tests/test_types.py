@@ -376,4 +376,19 @@ def test_json_array_file_reads_like_ndjson(settings: Settings, tmp_path: Path, d
         done = run_copy(rt, "j")
         assert done.status.value == "completed", done
         assert done.insertedRecords == 50
-    assert db.j.find_one({"_id": 7}) == {"_id": 7, "id": 7, "name": "n7", "tags": ["a"]}
+    doc = db.j.find_one({"_id": 7}, {"_lakesync": 0})
+    assert doc == {"_id": 7, "id": 7, "name": "n7", "tags": ["a"]}
+
+
+def test_a_json_array_that_is_not_of_objects_is_refused_naming_the_element(
+    tmp_path: Path,
+) -> None:
+    from lakesync.lake import Lake
+
+    path = tmp_path / "bad.json"
+    path.write_text('[{"id": 1},\n 2]')
+    with pytest.raises(SourceError, match="element 2 is 2, not an object"):
+        Lake.open(str(path))
+    path.write_text('[{"id": 1}, {"id": ')
+    with pytest.raises(SourceError, match=r"bad\.json holds a JSON array that cannot be read"):
+        Lake.open(str(path))

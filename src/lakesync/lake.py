@@ -29,6 +29,7 @@ import pyarrow.fs as pafs
 from lakesync.config import Settings, get_settings
 from lakesync.delta import LOG_DIR, is_delta_table, snapshot
 from lakesync.errors import SourceError
+from lakesync.jsonarray import is_json_array, ndjson_copy
 from lakesync.storage import (
     Location,
     dot_segment_after_glob,
@@ -539,7 +540,10 @@ def _inspect(loc: Location, fmt: str, files: list[_Item]) -> list[tuple[Any, pa.
     def inspect(item: _Item) -> tuple[Any, pa.Schema]:
         path, expr, keys = item
         try:
-            fragment = file_format.make_fragment(path, filesystem=loc.fs, partition_expression=expr)
+            fs, real = loc.fs, path
+            if fmt == "json" and is_json_array(fs, path):  # [{...}, ...]: read as NDJSON
+                fs, real = pafs.LocalFileSystem(), ndjson_copy(fs, path, loc.show(path))
+            fragment = file_format.make_fragment(real, filesystem=fs, partition_expression=expr)
             schema = fragment.physical_schema  # Parquet: reads and caches the footer
         except (pa.ArrowException, OSError) as e:
             raise read_error(e, loc.show(path), fmt, loc.endpoint) from e
