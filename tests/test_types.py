@@ -392,3 +392,83 @@ def test_a_json_array_that_is_not_of_objects_is_refused_naming_the_element(
     path.write_text('[{"id": 1}, {"id": ')
     with pytest.raises(SourceError, match=r"bad\.json holds a JSON array that cannot be read"):
         Lake.open(str(path))
+
+
+# -- Delta tables as Spark and Databricks write them (../shared/fixtures) ----------------------
+
+
+def _fixtures() -> Path:
+    """The shared fixtures beside the clone (or beside the main checkout of a worktree)."""
+    root = Path(__file__).resolve().parent.parent
+    candidates = [root.parent / "shared" / "fixtures"]
+    git = root / ".git"
+    if git.is_file():  # a worktree: .git names the main repository's .git/worktrees/<name>
+        common = Path(git.read_text().split("gitdir:", 1)[1].strip()).parent.parent
+        candidates.append(common.parent.parent / "shared" / "fixtures")
+    for path in candidates:
+        if (path / "delta").is_dir():
+            return path / "delta"
+    pytest.skip(f"the shared fixtures are not beside the clone ({candidates[0]})")
+
+
+SPARK_TOML = """
+[operations.dv]
+source = "{fixtures}/table_with_deletion_logs"
+collection = "dv"
+key = "id"
+batchSize = 15
+
+[operations.mapped]
+source = "{fixtures}/table_with_partitioning_mapping"
+collection = "mapped"
+key = "newid"
+batchSize = 1
+"""
+
+
+def live_rows(table: Path) -> list[dict[str, Any]]:
+    from deltalake import DeltaTable, QueryBuilder
+
+    reader = QueryBuilder().register("t", DeltaTable(str(table))).execute("select * from t")
+    return pa.table(reader.read_all()).to_pylist()
+
+
+def test_spark_delta_tables_copy_their_live_rows_and_resume_mid_table(
+    settings: Settings, tmp_path: Path, db: Any
+) -> None:
+    from lakesync.runner import Outcome
+
+    fixtures = _fixtures()
+    path = tmp_path / "lakesync.toml"
+    path.write_text(SPARK_TOML.format(fixtures=fixtures))
+    with Runtime(settings.model_copy(update={"operations_file": path})) as rt:
+        for name, table, key in (("dv", "table_with_deletion_logs", "id"),
+                                 ("mapped", "table_with_partitioning_mapping", "newid")):  # fmt: skip
+            expected_rows = {r[key]: r for r in live_rows(fixtures / table)}
+            assert len(expected_rows) == {"dv": 98, "mapped": 2}[name]  # the fixtures' README
+            status, _ = rt.jobs.start(name, {}, trusted=True)
+            stops = 0
+
+            def stop_after_a_batch(s: JobStatus) -> None:
+                if 0 < s.processedRecords < s.totalRecords:
+                    rt.runner.stop.set()
+
+            while True:  # interrupted after each batch, resumed from its checkpoint
+                outcome = rt.runner.run(status.jobId, on_progress=stop_after_a_batch)
+                if outcome is not Outcome.CONTINUE:
+                    break
+                stops += 1
+                rt.runner.stop.clear()
+            done = rt.store.get(status.jobId)
+            assert done.status.value == "completed", done
+            assert stops >= 1
+            n = len(expected_rows)
+            assert (done.totalRecords, done.processedRecords, done.insertedRecords) == (n, n, n)
+            docs = {d["_id"]: d for d in db[name].find({}, {"_lakesync": 0})}
+            assert docs == {k: {"_id": k, **r} for k, r in expected_rows.items()}
+            again = run_copy(rt, name)
+            assert (again.unchangedRecords, again.insertedRecords, again.updatedRecords) == (
+                n,
+                0,
+                0,
+            )

@@ -114,9 +114,14 @@ class Lake:
         version: int | None = None,
         since_version: int | None = None,
         schema: pa.Schema | None = None,
+        renames: dict[str, str] | None = None,
+        live: list[pa.BooleanArray | None] | None = None,
     ) -> None:
         self.uri, self.format, self.files, self.version = uri, fmt, files, version
         self.since_version = since_version
+        #: Delta: physical -> logical column names, and each file's live rows (None: all)
+        self._renames = renames or {}
+        self._live = live or [None] * len(files)
         self._fragments, self._schemas, self._endpoint = fragments, schemas, endpoint
         self._root = root.rstrip("/")
         self._parquet = fmt in ("parquet", "delta")
@@ -231,12 +236,16 @@ class Lake:
         inspected = _inspect(loc, "delta", [(p, expr, []) for p, expr in chosen])
         fragments = [f for f, _ in inspected]
         files = [loc.show(p) for p, _ in chosen]
-        schemas = [snap.schema] * len(files)  # the table's schema, not each file's
+        physical = {logical: name for name, logical in snap.renames.items()}
+        scanned = pa.schema([f.with_name(physical.get(f.name, f.name)) for f in snap.schema])
+        schemas = [scanned] * len(files)  # the table's schema (physical names), not each file's
+        live = [snap.live.get(p) for p, _ in chosen]
         added = "" if since is None else f" added since version {since}"
         logger.info("Opened Delta table %s version %d: %d file(s)%s", uri, snap.version,
                     len(files), added)  # fmt: skip
         return cls(uri, "delta", files, fragments, schemas, loc.endpoint, root=loc.show(base),
-                   version=snap.version, schema=snap.schema, since_version=since)  # fmt: skip
+                   version=snap.version, schema=snap.schema, since_version=since,
+                   renames=snap.renames, live=live)  # fmt: skip
 
     def file_name(self, index: int) -> str:
         """The stable name of file ``index``: its path relative to the lake's root folder.
@@ -269,7 +278,8 @@ class Lake:
             self.uri, self.format, [self.files[i] for i in picked],
             [self._fragments[i] for i in picked], [self._schemas[i] for i in picked],
             self._endpoint, root=self._root, version=self.version,
-            since_version=self.since_version, schema=self.schema,
+            since_version=self.since_version, schema=self.schema, renames=self._renames,
+            live=[self._live[i] for i in picked],
         )  # fmt: skip
         if self._row_counts is not None:
             part._row_counts = [self._row_counts[i] for i in picked]
@@ -324,8 +334,11 @@ class Lake:
     def file_row_counts(self) -> list[int]:
         """Rows per file, unfiltered (Parquet: from the footers, no data read)."""
         if self._row_counts is None:
-            if self._parquet:
-                self._row_counts = [int(f.metadata.num_rows) for f in self._fragments]
+            if self._parquet:  # less the rows a deletion vector removed
+                self._row_counts = [
+                    int(f.metadata.num_rows) - (0 if keep is None else len(keep) - keep.true_count)
+                    for f, keep in zip(self._fragments, self._live, strict=True)
+                ]
             else:
                 self._row_counts = [
                     int(self._guard(i, f.count_rows)) for i, f in enumerate(self._fragments)
@@ -337,6 +350,12 @@ class Lake:
         if filter is None:
             return sum(self.file_row_counts())
         total = 0
+        if self._renames or any(keep is not None for keep in self._live):  # filtered as read
+            for i in range(len(self.files)):
+                total += sum(
+                    b.table.num_rows for b in self._file_batches(i, 1 << 16, 0, filter, None)
+                )
+            return total
         for i, (fragment, schema) in enumerate(zip(self._fragments, self._schemas, strict=True)):
             scanner = self._guard(
                 i, ds.Scanner.from_fragment, fragment, schema=schema, filter=filter
@@ -387,9 +406,14 @@ class Lake:
         columns: list[str] | None,
     ) -> Iterator[LakeBatch]:
         fragment, schema, offset = self._fragments[index], self._schemas[index], skip
+        keep, after = self._live[index], None
+        if keep is not None or self._renames:  # Delta: rows deleted, columns renamed as read
+            after, filter = filter, None
+            physical = {logical: name for name, logical in self._renames.items()}
+            columns = None if columns is None else [physical.get(c, c) for c in columns]
         if columns is not None:  # a column some other file has is simply absent here
             columns = [c for c in columns if c in schema.names]
-        if skip and filter is None and self._parquet:
+        if skip and filter is None and after is None and keep is None and self._parquet:
             groups, first = fragment.row_groups, 0
             while first < len(groups) and groups[first].num_rows <= skip:
                 skip -= groups[first].num_rows
@@ -402,7 +426,10 @@ class Lake:
         source = iter(self._guard(index, fragment.to_batches, **scan, **_STREAMING))
         pending: list[pa.RecordBatch] = []
         pending_rows = 0
+        read = 0  # rows of the file read so far (before deletions and the filter)
         while (batch := self._guard(index, next, source, None)) is not None:
+            if keep is not None or self._renames:
+                read, batch = read + batch.num_rows, self._logical(batch, keep, read, after)
             if skip:
                 if batch.num_rows <= skip:
                     skip -= batch.num_rows
@@ -421,6 +448,25 @@ class Lake:
             yield LakeBatch(pa.Table.from_batches(pending), self.files[index], index, offset)
         if skip:
             logger.warning("Start row %d is past the end of %s", offset, self.files[index])
+
+    def _logical(
+        self,
+        batch: pa.RecordBatch,
+        keep: pa.BooleanArray | None,
+        start: int,
+        where: pc.Expression | None,
+    ) -> pa.RecordBatch:
+        """A Delta batch (rows ``start``... of its file) with logical names, deleted rows and
+        rows outside ``where`` removed."""
+        batch = batch.rename_columns([self._renames.get(n, n) for n in batch.schema.names])
+        if keep is not None and start < len(keep):
+            mask = keep.slice(start, batch.num_rows)
+            if len(mask) < batch.num_rows:  # rows past the vector's end are live
+                mask = pa.concat_arrays([mask, pa.array([True] * (batch.num_rows - len(mask)))])
+            batch = batch.filter(mask)
+        if where is not None:
+            batch = batch.filter(where)
+        return batch
 
     def _guard(self, index: int, call: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
         try:
