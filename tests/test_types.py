@@ -442,8 +442,9 @@ def test_spark_delta_tables_copy_their_live_rows_and_resume_mid_table(
     path = tmp_path / "lakesync.toml"
     path.write_text(SPARK_TOML.format(fixtures=fixtures))
     with Runtime(settings.model_copy(update={"operations_file": path})) as rt:
-        for name, table, key in (("dv", "table_with_deletion_logs", "id"),
-                                 ("mapped", "table_with_partitioning_mapping", "newid")):  # fmt: skip
+        tables = (("dv", "table_with_deletion_logs", "id"),
+                  ("mapped", "table_with_partitioning_mapping", "newid"))  # fmt: skip
+        for name, table, key in tables:
             expected_rows = {r[key]: r for r in live_rows(fixtures / table)}
             assert len(expected_rows) == {"dv": 98, "mapped": 2}[name]  # the fixtures' README
             status, _ = rt.jobs.start(name, {}, trusted=True)
