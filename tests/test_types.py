@@ -135,6 +135,21 @@ def test_each_arrow_type_becomes_its_bson_type() -> None:
     assert (second["nested"], third["nested"]) == ([], None)
 
 
+def test_views_intervals_and_fixed_size_lists_become_their_bson_types() -> None:
+    table = pa.table({
+        "id": [1, 2],
+        "iv": pa.array([(1, 2, 3), None], pa.month_day_nano_interval()),
+        "fsl": pa.array([[1, 2], None], pa.list_(pa.int64(), 2)),
+        "sv": pa.array(["a", None], pa.string_view()),
+        "bv": pa.array([b"a", None], pa.binary_view()),
+        "ns": pa.array([[T0], None], pa.large_list(pa.timestamp("ns"))),
+    })  # fmt: skip
+    first, second = decode(ANY, table)
+    assert first["iv"] == {"months": 1, "days": 2, "nanoseconds": 3} and first["fsl"] == [1, 2]
+    assert (first["sv"], first["bv"], ms(first["ns"][0])) == ("a", b"a", T0 // 1_000_000)
+    assert all(second[name] is None for name in ("iv", "fsl", "sv", "bv", "ns"))
+
+
 def test_nan_and_infinities_are_kept_at_every_level() -> None:
     table = pa.table({
         "id": [1],
