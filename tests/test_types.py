@@ -71,6 +71,15 @@ def test_timestamps_of_every_unit_and_zone_are_dates_truncated_to_milliseconds()
     assert [None if d["s"] is None else ms(d["s"]) for d in docs] == [1000, -1000, 0, None]
 
 
+def test_declared_timestamp_fields_are_truncated_the_same_way() -> None:
+    from lakesync.schema import FieldRule
+
+    schema = RecordSchema(key="id", fields=[FieldRule(name="id", type="int"),
+                                            FieldRule(name="t", type="timestamp")])  # fmt: skip
+    table = pa.table({"id": [1, 2], "t": pa.array([T0, -1], pa.timestamp("ns", tz="Asia/Tokyo"))})
+    assert [ms(d["t"]) for d in decode(schema, table)] == [T0 // 1_000_000, -1]
+
+
 def test_instants_outside_pythons_datetime_range_are_stored_exactly() -> None:
     far = 253_402_300_800 * 10  # seconds: the year 82269
     table = pa.table({"id": [1, 2], "t": pa.array([far, -far], pa.timestamp("s", tz="UTC")),

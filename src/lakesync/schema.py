@@ -155,6 +155,11 @@ class Validated:
         if not self.columns:
             return []
         if isinstance(self.key, str):
+            kind = self.columns[self.key].type
+            if self.key not in self.values and (
+                pa.types.is_string(kind) or pa.types.is_integer(kind)
+            ):  # the common keys are answered as they are sent
+                return self.ids
             return [stored_key(v) for v in self.ids]
         return [CompositeKey((k, stored_key(v)) for k, v in doc.items()) for doc in self.ids]
 
@@ -285,8 +290,9 @@ def _cast(column: pa.ChunkedArray | pa.Array, rule: FieldRule) -> tuple[pa.Array
         if rule.type == "list[string]" and pa.types.is_null(column.type):
             return pa.nulls(len(column), target), {}
         # timestamps: sub-millisecond digits are dropped (BSON dates hold milliseconds)
-        safe = not (pa.types.is_timestamp(column.type) and pa.types.is_timestamp(target))
-        return column.cast(target, safe=safe), {}
+        if pa.types.is_timestamp(column.type) and pa.types.is_timestamp(target):
+            return _prepare(column).cast(target), {}  # to milliseconds, as undeclared ones
+        return column.cast(target), {}
     except (pa.ArrowInvalid, pa.ArrowNotImplementedError, pa.ArrowTypeError):
         pass
     values, bad = [], {}
