@@ -9,6 +9,7 @@ nx-27017 cannot store rejected per record with its limit named.
 from __future__ import annotations
 
 import json
+import re
 from datetime import UTC, date, datetime, timedelta
 from decimal import Decimal
 from pathlib import Path
@@ -497,3 +498,23 @@ def test_spark_delta_tables_copy_their_live_rows_and_resume_mid_table(
                 0,
                 0,
             )
+
+
+def test_composite_key_config_errors_and_mirror_refusal(tmp_path: Path) -> None:
+    from lakesync.errors import ConfigError, RequestError
+    from lakesync.operations import JobOptions, load_operations
+
+    path = tmp_path / "lakesync.toml"
+    for key, problem in (
+        ('["a", "a"]', "a list of distinct columns"),
+        ("[]", "key"),
+        ('["a", "b"]\nmode = "mirror"', "mode mirror needs a single key"),
+    ):
+        path.write_text(f'[operations.p]\ncollection = "p"\nkey = {key}\n')
+        with pytest.raises(ConfigError, match=re.escape(problem)):
+            load_operations(path)
+    path.write_text('[operations.p]\ncollection = "p"\nkey = ["a", "b"]\n')
+    (op,) = load_operations(path)
+    assert op.schema_.key == ["a", "b"] and op.schema_.key_columns == ["a", "b"]
+    with pytest.raises(RequestError, match="composite key, and mirror mode needs"):
+        op.check_options(JobOptions(mode="mirror"))

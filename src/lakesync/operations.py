@@ -72,6 +72,12 @@ class Operation(BaseModel):
                 "lakesync.toml.",
                 operation=self.name,
             )
+        if mode == "mirror" and not isinstance(self.schema_.key, str):
+            raise RequestError(
+                f"Operation {self.name!r} has a composite key, and mirror mode needs a single "
+                "string or integer key. Use mode full.",
+                operation=self.name,
+            )
         if options.sinceDeltaVersion is not None:
             raise RequestError(
                 '"sinceDeltaVersion" is chosen by lakesync: an incremental job of a Delta table '
@@ -305,6 +311,8 @@ def _operation(path: Path, name: str, table: Any) -> Operation:
     keys = [cfg.key] if isinstance(cfg.key, str) else cfg.key
     if not all(keys) or len(set(keys)) != len(keys):
         raise fail(f"key {cfg.key!r}: name one column, or a list of distinct columns.")
+    if cfg.mode == "mirror" and len(keys) > 1:
+        raise fail("mode mirror needs a single key column; a composite key copies in mode full.")
     fields = _fields(cfg, fail)
     source = cfg.source
     if source is not None and "://" not in source:  # relative to the file, not the working dir
