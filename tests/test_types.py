@@ -518,3 +518,39 @@ def test_composite_key_config_errors_and_mirror_refusal(tmp_path: Path) -> None:
     assert op.schema_.key == ["a", "b"] and op.schema_.key_columns == ["a", "b"]
     with pytest.raises(RequestError, match="composite key, and mirror mode needs"):
         op.check_options(JobOptions(mode="mirror"))
+
+
+def test_cli_copy_of_a_declared_operation_with_a_composite_key_needs_no_demo_lake(
+    settings: Settings, tmp_path: Path, db: Any
+) -> None:
+    import os
+    import subprocess
+    import sys
+
+    lake = tmp_path / "weather"
+    lake.mkdir()
+    hours = pa.array([datetime(2013, 1, 1, 5), datetime(2013, 1, 1, 6), datetime(2013, 1, 1, 5)],
+                     pa.timestamp("us", tz="America/New_York"))  # fmt: skip
+    pq.write_table(pa.table({"origin": ["JFK", "JFK", "LGA"], "time_hour": hours,
+                             "temp": [39.02, 39.9, 40.0]}), lake / "w.parquet")  # fmt: skip
+    (tmp_path / "lakesync.toml").write_text(
+        f'[operations.weather]\nsource = "{lake}"\ncollection = "weather"\n'
+        'key = ["origin", "time_hour"]\n'
+    )
+    assert settings.mongodb_uri is not None
+    env = {k: v for k, v in os.environ.items() if not k.startswith("LAKESYNC_")}
+    env.update(LAKESYNC_MONGODB_URI=settings.mongodb_uri.get_secret_value(),
+               LAKESYNC_DATABASE=settings.database, LAKESYNC_DATA_DIR=str(tmp_path / "data"),
+               LAKESYNC_OPERATIONS_FILE=str(tmp_path / "lakesync.toml"))  # fmt: skip
+    runs = []
+    for _ in range(2):
+        done = subprocess.run([sys.executable, "-m", "lakesync", "copy", "weather", "--json"],
+                              env=env, capture_output=True, text=True, timeout=120)  # fmt: skip
+        assert done.returncode == 0, done.stderr[-2000:]
+        runs.append(json.loads(done.stdout))
+    assert (runs[0]["insertedRecords"], runs[1]["unchangedRecords"]) == (3, 3)
+    assert not (tmp_path / "data" / "demo-lake").exists()  # only copy-taskdetail needs it
+    doc = db.weather.find_one(
+        {"_id.origin": "JFK", "_id.time_hour": datetime(2013, 1, 1, 6, tzinfo=UTC)}
+    )
+    assert list(doc["_id"]) == ["origin", "time_hour"] and doc["temp"] == 39.9
