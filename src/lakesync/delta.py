@@ -95,9 +95,10 @@ def snapshot(location: Location, path: str, version: int | None = None) -> Delta
     for row in actions.select(["path", *(f"partition.{p}" for p in partitions)]).to_pylist():
         files.append((_file_path(location, path, row["path"]), _expression(schema, row)))
     files.sort(key=lambda f: f[0])
+    selections = vectors.column("selection_vector").combine_chunks()  # kept as Arrow bits
     live = {
-        _file_path(location, path, row["filepath"]): pa.array(row["selection_vector"], pa.bool_())
-        for row in vectors.to_pylist()
+        _file_path(location, path, logged): selections[i].values
+        for i, logged in enumerate(vectors.column("filepath").to_pylist())
     }
     renames = {} if mapping == "none" else _physical_names(schema, set(partitions))
     logger.info("Delta table %s version %d: %d active file(s), %d with deleted rows", uri,
