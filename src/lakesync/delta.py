@@ -39,6 +39,8 @@ class DeltaSnapshot:
     renames: dict[str, str] = field(default_factory=dict)
     #: deletion vectors: path -> which rows of the file are live (rows past its end are)
     live: dict[str, pa.BooleanArray] = field(default_factory=dict)
+    #: column mapping: the schema as the Parquet files name it (nested fields too), or None
+    physical: pa.Schema | None = None
 
 
 #: reader features whose tables lakesync reads correctly (deletion vectors and column mapping
@@ -101,9 +103,30 @@ def snapshot(location: Location, path: str, version: int | None = None) -> Delta
         for i, logged in enumerate(vectors.column("filepath").to_pylist())
     }
     renames = {} if mapping == "none" else _physical_names(schema, set(partitions))
+    physical = None
+    if mapping != "none":  # partition columns keep their names: they are not in the files
+        physical = pa.schema([f if f.name in partitions else physical_field(f) for f in schema])
     logger.info("Delta table %s version %d: %d active file(s), %d with deleted rows", uri,
                 current, len(files), len(live))  # fmt: skip
-    return DeltaSnapshot(current, schema, files, renames, live)
+    return DeltaSnapshot(current, schema, files, renames, live, physical)
+
+
+def physical_field(f: pa.Field) -> pa.Field:
+    """A field as column mapping names it in the Parquet files, its nested fields too."""
+    name = (f.metadata or {}).get(b"delta.columnMapping.physicalName")
+    return f.with_name(name.decode() if name else f.name).with_type(_physical_type(f.type))
+
+
+def _physical_type(kind: pa.DataType) -> pa.DataType:
+    if pa.types.is_struct(kind):
+        return pa.struct([physical_field(child) for child in kind])
+    if pa.types.is_list(kind):
+        return pa.list_(kind.value_field.with_type(_physical_type(kind.value_type)))
+    if pa.types.is_large_list(kind):
+        return pa.large_list(kind.value_field.with_type(_physical_type(kind.value_type)))
+    if pa.types.is_map(kind):
+        return pa.map_(kind.key_field, kind.item_field.with_type(_physical_type(kind.item_type)))
+    return kind
 
 
 def _physical_names(schema: pa.Schema, partitions: set[str]) -> dict[str, str]:

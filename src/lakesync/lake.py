@@ -116,12 +116,16 @@ class Lake:
         schema: pa.Schema | None = None,
         renames: dict[str, str] | None = None,
         live: list[pa.BooleanArray | None] | None = None,
+        views: dict[str, pa.DataType] | None = None,
     ) -> None:
         self.uri, self.format, self.files, self.version = uri, fmt, files, version
         self.since_version = since_version
         #: Delta: physical -> logical column names, and each file's live rows (None: all)
         self._renames = renames or {}
         self._live = live or [None] * len(files)
+        #: columns whose nested fields column mapping renamed: their logical types
+        self._views = views or {}
+        self._mapped = bool(self._renames or self._views)
         self._fragments, self._schemas, self._endpoint = fragments, schemas, endpoint
         self._root = root.rstrip("/")
         self._parquet = fmt in ("parquet", "delta")
@@ -236,16 +240,17 @@ class Lake:
         inspected = _inspect(loc, "delta", [(p, expr, []) for p, expr in chosen])
         fragments = [f for f, _ in inspected]
         files = [loc.show(p) for p, _ in chosen]
-        physical = {logical: name for name, logical in snap.renames.items()}
-        scanned = pa.schema([f.with_name(physical.get(f.name, f.name)) for f in snap.schema])
+        scanned = snap.physical or snap.schema
         schemas = [scanned] * len(files)  # the table's schema (physical names), not each file's
+        views = {f.name: f.type for f, p in zip(snap.schema, scanned, strict=True)
+                 if p.type != f.type}  # fmt: skip
         live = [snap.live.get(p) for p, _ in chosen]
         added = "" if since is None else f" added since version {since}"
         logger.info("Opened Delta table %s version %d: %d file(s)%s", uri, snap.version,
                     len(files), added)  # fmt: skip
         return cls(uri, "delta", files, fragments, schemas, loc.endpoint, root=loc.show(base),
                    version=snap.version, schema=snap.schema, since_version=since,
-                   renames=snap.renames, live=live)  # fmt: skip
+                   renames=snap.renames, live=live, views=views)  # fmt: skip
 
     def file_name(self, index: int) -> str:
         """The stable name of file ``index``: its path relative to the lake's root folder.
@@ -279,7 +284,7 @@ class Lake:
             [self._fragments[i] for i in picked], [self._schemas[i] for i in picked],
             self._endpoint, root=self._root, version=self.version,
             since_version=self.since_version, schema=self.schema, renames=self._renames,
-            live=[self._live[i] for i in picked],
+            live=[self._live[i] for i in picked], views=self._views,
         )  # fmt: skip
         if self._row_counts is not None:
             part._row_counts = [self._row_counts[i] for i in picked]
@@ -350,7 +355,7 @@ class Lake:
         if filter is None:
             return sum(self.file_row_counts())
         total = 0
-        if self._renames or any(keep is not None for keep in self._live):  # filtered as read
+        if self._mapped or any(keep is not None for keep in self._live):  # filtered as read
             for i in range(len(self.files)):
                 total += sum(
                     b.table.num_rows for b in self._file_batches(i, 1 << 16, 0, filter, None)
@@ -407,7 +412,7 @@ class Lake:
     ) -> Iterator[LakeBatch]:
         fragment, schema, offset = self._fragments[index], self._schemas[index], skip
         keep, after = self._live[index], None
-        if keep is not None or self._renames:  # Delta: rows deleted, columns renamed as read
+        if keep is not None or self._mapped:  # Delta: rows deleted, columns renamed as read
             after, filter = filter, None
             physical = {logical: name for name, logical in self._renames.items()}
             columns = None if columns is None else [physical.get(c, c) for c in columns]
@@ -428,7 +433,7 @@ class Lake:
         pending_rows = 0
         read = 0  # rows of the file read so far (before deletions and the filter)
         while (batch := self._guard(index, next, source, None)) is not None:
-            if keep is not None or self._renames:
+            if keep is not None or self._mapped:
                 read, batch = read + batch.num_rows, self._logical(batch, keep, read, after)
             if skip:
                 if batch.num_rows <= skip:
@@ -459,6 +464,12 @@ class Lake:
         """A Delta batch (rows ``start``... of its file) with logical names, deleted rows and
         rows outside ``where`` removed."""
         batch = batch.rename_columns([self._renames.get(n, n) for n in batch.schema.names])
+        if self._views:  # nested fields renamed too: the same data under the logical names
+            names = batch.schema.names
+            batch = pa.RecordBatch.from_arrays(
+                [c.view(self._views[n]) if n in self._views else c
+                 for n, c in zip(names, batch.columns, strict=True)], names=names,
+            )  # fmt: skip
         if keep is not None and start < len(keep):
             mask = keep.slice(start, batch.num_rows)
             if len(mask) < batch.num_rows:  # rows past the vector's end are live
