@@ -365,29 +365,25 @@ def _storable(
     bad = {}
     kind = prepared.type
     if pa.types.is_timestamp(kind):
-        lost = pc.and_(prepared.is_null(), col.is_valid())
-        for i in pc.indices_nonzero(lost).to_pylist():
-            bad[i] = f"{name}: {_show(col[i])} is beyond the range of a BSON date"
-        low_high = limits.date_range
-        if low_high is not None:
+        if prepared.null_count != col.null_count:  # seconds whose milliseconds overflow
+            lost = pc.and_(prepared.is_null(), col.is_valid())
+            for i in pc.indices_nonzero(lost).to_pylist():
+                bad[i] = f"{name}: {_show(col[i])} is beyond the range of a BSON date"
+        low, high = limits.date_range or (None, None)
+        if low is not None and high is not None:
             ms = prepared.cast(pa.int64())
-            out = pc.or_(pc.less(ms, low_high[0]), pc.greater(ms, low_high[1]))
-            for i in pc.indices_nonzero(pc.fill_null(out, False)).to_pylist():
-                bad.setdefault(
-                    i,
-                    f"{name}: "
-                    + str(
-                        limits.refuse(
-                            f"the date {ms[i].as_py()} ms from 1970 is outside the years 1-9999"
-                        )
-                    ),
-                )
+            span = pc.min_max(ms).as_py()
+            if span["min"] is not None and (span["min"] < low or span["max"] > high):
+                out = pc.or_(pc.less(ms, low), pc.greater(ms, high))
+                for i in pc.indices_nonzero(pc.fill_null(out, False)).to_pylist():
+                    why = f"the date {ms[i].as_py()} ms from 1970 is outside the years 1-9999"
+                    bad.setdefault(i, f"{name}: {limits.refuse(why)}")
     elif pa.types.is_floating(kind) and not limits.non_finite:
-        finite = pc.is_finite(prepared)
-        for i in pc.indices_nonzero(pc.invert(pc.fill_null(finite, True))).to_pylist():
-            bad[i] = f"{name}: " + str(
-                limits.refuse(f"{prepared[i].as_py()} is not a finite number")
-            )
+        finite = pc.fill_null(pc.is_finite(prepared), True)
+        if not pc.all(finite).as_py():
+            for i in pc.indices_nonzero(pc.invert(finite)).to_pylist():
+                why = f"{prepared[i].as_py()} is not a finite number"
+                bad[i] = f"{name}: {limits.refuse(why)}"
     return prepared, bad
 
 
@@ -448,7 +444,7 @@ def validate(schema: RecordSchema, table: pa.Table, limits: ServerLimits = MONGO
         Rejection(row=i, key=_row_key(keys, columns, key_columns, i), reason=reasons[i])
         for i in sorted(reasons)
     ]
-    rows = [i for i in range(n) if i not in reasons]
+    rows = [i for i in range(n) if i not in reasons] if reasons else list(range(n))
     if reasons:
         keep = pa.array([i not in reasons for i in range(n)])
         stored = {
