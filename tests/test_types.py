@@ -554,3 +554,28 @@ def test_cli_copy_of_a_declared_operation_with_a_composite_key_needs_no_demo_lak
         {"_id.origin": "JFK", "_id.time_hour": datetime(2013, 1, 1, 6, tzinfo=UTC)}
     )
     assert list(doc["_id"]) == ["origin", "time_hour"] and doc["temp"] == 39.9
+
+
+def test_a_changed_record_with_a_composite_key_is_updated_in_place(
+    settings: Settings, tmp_path: Path, db: Any
+) -> None:
+    lake = tmp_path / "flights"
+    lake.mkdir()
+    day = pa.array([date(2013, 1, 1)] * 3)
+
+    def write(delays: list[int]) -> None:
+        pq.write_table(pa.table({"origin": ["JFK", "LGA", "EWR"], "day": day, "delay": delays}),
+                       lake / "f.parquet")  # fmt: skip
+
+    write([1, 2, 3])
+    path = tmp_path / "lakesync.toml"
+    path.write_text(
+        f'[operations.f]\nsource = "{lake}"\ncollection = "f"\nkey = ["origin", "day"]\n'
+    )
+    with Runtime(settings.model_copy(update={"operations_file": path})) as rt:
+        assert run_copy(rt, "f").insertedRecords == 3
+        write([1, 20, 3])
+        again = run_copy(rt, "f")
+    assert (again.updatedRecords, again.unchangedRecords, again.insertedRecords) == (1, 2, 0)
+    assert db.f.count_documents({}) == 3
+    assert db.f.find_one({"_id.origin": "LGA"})["delay"] == 20
