@@ -118,11 +118,13 @@ def copy(
     options = {k: v for k, v in {"source": source, "batchSize": batch_size, "mode": mode}.items()
                if v is not None}  # fmt: skip
     try:
-        from lakesync.operations import parse_options
+        from lakesync.operations import OperationRegistry, parse_options
 
         parse_options(options)  # e.g. a bad --mode, refused before any server starts
         settings = _settings()
-        with Runtime(settings, executor=None, reads_lake=True) as rt:
+        ops = OperationRegistry.from_settings(settings)  # the demo lake only if this copy reads it
+        demo = source is None and operation in ops.names() and ops.get(operation).source is None
+        with Runtime(settings, executor=None, reads_lake=demo) as rt:
             status, created = rt.jobs.start(operation, options, trusted=True, trigger="cli")
             if not created and status.state is not JobState.PENDING:
                 _fail(LakesyncError(

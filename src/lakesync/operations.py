@@ -73,6 +73,12 @@ class Operation(Unattended):
                 "lakesync.toml.",
                 operation=self.name,
             )
+        if mode == "mirror" and not isinstance(self.schema_.key, str):
+            raise RequestError(
+                f"Operation {self.name!r} has a composite key, and mirror mode needs a single "
+                "string or integer key. Use mode full.",
+                operation=self.name,
+            )
         if options.sinceDeltaVersion is not None:
             raise RequestError(
                 '"sinceDeltaVersion" is chosen by lakesync: an incremental job of a Delta table '
@@ -207,7 +213,7 @@ class OperationInfo(BaseModel):
     source: str
     format: str | None
     collection: str
-    key: str
+    key: str | list[str]
     batchSize: int | None
     mode: Mode
     watermarkColumn: str | None
@@ -260,7 +266,7 @@ class OperationConfig(Unattended):
     source: str | None = Field(None, min_length=1)
     format: Literal["parquet", "pq", "csv", "json", "jsonl", "ndjson", "delta"] | None = None
     collection: str
-    key: str = Field(min_length=1)
+    key: str | list[str] = Field(min_length=1)  # a list: a composite _id, in this order
     batchSize: int | None = Field(None, ge=1, le=100_000)
     mode: Mode = "full"
     watermark: str | None = Field(None, min_length=1)
@@ -310,6 +316,11 @@ def _operation(path: Path, name: str, table: Any) -> Operation:
     if cfg.mode == "incremental" and cfg.watermark is None:
         raise fail("watermark is required when mode is incremental (e.g. watermark = "
                    '"updatedAt").')  # fmt: skip
+    keys = [cfg.key] if isinstance(cfg.key, str) else cfg.key
+    if not all(keys) or len(set(keys)) != len(keys):
+        raise fail(f"key {cfg.key!r}: name one column, or a list of distinct columns.")
+    if cfg.mode == "mirror" and len(keys) > 1:
+        raise fail("mode mirror needs a single key column; a composite key copies in mode full.")
     check_unattended(cfg, fail)  # schedule, every, timezone, notify, on, allowEmpty
     fields = _fields(cfg, fail)
     source = cfg.source
@@ -329,6 +340,7 @@ def _operation(path: Path, name: str, table: Any) -> Operation:
 def _fields(cfg: OperationConfig, fail: Any) -> list[FieldRule]:
     """The schema's field rules; the key is always required (it becomes `_id`)."""
     declared = cfg.schema_.fields if cfg.schema_ else {}
+    keys = [cfg.key] if isinstance(cfg.key, str) else cfg.key
     rules = []
     for name, f in declared.items():
         where = f"schema.fields.{name}"
@@ -339,13 +351,14 @@ def _fields(cfg: OperationConfig, fail: Any) -> list[FieldRule]:
         if name == cfg.watermark and f.type not in _WATERMARK_TYPES:
             raise fail(f"watermark {name!r} is a {f.type} field; a watermark must be a "
                        "timestamp or int field.")  # fmt: skip
-        is_key = name == cfg.key
+        is_key = name in keys
         required = f.required or is_key
         nullable = (not required if f.nullable is None else f.nullable) and not is_key
         rules.append(FieldRule(name=name, type=f.type, required=required, nullable=nullable,
                                min=f.min, allowed=f.allowed, nonEmpty=f.nonEmpty))  # fmt: skip
-    if rules and cfg.key not in declared:  # the key must be validated like the engine uses it
-        rules.insert(0, FieldRule(name=cfg.key, required=True, nullable=False))
+    for key in reversed(keys):  # the key must be validated like the engine uses it
+        if rules and key not in declared:
+            rules.insert(0, FieldRule(name=key, required=True, nullable=False))
     return rules
 
 

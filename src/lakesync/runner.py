@@ -187,7 +187,7 @@ class JobRunner:
         op, options, source = job.op, job.options, job.source
         mode = options.mode or op.mode
         lake = self._open_lake(job, mode, status.checkpoint is None, policy)
-        check_columns(op.schema_, lake.schema.names, lake.uri)
+        check_columns(op.schema_, lake.schema, lake.uri)
         column = watermark_column(op, lake, mode)
         key_kind = key_type(op.schema_, lake) if mode == "mirror" else None
         db = self.store.db
