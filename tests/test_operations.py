@@ -171,7 +171,7 @@ def test_cli_lists_operations_and_stops_on_a_config_error(
     assert ops[1]["watermarkColumn"] == "updatedAt" and ops[1]["watermark"] is None
     table = lakesync("operations")
     assert table.returncode == 0 and "copy-projects" in table.stdout
-    assert "updatedAt > (none yet)" in table.stdout
+    assert "updatedAt >= (none yet)" in table.stdout
 
     write_config(tmp_path, '[operations.p]\nkey = "k"\n')
     broken = lakesync("operations")
