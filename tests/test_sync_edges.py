@@ -25,9 +25,9 @@ from tests.conftest import ServeProcess, wait_for
 from lakesync.api.app import create_app
 from lakesync.config import Settings
 from lakesync.demo import generate
-from lakesync.errors import ConfigError
+from lakesync.errors import ConfigError, IdempotencyConflict, JobError, LeaseLost
 from lakesync.models import JobState, JobStatus
-from lakesync.operations import load_operations
+from lakesync.operations import load_operations, parse_options
 from lakesync.runner import Outcome
 from lakesync.runtime import Runtime
 from lakesync.store import flight_key
@@ -402,3 +402,42 @@ def test_cancel_racing_completion_never_contradicts_the_final_status(
                 assert r.json()["job"]["jobId"] == job_id
                 assert "already ended with status completed" in r.json()["error"]
     assert seen.get(202, 0) >= 7 and seen.get(409, 0) >= 6, seen  # both sides of the race
+
+
+def test_a_flagged_job_never_completes_whoever_ends_it(settings: Settings, db: Any) -> None:
+    with Runtime(settings) as rt:
+        store = rt.store
+        for owner in ("run-1", None):  # a run of the job, or its last partition
+            job, _ = store.create("copy-taskdetail", {}, f"f-{owner}")
+            assert store.claim(job.jobId, "run-1", lease_seconds=60) is not None
+            assert store.request_cancel(job.jobId).cancelRequested
+            ended = store.finish(job.jobId, owner, JobState.COMPLETED, "Copied 0 records")
+            assert ended.status == JobState.CANCELLED
+            assert ended.message == "Cancelled as the copy ended; copied 0 records"
+            with pytest.raises(LeaseLost):  # it ended: nobody ends it again
+                store.finish(job.jobId, owner, JobState.COMPLETED, "again")
+            assert store.request_cancel(job.jobId).status == JobState.CANCELLED
+
+
+def test_an_idempotency_key_left_without_a_job_is_waited_for_then_taken_over(
+    settings: Settings, db: Any
+) -> None:
+    body = {
+        "operation": "copy-taskdetail",
+        "options": parse_options({}).model_dump(exclude_none=True),
+    }
+    with Runtime(settings) as rt:
+        store = rt.store
+        assert store.claim_idempotency("k", body) is None  # taken, no job yet
+        with pytest.raises(JobError, match="still being carried out") as info:
+            store.claim_idempotency("k", body, wait=0.3)  # its request is still at work
+        assert info.value.http_status == 409
+        with pytest.raises(IdempotencyConflict):
+            store.claim_idempotency("k", {"operation": "copy-taskdetail", "options": {"x": 1}})
+        # its request died: after IDEMPOTENCY_CLAIM_SECONDS the next request takes it over
+        db.idempotencykeys.update_one({"_id": "k"}, {"$set": {"claimedMs": 0}})
+        job, created = rt.jobs.start("copy-taskdetail", {}, idempotency_key="k")
+        assert created
+        again, created_again = rt.jobs.start("copy-taskdetail", {}, idempotency_key="k")
+        assert (again.jobId, created_again) == (job.jobId, False)
+    assert db.jobstatuses.count_documents({}) == 1
