@@ -88,8 +88,16 @@ def test_single_flight_returns_the_running_job(
         second, created_again = rt.jobs.start("copy-taskdetail", {"batchSize": 10})
         assert created and not created_again and second.jobId == first.jobId
         # one lake, one flight, however its path is written
-        for spelling in (f"{lake}/", f"{lake}//", f"./{lake.name}", lake.name, str(link),
-                         f"{link}/", f"{lake}/../{lake.name}", f"file://{lake}"):  # fmt: skip
+        for spelling in (
+            f"{lake}/",
+            f"{lake}//",
+            f"./{lake.name}",
+            lake.name,
+            str(link),
+            f"{link}/",
+            f"{lake}/../{lake.name}",
+            f"file://{lake}",
+        ):
             same, made = rt.jobs.start("copy-taskdetail", {"source": spelling})
             assert (same.jobId, made) == (first.jobId, False), spelling
         assert first.options["source"] == os.path.realpath(lake)  # stored in that one form

@@ -60,8 +60,10 @@ def lake_max_ms(lake: Path) -> int:
 def rows_at(lake: Path, millis: int) -> int:
     """Records whose updatedAt is exactly ``millis``: an incremental copy reads them again."""
     at = pa.scalar(millis, type=pa.timestamp("ms", tz="UTC"))
-    return sum(int(pc.sum(pc.equal(pq.read_table(f, columns=["updatedAt"])["updatedAt"], at))
-                   .as_py() or 0) for f in lake.rglob("*.parquet"))  # fmt: skip
+    return sum(
+        int(pc.sum(pc.equal(pq.read_table(f, columns=["updatedAt"])["updatedAt"], at)).as_py() or 0)
+        for f in lake.rglob("*.parquet")
+    )
 
 
 def watermark_of(db: Any, source: Path, op: str = "copy-taskdetail") -> Any:

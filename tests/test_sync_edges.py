@@ -55,11 +55,13 @@ def write_part(lake: Path, name: str, kind: str, ids: range, steps: list[int]) -
     """Records `id`, `w` (the watermark) and `v` in a new file; returns their keys."""
     spec = KINDS[kind]
     keys = [f"R-{i:05d}" for i in ids]
-    table = pa.table({
-        "id": keys,
-        "w": pa.array([spec["value"](s) for s in steps], spec["type"]),
-        "v": [f"value {i}" for i in ids],
-    })  # fmt: skip
+    table = pa.table(
+        {
+            "id": keys,
+            "w": pa.array([spec["value"](s) for s in steps], spec["type"]),
+            "v": [f"value {i}" for i in ids],
+        }
+    )
     lake.mkdir(parents=True, exist_ok=True)
     pq.write_table(table, lake / name)
     return keys
@@ -189,8 +191,9 @@ def clean_lake(tmp_path: Path) -> Path:
 def test_mirror_of_part_of_the_lake_is_refused_by_api_and_cli_and_deletes_nothing(
     serve_env: dict[str, str], clean_lake: Path, tmp_path: Path, db: Any
 ) -> None:
-    serve_env.update(LAKESYNC_LAKE_URI=str(clean_lake),
-                     LAKESYNC_ALLOWED_ROOTS=json.dumps([str(tmp_path)]))  # fmt: skip
+    serve_env.update(
+        LAKESYNC_LAKE_URI=str(clean_lake), LAKESYNC_ALLOWED_ROOTS=json.dumps([str(tmp_path)])
+    )
     proc = ServeProcess(serve_env, tmp_path / "serve.log").start()
     try:
         with httpx.Client(base_url=proc.url, timeout=30) as http:
@@ -216,10 +219,22 @@ def test_mirror_of_part_of_the_lake_is_refused_by_api_and_cli_and_deletes_nothin
     assert db.taskdetails.count_documents({}) == 3000
 
     cli = subprocess.run(
-        [sys.executable, "-m", "lakesync", "copy", "--mode", "mirror", "--source",
-         f"{clean_lake}/projectId=PRJ-00[1]/*.parquet", "--json"],
-        env=serve_env, capture_output=True, text=True, timeout=120,
-    )  # fmt: skip
+        [
+            sys.executable,
+            "-m",
+            "lakesync",
+            "copy",
+            "--mode",
+            "mirror",
+            "--source",
+            f"{clean_lake}/projectId=PRJ-00[1]/*.parquet",
+            "--json",
+        ],
+        env=serve_env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert cli.returncode == 1, cli.stderr
     assert cli.stdout == "" and "Traceback" not in cli.stderr
     assert "whole lake" in cli.stderr and "would be deleted" in cli.stderr
@@ -237,8 +252,11 @@ def test_queued_mirror_of_part_of_the_lake_fails_before_reading(
         status, _ = rt.jobs.start("copy-taskdetail")
         rt.runner.run(status.jobId)
         part = f"{clean_lake}/projectId=PRJ-00[1]/*.parquet"
-        queued, _ = rt.store.create("copy-taskdetail", {"mode": "mirror", "source": part},
-                                    flight_key("copy-taskdetail", part))  # fmt: skip
+        queued, _ = rt.store.create(
+            "copy-taskdetail",
+            {"mode": "mirror", "source": part},
+            flight_key("copy-taskdetail", part),
+        )
         assert rt.runner.run(queued.jobId) is Outcome.ENDED
         failed = rt.jobs.get(queued.jobId)
     assert failed.status == JobState.FAILED and "whole lake" in (failed.error or "")
@@ -270,11 +288,14 @@ def test_lake_lake_slash_and_a_symlink_share_one_flight_over_http(
         with httpx.Client(base_url=proc.url, timeout=30) as http:
             sources = [str(lake), f"{lake}/", str(link), f"{link}/", f"{lake}/../{lake.name}"]
             with ThreadPoolExecutor(len(sources)) as pool:
-                answers = list(pool.map(
-                    lambda s: http.post("/api/jobs", json={"options": {"mode": "full",
-                                                                       "source": s}}),
-                    sources,
-                ))  # fmt: skip
+                answers = list(
+                    pool.map(
+                        lambda s: http.post(
+                            "/api/jobs", json={"options": {"mode": "full", "source": s}}
+                        ),
+                        sources,
+                    )
+                )
             ids = {a.json()["jobId"] for a in answers}
             # one job, unless it ended before a later request came (then that one is new)
             assert all(a.status_code in (200, 202) for a in answers), [a.text for a in answers]
@@ -338,8 +359,7 @@ def inline(settings: Settings, tmp_path: Path) -> Iterator[tuple[Runtime, str]]:
     with Runtime(settings) as rt:  # no executor: the test runs each job
         sock = socket.socket()
         sock.bind(("127.0.0.1", 0))
-        server = uvicorn.Server(uvicorn.Config(create_app(rt), log_config=None,
-                                               access_log=False))  # fmt: skip
+        server = uvicorn.Server(uvicorn.Config(create_app(rt), log_config=None, access_log=False))
         thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
         thread.start()
         try:

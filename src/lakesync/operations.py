@@ -347,17 +347,23 @@ def _check_lookback(cfg: OperationConfig, fail: Any) -> None:
     if cfg.watermark is None:
         raise fail('lookback needs a watermark column (e.g. watermark = "updatedAt").')
     if isinstance(lookback, str) and duration_ms(lookback) is None:
-        raise fail(f"lookback {lookback!r} is not a duration: write a number and a unit "
-                   '(ms, s, m, h, d, w), e.g. "2h", "1d" or "1h30m".')  # fmt: skip
+        raise fail(
+            f"lookback {lookback!r} is not a duration: write a number and a unit "
+            '(ms, s, m, h, d, w), e.g. "2h", "1d" or "1h30m".'
+        )
     if isinstance(lookback, int) and lookback < 0:
         raise fail(f"lookback {lookback} is negative; give how far below the watermark to read.")
     declared = cfg.schema_.fields.get(cfg.watermark) if cfg.schema_ else None
     if declared is not None and declared.type == "int" and isinstance(lookback, str):
-        raise fail(f"lookback {lookback!r} is a duration, but watermark {cfg.watermark!r} is "
-                   "an int field: give a number (e.g. lookback = 100).")  # fmt: skip
+        raise fail(
+            f"lookback {lookback!r} is a duration, but watermark {cfg.watermark!r} is "
+            "an int field: give a number (e.g. lookback = 100)."
+        )
     if declared is not None and declared.type == "timestamp" and isinstance(lookback, int):
-        raise fail(f"lookback {lookback} is a number, but watermark {cfg.watermark!r} is a "
-                   'timestamp field: give a duration (e.g. lookback = "2h").')  # fmt: skip
+        raise fail(
+            f"lookback {lookback} is a number, but watermark {cfg.watermark!r} is a "
+            'timestamp field: give a duration (e.g. lookback = "2h").'
+        )
 
 
 def _fields(cfg: OperationConfig, fail: Any) -> list[FieldRule]:

@@ -295,8 +295,9 @@ class JobStore:
         deadline = time.monotonic() + wait
         while True:
             try:
-                self.idempotency.insert_one({"_id": key, "body": digest, "createdAt": utcnow(),
-                                             "claimedMs": _now_ms()})  # fmt: skip
+                self.idempotency.insert_one(
+                    {"_id": key, "body": digest, "createdAt": utcnow(), "claimedMs": _now_ms()}
+                )
                 return None
             except DuplicateKeyError:
                 stored = self.idempotency.find_one({"_id": key})
@@ -475,8 +476,13 @@ class JobStore:
         if state is JobState.COMPLETED:
             fields.update(percentComplete=100, etaSeconds=0)
             query["cancelRequested"] = {"$ne": True}  # a cancel was answered: it wins
-        update = _rev({"$set": fields, "$unset": {"flightKey": "", "owner": ""},
-                       "$currentDate": {"endTime": True, "updatedAt": True}})  # fmt: skip
+        update = _rev(
+            {
+                "$set": fields,
+                "$unset": {"flightKey": "", "owner": ""},
+                "$currentDate": {"endTime": True, "updatedAt": True},
+            }
+        )
         doc = self.jobs.find_one_and_update(
             query, update, projection={"_id": 0}, return_document=ReturnDocument.AFTER
         )
@@ -578,8 +584,9 @@ class JobStore:
                 raise JobError(
                     f"Job {job_id} already ended with status {current.status.value}; "
                     "only pending or in-progress jobs can be cancelled.",
-                    status=current.status.value, job=current.public(),
-                )  # fmt: skip
+                    status=current.status.value,
+                    job=current.public(),
+                )
             ended = self.jobs.find_one_and_update(
                 {"jobId": job_id, "status": JobState.PENDING.value},
                 _rev({"$set": {"status": JobState.CANCELLED.value, "cancelRequested": True,
@@ -592,10 +599,10 @@ class JobStore:
             if ended is None:
                 ended = self.jobs.find_one_and_update(
                     {"jobId": job_id, "status": JobState.IN_PROGRESS.value},
-                    _rev({"$set": {"cancelRequested": True},
-                          "$currentDate": {"updatedAt": True}}),
-                    projection={"_id": 0}, return_document=ReturnDocument.AFTER,
-                )  # fmt: skip
+                    _rev({"$set": {"cancelRequested": True}, "$currentDate": {"updatedAt": True}}),
+                    projection={"_id": 0},
+                    return_document=ReturnDocument.AFTER,
+                )
             if ended is not None:
                 return self._seen(ended)
         raise JobError(f"Job {job_id} kept changing state; try to cancel it again.")
