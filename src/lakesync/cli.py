@@ -345,7 +345,7 @@ def operations(as_json: JsonFlag = False) -> None:
         return
     table = Table("operation", "mode", "source -> collection", "watermark", "last job")
     for op in listed:
-        mark = "-" if op.watermarkColumn is None else f"{op.watermarkColumn} > " + (
+        mark = "-" if op.watermarkColumn is None else f"{op.watermarkColumn} >= " + (
             str(op.watermark["value"]) if op.watermark else "(none yet)")  # fmt: skip
         last = "-" if op.lastJob is None else f"{op.lastJob['status']} {op.lastJob['jobId']}"
         table.add_row(f"[bold]{escape(op.name)}[/]\n{escape(op.description)}", op.mode,

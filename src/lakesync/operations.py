@@ -18,6 +18,7 @@ Any mistake stops start-up with a ConfigError naming the file, the operation and
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import re
@@ -26,14 +27,14 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, StrictInt, StrictStr, ValidationError
 
 from lakesync.config import Settings
-from lakesync.errors import ConfigError, RequestError
+from lakesync.errors import ConfigError, LakesyncError, RequestError
 from lakesync.lake import Lake
 from lakesync.schedules import Unattended, check_unattended
 from lakesync.schema import TASK_DETAIL, FieldRule, FieldType, RecordSchema
-from lakesync.storage import mask_secrets
+from lakesync.storage import canonical_uri, mask_secrets
 
 if TYPE_CHECKING:
     from lakesync.store import JobStore
@@ -56,6 +57,8 @@ class Operation(Unattended):
     batchSize: int | None = Field(None, ge=1, le=100_000)
     mode: Mode = "full"
     watermark: str | None = "updatedAt"
+    #: incremental copies start this far below the watermark: a duration or a number
+    lookback: str | int | None = None
 
     model_config = ConfigDict(populate_by_name=True)
 
@@ -188,7 +191,12 @@ class OperationRegistry:
             last = store.list_jobs(operation=op.name, limit=1)
             source = op.source_uri(settings)
             states = watermarks.for_operation(op.name)
-            state = next((s for s in states if s.source == source), states[0] if states else None)
+            spellings = {source}  # jobs store sources canonical (storage.canonical_uri)
+            with contextlib.suppress(LakesyncError):
+                spellings.add(canonical_uri(source))
+            state = next(
+                (s for s in states if s.source in spellings), states[0] if states else None
+            )
             shown = None
             if state is not None:
                 w = state.watermark
@@ -270,6 +278,7 @@ class OperationConfig(Unattended):
     batchSize: int | None = Field(None, ge=1, le=100_000)
     mode: Mode = "full"
     watermark: str | None = Field(None, min_length=1)
+    lookback: StrictStr | StrictInt | None = None
     schema_: SchemaConfig | None = Field(None, alias="schema")
 
 
@@ -323,6 +332,7 @@ def _operation(path: Path, name: str, table: Any) -> Operation:
         raise fail("mode mirror needs a single key column; a composite key copies in mode full.")
     check_unattended(cfg, fail)  # schedule, every, timezone, notify, on, allowEmpty
     fields = _fields(cfg, fail)
+    _check_lookback(cfg, fail)
     source = cfg.source
     if source is not None and "://" not in source:  # relative to the file, not the working dir
         source = os.path.abspath(path.parent / Path(source).expanduser())
@@ -332,9 +342,49 @@ def _operation(path: Path, name: str, table: Any) -> Operation:
     return Operation(
         name=name, description=cfg.description, source=source, format=cfg.format,
         collection=cfg.collection, schema_=schema, batchSize=cfg.batchSize, mode=cfg.mode,
-        watermark=cfg.watermark,
+        watermark=cfg.watermark, lookback=cfg.lookback,
         **cfg.model_dump(include=set(Unattended.model_fields)),
     )  # fmt: skip
+
+
+_DURATION = re.compile(r"(?:\d+(?:ms|s|m|h|d|w))+")
+_DURATION_PART = re.compile(r"(\d+)(ms|s|m|h|d|w)")
+_UNIT_MS = {"ms": 1, "s": 1000, "m": 60_000, "h": 3_600_000, "d": 86_400_000, "w": 604_800_000}
+
+
+def duration_ms(text: str) -> int | None:
+    """Milliseconds of a duration such as "90s", "2h", "1d" or "1h30m"; None if it is none."""
+    text = text.strip()
+    if not _DURATION.fullmatch(text):
+        return None
+    return sum(int(n) * _UNIT_MS[unit] for n, unit in _DURATION_PART.findall(text))
+
+
+def _check_lookback(cfg: OperationConfig, fail: Any) -> None:
+    """A lookback needs a watermark and fits its type: a duration, or a number of integers."""
+    lookback = cfg.lookback
+    if lookback is None:
+        return
+    if cfg.watermark is None:
+        raise fail('lookback needs a watermark column (e.g. watermark = "updatedAt").')
+    if isinstance(lookback, str) and duration_ms(lookback) is None:
+        raise fail(
+            f"lookback {lookback!r} is not a duration: write a number and a unit "
+            '(ms, s, m, h, d, w), e.g. "2h", "1d" or "1h30m".'
+        )
+    if isinstance(lookback, int) and lookback < 0:
+        raise fail(f"lookback {lookback} is negative; give how far below the watermark to read.")
+    declared = cfg.schema_.fields.get(cfg.watermark) if cfg.schema_ else None
+    if declared is not None and declared.type == "int" and isinstance(lookback, str):
+        raise fail(
+            f"lookback {lookback!r} is a duration, but watermark {cfg.watermark!r} is "
+            "an int field: give a number (e.g. lookback = 100)."
+        )
+    if declared is not None and declared.type == "timestamp" and isinstance(lookback, int):
+        raise fail(
+            f"lookback {lookback} is a number, but watermark {cfg.watermark!r} is a "
+            'timestamp field: give a duration (e.g. lookback = "2h").'
+        )
 
 
 def _fields(cfg: OperationConfig, fail: Any) -> list[FieldRule]:

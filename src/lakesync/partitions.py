@@ -341,9 +341,9 @@ class PartitionedJobs:
             text = f"Cancelled after {job.processedRecords:,} of {job.totalRecords:,} records; " \
                    + text[0].lower() + text[1:]  # fmt: skip
         with contextlib.suppress(LeaseLost):  # another partition ended it first
-            self.store.finish(job_id, None, state, text)
+            ended = self.store.finish(job_id, None, state, text)  # cancelled if cancel came
             reached = job.checkpoint.until if job.checkpoint else None
-            if state is JobState.COMPLETED and reached is not None:
+            if ended.state is JobState.COMPLETED and reached is not None:
                 WatermarkStore(self.store.db).save(
                     job.operation,
                     str(job.options.get("source", "")),

@@ -36,7 +36,15 @@ from lakesync.operations import OperationRegistry, ResolvedJob
 from lakesync.retry import RetryPolicy
 from lakesync.schema import check_columns
 from lakesync.store import JobStore
-from lakesync.watermarks import WatermarkStore, lake_filter, scan, shown, watermark_column
+from lakesync.watermarks import (
+    WatermarkStore,
+    lake_filter,
+    later,
+    reach_back,
+    scan,
+    shown,
+    watermark_column,
+)
 
 if TYPE_CHECKING:
     from lakesync.partitions import PartitionedJobs
@@ -186,6 +194,7 @@ class JobRunner:
         job = self.registry.resolve(status.operation, status.options, self.settings)
         op, options, source = job.op, job.options, job.source
         mode = options.mode or op.mode
+        mirror.check_source(op, options, source, self.settings)  # the lake setting may change
         lake = self._open_lake(job, mode, status.checkpoint is None, policy)
         check_columns(op.schema_, lake.schema, lake.uri)
         column = watermark_column(op, lake, mode)
@@ -195,14 +204,15 @@ class JobRunner:
         batch_size = job.batch_size
         cp = status.checkpoint or Checkpoint()
         if status.checkpoint is None:
-            since = until = None
+            saved = since = until = None
             changed = 0
             if column is not None:
                 if mode == "incremental":
-                    since = policy.call(lambda: self.watermarks.get(op.name, source, column),
+                    saved = policy.call(lambda: self.watermarks.get(op.name, source, column),
                                         "reading the watermark")  # fmt: skip
+                    since = reach_back(saved, op.lookback)
                 changed, until = scan(lake, column, since)
-                until = until or since  # nothing newer: read nothing, keep the watermark
+                until = later(until, saved)  # a watermark never moves back
             cp = Checkpoint(since=since, until=until)
             total = changed if column is not None else lake.count_rows()  # scan counted them
             # which records a later record of the same key replaces: skipped by every run
@@ -292,8 +302,8 @@ class JobRunner:
             message = summary(final)
         if cp.since is not None:
             message += f" (records changed since {shown(cp.since)})"
-        done = self._end(job_id, owner, JobState.COMPLETED, message)
-        if cp.until is not None:
+        done = self._end(job_id, owner, JobState.COMPLETED, message)  # or cancelled, see finish
+        if cp.until is not None and done.state is JobState.COMPLETED:
             self._save_watermark(op.name, source, cp.until, job_id, mode, lake.version)
         if on_progress:
             on_progress(done)
