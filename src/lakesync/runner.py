@@ -217,8 +217,11 @@ class JobRunner:
             total = changed if column is not None else lake.count_rows()  # scan counted them
             # which records a later record of the same key replaces: skipped by every run
             planned = lake_filter(lake, cp.since, cp.until if lake.version is None else None)
-            policy.call(lambda: repeats.plan_job(db, job_id, lake, op.schema_, planned),
-                        "planning repeated keys")  # fmt: skip
+            by = [cp.since.column] if cp.since is not None else []
+            policy.call(
+                lambda: repeats.plan_job(db, job_id, lake, op.schema_, planned, by, op.collection),
+                "planning repeated keys",
+            )
             if (
                 self.partitioned is not None
                 and mode == "full"
