@@ -1,4 +1,9 @@
-"""The `lakesync` command line: serve, copy, status, jobs, cancel, operations, demo-data, worker."""
+"""The `lakesync` command line: serve, copy, status, jobs, cancel, operations, demo-data, worker.
+
+Every command works on a terminal (colours, a progress bar, tables that keep job ids whole at
+80 columns) and in a pipe (plain text; `--json` prints one JSON document on stdout, an error
+included: `{"error": "..."}`).
+"""
 
 from __future__ import annotations
 
@@ -7,10 +12,12 @@ import logging
 import signal
 import sys
 import threading
+from datetime import UTC
 from pathlib import Path
 from typing import Annotated, Any, NoReturn
 
 import typer
+from rich import box
 from rich.console import Console
 from rich.markup import escape
 from rich.progress import BarColumn, Progress, TaskProgressColumn, TextColumn, TimeRemainingColumn
@@ -18,7 +25,7 @@ from rich.table import Table
 from typer.core import TyperCommand
 
 from lakesync.config import Settings, get_settings
-from lakesync.errors import ConfigError, LakesyncError
+from lakesync.errors import ConfigError, JobError, LakesyncError
 from lakesync.logs import configure_logging, json_enabled
 from lakesync.models import JobState, JobStatus
 from lakesync.runner import Outcome
@@ -36,6 +43,31 @@ logger = logging.getLogger(__name__)
 JsonFlag = Annotated[bool, typer.Option("--json", help="Print JSON for scripts.")]
 
 
+class _Command(TyperCommand):
+    """A command whose help shows flags as flags (typer prints `--json <bool>`)."""
+
+    def get_params(self, ctx: Any) -> list[Any]:
+        params: list[Any] = super().get_params(ctx)
+        for param in params:
+            if getattr(param, "is_flag", False) and param.metavar is None:
+                param.metavar = ""
+        return params
+
+    def make_context(self, *args: Any, **kwargs: Any) -> Any:
+        try:
+            return super().make_context(*args, **kwargs)
+        except Exception as e:
+            if getattr(e, "exit_code", None) == 2 and _wants_json():  # a usage error
+                message = e.format_message() if hasattr(e, "format_message") else str(e)
+                _print_json({"error": f"{message} (see `lakesync {self.name} --help`)"})
+            raise
+
+
+def _wants_json() -> bool:
+    """True when the command line asked for JSON: errors then go to stdout as JSON too."""
+    return "--json" in sys.argv[1:]
+
+
 def _settings() -> Settings:
     settings = get_settings()
     configure_logging(settings.log_format, settings.log_level)
@@ -44,7 +76,9 @@ def _settings() -> Settings:
 
 def _fail(error: Exception, code: int | None = None) -> NoReturn:
     """Print one clear line to stderr and exit with `code`; by default 2 for a bad setting
-    (a start-up error) and 1 for anything else."""
+    (a start-up error) and 1 for anything else. With `--json`, stdout gets `{"error": ...}`."""
+    if _wants_json():
+        _print_json({"error": str(error)})
     if json_enabled():
         logger.error("%s", error)
     else:
@@ -66,7 +100,7 @@ def _print_json(data: Any) -> None:
     sys.stdout.write(json.dumps(data) + "\n")
 
 
-@app.command()
+@app.command(cls=_Command)
 def serve(
     host: Annotated[str, typer.Option(help="Address to listen on.")] = "127.0.0.1",
     port: Annotated[int, typer.Option(help="Port to listen on.")] = 8000,
@@ -85,7 +119,7 @@ def serve(
 COPY_FAILED = 1
 
 
-class _CopyCommand(TyperCommand):
+class _CopyCommand(_Command):
     """`copy` with argument errors (unknown option, non-integer value) exiting 1, not 2."""
 
     def make_context(self, *args: Any, **kwargs: Any) -> Any:
@@ -145,14 +179,19 @@ def _finish(final: JobStatus, as_json: bool) -> NoReturn:
     raise typer.Exit(0 if final.state is JobState.COMPLETED else 1)
 
 
-@app.command()
+@app.command(cls=_Command)
 def resume(job_id: str, as_json: JsonFlag = False) -> None:
-    """Resume a failed job from its checkpoint, in the foreground; exit 1 unless it completes."""
+    """Continue a failed, paused or abandoned job from its checkpoint, in the foreground;
+    exit 1 unless it completes."""
     from lakesync.runtime import Runtime
 
     try:
         with Runtime(_settings(), executor=None, reads_lake=True) as rt:
-            rt.jobs.resume(job_id)
+            current = rt.jobs.get(job_id)
+            if current.state.is_final:
+                rt.jobs.resume(job_id)  # refuses completed and cancelled jobs, with the reason
+            # a pending job nobody runs (e.g. paused by Ctrl-C), or one whose run died,
+            # is claimed as it is; a job another process runs right now is refused below
             _notice(f"job {job_id} resumed from its checkpoint", jobId=job_id)
             final = _run_foreground(rt, job_id, show_bar=err.is_terminal and not as_json)
     except LakesyncError as e:
@@ -161,7 +200,10 @@ def resume(job_id: str, as_json: JsonFlag = False) -> None:
 
 
 def _run_foreground(rt: Any, job_id: str, show_bar: bool) -> JobStatus:
-    """Run the job in this thread until it ends; Ctrl-C pauses it at a batch boundary."""
+    """Run the job in this thread until it ends; Ctrl-C pauses it at a batch boundary.
+
+    Raises JobError when another process runs the job right now.
+    """
     previous = signal.getsignal(signal.SIGINT)
 
     def interrupt(*_: object) -> None:
@@ -173,21 +215,38 @@ def _run_foreground(rt: Any, job_id: str, show_bar: bool) -> JobStatus:
         signal.signal(signal.SIGINT, interrupt)
         signal.signal(signal.SIGTERM, interrupt)
     columns = (TextColumn("{task.description}"), BarColumn(), TaskProgressColumn(),
-               TextColumn("{task.completed:,.0f}/{task.total:,.0f} records  {task.fields[rate]}"),
+               TextColumn("{task.fields[counts]}  {task.fields[rate]}"),
                TimeRemainingColumn())  # fmt: skip
     with Progress(*columns, console=err, disable=not show_bar) as bar:
-        task = bar.add_task("copying", total=None, rate="")
+        # the total is unknown (None) until the job's first run counted the lake
+        task = bar.add_task("copying", total=None, counts="", rate="")
 
         def progress(s: JobStatus) -> None:
-            bar.update(task, total=s.totalRecords or None, completed=s.processedRecords,
+            total = s.totalRecords or None
+            counts = f"{s.processedRecords:,}" + (f"/{total:,}" if total else "") + " records"
+            bar.update(task, total=total, completed=s.processedRecords, counts=counts,
                        rate=f"{s.recordsPerSecond:,.0f}/s")  # fmt: skip
 
+        first = True
         while True:
             outcome = rt.runner.run(job_id, on_progress=progress)
+            if first and outcome is Outcome.NOT_CLAIMED:
+                now = rt.store.get(job_id)
+                if not now.state.is_final:
+                    raise JobError(
+                        f"Job {job_id} is {now.status.value} and another process runs it "
+                        f"right now; follow it with `lakesync status {job_id}`, or cancel it "
+                        f"with `lakesync cancel {job_id}`.", status=now.status.value)  # fmt: skip
+            first = False
             if outcome is not Outcome.CONTINUE or rt.runner.stop.is_set():
                 break
     final: JobStatus = rt.store.get(job_id)
     return final
+
+
+def _plural(n: int, word: str) -> str:
+    """`1 record`, `2 records` (with thousands separators)."""
+    return f"{n:,} {word}" + ("" if n == 1 else "s")
 
 
 def _print_summary(s: JobStatus) -> None:
@@ -199,7 +258,7 @@ def _print_summary(s: JobStatus) -> None:
         out.print("Run `lakesync copy` again or `lakesync serve` to resume it from its checkpoint.")
 
 
-@app.command()
+@app.command(cls=_Command)
 def status(job_id: str, as_json: JsonFlag = False) -> None:
     """Show one job's status."""
     from lakesync.runtime import Runtime
@@ -213,13 +272,32 @@ def status(job_id: str, as_json: JsonFlag = False) -> None:
         _print_json(s.public())
         return
     table = Table(show_header=False, box=None)
+    table.add_column(no_wrap=True)
+    table.add_column(overflow="fold")
     for key, value in s.public().items():
-        if value not in (None, {}, ""):
-            table.add_row(f"[bold]{key}[/]", str(value))
+        if value not in (None, {}, "", []):
+            table.add_row(f"[bold]{key}[/]", escape(_shown(key, value)))
     out.print(table)
 
 
-@app.command()
+def _shown(key: str, value: Any) -> str:
+    """A status field for people: counts with separators, options and checkpoint as
+    `name: value` lines (never a Python dict)."""
+    if isinstance(value, bool):
+        return "yes" if value else "no"
+    if isinstance(value, int) and key.endswith(("Records", "partitions", "Done")):
+        return f"{value:,}"
+    if isinstance(value, dict):
+        if {"column", "value"} <= value.keys():  # a watermark
+            return f"{value['column']} = {value.get('iso') or value['value']}"
+        lines = [f"{k}: {_shown(k, v)}" for k, v in value.items() if v not in (None, {}, "", [])]
+        return "\n".join(lines) or "-"
+    if isinstance(value, list):
+        return ", ".join(str(v) for v in value)
+    return str(value)
+
+
+@app.command(cls=_Command)
 def jobs(
     limit: Annotated[int, typer.Option(min=1, max=1000, help="How many jobs.")] = 20,
     as_json: JsonFlag = False,
@@ -235,35 +313,99 @@ def jobs(
     if as_json:
         _print_json({"jobs": [j.public() for j in found]})
         return
-    table = Table("jobId", "status", "operation", "processed", "total", "started")
+    if not found:
+        out.print(
+            "No jobs yet. Start one with `lakesync copy` or from the page of `lakesync serve`."
+        )
+        return
+    # job ids never wrap nor shrink, so they can be pasted into `lakesync status`; the
+    # other columns fold when the terminal is narrow (80 columns fit them all)
+    table = Table(box=None, pad_edge=False, header_style="bold")
+    table.add_column("jobId", no_wrap=True, min_width=max(len(j.jobId) for j in found))
+    table.add_column("status", overflow="fold")
+    table.add_column("operation", overflow="fold")
+    table.add_column("records", justify="right", overflow="fold")
+    table.add_column("started UTC", overflow="fold")
     for j in found:
-        table.add_row(j.jobId, j.status.value, j.operation, f"{j.processedRecords:,}",
-                      f"{j.totalRecords:,}", j.public()["startTime"])  # fmt: skip
+        started = j.startTime.astimezone(UTC).strftime("%m-%d %H:%M")
+        table.add_row(j.jobId, j.status.value, escape(j.operation), f"{j.processedRecords:,}",
+                      started)  # fmt: skip
     out.print(table)
 
 
-@app.command()
-def cancel(job_id: str) -> None:
-    """Cancel a job; a running one stops after its current batch. Exit 1 if it already ended."""
+@app.command(cls=_Command)
+def cancel(
+    job_id: str,
+    yes: Annotated[bool, typer.Option("--yes", "-y", help="Do not ask for confirmation.")] = False,
+) -> None:
+    """Cancel a job; a running one stops after its current batch. Exit 1 if it already ended.
+
+    On a terminal it asks first (--yes does not); in a pipe or a script it never asks.
+    """
     from lakesync.runtime import Runtime
 
     try:
         with Runtime(_settings()) as rt:
             before = rt.jobs.get(job_id)  # to tell "cancelled now" from "was cancelled"
+            if not yes and not before.state.is_final and sys.stdin.isatty():
+                done = f"{before.processedRecords:,} of {before.totalRecords:,}" \
+                    if before.totalRecords else f"{before.processedRecords:,}"  # fmt: skip
+                question = (f"Cancel job {job_id} ({before.operation}, {before.status.value}, "
+                            f"{done} records copied)?")  # fmt: skip
+                if not typer.confirm(question, default=False, err=True):
+                    err.print(f"Not cancelled; job {job_id} goes on.", highlight=False)
+                    raise typer.Exit(1)
             s = rt.jobs.cancel(job_id)
     except LakesyncError as e:
         _fail(e)
+    except typer.Abort:  # Ctrl-C or end of input at the question
+        err.print(f"\nNot cancelled; job {job_id} goes on.", highlight=False)
+        raise typer.Exit(1) from None
     if before.state is JobState.CANCELLED:
         text = f"Job {job_id} was already cancelled; nothing to do."
     elif s.state is JobState.CANCELLED:
-        text = f"Job {job_id} cancelled; {s.processedRecords:,} records had been copied."
+        text = f"Job {job_id} cancelled; {_plural(s.processedRecords, 'record')} had been copied."
     else:
         text = (f"Cancellation of job {job_id} requested; it stops after its current batch. "
                 f"Follow it with `lakesync status {job_id}`.")  # fmt: skip
     out.print(escape(text), highlight=False, soft_wrap=True)
 
 
-@app.command()
+@app.command("mongo-uri", cls=_Command)
+def mongo_uri(
+    show_password: Annotated[
+        bool, typer.Option("--show-password", help="Print the password instead of ***.")
+    ] = False,
+    as_json: JsonFlag = False,
+) -> None:
+    """Print the MongoDB URI lakesync uses (e.g. for `mongosh "$(lakesync mongo-uri)"`).
+
+    With no LAKESYNC_MONGODB_URI that is the embedded server of `lakesync serve`, which
+    listens only while serve (or another lakesync command) runs.
+    """
+    from lakesync.mongo import EmbeddedServer, mask_uri, with_database
+
+    settings = _settings()
+    embedded = settings.mongodb_uri is None
+    if settings.mongodb_uri is not None:
+        uri = with_database(settings.mongodb_uri.get_secret_value(), settings.database)
+        if not show_password:
+            uri = mask_uri(uri)
+    else:
+        running = EmbeddedServer(settings.data_dir).running_uri()
+        if running is None:
+            _fail(LakesyncError(
+                f"The embedded MongoDB-wire server of {settings.data_dir} is not running: it "
+                "listens while `lakesync serve` runs. Start `lakesync serve` (e.g. `make run`) "
+                "and ask again, or set LAKESYNC_MONGODB_URI to use your own MongoDB."))  # fmt: skip
+        uri = with_database(running, settings.database)
+    if as_json:
+        _print_json({"uri": uri, "database": settings.database, "embedded": embedded})
+    else:
+        sys.stdout.write(uri + "\n")
+
+
+@app.command(cls=_Command)
 def operations(as_json: JsonFlag = False) -> None:
     """List the declared operations with their last job and watermark."""
     from lakesync.runtime import Runtime
@@ -288,7 +430,7 @@ def operations(as_json: JsonFlag = False) -> None:
     out.print(table)
 
 
-@app.command("demo-data")
+@app.command("demo-data", cls=_Command)
 def demo_data(
     rows: Annotated[int, typer.Option(min=1, help="Records to write.")],
     out_dir: Annotated[Path, typer.Option("--out", help="Directory to write.")],
@@ -308,7 +450,7 @@ def demo_data(
               f"to {made.out}")  # fmt: skip
 
 
-@app.command()
+@app.command(cls=_Command)
 def worker(
     concurrency: Annotated[int | None, typer.Option(min=1, help="Parallel jobs.")] = None,
 ) -> None:
@@ -324,6 +466,6 @@ def worker(
 def main() -> None:
     """Entry point: settings errors become one clear line and exit code 2."""
     try:
-        app()
+        app(prog_name="lakesync")
     except LakesyncError as e:
         _fail(e, 2)

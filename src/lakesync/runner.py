@@ -60,7 +60,8 @@ def new_owner() -> str:
 def summary(s: JobStatus) -> str:
     """The human message of a finished copy."""
     text = (
-        f"Copied {s.processedRecords:,} records: {s.insertedRecords:,} inserted, "
+        f"Copied {s.processedRecords:,} record{'' if s.processedRecords == 1 else 's'}: "
+        f"{s.insertedRecords:,} inserted, "
         f"{s.updatedRecords:,} updated, {s.unchangedRecords:,} unchanged, "
         f"{s.errorRecords:,} rejected"
     )
@@ -216,7 +217,9 @@ class JobRunner:
             if seen is not None:
                 mirror.sweep(db, self.store.jobs)
                 policy.call(seen.begin, "starting the mirror's key set")
-            what = f"{total:,} records" + (f" changed since {shown(since)}" if since else "")
+            what = f"{total:,} record{'' if total == 1 else 's'}" + (
+                f" changed since {shown(since)}" if since else ""
+            )
             status = policy.call(lambda: self.store.update_run(
                 job_id, owner, totalRecords=total, checkpoint=cp.model_dump(), options=pinned,
                 message=f"Copying {what}"), "recording the total")  # fmt: skip

@@ -51,7 +51,7 @@ class Runtime:
             self.mongo.close()
             raise
         self.jobs = JobService(settings, self.store, self.registry, self.executor)
-        self._closed = False
+        self._closed = self._stopped = False
 
     def _executor(self, kind: str | None) -> Executor | None:
         if kind is None:
@@ -71,14 +71,25 @@ class Runtime:
             self.executor.start()
         return self
 
-    def close(self, timeout: float = 8.0) -> None:
-        """Hand running jobs back at a batch boundary, then disconnect (and stop the server)."""
-        if self._closed:
+    def stop_jobs(self, timeout: float = 8.0) -> None:
+        """Hand running jobs back at a batch boundary, while MongoDB is still up, so the
+        next start (of this or another process) resumes them at once."""
+        if self._stopped:
             return
-        self._closed = True
+        self._stopped = True
+        if self.executor is not None:
+            logger.info("shutting down: handing running jobs back at a batch boundary")
         self.runner.stop.set()
         if self.executor is not None:
             self.executor.shutdown(timeout)
+            logger.info("running jobs handed back")
+
+    def close(self, timeout: float = 8.0) -> None:
+        """Hand running jobs back, then disconnect (and stop the embedded server)."""
+        if self._closed:
+            return
+        self._closed = True
+        self.stop_jobs(timeout)
         self.mongo.close()
 
     def __enter__(self) -> Runtime:
