@@ -7,22 +7,23 @@ included: `{"error": "..."}`).
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import signal
 import sys
 import threading
+from collections.abc import Iterator
 from datetime import UTC
 from pathlib import Path
 from typing import Annotated, Any, NoReturn
 
 import typer
-from rich import box
 from rich.console import Console
 from rich.markup import escape
 from rich.progress import BarColumn, Progress, TaskProgressColumn, TextColumn, TimeRemainingColumn
 from rich.table import Table
-from typer.core import TyperCommand
+from typer.core import TyperCommand, TyperGroup
 
 from lakesync.config import Settings, get_settings
 from lakesync.errors import ConfigError, JobError, LakesyncError
@@ -30,12 +31,6 @@ from lakesync.logs import configure_logging, json_enabled
 from lakesync.models import JobState, JobStatus
 from lakesync.runner import Outcome
 
-app = typer.Typer(
-    add_completion=False,
-    pretty_exceptions_show_locals=False,  # locals may hold URIs with passwords
-    no_args_is_help=True,
-    help="Copy data-lake records into MongoDB as durable background jobs.",
-)
 err = Console(stderr=True)
 out = Console()
 logger = logging.getLogger(__name__)
@@ -43,15 +38,24 @@ logger = logging.getLogger(__name__)
 JsonFlag = Annotated[bool, typer.Option("--json", help="Print JSON for scripts.")]
 
 
+def _flags_as_flags(params: list[Any]) -> list[Any]:
+    """Help shows `--json`, not `--json <bool>` as typer does: a flag takes no value."""
+    for param in params:
+        if getattr(param, "is_flag", False) and param.metavar is None:
+            param.metavar = ""
+    return params
+
+
+class _Group(TyperGroup):
+    def get_params(self, ctx: Any) -> list[Any]:
+        return _flags_as_flags(super().get_params(ctx))
+
+
 class _Command(TyperCommand):
-    """A command whose help shows flags as flags (typer prints `--json <bool>`)."""
+    """A command with flags shown as flags, and errors as JSON on stdout under `--json`."""
 
     def get_params(self, ctx: Any) -> list[Any]:
-        params: list[Any] = super().get_params(ctx)
-        for param in params:
-            if getattr(param, "is_flag", False) and param.metavar is None:
-                param.metavar = ""
-        return params
+        return _flags_as_flags(super().get_params(ctx))
 
     def make_context(self, *args: Any, **kwargs: Any) -> Any:
         try:
@@ -61,6 +65,15 @@ class _Command(TyperCommand):
                 message = e.format_message() if hasattr(e, "format_message") else str(e)
                 _print_json({"error": f"{message} (see `lakesync {self.name} --help`)"})
             raise
+
+
+app = typer.Typer(
+    cls=_Group,
+    add_completion=False,
+    pretty_exceptions_show_locals=False,  # locals may hold URIs with passwords
+    no_args_is_help=True,
+    help="Copy data-lake records into MongoDB as durable background jobs.",
+)
 
 
 def _wants_json() -> bool:
@@ -217,7 +230,7 @@ def _run_foreground(rt: Any, job_id: str, show_bar: bool) -> JobStatus:
     columns = (TextColumn("{task.description}"), BarColumn(), TaskProgressColumn(),
                TextColumn("{task.fields[counts]}  {task.fields[rate]}"),
                TimeRemainingColumn())  # fmt: skip
-    with Progress(*columns, console=err, disable=not show_bar) as bar:
+    with Progress(*columns, console=err, disable=not show_bar) as bar, _logs_above_the_bar():
         # the total is unknown (None) until the job's first run counted the lake
         task = bar.add_task("copying", total=None, counts="", rate="")
 
@@ -242,6 +255,22 @@ def _run_foreground(rt: Any, job_id: str, show_bar: bool) -> JobStatus:
                 break
     final: JobStatus = rt.store.get(job_id)
     return final
+
+
+@contextlib.contextmanager
+def _logs_above_the_bar() -> Iterator[None]:
+    """Log lines go through the progress bar's stderr (rich redirects it while the bar is
+    drawn), so they print above the bar instead of through it."""
+    swapped = []
+    if sys.stderr is not sys.__stderr__:  # the bar is drawn
+        for handler in logging.getLogger().handlers:
+            if type(handler) is logging.StreamHandler and handler.stream is sys.__stderr__:
+                swapped.append((handler, handler.setStream(sys.stderr)))
+    try:
+        yield
+    finally:
+        for handler, stream in swapped:
+            handler.setStream(stream)
 
 
 def _plural(n: int, word: str) -> str:
@@ -446,8 +475,8 @@ def demo_data(
         made = generate(out_dir, rows, bad_rows=bad_rows, seed=seed)
     except LakesyncError as e:
         _fail(e)
-    out.print(f"wrote {made.rows:,} records ({made.bad_rows:,} bad) in {made.files} files "
-              f"to {made.out}")  # fmt: skip
+    out.print(f"wrote {_plural(made.rows, 'record')} ({made.bad_rows:,} bad) in "
+              f"{_plural(made.files, 'file')} to {made.out}")  # fmt: skip
 
 
 @app.command(cls=_Command)
