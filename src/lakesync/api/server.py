@@ -66,6 +66,7 @@ def bind(host: str, port: int) -> socket.socket:
             f"listens there. Stop it, or choose another port: `lakesync serve --port 8400` "
             f"(with make: `make run PORT=8400`)."
         ) from None
+    sock.listen(2048)  # from now on connections wait in the backlog until uvicorn accepts
     return sock
 
 

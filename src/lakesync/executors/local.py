@@ -58,6 +58,8 @@ class LocalExecutor:
     def _done(self, key: str, work: Callable[[], Outcome], future: Future[Outcome]) -> None:
         with self._lock:
             self._inflight.discard(key)
+        if future.cancelled():  # queued when the process stopped: it stays resumable
+            return
         error = future.exception()
         if error is not None:
             logger.error("%s: run crashed: %s", key, error)
