@@ -50,6 +50,12 @@ class _Group(TyperGroup):
     def get_params(self, ctx: Any) -> list[Any]:
         return _flags_as_flags(super().get_params(ctx))
 
+    def get_command(self, ctx: Any, cmd_name: str) -> Any:
+        command = super().get_command(ctx, cmd_name)
+        if type(command) is TyperCommand:  # a command declared without cls=_Command
+            command.__class__ = _Command  # same fields: only the two methods differ
+        return command
+
 
 class _Command(TyperCommand):
     """A command with flags shown as flags, and errors as JSON on stdout under `--json`."""
