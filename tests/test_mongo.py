@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -54,7 +55,7 @@ def test_unreachable_server_fails_fast_naming_the_host_not_the_password(
 
     stdout, stderr = cli.communicate(timeout=20)
     assert time.monotonic() - started < 9
-    assert cli.returncode == 1 and stdout == ""
+    assert cli.returncode == 1 and "127.0.0.1:1" in json.loads(stdout)["error"]  # --json
     assert "127.0.0.1:1" in stderr and "secret" not in stderr + stdout
     assert "Traceback" not in stderr
 

@@ -71,6 +71,11 @@ class Runtime:
             self.executor.start()
         return self
 
+    @property
+    def stopping(self) -> bool:
+        """True once the process shuts down: event streams then end."""
+        return self._stopped
+
     def stop_jobs(self, timeout: float = 8.0) -> None:
         """Hand running jobs back at a batch boundary, while MongoDB is still up, so the
         next start (of this or another process) resumes them at once."""
