@@ -237,8 +237,8 @@ def test_ctrl_c_of_a_copy_leaves_it_resumable_and_resume_finishes_it(
     text = "\n".join(term.lines)
     assert code == 1, text  # documented: 1 unless the job completed
     assert "stopping after the current batch" in text and "Traceback" not in text
-    assert "Run `lakesync copy` again" in text
     job = db.jobstatuses.find_one()
+    assert f"Continue it with `lakesync resume {job['jobId']}`" in " ".join(text.split())
     assert job["status"] == "pending" and 2000 <= job["processedRecords"] < 20_000, job
     assert f"pending {job['jobId']}" in text
 

@@ -290,7 +290,11 @@ def _print_summary(s: JobStatus) -> None:
     if s.error:
         out.print(f"[red]{s.error}[/]", highlight=False)
     if s.state is JobState.PENDING:
-        out.print("Run `lakesync copy` again or `lakesync serve` to resume it from its checkpoint.")
+        out.print(
+            f"Continue it with `lakesync resume {s.jobId}` (or run `lakesync copy` again, "
+            "or `lakesync serve`): it resumes from its checkpoint.",
+            highlight=False,
+        )
 
 
 @app.command(cls=_Command)
