@@ -9,15 +9,17 @@ how the others are read, and batches stream with bounded memory.
 
 from __future__ import annotations
 
+import bisect
+import collections
 import itertools
 import logging
 import os
 import queue
 import re
 import threading
-from collections.abc import Callable, Iterator
-from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
+from collections.abc import Callable, Iterable, Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass, field, replace
 from typing import Any, TypeVar
 from urllib.parse import unquote
 
@@ -29,6 +31,7 @@ import pyarrow.fs as pafs
 from lakesync.config import Settings, get_settings
 from lakesync.delta import LOG_DIR, is_delta_table, snapshot
 from lakesync.errors import SourceError
+from lakesync.jsonarray import is_json_array, ndjson_copy
 from lakesync.storage import (
     Location,
     dot_segment_after_glob,
@@ -58,9 +61,15 @@ _STREAMING = {
 #: kept for S3, where fewer larger requests matter) caches every range read until the file
 #: is done, so memory grew with file size: a million-record lake peaked 30% higher.
 _LOCAL_PARQUET = ds.ParquetFragmentScanOptions(pre_buffer=False)
+#: int96 timestamps are nanoseconds to pyarrow unless told otherwise, which wraps dates after
+#: 2262 (Spark's 9999-12-31 became 1816); microseconds cover every year
+_INT96 = ds.ParquetReadOptions(coerce_int96_timestamp_unit="us")
 #: Lake batches a reader thread prepares while the consumer writes the current one.
 _PREFETCH = 1
 _INSPECT_THREADS = 16  # footers / headers read in parallel at open (matters on S3)
+_READ_THREADS = 8  # small files read in parallel while batches are made (matters on S3)
+_READ_AHEAD = 32  # small files read ahead at most
+_SMALL_FILE_ROWS = 10_000  # a file of at most this many rows (or one batch) is read whole
 
 
 @dataclass(frozen=True)
@@ -71,21 +80,131 @@ class Position:
     row: int = 0
 
 
+@dataclass(frozen=True)
+class Segment:
+    """The rows of one file in a batch: batch rows ``[offset, offset + rows)`` are rows
+    ``[start_row, start_row + rows)`` of file ``file_index`` (``ordinal`` in the whole lake)."""
+
+    file: str
+    file_index: int
+    ordinal: int
+    start_row: int
+    rows: int
+    offset: int = 0
+
+    def file_row(self, row: int) -> int:
+        """The file's row of batch row ``row``."""
+        return self.start_row + row - self.offset
+
+
 @dataclass
 class LakeBatch:
-    """Up to batch_size rows of one file, starting at row ``start_row`` of that file."""
+    """Up to batch_size rows of the lake, starting at row ``start_row`` of ``file``.
+
+    A batch may span files (a lake of many small files is still written in whole batches):
+    ``segments`` says which rows came from which file, and ``end`` where the next batch starts.
+    """
 
     table: pa.Table
     file: str
     file_index: int
     start_row: int
+    #: the file's index in the job's whole lake (``file_index`` counts from a partition's
+    #: first file): lake positions in markers, rejections and the plan use it
+    ordinal: int = -1
     #: what ``batches(prepare=...)`` computed from the batch ahead of time (None if it failed)
     prepared: Any = field(default=None, repr=False, compare=False)
+    segments: list[Segment] = field(default_factory=list, repr=False)
+
+    def __post_init__(self) -> None:
+        if self.ordinal < 0:
+            self.ordinal = self.file_index
+        if not self.segments:
+            self.segments = [
+                Segment(self.file, self.file_index, self.ordinal, self.start_row,
+                        int(self.table.num_rows))
+            ]  # fmt: skip
 
     @property
     def end(self) -> Position:
         """The position just after this batch: where a resumed read starts."""
-        return Position(self.file_index, self.start_row + int(self.table.num_rows))
+        last = self.segments[-1]
+        return Position(last.file_index, last.start_row + last.rows)
+
+    def segment_of(self, row: int) -> Segment:
+        """The segment holding batch row ``row``."""
+        if len(self.segments) == 1:
+            return self.segments[0]
+        return self.segments[bisect.bisect_right([s.offset for s in self.segments], row) - 1]
+
+    def at(self, row: int) -> tuple[int, int]:
+        """The lake position (ordinal, file row) of batch row ``row``."""
+        seg = self.segment_of(row)
+        return seg.ordinal, seg.file_row(row)
+
+    def holds(self, ordinal: int, file_row: int) -> bool:
+        """Whether the lake position (ordinal, file row) is one of this batch's rows."""
+        return any(
+            s.ordinal == ordinal and s.start_row <= file_row < s.start_row + s.rows
+            for s in self.segments
+        )
+
+
+def _joined(pieces: list[LakeBatch]) -> LakeBatch:
+    """One batch of consecutive pieces of the lake (whose tables have the same schema)."""
+    if len(pieces) == 1:
+        return pieces[0]
+    segments, offset = [], 0
+    for piece in pieces:
+        for s in piece.segments:
+            segments.append(replace(s, offset=offset + s.offset))
+        offset += piece.table.num_rows
+    first = pieces[0]
+    table = pa.concat_tables([p.table for p in pieces])
+    return LakeBatch(table, first.file, first.file_index, first.start_row, first.ordinal,
+                     segments=segments)  # fmt: skip
+
+
+def _sliced(piece: LakeBatch, rows: int) -> tuple[LakeBatch, LakeBatch]:
+    """A one-file piece cut after ``rows`` rows."""
+    head = LakeBatch(piece.table.slice(0, rows), piece.file, piece.file_index, piece.start_row,
+                     piece.ordinal)  # fmt: skip
+    tail = LakeBatch(piece.table.slice(rows), piece.file, piece.file_index,
+                     piece.start_row + rows, piece.ordinal)  # fmt: skip
+    return head, tail
+
+
+def _across_files(pieces: Iterator[LakeBatch], size: int) -> Iterator[LakeBatch]:
+    """Batches of exactly ``size`` rows made of one-file pieces, spanning files.
+
+    Fewer rows only at the end, or where the next file's columns differ (name, type or
+    order): records of such files are never put in one table, so each is stored exactly
+    as its own file holds it.
+    """
+    pending: list[LakeBatch] = []
+    rows = 0
+    for piece in pieces:
+        if pending and not piece.table.schema.equals(pending[0].table.schema, check_metadata=False):
+            yield _joined(pending)
+            pending, rows = [], 0
+        pending.append(piece)
+        rows += piece.table.num_rows
+        while rows >= size:
+            head: list[LakeBatch] = []
+            need = size
+            while need:
+                first = pending.pop(0)
+                n = first.table.num_rows
+                if n > need:
+                    first, rest = _sliced(first, need)
+                    pending.insert(0, rest)
+                    n = need
+                head.append(first)
+                need -= n
+            rows -= size
+            yield _joined(head)
+    if pending:
+        yield _joined(pending)
 
 
 class Lake:
@@ -110,9 +229,21 @@ class Lake:
         version: int | None = None,
         since_version: int | None = None,
         schema: pa.Schema | None = None,
+        first_index: int = 0,
+        renames: dict[str, str] | None = None,
+        live: list[pa.BooleanArray | None] | None = None,
+        views: dict[str, pa.DataType] | None = None,
     ) -> None:
         self.uri, self.format, self.files, self.version = uri, fmt, files, version
+        #: the index of ``files[0]`` in the whole lake (non-zero for a partition's files)
+        self.first_index = first_index
         self.since_version = since_version
+        #: Delta: physical -> logical column names, and each file's live rows (None: all)
+        self._renames = renames or {}
+        self._live = live or [None] * len(files)
+        #: columns whose nested fields column mapping renamed: their logical types
+        self._views = views or {}
+        self._mapped = bool(self._renames or self._views)
         self._fragments, self._schemas, self._endpoint = fragments, schemas, endpoint
         self._root = root.rstrip("/")
         self._parquet = fmt in ("parquet", "delta")
@@ -137,8 +268,14 @@ class Lake:
         settings: Settings | None = None,
         version: int | None = None,
         since_version: int | None = None,
+        only: list[str] | None = None,
+        first_index: int = 0,
     ) -> Lake:
         """List and inspect the lake at ``uri``; raise SourceError if it cannot be read.
+
+        With ``only`` (names as ``file_name`` gives them), the lake is reduced to those files
+        as ``Lake.only`` does, and only their footers are read: a partition of a lake of
+        many files opens its own files, not all of them.
 
         A directory holding ``_delta_log`` is read as a Delta table (its latest version,
         or ``version``) unless ``format`` names a plain file format. With ``since_version``
@@ -173,7 +310,8 @@ class Lake:
             raise read_error(e, loc.show(base), "", loc.endpoint, listing=True) from e
         maybe_delta = glob_at is None and fmt_given in (None, "delta")
         if maybe_delta and info.type == pafs.FileType.Directory and is_delta_table(loc, base):
-            return cls._open_delta(uri, loc, base, version, since_version)
+            table = cls._open_delta(uri, loc, base, version, since_version)
+            return table if only is None else table.only(only, first_index)
         if fmt_given == "delta" or version is not None or since_version is not None:
             raise SourceError(
                 f"{loc.show(loc.path)} is not a Delta table (no {LOG_DIR} folder in it), "
@@ -198,6 +336,8 @@ class Lake:
                 uri=uri,
             )
         root = base.rsplit("/", 1)[0] if single else base
+        if only is not None:
+            found = _picked(found, root, only, uri)
         keys = [_partition(p[len(root) :].lstrip("/")) for p in found]
         inspected = _inspect(
             loc, fmt, [(p, _hive_expression(k), k) for p, k in zip(found, keys, strict=True)]
@@ -205,7 +345,8 @@ class Lake:
         logger.info("Opened lake %s: %d %s file(s)", loc.show(loc.path), len(found), fmt)
         fragments, schemas = [f for f, _ in inspected], [s for _, s in inspected]
         files = [loc.show(p) for p in found]
-        return cls(uri, fmt, files, fragments, schemas, loc.endpoint, root=loc.show(root))
+        return cls(uri, fmt, files, fragments, schemas, loc.endpoint, root=loc.show(root),
+                   first_index=first_index)  # fmt: skip
 
     @classmethod
     def _open_delta(
@@ -227,12 +368,17 @@ class Lake:
         inspected = _inspect(loc, "delta", [(p, expr, []) for p, expr in chosen])
         fragments = [f for f, _ in inspected]
         files = [loc.show(p) for p, _ in chosen]
-        schemas = [snap.schema] * len(files)  # the table's schema, not each file's
+        scanned = snap.physical or snap.schema
+        schemas = [scanned] * len(files)  # the table's schema (physical names), not each file's
+        views = {f.name: f.type for f, p in zip(snap.schema, scanned, strict=True)
+                 if p.type != f.type}  # fmt: skip
+        live = [snap.live.get(p) for p, _ in chosen]
         added = "" if since is None else f" added since version {since}"
         logger.info("Opened Delta table %s version %d: %d file(s)%s", uri, snap.version,
                     len(files), added)  # fmt: skip
         return cls(uri, "delta", files, fragments, schemas, loc.endpoint, root=loc.show(base),
-                   version=snap.version, schema=snap.schema, since_version=since)  # fmt: skip
+                   version=snap.version, schema=snap.schema, since_version=since,
+                   renames=snap.renames, live=live, views=views)  # fmt: skip
 
     def file_name(self, index: int) -> str:
         """The stable name of file ``index``: its path relative to the lake's root folder.
@@ -243,29 +389,26 @@ class Lake:
         file = self.files[index]
         return file[len(self._root) :].lstrip("/") if file.startswith(self._root) else file
 
-    def only(self, names: list[str]) -> Lake:
+    def only(self, names: list[str], first_index: int = 0) -> Lake:
         """This lake reduced to the files named (as ``file_name`` gives them), in that order.
+
+        ``first_index`` is the whole lake's index of the first file named: the batches'
+        ``ordinal`` keeps counting files as the whole lake does.
 
         A partition reads exactly the files it was planned with: a file added to the lake
         since is left to the next copy, and one that is gone stops it (SourceError, naming
         the file) instead of shifting every range after it.
         """
         index = {self.file_name(i): i for i in range(len(self.files))}
-        gone = [name for name in names if name not in index]
-        if gone:
-            raise SourceError(
-                f"{gone[0]} is no longer in {self.uri}: the lake changed while the job was "
-                f"copying it ({len(gone)} of the files planned for this part are gone). "
-                "Restore the file and resume the job, or start a new copy.",
-                uri=self.uri,
-                file=gone[0],
-            )
+        _refuse_gone([name for name in names if name not in index], self.uri)
         picked = [index[name] for name in names]
         part = Lake(
             self.uri, self.format, [self.files[i] for i in picked],
             [self._fragments[i] for i in picked], [self._schemas[i] for i in picked],
             self._endpoint, root=self._root, version=self.version,
-            since_version=self.since_version, schema=self.schema,
+            since_version=self.since_version, schema=self.schema, renames=self._renames,
+            live=[self._live[i] for i in picked], views=self._views,
+            first_index=first_index,
         )  # fmt: skip
         if self._row_counts is not None:
             part._row_counts = [self._row_counts[i] for i in picked]
@@ -320,8 +463,11 @@ class Lake:
     def file_row_counts(self) -> list[int]:
         """Rows per file, unfiltered (Parquet: from the footers, no data read)."""
         if self._row_counts is None:
-            if self._parquet:
-                self._row_counts = [int(f.metadata.num_rows) for f in self._fragments]
+            if self._parquet:  # less the rows a deletion vector removed
+                self._row_counts = [
+                    int(f.metadata.num_rows) - (0 if keep is None else len(keep) - keep.true_count)
+                    for f, keep in zip(self._fragments, self._live, strict=True)
+                ]
             else:
                 self._row_counts = [
                     int(self._guard(i, f.count_rows)) for i, f in enumerate(self._fragments)
@@ -333,6 +479,12 @@ class Lake:
         if filter is None:
             return sum(self.file_row_counts())
         total = 0
+        if self._mapped or any(keep is not None for keep in self._live):  # filtered as read
+            for i in range(len(self.files)):
+                total += sum(
+                    b.table.num_rows for b in self._file_batches(i, 1 << 16, 0, filter, None)
+                )
+            return total
         for i, (fragment, schema) in enumerate(zip(self._fragments, self._schemas, strict=True)):
             scanner = self._guard(
                 i, ds.Scanner.from_fragment, fragment, schema=schema, filter=filter
@@ -350,7 +502,9 @@ class Lake:
         columns: list[str] | None = None,
         prepare: Callable[[LakeBatch], Any] | None = None,
     ) -> Iterator[LakeBatch]:
-        """Stream batches of exactly ``batch_size`` rows (fewer at a file's end) from ``start``.
+        """Stream batches of exactly ``batch_size`` rows (fewer at the end) from ``start``.
+
+        Batches span files (see ``_across_files``); ``batch.end`` is where the next starts.
 
         A reader thread reads (and decodes) the next batch while the caller works on this
         one. ``prepare``, if given, runs there too, on each batch, and its result is kept
@@ -366,13 +520,43 @@ class Lake:
                 uri=self.uri,
             )
         stop = len(self.files) if stop_file is None else min(stop_file, len(self.files))
-        files = (
-            self._file_batches(index, batch_size, start.row if index == start.file_index else 0,
-                               filter, columns)
-            for index in range(start.file_index, stop)
-        )  # fmt: skip
-        stream = itertools.chain.from_iterable(files)
+        files = self._files_read_ahead(range(start.file_index, stop), start, batch_size, filter,
+                                       columns)  # fmt: skip
+        stream = _across_files(itertools.chain.from_iterable(files), batch_size)
         yield from _prefetched(stream if prepare is None else _prepared(stream, prepare), _PREFETCH)
+
+    def _files_read_ahead(
+        self,
+        indexes: range,
+        start: Position,
+        size: int,
+        filter: pc.Expression | None,
+        columns: list[str] | None,
+    ) -> Iterator[Iterable[LakeBatch]]:
+        """Each file's batches, in order. Small Parquet files (a lake of many small files, as
+        Spark writes them) are read whole, several at a time, by a bounded pool of threads:
+        one file after another would pay each file's latency (on S3, a round trip or two) in
+        turn. Larger files are streamed batch by batch, so memory stays bounded by batches."""
+
+        def batches(index: int, whole: bool = False) -> Iterator[LakeBatch]:
+            skip = start.row if index == start.file_index else 0
+            return self._file_batches(index, size, skip, filter, columns, whole)
+
+        counts = self.file_row_counts() if self._parquet else None
+        small = max(size, _SMALL_FILE_ROWS)
+        with ThreadPoolExecutor(_READ_THREADS, thread_name_prefix="lake-read") as pool:
+            ahead: collections.deque[tuple[int, Future[list[LakeBatch]] | None]] = (
+                collections.deque()
+            )
+            for index in indexes:
+                whole = counts is not None and counts[index] <= small
+                ahead.append((index, pool.submit(list, batches(index, True)) if whole else None))
+                while len(ahead) > _READ_AHEAD or (ahead and ahead[0][1] is None):
+                    first, future = ahead.popleft()
+                    yield batches(first) if future is None else future.result()
+            while ahead:
+                first, future = ahead.popleft()
+                yield batches(first) if future is None else future.result()
 
     def _file_batches(
         self,
@@ -381,11 +565,18 @@ class Lake:
         skip: int,
         filter: pc.Expression | None,
         columns: list[str] | None,
+        whole: bool = False,
     ) -> Iterator[LakeBatch]:
         fragment, schema, offset = self._fragments[index], self._schemas[index], skip
+        ordinal = self.first_index + index
+        keep, after = self._live[index], None
+        if keep is not None or self._mapped:  # Delta: rows deleted, columns renamed as read
+            after, filter = filter, None
+            physical = {logical: name for name, logical in self._renames.items()}
+            columns = None if columns is None else [physical.get(c, c) for c in columns]
         if columns is not None:  # a column some other file has is simply absent here
             columns = [c for c in columns if c in schema.names]
-        if skip and filter is None and self._parquet:
+        if skip and filter is None and after is None and keep is None and self._parquet:
             groups, first = fragment.row_groups, 0
             while first < len(groups) and groups[first].num_rows <= skip:
                 skip -= groups[first].num_rows
@@ -395,10 +586,18 @@ class Lake:
         scan = {"schema": schema, "columns": columns, "filter": filter, "batch_size": size}
         if self._parquet and fragment.filesystem.type_name == "local":
             scan["fragment_scan_options"] = _LOCAL_PARQUET
-        source = iter(self._guard(index, fragment.to_batches, **scan, **_STREAMING))
+        if whole:  # a small file: one read (a scanner per batch costs more than the data)
+            del scan["batch_size"]
+            table = self._guard(index, fragment.to_table, **scan)
+            source: Iterator[pa.RecordBatch] = iter(table.to_batches())
+        else:
+            source = iter(self._guard(index, fragment.to_batches, **scan, **_STREAMING))
         pending: list[pa.RecordBatch] = []
         pending_rows = 0
+        read = 0  # rows of the file read so far (before deletions and the filter)
         while (batch := self._guard(index, next, source, None)) is not None:
+            if keep is not None or self._mapped:
+                read, batch = read + batch.num_rows, self._logical(batch, keep, read, after)
             if skip:
                 if batch.num_rows <= skip:
                     skip -= batch.num_rows
@@ -409,14 +608,41 @@ class Lake:
                 pending_rows += batch.num_rows
             while pending_rows >= size:
                 table = pa.Table.from_batches(pending)
-                yield LakeBatch(table.slice(0, size), self.files[index], index, offset)
+                yield LakeBatch(table.slice(0, size), self.files[index], index, offset, ordinal)
                 offset += size
                 rest = table.slice(size)
                 pending, pending_rows = rest.to_batches(), rest.num_rows
         if pending_rows:
-            yield LakeBatch(pa.Table.from_batches(pending), self.files[index], index, offset)
+            yield LakeBatch(
+                pa.Table.from_batches(pending), self.files[index], index, offset, ordinal
+            )
         if skip:
             logger.warning("Start row %d is past the end of %s", offset, self.files[index])
+
+    def _logical(
+        self,
+        batch: pa.RecordBatch,
+        keep: pa.BooleanArray | None,
+        start: int,
+        where: pc.Expression | None,
+    ) -> pa.RecordBatch:
+        """A Delta batch (rows ``start``... of its file) with logical names, deleted rows and
+        rows outside ``where`` removed."""
+        batch = batch.rename_columns([self._renames.get(n, n) for n in batch.schema.names])
+        if self._views:  # nested fields renamed too: the same data under the logical names
+            names = batch.schema.names
+            batch = pa.RecordBatch.from_arrays(
+                [c.view(self._views[n]) if n in self._views else c
+                 for n, c in zip(names, batch.columns, strict=True)], names=names,
+            )  # fmt: skip
+        if keep is not None and start < len(keep):
+            mask = keep.slice(start, batch.num_rows)
+            if len(mask) < batch.num_rows:  # rows past the vector's end are live
+                mask = pa.concat_arrays([mask, pa.array([True] * (batch.num_rows - len(mask)))])
+            batch = batch.filter(mask)
+        if where is not None:
+            batch = batch.filter(where)
+        return batch
 
     def _guard(self, index: int, call: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
         try:
@@ -526,14 +752,39 @@ def _hive_expression(keys: list[tuple[str, str | None]]) -> pc.Expression | None
 _Item = tuple[str, pc.Expression | None, list[tuple[str, str | None]]]
 
 
+def _refuse_gone(gone: list[str], uri: str) -> None:
+    """SourceError naming the first of the planned files that are no longer in the lake."""
+    if gone:
+        raise SourceError(
+            f"{gone[0]} is no longer in {uri}: the lake changed while the job was copying it "
+            f"({len(gone)} of the files planned for this part are gone). Restore the file and "
+            "resume the job, or start a new copy.",
+            uri=uri,
+            file=gone[0],
+        )
+
+
+def _picked(found: list[str], root: str, names: list[str], uri: str) -> list[str]:
+    """The paths of the files named (relative to ``root``), in that order."""
+    by_name = {p[len(root) :].lstrip("/") if p.startswith(root) else p: p for p in found}
+    _refuse_gone([n for n in names if n not in by_name], uri)
+    return [by_name[n] for n in names]
+
+
 def _inspect(loc: Location, fmt: str, files: list[_Item]) -> list[tuple[Any, pa.Schema]]:
     """A fragment per file and its schema (plus hive keys), read in parallel (S3 latency)."""
-    file_format = _FORMATS["parquet" if fmt == "delta" else fmt]()
+    if fmt in ("parquet", "delta"):  # int96 (Spark, Impala): microseconds reach year 9999
+        file_format = ds.ParquetFileFormat(read_options=_INT96)
+    else:
+        file_format = _FORMATS[fmt]()
 
     def inspect(item: _Item) -> tuple[Any, pa.Schema]:
         path, expr, keys = item
         try:
-            fragment = file_format.make_fragment(path, filesystem=loc.fs, partition_expression=expr)
+            fs, real = loc.fs, path
+            if fmt == "json" and is_json_array(fs, path):  # [{...}, ...]: read as NDJSON
+                fs, real = pafs.LocalFileSystem(), ndjson_copy(fs, path, loc.show(path))
+            fragment = file_format.make_fragment(real, filesystem=fs, partition_expression=expr)
             schema = fragment.physical_schema  # Parquet: reads and caches the footer
         except (pa.ArrowException, OSError) as e:
             raise read_error(e, loc.show(path), fmt, loc.endpoint) from e

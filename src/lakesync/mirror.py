@@ -47,6 +47,12 @@ Key = str | int | float
 
 def key_type(schema: RecordSchema, lake: Lake) -> type:
     """str or int: the type of the operation's keys; JobError if mirror cannot handle it."""
+    if not isinstance(schema.key, str):
+        raise JobError(
+            f"Mirror mode needs a single string or integer key; this operation's key is "
+            f"composite ({', '.join(schema.key)}). Use mode full.",
+            key=schema.key,
+        )
     rule = next((r for r in schema.fields if r.name == schema.key), None)
     declared = rule.type if rule is not None else "any"
     if declared == "any" and lake.has_column(schema.key):

@@ -31,6 +31,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from lakesync.config import Settings
 from lakesync.errors import ConfigError, RequestError
 from lakesync.lake import Lake
+from lakesync.schedules import Unattended, check_unattended
 from lakesync.schema import TASK_DETAIL, FieldRule, FieldType, RecordSchema
 from lakesync.storage import mask_secrets
 
@@ -43,7 +44,7 @@ logger = logging.getLogger(__name__)
 Mode = Literal["full", "incremental", "mirror"]
 
 
-class Operation(BaseModel):
+class Operation(Unattended):
     """A named copy: where records come from, what they look like, where they go."""
 
     name: str
@@ -70,6 +71,12 @@ class Operation(BaseModel):
                 f"Operation {self.name!r} has no watermark column, so it cannot copy "
                 "incrementally. Use mode full or mirror, or declare its `watermark` in "
                 "lakesync.toml.",
+                operation=self.name,
+            )
+        if mode == "mirror" and not isinstance(self.schema_.key, str):
+            raise RequestError(
+                f"Operation {self.name!r} has a composite key, and mirror mode needs a single "
+                "string or integer key. Use mode full.",
                 operation=self.name,
             )
         if options.sinceDeltaVersion is not None:
@@ -116,11 +123,15 @@ class ResolvedJob:
     source: str
     batch_size: int
 
-    def open_lake(self, settings: Settings) -> Lake:
-        """The job's lake, at the Delta version (and from the version) the job pinned."""
+    def open_lake(
+        self, settings: Settings, only: list[str] | None = None, first_index: int = 0
+    ) -> Lake:
+        """The job's lake, at the Delta version (and from the version) the job pinned;
+        with ``only``, just those of its files (see ``Lake.open``)."""
         return Lake.open(self.source, format=self.op.format, settings=settings,
                          version=self.options.deltaVersion,
-                         since_version=self.options.sinceDeltaVersion)  # fmt: skip
+                         since_version=self.options.sinceDeltaVersion,
+                         only=only, first_index=first_index)  # fmt: skip
 
 
 class OperationRegistry:
@@ -202,13 +213,16 @@ class OperationInfo(BaseModel):
     source: str
     format: str | None
     collection: str
-    key: str
+    key: str | list[str]
     batchSize: int | None
     mode: Mode
     watermarkColumn: str | None
     #: column, kind, value (ISO time or number), source, jobId, and a Delta table's version
     watermark: dict[str, Any] | None
     lastJob: dict[str, Any] | None
+    #: its schedule (cron or interval, time zone, paused, last run and result), if any
+    schedule: dict[str, Any] | None = None
+    nextRun: str | None = None  # ISO 8601 UTC; None when unscheduled or paused
 
 
 # -- lakesync.toml ---------------------------------------------------------------------------
@@ -216,7 +230,7 @@ class OperationInfo(BaseModel):
 _NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,99}")
 _COLLECTION = re.compile(r"[A-Za-z_][A-Za-z0-9_.-]{0,119}")
 #: lakesync's own collections, and the prefix of its temporary ones
-RESERVED = {"jobstatuses", "copyerrors", "idempotencykeys", "syncstate", "jobpartitions"}
+RESERVED = {"jobstatuses", "copyerrors", "idempotencykeys", "syncstate", "jobpartitions", "joblogs"}
 _RESERVED_PREFIXES = ("mirrorseen_", "system.")
 _WATERMARK_TYPES = ("timestamp", "int", "any")
 
@@ -243,7 +257,7 @@ class SchemaConfig(BaseModel):
     keepExtra: bool = False  # also copy columns the schema does not declare
 
 
-class OperationConfig(BaseModel):
+class OperationConfig(Unattended):
     """One `[operations.<name>]` table of lakesync.toml."""
 
     model_config = ConfigDict(extra="forbid", populate_by_name=True)
@@ -252,7 +266,7 @@ class OperationConfig(BaseModel):
     source: str | None = Field(None, min_length=1)
     format: Literal["parquet", "pq", "csv", "json", "jsonl", "ndjson", "delta"] | None = None
     collection: str
-    key: str = Field(min_length=1)
+    key: str | list[str] = Field(min_length=1)  # a list: a composite _id, in this order
     batchSize: int | None = Field(None, ge=1, le=100_000)
     mode: Mode = "full"
     watermark: str | None = Field(None, min_length=1)
@@ -302,6 +316,12 @@ def _operation(path: Path, name: str, table: Any) -> Operation:
     if cfg.mode == "incremental" and cfg.watermark is None:
         raise fail("watermark is required when mode is incremental (e.g. watermark = "
                    '"updatedAt").')  # fmt: skip
+    keys = [cfg.key] if isinstance(cfg.key, str) else cfg.key
+    if not all(keys) or len(set(keys)) != len(keys):
+        raise fail(f"key {cfg.key!r}: name one column, or a list of distinct columns.")
+    if cfg.mode == "mirror" and len(keys) > 1:
+        raise fail("mode mirror needs a single key column; a composite key copies in mode full.")
+    check_unattended(cfg, fail)  # schedule, every, timezone, notify, on, allowEmpty
     fields = _fields(cfg, fail)
     source = cfg.source
     if source is not None and "://" not in source:  # relative to the file, not the working dir
@@ -313,12 +333,14 @@ def _operation(path: Path, name: str, table: Any) -> Operation:
         name=name, description=cfg.description, source=source, format=cfg.format,
         collection=cfg.collection, schema_=schema, batchSize=cfg.batchSize, mode=cfg.mode,
         watermark=cfg.watermark,
+        **cfg.model_dump(include=set(Unattended.model_fields)),
     )  # fmt: skip
 
 
 def _fields(cfg: OperationConfig, fail: Any) -> list[FieldRule]:
     """The schema's field rules; the key is always required (it becomes `_id`)."""
     declared = cfg.schema_.fields if cfg.schema_ else {}
+    keys = [cfg.key] if isinstance(cfg.key, str) else cfg.key
     rules = []
     for name, f in declared.items():
         where = f"schema.fields.{name}"
@@ -329,13 +351,14 @@ def _fields(cfg: OperationConfig, fail: Any) -> list[FieldRule]:
         if name == cfg.watermark and f.type not in _WATERMARK_TYPES:
             raise fail(f"watermark {name!r} is a {f.type} field; a watermark must be a "
                        "timestamp or int field.")  # fmt: skip
-        is_key = name == cfg.key
+        is_key = name in keys
         required = f.required or is_key
         nullable = (not required if f.nullable is None else f.nullable) and not is_key
         rules.append(FieldRule(name=name, type=f.type, required=required, nullable=nullable,
                                min=f.min, allowed=f.allowed, nonEmpty=f.nonEmpty))  # fmt: skip
-    if rules and cfg.key not in declared:  # the key must be validated like the engine uses it
-        rules.insert(0, FieldRule(name=cfg.key, required=True, nullable=False))
+    for key in reversed(keys):  # the key must be validated like the engine uses it
+        if rules and key not in declared:
+            rules.insert(0, FieldRule(name=key, required=True, nullable=False))
     return rules
 
 

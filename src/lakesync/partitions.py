@@ -32,6 +32,7 @@ from lakesync.lake import Lake, Position
 from lakesync.logs import job_context
 from lakesync.models import ACTIVE_STATES, Checkpoint, Counters, JobState, JobStatus
 from lakesync.operations import OperationRegistry
+from lakesync.repeats import Superseded
 from lakesync.retry import RetryPolicy
 from lakesync.runner import Outcome, summary
 from lakesync.store import JobStore
@@ -44,6 +45,7 @@ COUNTERS = {
     "insertedRecords": "inserted",
     "updatedRecords": "updated",
     "unchangedRecords": "unchanged",
+    "duplicateRecords": "duplicates",
     "errorRecords": "errors",
 }
 
@@ -201,7 +203,7 @@ class PartitionedJobs:
         self.parts.update_one({"_id": part["_id"]}, {"$push": {"ranBy": self.owner}})
         where = f"partition {index + 1} of {job.partitions} (files {part['fileStart'] + 1}" \
                 f"-{part['fileStop']})"  # fmt: skip
-        metrics.ACTIVE.inc()
+        metrics.run_started(job_id)
         try:
             return self._copy(job, part, owner, policy, where)
         except LeaseLost as e:
@@ -218,7 +220,7 @@ class PartitionedJobs:
             self._fail_job(job, f"{where.capitalize()} failed: {type(e).__name__}: {e}")
             return Outcome.ENDED
         finally:
-            metrics.ACTIVE.dec()
+            metrics.run_ended(job_id)
 
     def _copy(
         self, job: JobStatus, part: dict[str, Any], owner: str, policy: RetryPolicy, where: str
@@ -226,12 +228,18 @@ class PartitionedJobs:
         job_id, index = job.jobId, int(part["index"])
         resolved = self.registry.resolve(job.operation, job.options, self.settings)
         op, batch_size = resolved.op, resolved.batch_size
-        lake = resolved.open_lake(self.settings)
         if part.get("files") is not None:  # the files it was planned with, whatever changed
-            lake, first, stop = lake.only(part["files"]), 0, None
+            lake = resolved.open_lake(self.settings, part["files"], int(part["fileStart"]))
+            first, stop = 0, None
         else:  # planned before partitions recorded their files: a range of the file list
+            lake = resolved.open_lake(self.settings)
             first, stop = int(part["fileStart"]), int(part["fileStop"])
-        engine = CopyEngine(self.store.db[op.collection], self.store.copyerrors, op.schema_, job_id)
+        superseded = policy.call(
+            lambda: Superseded.load(self.store.db, job_id, lake.files), "reading the plan"
+        )
+        engine = CopyEngine(
+            self.store.db[op.collection], self.store.copyerrors, op.schema_, job_id, superseded
+        )
         cp = Checkpoint.model_validate(part.get("checkpoint") or {"fileIndex": first})
         start = lake.resume_position(Position(cp.fileIndex, cp.row), cp.file)
         started = time.monotonic()

@@ -17,7 +17,7 @@ from enum import Enum
 from functools import cached_property, partial
 from typing import TYPE_CHECKING, Any
 
-from lakesync import metrics, mirror
+from lakesync import metrics, mirror, repeats
 from lakesync.config import Settings
 from lakesync.copy import CopyEngine
 from lakesync.errors import (
@@ -59,12 +59,14 @@ def new_owner() -> str:
 
 def summary(s: JobStatus) -> str:
     """The human message of a finished copy."""
+    noun = "record" if s.processedRecords == 1 else "records"
     text = (
-        f"Copied {s.processedRecords:,} record{'' if s.processedRecords == 1 else 's'}: "
-        f"{s.insertedRecords:,} inserted, "
+        f"Copied {s.processedRecords:,} {noun}: {s.insertedRecords:,} inserted, "
         f"{s.updatedRecords:,} updated, {s.unchangedRecords:,} unchanged, "
-        f"{s.errorRecords:,} rejected"
     )
+    if s.duplicateRecords:
+        text += f"{s.duplicateRecords:,} duplicate{'' if s.duplicateRecords == 1 else 's'}, "
+    text += f"{s.errorRecords:,} rejected"
     if s.deletedRecords:
         text += f", {s.deletedRecords:,} deleted"
     return text
@@ -134,7 +136,7 @@ class JobRunner:
             return Outcome.ENDED
         beat = _Heartbeat(self.store, job_id, owner, self.settings.lease_seconds / 4)
         beat.start()
-        metrics.ACTIVE.inc()
+        metrics.run_started(job_id)
         try:
             return self._copy(status, owner, policy, beat, on_progress)
         except LeaseLost as e:
@@ -170,7 +172,7 @@ class JobRunner:
             return Outcome.ENDED
         finally:
             beat.cancel()
-            metrics.ACTIVE.dec()
+            metrics.run_ended(job_id)
 
     def _copy(
         self,
@@ -185,7 +187,7 @@ class JobRunner:
         op, options, source = job.op, job.options, job.source
         mode = options.mode or op.mode
         lake = self._open_lake(job, mode, status.checkpoint is None, policy)
-        check_columns(op.schema_, lake.schema.names, lake.uri)
+        check_columns(op.schema_, lake.schema, lake.uri)
         column = watermark_column(op, lake, mode)
         key_kind = key_type(op.schema_, lake) if mode == "mirror" else None
         db = self.store.db
@@ -203,6 +205,10 @@ class JobRunner:
                 until = until or since  # nothing newer: read nothing, keep the watermark
             cp = Checkpoint(since=since, until=until)
             total = changed if column is not None else lake.count_rows()  # scan counted them
+            # which records a later record of the same key replaces: skipped by every run
+            planned = lake_filter(lake, cp.since, cp.until if lake.version is None else None)
+            policy.call(lambda: repeats.plan_job(db, job_id, lake, op.schema_, planned),
+                        "planning repeated keys")  # fmt: skip
             if (
                 self.partitioned is not None
                 and mode == "full"
@@ -217,9 +223,7 @@ class JobRunner:
             if seen is not None:
                 mirror.sweep(db, self.store.jobs)
                 policy.call(seen.begin, "starting the mirror's key set")
-            what = f"{total:,} record{'' if total == 1 else 's'}" + (
-                f" changed since {shown(since)}" if since else ""
-            )
+            what = f"{total:,} records" + (f" changed since {shown(since)}" if since else "")
             status = policy.call(lambda: self.store.update_run(
                 job_id, owner, totalRecords=total, checkpoint=cp.model_dump(), options=pinned,
                 message=f"Copying {what}"), "recording the total")  # fmt: skip
@@ -230,7 +234,10 @@ class JobRunner:
                 f"{status.processedRecords:,} of {status.totalRecords:,}"), "resuming")  # fmt: skip
         if on_progress:
             on_progress(status)
-        engine = CopyEngine(db[op.collection], self.store.copyerrors, op.schema_, job_id)
+        superseded = policy.call(lambda: repeats.Superseded.load(db, job_id), "reading the plan")
+        engine = CopyEngine(
+            db[op.collection], self.store.copyerrors, op.schema_, job_id, superseded
+        )
         clock = _Clock()
         start = lake.resume_position(Position(cp.fileIndex, cp.row), cp.file)
         # A Delta version's files never change, so its range needs no upper bound; that also

@@ -73,11 +73,20 @@ class LocalExecutor:
         while not stop.is_set():
             try:
                 for job_id in self.runner.store.stale(self.runner.settings.lease_seconds):
-                    logger.info("job %s: lease expired or never started; resuming it", job_id)
+                    logger.info(
+                        "job %s: lease expired or never started; resuming it",
+                        job_id,
+                        extra={"jobId": job_id},
+                    )
                     self.submit(job_id)
                 if self.runner.partitioned is not None:
                     for job_id, index in self.runner.partitioned.stale():
-                        logger.info("job %s: resuming partition %d", job_id, index + 1)
+                        logger.info(
+                            "job %s: resuming partition %d",
+                            job_id,
+                            index + 1,
+                            extra={"jobId": job_id},
+                        )
                         self.submit_partition(job_id, index)
             except Exception as e:
                 logger.warning("recovery scan failed: %s", e)
