@@ -164,6 +164,19 @@ class PartitionedJobs:
         self.store.let_go(job_id, owner)
         logger.info("job %s: partitions dispatched", job_id)
 
+    def hand_back(self, job_id: str) -> None:
+        """After this process stopped its partitions of the job: if none runs anywhere, the
+        job goes back to pending, and the next start dispatches them again at once."""
+        if self.parts.count_documents({"jobId": job_id, "status": JobState.IN_PROGRESS.value}):
+            return  # another process runs some: the job stays with them
+        done = self.parts.count_documents({"jobId": job_id, "status": JobState.COMPLETED.value})
+        total = self.parts.count_documents({"jobId": job_id})
+        if self.store.hand_back_unowned(
+            job_id, f"Paused with {done} of {total} partitions done (lakesync stopped); "
+            "resumes from the partitions' checkpoints"
+        ):  # fmt: skip
+            logger.info("job %s: handed back; the next start resumes it", job_id)
+
     # -- one partition ---------------------------------------------------------------------
 
     def run(self, job_id: str, index: int) -> Outcome:

@@ -548,6 +548,15 @@ class JobStore:
         """Stop owning the job without changing its status (its partitions carry on)."""
         self.jobs.update_one({"jobId": job_id, "owner": owner}, _rev({"$unset": {"owner": ""}}))
 
+    def hand_back_unowned(self, job_id: str, message: str) -> bool:
+        """Make an in-progress job no run owns (a partitioned job whose partitions all
+        stopped) pending, so the next start resumes it at once; False if it was not."""
+        result = self.jobs.update_one(
+            {"jobId": job_id, "status": JobState.IN_PROGRESS.value, "owner": None},
+            _beat({"$set": {"status": JobState.PENDING.value, "message": message}}),
+        )
+        return result.modified_count > 0
+
     def heartbeat(self, job_id: str, owner: str) -> JobStatus:
         """Renew the lease; returns the document (to see cancelRequested)."""
         return self._advance(job_id, owner, {})
