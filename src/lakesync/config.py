@@ -11,6 +11,9 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from lakesync.errors import ConfigError
 
+#: Host header names served by default: a DNS-rebinding page carries its own name instead
+LOOPBACK_HOSTS = ("localhost", "127.0.0.1", "[::1]")
+
 
 class Settings(BaseSettings):
     """lakesync configuration; see the README's configuration table."""
@@ -37,6 +40,8 @@ class Settings(BaseSettings):
     retry_budget_seconds: float = Field(60, ge=0)
     demo_rows: int = Field(100_000, ge=1)
     allowed_roots: list[str] = Field(default_factory=list)
+    allowed_origins: list[str] = Field(default_factory=list)
+    allowed_hosts: list[str] = Field(default_factory=lambda: list(LOOPBACK_HOSTS))
     operations_file: Path = Path("lakesync.toml")
     partition_rows: int = Field(50_000, ge=1)
     log_format: Literal["text", "json"] = "text"

@@ -13,6 +13,11 @@ from lakesync.errors import RequestError
 router = APIRouter(prefix="/.netlify/functions", tags=["seed compatibility"],
                    dependencies=[Authorized])  # fmt: skip
 
+SEED_OPTIONS = (
+    "The seed endpoint starts copy-taskdetail with its defaults and takes no options; "
+    "send options (source, batchSize, mode) to POST /api/jobs instead."
+)
+
 
 @router.post("/copy-taskdetail", status_code=202, summary="Start copy-taskdetail (seed endpoint)")
 async def copy_taskdetail(
@@ -21,7 +26,6 @@ async def copy_taskdetail(
     from fastapi.concurrency import run_in_threadpool
 
     raw = await request.body()
-    options: Any = None
     if raw.strip():
         import json
 
@@ -29,9 +33,9 @@ async def copy_taskdetail(
             body = json.loads(raw)
         except ValueError:
             raise RequestError("The request body is not valid JSON; send {} or no body.") from None
-        if isinstance(body, dict):
-            options = body.get("options")
-    status, created = await run_in_threadpool(runtime.jobs.start, "copy-taskdetail", options)
+        if isinstance(body, dict) and body.get("options"):  # the seed took none
+            raise RequestError(SEED_OPTIONS)
+    status, created = await run_in_threadpool(runtime.jobs.start, "copy-taskdetail")
     body_out = job_response(response, status, created)
     response.status_code = 202
     return body_out
