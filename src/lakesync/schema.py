@@ -146,6 +146,16 @@ def check_columns(schema: RecordSchema, columns: list[str], where: str) -> None:
             f"(it has: {', '.join(columns) or 'none'}). Point the source at TaskDetail "
             "records, or declare the operation's schema in lakesync.toml."
         )
+    declared = {f.name for f in schema.fields}
+    kept = schema.keepExtra or not schema.fields or "_id" in declared
+    if "_id" in columns and schema.key != "_id" and kept:  # it would replace the key as _id
+        raise SourceError(
+            f"The lake at {where} has a column named _id. lakesync stores every record under "
+            f"its declared key ({schema.key}) as _id, and that column would silently replace "
+            "it. Rename or drop the _id column in the lake, declare the operation's key as "
+            "_id if that column is the key, or declare a [schema] that does not keep it "
+            "(keepExtra = false)."
+        )
 
 
 def _py_convert(value: Any, ftype: str) -> Any:
