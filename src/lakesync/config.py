@@ -29,7 +29,8 @@ def uri_passwords(uri: str) -> set[str]:
     rest = _SCHEME.sub("", uri.strip())
     userinfo = rest.rpartition("@")[0] if "@" in rest else re.split(r"[/?#]", rest)[0]
     password = userinfo.partition(":")[2]
-    found = {password, unquote(password), password.rstrip("/")}
+    # parsers that stop at "/", "?" or "#" quote only the first piece (e.g. as a "port")
+    found = {password, unquote(password), re.split(r"[/?#]", password)[0]}
     if "@" not in rest and password.isdigit():  # host:port, no password
         return set()
     return {p for p in found if len(p) >= 3}
