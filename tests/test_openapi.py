@@ -15,7 +15,7 @@ CONFIG = Path(__file__).parent / "schemathesis.toml"
 TOKEN = "openapi-test-token-4e7b9a1c"
 
 
-def schemathesis(url: str, *extra: str) -> subprocess.CompletedProcess[str]:
+def schemathesis(url: str, cwd: Path, *extra: str) -> subprocess.CompletedProcess[str]:
     """`schemathesis run --checks all` against a served document, bounded in examples and time."""
     cli = Path(sys.executable).parent / "schemathesis"
     if not cli.exists():
@@ -24,12 +24,12 @@ def schemathesis(url: str, *extra: str) -> subprocess.CompletedProcess[str]:
         [str(cli), "--no-color", "--config-file", str(CONFIG), "run", f"{url}/openapi.json",
          "--checks", "all", "--max-examples", "25", "--workers", "1",
          "--phases", "examples,coverage,fuzzing,stateful", "--seed", "13", *extra],
-        capture_output=True, text=True, timeout=400,
+        capture_output=True, text=True, timeout=400, cwd=cwd,  # its cache stays out of the repo
     )  # fmt: skip
 
 
-def test_schemathesis_finds_no_failure(serve: ServeProcess) -> None:
-    run = schemathesis(serve.url)
+def test_schemathesis_finds_no_failure(serve: ServeProcess, tmp_path: Path) -> None:
+    run = schemathesis(serve.url, tmp_path)
     assert run.returncode == 0, run.stdout[-6000:] + run.stderr[-2000:]
     assert "passed" in run.stdout and "failed" not in run.stdout.split("SUMMARY")[-1]
     log = serve.log.read_text()
@@ -44,7 +44,7 @@ def test_schemathesis_with_a_token(serve_env: dict[str, str], tmp_path: Path) ->
         jobs = doc["paths"]["/api/jobs"]["get"]
         assert jobs["security"] == [{"HTTPBearer": []}] and "401" in jobs["responses"]
         assert "security" not in doc["paths"]["/healthz"]["get"]
-        run = schemathesis(proc.url, "-H", f"Authorization: Bearer {TOKEN}")
+        run = schemathesis(proc.url, tmp_path, "-H", f"Authorization: Bearer {TOKEN}")
         assert run.returncode == 0, run.stdout[-6000:] + run.stderr[-2000:]
     finally:
         proc.kill()
