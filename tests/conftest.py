@@ -67,6 +67,7 @@ def settings(mongo_uri: str, database: str, tmp_path: Path, demo_lake: Path) -> 
     return load_settings(
         mongodb_uri=mongo_uri, database=database, data_dir=tmp_path / "data",
         lake_uri=str(demo_lake), lease_seconds=3, retry_budget_seconds=10,
+        allowed_hosts=["127.0.0.1", "localhost", "testserver"],  # TestClient's Host
     )  # fmt: skip
 
 

@@ -208,11 +208,12 @@ def test_sources_outside_the_lake_are_refused(settings: Settings, lakes: tuple[P
     ]  # fmt: skip
     with Runtime(tokened(settings, lake_uri=str(lake))) as rt, TestClient(create_app(rt)) as c:
         for source in refused:
-            for seed in (False, True):
-                r = post_source(c, source, seed)
-                assert r.status_code == 400, (source, r.text)
-                assert "outside the allowed roots" in r.json()["error"], source
-                assert str(lake) in r.json()["error"] and r.json()["allowedRoots"] == [str(lake)]
+            r = post_source(c, source)
+            assert r.status_code == 400, (source, r.text)
+            assert "outside the allowed roots" in r.json()["error"], source
+            assert str(lake) in r.json()["error"] and r.json()["allowedRoots"] == [str(lake)]
+            seed = post_source(c, source, seed=True)  # the seed endpoint takes no options
+            assert seed.status_code == 400 and "takes no options" in seed.json()["error"]
         assert post_source(c, f"{lake}/tasks").status_code == 202
         assert post_source(c, f"{lake}/tasks/**/*.parquet").status_code == 202
         missing = post_source(c, f"{lake}/no-such-dir")  # inside: existence may be told
@@ -237,10 +238,9 @@ def test_dot_segments_after_a_wildcard_are_refused_whether_files_exist_or_not(
     ]  # fmt: skip
     with Runtime(tokened(settings, lake_uri=str(lake))) as rt, TestClient(create_app(rt)) as c:
         for source in refused:
-            for seed in (False, True):
-                r = post_source(c, source, seed)
-                assert r.status_code == 400, (source, r.text)
-                assert "outside the allowed roots" in r.json()["error"], (source, r.text)
+            r = post_source(c, source)
+            assert r.status_code == 400, (source, r.text)
+            assert "outside the allowed roots" in r.json()["error"], (source, r.text)
         assert rt.store.jobs.count_documents({}) == 0
         assert post_source(c, f"{lake}/tasks/*/*.parquet").status_code == 202
         assert rt.store.jobs.count_documents({}) == 1
@@ -482,8 +482,10 @@ def test_a_link_out_of_the_lake_is_not_followed(lakes: tuple[Path, Path]) -> Non
         with pytest.raises(SourceError) as info:
             Lake.open(source)
         message = str(info.value)
-        assert link in message and str(outside) in message, message
+        assert f"{source.split('/tasks')[0]}/tasks/{link}" in message or f"/{link} " in message
+        assert str(outside) not in message, "the message names what lies behind the link"
         assert "does not follow links out of the lake" in message
+        assert info.value.details["file"].endswith(link)
     (lake / "tasks" / "leak.parquet").unlink()
     # a link that stays inside the lake is read like any file
     inside = next((lake / "tasks").rglob("*.parquet"))

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import re
 import time
-from datetime import datetime
+from datetime import UTC, datetime
 from typing import Any
 
 import pytest
@@ -71,7 +71,8 @@ def test_unique_job_id_and_ttl_indexes(
     store.ensure_indexes()  # idempotent
     found = indexes(db.jobstatuses)
     assert found[(("jobId", 1),)].get("unique") is True
-    assert found[(("startTime", 1),)]["expireAfterSeconds"] == 3 * 86400
+    assert found[(("expireAt", 1),)]["expireAfterSeconds"] == 0  # set when a job ends
+    assert "expireAfterSeconds" not in found.get((("startTime", 1),), {})
     assert indexes(db.copyerrors)[(("time", 1),)]["expireAfterSeconds"] == 3 * 86400
 
     store.create("copy-taskdetail", {}, flight="f1")
@@ -81,11 +82,35 @@ def test_unique_job_id_and_ttl_indexes(
     assert db.jobstatuses.count_documents({}) == 1
 
 
-def test_a_changed_ttl_replaces_the_index(db: Any) -> None:
-    JobStore(db, ttl_days=7).ensure_indexes()
-    JobStore(db, ttl_days=0.5).ensure_indexes()
-    ttl = [ix for ix in db.jobstatuses.list_indexes() if dict(ix["key"]) == {"startTime": 1}]
-    assert [ix["expireAfterSeconds"] for ix in ttl] == [43200]
+def test_statuses_expire_a_ttl_after_they_end_never_while_running(db: Any) -> None:
+    # a database of an older version: statuses expired a TTL after their start
+    db.jobstatuses.create_index("startTime", expireAfterSeconds=7 * 86400)
+    db.jobstatuses.insert_one({"jobId": "job_old", "status": "completed", "operation": "x"})
+    store = JobStore(db, ttl_days=0.5)
+    store.ensure_indexes()
+    ttl = {tuple(ix["key"]): ix.get("expireAfterSeconds") for ix in db.jobstatuses.list_indexes()}
+    assert ttl.get(("startTime",)) is None and ttl[("expireAt",)] == 0
+    assert db.jobstatuses.find_one({"jobId": "job_old"})["expireAt"]  # ended: expires too
+
+    def expire_at(job_id: str) -> datetime | None:
+        value = (db.jobstatuses.find_one({"jobId": job_id}) or {}).get("expireAt")
+        return datetime.fromisoformat(value) if isinstance(value, str) else value  # nx-27017
+
+    job, _ = store.create("copy-taskdetail", {}, flight="f")
+    assert expire_at(job.jobId) is None
+    store.claim(job.jobId, "me", 30)
+    assert expire_at(job.jobId) is None
+    before = datetime.now(UTC)
+    store.finish(job.jobId, "me", JobState.FAILED, "Failed", "boom")
+    ends = expire_at(job.jobId)
+    assert ends is not None
+    ends = ends if ends.tzinfo else ends.replace(tzinfo=UTC)
+    assert abs((ends - before).total_seconds() - 43200) < 60
+    store.reopen(job.jobId)  # running again: no expiry
+    assert expire_at(job.jobId) is None
+    pending, _ = store.create("copy-taskdetail", {}, flight="g")
+    store.request_cancel(pending.jobId)
+    assert expire_at(pending.jobId) is not None
 
 
 def test_status_document_through_its_life_matches_the_contract(store: JobStore, db: Any) -> None:

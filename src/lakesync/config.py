@@ -2,14 +2,45 @@
 
 from __future__ import annotations
 
+import re
 from functools import lru_cache
 from pathlib import Path
 from typing import Literal
+from urllib.parse import unquote
 
-from pydantic import AliasChoices, Field, SecretStr, ValidationError, field_validator
+from pydantic import (
+    AliasChoices,
+    Field,
+    SecretStr,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from lakesync.errors import ConfigError
+
+#: Host header names served by default: a DNS-rebinding page carries its own name instead
+LOOPBACK_HOSTS = ("localhost", "127.0.0.1", "[::1]")
+
+
+#: passwords of the configured MongoDB and broker URIs, masked wherever they show up
+#: (mongo.mask_uri): a malformed URI's password may appear on its own in a driver's error
+URI_SECRETS: set[str] = set()
+_SCHEME = re.compile(r"^\s*[a-z][a-z0-9+.-]*:/*", re.I)
+
+
+def uri_passwords(uri: str) -> set[str]:
+    """What could be the password of a URI, however malformed: the text after the first
+    ':' of the part before the last '@' (or of the authority when there is no '@')."""
+    rest = _SCHEME.sub("", uri.strip())
+    userinfo = rest.rpartition("@")[0] if "@" in rest else re.split(r"[/?#]", rest)[0]
+    password = userinfo.partition(":")[2]
+    # parsers that stop at "/", "?" or "#" quote only the first piece (e.g. as a "port")
+    found = {password, unquote(password), re.split(r"[/?#]", password)[0]}
+    if "@" not in rest and password.isdigit():  # host:port, no password
+        return set()
+    return {p for p in found if len(p) >= 3}
 
 
 class Settings(BaseSettings):
@@ -37,6 +68,8 @@ class Settings(BaseSettings):
     retry_budget_seconds: float = Field(60, ge=0)
     demo_rows: int = Field(100_000, ge=1)
     allowed_roots: list[str] = Field(default_factory=list)
+    allowed_origins: list[str] = Field(default_factory=list)
+    allowed_hosts: list[str] = Field(default_factory=lambda: list(LOOPBACK_HOSTS))
     operations_file: Path = Path("lakesync.toml")
     partition_rows: int = Field(50_000, ge=1)
     log_format: Literal["text", "json"] = "text"
@@ -91,6 +124,13 @@ class Settings(BaseSettings):
         if isinstance(value, str) and not value.strip():
             return None
         return value
+
+    @model_validator(mode="after")
+    def _remember_secrets(self) -> Settings:
+        for uri in (self.mongodb_uri, self.broker_url):
+            if uri is not None:
+                URI_SECRETS.update(uri_passwords(uri.get_secret_value()))
+        return self
 
     @field_validator("log_format", "executor", "log_level", mode="before")
     @classmethod

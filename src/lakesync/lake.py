@@ -840,12 +840,23 @@ def _refuse_links_out(base: str, found: list[str]) -> None:
     for path in found:
         real = os.path.realpath(path)
         if real != root and not real.startswith(root.rstrip("/") + "/"):
+            link = _outermost_link(base, path)  # named alone: not what lies behind it
             raise SourceError(
-                f"{path} is a symbolic link (or lies under one) that points outside the lake "
-                f"{base}, to {real}; lakesync does not follow links out of the lake. Move "
-                "or copy the file into the lake, or point the source at where it really is.",
-                file=path,
+                f"{link} is a symbolic link that points out of the lake {base}; lakesync "
+                "does not follow links out of the lake. Move or copy the data into the lake, "
+                "or point the source at where it really is.",
+                file=link,
             )
+
+
+def _outermost_link(base: str, path: str) -> str:
+    """The first symbolic link on the way from the lake's root down to `path`."""
+    current = base.rstrip("/") or "/"
+    for part in path[len(base) :].strip("/").split("/"):
+        current = f"{current.rstrip('/')}/{part}"
+        if os.path.islink(current):
+            return current
+    return path
 
 
 def _choose_format(found: list[str], given: str | None, where: str, single: bool) -> str:

@@ -32,7 +32,7 @@ from pymongo.database import Database
 from pymongo.errors import PyMongoError
 from pymongo.uri_parser import parse_uri
 
-from lakesync.config import Settings
+from lakesync.config import URI_SECRETS, Settings
 from lakesync.errors import ConfigError, StoreError
 
 logger = logging.getLogger(__name__)
@@ -43,11 +43,30 @@ CONNECT_TIMEOUT_MS = 5000
 _PASSWORD = re.compile(
     r"(?P<scheme>[a-z][a-z0-9+.-]*://)(?P<user>[^:@/\s]*):(?P<pw>[^/\s]*)@", re.I
 )
+#: the same in a malformed URI: `mongodb:/u:pw@h`, `u:pw@h` (no scheme), a "/" in the password
+_MALFORMED = re.compile(
+    r"(?P<scheme>(?:[a-z][a-z0-9+.-]*:/{0,3})?)(?P<user>[^:@/\s'\"=]*):(?P<pw>[^\s'\"]*)@", re.I
+)
+
+#: `scheme://user:password` with no host at all: a "port" that is not a number
+_NO_HOST = re.compile(
+    r"(?P<scheme>[a-z][a-z0-9+.-]*:/{0,3})(?P<user>[^:@/\s'\"]*):"
+    r"(?P<pw>[^\s'\"/@]*[^\d\s'\"/@*][^\s'\"/@]*)(?=[\s'\"/]|$)",
+    re.I,
+)
 
 
 def mask_uri(text: str) -> str:
-    """Replace the password of every URI in `text` with ***."""
-    return _PASSWORD.sub(lambda m: f"{m['scheme']}{m['user']}:***@", text)
+    """Replace the password of every URI in `text` (well-formed or not) with ***, and any
+    password of the configured URIs wherever it appears on its own."""
+    text = _PASSWORD.sub(lambda m: f"{m['scheme']}{m['user']}:***@", text)
+    text = _MALFORMED.sub(
+        lambda m: m[0] if m["pw"] == "***" else f"{m['scheme']}{m['user']}:***@", text
+    )
+    text = _NO_HOST.sub(lambda m: f"{m['scheme']}{m['user']}:***", text)
+    for secret in sorted(URI_SECRETS, key=len, reverse=True):
+        text = text.replace(secret, "***")
+    return text
 
 
 def describe_hosts(uri: str) -> str:

@@ -27,7 +27,16 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, StrictInt, StrictStr, ValidationError
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    StrictBool,
+    StrictInt,
+    StrictStr,
+    ValidationError,
+    field_validator,
+)
 
 from lakesync.config import Settings
 from lakesync.errors import ConfigError, LakesyncError, RequestError
@@ -100,13 +109,22 @@ class JobOptions(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
+    # strict numbers and flags: 2.0, "5" or true are refused, not silently converted
     source: str | None = Field(None, min_length=1, max_length=2048)
-    batchSize: int | None = Field(None, ge=1, le=100_000)
+    batchSize: StrictInt | None = Field(None, ge=1, le=100_000)
     mode: Mode | None = None
-    allowEmpty: bool = False
-    deltaVersion: int | None = Field(None, ge=0)  # Delta table version to read (default: latest)
+    allowEmpty: StrictBool = False
+    #: Delta table version to read (default: latest)
+    deltaVersion: StrictInt | None = Field(None, ge=0)
     #: Delta: read only the files added after this version (incremental jobs pin it)
-    sinceDeltaVersion: int | None = Field(None, ge=0)
+    sinceDeltaVersion: StrictInt | None = Field(None, ge=0)
+
+    @field_validator("source")
+    @classmethod
+    def _printable(cls, value: str | None) -> str | None:
+        if value is not None and any(ord(ch) < 32 or ord(ch) == 127 for ch in value):
+            raise ValueError("contains a NUL or control character; send a path, glob or URI")
+        return value
 
 
 COPY_TASKDETAIL = Operation(

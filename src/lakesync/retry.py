@@ -20,6 +20,21 @@ T = TypeVar("T")
 TRANSIENT = (AutoReconnect, ConnectionFailure, ExecutionTimeout)
 
 
+def server_reason(error: PyMongoError) -> str:
+    """The server's own words: a bulk or single write error's `errmsg` (e.g. "database or
+    disk is full"), not the driver's wrapper with the failing document; passwords masked."""
+    details = getattr(error, "details", None) or {}
+    write_errors = details.get("writeErrors") if isinstance(details, dict) else None
+    if write_errors:
+        first = write_errors[0]
+        text = f"{first.get('errmsg', error)} (code {first.get('code')})"
+    elif isinstance(details, dict) and details.get("errmsg"):
+        text = f"{details['errmsg']} (code {details.get('code', getattr(error, 'code', None))})"
+    else:
+        text = str(error)
+    return mask_uri(text).splitlines()[0][:300] if text.strip() else type(error).__name__
+
+
 def is_transient(error: BaseException) -> bool:
     """True for errors worth retrying: network, not-primary, timeouts, labelled retryable."""
     if isinstance(error, TRANSIENT):
@@ -53,8 +68,8 @@ class RetryPolicy:
             try:
                 return fn()
             except PyMongoError as e:
-                reason = mask_uri(str(e)).splitlines()[0][:300]
-                if not is_transient(e):
+                reason = server_reason(e)
+                if not is_transient(e):  # e.g. a full disk: retrying cannot help, the run fails
                     raise StoreError(f"MongoDB refused {what}: {reason}") from None
                 left = deadline - time.monotonic()
                 if left <= 0 or (self.stop is not None and self.stop.is_set()):

@@ -91,6 +91,8 @@ class JobRunner:
     stop: threading.Event = field(default_factory=threading.Event)
     #: set when the executor can run partitions in parallel (see partitions.py)
     partitioned: PartitionedJobs | None = None
+    #: failures that could not be written (the database refused every write): job -> error
+    unrecorded: dict[str, str] = field(default_factory=dict)
 
     @cached_property
     def watermarks(self) -> WatermarkStore:
@@ -130,6 +132,10 @@ class JobRunner:
         job_id = status.jobId
         log = logging.LoggerAdapter(logger, {"jobId": job_id, "operation": status.operation})
         log.info("job %s: run %d started by %s", job_id, status.attempt, owner)
+        if (unrecorded := self.unrecorded.pop(job_id, None)) is not None:
+            # its failure could not be written (e.g. a full disk): record it, do not copy again
+            self._try_end(job_id, owner, JobState.FAILED, "Failed", unrecorded)
+            return Outcome.ENDED
         if status.failures >= self.settings.max_attempts:
             self._end(job_id, owner, JobState.FAILED, "Gave up", status.error or (
                 f"The job's runs died {status.failures} times (max {self.settings.max_attempts}, "
@@ -439,6 +445,8 @@ class JobRunner:
             self._end(job_id, owner, state, message, error)
         except (LakesyncError, JobError) as e:
             logger.error("job %s: could not record its end (%s); it stays resumable", job_id, e)
+            if state is JobState.FAILED:  # recorded when this process next claims it
+                self.unrecorded[job_id] = error
 
 
 @dataclass

@@ -219,6 +219,18 @@ def check_columns(schema: RecordSchema, columns: list[str] | pa.Schema, where: s
                     'make a composite key: key = ["a", "b"]).',
                     column=name,
                 )
+    declared = {f.name for f in schema.fields}
+    kept = schema.keepExtra or not schema.fields or "_id" in declared
+    if (
+        "_id" in names and "_id" not in schema.key_columns and kept
+    ):  # it would replace the key as _id
+        raise SourceError(
+            f"The lake at {where} has a column named _id. lakesync stores every record under "
+            f"its declared key ({schema.key}) as _id, and that column would silently replace "
+            "it. Rename or drop the _id column in the lake, declare the operation's key as "
+            "_id if that column is the key, or declare a [schema] that does not keep it "
+            "(keepExtra = false)."
+        )
 
 
 def _py_convert(value: Any, ftype: str) -> Any:

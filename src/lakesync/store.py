@@ -22,7 +22,7 @@ import threading
 import time
 from collections import OrderedDict
 from collections.abc import Callable, Mapping
-from datetime import timedelta
+from datetime import datetime, timedelta
 from typing import Any
 
 from pydantic import ValidationError
@@ -41,6 +41,7 @@ from lakesync.errors import (
 )
 from lakesync.models import (
     ACTIVE_STATES,
+    FINAL_STATES,
     Checkpoint,
     Counters,
     JobState,
@@ -174,7 +175,7 @@ class JobStore:
         """Create the indexes the contract names (idempotent)."""
         ttl = int(self.ttl_days * 86400)
         self.jobs.create_index("jobId", unique=True, name="jobId_unique")
-        self._ensure_ttl(self.jobs, "startTime", ttl)
+        self._expire_ended_jobs()
         self.jobs.create_index("flightKey", unique=True, sparse=True, name="single_flight")
         # sparse: jobs started without a client-named id never collide on the missing field
         self.jobs.create_index("clientJobId", unique=True, sparse=True, name="clientJobId_unique")
@@ -183,6 +184,23 @@ class JobStore:
         self.copyerrors.create_index("jobId")
         self._ensure_ttl(self.copyerrors, "time", ttl)
         self._ensure_ttl(self.idempotency, "createdAt", IDEMPOTENCY_TTL_SECONDS)
+
+    def _expire_ended_jobs(self) -> None:
+        """Statuses expire at `expireAt`, set when a job ends: a TTL from `startTime` (older
+        versions) removed statuses of long or resumed jobs while they ran. Jobs that ended
+        before the upgrade get their `expireAt` now."""
+        for index in self.jobs.list_indexes():
+            if dict(index["key"]) == {"startTime": 1} and "expireAfterSeconds" in index:
+                self.jobs.drop_index(index["name"])
+        self.jobs.create_index("expireAt", expireAfterSeconds=0, name="status_ttl")
+        self.jobs.update_many(
+            {"status": {"$in": list(FINAL_STATES)}, "expireAt": {"$exists": False}},
+            {"$set": {"expireAt": self.expire_at()}},
+        )
+
+    def expire_at(self) -> datetime:
+        """When a status that ends now is removed: LAKESYNC_STATUS_TTL_DAYS from now."""
+        return utcnow() + timedelta(days=self.ttl_days)
 
     @staticmethod
     def _ensure_ttl(coll: Collection[dict[str, Any]], field: str, seconds: int) -> None:
@@ -586,6 +604,7 @@ class JobStore:
         else:
             query["status"] = {"$in": list(ACTIVE_STATES)}
         fields: dict[str, Any] = {"status": state.value, "message": message, **(extra or {})}
+        fields["expireAt"] = self.expire_at()  # the status is kept this long after it ended
         if error is not None:
             fields["error"] = error
         if state is JobState.COMPLETED:
@@ -675,7 +694,8 @@ class JobStore:
                     "$set": {"status": JobState.PENDING.value, "failures": 0, "flightKey": flight,
                              "message": f"Resuming from record {current.processedRecords:,} "
                              f"of {current.totalRecords:,}"},
-                    "$unset": {"error": "", "endTime": "", "failedAtRecord": ""},
+                    "$unset": {"error": "", "endTime": "", "failedAtRecord": "",
+                               "expireAt": ""},
                 }),
                 projection={"_id": 0}, return_document=ReturnDocument.AFTER,
             )  # fmt: skip
@@ -713,6 +733,7 @@ class JobStore:
             ended = self.jobs.find_one_and_update(
                 {"jobId": job_id, "status": JobState.PENDING.value},
                 _rev({"$set": {"status": JobState.CANCELLED.value, "cancelRequested": True,
+                               "expireAt": self.expire_at(),
                                "message": f"Cancelled before it started; "
                                f"{current.processedRecords:,} records had been copied"},
                       "$unset": {"flightKey": "", "owner": ""},

@@ -10,9 +10,12 @@ from fastapi.concurrency import run_in_threadpool
 from fastapi.staticfiles import StaticFiles
 
 from lakesync import __version__
-from lakesync.api import docs, health, jobs, netlify, operations, page, records
+from lakesync.api import docs, health, jobs, netlify, openapi, operations, page, records
 from lakesync.api.auth import TokenGuard
+from lakesync.api.crosssite import CrossSiteGuard
 from lakesync.api.errors import install_error_handlers
+from lakesync.api.headers import SecurityHeaders
+from lakesync.api.hosts import HostGuard
 from lakesync.api.limits import BodySizeLimit
 from lakesync.runtime import Runtime
 
@@ -40,10 +43,14 @@ def create_app(runtime: Runtime, close_on_shutdown: bool = False) -> FastAPI:
     )
     app.state.runtime = runtime
     app.add_middleware(BodySizeLimit, max_bytes=64 * 1024)
-    app.add_middleware(TokenGuard)  # added last, runs first: 401 before any body is read
+    app.add_middleware(CrossSiteGuard)  # 403 cross-site, 415 not JSON: before any body is read
+    app.add_middleware(TokenGuard)  # 401 before any body is read
+    app.add_middleware(HostGuard)  # 400 for a foreign Host (DNS rebinding) before anything
+    app.add_middleware(SecurityHeaders)  # added last, runs first: on every answer
     install_error_handlers(app)
     for module in (jobs, records, operations, netlify, health, page):
         app.include_router(module.router)
     docs.install(app)
+    openapi.install(app, runtime.settings.api_token is not None, runtime.registry.names())
     app.mount("/static", StaticFiles(directory=page.STATIC), name="static")
     return app

@@ -11,6 +11,7 @@ from fastapi.responses import JSONResponse
 from pymongo.errors import PyMongoError
 from starlette.exceptions import HTTPException
 
+from lakesync.api.openapi import allowed_methods
 from lakesync.errors import LakesyncError
 from lakesync.logs import masked
 
@@ -58,9 +59,12 @@ def install_error_handlers(app: FastAPI) -> None:
         detail = exc.detail if isinstance(exc.detail, str) else "Request failed"
         if exc.status_code == 404 and detail == "Not Found":
             detail = f"No route {request.method} {request.url.path}. See /docs for the API."
+        headers = getattr(exc, "headers", None)
         if exc.status_code == 405:
             detail = f"{request.method} is not allowed on {request.url.path}. See /docs."
-        return error_response(exc.status_code, detail, getattr(exc, "headers", None))
+            allow = allowed_methods(request.app, request.url.path)
+            headers = {**(headers or {}), **({"Allow": allow} if allow else {})}
+        return error_response(exc.status_code, detail, headers)
 
     @app.exception_handler(PyMongoError)
     async def mongo_error(request: Request, exc: PyMongoError) -> JSONResponse:

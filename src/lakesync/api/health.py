@@ -20,11 +20,13 @@ from lakesync import metrics
 from lakesync.api.auth import authorized
 from lakesync.api.deps import Authorized, RuntimeDep
 from lakesync.errors import StoreError
+from lakesync.retry import server_reason
 
 router = APIRouter(tags=["operations"])
 
 #: Probes time out after a second or two; a ping must not wait the 5 s server selection.
 PROBE_SECONDS = 2.0
+PROBE_COLLECTION = "lakesync_probe"  # one tiny document that /readyz rewrites
 
 
 @router.get("/healthz", summary="Liveness: the process answers")
@@ -40,6 +42,15 @@ def readyz(request: Request, runtime: RuntimeDep) -> Response:
             runtime.mongo.ping()
     except StoreError as e:
         problems.append(("MongoDB is not reachable.", str(e)))
+    else:
+        try:  # a full disk answers pings but refuses every write
+            with pymongo.timeout(PROBE_SECONDS):
+                runtime.store.db[PROBE_COLLECTION].update_one(
+                    {"_id": "readyz"}, {"$inc": {"probes": 1}}, upsert=True
+                )
+        except PyMongoError as e:
+            reason = f"MongoDB is not writable: {server_reason(e)}"
+            problems.append(("MongoDB is not writable.", reason))
     if runtime.executor is not None:
         ok, why = runtime.executor.healthy()
         if not ok:

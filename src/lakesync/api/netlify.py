@@ -47,6 +47,11 @@ ClientJobId = Annotated[str | None, Depends(client_job_id)]
 router = APIRouter(prefix="/.netlify/functions", tags=["seed compatibility"],
                    dependencies=[Authorized])  # fmt: skip
 
+SEED_OPTIONS = (
+    "The seed endpoint starts copy-taskdetail with its defaults and takes no options; "
+    "send options (source, batchSize, mode) to POST /api/jobs instead."
+)
+
 
 @router.post("/copy-taskdetail", status_code=202, summary="Start copy-taskdetail (seed endpoint)")
 async def copy_taskdetail(
@@ -55,7 +60,6 @@ async def copy_taskdetail(
     from fastapi.concurrency import run_in_threadpool
 
     raw = await request.body()
-    options: Any = None
     if raw.strip():
         import json
 
@@ -63,10 +67,10 @@ async def copy_taskdetail(
             body = json.loads(raw)
         except ValueError:
             raise RequestError("The request body is not valid JSON; send {} or no body.") from None
-        if isinstance(body, dict):
-            options = body.get("options")
+        if isinstance(body, dict) and body.get("options"):  # the seed took none
+            raise RequestError(SEED_OPTIONS)
     start = partial(runtime.jobs.start, "copy-taskdetail", client_job_id=named)
-    status, created = await run_in_threadpool(start, options)
+    status, created = await run_in_threadpool(start)
     body_out = job_response(response, status, created)
     response.status_code = 202
     return body_out
