@@ -1,11 +1,9 @@
 """The job status store: `jobstatuses` documents created, claimed, advanced and ended.
 
 Every state change is one atomic conditional update on the job document. A run owns a job
-while `owner` names it and its heartbeat is fresh; every write of a run is filtered on its
-owner, so a run whose job was taken over learns it (LeaseLost) instead of writing over it.
-Times written after creation use `$currentDate` (the server's clock, kept as a date on
-every MongoDB-wire server). Leases are compared on `heartbeatMs`, a number (epoch ms), not on
-the `heartbeatAt` date: nx-27017 cannot range-query a date written by `$currentDate`.
+through the lease primitive of `lease.py` (the same one partitions use): every write of a
+run is filtered on its owner, so a run whose job was taken over learns it (LeaseLost)
+instead of writing over it, and expiry is judged on the server's clock only.
 
 Every write also increments `revision`, and every document this process writes or reads
 is kept in `RecentStatuses`, newest revision wins. Status polls (`JobStore.recent`) are
@@ -37,6 +35,7 @@ from lakesync.errors import (
     JobNotFound,
     LeaseLost,
 )
+from lakesync.lease import Leases, beat
 from lakesync.models import (
     ACTIVE_STATES,
     Checkpoint,
@@ -50,7 +49,6 @@ from lakesync.models import (
 logger = logging.getLogger(__name__)
 
 IDEMPOTENCY_TTL_SECONDS = 24 * 3600
-_NOW = {"updatedAt": True, "heartbeatAt": True}
 
 
 def _now_ms() -> int:
@@ -63,11 +61,15 @@ def _rev(update: dict[str, Any]) -> dict[str, Any]:
     return update
 
 
-def _beat(update: dict[str, Any]) -> dict[str, Any]:
-    """Add the lease stamp (heartbeatMs), the server-side times and the revision to an update."""
-    update.setdefault("$set", {})["heartbeatMs"] = _now_ms()
-    update.setdefault("$currentDate", {}).update(_NOW)
+def _stamp(update: dict[str, Any]) -> dict[str, Any]:
+    """The job document's own bookkeeping on every write: `updatedAt` and the revision."""
+    update.setdefault("$currentDate", {})["updatedAt"] = True
     return _rev(update)
+
+
+def _beat(update: dict[str, Any]) -> dict[str, Any]:
+    """Add a lease beat (see lease.py), the server-side times and the revision to an update."""
+    return _stamp(beat(update))
 
 
 def _field(doc: Mapping[str, Any], path: str) -> Any:
@@ -143,6 +145,8 @@ class JobStore:
         self.idempotency: Collection[dict[str, Any]] = db["idempotencykeys"]
         self.ttl_days = ttl_days
         self.seen = RecentStatuses()
+        #: the lease primitive on job documents (partitions use the same on theirs)
+        self.leases = Leases(self.jobs, "jobId", _stamp, projection={"_id": 0})
 
     def ensure_indexes(self) -> None:
         """Create the indexes the contract names (idempotent)."""
@@ -231,16 +235,26 @@ class JobStore:
         return {str(d["_id"]): int(d["n"]) for d in self.jobs.aggregate(pipeline)}
 
     def stale(self, lease_seconds: float) -> list[str]:
-        """Jobs in progress whose owner stopped heartbeating, and pending jobs left waiting."""
-        now = _now_ms()
-        query = {
-            "$or": [
-                {"status": JobState.IN_PROGRESS.value,
-                 "heartbeatMs": {"$lt": now - int(lease_seconds * 1000)}},
-                {"status": JobState.PENDING.value, "heartbeatMs": {"$lt": now - 2000}},
-            ]
-        }  # fmt: skip
-        return [d["jobId"] for d in self.jobs.find(query, {"jobId": 1}).limit(100)]
+        """Jobs to run: pending ones, and those whose lease expired, handed back first."""
+        pending, expired = self.leases.scan(lease_seconds)
+        out = [str(d["jobId"]) for d in pending]
+        out += [str(d["jobId"]) for d in expired if self.reap(str(d["jobId"]), d)]
+        return out[:100]
+
+    def reap(self, job_id: str, seen: dict[str, Any]) -> bool:
+        """Hand back a job whose lease a scan `seen` expired; False if it beat since.
+
+        A run that died holding it counts as a failure towards LAKESYNC_MAX_ATTEMPTS; a
+        partitioned job nobody holds (its partitions run on their own) does not.
+        """
+        message = {"$set": {"message": "Its run stopped; resuming from the checkpoint"}}
+        doc = self.leases.reap(job_id, seen, message)
+        if doc is None:
+            return False
+        logger.warning("job %s: its lease expired; handed back to be resumed", job_id)
+        if doc.get("owner"):
+            self._count_crash(job_id, int(doc.get("processedRecords", 0)), doc)
+        return True
 
     # -- creating ------------------------------------------------------------------------
 
@@ -294,47 +308,40 @@ class JobStore:
         Taking over an in-progress job means its previous run died: that counts as a failure
         towards LAKESYNC_MAX_ATTEMPTS.
         """
-        cutoff = _now_ms() - int(lease_seconds * 1000)
-        update = _beat({
-            "$set": {"owner": owner, "status": JobState.IN_PROGRESS.value, "runProcessed": 0},
-            "$inc": {"attempt": 1},
+        update: dict[str, dict[str, Any]] = {
+            "$set": {"runProcessed": 0}, "$inc": {"attempt": 1},
             "$currentDate": {"runStartedAt": True},
-        })  # fmt: skip
-        pending = {"jobId": job_id, "status": JobState.PENDING.value}
-        doc = self.jobs.find_one_and_update(
-            pending, update, projection={"_id": 0}, return_document=ReturnDocument.AFTER
-        )
+        }  # fmt: skip
+        doc = self.leases.claim(job_id, owner, update)
         if doc is None:
-            expired = {
-                "jobId": job_id,
-                "status": JobState.IN_PROGRESS.value,
-                "heartbeatMs": {"$lt": cutoff},
-            }
             update["$inc"]["failures"] = 1
-            doc = self.jobs.find_one_and_update(
-                expired, update, projection={"_id": 0}, return_document=ReturnDocument.AFTER
-            )
+            doc = self.leases.take_over(job_id, owner, lease_seconds, update)
             if doc is not None:
                 logger.warning("job %s: took over from a run whose lease expired", job_id)
-                doc = self._count_crash(doc, owner)
+                reached = int(doc.get("processedRecords", 0))
+                doc = self._count_crash(job_id, reached, doc, owner) or doc
         return None if doc is None else self._seen(doc)
 
-    def _count_crash(self, doc: dict[str, Any], owner: str) -> dict[str, Any]:
+    def _count_crash(
+        self, job_id: str, reached: int, doc: dict[str, Any], owner: str | None = None
+    ) -> dict[str, Any] | None:
         """Failures count crashed runs in a row that made no progress: a run that committed
         records before dying (itself, or the job's partitions) restarts the count, so only a
-        job stuck at one spot gives up."""
-        reached = int(doc.get("processedRecords", 0))
+        job stuck at one spot gives up. `doc` is the document before this failure counts."""
         if doc.get("failedAtRecord") == reached:
-            return doc
-        fixed = self.jobs.find_one_and_update(
-            {"jobId": doc["jobId"], "owner": owner},
-            _rev({"$set": {"failures": 1, "failedAtRecord": reached}}),
+            if owner is None:  # reaped: the takeover did not count it
+                self.jobs.update_one({"jobId": job_id}, _rev({"$inc": {"failures": 1}}))
+            return None
+        query: dict[str, Any] = {"jobId": job_id}
+        if owner is not None:
+            query["owner"] = owner
+        return self.jobs.find_one_and_update(
+            query, _rev({"$set": {"failures": 1, "failedAtRecord": reached}}),
             projection={"_id": 0}, return_document=ReturnDocument.AFTER,
         )  # fmt: skip
-        return fixed or doc
 
     def _owned(self, job_id: str, owner: str) -> dict[str, Any]:
-        return {"jobId": job_id, "owner": owner, "status": JobState.IN_PROGRESS.value}
+        return self.leases.held(job_id, owner)
 
     def update_run(self, job_id: str, owner: str, **fields: Any) -> JobStatus:
         """Set fields of a running job (total, message, partitions...) and heartbeat."""
@@ -393,8 +400,7 @@ class JobStore:
         partitions need no lock) and set `fields`; None once the job is no longer running."""
         doc = self.jobs.find_one_and_update(
             {"jobId": job_id, "status": JobState.IN_PROGRESS.value},
-            _rev({"$max": maxes, "$set": fields,
-                  "$currentDate": {"updatedAt": True, "heartbeatAt": True}}),
+            _beat({"$max": maxes, "$set": fields}),
             projection={"_id": 0}, return_document=ReturnDocument.AFTER,
         )  # fmt: skip
         return None if doc is None else self._seen(doc)
@@ -408,13 +414,12 @@ class JobStore:
         return self._advance(job_id, owner, {})
 
     def _advance(self, job_id: str, owner: str, update: dict[str, Any]) -> JobStatus:
-        doc = self.jobs.find_one_and_update(
-            self._owned(job_id, owner), _beat(update), projection={"_id": 0},
-            return_document=ReturnDocument.AFTER,
-        )  # fmt: skip
-        if doc is None:
-            raise LeaseLost(f"Job {job_id} is no longer owned by {owner}; stopping this run.")
-        return self._seen(doc)
+        try:
+            return self._seen(self.leases.renew(job_id, owner, update))
+        except LeaseLost:
+            raise LeaseLost(
+                f"Job {job_id} is no longer owned by {owner}; stopping this run."
+            ) from None
 
     def finish(
         self,
@@ -463,7 +468,7 @@ class JobStore:
         """
         update = _beat({
             "$set": {"status": JobState.PENDING.value, "message": message},
-            "$unset": {"owner": ""},
+            "$unset": {"owner": "", "queued": ""},
         })  # fmt: skip
         if failure:
             mine = (
@@ -501,7 +506,7 @@ class JobStore:
                     "$set": {"status": JobState.PENDING.value, "failures": 0, "flightKey": flight,
                              "message": f"Resuming from record {current.processedRecords:,} "
                              f"of {current.totalRecords:,}"},
-                    "$unset": {"error": "", "endTime": "", "failedAtRecord": ""},
+                    "$unset": {"error": "", "endTime": "", "failedAtRecord": "", "queued": ""},
                 }),
                 projection={"_id": 0}, return_document=ReturnDocument.AFTER,
             )  # fmt: skip

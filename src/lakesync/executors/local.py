@@ -40,9 +40,7 @@ class LocalExecutor:
 
     def submit_partition(self, job_id: str, index: int) -> None:
         """Queue a run of one partition of a partitioned job."""
-        partitioned = self.runner.partitioned
-        assert partitioned is not None
-        self._queue(f"{job_id}#{index}", partial(partitioned.run, job_id, index))
+        self._queue(f"{job_id}#{index}", partial(self.runner.partitioned.run, job_id, index))
 
     def _queue(self, key: str, work: Callable[[], Outcome]) -> None:
         with self._lock:
@@ -67,12 +65,11 @@ class LocalExecutor:
         while not stop.is_set():
             try:
                 for job_id in self.runner.store.stale(self.runner.settings.lease_seconds):
-                    logger.info("job %s: lease expired or never started; resuming it", job_id)
+                    logger.debug("job %s: pending or its lease expired; resuming it", job_id)
                     self.submit(job_id)
-                if self.runner.partitioned is not None:
-                    for job_id, index in self.runner.partitioned.stale():
-                        logger.info("job %s: resuming partition %d", job_id, index + 1)
-                        self.submit_partition(job_id, index)
+                for job_id, index in self.runner.partitioned.stale():
+                    logger.debug("job %s: resuming partition %d", job_id, index + 1)
+                    self.submit_partition(job_id, index)
             except Exception as e:
                 logger.warning("recovery scan failed: %s", e)
             stop.wait(self.scan_every)
