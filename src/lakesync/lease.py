@@ -92,10 +92,14 @@ class Leases:
         )  # fmt: skip
 
     def claim(self, value: Any, owner: str, update: Doc | None = None) -> Doc | None:
-        """Take a pending document; None if it is not pending."""
+        """Take a pending document; None if it is not pending (and not already ours: the
+        reply of a claim that was applied may have been lost, and the claim retried)."""
         update = _merge(update, {"$set": {"status": IN_PROGRESS, "owner": owner},
                                  "$unset": {"queued": ""}})  # fmt: skip
-        return self._update(value, {self.key: value, "status": PENDING}, update)
+        doc = self._update(value, {self.key: value, "status": PENDING}, update)
+        if doc is None:
+            doc = self.coll.find_one(self.held(value, owner), self.projection)
+        return doc
 
     def take_over(
         self, value: Any, owner: str, lease_seconds: float, update: Doc | None = None
@@ -146,7 +150,7 @@ class Leases:
         Claims and hand-backs clear the mark, so each pending state is sent once.
         """
         found = self.coll.find_one_and_update(
-            {self.key: value, "status": PENDING, "queued": {"$ne": True}},
+            {self.key: value, "status": PENDING, "queued": None},  # nx: no $ne on missing
             {"$set": {"queued": True}}, projection={"_id": 1},
         )  # fmt: skip
         return found is not None
