@@ -277,14 +277,16 @@ METHODS = ("find_one", "find_one_and_update", "update_one", "update_many", "inse
 
 
 class FaultInjector:
-    """Raises AutoReconnect once at each call site of the job path, the first time it runs.
+    """Raises AutoReconnect at each call site of the job path: the first time a site runs,
+    before the call reaches MongoDB; the second time, after MongoDB applied it (the reply
+    was lost). Then the site is left alone.
 
     A call site is the innermost line of lakesync that calls a collection method; calls
     from the test itself (starting jobs, reading them) are left alone.
     """
 
     def __init__(self, monkeypatch: pytest.MonkeyPatch) -> None:
-        self.hit: set[tuple[str, int]] = set()
+        self.hit: dict[tuple[str, int], int] = {}
         self.armed = False
         self.lock = threading.Lock()
         for name in METHODS:
@@ -305,13 +307,17 @@ class FaultInjector:
             site = self._site() if self.armed else None
             if site is not None and threading.current_thread().name.startswith("heartbeat"):
                 site = None  # a missed beat is retried at the next tick anyway
-            if site is not None:
-                with self.lock:
-                    first = site not in self.hit
-                    self.hit.add(site)
-                if first:
-                    raise AutoReconnect(f"injected at {site[0]}:{site[1]} ({name})")
-            return original(coll, *args, **kwargs)
+            if site is None:
+                return original(coll, *args, **kwargs)
+            with self.lock:
+                seen = self.hit.get(site, 0)
+                self.hit[site] = seen + 1
+            if seen == 0:
+                raise AutoReconnect(f"injected before {site[0]}:{site[1]} ({name})")
+            result = original(coll, *args, **kwargs)
+            if seen == 1:
+                raise AutoReconnect(f"injected after {site[0]}:{site[1]} ({name})")
+            return result
 
         return call
 

@@ -137,11 +137,26 @@ class Leases:
 
     def release(self, value: Any, owner: str, update: Doc | None = None) -> Doc:
         """Hand the document back (pending) so that another run continues it."""
-        update = _merge(update, {"$set": {"status": PENDING},
+        update = _merge(update, {"$set": {"status": PENDING, "releasedBy": owner},
                                  "$unset": {"owner": "", "queued": ""}})  # fmt: skip
         doc = self._update(value, self.held(value, owner), update)
+        if doc is None:  # applied, but the reply was lost?
+            mine = {self.key: value, "status": PENDING, "releasedBy": owner}
+            doc = self.coll.find_one(mine, self.projection)
         if doc is None:
             raise LeaseLost(f"{value} could not be handed back: another run holds it.")
+        return doc
+
+    def settle(self, value: Any, owner: str, state: str, update: Doc | None = None) -> Doc:
+        """Move a held document to a final state (completed, failed...); LeaseLost if it is
+        no longer held. A retry whose first attempt was applied finds it settled by us."""
+        update = _merge(update, {"$set": {"status": state}})
+        doc = self._update(value, self.held(value, owner), update)
+        if doc is None:
+            doc = self.coll.find_one({self.key: value, "owner": owner, "status": state},
+                                     self.projection)  # fmt: skip
+        if doc is None:
+            raise LeaseLost(f"{value} is no longer held by {owner}; stopping this run.")
         return doc
 
     def mark_queued(self, value: Any) -> bool:

@@ -200,7 +200,7 @@ class PartitionedJobs:
         policy = self.retry()
         left = self._unfinished(job_id, policy)
         if not left:
-            self._complete_if_done(job_id, policy)
+            self._complete_if_done(job_id, owner, policy)
         assert self.submit is not None
         for index in left:
             self.submit(job_id, index)
@@ -229,17 +229,17 @@ class PartitionedJobs:
                 policy.call(partial(self.store.release, job_id, owner, text),
                             "handing the job back")  # fmt: skip
                 return Outcome.CONTINUE
-        job = self._complete_if_done(job_id, policy)
+        job = self._complete_if_done(job_id, owner, policy)
         if not job.state.is_final:  # another process holds a partition: it ends the job
             with contextlib.suppress(LeaseLost):
                 policy.call(lambda: self.store.let_go(job_id, owner), "handing the job on")
         return Outcome.ENDED
 
-    def _complete_if_done(self, job_id: str, policy: RetryPolicy) -> JobStatus:
+    def _complete_if_done(self, job_id: str, owner: str, policy: RetryPolicy) -> JobStatus:
         job = policy.call(lambda: self.store.get(job_id), "reading the job")
         job = policy.call(partial(self._aggregate, job), "updating the job's progress")
         if not job.state.is_final and job.partitionsDone == job.partitions:
-            self._end_job(job, JobState.COMPLETED, policy)
+            self._end_job(job, JobState.COMPLETED, policy, owner)
         return job
 
     # -- one partition ---------------------------------------------------------------------
@@ -322,7 +322,7 @@ class PartitionedJobs:
         logger.error("job %s %s failed: %s", job.jobId, where, error)
         try:
             self._set_part(job.jobId, index, owner, JobState.FAILED, policy, error)
-            self._fail_job(job, policy, f"{where.capitalize()} failed: {error}")
+            self._fail_job(job, policy, f"{where.capitalize()} failed: {error}", owner)
         except LakesyncError as e:
             logger.error("job %s: could not record the failure (%s); it stays resumable",
                          job.jobId, e)  # fmt: skip
@@ -359,7 +359,7 @@ class PartitionedJobs:
         if on_progress:
             on_progress(job)
         if not job.state.is_final and job.partitionsDone == job.partitions:
-            self._end_job(job, JobState.COMPLETED, policy)
+            self._end_job(job, JobState.COMPLETED, policy, owner)
         return Outcome.ENDED
 
     # -- documents ---------------------------------------------------------------------------
@@ -417,14 +417,14 @@ class PartitionedJobs:
         policy: RetryPolicy,
         error: str | None = None,
     ) -> None:
-        fields: dict[str, Any] = {"status": state.value}
+        fields: dict[str, Any] = {}
         if error:
             fields["error"] = error
         pid = f"{job_id}:{index}"
-        policy.call(lambda: self.leases.renew(pid, owner, {"$set": fields}),
+        policy.call(partial(self.leases.settle, pid, owner, state.value, {"$set": fields}),
                     f"recording partition {index + 1} {state.value}")  # fmt: skip
 
-    def _end_job(self, job: JobStatus, state: JobState, policy: RetryPolicy) -> None:
+    def _end_job(self, job: JobStatus, state: JobState, policy: RetryPolicy, owner: str) -> None:
         job = policy.call(partial(self._aggregate, job), "updating the job's progress")
         job_id = job.jobId
         text = summary(job)
@@ -432,7 +432,8 @@ class PartitionedJobs:
             text = f"Cancelled after {job.processedRecords:,} of {job.totalRecords:,} records; " \
                    + text[0].lower() + text[1:]  # fmt: skip
         try:
-            policy.call(lambda: self.store.finish(job_id, None, state, text), "ending the job")
+            policy.call(partial(self.store.finish, job_id, None, state, text, ender=owner),
+                        "ending the job")  # fmt: skip
         except LeaseLost:  # another partition ended it first
             return
         reached = job.checkpoint.until if job.checkpoint else None
@@ -446,11 +447,11 @@ class PartitionedJobs:
                 logger.error("job %s: could not record the watermark (%s); the next "
                              "incremental copy reads from the previous one", job_id, e)  # fmt: skip
 
-    def _fail_job(self, job: JobStatus, policy: RetryPolicy, error: str) -> None:
+    def _fail_job(self, job: JobStatus, policy: RetryPolicy, error: str, owner: str) -> None:
         policy.call(partial(self._aggregate, job), "updating the job's progress")
         with contextlib.suppress(LeaseLost):  # another partition ended it first
             policy.call(partial(self.store.finish, job.jobId, None, JobState.FAILED, "Failed",
-                                error), "ending the job")  # fmt: skip
+                                error, ender=owner), "ending the job")  # fmt: skip
 
 
 @dataclass
@@ -490,7 +491,7 @@ class _PartitionRun:
         if job.state.is_final or job.cancelRequested:
             jobs._set_part(job_id, self.index, self.owner, JobState.CANCELLED, policy)
             if job.cancelRequested and not job.state.is_final:
-                jobs._end_job(job, JobState.CANCELLED, policy)
+                jobs._end_job(job, JobState.CANCELLED, policy, self.owner)
             return Outcome.ENDED
         limit = jobs.settings.job_time_limit
         if jobs.stop.is_set() or time.monotonic() - self.started >= limit:

@@ -429,8 +429,13 @@ class JobStore:
         message: str,
         error: str | None = None,
         extra: dict[str, Any] | None = None,
+        ender: str | None = None,
     ) -> JobStatus:
-        """End the job (completed, failed, cancelled) and free its single-flight slot."""
+        """End the job (completed, failed, cancelled) and free its single-flight slot.
+
+        `ender` names the run that ends it when it holds no lease on the job (a partition);
+        a retry by the same run whose first attempt was applied finds the job ended by it.
+        """
         query: dict[str, Any] = {"jobId": job_id}
         if owner is not None:
             query.update(owner=owner, status=JobState.IN_PROGRESS.value)
@@ -441,12 +446,17 @@ class JobStore:
             fields["error"] = error
         if state is JobState.COMPLETED:
             fields.update(percentComplete=100, etaSeconds=0)
+        if owner or ender:
+            fields["endedBy"] = owner or ender
         doc = self.jobs.find_one_and_update(
             query,
             _rev({"$set": fields, "$unset": {"flightKey": "", "owner": ""},
                   "$currentDate": {"endTime": True, "updatedAt": True}}),
             projection={"_id": 0}, return_document=ReturnDocument.AFTER,
         )  # fmt: skip
+        if doc is None and (owner or ender):  # applied, but the reply was lost?
+            mine = {"jobId": job_id, "status": state.value, "endedBy": owner or ender}
+            doc = self.jobs.find_one(mine, {"_id": 0})
         if doc is None:
             raise LeaseLost(f"Job {job_id} could not be ended: another run owns it or it ended.")
         ended = self._seen(doc)
@@ -482,10 +492,14 @@ class JobStore:
                 update["$inc"]["failures"] = 1
             else:  # progress since the last failure: this one is the first in a row
                 update["$set"].update(failures=1, failedAtRecord=reached)
+        update["$set"]["releasedBy"] = owner
         doc = self.jobs.find_one_and_update(
             self._owned(job_id, owner), update, projection={"_id": 0},
             return_document=ReturnDocument.AFTER,
         )  # fmt: skip
+        if doc is None:  # applied, but the reply was lost?
+            mine = {"jobId": job_id, "status": JobState.PENDING.value, "releasedBy": owner}
+            doc = self.jobs.find_one(mine, {"_id": 0})
         if doc is None:
             raise LeaseLost(f"Job {job_id} could not be released: another run owns it.")
         return self._seen(doc)
