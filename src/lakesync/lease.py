@@ -113,6 +113,28 @@ class Leases:
         swap = {self.key: value, "status": IN_PROGRESS, "leaseBeat": doc.get("leaseBeat")}
         return self._update(value, swap, update)
 
+    def commit(
+        self, value: Any, owner: str, cp: Doc, update: Doc, field: str = "checkpoint"
+    ) -> Doc:
+        """Commit a batch: `update` (counters, progress) and the checkpoint `cp` in one write
+        of the holder, applied only on top of the previous checkpoint (`batches - 1`). A
+        retry whose first attempt was applied finds its checkpoint there and changes
+        nothing, so no batch is counted twice. LeaseLost if the lease is gone."""
+        query = self.held(value, owner)
+        if cp["batches"] > 1:
+            query[f"{field}.batches"] = cp["batches"] - 1
+        else:  # the first batch: no checkpoint yet, or the empty one set with the total
+            # inside $and: nx-27017 applies a top-level $or holding a null test to updates
+            # without the other conditions, i.e. to another document
+            query["$and"] = [{"$or": [{field: None}, {f"{field}.batches": 0}]}]
+        doc = self._update(value, query, _merge(update, {"$set": {field: cp}}))
+        if doc is None:
+            current = self.coll.find_one(self.held(value, owner), self.projection)
+            if current is None or _field(current, field) != cp:
+                raise LeaseLost(f"{value} is no longer held by {owner}; stopping this run.")
+            doc = current  # the first attempt was applied; its reply was lost
+        return doc
+
     def reap(self, value: Any, seen: Mapping[str, Any], update: Doc | None = None) -> Doc | None:
         """Hand back (pending) a document whose lease a scan saw expired; None if it beat
         since. Returns the document as it was, so the caller sees who held it."""
@@ -205,6 +227,16 @@ class Leases:
         expired = [d for d in docs if d.get("status") == IN_PROGRESS
                    and self.expired(d, lease_seconds, now)]  # fmt: skip
         return pending, expired
+
+
+def _field(doc: Mapping[str, Any], path: str) -> Any:
+    """The value at a dotted path of a document (None when absent)."""
+    value: Any = doc
+    for part in path.split("."):
+        if not isinstance(value, Mapping):
+            return None
+        value = value.get(part)
+    return value
 
 
 def _merge(first: Doc | None, second: Doc) -> Doc:

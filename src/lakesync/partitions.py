@@ -35,7 +35,7 @@ from lakesync.config import Settings
 from lakesync.copy import BatchResult
 from lakesync.errors import LakesyncError, LeaseLost, SourceError, TransientStoreError
 from lakesync.lake import Lake, Position
-from lakesync.lease import Heartbeat, Leases, beat, run_owner
+from lakesync.lease import Heartbeat, Leases, run_owner
 from lakesync.logs import job_context
 from lakesync.models import ACTIVE_STATES, Checkpoint, Counters, JobState, JobStatus
 from lakesync.operations import OperationRegistry
@@ -366,18 +366,11 @@ class PartitionedJobs:
 
     def _commit(self, job_id: str, index: int, owner: str, delta: Counters, cp: Checkpoint) -> None:
         """Counters and checkpoint of a partition in one update, applied once per batch."""
-        pid = f"{job_id}:{index}"
-        query: dict[str, Any] = self.leases.held(pid, owner)
-        if cp.batches > 1:
-            query["checkpoint.batches"] = cp.batches - 1
-        else:
-            query["checkpoint"] = None
-        update = {"$inc": {k: getattr(delta, v) for k, v in COUNTERS.items()},
-                  "$set": {"checkpoint": cp.model_dump()}}  # fmt: skip
-        if self.parts.find_one_and_update(query, beat(update)) is None:
-            current = self.parts.find_one(self.leases.held(pid, owner))
-            if current is None or current.get("checkpoint") != cp.model_dump():
-                raise LeaseLost(f"partition {index + 1} of job {job_id} was taken over")
+        update = {"$inc": {k: getattr(delta, v) for k, v in COUNTERS.items()}}
+        try:
+            self.leases.commit(f"{job_id}:{index}", owner, cp.model_dump(), update)
+        except LeaseLost:
+            raise LeaseLost(f"partition {index + 1} of job {job_id} was taken over") from None
 
     def _aggregate(self, job: JobStatus) -> JobStatus:
         """Put the sums of the partitions into the job document (monotonic, so race-free).

@@ -72,16 +72,6 @@ def _beat(update: dict[str, Any]) -> dict[str, Any]:
     return _stamp(beat(update))
 
 
-def _field(doc: Mapping[str, Any], path: str) -> Any:
-    """The value at a dotted path of a document (None when absent)."""
-    value: Any = doc
-    for part in path.split("."):
-        if not isinstance(value, Mapping):
-            return None
-        value = value.get(part)
-    return value
-
-
 def _body_digest(body: Any) -> str:
     """What an idempotency key remembers of its request body."""
     return hashlib.sha256(json.dumps(body, sort_keys=True, default=str).encode()).hexdigest()
@@ -145,8 +135,11 @@ class JobStore:
         self.idempotency: Collection[dict[str, Any]] = db["idempotencykeys"]
         self.ttl_days = ttl_days
         self.seen = RecentStatuses()
-        #: the lease primitive on job documents (partitions use the same on theirs)
-        self.leases = Leases(self.jobs, "jobId", _stamp, projection={"_id": 0})
+
+    @property
+    def leases(self) -> Leases:
+        """The lease primitive on job documents (partitions use the same on theirs)."""
+        return Leases(self.jobs, "jobId", _stamp, projection={"_id": 0})
 
     def ensure_indexes(self) -> None:
         """Create the indexes the contract names (idempotent)."""
@@ -363,14 +356,6 @@ class JobStore:
         count the batch twice.
         """
         cp = checkpoint.model_dump() if isinstance(checkpoint, Checkpoint) else checkpoint
-        query: dict[str, Any] = self._owned(job_id, owner)
-        if cp["batches"] > 1:
-            query[f"{checkpoint_field}.batches"] = cp["batches"] - 1
-        else:  # the first batch: no checkpoint yet, or the empty one set with the total
-            # inside $and: nx-27017 applies a top-level $or holding a null test to updates
-            # without the other conditions, i.e. to another job's document
-            first = [{checkpoint_field: None}, {f"{checkpoint_field}.batches": 0}]
-            query["$and"] = [{"$or": first}]
         update = {
             "$inc": {
                 "processedRecords": delta.processed,
@@ -381,16 +366,14 @@ class JobStore:
                 "deletedRecords": delta.deleted,
                 "runProcessed": delta.processed,
             },
-            "$set": {checkpoint_field: cp, **derived},
+            "$set": dict(derived),
         }
-        doc = self.jobs.find_one_and_update(
-            query, _beat(update), projection={"_id": 0}, return_document=ReturnDocument.AFTER
-        )
-        if doc is None:
-            current = self.jobs.find_one(self._owned(job_id, owner), {"_id": 0})
-            if current is None or _field(current, checkpoint_field) != cp:
-                raise LeaseLost(f"Job {job_id} is no longer owned by {owner}; stopping this run.")
-            doc = current  # the first attempt was applied; its reply was lost
+        try:
+            doc = self.leases.commit(job_id, owner, cp, update, checkpoint_field)
+        except LeaseLost:
+            raise LeaseLost(
+                f"Job {job_id} is no longer owned by {owner}; stopping this run."
+            ) from None
         return self._seen(doc)
 
     def raise_totals(
