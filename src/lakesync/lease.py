@@ -215,18 +215,17 @@ class Leases:
     def scan(
         self, lease_seconds: float, query: Doc | None = None, limit: int = 500
     ) -> tuple[list[Doc], list[Doc]]:
-        """(pending documents, in-progress documents whose lease expired), oldest first."""
+        """(pending documents not sent to a queue yet, in-progress documents whose lease
+        expired)."""
         base = dict(query or {})
-        fields = {self.key: 1, "status": 1, "leaseBeat": 1, "heartbeatAt": 1, "queued": 1}
-        docs = list(self.coll.find({**base, "status": {"$in": [PENDING, IN_PROGRESS]}},
-                                   fields).limit(limit))  # fmt: skip
-        if not docs:
-            return [], []
+        fields = {self.key: 1, "status": 1, "leaseBeat": 1, "heartbeatAt": 1}
+        pending = list(self.coll.find({**base, "status": PENDING, "queued": None},
+                                      fields).limit(limit))  # fmt: skip
+        running = list(self.coll.find({**base, "status": IN_PROGRESS}, fields).limit(limit))
+        if not running:
+            return pending, []
         now = self.server_now()
-        pending = [d for d in docs if d.get("status") == PENDING]
-        expired = [d for d in docs if d.get("status") == IN_PROGRESS
-                   and self.expired(d, lease_seconds, now)]  # fmt: skip
-        return pending, expired
+        return pending, [d for d in running if self.expired(d, lease_seconds, now)]
 
 
 def _field(doc: Mapping[str, Any], path: str) -> Any:

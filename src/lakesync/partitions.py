@@ -114,6 +114,7 @@ class PartitionedJobs:
     def ensure_indexes(self) -> None:
         """Index partitions by job; they expire with the job statuses."""
         self.parts.create_index("jobId")
+        self.parts.create_index("status")  # the recovery scan
         self.parts.create_index(
             "createdAt", expireAfterSeconds=int(self.settings.status_ttl_days * 86400)
         )

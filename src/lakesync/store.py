@@ -390,7 +390,7 @@ class JobStore:
 
     def let_go(self, job_id: str, owner: str) -> None:
         """Stop owning the job without changing its status (its partitions carry on)."""
-        self.jobs.update_one({"jobId": job_id, "owner": owner}, _rev({"$unset": {"owner": ""}}))
+        self.jobs.update_one({"jobId": job_id, "owner": owner}, _beat({"$unset": {"owner": ""}}))
 
     def heartbeat(self, job_id: str, owner: str) -> JobStatus:
         """Renew the lease; returns the document (to see cancelRequested)."""
