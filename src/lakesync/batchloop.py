@@ -18,7 +18,7 @@ from __future__ import annotations
 import logging
 from enum import Enum
 from functools import partial
-from typing import TYPE_CHECKING, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 from lakesync import metrics
 from lakesync.copy import BatchResult, CopyEngine
@@ -60,6 +60,8 @@ class Run(Protocol):
 
     #: named in retry messages, e.g. "" or " of partition 3 of 8"
     where: str
+    #: added to each batch's log line (e.g. the partition's index)
+    log_extra: dict[str, Any]
 
     def fence(self) -> None:
         """LeaseLost unless this run still holds its lease (before each data write)."""
@@ -108,8 +110,8 @@ def copy_batches(
         logger.debug(
             "job %s%s batch %d: %s in %.3f s", job_id, run.where, cp.batches,
             result.counts.model_dump(), result.write_seconds,
-            extra={"jobId": job_id, "batch": cp.batches, **result.counts.model_dump(),
-                   "seconds": round(result.write_seconds, 4)},
+            extra={"jobId": job_id, **run.log_extra, "batch": cp.batches,
+                   **result.counts.model_dump(), "seconds": round(result.write_seconds, 4)},
         )  # fmt: skip
         if outcome is not None:
             return outcome, cp

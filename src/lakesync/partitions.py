@@ -462,9 +462,11 @@ class _PartitionRun:
     on_progress: Callable[[JobStatus], None] | None
     started: float = field(default_factory=time.monotonic)
     where: str = field(init=False)
+    log_extra: dict[str, Any] = field(init=False)
 
     def __post_init__(self) -> None:
         self.where = f" of {self.where_}"
+        self.log_extra = {"partition": self.index}
 
     def fence(self) -> None:
         if self.beat.lost:

@@ -449,6 +449,7 @@ class _JobRun:
     seen: MirrorSet | None
     on_progress: Callable[[JobStatus], None] | None
     where: str = ""
+    log_extra: dict[str, Any] = field(default_factory=dict)
 
     def fence(self) -> None:
         if self.beat.lost:
