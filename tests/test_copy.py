@@ -7,6 +7,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
@@ -15,10 +16,11 @@ from lakesync.config import Settings
 from lakesync.copy import MARKER, CopyEngine
 from lakesync.demo import touch_records
 from lakesync.errors import LakesyncError, RequestError, SourceError
-from lakesync.lake import LakeBatch
+from lakesync.lake import LakeBatch, Segment
 from lakesync.models import Counters, JobState, JobStatus
+from lakesync.repeats import Superseded
 from lakesync.runtime import Runtime
-from lakesync.schema import TASK_DETAIL, validate
+from lakesync.schema import TASK_DETAIL, RecordSchema
 
 TS = pa.timestamp("ms", tz="UTC")
 WHEN = datetime(2024, 3, 1, 12, 30, 15, 123000, tzinfo=UTC)
@@ -56,7 +58,7 @@ def engine(db: Any, job_id: str = "job_a") -> CopyEngine:
 
 def counts(result: Any) -> tuple[int, int, int, int]:
     c = result.counts
-    assert c.processed == c.inserted + c.updated + c.unchanged + c.errors
+    assert c.processed == c.inserted + c.updated + c.unchanged + c.duplicates + c.errors
     return c.inserted, c.updated, c.unchanged, c.errors
 
 
@@ -110,29 +112,51 @@ def test_changed_record_counts_as_updated_and_dates_stay_dates(db: Any) -> None:
 
 
 def test_duplicate_keys_in_one_batch_last_wins_and_replay_counts_the_same(db: Any) -> None:
-    b = batch(task_table(["TD-1", "TD-2", "TD-1", "TD-1"], notes=["v1", None, "v2", "v2"]))
-    first = counts(engine(db).write(b))
-    assert first == (2, 1, 1, 0)  # TD-1: inserted, then updated (v2), then unchanged (v2 again)
-    assert db.taskdetails.find_one({"_id": "TD-1"})["notes"] == "v2"
+    b = batch(task_table(["TD-1", "TD-2", "TD-1", "TD-1"], notes=["v1", None, "v2", "v3"]))
+    result = engine(db).write(b)
+    assert counts(result) == (2, 0, 0, 0)  # one record per key: the last one wins
+    assert result.counts.duplicates == 2
+    assert db.taskdetails.find_one({"_id": "TD-1"})["notes"] == "v3"
     assert db.taskdetails.count_documents({}) == 2
-    assert counts(engine(db).write(b)) == first
+    again = engine(db).write(b)  # a replay counts as the first time
+    assert counts(again) == (2, 0, 0, 0) and again.counts.duplicates == 2
 
 
-def test_duplicates_in_a_batch_after_an_unchanged_first_record(db: Any) -> None:
-    engine(db, "job_a").write(batch(task_table(["TD-1"], notes=["v1"])))
-    b = batch(task_table(["TD-1", "TD-1"], notes=["v1", "v2"]))
-    first = counts(engine(db, "job_b").write(b))
-    assert first == (0, 1, 1, 0)
-    assert counts(engine(db, "job_b").write(b)) == first  # replay
-    assert db.taskdetails.find_one({"_id": "TD-1"})["notes"] == "v2"
+def test_repeats_count_against_the_collection_before_the_job(db: Any) -> None:
+    engine(db, "job_a").write(batch(task_table(["TD-X", "TD-1"], notes=["x", "v1"])))
+    b = batch(task_table(["TD-X", "TD-1", "TD-1"], notes=["x", "v2", "v1"]))  # v2, then v1 again
+    first = engine(db, "job_b").write(b)
+    assert counts(first) == (0, 0, 2, 0) and first.counts.duplicates == 1
+    assert db.taskdetails.find_one({"_id": "TD-1"})["notes"] == "v1"
 
 
-def test_same_key_in_a_later_batch_of_the_same_job_is_compared_not_replayed(db: Any) -> None:
+def test_plan_superseded_rows_are_skipped_as_duplicates(db: Any) -> None:
+    plan = Superseded(
+        {"/lake/part-0.parquet": np.array([0, 1]), "/lake/part-1.parquet": np.array([9])}
+    )
+    e = CopyEngine(db.taskdetails, db.copyerrors, TASK_DETAIL, "job_a", plan)
+    first = e.write(batch(task_table(["TD-1", "TD-2", "TD-3"], notes=["old", "old", "x"])))
+    assert counts(first) == (1, 0, 0, 0) and first.counts.duplicates == 2
+    later = e.write(batch(task_table(["TD-1", "TD-2"], notes=["new", "new"]), 1, start_row=4))
+    assert counts(later) == (2, 0, 0, 0) and later.counts.duplicates == 0  # rows 4-5, not 9
+    assert db.taskdetails.count_documents({}) == 3
+
+
+def test_date_keys_are_found_again_on_a_rerun(db: Any) -> None:
+    schema = RecordSchema(key="day", fields=[])
+    table = pa.table({"day": pa.array([WHEN, WHEN.replace(day=2)], TS), "v": [1, 2]})
+    first = CopyEngine(db.days, db.copyerrors, schema, "job_a").write(batch(table))
+    assert counts(first) == (2, 0, 0, 0)
+    second = CopyEngine(db.days, db.copyerrors, schema, "job_b").write(batch(table))
+    assert counts(second) == (0, 0, 2, 0)
+
+
+def test_positions_count_files_as_the_whole_lake_does(db: Any) -> None:
+    """Two partitions whose first files are files 0 and 3 of the lake: no replay confusion."""
     e = engine(db)
-    e.write(batch(task_table(["TD-1", "TD-2"], notes=["a", "b"]), file_index=0))
-    later = batch(task_table(["TD-1", "TD-2"], notes=["a", "changed"]), file_index=3)
-    assert counts(e.write(later)) == (0, 1, 1, 0)
-    assert counts(e.write(later)) == (0, 1, 1, 0)  # and its replay
+    e.write(LakeBatch(task_table(["TD-1"], notes=["a"]), "/lake/a.parquet", 0, 0, 0))
+    other = LakeBatch(task_table(["TD-1"], notes=["a"]), "/lake/d.parquet", 0, 0, 3)
+    assert counts(e.write(other)) == (0, 0, 1, 0)  # not taken for a replay of file 0
 
 
 def test_rejections_are_stored_with_position_and_reason(db: Any) -> None:
@@ -153,9 +177,9 @@ def test_records_inserted_by_another_writer_meanwhile_become_updates(db: Any) ->
     """A race the engine cannot see coming: its plan says insert, the server says duplicate."""
     e = engine(db)
     b = batch(task_table(["TD-1", "TD-2"]))
-    checked = validate(TASK_DETAIL, b.table)
+    ready = e.prepare(b)
     c = Counters(processed=2)
-    plan = e._plan(checked.documents, checked.rows, b, c, [])
+    plan = e._classify(ready.keys, ready.rows, ready.bodies, ready.digests, {}, b, c)
     db.taskdetails.insert_many([{"_id": "TD-1", "x": 1}, {"_id": "TD-2", "x": 2}])  # the race
     rejected: list[dict[str, Any]] = []
     e._execute(plan, c, rejected, b)
@@ -284,3 +308,27 @@ def test_requests_that_cannot_work_create_no_job(
         rt.jobs.start(operation, options)
     assert type(e.value) is error and words in str(e.value)
     assert db.jobstatuses.count_documents({}) == 0 and db.taskdetails.count_documents({}) == 0
+
+
+def test_a_batch_spanning_files_keeps_each_records_own_position(db: Any) -> None:
+    """Rows 0-1 are rows 8-9 of file 3, rows 2-4 rows 0-2 of file 4 (a lake of small files)."""
+    table = task_table(["TD-1", "TD-2", "TD-3", "", "TD-2"], notes=["a", "old", "b", None, "new"])
+    segments = [
+        Segment("/lake/f3.parquet", 3, 3, 8, 2, 0),
+        Segment("/lake/f4.parquet", 4, 4, 0, 3, 2),
+    ]
+    b = LakeBatch(table, "/lake/f3.parquet", 3, 8, 3, segments=segments)
+    plan = Superseded({"/lake/f3.parquet": np.array([9])})  # TD-2 "old": replaced in file 4
+    e = CopyEngine(db.taskdetails, db.copyerrors, TASK_DETAIL, "job_a", plan)
+    first = e.write(b)
+    assert counts(first) == (3, 0, 0, 1) and first.counts.duplicates == 1
+    ats = {d["_id"]: d[MARKER]["at"] for d in db.taskdetails.find({}, {MARKER: 1})}
+    assert ats == {"TD-1": [3, 8], "TD-3": [4, 0], "TD-2": [4, 2]}
+    (rejected,) = db.copyerrors.find({})
+    assert (rejected["_id"], rejected["file"], rejected["row"]) == (
+        "job_a:4:1",
+        "/lake/f4.parquet",
+        1,
+    )
+    again = e.write(b)  # a replay: counted as the first time, nothing rejected twice
+    assert counts(again) == (3, 0, 0, 1) and db.copyerrors.count_documents({}) == 1

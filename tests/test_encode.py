@@ -219,7 +219,7 @@ def test_prepared_batches_and_an_early_stop(demo_lake: Path) -> None:
     seen: list[int] = []
 
     def prepare(b: LakeBatch) -> int:
-        if b.start_row == 0 and b.file_index == len(lake.files) - 1:
+        if b.end.file_index == len(lake.files) - 1:
             raise ValueError("prepare may fail: the consumer then does the work itself")
         seen.append(b.file_index)
         return b.table.num_rows

@@ -56,8 +56,10 @@ def test_directory_with_hive_partitions(lake_dir: Path) -> None:
     assert lake.schema.field("projectId").type == pa.string() and lake.has_column("notes")
     assert not lake.has_column("nope")
     for batch in lake.batches(500):
-        expected = batch.file.split("projectId=")[1].split("/")[0]
-        assert set(batch.table["projectId"].to_pylist()) == {expected}
+        for seg in batch.segments:  # a batch may span files: each segment is one file's rows
+            expected = seg.file.split("projectId=")[1].split("/")[0]
+            rows = batch.table["projectId"].slice(seg.offset, seg.rows).to_pylist()
+            assert set(rows) == {expected}
 
 
 def test_counts_agree(lake_dir: Path) -> None:
@@ -66,27 +68,42 @@ def test_counts_agree(lake_dir: Path) -> None:
     assert lake.count_rows() == sum(counts) == ROWS
     per_file = [0] * len(lake.files)
     for batch in lake.batches(128):
-        per_file[batch.file_index] += batch.table.num_rows
+        for seg in batch.segments:
+            per_file[seg.file_index] += seg.rows
     assert per_file == counts
     assert len(set(keys(lake, batch_size=1000))) == ROWS
 
 
-def test_batches_are_exact_and_never_span_files(small_groups: Path) -> None:
+def test_batches_are_exact_and_span_files(small_groups: Path) -> None:
+    """Files of 20, 45 and 8 rows in batches of 10: whole batches across file ends."""
     lake = Lake.open(str(small_groups))
     batches = list(lake.batches(10))
-    assert [(b.file_index, b.start_row, b.table.num_rows) for b in batches] == [
-        (0, 0, 10),
-        (0, 10, 10),
-        (1, 0, 10),
-        (1, 10, 10),
-        (1, 20, 10),
-        (1, 30, 10),
-        (1, 40, 5),
-        (2, 0, 8),
+    shape = [[(s.file_index, s.start_row, s.rows, s.offset) for s in b.segments] for b in batches]
+    assert shape == [
+        [(0, 0, 10, 0)],
+        [(0, 10, 10, 0)],
+        [(1, 0, 10, 0)],
+        [(1, 10, 10, 0)],
+        [(1, 20, 10, 0)],
+        [(1, 30, 10, 0)],
+        [(1, 40, 5, 0), (2, 0, 5, 5)],
+        [(2, 5, 3, 0)],
     ]
-    assert all(b.file == lake.files[b.file_index] for b in batches)
-    assert batches[1].end == Position(0, 20)
+    assert [b.table.num_rows for b in batches] == [10] * 7 + [3]
+    assert all(s.file == lake.files[s.file_index] for b in batches for s in b.segments)
+    assert batches[1].end == Position(0, 20) and batches[6].end == Position(2, 5)
+    assert batches[6].at(4) == (1, 44) and batches[6].at(5) == (2, 0)
+    assert batches[6].holds(2, 4) and not batches[6].holds(2, 5)
     assert keys(lake, "id", batch_size=3) == list(range(73))
+
+
+def test_files_with_other_columns_are_never_put_in_one_batch(tmp_path: Path) -> None:
+    pq.write_table(pa.table({"id": [1, 2], "a": ["x", "y"]}), tmp_path / "f0.parquet")
+    pq.write_table(pa.table({"id": [3], "b": [1.5]}), tmp_path / "f1.parquet")
+    pq.write_table(pa.table({"id": [4], "b": [2.5]}), tmp_path / "f2.parquet")
+    batches = list(Lake.open(str(tmp_path)).batches(10))
+    assert [[s.file_index for s in b.segments] for b in batches] == [[0], [1, 2]]
+    assert batches[1].table.column_names == ["id", "b"]
 
 
 @pytest.mark.parametrize(
@@ -242,7 +259,7 @@ def test_file_deleted_after_open(tmp_path: Path, small_groups: Path) -> None:
         (tmp_path / f.name).write_bytes(f.read_bytes())
     lake = Lake.open(str(tmp_path))
     (tmp_path / "f1.parquet").unlink()
-    batches = lake.batches(100)
+    batches = lake.batches(20)  # file 0 holds 20 rows: the first batch needs nothing else
     assert next(batches).file_index == 0
     with pytest.raises(SourceError, match=re.escape(f"{tmp_path}/f1.parquet no longer exists")):
         next(batches)
@@ -329,3 +346,13 @@ def test_a_stray_delta_log_is_not_ignored(tmp_path: Path, small_groups: Path) ->
         Lake.open(str(small_groups), version=0)
     with pytest.raises(SourceError, match="Invalid Delta version 0"):
         Lake.open(str(small_groups), format="csv", version=0)
+
+
+def test_open_only_some_files_reads_only_their_footers(small_groups: Path, tmp_path: Path) -> None:
+    whole = Lake.open(str(small_groups))
+    names = [whole.file_name(1), whole.file_name(2)]
+    part = Lake.open(str(small_groups), only=names, first_index=1)
+    assert part.files == whole.files[1:] and part.file_row_counts() == [45, 8]
+    assert [s.ordinal for b in part.batches(100) for s in b.segments] == [1, 2]
+    with pytest.raises(SourceError, match="Restore the file and resume the job"):
+        Lake.open(str(small_groups), only=[*names, "gone.parquet"])

@@ -13,6 +13,7 @@ from typing import Any
 
 import httpx
 import pytest
+from tests.conftest import wait_for
 
 from lakesync.demo import generate
 
@@ -83,6 +84,7 @@ class PageRun:
     def shot(self, name: str) -> Path:
         ARTIFACTS.mkdir(exist_ok=True)
         path = ARTIFACTS / f"page-{name}.png"
+        self.page.evaluate("window.scrollTo(0, 0)")  # the sticky header stays on top
         self.page.screenshot(path=str(path), full_page=True)
         return path
 
@@ -213,9 +215,18 @@ def test_cancel_a_running_copy_after_a_reload(
     expect(watcher.locator("#job-id")).to_have_text(job_id, timeout=10_000)
     expect(watcher.locator("#status-badge")).to_have_attribute("data-status", "in_progress")
 
-    cancel = page.get_by_role("button", name="Cancel")
+    cancel = page.get_by_role("button", name="Cancel", exact=True)
     expect(cancel).to_be_visible()
+    cancel.click()  # asks first
+    confirm = page.locator("#cancel-confirm")
+    expect(confirm).to_be_visible()
+    expect(page.get_by_role("button", name="Yes, cancel the copy")).to_be_focused()
+    r.shot("cancel-confirm")
+    page.get_by_role("button", name="Keep it running").click()
+    expect(confirm).to_be_hidden()
+    expect(page.locator("#status-badge")).to_have_attribute("data-status", "in_progress")
     cancel.click()
+    page.get_by_role("button", name="Yes, cancel the copy").click()
     badge = page.locator("#status-badge")
     expect(badge).to_have_attribute("data-status", "cancelled", timeout=20_000)
     expect(badge).to_have_text("Cancelled")
@@ -286,9 +297,11 @@ def test_token_is_asked_for_and_used(serve_env: dict[str, str], request: Any, ru
     expect(form).to_be_visible()
     expect(form).to_contain_text("not accepted")
 
+    expect(page.locator("#footer-metrics")).to_be_hidden()  # a link cannot send the token
     token_input.fill(TOKEN)
     page.get_by_role("button", name="Save token").click()
     expect(form).to_be_hidden()
+    expect(page.locator("#footer-metrics")).to_be_hidden()
     assert page.evaluate("sessionStorage.getItem('lakesync.token')") == TOKEN
     expect(page.locator("#jobs-table")).to_contain_text("No jobs yet")
 
@@ -298,6 +311,12 @@ def test_token_is_asked_for_and_used(serve_env: dict[str, str], request: Any, ru
         "data-status", "completed", timeout=30_000
     )
     expect(page.locator("#message")).to_have_text(COPIED_5000)
+    # The rejected records download with the token too (fetched, then saved).
+    page.locator("#stat-errors").click()
+    expect(page.locator("#errors-body tr")).to_have_count(25)
+    with page.expect_download() as download:
+        page.locator("#errors-csv").click()
+    assert len(Path(download.value.path()).read_text().splitlines()) == 26
     # The stream authenticated with ?access_token= (EventSource cannot send headers).
     assert "live" in page.evaluate("window.__transport")
     assert "polling" not in page.evaluate("window.__transport")
@@ -355,3 +374,358 @@ def test_phone_layout_and_polling_fallback(serve: Any, run: Any) -> None:
     page.set_viewport_size({"width": 360, "height": 740})
     no_horizontal_scroll()
     expect(button).to_be_in_viewport()
+
+
+# -- the job page, rejected records, resume, operations, paging, /docs -------------------------
+
+
+def shots(r: PageRun, name: str, height: int = 900) -> None:
+    """Screenshots of the page's current state at 1280 and 390 pixels wide."""
+    page = r.page
+    for width in (1280, 390):
+        page.set_viewport_size({"width": width, "height": height})
+        page.wait_for_timeout(150)
+        sizes = page.evaluate(
+            "[document.documentElement.scrollWidth, document.documentElement.clientWidth]"
+        )
+        assert sizes[0] <= sizes[1], f"{name} at {width}: the page scrolls sideways {sizes}"
+        r.shot(f"{name}-{width}")
+    page.set_viewport_size({"width": 1280, "height": height})
+
+
+def test_rejected_records_under_the_errors_tile(serve: Any, run: Any) -> None:
+    r = run()
+    page = r.page
+    page.goto(serve.url + "/")
+    page.locator("#copy-button").click()
+    expect(page.locator("#status-badge")).to_have_attribute(
+        "data-status", "completed", timeout=30_000
+    )
+    tile = page.locator("#stat-errors")
+    expect(tile).to_have_text("25")
+    expect(tile).to_have_attribute("aria-expanded", "false")
+    tile.click()
+    panel = page.locator("#errors-panel")
+    expect(panel).to_be_visible()
+    expect(tile).to_have_attribute("aria-expanded", "true")
+    rows = page.locator("#errors-body tr")
+    expect(rows).to_have_count(25)
+    api = httpx.get(f"{serve.url}/api/jobs/{job_id_of(page)}/errors").json()["errors"]
+    first = rows.first.locator("td")
+    expect(first.nth(0)).to_have_text(api[0]["key"] or "—")
+    expect(first.nth(1)).to_have_attribute("title", api[0]["file"])
+    assert api[0]["file"].endswith(first.nth(1).inner_text().lstrip("…"))
+    expect(first.nth(2)).to_have_text(f"{api[0]['row']:,}")
+    expect(first.nth(3)).to_have_text(api[0]["reason"])
+    expect(page.locator("#errors-summary")).to_contain_text("25 records were rejected")
+    expect(page.locator("#meta-destination")).to_contain_text("mongodb://127.0.0.1:")
+    expect(page.locator("#meta-destination")).to_contain_text("collection taskdetails")
+    shots(r, "errors")
+
+    with page.expect_download() as download:
+        page.locator("#errors-csv").click()
+    assert download.value.suggested_filename.endswith("-errors.csv")
+    lines = Path(download.value.path()).read_text().splitlines()
+    assert lines[0] == "key,file,row,reason,time" and len(lines) == 26
+    with page.expect_download() as download:
+        page.locator("#errors-ndjson").click()
+    assert len(Path(download.value.path()).read_text().splitlines()) == 25
+
+    tile.click()  # closes it
+    expect(panel).to_be_hidden()
+
+
+def test_job_page_survives_reload_new_tab_and_back(serve: Any, run: Any) -> None:
+    started = httpx.post(serve.url + "/api/jobs", json={"operation": "copy-taskdetail"})
+    job_id = started.json()["jobId"]
+    wait_for(lambda: httpx.get(f"{serve.url}/api/jobs/{job_id}").json()["status"] == "completed")
+    r = run()
+    page = r.page
+    page.goto(serve.url + "/")
+    link = page.locator(f'#jobs-table tr[data-job-id="{job_id}"] a.job-link')
+    expect(link).to_have_attribute("href", f"/jobs/{job_id}")
+
+    # a new tab from the link (what a middle click or ctrl-click does)
+    with r.context.expect_page() as opened:
+        link.click(modifiers=["Control"])
+    tab = opened.value
+    tab.wait_for_load_state()
+    assert tab.url == f"{serve.url}/jobs/{job_id}"
+    expect(tab.locator("#job-id")).to_have_text(job_id)
+    tab.close()
+
+    link.click()
+    expect(page).to_have_url(f"{serve.url}/jobs/{job_id}")
+    expect(page).to_have_title(re.compile(job_id))
+    expect(page.locator("#job-id")).to_have_text(job_id)
+    expect(page.locator("#status-badge")).to_have_attribute("data-status", "completed")
+    expect(page.locator(".card--start")).to_be_hidden()
+    details = page.locator("#details")
+    expect(details).to_contain_text("copy-taskdetail")
+    expect(details).to_contain_text(serve.env["LAKESYNC_LAKE_URI"])
+    expect(details).to_contain_text("Runs")
+    expect(details).to_contain_text("4,975 inserted")
+    expect(details).to_contain_text("25 rejected")
+    log = page.locator("#job-log")
+    expect(log).to_contain_text(f"job {job_id}: run 1 started")
+    expect(log).to_contain_text("completed: Copied 5,000 records")
+    expect(page.locator("#chart-summary")).not_to_contain_text("No throughput samples")
+    expect(page.locator("#chart-summary")).to_contain_text("Average over the whole job")
+    shots(r, "job-page", height=1400)
+
+    page.reload()
+    expect(page.locator("#job-id")).to_have_text(job_id)
+    expect(page.locator("#job-log")).to_contain_text("run 1 started")
+
+    page.go_back()
+    expect(page).to_have_url(re.compile(re.escape(serve.url) + r"/(#job=job_\w+)?$"))
+    expect(page.locator(".card--start")).to_be_visible()
+    page.go_forward()
+    expect(page.locator("#job-id")).to_have_text(job_id)
+
+    missing = run().page
+    missing.goto(serve.url + "/jobs/job_0000000000000000000000000z")
+    expect(missing.locator("#error")).to_contain_text("can no longer be found")
+
+
+def test_resume_button_continues_a_failed_job(serve: Any, tmp_path: Path, run: Any) -> None:
+    lake = tmp_path / "lake"
+    generate(lake, 300)
+    broken = lake / "zz-broken.parquet"
+    broken.write_text("not parquet at all\n")
+    started = httpx.post(
+        serve.url + "/api/jobs",
+        json={"operation": "copy-taskdetail", "options": {"source": str(lake)}},
+    )
+    job_id = started.json()["jobId"]
+    r = run()
+    page = r.page
+    page.goto(f"{serve.url}/jobs/{job_id}")
+    expect(page.locator("#status-badge")).to_have_attribute("data-status", "failed", timeout=30_000)
+    resume = page.get_by_role("button", name="Resume")
+    expect(resume).to_be_visible()
+    expect(page.locator("#cancel-button")).to_be_hidden()
+    expect(page.locator("#job-log")).to_contain_text("not a valid parquet file")
+    shots(r, "resume-failed", height=1300)
+
+    broken.unlink()  # the cause is fixed
+    resume.click()
+    expect(page.locator("#status-badge")).to_have_attribute(
+        "data-status", "completed", timeout=30_000
+    )
+    expect(resume).to_be_hidden()
+    expect(page.locator("#message")).to_contain_text("Copied 300 records")
+    expect(page.locator("#details")).to_contain_text("Runs")
+    expect(page.locator("#job-log")).to_contain_text("run 2 started")
+    shots(r, "resumed", height=1300)
+
+
+PROJECTS_TOML = """
+[operations.copy-projects]
+description = "Copy projects from the projects lake"
+source = "{source}"
+collection = "projects"
+key = "projectId"
+[operations.copy-projects.schema.fields]
+projectId = {{ type = "string", required = true }}
+name = {{ type = "string", required = true }}
+"""
+
+
+def test_picking_an_operation_shows_its_job(
+    serve_env: dict[str, str], tmp_path: Path, request: Any, run: Any
+) -> None:
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    projects = tmp_path / "projects"
+    projects.mkdir()
+    pq.write_table(
+        pa.table({"projectId": [f"P{i}" for i in range(50)], "name": ["x"] * 50}),
+        projects / "p.parquet",
+    )
+    toml = tmp_path / "lakesync.toml"
+    toml.write_text(PROJECTS_TOML.format(source=projects))
+    serve_env["LAKESYNC_OPERATIONS_FILE"] = str(toml)
+    serve = request.getfixturevalue("serve")
+    base = httpx.post(serve.url + "/api/jobs", json={"operation": "copy-taskdetail"}).json()
+    wait_for(lambda: httpx.get(f"{serve.url}/api/jobs/{base['jobId']}").json()["endTime"])
+    r = run()
+    page = r.page
+    page.goto(serve.url + "/")
+    expect(page.locator("#job-id")).to_have_text(base["jobId"])
+    select = page.get_by_label("Operation", exact=True).first
+    expect(page.locator("#operation-field")).to_be_visible()
+
+    # an operation that never ran: its card says so, the source names its own default
+    page.locator("#operation-select").select_option("copy-projects")
+    expect(page.locator("#job-empty")).to_contain_text("No copy-projects job has run yet")
+    expect(page.locator("#status-badge")).to_have_text("No job yet")
+    page.locator("#options summary").click()
+    placeholder = page.locator("#opt-source").get_attribute("placeholder") or ""
+    assert str(projects) in placeholder and "LAKESYNC_LAKE_URI" not in placeholder
+    page.locator("#copy-button").click()
+    expect(page.locator("#status-badge")).to_have_attribute("data-status", "completed")
+    projects_job = job_id_of(page)
+    assert projects_job != base["jobId"]
+    expect(page.locator("#meta-destination")).to_contain_text("collection projects")
+
+    page.locator("#operation-select").select_option("copy-taskdetail")
+    expect(page.locator("#job-id")).to_have_text(base["jobId"])
+    page.locator("#operation-select").select_option("copy-projects")
+    expect(page.locator("#job-id")).to_have_text(projects_job)
+    row = page.locator(f'#jobs-table tr[data-job-id="{projects_job}"]')
+    expect(row.locator(".c-op")).to_have_text("copy-projects")
+    expect(row.locator(".c-source")).to_contain_text("projects")
+    assert select.count() == 1
+    shots(r, "operation-picked")
+
+
+def test_jobs_list_filters_and_pages(serve: Any, tmp_path: Path, run: Any) -> None:
+    bad = tmp_path / "bad"
+    bad.mkdir()
+    (bad / "x.parquet").write_text("nope")
+    made: list[tuple[str, str]] = []
+    for i in range(13):
+        options = {} if i % 4 == 0 else {"source": str(bad)}
+        job = httpx.post(
+            serve.url + "/api/jobs", json={"operation": "copy-taskdetail", "options": options}
+        ).json()
+        wait_for(lambda j=job: httpx.get(f"{serve.url}/api/jobs/{j['jobId']}").json()["endTime"])
+        made.append((job["jobId"], "completed" if i % 4 == 0 else "failed"))
+    newest = [j for j, _ in reversed(made)]
+    r = run()
+    page = r.page
+    page.goto(serve.url + "/")
+    rows = page.locator("#jobs-body tr[data-job-id]")
+    expect(rows).to_have_count(10)
+    expect(rows.first).to_have_attribute("data-job-id", newest[0])
+    expect(page.locator("#jobs-newer")).to_be_disabled()
+    page.locator("#jobs-older").click()
+    expect(page.locator("#jobs-page")).to_have_text("Page 2")
+    expect(rows).to_have_count(3)
+    expect(rows.first).to_have_attribute("data-job-id", newest[10])
+    expect(page.locator("#jobs-older")).to_be_disabled()
+    shots(r, "jobs-page-2")
+    page.locator("#jobs-newer").click()
+    expect(rows.first).to_have_attribute("data-job-id", newest[0])
+
+    page.get_by_label("Status").select_option("completed")
+    completed = [j for j, s in reversed(made) if s == "completed"]
+    expect(rows).to_have_count(len(completed))
+    for i, job_id in enumerate(completed):
+        expect(rows.nth(i)).to_have_attribute("data-job-id", job_id)
+    expect(page.locator("#jobs-page")).to_have_text("Page 1")
+    page.get_by_label("Status").select_option("cancelled")
+    expect(page.locator("#jobs-table")).to_contain_text("No jobs match these filters")
+    page.get_by_label("Status").select_option("failed")
+    expect(rows).to_have_count(9)
+    expect(rows.first.locator(".c-source")).to_contain_text("bad")
+    shots(r, "jobs-filtered")
+
+
+def test_docs_work_without_internet(serve: Any, browser: Any) -> None:
+    context = browser.new_context(viewport={"width": 1280, "height": 900})  # no recorder
+    page = context.new_page()
+    errors: list[str] = []
+    page.on("pageerror", lambda e: errors.append(str(e)))
+    elsewhere: list[str] = []
+
+    def offline(route: Any) -> None:
+        if route.request.url.startswith(serve.url):
+            route.continue_()
+        else:  # an air-gapped machine: nothing else answers
+            elsewhere.append(route.request.url)
+            route.abort()
+
+    try:
+        page.route("**/*", offline)
+        page.goto(serve.url + "/docs")
+        expect(page.locator(".swagger-ui .info .title")).to_contain_text("lakesync")
+        errors_op = page.locator("#operations-jobs-job_errors_api_jobs__job_id__errors_get")
+        expect(errors_op).to_be_visible()
+        errors_op.locator("button").first.click()  # expands, rendered by the local bundle
+        expect(errors_op).to_contain_text("format")
+        assert elsewhere == [], f"/docs asked other hosts: {elsewhere}"
+        assert not errors, errors
+        ARTIFACTS.mkdir(exist_ok=True)
+        for width in (1280, 390):
+            page.set_viewport_size({"width": width, "height": 900})
+            page.screenshot(path=str(ARTIFACTS / f"page-docs-{width}.png"))
+    finally:
+        context.close()
+
+
+def test_page_recovers_after_a_server_restart(
+    serve_env: dict[str, str], tmp_path: Path, request: Any, run: Any
+) -> None:
+    lake = tmp_path / "lake"
+    generate(lake, 20000)
+    serve_env["LAKESYNC_LAKE_URI"] = str(lake)
+    serve_env["LAKESYNC_BATCH_SIZE"] = "100"
+    serve = request.getfixturevalue("serve")
+    r = run()
+    page = r.page
+    page.goto(serve.url + "/")
+    page.locator("#copy-button").click()
+    job_id = job_id_of(page)
+    progress = page.locator("#progress")
+    expect(progress).to_have_attribute("aria-valuenow", re.compile(r"^[1-9]\d?$"), timeout=30_000)
+    expect(page.locator("#transport")).to_have_text("Live")
+
+    serve.kill()  # the server dies mid-copy
+    health = page.locator("#server-health")
+    expect(health).to_have_attribute("data-state", "bad", timeout=10_000)
+    expect(health).to_contain_text("Server unreachable")
+    expect(page.locator("#stat-eta")).to_have_text("—")  # no ETA from a dead server
+    expect(page.locator("#message")).to_contain_text("cannot be reached")
+    shots(r, "server-down")
+
+    serve.start()  # same port; the job's lease expires and the new server resumes it
+    expect(health).to_have_attribute("data-state", "ok", timeout=10_000)
+    expect(health).to_contain_text("Server ready")
+    expect(page.locator("#transport")).to_have_text("Live", timeout=10_000)
+    expect(page.locator("#status-badge")).to_have_attribute(
+        "data-status", "completed", timeout=60_000
+    )
+    expect(page.locator("#message")).to_contain_text("Copied 20,000 records")
+    assert httpx.get(f"{serve.url}/api/jobs/{job_id}").json()["attempt"] >= 2
+    shots(r, "server-back")
+
+
+def test_a_run_that_went_quiet_is_not_shown_as_progressing(
+    serve_env: dict[str, str], db: Any, request: Any, run: Any
+) -> None:
+    from datetime import UTC, datetime, timedelta
+
+    serve_env["LAKESYNC_LEASE_SECONDS"] = "600"  # nobody takes the job over during the test
+    serve = request.getfixturevalue("serve")
+    now = datetime.now(UTC)
+    job_id = "job_quietquietquietquietquiet0"
+    db.jobstatuses.insert_one(
+        {
+            "jobId": job_id,
+            "status": "in_progress",
+            "operation": "copy-taskdetail",
+            "startTime": now - timedelta(minutes=3),
+            "updatedAt": now - timedelta(minutes=2),
+            "heartbeatAt": now - timedelta(minutes=2),
+            "heartbeatMs": int(now.timestamp() * 1000),
+            "totalRecords": 1000,
+            "processedRecords": 470,
+            "percentComplete": 47,
+            "recordsPerSecond": 30.0,
+            "etaSeconds": 14,
+            "owner": "elsewhere",
+            "attempt": 1,
+            "message": "Copying: 470 of 1,000 records",
+        }
+    )
+    r = run()
+    page = r.page
+    page.goto(f"{serve.url}/jobs/{job_id}")
+    expect(page.locator("#progress")).to_have_attribute("aria-valuenow", "47")
+    expect(page.locator("#message")).to_contain_text("No progress reported for 2 min")
+    expect(page.locator("#stat-eta")).to_have_text("—")
+    expect(page.locator("#stat-rate")).to_have_text("—")
+    shots(r, "quiet-run")

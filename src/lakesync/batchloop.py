@@ -30,6 +30,7 @@ if TYPE_CHECKING:
 
     from lakesync.lake import Lake, Position
     from lakesync.operations import Operation
+    from lakesync.repeats import Superseded
     from lakesync.store import JobStore
 
 logger = logging.getLogger(__name__)
@@ -45,11 +46,14 @@ class Outcome(Enum):
 
 def summary(s: JobStatus) -> str:
     """The human message of a finished copy."""
+    noun = "record" if s.processedRecords == 1 else "records"
     text = (
-        f"Copied {s.processedRecords:,} records: {s.insertedRecords:,} inserted, "
+        f"Copied {s.processedRecords:,} {noun}: {s.insertedRecords:,} inserted, "
         f"{s.updatedRecords:,} updated, {s.unchangedRecords:,} unchanged, "
-        f"{s.errorRecords:,} rejected"
     )
+    if s.duplicateRecords:
+        text += f"{s.duplicateRecords:,} duplicate{'' if s.duplicateRecords == 1 else 's'}, "
+    text += f"{s.errorRecords:,} rejected"
     if s.deletedRecords:
         text += f", {s.deletedRecords:,} deleted"
     return text
@@ -86,13 +90,15 @@ def copy_batches(
     policy: RetryPolicy,
     stop_file: int | None = None,
     filter: pc.Expression | None = None,
+    superseded: Superseded | None = None,
 ) -> tuple[Outcome | None, Checkpoint]:
     """Copy batches from `start` until the lake (or `stop_file`) ends or the run stops.
 
-    Returns how the run stopped (None: the range was copied to its end) and the last
-    committed checkpoint.
+    `superseded` are the records a later record of the same key replaces (repeats.py),
+    skipped by the engine. Returns how the run stopped (None: the range was copied to its
+    end) and the last committed checkpoint.
     """
-    engine = CopyEngine(store.db[op.collection], store.copyerrors, op.schema_, job_id)
+    engine = CopyEngine(store.db[op.collection], store.copyerrors, op.schema_, job_id, superseded)
     # the lake's reader thread validates, encodes and hashes the next batch meanwhile
     for batch in lake.batches(
         batch_size, start, stop_file=stop_file, filter=filter, prepare=engine.prepare

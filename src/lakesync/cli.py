@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import json
 import logging
 import signal
@@ -122,7 +123,7 @@ def copy(
         parse_options(options)  # e.g. a bad --mode, refused before any server starts
         settings = _settings()
         with Runtime(settings, executor=None, reads_lake=True) as rt:
-            status, created = rt.jobs.start(operation, options, trusted=True)
+            status, created = rt.jobs.start(operation, options, trusted=True, trigger="cli")
             if not created and status.state is not JobState.PENDING:
                 _fail(LakesyncError(
                     f"Job {status.jobId} for {operation} on this source is already "
@@ -264,6 +265,68 @@ def cancel(job_id: str) -> None:
 
 
 @app.command()
+def errors(
+    job_id: str,
+    as_csv: Annotated[
+        bool, typer.Option("--csv", help="Print CSV (key,file,row,reason,time).")
+    ] = False,
+    limit: Annotated[int, typer.Option(min=1, help="At most this many records.")] = 100,
+) -> None:
+    """List a job's rejected records: key, file, row and reason, in lake order."""
+    from lakesync import rejections
+    from lakesync.runtime import Runtime
+
+    try:
+        with Runtime(_settings()) as rt:
+            job = rt.jobs.get(job_id)
+            found = list(itertools.islice(rejections.every(rt.store.copyerrors, job_id), limit))
+    except LakesyncError as e:
+        _fail(e)
+    if as_csv:
+        sys.stdout.write(rejections.csv_header() + "".join(map(rejections.to_csv, found)))
+        return
+    if not found:
+        out.print(f"Job {job_id} rejected no records.", highlight=False)
+        return
+    table = Table("key", "file", "row", "reason")
+    for doc in found:
+        table.add_row(
+            escape(str(doc["key"] or "")),
+            escape(str(doc["file"] or "")),
+            str(doc["row"]),
+            escape(str(doc["reason"] or "")),
+        )
+    out.print(table)
+    if job.errorRecords > len(found):
+        err.print(
+            f"Showing {len(found):,} of {job.errorRecords:,} rejected records; "
+            f"use --limit or --csv for more.",
+            highlight=False,
+        )
+
+
+@app.command()
+def logs(job_id: str) -> None:
+    """Print a job's own log lines (runs, takeovers, retries, hand-backs, failures)."""
+    from lakesync import joblog
+    from lakesync.runtime import Runtime
+
+    try:
+        with Runtime(_settings()) as rt:
+            rt.jobs.get(job_id)
+            lines = joblog.read_lines(rt.store.db, job_id)
+    except LakesyncError as e:
+        _fail(e)
+    if not lines:
+        err.print(f"Job {job_id} has no log lines yet.", highlight=False)
+    for line in lines:
+        text = f"{line['time']} {line['level'].upper():<7} {line['message']}"
+        if line.get("cause"):
+            text += f" ({line['cause']})"
+        sys.stdout.write(text + "\n")
+
+
+@app.command()
 def operations(as_json: JsonFlag = False) -> None:
     """List the declared operations with their last job and watermark."""
     from lakesync.runtime import Runtime
@@ -272,6 +335,7 @@ def operations(as_json: JsonFlag = False) -> None:
     try:
         with Runtime(_settings()) as rt:
             listed = rt.registry.overview(rt.settings, rt.store, WatermarkStore(rt.store.db))
+            rt.scheduler.annotate(listed)
     except LakesyncError as e:
         _fail(e)
     if as_json:
@@ -319,6 +383,62 @@ def worker(
         run_worker(_settings(), concurrency)
     except LakesyncError as e:
         _fail(e)
+
+
+@app.command()
+def schedules(as_json: JsonFlag = False) -> None:
+    """List scheduled operations: schedule, paused or not, next run, last run and result."""
+    from lakesync.runtime import Runtime
+
+    try:
+        with Runtime(_settings()) as rt:
+            listed = [{"operation": op.name, **(rt.scheduler.describe(op) or {})}
+                      for op, _ in rt.scheduler.scheduled()]  # fmt: skip
+    except LakesyncError as e:
+        _fail(e)
+    if as_json:
+        _print_json({"schedules": listed})
+        return
+    if not listed:
+        out.print("No operation has a schedule (set LAKESYNC_SCHEDULE, or `schedule` or "
+                  "`every` in lakesync.toml).")  # fmt: skip
+        return
+    table = Table("operation", "schedule", "next run", "last run")
+    for s in listed:
+        when = s["schedule"] or f"every {s['every']}"
+        if s["schedule"] and s["timezone"] != "UTC":
+            when += f" ({s['timezone']})"
+        last = s["lastRun"]
+        shown = "-" if last is None else f"{last['slot']}\n{last['outcome']}" + (
+            f" {last['jobId']} {last['result'] or ''}" if last.get("jobId") else "")  # fmt: skip
+        table.add_row(escape(s["operation"]), escape(when),
+                      "paused" if s["paused"] else str(s["nextRun"]), escape(shown))  # fmt: skip
+    out.print(table)
+
+
+def _pause(name: str, paused: bool) -> None:
+    from lakesync.runtime import Runtime
+
+    try:
+        with Runtime(_settings()) as rt:
+            s = rt.scheduler.pause(name) if paused else rt.scheduler.unpause(name)
+    except LakesyncError as e:
+        _fail(e)
+    text = (f"Schedule of {name} paused; running jobs go on." if paused
+            else f"Schedule of {name} resumed; next run {s['nextRun']}.")  # fmt: skip
+    out.print(escape(text), highlight=False, soft_wrap=True)
+
+
+@app.command()
+def pause(operation: str) -> None:
+    """Pause an operation's schedule (its running job, if any, goes on)."""
+    _pause(operation, True)
+
+
+@app.command()
+def unpause(operation: str) -> None:
+    """Resume an operation's schedule; slots passed while paused are not run."""
+    _pause(operation, False)
 
 
 def main() -> None:

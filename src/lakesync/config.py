@@ -6,7 +6,7 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Literal
 
-from pydantic import Field, SecretStr, ValidationError, field_validator
+from pydantic import AliasChoices, Field, SecretStr, ValidationError, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from lakesync.errors import ConfigError
@@ -41,6 +41,47 @@ class Settings(BaseSettings):
     partition_rows: int = Field(50_000, ge=1)
     log_format: Literal["text", "json"] = "text"
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
+    # unattended runs (schedules.py, scheduler.py, notify.py)
+    schedule: str | None = None  # cron or interval of the built-in copy-taskdetail
+    schedule_timezone: str = "UTC"
+    schedule_mode: Literal["full", "incremental"] | None = None
+    notify: list[str] = Field(default_factory=list)  # default webhooks of every operation
+    notify_on: list[Literal["completed", "failed", "cancelled"]] = ["failed"]
+    #: LAKESYNC_WEBHOOK_SECRET (a field name without "secret": reprs stay free of the word)
+    signing_key: SecretStr | None = Field(
+        None, validation_alias=AliasChoices("LAKESYNC_WEBHOOK_SECRET", "signing_key")
+    )
+    webhook_timeout: float = Field(10, gt=0, le=300)
+    webhook_retries: int = Field(3, ge=0, le=10)
+    #: tests only: a file holding the scheduler's "now" (epoch seconds) instead of the clock
+    scheduler_clock_file: Path | None = None
+
+    @field_validator("schedule", "signing_key")
+    @classmethod
+    def _blank_is_unset(cls, value: object) -> object:
+        text = value.get_secret_value() if isinstance(value, SecretStr) else value
+        return None if isinstance(text, str) and not text.strip() else value
+
+    @field_validator("schedule")
+    @classmethod
+    def _schedule(cls, value: str | None) -> str | None:
+        from lakesync.schedules import Schedule
+
+        return None if value is None else Schedule.parse(value).text.removeprefix("every ")
+
+    @field_validator("schedule_timezone")
+    @classmethod
+    def _zone(cls, value: str) -> str:
+        from lakesync.schedules import check_timezone
+
+        return check_timezone(value)
+
+    @field_validator("notify")
+    @classmethod
+    def _webhooks(cls, value: list[str]) -> list[str]:
+        from lakesync.schedules import check_webhook
+
+        return [check_webhook(url) for url in value]
 
     @field_validator("mongodb_uri", "broker_url", "api_token", "lake_uri", "s3_endpoint_url")
     @classmethod
@@ -95,7 +136,7 @@ def _describe(error: ValidationError) -> str:
         field = str(item["loc"][0]) if item["loc"] else "?"
         variable = f"LAKESYNC_{field.upper()}"
         given = item.get("input")
-        secret = field in {"mongodb_uri", "api_token", "broker_url"}
+        secret = field in {"mongodb_uri", "api_token", "broker_url", "signing_key"}
         shown = "" if isinstance(given, dict) or secret else f"={given!r}"
         lines.append(f"{variable}{shown} is invalid: {item['msg']}.{_accepted(field)}")
     return " ".join(lines) + " Fix the environment variable (or .env file) and start again."

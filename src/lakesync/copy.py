@@ -5,10 +5,14 @@ embedded server) stores a top-level date given to `$set` as a string, while inse
 replaced documents keep their dates as BSON dates on every MongoDB-wire server.
 
 Each written document carries `_lakesync: {h, job, op, at}`: a hash of its content, the
-job that last wrote it, how that job counted the batch's first record of the key ("i"
-inserted, "u" updated, "n" unchanged) and the lake position (file index, row) it was
-written from. One `$in` read per batch tells, for every record, whether it is new,
-changed or unchanged, so:
+job that last wrote it, how that job counted the key ("i" inserted, "u" updated) and the
+lake position (file index in the whole lake, row) it was written from.
+
+Repeated keys: a job writes one record per key, the last valid one in lake order. The
+records a later record of the same key replaces are found before the job writes anything
+(repeats.py) and skipped here, counted as duplicates; so are earlier records of a key that
+repeats within one batch. One `$in` read per batch then tells, for every record, whether
+it is new, changed or unchanged, so:
 
 * unchanged records are not written at all (a re-sync is nearly read-only);
 * the write of each key is counted from the server's bulk-write result;
@@ -18,8 +22,11 @@ changed or unchanged, so:
 * a batch replayed after a crash (written, not yet checkpointed) is counted as it was
   the first time: a record whose marker names this job and a position inside this batch
   counts as that job counted it, never as "unchanged". That keeps processed = inserted +
-  updated + unchanged + error = total exact across crashes. The same key seen again in a
-  later batch of the same job is compared as usual (unchanged if equal).
+  updated + unchanged + duplicate + error = total exact across crashes.
+
+Stored keys are matched to the batch's by their BSON (``_lookup_key``), so a date key read
+back as ``datetime`` matches the ``DatetimeMS`` it was written from, and a composite key
+(a subdocument) matches although a dict cannot be hashed.
 
 The hot path builds no Python dict per record: each record's BSON comes from
 ``Validated.encoded`` (written column by column), is hashed as it is, and is sent with its
@@ -28,6 +35,7 @@ marker appended as a ``RawBSONDocument``, so pymongo does not encode it again.
 
 from __future__ import annotations
 
+import bisect
 import functools
 import hashlib
 import logging
@@ -45,6 +53,7 @@ from pymongo.errors import BulkWriteError
 
 from lakesync.lake import LakeBatch
 from lakesync.models import Counters, utcnow
+from lakesync.repeats import Superseded
 from lakesync.schema import RecordSchema, Rejection, Validated, validate
 
 logger = logging.getLogger(__name__)
@@ -54,7 +63,6 @@ MAX_MESSAGE_BYTES = 40 * 1024 * 1024  # below MongoDB's 48 MB message limit
 MAX_MESSAGE_OPS = 100_000  # MongoDB's maxWriteBatchSize
 _DUPLICATE_KEY = 11000
 _MARKER_ELEMENT = b"\x03" + MARKER.encode() + b"\x00"  # BSON: an embedded document named _lakesync
-_COUNTED = {"i": "inserted", "u": "updated"}
 _I32, _I64 = struct.Struct("<i"), struct.Struct("<q")
 _INT32_MIN, _INT32_MAX = -(2**31), 2**31 - 1
 _HASH_CHARS = 24  # digest(): 12 bytes as hex
@@ -63,6 +71,13 @@ _HASH_CHARS = 24  # digest(): 12 bytes as hex
 def digest(body: bytes) -> str:
     """The content hash of a document's BSON (without its marker)."""
     return hashlib.blake2b(body, digest_size=_HASH_CHARS // 2).hexdigest()
+
+
+def _lookup_key(key: Any) -> Any:
+    """A hashable form of a key that is equal for equal BSON values (see the module doc)."""
+    if type(key) is str or type(key) is int:
+        return key
+    return bson.encode({"": key})
 
 
 def content_hash(doc: dict[str, Any]) -> str:
@@ -102,14 +117,28 @@ def _new_documents(
     job: str, batch: LakeBatch, rows: list[int], bodies: list[bytes], digests: list[str]
 ) -> list[RawBSONDocument]:
     """The documents that insert these records: each body with marker ``{h, job, "i", at}``."""
-    start = batch.start_row
-    if rows and start + rows[-1] > _INT32_MAX:  # rare: the general (slower) way
+    if len(batch.segments) == 1:
+        seg = batch.segments[0]
+        return _file_documents(job, seg.ordinal, seg.start_row, rows, bodies, digests)
+    docs: list[RawBSONDocument] = []
+    for seg in batch.segments:  # rows are sorted: each segment's are a slice
+        lo = bisect.bisect_left(rows, seg.offset)
+        hi = bisect.bisect_left(rows, seg.offset + seg.rows)
+        base = seg.start_row - seg.offset
+        docs += _file_documents(job, seg.ordinal, base, rows[lo:hi], bodies[lo:hi], digests[lo:hi])
+    return docs
+
+
+def _file_documents(
+    job: str, ordinal: int, start: int, rows: list[int], bodies: list[bytes], digests: list[str]
+) -> list[RawBSONDocument]:
+    """``_new_documents`` for rows of one file: batch row ``row`` is file row ``start + row``."""
+    if rows and not _INT32_MIN <= start + rows[-1] <= _INT32_MAX:  # rare: the general way
         return [
-            RawBSONDocument(with_marker(body, marker_bson(h, job, "i", (batch.file_index,
-                                                                        start + row))))
+            RawBSONDocument(with_marker(body, marker_bson(h, job, "i", (ordinal, start + row))))
             for row, body, h in zip(rows, bodies, digests, strict=True)
-        ]  # fmt: skip
-    head, middle = _marker_template(job, "i", batch.file_index)
+        ]
+    head, middle = _marker_template(job, "i", ordinal)
     lead = _MARKER_ELEMENT + head
     # the row (4 bytes) and the ends of at, of the marker and of the document replacing the
     # body's own end: 4 + 3 - 1
@@ -166,8 +195,11 @@ class Prepared:
 
     table: Any  # the batch's table (pa.Table) it was made from
     checked: Validated
-    bodies: list[bytes]  # each valid record's BSON
+    keys: list[Any]  # the `_id` of each record to write (valid, and not a duplicate)
+    rows: list[int]  # its row in the batch
+    bodies: list[bytes]  # its BSON
     digests: list[str]  # and its content hash
+    duplicates: int = 0  # valid records left out: a later record of their key replaces them
     inserts: list[RawBSONDocument] | None = None  # the documents, if they are all new
 
 
@@ -190,11 +222,14 @@ class CopyEngine:
         errors: Collection[dict[str, Any]],
         schema: RecordSchema,
         job_id: str,
+        superseded: Superseded | None = None,
     ) -> None:
         self.target = target
         self.errors = errors
         self.schema = schema
         self.job_id = job_id
+        #: the job's records that a later record of the same key replaces (repeats.py)
+        self.superseded = superseded or Superseded()
         #: none of the last batch's keys existed: insert the next batch without reading first
         self._assume_new = False
 
@@ -205,12 +240,41 @@ class CopyEngine:
         on the next batch while this one is written, and ``write`` then uses the result.
         """
         checked = validate(self.schema, batch.table)
-        bodies = checked.encoded() if checked.rows else []
+        keys, rows = checked.keys, checked.rows
+        bodies = checked.encoded() if rows else []
+        keep = self._winners(batch, keys, rows)
+        duplicates = 0
+        if keep is not None:
+            duplicates = len(rows) - len(keep)
+            keys, rows = [keys[i] for i in keep], [rows[i] for i in keep]
+            bodies = [bodies[i] for i in keep]
         digests = [digest(b) for b in bodies]
-        inserts = None
+        ready = Prepared(batch.table, checked, keys, rows, bodies, digests, duplicates)
         if self._assume_new:  # most likely inserted as they are: build the documents now
-            inserts = _new_documents(self.job_id, batch, checked.rows, bodies, digests)
-        return Prepared(batch.table, checked, bodies, digests, inserts)
+            ready.inserts = _new_documents(self.job_id, batch, rows, bodies, digests)
+        return ready
+
+    def _winners(self, batch: LakeBatch, keys: list[Any], rows: list[int]) -> list[int] | None:
+        """Indexes (into ``rows``) of the records to write; None when that is all of them.
+
+        Left out: records the job's plan marks as superseded, and any but the last record
+        of a key that repeats within this batch (the plan finds those too, unless the job
+        was planned without it).
+        """
+        if not rows:
+            return None
+        dropped: set[int] = set()
+        for seg in batch.segments:
+            rel = self.superseded.within(seg.file, seg.start_row, seg.start_row + seg.rows)
+            dropped.update((rel + seg.offset).tolist())
+        try:
+            last = {key: i for i, key in enumerate(keys)}
+        except TypeError:  # unhashable keys (subdocuments): compare their BSON
+            last = {_lookup_key(key): i for i, key in enumerate(keys)}
+        if not dropped and len(last) == len(keys):
+            return None
+        winners = set(last.values())
+        return [i for i, row in enumerate(rows) if i in winners and row not in dropped]
 
     def write(self, batch: LakeBatch) -> BatchResult:
         """Write one batch; safe to call again for the same batch (idempotent)."""
@@ -218,15 +282,15 @@ class CopyEngine:
         if not (isinstance(ready, Prepared) and ready.table is batch.table):
             ready = self.prepare(batch)
         checked = ready.checked
-        counts = Counters(processed=batch.table.num_rows)
+        counts = Counters(processed=batch.table.num_rows, duplicates=ready.duplicates)
         rejected = [self._rejection(batch, r) for r in checked.rejections]
         started = time.perf_counter()
-        if checked.rows:
-            self._copy(checked.keys, checked.rows, ready, batch, counts, rejected)
+        if ready.rows:
+            self._copy(ready.keys, ready.rows, ready, batch, counts, rejected)
         if rejected:
             self._store_rejections(rejected)
         counts.errors = len(rejected)
-        return BatchResult(counts, rejected, time.perf_counter() - started, checked.keys)
+        return BatchResult(counts, rejected, time.perf_counter() - started, ready.keys)
 
     def _copy(
         self,
@@ -238,8 +302,7 @@ class CopyEngine:
         rejected: list[dict[str, Any]],
     ) -> None:
         bodies, digests = ready.bodies, ready.digests
-        unique = len(set(keys)) == len(keys)
-        if not (unique and self._assume_new):
+        if not self._assume_new:
             existing = self._markers(keys)
             plan = self._classify(keys, rows, bodies, digests, existing, batch, counts)
             self._execute(plan, counts, rejected, batch)
@@ -299,29 +362,12 @@ class CopyEngine:
     def _markers(self, keys: Sequence[Any]) -> dict[Any, dict[str, Any]]:
         """The stored marker of each key that has a document ({} for one without a marker)."""
         found = self.target.find({"_id": {"$in": list(keys)}}, {MARKER: 1}, batch_size=len(keys))
-        return {d["_id"]: d.get(MARKER) or {} for d in found}
+        return {_lookup_key(d["_id"]): d.get(MARKER) or {} for d in found}
 
     def _write(
         self, op: str, key: Any, row: int, body: bytes, h: str, counted: str, batch: LakeBatch
     ) -> Write:
-        at = (batch.file_index, batch.start_row + row)
-        return Write(op, key, row, body, h, counted, self.job_id, at)
-
-    def _plan(
-        self,
-        docs: list[dict[str, Any]],
-        rows: list[int],
-        batch: LakeBatch,
-        counts: Counters,
-        rejected: list[dict[str, Any]],
-    ) -> dict[Any, Write]:
-        """Classify documents given as dicts (reading their stored markers); see _classify."""
-        if not docs:
-            return {}
-        keys = [d["_id"] for d in docs]
-        bodies = [bson.encode(d) for d in docs]
-        digests = [digest(b) for b in bodies]
-        return self._classify(keys, rows, bodies, digests, self._markers(keys), batch, counts)
+        return Write(op, key, row, body, h, counted, self.job_id, batch.at(row))
 
     def _classify(
         self,
@@ -332,53 +378,29 @@ class CopyEngine:
         existing: dict[Any, dict[str, Any]],
         batch: LakeBatch,
         counts: Counters,
-    ) -> dict[Any, Write]:
-        """Classify each record: key -> the write to make, counting those not written.
+    ) -> list[Write]:
+        """The write each record needs (its key is in the batch once), counting the others.
 
-        The occurrences of one key in a batch form a chain, each compared with the one
-        before it (the first with the stored document). The first change in the chain is
-        the one write (counted from the server's answer); the others are counted here.
+        New keys are inserted and changed ones replaced, both counted from the server's
+        answer; unchanged ones are counted here, as are records this job already wrote from
+        this very batch (a replay), which count as the job counted them then.
         """
-        tally = {"inserted": 0, "updated": 0, "unchanged": 0}
-        plan: dict[Any, Write] = {}
-        if len(set(keys)) == len(keys):  # no key twice in the batch: chains of one
-            for key, row, body, h in zip(keys, rows, bodies, digests, strict=True):
-                marker = existing.get(key)
-                if marker is None:
-                    plan[key] = self._write("i", key, row, body, h, "i", batch)
-                elif self._replayed(marker, h, batch):
-                    tally[_COUNTED.get(marker.get("op", ""), "unchanged")] += 1
-                elif marker.get("h") == h:
-                    tally["unchanged"] += 1
+        plan: list[Write] = []
+        for key, row, body, h in zip(keys, rows, bodies, digests, strict=True):
+            marker = existing.get(_lookup_key(key))
+            if marker is None:
+                plan.append(self._write("i", key, row, body, h, "i", batch))
+            elif self._replayed(marker, h, batch):
+                if marker.get("op") == "i":
+                    counts.inserted += 1
+                elif marker.get("op") == "u":
+                    counts.updated += 1
                 else:
-                    plan[key] = self._write("u", key, row, body, h, "u", batch)
-        else:
-            chains: dict[Any, list[tuple[int, bytes, str]]] = {}
-            for key, row, body, h in zip(keys, rows, bodies, digests, strict=True):
-                chains.setdefault(key, []).append((row, body, h))
-            for key, chain in chains.items():
-                marker = existing.get(key)
-                changes = [chain[j][2] != chain[j - 1][2] for j in range(1, len(chain))]
-                if marker is not None and self._replayed(marker, chain[-1][2], batch):
-                    # a replay: this job already wrote this batch's records of the key
-                    tally[_COUNTED.get(marker.get("op", ""), "unchanged")] += 1
-                    tally["updated"] += sum(changes)
-                    tally["unchanged"] += len(changes) - sum(changes)
-                    continue
-                op = "i" if marker is None else "u" if marker.get("h") != chain[0][2] else "n"
-                changes.insert(0, op != "n")
-                if not any(changes):
-                    tally["unchanged"] += len(changes)
-                    continue
-                # the first change is written and counted by the server; the rest are counted here
-                tally["updated"] += sum(changes) - 1
-                tally["unchanged"] += len(changes) - sum(changes)
-                row, body, h = chain[-1]
-                write = "i" if marker is None else "u"
-                plan[key] = self._write(write, key, row, body, h, op, batch)
-        counts.inserted += tally["inserted"]
-        counts.updated += tally["updated"]
-        counts.unchanged += tally["unchanged"]
+                    counts.unchanged += 1
+            elif marker.get("h") == h:
+                counts.unchanged += 1
+            else:
+                plan.append(self._write("u", key, row, body, h, "u", batch))
         return plan
 
     def _replayed(self, marker: Mapping[str, Any], h: str, batch: LakeBatch) -> bool:
@@ -388,13 +410,13 @@ class CopyEngine:
             marker.get("job") == self.job_id
             and marker.get("h") == h
             and isinstance(at, list)
-            and at[0] == batch.file_index
-            and batch.start_row <= at[1] < batch.start_row + batch.table.num_rows
+            and len(at) == 2
+            and batch.holds(at[0], at[1])
         )
 
     def _execute(
         self,
-        plan: Mapping[Any, Write],
+        plan: list[Write],
         counts: Counters,
         rejected: list[dict[str, Any]],
         batch: LakeBatch,
@@ -402,7 +424,7 @@ class CopyEngine:
         """Send the planned writes as unordered bulks under the message limits."""
         chunk: list[tuple[Write, RawBSONDocument]] = []
         size = 0
-        for write in plan.values():
+        for write in plan:
             doc = write.document()
             n = len(doc.raw)
             if chunk and (size + n > MAX_MESSAGE_BYTES or len(chunk) >= MAX_MESSAGE_OPS):
@@ -447,12 +469,13 @@ class CopyEngine:
             self._bulk(retry, counts, rejected, batch)
 
     def _rejection(self, batch: LakeBatch, r: Rejection) -> dict[str, Any]:
-        row = batch.start_row + r.row
+        seg = batch.segment_of(r.row)
+        row = seg.file_row(r.row)
         return {
-            "_id": f"{self.job_id}:{batch.file_index}:{row}",
+            "_id": f"{self.job_id}:{seg.ordinal}:{row}",
             "jobId": self.job_id,
             "key": r.key,
-            "file": batch.file,
+            "file": seg.file,
             "row": row,
             "reason": r.reason,
             "time": utcnow(),

@@ -8,7 +8,7 @@ import os
 from typing import Any
 
 from lakesync.config import Settings
-from lakesync.errors import SourceError
+from lakesync.errors import JobError, JobNotFound, SourceError
 from lakesync.executors import Executor
 from lakesync.models import JobStatus
 from lakesync.operations import OperationRegistry, parse_options
@@ -43,13 +43,18 @@ class JobService:
         raw_options: Any = None,
         idempotency_key: str | None = None,
         *,
+        client_job_id: str | None = None,
         trusted: bool = False,
+        trigger: str = "api",
+        scheduled_for: str | None = None,
     ) -> tuple[JobStatus, bool]:
         """Validate, then create and submit a job; (status, created). Never reads the data.
 
         A `source` option must lie inside the allowed roots (checked before its existence,
         so API clients cannot probe the server's files) unless the caller is `trusted`:
-        the CLI, whose user can read those files anyway.
+        the CLI, whose user can read those files anyway. A `client_job_id` (the seed
+        frontend's own name for the job) is kept as the job's clientJobId: starting again
+        with it returns that job for as long as its status exists.
         """
         op = self.registry.get(operation)
         options = parse_options(raw_options)
@@ -71,8 +76,13 @@ class JobService:
             known = self.store.lookup_idempotency(idempotency_key, body)
             if known is not None:
                 return self.store.get(known), False
+        if client_job_id and (named := self._named(client_job_id)) is not None:
+            return named, False
         stored = {**options.model_dump(exclude_none=True, exclude_defaults=True), "source": source}
-        status, created = self.store.create(operation, stored, flight=f"{operation}|{source}")
+        fields = {"trigger": trigger, "scheduledFor": scheduled_for, "clientJobId": client_job_id}
+        status, created = self.store.create(operation, stored, f"{operation}|{source}", fields)
+        if client_job_id and status.clientJobId != client_job_id:  # joined a running job
+            status = self.store.add_client_id(status, client_job_id)
         if idempotency_key:
             self.store.remember_idempotency(idempotency_key, body, status.jobId)
         if created:
@@ -81,6 +91,20 @@ class JobService:
             if self.executor is not None:
                 self.executor.submit(status.jobId)
         return status, created
+
+    def _named(self, client_job_id: str) -> JobStatus | None:
+        """The job already started under this client id; JobError if it is a job's own id."""
+        named = self.store.by_client_id(client_job_id)
+        if named is None:
+            try:
+                self.store.get(client_job_id)
+            except JobNotFound:
+                return None
+            raise JobError(
+                f"{client_job_id!r} is already the jobId of an existing job; a client-named "
+                "jobId must be a new name (e.g. job_ + Date.now())."
+            )
+        return named
 
     def cancel(self, job_id: str) -> JobStatus:
         """Request cancellation; it takes effect after the current batch."""
@@ -97,15 +121,42 @@ class JobService:
         """One job's status, as seen at most STATUS_MAX_AGE_SECONDS ago (may read MongoDB)."""
         return self.store.recent(job_id, STATUS_MAX_AGE_SECONDS)
 
+    def get_seed(self, job_id: str) -> JobStatus:
+        """`get` by jobId or clientJobId: only the seed's simple-status accepts the latter.
+
+        The two never name different jobs (a client id that is a jobId is refused), so a
+        client id known to this process is looked up as one without trying it as a jobId.
+        """
+        if self.store.seen.job_of(job_id) is None:
+            try:
+                return self.get(job_id)
+            except JobNotFound:
+                pass
+        return self.store.recent_by_client_id(job_id, STATUS_MAX_AGE_SECONDS)
+
+    def peek_seed(self, job_id: str) -> JobStatus | None:
+        """`peek` by jobId or clientJobId."""
+        status = self.peek(job_id)
+        if status is None and (named := self.store.seen.job_of(job_id)) is not None:
+            status = self.peek(named)
+            if status is not None and status.clientJobId != job_id:
+                return None
+        return status
+
     def peek(self, job_id: str) -> JobStatus | None:
         """`get` without waiting: the status if this process saw it recently enough, else None."""
         return self.store.seen.get(job_id, STATUS_MAX_AGE_SECONDS)
 
     def list(
-        self, *, status: str | None = None, operation: str | None = None, limit: int = 20
+        self,
+        *,
+        status: str | None = None,
+        operation: str | None = None,
+        limit: int = 20,
+        before: str | None = None,
     ) -> list[JobStatus]:
-        """Jobs, newest first."""
-        return self.store.list_jobs(status=status, operation=operation, limit=limit)
+        """Jobs, newest first (after job `before`, for the next page)."""
+        return self.store.list_jobs(status=status, operation=operation, limit=limit, before=before)
 
 
 def check_source_exists(source: str, roots: list[str] | None = None) -> None:

@@ -9,15 +9,17 @@ how the others are read, and batches stream with bounded memory.
 
 from __future__ import annotations
 
+import bisect
+import collections
 import itertools
 import logging
 import os
 import queue
 import re
 import threading
-from collections.abc import Callable, Iterator
-from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
+from collections.abc import Callable, Iterable, Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass, field, replace
 from typing import Any, TypeVar
 from urllib.parse import unquote
 
@@ -61,6 +63,9 @@ _LOCAL_PARQUET = ds.ParquetFragmentScanOptions(pre_buffer=False)
 #: Lake batches a reader thread prepares while the consumer writes the current one.
 _PREFETCH = 1
 _INSPECT_THREADS = 16  # footers / headers read in parallel at open (matters on S3)
+_READ_THREADS = 8  # small files read in parallel while batches are made (matters on S3)
+_READ_AHEAD = 32  # small files read ahead at most
+_SMALL_FILE_ROWS = 10_000  # a file of at most this many rows (or one batch) is read whole
 
 
 @dataclass(frozen=True)
@@ -71,21 +76,131 @@ class Position:
     row: int = 0
 
 
+@dataclass(frozen=True)
+class Segment:
+    """The rows of one file in a batch: batch rows ``[offset, offset + rows)`` are rows
+    ``[start_row, start_row + rows)`` of file ``file_index`` (``ordinal`` in the whole lake)."""
+
+    file: str
+    file_index: int
+    ordinal: int
+    start_row: int
+    rows: int
+    offset: int = 0
+
+    def file_row(self, row: int) -> int:
+        """The file's row of batch row ``row``."""
+        return self.start_row + row - self.offset
+
+
 @dataclass
 class LakeBatch:
-    """Up to batch_size rows of one file, starting at row ``start_row`` of that file."""
+    """Up to batch_size rows of the lake, starting at row ``start_row`` of ``file``.
+
+    A batch may span files (a lake of many small files is still written in whole batches):
+    ``segments`` says which rows came from which file, and ``end`` where the next batch starts.
+    """
 
     table: pa.Table
     file: str
     file_index: int
     start_row: int
+    #: the file's index in the job's whole lake (``file_index`` counts from a partition's
+    #: first file): lake positions in markers, rejections and the plan use it
+    ordinal: int = -1
     #: what ``batches(prepare=...)`` computed from the batch ahead of time (None if it failed)
     prepared: Any = field(default=None, repr=False, compare=False)
+    segments: list[Segment] = field(default_factory=list, repr=False)
+
+    def __post_init__(self) -> None:
+        if self.ordinal < 0:
+            self.ordinal = self.file_index
+        if not self.segments:
+            self.segments = [
+                Segment(self.file, self.file_index, self.ordinal, self.start_row,
+                        int(self.table.num_rows))
+            ]  # fmt: skip
 
     @property
     def end(self) -> Position:
         """The position just after this batch: where a resumed read starts."""
-        return Position(self.file_index, self.start_row + int(self.table.num_rows))
+        last = self.segments[-1]
+        return Position(last.file_index, last.start_row + last.rows)
+
+    def segment_of(self, row: int) -> Segment:
+        """The segment holding batch row ``row``."""
+        if len(self.segments) == 1:
+            return self.segments[0]
+        return self.segments[bisect.bisect_right([s.offset for s in self.segments], row) - 1]
+
+    def at(self, row: int) -> tuple[int, int]:
+        """The lake position (ordinal, file row) of batch row ``row``."""
+        seg = self.segment_of(row)
+        return seg.ordinal, seg.file_row(row)
+
+    def holds(self, ordinal: int, file_row: int) -> bool:
+        """Whether the lake position (ordinal, file row) is one of this batch's rows."""
+        return any(
+            s.ordinal == ordinal and s.start_row <= file_row < s.start_row + s.rows
+            for s in self.segments
+        )
+
+
+def _joined(pieces: list[LakeBatch]) -> LakeBatch:
+    """One batch of consecutive pieces of the lake (whose tables have the same schema)."""
+    if len(pieces) == 1:
+        return pieces[0]
+    segments, offset = [], 0
+    for piece in pieces:
+        for s in piece.segments:
+            segments.append(replace(s, offset=offset + s.offset))
+        offset += piece.table.num_rows
+    first = pieces[0]
+    table = pa.concat_tables([p.table for p in pieces])
+    return LakeBatch(table, first.file, first.file_index, first.start_row, first.ordinal,
+                     segments=segments)  # fmt: skip
+
+
+def _sliced(piece: LakeBatch, rows: int) -> tuple[LakeBatch, LakeBatch]:
+    """A one-file piece cut after ``rows`` rows."""
+    head = LakeBatch(piece.table.slice(0, rows), piece.file, piece.file_index, piece.start_row,
+                     piece.ordinal)  # fmt: skip
+    tail = LakeBatch(piece.table.slice(rows), piece.file, piece.file_index,
+                     piece.start_row + rows, piece.ordinal)  # fmt: skip
+    return head, tail
+
+
+def _across_files(pieces: Iterator[LakeBatch], size: int) -> Iterator[LakeBatch]:
+    """Batches of exactly ``size`` rows made of one-file pieces, spanning files.
+
+    Fewer rows only at the end, or where the next file's columns differ (name, type or
+    order): records of such files are never put in one table, so each is stored exactly
+    as its own file holds it.
+    """
+    pending: list[LakeBatch] = []
+    rows = 0
+    for piece in pieces:
+        if pending and not piece.table.schema.equals(pending[0].table.schema, check_metadata=False):
+            yield _joined(pending)
+            pending, rows = [], 0
+        pending.append(piece)
+        rows += piece.table.num_rows
+        while rows >= size:
+            head: list[LakeBatch] = []
+            need = size
+            while need:
+                first = pending.pop(0)
+                n = first.table.num_rows
+                if n > need:
+                    first, rest = _sliced(first, need)
+                    pending.insert(0, rest)
+                    n = need
+                head.append(first)
+                need -= n
+            rows -= size
+            yield _joined(head)
+    if pending:
+        yield _joined(pending)
 
 
 class Lake:
@@ -110,8 +225,11 @@ class Lake:
         version: int | None = None,
         since_version: int | None = None,
         schema: pa.Schema | None = None,
+        first_index: int = 0,
     ) -> None:
         self.uri, self.format, self.files, self.version = uri, fmt, files, version
+        #: the index of ``files[0]`` in the whole lake (non-zero for a partition's files)
+        self.first_index = first_index
         self.since_version = since_version
         self._fragments, self._schemas, self._endpoint = fragments, schemas, endpoint
         self._root = root.rstrip("/")
@@ -137,8 +255,14 @@ class Lake:
         settings: Settings | None = None,
         version: int | None = None,
         since_version: int | None = None,
+        only: list[str] | None = None,
+        first_index: int = 0,
     ) -> Lake:
         """List and inspect the lake at ``uri``; raise SourceError if it cannot be read.
+
+        With ``only`` (names as ``file_name`` gives them), the lake is reduced to those files
+        as ``Lake.only`` does, and only their footers are read: a partition of a lake of
+        many files opens its own files, not all of them.
 
         A directory holding ``_delta_log`` is read as a Delta table (its latest version,
         or ``version``) unless ``format`` names a plain file format. With ``since_version``
@@ -173,7 +297,8 @@ class Lake:
             raise read_error(e, loc.show(base), "", loc.endpoint, listing=True) from e
         maybe_delta = glob_at is None and fmt_given in (None, "delta")
         if maybe_delta and info.type == pafs.FileType.Directory and is_delta_table(loc, base):
-            return cls._open_delta(uri, loc, base, version, since_version)
+            table = cls._open_delta(uri, loc, base, version, since_version)
+            return table if only is None else table.only(only, first_index)
         if fmt_given == "delta" or version is not None or since_version is not None:
             raise SourceError(
                 f"{loc.show(loc.path)} is not a Delta table (no {LOG_DIR} folder in it), "
@@ -198,6 +323,8 @@ class Lake:
                 uri=uri,
             )
         root = base.rsplit("/", 1)[0] if single else base
+        if only is not None:
+            found = _picked(found, root, only, uri)
         keys = [_partition(p[len(root) :].lstrip("/")) for p in found]
         inspected = _inspect(
             loc, fmt, [(p, _hive_expression(k), k) for p, k in zip(found, keys, strict=True)]
@@ -205,7 +332,8 @@ class Lake:
         logger.info("Opened lake %s: %d %s file(s)", loc.show(loc.path), len(found), fmt)
         fragments, schemas = [f for f, _ in inspected], [s for _, s in inspected]
         files = [loc.show(p) for p in found]
-        return cls(uri, fmt, files, fragments, schemas, loc.endpoint, root=loc.show(root))
+        return cls(uri, fmt, files, fragments, schemas, loc.endpoint, root=loc.show(root),
+                   first_index=first_index)  # fmt: skip
 
     @classmethod
     def _open_delta(
@@ -243,29 +371,24 @@ class Lake:
         file = self.files[index]
         return file[len(self._root) :].lstrip("/") if file.startswith(self._root) else file
 
-    def only(self, names: list[str]) -> Lake:
+    def only(self, names: list[str], first_index: int = 0) -> Lake:
         """This lake reduced to the files named (as ``file_name`` gives them), in that order.
+
+        ``first_index`` is the whole lake's index of the first file named: the batches'
+        ``ordinal`` keeps counting files as the whole lake does.
 
         A partition reads exactly the files it was planned with: a file added to the lake
         since is left to the next copy, and one that is gone stops it (SourceError, naming
         the file) instead of shifting every range after it.
         """
         index = {self.file_name(i): i for i in range(len(self.files))}
-        gone = [name for name in names if name not in index]
-        if gone:
-            raise SourceError(
-                f"{gone[0]} is no longer in {self.uri}: the lake changed while the job was "
-                f"copying it ({len(gone)} of the files planned for this part are gone). "
-                "Restore the file and resume the job, or start a new copy.",
-                uri=self.uri,
-                file=gone[0],
-            )
+        _refuse_gone([name for name in names if name not in index], self.uri)
         picked = [index[name] for name in names]
         part = Lake(
             self.uri, self.format, [self.files[i] for i in picked],
             [self._fragments[i] for i in picked], [self._schemas[i] for i in picked],
             self._endpoint, root=self._root, version=self.version,
-            since_version=self.since_version, schema=self.schema,
+            since_version=self.since_version, schema=self.schema, first_index=first_index,
         )  # fmt: skip
         if self._row_counts is not None:
             part._row_counts = [self._row_counts[i] for i in picked]
@@ -350,7 +473,9 @@ class Lake:
         columns: list[str] | None = None,
         prepare: Callable[[LakeBatch], Any] | None = None,
     ) -> Iterator[LakeBatch]:
-        """Stream batches of exactly ``batch_size`` rows (fewer at a file's end) from ``start``.
+        """Stream batches of exactly ``batch_size`` rows (fewer at the end) from ``start``.
+
+        Batches span files (see ``_across_files``); ``batch.end`` is where the next starts.
 
         A reader thread reads (and decodes) the next batch while the caller works on this
         one. ``prepare``, if given, runs there too, on each batch, and its result is kept
@@ -366,13 +491,43 @@ class Lake:
                 uri=self.uri,
             )
         stop = len(self.files) if stop_file is None else min(stop_file, len(self.files))
-        files = (
-            self._file_batches(index, batch_size, start.row if index == start.file_index else 0,
-                               filter, columns)
-            for index in range(start.file_index, stop)
-        )  # fmt: skip
-        stream = itertools.chain.from_iterable(files)
+        files = self._files_read_ahead(range(start.file_index, stop), start, batch_size, filter,
+                                       columns)  # fmt: skip
+        stream = _across_files(itertools.chain.from_iterable(files), batch_size)
         yield from _prefetched(stream if prepare is None else _prepared(stream, prepare), _PREFETCH)
+
+    def _files_read_ahead(
+        self,
+        indexes: range,
+        start: Position,
+        size: int,
+        filter: pc.Expression | None,
+        columns: list[str] | None,
+    ) -> Iterator[Iterable[LakeBatch]]:
+        """Each file's batches, in order. Small Parquet files (a lake of many small files, as
+        Spark writes them) are read whole, several at a time, by a bounded pool of threads:
+        one file after another would pay each file's latency (on S3, a round trip or two) in
+        turn. Larger files are streamed batch by batch, so memory stays bounded by batches."""
+
+        def batches(index: int, whole: bool = False) -> Iterator[LakeBatch]:
+            skip = start.row if index == start.file_index else 0
+            return self._file_batches(index, size, skip, filter, columns, whole)
+
+        counts = self.file_row_counts() if self._parquet else None
+        small = max(size, _SMALL_FILE_ROWS)
+        with ThreadPoolExecutor(_READ_THREADS, thread_name_prefix="lake-read") as pool:
+            ahead: collections.deque[tuple[int, Future[list[LakeBatch]] | None]] = (
+                collections.deque()
+            )
+            for index in indexes:
+                whole = counts is not None and counts[index] <= small
+                ahead.append((index, pool.submit(list, batches(index, True)) if whole else None))
+                while len(ahead) > _READ_AHEAD or (ahead and ahead[0][1] is None):
+                    first, future = ahead.popleft()
+                    yield batches(first) if future is None else future.result()
+            while ahead:
+                first, future = ahead.popleft()
+                yield batches(first) if future is None else future.result()
 
     def _file_batches(
         self,
@@ -381,8 +536,10 @@ class Lake:
         skip: int,
         filter: pc.Expression | None,
         columns: list[str] | None,
+        whole: bool = False,
     ) -> Iterator[LakeBatch]:
         fragment, schema, offset = self._fragments[index], self._schemas[index], skip
+        ordinal = self.first_index + index
         if columns is not None:  # a column some other file has is simply absent here
             columns = [c for c in columns if c in schema.names]
         if skip and filter is None and self._parquet:
@@ -395,7 +552,12 @@ class Lake:
         scan = {"schema": schema, "columns": columns, "filter": filter, "batch_size": size}
         if self._parquet and fragment.filesystem.type_name == "local":
             scan["fragment_scan_options"] = _LOCAL_PARQUET
-        source = iter(self._guard(index, fragment.to_batches, **scan, **_STREAMING))
+        if whole:  # a small file: one read (a scanner per batch costs more than the data)
+            del scan["batch_size"]
+            table = self._guard(index, fragment.to_table, **scan)
+            source: Iterator[pa.RecordBatch] = iter(table.to_batches())
+        else:
+            source = iter(self._guard(index, fragment.to_batches, **scan, **_STREAMING))
         pending: list[pa.RecordBatch] = []
         pending_rows = 0
         while (batch := self._guard(index, next, source, None)) is not None:
@@ -409,12 +571,14 @@ class Lake:
                 pending_rows += batch.num_rows
             while pending_rows >= size:
                 table = pa.Table.from_batches(pending)
-                yield LakeBatch(table.slice(0, size), self.files[index], index, offset)
+                yield LakeBatch(table.slice(0, size), self.files[index], index, offset, ordinal)
                 offset += size
                 rest = table.slice(size)
                 pending, pending_rows = rest.to_batches(), rest.num_rows
         if pending_rows:
-            yield LakeBatch(pa.Table.from_batches(pending), self.files[index], index, offset)
+            yield LakeBatch(
+                pa.Table.from_batches(pending), self.files[index], index, offset, ordinal
+            )
         if skip:
             logger.warning("Start row %d is past the end of %s", offset, self.files[index])
 
@@ -524,6 +688,25 @@ def _hive_expression(keys: list[tuple[str, str | None]]) -> pc.Expression | None
 
 
 _Item = tuple[str, pc.Expression | None, list[tuple[str, str | None]]]
+
+
+def _refuse_gone(gone: list[str], uri: str) -> None:
+    """SourceError naming the first of the planned files that are no longer in the lake."""
+    if gone:
+        raise SourceError(
+            f"{gone[0]} is no longer in {uri}: the lake changed while the job was copying it "
+            f"({len(gone)} of the files planned for this part are gone). Restore the file and "
+            "resume the job, or start a new copy.",
+            uri=uri,
+            file=gone[0],
+        )
+
+
+def _picked(found: list[str], root: str, names: list[str], uri: str) -> list[str]:
+    """The paths of the files named (relative to ``root``), in that order."""
+    by_name = {p[len(root) :].lstrip("/") if p.startswith(root) else p: p for p in found}
+    _refuse_gone([n for n in names if n not in by_name], uri)
+    return [by_name[n] for n in names]
 
 
 def _inspect(loc: Location, fmt: str, files: list[_Item]) -> list[tuple[Any, pa.Schema]]:

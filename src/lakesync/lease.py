@@ -106,7 +106,7 @@ class Leases:
     ) -> Doc | None:
         """Take an in-progress document whose lease expired (server time); None otherwise."""
         doc = self.coll.find_one({self.key: value, "status": IN_PROGRESS},
-                                 {"leaseBeat": 1, "heartbeatAt": 1})  # fmt: skip
+                                 {"leaseBeat": 1, "heartbeatAt": 1, "heartbeatMs": 1})  # fmt: skip
         if doc is None or not self.expired(doc, lease_seconds, self.server_now()):
             return None
         update = _merge(update, {"$set": {"owner": owner}, "$unset": {"queued": ""}})
@@ -208,9 +208,12 @@ class Leases:
     def expired(doc: Mapping[str, Any], lease_seconds: float, now: datetime) -> bool:
         """Whether the holder's last beat is at least a lease old on the server's clock."""
         at = doc.get("heartbeatAt")
-        if not isinstance(at, datetime):
-            return True  # never beaten (or written by hand): nobody holds it
-        return (now - _aware(at)).total_seconds() >= lease_seconds
+        if isinstance(at, datetime):
+            return (now - _aware(at)).total_seconds() >= lease_seconds
+        stamp = doc.get("heartbeatMs")  # a document written before leases used the server
+        if isinstance(stamp, int | float):
+            return now.timestamp() * 1000 - stamp >= lease_seconds * 1000
+        return True  # never beaten: nobody holds it
 
     def scan(
         self, lease_seconds: float, query: Doc | None = None, limit: int = 500
@@ -218,7 +221,7 @@ class Leases:
         """(pending documents not sent to a queue yet, in-progress documents whose lease
         expired)."""
         base = dict(query or {})
-        fields = {self.key: 1, "status": 1, "leaseBeat": 1, "heartbeatAt": 1}
+        fields = {self.key: 1, "status": 1, "leaseBeat": 1, "heartbeatAt": 1, "heartbeatMs": 1}
         pending = list(self.coll.find({**base, "status": PENDING, "queued": None},
                                       fields).limit(limit))  # fmt: skip
         running = list(self.coll.find({**base, "status": IN_PROGRESS}, fields).limit(limit))

@@ -6,6 +6,8 @@ store at each scrape, so every process reports the same, shared numbers.
 
 from __future__ import annotations
 
+import threading
+from collections import Counter as Tally
 from collections.abc import Mapping
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
@@ -16,7 +18,8 @@ REGISTRY = CollectorRegistry(auto_describe=True)
 
 RECORDS = Counter(
     "lakesync_records",
-    "Records handled by copy jobs, by outcome (inserted, updated, unchanged, error, deleted)",
+    "Records handled by copy jobs, by outcome "
+    "(inserted, updated, unchanged, duplicate, error, deleted)",
     ["kind"],
     registry=REGISTRY,
 )
@@ -26,7 +29,14 @@ BATCH_SECONDS = Histogram(
     buckets=(0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30),
     registry=REGISTRY,
 )
-ACTIVE = Gauge("lakesync_active_jobs", "Job runs executing in this process", registry=REGISTRY)
+ACTIVE = Gauge(
+    "lakesync_active_jobs", "Jobs with a run executing in this process", registry=REGISTRY
+)
+ACTIVE_RUNS = Gauge(
+    "lakesync_active_runs",
+    "Runs executing in this process (a partitioned job has one per partition running)",
+    registry=REGISTRY,
+)
 RESUMES = Counter(
     "lakesync_resumes", "Job runs that continued from a checkpoint", registry=REGISTRY
 )
@@ -38,7 +48,7 @@ MONGODB_UP = Gauge(
     "lakesync_mongodb_up", "1 if MongoDB answered the last scrape, else 0", registry=REGISTRY
 )
 
-for _kind in ("inserted", "updated", "unchanged", "error"):
+for _kind in ("inserted", "updated", "unchanged", "duplicate", "error"):
     RECORDS.labels(kind=_kind)  # present (at 0) from the first scrape, so rate() works
 
 
@@ -47,6 +57,7 @@ def observe_batch(counts: Counters, write_seconds: float) -> None:
     RECORDS.labels(kind="inserted").inc(counts.inserted)
     RECORDS.labels(kind="updated").inc(counts.updated)
     RECORDS.labels(kind="unchanged").inc(counts.unchanged)
+    RECORDS.labels(kind="duplicate").inc(counts.duplicates)
     RECORDS.labels(kind="error").inc(counts.errors)
     if counts.deleted:
         RECORDS.labels(kind="deleted").inc(counts.deleted)
@@ -57,3 +68,25 @@ def set_job_counts(counts: Mapping[str, int]) -> None:
     """Set `lakesync_jobs` from the store's count per status (absent statuses are 0)."""
     for state in JobState:
         JOBS.labels(status=state.value).set(counts.get(state.value, 0))
+
+
+_running: Tally[str] = Tally()
+_running_lock = threading.Lock()
+
+
+def run_started(job_id: str) -> None:
+    """A run of the job (the whole job or one partition) started executing here."""
+    with _running_lock:
+        _running[job_id] += 1
+        ACTIVE.set(len(_running))
+        ACTIVE_RUNS.set(sum(_running.values()))
+
+
+def run_ended(job_id: str) -> None:
+    """A run started with `run_started` stopped (ended, yielded or failed)."""
+    with _running_lock:
+        _running[job_id] -= 1
+        if _running[job_id] <= 0:
+            del _running[job_id]
+        ACTIVE.set(len(_running))
+        ACTIVE_RUNS.set(sum(_running.values()))

@@ -76,6 +76,8 @@ class Counters(BaseModel):
     inserted: int = 0
     updated: int = 0
     unchanged: int = 0
+    #: valid records that a later record of the same key in the same lake replaces
+    duplicates: int = 0
     errors: int = 0
     deleted: int = 0
 
@@ -98,6 +100,7 @@ class JobStatus(BaseModel):
     model_config = ConfigDict(extra="ignore")
 
     jobId: str
+    clientJobId: str | None = None  # the seed frontend's own name for the job (api/netlify.py)
     status: JobState
     operation: str
     totalRecords: int = 0
@@ -105,6 +108,7 @@ class JobStatus(BaseModel):
     insertedRecords: int = 0
     updatedRecords: int = 0
     unchangedRecords: int = 0
+    duplicateRecords: int = 0
     errorRecords: int = 0
     deletedRecords: int = 0
     percentComplete: float = 0
@@ -127,6 +131,8 @@ class JobStatus(BaseModel):
     partitions: int | None = None
     partitionsDone: int | None = None
     partitionedAtMs: int | None = None
+    trigger: Literal["api", "cli", "schedule"] | None = None  # who started the job
+    scheduledFor: str | None = None  # a scheduled job's slot, ISO 8601 UTC (scheduler.py)
     revision: int = 0  # +1 on every write: orders the copies a process keeps (store.py)
 
     @field_validator(

@@ -31,6 +31,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from lakesync.config import Settings
 from lakesync.errors import ConfigError, RequestError
 from lakesync.lake import Lake
+from lakesync.schedules import Unattended, check_unattended
 from lakesync.schema import TASK_DETAIL, FieldRule, FieldType, RecordSchema
 from lakesync.storage import mask_secrets
 
@@ -43,7 +44,7 @@ logger = logging.getLogger(__name__)
 Mode = Literal["full", "incremental", "mirror"]
 
 
-class Operation(BaseModel):
+class Operation(Unattended):
     """A named copy: where records come from, what they look like, where they go."""
 
     name: str
@@ -116,11 +117,15 @@ class ResolvedJob:
     source: str
     batch_size: int
 
-    def open_lake(self, settings: Settings) -> Lake:
-        """The job's lake, at the Delta version (and from the version) the job pinned."""
+    def open_lake(
+        self, settings: Settings, only: list[str] | None = None, first_index: int = 0
+    ) -> Lake:
+        """The job's lake, at the Delta version (and from the version) the job pinned;
+        with ``only``, just those of its files (see ``Lake.open``)."""
         return Lake.open(self.source, format=self.op.format, settings=settings,
                          version=self.options.deltaVersion,
-                         since_version=self.options.sinceDeltaVersion)  # fmt: skip
+                         since_version=self.options.sinceDeltaVersion,
+                         only=only, first_index=first_index)  # fmt: skip
 
 
 class OperationRegistry:
@@ -209,6 +214,9 @@ class OperationInfo(BaseModel):
     #: column, kind, value (ISO time or number), source, jobId, and a Delta table's version
     watermark: dict[str, Any] | None
     lastJob: dict[str, Any] | None
+    #: its schedule (cron or interval, time zone, paused, last run and result), if any
+    schedule: dict[str, Any] | None = None
+    nextRun: str | None = None  # ISO 8601 UTC; None when unscheduled or paused
 
 
 # -- lakesync.toml ---------------------------------------------------------------------------
@@ -216,7 +224,7 @@ class OperationInfo(BaseModel):
 _NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,99}")
 _COLLECTION = re.compile(r"[A-Za-z_][A-Za-z0-9_.-]{0,119}")
 #: lakesync's own collections, and the prefix of its temporary ones
-RESERVED = {"jobstatuses", "copyerrors", "idempotencykeys", "syncstate", "jobpartitions"}
+RESERVED = {"jobstatuses", "copyerrors", "idempotencykeys", "syncstate", "jobpartitions", "joblogs"}
 _RESERVED_PREFIXES = ("mirrorseen_", "system.")
 _WATERMARK_TYPES = ("timestamp", "int", "any")
 
@@ -243,7 +251,7 @@ class SchemaConfig(BaseModel):
     keepExtra: bool = False  # also copy columns the schema does not declare
 
 
-class OperationConfig(BaseModel):
+class OperationConfig(Unattended):
     """One `[operations.<name>]` table of lakesync.toml."""
 
     model_config = ConfigDict(extra="forbid", populate_by_name=True)
@@ -302,6 +310,7 @@ def _operation(path: Path, name: str, table: Any) -> Operation:
     if cfg.mode == "incremental" and cfg.watermark is None:
         raise fail("watermark is required when mode is incremental (e.g. watermark = "
                    '"updatedAt").')  # fmt: skip
+    check_unattended(cfg, fail)  # schedule, every, timezone, notify, on, allowEmpty
     fields = _fields(cfg, fail)
     source = cfg.source
     if source is not None and "://" not in source:  # relative to the file, not the working dir
@@ -313,6 +322,7 @@ def _operation(path: Path, name: str, table: Any) -> Operation:
         name=name, description=cfg.description, source=source, format=cfg.format,
         collection=cfg.collection, schema_=schema, batchSize=cfg.batchSize, mode=cfg.mode,
         watermark=cfg.watermark,
+        **cfg.model_dump(include=set(Unattended.model_fields)),
     )  # fmt: skip
 
 

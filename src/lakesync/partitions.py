@@ -39,6 +39,7 @@ from lakesync.lease import Heartbeat, Leases, run_owner
 from lakesync.logs import job_context
 from lakesync.models import ACTIVE_STATES, Checkpoint, Counters, JobState, JobStatus
 from lakesync.operations import OperationRegistry
+from lakesync.repeats import Superseded
 from lakesync.retry import RetryPolicy
 from lakesync.store import JobStore
 from lakesync.watermarks import WatermarkStore
@@ -50,6 +51,7 @@ COUNTERS = {
     "insertedRecords": "inserted",
     "updatedRecords": "updated",
     "unchangedRecords": "unchanged",
+    "duplicateRecords": "duplicates",
     "errorRecords": "errors",
 }
 PARTITIONS = "jobpartitions"
@@ -292,7 +294,7 @@ class PartitionedJobs:
                 f"-{part['fileStop']})"  # fmt: skip
         beat = Heartbeat(lambda: bool(self.leases.renew(pid, owner)) and False,
                          self.settings.lease_seconds / 4, f"heartbeat-{pid}-{owner}")  # fmt: skip
-        metrics.ACTIVE.inc()
+        metrics.run_started(job_id)
         try:
             with beat:
                 return self._copy(job, part, owner, policy, where, beat, on_progress)
@@ -315,7 +317,7 @@ class PartitionedJobs:
             logger.exception("job %s %s: unexpected error", job_id, where)
             return self._failed(job, index, owner, where, f"{type(e).__name__}: {e}", policy)
         finally:
-            metrics.ACTIVE.dec()
+            metrics.run_ended(job_id)
 
     def _failed(
         self, job: JobStatus, index: int, owner: str, where: str, error: str, policy: RetryPolicy
@@ -341,17 +343,21 @@ class PartitionedJobs:
     ) -> Outcome:
         job_id, index = job.jobId, int(part["index"])
         resolved = self.registry.resolve(job.operation, job.options, self.settings)
-        lake = resolved.open_lake(self.settings)
         if part.get("files") is not None:  # the files it was planned with, whatever changed
-            lake, first, stop = lake.only(part["files"]), 0, None
+            lake = resolved.open_lake(self.settings, part["files"], int(part["fileStart"]))
+            first, stop = 0, None
         else:  # planned before partitions recorded their files: a range of the file list
+            lake = resolved.open_lake(self.settings)
             first, stop = int(part["fileStart"]), int(part["fileStop"])
+        superseded = policy.call(
+            lambda: Superseded.load(self.store.db, job_id, lake.files), "reading the plan"
+        )
         cp = Checkpoint.model_validate(part.get("checkpoint") or {"fileIndex": first})
         start = lake.resume_position(Position(cp.fileIndex, cp.row), cp.file)
         run = _PartitionRun(self, job, index, owner, policy, where, beat, on_progress)
         outcome, cp = copy_batches(
             run, self.store, resolved.op, job_id, lake, start, cp,
-            batch_size=resolved.batch_size, policy=policy, stop_file=stop,
+            batch_size=resolved.batch_size, policy=policy, stop_file=stop, superseded=superseded,
         )  # fmt: skip
         if outcome is not None:
             return outcome

@@ -14,7 +14,7 @@ from dataclasses import dataclass, field, replace
 from functools import cached_property, partial
 from typing import Any
 
-from lakesync import metrics, mirror
+from lakesync import metrics, mirror, repeats
 from lakesync.batchloop import Outcome, copy_batches, summary
 from lakesync.config import Settings
 from lakesync.copy import BatchResult
@@ -110,7 +110,7 @@ class JobRunner:
         if status.partitions:  # continued from its partitions, whatever resumed it
             return self._partitions(status, owner, policy, on_progress)
         beat = self._heartbeat(job_id, owner)
-        metrics.ACTIVE.inc()
+        metrics.run_started(job_id)
         try:
             with beat:
                 return self._copy(status, owner, policy, beat, on_progress)
@@ -149,7 +149,7 @@ class JobRunner:
             self._try_end(job_id, owner, JobState.FAILED, "Failed", error)
             return Outcome.ENDED
         finally:
-            metrics.ACTIVE.dec()
+            metrics.run_ended(job_id)
 
     def _heartbeat(self, job_id: str, owner: str) -> Heartbeat:
         """The job's heartbeat thread: renews the lease, notices cancel requests."""
@@ -214,6 +214,10 @@ class JobRunner:
                 until = until or since  # nothing newer: read nothing, keep the watermark
             cp = Checkpoint(since=since, until=until)
             total = changed if column is not None else lake.count_rows()  # scan counted them
+            # which records a later record of the same key replaces: skipped by every run
+            planned = lake_filter(lake, cp.since, cp.until if lake.version is None else None)
+            policy.call(lambda: repeats.plan_job(db, job_id, lake, op.schema_, planned),
+                        "planning repeated keys")  # fmt: skip
             if (
                 self.partitioned.plans
                 and mode == "full"
@@ -239,6 +243,7 @@ class JobRunner:
                 f"{status.processedRecords:,} of {status.totalRecords:,}"), "resuming")  # fmt: skip
         if on_progress:
             on_progress(status)
+        superseded = policy.call(lambda: repeats.Superseded.load(db, job_id), "reading the plan")
         clock = _Clock()
         start = lake.resume_position(Position(cp.fileIndex, cp.row), cp.file)
         # A Delta version's files never change, so its range needs no upper bound; that also
@@ -248,7 +253,7 @@ class JobRunner:
         run = _JobRun(self, status, owner, policy, beat, clock, seen, on_progress)
         paused, cp = copy_batches(
             run, self.store, op, job_id, lake, start, cp,
-            batch_size=batch_size, policy=policy, filter=reading,
+            batch_size=batch_size, policy=policy, filter=reading, superseded=superseded,
         )  # fmt: skip
         if paused is not None:
             return paused

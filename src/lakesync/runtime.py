@@ -5,12 +5,15 @@ from __future__ import annotations
 import logging
 from types import TracebackType
 
+from lakesync import joblog, rejections, repeats
 from lakesync.config import Settings
 from lakesync.executors import Executor
 from lakesync.jobs import JobService
 from lakesync.mongo import Mongo
+from lakesync.notify import Notifier
 from lakesync.operations import OperationRegistry
 from lakesync.runner import JobRunner
+from lakesync.scheduler import Scheduler
 from lakesync.store import JobStore
 
 logger = logging.getLogger(__name__)
@@ -29,6 +32,9 @@ class Runtime:
             self.mongo.ping()
             self.store = JobStore(self.mongo.db, settings.status_ttl_days)
             self.store.ensure_indexes()
+            repeats.ensure_indexes(self.mongo.db, int(settings.status_ttl_days * 86400))
+            joblog.ensure_indexes(self.mongo.db, settings.status_ttl_days)
+            rejections.ensure_indexes(self.store.copyerrors)
             if reads_lake and settings.lake_uri is None:
                 from lakesync.demo import ensure_demo_lake
 
@@ -42,6 +48,11 @@ class Runtime:
             self.mongo.close()
             raise
         self.jobs = JobService(settings, self.store, self.registry, self.executor)
+        self.notifier = Notifier(settings, self.registry)
+        self.store.on_end = self.notifier.job_ended
+        self.scheduler = Scheduler(settings, self.registry, self.store, self.jobs,
+                                   owner=self.runner.owner)  # fmt: skip
+        self.job_log = joblog.install(self.mongo.db)  # each job's own log lines (joblogs)
         self._closed = False
 
     def _executor(self, kind: str | None) -> Executor | None:
@@ -60,6 +71,7 @@ class Runtime:
         """Start the executor (and with it, recovery of jobs left running)."""
         if self.executor is not None:
             self.executor.start()
+            self.scheduler.start()
         return self
 
     def close(self, timeout: float = 8.0) -> None:
@@ -68,8 +80,11 @@ class Runtime:
             return
         self._closed = True
         self.runner.stop.set()
+        self.scheduler.stop()
         if self.executor is not None:
             self.executor.shutdown(timeout)
+        self.notifier.close(timeout)
+        joblog.uninstall(self.job_log)
         self.mongo.close()
 
     def __enter__(self) -> Runtime:

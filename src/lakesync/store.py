@@ -19,7 +19,8 @@ import logging
 import threading
 import time
 from collections import OrderedDict
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
+from datetime import timedelta
 from typing import Any
 
 from pydantic import ValidationError
@@ -34,6 +35,7 @@ from lakesync.errors import (
     JobError,
     JobNotFound,
     LeaseLost,
+    RequestError,
 )
 from lakesync.lease import Leases, beat
 from lakesync.models import (
@@ -98,6 +100,7 @@ class RecentStatuses:
         self.capacity = capacity
         self._lock = threading.Lock()
         self._items: OrderedDict[str, tuple[float, JobStatus]] = OrderedDict()
+        self._aliases: OrderedDict[str, str] = OrderedDict()  # clientJobId -> jobId
         self._reading = [threading.Lock() for _ in range(64)]
 
     def put(self, status: JobStatus) -> None:
@@ -111,6 +114,16 @@ class RecentStatuses:
             self._items.move_to_end(status.jobId)
             while len(self._items) > self.capacity:
                 self._items.popitem(last=False)
+            if status.clientJobId:
+                self._aliases[status.clientJobId] = status.jobId
+                self._aliases.move_to_end(status.clientJobId)
+                while len(self._aliases) > self.capacity:
+                    self._aliases.popitem(last=False)
+
+    def job_of(self, client_job_id: str) -> str | None:
+        """The jobId last seen with this clientJobId (check the status still carries it)."""
+        with self._lock:
+            return self._aliases.get(client_job_id)
 
     def get(self, job_id: str, max_age: float) -> JobStatus | None:
         """The kept status if it was seen at most `max_age` seconds ago."""
@@ -135,6 +148,8 @@ class JobStore:
         self.idempotency: Collection[dict[str, Any]] = db["idempotencykeys"]
         self.ttl_days = ttl_days
         self.seen = RecentStatuses()
+        #: called once with a job's final status by the write that ended it (notify.py)
+        self.on_end: Callable[[JobStatus], None] | None = None
 
     @property
     def leases(self) -> Leases:
@@ -147,6 +162,8 @@ class JobStore:
         self.jobs.create_index("jobId", unique=True, name="jobId_unique")
         self._ensure_ttl(self.jobs, "startTime", ttl)
         self.jobs.create_index("flightKey", unique=True, sparse=True, name="single_flight")
+        # sparse: jobs started without a client-named id never collide on the missing field
+        self.jobs.create_index("clientJobId", unique=True, sparse=True, name="clientJobId_unique")
         self.jobs.create_index([("status", ASCENDING), ("heartbeatMs", ASCENDING)])
         self.jobs.create_index([("startTime", DESCENDING)])
         self.copyerrors.create_index("jobId")
@@ -191,6 +208,56 @@ class JobStore:
             )
         return self._seen(doc)
 
+    # -- client-named job ids (the seed frontend's `job_<timestamp>`) --------------------
+
+    def by_client_id(self, client_job_id: str) -> JobStatus | None:
+        """The job started under this clientJobId, if its status still exists."""
+        doc = self.jobs.find_one({"clientJobId": client_job_id}, {"_id": 0})
+        return None if doc is None else self._seen(doc)
+
+    def recent_by_client_id(self, client_job_id: str, max_age: float) -> JobStatus:
+        """`recent` for a clientJobId; JobNotFound if no job carries it."""
+        job_id = self.seen.job_of(client_job_id)
+        if job_id is not None:
+            try:
+                status = self.recent(job_id, max_age)
+                if status.clientJobId == client_job_id:
+                    return status
+            except JobNotFound:
+                pass  # expired: the id may now name a newer job
+        named = self.by_client_id(client_job_id)
+        if named is None:
+            raise JobNotFound(
+                f"No job {client_job_id!r}: the id is wrong or its status expired "
+                f"(statuses are kept {self.ttl_days:g} days)."
+            )
+        return named
+
+    def add_client_id(self, job: JobStatus, client_job_id: str) -> JobStatus:
+        """Give a job that was started without one (single-flight) this clientJobId.
+
+        JobError (409) if the job already carries another one: the second frontend would
+        poll an id that no job answers to. If another job took the id meanwhile, that job.
+        """
+        try:
+            doc = self.jobs.find_one_and_update(
+                {"jobId": job.jobId, "clientJobId": {"$exists": False}},
+                _rev({"$set": {"clientJobId": client_job_id}}),
+                projection={"_id": 0}, return_document=ReturnDocument.AFTER,
+            )  # fmt: skip
+        except DuplicateKeyError:
+            doc = self.jobs.find_one({"clientJobId": client_job_id}, {"_id": 0})
+        if doc is None:
+            doc = self.jobs.find_one({"jobId": job.jobId}, {"_id": 0}) or {}
+        if doc.get("clientJobId") != client_job_id:
+            raise JobError(
+                f"{job.operation} is already running as job {job.jobId}, started under "
+                "another client job id; it copies the same lake. Wait until it ends, then "
+                f"start again (or follow it at /api/jobs/{job.jobId}).",
+                jobId=job.jobId,
+            )
+        return self._seen(doc)
+
     def recent(self, job_id: str, max_age: float) -> JobStatus:
         """The job's status as this process saw it at most `max_age` seconds ago, else read.
 
@@ -206,20 +273,44 @@ class JobStore:
             return kept if kept is not None else self.get(job_id)
 
     def list_jobs(
-        self, *, status: str | None = None, operation: str | None = None, limit: int = 20
+        self,
+        *,
+        status: str | None = None,
+        operation: str | None = None,
+        limit: int = 20,
+        before: str | None = None,
     ) -> list[JobStatus]:
-        """Newest first; unreadable documents are reported in the log and skipped."""
+        """Newest first, from just after job `before` if given (paging); unreadable documents
+        are reported in the log and skipped."""
         query: dict[str, Any] = {}
         if status:
             query["status"] = status
         if operation:
             query["operation"] = operation
-        out = []
-        for doc in self.jobs.find(query, {"_id": 0}).sort("startTime", DESCENDING).limit(limit):
+        order = [("startTime", DESCENDING), ("jobId", DESCENDING)]
+        tie: tuple[Any, str] | None = None
+        if before:
+            mark = self.jobs.find_one({"jobId": before}, {"startTime": 1})
+            if mark is None:
+                raise RequestError(
+                    f"before={before!r} names no job (or it expired); pass the `next` value "
+                    "of the previous page."
+                )
+            # a bound a little past the mark, and the exact test below: nx-27017 compares
+            # dates to the second only (it sorts them to the millisecond)
+            query["startTime"] = {"$lt": mark["startTime"] + timedelta(seconds=2)}
+            tie = (mark["startTime"], before)
+        extra = 200 if tie else 0  # room for the jobs started just after the mark
+        out: list[JobStatus] = []
+        for doc in self.jobs.find(query, {"_id": 0}).sort(order).limit(limit + extra):
+            if tie is not None and (doc.get("startTime"), doc["jobId"]) >= tie:
+                continue
             try:
                 out.append(self._seen(doc))
             except JobError as e:
                 logger.warning("%s", e)
+            if len(out) >= limit:
+                break
         return out
 
     def count_by_status(self) -> dict[str, int]:
@@ -252,9 +343,14 @@ class JobStore:
     # -- creating ------------------------------------------------------------------------
 
     def create(
-        self, operation: str, options: dict[str, Any], flight: str
+        self,
+        operation: str,
+        options: dict[str, Any],
+        flight: str,
+        fields: dict[str, Any] | None = None,
     ) -> tuple[JobStatus, bool]:
-        """A new pending job, or the active job of the same flight (operation + source)."""
+        """A new pending job (with `fields`, e.g. trigger), or the active job of the same
+        flight (operation + source)."""
         now = utcnow()
         doc = JobStatus(
             jobId=new_job_id(),
@@ -264,6 +360,7 @@ class JobStore:
             heartbeatAt=now,
             options=options,
             message="Waiting for a worker",
+            **(fields or {}),
         ).model_dump(exclude_none=True)
         doc["flightKey"] = flight
         doc["heartbeatMs"] = _now_ms()
@@ -272,6 +369,9 @@ class JobStore:
                 self.jobs.insert_one(dict(doc))
                 return self._seen(doc), True
             except DuplicateKeyError:
+                named = doc.get("clientJobId") and self.by_client_id(doc["clientJobId"])
+                if named:  # a concurrent start under the same client id made the job
+                    return named, False
                 running = self.jobs.find_one({"flightKey": flight}, {"_id": 0})
                 if running is not None:
                     return self._seen(running), False
@@ -302,7 +402,8 @@ class JobStore:
         towards LAKESYNC_MAX_ATTEMPTS.
         """
         update: dict[str, dict[str, Any]] = {
-            "$set": {"runProcessed": 0}, "$inc": {"attempt": 1},
+            "$set": {"runProcessed": 0, "message": "Started: opening the lake"},
+            "$inc": {"attempt": 1},
             "$currentDate": {"runStartedAt": True},
         }  # fmt: skip
         doc = self.leases.claim(job_id, owner, update)
@@ -310,7 +411,8 @@ class JobStore:
             update["$inc"]["failures"] = 1
             doc = self.leases.take_over(job_id, owner, lease_seconds, update)
             if doc is not None:
-                logger.warning("job %s: took over from a run whose lease expired", job_id)
+                logger.warning("job %s: took over from a run whose lease expired", job_id,
+                               extra={"jobId": job_id})  # fmt: skip
                 reached = int(doc.get("processedRecords", 0))
                 doc = self._count_crash(job_id, reached, doc, owner) or doc
         return None if doc is None else self._seen(doc)
@@ -362,6 +464,7 @@ class JobStore:
                 "insertedRecords": delta.inserted,
                 "updatedRecords": delta.updated,
                 "unchangedRecords": delta.unchanged,
+                "duplicateRecords": delta.duplicates,
                 "errorRecords": delta.errors,
                 "deletedRecords": delta.deleted,
                 "runProcessed": delta.processed,
@@ -445,13 +548,21 @@ class JobStore:
         ended = self._seen(doc)
         counts = {k: getattr(ended, k) for k in (
             "totalRecords", "processedRecords", "insertedRecords", "updatedRecords",
-            "unchangedRecords", "errorRecords", "deletedRecords")}  # fmt: skip
+            "unchangedRecords", "duplicateRecords", "errorRecords", "deletedRecords")}  # fmt: skip
         if ended.endTime is not None:
             counts["seconds"] = round((ended.endTime - ended.startTime).total_seconds(), 3)
         logger.info("job %s %s: %s", job_id, state.value, message,
                     extra={"jobId": job_id, "operation": ended.operation, "status": state.value,
                            **counts})  # fmt: skip
+        self._ended(ended)
         return ended
+
+    def _ended(self, status: JobStatus) -> None:
+        if self.on_end is not None:
+            try:
+                self.on_end(status)
+            except Exception as e:  # a notification never changes how the job ended
+                logger.error("job %s: end hook failed: %s", status.jobId, e)
 
     def release(self, job_id: str, owner: str, message: str, *, failure: bool = False) -> JobStatus:
         """Hand the job back (pending) so a new run continues from its checkpoint.
@@ -540,7 +651,8 @@ class JobStore:
             projection={"_id": 0}, return_document=ReturnDocument.AFTER,
         )  # fmt: skip
         if ended is not None:
-            return self._seen(ended)
+            self._ended(cancelled := self._seen(ended))
+            return cancelled
         self.jobs.update_one(
             {"jobId": job_id, "status": {"$in": list(ACTIVE_STATES)}},
             _rev({"$set": {"cancelRequested": True}, "$currentDate": {"updatedAt": True}}),

@@ -10,7 +10,7 @@ from fastapi.concurrency import run_in_threadpool
 from fastapi.staticfiles import StaticFiles
 
 from lakesync import __version__
-from lakesync.api import health, jobs, netlify, operations, page
+from lakesync.api import docs, health, jobs, netlify, operations, page, records
 from lakesync.api.auth import TokenGuard
 from lakesync.api.errors import install_error_handlers
 from lakesync.api.limits import BodySizeLimit
@@ -35,12 +35,15 @@ def create_app(runtime: Runtime, close_on_shutdown: bool = False) -> FastAPI:
         title="lakesync",
         version=__version__,
         description="Copy data-lake records into MongoDB as durable background jobs.",
+        docs_url=None,  # api/docs.py serves it from the installed package, not a CDN
+        redoc_url=None,
     )
     app.state.runtime = runtime
     app.add_middleware(BodySizeLimit, max_bytes=64 * 1024)
     app.add_middleware(TokenGuard)  # added last, runs first: 401 before any body is read
     install_error_handlers(app)
-    for module in (jobs, operations, netlify, health, page):
+    for module in (jobs, records, operations, netlify, health, page):
         app.include_router(module.router)
+    docs.install(app)
     app.mount("/static", StaticFiles(directory=page.STATIC), name="static")
     return app

@@ -59,11 +59,15 @@ def list_jobs(
     status: Annotated[JobState | None, Query()] = None,
     operation: Annotated[str | None, Query(max_length=200)] = None,
     limit: Annotated[int, Query(ge=1, le=200)] = 20,
+    before: Annotated[
+        str | None, Query(max_length=200, description="The `next` of the previous page")
+    ] = None,
 ) -> dict[str, Any]:
-    found = runtime.jobs.list(
-        status=status.value if status else None, operation=operation, limit=limit
-    )
-    return {"jobs": [j.public() for j in found]}
+    state = status.value if status else None
+    found = runtime.jobs.list(status=state, operation=operation, limit=limit + 1, before=before)
+    page = found[:limit]
+    following = page[-1].jobId if len(found) > limit else None
+    return {"jobs": [j.public() for j in page], "next": following}
 
 
 @router.get("/{job_id}", summary="A job's status")

@@ -1,4 +1,4 @@
-"""/api/operations: the declared operations, their last job and watermark."""
+"""/api/operations: the declared operations, their last job, watermark and schedule."""
 
 from __future__ import annotations
 
@@ -12,9 +12,20 @@ from lakesync.watermarks import WatermarkStore
 router = APIRouter(prefix="/api/operations", tags=["operations"], dependencies=[Authorized])
 
 
-@router.get("", summary="Declared operations with their last job and watermark")
+@router.get("", summary="Declared operations with their last job, watermark and schedule")
 def list_operations(runtime: RuntimeDep) -> dict[str, Any]:
     listed = runtime.registry.overview(
         runtime.settings, runtime.store, WatermarkStore(runtime.store.db)
     )
+    runtime.scheduler.annotate(listed)
     return {"operations": [op.model_dump(mode="json") for op in listed]}
+
+
+@router.post("/{name}/pause", summary="Pause the operation's schedule (running jobs go on)")
+def pause_schedule(name: str, runtime: RuntimeDep) -> dict[str, Any]:
+    return {"operation": name, **runtime.scheduler.pause(name)}
+
+
+@router.post("/{name}/unpause", summary="Resume the operation's schedule from the next slot")
+def unpause_schedule(name: str, runtime: RuntimeDep) -> dict[str, Any]:
+    return {"operation": name, **runtime.scheduler.unpause(name)}

@@ -3,9 +3,13 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 from fastapi import APIRouter
 from fastapi.responses import FileResponse
+
+from lakesync.api.deps import Authorized, RuntimeDep
+from lakesync.mongo import mask_uri
 
 STATIC = Path(__file__).parent / "static"
 router = APIRouter(include_in_schema=False)
@@ -14,3 +18,29 @@ router = APIRouter(include_in_schema=False)
 @router.get("/")
 def index() -> FileResponse:
     return FileResponse(STATIC / "index.html", headers={"Cache-Control": "no-cache"})
+
+
+@router.get("/jobs/{job_id}")
+def job_page(job_id: str) -> FileResponse:
+    """The job's own page (the same script; it reads the id from the address)."""
+    return FileResponse(STATIC / "index.html", headers={"Cache-Control": "no-cache"})
+
+
+@router.get(
+    "/api/destination",
+    include_in_schema=True,
+    tags=["operations"],
+    dependencies=[Authorized],
+    summary="Where copied records go: the MongoDB (password masked) and database",
+)
+def destination(runtime: RuntimeDep) -> dict[str, Any]:
+    settings, mongo = runtime.settings, runtime.mongo
+    if mongo.embedded is not None:
+        uri = mongo.embedded.uri
+    else:
+        uri = settings.mongodb_uri.get_secret_value() if settings.mongodb_uri else ""
+    return {
+        "mongodbUri": mask_uri(uri),
+        "database": settings.database,
+        "embedded": mongo.embedded is not None,
+    }

@@ -152,6 +152,7 @@ def run_worker(settings: Settings, concurrency: int | None) -> None:
                 logger.warning("recovery scan failed: %s", e)
 
     threading.Thread(target=recover, name="lakesync-recovery", daemon=True).start()
+    runtime.scheduler.start()
     try:
         app.worker_main([
             "worker", "--loglevel", settings.log_level, "--queues", QUEUE,

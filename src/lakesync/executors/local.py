@@ -65,10 +65,12 @@ class LocalExecutor:
         while not stop.is_set():
             try:
                 for job_id in self.runner.store.stale(self.runner.settings.lease_seconds):
-                    logger.debug("job %s: pending or its lease expired; resuming it", job_id)
+                    logger.debug("job %s: pending or its lease expired; resuming it", job_id,
+                                 extra={"jobId": job_id})  # fmt: skip
                     self.submit(job_id)
                 for job_id, index in self.runner.partitioned.stale():
-                    logger.debug("job %s: resuming partition %d", job_id, index + 1)
+                    logger.debug("job %s: resuming partition %d", job_id, index + 1,
+                                 extra={"jobId": job_id})  # fmt: skip
                     self.submit_partition(job_id, index)
             except Exception as e:
                 logger.warning("recovery scan failed: %s", e)

@@ -8,6 +8,16 @@ const MAX_SAMPLES = 400;
 const POLL_MS = 1000;
 const JOBS_REFRESH_MS = 5000;
 const HEALTH_REFRESH_MS = 15000;
+const HEALTH_RETRY_MS = 2000; // while the server is unreachable
+const LOG_REFRESH_MS = 3000;
+const STALE_SECONDS = 30; // a running job that reports nothing this long may have lost its run
+const JOBS_PAGE_SIZE = 10;
+const ERRORS_PAGE_SIZE = 50;
+// /jobs/{jobId}: the job's own page (same script, job mode)
+const JOB_PAGE = (() => {
+  const m = /^\/jobs\/([A-Za-z0-9_-]{1,200})\/?$/.exec(location.pathname);
+  return m ? m[1] : null;
+})();
 const DEFAULT_OPERATION = "copy-taskdetail";
 
 const ACTIVE = new Set(["pending", "in_progress"]);
@@ -37,6 +47,14 @@ const state = {
   authRequired: false,
   jobs: [],
   timersStarted: false,
+  jobsFilter: { operation: "", status: "" },
+  jobsCursors: [null], // the `before` of each page seen so far; the last is the current page
+  jobsNext: null,
+  destination: null,
+  errors: { jobId: null, next: null, shown: 0 },
+  logTimer: null,
+  healthTimer: null,
+  health: "unknown",
 };
 
 /* ------------------------------------------------------------------ formatting */
@@ -139,6 +157,7 @@ async function api(path, { method = "GET", body } = {}) {
       body: body === undefined ? undefined : JSON.stringify(body),
     });
   } catch {
+    setHealth("bad", "Server unreachable");
     throw new ApiError(0, "Could not reach the lakesync server. Check that it is running and that you are online, then try again.");
   }
   let data = null;
@@ -205,6 +224,7 @@ function requireAuth(hadToken) {
     help.textContent = "The saved API token was not accepted. Enter the current value of LAKESYNC_API_TOKEN. It is kept only in this browser tab.";
   }
   card.hidden = false;
+  updateMetricsLink();
   if (!state.jobs.length) renderJobsMessage("Enter the API token above to see the jobs.");
   if (!state.job) $("job-empty").firstElementChild.textContent = "Enter the API token above to see the current job.";
   if (first || hadToken) $("token-input").focus();
@@ -254,7 +274,16 @@ async function loadOperations() {
   }
   if (ops.some((o) => o.name === previous)) select.value = previous;
   $("operation-field").hidden = ops.length <= 1;
+  const filter = $("filter-operation");
+  const chosen = filter.value;
+  filter.replaceChildren(new Option("All", ""), ...ops.map((o) => new Option(o.name, o.name)));
+  filter.value = ops.some((o) => o.name === chosen) ? chosen : "";
+  filter.closest(".field").hidden = ops.length <= 1;
   onOperationChange();
+}
+
+function operationOf(name) {
+  return state.operations.find((o) => o.name === name) || null;
 }
 
 function selectedOperation() {
@@ -265,12 +294,78 @@ function selectedOperation() {
 function onOperationChange() {
   const name = selectedOperation();
   $("copy-button-label").textContent = buttonLabel(name);
-  const op = state.operations.find((o) => o.name === name);
+  const op = operationOf(name);
   if (op && op.description) {
     const sentence = op.description.replace(/[.\s]+$/, "");
     $("operation-description").textContent = `${sentence}. The copy runs in the background; you can close this page and come back.`;
   }
+  renderSchedule(op);
+  $("opt-source").placeholder = op && op.source ? `Default: ${op.source}` : "The operation's default source";
   updateCopyButton();
+}
+
+// The user picked another operation: the card shows that operation's latest job.
+async function showOperationJob() {
+  const name = selectedOperation();
+  if (state.job && state.job.operation === name) return;
+  let latest = null;
+  try {
+    const { data } = await api(`/api/jobs?limit=1&operation=${encodeURIComponent(name)}`);
+    latest = data && data.jobs && data.jobs[0];
+  } catch (e) {
+    if (e.status !== 401) showAlert(`Could not load the jobs of ${name}: ${e.message}`);
+    return;
+  }
+  if (selectedOperation() !== name) return; // the user moved on
+  if (latest) {
+    follow(latest.jobId, latest);
+    return;
+  }
+  stopFollowing();
+  forget();
+  state.jobId = null;
+  state.job = null;
+  state.samples = [];
+  closeErrors();
+  $("job-body").hidden = true;
+  $("job-empty").hidden = false;
+  $("job-empty").firstElementChild.textContent = `No ${name} job has run yet. Press ${buttonLabel(name)} to start one.`;
+  $("job-card").dataset.status = "none";
+  $("job-title").textContent = "Current job";
+  $("job-id").textContent = "—";
+  $("job-page-link").hidden = true;
+  setBadge($("status-badge"), null, "No job yet");
+  highlightRow();
+  updateCopyButton();
+}
+
+// The selected operation's schedule: how often it runs by itself, when next, how it last went.
+function renderSchedule(op) {
+  const el = $("operation-schedule");
+  const s = op && op.schedule;
+  el.hidden = !s;
+  if (!s) return;
+  const when = s.schedule ? `on the cron schedule “${s.schedule}” (${s.timezone})` : `every ${s.every}`;
+  const next = parseTime(op.nextRun);
+  let text = `Runs by itself ${when}; ` + (s.paused ? "paused." : `next run ${next == null ? "—" : dateTimeFmt.format(next)}.`);
+  const last = s.lastRun;
+  if (last) {
+    const result = last.outcome === "started" ? (last.result || "started") : last.outcome;
+    text += ` Last run ${fmtRelative(last.slot)}: ${result.replace("_", " ")}.`;
+  }
+  el.textContent = text;
+}
+
+// Next and last runs move on by themselves: re-read them without rebuilding the selector.
+async function refreshSchedules() {
+  if (!state.operations.some((o) => o.schedule)) return;
+  try {
+    const { data } = await api("/api/operations");
+    if (data && Array.isArray(data.operations)) state.operations = data.operations;
+  } catch (e) {
+    return;
+  }
+  renderSchedule(state.operations.find((o) => o.name === selectedOperation()));
 }
 
 function updateCopyButton() {
@@ -338,7 +433,42 @@ async function startCopy(event) {
   }
 }
 
+function askCancel() {
+  $("cancel-confirm").hidden = false;
+  $("cancel-button").setAttribute("aria-expanded", "true");
+  $("cancel-yes").focus();
+}
+
+function closeCancel({ focus = false } = {}) {
+  $("cancel-confirm").hidden = true;
+  $("cancel-button").setAttribute("aria-expanded", "false");
+  if (focus && !$("cancel-button").hidden) $("cancel-button").focus();
+}
+
+async function resumeJob() {
+  const id = state.jobId;
+  if (!id) return;
+  const btn = $("resume-button");
+  btn.disabled = true;
+  btn.textContent = "Resuming…";
+  clearAlert();
+  try {
+    const { data } = await api(`/api/jobs/${encodeURIComponent(id)}/resume`, { method: "POST" });
+    announce("Resume requested: the job continues from its last checkpoint.");
+    state.job = null; // the job runs again: its ended status no longer holds
+    follow(id, data);
+    if (JOB_PAGE) loadLog();
+    else refreshJobs();
+  } catch (e) {
+    if (e.status !== 401) showAlert(`Could not resume the job: ${e.message}`);
+  } finally {
+    btn.disabled = false;
+    btn.textContent = "Resume";
+  }
+}
+
 async function cancelJob() {
+  closeCancel();
   const id = state.jobId;
   if (!id) return;
   const btn = $("cancel-button");
@@ -359,6 +489,7 @@ async function cancelJob() {
 /* ------------------------------------------------------------------ following a job */
 
 function remember(jobId) {
+  if (JOB_PAGE) return;
   try { sessionStorage.setItem(FOLLOW_KEY, jobId); } catch { /* ignore */ }
   const hash = `#job=${encodeURIComponent(jobId)}`;
   if (location.hash !== hash) history.replaceState(null, "", hash);
@@ -374,6 +505,7 @@ function rememberedJob() {
 }
 
 function forget() {
+  if (JOB_PAGE) return;
   try { sessionStorage.removeItem(FOLLOW_KEY); } catch { /* ignore */ }
   if (location.hash) history.replaceState(null, "", location.pathname + location.search);
 }
@@ -395,7 +527,10 @@ function follow(jobId, initial, { quietStart = false } = {}) {
     state.job = null;
     state.samples = loadSamples(jobId);
     state.announced = { status: null, decile: -1 };
+    closeErrors();
+    closeCancel();
   }
+  state.pollFailures = 0;
   remember(jobId);
   if (quietStart && initial) state.announced.status = initial.status;
   if (initial && initial.jobId === jobId) onStatus(initial, { quiet: !sameJob && isFinal(initial.status) });
@@ -448,16 +583,23 @@ function startPolling(jobId, seq) {
     try {
       const { data } = await api(`/api/jobs/${encodeURIComponent(jobId)}`);
       if (seq !== state.followSeq) return;
+      const recovered = state.pollFailures > 0;
       state.pollFailures = 0;
       setTransport("polling");
       onStatus(data);
       if (isFinal(data.status)) { setTransport("idle"); return; }
+      if (recovered && typeof EventSource === "function") {
+        checkHealth();
+        openStream(jobId, seq); // the server is back: the live stream again, not polling
+        return;
+      }
     } catch (e) {
       if (seq !== state.followSeq) return;
       if (e.status === 401) return; // init() follows again once the token is saved
       if (e.status === 404) { jobVanished(jobId, e.message); return; }
       state.pollFailures += 1;
       setTransport("offline");
+      if (state.job) render(state.job); // no ETA while the server cannot be reached
       delay = Math.min(POLL_MS * 2 ** state.pollFailures, 10000);
     }
     state.pollTimer = setTimeout(tick, delay);
@@ -497,7 +639,8 @@ function onStatus(job, { quiet = false } = {}) {
   if (isFinal(job.status) && !state.endHandled) {
     state.endHandled = true;
     stopFollowing();
-    if (!quiet) refreshJobs();
+    if (!quiet && !JOB_PAGE) refreshJobs();
+    if (JOB_PAGE) loadLog();
   }
 }
 
@@ -622,8 +765,12 @@ function render(job) {
   $("job-body").hidden = false;
   const card = $("job-card");
   card.dataset.status = job.status;
-  $("job-title").textContent = isActive(job.status) ? "Current job" : "Last job";
+  $("job-title").textContent = JOB_PAGE ? `Job of ${job.operation}`
+    : (isActive(job.status) ? "Current job" : "Last job");
   $("job-id").textContent = job.jobId;
+  const pageLink = $("job-page-link");
+  pageLink.hidden = Boolean(JOB_PAGE);
+  pageLink.href = `/jobs/${encodeURIComponent(job.jobId)}`;
   setBadge($("status-badge"), job.status);
   setProgress(job);
 
@@ -635,16 +782,28 @@ function render(job) {
   $("stat-updated").textContent = fmt(job.updatedRecords);
   $("stat-unchanged").textContent = fmt(job.unchangedRecords);
   $("stat-errors").textContent = fmt(job.errorRecords);
+  $("stat-errors").disabled = !job.errorRecords;
+  $("stat-duplicate-wrap").hidden = job.duplicateRecords == null;
+  $("stat-duplicate").textContent = fmt(job.duplicateRecords);
   $("stat-deleted-wrap").hidden = !job.deletedRecords;
   $("stat-deleted").textContent = fmt(job.deletedRecords);
-  $("stat-rate").textContent = job.recordsPerSecond > 0 ? fmtRate(job.recordsPerSecond) : "—";
+  const silent = silentSeconds(job);
+  const offline = state.pollFailures > 0 || state.health === "bad";
+  const moving = silent == null && !offline;
+  card.dataset.quiet = String(!moving && isActive(job.status)); // stills the bar's animation
+  $("stat-rate").textContent = job.recordsPerSecond > 0 && moving ? fmtRate(job.recordsPerSecond) : "—";
   let eta = "—";
   if (job.status === "completed") eta = "Done";
-  else if (job.status === "in_progress" && job.etaSeconds != null) eta = fmtDuration(job.etaSeconds);
+  else if (job.status === "in_progress" && job.etaSeconds != null && moving) eta = fmtDuration(job.etaSeconds);
   $("stat-eta").textContent = eta;
 
   let message = job.message || "";
   if (job.status === "in_progress" && job.cancelRequested) message = "Cancelling after the current batch…";
+  else if (offline && isActive(job.status)) message = "The server cannot be reached; this shows the job as it was last seen.";
+  else if (silent != null) {
+    message = `No progress reported for ${fmtDuration(silent)}: the run may have stopped. `
+      + "lakesync continues the job from its last checkpoint once the run's lease expires.";
+  }
   if (job.status === "failed") message = "The copy failed and was stopped.";
   $("message").textContent = message;
 
@@ -666,15 +825,40 @@ function render(job) {
   renderDuration();
   $("meta-attempt").textContent = job.attempt ? `#${job.attempt}` : "—";
   $("meta-source").textContent = (job.options && job.options.source) || "Server default";
+  $("meta-destination").textContent = destinationText(job);
 
   const cancel = $("cancel-button");
   cancel.hidden = !isActive(job.status);
   cancel.disabled = Boolean(job.cancelRequested);
   cancel.textContent = job.cancelRequested ? "Cancelling…" : "Cancel";
+  if (cancel.hidden || cancel.disabled) closeCancel();
+  $("resume-button").hidden = job.status !== "failed";
+  if (state.errors.jobId === job.jobId && !$("errors-panel").hidden) {
+    $("errors-summary").textContent = errorsSummary(job);
+  }
+  if (JOB_PAGE) renderDetails(job);
 
   renderChart();
   updateCopyButton();
   highlightRow();
+}
+
+// Seconds since a running job last reported (heartbeat or batch), when that is too long.
+function silentSeconds(job, now = Date.now()) {
+  if (job.status !== "in_progress") return null;
+  const last = Math.max(parseTime(job.heartbeatAt) ?? 0, parseTime(job.updatedAt) ?? 0);
+  if (!last) return null;
+  const secs = (now - last) / 1000;
+  return secs > STALE_SECONDS ? secs : null;
+}
+
+function destinationText(job) {
+  const d = state.destination;
+  const op = operationOf(job.operation);
+  const parts = [];
+  if (d) parts.push(d.mongodbUri, `database ${d.database}`);
+  if (op) parts.push(`collection ${op.collection}`);
+  return parts.length ? parts.join(" · ") : "—";
 }
 
 function renderDuration() {
@@ -718,8 +902,8 @@ function renderChart() {
       // nothing was sampled while it ran (too short, or not watched): show its average
       const avg = job.processedRecords / secs;
       drawAverage(svg, W, H, avg);
-      summary.textContent = "No throughput samples were taken while this job ran. "
-        + `Average over the whole job: ${fmtRate(avg)} records per second.`;
+      summary.textContent = `Average over the whole job: ${fmtRate(avg)} records per second `
+        + `(${fmt(job.processedRecords)} records in ${fmtDuration(secs)}).`;
       return;
     }
     svg.append(svgEl("text", { x: W / 2, y: H / 2 + 4, "text-anchor": "middle", class: "empty-label" },
@@ -792,12 +976,16 @@ function refreshJobs({ autoFollow = false } = {}) {
   if (jobsLoading) return jobsLoading;
   jobsLoading = (async () => {
     try {
-      const { data } = await api("/api/jobs?limit=10");
+      const { data } = await api(jobsUrl());
       state.jobs = (data && data.jobs) || [];
+      state.jobsNext = (data && data.next) || null;
       renderJobs(state.jobs);
+      renderPager();
       const newest = state.jobs[0];
       const busy = state.job && isActive(state.job.status);
-      if (autoFollow && newest && isActive(newest.status) && newest.jobId !== state.jobId && !busy) {
+      const unfiltered = !state.jobsFilter.operation && !state.jobsFilter.status
+        && state.jobsCursors.length === 1;
+      if (autoFollow && unfiltered && newest && isActive(newest.status) && newest.jobId !== state.jobId && !busy) {
         follow(newest.jobId, newest); // a copy started elsewhere (CLI, another tab): show it
       }
       return state.jobs;
@@ -811,11 +999,45 @@ function refreshJobs({ autoFollow = false } = {}) {
   return jobsLoading;
 }
 
+function jobsUrl() {
+  const q = new URLSearchParams({ limit: String(JOBS_PAGE_SIZE) });
+  if (state.jobsFilter.operation) q.set("operation", state.jobsFilter.operation);
+  if (state.jobsFilter.status) q.set("status", state.jobsFilter.status);
+  const before = state.jobsCursors[state.jobsCursors.length - 1];
+  if (before) q.set("before", before);
+  return `/api/jobs?${q}`;
+}
+
+function renderPager() {
+  const page = state.jobsCursors.length;
+  $("jobs-page").textContent = `Page ${page}`;
+  $("jobs-newer").disabled = page <= 1;
+  $("jobs-older").disabled = !state.jobsNext;
+}
+
+function onJobsFilter() {
+  state.jobsFilter = { operation: $("filter-operation").value, status: $("filter-status").value };
+  state.jobsCursors = [null];
+  refreshJobs();
+}
+
+function olderJobs() {
+  if (!state.jobsNext) return;
+  state.jobsCursors.push(state.jobsNext);
+  refreshJobs();
+}
+
+function newerJobs() {
+  if (state.jobsCursors.length <= 1) return;
+  state.jobsCursors.pop();
+  refreshJobs();
+}
+
 function renderJobsMessage(text) {
   const tr = document.createElement("tr");
   tr.className = "jobs-table__empty";
   const td = document.createElement("td");
-  td.colSpan = 6;
+  td.colSpan = 8;
   td.textContent = text;
   tr.append(td);
   $("jobs-body").replaceChildren(tr);
@@ -830,7 +1052,8 @@ function cell(cls, label) {
 
 function renderJobs(jobs) {
   if (!jobs.length) {
-    renderJobsMessage("No jobs yet. Jobs you start appear here.");
+    const filtered = state.jobsFilter.operation || state.jobsFilter.status;
+    renderJobsMessage(filtered ? "No jobs match these filters." : "No jobs yet. Jobs you start appear here.");
     return;
   }
   $("jobs-body").replaceChildren(...jobs.map(jobRow));
@@ -843,22 +1066,24 @@ function jobRow(job) {
   tr.dataset.jobId = job.jobId;
 
   const tdJob = cell("c-job");
-  const link = document.createElement("button");
-  link.type = "button";
-  link.className = "btn--link job-link";
-  link.title = `Show job ${job.jobId}`;
-  link.setAttribute("aria-label", `Show job ${job.jobId}`);
+  const link = document.createElement("a");
+  link.className = "job-link";
+  link.href = `/jobs/${encodeURIComponent(job.jobId)}`;
+  link.title = `Open the page of job ${job.jobId}`;
+  link.setAttribute("aria-label", `Job ${job.jobId}`);
   const code = document.createElement("code");
   code.textContent = shortId(job.jobId);
   link.append(code);
-  link.addEventListener("click", () => {
-    hideNotice();
-    clearAlert();
-    const known = state.jobs.find((j) => j.jobId === job.jobId) || job;
-    follow(job.jobId, known);
-    $("job-card").scrollIntoView({ behavior: "smooth", block: "start" });
-  });
   tdJob.append(link);
+
+  const tdOp = cell("c-op", "Operation");
+  tdOp.textContent = job.operation;
+  const tdSource = cell("c-source", "Source");
+  const source = document.createElement("span");
+  const full = (job.options && job.options.source) || "default";
+  source.textContent = full.length > 26 ? `…${full.slice(-25)}` : full; // the end names the data
+  source.title = full;
+  tdSource.append(source);
 
   const tdStatus = cell("c-status");
   const badge = document.createElement("span");
@@ -871,8 +1096,8 @@ function jobRow(job) {
   const tdResult = cell("c-result result");
   tdResult.append(document.createElement("span"));
 
-  tr.append(tdJob, tdStatus, tdWhen, cell("c-dur dur", "Duration"), cell("c-num num", "Records"),
-    tdResult);
+  tr.append(tdJob, tdOp, tdSource, tdStatus, tdWhen, cell("c-dur dur", "Duration"),
+    cell("c-num num", "Records"), tdResult);
   fillRow(tr, job);
   return tr;
 }
@@ -885,7 +1110,7 @@ function fillRow(tr, job) {
   time.dateTime = job.startTime || "";
   const start = parseTime(job.startTime);
   time.title = start == null ? "" : dateTimeFmt.format(start);
-  time.textContent = fmtRelative(job.startTime);
+  time.textContent = fmtRelative(job.startTime) + (job.trigger === "schedule" ? " · scheduled" : "");
 
   const secs = jobSeconds(job);
   tr.querySelector(".c-dur").textContent =
@@ -926,7 +1151,6 @@ function highlightRow() {
 
 async function checkHealth() {
   const el = $("server-health");
-  const text = el.querySelector(".health__text");
   let st = "bad";
   let label = "Server unreachable";
   try {
@@ -935,22 +1159,271 @@ async function checkHealth() {
     else {
       let why = "";
       try { why = (await res.json()).error || ""; } catch { /* ignore */ }
+      st = "warn";
       label = "Server not ready";
       el.title = why;
     }
   } catch { /* unreachable */ }
+  setHealth(st, label);
+}
+
+// The header's server state; checked again soon while the server cannot be reached, and
+// a job followed before the outage is followed live again once it answers.
+function setHealth(st, label) {
+  const el = $("server-health");
+  const text = el.querySelector(".health__text");
+  const was = state.health;
+  state.health = st;
   if (el.dataset.state !== st || text.textContent !== label) {
     el.dataset.state = st;
     text.textContent = label;
   }
   if (st === "ok") el.title = "The API answers and MongoDB is reachable";
+  if (state.healthTimer) clearTimeout(state.healthTimer);
+  state.healthTimer = setTimeout(() => {
+    if (!document.hidden || st !== "ok") checkHealth();
+    else setHealth(state.health, text.textContent);
+  }, st === "ok" ? HEALTH_REFRESH_MS : HEALTH_RETRY_MS);
+  if (was === "bad" && st === "ok" && !state.authRequired) {
+    const job = state.job;
+    if (state.jobId && (!job || isActive(job.status)) && !state.es) follow(state.jobId, job);
+    if (!JOB_PAGE) refreshJobs();
+  }
+}
+
+function updateMetricsLink() {
+  // /metrics needs the token when one is set, and a link cannot send it
+  $("footer-metrics").hidden = Boolean(state.authRequired || token());
+}
+
+/* ------------------------------------------------------------------ rejected records */
+
+function errorsSummary(job) {
+  const n = job.errorRecords || 0;
+  return `${fmt(n)} record${n === 1 ? " was" : "s were"} rejected and not written. `
+    + "Each row names the lake file and row, and why.";
+}
+
+function closeErrors() {
+  $("errors-panel").hidden = true;
+  $("stat-errors").setAttribute("aria-expanded", "false");
+  $("errors-body").replaceChildren();
+  state.errors = { jobId: null, next: null, shown: 0 };
+}
+
+function toggleErrors() {
+  if (!$("errors-panel").hidden) { closeErrors(); return; }
+  const job = state.job;
+  if (!job || !job.errorRecords) return;
+  state.errors = { jobId: job.jobId, next: null, shown: 0 };
+  const base = `/api/jobs/${encodeURIComponent(job.jobId)}/errors`;
+  $("errors-csv").href = `${base}?format=csv`;
+  $("errors-ndjson").href = `${base}?format=ndjson`;
+  $("errors-summary").textContent = errorsSummary(job);
+  $("errors-body").replaceChildren();
+  $("errors-panel").hidden = false;
+  $("stat-errors").setAttribute("aria-expanded", "true");
+  loadErrors();
+}
+
+async function loadErrors() {
+  const { jobId, next } = state.errors;
+  if (!jobId) return;
+  const more = $("errors-more");
+  more.disabled = true;
+  const q = new URLSearchParams({ limit: String(ERRORS_PAGE_SIZE) });
+  if (next) q.set("after", next);
+  try {
+    const { data } = await api(`/api/jobs/${encodeURIComponent(jobId)}/errors?${q}`);
+    if (state.errors.jobId !== jobId) return;
+    $("errors-body").append(...data.errors.map(errorRow));
+    state.errors.next = data.next;
+    state.errors.shown += data.errors.length;
+    more.hidden = !data.next;
+    if (!state.errors.shown) {
+      const tr = document.createElement("tr");
+      tr.className = "jobs-table__empty";
+      const td = document.createElement("td");
+      td.colSpan = 4;
+      td.textContent = "No rejected records are kept for this job (they expire with it).";
+      tr.append(td);
+      $("errors-body").append(tr);
+    }
+  } catch (e) {
+    if (e.status !== 401) showAlert(`Could not load the rejected records: ${e.message}`);
+  } finally {
+    more.disabled = false;
+  }
+}
+
+function errorRow(rec) {
+  const tr = document.createElement("tr");
+  const cells = [
+    ["c-key", "Key", rec.key == null ? "—" : String(rec.key)],
+    ["c-file", "File", rec.file ? fileTail(rec.file) : "—", rec.file],
+    ["c-row num", "Row", rec.row == null ? "—" : fmt(rec.row)],
+    ["c-reason", "Reason", rec.reason || ""],
+  ];
+  for (const [cls, label, text, full] of cells) {
+    const td = cell(cls, label);
+    td.textContent = text;
+    td.title = full || text;
+    tr.append(td);
+  }
+  return tr;
+}
+
+// The end of a lake path (its last two parts): what tells files apart; the title has it all.
+function fileTail(path) {
+  const parts = path.split("/");
+  return parts.length > 2 ? `…/${parts.slice(-2).join("/")}` : path;
+}
+
+// With a token, a plain link cannot authenticate: fetch the file and save it.
+async function download(event) {
+  const t = token();
+  if (!t) return; // the link downloads by itself
+  event.preventDefault();
+  const a = event.currentTarget;
+  try {
+    const res = await fetch(a.href, { headers: { Authorization: `Bearer ${t}` }, cache: "no-store" });
+    if (!res.ok) throw new ApiError(res.status, plainError(res.status, null));
+    const url = URL.createObjectURL(await res.blob());
+    const save = document.createElement("a");
+    save.href = url;
+    save.download = (/filename="([^"]+)"/.exec(res.headers.get("Content-Disposition") || "") || [])[1] || "errors";
+    document.body.append(save);
+    save.click();
+    save.remove();
+    setTimeout(() => URL.revokeObjectURL(url), 10000);
+  } catch (e) {
+    showAlert(`Could not download the rejected records: ${e.message}`);
+  }
+}
+
+/* ------------------------------------------------------------------ the job page */
+
+function detail(dl, name, value) {
+  if (value == null || value === "") return;
+  const div = document.createElement("div");
+  const dt = document.createElement("dt");
+  dt.textContent = name;
+  const dd = document.createElement("dd");
+  dd.textContent = String(value);
+  div.append(dt, dd);
+  dl.append(div);
+}
+
+function when(iso) {
+  const t = parseTime(iso);
+  return t == null ? null : `${dateTimeFmt.format(t)} (${iso})`;
+}
+
+function watermarkText(w) {
+  if (!w) return null;
+  return `${w.column} ${w.iso || w.value}`;
+}
+
+function renderDetails(job) {
+  const dl = $("details");
+  dl.replaceChildren();
+  const o = job.options || {};
+  const cp = job.checkpoint || {};
+  detail(dl, "Job", job.jobId);
+  detail(dl, "Operation", job.operation);
+  detail(dl, "Status", STATUS_LABEL[job.status] || job.status);
+  detail(dl, "Started by", job.trigger);
+  detail(dl, "Source", o.source || "the operation's default");
+  detail(dl, "Mode", o.mode || "the operation's default");
+  detail(dl, "Batch size", o.batchSize);
+  detail(dl, "Delta version", o.deltaVersion);
+  detail(dl, "Changes since Delta version", o.sinceDeltaVersion);
+  detail(dl, "Watermark from", watermarkText(cp.since));
+  detail(dl, "Watermark up to", watermarkText(cp.until));
+  if (job.partitions) detail(dl, "Partitions", `${fmt(job.partitionsDone || 0)} of ${fmt(job.partitions)} done`);
+  detail(dl, "Runs", job.attempt ? `${fmt(job.attempt)}${job.failures ? ` (${fmt(job.failures)} failed in a row)` : ""}` : "none yet");
+  detail(dl, "Checkpoint", cp.batches ? `file ${fmt((cp.fileIndex || 0) + 1)}${cp.file ? ` (${cp.file})` : ""}, row ${fmt(cp.row || 0)}, ${fmt(cp.batches)} batches` : null);
+  detail(dl, "Records", `${fmt(job.processedRecords)} of ${fmt(job.totalRecords)} processed: `
+    + `${fmt(job.insertedRecords)} inserted, ${fmt(job.updatedRecords)} updated, `
+    + `${fmt(job.unchangedRecords)} unchanged, `
+    + (job.duplicateRecords != null ? `${fmt(job.duplicateRecords)} duplicate, ` : "")
+    + `${fmt(job.errorRecords)} rejected`
+    + (job.deletedRecords ? `, ${fmt(job.deletedRecords)} deleted` : ""));
+  detail(dl, "Started", when(job.startTime));
+  detail(dl, "Ended", when(job.endTime));
+  detail(dl, "Last update", when(job.updatedAt));
+  detail(dl, "Copied into", destinationText(job));
+  const known = new Set(["source", "mode", "batchSize", "deltaVersion", "sinceDeltaVersion"]);
+  const other = Object.entries(o).filter(([k]) => !known.has(k));
+  if (other.length) detail(dl, "Other options", other.map(([k, v]) => `${k}=${JSON.stringify(v)}`).join(", "));
+  detail(dl, "Error", job.error);
+}
+
+async function loadLog() {
+  const id = state.jobId;
+  if (!JOB_PAGE || !id) return;
+  if (state.logTimer) { clearTimeout(state.logTimer); state.logTimer = null; }
+  try {
+    const { data } = await api(`/api/jobs/${encodeURIComponent(id)}/logs`);
+    renderLog(data.lines || []);
+  } catch (e) {
+    if (e.status !== 401 && e.status !== 0) showAlert(`Could not load the job's log: ${e.message}`);
+  }
+  if (!state.job || isActive(state.job.status)) {
+    state.logTimer = setTimeout(() => { if (!document.hidden) loadLog(); else state.logTimer = null; }, LOG_REFRESH_MS);
+  }
+}
+
+function renderLog(lines) {
+  const ol = $("job-log");
+  if (!lines.length) {
+    const li = document.createElement("li");
+    li.className = "job-log__empty muted";
+    li.textContent = "No log lines yet.";
+    ol.replaceChildren(li);
+    return;
+  }
+  ol.replaceChildren(...lines.map((line) => {
+    const li = document.createElement("li");
+    li.dataset.level = line.level;
+    const t = document.createElement("time");
+    t.dateTime = line.time;
+    const at = parseTime(line.time);
+    t.textContent = at == null ? line.time : timeFmt.format(at);
+    t.title = at == null ? "" : dateTimeFmt.format(at);
+    const level = document.createElement("span");
+    level.className = "job-log__level";
+    level.textContent = line.level;
+    const msg = document.createElement("span");
+    msg.className = "job-log__msg";
+    msg.textContent = line.cause ? `${line.message} (${line.cause})` : line.message;
+    li.append(t, level, msg);
+    return li;
+  }));
+}
+
+async function loadDestination() {
+  try {
+    const { data } = await api("/api/destination");
+    state.destination = data;
+    if (state.job) render(state.job);
+  } catch { /* shown as "—"; 401 is handled by api() */ }
 }
 
 /* ------------------------------------------------------------------ start-up */
 
 async function init() {
   checkHealth();
-  const [, jobs] = await Promise.all([loadOperations(), refreshJobs()]);
+  updateMetricsLink();
+  if (JOB_PAGE) {
+    await Promise.all([loadOperations(), loadDestination()]);
+    if (state.authRequired) return;
+    follow(JOB_PAGE);
+    loadLog();
+    startTimers();
+    return;
+  }
+  const [, jobs] = await Promise.all([loadOperations(), refreshJobs(), loadDestination()]);
   if (state.authRequired) return;
   const newest = jobs && jobs[0];
   const remembered = rememberedJob();
@@ -969,10 +1442,15 @@ function startTimers() {
   if (state.timersStarted) return;
   state.timersStarted = true;
   setInterval(() => {
-    if (!document.hidden && !state.authRequired) refreshJobs({ autoFollow: true });
+    if (!document.hidden && !state.authRequired && !JOB_PAGE) refreshJobs({ autoFollow: true });
   }, JOBS_REFRESH_MS);
-  setInterval(() => { if (!document.hidden) checkHealth(); }, HEALTH_REFRESH_MS);
-  setInterval(() => { if (state.job && isActive(state.job.status)) renderDuration(); }, 1000);
+  setInterval(() => { if (!document.hidden && !state.authRequired) refreshSchedules(); }, 15000);
+  setInterval(() => {
+    const job = state.job;
+    if (!job || !isActive(job.status)) return;
+    renderDuration();
+    if (silentSeconds(job) != null) render(job); // say the run went quiet, drop the ETA
+  }, 1000);
   if (typeof ResizeObserver === "function") {
     let last = 0;
     new ResizeObserver((entries) => {
@@ -989,12 +1467,32 @@ function wire() {
   EMPTY_JOB_TEXT = document.createDocumentFragment();
   for (const n of empty.childNodes) EMPTY_JOB_TEXT.append(n.cloneNode(true));
   $("start-form").addEventListener("submit", startCopy);
-  $("cancel-button").addEventListener("click", cancelJob);
+  $("cancel-button").addEventListener("click", askCancel);
+  $("cancel-yes").addEventListener("click", cancelJob);
+  $("cancel-no").addEventListener("click", () => closeCancel({ focus: true }));
+  $("cancel-confirm").addEventListener("keydown", (e) => { if (e.key === "Escape") closeCancel({ focus: true }); });
+  $("resume-button").addEventListener("click", resumeJob);
+  $("stat-errors").addEventListener("click", toggleErrors);
+  $("errors-more").addEventListener("click", loadErrors);
+  $("errors-csv").addEventListener("click", download);
+  $("errors-ndjson").addEventListener("click", download);
+  $("filter-operation").addEventListener("change", onJobsFilter);
+  $("filter-status").addEventListener("change", onJobsFilter);
+  $("jobs-older").addEventListener("click", olderJobs);
+  $("jobs-newer").addEventListener("click", newerJobs);
+  $("log-refresh").addEventListener("click", loadLog);
+  if (JOB_PAGE) {
+    document.body.classList.add("page--job");
+    document.title = `Job ${JOB_PAGE} · lakesync`;
+    $("job-page-nav").hidden = false;
+    $("details-card").hidden = false;
+    $("log-card").hidden = false;
+  }
   $("token-form").addEventListener("submit", saveToken);
-  $("operation-select").addEventListener("change", onOperationChange);
+  $("operation-select").addEventListener("change", () => { onOperationChange(); showOperationJob(); });
   $("alert-close").addEventListener("click", clearAlert);
   $("jobs-refresh").addEventListener("click", () => refreshJobs());
-  window.addEventListener("hashchange", () => {
+  if (!JOB_PAGE) window.addEventListener("hashchange", () => {
     const id = hashJob();
     if (id && id !== state.jobId && !state.authRequired) follow(id);
   });

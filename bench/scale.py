@@ -1,0 +1,144 @@
+"""lakesync on lakes of many small files: time to first batch, records/s and peak RSS.
+
+Spark, Databricks and Flink write many small files. This writes local lakes of 1,000, 5,000
+and 20,000 Parquet files of 20 TaskDetail records each (and the demo lake's layout, a few
+large files, with the same 100,000 records as the 5,000-file lake for comparison), then
+copies each into an empty database in a fresh child process: once in one piece and once
+partitioned on the local executor (2 workers). Each row of the table is one child:
+
+    files  rows  mode  first batch (s)  records/s  peak RSS (MB)
+
+Targets (issue "Lakes of 100,000 files"): partitioned >= 0.9x one piece; records/s on 20-row
+files >= 0.7x the demo lake's; peak RSS at 20,000 files <= 1.3x at 1,000.
+
+Run: ``.venv/bin/python bench/scale.py [--quick]`` (``make bench`` runs it).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+import uuid
+from pathlib import Path
+from typing import Any
+
+import pyarrow.parquet as pq
+
+ROWS_PER_FILE = 20
+
+
+def make_small_files(src: Path, out: Path, files: int) -> Path:
+    """``files`` Parquet files of ROWS_PER_FILE records each, cut from the demo lake ``src``."""
+    table = pq.read_table(src).slice(0, files * ROWS_PER_FILE)
+    out.mkdir(parents=True)
+    for i in range(files):
+        piece = table.slice(i * ROWS_PER_FILE, ROWS_PER_FILE)
+        pq.write_table(piece, out / f"part-{i:06d}.parquet")
+    return out
+
+
+def child(lake: str, uri: str, partitioned: bool) -> dict[str, Any]:
+    """One copy, in this (fresh) process: first batch, rate and peak RSS."""
+    from lakesync.config import load_settings
+    from lakesync.runtime import Runtime
+
+    settings = load_settings(
+        mongodb_uri=uri,
+        database="scale_" + uuid.uuid4().hex[:10],
+        data_dir=Path(tempfile.mkdtemp()),
+        lake_uri=lake,
+        workers=2,
+        partition_rows=50_000 if partitioned else 10**9,
+    )
+    with Runtime(settings, executor="local") as rt:
+        rt.start()
+        started = time.perf_counter()
+        job, _ = rt.jobs.start("copy-taskdetail", {}, trusted=True)
+        first = None
+        while True:
+            status = rt.store.get(job.jobId)
+            if first is None and status.processedRecords > 0:
+                first = time.perf_counter() - started
+            if status.state.is_final:
+                break
+            time.sleep(0.05)
+        elapsed = time.perf_counter() - started
+        rt.mongo.client.drop_database(settings.database)
+    if status.status != "completed":
+        raise SystemExit(f"copy did not complete: {status.message} {status.error}")
+    return {
+        "firstBatch": round(first or elapsed, 2),
+        "rate": round(status.processedRecords / elapsed),
+        "records": status.processedRecords,
+        "partitions": status.partitions or 1,
+        "rssMB": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024),
+    }
+
+
+def run_child(lake: Path, uri: str, partitioned: bool) -> dict[str, Any]:
+    args = [sys.executable, __file__, "--child", str(lake), uri, "1" if partitioned else "0"]
+    out = subprocess.run(args, capture_output=True, text=True, check=False)
+    if out.returncode != 0:
+        raise SystemExit(f"child failed: {out.stderr[-2000:]}")
+    result: dict[str, Any] = json.loads(out.stdout.strip().splitlines()[-1])
+    return result
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="1,000 and 5,000 files only")
+    parser.add_argument("--child", nargs=3, help=argparse.SUPPRESS)
+    ns = parser.parse_args()
+    if ns.child:
+        print(json.dumps(child(ns.child[0], ns.child[1], ns.child[2] == "1")))
+        return 0
+    from lakesync.demo import generate
+    from lakesync.mongo import EmbeddedServer
+
+    sizes = [1000, 5000] if ns.quick else [1000, 5000, 20000]
+    work = Path(tempfile.mkdtemp(prefix="lakesync-scale-"))
+    server = EmbeddedServer(work / "mongo").start()
+    try:
+        demo = work / "demo"
+        generate(demo, max(sizes) * ROWS_PER_FILE, seed=5)
+        lakes = {n: make_small_files(demo, work / f"files{n}", n) for n in sizes}
+        rows: list[tuple[str, str, dict[str, Any]]] = []
+        big = work / "demo100k"
+        generate(big, 5000 * ROWS_PER_FILE, seed=5)  # the demo lake's files, 100,000 records
+        rows.append(("demo files", "one piece", run_child(big, server.uri, False)))
+        for n, lake in lakes.items():
+            for partitioned in (False, True):
+                mode = "partitioned" if partitioned else "one piece"
+                rows.append((f"{n:,} x 20", mode, run_child(lake, server.uri, partitioned)))
+    finally:
+        server.stop()
+        shutil.rmtree(work, ignore_errors=True)
+    print(f"{'lake':<14}{'mode':<13}{'records':>9}{'parts':>6}{'first batch':>13}"
+          f"{'records/s':>11}{'peak RSS':>10}")  # fmt: skip
+    for lake_name, mode, r in rows:
+        print(f"{lake_name:<14}{mode:<13}{r['records']:>9,}{r['partitions']:>6}"
+              f"{r['firstBatch']:>12.2f}s{r['rate']:>11,}{r['rssMB']:>8} MB")  # fmt: skip
+    by = {(name, mode): r for name, mode, r in rows}
+    n = max(sizes)
+    one, part = by[(f"{n:,} x 20", "one piece")], by[(f"{n:,} x 20", "partitioned")]
+    small = by[("5,000 x 20", "one piece")]
+    print(
+        f"\npartitioned / one piece at {n:,} files: {part['rate'] / one['rate']:.2f} (>= 0.9)\n"
+        f"20-row files / demo files (100,000 records): "
+        f"{small['rate'] / by[('demo files', 'one piece')]['rate']:.2f} (>= 0.7)\n"
+        f"peak RSS {n:,} / 1,000 files: "
+        f"{one['rssMB'] / by[('1,000 x 20', 'one piece')]['rssMB']:.2f} (<= 1.3)"
+    )
+    return 0
+
+
+if __name__ == "__main__":
+    os.environ.setdefault("LAKESYNC_LOG_LEVEL", "WARNING")
+    raise SystemExit(main())

@@ -1,0 +1,281 @@
+"""The scheduler: starts each due slot of each scheduled operation exactly once, anywhere.
+
+Every `lakesync serve` and every `lakesync worker` runs one. Twice a second it computes,
+for each scheduled operation that is not paused, the latest slot at or before now (all
+processes compute the same slots, see schedules.py) and claims it by inserting
+`{operation, slotMs}` into `scheduleslots`, whose unique index lets exactly one insert win
+across processes, restarts and clock skew. The winner starts the job (`trigger:
+"schedule"`, `scheduledFor: <slot>`); if the operation is still running, the single-flight
+key refuses a second job and the slot is recorded as `skipped`.
+
+Only the latest slot is ever claimed: after downtime, the first process up runs one
+catch-up (`catchUp: true`, `missed: N`), not one per missed slot. `schedules` keeps each
+operation's state: paused or not, the slot it was first seen or unpaused at (earlier slots
+never run) and the last slot claimed.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import threading
+from collections.abc import Callable
+from datetime import UTC, datetime
+from typing import TYPE_CHECKING, Any
+
+from pymongo import DESCENDING
+from pymongo.collection import Collection
+from pymongo.errors import DuplicateKeyError, PyMongoError
+
+from lakesync.config import Settings
+from lakesync.errors import JobError, LakesyncError
+from lakesync.models import utcnow
+from lakesync.operations import COPY_TASKDETAIL, Operation, OperationInfo, OperationRegistry
+from lakesync.schedules import Schedule, slot_iso
+from lakesync.store import JobStore
+
+if TYPE_CHECKING:
+    from lakesync.jobs import JobService
+
+logger = logging.getLogger(__name__)
+
+TICK_SECONDS = 0.5
+
+Clock = Callable[[], datetime]
+
+
+def system_clock() -> datetime:
+    """Now, in UTC."""
+    return datetime.now(UTC)
+
+
+def file_clock(path: Any) -> Clock:
+    """A clock read from a file holding epoch seconds (LAKESYNC_SCHEDULER_CLOCK_FILE, tests)."""
+
+    def now() -> datetime:
+        with open(path) as f:
+            return datetime.fromtimestamp(float(f.read().strip()), UTC)
+
+    return now
+
+
+def _ms(when: datetime) -> int:
+    return int(when.timestamp() * 1000)
+
+
+def _at(ms: int) -> datetime:
+    return datetime.fromtimestamp(ms / 1000, UTC)
+
+
+class Scheduler:
+    """Claims and starts due slots; pauses, resumes and describes schedules."""
+
+    def __init__(
+        self,
+        settings: Settings,
+        registry: OperationRegistry,
+        store: JobStore,
+        jobs: JobService,
+        clock: Clock | None = None,
+        owner: str = "",
+    ) -> None:
+        self.settings = settings
+        self.registry = registry
+        self.store = store
+        self.jobs = jobs
+        if clock is None:
+            path = settings.scheduler_clock_file
+            clock = system_clock if path is None else file_clock(path)
+        self.clock = clock
+        self.owner = owner
+        self.states: Collection[dict[str, Any]] = store.db["schedules"]
+        self.slots: Collection[dict[str, Any]] = store.db["scheduleslots"]
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    def schedule_of(self, op: Operation) -> Schedule | None:
+        """The operation's schedule (the built-in one's comes from the settings)."""
+        s = self.settings
+        if op.name == COPY_TASKDETAIL.name and s.schedule is not None:
+            return Schedule.parse(s.schedule, s.schedule_timezone, s.schedule_mode)
+        if op.schedule is None and op.every is None:
+            return None
+        return Schedule(cron=op.schedule, every=op.every, timezone=op.timezone,
+                        allowEmpty=op.allowEmpty)  # fmt: skip
+
+    def scheduled(self) -> list[tuple[Operation, Schedule]]:
+        """Every operation that has a schedule, with it."""
+        return [(op, s) for op in self.registry.all() if (s := self.schedule_of(op)) is not None]
+
+    # -- running -------------------------------------------------------------------------
+
+    def start(self) -> None:
+        """Create the indexes and tick in a background thread (only if anything is scheduled)."""
+        if not self.scheduled() or self._thread is not None:
+            return
+        self.ensure_indexes()
+        names = ", ".join(f"{op.name} ({s.text})" for op, s in self.scheduled())
+        logger.info("scheduler started: %s", names)
+        self._thread = threading.Thread(target=self._loop, name="lakesync-scheduler", daemon=True)
+        self._thread.start()
+
+    def ensure_indexes(self) -> None:
+        """One run per operation and slot; slot records expire with the job statuses."""
+        ttl = int(self.settings.status_ttl_days * 86400)
+        self.slots.create_index([("operation", 1), ("slotMs", 1)], unique=True, name="one_run")
+        self.slots.create_index("claimedAt", expireAfterSeconds=ttl)
+
+    def stop(self) -> None:
+        """Stop ticking (a slot being started finishes first)."""
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(5)
+
+    def _loop(self) -> None:
+        while not self._stop.is_set():
+            try:
+                self.tick()
+            except Exception as e:  # MongoDB away, clock file half-written: next tick
+                logger.warning("scheduler tick failed: %s", e)
+            self._stop.wait(TICK_SECONDS)
+
+    def tick(self) -> list[dict[str, Any]]:
+        """One pass: claim and start every due slot; returns the slots this process claimed."""
+        scheduled = self.scheduled()
+        if not scheduled:
+            return []
+        now = self.clock()
+        names = [op.name for op, _ in scheduled]
+        states = {d["_id"]: d for d in self.states.find({"_id": {"$in": names}})}
+        claimed = []
+        for op, schedule in scheduled:
+            if self._stop.is_set():
+                break
+            state = states.get(op.name) or self._state(op.name, now)
+            if state.get("paused"):
+                continue
+            slot = schedule.latest(now)
+            since, last = int(state.get("sinceMs", 0)), int(state.get("lastSlotMs", 0))
+            if _ms(slot) < since or _ms(slot) <= last:
+                continue
+            done = self._fire(op, schedule, slot, _at(max(since - 1, last)))
+            if done is not None:
+                claimed.append(done)
+        return claimed
+
+    def _state(self, name: str, now: datetime) -> dict[str, Any]:
+        """The operation's schedule state, created on first sight: earlier slots never run."""
+        doc = {"_id": name, "paused": False, "sinceMs": _ms(now), "lastSlotMs": 0}
+        try:
+            self.states.insert_one(dict(doc))
+            logger.info("schedule of %s: first seen; runs from %s on", name, slot_iso(now))
+        except DuplicateKeyError:
+            doc = self.states.find_one({"_id": name}) or doc
+        return doc
+
+    def _fire(
+        self, op: Operation, schedule: Schedule, slot: datetime, previous: datetime
+    ) -> dict[str, Any] | None:
+        """Claim `slot` of `op`; if this process won it, start the job (or record the skip)."""
+        when = slot_iso(slot)
+        missed = schedule.missed(previous, slot) if previous.timestamp() > 0 else 0
+        claim = {
+            "_id": f"{op.name}|{_ms(slot)}", "operation": op.name, "slotMs": _ms(slot),
+            "slot": when, "outcome": "claimed", "by": self.owner, "claimedAt": utcnow(),
+            "catchUp": missed > 0, "missed": missed,
+        }  # fmt: skip
+        try:
+            self.slots.insert_one(dict(claim))
+        except DuplicateKeyError:
+            return None  # another process has it
+        self.states.update_one(
+            {"_id": op.name, "lastSlotMs": {"$lt": _ms(slot)}}, {"$set": {"lastSlotMs": _ms(slot)}}
+        )
+        mode = schedule.mode or op.mode
+        options: dict[str, Any] = {"mode": schedule.mode} if schedule.mode else {}
+        if mode == "mirror" and schedule.allowEmpty:
+            options["allowEmpty"] = True
+        result: dict[str, Any]
+        try:
+            status, created = self.jobs.start(
+                op.name, options, trusted=True, trigger="schedule", scheduled_for=when
+            )
+        except (LakesyncError, PyMongoError) as e:
+            logger.error("schedule of %s: slot %s could not start: %s", op.name, when, e)
+            result = {"outcome": "error", "reason": str(e)[:1000]}
+        else:
+            if created:
+                late = (
+                    f" (catch-up: {missed} slot(s) missed while no process ran)" if missed else ""
+                )
+                logger.info("job %s: started by the schedule of %s for slot %s%s",
+                            status.jobId, op.name, when, late,
+                            extra={"jobId": status.jobId, "operation": op.name})  # fmt: skip
+                result = {"outcome": "started", "jobId": status.jobId}
+            else:
+                reason = f"job {status.jobId} was still {status.status.value}"
+                logger.warning("schedule of %s: slot %s skipped: %s", op.name, when, reason)
+                result = {"outcome": "skipped", "jobId": status.jobId, "reason": reason}
+        self.slots.update_one({"_id": claim["_id"]}, {"$set": result})
+        return {**claim, **result}
+
+    # -- pausing and showing -------------------------------------------------------------
+
+    def _scheduled_op(self, name: str) -> tuple[Operation, Schedule]:
+        op = self.registry.get(name)
+        schedule = self.schedule_of(op)
+        if schedule is None:
+            how = ("LAKESYNC_SCHEDULE" if name == COPY_TASKDETAIL.name
+                   else "`schedule` or `every` in lakesync.toml")  # fmt: skip
+            raise JobError(f"Operation {name!r} has no schedule to pause or resume; give it "
+                           f"one with {how}.", operation=name)  # fmt: skip
+        return op, schedule
+
+    def pause(self, name: str) -> dict[str, Any]:
+        """Stop starting the operation's slots until unpaused; its description."""
+        op, _ = self._scheduled_op(name)
+        self._state(name, self.clock())
+        self.states.update_one({"_id": name}, {"$set": {"paused": True}})
+        logger.info("schedule of %s paused", name)
+        return self.describe(op) or {}
+
+    def unpause(self, name: str) -> dict[str, Any]:
+        """Start the operation's slots again, from now on (slots passed while paused never run)."""
+        op, _ = self._scheduled_op(name)
+        now = self.clock()
+        self._state(name, now)
+        self.states.update_one({"_id": name}, {"$set": {"paused": False, "sinceMs": _ms(now)}})
+        logger.info("schedule of %s resumed", name)
+        return self.describe(op) or {}
+
+    def describe(self, op: Operation) -> dict[str, Any] | None:
+        """The operation's schedule, paused or not, next run, last run and its result."""
+        schedule = self.schedule_of(op)
+        if schedule is None:
+            return None
+        state = self.states.find_one({"_id": op.name}) or {}
+        paused = bool(state.get("paused"))
+        last = next(iter(self.slots.find({"operation": op.name}, {"_id": 0, "claimedAt": 0})
+                         .sort("slotMs", DESCENDING).limit(1)), None)  # fmt: skip
+        if last is not None:
+            last.pop("slotMs", None)
+            last["result"] = None
+            if last.get("jobId"):
+                with contextlib.suppress(LakesyncError):  # the job's status may have expired
+                    last["result"] = self.store.get(str(last["jobId"])).status.value
+        return {
+            "schedule": schedule.cron, "every": schedule.every, "timezone": schedule.timezone,
+            "mode": schedule.mode or op.mode, "paused": paused,
+            "nextRun": None if paused else slot_iso(schedule.after(self.clock())),
+            "lastRun": last,
+            "skippedSlots": self.slots.count_documents({"operation": op.name,
+                                                        "outcome": "skipped"}),
+        }  # fmt: skip
+
+    def annotate(self, infos: list[OperationInfo]) -> list[OperationInfo]:
+        """Fill in `schedule` and `nextRun` of the operations overview."""
+        for info in infos:
+            described = self.describe(self.registry.get(info.name))
+            info.schedule = described
+            info.nextRun = described["nextRun"] if described else None
+        return infos

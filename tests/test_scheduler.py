@@ -1,0 +1,271 @@
+"""Schedules: slot arithmetic, bad declarations, and several schedulers racing for slots.
+
+The schedulers here run in this process with an injected clock (`Scheduler.clock`), each
+with its own Runtime (own MongoDB client, executor and owner), against one database;
+test_unattended.py does the same with real `serve` and `worker` processes.
+"""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import threading
+from collections.abc import Iterator
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+import pytest
+from tests.conftest import wait_for
+
+from lakesync.config import Settings, load_settings
+from lakesync.demo import generate
+from lakesync.errors import ConfigError, JobError
+from lakesync.operations import load_operations
+from lakesync.runtime import Runtime
+from lakesync.schedules import Schedule
+
+T0 = datetime(2026, 1, 5, 12, 0, 0, tzinfo=UTC)
+
+
+def test_cron_slots_follow_the_time_zone_and_intervals_align_to_the_epoch() -> None:
+    daily = Schedule(cron="0 2 * * *", timezone="Europe/Berlin")
+    now = datetime(2026, 7, 1, 10, 0, tzinfo=UTC)  # summer: Berlin is UTC+2
+    assert daily.latest(now) == datetime(2026, 7, 1, 0, 0, tzinfo=UTC)
+    assert daily.after(now) == datetime(2026, 7, 2, 0, 0, tzinfo=UTC)
+    winter = datetime(2026, 1, 10, 10, 0, tzinfo=UTC)  # UTC+1
+    assert daily.latest(winter) == datetime(2026, 1, 10, 1, 0, tzinfo=UTC)
+    quarter = Schedule(cron="*/15 * * * *")
+    on_slot = datetime(2026, 1, 1, 8, 30, tzinfo=UTC)
+    assert quarter.latest(on_slot) == on_slot  # a slot that is due now counts
+    assert quarter.after(on_slot) == on_slot + timedelta(minutes=15)
+    assert quarter.missed(on_slot - timedelta(hours=1), on_slot) == 3
+    every = Schedule.parse("1h30m")
+    assert every.every == "1h30m" and every.cron is None
+    assert every.latest(T0 + timedelta(minutes=1)).timestamp() % 5400 == 0
+    one = Schedule.parse("1s")
+    assert one.latest(T0 + timedelta(seconds=5.7)) == T0 + timedelta(seconds=5)
+    assert one.missed(T0, T0 + timedelta(seconds=10)) == 9
+
+
+BAD = [
+    ('schedule = "*/15 * * *"', "schedule", "5-field cron"),
+    ('schedule = "61 * * * *"', "schedule", "not a valid cron"),
+    ('every = "15 minutes"', "every", "not a duration"),
+    ('every = "0s"', "every", "too short"),
+    ('every = "1m"\ntimezone = "Mars/Olympus"', "timezone", "not a known time zone"),
+    ('every = "1m"\nschedule = "* * * * *"', "either schedule", "not both"),
+    ('every = "1m"\nmode = "mirror"', "allowEmpty", "empty"),
+    ('notify = ["ftp://example.com/hook"]', "notify", "not an http(s) URL"),
+    ('on = ["finished"]', "on", "finished"),
+    ("allowEmpty = true", "allowEmpty", "only applies to mode mirror"),
+]
+
+
+@pytest.mark.parametrize(("lines", "field", "problem"), BAD)
+def test_bad_declarations_are_refused_naming_file_operation_and_field(
+    tmp_path: Path, lines: str, field: str, problem: str
+) -> None:
+    path = tmp_path / "lakesync.toml"
+    path.write_text(f'[operations.nightly]\ncollection = "t"\nkey = "id"\n{lines}\n')
+    with pytest.raises(ConfigError) as caught:
+        load_operations(path)
+    message = str(caught.value)
+    assert str(path) in message and "'nightly'" in message
+    assert field in message and problem in message, message
+
+
+@pytest.mark.parametrize(
+    ("env", "problem"),
+    [({"schedule": "every day"}, "LAKESYNC_SCHEDULE"),
+     ({"schedule": "* * * * *", "schedule_timezone": "Nowhere/City"}, "LAKESYNC_SCHEDULE_TIMEZONE"),
+     ({"notify": ["mailto:ops@example.com"]}, "LAKESYNC_NOTIFY")],
+)  # fmt: skip
+def test_bad_settings_are_refused_naming_the_variable(env: dict[str, Any], problem: str) -> None:
+    with pytest.raises(ConfigError, match=problem):
+        load_settings(**env)
+
+
+def test_serve_refuses_to_start_with_a_bad_schedule(
+    serve_env: dict[str, str], tmp_path: Path
+) -> None:
+    path = tmp_path / "lakesync.toml"
+    path.write_text('[operations.nightly]\ncollection = "t"\nkey = "id"\nschedule = "0 25 * * *"\n')
+    env = dict(serve_env, LAKESYNC_OPERATIONS_FILE=str(path))
+    run = subprocess.run([sys.executable, "-m", "lakesync", "serve", "--port", "1"], env=env,
+                         capture_output=True, text=True, timeout=60)  # fmt: skip
+    assert run.returncode == 2
+    assert str(path) in run.stderr and "'nightly'" in run.stderr and "schedule" in run.stderr
+
+
+# -- several schedulers, one database ----------------------------------------------------------
+
+
+class FakeClock:
+    """The injected clock: a time the test moves."""
+
+    def __init__(self, now: datetime) -> None:
+        self.now = now
+
+    def __call__(self) -> datetime:
+        return self.now
+
+
+@pytest.fixture
+def tiny_lake(tmp_path: Path) -> Path:
+    out = tmp_path / "tiny"
+    generate(out, 40, seed=3)
+    return out
+
+
+def _toml(tmp_path: Path, lake: Path, extra: str = "") -> Path:
+    path = tmp_path / "lakesync.toml"
+    path.write_text(f"""
+[operations.fast]
+source = "{lake}"
+collection = "fast"
+key = "taskDetailId"
+every = "1s"
+{extra}
+""")
+    return path
+
+
+@pytest.fixture
+def runtimes(settings: Settings, tiny_lake: Path, tmp_path: Path) -> Iterator[list[Runtime]]:
+    ops = _toml(tmp_path, tiny_lake)
+    s = settings.model_copy(update={"operations_file": ops, "schedule": "1s"})
+    made = [Runtime(s, executor="local") for _ in range(3)]
+    clock = FakeClock(T0 + timedelta(milliseconds=500))
+    for rt in made:
+        rt.scheduler.clock = clock
+        assert rt.executor is not None
+        rt.executor.start()  # the test ticks the schedulers itself, all at once
+        rt.scheduler.ensure_indexes()
+    yield made
+    for rt in made:
+        rt.close()
+
+
+def _tick_all(runtimes: list[Runtime]) -> list[dict[str, Any]]:
+    claimed: list[dict[str, Any]] = []
+    barrier = threading.Barrier(len(runtimes))
+
+    def tick(rt: Runtime) -> None:
+        barrier.wait()
+        claimed.extend(rt.scheduler.tick())
+
+    threads = [threading.Thread(target=tick, args=(rt,)) for rt in runtimes]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    return claimed
+
+
+def _ended(rt: Runtime, job_id: str) -> bool:
+    return rt.store.get(job_id).state.is_final
+
+
+def test_racing_schedulers_start_each_slot_once_then_skip_then_catch_up_once(
+    runtimes: list[Runtime], db: Any
+) -> None:
+    clock = runtimes[0].scheduler.clock
+    assert isinstance(clock, FakeClock)
+    assert _tick_all(runtimes) == []  # first sight: the slot already begun is not run
+    for k in range(1, 6):
+        clock.now = T0 + timedelta(seconds=k, milliseconds=100)
+        claimed = _tick_all(runtimes)
+        assert len(claimed) == 2  # one slot each of fast and of copy-taskdetail
+        assert {c["outcome"] for c in claimed} == {"started"}
+        for c in claimed:
+            wait_for(lambda c=c: _ended(runtimes[0], c["jobId"]), timeout=60)
+        assert _tick_all(runtimes) == []  # the same slot again: nothing
+    jobs = list(db.jobstatuses.find({"operation": "fast"}))
+    assert len(jobs) == 5
+    assert {j["trigger"] for j in jobs} == {"schedule"}
+    slots = sorted(j["scheduledFor"] for j in jobs)
+    assert slots == [f"2026-01-05T12:00:0{k}.000Z" for k in range(1, 6)]
+    # the operation still running: the slot is claimed and recorded as skipped
+    db.jobstatuses.insert_one({"jobId": "job_x", "status": "in_progress", "operation": "fast",
+                               "flightKey": f"fast|{runtimes[0].registry.get('fast').source}",
+                               "startTime": datetime.now(UTC), "heartbeatMs": 2**52})  # fmt: skip
+    clock.now = T0 + timedelta(seconds=6)
+    claimed = [c for c in _tick_all(runtimes) if c["operation"] == "fast"]
+    assert [(c["outcome"], c["jobId"]) for c in claimed] == [("skipped", "job_x")]
+    assert db.scheduleslots.find_one({"operation": "fast", "slot": "2026-01-05T12:00:06.000Z"})[
+        "outcome"] == "skipped"  # fmt: skip
+    db.jobstatuses.delete_one({"jobId": "job_x"})
+    # downtime: 50 slots pass with no scheduler ticking; the next tick runs one catch-up
+    clock.now = T0 + timedelta(seconds=57, milliseconds=300)
+    claimed = [c for c in _tick_all(runtimes) if c["operation"] == "fast"]
+    assert len(claimed) == 1 and claimed[0]["outcome"] == "started"
+    assert claimed[0]["catchUp"] is True and claimed[0]["missed"] == 50
+    assert _tick_all(runtimes) == []
+    assert db.jobstatuses.count_documents({"operation": "fast"}) == 6
+    wait_for(lambda: _ended(runtimes[0], claimed[0]["jobId"]), timeout=60)
+
+
+def test_pause_and_unpause_skip_the_slots_in_between(runtimes: list[Runtime], db: Any) -> None:
+    rt = runtimes[0]
+    clock = rt.scheduler.clock
+    assert isinstance(clock, FakeClock)
+    _tick_all(runtimes)
+    shown = rt.scheduler.pause("fast")
+    assert shown["paused"] is True and shown["nextRun"] is None
+    for k in range(1, 4):
+        clock.now = T0 + timedelta(seconds=k)
+        assert all(c["operation"] != "fast" for c in _tick_all(runtimes))
+    clock.now = T0 + timedelta(seconds=3, milliseconds=500)
+    shown = runtimes[1].scheduler.unpause("fast")  # another process resumes it
+    assert shown["paused"] is False and shown["nextRun"] == "2026-01-05T12:00:04.000Z"
+    assert all(c["operation"] != "fast" for c in _tick_all(runtimes))  # 3 s passed while paused
+    clock.now = T0 + timedelta(seconds=4)
+    claimed = [c for c in _tick_all(runtimes) if c["operation"] == "fast"]
+    assert len(claimed) == 1 and claimed[0]["missed"] == 0
+    wait_for(lambda: _ended(rt, claimed[0]["jobId"]), timeout=60)
+    info = rt.scheduler.describe(rt.registry.get("fast"))
+    assert info is not None
+    assert info["lastRun"]["outcome"] == "started" and info["lastRun"]["result"] == "completed"
+    rt.scheduler.settings = rt.settings.model_copy(update={"schedule": None})
+    with pytest.raises(JobError, match="has no schedule"):
+        rt.scheduler.pause("copy-taskdetail")
+
+
+def test_scheduled_jobs_carry_the_schedule_mode_and_allow_empty(
+    settings: Settings, tiny_lake: Path, tmp_path: Path, db: Any
+) -> None:
+    path = tmp_path / "mirror.toml"
+    path.write_text(f"""
+[operations.mirrored]
+source = "{tiny_lake}"
+collection = "mirrored"
+key = "taskDetailId"
+mode = "mirror"
+allowEmpty = true
+every = "1m"
+""")
+    s = settings.model_copy(
+        update={"operations_file": path, "schedule": "1m", "schedule_mode": "incremental"}
+    )
+    clock = FakeClock(T0 + timedelta(seconds=1))
+    with Runtime(s) as rt:  # no executor: the jobs are created, not run
+        rt.scheduler.clock = clock
+        rt.scheduler.ensure_indexes()
+        assert rt.scheduler.tick() == []
+        clock.now = T0 + timedelta(minutes=1, seconds=2)
+        claimed = {c["operation"]: c["outcome"] for c in rt.scheduler.tick()}
+        listed = rt.scheduler.annotate(
+            rt.registry.overview(rt.settings, rt.store, rt.runner.watermarks)
+        )
+    assert claimed == {"mirrored": "started", "copy-taskdetail": "started"}
+    jobs = {j["operation"]: j for j in db.jobstatuses.find()}
+    assert jobs["mirrored"]["options"]["allowEmpty"] is True
+    assert jobs["copy-taskdetail"]["options"]["mode"] == "incremental"
+    assert {j["scheduledFor"] for j in jobs.values()} == {"2026-01-05T12:01:00.000Z"}
+    shown = {i.name: i for i in listed}
+    assert shown["mirrored"].nextRun == "2026-01-05T12:02:00.000Z"
+    assert shown["copy-taskdetail"].schedule is not None
+    assert shown["copy-taskdetail"].schedule["mode"] == "incremental"
+    assert shown["mirrored"].schedule is not None
+    assert shown["mirrored"].schedule["lastRun"]["result"] == "pending"
