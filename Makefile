@@ -4,6 +4,9 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP_RUN := $(VENV)/.installed-run
 STAMP_DEV := $(VENV)/.installed-dev
+# `make run PORT=8400` when 8000 is taken; HOST=0.0.0.0 needs LAKESYNC_API_TOKEN
+HOST ?= 127.0.0.1
+PORT ?= 8000
 
 .PHONY: run test lint typecheck bench clean
 
@@ -20,7 +23,7 @@ $(STAMP_DEV): pyproject.toml | $(BIN)/python
 	touch $@ $(STAMP_RUN)
 
 run: $(STAMP_RUN)
-	$(BIN)/lakesync serve
+	$(BIN)/lakesync serve --host $(HOST) --port $(PORT)
 
 test: $(STAMP_DEV)
 	$(BIN)/ruff check src tests $(wildcard bench)

@@ -140,8 +140,11 @@ def test_bad_input_gives_one_clear_error_and_creates_no_job(env: dict[str, str],
     runs = in_parallel(*((env | extra, args) for args, extra, _, _ in BAD_INPUT))
     for (args, extra, code, words), run in zip(BAD_INPUT, runs, strict=True):
         assert run.returncode == code, (args, extra, run.stderr)
-        assert run.stdout == "", args
         message = one_line_error(run)
+        if "--json" in args:  # the same error, as JSON on stdout
+            assert json_out(run) == {"error": message.removeprefix("error: ")}, args
+        else:
+            assert run.stdout == "", args
         for word in words:
             assert word in message, (args, extra, message)
     assert db.jobstatuses.count_documents({}) == 0
@@ -156,7 +159,8 @@ def test_copy_exits_1_on_arguments_it_cannot_parse(env: dict[str, str]) -> None:
     for run, words in ((not_a_number, ["'--batch-size'", "integer"]),
                        (unknown, ["No such option", "--no-such-flag"])):  # fmt: skip
         assert run.returncode == 1, (run.args, run.stderr)
-        assert run.stdout == "" and "Traceback" not in run.stderr
+        assert "Traceback" not in run.stderr
+        assert words[1] in json_out(run)["error"]  # --json: the error as JSON on stdout
         for word in [*words, "lakesync copy --help"]:  # what is wrong and where to look
             assert word in run.stderr, (run.args, run.stderr)
     assert other_command.returncode == 2, other_command.stderr  # click's usual code elsewhere

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -16,7 +17,14 @@ from pymongo import MongoClient
 
 from lakesync.config import load_settings
 from lakesync.errors import ConfigError, StoreError
-from lakesync.mongo import EmbeddedServer, Mongo, connect, describe_hosts, mask_uri
+from lakesync.mongo import (
+    EmbeddedServer,
+    Mongo,
+    connect,
+    describe_hosts,
+    mask_uri,
+    with_database,
+)
 
 UNREACHABLE = "mongodb://user:secret@127.0.0.1:1/?authSource=admin"
 
@@ -27,6 +35,21 @@ def test_mask_uri_hides_every_password() -> None:
     assert "p%40ss" not in masked and "hunter2" not in masked
     assert "mongodb://u:***@h:1/db" in masked and "redis://:***@r:6379/0" in masked
     assert masked.endswith("mongodb://h:2")
+
+
+def test_with_database_puts_the_database_in_the_path_unless_one_is_named() -> None:
+    assert with_database("mongodb://127.0.0.1:5/?directConnection=true", "lakesync") == (
+        "mongodb://127.0.0.1:5/lakesync?directConnection=true"
+    )
+    assert (
+        with_database("mongodb+srv://u:p@c.example.net", "db")
+        == "mongodb+srv://u:p@c.example.net/db"
+    )
+    assert with_database("mongodb://h/admin?authSource=admin", "db") == (
+        "mongodb://h/admin?authSource=admin"  # a named (auth) database is kept
+    )
+    running = EmbeddedServer(Path("/nonexistent-lakesync-dir")).running_uri()
+    assert running is None  # no server of that data dir: nothing to print
 
 
 def test_describe_hosts_lists_hosts_without_credentials() -> None:
@@ -54,7 +77,7 @@ def test_unreachable_server_fails_fast_naming_the_host_not_the_password(
 
     stdout, stderr = cli.communicate(timeout=20)
     assert time.monotonic() - started < 9
-    assert cli.returncode == 1 and stdout == ""
+    assert cli.returncode == 1 and "127.0.0.1:1" in json.loads(stdout)["error"]  # --json
     assert "127.0.0.1:1" in stderr and "secret" not in stderr + stdout
     assert "Traceback" not in stderr
 

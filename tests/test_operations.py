@@ -171,7 +171,7 @@ def test_cli_lists_operations_and_stops_on_a_config_error(
     assert ops[1]["watermarkColumn"] == "updatedAt" and ops[1]["watermark"] is None
     table = lakesync("operations")
     assert table.returncode == 0 and "copy-projects" in table.stdout
-    assert "updatedAt > (none yet)" in table.stdout
+    assert "updatedAt >= (none yet)" in table.stdout
 
     write_config(tmp_path, '[operations.p]\nkey = "k"\n')
     broken = lakesync("operations")
@@ -233,8 +233,9 @@ def test_declared_operation_copies_its_dataset_through_the_api(
 
         write_projects(tmp_path / "projects", 301, 20, day=30)  # newer: only these are read
         r = client.post("/api/jobs", json={"operation": "copy-projects"})
-        again = wait_done(client, r.json()["jobId"])
-        assert (again["totalRecords"], again["insertedRecords"]) == (20, 20)
+        again = wait_done(client, r.json()["jobId"])  # and project 300, at the watermark
+        assert (again["totalRecords"], again["insertedRecords"]) == (21, 20)
+        assert again["unchangedRecords"] == 1
         full = client.post("/api/jobs", json={"operation": "copy-projects",
                                               "options": {"mode": "full"}})  # fmt: skip
         everything = wait_done(client, full.json()["jobId"])

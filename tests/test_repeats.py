@@ -284,3 +284,30 @@ def test_two_celery_workers_give_the_reference_result(
     assert (done.partitions or 0) >= 3
     assert_like_reference(done, db, lake)
     db.client.drop_database(s.database)
+
+
+def test_incremental_copy_of_repeated_keys_keeps_the_last_new_version(
+    settings: Settings, tmp_path: Path
+) -> None:
+    lake = write_lake(tmp_path / "lake", [[record(f"K{k}", 1) for k in range(50)]])
+    s = fresh(settings, lake, batch_size=7)
+    first = run_whole(s)
+    assert first.insertedRecords == 50
+    # later files: keys 0-19 changed twice (v2 then v3), key 5 once more but invalid (v4)
+    more = [[record(f"K{k}", 2) for k in range(20)], [record(f"K{k}", 3) for k in range(20)]]
+    more[1].append(record("K5", 4, bad=True))
+    for i, rows in enumerate(more, start=1):
+        pq.write_table(pa.Table.from_pylist(rows, SCHEMA), lake / f"part-{i:03d}.parquet")
+    with Runtime(s) as rt:
+        job, _ = rt.jobs.start("copy-taskdetail", {"mode": "incremental"}, trusted=True)
+        rt.runner.run(job.jobId)
+        done = rt.jobs.get(job.jobId)
+    db = database(s)
+    assert done.status == JobState.COMPLETED, done.error
+    # read >= the watermark: the 50 v1 records (updatedAt equal to it) are read again; those
+    # of keys 0-19 are replaced by v2, which v3 replaces: 40 duplicates
+    counts = (done.updatedRecords, done.unchangedRecords, done.duplicateRecords)
+    assert counts == (20, 30, 40) and done.errorRecords == 1 and done.insertedRecords == 0
+    assert done.processedRecords == done.totalRecords == 91
+    assert stored(db) == {f"K{k}": ("v3" if k < 20 else "v1") for k in range(50)}
+    db.client.drop_database(s.database)

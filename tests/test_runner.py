@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import threading
 import time
 from pathlib import Path
@@ -75,12 +76,32 @@ def test_cancel_of_finished_job_is_a_conflict(settings: Settings) -> None:
         assert info.value.http_status == 409 and "completed" in str(info.value)
 
 
-def test_single_flight_returns_the_running_job(settings: Settings) -> None:
+def test_single_flight_returns_the_running_job(
+    settings: Settings, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    lake = Path(str(settings.lake_uri))
+    link = tmp_path / "link-to-lake"
+    link.symlink_to(lake, target_is_directory=True)
+    monkeypatch.chdir(lake.parent)
     with Runtime(settings) as rt:  # no executor: the job stays pending
         first, created = rt.jobs.start("copy-taskdetail")
         second, created_again = rt.jobs.start("copy-taskdetail", {"batchSize": 10})
         assert created and not created_again and second.jobId == first.jobId
-        other, created_other = rt.jobs.start("copy-taskdetail", {"source": settings.lake_uri + "/"})
+        # one lake, one flight, however its path is written
+        for spelling in (
+            f"{lake}/",
+            f"{lake}//",
+            f"./{lake.name}",
+            lake.name,
+            str(link),
+            f"{link}/",
+            f"{lake}/../{lake.name}",
+            f"file://{lake}",
+        ):
+            same, made = rt.jobs.start("copy-taskdetail", {"source": spelling})
+            assert (same.jobId, made) == (first.jobId, False), spelling
+        assert first.options["source"] == os.path.realpath(lake)  # stored in that one form
+        other, created_other = rt.jobs.start("copy-taskdetail", {"source": f"{lake}/*"})
         assert created_other and other.jobId != first.jobId  # another source, another flight
 
 

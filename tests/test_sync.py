@@ -57,6 +57,15 @@ def lake_max_ms(lake: Path) -> int:
     return max(int(t.value) for t in tops if t.is_valid)
 
 
+def rows_at(lake: Path, millis: int) -> int:
+    """Records whose updatedAt is exactly ``millis``: an incremental copy reads them again."""
+    at = pa.scalar(millis, type=pa.timestamp("ms", tz="UTC"))
+    return sum(
+        int(pc.sum(pc.equal(pq.read_table(f, columns=["updatedAt"])["updatedAt"], at)).as_py() or 0)
+        for f in lake.rglob("*.parquet")
+    )
+
+
 def watermark_of(db: Any, source: Path, op: str = "copy-taskdetail") -> Any:
     return WatermarkStore(db).get(op, str(source), "updatedAt")
 
@@ -75,12 +84,14 @@ def test_incremental_reads_only_changed_and_new_records(
         assert raw["watermark"]["value"] == first.value and raw["watermark"]["iso"].endswith("Z")
         assert raw["source"] == str(lake) and raw["jobId"] == full.jobId
 
+        at_first = rows_at(lake, first.value)  # read again: the watermark's value is included
+        assert at_first >= 1
         touched = touch_records(lake, 100)
         added = append_records(lake, 50, start_id=900_000)
         inc = run(rt, {"mode": "incremental"})
-        assert_exact(inc, 150)
+        assert_exact(inc, 150 + at_first)
         assert (inc.updatedRecords, inc.insertedRecords) == (100, 50)
-        assert (inc.unchangedRecords, inc.errorRecords) == (0, 0)
+        assert (inc.unchangedRecords, inc.errorRecords) == (at_first, 0)
         assert inc.options["mode"] == "incremental"
         assert inc.checkpoint is not None and inc.checkpoint.since == first
         assert inc.checkpoint.until is not None and inc.checkpoint.until.value > first.value
@@ -91,15 +102,21 @@ def test_incremental_reads_only_changed_and_new_records(
         assert db.taskdetails.count_documents({"_id": {"$in": ids}, "_lakesync.job": inc.jobId})
         assert db.taskdetails.count_documents({}) == VALID + 50
 
-        again = run(rt, {"mode": "incremental"})  # nothing changed since
-        assert_exact(again, 0)
+        again = run(rt, {"mode": "incremental"})  # nothing changed: the 50 at the mark are
+        assert_exact(again, 50)  # read again, and come out unchanged without a write
+        assert again.unchangedRecords == 50
+        assert (
+            db.taskdetails.count_documents({"_id": {"$in": added}, "_lakesync.job": inc.jobId})
+            == 50
+        )
         assert watermark_of(db, lake) == second
-        # the next job's first commit lands on its own document, not on this batch-less one
-        # (nx-27017 once applied it to another job's: see JobStore.commit)
+        # the next job's commits land on its own document, not on this one
+        # (nx-27017 once applied a first commit to another job's: see JobStore.commit)
         touch_records(lake, 5, seed=9)
         last = run(rt, {"mode": "incremental"})
-        assert_exact(last, 5)
-        assert rt.jobs.get(again.jobId).processedRecords == 0
+        assert_exact(last, 55)
+        assert (last.updatedRecords, last.unchangedRecords) == (5, 50)
+        assert rt.jobs.get(again.jobId).processedRecords == 50
 
 
 def test_first_incremental_run_is_a_full_copy(settings: Settings, db: Any) -> None:
@@ -128,7 +145,7 @@ def test_failed_incremental_run_does_not_move_the_watermark(
         assert failed.processedRecords >= 40
         assert watermark_of(db, lake) == before  # committed batches did not move it
         retry = run(rt, {"mode": "incremental"})  # reads the same changes again
-        assert_exact(retry, 100)
+        assert_exact(retry, 100 + rows_at(lake, before.value))
         assert watermark_of(db, lake).value == lake_max_ms(lake)  # type: ignore[union-attr]
 
 
@@ -157,13 +174,13 @@ def test_resumed_incremental_run_reads_what_its_first_run_pinned(
         time.sleep(settings.lease_seconds + 0.5)
         assert rt.runner.run(status.jobId) is Outcome.ENDED
         done = rt.jobs.get(status.jobId)
-        assert_exact(done, 150)
+        assert_exact(done, 150 + rows_at(lake, crashed.checkpoint.since.value))  # type: ignore[union-attr]
         assert done.attempt == 2 and (done.updatedRecords, done.insertedRecords) == (100, 50)
         assert watermark_of(db, lake) == pinned
         assert db.taskdetails.count_documents({"_id": {"$in": later_keys}}) == 0
         following = run(rt, {"mode": "incremental"})
-    assert_exact(following, 10)
-    assert following.insertedRecords == 10
+    assert_exact(following, 10 + 50)  # and the 50 appended at the watermark, unchanged
+    assert (following.insertedRecords, following.unchangedRecords) == (10, 50)
 
 
 def test_incremental_needs_a_usable_watermark_column(

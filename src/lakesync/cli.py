@@ -1,13 +1,21 @@
-"""The `lakesync` command line: serve, copy, status, jobs, cancel, operations, demo-data, worker."""
+"""The `lakesync` command line: serve, copy, status, jobs, cancel, operations, demo-data, worker.
+
+Every command works on a terminal (colours, a progress bar, tables that keep job ids whole at
+80 columns) and in a pipe (plain text; `--json` prints one JSON document on stdout, an error
+included: `{"error": "..."}`).
+"""
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import json
 import logging
 import signal
 import sys
 import threading
+from collections.abc import Iterator
+from datetime import UTC
 from pathlib import Path
 from typing import Annotated, Any, NoReturn
 
@@ -16,25 +24,68 @@ from rich.console import Console
 from rich.markup import escape
 from rich.progress import BarColumn, Progress, TaskProgressColumn, TextColumn, TimeRemainingColumn
 from rich.table import Table
-from typer.core import TyperCommand
+from typer.core import TyperCommand, TyperGroup
 
 from lakesync.config import Settings, get_settings
-from lakesync.errors import ConfigError, LakesyncError
+from lakesync.errors import ConfigError, JobError, LakesyncError
 from lakesync.logs import configure_logging, json_enabled
 from lakesync.models import JobState, JobStatus
 from lakesync.runner import Outcome
 
-app = typer.Typer(
-    add_completion=False,
-    pretty_exceptions_show_locals=False,  # locals may hold URIs with passwords
-    no_args_is_help=True,
-    help="Copy data-lake records into MongoDB as durable background jobs.",
-)
 err = Console(stderr=True)
 out = Console()
 logger = logging.getLogger(__name__)
 
 JsonFlag = Annotated[bool, typer.Option("--json", help="Print JSON for scripts.")]
+
+
+def _flags_as_flags(params: list[Any]) -> list[Any]:
+    """Help shows `--json`, not `--json <bool>` as typer does: a flag takes no value."""
+    for param in params:
+        if getattr(param, "is_flag", False) and param.metavar is None:
+            param.metavar = ""
+    return params
+
+
+class _Group(TyperGroup):
+    def get_params(self, ctx: Any) -> list[Any]:
+        return _flags_as_flags(super().get_params(ctx))
+
+    def get_command(self, ctx: Any, cmd_name: str) -> Any:
+        command = super().get_command(ctx, cmd_name)
+        if type(command) is TyperCommand:  # a command declared without cls=_Command
+            command.__class__ = _Command  # same fields: only the two methods differ
+        return command
+
+
+class _Command(TyperCommand):
+    """A command with flags shown as flags, and errors as JSON on stdout under `--json`."""
+
+    def get_params(self, ctx: Any) -> list[Any]:
+        return _flags_as_flags(super().get_params(ctx))
+
+    def make_context(self, *args: Any, **kwargs: Any) -> Any:
+        try:
+            return super().make_context(*args, **kwargs)
+        except Exception as e:
+            if getattr(e, "exit_code", None) == 2 and _wants_json():  # a usage error
+                message = e.format_message() if hasattr(e, "format_message") else str(e)
+                _print_json({"error": f"{message} (see `lakesync {self.name} --help`)"})
+            raise
+
+
+app = typer.Typer(
+    cls=_Group,
+    add_completion=False,
+    pretty_exceptions_show_locals=False,  # locals may hold URIs with passwords
+    no_args_is_help=True,
+    help="Copy data-lake records into MongoDB as durable background jobs.",
+)
+
+
+def _wants_json() -> bool:
+    """True when the command line asked for JSON: errors then go to stdout as JSON too."""
+    return "--json" in sys.argv[1:]
 
 
 def _settings() -> Settings:
@@ -45,7 +96,9 @@ def _settings() -> Settings:
 
 def _fail(error: Exception, code: int | None = None) -> NoReturn:
     """Print one clear line to stderr and exit with `code`; by default 2 for a bad setting
-    (a start-up error) and 1 for anything else."""
+    (a start-up error) and 1 for anything else. With `--json`, stdout gets `{"error": ...}`."""
+    if _wants_json():
+        _print_json({"error": str(error)})
     if json_enabled():
         logger.error("%s", error)
     else:
@@ -67,7 +120,7 @@ def _print_json(data: Any) -> None:
     sys.stdout.write(json.dumps(data) + "\n")
 
 
-@app.command()
+@app.command(cls=_Command)
 def serve(
     host: Annotated[str, typer.Option(help="Address to listen on.")] = "127.0.0.1",
     port: Annotated[int, typer.Option(help="Port to listen on.")] = 8000,
@@ -86,7 +139,7 @@ def serve(
 COPY_FAILED = 1
 
 
-class _CopyCommand(TyperCommand):
+class _CopyCommand(_Command):
     """`copy` with argument errors (unknown option, non-integer value) exiting 1, not 2."""
 
     def make_context(self, *args: Any, **kwargs: Any) -> Any:
@@ -118,11 +171,13 @@ def copy(
     options = {k: v for k, v in {"source": source, "batchSize": batch_size, "mode": mode}.items()
                if v is not None}  # fmt: skip
     try:
-        from lakesync.operations import parse_options
+        from lakesync.operations import OperationRegistry, parse_options
 
         parse_options(options)  # e.g. a bad --mode, refused before any server starts
         settings = _settings()
-        with Runtime(settings, executor=None, reads_lake=True) as rt:
+        ops = OperationRegistry.from_settings(settings)  # the demo lake only if this copy reads it
+        demo = source is None and operation in ops.names() and ops.get(operation).source is None
+        with Runtime(settings, executor=None, reads_lake=demo) as rt:
             status, created = rt.jobs.start(operation, options, trusted=True, trigger="cli")
             if not created and status.state is not JobState.PENDING:
                 _fail(LakesyncError(
@@ -146,14 +201,19 @@ def _finish(final: JobStatus, as_json: bool) -> NoReturn:
     raise typer.Exit(0 if final.state is JobState.COMPLETED else 1)
 
 
-@app.command()
+@app.command(cls=_Command)
 def resume(job_id: str, as_json: JsonFlag = False) -> None:
-    """Resume a failed job from its checkpoint, in the foreground; exit 1 unless it completes."""
+    """Continue a failed, paused or abandoned job from its checkpoint, in the foreground;
+    exit 1 unless it completes."""
     from lakesync.runtime import Runtime
 
     try:
         with Runtime(_settings(), executor=None, reads_lake=True) as rt:
-            rt.jobs.resume(job_id)
+            current = rt.jobs.get(job_id)
+            if current.state.is_final:
+                rt.jobs.resume(job_id)  # refuses completed and cancelled jobs, with the reason
+            # a pending job nobody runs (e.g. paused by Ctrl-C), or one whose run died,
+            # is claimed as it is; a job another process runs right now is refused below
             _notice(f"job {job_id} resumed from its checkpoint", jobId=job_id)
             final = _run_foreground(rt, job_id, show_bar=err.is_terminal and not as_json)
     except LakesyncError as e:
@@ -162,7 +222,10 @@ def resume(job_id: str, as_json: JsonFlag = False) -> None:
 
 
 def _run_foreground(rt: Any, job_id: str, show_bar: bool) -> JobStatus:
-    """Run the job in this thread until it ends; Ctrl-C pauses it at a batch boundary."""
+    """Run the job in this thread until it ends; Ctrl-C pauses it at a batch boundary.
+
+    Raises JobError when another process runs the job right now.
+    """
     previous = signal.getsignal(signal.SIGINT)
 
     def interrupt(*_: object) -> None:
@@ -174,21 +237,54 @@ def _run_foreground(rt: Any, job_id: str, show_bar: bool) -> JobStatus:
         signal.signal(signal.SIGINT, interrupt)
         signal.signal(signal.SIGTERM, interrupt)
     columns = (TextColumn("{task.description}"), BarColumn(), TaskProgressColumn(),
-               TextColumn("{task.completed:,.0f}/{task.total:,.0f} records  {task.fields[rate]}"),
+               TextColumn("{task.fields[counts]}  {task.fields[rate]}"),
                TimeRemainingColumn())  # fmt: skip
-    with Progress(*columns, console=err, disable=not show_bar) as bar:
-        task = bar.add_task("copying", total=None, rate="")
+    with Progress(*columns, console=err, disable=not show_bar) as bar, _logs_above_the_bar():
+        # the total is unknown (None) until the job's first run counted the lake
+        task = bar.add_task("copying", total=None, counts="", rate="")
 
         def progress(s: JobStatus) -> None:
-            bar.update(task, total=s.totalRecords or None, completed=s.processedRecords,
+            total = s.totalRecords or None
+            counts = f"{s.processedRecords:,}" + (f"/{total:,}" if total else "") + " records"
+            bar.update(task, total=total, completed=s.processedRecords, counts=counts,
                        rate=f"{s.recordsPerSecond:,.0f}/s")  # fmt: skip
 
+        first = True
         while True:
             outcome = rt.runner.run(job_id, on_progress=progress)
+            if first and outcome is Outcome.NOT_CLAIMED:
+                now = rt.store.get(job_id)
+                if not now.state.is_final:
+                    raise JobError(
+                        f"Job {job_id} is {now.status.value} and another process runs it "
+                        f"right now; follow it with `lakesync status {job_id}`, or cancel it "
+                        f"with `lakesync cancel {job_id}`.", status=now.status.value)  # fmt: skip
+            first = False
             if outcome is not Outcome.CONTINUE or rt.runner.stop.is_set():
                 break
     final: JobStatus = rt.store.get(job_id)
     return final
+
+
+@contextlib.contextmanager
+def _logs_above_the_bar() -> Iterator[None]:
+    """Log lines go through the progress bar's stderr (rich redirects it while the bar is
+    drawn), so they print above the bar instead of through it."""
+    swapped = []
+    if sys.stderr is not sys.__stderr__:  # the bar is drawn
+        for handler in logging.getLogger().handlers:
+            if type(handler) is logging.StreamHandler and handler.stream is sys.__stderr__:
+                swapped.append((handler, handler.setStream(sys.stderr)))
+    try:
+        yield
+    finally:
+        for handler, stream in swapped:
+            handler.setStream(stream)
+
+
+def _plural(n: int, word: str) -> str:
+    """`1 record`, `2 records` (with thousands separators)."""
+    return f"{n:,} {word}" + ("" if n == 1 else "s")
 
 
 def _print_summary(s: JobStatus) -> None:
@@ -197,10 +293,14 @@ def _print_summary(s: JobStatus) -> None:
     if s.error:
         out.print(f"[red]{s.error}[/]", highlight=False)
     if s.state is JobState.PENDING:
-        out.print("Run `lakesync copy` again or `lakesync serve` to resume it from its checkpoint.")
+        out.print(
+            f"Continue it with `lakesync resume {s.jobId}` (or run `lakesync copy` again, "
+            "or `lakesync serve`): it resumes from its checkpoint.",
+            highlight=False,
+        )
 
 
-@app.command()
+@app.command(cls=_Command)
 def status(job_id: str, as_json: JsonFlag = False) -> None:
     """Show one job's status."""
     from lakesync.runtime import Runtime
@@ -214,13 +314,32 @@ def status(job_id: str, as_json: JsonFlag = False) -> None:
         _print_json(s.public())
         return
     table = Table(show_header=False, box=None)
+    table.add_column(no_wrap=True)
+    table.add_column(overflow="fold")
     for key, value in s.public().items():
-        if value not in (None, {}, ""):
-            table.add_row(f"[bold]{key}[/]", str(value))
+        if value not in (None, {}, "", []):
+            table.add_row(f"[bold]{key}[/]", escape(_shown(key, value)))
     out.print(table)
 
 
-@app.command()
+def _shown(key: str, value: Any) -> str:
+    """A status field for people: counts with separators, options and checkpoint as
+    `name: value` lines (never a Python dict)."""
+    if isinstance(value, bool):
+        return "yes" if value else "no"
+    if isinstance(value, int) and key.endswith(("Records", "partitions", "Done")):
+        return f"{value:,}"
+    if isinstance(value, dict):
+        if {"column", "value"} <= value.keys():  # a watermark
+            return f"{value['column']} = {value.get('iso') or value['value']}"
+        lines = [f"{k}: {_shown(k, v)}" for k, v in value.items() if v not in (None, {}, "", [])]
+        return "\n".join(lines) or "-"
+    if isinstance(value, list):
+        return ", ".join(str(v) for v in value)
+    return str(value)
+
+
+@app.command(cls=_Command)
 def jobs(
     limit: Annotated[int, typer.Option(min=1, max=1000, help="How many jobs.")] = 20,
     as_json: JsonFlag = False,
@@ -236,35 +355,99 @@ def jobs(
     if as_json:
         _print_json({"jobs": [j.public() for j in found]})
         return
-    table = Table("jobId", "status", "operation", "processed", "total", "started")
+    if not found:
+        out.print(
+            "No jobs yet. Start one with `lakesync copy` or from the page of `lakesync serve`."
+        )
+        return
+    # job ids never wrap nor shrink, so they can be pasted into `lakesync status`; the
+    # other columns fold when the terminal is narrow (80 columns fit them all)
+    table = Table(box=None, pad_edge=False, header_style="bold")
+    table.add_column("jobId", no_wrap=True, min_width=max(len(j.jobId) for j in found))
+    table.add_column("status", overflow="fold")
+    table.add_column("operation", overflow="fold")
+    table.add_column("records", justify="right", overflow="fold")
+    table.add_column("started UTC", overflow="fold")
     for j in found:
-        table.add_row(j.jobId, j.status.value, j.operation, f"{j.processedRecords:,}",
-                      f"{j.totalRecords:,}", j.public()["startTime"])  # fmt: skip
+        started = j.startTime.astimezone(UTC).strftime("%m-%d %H:%M")
+        table.add_row(j.jobId, j.status.value, escape(j.operation), f"{j.processedRecords:,}",
+                      started)  # fmt: skip
     out.print(table)
 
 
-@app.command()
-def cancel(job_id: str) -> None:
-    """Cancel a job; a running one stops after its current batch. Exit 1 if it already ended."""
+@app.command(cls=_Command)
+def cancel(
+    job_id: str,
+    yes: Annotated[bool, typer.Option("--yes", "-y", help="Do not ask for confirmation.")] = False,
+) -> None:
+    """Cancel a job; a running one stops after its current batch. Exit 1 if it already ended.
+
+    On a terminal it asks first (--yes does not); in a pipe or a script it never asks.
+    """
     from lakesync.runtime import Runtime
 
     try:
         with Runtime(_settings()) as rt:
             before = rt.jobs.get(job_id)  # to tell "cancelled now" from "was cancelled"
+            if not yes and not before.state.is_final and sys.stdin.isatty():
+                done = f"{before.processedRecords:,} of {before.totalRecords:,}" \
+                    if before.totalRecords else f"{before.processedRecords:,}"  # fmt: skip
+                question = (f"Cancel job {job_id} ({before.operation}, {before.status.value}, "
+                            f"{done} records copied)?")  # fmt: skip
+                if not typer.confirm(question, default=False, err=True):
+                    err.print(f"Not cancelled; job {job_id} goes on.", highlight=False)
+                    raise typer.Exit(1)
             s = rt.jobs.cancel(job_id)
     except LakesyncError as e:
         _fail(e)
+    except typer.Abort:  # Ctrl-C or end of input at the question
+        err.print(f"\nNot cancelled; job {job_id} goes on.", highlight=False)
+        raise typer.Exit(1) from None
     if before.state is JobState.CANCELLED:
         text = f"Job {job_id} was already cancelled; nothing to do."
     elif s.state is JobState.CANCELLED:
-        text = f"Job {job_id} cancelled; {s.processedRecords:,} records had been copied."
+        text = f"Job {job_id} cancelled; {_plural(s.processedRecords, 'record')} had been copied."
     else:
         text = (f"Cancellation of job {job_id} requested; it stops after its current batch. "
                 f"Follow it with `lakesync status {job_id}`.")  # fmt: skip
     out.print(escape(text), highlight=False, soft_wrap=True)
 
 
-@app.command()
+@app.command("mongo-uri", cls=_Command)
+def mongo_uri(
+    show_password: Annotated[
+        bool, typer.Option("--show-password", help="Print the password instead of ***.")
+    ] = False,
+    as_json: JsonFlag = False,
+) -> None:
+    """Print the MongoDB URI lakesync uses (e.g. for `mongosh "$(lakesync mongo-uri)"`).
+
+    With no LAKESYNC_MONGODB_URI that is the embedded server of `lakesync serve`, which
+    listens only while serve (or another lakesync command) runs.
+    """
+    from lakesync.mongo import EmbeddedServer, mask_uri, with_database
+
+    settings = _settings()
+    embedded = settings.mongodb_uri is None
+    if settings.mongodb_uri is not None:
+        uri = with_database(settings.mongodb_uri.get_secret_value(), settings.database)
+        if not show_password:
+            uri = mask_uri(uri)
+    else:
+        running = EmbeddedServer(settings.data_dir).running_uri()
+        if running is None:
+            _fail(LakesyncError(
+                f"The embedded MongoDB-wire server of {settings.data_dir} is not running: it "
+                "listens while `lakesync serve` runs. Start `lakesync serve` (e.g. `make run`) "
+                "and ask again, or set LAKESYNC_MONGODB_URI to use your own MongoDB."))  # fmt: skip
+        uri = with_database(running, settings.database)
+    if as_json:
+        _print_json({"uri": uri, "database": settings.database, "embedded": embedded})
+    else:
+        sys.stdout.write(uri + "\n")
+
+
+@app.command(cls=_Command)
 def errors(
     job_id: str,
     as_csv: Annotated[
@@ -305,7 +488,7 @@ def errors(
         )
 
 
-@app.command()
+@app.command(cls=_Command)
 def logs(job_id: str) -> None:
     """Print a job's own log lines (runs, takeovers, retries, hand-backs, failures)."""
     from lakesync import joblog
@@ -326,7 +509,7 @@ def logs(job_id: str) -> None:
         sys.stdout.write(text + "\n")
 
 
-@app.command()
+@app.command(cls=_Command)
 def operations(as_json: JsonFlag = False) -> None:
     """List the declared operations with their last job and watermark."""
     from lakesync.runtime import Runtime
@@ -343,7 +526,7 @@ def operations(as_json: JsonFlag = False) -> None:
         return
     table = Table("operation", "mode", "source -> collection", "watermark", "last job")
     for op in listed:
-        mark = "-" if op.watermarkColumn is None else f"{op.watermarkColumn} > " + (
+        mark = "-" if op.watermarkColumn is None else f"{op.watermarkColumn} >= " + (
             str(op.watermark["value"]) if op.watermark else "(none yet)")  # fmt: skip
         last = "-" if op.lastJob is None else f"{op.lastJob['status']} {op.lastJob['jobId']}"
         table.add_row(f"[bold]{escape(op.name)}[/]\n{escape(op.description)}", op.mode,
@@ -352,7 +535,7 @@ def operations(as_json: JsonFlag = False) -> None:
     out.print(table)
 
 
-@app.command("demo-data")
+@app.command("demo-data", cls=_Command)
 def demo_data(
     rows: Annotated[int, typer.Option(min=1, help="Records to write.")],
     out_dir: Annotated[Path, typer.Option("--out", help="Directory to write.")],
@@ -368,11 +551,11 @@ def demo_data(
         made = generate(out_dir, rows, bad_rows=bad_rows, seed=seed)
     except LakesyncError as e:
         _fail(e)
-    out.print(f"wrote {made.rows:,} records ({made.bad_rows:,} bad) in {made.files} files "
-              f"to {made.out}")  # fmt: skip
+    out.print(f"wrote {_plural(made.rows, 'record')} ({made.bad_rows:,} bad) in "
+              f"{_plural(made.files, 'file')} to {made.out}")  # fmt: skip
 
 
-@app.command()
+@app.command(cls=_Command)
 def worker(
     concurrency: Annotated[int | None, typer.Option(min=1, help="Parallel jobs.")] = None,
 ) -> None:
@@ -385,7 +568,7 @@ def worker(
         _fail(e)
 
 
-@app.command()
+@app.command(cls=_Command)
 def schedules(as_json: JsonFlag = False) -> None:
     """List scheduled operations: schedule, paused or not, next run, last run and result."""
     from lakesync.runtime import Runtime
@@ -429,13 +612,13 @@ def _pause(name: str, paused: bool) -> None:
     out.print(escape(text), highlight=False, soft_wrap=True)
 
 
-@app.command()
+@app.command(cls=_Command)
 def pause(operation: str) -> None:
     """Pause an operation's schedule (its running job, if any, goes on)."""
     _pause(operation, True)
 
 
-@app.command()
+@app.command(cls=_Command)
 def unpause(operation: str) -> None:
     """Resume an operation's schedule; slots passed while paused are not run."""
     _pause(operation, False)
@@ -444,6 +627,6 @@ def unpause(operation: str) -> None:
 def main() -> None:
     """Entry point: settings errors become one clear line and exit code 2."""
     try:
-        app()
+        app(prog_name="lakesync")
     except LakesyncError as e:
         _fail(e, 2)

@@ -24,9 +24,9 @@ it is new, changed or unchanged, so:
   counts as that job counted it, never as "unchanged". That keeps processed = inserted +
   updated + unchanged + duplicate + error = total exact across crashes.
 
-Stored keys are matched to the batch's by their BSON (``_lookup_key``), so a date key read
-back as ``datetime`` matches the ``DatetimeMS`` it was written from, and a composite key
-(a subdocument) matches although a dict cannot be hashed.
+Stored keys are matched to the batch's in the form the server answers them
+(``typemap.lookup_key``): a date key read back as ``datetime`` matches the value it was
+written from, and a composite key (a subdocument) is hashable.
 
 The hot path builds no Python dict per record: each record's BSON comes from
 ``Validated.encoded`` (written column by column), is hashed as it is, and is sent with its
@@ -55,6 +55,7 @@ from lakesync.lake import LakeBatch
 from lakesync.models import Counters, utcnow
 from lakesync.repeats import Superseded
 from lakesync.schema import RecordSchema, Rejection, Validated, validate
+from lakesync.typemap import KEY_CODEC, key_filter, lookup_key, replace_filter, server_limits
 
 logger = logging.getLogger(__name__)
 
@@ -71,13 +72,6 @@ _HASH_CHARS = 24  # digest(): 12 bytes as hex
 def digest(body: bytes) -> str:
     """The content hash of a document's BSON (without its marker)."""
     return hashlib.blake2b(body, digest_size=_HASH_CHARS // 2).hexdigest()
-
-
-def _lookup_key(key: Any) -> Any:
-    """A hashable form of a key that is equal for equal BSON values (see the module doc)."""
-    if type(key) is str or type(key) is int:
-        return key
-    return bson.encode({"": key})
 
 
 def content_hash(doc: dict[str, Any]) -> str:
@@ -230,6 +224,7 @@ class CopyEngine:
         self.job_id = job_id
         #: the job's records that a later record of the same key replaces (repeats.py)
         self.superseded = superseded or Superseded()
+        self.limits = server_limits(target)  # what the server cannot store or find
         #: none of the last batch's keys existed: insert the next batch without reading first
         self._assume_new = False
 
@@ -239,7 +234,7 @@ class CopyEngine:
         Safe to call from another thread: ``Lake.batches(prepare=engine.prepare)`` runs it
         on the next batch while this one is written, and ``write`` then uses the result.
         """
-        checked = validate(self.schema, batch.table)
+        checked = validate(self.schema, batch.table, self.limits)
         keys, rows = checked.keys, checked.rows
         bodies = checked.encoded() if rows else []
         keep = self._winners(batch, keys, rows)
@@ -267,10 +262,7 @@ class CopyEngine:
         for seg in batch.segments:
             rel = self.superseded.within(seg.file, seg.start_row, seg.start_row + seg.rows)
             dropped.update((rel + seg.offset).tolist())
-        try:
-            last = {key: i for i, key in enumerate(keys)}
-        except TypeError:  # unhashable keys (subdocuments): compare their BSON
-            last = {_lookup_key(key): i for i, key in enumerate(keys)}
+        last = {key: i for i, key in enumerate(keys)}  # keys are hashable (typemap.lookup_key)
         if not dropped and len(last) == len(keys):
             return None
         winners = set(last.values())
@@ -361,8 +353,10 @@ class CopyEngine:
 
     def _markers(self, keys: Sequence[Any]) -> dict[Any, dict[str, Any]]:
         """The stored marker of each key that has a document ({} for one without a marker)."""
-        found = self.target.find({"_id": {"$in": list(keys)}}, {MARKER: 1}, batch_size=len(keys))
-        return {_lookup_key(d["_id"]): d.get(MARKER) or {} for d in found}
+        target = self.target.with_options(codec_options=KEY_CODEC)
+        query = key_filter(list(keys), self.limits)
+        found = target.find(query, {MARKER: 1}, batch_size=len(keys))
+        return {lookup_key(d["_id"]): d.get(MARKER) or {} for d in found}
 
     def _write(
         self, op: str, key: Any, row: int, body: bytes, h: str, counted: str, batch: LakeBatch
@@ -387,7 +381,7 @@ class CopyEngine:
         """
         plan: list[Write] = []
         for key, row, body, h in zip(keys, rows, bodies, digests, strict=True):
-            marker = existing.get(_lookup_key(key))
+            marker = existing.get(key)
             if marker is None:
                 plan.append(self._write("i", key, row, body, h, "i", batch))
             elif self._replayed(marker, h, batch):
@@ -444,7 +438,9 @@ class CopyEngine:
     ) -> None:
         details: Mapping[str, Any]
         ops: list[Any] = [
-            InsertOne(doc) if w.op == "i" else ReplaceOne({"_id": w.key}, doc, upsert=True)
+            InsertOne(doc)
+            if w.op == "i"
+            else ReplaceOne(replace_filter(w.key, self.limits), doc, upsert=True)
             for w, doc in chunk
         ]
         try:

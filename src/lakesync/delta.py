@@ -1,15 +1,18 @@
 """Delta Lake tables: the active Parquet files of one table version, found by ``deltalake``.
 
-``deltalake`` (the optional extra ``lakesync[delta]``) reads the transaction log: which
-files make up the version, their partition values and the table schema. The files
+``deltalake`` (the optional extra ``lakesync[delta]``) reads the transaction log (JSON
+commits, classic and v2 checkpoints): which files make up the version, their partition
+values, their deletion vectors and the table schema with its column mapping. The files
 themselves are then read like any other Parquet lake, through lakesync's own filesystem
-(the same endpoint, timeouts and error messages as plain Parquet on S3).
+(the same endpoint, timeouts and error messages as plain Parquet on S3), in file order and
+row order, so a checkpoint (file, row) means the same rows on every run: the rows a
+deletion vector removes are skipped, and physical column names become logical ones.
 """
 
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 from urllib.parse import unquote
 
@@ -32,6 +35,21 @@ class DeltaSnapshot:
     version: int
     schema: pa.Schema
     files: list[tuple[str, pc.Expression | None]]  # paths inside the Location's filesystem
+    #: column mapping: physical name in the Parquet files -> logical (table) name
+    renames: dict[str, str] = field(default_factory=dict)
+    #: deletion vectors: path -> which rows of the file are live (rows past its end are)
+    live: dict[str, pa.BooleanArray] = field(default_factory=dict)
+    #: column mapping: the schema as the Parquet files name it (nested fields too), or None
+    physical: pa.Schema | None = None
+
+
+#: reader features whose tables lakesync reads correctly (deletion vectors and column mapping
+#: are applied here; the rest concern the log, which deltalake reads, or need nothing)
+READABLE = {"deletionVectors", "columnMapping", "timestampNtz", "v2Checkpoint",
+            "vacuumProtocolCheck", "typeWidening", "typeWidening-preview", "appendOnly",
+            "invariants", "checkConstraints", "generatedColumns", "changeDataFeed",
+            "identityColumns", "domainMetadata", "rowTracking", "inCommitTimestamp",
+            "variantType", "variantType-preview"}  # fmt: skip
 
 
 def is_delta_table(location: Location, path: str) -> bool:
@@ -56,31 +74,69 @@ def snapshot(location: Location, path: str, version: int | None = None) -> Delta
     options = location.storage_options if location.is_s3 else None
     try:
         table = DeltaTable(uri, version=version, storage_options=options)
-        # The gate for reader features lakesync cannot honour by reading the Parquet
-        # files as they are (deletion vectors, column mapping...): deltalake refuses them.
-        table.to_pyarrow_dataset(filesystem=pafs.SubTreeFileSystem(path, location.fs))
+        features = set(table.protocol().reader_features or [])
+        unknown = sorted(features - READABLE)
+        if unknown:
+            raise SourceError(
+                f"The Delta table {uri} needs the reader feature(s) {', '.join(unknown)}, "
+                "which lakesync cannot read. Rewrite the table without them.",
+                file=uri,
+            )
         mapping = table.metadata().configuration.get("delta.columnMapping.mode", "none")
         schema = pa.schema(table.schema().to_arrow())
         actions = pa.table(table.get_add_actions(flatten=True))
+        vectors = pa.table(table.deletion_vectors().read_all())
         current = int(table.version())
     except SourceError:
         raise
     except Exception as e:  # deltalake raises its own DeltaError family, OSError, ValueError
         raise _delta_error(e, location, uri, version) from e
-    if mapping != "none":  # Parquet columns are named col-<uuid>; deltalake lets it through
-        raise SourceError(
-            f"The Delta table {uri} uses column mapping (delta.columnMapping.mode = "
-            f"{mapping}), which lakesync cannot read. Rewrite the table without it.",
-            file=uri,
-        )
     partitions = [n.removeprefix("partition.") for n in actions.column_names
                   if n.startswith("partition.")]  # fmt: skip
     files = []
     for row in actions.select(["path", *(f"partition.{p}" for p in partitions)]).to_pylist():
         files.append((_file_path(location, path, row["path"]), _expression(schema, row)))
     files.sort(key=lambda f: f[0])
-    logger.info("Delta table %s version %d: %d active file(s)", uri, current, len(files))
-    return DeltaSnapshot(current, schema, files)
+    selections = vectors.column("selection_vector").combine_chunks()  # kept as Arrow bits
+    live = {
+        _file_path(location, path, logged): selections[i].values
+        for i, logged in enumerate(vectors.column("filepath").to_pylist())
+    }
+    renames = {} if mapping == "none" else _physical_names(schema, set(partitions))
+    physical = None
+    if mapping != "none":  # partition columns keep their names: they are not in the files
+        physical = pa.schema([f if f.name in partitions else physical_field(f) for f in schema])
+    logger.info("Delta table %s version %d: %d active file(s), %d with deleted rows", uri,
+                current, len(files), len(live))  # fmt: skip
+    return DeltaSnapshot(current, schema, files, renames, live, physical)
+
+
+def physical_field(f: pa.Field) -> pa.Field:
+    """A field as column mapping names it in the Parquet files, its nested fields too."""
+    name = (f.metadata or {}).get(b"delta.columnMapping.physicalName")
+    return f.with_name(name.decode() if name else f.name).with_type(_physical_type(f.type))
+
+
+def _physical_type(kind: pa.DataType) -> pa.DataType:
+    if pa.types.is_struct(kind):
+        return pa.struct([physical_field(child) for child in kind])
+    if pa.types.is_list(kind):
+        return pa.list_(kind.value_field.with_type(_physical_type(kind.value_type)))
+    if pa.types.is_large_list(kind):
+        return pa.large_list(kind.value_field.with_type(_physical_type(kind.value_type)))
+    if pa.types.is_map(kind):
+        return pa.map_(kind.key_field, kind.item_field.with_type(_physical_type(kind.item_type)))
+    return kind
+
+
+def _physical_names(schema: pa.Schema, partitions: set[str]) -> dict[str, str]:
+    """Column mapping: physical -> logical name of each top-level data column renamed."""
+    out = {}
+    for f in schema:
+        physical = (f.metadata or {}).get(b"delta.columnMapping.physicalName")
+        if physical and f.name not in partitions and physical.decode() != f.name:
+            out[physical.decode()] = f.name
+    return out
 
 
 def _file_path(location: Location, root: str, logged: str) -> str:

@@ -6,10 +6,10 @@ byte for byte what ``bson.encode`` gives for the documents ``Validated.documents
 (tests/test_encode.py compares them on generated tables), so the content hashes stored in
 ``_lakesync.h`` are the same whichever way a batch was encoded.
 
-It handles the column types records have: strings, integers, floats (NaN is null),
-booleans, timestamps (as int64 milliseconds, see ``schema._prepare``), lists of strings and
-all-null columns. For any other type it returns None and the caller encodes the documents
-one by one.
+It handles the column types records have most: strings, integers, floats (NaN and
+infinities kept), booleans, timestamps (as int64 milliseconds, see ``schema._prepare``),
+lists of strings and all-null columns (``writes`` tells). For any other type it returns None
+and the caller encodes the documents one by one (see ``typemap.py``).
 """
 
 from __future__ import annotations
@@ -61,6 +61,23 @@ def encode_rows(fields: list[tuple[str, pa.Array]], n: int) -> tuple[bytes, Ints
     return buf.tobytes(), np.concatenate([[0], ends]).astype(np.int64)
 
 
+def writes(kind: pa.DataType) -> bool:
+    """Whether ``encode_rows`` writes a (prepared) column of this type itself."""
+    if pa.types.is_dictionary(kind):
+        return writes(kind.value_type)
+    if pa.types.is_list(kind) or pa.types.is_large_list(kind):
+        return bool(
+            pa.types.is_string(kind.value_type) or pa.types.is_large_string(kind.value_type)
+        )
+    return bool(
+        pa.types.is_null(kind) or pa.types.is_boolean(kind)
+        or (pa.types.is_floating(kind) and not pa.types.is_float16(kind))
+        or (pa.types.is_timestamp(kind) and kind.unit == "ms")
+        or (pa.types.is_integer(kind) and kind != pa.uint64())
+        or pa.types.is_string(kind) or pa.types.is_large_string(kind)
+    )  # fmt: skip
+
+
 def _element(name: str, array: pa.Array) -> Element | None:
     kind = array.type
     if pa.types.is_dictionary(kind):
@@ -71,7 +88,6 @@ def _element(name: str, array: pa.Array) -> Element | None:
         return _fixed(cname, valid, _NULL, np.zeros((len(array), 0), np.uint8))
     if pa.types.is_floating(kind) and not pa.types.is_float16(kind):
         values = pc.fill_null(array, 0.0).cast(pa.float64()).to_numpy(zero_copy_only=False)
-        valid &= ~np.isnan(values)  # NaN means missing: stored as null
         return _fixed(cname, valid, _DOUBLE, values.astype("<f8").view(np.uint8).reshape(-1, 8))
     if pa.types.is_boolean(kind):
         values = pc.fill_null(array, False).to_numpy(zero_copy_only=False)

@@ -7,13 +7,14 @@ import logging
 import os
 from typing import Any
 
+from lakesync import mirror
 from lakesync.config import Settings
 from lakesync.errors import JobError, JobNotFound, SourceError
 from lakesync.executors import Executor
 from lakesync.models import JobStatus
 from lakesync.operations import OperationRegistry, parse_options
-from lakesync.storage import mask_secrets, within_roots
-from lakesync.store import JobStore
+from lakesync.storage import canonical_uri, mask_secrets, within_roots
+from lakesync.store import JobStore, flight_key
 
 logger = logging.getLogger(__name__)
 
@@ -70,21 +71,30 @@ class JobService:
                     "of them, or list more roots in LAKESYNC_ALLOWED_ROOTS (a JSON list).",
                     allowedRoots=[mask_secrets(r) for r in roots],
                 )
+        source = canonical_uri(source)  # one spelling: one flight, one watermark per lake
+        mirror.check_source(op, options, source, self.settings)
         check_source_exists(source, roots)
         body = {"operation": operation, "options": options.model_dump(exclude_none=True)}
-        if idempotency_key:
-            known = self.store.lookup_idempotency(idempotency_key, body)
-            if known is not None:
-                return self.store.get(known), False
+        if idempotency_key and (known := self.store.claim_idempotency(idempotency_key, body)):
+            return self.store.get(known), False  # the request that took the key made the job
         if client_job_id and (named := self._named(client_job_id)) is not None:
+            if idempotency_key:
+                self.store.bind_idempotency(idempotency_key, named.jobId)
             return named, False
         stored = {**options.model_dump(exclude_none=True, exclude_defaults=True), "source": source}
         fields = {"trigger": trigger, "scheduledFor": scheduled_for, "clientJobId": client_job_id}
-        status, created = self.store.create(operation, stored, f"{operation}|{source}", fields)
-        if client_job_id and status.clientJobId != client_job_id:  # joined a running job
-            status = self.store.add_client_id(status, client_job_id)
+        try:
+            status, created = self.store.create(
+                operation, stored, flight_key(operation, source), fields
+            )
+            if client_job_id and status.clientJobId != client_job_id:  # joined a running job
+                status = self.store.add_client_id(status, client_job_id)
+        except BaseException:
+            if idempotency_key:  # let a retry of this request try again
+                self.store.drop_idempotency(idempotency_key)
+            raise
         if idempotency_key:
-            self.store.remember_idempotency(idempotency_key, body, status.jobId)
+            self.store.bind_idempotency(idempotency_key, status.jobId)
         if created:
             logger.info("job %s: created (%s, source %s)", status.jobId, operation, source,
                         extra={"jobId": status.jobId, "operation": operation})  # fmt: skip

@@ -31,6 +31,7 @@ import pyarrow.fs as pafs
 from lakesync.config import Settings, get_settings
 from lakesync.delta import LOG_DIR, is_delta_table, snapshot
 from lakesync.errors import SourceError
+from lakesync.jsonarray import is_json_array, ndjson_copy
 from lakesync.storage import (
     Location,
     dot_segment_after_glob,
@@ -60,6 +61,9 @@ _STREAMING = {
 #: kept for S3, where fewer larger requests matter) caches every range read until the file
 #: is done, so memory grew with file size: a million-record lake peaked 30% higher.
 _LOCAL_PARQUET = ds.ParquetFragmentScanOptions(pre_buffer=False)
+#: int96 timestamps are nanoseconds to pyarrow unless told otherwise, which wraps dates after
+#: 2262 (Spark's 9999-12-31 became 1816); microseconds cover every year
+_INT96 = ds.ParquetReadOptions(coerce_int96_timestamp_unit="us")
 #: Lake batches a reader thread prepares while the consumer writes the current one.
 _PREFETCH = 1
 _INSPECT_THREADS = 16  # footers / headers read in parallel at open (matters on S3)
@@ -226,11 +230,20 @@ class Lake:
         since_version: int | None = None,
         schema: pa.Schema | None = None,
         first_index: int = 0,
+        renames: dict[str, str] | None = None,
+        live: list[pa.BooleanArray | None] | None = None,
+        views: dict[str, pa.DataType] | None = None,
     ) -> None:
         self.uri, self.format, self.files, self.version = uri, fmt, files, version
         #: the index of ``files[0]`` in the whole lake (non-zero for a partition's files)
         self.first_index = first_index
         self.since_version = since_version
+        #: Delta: physical -> logical column names, and each file's live rows (None: all)
+        self._renames = renames or {}
+        self._live = live or [None] * len(files)
+        #: columns whose nested fields column mapping renamed: their logical types
+        self._views = views or {}
+        self._mapped = bool(self._renames or self._views)
         self._fragments, self._schemas, self._endpoint = fragments, schemas, endpoint
         self._root = root.rstrip("/")
         self._parquet = fmt in ("parquet", "delta")
@@ -355,12 +368,17 @@ class Lake:
         inspected = _inspect(loc, "delta", [(p, expr, []) for p, expr in chosen])
         fragments = [f for f, _ in inspected]
         files = [loc.show(p) for p, _ in chosen]
-        schemas = [snap.schema] * len(files)  # the table's schema, not each file's
+        scanned = snap.physical or snap.schema
+        schemas = [scanned] * len(files)  # the table's schema (physical names), not each file's
+        views = {f.name: f.type for f, p in zip(snap.schema, scanned, strict=True)
+                 if p.type != f.type}  # fmt: skip
+        live = [snap.live.get(p) for p, _ in chosen]
         added = "" if since is None else f" added since version {since}"
         logger.info("Opened Delta table %s version %d: %d file(s)%s", uri, snap.version,
                     len(files), added)  # fmt: skip
         return cls(uri, "delta", files, fragments, schemas, loc.endpoint, root=loc.show(base),
-                   version=snap.version, schema=snap.schema, since_version=since)  # fmt: skip
+                   version=snap.version, schema=snap.schema, since_version=since,
+                   renames=snap.renames, live=live, views=views)  # fmt: skip
 
     def file_name(self, index: int) -> str:
         """The stable name of file ``index``: its path relative to the lake's root folder.
@@ -388,7 +406,9 @@ class Lake:
             self.uri, self.format, [self.files[i] for i in picked],
             [self._fragments[i] for i in picked], [self._schemas[i] for i in picked],
             self._endpoint, root=self._root, version=self.version,
-            since_version=self.since_version, schema=self.schema, first_index=first_index,
+            since_version=self.since_version, schema=self.schema, renames=self._renames,
+            live=[self._live[i] for i in picked], views=self._views,
+            first_index=first_index,
         )  # fmt: skip
         if self._row_counts is not None:
             part._row_counts = [self._row_counts[i] for i in picked]
@@ -443,8 +463,11 @@ class Lake:
     def file_row_counts(self) -> list[int]:
         """Rows per file, unfiltered (Parquet: from the footers, no data read)."""
         if self._row_counts is None:
-            if self._parquet:
-                self._row_counts = [int(f.metadata.num_rows) for f in self._fragments]
+            if self._parquet:  # less the rows a deletion vector removed
+                self._row_counts = [
+                    int(f.metadata.num_rows) - (0 if keep is None else len(keep) - keep.true_count)
+                    for f, keep in zip(self._fragments, self._live, strict=True)
+                ]
             else:
                 self._row_counts = [
                     int(self._guard(i, f.count_rows)) for i, f in enumerate(self._fragments)
@@ -456,6 +479,12 @@ class Lake:
         if filter is None:
             return sum(self.file_row_counts())
         total = 0
+        if self._mapped or any(keep is not None for keep in self._live):  # filtered as read
+            for i in range(len(self.files)):
+                total += sum(
+                    b.table.num_rows for b in self._file_batches(i, 1 << 16, 0, filter, None)
+                )
+            return total
         for i, (fragment, schema) in enumerate(zip(self._fragments, self._schemas, strict=True)):
             scanner = self._guard(
                 i, ds.Scanner.from_fragment, fragment, schema=schema, filter=filter
@@ -540,9 +569,14 @@ class Lake:
     ) -> Iterator[LakeBatch]:
         fragment, schema, offset = self._fragments[index], self._schemas[index], skip
         ordinal = self.first_index + index
+        keep, after = self._live[index], None
+        if keep is not None or self._mapped:  # Delta: rows deleted, columns renamed as read
+            after, filter = filter, None
+            physical = {logical: name for name, logical in self._renames.items()}
+            columns = None if columns is None else [physical.get(c, c) for c in columns]
         if columns is not None:  # a column some other file has is simply absent here
             columns = [c for c in columns if c in schema.names]
-        if skip and filter is None and self._parquet:
+        if skip and filter is None and after is None and keep is None and self._parquet:
             groups, first = fragment.row_groups, 0
             while first < len(groups) and groups[first].num_rows <= skip:
                 skip -= groups[first].num_rows
@@ -560,7 +594,10 @@ class Lake:
             source = iter(self._guard(index, fragment.to_batches, **scan, **_STREAMING))
         pending: list[pa.RecordBatch] = []
         pending_rows = 0
+        read = 0  # rows of the file read so far (before deletions and the filter)
         while (batch := self._guard(index, next, source, None)) is not None:
+            if keep is not None or self._mapped:
+                read, batch = read + batch.num_rows, self._logical(batch, keep, read, after)
             if skip:
                 if batch.num_rows <= skip:
                     skip -= batch.num_rows
@@ -581,6 +618,31 @@ class Lake:
             )
         if skip:
             logger.warning("Start row %d is past the end of %s", offset, self.files[index])
+
+    def _logical(
+        self,
+        batch: pa.RecordBatch,
+        keep: pa.BooleanArray | None,
+        start: int,
+        where: pc.Expression | None,
+    ) -> pa.RecordBatch:
+        """A Delta batch (rows ``start``... of its file) with logical names, deleted rows and
+        rows outside ``where`` removed."""
+        batch = batch.rename_columns([self._renames.get(n, n) for n in batch.schema.names])
+        if self._views:  # nested fields renamed too: the same data under the logical names
+            names = batch.schema.names
+            batch = pa.RecordBatch.from_arrays(
+                [c.view(self._views[n]) if n in self._views else c
+                 for n, c in zip(names, batch.columns, strict=True)], names=names,
+            )  # fmt: skip
+        if keep is not None and start < len(keep):
+            mask = keep.slice(start, batch.num_rows)
+            if len(mask) < batch.num_rows:  # rows past the vector's end are live
+                mask = pa.concat_arrays([mask, pa.array([True] * (batch.num_rows - len(mask)))])
+            batch = batch.filter(mask)
+        if where is not None:
+            batch = batch.filter(where)
+        return batch
 
     def _guard(self, index: int, call: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
         try:
@@ -711,12 +773,18 @@ def _picked(found: list[str], root: str, names: list[str], uri: str) -> list[str
 
 def _inspect(loc: Location, fmt: str, files: list[_Item]) -> list[tuple[Any, pa.Schema]]:
     """A fragment per file and its schema (plus hive keys), read in parallel (S3 latency)."""
-    file_format = _FORMATS["parquet" if fmt == "delta" else fmt]()
+    if fmt in ("parquet", "delta"):  # int96 (Spark, Impala): microseconds reach year 9999
+        file_format = ds.ParquetFileFormat(read_options=_INT96)
+    else:
+        file_format = _FORMATS[fmt]()
 
     def inspect(item: _Item) -> tuple[Any, pa.Schema]:
         path, expr, keys = item
         try:
-            fragment = file_format.make_fragment(path, filesystem=loc.fs, partition_expression=expr)
+            fs, real = loc.fs, path
+            if fmt == "json" and is_json_array(fs, path):  # [{...}, ...]: read as NDJSON
+                fs, real = pafs.LocalFileSystem(), ndjson_copy(fs, path, loc.show(path))
+            fragment = file_format.make_fragment(real, filesystem=fs, partition_expression=expr)
             schema = fragment.physical_schema  # Parquet: reads and caches the footer
         except (pa.ArrowException, OSError) as e:
             raise read_error(e, loc.show(path), fmt, loc.endpoint) from e

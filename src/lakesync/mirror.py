@@ -9,6 +9,10 @@ of a page that are not in the seen set are counted and committed in the checkpoi
 without counting them twice. Memory stays bounded by one batch or one page, on every
 MongoDB-wire server (no ``$lookup``, no marker written on unchanged documents).
 
+A mirror deletes every document its source does not hold, so its source must be the
+operation's whole lake: `check_source` refuses any other (a part of the lake would delete
+the rest), before the job is created and again before a run reads anything.
+
 Only documents whose ``_id`` has the key's type (string or integer) are compared; others
 were not written by this operation and are left alone. The runner refuses to delete when
 the job rejected a record (its document may still be current) and when the lake read no
@@ -26,10 +30,13 @@ from pymongo.collection import Collection
 from pymongo.database import Database
 from pymongo.errors import BulkWriteError, DuplicateKeyError, PyMongoError
 
-from lakesync.errors import JobError
+from lakesync.config import Settings
+from lakesync.errors import JobError, RequestError
 from lakesync.lake import Lake
 from lakesync.models import JobState, JobStatus
+from lakesync.operations import JobOptions, Operation
 from lakesync.schema import RecordSchema
+from lakesync.storage import canonical_uri, mask_secrets
 
 logger = logging.getLogger(__name__)
 
@@ -45,8 +52,31 @@ _SENTINEL: dict[type, Any] = {str: -1, int: "lakesync:mirror"}
 Key = str | int | float
 
 
+def check_source(op: Operation, options: JobOptions, source: str, settings: Settings) -> None:
+    """RequestError unless a mirror job's source is its operation's whole lake."""
+    if (options.mode or op.mode) != "mirror":
+        return
+    whole = op.source_uri(settings)
+    if canonical_uri(source) == canonical_uri(whole):
+        return
+    raise RequestError(
+        f"A mirror deletes every document its source does not hold, so its source must be "
+        f"the whole lake of operation {op.name!r} ({mask_secrets(whole)}), not "
+        f"{mask_secrets(source)}: the documents of the rest of the lake would be deleted. "
+        'Mirror without a "source" option, or copy part of a lake with mode full or '
+        "incremental.",
+        lake=mask_secrets(whole),
+    )
+
+
 def key_type(schema: RecordSchema, lake: Lake) -> type:
     """str or int: the type of the operation's keys; JobError if mirror cannot handle it."""
+    if not isinstance(schema.key, str):
+        raise JobError(
+            f"Mirror mode needs a single string or integer key; this operation's key is "
+            f"composite ({', '.join(schema.key)}). Use mode full.",
+            key=schema.key,
+        )
     rule = next((r for r in schema.fields if r.name == schema.key), None)
     declared = rule.type if rule is not None else "any"
     if declared == "any" and lake.has_column(schema.key):

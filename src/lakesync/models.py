@@ -59,7 +59,7 @@ class Checkpoint(BaseModel):
     batches: int = 0
     file: str | None = None  # Lake.file_name(fileIndex): resume checks it still matches
     # watermarks pinned at the job's start (see watermarks.py): an incremental job reads
-    # since < column <= until, so a resumed run reads the same rows (positions count
+    # since <= column <= until, so a resumed run reads the same rows (positions count
     # filtered rows); until becomes the operation's watermark when the job completes
     since: Watermark | None = None
     until: Watermark | None = None

@@ -59,6 +59,18 @@ def describe_hosts(uri: str) -> str:
         return mask_uri(uri)
 
 
+def with_database(uri: str, database: str) -> str:
+    """`uri` with `database` as its default database (the path), for mongosh and drivers."""
+    scheme, sep, rest = uri.partition("://")
+    if not sep:
+        return uri
+    hosts, _, tail = rest.partition("/")
+    path, question, query = tail.partition("?")
+    if path:  # the URI names a database already (maybe the auth database): keep it
+        return uri
+    return f"{scheme}://{hosts}/{database}" + (f"?{query}" if question else "")
+
+
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -146,6 +158,16 @@ class EmbeddedServer:
             return False
         logger.info("using the embedded server already running on port %d", self.port)
         return True
+
+    def running_uri(self) -> str | None:
+        """The URI of a live server of this data dir (started by another process), else None."""
+        try:
+            state = json.loads(self._state_file.read_text())
+            self.port = int(state["port"])
+            alive = _pid_alive(int(state["pid"]))
+        except (OSError, ValueError, KeyError, TypeError):
+            return None
+        return self.uri if alive and self._ping(1.0) else None
 
     def _ping(self, seconds: float) -> bool:
         client: MongoClient[dict[str, Any]] = MongoClient(

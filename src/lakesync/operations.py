@@ -18,6 +18,7 @@ Any mistake stops start-up with a ConfigError naming the file, the operation and
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import re
@@ -26,14 +27,14 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, StrictInt, StrictStr, ValidationError
 
 from lakesync.config import Settings
-from lakesync.errors import ConfigError, RequestError
+from lakesync.errors import ConfigError, LakesyncError, RequestError
 from lakesync.lake import Lake
 from lakesync.schedules import Unattended, check_unattended
 from lakesync.schema import TASK_DETAIL, FieldRule, FieldType, RecordSchema
-from lakesync.storage import mask_secrets
+from lakesync.storage import canonical_uri, mask_secrets
 
 if TYPE_CHECKING:
     from lakesync.store import JobStore
@@ -56,6 +57,8 @@ class Operation(Unattended):
     batchSize: int | None = Field(None, ge=1, le=100_000)
     mode: Mode = "full"
     watermark: str | None = "updatedAt"
+    #: incremental copies start this far below the watermark: a duration or a number
+    lookback: str | int | None = None
 
     model_config = ConfigDict(populate_by_name=True)
 
@@ -71,6 +74,12 @@ class Operation(Unattended):
                 f"Operation {self.name!r} has no watermark column, so it cannot copy "
                 "incrementally. Use mode full or mirror, or declare its `watermark` in "
                 "lakesync.toml.",
+                operation=self.name,
+            )
+        if mode == "mirror" and not isinstance(self.schema_.key, str):
+            raise RequestError(
+                f"Operation {self.name!r} has a composite key, and mirror mode needs a single "
+                "string or integer key. Use mode full.",
                 operation=self.name,
             )
         if options.sinceDeltaVersion is not None:
@@ -182,7 +191,12 @@ class OperationRegistry:
             last = store.list_jobs(operation=op.name, limit=1)
             source = op.source_uri(settings)
             states = watermarks.for_operation(op.name)
-            state = next((s for s in states if s.source == source), states[0] if states else None)
+            spellings = {source}  # jobs store sources canonical (storage.canonical_uri)
+            with contextlib.suppress(LakesyncError):
+                spellings.add(canonical_uri(source))
+            state = next(
+                (s for s in states if s.source in spellings), states[0] if states else None
+            )
             shown = None
             if state is not None:
                 w = state.watermark
@@ -207,7 +221,7 @@ class OperationInfo(BaseModel):
     source: str
     format: str | None
     collection: str
-    key: str
+    key: str | list[str]
     batchSize: int | None
     mode: Mode
     watermarkColumn: str | None
@@ -260,10 +274,11 @@ class OperationConfig(Unattended):
     source: str | None = Field(None, min_length=1)
     format: Literal["parquet", "pq", "csv", "json", "jsonl", "ndjson", "delta"] | None = None
     collection: str
-    key: str = Field(min_length=1)
+    key: str | list[str] = Field(min_length=1)  # a list: a composite _id, in this order
     batchSize: int | None = Field(None, ge=1, le=100_000)
     mode: Mode = "full"
     watermark: str | None = Field(None, min_length=1)
+    lookback: StrictStr | StrictInt | None = None
     schema_: SchemaConfig | None = Field(None, alias="schema")
 
 
@@ -310,8 +325,14 @@ def _operation(path: Path, name: str, table: Any) -> Operation:
     if cfg.mode == "incremental" and cfg.watermark is None:
         raise fail("watermark is required when mode is incremental (e.g. watermark = "
                    '"updatedAt").')  # fmt: skip
+    keys = [cfg.key] if isinstance(cfg.key, str) else cfg.key
+    if not all(keys) or len(set(keys)) != len(keys):
+        raise fail(f"key {cfg.key!r}: name one column, or a list of distinct columns.")
+    if cfg.mode == "mirror" and len(keys) > 1:
+        raise fail("mode mirror needs a single key column; a composite key copies in mode full.")
     check_unattended(cfg, fail)  # schedule, every, timezone, notify, on, allowEmpty
     fields = _fields(cfg, fail)
+    _check_lookback(cfg, fail)
     source = cfg.source
     if source is not None and "://" not in source:  # relative to the file, not the working dir
         source = os.path.abspath(path.parent / Path(source).expanduser())
@@ -321,14 +342,55 @@ def _operation(path: Path, name: str, table: Any) -> Operation:
     return Operation(
         name=name, description=cfg.description, source=source, format=cfg.format,
         collection=cfg.collection, schema_=schema, batchSize=cfg.batchSize, mode=cfg.mode,
-        watermark=cfg.watermark,
+        watermark=cfg.watermark, lookback=cfg.lookback,
         **cfg.model_dump(include=set(Unattended.model_fields)),
     )  # fmt: skip
+
+
+_DURATION = re.compile(r"(?:\d+(?:ms|s|m|h|d|w))+")
+_DURATION_PART = re.compile(r"(\d+)(ms|s|m|h|d|w)")
+_UNIT_MS = {"ms": 1, "s": 1000, "m": 60_000, "h": 3_600_000, "d": 86_400_000, "w": 604_800_000}
+
+
+def duration_ms(text: str) -> int | None:
+    """Milliseconds of a duration such as "90s", "2h", "1d" or "1h30m"; None if it is none."""
+    text = text.strip()
+    if not _DURATION.fullmatch(text):
+        return None
+    return sum(int(n) * _UNIT_MS[unit] for n, unit in _DURATION_PART.findall(text))
+
+
+def _check_lookback(cfg: OperationConfig, fail: Any) -> None:
+    """A lookback needs a watermark and fits its type: a duration, or a number of integers."""
+    lookback = cfg.lookback
+    if lookback is None:
+        return
+    if cfg.watermark is None:
+        raise fail('lookback needs a watermark column (e.g. watermark = "updatedAt").')
+    if isinstance(lookback, str) and duration_ms(lookback) is None:
+        raise fail(
+            f"lookback {lookback!r} is not a duration: write a number and a unit "
+            '(ms, s, m, h, d, w), e.g. "2h", "1d" or "1h30m".'
+        )
+    if isinstance(lookback, int) and lookback < 0:
+        raise fail(f"lookback {lookback} is negative; give how far below the watermark to read.")
+    declared = cfg.schema_.fields.get(cfg.watermark) if cfg.schema_ else None
+    if declared is not None and declared.type == "int" and isinstance(lookback, str):
+        raise fail(
+            f"lookback {lookback!r} is a duration, but watermark {cfg.watermark!r} is "
+            "an int field: give a number (e.g. lookback = 100)."
+        )
+    if declared is not None and declared.type == "timestamp" and isinstance(lookback, int):
+        raise fail(
+            f"lookback {lookback} is a number, but watermark {cfg.watermark!r} is a "
+            'timestamp field: give a duration (e.g. lookback = "2h").'
+        )
 
 
 def _fields(cfg: OperationConfig, fail: Any) -> list[FieldRule]:
     """The schema's field rules; the key is always required (it becomes `_id`)."""
     declared = cfg.schema_.fields if cfg.schema_ else {}
+    keys = [cfg.key] if isinstance(cfg.key, str) else cfg.key
     rules = []
     for name, f in declared.items():
         where = f"schema.fields.{name}"
@@ -339,13 +401,14 @@ def _fields(cfg: OperationConfig, fail: Any) -> list[FieldRule]:
         if name == cfg.watermark and f.type not in _WATERMARK_TYPES:
             raise fail(f"watermark {name!r} is a {f.type} field; a watermark must be a "
                        "timestamp or int field.")  # fmt: skip
-        is_key = name == cfg.key
+        is_key = name in keys
         required = f.required or is_key
         nullable = (not required if f.nullable is None else f.nullable) and not is_key
         rules.append(FieldRule(name=name, type=f.type, required=required, nullable=nullable,
                                min=f.min, allowed=f.allowed, nonEmpty=f.nonEmpty))  # fmt: skip
-    if rules and cfg.key not in declared:  # the key must be validated like the engine uses it
-        rules.insert(0, FieldRule(name=cfg.key, required=True, nullable=False))
+    for key in reversed(keys):  # the key must be validated like the engine uses it
+        if rules and key not in declared:
+            rules.insert(0, FieldRule(name=key, required=True, nullable=False))
     return rules
 
 

@@ -245,6 +245,19 @@ class PartitionedJobs:
             self._end_job(job, JobState.COMPLETED, policy, owner)
         return job
 
+    def hand_back(self, job_id: str) -> None:
+        """After this process stopped its partitions of the job: if none runs anywhere, the
+        job goes back to pending, and the next start dispatches them again at once."""
+        if self.parts.count_documents({"jobId": job_id, "status": JobState.IN_PROGRESS.value}):
+            return  # another process runs some: the job stays with them
+        done = self.parts.count_documents({"jobId": job_id, "status": JobState.COMPLETED.value})
+        total = self.parts.count_documents({"jobId": job_id})
+        if self.store.hand_back_unowned(
+            job_id, f"Paused with {done} of {total} partitions done (lakesync stopped); "
+            "resumes from the partitions' checkpoints"
+        ):  # fmt: skip
+            logger.info("job %s: handed back; the next start resumes it", job_id)
+
     # -- one partition ---------------------------------------------------------------------
 
     def run(
@@ -432,12 +445,12 @@ class PartitionedJobs:
             text = f"Cancelled after {job.processedRecords:,} of {job.totalRecords:,} records; " \
                    + text[0].lower() + text[1:]  # fmt: skip
         try:
-            policy.call(partial(self.store.finish, job_id, None, state, text, ender=owner),
-                        "ending the job")  # fmt: skip
+            ended = policy.call(partial(self.store.finish, job_id, None, state, text, ender=owner),
+                                "ending the job")  # fmt: skip
         except LeaseLost:  # another partition ended it first
             return
         reached = job.checkpoint.until if job.checkpoint else None
-        if state is JobState.COMPLETED and reached is not None:
+        if ended.state is JobState.COMPLETED and reached is not None:  # not if cancel came
             marks = WatermarkStore(self.store.db)
             try:
                 policy.call(lambda: marks.save(

@@ -41,6 +41,7 @@ from pymongo.database import Database
 from lakesync.lake import Lake
 from lakesync.models import utcnow
 from lakesync.schema import RecordSchema, validate
+from lakesync.typemap import MONGODB, ServerLimits, server_limits
 
 logger = logging.getLogger(__name__)
 
@@ -56,39 +57,40 @@ def key_digest(key: Any) -> bytes:
 
 
 def find_superseded(
-    lake: Lake, schema: RecordSchema, filter: pc.Expression | None = None
+    lake: Lake,
+    schema: RecordSchema,
+    filter: pc.Expression | None = None,
+    filter_columns: Sequence[str] = (),
+    limits: ServerLimits = MONGODB,
 ) -> dict[str, np.ndarray]:
     """For each file (as ``LakeBatch.file`` names it): the sorted rows whose record a later
     valid record of the same key replaces. Rows count as ``Lake.batches`` counts them (after
-    ``filter``). Invalid records replace nothing: they are rejected where they stand."""
-    digests: list[pa.Array] = []
-    positions: list[np.ndarray] = []
-    files: dict[str, int] = {}
-    for batch in lake.batches(_PLAN_BATCH, filter=filter):
-        checked = validate(schema, batch.table)
-        if not checked.rows:
-            continue
-        rows = np.asarray(checked.rows, dtype=np.int64)
-        where = np.empty_like(rows)
-        for seg in batch.segments:  # lake position: file number << 32 | row in the file
-            inside = (rows >= seg.offset) & (rows < seg.offset + seg.rows)
-            number = files.setdefault(seg.file, len(files))
-            where[inside] = (number << 32) + seg.start_row - seg.offset + rows[inside]
-        digests.append(pa.array([key_digest(k) for k in checked.keys], pa.binary(16)))
-        positions.append(where)
-    if not digests:
-        return {}
-    table = pa.table({"d": pa.chunked_array(digests), "p": np.concatenate(positions)})
-    groups = table.group_by("d").aggregate([("p", "max"), ("p", "count")])
-    repeated = groups.filter(pc.greater(groups["p_count"], 1))
-    if repeated.num_rows == 0:
-        return {}
-    mask = pc.and_(
-        pc.is_in(table["d"], value_set=repeated["d"].combine_chunks()),
-        pc.invert(pc.is_in(table["p"], value_set=repeated["p_max"].combine_chunks())),
+    ``filter``, whose columns ``filter_columns`` names). Invalid records replace nothing:
+    they are rejected where they stand.
+
+    Two passes, the second one only when needed: the key columns alone, to find keys that
+    repeat at all (most lakes: none, and nothing else is read); then the whole records of
+    just the files that hold a repeated key, validated as the copy validates them (``limits``
+    are the server's), so that the last *valid* record wins.
+    """
+    keys_only = RecordSchema(
+        key=schema.key, fields=[r for r in schema.fields if r.name in schema.key_columns]
     )
-    losers = np.sort(table["p"].filter(mask).to_numpy())
-    file_of, row_of = losers >> 32, losers & 0xFFFFFFFF
+    wanted = [*schema.key_columns, *filter_columns]
+    columns = [c for c in dict.fromkeys(wanted) if lake.has_column(c)]
+    digests, positions, files = _key_positions(lake, keys_only, filter, columns, limits)
+    repeated = _repeated(digests, positions)
+    if repeated is None:
+        return {}
+    names = list(files)
+    index = {f: i for i, f in enumerate(lake.files)}
+    holding = sorted(index[names[int(f)]] for f in np.unique(repeated >> 32))
+    part = lake.only([lake.file_name(i) for i in holding])
+    digests, positions, files = _key_positions(part, schema, filter, None, limits)
+    again = _repeated(digests, positions, losers=True)
+    if again is None:
+        return {}
+    file_of, row_of = again >> 32, again & 0xFFFFFFFF
     names = list(files)
     out: dict[str, np.ndarray] = {}
     bounds = np.flatnonzero(np.diff(file_of)) + 1
@@ -97,6 +99,52 @@ def find_superseded(
     ):
         out[names[int(chunk_files[0])]] = chunk_rows.astype(np.int64)
     return out
+
+
+def _key_positions(
+    lake: Lake,
+    schema: RecordSchema,
+    filter: pc.Expression | None,
+    columns: list[str] | None,
+    limits: ServerLimits,
+) -> tuple[list[pa.Array], list[np.ndarray], dict[str, int]]:
+    """The key digest and lake position (file number << 32 | row) of each valid record, and
+    the files' numbers."""
+    digests: list[pa.Array] = []
+    positions: list[np.ndarray] = []
+    files: dict[str, int] = {}
+    for batch in lake.batches(_PLAN_BATCH, filter=filter, columns=columns):
+        checked = validate(schema, batch.table, limits)
+        if not checked.rows:
+            continue
+        rows = np.asarray(checked.rows, dtype=np.int64)
+        where = np.empty_like(rows)
+        for seg in batch.segments:
+            inside = (rows >= seg.offset) & (rows < seg.offset + seg.rows)
+            number = files.setdefault(seg.file, len(files))
+            where[inside] = (number << 32) + seg.start_row - seg.offset + rows[inside]
+        digests.append(pa.array([key_digest(k) for k in checked.keys], pa.binary(16)))
+        positions.append(where)
+    return digests, positions, files
+
+
+def _repeated(
+    digests: list[pa.Array], positions: list[np.ndarray], losers: bool = False
+) -> np.ndarray | None:
+    """The sorted positions of the records whose key repeats (with ``losers``: of those but
+    the last of each key); None when no key repeats."""
+    if not digests:
+        return None
+    table = pa.table({"d": pa.chunked_array(digests), "p": np.concatenate(positions)})
+    groups = table.group_by("d").aggregate([("p", "max"), ("p", "count")])
+    repeated = groups.filter(pc.greater(groups["p_count"], 1))
+    if repeated.num_rows == 0:
+        return None
+    mask = pc.is_in(table["d"], value_set=repeated["d"].combine_chunks())
+    if losers:
+        last = pc.is_in(table["p"], value_set=repeated["p_max"].combine_chunks())
+        mask = pc.and_(mask, pc.invert(last))
+    return np.sort(table["p"].filter(mask).to_numpy())
 
 
 class Superseded:
@@ -174,9 +222,12 @@ def plan_job(
     lake: Lake,
     schema: RecordSchema,
     filter: pc.Expression | None = None,
+    filter_columns: Sequence[str] = (),
+    collection: str | None = None,
 ) -> int:
     """Find and store the records a job skips as duplicates; how many there are."""
-    superseded = find_superseded(lake, schema, filter)
+    limits = MONGODB if collection is None else server_limits(db[collection])
+    superseded = find_superseded(lake, schema, filter, filter_columns, limits)
     count = save(db, job_id, superseded)
     if count:
         logger.info(

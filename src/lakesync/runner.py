@@ -36,7 +36,15 @@ from lakesync.partitions import PartitionedJobs
 from lakesync.retry import RetryPolicy
 from lakesync.schema import check_columns
 from lakesync.store import JobStore
-from lakesync.watermarks import WatermarkStore, lake_filter, scan, shown, watermark_column
+from lakesync.watermarks import (
+    WatermarkStore,
+    lake_filter,
+    later,
+    reach_back,
+    scan,
+    shown,
+    watermark_column,
+)
 
 __all__ = ["JobRunner", "Outcome", "new_owner", "summary"]
 
@@ -195,8 +203,9 @@ class JobRunner:
         job = self.registry.resolve(status.operation, status.options, self.settings)
         op, options, source = job.op, job.options, job.source
         mode = options.mode or op.mode
+        mirror.check_source(op, options, source, self.settings)  # the lake setting may change
         lake = self._open_lake(job, mode, status.checkpoint is None, policy)
-        check_columns(op.schema_, lake.schema.names, lake.uri)
+        check_columns(op.schema_, lake.schema, lake.uri)
         column = watermark_column(op, lake, mode)
         key_kind = key_type(op.schema_, lake) if mode == "mirror" else None
         db = self.store.db
@@ -204,20 +213,24 @@ class JobRunner:
         batch_size = job.batch_size
         cp = status.checkpoint or Checkpoint()
         if status.checkpoint is None:
-            since = until = None
+            saved = since = until = None
             changed = 0
             if column is not None:
                 if mode == "incremental":
-                    since = policy.call(lambda: self.watermarks.get(op.name, source, column),
+                    saved = policy.call(lambda: self.watermarks.get(op.name, source, column),
                                         "reading the watermark")  # fmt: skip
+                    since = reach_back(saved, op.lookback)
                 changed, until = scan(lake, column, since)
-                until = until or since  # nothing newer: read nothing, keep the watermark
+                until = later(until, saved)  # a watermark never moves back
             cp = Checkpoint(since=since, until=until)
             total = changed if column is not None else lake.count_rows()  # scan counted them
             # which records a later record of the same key replaces: skipped by every run
             planned = lake_filter(lake, cp.since, cp.until if lake.version is None else None)
-            policy.call(lambda: repeats.plan_job(db, job_id, lake, op.schema_, planned),
-                        "planning repeated keys")  # fmt: skip
+            by = [cp.since.column] if cp.since is not None else []
+            policy.call(
+                lambda: repeats.plan_job(db, job_id, lake, op.schema_, planned, by, op.collection),
+                "planning repeated keys",
+            )
             if (
                 self.partitioned.plans
                 and mode == "full"
@@ -281,8 +294,8 @@ class JobRunner:
             message = summary(final)
         if cp.since is not None:
             message += f" (records changed since {shown(cp.since)})"
-        done = self._end(job_id, owner, JobState.COMPLETED, message)
-        if cp.until is not None:
+        done = self._end(job_id, owner, JobState.COMPLETED, message)  # or cancelled, see finish
+        if cp.until is not None and done.state is JobState.COMPLETED:
             self._save_watermark(op.name, source, cp.until, job_id, mode, lake.version)
         if on_progress:
             on_progress(done)

@@ -53,7 +53,7 @@ class Runtime:
         self.scheduler = Scheduler(settings, self.registry, self.store, self.jobs,
                                    owner=self.runner.owner)  # fmt: skip
         self.job_log = joblog.install(self.mongo.db)  # each job's own log lines (joblogs)
-        self._closed = False
+        self._closed = self._stopped = False
 
     def _executor(self, kind: str | None) -> Executor | None:
         if kind is None:
@@ -74,15 +74,31 @@ class Runtime:
             self.scheduler.start()
         return self
 
-    def close(self, timeout: float = 8.0) -> None:
-        """Hand running jobs back at a batch boundary, then disconnect (and stop the server)."""
-        if self._closed:
+    @property
+    def stopping(self) -> bool:
+        """True once the process shuts down: event streams then end."""
+        return self._stopped
+
+    def stop_jobs(self, timeout: float = 8.0) -> None:
+        """Hand running jobs back at a batch boundary, while MongoDB is still up, so the
+        next start (of this or another process) resumes them at once."""
+        if self._stopped:
             return
-        self._closed = True
+        self._stopped = True
+        if self.executor is not None:
+            logger.info("shutting down: handing running jobs back at a batch boundary")
         self.runner.stop.set()
         self.scheduler.stop()
         if self.executor is not None:
             self.executor.shutdown(timeout)
+            logger.info("running jobs handed back")
+
+    def close(self, timeout: float = 8.0) -> None:
+        """Hand running jobs back, then disconnect (and stop the embedded server)."""
+        if self._closed:
+            return
+        self._closed = True
+        self.stop_jobs(timeout)
         self.notifier.close(timeout)
         joblog.uninstall(self.job_log)
         self.mongo.close()

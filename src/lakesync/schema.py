@@ -19,11 +19,24 @@ from typing import Any, Literal
 import bson
 import pyarrow as pa
 import pyarrow.compute as pc
+from bson import SON
 from bson.datetime_ms import DatetimeMS
 from pydantic import BaseModel, Field
 
-from lakesync.encode import encode_rows
+from lakesync.encode import encode_rows, writes
 from lakesync.errors import SourceError
+from lakesync.typemap import (
+    INT64_MAX,
+    MONGODB,
+    CompositeKey,
+    ServerLimits,
+    bson_error,
+    decoded,
+    is_nested,
+    python_values,
+    stored_key,
+    value_type,
+)
 
 FieldType = Literal["string", "float", "int", "bool", "timestamp", "list[string]", "any"]
 
@@ -50,15 +63,24 @@ class FieldRule(BaseModel):
 
 
 class RecordSchema(BaseModel):
-    """The fields of a record, its key field, and whether unknown columns are kept."""
+    """The fields of a record, its key field(s), and whether unknown columns are kept.
 
-    key: str
+    A list of key columns makes ``_id`` a subdocument of them, in that order.
+    """
+
+    key: str | list[str]
     fields: list[FieldRule] = Field(default_factory=list)
     keepExtra: bool = False
 
+    @property
+    def key_columns(self) -> list[str]:
+        """The key's column(s), in the declared order."""
+        return [self.key] if isinstance(self.key, str) else list(self.key)
+
     def required_columns(self) -> list[str]:
         """Columns that must exist in the lake."""
-        return [f.name for f in self.fields if f.required] or [self.key]
+        required = [f.name for f in self.fields if f.required]
+        return required + [k for k in self.key_columns if k not in required]
 
 
 TASK_DETAIL = RecordSchema(
@@ -106,12 +128,40 @@ class Validated:
     rows: list[int]  # batch row index of each document
     rejections: list[Rejection]
     columns: dict[str, pa.Array] = field(default_factory=dict)
-    key: str = ""
+    key: str | list[str] = ""
+    #: columns encode.py does not write, as BSON-ready values of the valid rows
+    values: dict[str, list[Any]] = field(default_factory=dict)
+    bodies: list[bytes] | None = None  # the BSON of each document, once encoded
+
+    def column_values(self, name: str) -> list[Any]:
+        """The BSON-ready values of one column, for the valid rows."""
+        if name in self.values:
+            return self.values[name]
+        return _to_python(self.columns[name])
+
+    @cached_property
+    def ids(self) -> list[Any]:
+        """The ``_id`` of each document as it is written (composite keys as SON)."""
+        if not self.columns:
+            return []
+        if isinstance(self.key, str):
+            return self.column_values(self.key)
+        parts = [self.column_values(k) for k in self.key]
+        return [SON(zip(self.key, row, strict=True)) for row in zip(*parts, strict=True)]
 
     @cached_property
     def keys(self) -> list[Any]:
-        """The ``_id`` of each document."""
-        return _to_python(self.columns[self.key]) if self.columns else []
+        """The ``_id`` of each document as the server answers it (hashable, comparable)."""
+        if not self.columns:
+            return []
+        if isinstance(self.key, str):
+            kind = self.columns[self.key].type
+            if self.key not in self.values and (
+                pa.types.is_string(kind) or pa.types.is_integer(kind)
+            ):  # the common keys are answered as they are sent
+                return self.ids
+            return [stored_key(v) for v in self.ids]
+        return [CompositeKey((k, stored_key(v)) for k, v in doc.items()) for doc in self.ids]
 
     @cached_property
     def documents(self) -> list[dict[str, Any]]:
@@ -119,15 +169,20 @@ class Validated:
         if not self.columns:
             return []
         names = ("_id", *self.columns)
-        values = [_to_python(col) for col in self.columns.values()]
-        return [dict(zip(names, row, strict=True)) for row in zip(self.keys, *values, strict=True)]
+        values = [self.column_values(name) for name in self.columns]
+        return [dict(zip(names, row, strict=True)) for row in zip(self.ids, *values, strict=True)]
 
     def encoded(self) -> list[bytes]:
         """The BSON of each document: ``bson.encode(documents[i])``, byte for byte."""
+        if self.bodies is None:
+            self.bodies = self._encode()
+        return self.bodies
+
+    def _encode(self) -> list[bytes]:
         if not self.columns:
             return []
         out = None
-        if "_id" not in self.columns:
+        if "_id" not in self.columns and not self.values and isinstance(self.key, str):
             fields = [("_id", self.columns[self.key]), *self.columns.items()]
             out = encode_rows(fields, len(self.rows))
         if out is None:  # a column type encode.py does not write: one document at a time
@@ -137,15 +192,33 @@ class Validated:
         return [data[a:b] for a, b in itertools.pairwise(bounds)]
 
 
-def check_columns(schema: RecordSchema, columns: list[str], where: str) -> None:
-    """Fail the whole job up front when the lake lacks a required column."""
-    missing = [c for c in schema.required_columns() if c not in columns]
+def check_columns(schema: RecordSchema, columns: list[str] | pa.Schema, where: str) -> None:
+    """Fail the whole job up front when the lake lacks a required column or has an unusable
+    key column (a list, struct or map: it cannot be compared as an ``_id``)."""
+    names = list(columns.names) if isinstance(columns, pa.Schema) else list(columns)
+    missing = [c for c in schema.required_columns() if c not in names]
     if missing:
+        hint = (
+            "Point the source at TaskDetail records, or declare the operation's schema in "
+            "lakesync.toml."
+            if schema is TASK_DETAIL
+            else "Point the source at a lake that has them, or fix the operation's key and "
+            "schema in lakesync.toml."
+        )
         raise SourceError(
             f"The lake at {where} lacks required column(s) {', '.join(missing)} "
-            f"(it has: {', '.join(columns) or 'none'}). Point the source at TaskDetail "
-            "records, or declare the operation's schema in lakesync.toml."
+            f"(it has: {', '.join(names) or 'none'}). {hint}"
         )
+    if isinstance(columns, pa.Schema):
+        for name in schema.key_columns:
+            kind = columns.field(name).type
+            if is_nested(kind):
+                raise SourceError(
+                    f"The key column {name!r} of the lake at {where} is of type {kind}: a "
+                    "list, struct or map cannot be a key. Choose scalar key columns (several "
+                    'make a composite key: key = ["a", "b"]).',
+                    column=name,
+                )
 
 
 def _py_convert(value: Any, ftype: str) -> Any:
@@ -217,8 +290,9 @@ def _cast(column: pa.ChunkedArray | pa.Array, rule: FieldRule) -> tuple[pa.Array
         if rule.type == "list[string]" and pa.types.is_null(column.type):
             return pa.nulls(len(column), target), {}
         # timestamps: sub-millisecond digits are dropped (BSON dates hold milliseconds)
-        safe = not (pa.types.is_timestamp(column.type) and pa.types.is_timestamp(target))
-        return column.cast(target, safe=safe), {}
+        if pa.types.is_timestamp(column.type) and pa.types.is_timestamp(target):
+            return _prepare(column).cast(target), {}  # to milliseconds, as undeclared ones
+        return column.cast(target), {}
     except (pa.ArrowInvalid, pa.ArrowNotImplementedError, pa.ArrowTypeError):
         pass
     values, bad = [], {}
@@ -248,15 +322,69 @@ def _rule_masks(col: pa.Array, rule: FieldRule, is_key: bool) -> list[tuple[pa.A
     return masks
 
 
+_PER_MS = {"s": 1000, "ms": 1, "us": -1000, "ns": -1_000_000}
+
+
 def _prepare(col: pa.Array) -> pa.Array:
-    """A column as it is stored: timestamps and dates in UTC milliseconds, decimals as floats."""
-    if pa.types.is_timestamp(col.type):
-        return col.cast(pa.timestamp("ms", tz=col.type.tz))
-    if pa.types.is_date(col.type):
-        return col.cast(pa.timestamp("ms", tz="UTC"))
-    if pa.types.is_decimal(col.type):
-        return col.cast(pa.float64())
+    """A column as encode.py writes it: timestamps and dates as UTC milliseconds.
+
+    Timestamps are truncated to milliseconds (towards the past, as BSON dates are), never
+    refused for their sub-millisecond digits; a value in seconds whose milliseconds do not
+    fit in int64 becomes null here, and ``_storable`` rejects its row.
+    """
+    col = decoded(col)
+    if pa.types.is_timestamp(col.type) and col.type.unit != "ms":
+        per = _PER_MS[col.type.unit]
+        ints = col.cast(pa.int64())
+        if per > 0:
+            fits = pc.less_equal(pc.abs(ints), INT64_MAX // per)
+            ms = pc.multiply(pc.if_else(fits, ints, pa.scalar(None, pa.int64())), per)
+        else:  # floor division: pyarrow divides towards zero
+            q = pc.divide(ints, -per)
+            ms = pc.if_else(pc.greater(pc.multiply(q, -per), ints), pc.subtract(q, 1), q)
+        return ms.cast(pa.timestamp("ms", tz=col.type.tz))
+    if pa.types.is_date32(col.type):
+        return pc.multiply(col.cast(pa.int32()).cast(pa.int64()), 86_400_000).cast(
+            pa.timestamp("ms", tz="UTC")
+        )
+    if pa.types.is_date64(col.type):
+        return col.cast(pa.int64()).cast(pa.timestamp("ms", tz="UTC"))
     return col
+
+
+def _storable(
+    name: str, col: pa.Array, limits: ServerLimits
+) -> tuple[pa.Array | list[Any], dict[int, str]]:
+    """A column as it is stored (prepared Arrow, or BSON-ready values), and why rows cannot be."""
+    if not writes(value_type(col.type)) and not (
+        pa.types.is_timestamp(value_type(col.type)) or pa.types.is_date(value_type(col.type))
+    ):
+        values, bad = python_values(col, limits)
+        return values, {i: f"{name}: {why}" for i, why in bad.items()}
+    prepared = _prepare(col)
+    bad = {}
+    kind = prepared.type
+    if pa.types.is_timestamp(kind):
+        if prepared.null_count != col.null_count:  # seconds whose milliseconds overflow
+            lost = pc.and_(prepared.is_null(), col.is_valid())
+            for i in pc.indices_nonzero(lost).to_pylist():
+                bad[i] = f"{name}: {_show(col[i])} is beyond the range of a BSON date"
+        low, high = limits.date_range or (None, None)
+        if low is not None and high is not None:
+            ms = prepared.cast(pa.int64())
+            span = pc.min_max(ms).as_py()
+            if span["min"] is not None and (span["min"] < low or span["max"] > high):
+                out = pc.or_(pc.less(ms, low), pc.greater(ms, high))
+                for i in pc.indices_nonzero(pc.fill_null(out, False)).to_pylist():
+                    why = f"the date {ms[i].as_py()} ms from 1970 is outside the years 1-9999"
+                    bad.setdefault(i, f"{name}: {limits.refuse(why)}")
+    elif pa.types.is_floating(kind) and not limits.non_finite:
+        finite = pc.fill_null(pc.is_finite(prepared), True)
+        if not pc.all(finite).as_py():
+            for i in pc.indices_nonzero(pc.invert(finite)).to_pylist():
+                why = f"{prepared[i].as_py()} is not a finite number"
+                bad[i] = f"{name}: {limits.refuse(why)}"
+    return prepared, bad
 
 
 def _to_python(col: pa.Array) -> list[Any]:
@@ -266,28 +394,34 @@ def _to_python(col: pa.Array) -> list[Any]:
         if col.null_count == 0:
             return list(map(DatetimeMS, millis))
         return [None if m is None else DatetimeMS(m) for m in millis]
-    if pa.types.is_floating(col.type) and pc.any(pc.is_nan(col)).as_py():
-        return [None if v is None or math.isnan(v) else v for v in col.to_pylist()]
     return list(col.to_pylist())
 
 
-def validate(schema: RecordSchema, table: pa.Table) -> Validated:
-    """Validate a batch: documents (`_id` = key) for good rows, a Rejection for each bad one."""
+def validate(schema: RecordSchema, table: pa.Table, limits: ServerLimits = MONGODB) -> Validated:
+    """Validate a batch: documents (`_id` = key) for good rows, a Rejection for each bad one.
+
+    A row is also rejected when one of its values cannot be stored (see ``typemap.py``),
+    with the column and the reason; ``limits`` are those of the server written to.
+    """
     n = table.num_rows
     reasons: dict[int, str] = {}
     columns: dict[str, pa.Array] = {}
-    rules = schema.fields or [FieldRule(name=schema.key, type="any")]
+    key_columns = schema.key_columns
+    rules = schema.fields or [FieldRule(name=k, type="any") for k in key_columns]
+    rules += [
+        FieldRule(name=k, type="any") for k in key_columns if k not in {r.name for r in rules}
+    ]
     names = {r.name for r in rules}
     for rule in rules:
         if rule.name in table.column_names:
             col, bad = _coerce(table.column(rule.name), rule)
-        elif rule.required or rule.name == schema.key:
+        elif rule.required or rule.name in key_columns:
             col, bad = pa.nulls(n), {}
         else:
             continue
         for i, why in bad.items():
             reasons.setdefault(i, why)
-        for mask, why in _rule_masks(col, rule, rule.name == schema.key):
+        for mask, why in _rule_masks(col, rule, rule.name in key_columns):
             mask = pc.fill_null(mask, False)
             if pc.any(mask).as_py():
                 for i in pc.indices_nonzero(mask).to_pylist():
@@ -298,18 +432,107 @@ def validate(schema: RecordSchema, table: pa.Table) -> Validated:
         for name in table.column_names:
             if name not in names:
                 columns[name] = table.column(name).combine_chunks()
-    keys = columns[schema.key]
+    stored: dict[str, pa.Array | list[Any]] = {}
+    for name, col in columns.items():
+        stored[name], bad = _storable(name, col, limits)
+        for i, why in bad.items():
+            reasons.setdefault(i, why)
+    for name in key_columns:
+        _check_keys(name, stored[name], limits, reasons)
+    keys = columns[key_columns[0]] if len(key_columns) == 1 else None
     rejections = [
-        Rejection(row=i, key=_key_text(keys[i].as_py()), reason=reasons[i]) for i in sorted(reasons)
+        Rejection(row=i, key=_row_key(keys, columns, key_columns, i), reason=reasons[i])
+        for i in sorted(reasons)
     ]
+    rows = [i for i in range(n) if i not in reasons] if reasons else list(range(n))
     if reasons:
         keep = pa.array([i not in reasons for i in range(n)])
-        columns = {k: pc.filter(v, keep) for k, v in columns.items()}
-        rows = [i for i in range(n) if i not in reasons]
+        stored = {
+            k: pc.filter(v, keep) if isinstance(v, pa.Array) else [v[i] for i in rows]
+            for k, v in stored.items()
+        }
+    arrays = {k: v if isinstance(v, pa.Array) else pa.nulls(len(rows)) for k, v in stored.items()}
+    values = {k: v for k, v in stored.items() if isinstance(v, list)}
+    out = Validated(rows, rejections, columns=arrays, key=schema.key, values=values)
+    return _encode_or_reject(out)
+
+
+def _check_keys(
+    name: str, stored: pa.Array | list[Any], limits: ServerLimits, reasons: dict[int, str]
+) -> None:
+    """Reject rows whose key the server could not find again (a rerun could not compare it)."""
+    if isinstance(stored, pa.Array):
+        kind = stored.type
+        if not (
+            (pa.types.is_boolean(kind) and bool in limits.unfindable_keys)
+            or (pa.types.is_floating(kind) and float in limits.unfindable_keys)
+        ):
+            return
+        values = stored.to_pylist()
     else:
-        rows = list(range(n))
-    prepared = {k: _prepare(v) for k, v in columns.items()}
-    return Validated(rows=rows, rejections=rejections, columns=prepared, key=schema.key)
+        values = stored
+    for i, value in enumerate(values):
+        if value is not None and type(value) in limits.unfindable_keys and i not in reasons:
+            reasons[i] = (
+                f"{name}: the key {value!r:.60} is a {_TYPE_NAMES.get(type(value), type(value))}"
+                f", and the server ({limits.name}) cannot find documents by such an _id, so "
+                "it could not compare the record on the next copy"
+            )
+
+
+_TYPE_NAMES = {bool: "boolean", bytes: "binary value", float: "double"}
+
+
+def _encode_or_reject(out: Validated) -> Validated:
+    """Encode the documents; a document bson.encode refuses rejects its record."""
+    try:
+        out.encoded()
+        return out
+    except Exception:  # one bad document: find it, encode the others
+        pass
+    bodies: list[bytes] = []
+    failed: dict[int, str] = {}
+    for j, doc in enumerate(out.documents):
+        try:
+            bodies.append(bson.encode(doc))
+        except Exception as e:  # InvalidDocument, OverflowError, ...
+            failed[j] = bson_error(e)
+    keys = out.keys
+    rejections = out.rejections + [
+        Rejection(row=out.rows[j], key=_key_text(keys[j]), reason=why) for j, why in failed.items()
+    ]
+    keep = [j for j in range(len(out.rows)) if j not in failed]
+    kept = Validated(
+        rows=[out.rows[j] for j in keep],
+        rejections=sorted(rejections, key=lambda r: r.row),
+        columns={k: v.take(pa.array(keep, pa.int64())) for k, v in out.columns.items()},
+        key=out.key,
+        values={k: [v[j] for j in keep] for k, v in out.values.items()},
+        bodies=bodies,
+    )
+    return kept
+
+
+def _row_key(
+    single: pa.Array | None, columns: dict[str, pa.Array], key_columns: list[str], i: int
+) -> str | None:
+    """The key of a rejected row as text (composite: its fields as JSON-ish text)."""
+    if single is not None:
+        return _key_text(_show(single[i]))
+    parts = {k: _show(columns[k][i]) for k in key_columns}
+    if all(v is None for v in parts.values()):
+        return None
+    return "{" + ", ".join(f"{k}: {v!s}" for k, v in parts.items()) + "}"
+
+
+def _show(scalar: pa.Scalar) -> Any:
+    """A scalar's Python value, or for one Python cannot hold (e.g. a timestamp in the year
+    100000) its integer with the unit."""
+    try:
+        return scalar.as_py()
+    except (OverflowError, ValueError, pa.ArrowException):
+        unit = getattr(scalar.type, "unit", "")
+        return f"{scalar.cast(pa.int64()).as_py()} {unit} from 1970".strip()
 
 
 def _key_text(value: Any) -> str | None:

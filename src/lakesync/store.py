@@ -47,10 +47,13 @@ from lakesync.models import (
     new_job_id,
     utcnow,
 )
+from lakesync.storage import canonical_uri
 
 logger = logging.getLogger(__name__)
 
 IDEMPOTENCY_TTL_SECONDS = 24 * 3600
+#: a key taken this long ago by a request that never bound a job to it is taken over
+IDEMPOTENCY_CLAIM_SECONDS = 30
 
 
 def _now_ms() -> int:
@@ -74,19 +77,27 @@ def _beat(update: dict[str, Any]) -> dict[str, Any]:
     return _stamp(beat(update))
 
 
+def flight_key(operation: str, source: str) -> str:
+    """The single-flight slot of a job: its operation and its source in canonical form, so
+    `lake`, `lake/`, `./lake` and a symlink to it (or `s3://b/p` and `s3://b/p/`) share one."""
+    return f"{operation}|{canonical_uri(source) if source else ''}"
+
+
 def _body_digest(body: Any) -> str:
     """What an idempotency key remembers of its request body."""
     return hashlib.sha256(json.dumps(body, sort_keys=True, default=str).encode()).hexdigest()
 
 
-def _same_body(key: str, stored: Mapping[str, Any], digest: str) -> str:
-    """The job stored for ``key``; IdempotencyConflict if it came with another body."""
+def _same_body(key: str, stored: Mapping[str, Any], digest: str) -> str | None:
+    """The job stored for ``key`` (None while its request creates it); IdempotencyConflict
+    if it came with another body."""
     if stored.get("body") != digest:
         raise IdempotencyConflict(
             f"Idempotency-Key {key!r} was already used with a different request body "
             "in the last 24 hours. Use a new key for a different request."
         ) from None
-    return str(stored["jobId"])
+    job_id = stored.get("jobId")
+    return None if job_id is None else str(job_id)
 
 
 class RecentStatuses:
@@ -377,21 +388,49 @@ class JobStore:
                     return self._seen(running), False
         raise JobError(f"Could not start {operation}: the single-flight slot kept changing.")
 
-    def remember_idempotency(self, key: str, body: Any, job_id: str) -> str:
-        """Record key -> job; returns the job id already stored for the key, checking the body."""
-        digest = _body_digest(body)
-        try:
-            self.idempotency.insert_one(
-                {"_id": key, "body": digest, "jobId": job_id, "createdAt": utcnow()}
-            )
-            return job_id
-        except DuplicateKeyError:
-            return _same_body(key, self.idempotency.find_one({"_id": key}) or {}, digest)
+    def claim_idempotency(self, key: str, body: Any, wait: float = 10.0) -> str | None:
+        """Take ``key`` for this request (None: go and create the job, then bind it), or the
+        job id of the request that took it first; IdempotencyConflict if that one had
+        another body.
 
-    def lookup_idempotency(self, key: str, body: Any) -> str | None:
-        """The job id stored for this key and body, if any (IdempotencyConflict on a new body)."""
-        old = self.idempotency.find_one({"_id": key})
-        return None if old is None else _same_body(key, old, _body_digest(body))
+        The key is one unique insert, taken before any job exists, so of concurrent
+        requests with one key exactly one creates a job. The others wait (up to ``wait``
+        seconds) for its job id; a claim left without a job for IDEMPOTENCY_CLAIM_SECONDS
+        (its request died) is taken over.
+        """
+        digest = _body_digest(body)
+        deadline = time.monotonic() + wait
+        while True:
+            try:
+                self.idempotency.insert_one(
+                    {"_id": key, "body": digest, "createdAt": utcnow(), "claimedMs": _now_ms()}
+                )
+                return None
+            except DuplicateKeyError:
+                stored = self.idempotency.find_one({"_id": key})
+            if stored is None:  # dropped meanwhile: try to take it again
+                continue
+            job_id = _same_body(key, stored, digest)
+            if job_id is not None:
+                return job_id
+            claimed = int(stored.get("claimedMs") or 0)
+            if claimed < _now_ms() - IDEMPOTENCY_CLAIM_SECONDS * 1000:
+                self.idempotency.delete_one({"_id": key, "jobId": None, "claimedMs": claimed})
+                continue
+            if time.monotonic() >= deadline:
+                raise JobError(
+                    f"A request with Idempotency-Key {key!r} is still being carried out; "
+                    "retry in a few seconds to get its job."
+                )
+            time.sleep(0.05)
+
+    def bind_idempotency(self, key: str, job_id: str) -> None:
+        """Record the job the request that took ``key`` got (created or single-flight)."""
+        self.idempotency.update_one({"_id": key}, {"$set": {"jobId": job_id}})
+
+    def drop_idempotency(self, key: str) -> None:
+        """Give ``key`` back when its request failed before it had a job."""
+        self.idempotency.delete_one({"_id": key, "jobId": None})
 
     # -- running -------------------------------------------------------------------------
 
@@ -495,6 +534,20 @@ class JobStore:
         """Stop owning the job without changing its status (its partitions carry on)."""
         self.jobs.update_one({"jobId": job_id, "owner": owner}, _beat({"$unset": {"owner": ""}}))
 
+    def hand_back_unowned(self, job_id: str, message: str) -> bool:
+        """Make an in-progress job no run owns (a partitioned job whose partitions all
+        stopped) pending, so the next start resumes it at once; False if it was not."""
+        result = self.jobs.update_one(
+            {"jobId": job_id, "status": JobState.IN_PROGRESS.value, "owner": None},
+            _beat(
+                {
+                    "$set": {"status": JobState.PENDING.value, "message": message},
+                    "$unset": {"queued": ""},
+                }
+            ),
+        )
+        return result.modified_count > 0
+
     def heartbeat(self, job_id: str, owner: str) -> JobStatus:
         """Renew the lease; returns the document (to see cancelRequested)."""
         return self._advance(job_id, owner, {})
@@ -532,17 +585,33 @@ class JobStore:
             fields["error"] = error
         if state is JobState.COMPLETED:
             fields.update(percentComplete=100, etaSeconds=0)
+            query["cancelRequested"] = {"$ne": True}  # a cancel was answered: it wins
         if owner or ender:
             fields["endedBy"] = owner or ender
+        asked = state.value
+        update = _rev(
+            {
+                "$set": fields,
+                "$unset": {"flightKey": "", "owner": ""},
+                "$currentDate": {"endTime": True, "updatedAt": True},
+            }
+        )
         doc = self.jobs.find_one_and_update(
-            query,
-            _rev({"$set": fields, "$unset": {"flightKey": "", "owner": ""},
-                  "$currentDate": {"endTime": True, "updatedAt": True}}),
-            projection={"_id": 0}, return_document=ReturnDocument.AFTER,
-        )  # fmt: skip
+            query, update, projection={"_id": 0}, return_document=ReturnDocument.AFTER
+        )
+        if doc is None and state is JobState.COMPLETED:  # cancelled as the copy ended
+            state, query["cancelRequested"] = JobState.CANCELLED, True
+            message = f"Cancelled as the copy ended; {message[0].lower()}{message[1:]}"
+            fields.update(status=state.value, message=message)
+            doc = self.jobs.find_one_and_update(
+                query, update, projection={"_id": 0}, return_document=ReturnDocument.AFTER
+            )
         if doc is None and (owner or ender):  # applied, but the reply was lost?
-            mine = {"jobId": job_id, "status": state.value, "endedBy": owner or ender}
+            mine = {"jobId": job_id, "status": {"$in": [asked, state.value]},
+                    "endedBy": owner or ender}  # fmt: skip
             doc = self.jobs.find_one(mine, {"_id": 0})
+            if doc is not None:
+                state = JobState(doc["status"])
         if doc is None:
             raise LeaseLost(f"Job {job_id} could not be ended: another run owns it or it ended.")
         ended = self._seen(doc)
@@ -606,7 +675,7 @@ class JobStore:
                 f"Job {job_id} is {current.status.value}; only failed jobs can be resumed.",
                 status=current.status.value,
             )
-        flight = f"{current.operation}|{current.options.get('source', '')}"
+        flight = flight_key(current.operation, str(current.options.get("source", "")))
         try:
             doc = self.jobs.find_one_and_update(
                 {"jobId": job_id, "status": JobState.FAILED.value},
@@ -631,30 +700,43 @@ class JobStore:
         return self._seen(doc)
 
     def request_cancel(self, job_id: str) -> JobStatus:
-        """Flag the job for cancellation; a pending job nobody runs is cancelled at once."""
-        current = self.get(job_id)
-        if current.state.is_final:
+        """Cancel a pending job at once, or flag a running one (it stops after its current
+        batch); the status says which. JobError (409, with the job) once it has ended.
+
+        The flag is set only on a job that has not ended, in one conditional update, and
+        `finish` never completes a flagged job: a cancel answered with an active or
+        cancelled status always ends the job cancelled.
+        """
+        for _ in range(5):  # a job may go pending <-> in_progress meanwhile; rarely twice
+            current = self.get(job_id)
             if current.state is JobState.CANCELLED:
                 return current
-            raise JobError(
-                f"Job {job_id} already ended with status {current.status.value}; "
-                "only pending or in-progress jobs can be cancelled.",
-                status=current.status.value,
-            )
-        ended = self.jobs.find_one_and_update(
-            {"jobId": job_id, "status": JobState.PENDING.value},
-            _rev({"$set": {"status": JobState.CANCELLED.value, "cancelRequested": True,
-                           "message": f"Cancelled before it started; "
-                           f"{current.processedRecords:,} records had been copied"},
-                  "$unset": {"flightKey": "", "owner": ""},
-                  "$currentDate": {"endTime": True, "updatedAt": True}}),
-            projection={"_id": 0}, return_document=ReturnDocument.AFTER,
-        )  # fmt: skip
-        if ended is not None:
-            self._ended(cancelled := self._seen(ended))
-            return cancelled
-        self.jobs.update_one(
-            {"jobId": job_id, "status": {"$in": list(ACTIVE_STATES)}},
-            _rev({"$set": {"cancelRequested": True}, "$currentDate": {"updatedAt": True}}),
-        )
-        return self.get(job_id)
+            if current.state.is_final:
+                raise JobError(
+                    f"Job {job_id} already ended with status {current.status.value}; "
+                    "only pending or in-progress jobs can be cancelled.",
+                    status=current.status.value,
+                    job=current.public(),
+                )
+            ended = self.jobs.find_one_and_update(
+                {"jobId": job_id, "status": JobState.PENDING.value},
+                _rev({"$set": {"status": JobState.CANCELLED.value, "cancelRequested": True,
+                               "message": f"Cancelled before it started; "
+                               f"{current.processedRecords:,} records had been copied"},
+                      "$unset": {"flightKey": "", "owner": ""},
+                      "$currentDate": {"endTime": True, "updatedAt": True}}),
+                projection={"_id": 0}, return_document=ReturnDocument.AFTER,
+            )  # fmt: skip
+            if ended is not None:
+                self._ended(cancelled := self._seen(ended))
+                return cancelled
+            if ended is None:
+                ended = self.jobs.find_one_and_update(
+                    {"jobId": job_id, "status": JobState.IN_PROGRESS.value},
+                    _rev({"$set": {"cancelRequested": True}, "$currentDate": {"updatedAt": True}}),
+                    projection={"_id": 0},
+                    return_document=ReturnDocument.AFTER,
+                )
+            if ended is not None:
+                return self._seen(ended)
+        raise JobError(f"Job {job_id} kept changing state; try to cancel it again.")

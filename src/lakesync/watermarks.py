@@ -12,13 +12,17 @@ document: nx-27017 turns a top-level date given to ``$set`` into a string and ca
 range-query dates written by ``$currentDate``, while numbers behave alike on every server.
 
 At its start a job scans the watermark column alone (with pyarrow filter pushdown, so
-Parquet row groups and files whose statistics rule them out are not read) for the rows
-above the watermark (``since``) and their highest value (``until``), and pins both in its
-checkpoint. An incremental job reads ``since < column <= until``: a resumed run reads with
+Parquet row groups and files whose statistics rule them out are not read) for the rows at
+or above the watermark (``since``, less the operation's ``lookback``) and their highest
+value (``until``), and pins both in its checkpoint. The watermark's own value is read again:
+a record that lands later with exactly that value (same day, same second, same
+millisecond) is then found by the next copy instead of never; the records already copied
+come out unchanged, a read and no write. An incremental job reads
+``since <= column <= until``: a resumed run reads with
 the same filter, so checkpoint positions (counted in filtered rows) stay valid, and a
 record rewritten while the job runs is newer than ``until`` and read by the next copy
 instead of being skipped. A job that reads a Delta table pins its version, whose files
-cannot change, and reads ``since < column`` with no upper bound; the next incremental
+cannot change, and reads ``since <= column`` with no upper bound; the next incremental
 copy then opens only the files added after that version (``runner._open_lake``). A
 completed job, of any mode, moves the watermark to ``until`` (and records the Delta
 version it read); a failed or cancelled one leaves it where it was.
@@ -40,7 +44,7 @@ from pymongo.database import Database
 from lakesync.errors import RequestError, SourceError
 from lakesync.lake import Lake
 from lakesync.models import Watermark
-from lakesync.operations import Mode, Operation
+from lakesync.operations import Mode, Operation, duration_ms
 
 logger = logging.getLogger(__name__)
 
@@ -83,13 +87,13 @@ def lake_kind(lake: Lake, column: str) -> Kind:
 
 
 def scan(lake: Lake, column: str, since: Watermark | None) -> tuple[int, Watermark | None]:
-    """Rows whose watermark is above ``since`` (None: all rows), and their highest value.
+    """Rows whose watermark is at or above ``since`` (None: all rows), and their highest value.
 
-    Only the watermark column is read; with ``since``, only row groups that may hold newer
+    Only the watermark column is read; with ``since``, only row groups that may hold such
     values.
     """
     rows, high = 0, None
-    above = None if since is None else pc.field(column) > _scalar(lake, since)
+    above = None if since is None else pc.field(column) >= _scalar(lake, since)
     for batch in lake.batches(_SCAN_ROWS, filter=above, columns=[column]):
         rows += batch.table.num_rows
         high = later(high, batch_max(batch.table, column))
@@ -99,13 +103,44 @@ def scan(lake: Lake, column: str, since: Watermark | None) -> tuple[int, Waterma
 def lake_filter(
     lake: Lake, since: Watermark | None, until: Watermark | None
 ) -> pc.Expression | None:
-    """The pushdown filter of an incremental job: ``since < column <= until`` (None: all;
+    """The pushdown filter of an incremental job: ``since <= column <= until`` (None: all;
     no upper bound without ``until``)."""
     if since is None:
         return None
     field = pc.field(since.column)
-    above = field > _scalar(lake, since)
+    above = field >= _scalar(lake, since)
     return above if until is None else above & (field <= _scalar(lake, until))
+
+
+def reach_back(saved: Watermark | None, lookback: str | int | None) -> Watermark | None:
+    """Where an incremental copy starts reading: the saved watermark, less the operation's
+    ``lookback`` (a duration for timestamps and dates, a number for integers).
+
+    A date goes back to the start of its day, so a lookback shorter than a day reads the
+    day before too. SourceError when the lookback does not fit the column's kind.
+    """
+    if saved is None or not lookback:
+        return saved
+    if saved.kind == "int":
+        if isinstance(lookback, str):
+            raise SourceError(
+                f"The operation's lookback {lookback!r} is a duration, but its watermark column "
+                f"{saved.column!r} holds integers. Set lookback to a number in lakesync.toml "
+                "(e.g. lookback = 100).",
+                column=saved.column,
+            )
+        return saved.model_copy(update={"value": saved.value - lookback})
+    if not isinstance(lookback, str):
+        raise SourceError(
+            f"The operation's lookback {lookback} is a number, but its watermark column "
+            f"{saved.column!r} holds {saved.kind}s. Set lookback to a duration in lakesync.toml "
+            '(e.g. lookback = "2h").',
+            column=saved.column,
+        )
+    millis = saved.value - (duration_ms(lookback) or 0)
+    if saved.kind == "date":
+        millis = millis // _DAY_MS * _DAY_MS
+    return from_millis(saved.column, millis, kind=saved.kind)
 
 
 def _scalar(lake: Lake, since: Watermark) -> pa.Scalar:

@@ -119,8 +119,8 @@ async def job_events(job_id: str, request: Request, runtime: RuntimeDep) -> Stre
                 quiet = 0.0
             await asyncio.sleep(POLL_SECONDS)
             quiet += POLL_SECONDS
-            if await request.is_disconnected():
-                return
+            if await request.is_disconnected() or runtime.stopping:
+                return  # the client went away, or the server stops: it reconnects later
             try:
                 status = await job_status(runtime, job_id)
             except JobNotFound:

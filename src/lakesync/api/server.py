@@ -2,15 +2,18 @@
 
 from __future__ import annotations
 
+import errno
 import ipaddress
 import logging
 import socket
 
 import uvicorn
+from fastapi.concurrency import run_in_threadpool
 
 from lakesync.api.app import create_app
 from lakesync.config import Settings
 from lakesync.errors import ConfigError
+from lakesync.mongo import with_database
 from lakesync.runtime import Runtime
 
 logger = logging.getLogger(__name__)
@@ -48,21 +51,63 @@ def check_exposure(settings: Settings, host: str) -> None:
         )  # fmt: skip
 
 
+def bind(host: str, port: int) -> socket.socket:
+    """The listening socket, bound before anything says "serving"; a clear error if taken."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        sock.bind((host, port))
+    except OSError as e:
+        sock.close()
+        reason = "is already in use" if e.errno == errno.EADDRINUSE else f"cannot be used ({e})"
+        raise ConfigError(
+            f"Port {port} on {host} {reason}: another lakesync serve or another program "
+            f"listens there. Stop it, or choose another port: `lakesync serve --port 8400` "
+            f"(with make: `make run PORT=8400`)."
+        ) from None
+    sock.listen(2048)  # from now on connections wait in the backlog until uvicorn accepts
+    return sock
+
+
+class _Server(uvicorn.Server):
+    """uvicorn, with running jobs handed back first, while MongoDB is still up: the next
+    start resumes them at once, and event streams end cleanly instead of being cancelled."""
+
+    def __init__(self, config: uvicorn.Config, runtime: Runtime) -> None:
+        super().__init__(config)
+        self.runtime = runtime
+
+    async def shutdown(self, sockets: list[socket.socket] | None = None) -> None:
+        await run_in_threadpool(self.runtime.stop_jobs)
+        await super().shutdown(sockets)
+
+
 def serve(settings: Settings, host: str, port: int) -> None:
     """Run until SIGTERM/Ctrl-C; running jobs stop at a batch boundary and stay resumable."""
     check_exposure(settings, host)
-    runtime = Runtime(settings, executor=settings.executor, reads_lake=True)
+    sock = bind(host, port)
+    try:
+        runtime = Runtime(settings, executor=settings.executor, reads_lake=True)
+    except BaseException:
+        sock.close()
+        raise
     try:
         runtime.start()
         app = create_app(runtime, close_on_shutdown=True)
         config = uvicorn.Config(app, host=host, port=port, log_config=None, access_log=False,
                                 timeout_graceful_shutdown=3)  # fmt: skip
-        server = uvicorn.Server(config)
+        server = _Server(config, runtime)
         shown = f"[{host}]" if ":" in host else host
         logger.info("lakesync is serving on http://%s:%d (executor: %s)", shown, port,
                     settings.executor)  # fmt: skip
         print(f"lakesync: open http://{shown}:{port}/ in your browser", flush=True)
-        server.run()
+        embedded = runtime.mongo.embedded
+        if embedded is not None:
+            where = with_database(embedded.uri, settings.database)
+            print(f"lakesync: copied records are in {where} (`lakesync mongo-uri` prints it)",
+                  flush=True)  # fmt: skip
+        server.run(sockets=[sock])
     finally:
-        logger.info("shutting down: handing running jobs back at a batch boundary")
         runtime.close(timeout=5.0)
+        sock.close()

@@ -24,6 +24,7 @@ class LocalExecutor:
         self.scan_every = max(0.5, min(lease_seconds / 2, 15.0))
         self._pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="lakesync-job")
         self._inflight: set[str] = set()
+        self._partitioned: set[str] = set()  # jobs whose partitions ran here: handed back
         self._lock = threading.Lock()
         self._recovery = threading.Thread(target=self._recover_loop, name="lakesync-recovery",
                                           daemon=True)  # fmt: skip
@@ -40,6 +41,8 @@ class LocalExecutor:
 
     def submit_partition(self, job_id: str, index: int) -> None:
         """Queue a run of one partition of a partitioned job."""
+        with self._lock:
+            self._partitioned.add(job_id)
         self._queue(f"{job_id}#{index}", partial(self.runner.partitioned.run, job_id, index))
 
     def _queue(self, key: str, work: Callable[[], Outcome]) -> None:
@@ -53,6 +56,8 @@ class LocalExecutor:
     def _done(self, key: str, work: Callable[[], Outcome], future: Future[Outcome]) -> None:
         with self._lock:
             self._inflight.discard(key)
+        if future.cancelled():  # queued when the process stopped: it stays resumable
+            return
         error = future.exception()
         if error is not None:
             logger.error("%s: run crashed: %s", key, error)
@@ -62,6 +67,7 @@ class LocalExecutor:
 
     def _recover_loop(self) -> None:
         stop = self.runner.stop
+        scans = 0
         while not stop.is_set():
             try:
                 for job_id in self.runner.store.stale(self.runner.settings.lease_seconds):
@@ -74,7 +80,10 @@ class LocalExecutor:
                     self.submit_partition(job_id, index)
             except Exception as e:
                 logger.warning("recovery scan failed: %s", e)
-            stop.wait(self.scan_every)
+            # soon again after the first scan: a job handed back by a process that stopped
+            # a moment ago is only taken once it has waited 2 s (store.stale)
+            stop.wait(self.scan_every if scans else min(self.scan_every, 2.5))
+            scans += 1
 
     def active(self) -> int:
         """Jobs running or queued in this process."""
@@ -95,6 +104,14 @@ class LocalExecutor:
         if not done.wait(timeout):
             logger.warning("jobs still running after %.0f s; they resume from their checkpoint",
                            timeout)  # fmt: skip
+            return
+        partitioned = self.runner.partitioned
+        for job_id in sorted(self._partitioned):
+            try:  # its partitions here stopped: the job waits, pending, for the next start
+                partitioned.hand_back(job_id)
+            except Exception as e:
+                logger.warning("job %s: not handed back (%s); it resumes when its lease "
+                               "expires", job_id, e)  # fmt: skip
 
     def healthy(self) -> tuple[bool, str]:
         """Healthy while started and not stopping."""

@@ -1,0 +1,114 @@
+"""JSON files that hold one array of objects (``[{...}, {...}]``), read like NDJSON.
+
+pyarrow reads only newline-delimited JSON. A file whose first character is ``[`` is
+rewritten once, as it is streamed (memory bounded by the largest object, not the file), to
+an NDJSON copy in the temporary directory, which is then read like any NDJSON file. The
+copy is named after the file's path, size and modification time, so it is reused until the
+file changes.
+"""
+
+from __future__ import annotations
+
+import codecs
+import hashlib
+import json
+import os
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import pyarrow.fs as pafs
+
+from lakesync.errors import SourceError
+
+_CHUNK = 1 << 20
+MAX_ELEMENT = 64 << 20  # one element of the array, in characters: memory stays bounded
+_WHITESPACE = " \t\r\n"
+
+
+def is_json_array(fs: pafs.FileSystem, path: str) -> bool:
+    """Whether the file's first character (after a BOM and whitespace) is ``[``."""
+    with fs.open_input_stream(path) as f:
+        head = f.read(4096).decode("utf-8", errors="replace").lstrip("\ufeff" + _WHITESPACE)
+    return bool(head.startswith("["))
+
+
+def ndjson_copy(fs: pafs.FileSystem, path: str, shown: str) -> str:
+    """The local path of an NDJSON copy of the JSON array file ``path`` (made if needed)."""
+    info = fs.get_file_info(path)
+    tag = f"{fs.type_name}:{path}:{info.size}:{info.mtime_ns}".encode()
+    folder = Path(tempfile.gettempdir()) / "lakesync-json"
+    folder.mkdir(exist_ok=True)
+    target = folder / f"{hashlib.sha256(tag).hexdigest()[:32]}.ndjson"
+    if target.exists():
+        return str(target)
+    partial = target.with_suffix(f".{os.getpid()}.part")
+    try:
+        with fs.open_input_stream(path) as src, partial.open("w", encoding="utf-8") as out:
+            for item in _items(src, shown):
+                out.write(json.dumps(item, ensure_ascii=False))
+                out.write("\n")
+        os.replace(partial, target)
+    finally:
+        partial.unlink(missing_ok=True)
+    return str(target)
+
+
+def _items(src: Any, shown: str) -> Any:
+    """The objects of a JSON array, parsed one at a time from a byte stream."""
+    decoder, text = json.JSONDecoder(), codecs.getincrementaldecoder("utf-8-sig")()
+    buf, pos, eof, count = "", 0, False, 0
+
+    def more() -> bool:
+        nonlocal buf, pos, eof
+        if eof:
+            return False
+        chunk = src.read(_CHUNK)
+        eof = not chunk
+        buf = buf[pos:] + text.decode(chunk, final=eof)
+        pos = 0
+        return True
+
+    def skip() -> str:
+        nonlocal pos
+        while True:
+            while pos < len(buf) and buf[pos] in _WHITESPACE:
+                pos += 1
+            if pos < len(buf):
+                return buf[pos]
+            if not more():
+                return ""
+
+    if skip() != "[":
+        raise _bad(shown, "it does not start with [")
+    pos += 1
+    if skip() == "]":
+        return
+    while True:
+        while True:
+            try:
+                item, end = decoder.raw_decode(buf, pos)
+                break
+            except json.JSONDecodeError as e:
+                if len(buf) - pos > MAX_ELEMENT or not more():
+                    raise _bad(shown, f"element {count + 1}: {e.msg}") from None
+        if not isinstance(item, dict):
+            raise _bad(shown, f"element {count + 1} is {json.dumps(item)[:40]}, not an object")
+        pos = end
+        count += 1
+        yield item
+        sep = skip()
+        if sep == "]":
+            return
+        if sep != ",":
+            raise _bad(shown, f"expected ',' or ']' after element {count}")
+        pos += 1
+        skip()
+
+
+def _bad(shown: str, why: str) -> SourceError:
+    return SourceError(
+        f"{shown} holds a JSON array that cannot be read: {why}. A JSON lake file holds one "
+        "object per line (NDJSON), or one array of objects.",
+        file=shown,
+    )

@@ -1,0 +1,353 @@
+"""The type mapping: Arrow values to the BSON values MongoDB stores (README "Types").
+
+Columns of the common types are written by ``encode.py`` without Python objects; this
+module handles every other type, value by value, and says why a value cannot be stored
+(`Unstorable`): the record is then rejected, never the job. ``ServerLimits`` holds what the
+server behind the target collection cannot store or find (nx-27017, measured), so such
+records are refused before they are sent, with the limit named.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from dataclasses import dataclass
+from decimal import Decimal
+from typing import Any
+
+import pyarrow as pa
+import pyarrow.compute as pc
+from bson import SON, Decimal128
+from bson.codec_options import CodecOptions, DatetimeConversion
+from bson.datetime_ms import DatetimeMS
+from bson.errors import InvalidDocument
+
+INT64_MAX = 2**63 - 1
+MS_PER_DAY = 86_400_000
+#: milliseconds per unit, or units per millisecond (as a negative divisor)
+_PER_MS = {"s": 1000, "ms": 1, "us": -1000, "ns": -1_000_000}
+#: BSON dates Python's datetime can show (years 1..9999); others stay DatetimeMS
+DATETIME_MIN_MS, DATETIME_MAX_MS = -62_135_596_800_000, 253_402_300_799_999
+
+Convert = Callable[[Any], Any]
+
+
+class Unstorable(ValueError):
+    """A value that has no BSON form (or that the server cannot store); the message says why."""
+
+
+@dataclass(frozen=True)
+class ServerLimits:
+    """What the MongoDB-wire server cannot store or find by ``_id`` (all of it on MongoDB)."""
+
+    name: str = "MongoDB"
+    decimal128: bool = True
+    non_finite: bool = True  # NaN, Infinity
+    date_range: tuple[int, int] | None = None  # milliseconds it can store
+    #: key value types it cannot find documents by (a rerun could not compare them)
+    unfindable_keys: tuple[type, ...] = ()
+    dotted_key_lookup: bool = False  # composite _id: look up by "_id.<field>" equalities
+
+    def refuse(self, what: str) -> Unstorable:
+        """The rejection for a value this server cannot take."""
+        return Unstorable(f"{what}, which the server ({self.name}) cannot store")
+
+
+MONGODB = ServerLimits()
+#: measured against nx-27017 (tests/test_types.py): Decimal128, NaN and +-Infinity are
+#: refused ("Invalid JSON document"), dates outside years 1-9999 break the connection,
+#: documents cannot be found by a boolean, binary or double _id, nor by a subdocument _id
+#: except through its fields ("_id.a")
+NX_27017 = ServerLimits(
+    name="nx-27017, the embedded server",
+    decimal128=False,
+    non_finite=False,
+    date_range=(DATETIME_MIN_MS, DATETIME_MAX_MS),
+    unfindable_keys=(bool, bytes, float),
+    dotted_key_lookup=True,
+)
+
+
+def server_limits(collection: Any) -> ServerLimits:
+    """The limits of the server behind ``collection`` (pymongo): nx-27017's, or MongoDB's."""
+    try:
+        info = collection.database.client.admin.command("buildInfo")
+    except Exception:  # the first write reports an unreachable server with its own retries
+        return MONGODB
+    return NX_27017 if str(info.get("process", "")).startswith("nx_27017") else MONGODB
+
+
+#: how lakesync reads keys back: datetimes of any year, and documents as hashable keys
+KEY_CODEC: CodecOptions[Any] = CodecOptions(
+    tz_aware=True, datetime_conversion=DatetimeConversion.DATETIME_AUTO
+)
+
+
+class CompositeKey(SON[str, Any]):
+    """A composite ``_id`` ({a: ..., b: ...} in the declared order) usable as a dict key."""
+
+    def __hash__(self) -> int:  # type: ignore[override]
+        return hash(tuple((k, _hashable(v)) for k, v in self.items()))
+
+
+class DecimalKey(Decimal128):
+    """A Decimal128 ``_id`` usable as a dict key (Decimal128 itself is unhashable)."""
+
+    def __hash__(self) -> int:  # type: ignore[override]
+        return hash(self.bid)
+
+
+def _hashable(value: Any) -> Any:
+    if isinstance(value, Decimal128) and not isinstance(value, DecimalKey):
+        return DecimalKey(value.to_decimal())
+    return value
+
+
+def lookup_key(value: Any) -> Any:
+    """An ``_id`` as read back from the server, in the form ``Validated.keys`` holds it."""
+    if isinstance(value, dict):
+        return CompositeKey((k, _hashable(v)) for k, v in value.items())
+    return _hashable(value)
+
+
+def stored_key(value: Any) -> Any:
+    """A converted key value as the server answers it: in-range dates as datetimes."""
+    if isinstance(value, DatetimeMS):
+        ms = int(value)
+        if DATETIME_MIN_MS <= ms <= DATETIME_MAX_MS:
+            return value.as_datetime(KEY_CODEC)
+        return value
+    return _hashable(value)
+
+
+def key_filter(keys: list[Any], limits: ServerLimits) -> dict[str, Any]:
+    """The query that finds the documents of these keys."""
+    if limits.dotted_key_lookup and keys and isinstance(keys[0], dict):
+        return {"$or": [_dotted(k) for k in keys]}
+    return {"_id": {"$in": keys}}
+
+
+def replace_filter(key: Any, limits: ServerLimits) -> dict[str, Any]:
+    """The filter of the replace that writes the document of ``key``."""
+    if limits.dotted_key_lookup and isinstance(key, dict):
+        return _dotted(key)
+    return {"_id": key}
+
+
+def _dotted(key: dict[str, Any]) -> dict[str, Any]:
+    return {f"_id.{k}": v for k, v in key.items()}
+
+
+# -- Arrow types ----------------------------------------------------------------------------
+
+
+def describe(kind: pa.DataType) -> str:
+    """An Arrow type as users read it in messages."""
+    return str(kind)
+
+
+def is_nested(kind: pa.DataType) -> bool:
+    """Whether values of this type are lists, structs or maps (not usable as keys)."""
+    kind = value_type(kind)
+    return bool(
+        pa.types.is_list(kind) or pa.types.is_large_list(kind)
+        or pa.types.is_fixed_size_list(kind) or pa.types.is_list_view(kind)
+        or pa.types.is_large_list_view(kind) or pa.types.is_struct(kind)
+        or pa.types.is_map(kind) or pa.types.is_union(kind)
+    )  # fmt: skip
+
+
+def value_type(kind: pa.DataType) -> pa.DataType:
+    """The type a column's values have: dictionary and run-end encodings removed."""
+    if pa.types.is_dictionary(kind):
+        return value_type(kind.value_type)
+    if pa.types.is_run_end_encoded(kind):
+        return value_type(kind.value_type)
+    if isinstance(kind, pa.ExtensionType):
+        return value_type(kind.storage_type)
+    return kind
+
+
+def decoded(array: pa.Array) -> pa.Array:
+    """The array with dictionary and run-end encodings (and extension types) removed."""
+    kind = array.type
+    if pa.types.is_dictionary(kind):
+        return decoded(array.dictionary_decode())
+    if pa.types.is_run_end_encoded(kind):
+        return decoded(pc.run_end_decode(array))
+    if isinstance(array, pa.ExtensionArray):
+        return decoded(array.storage)
+    return array
+
+
+def _physical(kind: pa.DataType) -> pa.DataType:
+    """The type whose Python values ``converter`` takes: times as their integers."""
+    kind = value_type(kind)
+    if pa.types.is_date32(kind) or pa.types.is_time32(kind):
+        return pa.int32()
+    if (
+        pa.types.is_timestamp(kind) or pa.types.is_date(kind) or pa.types.is_time(kind)
+        or pa.types.is_duration(kind)
+    ):  # fmt: skip
+        return pa.int64()
+    if pa.types.is_float16(kind) or pa.types.is_float32(kind):
+        return pa.float64()
+    if pa.types.is_list(kind) or pa.types.is_large_list(kind):
+        return pa.list_(_physical(kind.value_type))
+    if pa.types.is_fixed_size_list(kind):
+        return pa.list_(_physical(kind.value_type))
+    if pa.types.is_struct(kind):
+        return pa.struct([f.with_type(_physical(f.type)) for f in kind])
+    if pa.types.is_map(kind):
+        return pa.map_(_physical(kind.key_type), _physical(kind.item_type))
+    return kind
+
+
+def python_values(array: pa.Array, limits: ServerLimits) -> tuple[list[Any], dict[int, str]]:
+    """BSON-ready values of a column, and a reason for each row whose value cannot be stored."""
+    array = decoded(array)
+    convert = converter(array.type, limits)
+    target = _physical(array.type)
+    raw = array.cast(target) if target != array.type else array
+    values: list[Any] = []
+    bad: dict[int, str] = {}
+    for i, value in enumerate(raw.to_pylist()):
+        try:
+            values.append(None if value is None else convert(value))
+        except Unstorable as e:
+            values.append(None)
+            bad[i] = str(e)
+    return values, bad
+
+
+def converter(kind: pa.DataType, limits: ServerLimits) -> Convert:
+    """A function from a (physical, non-null) Python value of ``kind`` to its BSON value."""
+    kind = value_type(kind)
+    if pa.types.is_null(kind):
+        return lambda v: None
+    if pa.types.is_boolean(kind):
+        return bool
+    if pa.types.is_uint64(kind):
+        return lambda v: v if v <= INT64_MAX else _decimal(Decimal(v), limits, "uint64")
+    if pa.types.is_integer(kind):
+        return int
+    if pa.types.is_floating(kind):
+        return lambda v: _double(float(v), limits)
+    if pa.types.is_decimal(kind):
+        return lambda v: _decimal(v, limits, "decimal")
+    if pa.types.is_string(kind) or pa.types.is_large_string(kind) or pa.types.is_string_view(kind):
+        return str
+    if (
+        pa.types.is_binary(kind) or pa.types.is_large_binary(kind)
+        or pa.types.is_fixed_size_binary(kind) or pa.types.is_binary_view(kind)
+    ):  # fmt: skip
+        return bytes
+    if pa.types.is_timestamp(kind):
+        return lambda v: _date(_to_ms(v, kind.unit), limits)
+    if pa.types.is_date32(kind):
+        return lambda v: _date(v * MS_PER_DAY, limits)
+    if pa.types.is_date64(kind):
+        return lambda v: _date(v, limits)
+    if pa.types.is_time(kind):
+        return lambda v: time_text(v, kind.unit)
+    if pa.types.is_duration(kind):
+        return int
+    if pa.types.is_interval(kind):
+        return lambda v: {"months": v.months, "days": v.days, "nanoseconds": v.nanoseconds}
+    if (
+        pa.types.is_list(kind) or pa.types.is_large_list(kind)
+        or pa.types.is_fixed_size_list(kind)
+    ):  # fmt: skip
+        item = _nullable(converter(kind.value_type, limits))
+        return lambda v: [item(x) for x in v]
+    if pa.types.is_struct(kind):
+        fields = [(f.name, _nullable(converter(f.type, limits))) for f in kind]
+        return lambda v: {name: conv(v[name]) for name, conv in fields}
+    if pa.types.is_map(kind):
+        return _map(kind, limits)
+    name = describe(kind)
+    return lambda v: _raise(f"a value of Arrow type {name}, which has no BSON type")
+
+
+def _nullable(convert: Convert) -> Convert:
+    return lambda v: None if v is None else convert(v)
+
+
+def _raise(reason: str) -> Any:
+    raise Unstorable(reason)
+
+
+def _map(kind: pa.MapType, limits: ServerLimits) -> Convert:
+    key, item = value_type(kind.key_type), _nullable(converter(kind.item_type, limits))
+    if pa.types.is_string(key) or pa.types.is_large_string(key):
+
+        def subdocument(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+            out = {}
+            for k, v in pairs:
+                check_field_name(k, "map key")
+                out[k] = item(v)
+            return out
+
+        return subdocument
+    convert_key = converter(key, limits)
+    return lambda pairs: [{"k": convert_key(k), "v": item(v)} for k, v in pairs]
+
+
+def check_field_name(name: str, what: str) -> None:
+    """Raise Unstorable for a field name MongoDB cannot take ($-prefixed, with '.' or NUL)."""
+    if name.startswith("$") or "." in name or "\x00" in name or not name:
+        raise Unstorable(
+            f"{what} {name!r} cannot be a MongoDB field name (it is empty, starts with '$', "
+            "or holds '.' or NUL)"
+        )
+
+
+def _double(value: float, limits: ServerLimits) -> float:
+    if not limits.non_finite and not math.isfinite(value):
+        raise limits.refuse(f"{value} is not a finite number")
+    return value
+
+
+def _decimal(value: Decimal, limits: ServerLimits, what: str) -> Decimal128:
+    if not limits.decimal128:
+        raise limits.refuse(f"{what} {value} needs Decimal128")
+    try:
+        return Decimal128(value)
+    except Exception as e:  # more than 34 digits, or an exponent out of range
+        raise Unstorable(
+            f"{what} {value} does not fit Decimal128 (34 significant digits): {e}"
+        ) from None
+
+
+def _to_ms(value: int, unit: str) -> int:
+    """Milliseconds of a timestamp, truncated towards the past (as BSON dates are)."""
+    per = _PER_MS[unit]
+    return value * per if per > 0 else value // -per
+
+
+def _date(ms: int, limits: ServerLimits) -> DatetimeMS:
+    if not -(2**63) <= ms <= INT64_MAX:
+        raise Unstorable(f"{ms} ms from 1970 is beyond the range of a BSON date")
+    if limits.date_range is not None and not limits.date_range[0] <= ms <= limits.date_range[1]:
+        raise limits.refuse(f"the date {ms} ms from 1970 is outside the years 1-9999")
+    return DatetimeMS(ms)
+
+
+_TIME_UNITS = {"s": 1, "ms": 1000, "us": 1_000_000, "ns": 1_000_000_000}
+
+
+def time_text(value: int, unit: str) -> str:
+    """A time of day as ``HH:MM:SS[.ffffff]`` (digits below microseconds are dropped)."""
+    per = _TIME_UNITS[unit]
+    seconds, fraction = divmod(value, per)
+    hours, rest = divmod(seconds, 3600)
+    text = f"{hours:02d}:{rest // 60:02d}:{rest % 60:02d}"
+    micros = fraction * 1_000_000 // per
+    return f"{text}.{micros:06d}" if micros else text
+
+
+def bson_error(error: Exception) -> str:
+    """Why bson.encode refused a document, for a rejection."""
+    if isinstance(error, InvalidDocument):
+        return f"the record cannot be encoded as BSON: {error}"
+    return f"the record cannot be encoded as BSON: {type(error).__name__}: {error}"

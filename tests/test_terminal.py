@@ -1,0 +1,520 @@
+"""Every `lakesync` command as a person runs it: on a pseudo-terminal 80 columns wide (the
+command sees a tty, draws colours and a progress bar, takes Ctrl-C from the keyboard), and
+in a pipe, as scripts and cron run it."""
+
+from __future__ import annotations
+
+import fcntl
+import json
+import os
+import pty
+import re
+import select
+import signal
+import socket
+import struct
+import subprocess
+import sys
+import termios
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+import typer
+from tests.conftest import free_port, wait_for
+
+from lakesync.cli import app
+from lakesync.config import Settings
+from lakesync.demo import generate
+
+ROOT = Path(__file__).resolve().parent.parent
+ANSI = re.compile(r"\x1b\[[0-9;?]*[A-Za-z]|\x1b\][^\x07]*\x07|\x1b[()][A-Z0-9]")
+COMMANDS = sorted(typer.main.get_command(app).commands)  # type: ignore[attr-defined]
+
+
+def visible(raw: str) -> list[str]:
+    """The lines a person sees: colours and cursor moves removed, each redraw its own line."""
+    return [line.rstrip() for line in re.split(r"\r\n|\r|\n", ANSI.sub("", raw))]
+
+
+@dataclass
+class Terminal:
+    """A `lakesync` command on a pseudo-terminal of 80 x 24, as its controlling terminal."""
+
+    args: list[str]
+    env: dict[str, str]
+    columns: int = 80
+    raw: bytearray = field(default_factory=bytearray)
+    proc: subprocess.Popen[bytes] | None = None
+    _fd: int = -1
+    _reader: threading.Thread | None = None
+
+    def start(self) -> Terminal:
+        master, slave = pty.openpty()
+        fcntl.ioctl(slave, termios.TIOCSWINSZ, struct.pack("HHHH", 24, self.columns, 0, 0))
+        env = {k: v for k, v in self.env.items() if k not in ("COLUMNS", "LINES")}
+        env["TERM"] = "xterm-256color"
+
+        def controlling_tty() -> None:  # in the child: a session of its own, this pty its tty
+            os.setsid()
+            fcntl.ioctl(0, termios.TIOCSCTTY, 0)
+
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "lakesync", *self.args], env=env, cwd=ROOT,
+            stdin=slave, stdout=slave, stderr=slave, preexec_fn=controlling_tty,
+        )  # fmt: skip
+        os.close(slave)
+        self._fd = master
+        self._reader = threading.Thread(target=self._read, daemon=True)
+        self._reader.start()
+        return self
+
+    def _read(self) -> None:
+        while True:
+            ready, _, _ = select.select([self._fd], [], [], 0.2)
+            if not ready:
+                if self.proc is not None and self.proc.poll() is not None:
+                    # the child is gone; drain what is left
+                    ready, _, _ = select.select([self._fd], [], [], 0.2)
+                    if not ready:
+                        return
+                continue
+            try:
+                chunk = os.read(self._fd, 65536)
+            except OSError:  # EIO: every end of the slave is closed
+                return
+            if not chunk:
+                return
+            self.raw.extend(chunk)
+
+    @property
+    def text(self) -> str:
+        return bytes(self.raw).decode("utf-8", "replace")
+
+    @property
+    def lines(self) -> list[str]:
+        return visible(self.text)
+
+    def type(self, keys: str) -> None:
+        os.write(self._fd, keys.encode())
+
+    def ctrl_c(self) -> None:
+        """What the keyboard sends: the line discipline turns it into SIGINT to the
+        terminal's foreground process group."""
+        self.type("\x03")
+
+    def wait_for_text(self, text: str, timeout: float = 60) -> None:
+        wait_for(lambda: text in "\n".join(self.lines), timeout=timeout, every=0.05)
+
+    def wait(self, timeout: float = 120) -> int:
+        assert self.proc is not None and self._reader is not None
+        try:
+            code = self.proc.wait(timeout)
+        finally:
+            if self.proc.poll() is None:
+                self.proc.kill()
+        self._reader.join(10)
+        os.close(self._fd)
+        return code
+
+
+def on_terminal(env: dict[str, str], *args: str, keys: str = "", timeout: float = 120) -> Any:
+    """Run a command to its end on an 80-column terminal: (exit code, visible lines)."""
+    term = Terminal(list(args), env).start()
+    if keys:
+        time.sleep(0.5)
+        term.type(keys)
+    code = term.wait(timeout)
+    return code, term.lines
+
+
+def in_pipe(env: dict[str, str], *args: str, stdin: str = "") -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "lakesync", *args], env=env, cwd=ROOT, input=stdin,
+        capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+
+
+LOG_LINE = re.compile(r"^\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d+ [A-Z]+ ")
+
+
+def assert_fits(lines: list[str], columns: int = 80) -> None:
+    """What the command draws fits the terminal (log lines are one line each, however long)."""
+    too_wide = [line for line in lines if len(line) > columns and not LOG_LINE.match(line)]
+    assert not too_wide, too_wide
+    assert not any("Traceback" in line for line in lines), "\n".join(lines)
+
+
+def stored(db: Any, job_id: str) -> dict[str, Any]:
+    doc: dict[str, Any] = db.jobstatuses.find_one({"jobId": job_id})
+    return doc
+
+
+@pytest.fixture(scope="module")
+def lake20k(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """20,000 TaskDetail records, 12 of them bad."""
+    out = tmp_path_factory.mktemp("lake20k") / "tasks"
+    generate(out, 20_000, bad_rows=12, seed=3)
+    return out
+
+
+@pytest.fixture
+def env(settings: Settings, lake20k: Path) -> dict[str, str]:
+    assert settings.mongodb_uri is not None
+    out = {k: v for k, v in os.environ.items() if not k.startswith("LAKESYNC_")}
+    out.update(
+        LAKESYNC_MONGODB_URI=settings.mongodb_uri.get_secret_value(),
+        LAKESYNC_DATABASE=settings.database,
+        LAKESYNC_DATA_DIR=str(settings.data_dir),
+        LAKESYNC_LAKE_URI=str(lake20k),
+        PYTHONPATH=str(ROOT / "src"),
+    )
+    return out
+
+
+def test_every_command_has_help_that_fits_80_columns_and_shows_flags_as_flags(
+    env: dict[str, str],
+) -> None:
+    for command in [None, *COMMANDS]:
+        args = ["--help"] if command is None else [command, "--help"]
+        code, lines = on_terminal(env, *args)
+        piped = in_pipe(env, *args)
+        for where, out in (("terminal", "\n".join(lines)), ("pipe", piped.stdout)):
+            assert "Usage: lakesync" in out, (where, command, out)
+            assert "<bool>" not in out, (where, command, out)  # --json takes no value
+        assert code == 0 and piped.returncode == 0, (command, lines, piped.stderr)
+        assert_fits(lines)
+        assert_fits(piped.stdout.splitlines())
+        if command is None:
+            assert {"serve", "copy", "status", "jobs", "cancel", "resume", "mongo-uri"} <= set(
+                COMMANDS
+            )
+            for name in COMMANDS:
+                assert name in "\n".join(lines), name
+
+
+def test_copy_on_a_terminal_shows_the_progress_bar_then_the_summary(
+    env: dict[str, str], db: Any
+) -> None:
+    term = Terminal(["copy", "--batch-size", "500"], env).start()
+    code = term.wait(180)
+    lines = term.lines
+    text = "\n".join(lines)
+    assert code == 0, text
+    assert_fits(lines)
+    bars = [line for line in lines if line.startswith("copying")]
+    assert bars, text
+    assert any("/20,000 records" in bar and "%" in bar for bar in bars), bars
+    assert "100% 20,000/20,000 records" in bars[-1], bars[-1]
+    assert "━" in bars[-1]  # the bar itself
+    assert "\x1b[" in term.text  # colours: it knew it was on a terminal
+    words = " ".join(text.split())  # the summary wraps at 80 columns
+    assert "completed job_" in text and "Copied 20,000 records: 19,988 inserted" in words
+    job = db.jobstatuses.find_one()
+    assert (job["status"], job["processedRecords"], job["errorRecords"]) == ("completed", 20_000,
+                                                                             12)  # fmt: skip
+
+    # the same command in a pipe: no bar, no colours, the same summary on stdout
+    piped = in_pipe(env, "copy", "--batch-size", "500")
+    assert piped.returncode == 0, piped.stderr
+    assert "\x1b[" not in piped.stdout + piped.stderr and "━" not in piped.stderr
+    assert piped.stdout.startswith("completed job_") and "19,988 unchanged" in piped.stdout
+
+
+def test_ctrl_c_of_a_copy_leaves_it_resumable_and_resume_finishes_it(
+    env: dict[str, str], db: Any
+) -> None:
+    term = Terminal(["copy", "--batch-size", "100"], env).start()
+    wait_for(lambda: (db.jobstatuses.find_one() or {}).get("processedRecords", 0) >= 2000,
+             timeout=120, every=0.05)  # fmt: skip
+    term.wait_for_text("records")  # the bar is up
+    term.ctrl_c()
+    code = term.wait(60)
+    text = "\n".join(term.lines)
+    assert code == 1, text  # documented: 1 unless the job completed
+    assert "stopping after the current batch" in text and "Traceback" not in text
+    job = db.jobstatuses.find_one()
+    assert f"Continue it with `lakesync resume {job['jobId']}`" in " ".join(text.split())
+    assert job["status"] == "pending" and 2000 <= job["processedRecords"] < 20_000, job
+    assert f"pending {job['jobId']}" in text
+
+    # `lakesync resume` of the pending job nobody runs continues it from its checkpoint
+    resumed = Terminal(["resume", job["jobId"]], env).start()
+    assert resumed.wait(180) == 0, "\n".join(resumed.lines)
+    out = "\n".join(resumed.lines)
+    assert "resumed from its checkpoint" in out and "100% 20,000/20,000 records" in out
+    done = stored(db, job["jobId"])
+    assert done["status"] == "completed" and done["attempt"] == 2
+    assert (done["processedRecords"], done["insertedRecords"], done["errorRecords"]) == (
+        20_000, 19_988, 12)  # fmt: skip
+    assert db.taskdetails.count_documents({}) == 19_988
+
+    again = in_pipe(env, "resume", job["jobId"], "--json")  # completed: nothing to resume
+    assert again.returncode == 1
+    assert json.loads(again.stdout)["error"].startswith(f"Job {job['jobId']} is completed")
+
+
+def test_resume_refuses_a_job_another_process_runs(
+    env: dict[str, str], settings: Settings, db: Any
+) -> None:
+    from lakesync.runtime import Runtime
+
+    with Runtime(settings) as rt:
+        job, _ = rt.jobs.start("copy-taskdetail", trusted=True)
+        assert rt.store.claim(job.jobId, "another-worker", lease_seconds=600) is not None
+    run = in_pipe(env, "resume", job.jobId)
+    assert run.returncode == 1
+    assert "another process runs it right now" in run.stderr and "Traceback" not in run.stderr
+    assert stored(db, job.jobId)["owner"] == "another-worker"
+
+
+def test_status_and_jobs_at_80_columns(env: dict[str, str], db: Any) -> None:
+    first = in_pipe(env, "copy", "--json")
+    job = json.loads(first.stdout)
+    code, lines = on_terminal(env, "jobs")
+    assert code == 0
+    assert_fits(lines)
+    row = next(line for line in lines if line.startswith("job_"))
+    assert row.split()[0] == job["jobId"], row  # whole: it can be pasted into status
+    assert "completed" in row and "copy-taskdetail" in row and "20,000" in row
+
+    code, lines = on_terminal(env, "status", job["jobId"])
+    text = "\n".join(lines)
+    assert code == 0 and job["jobId"] in text
+    assert_fits(lines)
+    assert "{'" not in text and "':" not in text  # no Python dict
+    assert re.search(r"checkpoint +fileIndex: \d+", text), text
+    assert re.search(r"^ +batches: \d+$", text, re.M), text
+    assert re.search(r"processedRecords +20,000", text) and "cancelRequested   no" in text
+
+    piped = in_pipe(env, "jobs")
+    assert piped.returncode == 0 and job["jobId"] in piped.stdout
+    assert "\x1b[" not in piped.stdout
+
+
+def test_json_errors_go_to_stdout_as_json(env: dict[str, str]) -> None:
+    cases = [
+        (["status", "job_nosuchjob", "--json"], 1, "No job 'job_nosuchjob'"),
+        (["copy", "--batch-size", "many", "--json"], 1, "--batch-size"),
+        (["copy", "--mode", "sideways", "--json"], 1, "options.mode"),
+        (["jobs", "--limit", "0", "--json"], 2, "--limit"),
+        (["resume", "job_nosuchjob", "--json"], 1, "No job"),
+        (["operations", "--json", "--what"], 2, "No such option"),
+    ]
+    for args, code, words in cases:
+        run = in_pipe(env, *args)
+        assert run.returncode == code, (args, run.stderr)
+        lines = run.stdout.splitlines()
+        assert len(lines) == 1, (args, run.stdout)
+        assert words in json.loads(lines[0])["error"], (args, run.stdout)
+        assert "Traceback" not in run.stderr
+    code, lines = on_terminal(env, "status", "job_nosuchjob", "--json")
+    assert code == 1 and any(line.startswith('{"error": "No job') for line in lines), lines
+
+
+def test_cancel_asks_on_a_terminal_and_not_in_a_pipe(
+    env: dict[str, str], settings: Settings, db: Any
+) -> None:
+    from lakesync.runtime import Runtime
+
+    with Runtime(settings) as rt:  # no executor: jobs stay pending
+        kept, _ = rt.jobs.start("copy-taskdetail", trusted=True)
+        other, _ = rt.jobs.start("copy-taskdetail", {"source": settings.lake_uri + "/*"},
+                                 trusted=True)  # fmt: skip
+        third, _ = rt.jobs.start("copy-taskdetail", {"source": settings.lake_uri + "/**"},
+                                 trusted=True)  # fmt: skip
+
+    term = Terminal(["cancel", kept.jobId], env).start()
+    term.wait_for_text("[y/N]")
+    assert f"Cancel job {kept.jobId}" in "\n".join(term.lines)
+    term.type("n\n")
+    assert term.wait(60) == 1
+    assert "Not cancelled" in "\n".join(term.lines)
+    assert stored(db, kept.jobId)["status"] == "pending"
+
+    term = Terminal(["cancel", kept.jobId], env).start()
+    term.wait_for_text("[y/N]")
+    term.type("y\n")
+    assert term.wait(60) == 0
+    assert f"Job {kept.jobId} cancelled; 0 records had been copied." in "\n".join(term.lines)
+    assert stored(db, kept.jobId)["status"] == "cancelled"
+
+    code, lines = on_terminal(env, "cancel", "--yes", other.jobId)
+    assert code == 0 and not any("[y/N]" in line for line in lines), lines
+    assert stored(db, other.jobId)["status"] == "cancelled"
+
+    piped = in_pipe(env, "cancel", third.jobId)  # stdin is not a terminal: no question
+    assert piped.returncode == 0 and "[y/N]" not in piped.stderr, piped.stderr
+    assert stored(db, third.jobId)["status"] == "cancelled"
+
+
+def test_operations_demo_data_worker_and_mongo_uri(env: dict[str, str], tmp_path: Path) -> None:
+    code, lines = on_terminal(env, "operations")
+    assert code == 0 and "copy-taskdetail" in "\n".join(lines)
+    assert_fits(lines)
+    assert in_pipe(env, "operations").returncode == 0
+
+    code, lines = on_terminal(env, "demo-data", "--rows", "1", "--out", str(tmp_path / "one"))
+    assert code == 0 and "wrote 1 record (0 bad)" in "\n".join(lines), lines
+    piped = in_pipe(env, "demo-data", "--rows", "3", "--out", str(tmp_path / "three"))
+    assert piped.returncode == 0 and "wrote 3 records" in piped.stdout
+
+    code, lines = on_terminal(env, "worker")  # local executor: no broker to work for
+    assert code == 2 and any("LAKESYNC_BROKER_URL" in line for line in lines), lines
+    # (errors are one line, however long, for scripts: the terminal wraps them)
+
+    secret = env | {"LAKESYNC_MONGODB_URI": "mongodb://me:s3cret@db.example:27017/?tls=true"}
+    masked = in_pipe(secret, "mongo-uri")
+    assert masked.stdout == "mongodb://me:***@db.example:27017/" + env["LAKESYNC_DATABASE"] \
+        + "?tls=true\n"  # fmt: skip
+    shown = in_pipe(secret, "mongo-uri", "--show-password", "--json")
+    assert json.loads(shown.stdout)["uri"].startswith("mongodb://me:s3cret@")
+    code, lines = on_terminal(secret, "mongo-uri")
+    assert code == 0 and any("me:***@db.example" in line for line in lines)
+
+    embedded = {k: v for k, v in env.items() if k != "LAKESYNC_MONGODB_URI"}
+    embedded["LAKESYNC_DATA_DIR"] = str(tmp_path / "nothing-running")
+    down = in_pipe(embedded, "mongo-uri")
+    assert down.returncode == 1 and down.stdout == ""
+    assert "not running" in down.stderr and "lakesync serve" in down.stderr
+
+
+def test_serve_on_a_terminal_starts_prints_where_the_data_is_and_stops_on_ctrl_c(
+    env: dict[str, str], tmp_path: Path
+) -> None:
+    """The embedded server, as `make run` uses it: where the records are, and Ctrl-C."""
+    from pymongo import MongoClient
+
+    serve_env = {k: v for k, v in env.items() if k != "LAKESYNC_MONGODB_URI"}
+    serve_env["LAKESYNC_DATA_DIR"] = str(tmp_path / "data")
+    port = free_port()
+    term = Terminal(["serve", "--port", str(port)], serve_env).start()
+    try:
+        term.wait_for_text(f"open http://127.0.0.1:{port}/", timeout=90)
+        term.wait_for_text("lakesync mongo-uri")
+        r = httpx.post(f"http://127.0.0.1:{port}/api/jobs", json={"operation": "copy-taskdetail"})
+        assert r.status_code == 202, r.text
+        url = f"http://127.0.0.1:{port}/api/jobs/{r.json()['jobId']}"
+        wait_for(lambda: httpx.get(url).json()["status"] == "completed", timeout=120)
+
+        uri = in_pipe(serve_env, "mongo-uri")
+        assert uri.returncode == 0, uri.stderr
+        printed = uri.stdout.strip()
+        assert printed in "\n".join(term.lines)  # the same address serve printed
+        client: MongoClient[dict[str, Any]] = MongoClient(printed, serverSelectionTimeoutMS=5000)
+        try:  # the URI names the database: what mongosh "$(lakesync mongo-uri)" opens
+            database = client.get_default_database()
+            assert database.name == env["LAKESYNC_DATABASE"]
+            assert database.taskdetails.count_documents({}) == 19_988
+        finally:
+            client.close()
+
+        started = time.monotonic()
+        term.ctrl_c()
+        assert term.wait(30) in (0, 1, -signal.SIGINT, 130)
+        assert time.monotonic() - started < 10
+    finally:
+        if term.proc is not None and term.proc.poll() is None:
+            term.proc.kill()
+    text = "\n".join(term.lines)
+    assert "Traceback" not in text and "Exception in ASGI" not in text, text
+    assert "embedded MongoDB-wire server stopped" in text
+    assert in_pipe(serve_env, "mongo-uri").returncode == 1  # gone with serve
+
+
+def test_serve_on_a_taken_port_says_how_to_choose_another(env: dict[str, str]) -> None:
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        code, lines = on_terminal(env, "serve", "--port", str(port))
+        piped = in_pipe(env, "serve", "--port", str(port))
+    text = "\n".join(lines)
+    for out, rc in ((text, code), (piped.stderr + piped.stdout, piped.returncode)):
+        assert rc == 2, out
+        assert f"Port {port} on 127.0.0.1 is already in use" in out, out
+        assert "--port 8400" in out and "make run PORT=8400" in out
+        assert "serving on" not in out and "open http" not in out and "Traceback" not in out
+
+
+def test_make_run_takes_the_port() -> None:
+    run = subprocess.run(["make", "-n", "run", "PORT=8400"], cwd=ROOT, capture_output=True,
+                         text=True, check=True)  # fmt: skip
+    assert "lakesync serve --host 127.0.0.1 --port 8400" in run.stdout
+
+
+def _sse_client(url: str, seen: list[str], stop: threading.Event) -> None:
+    try:
+        with httpx.stream("GET", url, timeout=30) as r:
+            for line in r.iter_lines():
+                seen.append(line)
+                if stop.is_set():
+                    return
+    except httpx.HTTPError as e:
+        seen.append(f"error: {e}")
+
+
+def test_ctrl_c_of_serve_during_a_partitioned_copy_hands_the_job_back(
+    env: dict[str, str], db: Any
+) -> None:
+    serve_env = env | {
+        "LAKESYNC_PARTITION_ROWS": "2000",
+        "LAKESYNC_WORKERS": "2",
+        "LAKESYNC_BATCH_SIZE": "100",
+        "LAKESYNC_LEASE_SECONDS": "60",  # a resume within 5 s cannot be a lease expiry
+    }
+    port = free_port()
+    term = Terminal(["serve", "--port", str(port)], serve_env).start()
+    base = f"http://127.0.0.1:{port}"
+    stop = threading.Event()
+    try:
+        term.wait_for_text(f"open {base}/", timeout=90)
+        job_id = httpx.post(f"{base}/api/jobs", json={}).json()["jobId"]
+
+        def copying() -> bool:
+            doc = stored(db, job_id)
+            return bool(doc.get("partitions")) and doc.get("processedRecords", 0) >= 1000
+
+        wait_for(copying, timeout=120, every=0.1)
+        seen: list[str] = []  # the page's event stream stays open through the shutdown
+        sse = threading.Thread(target=_sse_client, args=(f"{base}/api/jobs/{job_id}/events",
+                                                         seen, stop), daemon=True)  # fmt: skip
+        sse.start()
+        wait_for(lambda: any(line.startswith("data:") for line in seen), timeout=30)
+        started = time.monotonic()
+        term.ctrl_c()
+        term.wait(30)
+        took = time.monotonic() - started
+    finally:
+        stop.set()
+        if term.proc is not None and term.proc.poll() is None:
+            term.proc.kill()
+    text = "\n".join(term.lines)
+    assert took < 8, (took, text)
+    assert "Exception in ASGI" not in text and "CancelledError" not in text, text
+    assert "Traceback" not in text, text
+    assert text.index("handing running jobs back") < text.index("running jobs handed back")
+    paused = stored(db, job_id)
+    assert paused["status"] == "pending", paused  # handed back, not left in_progress
+    before = paused["processedRecords"]
+    assert 0 < before < 20_000
+
+    port = free_port()
+    again = Terminal(["serve", "--port", str(port)], serve_env).start()
+    try:
+        again.wait_for_text(f"open http://127.0.0.1:{port}/", timeout=90)
+        up = time.monotonic()
+        wait_for(lambda: stored(db, job_id)["processedRecords"] > before, timeout=5, every=0.05)
+        assert time.monotonic() - up < 5
+        wait_for(lambda: stored(db, job_id)["status"] == "completed", timeout=180)
+    finally:
+        again.ctrl_c()
+        again.wait(30)
+    done = stored(db, job_id)
+    assert done["processedRecords"] == done["totalRecords"] == 20_000
+    assert done["failures"] == 0  # a hand-back, not a crash
+    assert db.taskdetails.count_documents({}) == 19_988
