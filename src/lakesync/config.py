@@ -63,7 +63,7 @@ class Settings(BaseSettings):
     executor: Literal["local", "celery"] = "local"
     broker_url: SecretStr | None = None
     workers: int = Field(2, ge=1, le=64)
-    lease_seconds: float = Field(60, gt=0)
+    lease_seconds: float = Field(120, gt=0)  # longer than the retry budget (see lease.py)
     max_attempts: int = Field(3, ge=1, le=100)
     retry_budget_seconds: float = Field(60, ge=0)
     demo_rows: int = Field(100_000, ge=1)

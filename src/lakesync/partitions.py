@@ -1,12 +1,18 @@
 """Partitioned copies: one job split into file ranges that workers copy in parallel.
 
 The job's first run plans the partitions (`jobpartitions`, one document each) and hands
-them to the executor. Each partition is claimed, checkpointed and counted on its own,
-exactly like a whole job (an atomic conditional update per batch). The job document then
-takes the sums of its partitions with `$max`: counters only grow, so a slow writer with
-older sums can never move them back, and a replayed update changes nothing. The
-partition that finds all others done completes the job; a partition that fails fails
-the job, naming itself.
+them to the executor. Each partition is a run of its own, with the same lease primitive
+(`lease.py`: claim, heartbeat, fence, hand back, take over) and the same batch loop
+(`batchloop.py`: fence, write, commit after checkpoint) as a whole job. The job document
+then takes the sums of its partitions with `$max`: counters only grow, so a slow writer
+with older sums can never move them back, and a replayed update changes nothing. The
+partition that finds all others done completes the job; a partition that fails fails the
+job, naming itself; a partition MongoDB or the lake cannot serve within the retry budget
+is handed back and resumed later.
+
+Whatever resumes a partitioned job (the API, `lakesync resume`, `lakesync copy` picking
+it up, the recovery scan) continues its partitions from their checkpoints; a job whose
+partitions are all done is completed by the next run of the job.
 """
 
 from __future__ import annotations
@@ -16,25 +22,25 @@ import logging
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
-from functools import partial
+from dataclasses import dataclass, field
+from functools import cached_property, partial
 from typing import Any
 
-from pymongo import ReturnDocument
 from pymongo.collection import Collection
 from pymongo.errors import BulkWriteError
 
 from lakesync import metrics
+from lakesync.batchloop import Outcome, copy_batches, summary
 from lakesync.config import Settings
-from lakesync.copy import CopyEngine
-from lakesync.errors import LakesyncError, LeaseLost
+from lakesync.copy import BatchResult
+from lakesync.errors import LakesyncError, LeaseLost, SourceError, TransientStoreError
 from lakesync.lake import Lake, Position
+from lakesync.lease import Heartbeat, Leases, run_owner
 from lakesync.logs import job_context
 from lakesync.models import ACTIVE_STATES, Checkpoint, Counters, JobState, JobStatus
 from lakesync.operations import OperationRegistry
 from lakesync.repeats import Superseded
 from lakesync.retry import RetryPolicy
-from lakesync.runner import Outcome, summary
 from lakesync.store import JobStore
 from lakesync.watermarks import WatermarkStore
 
@@ -48,6 +54,7 @@ COUNTERS = {
     "duplicateRecords": "duplicates",
     "errorRecords": "errors",
 }
+PARTITIONS = "jobpartitions"
 
 
 def plan(rows_per_file: list[int], target_rows: int) -> list[tuple[int, int]]:
@@ -71,46 +78,70 @@ def _now_ms() -> int:
     return int(time.time() * 1000)
 
 
+def partition_leases(coll: Collection[dict[str, Any]]) -> Leases:
+    """The lease primitive on partition documents (`_id` = "jobId:index")."""
+    return Leases(coll, "_id")
+
+
 @dataclass
 class PartitionedJobs:
-    """Plans, runs and aggregates the partitions of jobs."""
+    """Plans, runs and aggregates the partitions of jobs.
+
+    `submit` hands a partition to the executor; without one (`lakesync copy`, `lakesync
+    resume`), the job's run copies its partitions itself, one after another.
+    """
 
     settings: Settings
     store: JobStore
     registry: OperationRegistry
     owner: str
     stop: threading.Event
-    submit: Callable[[str, int], None]
+    submit: Callable[[str, int], None] | None = None
 
     @property
     def parts(self) -> Collection[dict[str, Any]]:
         """The `jobpartitions` collection."""
-        return self.store.db["jobpartitions"]
+        return self.store.db[PARTITIONS]
+
+    @cached_property
+    def leases(self) -> Leases:
+        """The lease primitive on partition documents."""
+        return partition_leases(self.parts)
+
+    def retry(self) -> RetryPolicy:
+        """The transient-failure policy for one run."""
+        return RetryPolicy(budget=self.settings.retry_budget_seconds, stop=self.stop,
+                           on_retry=metrics.RETRIES.inc)  # fmt: skip
 
     def ensure_indexes(self) -> None:
         """Index partitions by job; they expire with the job statuses."""
         self.parts.create_index("jobId")
+        self.parts.create_index("status")  # the recovery scan
         self.parts.create_index(
             "createdAt", expireAfterSeconds=int(self.settings.status_ttl_days * 86400)
         )
 
     def stale(self) -> list[tuple[str, int]]:
-        """Partitions whose run died (lease expired) or that wait with nobody running them."""
-        now = _now_ms()
-        query = {"$or": [
-            {"status": JobState.IN_PROGRESS.value,
-             "heartbeatMs": {"$lt": now - int(self.settings.lease_seconds * 1000)}},
-            {"status": JobState.PENDING.value,
-             "heartbeatMs": {"$lt": now - int(self.settings.lease_seconds * 1000)}},
-        ]}  # fmt: skip
-        out = []
-        for doc in self.parts.find(query, {"jobId": 1, "index": 1}).limit(200):
-            job = self.store.jobs.find_one({"jobId": doc["jobId"]}, {"status": 1})
-            if job is not None and job.get("status") == JobState.IN_PROGRESS.value:
-                out.append((str(doc["jobId"]), int(doc["index"])))
-        return out
+        """Partitions to run: pending ones and those whose lease expired (handed back
+        first), of jobs that are running."""
+        pending, expired = self.leases.scan(self.settings.lease_seconds)
+        found = pending + [d for d in expired if self.leases.reap(d["_id"], d) is not None]
+        out, running = [], {}
+        for doc in found:
+            job_id, index = str(doc["_id"]).rsplit(":", 1)
+            if job_id not in running:
+                job = self.store.jobs.find_one({"jobId": job_id}, {"status": 1})
+                running[job_id] = job is not None and job.get("status") == "in_progress"
+            if running[job_id]:
+                out.append((job_id, int(index)))
+        return out[:200]
 
-    # -- the job's run: plan or re-dispatch --------------------------------------------------
+    # -- the job's run: plan, dispatch or run inline ------------------------------------------
+
+    @property
+    def plans(self) -> bool:
+        """Whether new full copies are split (only where an executor runs partitions)."""
+        return self.submit is not None
 
     def start(
         self, status: JobStatus, owner: str, lake: Lake, total: int, checkpoint: Checkpoint
@@ -119,50 +150,100 @@ class PartitionedJobs:
 
         `checkpoint` carries the watermark the copy reaches (`until`), saved at completion.
         """
-        ranges = plan(lake.file_row_counts(), self.settings.partition_rows)
+        counts = lake.file_row_counts()
+        ranges = plan(counts, self.settings.partition_rows)
         if len(ranges) < 2:
             return False
-        counts = lake.file_row_counts()
+        policy = self.retry()
         now = _now_ms()
         docs = [
             {"_id": f"{status.jobId}:{i}", "jobId": status.jobId, "index": i,
              "fileStart": a, "fileStop": b, "rows": sum(counts[a:b]),
              "files": [lake.file_name(f) for f in range(a, b)],
-             "status": JobState.PENDING.value, "heartbeatMs": now, "attempt": 0,
+             "status": JobState.PENDING.value, "leaseBeat": 0, "attempt": 0,
              "createdAt": status.startTime, **{k: 0 for k in COUNTERS}}
             for i, (a, b) in enumerate(ranges)
         ]  # fmt: skip
-        with contextlib.suppress(BulkWriteError):  # planned by a run that died before recording
-            self.parts.insert_many(docs, ordered=False)
+
+        def insert() -> None:
+            with contextlib.suppress(BulkWriteError):  # planned by a run (or try) before
+                self.parts.insert_many(docs, ordered=False)
+
+        policy.call(insert, "planning the partitions")
         options = {**status.options, "mode": "full"}
         if lake.version is not None:
             options["deltaVersion"] = lake.version
-        self.store.update_run(
+        policy.call(lambda: self.store.update_run(
             status.jobId, owner, totalRecords=total, partitions=len(ranges), partitionsDone=0,
             partitionedAtMs=now, checkpoint=checkpoint.model_dump(), options=options,
             message=f"Copying {total:,} records in {len(ranges)} partitions",
-        )  # fmt: skip
+        ), "recording the partitions")  # fmt: skip
         self.dispatch(status.jobId, owner)
         return True
 
-    def dispatch(self, job_id: str, owner: str) -> None:
-        """Hand every unfinished partition to the executor and let go of the job document.
+    def _unfinished(self, job_id: str, policy: RetryPolicy) -> list[int]:
+        """Reopen failed or cancelled partitions (the job was resumed); the unfinished ones."""
 
-        The job runs again, so if some partitions failed or were stopped by that failure,
-        it was resumed (`lakesync resume`): they continue from their checkpoints.
-        """
-        self.parts.update_many(
-            {"jobId": job_id,
-             "status": {"$in": [JobState.FAILED.value, JobState.CANCELLED.value]}},
-            {"$set": {"status": JobState.PENDING.value, "heartbeatMs": _now_ms()},
-             "$unset": {"owner": "", "error": ""}},
-        )  # fmt: skip
-        for doc in self.parts.find(
-            {"jobId": job_id, "status": {"$in": list(ACTIVE_STATES)}}, {"index": 1}
-        ):
-            self.submit(job_id, int(doc["index"]))
-        self.store.let_go(job_id, owner)
-        logger.info("job %s: partitions dispatched", job_id)
+        def reopen() -> list[int]:
+            self.parts.update_many(
+                {"jobId": job_id,
+                 "status": {"$in": [JobState.FAILED.value, JobState.CANCELLED.value]}},
+                {"$set": {"status": JobState.PENDING.value}, "$unset": {"owner": "", "error": "",
+                                                                       "queued": ""}},
+            )  # fmt: skip
+            found = self.parts.find({"jobId": job_id, "status": {"$in": list(ACTIVE_STATES)}},
+                                    {"index": 1})  # fmt: skip
+            return sorted(int(d["index"]) for d in found)
+
+        return policy.call(reopen, "reading the partitions")
+
+    def dispatch(self, job_id: str, owner: str) -> None:
+        """Hand every unfinished partition to the executor and let go of the job document;
+        complete the job if none is left (its last partition's run died before ending it)."""
+        policy = self.retry()
+        left = self._unfinished(job_id, policy)
+        if not left:
+            self._complete_if_done(job_id, owner, policy)
+        assert self.submit is not None
+        for index in left:
+            self.submit(job_id, index)
+        with contextlib.suppress(LeaseLost):
+            policy.call(lambda: self.store.let_go(job_id, owner), "handing the job on")
+        logger.info("job %s: %d partitions dispatched", job_id, len(left))
+
+    def run_inline(
+        self,
+        job_id: str,
+        owner: str,
+        on_progress: Callable[[JobStatus], None] | None = None,
+    ) -> Outcome:
+        """Copy the job's unfinished partitions in this thread (no executor runs them)."""
+        policy = self.retry()
+        for index in self._unfinished(job_id, policy):
+            outcome = Outcome.CONTINUE
+            while outcome is Outcome.CONTINUE and not self.stop.is_set():
+                outcome = self.run(job_id, index, on_progress)
+            job = policy.call(lambda: self.store.get(job_id), "reading the job")
+            if job.state.is_final:
+                return Outcome.ENDED
+            if self.stop.is_set():
+                text = (f"Paused at record {job.processedRecords:,} (lakesync stopped); "
+                        "resumes from its partitions' checkpoints")  # fmt: skip
+                policy.call(partial(self.store.release, job_id, owner, text),
+                            "handing the job back")  # fmt: skip
+                return Outcome.CONTINUE
+        job = self._complete_if_done(job_id, owner, policy)
+        if not job.state.is_final:  # another process holds a partition: it ends the job
+            with contextlib.suppress(LeaseLost):
+                policy.call(lambda: self.store.let_go(job_id, owner), "handing the job on")
+        return Outcome.ENDED
+
+    def _complete_if_done(self, job_id: str, owner: str, policy: RetryPolicy) -> JobStatus:
+        job = policy.call(lambda: self.store.get(job_id), "reading the job")
+        job = policy.call(partial(self._aggregate, job), "updating the job's progress")
+        if not job.state.is_final and job.partitionsDone == job.partitions:
+            self._end_job(job, JobState.COMPLETED, policy, owner)
+        return job
 
     def hand_back(self, job_id: str) -> None:
         """After this process stopped its partitions of the job: if none runs anywhere, the
@@ -179,55 +260,102 @@ class PartitionedJobs:
 
     # -- one partition ---------------------------------------------------------------------
 
-    def run(self, job_id: str, index: int) -> Outcome:
+    def run(
+        self, job_id: str, index: int, on_progress: Callable[[JobStatus], None] | None = None
+    ) -> Outcome:
         """Copy one partition from its checkpoint until it ends, yields or is taken over."""
         with job_context(job_id):
-            return self._run(job_id, index)
+            owner = run_owner(self.owner)
+            policy = self.retry()
+            try:
+                job = policy.call(lambda: self.store.get(job_id), "reading the job")
+            except LakesyncError as e:
+                logger.error("job %s partition %d cannot be run: %s", job_id, index + 1, e)
+                return Outcome.NOT_CLAIMED
+            if job.state.is_final:
+                return Outcome.ENDED
+            with job_context(job_id, job.operation):  # every line of the run names both
+                return self._run_part(job, index, owner, policy, on_progress)
 
-    def _run(self, job_id: str, index: int) -> Outcome:
-        owner = f"{self.owner}:{threading.get_ident()}"
-        policy = RetryPolicy(budget=self.settings.retry_budget_seconds, stop=self.stop,
-                             on_retry=metrics.RETRIES.inc)  # fmt: skip
-        job = policy.call(lambda: self.store.get(job_id), "reading the job")
-        if job.state.is_final:
-            return Outcome.ENDED
-        with job_context(job_id, job.operation):  # every line of the run names both
-            return self._run_part(job, index, owner, policy)
+    def _claim(self, pid: str, owner: str) -> dict[str, Any] | None:
+        update = {"$inc": {"attempt": 1}}
+        return self.leases.claim(pid, owner, update) or self.leases.take_over(
+            pid, owner, self.settings.lease_seconds, update
+        )
 
-    def _run_part(self, job: JobStatus, index: int, owner: str, policy: RetryPolicy) -> Outcome:
-        job_id = job.jobId
-        part = policy.call(lambda: self._claim(job_id, index, owner), "claiming a partition")
-        if part is None:
+    def _run_part(
+        self,
+        job: JobStatus,
+        index: int,
+        owner: str,
+        policy: RetryPolicy,
+        on_progress: Callable[[JobStatus], None] | None,
+    ) -> Outcome:
+        job_id, pid = job.jobId, f"{job.jobId}:{index}"
+        try:
+            part = policy.call(partial(self._claim, pid, owner), "claiming a partition")
+            if part is None:
+                return Outcome.NOT_CLAIMED
+            # who ran it, for operators (a separate $push: nx-27017 ignores $addToSet)
+            ran_by = {"$push": {"ranBy": self.owner}}
+            policy.call(partial(self.parts.update_one, {"_id": pid}, ran_by),
+                        "recording the partition's runner")  # fmt: skip
+        except LakesyncError as e:
+            logger.error("job %s partition %d cannot be claimed: %s", job_id, index + 1, e)
             return Outcome.NOT_CLAIMED
-        # who ran it, for operators (a separate $push: nx-27017 ignores $addToSet)
-        self.parts.update_one({"_id": part["_id"]}, {"$push": {"ranBy": self.owner}})
         where = f"partition {index + 1} of {job.partitions} (files {part['fileStart'] + 1}" \
                 f"-{part['fileStop']})"  # fmt: skip
+        beat = Heartbeat(lambda: bool(self.leases.renew(pid, owner)) and False,
+                         self.settings.lease_seconds / 4, f"heartbeat-{pid}-{owner}")  # fmt: skip
         metrics.run_started(job_id)
         try:
-            return self._copy(job, part, owner, policy, where)
+            with beat:
+                return self._copy(job, part, owner, policy, where, beat, on_progress)
         except LeaseLost as e:
             logger.warning("job %s %s: %s", job_id, where, e)
             return Outcome.NOT_CLAIMED
+        except (TransientStoreError, SourceError) as e:
+            if isinstance(e, SourceError) and not e.details.get("transient"):
+                return self._failed(job, index, owner, where, str(e), policy)
+            logger.error("job %s %s: %s; handed back", job_id, where, e)
+            try:  # resumed from its checkpoint by a later run
+                self.leases.release(pid, owner, {"$set": {"error": str(e)}})
+            except Exception:
+                logger.error("job %s %s: could not hand it back; its lease will expire",
+                             job_id, where)  # fmt: skip
+            return Outcome.NOT_CLAIMED
         except LakesyncError as e:
-            logger.error("job %s %s failed: %s", job_id, where, e)
-            self._set_part(job_id, index, owner, JobState.FAILED, str(e))
-            self._fail_job(job, f"{where.capitalize()} failed: {e}")
-            return Outcome.ENDED
+            return self._failed(job, index, owner, where, str(e), policy)
         except Exception as e:
             logger.exception("job %s %s: unexpected error", job_id, where)
-            self._set_part(job_id, index, owner, JobState.FAILED, repr(e))
-            self._fail_job(job, f"{where.capitalize()} failed: {type(e).__name__}: {e}")
-            return Outcome.ENDED
+            return self._failed(job, index, owner, where, f"{type(e).__name__}: {e}", policy)
         finally:
             metrics.run_ended(job_id)
 
+    def _failed(
+        self, job: JobStatus, index: int, owner: str, where: str, error: str, policy: RetryPolicy
+    ) -> Outcome:
+        logger.error("job %s %s failed: %s", job.jobId, where, error)
+        try:
+            self._set_part(job.jobId, index, owner, JobState.FAILED, policy, error)
+            self._fail_job(job, policy, f"{where.capitalize()} failed: {error}", owner)
+        except LakesyncError as e:
+            logger.error("job %s: could not record the failure (%s); it stays resumable",
+                         job.jobId, e)  # fmt: skip
+        return Outcome.ENDED
+
     def _copy(
-        self, job: JobStatus, part: dict[str, Any], owner: str, policy: RetryPolicy, where: str
+        self,
+        job: JobStatus,
+        part: dict[str, Any],
+        owner: str,
+        policy: RetryPolicy,
+        where: str,
+        beat: Heartbeat,
+        on_progress: Callable[[JobStatus], None] | None,
     ) -> Outcome:
         job_id, index = job.jobId, int(part["index"])
         resolved = self.registry.resolve(job.operation, job.options, self.settings)
-        op, batch_size = resolved.op, resolved.batch_size
         if part.get("files") is not None:  # the files it was planned with, whatever changed
             lake = resolved.open_lake(self.settings, part["files"], int(part["fileStart"]))
             first, stop = 0, None
@@ -237,82 +365,45 @@ class PartitionedJobs:
         superseded = policy.call(
             lambda: Superseded.load(self.store.db, job_id, lake.files), "reading the plan"
         )
-        engine = CopyEngine(
-            self.store.db[op.collection], self.store.copyerrors, op.schema_, job_id, superseded
-        )
         cp = Checkpoint.model_validate(part.get("checkpoint") or {"fileIndex": first})
         start = lake.resume_position(Position(cp.fileIndex, cp.row), cp.file)
-        started = time.monotonic()
-        for batch in lake.batches(batch_size, start, stop_file=stop, prepare=engine.prepare):
-            result = policy.call(partial(engine.write, batch), f"writing a batch of {where}")
-            cp = Checkpoint(
-                fileIndex=batch.end.file_index,
-                row=batch.end.row,
-                batches=cp.batches + 1,
-                file=lake.file_name(batch.end.file_index),
-            )
-            policy.call(partial(self._commit, job_id, index, owner, result.counts, cp),
-                        f"committing a batch of {where}")  # fmt: skip
-            metrics.observe_batch(result.counts, result.write_seconds)
-            logger.debug(
-                "job %s %s batch %d: %s in %.3f s", job_id, where, cp.batches,
-                result.counts.model_dump(), result.write_seconds,
-                extra={"partition": index, "batch": cp.batches, **result.counts.model_dump(),
-                       "seconds": round(result.write_seconds, 4)},
-            )  # fmt: skip
-            job = policy.call(partial(self._aggregate, job), "updating the job's progress")
-            if job.state.is_final or job.cancelRequested:
-                self._set_part(job_id, index, owner, JobState.CANCELLED)
-                if job.cancelRequested and not job.state.is_final:
-                    self._end_job(job, JobState.CANCELLED)
-                return Outcome.ENDED
-            if self.stop.is_set() or time.monotonic() - started >= self.settings.job_time_limit:
-                self._release(job_id, index, owner)
-                return Outcome.CONTINUE
-        self._set_part(job_id, index, owner, JobState.COMPLETED)
-        job = self._aggregate(job)
-        if job.partitionsDone == job.partitions:
-            self._end_job(job, JobState.COMPLETED)
+        run = _PartitionRun(self, job, index, owner, policy, where, beat, on_progress)
+        outcome, cp = copy_batches(
+            run, self.store, resolved.op, job_id, lake, start, cp,
+            batch_size=resolved.batch_size, policy=policy, stop_file=stop, superseded=superseded,
+        )  # fmt: skip
+        if outcome is not None:
+            return outcome
+        self._set_part(job_id, index, owner, JobState.COMPLETED, policy)
+        job = policy.call(partial(self._aggregate, run.job), "updating the job's progress")
+        if on_progress:
+            on_progress(job)
+        if not job.state.is_final and job.partitionsDone == job.partitions:
+            self._end_job(job, JobState.COMPLETED, policy, owner)
         return Outcome.ENDED
 
     # -- documents ---------------------------------------------------------------------------
 
-    def _claim(self, job_id: str, index: int, owner: str) -> dict[str, Any] | None:
-        cutoff = _now_ms() - int(self.settings.lease_seconds * 1000)
-        return self.parts.find_one_and_update(
-            {"_id": f"{job_id}:{index}", "$or": [
-                {"status": JobState.PENDING.value},
-                {"status": JobState.IN_PROGRESS.value, "heartbeatMs": {"$lt": cutoff}}]},
-            {"$set": {"status": JobState.IN_PROGRESS.value, "owner": owner,
-                      "heartbeatMs": _now_ms()}, "$inc": {"attempt": 1}},
-            return_document=ReturnDocument.AFTER,
-        )  # fmt: skip
-
     def _commit(self, job_id: str, index: int, owner: str, delta: Counters, cp: Checkpoint) -> None:
         """Counters and checkpoint of a partition in one update, applied once per batch."""
-        query: dict[str, Any] = {"_id": f"{job_id}:{index}", "owner": owner,
-                                 "status": JobState.IN_PROGRESS.value}  # fmt: skip
-        if cp.batches > 1:
-            query["checkpoint.batches"] = cp.batches - 1
-        else:
-            query["checkpoint"] = None
-        update = {"$inc": {k: getattr(delta, v) for k, v in COUNTERS.items()},
-                  "$set": {"checkpoint": cp.model_dump(), "heartbeatMs": _now_ms()}}  # fmt: skip
-        if self.parts.find_one_and_update(query, update) is None:
-            current = self.parts.find_one({"_id": f"{job_id}:{index}", "owner": owner})
-            if current is None or current.get("checkpoint") != cp.model_dump():
-                raise LeaseLost(f"partition {index} of job {job_id} was taken over")
+        update = {"$inc": {k: getattr(delta, v) for k, v in COUNTERS.items()}}
+        try:
+            self.leases.commit(f"{job_id}:{index}", owner, cp.model_dump(), update)
+        except LeaseLost:
+            raise LeaseLost(f"partition {index + 1} of job {job_id} was taken over") from None
 
     def _aggregate(self, job: JobStatus) -> JobStatus:
         """Put the sums of the partitions into the job document (monotonic, so race-free).
 
         ``job`` is any recent status of the job: only what planning fixed is read from it
-        (total, partitions, start), so no read of the job document is needed.
+        (total, partitions, start), so no read of the job document is needed. Only the
+        counters of the partitions are read, never their file lists.
         """
         job_id = job.jobId
         sums = {k: 0 for k in COUNTERS}
         done = attempt = 0
-        for doc in self.parts.find({"jobId": job_id}):
+        fields = {**{k: 1 for k in COUNTERS}, "status": 1, "attempt": 1, "_id": 0}
+        for doc in self.parts.find({"jobId": job_id}, fields):
             for k in COUNTERS:
                 sums[k] += int(doc.get(k, 0))
             done += doc.get("status") == JobState.COMPLETED.value
@@ -320,53 +411,106 @@ class PartitionedJobs:
         total = max(job.totalRecords, 1)
         elapsed = max((_now_ms() - (job.partitionedAtMs or _now_ms())) / 1000, 1e-3)
         rate = sums["processedRecords"] / elapsed
-        fields = {
+        progress = {
             "percentComplete": round(100.0 * sums["processedRecords"] / total, 2),
             "recordsPerSecond": round(rate, 1),
             "etaSeconds": round((total - sums["processedRecords"]) / rate, 1) if rate else None,
             "message": f"Copying: {sums['processedRecords']:,} of {job.totalRecords:,} records, "
                        f"{done} of {job.partitions} partitions done",
-            "heartbeatMs": _now_ms(),
         }  # fmt: skip
         maxes = {**sums, "partitionsDone": done, "attempt": attempt}
-        return self.store.raise_totals(job_id, maxes, fields) or self.store.get(job_id)
+        return self.store.raise_totals(job_id, maxes, progress) or self.store.get(job_id)
 
     def _set_part(
-        self, job_id: str, index: int, owner: str, state: JobState, error: str | None = None
+        self,
+        job_id: str,
+        index: int,
+        owner: str,
+        state: JobState,
+        policy: RetryPolicy,
+        error: str | None = None,
     ) -> None:
-        fields: dict[str, Any] = {"status": state.value}
+        fields: dict[str, Any] = {}
         if error:
             fields["error"] = error
-        self.parts.update_one({"_id": f"{job_id}:{index}", "owner": owner}, {"$set": fields})
+        pid = f"{job_id}:{index}"
+        policy.call(partial(self.leases.settle, pid, owner, state.value, {"$set": fields}),
+                    f"recording partition {index + 1} {state.value}")  # fmt: skip
 
-    def _release(self, job_id: str, index: int, owner: str) -> None:
-        self.parts.update_one(
-            {"_id": f"{job_id}:{index}", "owner": owner},
-            {"$set": {"status": JobState.PENDING.value, "heartbeatMs": _now_ms()},
-             "$unset": {"owner": ""}},
-        )  # fmt: skip
-
-    def _end_job(self, job: JobStatus, state: JobState) -> None:
-        job = self._aggregate(job)
+    def _end_job(self, job: JobStatus, state: JobState, policy: RetryPolicy, owner: str) -> None:
+        job = policy.call(partial(self._aggregate, job), "updating the job's progress")
         job_id = job.jobId
         text = summary(job)
         if state is JobState.CANCELLED:
             text = f"Cancelled after {job.processedRecords:,} of {job.totalRecords:,} records; " \
                    + text[0].lower() + text[1:]  # fmt: skip
-        with contextlib.suppress(LeaseLost):  # another partition ended it first
-            ended = self.store.finish(job_id, None, state, text)  # cancelled if cancel came
-            reached = job.checkpoint.until if job.checkpoint else None
-            if ended.state is JobState.COMPLETED and reached is not None:
-                WatermarkStore(self.store.db).save(
-                    job.operation,
-                    str(job.options.get("source", "")),
-                    reached,
-                    job_id,
-                    "full",
-                    job.options.get("deltaVersion"),
-                )
+        try:
+            ended = policy.call(partial(self.store.finish, job_id, None, state, text, ender=owner),
+                                "ending the job")  # fmt: skip
+        except LeaseLost:  # another partition ended it first
+            return
+        reached = job.checkpoint.until if job.checkpoint else None
+        if ended.state is JobState.COMPLETED and reached is not None:  # not if cancel came
+            marks = WatermarkStore(self.store.db)
+            try:
+                policy.call(lambda: marks.save(
+                    job.operation, str(job.options.get("source", "")), reached, job_id, "full",
+                    job.options.get("deltaVersion")), "recording the watermark")  # fmt: skip
+            except LakesyncError as e:
+                logger.error("job %s: could not record the watermark (%s); the next "
+                             "incremental copy reads from the previous one", job_id, e)  # fmt: skip
 
-    def _fail_job(self, job: JobStatus, error: str) -> None:
-        self._aggregate(job)
+    def _fail_job(self, job: JobStatus, policy: RetryPolicy, error: str, owner: str) -> None:
+        policy.call(partial(self._aggregate, job), "updating the job's progress")
         with contextlib.suppress(LeaseLost):  # another partition ended it first
-            self.store.finish(job.jobId, None, JobState.FAILED, "Failed", error)
+            policy.call(partial(self.store.finish, job.jobId, None, JobState.FAILED, "Failed",
+                                error, ender=owner), "ending the job")  # fmt: skip
+
+
+@dataclass
+class _PartitionRun:
+    """The partition side of the batch loop: fence, commit, progress, stop."""
+
+    jobs: PartitionedJobs
+    job: JobStatus
+    index: int
+    owner: str
+    policy: RetryPolicy
+    where_: str
+    beat: Heartbeat
+    on_progress: Callable[[JobStatus], None] | None
+    started: float = field(default_factory=time.monotonic)
+    where: str = field(init=False)
+    log_extra: dict[str, Any] = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.where = f" of {self.where_}"
+        self.log_extra = {"partition": self.index}
+
+    def fence(self) -> None:
+        if self.beat.lost:
+            raise LeaseLost(f"{self.where_} of job {self.job.jobId} was taken over")
+        self.jobs.leases.check(f"{self.job.jobId}:{self.index}", self.owner)
+
+    def written(self, result: BatchResult, cp: Checkpoint) -> None:
+        return None
+
+    def commit(self, result: BatchResult, cp: Checkpoint) -> Outcome | None:
+        jobs, job_id, policy = self.jobs, self.job.jobId, self.policy
+        policy.call(partial(jobs._commit, job_id, self.index, self.owner, result.counts, cp),
+                    f"committing a batch{self.where}")  # fmt: skip
+        job = self.job = policy.call(partial(jobs._aggregate, self.job),
+                                     "updating the job's progress")  # fmt: skip
+        if self.on_progress:
+            self.on_progress(job)
+        if job.state.is_final or job.cancelRequested:
+            jobs._set_part(job_id, self.index, self.owner, JobState.CANCELLED, policy)
+            if job.cancelRequested and not job.state.is_final:
+                jobs._end_job(job, JobState.CANCELLED, policy, self.owner)
+            return Outcome.ENDED
+        limit = jobs.settings.job_time_limit
+        if jobs.stop.is_set() or time.monotonic() - self.started >= limit:
+            policy.call(lambda: jobs.leases.release(f"{job_id}:{self.index}", self.owner),
+                        f"handing back{self.where}")  # fmt: skip
+            return Outcome.CONTINUE
+        return None

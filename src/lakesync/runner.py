@@ -5,21 +5,19 @@ Every executor calls `JobRunner.run`; executors only decide where and when it ru
 
 from __future__ import annotations
 
+import contextlib
 import logging
-import os
-import socket
 import threading
 import time
-import uuid
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
-from enum import Enum
 from functools import cached_property, partial
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from lakesync import metrics, mirror, repeats
+from lakesync.batchloop import Outcome, copy_batches, summary
 from lakesync.config import Settings
-from lakesync.copy import CopyEngine
+from lakesync.copy import BatchResult
 from lakesync.errors import (
     JobError,
     LakesyncError,
@@ -28,11 +26,13 @@ from lakesync.errors import (
     TransientStoreError,
 )
 from lakesync.lake import Lake, Position
+from lakesync.lease import Heartbeat, new_owner, run_owner
 from lakesync.logs import job_context
 from lakesync.mirror import MirrorSet, key_type
 from lakesync.models import Checkpoint, Counters, JobState, JobStatus, Watermark
 from lakesync.mongo import mask_uri
 from lakesync.operations import OperationRegistry, ResolvedJob
+from lakesync.partitions import PartitionedJobs
 from lakesync.retry import RetryPolicy
 from lakesync.schema import check_columns
 from lakesync.store import JobStore
@@ -46,38 +46,9 @@ from lakesync.watermarks import (
     watermark_column,
 )
 
-if TYPE_CHECKING:
-    from lakesync.partitions import PartitionedJobs
+__all__ = ["JobRunner", "Outcome", "new_owner", "summary"]
 
 logger = logging.getLogger(__name__)
-
-
-class Outcome(Enum):
-    """How a run ended, so the executor knows whether to schedule another."""
-
-    ENDED = "ended"  # completed, failed or cancelled
-    CONTINUE = "continue"  # time limit or shutdown: a new run resumes from the checkpoint
-    NOT_CLAIMED = "not_claimed"  # someone else runs it, or it already ended
-
-
-def new_owner() -> str:
-    """An identity for this process's runs: host, pid and a random suffix."""
-    return f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:6]}"
-
-
-def summary(s: JobStatus) -> str:
-    """The human message of a finished copy."""
-    noun = "record" if s.processedRecords == 1 else "records"
-    text = (
-        f"Copied {s.processedRecords:,} {noun}: {s.insertedRecords:,} inserted, "
-        f"{s.updatedRecords:,} updated, {s.unchangedRecords:,} unchanged, "
-    )
-    if s.duplicateRecords:
-        text += f"{s.duplicateRecords:,} duplicate{'' if s.duplicateRecords == 1 else 's'}, "
-    text += f"{s.errorRecords:,} rejected"
-    if s.deletedRecords:
-        text += f", {s.deletedRecords:,} deleted"
-    return text
 
 
 @dataclass
@@ -89,10 +60,15 @@ class JobRunner:
     registry: OperationRegistry
     owner: str = field(default_factory=new_owner)
     stop: threading.Event = field(default_factory=threading.Event)
-    #: set when the executor can run partitions in parallel (see partitions.py)
-    partitioned: PartitionedJobs | None = None
+    #: partitions of partitioned jobs; its `submit` is set when an executor runs them
+    partitioned: PartitionedJobs = field(init=False)
     #: failures that could not be written (the database refused every write): job -> error
     unrecorded: dict[str, str] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        self.partitioned = PartitionedJobs(
+            self.settings, self.store, self.registry, self.owner, self.stop
+        )
 
     @cached_property
     def watermarks(self) -> WatermarkStore:
@@ -107,7 +83,7 @@ class JobRunner:
 
     def run(self, job_id: str, on_progress: Callable[[JobStatus], None] | None = None) -> Outcome:
         """Run one job from its checkpoint until it ends, yields or loses its lease."""
-        owner = f"{self.owner}:{threading.get_ident()}"
+        owner = run_owner(self.owner)
         policy = self.retry()
         try:
             status = policy.call(
@@ -145,14 +121,13 @@ class JobRunner:
             self._end(job_id, owner, JobState.CANCELLED, f"Cancelled; {summary(status)[0].lower()}"
                       f"{summary(status)[1:]}")  # fmt: skip
             return Outcome.ENDED
-        if status.partitions and self.partitioned is not None:  # partitions run on their own
-            self.partitioned.dispatch(job_id, owner)
-            return Outcome.ENDED
-        beat = _Heartbeat(self.store, job_id, owner, self.settings.lease_seconds / 4)
-        beat.start()
+        if status.partitions:  # continued from its partitions, whatever resumed it
+            return self._partitions(status, owner, policy, on_progress)
+        beat = self._heartbeat(job_id, owner)
         metrics.run_started(job_id)
         try:
-            return self._copy(status, owner, policy, beat, on_progress)
+            with beat:
+                return self._copy(status, owner, policy, beat, on_progress)
         except LeaseLost as e:
             log.warning("%s", e, exc_info=True)
             return Outcome.NOT_CLAIMED
@@ -170,8 +145,11 @@ class JobRunner:
                 return Outcome.ENDED
             log.error("job %s: %s", job_id, e)
             try:  # S3 unreachable or throttling: resume from the checkpoint, up to MAX_ATTEMPTS
-                self.store.update_run(job_id, owner, error=str(e))  # shown if it gives up
-                self.store.release(job_id, owner, f"Lake unavailable: {e}", failure=True)
+                text = str(e)  # shown if it gives up
+                policy.call(partial(self.store.update_run, job_id, owner, error=text),
+                            "recording the error")  # fmt: skip
+                policy.call(partial(self.store.release, job_id, owner, f"Lake unavailable: {text}",
+                                    failure=True), "handing the job back")  # fmt: skip
             except Exception:
                 log.error("job %s: could not hand the job back; its lease will expire", job_id)
             return Outcome.NOT_CLAIMED
@@ -185,15 +163,46 @@ class JobRunner:
             self._try_end(job_id, owner, JobState.FAILED, "Failed", error)
             return Outcome.ENDED
         finally:
-            beat.cancel()
             metrics.run_ended(job_id)
+
+    def _heartbeat(self, job_id: str, owner: str) -> Heartbeat:
+        """The job's heartbeat thread: renews the lease, notices cancel requests."""
+
+        def renew() -> bool:
+            return self.store.heartbeat(job_id, owner).cancelRequested
+
+        return Heartbeat(renew, self.settings.lease_seconds / 4, f"heartbeat-{job_id}-{owner}")
+
+    def _partitions(
+        self,
+        status: JobStatus,
+        owner: str,
+        policy: RetryPolicy,
+        on_progress: Callable[[JobStatus], None] | None,
+    ) -> Outcome:
+        """Continue a partitioned job: dispatch its partitions, or copy them here."""
+        job_id = status.jobId
+        try:
+            if self.partitioned.submit is not None:
+                self.partitioned.dispatch(job_id, owner)
+                return Outcome.ENDED
+            with self._heartbeat(job_id, owner):
+                return self.partitioned.run_inline(job_id, owner, on_progress)
+        except LeaseLost as e:
+            logger.warning("%s", e)
+            return Outcome.NOT_CLAIMED
+        except LakesyncError as e:  # MongoDB gone past the budget: its lease expires
+            logger.error("job %s: could not continue its partitions: %s", job_id, e)
+            with contextlib.suppress(Exception):
+                self.store.release(job_id, owner, f"MongoDB unavailable: {e}", failure=True)
+            return Outcome.NOT_CLAIMED
 
     def _copy(
         self,
         status: JobStatus,
         owner: str,
         policy: RetryPolicy,
-        beat: _Heartbeat,
+        beat: Heartbeat,
         on_progress: Callable[[JobStatus], None] | None,
     ) -> Outcome:
         job_id = status.jobId
@@ -229,7 +238,7 @@ class JobRunner:
                 "planning repeated keys",
             )
             if (
-                self.partitioned is not None
+                self.partitioned.plans
                 and mode == "full"
                 and self.partitioned.start(status, owner, lake, total, cp)
             ):
@@ -240,7 +249,7 @@ class JobRunner:
             if lake.since_version is not None:
                 pinned["sinceDeltaVersion"] = lake.since_version
             if seen is not None:
-                mirror.sweep(db, self.store.jobs)
+                policy.call(lambda: mirror.sweep(db, self.store.jobs), "sweeping key sets")
                 policy.call(seen.begin, "starting the mirror's key set")
             what = f"{total:,} records" + (f" changed since {shown(since)}" if since else "")
             status = policy.call(lambda: self.store.update_run(
@@ -254,47 +263,26 @@ class JobRunner:
         if on_progress:
             on_progress(status)
         superseded = policy.call(lambda: repeats.Superseded.load(db, job_id), "reading the plan")
-        engine = CopyEngine(
-            db[op.collection], self.store.copyerrors, op.schema_, job_id, superseded
-        )
         clock = _Clock()
         start = lake.resume_position(Position(cp.fileIndex, cp.row), cp.file)
         # A Delta version's files never change, so its range needs no upper bound; that also
         # keeps records above `until`'s last whole millisecond, which files added later
         # cannot bring back
         reading = lake_filter(lake, cp.since, cp.until if lake.version is None else None)
-        # the lake's reader thread validates, encodes and hashes the next batch meanwhile
-        for batch in lake.batches(batch_size, start, filter=reading, prepare=engine.prepare):
-            result = policy.call(partial(engine.write, batch), f"writing batch {cp.batches + 1}")
-            if seen is not None and status.errorRecords + result.counts.errors == 0:
-                # with a rejected record the delete phase is refused: no need to remember keys
-                policy.call(partial(seen.add, result.keys), f"recording keys of {cp.batches + 1}")
-            end = batch.end
-            cp = cp.model_copy(update={"fileIndex": end.file_index, "row": end.row,
-                                       "batches": cp.batches + 1,
-                                       "file": lake.file_name(end.file_index)})  # fmt: skip
-            clock.done += result.counts.processed
-            derived = _progress(status, result.counts, clock.done, clock.elapsed())
-            status = policy.call(
-                partial(self.store.commit, job_id, owner, result.counts, cp, derived),
-                f"committing batch {cp.batches}",
-            )
-            metrics.observe_batch(result.counts, result.write_seconds)
-            logger.debug(
-                "job %s batch %d: %s in %.3f s", job_id, cp.batches,
-                result.counts.model_dump(), result.write_seconds,
-                extra={"jobId": job_id, "operation": status.operation, "batch": cp.batches,
-                       **result.counts.model_dump(), "seconds": round(result.write_seconds, 4)},
-            )  # fmt: skip
-            if on_progress:
-                on_progress(status)
-            if (paused := self._interrupted(status, owner, beat, clock)) is not None:
-                return paused
-        final = self.store.get(job_id)
+        run = _JobRun(self, status, owner, policy, beat, clock, seen, on_progress)
+        paused, cp = copy_batches(
+            run, self.store, op, job_id, lake, start, cp,
+            batch_size=batch_size, policy=policy, filter=reading, superseded=superseded,
+        )  # fmt: skip
+        if paused is not None:
+            return paused
+        final = policy.call(lambda: self.store.get(job_id), "reading the job")
         if final.processedRecords != final.totalRecords:
             logger.warning("job %s: processed %d but counted %d at start (lake changed?)",
                            job_id, final.processedRecords, final.totalRecords)  # fmt: skip
-            final = self.store.update_run(job_id, owner, totalRecords=final.processedRecords)
+            done_count = final.processedRecords
+            final = policy.call(lambda: self.store.update_run(
+                job_id, owner, totalRecords=done_count), "correcting the total")  # fmt: skip
         message = summary(final)
         if seen is not None:
             refused = mirror.refusal(final, op.collection, options.allowEmpty)
@@ -302,12 +290,13 @@ class JobRunner:
                 refused = mirror.LOST
             if refused is not None:
                 self._end(job_id, owner, JobState.FAILED, f"{message}; nothing deleted", refused)
-                mirror.drop_seen(db, job_id)  # a resumed run would refuse again: not needed
+                # a resumed run would refuse again: not needed
+                policy.call(lambda: mirror.drop_seen(db, job_id), "dropping the key set")
                 return Outcome.ENDED
             ended = self._delete_missing(final, cp, seen, owner, policy, beat, clock, on_progress)
             if ended is not None:
                 return ended
-            final = self.store.get(job_id)
+            final = policy.call(lambda: self.store.get(job_id), "reading the job")
             message = summary(final)
         if cp.since is not None:
             message += f" (records changed since {shown(cp.since)})"
@@ -325,7 +314,7 @@ class JobRunner:
         seen: MirrorSet,
         owner: str,
         policy: RetryPolicy,
-        beat: _Heartbeat,
+        beat: Heartbeat,
         clock: _Clock,
         on_progress: Callable[[JobStatus], None] | None,
     ) -> Outcome | None:
@@ -352,11 +341,11 @@ class JobRunner:
             metrics.observe_batch(Counters(deleted=len(gone)), time.perf_counter() - started)
             if on_progress:
                 on_progress(status)
-            if (paused := self._interrupted(status, owner, beat, clock)) is not None:
+            if (paused := self._interrupted(status, owner, beat, clock, policy)) is not None:
                 return paused
 
     def _interrupted(
-        self, status: JobStatus, owner: str, beat: _Heartbeat, clock: _Clock
+        self, status: JobStatus, owner: str, beat: Heartbeat, clock: _Clock, policy: RetryPolicy
     ) -> Outcome | None:
         """After a commit: end on cancel, hand back on stop or at the time limit, else None."""
         job_id = status.jobId
@@ -367,18 +356,16 @@ class JobRunner:
                       + summary(status)[1:])  # fmt: skip
             return Outcome.ENDED
         if self.stop.is_set():
-            self.store.release(job_id, owner, f"Paused at record {status.processedRecords:,} "
-                               "(lakesync stopped); resumes from this checkpoint")  # fmt: skip
-            return Outcome.CONTINUE
-        if clock.elapsed() >= self.settings.job_time_limit:
-            self.store.release(
-                job_id, owner,
-                f"Run {status.attempt} reached the {self.settings.job_time_limit:g} s time "
-                f"limit at record {status.processedRecords:,} of {status.totalRecords:,}; "
-                f"continuing in run {status.attempt + 1}",
-            )  # fmt: skip
-            return Outcome.CONTINUE
-        return None
+            text = (f"Paused at record {status.processedRecords:,} (lakesync stopped); "
+                    "resumes from this checkpoint")  # fmt: skip
+        elif clock.elapsed() >= self.settings.job_time_limit:
+            text = (f"Run {status.attempt} reached the {self.settings.job_time_limit:g} s time "
+                    f"limit at record {status.processedRecords:,} of {status.totalRecords:,}; "
+                    f"continuing in run {status.attempt + 1}")  # fmt: skip
+        else:
+            return None
+        policy.call(lambda: self.store.release(job_id, owner, text), "handing the job back")
+        return Outcome.CONTINUE
 
     def _open_lake(self, job: ResolvedJob, mode: str, first_run: bool, policy: RetryPolicy) -> Lake:
         """The job's lake. An incremental copy of a Delta table opens only the files added
@@ -437,7 +424,9 @@ class JobRunner:
             lambda: self.store.finish(job_id, owner, state, message, error), "ending the job"
         )
         if state is not JobState.FAILED:  # a failed job may be resumed: it needs its keys
-            mirror.drop_seen(self.store.db, job_id)
+            with contextlib.suppress(LakesyncError):  # swept later if this fails
+                self.retry().call(lambda: mirror.drop_seen(self.store.db, job_id),
+                                  "dropping the key set")  # fmt: skip
         return done
 
     def _try_end(self, job_id: str, owner: str, state: JobState, message: str, error: str) -> None:
@@ -473,23 +462,41 @@ def _progress(status: JobStatus, delta: Counters, run_done: int, elapsed: float)
     }
 
 
-class _Heartbeat(threading.Thread):
-    """Renews the lease while a batch or a count takes long, and notices cancel requests."""
+@dataclass
+class _JobRun:
+    """The whole-job side of the batch loop: fence, mirror keys, commit, progress, stop."""
 
-    def __init__(self, store: JobStore, job_id: str, owner: str, every: float) -> None:
-        super().__init__(name=f"heartbeat-{job_id}", daemon=True)
-        self.store, self.job_id, self.owner, self.every = store, job_id, owner, max(every, 0.5)
-        self._done = threading.Event()
-        self.cancel_seen = False
+    runner: JobRunner
+    status: JobStatus
+    owner: str
+    policy: RetryPolicy
+    beat: Heartbeat
+    clock: _Clock
+    seen: MirrorSet | None
+    on_progress: Callable[[JobStatus], None] | None
+    where: str = ""
+    log_extra: dict[str, Any] = field(default_factory=dict)
 
-    def run(self) -> None:
-        while not self._done.wait(self.every):
-            try:
-                self.cancel_seen = self.store.heartbeat(self.job_id, self.owner).cancelRequested
-            except LeaseLost:
-                return
-            except Exception as e:  # a missed beat is retried at the next tick
-                logger.debug("heartbeat of %s failed: %s", self.job_id, e)
+    def fence(self) -> None:
+        if self.beat.lost:
+            raise LeaseLost(f"Job {self.status.jobId} is no longer owned by {self.owner}.")
+        self.runner.store.leases.check(self.status.jobId, self.owner)
 
-    def cancel(self) -> None:
-        self._done.set()
+    def written(self, result: BatchResult, cp: Checkpoint) -> None:
+        # with a rejected record the delete phase is refused: no need to remember keys
+        if self.seen is not None and self.status.errorRecords + result.counts.errors == 0:
+            self.policy.call(partial(self.seen.add, result.keys),
+                             f"recording keys of {cp.batches}")  # fmt: skip
+
+    def commit(self, result: BatchResult, cp: Checkpoint) -> Outcome | None:
+        store, job_id = self.runner.store, self.status.jobId
+        self.clock.done += result.counts.processed
+        derived = _progress(self.status, result.counts, self.clock.done, self.clock.elapsed())
+        self.status = self.policy.call(
+            partial(store.commit, job_id, self.owner, result.counts, cp, derived),
+            f"committing batch {cp.batches}",
+        )
+        if self.on_progress:
+            self.on_progress(self.status)
+        return self.runner._interrupted(self.status, self.owner, self.beat, self.clock,
+                                        self.policy)  # fmt: skip

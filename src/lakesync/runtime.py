@@ -41,18 +41,9 @@ class Runtime:
                 ensure_demo_lake(settings)
             self.runner = JobRunner(settings, self.store, self.registry)
             self.executor: Executor | None = self._executor(executor)
-            if self.executor is not None:
-                from lakesync.partitions import PartitionedJobs
-
-                self.runner.partitioned = PartitionedJobs(
-                    settings,
-                    self.store,
-                    self.registry,
-                    self.runner.owner,
-                    self.runner.stop,
-                    submit=self.executor.submit_partition,
-                )
-                self.runner.partitioned.ensure_indexes()
+            if self.executor is not None:  # else a job's run copies its partitions itself
+                self.runner.partitioned.submit = self.executor.submit_partition
+            self.runner.partitioned.ensure_indexes()
         except BaseException:
             self.mongo.close()
             raise
@@ -70,7 +61,7 @@ class Runtime:
         if kind == "celery":
             from lakesync.executors.celery import CeleryExecutor
 
-            celery: Executor = CeleryExecutor(self.settings)
+            celery: Executor = CeleryExecutor(self.settings, self.store)
             return celery
         from lakesync.executors.local import LocalExecutor
 

@@ -1,11 +1,9 @@
 """The job status store: `jobstatuses` documents created, claimed, advanced and ended.
 
 Every state change is one atomic conditional update on the job document. A run owns a job
-while `owner` names it and its heartbeat is fresh; every write of a run is filtered on its
-owner, so a run whose job was taken over learns it (LeaseLost) instead of writing over it.
-Times written after creation use `$currentDate` (the server's clock, kept as a date on
-every MongoDB-wire server). Leases are compared on `heartbeatMs`, a number (epoch ms), not on
-the `heartbeatAt` date: nx-27017 cannot range-query a date written by `$currentDate`.
+through the lease primitive of `lease.py` (the same one partitions use): every write of a
+run is filtered on its owner, so a run whose job was taken over learns it (LeaseLost)
+instead of writing over it, and expiry is judged on the server's clock only.
 
 Every write also increments `revision`, and every document this process writes or reads
 is kept in `RecentStatuses`, newest revision wins. Status polls (`JobStore.recent`) are
@@ -39,6 +37,7 @@ from lakesync.errors import (
     LeaseLost,
     RequestError,
 )
+from lakesync.lease import Leases, beat
 from lakesync.models import (
     ACTIVE_STATES,
     FINAL_STATES,
@@ -56,7 +55,6 @@ logger = logging.getLogger(__name__)
 IDEMPOTENCY_TTL_SECONDS = 24 * 3600
 #: a key taken this long ago by a request that never bound a job to it is taken over
 IDEMPOTENCY_CLAIM_SECONDS = 30
-_NOW = {"updatedAt": True, "heartbeatAt": True}
 
 
 def _now_ms() -> int:
@@ -69,21 +67,15 @@ def _rev(update: dict[str, Any]) -> dict[str, Any]:
     return update
 
 
-def _beat(update: dict[str, Any]) -> dict[str, Any]:
-    """Add the lease stamp (heartbeatMs), the server-side times and the revision to an update."""
-    update.setdefault("$set", {})["heartbeatMs"] = _now_ms()
-    update.setdefault("$currentDate", {}).update(_NOW)
+def _stamp(update: dict[str, Any]) -> dict[str, Any]:
+    """The job document's own bookkeeping on every write: `updatedAt` and the revision."""
+    update.setdefault("$currentDate", {})["updatedAt"] = True
     return _rev(update)
 
 
-def _field(doc: Mapping[str, Any], path: str) -> Any:
-    """The value at a dotted path of a document (None when absent)."""
-    value: Any = doc
-    for part in path.split("."):
-        if not isinstance(value, Mapping):
-            return None
-        value = value.get(part)
-    return value
+def _beat(update: dict[str, Any]) -> dict[str, Any]:
+    """Add a lease beat (see lease.py), the server-side times and the revision to an update."""
+    return _stamp(beat(update))
 
 
 def flight_key(operation: str, source: str) -> str:
@@ -170,6 +162,11 @@ class JobStore:
         self.seen = RecentStatuses()
         #: called once with a job's final status by the write that ended it (notify.py)
         self.on_end: Callable[[JobStatus], None] | None = None
+
+    @property
+    def leases(self) -> Leases:
+        """The lease primitive on job documents (partitions use the same on theirs)."""
+        return Leases(self.jobs, "jobId", _stamp, projection={"_id": 0})
 
     def ensure_indexes(self) -> None:
         """Create the indexes the contract names (idempotent)."""
@@ -351,16 +348,26 @@ class JobStore:
         return {str(d["_id"]): int(d["n"]) for d in self.jobs.aggregate(pipeline)}
 
     def stale(self, lease_seconds: float) -> list[str]:
-        """Jobs in progress whose owner stopped heartbeating, and pending jobs left waiting."""
-        now = _now_ms()
-        query = {
-            "$or": [
-                {"status": JobState.IN_PROGRESS.value,
-                 "heartbeatMs": {"$lt": now - int(lease_seconds * 1000)}},
-                {"status": JobState.PENDING.value, "heartbeatMs": {"$lt": now - 2000}},
-            ]
-        }  # fmt: skip
-        return [d["jobId"] for d in self.jobs.find(query, {"jobId": 1}).limit(100)]
+        """Jobs to run: pending ones, and those whose lease expired, handed back first."""
+        pending, expired = self.leases.scan(lease_seconds)
+        out = [str(d["jobId"]) for d in pending]
+        out += [str(d["jobId"]) for d in expired if self.reap(str(d["jobId"]), d)]
+        return out[:100]
+
+    def reap(self, job_id: str, seen: dict[str, Any]) -> bool:
+        """Hand back a job whose lease a scan `seen` expired; False if it beat since.
+
+        A run that died holding it counts as a failure towards LAKESYNC_MAX_ATTEMPTS; a
+        partitioned job nobody holds (its partitions run on their own) does not.
+        """
+        message = {"$set": {"message": "Its run stopped; resuming from the checkpoint"}}
+        doc = self.leases.reap(job_id, seen, message)
+        if doc is None:
+            return False
+        logger.warning("job %s: its lease expired; handed back to be resumed", job_id)
+        if doc.get("owner"):
+            self._count_crash(job_id, int(doc.get("processedRecords", 0)), doc)
+        return True
 
     # -- creating ------------------------------------------------------------------------
 
@@ -451,52 +458,42 @@ class JobStore:
         Taking over an in-progress job means its previous run died: that counts as a failure
         towards LAKESYNC_MAX_ATTEMPTS.
         """
-        cutoff = _now_ms() - int(lease_seconds * 1000)
-        update = _beat({
-            "$set": {"owner": owner, "status": JobState.IN_PROGRESS.value, "runProcessed": 0,
-                     "message": "Started: opening the lake"},  # not "Waiting for a worker"
+        update: dict[str, dict[str, Any]] = {
+            "$set": {"runProcessed": 0, "message": "Started: opening the lake"},
             "$inc": {"attempt": 1},
             "$currentDate": {"runStartedAt": True},
-        })  # fmt: skip
-        pending = {"jobId": job_id, "status": JobState.PENDING.value}
-        doc = self.jobs.find_one_and_update(
-            pending, update, projection={"_id": 0}, return_document=ReturnDocument.AFTER
-        )
+        }  # fmt: skip
+        doc = self.leases.claim(job_id, owner, update)
         if doc is None:
-            expired = {
-                "jobId": job_id,
-                "status": JobState.IN_PROGRESS.value,
-                "heartbeatMs": {"$lt": cutoff},
-            }
             update["$inc"]["failures"] = 1
-            doc = self.jobs.find_one_and_update(
-                expired, update, projection={"_id": 0}, return_document=ReturnDocument.AFTER
-            )
+            doc = self.leases.take_over(job_id, owner, lease_seconds, update)
             if doc is not None:
-                logger.warning(
-                    "job %s: took over from a run whose lease expired",
-                    job_id,
-                    extra={"jobId": job_id},
-                )
-                doc = self._count_crash(doc, owner)
+                logger.warning("job %s: took over from a run whose lease expired", job_id,
+                               extra={"jobId": job_id})  # fmt: skip
+                reached = int(doc.get("processedRecords", 0))
+                doc = self._count_crash(job_id, reached, doc, owner) or doc
         return None if doc is None else self._seen(doc)
 
-    def _count_crash(self, doc: dict[str, Any], owner: str) -> dict[str, Any]:
+    def _count_crash(
+        self, job_id: str, reached: int, doc: dict[str, Any], owner: str | None = None
+    ) -> dict[str, Any] | None:
         """Failures count crashed runs in a row that made no progress: a run that committed
         records before dying (itself, or the job's partitions) restarts the count, so only a
-        job stuck at one spot gives up."""
-        reached = int(doc.get("processedRecords", 0))
+        job stuck at one spot gives up. `doc` is the document before this failure counts."""
         if doc.get("failedAtRecord") == reached:
-            return doc
-        fixed = self.jobs.find_one_and_update(
-            {"jobId": doc["jobId"], "owner": owner},
-            _rev({"$set": {"failures": 1, "failedAtRecord": reached}}),
+            if owner is None:  # reaped: the takeover did not count it
+                self.jobs.update_one({"jobId": job_id}, _rev({"$inc": {"failures": 1}}))
+            return None
+        query: dict[str, Any] = {"jobId": job_id}
+        if owner is not None:
+            query["owner"] = owner
+        return self.jobs.find_one_and_update(
+            query, _rev({"$set": {"failures": 1, "failedAtRecord": reached}}),
             projection={"_id": 0}, return_document=ReturnDocument.AFTER,
         )  # fmt: skip
-        return fixed or doc
 
     def _owned(self, job_id: str, owner: str) -> dict[str, Any]:
-        return {"jobId": job_id, "owner": owner, "status": JobState.IN_PROGRESS.value}
+        return self.leases.held(job_id, owner)
 
     def update_run(self, job_id: str, owner: str, **fields: Any) -> JobStatus:
         """Set fields of a running job (total, message, partitions...) and heartbeat."""
@@ -518,14 +515,6 @@ class JobStore:
         count the batch twice.
         """
         cp = checkpoint.model_dump() if isinstance(checkpoint, Checkpoint) else checkpoint
-        query: dict[str, Any] = self._owned(job_id, owner)
-        if cp["batches"] > 1:
-            query[f"{checkpoint_field}.batches"] = cp["batches"] - 1
-        else:  # the first batch: no checkpoint yet, or the empty one set with the total
-            # inside $and: nx-27017 applies a top-level $or holding a null test to updates
-            # without the other conditions, i.e. to another job's document
-            first = [{checkpoint_field: None}, {f"{checkpoint_field}.batches": 0}]
-            query["$and"] = [{"$or": first}]
         update = {
             "$inc": {
                 "processedRecords": delta.processed,
@@ -537,16 +526,14 @@ class JobStore:
                 "deletedRecords": delta.deleted,
                 "runProcessed": delta.processed,
             },
-            "$set": {checkpoint_field: cp, **derived},
+            "$set": dict(derived),
         }
-        doc = self.jobs.find_one_and_update(
-            query, _beat(update), projection={"_id": 0}, return_document=ReturnDocument.AFTER
-        )
-        if doc is None:
-            current = self.jobs.find_one(self._owned(job_id, owner), {"_id": 0})
-            if current is None or _field(current, checkpoint_field) != cp:
-                raise LeaseLost(f"Job {job_id} is no longer owned by {owner}; stopping this run.")
-            doc = current  # the first attempt was applied; its reply was lost
+        try:
+            doc = self.leases.commit(job_id, owner, cp, update, checkpoint_field)
+        except LeaseLost:
+            raise LeaseLost(
+                f"Job {job_id} is no longer owned by {owner}; stopping this run."
+            ) from None
         return self._seen(doc)
 
     def raise_totals(
@@ -556,22 +543,26 @@ class JobStore:
         partitions need no lock) and set `fields`; None once the job is no longer running."""
         doc = self.jobs.find_one_and_update(
             {"jobId": job_id, "status": JobState.IN_PROGRESS.value},
-            _rev({"$max": maxes, "$set": fields,
-                  "$currentDate": {"updatedAt": True, "heartbeatAt": True}}),
+            _beat({"$max": maxes, "$set": fields}),
             projection={"_id": 0}, return_document=ReturnDocument.AFTER,
         )  # fmt: skip
         return None if doc is None else self._seen(doc)
 
     def let_go(self, job_id: str, owner: str) -> None:
         """Stop owning the job without changing its status (its partitions carry on)."""
-        self.jobs.update_one({"jobId": job_id, "owner": owner}, _rev({"$unset": {"owner": ""}}))
+        self.jobs.update_one({"jobId": job_id, "owner": owner}, _beat({"$unset": {"owner": ""}}))
 
     def hand_back_unowned(self, job_id: str, message: str) -> bool:
         """Make an in-progress job no run owns (a partitioned job whose partitions all
         stopped) pending, so the next start resumes it at once; False if it was not."""
         result = self.jobs.update_one(
             {"jobId": job_id, "status": JobState.IN_PROGRESS.value, "owner": None},
-            _beat({"$set": {"status": JobState.PENDING.value, "message": message}}),
+            _beat(
+                {
+                    "$set": {"status": JobState.PENDING.value, "message": message},
+                    "$unset": {"queued": ""},
+                }
+            ),
         )
         return result.modified_count > 0
 
@@ -580,13 +571,12 @@ class JobStore:
         return self._advance(job_id, owner, {})
 
     def _advance(self, job_id: str, owner: str, update: dict[str, Any]) -> JobStatus:
-        doc = self.jobs.find_one_and_update(
-            self._owned(job_id, owner), _beat(update), projection={"_id": 0},
-            return_document=ReturnDocument.AFTER,
-        )  # fmt: skip
-        if doc is None:
-            raise LeaseLost(f"Job {job_id} is no longer owned by {owner}; stopping this run.")
-        return self._seen(doc)
+        try:
+            return self._seen(self.leases.renew(job_id, owner, update))
+        except LeaseLost:
+            raise LeaseLost(
+                f"Job {job_id} is no longer owned by {owner}; stopping this run."
+            ) from None
 
     def finish(
         self,
@@ -596,8 +586,13 @@ class JobStore:
         message: str,
         error: str | None = None,
         extra: dict[str, Any] | None = None,
+        ender: str | None = None,
     ) -> JobStatus:
-        """End the job (completed, failed, cancelled) and free its single-flight slot."""
+        """End the job (completed, failed, cancelled) and free its single-flight slot.
+
+        `ender` names the run that ends it when it holds no lease on the job (a partition);
+        a retry by the same run whose first attempt was applied finds the job ended by it.
+        """
         query: dict[str, Any] = {"jobId": job_id}
         if owner is not None:
             query.update(owner=owner, status=JobState.IN_PROGRESS.value)
@@ -610,6 +605,9 @@ class JobStore:
         if state is JobState.COMPLETED:
             fields.update(percentComplete=100, etaSeconds=0)
             query["cancelRequested"] = {"$ne": True}  # a cancel was answered: it wins
+        if owner or ender:
+            fields["endedBy"] = owner or ender
+        asked = state.value
         update = _rev(
             {
                 "$set": fields,
@@ -627,6 +625,12 @@ class JobStore:
             doc = self.jobs.find_one_and_update(
                 query, update, projection={"_id": 0}, return_document=ReturnDocument.AFTER
             )
+        if doc is None and (owner or ender):  # applied, but the reply was lost?
+            mine = {"jobId": job_id, "status": {"$in": [asked, state.value]},
+                    "endedBy": owner or ender}  # fmt: skip
+            doc = self.jobs.find_one(mine, {"_id": 0})
+            if doc is not None:
+                state = JobState(doc["status"])
         if doc is None:
             raise LeaseLost(f"Job {job_id} could not be ended: another run owns it or it ended.")
         ended = self._seen(doc)
@@ -656,7 +660,7 @@ class JobStore:
         """
         update = _beat({
             "$set": {"status": JobState.PENDING.value, "message": message},
-            "$unset": {"owner": ""},
+            "$unset": {"owner": "", "queued": ""},
         })  # fmt: skip
         if failure:
             mine = (
@@ -670,10 +674,14 @@ class JobStore:
                 update["$inc"]["failures"] = 1
             else:  # progress since the last failure: this one is the first in a row
                 update["$set"].update(failures=1, failedAtRecord=reached)
+        update["$set"]["releasedBy"] = owner
         doc = self.jobs.find_one_and_update(
             self._owned(job_id, owner), update, projection={"_id": 0},
             return_document=ReturnDocument.AFTER,
         )  # fmt: skip
+        if doc is None:  # applied, but the reply was lost?
+            mine = {"jobId": job_id, "status": JobState.PENDING.value, "releasedBy": owner}
+            doc = self.jobs.find_one(mine, {"_id": 0})
         if doc is None:
             raise LeaseLost(f"Job {job_id} could not be released: another run owns it.")
         return self._seen(doc)
@@ -694,7 +702,7 @@ class JobStore:
                     "$set": {"status": JobState.PENDING.value, "failures": 0, "flightKey": flight,
                              "message": f"Resuming from record {current.processedRecords:,} "
                              f"of {current.totalRecords:,}"},
-                    "$unset": {"error": "", "endTime": "", "failedAtRecord": "",
+                    "$unset": {"error": "", "endTime": "", "failedAtRecord": "", "queued": "",
                                "expireAt": ""},
                 }),
                 projection={"_id": 0}, return_document=ReturnDocument.AFTER,

@@ -3,6 +3,11 @@
 Tasks are acknowledged late and rejected when the worker is lost, so the broker redelivers
 a killed worker's job; the job is claimed atomically in MongoDB, so a duplicate delivery
 finds it owned and returns at once, and the new run resumes from the checkpoint.
+
+A job or partition is sent once per pending state: sending marks its document `queued`
+(atomically, so two workers' recovery scans cannot both send it) and a claim or a
+hand-back clears the mark. The recovery scan therefore never sends again what waits in
+the queue.
 """
 
 from __future__ import annotations
@@ -16,6 +21,8 @@ from celery import Celery
 from lakesync.config import Settings
 from lakesync.errors import ConfigError, StoreError
 from lakesync.mongo import mask_uri
+from lakesync.partitions import PARTITIONS, partition_leases
+from lakesync.store import JobStore
 
 logger = logging.getLogger(__name__)
 
@@ -70,9 +77,11 @@ class CeleryExecutor:
 
     name = "celery"
 
-    def __init__(self, settings: Settings) -> None:
+    def __init__(self, settings: Settings, store: JobStore) -> None:
         self.settings = settings
         self.app = make_celery(settings)
+        self.store = store
+        self.parts = partition_leases(store.db[PARTITIONS])
         self._started = False
 
     def start(self) -> None:
@@ -81,12 +90,14 @@ class CeleryExecutor:
         self._started = True
 
     def submit(self, job_id: str) -> None:
-        """Enqueue one run of the job."""
-        self.app.send_task(TASK, args=[job_id], queue=QUEUE)
+        """Enqueue one run of the job, unless one waits in the queue already."""
+        if self.store.leases.mark_queued(job_id):
+            self.app.send_task(TASK, args=[job_id], queue=QUEUE)
 
     def submit_partition(self, job_id: str, index: int) -> None:
-        """Enqueue one run of a partition; any worker may take it."""
-        self.app.send_task(PARTITION_TASK, args=[job_id, index], queue=QUEUE)
+        """Enqueue one run of a partition (any worker may take it), unless one waits."""
+        if self.parts.mark_queued(f"{job_id}:{index}"):
+            self.app.send_task(PARTITION_TASK, args=[job_id, index], queue=QUEUE)
 
     def shutdown(self, timeout: float) -> None:
         """Nothing runs here; workers keep going."""
@@ -111,7 +122,7 @@ def run_worker(settings: Settings, concurrency: int | None) -> None:
     runtime = Runtime(settings, executor="celery", reads_lake=True)  # submits partitions
     submit = runtime.executor
     partitioned = runtime.runner.partitioned
-    assert submit is not None and partitioned is not None
+    assert submit is not None
     stop = threading.Event()
 
     @app.task(name=TASK, bind=True, acks_late=True, reject_on_worker_lost=True)  # type: ignore[untyped-decorator]
@@ -132,10 +143,10 @@ def run_worker(settings: Settings, concurrency: int | None) -> None:
         while not stop.wait(max(1.0, min(settings.lease_seconds / 2, 15.0))):
             try:
                 for job_id in runtime.store.stale(settings.lease_seconds):
-                    logger.info("job %s: lease expired; re-enqueuing it", job_id)
+                    logger.debug("job %s: pending or its lease expired; enqueuing it", job_id)
                     submit.submit(job_id)
                 for job_id, index in partitioned.stale():
-                    logger.info("job %s: re-enqueuing partition %d", job_id, index + 1)
+                    logger.debug("job %s: enqueuing partition %d", job_id, index + 1)
                     submit.submit_partition(job_id, index)
             except Exception as e:
                 logger.warning("recovery scan failed: %s", e)

@@ -41,11 +41,9 @@ class LocalExecutor:
 
     def submit_partition(self, job_id: str, index: int) -> None:
         """Queue a run of one partition of a partitioned job."""
-        partitioned = self.runner.partitioned
-        assert partitioned is not None
         with self._lock:
             self._partitioned.add(job_id)
-        self._queue(f"{job_id}#{index}", partial(partitioned.run, job_id, index))
+        self._queue(f"{job_id}#{index}", partial(self.runner.partitioned.run, job_id, index))
 
     def _queue(self, key: str, work: Callable[[], Outcome]) -> None:
         with self._lock:
@@ -73,21 +71,13 @@ class LocalExecutor:
         while not stop.is_set():
             try:
                 for job_id in self.runner.store.stale(self.runner.settings.lease_seconds):
-                    logger.info(
-                        "job %s: lease expired or never started; resuming it",
-                        job_id,
-                        extra={"jobId": job_id},
-                    )
+                    logger.debug("job %s: pending or its lease expired; resuming it", job_id,
+                                 extra={"jobId": job_id})  # fmt: skip
                     self.submit(job_id)
-                if self.runner.partitioned is not None:
-                    for job_id, index in self.runner.partitioned.stale():
-                        logger.info(
-                            "job %s: resuming partition %d",
-                            job_id,
-                            index + 1,
-                            extra={"jobId": job_id},
-                        )
-                        self.submit_partition(job_id, index)
+                for job_id, index in self.runner.partitioned.stale():
+                    logger.debug("job %s: resuming partition %d", job_id, index + 1,
+                                 extra={"jobId": job_id})  # fmt: skip
+                    self.submit_partition(job_id, index)
             except Exception as e:
                 logger.warning("recovery scan failed: %s", e)
             # soon again after the first scan: a job handed back by a process that stopped
@@ -116,8 +106,6 @@ class LocalExecutor:
                            timeout)  # fmt: skip
             return
         partitioned = self.runner.partitioned
-        if partitioned is None:
-            return
         for job_id in sorted(self._partitioned):
             try:  # its partitions here stopped: the job waits, pending, for the next start
                 partitioned.hand_back(job_id)

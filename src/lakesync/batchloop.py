@@ -1,0 +1,124 @@
+"""The one batch loop of whole jobs and partitions: fence, write, checkpoint, commit.
+
+A run (a whole job, or one partition of a job) reads its lake from a position and, for
+each batch: checks that it still holds its lease, writes the batch, then commits counters
+and the new checkpoint in one conditional update on its own document. What differs
+between a whole job and a partition (which document it commits to, what it does after a
+commit) is the `Run` it passes.
+
+Fencing. The lease check before each write and the conditional commit after it mean a run
+that lost its lease writes at most the one batch it had already started: a takeover
+that lands between the check and the end of that write lets the write land, but it
+writes exactly the records the new owner writes for the same positions, and its commit is
+refused, so the counters never count it. After that the run writes nothing more.
+"""
+
+from __future__ import annotations
+
+import logging
+from enum import Enum
+from functools import partial
+from typing import TYPE_CHECKING, Any, Protocol
+
+from lakesync import metrics
+from lakesync.copy import BatchResult, CopyEngine
+from lakesync.models import Checkpoint, JobStatus
+from lakesync.retry import RetryPolicy
+
+if TYPE_CHECKING:
+    import pyarrow.compute as pc
+
+    from lakesync.lake import Lake, Position
+    from lakesync.operations import Operation
+    from lakesync.repeats import Superseded
+    from lakesync.store import JobStore
+
+logger = logging.getLogger(__name__)
+
+
+class Outcome(Enum):
+    """How a run ended, so the executor knows whether to schedule another."""
+
+    ENDED = "ended"  # completed, failed or cancelled
+    CONTINUE = "continue"  # time limit or shutdown: a new run resumes from the checkpoint
+    NOT_CLAIMED = "not_claimed"  # someone else runs it, or it already ended
+
+
+def summary(s: JobStatus) -> str:
+    """The human message of a finished copy."""
+    noun = "record" if s.processedRecords == 1 else "records"
+    text = (
+        f"Copied {s.processedRecords:,} {noun}: {s.insertedRecords:,} inserted, "
+        f"{s.updatedRecords:,} updated, {s.unchangedRecords:,} unchanged, "
+    )
+    if s.duplicateRecords:
+        text += f"{s.duplicateRecords:,} duplicate{'' if s.duplicateRecords == 1 else 's'}, "
+    text += f"{s.errorRecords:,} rejected"
+    if s.deletedRecords:
+        text += f", {s.deletedRecords:,} deleted"
+    return text
+
+
+class Run(Protocol):
+    """What a whole job or a partition does around each batch of the loop."""
+
+    #: named in retry messages, e.g. "" or " of partition 3 of 8"
+    where: str
+    #: added to each batch's log line (e.g. the partition's index)
+    log_extra: dict[str, Any]
+
+    def fence(self) -> None:
+        """LeaseLost unless this run still holds its lease (before each data write)."""
+
+    def written(self, result: BatchResult, cp: Checkpoint) -> None:
+        """After the write, before the commit (e.g. a mirror job remembers the keys)."""
+
+    def commit(self, result: BatchResult, cp: Checkpoint) -> Outcome | None:
+        """Commit the batch's counters and checkpoint; an Outcome stops the loop."""
+
+
+def copy_batches(
+    run: Run,
+    store: JobStore,
+    op: Operation,
+    job_id: str,
+    lake: Lake,
+    start: Position,
+    cp: Checkpoint,
+    *,
+    batch_size: int,
+    policy: RetryPolicy,
+    stop_file: int | None = None,
+    filter: pc.Expression | None = None,
+    superseded: Superseded | None = None,
+) -> tuple[Outcome | None, Checkpoint]:
+    """Copy batches from `start` until the lake (or `stop_file`) ends or the run stops.
+
+    `superseded` are the records a later record of the same key replaces (repeats.py),
+    skipped by the engine. Returns how the run stopped (None: the range was copied to its
+    end) and the last committed checkpoint.
+    """
+    engine = CopyEngine(store.db[op.collection], store.copyerrors, op.schema_, job_id, superseded)
+    # the lake's reader thread validates, encodes and hashes the next batch meanwhile
+    for batch in lake.batches(
+        batch_size, start, stop_file=stop_file, filter=filter, prepare=engine.prepare
+    ):
+        policy.call(run.fence, "checking the lease")
+        result = policy.call(partial(engine.write, batch), f"writing batch {cp.batches + 1}"
+                             f"{run.where}")  # fmt: skip
+        end = batch.end
+        cp = cp.model_copy(update={"fileIndex": end.file_index, "row": end.row,
+                                   "batches": cp.batches + 1,
+                                   "file": lake.file_name(end.file_index)})  # fmt: skip
+        run.written(result, cp)
+        outcome = run.commit(result, cp)
+        metrics.observe_batch(result.counts, result.write_seconds)
+        logger.debug(
+            "job %s%s batch %d: %s in %.3f s", job_id, run.where, cp.batches,
+            result.counts.model_dump(), result.write_seconds,
+            extra={"jobId": job_id, **run.log_extra, "batch": cp.batches,
+                   **result.counts.model_dump(), "seconds": round(result.write_seconds, 4)},
+        )  # fmt: skip
+        if outcome is not None:
+            return outcome, cp
+    return None, cp

@@ -1,0 +1,411 @@
+"""Leases and resumes of whole jobs and partitions: every resume path, takeovers, faults.
+
+Against the embedded server; the CLI and `serve` run as real processes where the path
+under test is theirs.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+from pymongo.collection import Collection
+from pymongo.errors import AutoReconnect
+from tests import test_partitions
+from tests.conftest import ServeProcess, wait_for
+
+from lakesync.config import Settings
+from lakesync.demo import generate
+from lakesync.models import JobState
+from lakesync.runner import Outcome
+from lakesync.runtime import Runtime
+
+ROWS = 20_000
+redis_url = test_partitions.redis_url  # a redis-server of the test's own
+
+
+@pytest.fixture
+def lake(tmp_path: Path) -> Path:
+    out = tmp_path / "tasks"
+    generate(out, ROWS, bad_rows=30, seed=8, files_per_partition=2)
+    return out
+
+
+def stepped(settings: Settings, lake: Path, **more: Any) -> tuple[Runtime, list[tuple[str, int]]]:
+    """A runtime whose job and partition runs the test makes itself, one at a time."""
+    settings = settings.model_copy(
+        update={"lake_uri": str(lake), "partition_rows": 2000, "batch_size": 500, **more}
+    )
+    rt = Runtime(settings, executor="local")
+    queued: list[tuple[str, int]] = []
+    rt.executor.submit = lambda job_id: None  # type: ignore[method-assign,union-attr]
+    rt.runner.partitioned.submit = lambda job_id, i: queued.append((job_id, i))
+    return rt, queued
+
+
+def assert_clean(s: Any, db: Any, total: int = ROWS, bad: int = 30) -> None:
+    """The counts and collection of one clean copy into an empty collection."""
+    get = s.get if isinstance(s, dict) else lambda k: getattr(s, k)
+    assert get("status") == "completed", (get("message"), get("error"))
+    parts = sum(get(k) for k in ("insertedRecords", "updatedRecords", "unchangedRecords",
+                                 "errorRecords"))  # fmt: skip
+    assert get("processedRecords") == parts == get("totalRecords") == total
+    assert get("errorRecords") == bad and get("insertedRecords") == total - bad
+    assert db.taskdetails.count_documents({}) == total - bad
+
+
+def failed_partitioned_job(settings: Settings, lake: Path, tmp_path: Path) -> str:
+    """A partitioned job that copied two partitions, then failed on a lost file (restored)."""
+    rt, queued = stepped(settings, lake)
+    with rt:
+        job, _ = rt.jobs.start("copy-taskdetail")
+        rt.runner.run(job.jobId)
+        assert len(queued) >= 5
+        parts = rt.runner.partitioned
+        for step in queued[:2]:
+            assert parts.run(*step) is Outcome.ENDED
+        victim = rt.store.db.jobpartitions.find_one({"_id": f"{job.jobId}:{queued[2][1]}"})
+        name = victim["files"][-1]  # type: ignore[index]
+        parked = tmp_path / "parked.parquet"
+        (lake / name).rename(parked)
+        parts.run(*queued[2])
+        failed = rt.store.get(job.jobId)
+        parked.rename(lake / name)
+    assert failed.status == JobState.FAILED, failed
+    assert 0 < failed.processedRecords < ROWS
+    return job.jobId
+
+
+def cli(env: dict[str, str], *args: str, timeout: float = 300) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "lakesync", *args], env=env,
+                          capture_output=True, text=True, timeout=timeout)  # fmt: skip
+
+
+# -- every resume path continues a partitioned job from its partitions ------------------------
+
+
+@pytest.mark.slow
+def test_lakesync_resume_continues_a_failed_partitioned_job_from_its_partitions(
+    settings: Settings, serve_env: dict[str, str], db: Any, lake: Path, tmp_path: Path
+) -> None:
+    job_id = failed_partitioned_job(settings, lake, tmp_path)
+    run = cli(dict(serve_env, LAKESYNC_LAKE_URI=str(lake)), "resume", job_id, "--json")
+    assert run.returncode == 0, run.stderr[-3000:]
+    assert_clean(json.loads(run.stdout), db)
+    assert {p["status"] for p in db.jobpartitions.find({"jobId": job_id})} == {"completed"}
+
+
+@pytest.mark.slow
+def test_lakesync_copy_picks_up_a_pending_partitioned_job_and_finishes_its_partitions(
+    settings: Settings, serve_env: dict[str, str], db: Any, lake: Path, tmp_path: Path
+) -> None:
+    job_id = failed_partitioned_job(settings, lake, tmp_path)
+    with Runtime(settings) as rt:
+        assert rt.jobs.resume(job_id).status == JobState.PENDING  # nobody runs it yet
+    run = cli(dict(serve_env, LAKESYNC_LAKE_URI=str(lake)), "copy", "--json")
+    assert run.returncode == 0, run.stderr[-3000:]
+    assert "resumed from its checkpoint" in run.stderr
+    final = json.loads(run.stdout)
+    assert final["jobId"] == job_id
+    assert_clean(final, db)
+
+
+@pytest.mark.slow
+def test_api_resume_and_recovery_scan_continue_a_partitioned_job(
+    settings: Settings, serve_env: dict[str, str], db: Any, lake: Path, tmp_path: Path
+) -> None:
+    job_id = failed_partitioned_job(settings, lake, tmp_path)
+    serve_env.update(LAKESYNC_LAKE_URI=str(lake), LAKESYNC_PARTITION_ROWS="2000",
+                     LAKESYNC_WORKERS="3")  # fmt: skip
+    proc = ServeProcess(serve_env, tmp_path / "serve.log").start()
+    try:
+        r = httpx.post(f"{proc.url}/api/jobs/{job_id}/resume", json={}, timeout=10)
+        assert r.status_code == 202, r.text
+        final = wait_for(lambda: (s := httpx.get(f"{proc.url}/api/jobs/{job_id}",
+                                                 timeout=10).json())["status"]
+                         in ("completed", "failed") and s, timeout=180)  # fmt: skip
+    finally:
+        proc.kill()
+    assert_clean(final, db)
+
+
+@pytest.mark.slow
+def test_a_job_whose_last_partition_died_before_ending_it_completes_on_recovery(
+    settings: Settings, db: Any, lake: Path
+) -> None:
+    rt, queued = stepped(settings, lake)
+    with rt:
+        job, _ = rt.jobs.start("copy-taskdetail")
+        rt.runner.run(job.jobId)
+        parts = rt.runner.partitioned
+        for step in queued[:-1]:
+            parts.run(*step)
+
+        def die(*_: Any) -> None:
+            raise SystemExit("killed between the last partition and the job's end")
+
+        parts._end_job = die  # type: ignore[method-assign]
+        with pytest.raises(SystemExit):
+            parts.run(*queued[-1])
+        stuck = rt.store.get(job.jobId)
+    assert stuck.status == JobState.IN_PROGRESS and stuck.partitionsDone == stuck.partitions
+    local = settings.model_copy(update={"lake_uri": str(lake), "partition_rows": 2000})
+    with Runtime(local, executor="local") as recovering:  # its recovery scan finds the job
+        recovering.start()
+        done = wait_for(
+            lambda: (s := recovering.store.get(job.jobId)).state.is_final and s, timeout=60
+        )
+    assert_clean(done, db)
+    assert done.failures == 0  # nobody died holding the job document
+
+
+# -- fenced leases: a takeover while the old owner is mid-batch --------------------------------
+
+
+class Freezer:
+    """Holds the calls one thread makes to chosen collection methods while `frozen` is set."""
+
+    def __init__(self, monkeypatch: pytest.MonkeyPatch, names: tuple[str, ...]) -> None:
+        self.thread: threading.Thread | None = None
+        self.frozen = threading.Event()
+        self.waiting = threading.Event()
+        self.thaw = threading.Event()
+        self.calls: list[str] = []
+        for name in names:
+            monkeypatch.setattr(Collection, name, self._wrap(getattr(Collection, name), name))
+
+    def _wrap(self, original: Callable[..., Any], name: str) -> Callable[..., Any]:
+        def call(coll: Collection[Any], *args: Any, **kwargs: Any) -> Any:
+            if threading.current_thread() is self.thread and coll.name == "taskdetails":
+                if self.frozen.is_set():
+                    self.waiting.set()
+                    self.thaw.wait(60)
+                self.calls.append(name)
+            return original(coll, *args, **kwargs)
+
+        return call
+
+
+@pytest.mark.parametrize("pause", ["between_batches", "in_the_write"])
+@pytest.mark.parametrize("kind", ["job", "partition"])
+def test_takeover_while_the_old_owner_is_mid_batch_refuses_its_later_writes(
+    settings: Settings, db: Any, lake: Path, monkeypatch: pytest.MonkeyPatch, pause: str,
+    kind: str,
+) -> None:  # fmt: skip
+    from lakesync.copy import CopyEngine
+
+    freezer = Freezer(monkeypatch, ("insert_many", "bulk_write", "find"))
+    starts: list[float] = []
+    write = CopyEngine.write
+
+    def counted(engine: CopyEngine, batch: Any) -> Any:
+        if threading.current_thread() is freezer.thread:
+            starts.append(time.monotonic())
+        return write(engine, batch)
+
+    monkeypatch.setattr(CopyEngine, "write", counted)
+    # the old owner renews every 900 s: to the new one it looks dead after 1 s of silence
+    old_rt, queued = stepped(settings, lake, lease_seconds=3600)
+    new_rt, _ = stepped(settings, lake, lease_seconds=1)
+    outcome: list[Outcome] = []
+    with old_rt, new_rt:
+        job, _ = old_rt.jobs.start("copy-taskdetail")
+        if kind == "partition":
+            old_rt.runner.run(job.jobId)  # plans the partitions
+            target = queued[0]
+
+            def old_run() -> Outcome:
+                return old_rt.runner.partitioned.run(*target, on_progress=progress)
+
+            def new_run() -> Outcome:
+                return new_rt.runner.partitioned.run(*target)
+        else:
+            old_rt.runner.partitioned.submit = None  # copied in one piece
+
+            def old_run() -> Outcome:
+                return old_rt.runner.run(job.jobId, on_progress=progress)
+
+            def new_run() -> Outcome:
+                return new_rt.runner.run(job.jobId)
+
+        def progress(s: Any) -> None:
+            if s.processedRecords >= 1000 and not freezer.frozen.is_set():
+                freezer.frozen.set()
+                if pause == "between_batches":  # the old owner stalls right after a commit
+                    freezer.waiting.set()
+                    freezer.thaw.wait(60)
+
+        old = threading.Thread(target=lambda: outcome.append(old_run()))
+        freezer.thread = old
+        old.start()
+        assert freezer.waiting.wait(60)
+        time.sleep(1.3)  # the old owner's lease expires (on the server's clock)
+        assert new_run() is Outcome.ENDED
+        writes_before, starts_before = len(freezer.calls), len(starts)
+        freezer.thaw.set()
+        old.join(60)
+        later, later_starts = freezer.calls[writes_before:], starts[starts_before:]
+        if kind == "partition":
+            for step in queued[1:]:
+                new_rt.runner.partitioned.run(*step)
+        done = new_rt.store.get(job.jobId)
+    assert outcome == [Outcome.NOT_CLAIMED]
+    # after the takeover the old owner starts no batch: paused between batches it writes
+    # nothing at all; paused inside a write, only that write's own calls complete
+    assert later_starts == []
+    if pause == "between_batches":
+        assert later == []
+    assert_clean(done, db)
+    assert db.copyerrors.count_documents({"jobId": job.jobId}) == 30
+
+
+# -- no transient error fails a job ----------------------------------------------------------
+
+JOB_PATH = ("runner.py", "partitions.py", "batchloop.py", "lease.py", "store.py", "copy.py",
+            "mirror.py", "watermarks.py")  # fmt: skip
+METHODS = ("find_one", "find_one_and_update", "update_one", "update_many", "insert_one",
+           "insert_many", "find", "bulk_write", "delete_many", "drop", "count_documents",
+           "create_index", "aggregate", "replace_one")  # fmt: skip
+
+
+class FaultInjector:
+    """Raises AutoReconnect at each call site of the job path: the first time a site runs,
+    before the call reaches MongoDB; the second time, after MongoDB applied it (the reply
+    was lost). Then the site is left alone.
+
+    A call site is the innermost line of lakesync that calls a collection method; calls
+    from the test itself (starting jobs, reading them) are left alone.
+    """
+
+    def __init__(self, monkeypatch: pytest.MonkeyPatch) -> None:
+        self.hit: dict[tuple[str, int], int] = {}
+        self.armed = False
+        self.lock = threading.Lock()
+        for name in METHODS:
+            monkeypatch.setattr(Collection, name, self._wrap(getattr(Collection, name), name))
+
+    def _site(self) -> tuple[str, int] | None:
+        frame = sys._getframe(2)
+        while frame is not None:
+            path = frame.f_code.co_filename
+            if "/lakesync/" in path and "/tests/" not in path:
+                return (path.rsplit("/", 1)[-1], frame.f_lineno) if path.endswith(JOB_PATH) \
+                    else None  # fmt: skip
+            frame = frame.f_back  # type: ignore[assignment]
+        return None
+
+    def _wrap(self, original: Callable[..., Any], name: str) -> Callable[..., Any]:
+        def call(coll: Collection[Any], *args: Any, **kwargs: Any) -> Any:
+            site = self._site() if self.armed else None
+            if site is not None and threading.current_thread().name.startswith("heartbeat"):
+                site = None  # a missed beat is retried at the next tick anyway
+            if site is None:
+                return original(coll, *args, **kwargs)
+            with self.lock:
+                seen = self.hit.get(site, 0)
+                self.hit[site] = seen + 1
+            if seen == 0:
+                raise AutoReconnect(f"injected before {site[0]}:{site[1]} ({name})")
+            result = original(coll, *args, **kwargs)
+            if seen == 1:
+                raise AutoReconnect(f"injected after {site[0]}:{site[1]} ({name})")
+            return result
+
+        return call
+
+
+def run_armed(rt: Runtime, faults: FaultInjector, options: dict[str, Any]) -> Any:
+    """Start a job, run it to its end with faults armed, return its final status."""
+    job, _ = rt.jobs.start("copy-taskdetail", options)
+    faults.armed = True
+    try:
+        while rt.runner.run(job.jobId) is Outcome.CONTINUE:
+            pass
+    finally:
+        faults.armed = False
+    return rt.store.get(job.jobId)
+
+
+def test_a_transient_error_at_each_call_of_the_job_path_fails_no_job(
+    settings: Settings, db: Any, lake: Path, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    faults = FaultInjector(monkeypatch)
+    rt, queued = stepped(settings, lake, retry_budget_seconds=30)
+    with rt:
+        # a partitioned full copy, each partition run as an executor would
+        job, _ = rt.jobs.start("copy-taskdetail")
+        faults.armed = True
+        rt.runner.run(job.jobId)
+        for step in queued:
+            assert rt.runner.partitioned.run(*step) is Outcome.ENDED
+        faults.armed = False
+        partitioned = rt.store.get(job.jobId)
+        assert partitioned.partitions and partitioned.partitions >= 5
+        assert_clean(partitioned, db)
+        # the same lake again, in one piece, then an incremental copy
+        rt.runner.partitioned.submit = None
+        finals = [run_armed(rt, faults, options) for options in ({}, {"mode": "incremental"})]
+        # a mirror of a lake without bad rows (a rejected record refuses the deletions)
+        db.drop_collection("taskdetails")
+        generate(tmp_path / "clean", 3000, seed=9)
+        clean = rt.settings.model_copy(update={"lake_uri": str(tmp_path / "clean")})
+    with Runtime(clean) as mirror_rt:
+        finals.append(run_armed(mirror_rt, faults, {"mode": "mirror"}))
+    for s in finals:
+        assert s.status == JobState.COMPLETED, (s.message, s.error)
+    full, incremental, mirrored = finals
+    assert full.totalRecords == full.processedRecords == ROWS
+    assert full.unchangedRecords == ROWS - 30 and full.errorRecords == 30
+    # reads from the watermark on (records at it again): nothing new, nothing changed
+    assert incremental.totalRecords == incremental.processedRecords < 100
+    assert incremental.insertedRecords == incremental.updatedRecords == 0
+    assert mirrored.insertedRecords == mirrored.totalRecords == 3000
+    assert mirrored.deletedRecords == 0
+    assert db.taskdetails.count_documents({}) == 3000
+    sites = sorted(faults.hit)
+    assert len(sites) >= 20, sites  # every kind of call was hit once, and retried
+    assert {f for f, _ in sites} >= {"partitions.py", "store.py", "lease.py", "copy.py",
+                                     "mirror.py", "watermarks.py"}, sites  # fmt: skip
+
+
+# -- the Celery recovery scan sends a waiting job or partition once ---------------------------
+
+
+def test_celery_sends_a_pending_job_or_partition_once_while_it_waits(
+    settings: Settings, lake: Path, redis_url: str
+) -> None:
+    import redis
+    from pydantic import SecretStr
+
+    from lakesync.executors.celery import QUEUE, CeleryExecutor
+
+    settings = settings.model_copy(update={"broker_url": SecretStr(redis_url)})
+    queue = redis.Redis.from_url(redis_url)
+    rt, queued = stepped(settings, lake)
+    with rt:
+        celery = CeleryExecutor(settings, rt.store)
+        job, _ = rt.jobs.start("copy-taskdetail")
+        for _ in range(3):  # the API's submit, then two recovery scans
+            for job_id in rt.store.stale(settings.lease_seconds):
+                celery.submit(job_id)
+        assert queue.llen(QUEUE) == 1
+        owner = "worker-1"
+        assert rt.store.claim(job.jobId, owner, settings.lease_seconds) is not None
+        rt.store.release(job.jobId, owner, "time limit")  # handed back: sent once more
+        for _ in range(2):
+            for job_id in rt.store.stale(settings.lease_seconds):
+                celery.submit(job_id)
+        assert queue.llen(QUEUE) == 2
+        rt.runner.run(job.jobId)  # plans partitions (kept in `queued`, not sent)
+        for _ in range(2):
+            for job_id, index in rt.runner.partitioned.stale():
+                celery.submit_partition(job_id, index)
+        assert queue.llen(QUEUE) == 2 + len(queued)
