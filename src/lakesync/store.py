@@ -35,7 +35,6 @@ from lakesync.errors import (
     JobError,
     JobNotFound,
     LeaseLost,
-    RequestError,
 )
 from lakesync.lease import Leases, beat
 from lakesync.models import (
@@ -321,7 +320,7 @@ class JobStore:
         if before:
             mark = self.jobs.find_one({"jobId": before}, {"startTime": 1})
             if mark is None:
-                raise RequestError(
+                raise JobNotFound(
                     f"before={before!r} names no job (or it expired); pass the `next` value "
                     "of the previous page."
                 )

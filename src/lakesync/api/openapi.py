@@ -11,6 +11,7 @@ from fastapi.openapi.utils import get_openapi
 
 from lakesync.api.auth import needs_token
 from lakesync.api.hosts import PROBES
+from lakesync.api.netlify import CLIENT_JOB_ID
 from lakesync.operations import JobOptions
 
 ERROR_SCHEMA = {
@@ -63,6 +64,10 @@ def statuses(path: str, method: str, operation: dict[str, Any], token: bool) -> 
         codes |= {404, 409}  # an Idempotency-Key's job that expired; single-flight race
     if any(p == path for p, _ in REQUIRED_QUERY):
         codes.add(404)  # the job named by the query parameter
+    if path == "/api/jobs" and method == "get":
+        codes.add(404)  # `before` names no job (it expired)
+    if path == "/.netlify/functions/copy-taskdetail":
+        codes.add(409)  # a client-named jobId that names another job, or a running copy's
     if path not in NO_DATABASE:
         codes.add(503)
     return codes
@@ -84,6 +89,10 @@ def document(app: FastAPI, token: bool, operations: list[str]) -> dict[str, Any]
                 if (path, param["name"]) in REQUIRED_QUERY:
                     param["required"] = True
                     param["schema"] = {"type": "string", "minLength": 1, "maxLength": 200}
+                if path == "/.netlify/functions/copy-taskdetail" and param["name"] == "jobId":
+                    param["schema"] = {"type": "string", "pattern": f"^{CLIENT_JOB_ID.pattern}$"}
+                if path.startswith("/api/operations/{name}") and param["name"] == "name":
+                    param["schema"] = {"type": "string", "enum": operations}
             if not token:
                 operation.pop("security", None)
             answers = operation.setdefault("responses", {})
@@ -95,6 +104,10 @@ def document(app: FastAPI, token: bool, operations: list[str]) -> dict[str, Any]
                         "(single flight) or the Idempotency-Key is known"
                     },
                 )
+            if method == "get" and path == "/api/jobs/{job_id}/errors":  # ?format=csv|ndjson
+                content = answers.setdefault("200", {}).setdefault("content", {})
+                for kind in ("text/csv", "application/x-ndjson"):
+                    content.setdefault(kind, {"schema": {"type": "string"}})
             for code in sorted(statuses(path, method, operation, token)):
                 answers.setdefault(
                     str(code),
