@@ -561,7 +561,7 @@ def worker(
 ) -> None:
     """Run a Celery worker that runs jobs (LAKESYNC_EXECUTOR=celery)."""
     try:
-        from lakesync.executors.celery import run_worker
+        from lakesync.worker import run_worker
 
         run_worker(_settings(), concurrency)
     except LakesyncError as e:
