@@ -40,6 +40,7 @@ typecheck: $(STAMP_DEV)
 bench: $(STAMP_DEV)
 	$(BIN)/python bench/run.py $(BENCH_ARGS)
 	$(BIN)/python bench/scaling.py
+	$(BIN)/python bench/scale.py
 
 clean:
 	rm -rf $(VENV) .lakesync .pytest_cache .mypy_cache .ruff_cache
