@@ -71,6 +71,12 @@ def test_the_masking_covers_every_malformed_form() -> None:
         assert PASSWORD not in mask_uri(f"bad URI {uri!r}: {uri}"), uri
 
 
+def test_the_masking_leaves_times_and_addresses_alone() -> None:
+    """A status document holds times and host:port pairs that are no passwords."""
+    text = '{"startTime": "2026-11-29T06:34:30.479Z", "uri": "mongodb://127.0.0.1:4444/?x=1"}'
+    assert mask_uri(text) == text
+
+
 @pytest.mark.slow
 @pytest.mark.timeout(900)
 def test_no_command_shows_the_password_of_a_malformed_mongodb_uri(tmp_path: Path) -> None:

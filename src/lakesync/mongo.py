@@ -48,9 +48,10 @@ _MALFORMED = re.compile(
     r"(?P<scheme>(?:[a-z][a-z0-9+.-]*:/{0,3})?)(?P<user>[^:@/\s'\"=]*):(?P<pw>[^\s'\"]*)@", re.I
 )
 
-#: `scheme://user:password` with no host at all: a "port" that is not a number
+#: `scheme://user:password` with no host at all: a "port" that is not a number (at least
+#: one slash after the scheme: a time such as `T06:34:30.479Z` is no URI)
 _NO_HOST = re.compile(
-    r"(?P<scheme>[a-z][a-z0-9+.-]*:/{0,3})(?P<user>[^:@/\s'\"]*):"
+    r"(?P<scheme>[a-z][a-z0-9+.-]*:/{1,3})(?P<user>[^:@/\s'\"]*):"
     r"(?P<pw>[^\s'\"/@]*[^\d\s'\"/@*][^\s'\"/@]*)(?=[\s'\"/]|$)",
     re.I,
 )

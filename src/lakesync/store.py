@@ -363,7 +363,8 @@ class JobStore:
         doc = self.leases.reap(job_id, seen, message)
         if doc is None:
             return False
-        logger.warning("job %s: its lease expired; handed back to be resumed", job_id)
+        logger.warning("job %s: its lease expired; handed back to be resumed", job_id,
+                       extra={"jobId": job_id})  # fmt: skip
         if doc.get("owner"):
             self._count_crash(job_id, int(doc.get("processedRecords", 0)), doc)
         return True

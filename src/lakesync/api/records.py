@@ -34,7 +34,7 @@ async def job_errors(
     job_id: str,
     runtime: RuntimeDep,
     limit: Annotated[int, Query(ge=1, le=1000)] = 100,
-    after: Annotated[str | None, Query(max_length=2000, pattern=r"^[0-9]+:.+$")] = None,
+    after: Annotated[str | None, Query(max_length=2000)] = None,
     format: Annotated[ErrorFormat, Query()] = ErrorFormat.json,
 ) -> Any:
     job = await run_in_threadpool(runtime.jobs.get, job_id)  # 404 for an unknown job
