@@ -23,10 +23,11 @@ def ensure_indexes(coll: Collection[dict[str, Any]]) -> None:
     coll.create_index([("jobId", ASCENDING), ("file", ASCENDING), ("row", ASCENDING)])
 
 
-def _cursor(after: str, job_id: str) -> tuple[str, int]:
-    """(file, row) of an `after` cursor: `<row>:<file>` as `page` returns it."""
+def parse_cursor(after: str, job_id: str) -> tuple[str, int]:
+    """(file, row) of an `after` cursor: `<row>:<file>` as `page` returns it; RequestError
+    (400) for anything else."""
     row, sep, file = after.partition(":")
-    if not sep or not row.isdigit():
+    if not sep or not (row.isascii() and row.isdigit()):
         raise RequestError(
             f"after={after!r} is not a cursor of job {job_id}'s errors; pass the `next` value "
             "of the previous page (or leave it out for the first page)."
@@ -45,7 +46,7 @@ def page(
     """Up to `limit` rejections after the cursor, and the cursor of the next page (or None)."""
     query: dict[str, Any] = {"jobId": job_id}
     if after:
-        file, row = _cursor(after, job_id)
+        file, row = parse_cursor(after, job_id)
         query["$or"] = [{"file": {"$gt": file}}, {"file": file, "row": {"$gt": row}}]
     docs = [public(d) for d in coll.find(query, {"_id": 0}).sort(ORDER).limit(limit + 1)]
     more = len(docs) > limit

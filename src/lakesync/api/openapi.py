@@ -93,7 +93,7 @@ def document(app: FastAPI, token: bool, operations: list[str]) -> dict[str, Any]
                     param["schema"] = {"type": "string", "pattern": f"^{CLIENT_JOB_ID.pattern}$"}
                 if path == "/api/jobs/{job_id}/errors" and param["name"] == "after":
                     # a cursor is `<row>:<file>` (`next` of a page); others answer 400
-                    param["schema"] = {"type": "string", "pattern": "^[0-9]+:.+$"}
+                    param["schema"] = {"type": "string", "pattern": "^([0-9]+:.*)?$"}
                 if path.startswith("/api/operations/{name}") and param["name"] == "name":
                     param["schema"] = {"type": "string", "enum": operations}
             if not token:

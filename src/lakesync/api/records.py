@@ -38,6 +38,8 @@ async def job_errors(
     format: Annotated[ErrorFormat, Query()] = ErrorFormat.json,
 ) -> Any:
     job = await run_in_threadpool(runtime.jobs.get, job_id)  # 404 for an unknown job
+    if after:  # checked for downloads too, which read every page
+        rejections.parse_cursor(after, job_id)
     coll = runtime.store.copyerrors
     if format is ErrorFormat.json:
         docs, following = await run_in_threadpool(rejections.page, coll, job_id, limit, after)
