@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 import uuid
 from collections.abc import Iterator
@@ -157,6 +159,61 @@ def serve(serve_env: dict[str, str], tmp_path: Path) -> Iterator[ServeProcess]:
     proc = ServeProcess(serve_env, tmp_path / "serve.log").start()
     yield proc
     proc.kill()
+
+
+class SlowLink:
+    """A TCP proxy to the test's MongoDB server that delays every request by `delay` seconds.
+
+    Tests that must see a copy mid-way (progress on a page, a restart during a copy) use it
+    instead of counting on the machine being slow: with 10 ms per request, a copy of 5,000
+    records in batches of 20 lasts several seconds on any machine.
+    """
+
+    def __init__(self, upstream: tuple[str, int], delay: float) -> None:
+        self.upstream, self.delay = upstream, delay
+        self.listener = socket.create_server(("127.0.0.1", 0))
+        self.port = int(self.listener.getsockname()[1])
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    @property
+    def uri(self) -> str:
+        return f"mongodb://127.0.0.1:{self.port}/?directConnection=true"
+
+    def _accept(self) -> None:
+        while True:
+            try:
+                client, _ = self.listener.accept()
+            except OSError:
+                return
+            server = socket.create_connection(self.upstream)
+            for src, dst, delay in ((client, server, self.delay), (server, client, 0.0)):
+                threading.Thread(target=self._pump, args=(src, dst, delay), daemon=True).start()
+
+    @staticmethod
+    def _pump(src: socket.socket, dst: socket.socket, delay: float) -> None:
+        try:
+            while chunk := src.recv(1 << 16):
+                if delay:
+                    time.sleep(delay)
+                dst.sendall(chunk)
+        except OSError:
+            pass
+        finally:
+            for s in (src, dst):
+                with contextlib.suppress(OSError):
+                    s.shutdown(socket.SHUT_RDWR)
+
+    def close(self) -> None:
+        self.listener.close()
+
+
+@pytest.fixture
+def slow_database(serve_env: dict[str, str], mongo_server: EmbeddedServer) -> Iterator[SlowLink]:
+    """`serve_env` pointed at the test's server through a link adding 10 ms per request."""
+    link = SlowLink(("127.0.0.1", mongo_server.port), delay=0.01)
+    serve_env["LAKESYNC_MONGODB_URI"] = link.uri
+    yield link
+    link.close()
 
 
 def wait_for(fn: Any, timeout: float = 60, every: float = 0.2) -> Any:

@@ -95,9 +95,9 @@ def check_polls(polls: list[dict[str, Any]], job_id: str) -> None:
 
 
 def test_the_seed_page_copies_the_demo_lake_polling_its_own_job_id(
-    serve_env: dict[str, str], request: Any, browser: Any
+    serve_env: dict[str, str], slow_database: Any, request: Any, browser: Any
 ) -> None:
-    serve_env["LAKESYNC_BATCH_SIZE"] = "20"  # a copy of several seconds: polls see progress
+    serve_env["LAKESYNC_BATCH_SIZE"] = "20"  # with the slow link, a copy of several seconds
     serve: ServeProcess = request.getfixturevalue("serve")
     seed = SeedPage(browser, serve.url)
     page = seed.page
@@ -132,7 +132,7 @@ def test_the_seed_page_copies_the_demo_lake_polling_its_own_job_id(
 
 
 def test_the_seed_page_sees_completion_through_an_empty_504_and_a_server_restart(
-    serve_env: dict[str, str], request: Any, browser: Any
+    serve_env: dict[str, str], slow_database: Any, request: Any, browser: Any
 ) -> None:
     serve_env["LAKESYNC_BATCH_SIZE"] = "10"  # slower still: the restart lands mid-copy
     serve: ServeProcess = request.getfixturevalue("serve")

@@ -113,9 +113,9 @@ def job_id_of(page: Any) -> str:
 
 
 def test_copy_runs_to_completion_with_live_progress(
-    serve_env: dict[str, str], request: Any, run: Any
+    serve_env: dict[str, str], slow_database: Any, request: Any, run: Any
 ) -> None:
-    serve_env["LAKESYNC_BATCH_SIZE"] = "20"  # slow enough to see progress between SSE ticks
+    serve_env["LAKESYNC_BATCH_SIZE"] = "20"  # with the slow link: progress between SSE ticks
     serve = request.getfixturevalue("serve")
     r = run()
     page = r.page
