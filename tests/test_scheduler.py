@@ -10,6 +10,7 @@ from __future__ import annotations
 import subprocess
 import sys
 import threading
+import time
 from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -269,3 +270,53 @@ every = "1m"
     assert shown["copy-taskdetail"].schedule["mode"] == "incremental"
     assert shown["mirrored"].schedule is not None
     assert shown["mirrored"].schedule["lastRun"]["result"] == "pending"
+
+
+class _Died(BaseException):
+    """The process dies between claiming a slot and creating its job."""
+
+
+def test_a_slot_whose_claimer_died_before_starting_its_job_is_started_once_by_another(
+    runtimes: list[Runtime], db: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from lakesync import scheduler as scheduler_module
+
+    clock = runtimes[0].scheduler.clock
+    assert isinstance(clock, FakeClock)
+    for rt in runtimes:  # only `fast` is scheduled here
+        rt.scheduler.settings = rt.settings.model_copy(update={"schedule": None})
+    _tick_all(runtimes)  # first sight
+    clock.now = T0 + timedelta(seconds=1, milliseconds=100)
+    dying = runtimes[0]
+
+    def die(*args: Any, **kwargs: Any) -> Any:
+        raise _Died
+
+    monkeypatch.setattr(dying.jobs, "start", die)
+    with pytest.raises(_Died):
+        dying.scheduler.tick()
+    monkeypatch.undo()
+    slot = "2026-01-05T12:00:01.000Z"
+    assert {d["outcome"] for d in db.scheduleslots.find({"slot": slot})} == {"claimed"}
+    assert _tick_all(runtimes) == []  # a fresh claim is left to its claimer
+    assert db.jobstatuses.count_documents({}) == 0
+    # past CLAIM_STALE_SECONDS the others see it was never started: one of them starts it
+    monkeypatch.setattr(scheduler_module, "CLAIM_STALE_SECONDS", 0)
+    time.sleep(0.01)
+    rescued = _tick_all(runtimes)
+    assert len(rescued) == 1 and {c["outcome"] for c in rescued} == {"started"}, rescued
+    assert all(c["rescued"] and c["slot"] == slot for c in rescued)
+    assert {d["outcome"] for d in db.scheduleslots.find({"slot": slot})} == {"started"}
+    for c in rescued:
+        wait_for(lambda c=c: _ended(runtimes[0], c["jobId"]), timeout=60)
+    assert _tick_all(runtimes) == []  # started: nothing left to rescue
+    # a claimer alive but slow and its rescuers racing: still one job per slot
+    for k in range(2, 6):
+        clock.now = T0 + timedelta(seconds=k, milliseconds=100)
+        _tick_all(runtimes)
+        _tick_all(runtimes)
+        for doc in db.jobstatuses.find({"operation": "fast"}):
+            wait_for(lambda j=doc["jobId"]: _ended(runtimes[0], j), timeout=60)
+    for k in range(1, 6):
+        slot = f"2026-01-05T12:00:0{k}.000Z"
+        assert db.jobstatuses.count_documents({"operation": "fast", "scheduledFor": slot}) == 1

@@ -8,6 +8,11 @@ across processes, restarts and clock skew. The winner starts the job (`trigger:
 "schedule"`, `scheduledFor: <slot>`); if the operation is still running, the single-flight
 key refuses a second job and the slot is recorded as `skipped`.
 
+A claim that stays `claimed` for CLAIM_STALE_SECONDS (its process died between the claim
+and the job's creation) is taken over by compare-and-swap and its job started then; the
+job is created under the slot's idempotency key, so the claimer and its rescuer, should
+both be alive after all, still make one job.
+
 Only the latest slot is ever claimed: after downtime, the first process up runs one
 catch-up (`catchUp: true`, `missed: N`), not one per missed slot. `schedules` keeps each
 operation's state: paused or not, the slot it was first seen or unpaused at (earlier slots
@@ -19,6 +24,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import threading
+import time
 from collections.abc import Callable
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any
@@ -40,6 +46,7 @@ if TYPE_CHECKING:
 logger = logging.getLogger(__name__)
 
 TICK_SECONDS = 0.5
+CLAIM_STALE_SECONDS = 60  # a claim left this long without its job: its process died
 
 Clock = Callable[[], datetime]
 
@@ -157,8 +164,9 @@ class Scheduler:
             slot = schedule.latest(now)
             since, last = int(state.get("sinceMs", 0)), int(state.get("lastSlotMs", 0))
             if _ms(slot) < since or _ms(slot) <= last:
-                continue
-            done = self._fire(op, schedule, slot, _at(max(since - 1, last)))
+                done = self._rescue(op, schedule, last) if last >= since > 0 else None
+            else:
+                done = self._fire(op, schedule, slot, _at(max(since - 1, last)))
             if done is not None:
                 claimed.append(done)
         return claimed
@@ -180,10 +188,17 @@ class Scheduler:
         when = slot_iso(slot)
         missed = schedule.missed(previous, slot) if previous.timestamp() > 0 else 0
         claim = {
-            "_id": f"{op.name}|{_ms(slot)}", "operation": op.name, "slotMs": _ms(slot),
-            "slot": when, "outcome": "claimed", "by": self.owner, "claimedAt": utcnow(),
-            "catchUp": missed > 0, "missed": missed,
-        }  # fmt: skip
+            "_id": f"{op.name}|{_ms(slot)}",
+            "operation": op.name,
+            "slotMs": _ms(slot),
+            "slot": when,
+            "outcome": "claimed",
+            "by": self.owner,
+            "claimedAt": utcnow(),
+            "claimedMs": int(time.time() * 1000),
+            "catchUp": missed > 0,
+            "missed": missed,
+        }
         try:
             self.slots.insert_one(dict(claim))
         except DuplicateKeyError:
@@ -191,6 +206,34 @@ class Scheduler:
         self.states.update_one(
             {"_id": op.name, "lastSlotMs": {"$lt": _ms(slot)}}, {"$set": {"lastSlotMs": _ms(slot)}}
         )
+        return self._start(op, schedule, claim)
+
+    def _rescue(self, op: Operation, schedule: Schedule, slot_ms: int) -> dict[str, Any] | None:
+        """Start the job of the operation's latest slot if its claimer died before it could."""
+        stale = int(time.time() * 1000) - CLAIM_STALE_SECONDS * 1000
+        query = {"operation": op.name, "slotMs": slot_ms, "outcome": "claimed"}
+        claim = self.slots.find_one({**query, "claimedMs": {"$lt": stale}})
+        if claim is None:
+            return None
+        taken = {"by": self.owner, "claimedMs": int(time.time() * 1000), "rescued": True}
+        won = self.slots.update_one(
+            {"_id": claim["_id"], "outcome": "claimed", "claimedMs": claim["claimedMs"]},
+            {"$set": taken},
+        )
+        if won.modified_count != 1:
+            return None  # another process rescued it first
+        logger.warning(
+            "schedule of %s: slot %s was claimed by %s, which never started its "
+            "job (it died?); starting it now",
+            op.name,
+            claim["slot"],
+            claim["by"],
+        )
+        return self._start(op, schedule, {**claim, **taken})
+
+    def _start(self, op: Operation, schedule: Schedule, claim: dict[str, Any]) -> dict[str, Any]:
+        """Start the job of a claimed slot (or record why not) and record the outcome."""
+        when, missed = claim["slot"], claim["missed"]
         mode = schedule.mode or op.mode
         options: dict[str, Any] = {"mode": schedule.mode} if schedule.mode else {}
         if mode == "mirror" and schedule.allowEmpty:
@@ -198,7 +241,12 @@ class Scheduler:
         result: dict[str, Any]
         try:
             status, created = self.jobs.start(
-                op.name, options, trusted=True, trigger="schedule", scheduled_for=when
+                op.name,
+                options,
+                f"schedule|{claim['_id']}",  # one job per slot, rescued too
+                trusted=True,
+                trigger="schedule",
+                scheduled_for=when,
             )
         except (LakesyncError, PyMongoError) as e:
             logger.error("schedule of %s: slot %s could not start: %s", op.name, when, e)
@@ -212,6 +260,8 @@ class Scheduler:
                             status.jobId, op.name, when, late,
                             extra={"jobId": status.jobId, "operation": op.name})  # fmt: skip
                 result = {"outcome": "started", "jobId": status.jobId}
+            elif status.scheduledFor == when and status.trigger == "schedule":
+                result = {"outcome": "started", "jobId": status.jobId}  # the claimer made it
             else:
                 reason = f"job {status.jobId} was still {status.status.value}"
                 logger.warning("schedule of %s: slot %s skipped: %s", op.name, when, reason)
