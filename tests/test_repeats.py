@@ -311,3 +311,33 @@ def test_incremental_copy_of_repeated_keys_keeps_the_last_new_version(
     assert done.processedRecords == done.totalRecords == 91
     assert stored(db) == {f"K{k}": ("v3" if k < 20 else "v1") for k in range(50)}
     db.client.drop_database(s.database)
+
+
+def test_a_jobs_partitions_and_plan_expire_with_its_status_never_while_it_runs(
+    settings: Settings, tmp_path: Path
+) -> None:
+    lake = versioned_lake(tmp_path / "lake", keys=150, versions=3)
+    s = fresh(settings, lake, partition_rows=100, batch_size=50)
+    rt = Runtime(s, executor="local")
+    queued: list[tuple[str, int]] = []
+    rt.executor.submit = lambda job_id: None  # type: ignore[method-assign,union-attr]
+    rt.runner.partitioned.submit = lambda j, i: queued.append((j, i))  # type: ignore[union-attr]
+    db = database(s)
+    with rt:
+        job, _ = rt.jobs.start("copy-taskdetail", {}, trusted=True)
+        rt.runner.run(job.jobId)  # plans the repeats and the partitions
+        mine = {"jobId": job.jobId}
+        assert db.jobplans.count_documents(mine) >= 1 and len(queued) >= 3
+        for name in ("jobpartitions", "jobplans"):  # no TTL can remove them while it runs
+            assert db[name].count_documents({**mine, "expireAt": {"$exists": True}}) == 0
+            ttl = [ix for ix in db[name].list_indexes() if "expireAfterSeconds" in ix]
+            assert [dict(ix["key"]) for ix in ttl] == [{"expireAt": 1}]
+        for step in queued:
+            rt.runner.partitioned.run(*step)  # type: ignore[union-attr]
+        assert rt.jobs.get(job.jobId).status == JobState.COMPLETED
+    status = db.jobstatuses.find_one(mine)
+    assert status is not None and status.get("expireAt") is not None
+    for name in ("jobpartitions", "jobplans"):
+        docs = list(db[name].find(mine))
+        assert docs and all(d.get("expireAt") == status["expireAt"] for d in docs), name
+    db.client.drop_database(s.database)

@@ -96,18 +96,24 @@ def test_statuses_expire_a_ttl_after_they_end_never_while_running(db: Any) -> No
         value = (db.jobstatuses.find_one({"jobId": job_id}) or {}).get("expireAt")
         return datetime.fromisoformat(value) if isinstance(value, str) else value  # nx-27017
 
+    def data_expiring(job_id: str) -> int:  # the job's partitions and plan go with it
+        mine = {"jobId": job_id, "expireAt": {"$exists": True}}
+        return sum(db[name].count_documents(mine) for name in ("jobpartitions", "jobplans"))
+
     job, _ = store.create("copy-taskdetail", {}, flight="f")
+    for name in ("jobpartitions", "jobplans"):
+        db[name].insert_many([{"jobId": job.jobId, "n": n} for n in range(2)])
     assert expire_at(job.jobId) is None
     store.claim(job.jobId, "me", 30)
-    assert expire_at(job.jobId) is None
+    assert expire_at(job.jobId) is None and data_expiring(job.jobId) == 0
     before = datetime.now(UTC)
     store.finish(job.jobId, "me", JobState.FAILED, "Failed", "boom")
     ends = expire_at(job.jobId)
-    assert ends is not None
+    assert ends is not None and data_expiring(job.jobId) == 4
     ends = ends if ends.tzinfo else ends.replace(tzinfo=UTC)
     assert abs((ends - before).total_seconds() - 43200) < 60
     store.reopen(job.jobId)  # running again: no expiry
-    assert expire_at(job.jobId) is None
+    assert expire_at(job.jobId) is None and data_expiring(job.jobId) == 0
     pending, _ = store.create("copy-taskdetail", {}, flight="g")
     store.request_cancel(pending.jobId)
     assert expire_at(pending.jobId) is not None
@@ -308,3 +314,22 @@ def test_hand_backs_after_failures_count_only_in_a_row_without_progress(store: J
     assert run_then_fail(None) == 2  # no progress in between: they add up
     assert run_then_fail(cp) == 1  # this run committed a batch: a new count starts
     assert run_then_fail(None) == 2
+
+
+def test_an_upgrade_moves_partitions_and_plans_to_expire_with_their_job(db: Any) -> None:
+    """Older versions expired them from `createdAt`, even under a job still running."""
+    now = datetime.now(UTC)
+    db.jobstatuses.insert_many([
+        {"jobId": "job_running", "status": "in_progress"},
+        {"jobId": "job_ended", "status": "completed"},
+    ])  # fmt: skip
+    for name in ("jobpartitions", "jobplans"):
+        db[name].create_index("createdAt", expireAfterSeconds=3600)
+        db[name].insert_many([{"jobId": j, "createdAt": now} for j in
+                              ("job_running", "job_ended", "job_gone")])  # fmt: skip
+    JobStore(db, ttl_days=7).ensure_indexes()
+    for name in ("jobpartitions", "jobplans"):
+        ttl = [dict(ix["key"]) for ix in db[name].list_indexes() if "expireAfterSeconds" in ix]
+        assert ttl == [{"expireAt": 1}], name
+        expiring = {d["jobId"] for d in db[name].find({"expireAt": {"$exists": True}})}
+        assert expiring == {"job_ended", "job_gone"}, name  # never under a running job

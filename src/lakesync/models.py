@@ -38,6 +38,10 @@ class JobState(StrEnum):
         return self in (JobState.COMPLETED, JobState.FAILED, JobState.CANCELLED)
 
 
+#: a job's own data besides its status; expires with it (JobStore.finish sets `expireAt`)
+PARTITIONS = "jobpartitions"
+PLANS = "jobplans"
+
 ACTIVE_STATES = (JobState.PENDING.value, JobState.IN_PROGRESS.value)
 FINAL_STATES = (JobState.COMPLETED.value, JobState.FAILED.value, JobState.CANCELLED.value)
 

@@ -256,7 +256,17 @@ class OperationInfo(BaseModel):
 _NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,99}")
 _COLLECTION = re.compile(r"[A-Za-z_][A-Za-z0-9_.-]{0,119}")
 #: lakesync's own collections, and the prefix of its temporary ones
-RESERVED = {"jobstatuses", "copyerrors", "idempotencykeys", "syncstate", "jobpartitions", "joblogs"}
+RESERVED = {
+    "jobstatuses",
+    "copyerrors",
+    "idempotencykeys",
+    "syncstate",
+    "jobpartitions",
+    "jobplans",
+    "joblogs",
+    "schedules",
+    "scheduleslots",
+}
 _RESERVED_PREFIXES = ("mirrorseen_", "system.")
 _WATERMARK_TYPES = ("timestamp", "int", "any")
 

@@ -37,7 +37,14 @@ from lakesync.errors import LakesyncError, LeaseLost, SourceError, TransientStor
 from lakesync.lake import Lake, Position
 from lakesync.lease import Heartbeat, Leases, run_owner
 from lakesync.logs import job_context
-from lakesync.models import ACTIVE_STATES, Checkpoint, Counters, JobState, JobStatus
+from lakesync.models import (
+    ACTIVE_STATES,
+    PARTITIONS,
+    Checkpoint,
+    Counters,
+    JobState,
+    JobStatus,
+)
 from lakesync.operations import OperationRegistry
 from lakesync.repeats import Superseded
 from lakesync.retry import RetryPolicy
@@ -54,7 +61,6 @@ COUNTERS = {
     "duplicateRecords": "duplicates",
     "errorRecords": "errors",
 }
-PARTITIONS = "jobpartitions"
 
 
 def plan(rows_per_file: list[int], target_rows: int) -> list[tuple[int, int]]:
@@ -114,12 +120,9 @@ class PartitionedJobs:
                            on_retry=metrics.RETRIES.inc)  # fmt: skip
 
     def ensure_indexes(self) -> None:
-        """Index partitions by job; they expire with the job statuses."""
+        """Index partitions by job (they expire with their job: JobStore.finish)."""
         self.parts.create_index("jobId")
         self.parts.create_index("status")  # the recovery scan
-        self.parts.create_index(
-            "createdAt", expireAfterSeconds=int(self.settings.status_ttl_days * 86400)
-        )
 
     def stale(self) -> list[tuple[str, int]]:
         """Partitions to run: pending ones and those whose lease expired (handed back

@@ -39,13 +39,12 @@ from bson.binary import Binary
 from pymongo.database import Database
 
 from lakesync.lake import Lake
-from lakesync.models import utcnow
+from lakesync.models import PLANS, utcnow
 from lakesync.schema import RecordSchema, validate
 from lakesync.typemap import MONGODB, ServerLimits, server_limits
 
 logger = logging.getLogger(__name__)
 
-PLANS = "jobplans"
 _ROWS_PER_DOCUMENT = 1_000_000  # 4 bytes each: well under the 16 MB document limit
 _PLAN_BATCH = 50_000
 _EMPTY = np.empty(0, dtype=np.int64)
@@ -181,10 +180,9 @@ class Superseded:
         return cls({f: np.sort(np.concatenate(p)) for f, p in parts.items()})
 
 
-def ensure_indexes(db: Database[dict[str, Any]], ttl_seconds: int) -> None:
-    """Plans are found by job and expire with the job statuses."""
+def ensure_indexes(db: Database[dict[str, Any]]) -> None:
+    """Plans are found by job (they expire with their job: JobStore.finish)."""
     db[PLANS].create_index("jobId")
-    db[PLANS].create_index("createdAt", expireAfterSeconds=ttl_seconds)
 
 
 def save(db: Database[dict[str, Any]], job_id: str, plan: dict[str, np.ndarray]) -> int:

@@ -32,7 +32,7 @@ class Runtime:
             self.mongo.ping()
             self.store = JobStore(self.mongo.db, settings.status_ttl_days)
             self.store.ensure_indexes()
-            repeats.ensure_indexes(self.mongo.db, int(settings.status_ttl_days * 86400))
+            repeats.ensure_indexes(self.mongo.db)
             joblog.ensure_indexes(self.mongo.db, settings.status_ttl_days)
             rejections.ensure_indexes(self.store.copyerrors)
             if reads_lake and settings.lake_uri is None:

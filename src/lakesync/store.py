@@ -40,6 +40,8 @@ from lakesync.lease import Leases, beat
 from lakesync.models import (
     ACTIVE_STATES,
     FINAL_STATES,
+    PARTITIONS,
+    PLANS,
     Checkpoint,
     Counters,
     JobState,
@@ -180,6 +182,30 @@ class JobStore:
         self.copyerrors.create_index("jobId")
         self._ensure_ttl(self.copyerrors, "time", ttl)
         self._ensure_ttl(self.idempotency, "createdAt", IDEMPOTENCY_TTL_SECONDS)
+        self._expire_job_data_with_jobs()
+
+    def _expire_job_data_with_jobs(self) -> None:
+        """A job's partitions and plan expire with its status (`expireAt`, set when it ends),
+        never while it runs: a TTL from `createdAt` (older versions) removed them under a
+        job running longer than LAKESYNC_STATUS_TTL_DAYS. Data of jobs that ended (or whose
+        status expired) without getting its `expireAt` gets it now."""
+        for name in (PARTITIONS, PLANS):
+            coll = self.db[name]
+            for index in coll.list_indexes():
+                if dict(index["key"]) == {"createdAt": 1} and "expireAfterSeconds" in index:
+                    coll.drop_index(index["name"])
+            coll.create_index("expireAt", expireAfterSeconds=0)
+            # (find, not distinct: nx-27017's distinct ignores its filter)
+            ids = {d["jobId"] for d in coll.find({"expireAt": {"$exists": False}}, {"jobId": 1})}
+            if not ids:
+                continue
+            query = {"jobId": {"$in": list(ids)}, "status": {"$in": list(ACTIVE_STATES)}}
+            running = {d["jobId"] for d in self.jobs.find(query, {"jobId": 1})}
+            ended = sorted(ids - running)
+            coll.update_many(
+                {"jobId": {"$in": ended}, "expireAt": {"$exists": False}},
+                {"$set": {"expireAt": self.expire_at()}},
+            )
 
     def _expire_ended_jobs(self) -> None:
         """Statuses expire at `expireAt`, set when a job ends: a TTL from `startTime` (older
@@ -634,6 +660,7 @@ class JobStore:
         if doc is None:
             raise LeaseLost(f"Job {job_id} could not be ended: another run owns it or it ended.")
         ended = self._seen(doc)
+        self._job_data_expires(job_id, fields["expireAt"])
         counts = {k: getattr(ended, k) for k in (
             "totalRecords", "processedRecords", "insertedRecords", "updatedRecords",
             "unchangedRecords", "duplicateRecords", "errorRecords", "deletedRecords")}  # fmt: skip
@@ -644,6 +671,12 @@ class JobStore:
                            **counts})  # fmt: skip
         self._ended(ended)
         return ended
+
+    def _job_data_expires(self, job_id: str, at: datetime | None) -> None:
+        """The job's partitions and plan expire `at` with its status (None: never, it runs)."""
+        update = {"$set": {"expireAt": at}} if at else {"$unset": {"expireAt": ""}}
+        for name in (PARTITIONS, PLANS):
+            self.db[name].update_many({"jobId": job_id}, update)
 
     def _ended(self, status: JobStatus) -> None:
         if self.on_end is not None:
@@ -695,6 +728,7 @@ class JobStore:
                 status=current.status.value,
             )
         flight = flight_key(current.operation, str(current.options.get("source", "")))
+        self._job_data_expires(job_id, None)  # first: a start-up sweep mends a crash between
         try:
             doc = self.jobs.find_one_and_update(
                 {"jobId": job_id, "status": JobState.FAILED.value},

@@ -18,8 +18,9 @@ from celery import Celery
 
 from lakesync.config import Settings
 from lakesync.errors import ConfigError, StoreError
+from lakesync.models import PARTITIONS
 from lakesync.mongo import mask_uri
-from lakesync.partitions import PARTITIONS, partition_leases
+from lakesync.partitions import partition_leases
 from lakesync.store import JobStore
 
 logger = logging.getLogger(__name__)
