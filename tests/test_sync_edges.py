@@ -122,6 +122,11 @@ def test_late_records_at_the_watermark_are_copied_by_the_next_incremental_copy(
         assert db.late.count_documents({"_lakesync.job": third.jobId}) == 0  # a read, no write
         stored = db.syncstate.find_one({"operation": "late"})
         assert stored["jobId"] == third.jobId and stored["source"] == str(lake.resolve())
+        # what GET /api/operations and `lakesync operations` show
+        listed = rt.registry.overview(rt.settings, rt.store, rt.runner.watermarks)
+        (shown,) = [o for o in listed if o.name == "late"]
+        expected = KINDS[kind]["lookback"].strip('"') if with_lookback else None
+        assert shown.lookback == (int(expected) if kind == "int" and expected else expected)
 
 
 def test_a_lookback_of_the_wrong_kind_fails_the_job_before_writing(

@@ -528,6 +528,8 @@ def operations(as_json: JsonFlag = False) -> None:
     for op in listed:
         mark = "-" if op.watermarkColumn is None else f"{op.watermarkColumn} >= " + (
             str(op.watermark["value"]) if op.watermark else "(none yet)")  # fmt: skip
+        if op.lookback is not None:
+            mark += f" - {op.lookback}"
         last = "-" if op.lastJob is None else f"{op.lastJob['status']} {op.lastJob['jobId']}"
         table.add_row(f"[bold]{escape(op.name)}[/]\n{escape(op.description)}", op.mode,
                       escape(f"{op.source} -> {op.collection}"), escape(mark),

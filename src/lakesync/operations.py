@@ -226,7 +226,7 @@ class OperationRegistry:
                 name=op.name, description=op.description, source=mask_secrets(source),
                 format=op.format, collection=op.collection, key=op.schema_.key,
                 batchSize=op.batchSize, mode=op.mode, watermarkColumn=op.watermark,
-                watermark=shown, lastJob=last[0].public() if last else None,
+                lookback=op.lookback, watermark=shown, lastJob=last[0].public() if last else None,
             ))  # fmt: skip
         return out
 
@@ -243,6 +243,7 @@ class OperationInfo(BaseModel):
     batchSize: int | None
     mode: Mode
     watermarkColumn: str | None
+    lookback: str | int | None = None  # how far before the watermark incremental copies read
     #: column, kind, value (ISO time or number), source, jobId, and a Delta table's version
     watermark: dict[str, Any] | None
     lastJob: dict[str, Any] | None
