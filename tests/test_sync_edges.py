@@ -470,3 +470,26 @@ def test_an_idempotency_key_left_without_a_job_is_waited_for_then_taken_over(
         again, created_again = rt.jobs.start("copy-taskdetail", {}, idempotency_key="k")
         assert (again.jobId, created_again) == (job.jobId, False)
     assert db.jobstatuses.count_documents({}) == 1
+
+
+def test_watermarks_stored_under_another_spelling_are_found_after_an_upgrade(
+    settings: Settings, db: Any, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Versions before canonical sources keyed watermarks by the source as typed."""
+    lake = tmp_path / "lake"
+    write_part(lake, "a.parquet", "int", range(0, 30), list(range(30)))
+    config = tmp_path / "lakesync.toml"
+    config.write_text(operation_toml(lake, None))
+    settings = settings.model_copy(update={"operations_file": config})
+    with Runtime(settings) as rt:
+        assert copy(rt).insertedRecords == 30
+    canonical = str(lake.resolve())
+    doc = db.syncstate.find_one({"operation": "late"})
+    assert doc["source"] == canonical
+    monkeypatch.chdir(tmp_path)  # as an older version stored it: relative, trailing slash
+    db.syncstate.delete_one({"_id": doc["_id"]})
+    db.syncstate.insert_one({**doc, "_id": "late|lake/", "source": "lake/"})
+    with Runtime(settings) as rt:  # start-up re-keys it
+        again = copy(rt)
+    assert again.processedRecords == again.unchangedRecords == 1  # from the watermark on
+    assert [d["_id"] for d in db.syncstate.find()] == [f"late|{canonical}"]

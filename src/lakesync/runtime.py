@@ -44,6 +44,7 @@ class Runtime:
             if self.executor is not None:  # else a job's run copies its partitions itself
                 self.runner.partitioned.submit = self.executor.submit_partition
             self.runner.partitioned.ensure_indexes()
+            self.runner.watermarks.canonicalise()
         except BaseException:
             self.mongo.close()
             raise

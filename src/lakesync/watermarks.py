@@ -30,6 +30,7 @@ version it read); a failed or cancelled one leaves it where it was.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 from datetime import UTC, datetime
 from typing import Any, Literal
@@ -40,11 +41,13 @@ from pydantic import BaseModel, ConfigDict, ValidationError
 from pymongo import DESCENDING
 from pymongo.collection import Collection
 from pymongo.database import Database
+from pymongo.errors import DuplicateKeyError
 
-from lakesync.errors import RequestError, SourceError
+from lakesync.errors import LakesyncError, RequestError, SourceError
 from lakesync.lake import Lake
 from lakesync.models import Watermark
 from lakesync.operations import Mode, Operation, duration_ms
+from lakesync.storage import canonical_uri
 
 logger = logging.getLogger(__name__)
 
@@ -248,6 +251,33 @@ class WatermarkStore:
     @staticmethod
     def _id(operation: str, source: str) -> str:
         return f"{operation}|{source}"
+
+    def canonicalise(self) -> int:
+        """Re-key watermarks stored under another spelling of their source (`lake/`, a
+        relative path: versions before sources were canonical) so that the next
+        incremental copy, which looks them up canonically, finds them. Returns how many."""
+        moved = 0
+        for doc in list(self.states.find({}, {"_id": 1, "operation": 1, "source": 1})):
+            operation, source = doc.get("operation"), doc.get("source")
+            if not isinstance(operation, str) or not isinstance(source, str):
+                continue
+            try:
+                canonical = canonical_uri(source)
+            except LakesyncError:
+                continue
+            if canonical == source:
+                continue
+            full = self.states.find_one({"_id": doc["_id"]})
+            if full is None:
+                continue
+            full.update(_id=self._id(operation, canonical), source=canonical)
+            with contextlib.suppress(DuplicateKeyError):  # the canonical one is newer: keep it
+                self.states.insert_one(full)
+                moved += 1
+            self.states.delete_one({"_id": doc["_id"]})
+        if moved:
+            logger.info("syncstate: %d watermark(s) re-keyed to their canonical source", moved)
+        return moved
 
     def get(self, operation: str, source: str, column: str) -> Watermark | None:
         """The watermark of the operation for this source (None if none, or another column's)."""
