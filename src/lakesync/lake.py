@@ -231,6 +231,18 @@ def _across_files(pieces: Iterator[LakeBatch], size: int) -> Iterator[LakeBatch]
         yield _joined(pending)
 
 
+class _Opens:
+    """A thread-safe count of file opens."""
+
+    def __init__(self) -> None:
+        self.count = 0
+        self._lock = threading.Lock()
+
+    def add(self) -> None:
+        with self._lock:
+            self.count += 1
+
+
 @dataclass(frozen=True)
 class Listing:
     """A lake's files as one open found them, compact enough to keep in a job's plan:
@@ -292,9 +304,9 @@ class Lake:
         self._row_counts: list[int] | None = None
         #: files the reading filter rules out by their statistics (see ``rule_out``)
         self._ruled_out: frozenset[int] = frozenset()
-        #: files opened for reading so far (footers read at open not counted)
-        self.opened = 0
-        self._opened_lock = threading.Lock()
+        #: files opened for reading so far, shared with the lakes ``only`` makes of this one
+        #: (footers read at open not counted)
+        self._opens = _Opens()
         if schema is not None:
             self.schema: pa.Schema = schema
             return
@@ -466,6 +478,7 @@ class Lake:
         )  # fmt: skip
         if self._row_counts is not None:
             part._row_counts = [self._row_counts[i] for i in picked]
+        part._opens = self._opens
         return part
 
     def resume_position(self, position: Position, file_name: str | None) -> Position:
@@ -535,6 +548,11 @@ class Lake:
         found = facts.stats.get(column)
         return None if found is None or facts.rows is None else (found, facts.rows)
 
+    @property
+    def opened(self) -> int:
+        """How many times a file of this lake was opened to be read."""
+        return self._opens.count
+
     def rule_out(self, indexes: Iterable[int]) -> None:
         """Files whose statistics show that the reading filter keeps none of their rows:
         ``batches`` and ``count_rows`` with a filter do not open them (the caller vouches
@@ -549,8 +567,7 @@ class Lake:
         if made is not None:
             return made
         facts = self._facts[index]
-        with self._opened_lock:
-            self.opened += 1
+        self._opens.add()
         return self._guard(
             index,
             _PARQUET.make_fragment,
