@@ -66,7 +66,7 @@ class CountingProxy:
 
     def _count(self, head: bytes) -> None:
         line = head.split(b"\r\n", 1)[0].decode("latin-1")
-        method, target = (line.split(" ") + ["", ""])[:2]
+        method, target = [*line.split(" "), "", ""][:2]
         path, _, query = target.partition("?")
         kind = method
         if method == "GET" and ("list-type" in query or path.strip("/").count("/") == 0):
