@@ -11,6 +11,12 @@ partitioned on the local executor (2 workers). Each row of the table is one chil
 Targets (issue "Lakes of 100,000 files"): partitioned >= 0.9x one piece; records/s on 20-row
 files >= 0.7x the demo lake's; peak RSS at 20,000 files <= 1.3x at 1,000.
 
+Then the same 20-row files on S3: 5,000 of them (1,000 with ``--quick``) on moto (``python -m
+moto.server``) behind a proxy that adds 20 ms to every request and counts them
+(``tests/s3proxy.py``). One copy in one piece: requests per file before the first batch
+(target <= 2), time to first batch (target < 10 s), requests per file over the job (target
+<= 3).
+
 Run: ``.venv/bin/python bench/scale.py [--quick]`` (``make bench`` runs it).
 """
 
@@ -21,6 +27,7 @@ import json
 import os
 import resource
 import shutil
+import socket
 import subprocess
 import sys
 import tempfile
@@ -91,35 +98,80 @@ def run_child(lake: Path, uri: str, partitioned: bool) -> dict[str, Any]:
     return result
 
 
-def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--quick", action="store_true", help="1,000 and 5,000 files only")
-    parser.add_argument("--child", nargs=3, help=argparse.SUPPRESS)
-    ns = parser.parse_args()
-    if ns.child:
-        print(json.dumps(child(ns.child[0], ns.child[1], ns.child[2] == "1")))
-        return 0
-    from lakesync.demo import generate
-    from lakesync.mongo import EmbeddedServer
+def s3_case(src: Path, files: int, mongo_uri: str, delay: float = 0.02) -> dict[str, Any]:
+    """One copy of ``files`` 20-row files from moto behind a counting, delaying proxy."""
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+    import boto3
+    import httpx
+    from tests.s3proxy import CountingProxy
 
-    sizes = [1000, 5000] if ns.quick else [1000, 5000, 20000]
-    work = Path(tempfile.mkdtemp(prefix="lakesync-scale-"))
-    server = EmbeddedServer(work / "mongo").start()
+    from lakesync.config import load_settings
+    from lakesync.runtime import Runtime
+
+    os.environ["AWS_ACCESS_KEY_ID"] = os.environ["AWS_SECRET_ACCESS_KEY"] = "testing"
+    os.environ["AWS_EC2_METADATA_DISABLED"] = "true"
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = int(sock.getsockname()[1])
+    moto = subprocess.Popen(
+        [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     try:
-        demo = work / "demo"
-        generate(demo, max(sizes) * ROWS_PER_FILE, seed=5)
-        lakes = {n: make_small_files(demo, work / f"files{n}", n) for n in sizes}
-        rows: list[tuple[str, str, dict[str, Any]]] = []
-        big = work / "demo100k"
-        generate(big, 5000 * ROWS_PER_FILE, seed=5)  # the demo lake's files, 100,000 records
-        rows.append(("demo files", "one piece", run_child(big, server.uri, False)))
-        for n, lake in lakes.items():
-            for partitioned in (False, True):
-                mode = "partitioned" if partitioned else "one piece"
-                rows.append((f"{n:,} x 20", mode, run_child(lake, server.uri, partitioned)))
+        url = f"http://127.0.0.1:{port}"
+        for _ in range(300):
+            try:
+                httpx.get(f"{url}/moto-api/", timeout=1)
+                break
+            except httpx.HTTPError:
+                time.sleep(0.1)
+        s3 = boto3.client("s3", endpoint_url=url, region_name="us-east-1")
+        s3.create_bucket(Bucket="lake")
+        for path in sorted(src.glob("*.parquet"))[:files]:
+            s3.put_object(Bucket="lake", Key=f"tasks/{path.name}", Body=path.read_bytes())
+        proxy = CountingProxy(("127.0.0.1", port), delay=delay)
+        settings = load_settings(
+            mongodb_uri=mongo_uri,
+            database="scale_" + uuid.uuid4().hex[:10],
+            data_dir=Path(tempfile.mkdtemp()),
+            lake_uri="s3://lake/tasks",
+            s3_endpoint_url=proxy.url,
+            s3_region="us-east-1",
+        )
+        with Runtime(settings) as rt:
+            job, _ = rt.jobs.start("copy-taskdetail", {}, trusted=True)
+            started = time.perf_counter()
+            first: list[tuple[float, int]] = []
+
+            def progress(status: Any) -> None:
+                if status.processedRecords and not first:
+                    first.append((time.perf_counter() - started, proxy.total))
+
+            rt.runner.run(job.jobId, on_progress=progress)
+            elapsed = time.perf_counter() - started
+            status = rt.jobs.get(job.jobId)
+            rt.mongo.client.drop_database(settings.database)
+        proxy.close()
     finally:
-        server.stop()
-        shutil.rmtree(work, ignore_errors=True)
+        moto.kill()
+        moto.wait(10)
+    if status.status != "completed":
+        raise SystemExit(f"S3 copy did not complete: {status.message} {status.error}")
+    return {
+        "files": files,
+        "records": status.processedRecords,
+        "firstBatch": round(first[0][0], 2),
+        "beforeFirstPerFile": round(first[0][1] / files, 2),
+        "totalPerFile": round(proxy.total / files, 2),
+        "requests": dict(proxy.counts),
+        "rate": round(status.processedRecords / elapsed),
+        "seconds": round(elapsed, 1),
+    }
+
+
+def local_rows(rows: list[tuple[str, str, dict[str, Any]]], sizes: list[int]) -> None:
+    """The local lakes' table and their ratios."""
     print(f"{'lake':<14}{'mode':<13}{'records':>9}{'parts':>6}{'first batch':>13}"
           f"{'records/s':>11}{'peak RSS':>10}")  # fmt: skip
     for lake_name, mode, r in rows:
@@ -136,6 +188,52 @@ def main() -> int:
         f"peak RSS {n:,} / 1,000 files: "
         f"{one['rssMB'] / by[('1,000 x 20', 'one piece')]['rssMB']:.2f} (<= 1.3)"
     )
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="1,000 and 5,000 files only")
+    parser.add_argument("--skip-s3", action="store_true", help="no S3 (moto) section")
+    parser.add_argument("--s3-only", action="store_true", help="only the S3 (moto) section")
+    parser.add_argument("--child", nargs=3, help=argparse.SUPPRESS)
+    ns = parser.parse_args()
+    if ns.child:
+        print(json.dumps(child(ns.child[0], ns.child[1], ns.child[2] == "1")))
+        return 0
+    from lakesync.demo import generate
+    from lakesync.mongo import EmbeddedServer
+
+    sizes = [5000] if ns.s3_only else [1000, 5000] if ns.quick else [1000, 5000, 20000]
+    work = Path(tempfile.mkdtemp(prefix="lakesync-scale-"))
+    server = EmbeddedServer(work / "mongo").start()
+    try:
+        demo = work / "demo"
+        generate(demo, max(sizes) * ROWS_PER_FILE, seed=5)
+        lakes = {n: make_small_files(demo, work / f"files{n}", n) for n in sizes}
+        rows: list[tuple[str, str, dict[str, Any]]] = []
+        if not ns.s3_only:
+            big = work / "demo100k"
+            generate(big, 5000 * ROWS_PER_FILE, seed=5)  # the demo lake's files, 100,000 records
+            rows.append(("demo files", "one piece", run_child(big, server.uri, False)))
+        for n, lake in ({} if ns.s3_only else lakes).items():
+            for partitioned in (False, True):
+                mode = "partitioned" if partitioned else "one piece"
+                rows.append((f"{n:,} x 20", mode, run_child(lake, server.uri, partitioned)))
+        s3 = None if ns.skip_s3 else s3_case(lakes[5000], 1000 if ns.quick else 5000, server.uri)
+    finally:
+        server.stop()
+        shutil.rmtree(work, ignore_errors=True)
+    if rows:
+        local_rows(rows, sizes)
+    if s3 is not None:
+        print(
+            f"\nS3 (moto behind a proxy adding 20 ms per request), {s3['files']:,} files x 20 "
+            f"rows, one piece: {s3['records']:,} records in {s3['seconds']} s "
+            f"({s3['rate']:,}/s); requests {s3['requests']}\n"
+            f"requests per file before the first batch: {s3['beforeFirstPerFile']} (<= 2)\n"
+            f"time to first batch: {s3['firstBatch']} s (< 10 s)\n"
+            f"requests per file over the job: {s3['totalPerFile']} (<= 3)"
+        )
     return 0
 
 

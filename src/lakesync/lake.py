@@ -64,10 +64,12 @@ _LOCAL_PARQUET = ds.ParquetFragmentScanOptions(pre_buffer=False)
 #: int96 timestamps are nanoseconds to pyarrow unless told otherwise, which wraps dates after
 #: 2262 (Spark's 9999-12-31 became 1816); microseconds cover every year
 _INT96 = ds.ParquetReadOptions(coerce_int96_timestamp_unit="us")
+_PARQUET = ds.ParquetFileFormat(read_options=_INT96)
 #: Lake batches a reader thread prepares while the consumer writes the current one.
 _PREFETCH = 1
-_INSPECT_THREADS = 16  # footers / headers read in parallel at open (matters on S3)
+_INSPECT_THREADS = 32  # footers / headers read in parallel at open (matters on S3)
 _READ_THREADS = 8  # small files read in parallel while batches are made (matters on S3)
+_S3_READ_THREADS = 32  # on S3 a small file's read is mostly waiting for the round trip
 _READ_AHEAD = 32  # small files read ahead at most
 _SMALL_FILE_ROWS = 10_000  # a file of at most this many rows (or one batch) is read whole
 
@@ -78,6 +80,28 @@ class Position:
 
     file_index: int = 0
     row: int = 0
+
+
+#: a column's (min, max, null count) over a whole file, from its Parquet footer; min and
+#: max are None when every value is null
+ColumnStats = tuple[pa.Scalar | None, pa.Scalar | None, int]
+
+
+@dataclass(frozen=True, slots=True)
+class FileFacts:
+    """What a lake keeps of one data file between reads: no pyarrow fragment (its footer
+    costs tens of KB), only what opening the file again without a round trip needs.
+
+    ``size`` comes from the listing (so no HEAD request is needed to read the file),
+    ``rows`` from the Parquet footer (None for CSV and JSON), ``stats`` are the footer's
+    statistics of the file's integer, date and timestamp columns (watermark pruning).
+    """
+
+    path: str
+    size: int | None = None
+    rows: int | None = None
+    expr: pc.Expression | None = None
+    stats: dict[str, ColumnStats] | None = None
 
 
 @dataclass(frozen=True)
@@ -207,6 +231,30 @@ def _across_files(pieces: Iterator[LakeBatch], size: int) -> Iterator[LakeBatch]
         yield _joined(pending)
 
 
+class _Opens:
+    """A thread-safe count of file opens."""
+
+    def __init__(self) -> None:
+        self.count = 0
+        self._lock = threading.Lock()
+
+    def add(self) -> None:
+        with self._lock:
+            self.count += 1
+
+
+@dataclass(frozen=True)
+class Listing:
+    """A lake's files as one open found them, compact enough to keep in a job's plan:
+    per file its size, rows and the number of its schema (most files share one)."""
+
+    root: str
+    format: str
+    schemas: list[pa.Schema]
+    #: file name (as ``Lake.file_name`` gives it) -> (size in bytes, rows, schema number)
+    files: dict[str, tuple[int, int, int]]
+
+
 class Lake:
     """A sorted set of same-format data files read as one stream; build it with ``open``.
 
@@ -221,10 +269,12 @@ class Lake:
         uri: str,
         fmt: str,
         files: list[str],
-        fragments: list[Any],
+        facts: list[FileFacts],
         schemas: list[pa.Schema],
         endpoint: str | None,
         *,
+        fs: Any = None,
+        fragments: list[Any] | None = None,
         root: str = "",
         version: int | None = None,
         since_version: int | None = None,
@@ -244,10 +294,19 @@ class Lake:
         #: columns whose nested fields column mapping renamed: their logical types
         self._views = views or {}
         self._mapped = bool(self._renames or self._views)
-        self._fragments, self._schemas, self._endpoint = fragments, schemas, endpoint
+        #: each file's facts; CSV and JSON files also keep their (small) fragment, Parquet
+        #: files are opened again from their facts when read (see ``_fragment``)
+        self._facts, self._schemas, self._endpoint = facts, schemas, endpoint
+        self._fragments = fragments or [None] * len(files)
+        self._fs = fs
         self._root = root.rstrip("/")
         self._parquet = fmt in ("parquet", "delta")
         self._row_counts: list[int] | None = None
+        #: files the reading filter rules out by their statistics (see ``rule_out``)
+        self._ruled_out: frozenset[int] = frozenset()
+        #: files opened for reading so far, shared with the lakes ``only`` makes of this one
+        #: (footers read at open not counted)
+        self._opens = _Opens()
         if schema is not None:
             self.schema: pa.Schema = schema
             return
@@ -270,12 +329,17 @@ class Lake:
         since_version: int | None = None,
         only: list[str] | None = None,
         first_index: int = 0,
+        known: Listing | None = None,
     ) -> Lake:
         """List and inspect the lake at ``uri``; raise SourceError if it cannot be read.
 
         With ``only`` (names as ``file_name`` gives them), the lake is reduced to those files
         as ``Lake.only`` does, and only their footers are read: a partition of a lake of
         many files opens its own files, not all of them.
+
+        ``known`` is what an earlier open of the same lake found (``Lake.listing``, kept in
+        the job's plan): a file listed there with the same size is not inspected again, so
+        partitions and resumed runs list the lake but read no footer.
 
         A directory holding ``_delta_log`` is read as a Delta table (its latest version,
         or ``version``) unless ``format`` names a plain file format. With ``since_version``
@@ -322,7 +386,7 @@ class Lake:
         if glob_at is None and loc.path.endswith("/" + LOG_DIR):
             raise SourceError(f"{loc.show(loc.path)} is a Delta log: use its parent folder.")
         try:
-            found, single = _list_files(loc, base, pattern, info)
+            found, single, sizes = _list_files(loc, base, pattern, info)
         except (OSError, pa.ArrowException) as e:
             raise read_error(e, loc.show(base), "", loc.endpoint, listing=True) from e
         fmt = _choose_format([loc.show(p) for p in found], fmt_given, loc.show(base), single)
@@ -339,14 +403,14 @@ class Lake:
         if only is not None:
             found = _picked(found, root, only, uri)
         keys = [_partition(p[len(root) :].lstrip("/")) for p in found]
-        inspected = _inspect(
-            loc, fmt, [(p, _hive_expression(k), k) for p, k in zip(found, keys, strict=True)]
-        )
+        items = [(p, _hive_expression(k), k) for p, k in zip(found, keys, strict=True)]
+        usable = known is not None and known.format == fmt and known.root == loc.show(root)
+        inspected = _inspect(loc, fmt, items, sizes, known if usable else None, root)
         logger.info("Opened lake %s: %d %s file(s)", loc.show(loc.path), len(found), fmt)
-        fragments, schemas = [f for f, _ in inspected], [s for _, s in inspected]
         files = [loc.show(p) for p in found]
-        return cls(uri, fmt, files, fragments, schemas, loc.endpoint, root=loc.show(root),
-                   first_index=first_index)  # fmt: skip
+        return cls(uri, fmt, files, [f for f, _, _ in inspected], [s for _, s, _ in inspected],
+                   loc.endpoint, fs=loc.fs, fragments=[f for _, _, f in inspected],
+                   root=loc.show(root), first_index=first_index)  # fmt: skip
 
     @classmethod
     def _open_delta(
@@ -366,7 +430,7 @@ class Lake:
         if not loc.is_s3:  # the log may name a symlink, or a path out of the table
             _refuse_links_out(base, [p for p, _ in chosen])
         inspected = _inspect(loc, "delta", [(p, expr, []) for p, expr in chosen])
-        fragments = [f for f, _ in inspected]
+        facts = [f for f, _, _ in inspected]
         files = [loc.show(p) for p, _ in chosen]
         scanned = snap.physical or snap.schema
         schemas = [scanned] * len(files)  # the table's schema (physical names), not each file's
@@ -376,9 +440,10 @@ class Lake:
         added = "" if since is None else f" added since version {since}"
         logger.info("Opened Delta table %s version %d: %d file(s)%s", uri, snap.version,
                     len(files), added)  # fmt: skip
-        return cls(uri, "delta", files, fragments, schemas, loc.endpoint, root=loc.show(base),
-                   version=snap.version, schema=snap.schema, since_version=since,
-                   renames=snap.renames, live=live, views=views)  # fmt: skip
+        return cls(uri, "delta", files, facts, schemas, loc.endpoint, fs=loc.fs,
+                   root=loc.show(base), version=snap.version, schema=snap.schema,
+                   since_version=since, renames=snap.renames, live=live,
+                   views=views)  # fmt: skip
 
     def file_name(self, index: int) -> str:
         """The stable name of file ``index``: its path relative to the lake's root folder.
@@ -404,14 +469,16 @@ class Lake:
         picked = [index[name] for name in names]
         part = Lake(
             self.uri, self.format, [self.files[i] for i in picked],
-            [self._fragments[i] for i in picked], [self._schemas[i] for i in picked],
-            self._endpoint, root=self._root, version=self.version,
+            [self._facts[i] for i in picked], [self._schemas[i] for i in picked],
+            self._endpoint, fs=self._fs, fragments=[self._fragments[i] for i in picked],
+            root=self._root, version=self.version,
             since_version=self.since_version, schema=self.schema, renames=self._renames,
             live=[self._live[i] for i in picked], views=self._views,
             first_index=first_index,
         )  # fmt: skip
         if self._row_counts is not None:
             part._row_counts = [self._row_counts[i] for i in picked]
+        part._opens = self._opens
         return part
 
     def resume_position(self, position: Position, file_name: str | None) -> Position:
@@ -456,6 +523,60 @@ class Lake:
             )
         return Position(index, position.row)
 
+    def listing(self) -> Listing | None:
+        """What this open found about each file, for ``Lake.open(known=...)`` (None for
+        Delta tables, which have their own log, and for CSV or JSON, which have no footer)."""
+        if self.format != "parquet" or any(f.size is None or f.rows is None for f in self._facts):
+            return None
+        numbers: dict[int, int] = {}
+        schemas: list[pa.Schema] = []
+        files: dict[str, tuple[int, int, int]] = {}
+        for i, (facts, schema) in enumerate(zip(self._facts, self._schemas, strict=True)):
+            number = numbers.setdefault(id(schema), len(schemas))
+            if number == len(schemas):
+                schemas.append(schema)
+            files[self.file_name(i)] = (int(facts.size or 0), int(facts.rows or 0), number)
+        return Listing(self._root, self.format, schemas, files)
+
+    def file_stats(self, index: int, column: str) -> tuple[ColumnStats, int] | None:
+        """The footer statistics of ``column`` in file ``index`` and the file's rows; None
+        when they are not known (no statistics, CSV or JSON, a Delta file with deleted rows
+        or renamed columns): then only reading the file tells."""
+        facts = self._facts[index]
+        if facts.stats is None or self._mapped or self._live[index] is not None:
+            return None
+        found = facts.stats.get(column)
+        return None if found is None or facts.rows is None else (found, facts.rows)
+
+    @property
+    def opened(self) -> int:
+        """How many times a file of this lake was opened to be read."""
+        return self._opens.count
+
+    def rule_out(self, indexes: Iterable[int]) -> None:
+        """Files whose statistics show that the reading filter keeps none of their rows:
+        ``batches`` and ``count_rows`` with a filter do not open them (the caller vouches
+        that every filter it reads with excludes them)."""
+        self._ruled_out = frozenset(indexes)
+
+    def _fragment(self, index: int) -> Any:
+        """File ``index`` as a pyarrow fragment, opened afresh: no footer is kept between
+        reads, so memory does not grow with the number of files. The size from the listing
+        spares a HEAD request on S3."""
+        made = self._fragments[index]
+        if made is not None:
+            return made
+        facts = self._facts[index]
+        self._opens.add()
+        return self._guard(
+            index,
+            _PARQUET.make_fragment,
+            facts.path,
+            filesystem=self._fs,
+            partition_expression=facts.expr,
+            file_size=facts.size,
+        )
+
     def has_column(self, name: str) -> bool:
         """Whether some file of the lake (or a partition key) has this column."""
         return name in self.schema.names
@@ -465,12 +586,13 @@ class Lake:
         if self._row_counts is None:
             if self._parquet:  # less the rows a deletion vector removed
                 self._row_counts = [
-                    int(f.metadata.num_rows) - (0 if keep is None else len(keep) - keep.true_count)
-                    for f, keep in zip(self._fragments, self._live, strict=True)
+                    int(f.rows or 0) - (0 if keep is None else len(keep) - keep.true_count)
+                    for f, keep in zip(self._facts, self._live, strict=True)
                 ]
             else:
                 self._row_counts = [
-                    int(self._guard(i, f.count_rows)) for i, f in enumerate(self._fragments)
+                    int(self._guard(i, self._fragment(i).count_rows))
+                    for i in range(len(self.files))
                 ]
         return list(self._row_counts)
 
@@ -481,13 +603,16 @@ class Lake:
         total = 0
         if self._mapped or any(keep is not None for keep in self._live):  # filtered as read
             for i in range(len(self.files)):
-                total += sum(
-                    b.table.num_rows for b in self._file_batches(i, 1 << 16, 0, filter, None)
-                )
+                if i not in self._ruled_out:
+                    total += sum(
+                        b.table.num_rows for b in self._file_batches(i, 1 << 16, 0, filter, None)
+                    )
             return total
-        for i, (fragment, schema) in enumerate(zip(self._fragments, self._schemas, strict=True)):
+        for i, schema in enumerate(self._schemas):
+            if i in self._ruled_out:
+                continue
             scanner = self._guard(
-                i, ds.Scanner.from_fragment, fragment, schema=schema, filter=filter
+                i, ds.Scanner.from_fragment, self._fragment(i), schema=schema, filter=filter
             )
             total += int(self._guard(i, scanner.count_rows))
         return total
@@ -544,14 +669,18 @@ class Lake:
 
         counts = self.file_row_counts() if self._parquet else None
         small = max(size, _SMALL_FILE_ROWS)
-        with ThreadPoolExecutor(_READ_THREADS, thread_name_prefix="lake-read") as pool:
+        s3 = self.files[0].startswith("s3://") if self.files else False
+        threads = _S3_READ_THREADS if s3 else _READ_THREADS
+        with ThreadPoolExecutor(threads, thread_name_prefix="lake-read") as pool:
             ahead: collections.deque[tuple[int, Future[list[LakeBatch]] | None]] = (
                 collections.deque()
             )
             for index in indexes:
+                if filter is not None and index in self._ruled_out:
+                    continue  # its statistics say the filter keeps none of its rows
                 whole = counts is not None and counts[index] <= small
                 ahead.append((index, pool.submit(list, batches(index, True)) if whole else None))
-                while len(ahead) > _READ_AHEAD or (ahead and ahead[0][1] is None):
+                while len(ahead) > max(_READ_AHEAD, threads) or (ahead and ahead[0][1] is None):
                     first, future = ahead.popleft()
                     yield batches(first) if future is None else future.result()
             while ahead:
@@ -567,7 +696,7 @@ class Lake:
         columns: list[str] | None,
         whole: bool = False,
     ) -> Iterator[LakeBatch]:
-        fragment, schema, offset = self._fragments[index], self._schemas[index], skip
+        fragment, schema, offset = self._fragment(index), self._schemas[index], skip
         ordinal = self.first_index + index
         keep, after = self._live[index], None
         if keep is not None or self._mapped:  # Delta: rows deleted, columns renamed as read
@@ -771,27 +900,56 @@ def _picked(found: list[str], root: str, names: list[str], uri: str) -> list[str
     return [by_name[n] for n in names]
 
 
-def _inspect(loc: Location, fmt: str, files: list[_Item]) -> list[tuple[Any, pa.Schema]]:
-    """A fragment per file and its schema (plus hive keys), read in parallel (S3 latency)."""
-    if fmt in ("parquet", "delta"):  # int96 (Spark, Impala): microseconds reach year 9999
-        file_format = ds.ParquetFileFormat(read_options=_INT96)
-    else:
-        file_format = _FORMATS[fmt]()
+def _inspect(
+    loc: Location,
+    fmt: str,
+    files: list[_Item],
+    sizes: dict[str, int] | None = None,
+    known: Listing | None = None,
+    root: str = "",
+) -> list[tuple[FileFacts, pa.Schema, Any]]:
+    """Each file's facts and schema (plus hive keys), its footer read in parallel (S3
+    latency), and for CSV and JSON its fragment. Parquet fragments are dropped: a file is
+    opened again when read. A file ``known`` lists with the same size is not read at all."""
+    sizes = sizes or {}
+    shared: dict[bytes, pa.Schema] = {}  # files that share a schema share one object
+    lock = threading.Lock()
 
-    def inspect(item: _Item) -> tuple[Any, pa.Schema]:
+    def interned(schema: pa.Schema) -> pa.Schema:
+        key = schema.serialize().to_pybytes()
+        with lock:
+            return shared.setdefault(key, schema)
+
+    def inspect(item: _Item) -> tuple[FileFacts, pa.Schema, Any]:
         path, expr, keys = item
+        size = sizes.get(path)
+        if known is not None and size is not None:
+            name = path[len(root) :].lstrip("/")
+            seen = known.files.get(name)
+            if seen is not None and seen[0] == size:
+                return FileFacts(path, size, seen[1], expr), known.schemas[seen[2]], None
         try:
             fs, real = loc.fs, path
             if fmt == "json" and is_json_array(fs, path):  # [{...}, ...]: read as NDJSON
                 fs, real = pafs.LocalFileSystem(), ndjson_copy(fs, path, loc.show(path))
-            fragment = file_format.make_fragment(real, filesystem=fs, partition_expression=expr)
-            schema = fragment.physical_schema  # Parquet: reads and caches the footer
+                size = None
+            file_format = _PARQUET if fmt in ("parquet", "delta") else _FORMATS[fmt]()
+            fragment = file_format.make_fragment(
+                real, filesystem=fs, partition_expression=expr, file_size=size
+            )
+            schema = fragment.physical_schema  # Parquet: reads the footer (one GET on S3)
+            if fmt in ("parquet", "delta"):
+                meta = fragment.metadata
+                facts = FileFacts(path, size, meta.num_rows, expr, _column_stats(meta, schema))
+                fragment = None  # its footer stays behind: ~30 KB per file
+            else:
+                facts = FileFacts(real, size, None, expr)
         except (pa.ArrowException, OSError) as e:
             raise read_error(e, loc.show(path), fmt, loc.endpoint) from e
         for key, _ in keys:
             if key not in schema.names:
                 schema = schema.append(pa.field(key, pa.string()))
-        return fragment, schema
+        return facts, interned(schema), fragment
 
     if not files:
         return []
@@ -799,10 +957,71 @@ def _inspect(loc: Location, fmt: str, files: list[_Item]) -> list[tuple[Any, pa.
         return list(pool.map(inspect, files))
 
 
+def _column_stats(meta: Any, schema: pa.Schema) -> dict[str, ColumnStats]:
+    """Min, max and null count over a file's row groups of its top-level integer, date and
+    timestamp columns, from the footer; a column some row group has no statistics for is
+    left out (it must be read to be known)."""
+    out: dict[str, ColumnStats] = {}
+    groups = [meta.row_group(g) for g in range(meta.num_row_groups)]
+    if not groups:
+        return out
+    for i in range(meta.num_columns):
+        first = groups[0].column(i)
+        name = first.path_in_schema
+        if name not in schema.names or first.physical_type not in ("INT32", "INT64"):
+            continue
+        scalar_type = _stats_type(first.statistics, schema.field(name).type)
+        if scalar_type is None:
+            continue
+        low = high = None
+        nulls = 0
+        for group in groups:
+            st = group.column(i).statistics
+            if st is None or not st.has_null_count:
+                break
+            nulls += st.null_count
+            if st.has_min_max:
+                low = st.min_raw if low is None else min(low, st.min_raw)
+                high = st.max_raw if high is None else max(high, st.max_raw)
+            elif st.null_count != group.num_rows:
+                break
+        else:
+            out[name] = (
+                None if low is None else pa.scalar(low, scalar_type),
+                None if high is None else pa.scalar(high, scalar_type),
+                nulls,
+            )
+    return out
+
+
+_UNITS = {"MILLIS": "ms", "MICROS": "us", "NANOS": "ns"}
+
+
+def _stats_type(st: Any, arrow_type: pa.DataType) -> pa.DataType | None:
+    """The Arrow type of a column's raw statistics (None: not a watermark-like column, or
+    statistics whose meaning is unclear, such as unsigned integers)."""
+    if st is None:
+        return None
+    logical = st.logical_type
+    kind = logical.type if logical is not None else "NONE"
+    if kind == "TIMESTAMP" and pa.types.is_timestamp(arrow_type):
+        text = str(logical)  # e.g. Timestamp(isAdjustedToUTC=true, timeUnit=microseconds, ...)
+        unit = next((u for k, u in _UNITS.items() if k.lower() in text.lower()), None)
+        return None if unit is None else pa.timestamp(unit)
+    if kind == "DATE" and pa.types.is_date(arrow_type):
+        return pa.date32()
+    if kind in ("INT", "NONE") and pa.types.is_signed_integer(arrow_type):
+        if kind == "INT" and "isSigned=false" in str(logical):
+            return None
+        return pa.int64()
+    return None
+
+
 def _list_files(
     loc: Location, base: str, pattern: re.Pattern[str] | None, info: Any
-) -> tuple[list[str], bool]:
-    """Sorted file paths under ``base`` (``info``: its FileInfo), and whether it is a file."""
+) -> tuple[list[str], bool, dict[str, int]]:
+    """Sorted file paths under ``base`` (``info``: its FileInfo), whether it is a file, and
+    the files' sizes as the listing gave them."""
     fs = loc.fs
     if info.type == pafs.FileType.NotFound and loc.is_s3:
         bucket = base.split("/", 1)[0]
@@ -819,18 +1038,20 @@ def _list_files(
             "or s3://bucket/prefix)."
         )
     if info.type == pafs.FileType.File and pattern is None:
-        return [base], True
-    found = []
+        return [base], True, {} if info.size is None else {base: int(info.size)}
+    found, sizes = [], {}
     for item in fs.get_file_info(pafs.FileSelector(base, recursive=True)):
         rel = item.path[len(base) :].lstrip("/")
         if item.type != pafs.FileType.File or any(s.startswith((".", "_")) for s in rel.split("/")):
             continue  # hidden files, _SUCCESS, _delta_log/, _common_metadata...
         if pattern is None or pattern.fullmatch(rel):
             found.append(item.path)
+            if item.size is not None:
+                sizes[item.path] = int(item.size)
     found.sort()
     if not loc.is_s3:
         _refuse_links_out(base, found)
-    return found, False
+    return found, False, sizes
 
 
 def _refuse_links_out(base: str, found: list[str]) -> None:

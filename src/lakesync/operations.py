@@ -40,7 +40,7 @@ from pydantic import (
 
 from lakesync.config import Settings
 from lakesync.errors import ConfigError, LakesyncError, RequestError
-from lakesync.lake import Lake
+from lakesync.lake import Lake, Listing
 from lakesync.schedules import Unattended, check_unattended
 from lakesync.schema import TASK_DETAIL, FieldRule, FieldType, RecordSchema
 from lakesync.storage import canonical_uri, mask_secrets
@@ -145,14 +145,19 @@ class ResolvedJob:
     batch_size: int
 
     def open_lake(
-        self, settings: Settings, only: list[str] | None = None, first_index: int = 0
+        self,
+        settings: Settings,
+        only: list[str] | None = None,
+        first_index: int = 0,
+        known: Listing | None = None,
     ) -> Lake:
         """The job's lake, at the Delta version (and from the version) the job pinned;
-        with ``only``, just those of its files (see ``Lake.open``)."""
+        with ``only``, just those of its files; ``known``: the files' facts the job kept
+        (see ``Lake.open``)."""
         return Lake.open(self.source, format=self.op.format, settings=settings,
                          version=self.options.deltaVersion,
                          since_version=self.options.sinceDeltaVersion,
-                         only=only, first_index=first_index)  # fmt: skip
+                         only=only, first_index=first_index, known=known)  # fmt: skip
 
 
 class OperationRegistry:

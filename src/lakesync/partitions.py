@@ -46,7 +46,7 @@ from lakesync.models import (
     JobStatus,
 )
 from lakesync.operations import OperationRegistry
-from lakesync.repeats import Superseded
+from lakesync.repeats import Superseded, load_listing
 from lakesync.retry import RetryPolicy
 from lakesync.store import JobStore
 from lakesync.watermarks import WatermarkStore
@@ -359,11 +359,14 @@ class PartitionedJobs:
     ) -> Outcome:
         job_id, index = job.jobId, int(part["index"])
         resolved = self.registry.resolve(job.operation, job.options, self.settings)
+        # each file's size, rows and schema as the job's first run found them: no footers
+        known = policy.call(lambda: load_listing(self.store.db, job_id), "reading the plan")
         if part.get("files") is not None:  # the files it was planned with, whatever changed
-            lake = resolved.open_lake(self.settings, part["files"], int(part["fileStart"]))
+            files, first_file = part["files"], int(part["fileStart"])
+            lake = resolved.open_lake(self.settings, files, first_file, known)
             first, stop = 0, None
         else:  # planned before partitions recorded their files: a range of the file list
-            lake = resolved.open_lake(self.settings)
+            lake = resolved.open_lake(self.settings, known=known)
             first, stop = int(part["fileStart"]), int(part["fileStop"])
         superseded = policy.call(
             lambda: Superseded.load(self.store.db, job_id, lake.files), "reading the plan"

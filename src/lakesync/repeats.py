@@ -38,7 +38,7 @@ import pyarrow.compute as pc
 from bson.binary import Binary
 from pymongo.database import Database
 
-from lakesync.lake import Lake
+from lakesync.lake import Lake, Listing
 from lakesync.models import PLANS, utcnow
 from lakesync.schema import RecordSchema, validate
 from lakesync.typemap import MONGODB, ServerLimits, server_limits
@@ -47,6 +47,7 @@ logger = logging.getLogger(__name__)
 
 _ROWS_PER_DOCUMENT = 1_000_000  # 4 bytes each: well under the 16 MB document limit
 _PLAN_BATCH = 50_000
+_FILES_PER_DOCUMENT = 20_000  # a listing's entries: ~60 bytes each, ~1.2 MB per document
 _EMPTY = np.empty(0, dtype=np.int64)
 
 
@@ -170,7 +171,7 @@ class Superseded:
         cls, db: Database[dict[str, Any]], job_id: str, files: Sequence[str] | None = None
     ) -> Superseded:
         """The job's plan for ``files`` (all of the job's files when None)."""
-        query: dict[str, Any] = {"jobId": job_id}
+        query: dict[str, Any] = {"jobId": job_id, "file": {"$exists": True}}  # not the listing
         if files is not None:
             query["file"] = {"$in": list(files)}
         parts: dict[str, list[np.ndarray]] = {}
@@ -235,3 +236,47 @@ def plan_job(
             len(superseded),
         )
     return count
+
+
+def save_listing(db: Database[dict[str, Any]], job_id: str, listing: Listing | None) -> None:
+    """Keep the lake's files as the job's first run found them (size, rows, schema), so that
+    its partitions and resumed runs read no footer again; in documents of at most
+    20,000 files (a lake of 100,000 files takes five, about 6 MB)."""
+    coll = db[PLANS]
+    coll.delete_many({"jobId": job_id, "listing": {"$exists": True}})
+    if listing is None:
+        return
+    names = list(listing.files)
+    now = utcnow()
+    for n, at in enumerate(range(0, max(len(names), 1), _FILES_PER_DOCUMENT)):
+        chunk = names[at : at + _FILES_PER_DOCUMENT]
+        doc: dict[str, Any] = {
+            "_id": f"{job_id}:files:{n}",
+            "jobId": job_id,
+            "listing": n,
+            "names": chunk,
+            "facts": Binary(
+                np.array([listing.files[name] for name in chunk], dtype="<i8").tobytes()
+            ),
+            "createdAt": now,
+        }
+        if n == 0:
+            schemas = [Binary(s.serialize().to_pybytes()) for s in listing.schemas]
+            doc |= {"root": listing.root, "format": listing.format, "schemas": schemas}
+        coll.insert_one(doc)
+
+
+def load_listing(db: Database[dict[str, Any]], job_id: str) -> Listing | None:
+    """The listing ``save_listing`` kept for the job (None if there is none)."""
+    docs = list(db[PLANS].find({"jobId": job_id, "listing": {"$exists": True}}, sort=[("_id", 1)]))
+    docs.sort(key=lambda d: int(d["listing"]))
+    if not docs or docs[0]["listing"] != 0:
+        return None
+    head = docs[0]
+    schemas = [pa.ipc.read_schema(pa.py_buffer(bytes(b))) for b in head["schemas"]]
+    files: dict[str, tuple[int, int, int]] = {}
+    for doc in docs:
+        facts = np.frombuffer(bytes(doc["facts"]), dtype="<i8").reshape(-1, 3)
+        for name, (size, rows, schema) in zip(doc["names"], facts.tolist(), strict=True):
+            files[name] = (size, rows, schema)
+    return Listing(str(head["root"]), str(head["format"]), schemas, files)

@@ -25,7 +25,7 @@ from lakesync.errors import (
     SourceError,
     TransientStoreError,
 )
-from lakesync.lake import Lake, Position
+from lakesync.lake import Lake, Listing, Position
 from lakesync.lease import Heartbeat, new_owner, run_owner
 from lakesync.logs import job_context
 from lakesync.mirror import MirrorSet, key_type
@@ -210,7 +210,12 @@ class JobRunner:
         op, options, source = job.op, job.options, job.source
         mode = options.mode or op.mode
         mirror.check_source(op, options, source, self.settings)  # the lake setting may change
-        lake = self._open_lake(job, mode, status.checkpoint is None, policy)
+        known = None
+        if status.checkpoint is not None:  # the files' facts its first run kept: no footers
+            known = policy.call(
+                lambda: repeats.load_listing(self.store.db, job_id), "reading the plan"
+            )
+        lake = self._open_lake(job, mode, status.checkpoint is None, policy, known)
         check_columns(op.schema_, lake.schema, lake.uri)
         column = watermark_column(op, lake, mode)
         key_kind = key_type(op.schema_, lake) if mode == "mirror" else None
@@ -236,6 +241,11 @@ class JobRunner:
             policy.call(
                 lambda: repeats.plan_job(db, job_id, lake, op.schema_, planned, by, op.collection),
                 "planning repeated keys",
+            )
+            # each file's size, rows and schema: partitions and resumed runs read no footer
+            policy.call(
+                lambda: repeats.save_listing(db, job_id, lake.listing()),
+                "keeping the lake's listing",
             )
             if (
                 self.partitioned.plans
@@ -367,7 +377,14 @@ class JobRunner:
         policy.call(lambda: self.store.release(job_id, owner, text), "handing the job back")
         return Outcome.CONTINUE
 
-    def _open_lake(self, job: ResolvedJob, mode: str, first_run: bool, policy: RetryPolicy) -> Lake:
+    def _open_lake(
+        self,
+        job: ResolvedJob,
+        mode: str,
+        first_run: bool,
+        policy: RetryPolicy,
+        known: Listing | None = None,
+    ) -> Lake:
         """The job's lake. An incremental copy of a Delta table opens only the files added
         since the version the last completed copy read: Delta never changes a file in place,
         so every record added or changed since then lies in them, and the other files are
@@ -384,7 +401,7 @@ class JobRunner:
         if since is not None:
             narrowed = job.options.model_copy(update={"sinceDeltaVersion": since})
             try:
-                return replace(job, options=narrowed).open_lake(self.settings)
+                return replace(job, options=narrowed).open_lake(self.settings, known=known)
             except SourceError as e:
                 if e.details.get("transient"):
                     raise
@@ -392,7 +409,7 @@ class JobRunner:
                                "(%s); reading the whole table", job.op.name, job.source, since,
                                e)  # fmt: skip
         whole = job.options.model_copy(update={"sinceDeltaVersion": None})
-        return replace(job, options=whole).open_lake(self.settings)
+        return replace(job, options=whole).open_lake(self.settings, known=known)
 
     def _save_watermark(
         self,

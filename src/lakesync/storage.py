@@ -22,7 +22,8 @@ import pyarrow.fs as pafs
 from lakesync.config import Settings
 from lakesync.errors import SourceError
 
-_MISSING = ("NO_SUCH_KEY", "Path does not exist", "No such file")
+#: a GET without a HEAD before it (the size came from the listing) says RESOURCE_NOT_FOUND
+_MISSING = ("NO_SUCH_KEY", "Path does not exist", "No such file", "RESOURCE_NOT_FOUND")
 _DENIED = (
     *("ACCESS_DENIED", "INVALID_ACCESS_KEY", "SIGNATURE", "AccessDenied", "Forbidden"),
     *("InvalidAccessKeyId", "SignatureDoesNotMatch", "Missing AccessKeyId"),

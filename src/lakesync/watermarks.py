@@ -92,15 +92,49 @@ def lake_kind(lake: Lake, column: str) -> Kind:
 def scan(lake: Lake, column: str, since: Watermark | None) -> tuple[int, Watermark | None]:
     """Rows whose watermark is at or above ``since`` (None: all rows), and their highest value.
 
-    Only the watermark column is read; with ``since``, only row groups that may hold such
-    values.
+    Parquet statistics answer first, with no file opened: a file whose highest value is
+    below ``since`` holds no such row (and is ruled out for every later read of the job's
+    filter, see ``Lake.rule_out``), a file whose lowest value is at or above it holds all of
+    its non-null rows, and in a full scan a file's rows and highest value are in its footer.
+    Only the other files (no statistics, or values on both sides of ``since``) are read,
+    the watermark column alone, several at a time.
     """
     rows, high = 0, None
     above = None if since is None else pc.field(column) >= _scalar(lake, since)
-    for batch in lake.batches(_SCAN_ROWS, filter=above, columns=[column]):
-        rows += batch.table.num_rows
-        high = later(high, batch_max(batch.table, column))
+    unread, below = [], []
+    for index in range(len(lake.files)):
+        known = lake.file_stats(index, column)
+        if known is None:
+            unread.append(index)
+            continue
+        (low_value, high_value, nulls), count = known
+        top = None if high_value is None else _watermark_of(high_value, column)
+        if since is None:
+            rows, high = rows + count, later(high, top)
+        elif top is None or top.value < since.value:
+            below.append(index)  # nothing at or above the watermark: never opened
+        elif (bottom := _watermark_of(low_value, column)) is not None and (
+            bottom.value >= since.value
+        ):
+            rows, high = rows + count - nulls, later(high, top)
+        else:
+            unread.append(index)
+    if since is not None:
+        lake.rule_out(below)
+    if unread:
+        rest = lake.only([lake.file_name(i) for i in unread])
+        for batch in rest.batches(_SCAN_ROWS, filter=above, columns=[column]):
+            rows += batch.table.num_rows
+            high = later(high, batch_max(batch.table, column))
     return rows, high
+
+
+def _watermark_of(value: pa.Scalar | None, column: str) -> Watermark | None:
+    """A statistic (min or max) as a watermark, sub-milliseconds dropped as ``batch_max``
+    drops them: comparisons with a watermark of whole milliseconds stay exact."""
+    if value is None:
+        return None
+    return batch_max(pa.table({column: pa.array([value])}), column)
 
 
 def lake_filter(

@@ -1,0 +1,263 @@
+"""Lakes of many small files: what each file costs in S3 requests, watermark pruning by
+Parquet statistics, and partitioned or resumed copies equal to the copy in one piece.
+
+S3 requests are counted at a proxy in front of moto (``tests/s3proxy.py``), per object
+key: what a real S3 bill and a real S3 latency would see.
+"""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Iterator
+from datetime import timedelta
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlsplit
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+from tests.s3proxy import CountingProxy
+from tests.test_repeats import (
+    SCHEMA,
+    T0,
+    assert_like_reference,
+    database,
+    fresh,
+    record,
+    run_partitioned,
+    run_whole,
+)
+from tests.test_s3 import aws_env, s3_client, s3_url  # noqa: F401  (fixtures)
+
+from lakesync.config import Settings
+from lakesync.lake import Lake
+from lakesync.models import JobState, JobStatus
+from lakesync.runner import Outcome
+from lakesync.runtime import Runtime
+from lakesync.watermarks import from_millis, scan
+
+FILES, ROWS = 120, 20
+
+
+def small_files(root: Path, files: int = FILES, seed: int = 7, unique: bool = False) -> Path:
+    """``files`` Parquet files of ROWS records: keys repeat across and within files (the
+    last valid record wins; ``unique``: they do not), some records are invalid, and file
+    i's ``updatedAt`` values lie in hour i (so every file has its own range)."""
+    rng = random.Random(seed)
+    root.mkdir(parents=True)
+    for i in range(files):
+        rows = []
+        for r in range(ROWS):
+            key = f"U{i * ROWS + r:06d}" if unique else f"K{rng.randrange(files * ROWS // 3):05d}"
+            rec = record(key, i * ROWS + r, bad=rng.random() < 0.02)
+            rec["updatedAt"] = T0 + timedelta(hours=i, seconds=r)
+            rows.append(rec)
+        pq.write_table(pa.Table.from_pylist(rows, SCHEMA), root / f"part-{i:05d}.parquet")
+    return root
+
+
+def test_many_small_files_partitioned_and_resumed_equal_the_copy_in_one_piece(
+    settings: Settings, tmp_path: Path
+) -> None:
+    lake = small_files(tmp_path / "lake")
+    whole = fresh(settings, lake)
+    assert_like_reference(run_whole(whole), database(whole), lake)
+
+    parted = fresh(settings, lake, partition_rows=ROWS * 25)
+    done = run_partitioned(parted, "random", seed=5)
+    assert done.partitions and done.partitions >= 4
+    assert_like_reference(done, database(parted), lake)
+
+    resumed = fresh(settings, lake, batch_size=70)  # batches span files, cut inside them
+    with Runtime(resumed) as rt:
+        job, _ = rt.jobs.start("copy-taskdetail", {}, trusted=True)
+
+        def crash(s: JobStatus) -> None:
+            if s.processedRecords >= FILES * ROWS // 2:
+                raise SystemExit("simulated crash")
+
+        with pytest.raises(SystemExit):
+            rt.runner.run(job.jobId, on_progress=crash)
+        db = database(resumed)
+        assert db.jobplans.count_documents({"jobId": job.jobId, "listing": 0}) == 1
+        rt.jobs.store.release(
+            job.jobId,
+            db.jobstatuses.find_one({"jobId": job.jobId})["owner"],
+            "test: hand back after the crash",
+        )
+        assert rt.runner.run(job.jobId) is Outcome.ENDED
+        assert_like_reference(rt.jobs.get(job.jobId), db, lake)
+
+
+def test_the_watermark_scan_opens_only_the_files_its_statistics_cannot_settle(
+    tmp_path: Path,
+) -> None:
+    lake_dir = small_files(tmp_path / "lake", files=30)
+    # three more files written without statistics: they must be read
+    for i in range(30, 33):
+        rows = [
+            record(f"N{i}-{r}", r) | {"updatedAt": T0 + timedelta(hours=i, seconds=r)}
+            for r in range(ROWS)
+        ]
+        pq.write_table(
+            pa.Table.from_pylist(rows, SCHEMA),
+            lake_dir / f"part-{i:05d}.parquet",
+            write_statistics=False,
+        )
+    lake = Lake.open(str(lake_dir))
+    rows, high = scan(lake, "updatedAt", None)
+    assert rows == 33 * ROWS
+    assert high is not None and high.value == int(
+        (T0 + timedelta(hours=32, seconds=19)).timestamp() * 1000
+    )
+    assert lake.opened == 3  # the files without statistics; the others answered from footers
+
+    since = from_millis("updatedAt", int((T0 + timedelta(hours=20, seconds=10)).timestamp() * 1000))
+    lake = Lake.open(str(lake_dir))
+    rows, high = scan(lake, "updatedAt", since)
+    assert rows == 10 + 9 * ROWS + 3 * ROWS  # 10 rows of file 20, files 21-29, 30-32
+    assert lake.opened == 1 + 3  # file 20 (values on both sides), the 3 without statistics
+
+    # the copy's reads skip the files below the watermark too, and find the same rows
+    opened = lake.opened
+    from lakesync.watermarks import lake_filter
+
+    reading = lake_filter(lake, since, high)
+    keys = [
+        k for b in lake.batches(50, filter=reading) for k in b.table["taskDetailId"].to_pylist()
+    ]
+    assert len(keys) == rows
+    assert lake.opened - opened == 1 + 9 + 3
+
+
+def test_an_incremental_copy_reads_new_files_and_files_without_statistics(
+    settings: Settings, tmp_path: Path
+) -> None:
+    lake = small_files(tmp_path / "lake", files=20)
+    settings = fresh(settings, lake)
+    with Runtime(settings) as rt:
+        first = copy(rt, "full")
+        assert first.status == JobState.COMPLETED, first.error
+        # a later file without statistics, and one with: both hold new records
+        for i, stats in ((20, False), (21, True)):
+            rows = [
+                record(f"NEW{i}-{r}", r) | {"updatedAt": T0 + timedelta(hours=i, seconds=r)}
+                for r in range(ROWS)
+            ]
+            pq.write_table(
+                pa.Table.from_pylist(rows, SCHEMA),
+                lake / f"part-{i:05d}.parquet",
+                write_statistics=stats,
+            )
+        second = copy(rt, "incremental")
+    assert second.status == JobState.COMPLETED, second.error
+    assert second.insertedRecords == 2 * ROWS
+    # the file holding the watermark's own value is read again (at or after it), nothing older
+    assert second.processedRecords == 2 * ROWS + 1
+
+
+def copy(rt: Runtime, mode: str) -> JobStatus:
+    job, _ = rt.jobs.start("copy-taskdetail", {"mode": mode}, trusted=True)
+    rt.runner.run(job.jobId)
+    return rt.jobs.get(job.jobId)
+
+
+# -- S3 ---------------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def proxy(s3_url: str) -> Iterator[CountingProxy]:  # noqa: F811
+    parts = urlsplit(s3_url)
+    link = CountingProxy((str(parts.hostname), int(parts.port or 80)))
+    yield link
+    link.close()
+
+
+def put_lake(url: str, local: Path, prefix: str) -> list[str]:
+    s3 = s3_client(url)
+    if "many" not in [b["Name"] for b in s3.list_buckets()["Buckets"]]:
+        s3.create_bucket(Bucket="many")
+    names = []
+    for path in sorted(local.glob("*.parquet")):
+        s3.put_object(Bucket="many", Key=f"{prefix}/{path.name}", Body=path.read_bytes())
+        names.append(path.name)
+    return names
+
+
+def s3_lake(settings: Settings, proxy: CountingProxy, prefix: str, **more: Any) -> Settings:
+    return settings.model_copy(
+        update={
+            "lake_uri": f"s3://many/{prefix}",
+            "s3_endpoint_url": proxy.url,
+            "s3_region": "us-east-1",
+            **more,
+        }
+    )
+
+
+def test_s3_requests_per_file_over_a_job_in_one_piece_and_in_partitions(
+    settings: Settings,
+    s3_url: str,  # noqa: F811
+    proxy: CountingProxy,
+    tmp_path: Path,
+) -> None:
+    names = put_lake(s3_url, small_files(tmp_path / "lake", files=200, unique=True), "one")
+    settings = s3_lake(fresh(settings, tmp_path), proxy, "one")
+    with Runtime(settings) as rt:
+        proxy.reset()
+        job, _ = rt.jobs.start("copy-taskdetail", {}, trusted=True)
+        before_first: list[int] = []
+        rt.runner.run(
+            job.jobId,
+            on_progress=lambda s: (
+                before_first.append(proxy.total)
+                if s.processedRecords and not before_first
+                else None
+            ),
+        )
+        done = rt.jobs.get(job.jobId)
+    assert done.status == JobState.COMPLETED, done.error
+    assert done.processedRecords == 200 * ROWS
+    assert proxy.counts["HEAD"] <= 2  # the lake's root only: no HEAD per file
+    # every file: its footer once at open, then a read (footer + data) by the plan of
+    # repeated keys (its key columns: no key repeats, so no second pass) and one by the
+    # copy; the watermark came from the footers
+    per_file = [proxy.opened(name) for name in names]
+    assert max(per_file) == 5, per_file
+    assert proxy.total <= 5 * 200 + 10
+    assert before_first and before_first[0] <= 3 * 200 + 2 * 200 + 10
+
+    parted = s3_lake(fresh(settings, tmp_path), proxy, "one", partition_rows=1000)
+    proxy.reset()
+    done = run_partitioned(parted, "forward")
+    assert done.status == JobState.COMPLETED, done.error
+    assert done.partitions and done.partitions >= 3
+    per_file = [proxy.opened(name) for name in names]
+    assert max(per_file) == 5, per_file  # partitions read no footer: the plan kept them
+    assert proxy.counts["HEAD"] <= 2 * (1 + done.partitions)
+
+
+def test_s3_incremental_copy_does_not_open_files_below_the_watermark(
+    settings: Settings,
+    s3_url: str,  # noqa: F811
+    proxy: CountingProxy,
+    tmp_path: Path,
+) -> None:
+    local = small_files(tmp_path / "lake", files=40)
+    names = put_lake(s3_url, local, "inc")
+    settings = s3_lake(fresh(settings, tmp_path), proxy, "inc")
+    with Runtime(settings) as rt:
+        assert copy(rt, "full").status == JobState.COMPLETED
+        newer = small_files(tmp_path / "more", files=44)  # same layout: files 40-43 are new
+        for name in sorted(p.name for p in newer.glob("*.parquet"))[40:]:
+            s3_client(s3_url).put_object(
+                Bucket="many", Key=f"inc/{name}", Body=(newer / name).read_bytes()
+            )
+        proxy.reset()
+        done = copy(rt, "incremental")
+    assert done.status == JobState.COMPLETED, done.error
+    assert done.insertedRecords + done.updatedRecords + done.duplicateRecords > 0
+    old = [proxy.opened(name) for name in names[:-1]]
+    assert old == [1] * 39  # the footer, read at open; never opened to read rows
+    assert proxy.opened(names[-1]) > 1  # it holds the watermark's own value: read again
