@@ -17,6 +17,11 @@ moto.server``) behind a proxy that adds 20 ms to every request and counts them
 (target <= 2), time to first batch (target < 10 s), requests per file over the job (target
 <= 3).
 
+Wide tables: a 200-column file of 200,000 rows in one row group (pyarrow's default writer
+settings) against the 12-column demo lake of as many records, each read with a null sink
+(``Lake.batches`` + ``CopyEngine.prepare``: validation, BSON, hash; nothing written) in a
+fresh child: records/s, client µs per record and peak RSS (VmHWM). ``--quick``: 50,000 rows.
+
 Run: ``.venv/bin/python bench/scale.py [--quick]`` (``make bench`` runs it).
 """
 
@@ -36,9 +41,12 @@ import uuid
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+import pyarrow as pa
 import pyarrow.parquet as pq
 
 ROWS_PER_FILE = 20
+WIDE_COLUMNS = 200
 
 
 def make_small_files(src: Path, out: Path, files: int) -> Path:
@@ -87,6 +95,95 @@ def child(lake: str, uri: str, partitioned: bool) -> dict[str, Any]:
         "partitions": status.partitions or 1,
         "rssMB": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024),
     }
+
+
+def make_wide(out: Path, rows: int, columns: int) -> Path:
+    """One Parquet file of ``rows`` x ``columns`` in a single row group: an ``id`` key, then
+    int64, float64, string (1,000 distinct) and bool columns in turn; default writer settings."""
+    rng = np.random.default_rng(0)
+    data: dict[str, Any] = {"id": np.arange(rows, dtype=np.int64)}
+    words = np.array([f"value-{i}" for i in range(1000)], dtype=object)
+    for c in range(1, columns):
+        kind = c % 4
+        if kind == 0:
+            data[f"c{c:03d}"] = rng.integers(0, 10**9, rows)
+        elif kind == 1:
+            data[f"c{c:03d}"] = rng.random(rows)
+        elif kind == 2:
+            data[f"c{c:03d}"] = pa.array(words[rng.integers(0, 1000, rows)], pa.string())
+        else:
+            data[f"c{c:03d}"] = rng.integers(0, 2, rows).astype(bool)
+    out.mkdir(parents=True)
+    pq.write_table(pa.table(data), out / "wide.parquet", row_group_size=rows)
+    return out
+
+
+def _peak_rss_mb() -> int:
+    """VmHWM: ru_maxrss is carried over fork and exec (it may be the parent's peak)."""
+    with open("/proc/self/status") as f:
+        kb = next((int(line.split()[1]) for line in f if line.startswith("VmHWM:")), None)
+    return round((kb or resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) / 1024)
+
+
+def child_nullsink(lake: str, key: str) -> dict[str, Any]:
+    """Read, validate, encode and hash the lake with nothing written (a fresh process)."""
+    from lakesync.copy import CopyEngine
+    from lakesync.lake import Lake
+    from lakesync.operations import COPY_TASKDETAIL
+    from lakesync.schema import RecordSchema
+
+    schema = RecordSchema(key=key, keepExtra=True)
+    if key == "taskDetailId":
+        schema = COPY_TASKDETAIL.schema_
+    engine: Any = CopyEngine(None, None, schema, "bench")  # type: ignore[arg-type]
+    cpu, started = time.process_time(), time.perf_counter()
+    records = valid = 0
+    lake_ = Lake.open(lake)
+    for batch in lake_.batches(1000):
+        valid += len(engine.prepare(batch).digests)
+        records += batch.table.num_rows
+    seconds = time.perf_counter() - started
+    if valid != records:
+        raise SystemExit(f"{records - valid} of {records} records rejected")
+    return {
+        "records": records,
+        "columns": len(lake_.schema),
+        "rate": round(records / seconds),
+        "cpuUs": round((time.process_time() - cpu) / records * 1e6, 1),
+        "rssMB": _peak_rss_mb(),
+    }
+
+
+def run_nullsink(lake: Path, key: str) -> dict[str, Any]:
+    args = [sys.executable, __file__, "--nullsink", str(lake), key]
+    out = subprocess.run(args, capture_output=True, text=True, check=False)
+    if out.returncode != 0:
+        raise SystemExit(f"child failed: {out.stderr[-2000:]}")
+    result: dict[str, Any] = json.loads(out.stdout.strip().splitlines()[-1])
+    return result
+
+
+def wide_tables(work: Path, rows: int) -> None:
+    """The wide-table section: 200 columns against 12, same records, null sink."""
+    from lakesync.demo import generate
+
+    narrow = work / "narrow"
+    generate(narrow, rows, seed=5)
+    wide = make_wide(work / "wide", rows, WIDE_COLUMNS)
+    group = pq.ParquetFile(wide / "wide.parquet").metadata.row_group(0)
+    results = [
+        ("12 columns", run_nullsink(narrow, "taskDetailId")),
+        (f"{WIDE_COLUMNS} columns", run_nullsink(wide, "id")),
+    ]
+    print(
+        f"\nwide tables: {rows:,} records, null sink (read + validate + BSON + hash, nothing "
+        f"written), batch size 1,000; the {WIDE_COLUMNS}-column file is one row group of "
+        f"{group.total_byte_size / 1e6:,.0f} MB decoded"
+    )
+    print(f"{'lake':<14}{'records':>9}{'records/s':>11}{'client µs/rec':>15}{'peak RSS':>10}")
+    for name, r in results:
+        row = f"{name:<14}{r['records']:>9,}{r['rate']:>11,}{r['cpuUs']:>15.1f}"
+        print(f"{row}{r['rssMB']:>7} MB")
 
 
 def run_child(lake: Path, uri: str, partitioned: bool) -> dict[str, Any]:
@@ -195,11 +292,29 @@ def main() -> int:
     parser.add_argument("--quick", action="store_true", help="1,000 and 5,000 files only")
     parser.add_argument("--skip-s3", action="store_true", help="no S3 (moto) section")
     parser.add_argument("--s3-only", action="store_true", help="only the S3 (moto) section")
+    parser.add_argument("--wide-only", action="store_true", help="the wide-table section only")
     parser.add_argument("--child", nargs=3, help=argparse.SUPPRESS)
+    parser.add_argument("--nullsink", nargs=2, help=argparse.SUPPRESS)
     ns = parser.parse_args()
     if ns.child:
         print(json.dumps(child(ns.child[0], ns.child[1], ns.child[2] == "1")))
         return 0
+    if ns.nullsink:
+        print(json.dumps(child_nullsink(*ns.nullsink)))
+        return 0
+    if not ns.wide_only:
+        local_and_s3(ns)
+    if not ns.s3_only:
+        work = Path(tempfile.mkdtemp(prefix="lakesync-wide-"))
+        try:
+            wide_tables(work, 50_000 if ns.quick else 200_000)
+        finally:
+            shutil.rmtree(work, ignore_errors=True)
+    return 0
+
+
+def local_and_s3(ns: argparse.Namespace) -> None:
+    """The local lakes of many files and the S3 section."""
     from lakesync.demo import generate
     from lakesync.mongo import EmbeddedServer
 
@@ -234,7 +349,6 @@ def main() -> int:
             f"time to first batch: {s3['firstBatch']} s (< 10 s)\n"
             f"requests per file over the job: {s3['totalPerFile']} (<= 3)"
         )
-    return 0
 
 
 if __name__ == "__main__":

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import json
 import socket
 import threading
@@ -273,3 +274,78 @@ def test_events_keep_a_pending_job_alive_and_stop_when_the_client_leaves(
     assert ended[0] == "event: status" and json.loads(ended[1][6:])["status"] == "cancelled"
     assert ended[2:] == ["event: end", "data: {}"], ended
     wait_for(lambda: stopped(streams[1]), timeout=5, every=0.01)
+
+
+def test_many_event_streams_share_one_reader_and_each_sees_every_change(
+    live: str, runtime: Runtime, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """20 pages follow a job run elsewhere: its status is read and rendered once per
+    interval for all of them (one reader per job), and every stream gets the other
+    process's change once, and the final status."""
+    from lakesync.jobs import STATUS_MAX_AGE_SECONDS
+    from lakesync.models import JobStatus
+
+    monkeypatch.setattr(jobs_api, "POLL_SECONDS", 0.05)
+    rendered: list[str] = []
+    public = JobStatus.public
+
+    def counted_public(self: JobStatus) -> dict[str, Any]:
+        rendered.append(self.jobId)
+        return public(self)
+
+    monkeypatch.setattr(JobStatus, "public", counted_public)
+    reads: list[str] = []
+    get = runtime.store.get
+
+    def counted(job_id: str) -> Any:
+        reads.append(job_id)
+        return get(job_id)
+
+    monkeypatch.setattr(runtime.store, "get", counted)
+    runtime.executor.shutdown(1)  # type: ignore[union-attr]  # the job stays pending here
+    job_id = httpx.post(f"{live}/api/jobs", json={}, timeout=10).json()["jobId"]
+    streams = 20
+    seen: list[list[dict[str, Any]]] = [[] for _ in range(streams)]
+    connected = threading.Barrier(streams + 1, timeout=30)
+
+    def follow(i: int) -> None:
+        with httpx.stream("GET", f"{live}/api/jobs/{job_id}/events", timeout=30) as r:
+            kind = ""
+            for line in r.iter_lines():
+                if line.startswith("event: "):
+                    kind = line[7:]
+                elif line.startswith("data: ") and kind == "status":
+                    seen[i].append(json.loads(line[6:]))
+                    if len(seen[i]) == 1:
+                        connected.wait()
+                elif kind == "end":
+                    return
+
+    threads = [threading.Thread(target=follow, args=(i,), daemon=True) for i in range(streams)]
+    for thread in threads:
+        thread.start()
+    connected.wait()
+    reads.clear()
+    rendered.clear()
+    started = time.monotonic()
+    # another process (e.g. `lakesync cancel` elsewhere) changes the job, then ends it
+    elsewhere = {"$set": {"message": "elsewhere"}, "$inc": {"revision": 1}}
+    runtime.store.jobs.update_one({"jobId": job_id}, elsewhere)
+    wait_for(
+        lambda: all(s[-1]["message"] == "elsewhere" for s in seen),
+        timeout=STATUS_MAX_AGE_SECONDS + 10,
+        every=0.05,
+    )
+    ended = {"$set": {"status": "cancelled"}, "$inc": {"revision": 1}}
+    runtime.store.jobs.update_one({"jobId": job_id}, ended)
+    for thread in threads:
+        thread.join(STATUS_MAX_AGE_SECONDS + 10)
+    elapsed = time.monotonic() - started
+    assert not any(thread.is_alive() for thread in threads)
+    for events in seen:  # each change once, in order, and no event twice
+        states = [(e["status"], e["message"]) for e in events]
+        assert states[-2:] == [("pending", "elsewhere"), ("cancelled", "elsewhere")], states
+        assert all(a != b for a, b in itertools.pairwise(events)), states
+    # at most one read per max age and one rendering per interval, whatever the streams
+    assert len(reads) <= elapsed / STATUS_MAX_AGE_SECONDS + 2, (len(reads), elapsed)
+    assert len(rendered) <= 2 * elapsed / jobs_api.POLL_SECONDS + 5, (len(rendered), elapsed)

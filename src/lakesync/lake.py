@@ -27,6 +27,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.dataset as ds
 import pyarrow.fs as pafs
+import pyarrow.parquet as pq
 
 from lakesync.config import Settings, get_settings
 from lakesync.delta import LOG_DIR, is_delta_table, snapshot
@@ -72,6 +73,16 @@ _READ_THREADS = 8  # small files read in parallel while batches are made (matter
 _S3_READ_THREADS = 32  # on S3 a small file's read is mostly waiting for the round trip
 _READ_AHEAD = 32  # small files read ahead at most
 _SMALL_FILE_ROWS = 10_000  # a file of at most this many rows (or one batch) is read whole
+#: ... and of at most this many bytes decoded (a wide file of few rows is streamed instead),
+#: while the files read ahead hold at most _READ_AHEAD_BYTES decoded
+_SMALL_FILE_BYTES = 8 << 20
+_READ_AHEAD_BYTES = 64 << 20
+#: A Parquet row group whose columns read decode to more than this is read batch by batch
+#: (``_row_group_slices``): Arrow's dataset scanner decodes a whole row group before it cuts
+#: it into batches, so a 200-column, 200,000-row group sat whole in memory.
+_ROW_GROUP_BYTES = 32 << 20
+#: the read buffer per column of a Parquet file read in slices (local files)
+_SLICE_BUFFER = 64 << 10
 
 
 @dataclass(frozen=True)
@@ -102,6 +113,7 @@ class FileFacts:
     rows: int | None = None
     expr: pc.Expression | None = None
     stats: dict[str, ColumnStats] | None = None
+    decoded: int | None = None  # Parquet: bytes of its row groups decoded (the footer's sum)
 
 
 @dataclass(frozen=True)
@@ -672,20 +684,40 @@ class Lake:
         s3 = self.files[0].startswith("s3://") if self.files else False
         threads = _S3_READ_THREADS if s3 else _READ_THREADS
         with ThreadPoolExecutor(threads, thread_name_prefix="lake-read") as pool:
-            ahead: collections.deque[tuple[int, Future[list[LakeBatch]] | None]] = (
+            ahead: collections.deque[tuple[int, Future[list[LakeBatch]] | None, int]] = (
                 collections.deque()
             )
+            held = 0  # decoded bytes of the files read ahead
             for index in indexes:
                 if filter is not None and index in self._ruled_out:
                     continue  # its statistics say the filter keeps none of its rows
-                whole = counts is not None and counts[index] <= small
-                ahead.append((index, pool.submit(list, batches(index, True)) if whole else None))
-                while len(ahead) > max(_READ_AHEAD, threads) or (ahead and ahead[0][1] is None):
-                    first, future = ahead.popleft()
+                weight = 0  # a file read whole counts its decoded size; a streamed one none
+                if counts is not None and counts[index] <= small:
+                    weight = self._decoded_bytes(index)
+                    weight = 0 if weight > _SMALL_FILE_BYTES else max(weight, 1)
+                whole = weight > 0
+                future = pool.submit(list, batches(index, True)) if whole else None
+                ahead.append((index, future, weight))
+                held += weight
+                while (
+                    len(ahead) > max(_READ_AHEAD, threads)
+                    or held > _READ_AHEAD_BYTES
+                    or (ahead and ahead[0][1] is None)
+                ):
+                    first, future, weight = ahead.popleft()
+                    held -= weight
                     yield batches(first) if future is None else future.result()
             while ahead:
-                first, future = ahead.popleft()
+                first, future, _ = ahead.popleft()
                 yield batches(first) if future is None else future.result()
+
+    def _decoded_bytes(self, index: int) -> int:
+        """File ``index``'s size decoded, as its Parquet footer said at open; for a file
+        known from the job's plan (no footer read), eight times its size on storage."""
+        facts = self._facts[index]
+        if facts.decoded is not None:
+            return facts.decoded
+        return 8 * (facts.size or 0)
 
     def _file_batches(
         self,
@@ -719,6 +751,8 @@ class Lake:
             del scan["batch_size"]
             table = self._guard(index, fragment.to_table, **scan)
             source: Iterator[pa.RecordBatch] = iter(table.to_batches())
+        elif self._parquet and self._guard(index, _large_groups, fragment, columns):
+            source = _row_group_slices(fragment, schema, columns, filter, size)
         else:
             source = iter(self._guard(index, fragment.to_batches, **scan, **_STREAMING))
         pending: list[pa.RecordBatch] = []
@@ -778,6 +812,90 @@ class Lake:
             return call(*args, **kwargs)
         except (pa.ArrowException, OSError) as e:
             raise read_error(e, self.files[index], self.format, self._endpoint) from e
+
+
+def _group_bytes(group: Any, columns: list[str] | None) -> int:
+    """A row group's size decoded (as its footer says), of ``columns`` if given."""
+    if columns is None:
+        return int(group.total_byte_size)
+    wanted = {c.split(".", 1)[0] for c in columns}
+    return sum(
+        int(chunk.total_uncompressed_size)
+        for chunk in (group.column(i) for i in range(group.num_columns))
+        if chunk.path_in_schema.split(".", 1)[0] in wanted
+    )
+
+
+def _large_groups(fragment: Any, columns: list[str] | None) -> bool:
+    """Whether a row group of the Parquet fragment, read for ``columns``, decodes to more
+    than _ROW_GROUP_BYTES (the dataset scanner would hold it whole)."""
+    meta = fragment.metadata
+    return any(
+        _group_bytes(meta.row_group(g.id), columns) > _ROW_GROUP_BYTES for g in fragment.row_groups
+    )
+
+
+def _row_group_slices(
+    fragment: Any,
+    schema: pa.Schema,
+    columns: list[str] | None,
+    filter: pc.Expression | None,
+    size: int,
+) -> Iterator[pa.RecordBatch]:
+    """The Parquet fragment's rows as the dataset scanner gives them (``schema``'s columns,
+    or ``columns``, after ``filter``), decoded ``size`` rows at a time.
+
+    Memory holds a batch and each column's current page, not the row group. Row groups are
+    read one at a time: on S3 each is fetched in a few large requests (pre-buffered).
+    """
+    physical = set(fragment.physical_schema.names)
+    keys = ds.get_partition_keys(fragment.partition_expression)
+    names = schema.names if columns is None or filter is not None else columns
+    read = [n for n in names if n in physical]
+    local = fragment.filesystem.type_name == "local"
+    source = pq.ParquetFile(
+        fragment.path,
+        filesystem=fragment.filesystem,
+        metadata=fragment.metadata,  # the footer read at open, not read again
+        pre_buffer=not local,
+        buffer_size=_SLICE_BUFFER if local else 0,
+        coerce_int96_timestamp_unit="us",  # as the dataset reads it (_INT96)
+        arrow_extensions_enabled=False,  # the dataset scanner's default
+    )
+    target = pa.schema([schema.field(n) for n in names])
+    try:
+        for group in fragment.row_groups:
+            for raw in source.iter_batches(
+                size, row_groups=[group.id], columns=read, use_threads=False
+            ):
+                if raw.schema.equals(target):  # the file holds the columns as they are read
+                    batch = pa.RecordBatch.from_arrays(raw.columns, schema=target)
+                else:
+                    batch = _conformed(raw, target, physical, keys)
+                if filter is not None:
+                    batch = batch.filter(filter)
+                    if columns is not None:
+                        batch = batch.select(columns)
+                yield batch
+    finally:
+        source.close()
+
+
+def _conformed(
+    raw: pa.RecordBatch, target: pa.Schema, physical: set[str], keys: dict[str, Any]
+) -> pa.RecordBatch:
+    """A batch read from a file with ``target``'s columns: cast, partition values, nulls."""
+    arrays = []
+    at = {name: i for i, name in enumerate(raw.schema.names)}
+    for f in target:
+        if f.name in physical:
+            column = raw.column(at[f.name])
+            arrays.append(column if column.type == f.type else column.cast(f.type))
+        elif keys.get(f.name) is not None:
+            arrays.append(pa.repeat(pa.scalar(keys[f.name], f.type), raw.num_rows))
+        else:
+            arrays.append(pa.nulls(raw.num_rows, f.type))
+    return pa.RecordBatch.from_arrays(arrays, schema=target)
 
 
 _T = TypeVar("_T")
@@ -940,7 +1058,9 @@ def _inspect(
             schema = fragment.physical_schema  # Parquet: reads the footer (one GET on S3)
             if fmt in ("parquet", "delta"):
                 meta = fragment.metadata
-                facts = FileFacts(path, size, meta.num_rows, expr, _column_stats(meta, schema))
+                decoded = sum(meta.row_group(g).total_byte_size for g in range(meta.num_row_groups))
+                stats = _column_stats(meta, schema)
+                facts = FileFacts(path, size, meta.num_rows, expr, stats, int(decoded))
                 fragment = None  # its footer stays behind: ~30 KB per file
             else:
                 facts = FileFacts(real, size, None, expr)

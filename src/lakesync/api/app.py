@@ -14,6 +14,7 @@ from lakesync.api import docs, health, jobs, netlify, openapi, operations, page,
 from lakesync.api.auth import TokenGuard
 from lakesync.api.crosssite import CrossSiteGuard
 from lakesync.api.errors import install_error_handlers
+from lakesync.api.events import Feeds
 from lakesync.api.headers import SecurityHeaders
 from lakesync.api.hosts import HostGuard
 from lakesync.api.limits import BodySizeLimit
@@ -42,6 +43,7 @@ def create_app(runtime: Runtime, close_on_shutdown: bool = False) -> FastAPI:
         redoc_url=None,
     )
     app.state.runtime = runtime
+    app.state.feeds = Feeds()  # one status reader per job followed by event streams
     app.add_middleware(BodySizeLimit, max_bytes=64 * 1024)
     app.add_middleware(CrossSiteGuard)  # 403 cross-site, 415 not JSON: before any body is read
     app.add_middleware(TokenGuard)  # 401 before any body is read

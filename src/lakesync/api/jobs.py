@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
-import json
 from collections.abc import AsyncIterator
 from typing import Annotated, Any
 
@@ -13,7 +11,7 @@ from fastapi.responses import StreamingResponse
 from pydantic import BaseModel, Field
 
 from lakesync.api.deps import Authorized, RuntimeDep
-from lakesync.errors import JobNotFound
+from lakesync.api.events import Feeds
 from lakesync.models import JobState, JobStatus
 from lakesync.runtime import Runtime
 
@@ -101,30 +99,28 @@ def cancel_job(job_id: str, runtime: RuntimeDep) -> dict[str, Any]:
 )
 async def job_events(job_id: str, request: Request, runtime: RuntimeDep) -> StreamingResponse:
     first = await job_status(runtime, job_id)  # 404 before the stream starts
+    feeds: Feeds = request.app.state.feeds
+
+    async def read(job: str) -> JobStatus:
+        return await job_status(runtime, job)
 
     async def stream() -> AsyncIterator[str]:
-        status = first
-        last = None
-        quiet = 0.0
-        while True:
-            payload = json.dumps(status.public())
-            if payload != last:
-                yield f"event: status\ndata: {payload}\n\n"
-                last, quiet = payload, 0.0
-            if status.state.is_final:
-                yield "event: end\ndata: {}\n\n"
-                return
-            if quiet >= KEEPALIVE_SECONDS:
-                yield ": ping\n\n"
-                quiet = 0.0
-            await asyncio.sleep(POLL_SECONDS)
-            quiet += POLL_SECONDS
-            if await request.is_disconnected() or runtime.stopping:
-                return  # the client went away, or the server stops: it reconnects later
-            try:
-                status = await job_status(runtime, job_id)
-            except JobNotFound:
-                return
+        # one reader per job (events.Feeds): this stream writes what the feed rendered
+        with feeds.follow(first, read, lambda: POLL_SECONDS, lambda: runtime.stopping) as feed:
+            sent = -1
+            while True:
+                if feed.version != sent:
+                    sent = feed.version
+                    yield f"event: status\ndata: {feed.payload}\n\n"
+                if feed.final:
+                    yield "event: end\ndata: {}\n\n"
+                    return
+                if feed.gone or feed.stopped:
+                    return  # expired, or the server stops: the client reconnects later
+                if not await feed.wait(sent, KEEPALIVE_SECONDS):
+                    yield ": ping\n\n"
+                if await request.is_disconnected() or runtime.stopping:
+                    return  # the client went away, or the server stops
 
     headers = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
     return StreamingResponse(stream(), media_type="text/event-stream", headers=headers)
