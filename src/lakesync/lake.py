@@ -798,7 +798,7 @@ class Lake:
         if columns is not None:  # a column some other file has is simply absent here
             columns = [c for c in columns if c in schema.names]
         kept = self._kept_rows(index, columns, filter)  # read at open: no request
-        fragment = None if kept is not None else self._fragment(index)
+        fragment: Any = None if kept is not None else self._fragment(index)
         plain = filter is None and after is None and keep is None and self._parquet
         if skip and plain and fragment is not None:
             groups, first = fragment.row_groups, 0
