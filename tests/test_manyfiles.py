@@ -207,26 +207,30 @@ def test_s3_requests_per_file_over_a_job_in_one_piece_and_in_partitions(
     with Runtime(settings) as rt:
         proxy.reset()
         job, _ = rt.jobs.start("copy-taskdetail", {}, trusted=True)
-        before_first: list[int] = []
-        rt.runner.run(
-            job.jobId,
-            on_progress=lambda s: (
+        before_copy: list[int] = []  # when the copy starts (the plan is made)
+        before_first: list[int] = []  # when the first batch is written
+
+        def progress(s: JobStatus) -> None:
+            if not before_copy:
+                before_copy.append(proxy.total)
+            if s.processedRecords and not before_first:
                 before_first.append(proxy.total)
-                if s.processedRecords and not before_first
-                else None
-            ),
-        )
+
+        rt.runner.run(job.jobId, on_progress=progress)
         done = rt.jobs.get(job.jobId)
     assert done.status == JobState.COMPLETED, done.error
     assert done.processedRecords == 200 * ROWS
     assert proxy.counts["HEAD"] <= 2  # the lake's root only: no HEAD per file
-    # every file: its footer once at open, then a read (footer + data) by the plan of
-    # repeated keys (its key columns: no key repeats, so no second pass) and one by the
-    # copy; the watermark came from the footers
+    # every file: its footer and its key columns at open (two GETs), which the plan of
+    # repeated keys reuses (no key repeats, so no second pass), then a read (footer + data)
+    # by the copy; the watermark came from the footers
     per_file = [proxy.opened(name) for name in names]
-    assert max(per_file) == 5, per_file
-    assert proxy.total <= 5 * 200 + 10
-    assert before_first and before_first[0] <= 3 * 200 + 2 * 200 + 10
+    assert per_file == [4] * 200, per_file
+    assert proxy.total <= 4 * 200 + 10
+    # the open and the plan: two requests per file; the first batch adds the reads of
+    # the files the copy has read by then (its batch, the next one, and 32 read ahead)
+    assert before_copy and before_copy[0] <= 2 * 200 + 10
+    assert before_first and before_first[0] <= before_copy[0] + 2 * 200
 
     parted = s3_lake(fresh(settings, tmp_path), proxy, "one", partition_rows=1000)
     proxy.reset()
@@ -234,7 +238,9 @@ def test_s3_requests_per_file_over_a_job_in_one_piece_and_in_partitions(
     assert done.status == JobState.COMPLETED, done.error
     assert done.partitions and done.partitions >= 3
     per_file = [proxy.opened(name) for name in names]
-    assert max(per_file) == 5, per_file  # partitions read no footer: the plan kept them
+    # the first run's open (footer + key columns), then one read by one partition: no
+    # partition reads a footer at open (the plan kept the facts), none reads another's files
+    assert per_file == [4] * 200, per_file
     assert proxy.counts["HEAD"] <= 2 * (1 + done.partitions)
 
 
@@ -259,5 +265,6 @@ def test_s3_incremental_copy_does_not_open_files_below_the_watermark(
     assert done.status == JobState.COMPLETED, done.error
     assert done.insertedRecords + done.updatedRecords + done.duplicateRecords > 0
     old = [proxy.opened(name) for name in names[:-1]]
-    assert old == [1] * 39  # the footer, read at open; never opened to read rows
+    # the footer and the key columns (for the plan), read at open; never opened to read rows
+    assert old == [2] * 39
     assert proxy.opened(names[-1]) > 1  # it holds the watermark's own value: read again

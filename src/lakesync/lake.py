@@ -83,6 +83,10 @@ _READ_AHEAD_BYTES = 64 << 20
 _ROW_GROUP_BYTES = 32 << 20
 #: the read buffer per column of a Parquet file read in slices (local files)
 _SLICE_BUFFER = 64 << 10
+#: a Parquet file of at most this size (by the listing) has the columns ``Lake.open`` is
+#: asked to keep read in the same pass as its footer (one more request, none later)
+_KEEP_FILE_BYTES = 4 << 20
+_KEEP_CHUNK_FILES = 512  # kept columns of this many files are packed into one table
 
 
 @dataclass(frozen=True)
@@ -243,6 +247,59 @@ def _across_files(pieces: Iterator[LakeBatch], size: int) -> Iterator[LakeBatch]
         yield _joined(pending)
 
 
+class _Kept:
+    """Some columns of small files, read when the lake was opened, for the first read that
+    asks for no other column (the plan of repeated keys: its key columns and the watermark):
+    that read costs no request. The files' columns are packed into a few large tables (a
+    small table per file would cost ~3 KB of overhead each), so memory follows the rows
+    kept, not the number of files; ``Lake.drop_kept`` lets them go."""
+
+    def __init__(self) -> None:
+        self._chunks: list[pa.Table] = []
+        self._pending: list[pa.Table] = []
+        self._pending_paths: list[str] = []
+        #: file path -> (chunk number, first row, rows)
+        self._where: dict[str, tuple[int, int, int]] = {}
+
+    def add(self, path: str, table: pa.Table) -> None:
+        """Keep ``table`` (a file's kept columns); files are added in the lake's order."""
+        if self._pending and not table.schema.equals(self._pending[0].schema):
+            self._pack()
+        self._pending.append(table)
+        self._pending_paths.append(path)
+        if len(self._pending) >= _KEEP_CHUNK_FILES:
+            self._pack()
+
+    def _pack(self) -> None:
+        if not self._pending:
+            return
+        number, row = len(self._chunks), 0
+        for path, table in zip(self._pending_paths, self._pending, strict=True):
+            self._where[path] = (number, row, table.num_rows)
+            row += table.num_rows
+        packed = pa.concat_tables(self._pending).combine_chunks(pa.system_memory_pool())
+        self._chunks.append(packed)
+        self._pending, self._pending_paths = [], []
+
+    def finish(self) -> _Kept | None:
+        """This store, packed (None when it keeps nothing)."""
+        self._pack()
+        return self if self._where else None
+
+    def get(self, path: str, columns: list[str] | None, every: bool = False) -> pa.Table | None:
+        """The kept ``columns`` of ``path``, in that order, or with ``every`` all its kept
+        columns (None: not all of them kept)."""
+        found = self._where.get(path)
+        if found is None or (columns is None and not every):
+            return None
+        table = self._chunks[found[0]].slice(found[1], found[2])
+        if every:
+            return table
+        if any(c not in table.schema.names for c in columns or []):
+            return None
+        return table.select(columns or [])
+
+
 class _Opens:
     """A thread-safe count of file opens."""
 
@@ -319,6 +376,8 @@ class Lake:
         #: files opened for reading so far, shared with the lakes ``only`` makes of this one
         #: (footers read at open not counted)
         self._opens = _Opens()
+        #: columns of small files read at open (see ``_Kept``); None once dropped
+        self._kept: _Kept | None = None
         if schema is not None:
             self.schema: pa.Schema = schema
             return
@@ -342,6 +401,7 @@ class Lake:
         only: list[str] | None = None,
         first_index: int = 0,
         known: Listing | None = None,
+        keep: list[str] | None = None,
     ) -> Lake:
         """List and inspect the lake at ``uri``; raise SourceError if it cannot be read.
 
@@ -357,6 +417,10 @@ class Lake:
         or ``version``) unless ``format`` names a plain file format. With ``since_version``
         only the files added to the table after that version are read: what an incremental
         copy needs, since Delta never changes a file in place.
+
+        ``keep`` names columns to read from each small Parquet file (up to a few MB) in the
+        same pass as its footer: the first read asking only for some of them (the plan of
+        repeated keys) opens no file. They are kept until ``drop_kept``.
         """
         fmt_given = None if format is None else _ALIASES.get(format.lower())
         if format is not None and fmt_given is None:
@@ -417,12 +481,15 @@ class Lake:
         keys = [_partition(p[len(root) :].lstrip("/")) for p in found]
         items = [(p, _hive_expression(k), k) for p, k in zip(found, keys, strict=True)]
         usable = known is not None and known.format == fmt and known.root == loc.show(root)
-        inspected = _inspect(loc, fmt, items, sizes, known if usable else None, root)
+        kept = _Kept() if keep and fmt == "parquet" else None
+        inspected = _inspect(loc, fmt, items, sizes, known if usable else None, root, keep, kept)
         logger.info("Opened lake %s: %d %s file(s)", loc.show(loc.path), len(found), fmt)
         files = [loc.show(p) for p in found]
-        return cls(uri, fmt, files, [f for f, _, _ in inspected], [s for _, s, _ in inspected],
+        lake = cls(uri, fmt, files, [f for f, _, _ in inspected], [s for _, s, _ in inspected],
                    loc.endpoint, fs=loc.fs, fragments=[f for _, _, f in inspected],
                    root=loc.show(root), first_index=first_index)  # fmt: skip
+        lake._kept = None if kept is None else kept.finish()
+        return lake
 
     @classmethod
     def _open_delta(
@@ -491,6 +558,7 @@ class Lake:
         if self._row_counts is not None:
             part._row_counts = [self._row_counts[i] for i in picked]
         part._opens = self._opens
+        part._kept = self._kept
         return part
 
     def resume_position(self, position: Position, file_name: str | None) -> Position:
@@ -564,6 +632,11 @@ class Lake:
     def opened(self) -> int:
         """How many times a file of this lake was opened to be read."""
         return self._opens.count
+
+    def drop_kept(self) -> None:
+        """Let the columns read at open go (see ``Lake.open``'s ``keep``); reads after this
+        open the files."""
+        self._kept = None
 
     def rule_out(self, indexes: Iterable[int]) -> None:
         """Files whose statistics show that the reading filter keeps none of their rows:
@@ -719,6 +792,25 @@ class Lake:
             return facts.decoded
         return 8 * (facts.size or 0)
 
+    def _kept_rows(
+        self, index: int, columns: list[str] | None, filter: pc.Expression | None
+    ) -> pa.Table | None:
+        """File ``index``'s rows from the columns kept at open, ``filter`` applied (None
+        when they do not hold every column asked for, or the filter needs another)."""
+        if self._kept is None or self._mapped or self._live[index] is not None:
+            return None
+        path = self._facts[index].path
+        if columns is None or self._kept.get(path, columns) is None:
+            return None
+        table = self._kept.get(path, None, every=True)
+        assert table is not None
+        if filter is not None:
+            try:
+                table = table.filter(filter)
+            except (pa.ArrowException, KeyError):  # a column the filter needs is not kept
+                return None
+        return table.select(columns)
+
     def _file_batches(
         self,
         index: int,
@@ -728,7 +820,7 @@ class Lake:
         columns: list[str] | None,
         whole: bool = False,
     ) -> Iterator[LakeBatch]:
-        fragment, schema, offset = self._fragment(index), self._schemas[index], skip
+        schema, offset = self._schemas[index], skip
         ordinal = self.first_index + index
         keep, after = self._live[index], None
         if keep is not None or self._mapped:  # Delta: rows deleted, columns renamed as read
@@ -737,7 +829,10 @@ class Lake:
             columns = None if columns is None else [physical.get(c, c) for c in columns]
         if columns is not None:  # a column some other file has is simply absent here
             columns = [c for c in columns if c in schema.names]
-        if skip and filter is None and after is None and keep is None and self._parquet:
+        kept = self._kept_rows(index, columns, filter)  # read at open: no request
+        fragment: Any = None if kept is not None else self._fragment(index)
+        plain = filter is None and after is None and keep is None and self._parquet
+        if skip and plain and fragment is not None:
             groups, first = fragment.row_groups, 0
             while first < len(groups) and groups[first].num_rows <= skip:
                 skip -= groups[first].num_rows
@@ -745,12 +840,14 @@ class Lake:
             if first:  # row groups before the start position are never read
                 fragment = fragment.subset(row_group_ids=[g.id for g in groups[first:]])
         scan = {"schema": schema, "columns": columns, "filter": filter, "batch_size": size}
-        if self._parquet and fragment.filesystem.type_name == "local":
+        if self._parquet and fragment is not None and fragment.filesystem.type_name == "local":
             scan["fragment_scan_options"] = _LOCAL_PARQUET
-        if whole:  # a small file: one read (a scanner per batch costs more than the data)
+        if kept is not None:
+            source: Iterator[pa.RecordBatch] = iter(kept.to_batches())
+        elif whole:  # a small file: one read (a scanner per batch costs more than the data)
             del scan["batch_size"]
             table = self._guard(index, fragment.to_table, **scan)
-            source: Iterator[pa.RecordBatch] = iter(table.to_batches())
+            source = iter(table.to_batches())
         elif self._parquet and self._guard(index, _large_groups, fragment, columns):
             source = _row_group_slices(fragment, schema, columns, filter, size)
         else:
@@ -1025,10 +1122,16 @@ def _inspect(
     sizes: dict[str, int] | None = None,
     known: Listing | None = None,
     root: str = "",
+    keep: list[str] | None = None,
+    kept: _Kept | None = None,
 ) -> list[tuple[FileFacts, pa.Schema, Any]]:
     """Each file's facts and schema (plus hive keys), its footer read in parallel (S3
     latency), and for CSV and JSON its fragment. Parquet fragments are dropped: a file is
-    opened again when read. A file ``known`` lists with the same size is not read at all."""
+    opened again when read. A file ``known`` lists with the same size is not read at all.
+
+    With ``kept``, the ``keep`` columns of each Parquet file of at most ``_KEEP_FILE_BYTES``
+    are read right after its footer, by the same fragment (which reuses the footer: one
+    more request on S3, coalesced), and added to ``kept`` in the lake's order."""
     sizes = sizes or {}
     shared: dict[bytes, pa.Schema] = {}  # files that share a schema share one object
     lock = threading.Lock()
@@ -1038,14 +1141,15 @@ def _inspect(
         with lock:
             return shared.setdefault(key, schema)
 
-    def inspect(item: _Item) -> tuple[FileFacts, pa.Schema, Any]:
+    def inspect(item: _Item) -> tuple[FileFacts, pa.Schema, Any, pa.Table | None]:
         path, expr, keys = item
         size = sizes.get(path)
         if known is not None and size is not None:
             name = path[len(root) :].lstrip("/")
             seen = known.files.get(name)
             if seen is not None and seen[0] == size:
-                return FileFacts(path, size, seen[1], expr), known.schemas[seen[2]], None
+                return FileFacts(path, size, seen[1], expr), known.schemas[seen[2]], None, None
+        table = None
         try:
             fs, real = loc.fs, path
             if fmt == "json" and is_json_array(fs, path):  # [{...}, ...]: read as NDJSON
@@ -1056,25 +1160,37 @@ def _inspect(
                 real, filesystem=fs, partition_expression=expr, file_size=size
             )
             schema = fragment.physical_schema  # Parquet: reads the footer (one GET on S3)
+            for key, _ in keys:
+                if key not in schema.names:
+                    schema = schema.append(pa.field(key, pa.string()))
             if fmt in ("parquet", "delta"):
                 meta = fragment.metadata
                 decoded = sum(meta.row_group(g).total_byte_size for g in range(meta.num_row_groups))
                 stats = _column_stats(meta, schema)
                 facts = FileFacts(path, size, meta.num_rows, expr, stats, int(decoded))
+                if kept is not None and size is not None and size <= _KEEP_FILE_BYTES:
+                    scan: dict[str, Any] = {"use_threads": False}
+                    if fs.type_name == "local":
+                        scan["fragment_scan_options"] = _LOCAL_PARQUET
+                    columns = [c for c in keep or [] if c in schema.names]
+                    scan["memory_pool"] = pa.system_memory_pool()
+                    table = fragment.to_table(schema=schema, columns=columns, **scan)
                 fragment = None  # its footer stays behind: ~30 KB per file
             else:
                 facts = FileFacts(real, size, None, expr)
         except (pa.ArrowException, OSError) as e:
             raise read_error(e, loc.show(path), fmt, loc.endpoint) from e
-        for key, _ in keys:
-            if key not in schema.names:
-                schema = schema.append(pa.field(key, pa.string()))
-        return facts, interned(schema), fragment
+        return facts, interned(schema), fragment, table
 
     if not files:
         return []
+    out = []
     with ThreadPoolExecutor(max_workers=min(_INSPECT_THREADS, len(files))) as pool:
-        return list(pool.map(inspect, files))
+        for facts, schema, fragment, table in pool.map(inspect, files):
+            if kept is not None and table is not None:
+                kept.add(facts.path, table)
+            out.append((facts, schema, fragment))
+    return out
 
 
 def _column_stats(meta: Any, schema: pa.Schema) -> dict[str, ColumnStats]:

@@ -150,14 +150,22 @@ class ResolvedJob:
         only: list[str] | None = None,
         first_index: int = 0,
         known: Listing | None = None,
+        keep: list[str] | None = None,
     ) -> Lake:
         """The job's lake, at the Delta version (and from the version) the job pinned;
-        with ``only``, just those of its files; ``known``: the files' facts the job kept
-        (see ``Lake.open``)."""
-        return Lake.open(self.source, format=self.op.format, settings=settings,
-                         version=self.options.deltaVersion,
-                         since_version=self.options.sinceDeltaVersion,
-                         only=only, first_index=first_index, known=known)  # fmt: skip
+        with ``only``, just those of its files; ``known``: the files' facts the job kept;
+        ``keep``: columns of small files to read at open (see ``Lake.open``)."""
+        return Lake.open(
+            self.source,
+            format=self.op.format,
+            settings=settings,
+            version=self.options.deltaVersion,
+            since_version=self.options.sinceDeltaVersion,
+            only=only,
+            first_index=first_index,
+            known=known,
+            keep=keep,
+        )
 
 
 class OperationRegistry:

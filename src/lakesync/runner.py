@@ -242,6 +242,7 @@ class JobRunner:
                 lambda: repeats.plan_job(db, job_id, lake, op.schema_, planned, by, op.collection),
                 "planning repeated keys",
             )
+            lake.drop_kept()  # the plan's columns read at open: the copy reads whole records
             # each file's size, rows and schema: partitions and resumed runs read no footer
             policy.call(
                 lambda: repeats.save_listing(db, job_id, lake.listing()),
@@ -392,8 +393,15 @@ class JobRunner:
         (`sinceDeltaVersion`), so a resumed run opens the same files. When it can no longer
         be listed (its log was cleaned up, the table was recreated, the source is no Delta
         table), the whole version is read, with the watermark filter as for plain files.
+
+        The first run reads the columns the plan of repeated keys needs (the keys and the
+        watermark) from small files in the same pass as their footers (``Lake.open``'s
+        ``keep``): the plan then costs no request for them.
         """
         since = job.options.sinceDeltaVersion
+        keep = None
+        if first_run:
+            keep = [*job.op.schema_.key_columns, *([job.op.watermark] if job.op.watermark else [])]
         if first_run and mode == "incremental" and job.op.watermark:
             column, name, source = job.op.watermark, job.op.name, job.source
             since = policy.call(lambda: self.watermarks.delta_version(name, source, column),
@@ -401,7 +409,8 @@ class JobRunner:
         if since is not None:
             narrowed = job.options.model_copy(update={"sinceDeltaVersion": since})
             try:
-                return replace(job, options=narrowed).open_lake(self.settings, known=known)
+                narrowed_job = replace(job, options=narrowed)
+                return narrowed_job.open_lake(self.settings, known=known, keep=keep)
             except SourceError as e:
                 if e.details.get("transient"):
                     raise
@@ -409,7 +418,7 @@ class JobRunner:
                                "(%s); reading the whole table", job.op.name, job.source, since,
                                e)  # fmt: skip
         whole = job.options.model_copy(update={"sinceDeltaVersion": None})
-        return replace(job, options=whole).open_lake(self.settings, known=known)
+        return replace(job, options=whole).open_lake(self.settings, known=known, keep=keep)
 
     def _save_watermark(
         self,
