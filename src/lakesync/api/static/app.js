@@ -10,6 +10,7 @@ const JOBS_REFRESH_MS = 5000;
 const HEALTH_REFRESH_MS = 15000;
 const HEALTH_RETRY_MS = 2000; // while the server is unreachable
 const LOG_REFRESH_MS = 3000;
+const LOG_END_TRIES = 10; // refreshes after a job ended, until its last lines are in
 const STALE_SECONDS = 30; // a running job that reports nothing this long may have lost its run
 const JOBS_PAGE_SIZE = 10;
 const ERRORS_PAGE_SIZE = 50;
@@ -456,6 +457,7 @@ async function resumeJob() {
     const { data } = await api(`/api/jobs/${encodeURIComponent(id)}/resume`, { method: "POST" });
     announce("Resume requested: the job continues from its last checkpoint.");
     state.job = null; // the job runs again: its ended status no longer holds
+    state.logTries = 0;
     follow(id, data);
     if (JOB_PAGE) loadLog();
     else refreshJobs();
@@ -1363,15 +1365,28 @@ async function loadLog() {
   const id = state.jobId;
   if (!JOB_PAGE || !id) return;
   if (state.logTimer) { clearTimeout(state.logTimer); state.logTimer = null; }
+  let lines = [];
   try {
     const { data } = await api(`/api/jobs/${encodeURIComponent(id)}/logs`);
-    renderLog(data.lines || []);
+    lines = data.lines || [];
+    renderLog(lines);
   } catch (e) {
     if (e.status !== 401 && e.status !== 0) showAlert(`Could not load the job's log: ${e.message}`);
   }
-  if (!state.job || isActive(state.job.status)) {
+  // While the job runs, and after it ended until its last lines arrived (a run's lines are
+  // stored in the background, a moment after the status it wrote), up to LOG_END_TRIES.
+  const job = state.job;
+  const waiting = !job || isActive(job.status)
+    || (!loggedEnd(lines, job) && (state.logTries = (state.logTries || 0) + 1) <= LOG_END_TRIES);
+  if (waiting) {
     state.logTimer = setTimeout(() => { if (!document.hidden) loadLog(); else state.logTimer = null; }, LOG_REFRESH_MS);
   }
+}
+
+function loggedEnd(lines, job) {
+  const ended = parseTime(job.endTime);
+  if (ended == null) return true;
+  return lines.some((line) => (parseTime(line.time) ?? 0) >= ended - 1000);
 }
 
 function renderLog(lines) {
