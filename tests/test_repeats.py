@@ -7,10 +7,7 @@ random order, and Celery workers must all end with its documents and its counts.
 
 from __future__ import annotations
 
-import os
 import random
-import signal
-import subprocess
 import uuid
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -23,8 +20,7 @@ from hypothesis import HealthCheck, given
 from hypothesis import settings as hsettings
 from hypothesis import strategies as st
 from pymongo import MongoClient
-from tests.conftest import wait_for
-from tests.test_partitions import _worker, redis_url  # noqa: F401  (fixture)
+from tests.helpers import start_worker, stop_workers, wait_for
 
 from lakesync.config import Settings
 from lakesync.copy import MARKER
@@ -250,7 +246,7 @@ def test_two_celery_workers_give_the_reference_result(
     settings: Settings,
     serve_env: dict[str, str],
     tmp_path: Path,
-    redis_url: str,  # noqa: F811
+    redis_url: str,
 ) -> None:
     lake = versioned_lake(tmp_path / "lake", keys=1500)
     s = fresh(settings, lake, partition_rows=1000, batch_size=200)
@@ -263,7 +259,7 @@ def test_two_celery_workers_give_the_reference_result(
         LAKESYNC_PARTITION_ROWS="1000",
         LAKESYNC_BATCH_SIZE="200",
     )
-    workers = [_worker(env, tmp_path / f"worker{i}.log") for i in range(2)]
+    workers = [start_worker(env, tmp_path / f"worker{i}.log") for i in range(2)]
     try:
         api = s.model_copy(
             update={"executor": "celery", "broker_url": __import__("pydantic").SecretStr(redis_url)}
@@ -273,13 +269,7 @@ def test_two_celery_workers_give_the_reference_result(
             job, _ = rt.jobs.start("copy-taskdetail")
             done = wait_for(lambda: (x := rt.jobs.get(job.jobId)).state.is_final and x, 240)
     finally:
-        for w in workers:
-            os.killpg(w.pid, signal.SIGTERM)
-        for w in workers:
-            try:
-                w.wait(15)
-            except subprocess.TimeoutExpired:
-                os.killpg(w.pid, signal.SIGKILL)
+        stop_workers(workers)
     db = database(s)
     assert (done.partitions or 0) >= 3
     assert_like_reference(done, db, lake)
