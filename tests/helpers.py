@@ -94,8 +94,8 @@ def child_env(settings: Settings, **extra: str) -> dict[str, str]:
         LAKESYNC_DATABASE=settings.database,
         LAKESYNC_DATA_DIR=str(settings.data_dir),
         LAKESYNC_LAKE_URI=str(settings.lake_uri),
-        **extra,
     )
+    env.update(extra)
     return env
 
 
