@@ -66,11 +66,12 @@ from pymongo import MongoClient, UpdateOne
 from pymongo.database import Database
 
 from lakesync.config import Settings, load_settings
-from lakesync.copy import MARKER, CopyEngine, content_hash
+from lakesync.copy import MARKER, CopyEngine, digest
 from lakesync.demo import generate, touch_records
 from lakesync.lake import Lake, LakeBatch
+from lakesync.masking import masked
 from lakesync.models import JobState, JobStatus
-from lakesync.mongo import EmbeddedServer, mask_uri
+from lakesync.mongo import EmbeddedServer
 from lakesync.runtime import Runtime
 from lakesync.schema import TASK_DETAIL, validate
 
@@ -120,6 +121,11 @@ class Report:
         return next((r for r in self.rows if r.key == key), None)
 
 
+def content_hash(doc: dict[str, Any]) -> str:
+    """A document's content hash as the copy engine stores it in its marker."""
+    return digest(bson.encode(doc))
+
+
 # -- the machine and the server -----------------------------------------------------------
 
 
@@ -157,7 +163,7 @@ def mongodb(workdir: Path) -> Iterator[tuple[str, str]]:
     """(uri, description): LAKESYNC_MONGODB_URI, or a fresh embedded nx-27017 server."""
     uri = os.environ.get("LAKESYNC_MONGODB_URI", "").strip()
     if uri:
-        yield uri, f"LAKESYNC_MONGODB_URI={mask_uri(uri)}"
+        yield uri, f"LAKESYNC_MONGODB_URI={masked(uri)}"
         return
     server = EmbeddedServer(workdir / "server").start()
     Clock.server = psutil.Process(server.process.pid) if server.process else None

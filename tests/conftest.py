@@ -2,29 +2,35 @@
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
-import signal
-import socket
 import subprocess
-import sys
-import threading
-import time
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-import httpx
 import pytest
+from fastapi.testclient import TestClient
 from pymongo import MongoClient
+from tests.helpers import (
+    CHROMIUM,
+    CHROMIUM_ARGS,
+    PageRun,
+    ServeProcess,
+    SlowLink,
+    aws_test_env,
+    child_env,
+    free_port,
+    start_moto_thread,
+    wait_for,
+)
 
+from lakesync.api.app import create_app
 from lakesync.config import Settings, load_settings
 from lakesync.demo import generate
 from lakesync.mongo import EmbeddedServer
-
-ARTIFACTS = Path(__file__).resolve().parent.parent / "test-artifacts"
+from lakesync.runtime import Runtime
 
 
 @pytest.fixture(autouse=True)
@@ -81,76 +87,18 @@ def db(mongo_uri: str, database: str) -> Iterator[Any]:
     client.close()
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-class ServeProcess:
-    """`lakesync serve` in a child process, with its environment and log."""
-
-    def __init__(self, env: dict[str, str], log: Path) -> None:
-        self.env = env
-        self.log = log
-        self.port = free_port()
-        self.proc: subprocess.Popen[bytes] | None = None
-
-    @property
-    def url(self) -> str:
-        return f"http://127.0.0.1:{self.port}"
-
-    def start(self, timeout: float = 60) -> ServeProcess:
-        with open(self.log, "ab") as log:
-            self.proc = subprocess.Popen(
-                [sys.executable, "-m", "lakesync", "serve", "--port", str(self.port)],
-                env=self.env, stdout=log, stderr=subprocess.STDOUT,
-            )  # fmt: skip
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"serve exited: {self.log.read_text()[-3000:]}")
-            try:
-                if httpx.get(self.url + "/healthz", timeout=1).status_code == 200:
-                    return self
-            except httpx.HTTPError:
-                pass
-            time.sleep(0.2)
-        raise RuntimeError(f"serve did not start: {self.log.read_text()[-3000:]}")
-
-    def kill(self) -> None:
-        if self.proc and self.proc.poll() is None:
-            self.proc.kill()
-            self.proc.wait(10)
-
-    def terminate(self, timeout: float = 15) -> float:
-        """SIGTERM and wait; returns how long the exit took."""
-        assert self.proc is not None
-        started = time.monotonic()
-        self.proc.send_signal(signal.SIGTERM)
-        self.proc.wait(timeout)
-        return time.monotonic() - started
-
-
 @pytest.fixture
 def serve_env(settings: Settings, tmp_path: Path) -> dict[str, str]:
     """Environment for a `lakesync serve` child that uses the test's database and lake.
 
     Job sources may be the lake or anything under the test's tmp_path (allowed roots).
     """
-    env = {k: v for k, v in os.environ.items() if not k.startswith("LAKESYNC_")}
-    env.update(
-        LAKESYNC_MONGODB_URI=settings.mongodb_uri.get_secret_value()
-        if settings.mongodb_uri
-        else "",
-        LAKESYNC_DATABASE=settings.database,
-        LAKESYNC_DATA_DIR=str(settings.data_dir),
-        LAKESYNC_LAKE_URI=settings.lake_uri or "",
+    return child_env(
+        settings,
         LAKESYNC_LEASE_SECONDS="3",
         LAKESYNC_RETRY_BUDGET_SECONDS="10",
         LAKESYNC_ALLOWED_ROOTS=json.dumps([settings.lake_uri, str(tmp_path)]),
     )
-    return env
 
 
 @pytest.fixture
@@ -159,52 +107,6 @@ def serve(serve_env: dict[str, str], tmp_path: Path) -> Iterator[ServeProcess]:
     proc = ServeProcess(serve_env, tmp_path / "serve.log").start()
     yield proc
     proc.kill()
-
-
-class SlowLink:
-    """A TCP proxy to the test's MongoDB server that delays every request by `delay` seconds.
-
-    Tests that must see a copy mid-way (progress on a page, a restart during a copy) use it
-    instead of counting on the machine being slow: with 10 ms per request, a copy of 5,000
-    records in batches of 20 lasts several seconds on any machine.
-    """
-
-    def __init__(self, upstream: tuple[str, int], delay: float) -> None:
-        self.upstream, self.delay = upstream, delay
-        self.listener = socket.create_server(("127.0.0.1", 0))
-        self.port = int(self.listener.getsockname()[1])
-        threading.Thread(target=self._accept, daemon=True).start()
-
-    @property
-    def uri(self) -> str:
-        return f"mongodb://127.0.0.1:{self.port}/?directConnection=true"
-
-    def _accept(self) -> None:
-        while True:
-            try:
-                client, _ = self.listener.accept()
-            except OSError:
-                return
-            server = socket.create_connection(self.upstream)
-            for src, dst, delay in ((client, server, self.delay), (server, client, 0.0)):
-                threading.Thread(target=self._pump, args=(src, dst, delay), daemon=True).start()
-
-    @staticmethod
-    def _pump(src: socket.socket, dst: socket.socket, delay: float) -> None:
-        try:
-            while chunk := src.recv(1 << 16):
-                if delay:
-                    time.sleep(delay)
-                dst.sendall(chunk)
-        except OSError:
-            pass
-        finally:
-            for s in (src, dst):
-                with contextlib.suppress(OSError):
-                    s.shutdown(socket.SHUT_RDWR)
-
-    def close(self) -> None:
-        self.listener.close()
 
 
 @pytest.fixture
@@ -216,12 +118,85 @@ def slow_database(serve_env: dict[str, str], mongo_server: EmbeddedServer) -> It
     link.close()
 
 
-def wait_for(fn: Any, timeout: float = 60, every: float = 0.2) -> Any:
-    """Poll fn until it returns something truthy."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = fn()
-        if value:
-            return value
-        time.sleep(every)
-    raise AssertionError(f"condition not met within {timeout} s")
+@pytest.fixture
+def runtime(settings: Settings) -> Iterator[Runtime]:
+    """A started Runtime with the in-process executor, on the test's database."""
+    with Runtime(settings, executor="local") as rt:
+        rt.start()
+        yield rt
+
+
+@pytest.fixture
+def client(runtime: Runtime) -> Iterator[TestClient]:
+    """The API of `runtime`, in-process; server errors come back as 500 answers."""
+    with TestClient(create_app(runtime), raise_server_exceptions=False) as c:
+        yield c
+
+
+@pytest.fixture
+def redis_url(tmp_path: Path) -> Iterator[str]:
+    """A redis-server of this test's own, on a free port."""
+    import redis
+
+    port = free_port()
+    proc = subprocess.Popen(
+        ["redis-server", "--port", str(port), "--bind", "127.0.0.1", "--save", "",
+         "--appendonly", "no", "--dir", str(tmp_path)],
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )  # fmt: skip
+    client = redis.Redis(port=port)
+    wait_for(lambda: _redis_up(client), timeout=10)
+    yield f"redis://127.0.0.1:{port}/0"
+    proc.terminate()
+    proc.wait(5)
+
+
+def _redis_up(client: Any) -> bool:
+    try:
+        return bool(client.ping())
+    except Exception:
+        return False
+
+
+@pytest.fixture(scope="module")
+def browser() -> Iterator[Any]:
+    """Headless Chromium (Debian's /usr/bin/chromium) driven by Playwright, one a module."""
+    sync_api = pytest.importorskip("playwright.sync_api")
+    if not CHROMIUM.exists():
+        pytest.skip("Chromium is not installed: apt-get install -y chromium")
+    with sync_api.sync_playwright() as p:
+        b = p.chromium.launch(executable_path=str(CHROMIUM), args=CHROMIUM_ARGS)
+        yield b
+        b.close()
+
+
+@pytest.fixture
+def run(browser: Any) -> Iterator[Any]:
+    """Make PageRuns (browser context + page) that are closed, and checked for script
+    errors, when the test ends."""
+    runs: list[PageRun] = []
+
+    def make(**kw: Any) -> PageRun:
+        r = PageRun(browser, **kw)
+        runs.append(r)
+        return r
+
+    yield make
+    for r in runs:
+        r.close()
+
+
+# -- S3: moto in this process (module scope: one server per test module) --------------------
+
+
+@pytest.fixture(scope="module")
+def aws_env() -> Iterator[None]:
+    with aws_test_env():
+        yield
+
+
+@pytest.fixture(scope="module")
+def s3_url(aws_env: None) -> Iterator[str]:
+    server, url = start_moto_thread()
+    yield url
+    server.stop()

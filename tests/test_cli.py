@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
 import signal
 import subprocess
 import sys
@@ -11,8 +10,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from tests.conftest import wait_for
-from tests.test_store import CONTRACT_FIELDS, ISO_Z
+from tests.helpers import CONTRACT_FIELDS, ISO_Z, child_env, wait_for
 
 from lakesync.config import Settings
 
@@ -20,16 +18,7 @@ from lakesync.config import Settings
 @pytest.fixture
 def env(settings: Settings) -> dict[str, str]:
     """The session's embedded server, this test's database and the 5,000-row demo lake."""
-    assert settings.mongodb_uri is not None
-    out = {k: v for k, v in os.environ.items() if not k.startswith("LAKESYNC_")}
-    out.update(
-        LAKESYNC_MONGODB_URI=settings.mongodb_uri.get_secret_value(),
-        LAKESYNC_DATABASE=settings.database,
-        LAKESYNC_DATA_DIR=str(settings.data_dir),
-        LAKESYNC_LAKE_URI=str(settings.lake_uri),
-        COLUMNS="80",
-    )
-    return out
+    return child_env(settings, COLUMNS="80")
 
 
 def lakesync(env: dict[str, str], *args: str) -> subprocess.CompletedProcess[str]:

@@ -13,8 +13,7 @@ from typing import Any
 
 import httpx
 import pytest
-from tests.conftest import ServeProcess, free_port, wait_for
-from tests.test_page import PageRun, browser  # noqa: F401 - the module's Chromium fixture
+from tests.helpers import PageRun, ServeProcess, free_port, wait_for
 
 from lakesync.api.crosssite import same_origin
 from lakesync.api.hosts import host_allowed

@@ -14,7 +14,7 @@ import pyarrow.compute as pc
 import pyarrow.dataset as ds
 import pytest
 from deltalake import DeltaTable, write_deltalake
-from tests.test_s3 import REGION, aws_test_env, run_job, s3_client, start_moto_thread
+from tests.helpers import REGION, aws_test_env, run_job, s3_client, start_moto_thread
 
 from lakesync.config import Settings
 from lakesync.demo import generate

@@ -13,7 +13,7 @@ from typing import Any
 import httpx
 import pytest
 from pymongo import MongoClient
-from tests.conftest import ServeProcess, free_port, wait_for
+from tests.helpers import ServeProcess, free_port, wait_for
 
 from lakesync.demo import generate
 

@@ -13,7 +13,7 @@ import httpx
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
-from tests.conftest import ServeProcess, wait_for
+from tests.helpers import ServeProcess, wait_for
 
 from lakesync.demo import generate
 

@@ -19,8 +19,7 @@ import httpx
 import pytest
 from pymongo.collection import Collection
 from pymongo.errors import AutoReconnect
-from tests import test_partitions
-from tests.conftest import ServeProcess, wait_for
+from tests.helpers import ServeProcess, wait_for
 
 from lakesync.config import Settings
 from lakesync.demo import generate
@@ -29,7 +28,6 @@ from lakesync.runner import Outcome
 from lakesync.runtime import Runtime
 
 ROWS = 20_000
-redis_url = test_partitions.redis_url  # a redis-server of the test's own
 
 
 @pytest.fixture

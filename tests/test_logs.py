@@ -6,12 +6,13 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import subprocess
 import sys
 import textwrap
 from pathlib import Path
 from typing import Any
+
+from tests import helpers
 
 from lakesync.config import Settings
 from lakesync.logs import JobFields, JsonFormatter, MaskingFormatter, job_context
@@ -20,19 +21,8 @@ URI = "mongodb://admin:hunter2@db.example:27017/lakesync"
 
 
 def lakesync(settings: Settings, *args: str, **env: str) -> subprocess.CompletedProcess[str]:
-    assert settings.mongodb_uri is not None
-    base = {k: v for k, v in os.environ.items() if not k.startswith("LAKESYNC_")}
-    base.update(
-        LAKESYNC_MONGODB_URI=settings.mongodb_uri.get_secret_value(),
-        LAKESYNC_DATABASE=settings.database,
-        LAKESYNC_DATA_DIR=str(settings.data_dir),
-        LAKESYNC_LAKE_URI=str(settings.lake_uri),
-        **env,
-    )
-    return subprocess.run(
-        [sys.executable, "-m", "lakesync", *args], env=base, capture_output=True, text=True,
-        timeout=120,
-    )  # fmt: skip
+    """`lakesync` run on the test's database and lake, with ``env`` added."""
+    return helpers.lakesync(helpers.child_env(settings, **env), *args)
 
 
 def json_lines(stderr: str) -> list[dict[str, Any]]:

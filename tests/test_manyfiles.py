@@ -17,18 +17,18 @@ from urllib.parse import urlsplit
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
-from tests.s3proxy import CountingProxy
-from tests.test_repeats import (
+from tests.helpers import (
     SCHEMA,
     T0,
     assert_like_reference,
-    database,
+    database_of,
     fresh,
     record,
     run_partitioned,
     run_whole,
+    s3_client,
 )
-from tests.test_s3 import aws_env, s3_client, s3_url  # noqa: F401  (fixtures)
+from tests.s3proxy import CountingProxy
 
 from lakesync.config import Settings
 from lakesync.lake import Lake
@@ -62,12 +62,12 @@ def test_many_small_files_partitioned_and_resumed_equal_the_copy_in_one_piece(
 ) -> None:
     lake = small_files(tmp_path / "lake")
     whole = fresh(settings, lake)
-    assert_like_reference(run_whole(whole), database(whole), lake)
+    assert_like_reference(run_whole(whole), database_of(whole), lake)
 
     parted = fresh(settings, lake, partition_rows=ROWS * 25)
     done = run_partitioned(parted, "random", seed=5)
     assert done.partitions and done.partitions >= 4
-    assert_like_reference(done, database(parted), lake)
+    assert_like_reference(done, database_of(parted), lake)
 
     resumed = fresh(settings, lake, batch_size=70)  # batches span files, cut inside them
     with Runtime(resumed) as rt:
@@ -79,7 +79,7 @@ def test_many_small_files_partitioned_and_resumed_equal_the_copy_in_one_piece(
 
         with pytest.raises(SystemExit):
             rt.runner.run(job.jobId, on_progress=crash)
-        db = database(resumed)
+        db = database_of(resumed)
         assert db.jobplans.count_documents({"jobId": job.jobId, "listing": 0}) == 1
         rt.jobs.store.release(
             job.jobId,
@@ -167,7 +167,7 @@ def copy(rt: Runtime, mode: str) -> JobStatus:
 
 
 @pytest.fixture
-def proxy(s3_url: str) -> Iterator[CountingProxy]:  # noqa: F811
+def proxy(s3_url: str) -> Iterator[CountingProxy]:
     parts = urlsplit(s3_url)
     link = CountingProxy((str(parts.hostname), int(parts.port or 80)))
     yield link
@@ -198,7 +198,7 @@ def s3_lake(settings: Settings, proxy: CountingProxy, prefix: str, **more: Any) 
 
 def test_s3_requests_per_file_over_a_job_in_one_piece_and_in_partitions(
     settings: Settings,
-    s3_url: str,  # noqa: F811
+    s3_url: str,
     proxy: CountingProxy,
     tmp_path: Path,
 ) -> None:
@@ -246,7 +246,7 @@ def test_s3_requests_per_file_over_a_job_in_one_piece_and_in_partitions(
 
 def test_s3_incremental_copy_does_not_open_files_below_the_watermark(
     settings: Settings,
-    s3_url: str,  # noqa: F811
+    s3_url: str,
     proxy: CountingProxy,
     tmp_path: Path,
 ) -> None:

@@ -11,7 +11,8 @@ from pathlib import Path
 
 import pytest
 
-from lakesync.mongo import EmbeddedServer, mask_uri
+from lakesync.masking import masked
+from lakesync.mongo import EmbeddedServer
 
 PASSWORD = "S3cretPW-q7"
 JOB = "job_0000000000000000000000000z"
@@ -68,13 +69,13 @@ def base_env(tmp_path: Path) -> dict[str, str]:
 
 def test_the_masking_covers_every_malformed_form() -> None:
     for uri in variants("mongodb") + variants("amqp") + variants("redis"):
-        assert PASSWORD not in mask_uri(f"bad URI {uri!r}: {uri}"), uri
+        assert PASSWORD not in masked(f"bad URI {uri!r}: {uri}"), uri
 
 
 def test_the_masking_leaves_times_and_addresses_alone() -> None:
     """A status document holds times and host:port pairs that are no passwords."""
     text = '{"startTime": "2026-11-29T06:34:30.479Z", "uri": "mongodb://127.0.0.1:4444/?x=1"}'
-    assert mask_uri(text) == text
+    assert masked(text) == text
 
 
 @pytest.mark.slow

@@ -14,8 +14,7 @@ from fastapi.testclient import TestClient
 from prometheus_client.parser import text_string_to_metric_families
 from pydantic import SecretStr
 from pymongo.errors import AutoReconnect
-from tests.conftest import free_port, wait_for
-from tests.test_security import inject
+from tests.helpers import free_port, inject, wait_for
 
 from lakesync.api.app import create_app
 from lakesync.config import Settings

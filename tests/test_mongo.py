@@ -17,24 +17,24 @@ from pymongo import MongoClient
 
 from lakesync.config import load_settings
 from lakesync.errors import ConfigError, StoreError
+from lakesync.masking import masked
 from lakesync.mongo import (
     EmbeddedServer,
     Mongo,
-    connect,
     describe_hosts,
-    mask_uri,
     with_database,
 )
 
 UNREACHABLE = "mongodb://user:secret@127.0.0.1:1/?authSource=admin"
 
 
-def test_mask_uri_hides_every_password() -> None:
+def test_masked_hides_every_password() -> None:
     text = "a mongodb://u:p%40ss@h:1/db and redis://:hunter2@r:6379/0 and mongodb://h:2"
-    masked = mask_uri(text)
-    assert "p%40ss" not in masked and "hunter2" not in masked
-    assert "mongodb://u:***@h:1/db" in masked and "redis://:***@r:6379/0" in masked
-    assert masked.endswith("mongodb://h:2")
+    shown = masked(text)
+    assert "p%40ss" not in shown and "hunter2" not in shown
+    assert "mongodb://u:***@h:1/db" in shown and "redis://:***@r:6379/0" in shown
+    assert shown.endswith("mongodb://h:2")
+    assert masked("mongodb://token:pw@h:1/db") == "mongodb://token:***@h:1/db"  # not a key=value
 
 
 def test_with_database_puts_the_database_in_the_path_unless_one_is_named() -> None:
@@ -68,8 +68,8 @@ def test_unreachable_server_fails_fast_naming_the_host_not_the_password(
     )  # fmt: skip
     started = time.monotonic()
     settings = load_settings(mongodb_uri=UNREACHABLE, data_dir=tmp_path)
-    with pytest.raises(StoreError) as e, connect(settings):
-        pass
+    with pytest.raises(StoreError) as e, Mongo(settings) as mongo:
+        mongo.ping()
     assert time.monotonic() - started < 6.5
     message = str(e.value)
     assert "127.0.0.1:1" in message and "LAKESYNC_MONGODB_URI" in message
@@ -121,8 +121,8 @@ def test_embedded_server_stops_cleanly_and_its_data_persists(tmp_path: Path) -> 
             assert client.lakesync.things.find_one({"_id": 1}) == {"_id": 1, "name": "kept"}
 
 
-def test_connect_without_uri_starts_and_stops_the_embedded_server(tmp_path: Path) -> None:
-    with connect(load_settings(data_dir=tmp_path, database="d")) as mongo:
+def test_mongo_without_uri_starts_and_stops_the_embedded_server(tmp_path: Path) -> None:
+    with Mongo(load_settings(data_dir=tmp_path, database="d")) as mongo:
         assert mongo.embedded is not None
         procs = processes(mongo.embedded)
         mongo.db.things.insert_one({"_id": 1})

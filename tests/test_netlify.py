@@ -7,7 +7,6 @@ job's clientJobId; `simple-status?jobId=` answers for it; nothing else does.
 from __future__ import annotations
 
 import threading
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -15,29 +14,14 @@ import httpx
 import pytest
 from fastapi.testclient import TestClient
 from pymongo.errors import DuplicateKeyError
-from tests.conftest import ServeProcess, wait_for
+from tests.helpers import ServeProcess, wait_for
 
-from lakesync.api.app import create_app
 from lakesync.api.netlify import CLIENT_JOB_ID_RULE
-from lakesync.config import Settings
 from lakesync.runtime import Runtime
 
 COPY = "/.netlify/functions/copy-taskdetail"
 STATUS = "/.netlify/functions/simple-status"
 JSON = {"content-type": "application/json"}
-
-
-@pytest.fixture
-def runtime(settings: Settings) -> Iterator[Runtime]:
-    with Runtime(settings, executor="local") as rt:
-        rt.start()
-        yield rt
-
-
-@pytest.fixture
-def client(runtime: Runtime) -> Iterator[TestClient]:
-    with TestClient(create_app(runtime), raise_server_exceptions=False) as c:
-        yield c
 
 
 def done(client: TestClient, job_id: str) -> dict[str, Any]:

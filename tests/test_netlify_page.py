@@ -10,37 +10,22 @@ functions. lakesync itself does not ship it.
 from __future__ import annotations
 
 import re
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import httpx
 import pytest
-from tests.conftest import ServeProcess, wait_for
+from tests.helpers import ARTIFACTS, ServeProcess, wait_for
 
 pytestmark = pytest.mark.browser
 
 sync_api = pytest.importorskip("playwright.sync_api")
 expect = sync_api.expect
 
-CHROMIUM = Path("/usr/bin/chromium")
-CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-                 "--disable-background-networking", "--disable-component-update"]  # fmt: skip
-ARTIFACTS = Path(__file__).resolve().parent.parent / "test-artifacts"
 PAGE = Path(__file__).resolve().parent / "pages" / "datacopy.html"
 PAGE_PATH = "/__test__/datacopy.html"  # answered by the test; lakesync has no such route
 COPY = "/.netlify/functions/copy-taskdetail"
 COPIED_5000 = "Copied 5,000 records: 4,975 inserted, 0 updated, 0 unchanged, 25 rejected"
-
-
-@pytest.fixture(scope="module")
-def browser() -> Iterator[Any]:
-    if not CHROMIUM.exists():
-        pytest.skip("Chromium is not installed: apt-get install -y chromium")
-    with sync_api.sync_playwright() as p:
-        b = p.chromium.launch(executable_path=str(CHROMIUM), args=CHROMIUM_ARGS)
-        yield b
-        b.close()
 
 
 class SeedPage:

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import httpx
 import pytest
-from tests.conftest import ServeProcess
+from tests.helpers import ServeProcess
 
 CONFIG = Path(__file__).parent / "schemathesis.toml"
 TOKEN = "openapi-test-token-4e7b9a1c"

@@ -15,9 +15,10 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 from fastapi.testclient import TestClient
-from tests.conftest import wait_for
+from tests.helpers import wait_done
 
 from lakesync.api.app import create_app
+from lakesync.api.errors import status_of
 from lakesync.config import Settings
 from lakesync.errors import ConfigError, RequestError
 from lakesync.operations import OperationRegistry, load_operations
@@ -193,15 +194,6 @@ def projects_runtime(settings: Settings, tmp_path: Path) -> Iterator[Runtime]:
         yield rt
 
 
-def wait_done(client: TestClient, job_id: str) -> dict[str, Any]:
-    def done() -> Any:
-        s = client.get(f"/api/jobs/{job_id}").json()
-        return s if s["status"] in ("completed", "failed", "cancelled") else None
-
-    result: dict[str, Any] = wait_for(done, timeout=60)
-    return result
-
-
 def test_declared_operation_copies_its_dataset_through_the_api(
     projects_runtime: Runtime, db: Any, tmp_path: Path
 ) -> None:
@@ -267,5 +259,5 @@ def test_incremental_needs_a_declared_watermark(settings: Settings, tmp_path: Pa
     with Runtime(settings.model_copy(update={"operations_file": path})) as rt:
         with pytest.raises(RequestError, match="has no watermark column") as info:
             rt.jobs.start("copy-projects", {"mode": "incremental"})
-        assert info.value.http_status == 400
+        assert status_of(info.value) == 400
         assert rt.jobs.list() == []  # refused before a job existed

@@ -7,13 +7,12 @@ would, and saves a full-page screenshot of its end state under test-artifacts/.
 from __future__ import annotations
 
 import re
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import httpx
 import pytest
-from tests.conftest import wait_for
+from tests.helpers import ARTIFACTS, PageRun, wait_for
 
 from lakesync.demo import generate
 
@@ -22,89 +21,8 @@ pytestmark = pytest.mark.browser
 sync_api = pytest.importorskip("playwright.sync_api")
 expect = sync_api.expect
 
-CHROMIUM = Path("/usr/bin/chromium")
-CHROMIUM_ARGS = [
-    "--no-sandbox",
-    "--disable-gpu",
-    "--disable-quic",
-    "--no-first-run",
-    "--disable-background-networking",
-    "--disable-component-update",
-    "--disable-sync",
-]
-ARTIFACTS = Path(__file__).resolve().parent.parent / "test-artifacts"
 TOKEN = "page-test-token-3f9a"
 COPIED_5000 = "Copied 5,000 records: 4,975 inserted, 0 updated, 0 unchanged, 25 rejected"
-
-# Records every aria-valuenow of #progress, every transport mode the page goes through, and
-# the record counts shown in the jobs table's rows of running jobs.
-RECORDER = """
-window.__progress = [];
-window.__transport = [];
-window.__rows = [];
-document.addEventListener("DOMContentLoaded", () => {
-  const bar = document.getElementById("progress");
-  const transport = document.getElementById("transport");
-  new MutationObserver(() => {
-    for (const tr of document.querySelectorAll('#jobs-body tr[data-status="in_progress"]'))
-      window.__rows.push(tr.querySelector(".c-num").textContent);
-  }).observe(document.getElementById("jobs-body"),
-             { subtree: true, childList: true, characterData: true, attributes: true });
-  new MutationObserver(() => {
-    const v = bar.getAttribute("aria-valuenow");
-    if (v !== null) window.__progress.push(Number(v));
-  }).observe(bar, { attributes: true, attributeFilter: ["aria-valuenow"] });
-  new MutationObserver(() => window.__transport.push(transport.dataset.mode))
-    .observe(transport, { attributes: true, attributeFilter: ["data-mode"] });
-});
-"""
-
-
-@pytest.fixture(scope="module")
-def browser() -> Iterator[Any]:
-    if not CHROMIUM.exists():
-        pytest.skip("Chromium is not installed: apt-get install -y chromium")
-    with sync_api.sync_playwright() as p:
-        b = p.chromium.launch(executable_path=str(CHROMIUM), args=CHROMIUM_ARGS)
-        yield b
-        b.close()
-
-
-class PageRun:
-    """One browser context + page, collecting uncaught script errors."""
-
-    def __init__(self, browser: Any, width: int = 1280, height: int = 900) -> None:
-        self.context = browser.new_context(viewport={"width": width, "height": height})
-        self.context.add_init_script(RECORDER)
-        self.page = self.context.new_page()
-        self.page.set_default_timeout(15_000)
-        self.errors: list[str] = []
-        self.page.on("pageerror", lambda e: self.errors.append(str(e)))
-
-    def shot(self, name: str) -> Path:
-        ARTIFACTS.mkdir(exist_ok=True)
-        path = ARTIFACTS / f"page-{name}.png"
-        self.page.evaluate("window.scrollTo(0, 0)")  # the sticky header stays on top
-        self.page.screenshot(path=str(path), full_page=True)
-        return path
-
-    def close(self) -> None:
-        self.context.close()
-        assert not self.errors, f"script errors on the page: {self.errors}"
-
-
-@pytest.fixture
-def run(browser: Any) -> Iterator[Any]:
-    runs: list[PageRun] = []
-
-    def make(**kw: Any) -> PageRun:
-        r = PageRun(browser, **kw)
-        runs.append(r)
-        return r
-
-    yield make
-    for r in runs:
-        r.close()
 
 
 def job_id_of(page: Any) -> str:

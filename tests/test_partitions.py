@@ -8,12 +8,11 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
-from tests.conftest import free_port, wait_for
+from tests.helpers import start_worker, stop_workers, wait_for
 
 from lakesync.config import Settings
 from lakesync.demo import append_records, generate
@@ -71,39 +70,6 @@ def test_local_executor_with_four_workers_copies_partitions_in_parallel(
     assert db.taskdetails.count_documents({}) == 200_000 - 40
 
 
-@pytest.fixture
-def redis_url(tmp_path: Path) -> Iterator[str]:
-    """A redis-server of this test's own, on a free port."""
-    port = free_port()
-    proc = subprocess.Popen(
-        ["redis-server", "--port", str(port), "--bind", "127.0.0.1", "--save", "",
-         "--appendonly", "no", "--dir", str(tmp_path)],
-        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-    )  # fmt: skip
-    import redis
-
-    client = redis.Redis(port=port)
-    wait_for(lambda: _redis_up(client), timeout=10)
-    yield f"redis://127.0.0.1:{port}/0"
-    proc.terminate()
-    proc.wait(5)
-
-
-def _redis_up(client: Any) -> bool:
-    try:
-        return bool(client.ping())
-    except Exception:
-        return False
-
-
-def _worker(env: dict[str, str], log: Path) -> subprocess.Popen[bytes]:
-    with open(log, "ab") as out:
-        return subprocess.Popen(
-            [sys.executable, "-m", "lakesync", "worker", "--concurrency", "2"],
-            env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True,
-        )  # fmt: skip
-
-
 @pytest.mark.slow
 def test_celery_workers_share_a_job_and_survive_a_killed_worker(
     settings: Settings, serve_env: dict[str, str], db: Any, lake_200k: Path, redis_url: str,
@@ -115,7 +81,7 @@ def test_celery_workers_share_a_job_and_survive_a_killed_worker(
         LAKESYNC_LAKE_URI=str(lake_200k), LAKESYNC_PARTITION_ROWS="20000",
         LAKESYNC_BATCH_SIZE="2000", LAKESYNC_LEASE_SECONDS="4",
     )  # fmt: skip
-    workers = [_worker(env, tmp_path / f"worker{i}.log") for i in range(2)]
+    workers = [start_worker(env, tmp_path / f"worker{i}.log") for i in range(2)]
     try:
         api_settings = settings.model_copy(update={
             "executor": "celery", "lake_uri": str(lake_200k), "partition_rows": 20_000,
@@ -133,14 +99,7 @@ def test_celery_workers_share_a_job_and_survive_a_killed_worker(
             )
         parts = list(db.jobpartitions.find({"jobId": status.jobId}))
     finally:
-        for w in workers:
-            if w.poll() is None:
-                os.killpg(w.pid, signal.SIGTERM)
-        for w in workers:
-            try:
-                w.wait(15)
-            except subprocess.TimeoutExpired:
-                os.killpg(w.pid, signal.SIGKILL)
+        stop_workers(workers)
     assert_exact(done, 200_000, 40)
     assert done.partitions == len(parts) >= 8
     owners = {run.split(":")[1] for p in parts for run in p["ranBy"]}
@@ -168,7 +127,7 @@ def test_celery_worker_on_rabbitmq_runs_a_job(
     broker = "amqp://guest:guest@127.0.0.1:5672//"
     env = dict(serve_env, LAKESYNC_EXECUTOR="celery", LAKESYNC_BROKER_URL=broker,
                LAKESYNC_PARTITION_ROWS="2000")  # fmt: skip
-    worker = _worker(env, tmp_path / "worker.log")
+    worker = start_worker(env, tmp_path / "worker.log")
     try:
         api_settings = settings.model_copy(update={
             "executor": "celery", "partition_rows": 2000,

@@ -9,14 +9,13 @@ import json
 import os
 import pty
 import select
-import subprocess
 import sys
 import time
 from pathlib import Path
 from typing import Any
 
 import httpx
-from tests.conftest import ServeProcess, wait_for
+from tests.helpers import ServeProcess, lakesync, wait_for
 
 from lakesync import metrics
 
@@ -184,20 +183,25 @@ def test_destination_names_the_database_without_the_password(serve: ServeProcess
     assert body["mongodbUri"].startswith("mongodb://") and body["database"].startswith("t_")
 
 
+def active(what: str) -> float | None:
+    """The lakesync_active_jobs or lakesync_active_runs gauge, as /metrics shows it."""
+    return metrics.REGISTRY.get_sample_value(f"lakesync_active_{what}")
+
+
 def test_active_jobs_counts_jobs_not_partitions() -> None:
     metrics.run_started("job_a")
     metrics.run_started("job_a")  # two partitions of one job
     try:
-        assert metrics.ACTIVE._value.get() == 1
-        assert metrics.ACTIVE_RUNS._value.get() == 2
+        assert active("jobs") == 1
+        assert active("runs") == 2
         metrics.run_started("job_b")
-        assert metrics.ACTIVE._value.get() == 2
+        assert active("jobs") == 2
         metrics.run_ended("job_b")
         metrics.run_ended("job_a")
-        assert metrics.ACTIVE._value.get() == 1
+        assert active("jobs") == 1
     finally:
         metrics.run_ended("job_a")
-    assert metrics.ACTIVE._value.get() == 0 and metrics.ACTIVE_RUNS._value.get() == 0
+    assert active("jobs") == 0 and active("runs") == 0
 
 
 # -- the CLI ----------------------------------------------------------------------------------
@@ -225,11 +229,6 @@ def on_terminal(env: dict[str, str], *args: str, timeout: float = 60) -> tuple[i
     _, status = os.waitpid(pid, 0)
     os.close(fd)
     return os.waitstatus_to_exitcode(status), b"".join(chunks).decode(errors="replace")
-
-
-def lakesync(env: dict[str, str], *args: str) -> subprocess.CompletedProcess[str]:
-    command = [sys.executable, "-m", "lakesync", *args]
-    return subprocess.run(command, env=env, capture_output=True, text=True, timeout=120)
 
 
 def test_errors_and_logs_commands(serve_env: dict[str, str], serve: ServeProcess) -> None:

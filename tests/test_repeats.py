@@ -7,12 +7,6 @@ random order, and Celery workers must all end with its documents and its counts.
 
 from __future__ import annotations
 
-import os
-import random
-import signal
-import subprocess
-import uuid
-from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -22,157 +16,30 @@ import pytest
 from hypothesis import HealthCheck, given
 from hypothesis import settings as hsettings
 from hypothesis import strategies as st
-from pymongo import MongoClient
-from tests.conftest import wait_for
-from tests.test_partitions import _worker, redis_url  # noqa: F401  (fixture)
-
-from lakesync.config import Settings
-from lakesync.copy import MARKER
-from lakesync.lake import Lake
-from lakesync.models import JobState, JobStatus
-from lakesync.repeats import find_superseded
-from lakesync.runtime import Runtime
-from lakesync.schema import TASK_DETAIL, validate
-
-TS = pa.timestamp("ms", tz="UTC")
-T0 = datetime(2026, 1, 1, tzinfo=UTC)
-SCHEMA = pa.schema(
-    [
-        ("taskDetailId", pa.string()),
-        ("taskId", pa.string()),
-        ("projectId", pa.string()),
-        ("assignee", pa.string()),
-        ("status", pa.string()),
-        ("hoursLogged", pa.float64()),
-        ("estimateHours", pa.float64()),
-        ("startedAt", TS),
-        ("completedAt", TS),
-        ("updatedAt", TS),
-        ("tags", pa.list_(pa.string())),
-        ("notes", pa.string()),
-    ]
+from tests.helpers import (
+    SCHEMA,
+    assert_like_reference,
+    counts_of,
+    database_of,
+    fresh,
+    record,
+    reference,
+    run_partitioned,
+    run_whole,
+    start_worker,
+    stop_workers,
+    stored,
+    versioned_lake,
+    wait_for,
+    write_lake,
 )
 
-
-def record(key: str, version: int, bad: bool = False) -> dict[str, Any]:
-    return {
-        "taskDetailId": key,
-        "taskId": "T-" + key,
-        "projectId": "PRJ-001",
-        "assignee": None,
-        "status": "todo",
-        "hoursLogged": -1.0 if bad else float(version),
-        "estimateHours": None,
-        "startedAt": None,
-        "completedAt": None,
-        "updatedAt": T0 + timedelta(seconds=version),
-        "tags": [f"v{version}"],
-        "notes": f"v{version}",
-    }
-
-
-def write_lake(root: Path, files: list[list[dict[str, Any]]]) -> Path:
-    root.mkdir(parents=True)
-    for i, rows in enumerate(files):
-        pq.write_table(pa.Table.from_pylist(rows, SCHEMA), root / f"part-{i:03d}.parquet")
-    return root
-
-
-def versioned_lake(root: Path, keys: int = 600, versions: int = 6, seed: int = 3) -> Path:
-    """Files holding versions v1..vN of the same keys (newest last), with repeats inside
-    files too, and bad records in several files (a bad newest record loses to the good one
-    before it)."""
-    rng = random.Random(seed)
-    files = []
-    for v in range(1, versions + 1):
-        picked = [f"K{k:05d}" for k in range(keys) if rng.random() < 0.8]
-        rows = [record(k, v, bad=rng.random() < 0.03) for k in picked]
-        rows += [record(k, v) for k in rng.sample(picked, 20)]  # same version again, same file
-        rng.shuffle(rows)
-        files.append(rows)
-    return write_lake(root, files)
-
-
-def reference(lake: Path) -> tuple[dict[str, str], dict[str, int]]:
-    """The result of one careful sequential copy into an empty collection."""
-    winners: dict[str, str] = {}
-    valid = bad = 0
-    for path in sorted(lake.glob("*.parquet")):
-        table = pq.read_table(path)
-        checked = validate(TASK_DETAIL, table)
-        bad += len(checked.rejections)
-        notes = table.column("notes").to_pylist()
-        for key, row in zip(checked.keys, checked.rows, strict=True):
-            winners[key] = notes[row]
-            valid += 1
-    counts = {
-        "processedRecords": valid + bad,
-        "insertedRecords": len(winners),
-        "updatedRecords": 0,
-        "unchangedRecords": 0,
-        "duplicateRecords": valid - len(winners),
-        "errorRecords": bad,
-    }
-    return winners, counts
-
-
-def counts_of(s: JobStatus) -> dict[str, int]:
-    return {k: getattr(s, k) for k in (
-        "processedRecords", "insertedRecords", "updatedRecords", "unchangedRecords",
-        "duplicateRecords", "errorRecords")}  # fmt: skip
-
-
-def stored(db: Any) -> dict[str, str]:
-    return {d["_id"]: d["notes"] for d in db.taskdetails.find({}, {"notes": 1})}
-
-
-def assert_like_reference(s: JobStatus, db: Any, lake: Path) -> None:
-    winners, expected = reference(lake)
-    assert s.status == JobState.COMPLETED, (s.message, s.error)
-    assert counts_of(s) == expected
-    assert s.processedRecords == s.totalRecords
-    assert stored(db) == winners
-    assert db.copyerrors.count_documents({"jobId": s.jobId}) == s.errorRecords
-    assert all(d[MARKER]["job"] == s.jobId for d in db.taskdetails.find({}, {MARKER: 1}))
-
-
-def fresh(settings: Settings, lake: Path, **more: Any) -> Settings:
-    return settings.model_copy(
-        update={"lake_uri": str(lake), "database": "t_" + uuid.uuid4().hex[:12], **more}
-    )
-
-
-def run_whole(settings: Settings) -> JobStatus:
-    with Runtime(settings) as rt:
-        job, _ = rt.jobs.start("copy-taskdetail", {}, trusted=True)
-        rt.runner.run(job.jobId)
-        return rt.jobs.get(job.jobId)
-
-
-def run_partitioned(settings: Settings, order: str, seed: int = 0) -> JobStatus:
-    """Plan the partitions, then run each partition's runs one at a time in ``order``."""
-    rt = Runtime(settings, executor="local")
-    queued: list[tuple[str, int]] = []
-    rt.executor.submit = lambda job_id: None  # type: ignore[method-assign,union-attr]
-    rt.runner.partitioned.submit = lambda j, i: queued.append((j, i))  # type: ignore[union-attr]
-    with rt:
-        job, _ = rt.jobs.start("copy-taskdetail", {}, trusted=True)
-        rt.runner.run(job.jobId)
-        assert len(queued) >= 3, "the lake should split into several partitions"
-        steps = list(queued)
-        if order == "reverse":
-            steps.reverse()
-        elif order == "random":
-            random.Random(seed).shuffle(steps)
-        for step in steps:
-            rt.runner.partitioned.run(*step)  # type: ignore[union-attr]
-        return rt.jobs.get(job.jobId)
-
-
-def database(settings: Settings) -> Any:
-    uri = settings.mongodb_uri.get_secret_value() if settings.mongodb_uri else ""
-    client: MongoClient[dict[str, Any]] = MongoClient(uri, tz_aware=True)
-    return client[settings.database]
+from lakesync.config import Settings
+from lakesync.lake import Lake
+from lakesync.models import JobState
+from lakesync.repeats import find_superseded
+from lakesync.runtime import Runtime
+from lakesync.schema import TASK_DETAIL
 
 
 def test_the_plan_finds_the_records_a_later_one_replaces(tmp_path: Path) -> None:
@@ -198,7 +65,7 @@ def test_one_piece_and_partitions_in_any_order_give_the_same_collection_and_coun
     for name in ("whole", "forward", "reverse", "random"):
         s = fresh(settings, lake, partition_rows=400, batch_size=100)
         done = run_whole(s) if name == "whole" else run_partitioned(s, name, seed=11)
-        db = database(s)
+        db = database_of(s)
         assert_like_reference(done, db, lake)
         if name != "whole":
             assert (done.partitions or 0) >= 3
@@ -238,7 +105,7 @@ def test_property_partitioned_in_random_order_equals_the_sequential_reference(
     lake = write_lake(tmp_path_factory.mktemp("prop") / "lake", files)
     s = fresh(settings, lake, partition_rows=1, batch_size=2)  # a partition per file
     done = run_partitioned(s, "random", seed=order_seed)
-    db = database(s)
+    db = database_of(s)
     try:
         assert_like_reference(done, db, lake)
     finally:
@@ -250,7 +117,7 @@ def test_two_celery_workers_give_the_reference_result(
     settings: Settings,
     serve_env: dict[str, str],
     tmp_path: Path,
-    redis_url: str,  # noqa: F811
+    redis_url: str,
 ) -> None:
     lake = versioned_lake(tmp_path / "lake", keys=1500)
     s = fresh(settings, lake, partition_rows=1000, batch_size=200)
@@ -263,7 +130,7 @@ def test_two_celery_workers_give_the_reference_result(
         LAKESYNC_PARTITION_ROWS="1000",
         LAKESYNC_BATCH_SIZE="200",
     )
-    workers = [_worker(env, tmp_path / f"worker{i}.log") for i in range(2)]
+    workers = [start_worker(env, tmp_path / f"worker{i}.log") for i in range(2)]
     try:
         api = s.model_copy(
             update={"executor": "celery", "broker_url": __import__("pydantic").SecretStr(redis_url)}
@@ -273,14 +140,8 @@ def test_two_celery_workers_give_the_reference_result(
             job, _ = rt.jobs.start("copy-taskdetail")
             done = wait_for(lambda: (x := rt.jobs.get(job.jobId)).state.is_final and x, 240)
     finally:
-        for w in workers:
-            os.killpg(w.pid, signal.SIGTERM)
-        for w in workers:
-            try:
-                w.wait(15)
-            except subprocess.TimeoutExpired:
-                os.killpg(w.pid, signal.SIGKILL)
-    db = database(s)
+        stop_workers(workers)
+    db = database_of(s)
     assert (done.partitions or 0) >= 3
     assert_like_reference(done, db, lake)
     db.client.drop_database(s.database)
@@ -302,7 +163,7 @@ def test_incremental_copy_of_repeated_keys_keeps_the_last_new_version(
         job, _ = rt.jobs.start("copy-taskdetail", {"mode": "incremental"}, trusted=True)
         rt.runner.run(job.jobId)
         done = rt.jobs.get(job.jobId)
-    db = database(s)
+    db = database_of(s)
     assert done.status == JobState.COMPLETED, done.error
     # read >= the watermark: the 50 v1 records (updatedAt equal to it) are read again; those
     # of keys 0-19 are replaced by v2, which v3 replaces: 40 duplicates
@@ -322,7 +183,7 @@ def test_a_jobs_partitions_and_plan_expire_with_its_status_never_while_it_runs(
     queued: list[tuple[str, int]] = []
     rt.executor.submit = lambda job_id: None  # type: ignore[method-assign,union-attr]
     rt.runner.partitioned.submit = lambda j, i: queued.append((j, i))  # type: ignore[union-attr]
-    db = database(s)
+    db = database_of(s)
     with rt:
         job, _ = rt.jobs.start("copy-taskdetail", {}, trusted=True)
         rt.runner.run(job.jobId)  # plans the repeats and the partitions

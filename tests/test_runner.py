@@ -9,8 +9,9 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from tests.conftest import wait_for
+from tests.helpers import wait_for
 
+from lakesync.api.errors import status_of
 from lakesync.config import Settings
 from lakesync.demo import generate
 from lakesync.errors import IdempotencyConflict, JobError
@@ -73,7 +74,7 @@ def test_cancel_of_finished_job_is_a_conflict(settings: Settings) -> None:
         assert rt.runner.run(status.jobId) is Outcome.ENDED
         with pytest.raises(JobError) as info:
             rt.jobs.cancel(status.jobId)
-        assert info.value.http_status == 409 and "completed" in str(info.value)
+        assert status_of(info.value) == 409 and "completed" in str(info.value)
 
 
 def test_single_flight_returns_the_running_job(

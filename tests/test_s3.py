@@ -8,10 +8,7 @@ connections after ``stop``), and its authentication switch is process-wide.
 
 from __future__ import annotations
 
-import contextlib
 import json
-import logging
-import os
 import re
 import subprocess
 import sys
@@ -23,56 +20,32 @@ from typing import Any
 import boto3
 import httpx
 import pytest
-from moto.server import ThreadedMotoServer
-from tests.conftest import free_port
+from tests.helpers import (
+    REGION,
+    free_port,
+    run_job,
+    s3_client,
+    s3_settings,
+    upload,
+)
 
 from lakesync.config import Settings
 from lakesync.demo import generate
-from lakesync.errors import SourceError
+from lakesync.errors import SourceError, TransientSourceError
 from lakesync.lake import Lake, Position
+from lakesync.masking import masked
 from lakesync.models import JobState
 from lakesync.runner import Outcome
 from lakesync.runtime import Runtime
-from lakesync.storage import canonical_uri, mask_secrets, s3_message, short_error, within_roots
+from lakesync.storage import (
+    canonical_uri,
+    read_error,
+    s3_message,
+    short_error,
+    within_roots,
+)
 
 ROWS, BAD = 50_000, 60
-REGION = "us-east-1"
-
-
-@contextlib.contextmanager
-def aws_test_env() -> Iterator[None]:
-    """Test credentials; the caller's AWS profile, config and instance role stay out."""
-    with pytest.MonkeyPatch.context() as mp:
-        for key in [k for k in os.environ if k.startswith("AWS_")]:
-            mp.delenv(key)
-        mp.setenv("AWS_ACCESS_KEY_ID", "testing")
-        mp.setenv("AWS_SECRET_ACCESS_KEY", "testing")
-        mp.setenv("AWS_CONFIG_FILE", os.devnull)
-        mp.setenv("AWS_SHARED_CREDENTIALS_FILE", os.devnull)
-        mp.setenv("AWS_EC2_METADATA_DISABLED", "true")
-        yield
-
-
-@pytest.fixture(scope="module")
-def aws_env() -> Iterator[None]:
-    with aws_test_env():
-        yield
-
-
-def start_moto_thread() -> tuple[ThreadedMotoServer, str]:
-    """moto in this process on a free loopback port (its request log silenced)."""
-    logging.getLogger("werkzeug").setLevel(logging.ERROR)
-    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
-    server.start()
-    host, port = server.get_host_and_port()
-    return server, f"http://{host}:{port}"
-
-
-@pytest.fixture(scope="module")
-def s3_url(aws_env: None) -> Iterator[str]:
-    server, url = start_moto_thread()
-    yield url
-    server.stop()
 
 
 class MotoProcess:
@@ -112,25 +85,6 @@ def moto_process(aws_env: None) -> Iterator[MotoProcess]:
     server.kill()
 
 
-def s3_client(url: str) -> Any:
-    return boto3.client("s3", endpoint_url=url, region_name=REGION)
-
-
-def upload(url: str, local: Path, bucket: str, prefix: str) -> None:
-    s3 = s3_client(url)
-    if bucket not in [b["Name"] for b in s3.list_buckets()["Buckets"]]:
-        s3.create_bucket(Bucket=bucket)
-    for path in sorted(local.rglob("*")):
-        if path.is_file():
-            s3.upload_file(str(path), bucket, f"{prefix}/{path.relative_to(local).as_posix()}")
-
-
-def s3_settings(settings: Settings, url: str, **update: Any) -> Settings:
-    return settings.model_copy(
-        update={"lake_uri": "s3://lake/tasks", "s3_endpoint_url": url, "s3_region": REGION} | update
-    )
-
-
 def keys(lake: Lake, **kwargs: Any) -> list[str]:
     return [k for b in lake.batches(**kwargs) for k in b.table["taskDetailId"].to_pylist()]
 
@@ -155,16 +109,6 @@ def s3_lake(s3_url: str, big_lake: Path) -> str:
     """The 50,000-row demo lake uploaded to s3://lake/tasks."""
     upload(s3_url, big_lake, "lake", "tasks")
     return "s3://lake/tasks"
-
-
-def run_job(rt: Runtime, source: str, **options: Any) -> Any:
-    """Start a copy and run it inline, run after run, until it ends; return its status."""
-    status, created = rt.jobs.start("copy-taskdetail", {"source": source, **options}, trusted=True)
-    assert created
-    for _ in range(100):
-        if rt.runner.run(status.jobId) is not Outcome.CONTINUE:
-            break
-    return rt.jobs.get(status.jobId)
 
 
 def test_copies_50k_demo_lake_from_s3_with_exact_counts(
@@ -363,12 +307,14 @@ def test_storage_error_texts_become_clear_masked_messages() -> None:
         message, transient = s3_message(short_error(text), where, "127.0.0.1:9")
         assert expected in message and "s3://lake" in message, message
         assert transient == ("unreachable" in expected)
+        error = read_error(OSError(text), f"{where}/a.parquet", "parquet", "127.0.0.1:9")
+        assert isinstance(error, TransientSourceError) == transient, error  # retried later
         assert "AKIAIOSFODNN7EXAMPLE" not in message and "\x1b" not in message
         assert "RequestId" not in message
-    masked = mask_secrets(
+    masked_text = masked(
         "key AKIAIOSFODNN7EXAMPLE Signature=0a1b2c X-Amz-Security-Token: FQoGZXIvYXdz "
         "secret_access_key=wJalrXUtnFEMI mongodb://admin:hunter2@db:27017"
     )
     for secret in ("IOSFODNN7EXAMPLE", "0a1b2c", "FQoGZXIvYXdz", "wJalrXUtnFEMI", "hunter2"):
-        assert secret not in masked, masked
-    assert "AKIA****" in masked and "mongodb://***@db:27017" in masked
+        assert secret not in masked_text, masked_text
+    assert "AKIA****" in masked_text and "mongodb://admin:***@db:27017" in masked_text

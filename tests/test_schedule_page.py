@@ -10,8 +10,7 @@ from typing import Any
 
 import httpx
 import pytest
-from tests.conftest import ServeProcess
-from tests.test_page import browser, run  # noqa: F401 (fixtures)
+from tests.helpers import ServeProcess
 
 pytestmark = pytest.mark.browser
 
@@ -27,7 +26,7 @@ def _set(clock: Path, seconds: float) -> None:
 def test_page_shows_the_schedule_and_marks_scheduled_jobs(
     serve_env: dict[str, str],
     tmp_path: Path,
-    run: Any,  # noqa: F811
+    run: Any,
 ) -> None:
     clock = tmp_path / "clock"
     start = int(time.time())

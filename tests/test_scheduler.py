@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from tests.conftest import wait_for
+from tests.helpers import wait_for, write_operations
 
 from lakesync.config import Settings, load_settings
 from lakesync.demo import generate
@@ -119,22 +119,10 @@ def tiny_lake(tmp_path: Path) -> Path:
     return out
 
 
-def _toml(tmp_path: Path, lake: Path, extra: str = "") -> Path:
-    path = tmp_path / "lakesync.toml"
-    path.write_text(f"""
-[operations.fast]
-source = "{lake}"
-collection = "fast"
-key = "taskDetailId"
-every = "1s"
-{extra}
-""")
-    return path
-
-
 @pytest.fixture
 def runtimes(settings: Settings, tiny_lake: Path, tmp_path: Path) -> Iterator[list[Runtime]]:
-    ops = _toml(tmp_path, tiny_lake)
+    fast = {"source": str(tiny_lake), "collection": "fast", "key": "taskDetailId", "every": "1s"}
+    ops = write_operations(tmp_path / "lakesync.toml", {"fast": fast})
     s = settings.model_copy(update={"operations_file": ops, "schedule": "1s"})
     made = [Runtime(s, executor="local") for _ in range(3)]
     clock = FakeClock(T0 + timedelta(milliseconds=500))
@@ -236,16 +224,15 @@ def test_pause_and_unpause_skip_the_slots_in_between(runtimes: list[Runtime], db
 def test_scheduled_jobs_carry_the_schedule_mode_and_allow_empty(
     settings: Settings, tiny_lake: Path, tmp_path: Path, db: Any
 ) -> None:
-    path = tmp_path / "mirror.toml"
-    path.write_text(f"""
-[operations.mirrored]
-source = "{tiny_lake}"
-collection = "mirrored"
-key = "taskDetailId"
-mode = "mirror"
-allowEmpty = true
-every = "1m"
-""")
+    mirrored = {
+        "source": str(tiny_lake),
+        "collection": "mirrored",
+        "key": "taskDetailId",
+        "mode": "mirror",
+        "allowEmpty": True,
+        "every": "1m",
+    }
+    path = write_operations(tmp_path / "mirror.toml", {"mirrored": mirrored})
     s = settings.model_copy(
         update={"operations_file": path, "schedule": "1m", "schedule_mode": "incremental"}
     )

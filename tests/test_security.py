@@ -24,7 +24,7 @@ from fastapi.testclient import TestClient
 from pydantic import SecretStr
 from pymongo.collection import Collection
 from pymongo.errors import AutoReconnect, OperationFailure
-from tests.conftest import ServeProcess, free_port
+from tests.helpers import ServeProcess, free_port, inject
 
 from lakesync.api.app import create_app
 from lakesync.api.auth import needs_token
@@ -345,26 +345,6 @@ def captured_logs() -> Iterator[io.StringIO]:
     root.setLevel(level)
 
 
-def inject(monkeypatch: pytest.MonkeyPatch, error: Exception, times: int = 10**6) -> None:
-    """Make reads and writes of `taskdetails` raise `error` (a driver error that echoes the
-    URI), whichever calls the copy engine uses."""
-    left = [times]
-
-    def failing(name: str) -> Any:
-        real = getattr(Collection, name)
-
-        def call(self: Collection[Any], *args: Any, **kwargs: Any) -> Any:
-            if self.name == "taskdetails" and left[0] > 0:
-                left[0] -= 1
-                raise error
-            return real(self, *args, **kwargs)
-
-        return call
-
-    for name in ("bulk_write", "insert_many", "find", "delete_many"):
-        monkeypatch.setattr(Collection, name, failing(name))
-
-
 def test_a_password_in_the_mongodb_uri_never_leaks(
     settings: Settings,
     secret_uri: str,
@@ -464,14 +444,13 @@ def test_serve_with_an_unreachable_mongodb_masks_the_password(tmp_path: Path) ->
 
 
 def test_masking_hides_the_whole_password_even_with_an_unescaped_at() -> None:
-    from lakesync.mongo import mask_uri
+    from lakesync.masking import masked
 
     text = f"LAKESYNC_MONGODB_URI=mongodb://app:{PASSWORD}@x@db1:27017,db2/?tls=true is invalid"
     assert (
-        mask_uri(text)
-        == "LAKESYNC_MONGODB_URI=mongodb://app:***@db1:27017,db2/?tls=true is invalid"
+        masked(text) == "LAKESYNC_MONGODB_URI=mongodb://app:***@db1:27017,db2/?tls=true is invalid"
     )
-    assert mask_uri("see mongodb://db:27017/x or mail ops@example.com") == (
+    assert masked("see mongodb://db:27017/x or mail ops@example.com") == (
         "see mongodb://db:27017/x or mail ops@example.com"
     )
 

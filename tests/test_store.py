@@ -9,6 +9,7 @@ from typing import Any
 
 import pytest
 from pymongo.errors import AutoReconnect, DuplicateKeyError
+from tests.helpers import CONTRACT_FIELDS, ISO_Z
 
 from lakesync.config import Settings, load_settings
 from lakesync.errors import JobNotFound, LeaseLost
@@ -16,31 +17,6 @@ from lakesync.models import Checkpoint, Counters, JobState
 from lakesync.runtime import Runtime
 from lakesync.store import JobStore
 
-#: The job status document of the contract: the seed's fields and lakesync's additions.
-CONTRACT_FIELDS = {
-    "jobId": str,
-    "status": str,
-    "operation": str,
-    "totalRecords": int,
-    "processedRecords": int,
-    "insertedRecords": int,
-    "updatedRecords": int,
-    "errorRecords": int,
-    "percentComplete": (int, float),
-    "startTime": str,
-    "endTime": (str, type(None)),
-    "message": (str, type(None)),
-    "error": (str, type(None)),
-    "options": dict,
-    "unchangedRecords": int,
-    "updatedAt": (str, type(None)),
-    "heartbeatAt": (str, type(None)),
-    "attempt": int,
-    "recordsPerSecond": (int, float),
-    "etaSeconds": (int, float, type(None)),
-    "deletedRecords": int,
-}
-ISO_Z = re.compile(r"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d(\.\d+)?Z$")
 JOB_ID = re.compile(r"^job_[0-9a-z]{26,}$")
 
 

@@ -20,9 +20,10 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 import uvicorn
-from tests.conftest import ServeProcess, wait_for
+from tests.helpers import ServeProcess, wait_for
 
 from lakesync.api.app import create_app
+from lakesync.api.errors import status_of
 from lakesync.config import Settings
 from lakesync.demo import generate
 from lakesync.errors import ConfigError, IdempotencyConflict, JobError, LeaseLost
@@ -460,7 +461,7 @@ def test_an_idempotency_key_left_without_a_job_is_waited_for_then_taken_over(
         assert store.claim_idempotency("k", body) is None  # taken, no job yet
         with pytest.raises(JobError, match="still being carried out") as info:
             store.claim_idempotency("k", body, wait=0.3)  # its request is still at work
-        assert info.value.http_status == 409
+        assert status_of(info.value) == 409
         with pytest.raises(IdempotencyConflict):
             store.claim_idempotency("k", {"operation": "copy-taskdetail", "options": {"x": 1}})
         # its request died: after IDEMPOTENCY_CLAIM_SECONDS the next request takes it over

@@ -25,7 +25,7 @@ from typing import Any
 import httpx
 import pytest
 import typer
-from tests.conftest import free_port, wait_for
+from tests.helpers import child_env, free_port, wait_for
 
 from lakesync.cli import app
 from lakesync.config import Settings
@@ -164,16 +164,7 @@ def lake20k(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.fixture
 def env(settings: Settings, lake20k: Path) -> dict[str, str]:
-    assert settings.mongodb_uri is not None
-    out = {k: v for k, v in os.environ.items() if not k.startswith("LAKESYNC_")}
-    out.update(
-        LAKESYNC_MONGODB_URI=settings.mongodb_uri.get_secret_value(),
-        LAKESYNC_DATABASE=settings.database,
-        LAKESYNC_DATA_DIR=str(settings.data_dir),
-        LAKESYNC_LAKE_URI=str(lake20k),
-        PYTHONPATH=str(ROOT / "src"),
-    )
-    return out
+    return child_env(settings, LAKESYNC_LAKE_URI=str(lake20k), PYTHONPATH=str(ROOT / "src"))
 
 
 def test_every_command_has_help_that_fits_80_columns_and_shows_flags_as_flags(

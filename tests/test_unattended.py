@@ -11,7 +11,6 @@ import json
 import os
 import signal
 import subprocess
-import sys
 import threading
 import time
 from collections.abc import Iterator
@@ -21,8 +20,7 @@ from typing import Any
 
 import httpx
 import pytest
-from tests.conftest import ServeProcess, wait_for
-from tests.test_partitions import redis_url  # noqa: F401 (a fixture)
+from tests.helpers import ServeProcess, lakesync, start_worker, wait_for, write_operations
 
 from lakesync.demo import generate
 
@@ -50,23 +48,10 @@ class Clock:
             os.replace(tmp, path)  # atomic: a process never reads half a number
 
 
-def _worker(env: dict[str, str], log: Path) -> subprocess.Popen[bytes]:
-    with open(log, "ab") as out:
-        return subprocess.Popen(
-            [sys.executable, "-m", "lakesync", "worker", "--concurrency", "2"],
-            env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True,
-        )  # fmt: skip
-
-
 def _stop_worker(proc: subprocess.Popen[bytes]) -> None:
     if proc.poll() is None:
         os.killpg(proc.pid, signal.SIGKILL)
         proc.wait(10)
-
-
-def _cli(env: dict[str, str], *args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, "-m", "lakesync", *args], env=env,
-                          capture_output=True, text=True, timeout=60)  # fmt: skip
 
 
 def _claimed(db: Any, op: str, k: int) -> dict[str, Any] | None:
@@ -85,25 +70,19 @@ def test_three_serves_and_two_workers_run_each_slot_once(
     db: Any,
     demo_lake: Path,
     tmp_path: Path,
-    redis_url: str,  # noqa: F811
+    redis_url: str,
 ) -> None:
     tiny = tmp_path / "tiny"
     generate(tiny, 40, seed=5)
-    ops = tmp_path / "lakesync.toml"
-    ops.write_text(f"""
-[operations.fast]
-source = "{tiny}"
-collection = "fast"
-key = "taskDetailId"
-every = "1s"
-
-[operations.slow]
-source = "{demo_lake}"
-collection = "slow"
-key = "taskDetailId"
-batchSize = 5
-every = "1s"
-""")
+    fast = {"source": str(tiny), "collection": "fast", "key": "taskDetailId", "every": "1s"}
+    slow = {
+        "source": str(demo_lake),
+        "collection": "slow",
+        "key": "taskDetailId",
+        "batchSize": 5,
+        "every": "1s",
+    }
+    ops = write_operations(tmp_path / "lakesync.toml", {"fast": fast, "slow": slow})
     clock = Clock(tmp_path)
     clock.set(0.5)  # half-way through slot 0: no process runs a slot it did not see begin
     base = dict(serve_env, LAKESYNC_OPERATIONS_FILE=str(ops))
@@ -114,11 +93,11 @@ every = "1s"
     try:
         for s in serves:
             s.start(timeout=120)
-        workers = [_worker(dict(envs[i % 2], **celery), tmp_path / f"worker{i}.log")
+        workers = [start_worker(dict(envs[i % 2], **celery), tmp_path / f"worker{i}.log")
                    for i in range(2)]  # fmt: skip
         wait_for(lambda: all("scheduler started" in (tmp_path / f"worker{i}.log").read_text()
                              for i in range(2)), timeout=120)  # fmt: skip
-        paused = _cli(envs[0], "pause", "slow")
+        paused = lakesync(envs[0], "pause", "slow", timeout=60)
         assert paused.returncode == 0 and "paused" in paused.stdout, paused.stderr
 
         # 20 slots of `fast`: each one started exactly once, by whichever process won it
@@ -164,7 +143,7 @@ every = "1s"
         assert last["slot"] == _slot(24) and listed["slow"]["schedule"]["skippedSlots"] >= 1
         if last["outcome"] == "skipped":
             assert last["result"] in ("pending", "in_progress")
-        shown = _cli(envs[0], "schedules", "--json")
+        shown = lakesync(envs[0], "schedules", "--json", timeout=60)
         assert shown.returncode == 0, shown.stderr
         table = {s["operation"]: s for s in json.loads(shown.stdout)["schedules"]}
         assert table["fast"]["paused"] is True and table["slow"]["lastRun"]["slot"] == _slot(24)
@@ -173,7 +152,7 @@ every = "1s"
         httpx.post(f"{api}/api/operations/slow/pause", timeout=30)
         for job_id in running:
             wait_for(lambda job_id=job_id: _ended(db, job_id), timeout=120)
-        resumed = _cli(envs[1], "unpause", "fast")
+        resumed = lakesync(envs[1], "unpause", "fast", timeout=60)
         assert resumed.returncode == 0 and "resumed" in resumed.stdout, resumed.stderr
 
         # downtime: every process stops, slots 25..39 pass, then two come back
@@ -259,21 +238,20 @@ def test_each_ended_job_is_notified_once_signed_and_retried(
     tiny = tmp_path / "tiny"
     generate(tiny, 30, seed=9)
     hook = receiver.url
-    ops = tmp_path / "lakesync.toml"
-    ops.write_text(f"""
-[operations.good]
-source = "{tiny}"
-collection = "good"
-key = "taskDetailId"
-notify = ["{hook}/ok", "{hook}/flaky"]
-on = ["completed", "failed"]
-
-[operations.broken]
-source = "{tiny}"
-collection = "broken"
-key = "noSuchColumn"
-notify = ["{hook}/ok", "{hook}/down", "{hook}/hang"]
-""")
+    good = {
+        "source": str(tiny),
+        "collection": "good",
+        "key": "taskDetailId",
+        "notify": [f"{hook}/ok", f"{hook}/flaky"],
+        "on": ["completed", "failed"],
+    }
+    broken = {
+        "source": str(tiny),
+        "collection": "broken",
+        "key": "noSuchColumn",
+        "notify": [f"{hook}/ok", f"{hook}/down", f"{hook}/hang"],
+    }
+    ops = write_operations(tmp_path / "lakesync.toml", {"good": good, "broken": broken})
     env = dict(serve_env, LAKESYNC_OPERATIONS_FILE=str(ops), LAKESYNC_WEBHOOK_SECRET=SECRET,
                LAKESYNC_API_TOKEN=TOKEN, LAKESYNC_WEBHOOK_TIMEOUT="1",
                LAKESYNC_WEBHOOK_RETRIES="2", LAKESYNC_NOTIFY=json.dumps([f"{hook}/ok"]),

@@ -15,8 +15,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import pytest
-from tests.conftest import wait_for
-from tests.test_s3 import aws_test_env, s3_settings, start_moto_thread, upload
+from tests.helpers import aws_test_env, s3_settings, start_moto_thread, upload, wait_for
 
 from lakesync import lake as lake_module
 from lakesync.config import Settings

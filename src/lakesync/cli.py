@@ -425,14 +425,15 @@ def mongo_uri(
     With no LAKESYNC_MONGODB_URI that is the embedded server of `lakesync serve`, which
     listens only while serve (or another lakesync command) runs.
     """
-    from lakesync.mongo import EmbeddedServer, mask_uri, with_database
+    from lakesync.masking import masked
+    from lakesync.mongo import EmbeddedServer, with_database
 
     settings = _settings()
     embedded = settings.mongodb_uri is None
     if settings.mongodb_uri is not None:
         uri = with_database(settings.mongodb_uri.get_secret_value(), settings.database)
         if not show_password:
-            uri = mask_uri(uri)
+            uri = masked(uri)
     else:
         running = EmbeddedServer(settings.data_dir).running_uri()
         if running is None:

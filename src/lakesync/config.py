@@ -25,7 +25,7 @@ LOOPBACK_HOSTS = ("localhost", "127.0.0.1", "[::1]")
 
 
 #: passwords of the configured MongoDB and broker URIs, masked wherever they show up
-#: (mongo.mask_uri): a malformed URI's password may appear on its own in a driver's error
+#: (masking.masked): a malformed URI's password may appear on its own in a driver's error
 URI_SECRETS: set[str] = set()
 _SCHEME = re.compile(r"^\s*[a-z][a-z0-9+.-]*:/*", re.I)
 

@@ -45,7 +45,6 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-import bson
 from bson.raw_bson import RawBSONDocument
 from pymongo import InsertOne, ReplaceOne
 from pymongo.collection import Collection
@@ -72,11 +71,6 @@ _HASH_CHARS = 24  # digest(): 12 bytes as hex
 def digest(body: bytes) -> str:
     """The content hash of a document's BSON (without its marker)."""
     return hashlib.blake2b(body, digest_size=_HASH_CHARS // 2).hexdigest()
-
-
-def content_hash(doc: dict[str, Any]) -> str:
-    """A short, stable digest of a document's content (without its marker)."""
-    return digest(bson.encode(doc))
 
 
 def _bson_string(name: bytes, value: str) -> bytes:

@@ -20,7 +20,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.fs as pafs
 
-from lakesync.errors import SourceError
+from lakesync.errors import SourceError, TransientSourceError
 from lakesync.storage import Location, read_error, s3_message, short_error
 
 logger = logging.getLogger(__name__)
@@ -192,10 +192,10 @@ def _delta_error(
         )
     elif location.is_s3 and isinstance(error, OSError):
         message, transient = s3_message(text, uri, location.endpoint)
-        return SourceError(message, file=uri, transient=transient)
+        return (TransientSourceError if transient else SourceError)(message, file=uri)
     else:
         message = f"Cannot read the Delta table {uri}: {text}. Check the path and the table."
-    return SourceError(message, file=uri, transient=False)
+    return SourceError(message, file=uri)
 
 
 def _latest(location: Location, uri: str) -> str:

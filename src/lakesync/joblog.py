@@ -22,7 +22,7 @@ from pymongo.database import Database
 from pymongo.errors import PyMongoError
 
 from lakesync.logs import JobFields
-from lakesync.mongo import mask_uri
+from lakesync.masking import masked
 
 MAX_LINES = 500
 #: after MAX_LINES, warnings and errors still go in, up to this many in all
@@ -90,13 +90,13 @@ class JobLogHandler(logging.Handler):
                 "time": datetime.fromtimestamp(record.created, UTC),
                 "level": record.levelname.lower(),
                 "logger": record.name,
-                "message": mask_uri(record.getMessage())[:4000],
+                "message": masked(record.getMessage())[:4000],
                 "process": record.process,
                 "thread": record.threadName,
             }
             if record.exc_info and record.exc_info[1] is not None:
                 cause = record.exc_info[1]
-                line["cause"] = mask_uri(f"{type(cause).__name__}: {cause}")[:2000]
+                line["cause"] = masked(f"{type(cause).__name__}: {cause}")[:2000]
             self._queue.put(line)
         except Exception:
             self.handleError(record)

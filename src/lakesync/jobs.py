@@ -11,9 +11,10 @@ from lakesync import mirror
 from lakesync.config import Settings
 from lakesync.errors import JobError, JobNotFound, SourceError
 from lakesync.executors import Executor
+from lakesync.masking import masked
 from lakesync.models import JobStatus
 from lakesync.operations import OperationRegistry, parse_options
-from lakesync.storage import canonical_uri, mask_secrets, within_roots
+from lakesync.storage import canonical_uri, within_roots
 from lakesync.store import JobStore, flight_key
 
 logger = logging.getLogger(__name__)
@@ -66,10 +67,10 @@ class JobService:
             roots = self.settings.allowed_roots or [op.source_uri(self.settings)]
             if not within_roots(options.source, roots):
                 raise SourceError(
-                    f"The source {mask_secrets(options.source)} is outside the allowed roots "
-                    f"({', '.join(mask_secrets(r) for r in roots)}). Use a source under one "
+                    f"The source {masked(options.source)} is outside the allowed roots "
+                    f"({', '.join(masked(r) for r in roots)}). Use a source under one "
                     "of them, or list more roots in LAKESYNC_ALLOWED_ROOTS (a JSON list).",
-                    allowedRoots=[mask_secrets(r) for r in roots],
+                    allowedRoots=[masked(r) for r in roots],
                 )
         source = canonical_uri(source)  # one spelling: one flight, one watermark per lake
         mirror.check_source(op, options, source, self.settings)

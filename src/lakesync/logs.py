@@ -16,22 +16,11 @@ from collections.abc import Iterator
 from datetime import UTC, datetime
 from typing import Any
 
-from lakesync.mongo import mask_uri
+from lakesync.masking import masked
 
 _STANDARD = set(logging.LogRecord("", 0, "", 0, "", (), None).__dict__) | {"message", "asctime"}
 _JOB: contextvars.ContextVar[dict[str, str] | None] = contextvars.ContextVar("job", default=None)
 _format = "text"
-
-
-def masked(value: Any) -> Any:
-    """`value` with URI passwords masked in every string, however deeply nested."""
-    if isinstance(value, str):
-        return mask_uri(value)
-    if isinstance(value, dict):
-        return {k: masked(v) for k, v in value.items()}
-    if isinstance(value, list | tuple):
-        return [masked(v) for v in value]
-    return value
 
 
 @contextlib.contextmanager
@@ -65,23 +54,23 @@ class JsonFormatter(logging.Formatter):
             .replace("+00:00", "Z"),
             "level": record.levelname.lower(),
             "logger": record.name,
-            "message": mask_uri(record.getMessage()),
+            "message": masked(record.getMessage()),
         }
         for key, value in record.__dict__.items():
             if key not in _STANDARD and not key.startswith("_") and key not in out:
                 out[key] = masked(value)
         if record.exc_info:
-            out["exception"] = mask_uri(self.formatException(record.exc_info))
+            out["exception"] = masked(self.formatException(record.exc_info))
         if record.stack_info:
-            out["stack"] = mask_uri(self.formatStack(record.stack_info))
-        return json.dumps(out, default=lambda v: mask_uri(str(v)))
+            out["stack"] = masked(self.formatStack(record.stack_info))
+        return json.dumps(out, default=lambda v: masked(str(v)))
 
 
 class MaskingFormatter(logging.Formatter):
     """The human format, with passwords in URIs masked."""
 
     def format(self, record: logging.LogRecord) -> str:
-        return mask_uri(super().format(record))
+        return masked(super().format(record))
 
 
 def configure_logging(fmt: str = "text", level: str = "INFO") -> None:

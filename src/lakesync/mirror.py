@@ -33,10 +33,11 @@ from pymongo.errors import BulkWriteError, DuplicateKeyError, PyMongoError
 from lakesync.config import Settings
 from lakesync.errors import JobError, RequestError
 from lakesync.lake import Lake
+from lakesync.masking import masked
 from lakesync.models import JobState, JobStatus
 from lakesync.operations import JobOptions, Operation
 from lakesync.schema import RecordSchema
-from lakesync.storage import canonical_uri, mask_secrets
+from lakesync.storage import canonical_uri
 
 logger = logging.getLogger(__name__)
 
@@ -61,11 +62,11 @@ def check_source(op: Operation, options: JobOptions, source: str, settings: Sett
         return
     raise RequestError(
         f"A mirror deletes every document its source does not hold, so its source must be "
-        f"the whole lake of operation {op.name!r} ({mask_secrets(whole)}), not "
-        f"{mask_secrets(source)}: the documents of the rest of the lake would be deleted. "
+        f"the whole lake of operation {op.name!r} ({masked(whole)}), not "
+        f"{masked(source)}: the documents of the rest of the lake would be deleted. "
         'Mirror without a "source" option, or copy part of a lake with mode full or '
         "incremental.",
-        lake=mask_secrets(whole),
+        lake=masked(whole),
     )
 
 
@@ -172,10 +173,6 @@ class MirrorSet:
         if not ids:
             return 0
         return int(self.target.delete_many({"_id": {"$in": ids}}).deleted_count)
-
-    def drop(self) -> None:
-        """Remove the temporary collection."""
-        self.seen.drop()
 
 
 def drop_seen(db: Database[dict[str, Any]], job_id: str) -> None:

@@ -85,9 +85,6 @@ class Counters(BaseModel):
     errors: int = 0
     deleted: int = 0
 
-    def __add__(self, other: Counters) -> Counters:
-        return Counters(**{k: getattr(self, k) + getattr(other, k) for k in Counters.model_fields})
-
 
 def _parse_time(value: Any) -> Any:
     """Accept BSON datetimes (naive = UTC) and the ISO strings some servers store."""

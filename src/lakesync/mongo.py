@@ -15,13 +15,11 @@ import fcntl
 import json
 import logging
 import os
-import re
 import signal
 import socket
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import TracebackType
@@ -32,51 +30,22 @@ from pymongo.database import Database
 from pymongo.errors import PyMongoError
 from pymongo.uri_parser import parse_uri
 
-from lakesync.config import URI_SECRETS, Settings
+from lakesync.config import Settings
 from lakesync.errors import ConfigError, StoreError
+from lakesync.masking import masked
 
 logger = logging.getLogger(__name__)
 
 CONNECT_TIMEOUT_MS = 5000
-#: user:password@ of a URI; the password runs to the last "@" before the host, so one with
-#: an unescaped "@" (a common mistake pymongo then rejects) is still masked whole
-_PASSWORD = re.compile(
-    r"(?P<scheme>[a-z][a-z0-9+.-]*://)(?P<user>[^:@/\s]*):(?P<pw>[^/\s]*)@", re.I
-)
-#: the same in a malformed URI: `mongodb:/u:pw@h`, `u:pw@h` (no scheme), a "/" in the password
-_MALFORMED = re.compile(
-    r"(?P<scheme>(?:[a-z][a-z0-9+.-]*:/{0,3})?)(?P<user>[^:@/\s'\"=]*):(?P<pw>[^\s'\"]*)@", re.I
-)
-
-#: `scheme://user:password` with no host at all: a "port" that is not a number (at least
-#: one slash after the scheme: a time such as `T06:34:30.479Z` is no URI)
-_NO_HOST = re.compile(
-    r"(?P<scheme>[a-z][a-z0-9+.-]*:/{1,3})(?P<user>[^:@/\s'\"]*):"
-    r"(?P<pw>[^\s'\"/@]*[^\d\s'\"/@*][^\s'\"/@]*)(?=[\s'\"/]|$)",
-    re.I,
-)
-
-
-def mask_uri(text: str) -> str:
-    """Replace the password of every URI in `text` (well-formed or not) with ***, and any
-    password of the configured URIs wherever it appears on its own."""
-    text = _PASSWORD.sub(lambda m: f"{m['scheme']}{m['user']}:***@", text)
-    text = _MALFORMED.sub(
-        lambda m: m[0] if m["pw"] == "***" else f"{m['scheme']}{m['user']}:***@", text
-    )
-    text = _NO_HOST.sub(lambda m: f"{m['scheme']}{m['user']}:***", text)
-    for secret in sorted(URI_SECRETS, key=len, reverse=True):
-        text = text.replace(secret, "***")
-    return text
 
 
 def describe_hosts(uri: str) -> str:
     """`host:port` list of a MongoDB URI, for error messages (never the credentials)."""
     try:
         nodes = parse_uri(uri, warn=True)["nodelist"]
-        return ", ".join(f"{h}:{p}" for h, p in nodes) or mask_uri(uri)
+        return ", ".join(f"{h}:{p}" for h, p in nodes) or masked(uri)
     except Exception:
-        return mask_uri(uri)
+        return masked(uri)
 
 
 def with_database(uri: str, database: str) -> str:
@@ -260,8 +229,8 @@ class Mongo:
                 parse_uri(uri, warn=True)
             except Exception as e:
                 raise ConfigError(
-                    f"LAKESYNC_MONGODB_URI={mask_uri(uri)} is not a valid MongoDB URI: "
-                    f"{mask_uri(str(e))}. Use mongodb://host:port or mongodb+srv://host."
+                    f"LAKESYNC_MONGODB_URI={masked(uri)} is not a valid MongoDB URI: "
+                    f"{masked(str(e))}. Use mongodb://host:port or mongodb+srv://host."
                 ) from None
         self.where = describe_hosts(uri)
         self.client: MongoClient[dict[str, Any]] = MongoClient(
@@ -278,7 +247,7 @@ class Mongo:
         try:
             self.client.admin.command("ping")
         except Exception as e:  # the driver can fail with other errors, e.g. on auth replies
-            reason = mask_uri(f"{type(e).__name__}: {e}").splitlines()[0][:300]
+            reason = masked(f"{type(e).__name__}: {e}").splitlines()[0][:300]
             raise StoreError(
                 f"Cannot reach MongoDB at {self.where}: {reason}. "
                 "Check LAKESYNC_MONGODB_URI (host, port, credentials) and that the server is up."
@@ -297,14 +266,3 @@ class Mongo:
         self, t: type[BaseException] | None, e: BaseException | None, tb: TracebackType | None
     ) -> None:
         self.close()
-
-
-@contextlib.contextmanager
-def connect(settings: Settings) -> Iterator[Mongo]:
-    """Connect (starting the embedded server when no URI is set) and check it answers."""
-    mongo = Mongo(settings)
-    try:
-        mongo.ping()
-        yield mongo
-    finally:
-        mongo.close()

@@ -32,10 +32,10 @@ from urllib.parse import urlsplit
 from lakesync import __version__
 from lakesync.config import Settings
 from lakesync.errors import LakesyncError
-from lakesync.logs import job_context, masked
+from lakesync.logs import job_context
+from lakesync.masking import masked
 from lakesync.models import JobStatus
 from lakesync.operations import OperationRegistry
-from lakesync.storage import mask_secrets
 
 logger = logging.getLogger(__name__)
 
@@ -51,13 +51,7 @@ def sign(secret: str, body: bytes) -> str:
 
 def payload(status: JobStatus) -> bytes:
     """The status document as sent: the API's JSON with every secret masked."""
-    doc = masked(status.public())
-    doc["options"] = {k: mask_secrets(v) if isinstance(v, str) else v
-                      for k, v in doc.get("options", {}).items()}  # fmt: skip
-    for field in ("message", "error"):
-        if isinstance(doc.get(field), str):
-            doc[field] = mask_secrets(doc[field])
-    return json.dumps(doc, separators=(",", ":")).encode()
+    return json.dumps(masked(status.public()), separators=(",", ":")).encode()
 
 
 def shown(url: str) -> str:
@@ -152,7 +146,7 @@ class Notifier:
             return code >= 500 or code in _RETRYABLE, f"HTTP {code}"
         except (urllib.error.URLError, OSError) as e:
             reason = getattr(e, "reason", e)
-            return True, mask_secrets(f"{type(reason).__name__}: {reason}")[:200]
+            return True, masked(f"{type(reason).__name__}: {reason}")[:200]
 
     def close(self, timeout: float = 10.0) -> None:
         """Wait up to `timeout` s for deliveries in flight, then stop retrying the rest."""

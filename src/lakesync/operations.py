@@ -41,9 +41,10 @@ from pydantic import (
 from lakesync.config import Settings
 from lakesync.errors import ConfigError, LakesyncError, RequestError
 from lakesync.lake import Lake, Listing
+from lakesync.masking import masked
 from lakesync.schedules import Unattended, check_unattended
 from lakesync.schema import TASK_DETAIL, FieldRule, FieldType, RecordSchema
-from lakesync.storage import canonical_uri, mask_secrets
+from lakesync.storage import canonical_uri
 
 if TYPE_CHECKING:
     from lakesync.store import JobStore
@@ -232,11 +233,11 @@ class OperationRegistry:
             if state is not None:
                 w = state.watermark
                 shown = {"column": w.column, "kind": w.kind, "value": w.iso or w.value,
-                         "source": mask_secrets(state.source), "jobId": state.jobId}  # fmt: skip
+                         "source": masked(state.source), "jobId": state.jobId}  # fmt: skip
                 if state.deltaVersion is not None:
                     shown["deltaVersion"] = state.deltaVersion
             out.append(OperationInfo(
-                name=op.name, description=op.description, source=mask_secrets(source),
+                name=op.name, description=op.description, source=masked(source),
                 format=op.format, collection=op.collection, key=op.schema_.key,
                 batchSize=op.batchSize, mode=op.mode, watermarkColumn=op.watermark,
                 lookback=op.lookback, watermark=shown, lastJob=last[0].public() if last else None,

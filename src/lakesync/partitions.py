@@ -33,7 +33,7 @@ from lakesync import metrics
 from lakesync.batchloop import Outcome, copy_batches, summary
 from lakesync.config import Settings
 from lakesync.copy import BatchResult
-from lakesync.errors import LakesyncError, LeaseLost, SourceError, TransientStoreError
+from lakesync.errors import LakesyncError, LeaseLost, TransientSourceError, TransientStoreError
 from lakesync.lake import Lake, Position
 from lakesync.lease import Heartbeat, Leases, run_owner
 from lakesync.logs import job_context
@@ -317,9 +317,7 @@ class PartitionedJobs:
         except LeaseLost as e:
             logger.warning("job %s %s: %s", job_id, where, e)
             return Outcome.NOT_CLAIMED
-        except (TransientStoreError, SourceError) as e:
-            if isinstance(e, SourceError) and not e.details.get("transient"):
-                return self._failed(job, index, owner, where, str(e), policy)
+        except (TransientStoreError, TransientSourceError) as e:
             logger.error("job %s %s: %s; handed back", job_id, where, e)
             try:  # resumed from its checkpoint by a later run
                 self.leases.release(pid, owner, {"$set": {"error": str(e)}})

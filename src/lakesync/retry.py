@@ -12,7 +12,7 @@ from typing import TypeVar
 from pymongo.errors import AutoReconnect, ConnectionFailure, ExecutionTimeout, PyMongoError
 
 from lakesync.errors import StoreError, TransientStoreError
-from lakesync.mongo import mask_uri
+from lakesync.masking import masked
 
 logger = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -32,7 +32,7 @@ def server_reason(error: PyMongoError) -> str:
         text = f"{details['errmsg']} (code {details.get('code', getattr(error, 'code', None))})"
     else:
         text = str(error)
-    return mask_uri(text).splitlines()[0][:300] if text.strip() else type(error).__name__
+    return masked(text).splitlines()[0][:300] if text.strip() else type(error).__name__
 
 
 def is_transient(error: BaseException) -> bool:

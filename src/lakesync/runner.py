@@ -23,14 +23,15 @@ from lakesync.errors import (
     LakesyncError,
     LeaseLost,
     SourceError,
+    TransientSourceError,
     TransientStoreError,
 )
 from lakesync.lake import Lake, Listing, Position
 from lakesync.lease import Heartbeat, new_owner, run_owner
 from lakesync.logs import job_context
+from lakesync.masking import masked
 from lakesync.mirror import MirrorSet, key_type
 from lakesync.models import Checkpoint, Counters, JobState, JobStatus, Watermark
-from lakesync.mongo import mask_uri
 from lakesync.operations import OperationRegistry, ResolvedJob
 from lakesync.partitions import PartitionedJobs
 from lakesync.retry import RetryPolicy
@@ -138,11 +139,7 @@ class JobRunner:
             except Exception:
                 log.error("job %s: could not hand the job back; its lease will expire", job_id)
             return Outcome.NOT_CLAIMED
-        except SourceError as e:
-            if not e.details.get("transient"):
-                log.error("job %s failed: %s", job_id, e)
-                self._try_end(job_id, owner, JobState.FAILED, "Failed", str(e))
-                return Outcome.ENDED
+        except TransientSourceError as e:
             log.error("job %s: %s", job_id, e)
             try:  # S3 unreachable or throttling: resume from the checkpoint, up to MAX_ATTEMPTS
                 text = str(e)  # shown if it gives up
@@ -159,7 +156,7 @@ class JobRunner:
             return Outcome.ENDED
         except Exception as e:
             log.exception("job %s: unexpected error", job_id)
-            error = mask_uri(f"Unexpected error: {type(e).__name__}: {e}")[:2000]
+            error = masked(f"Unexpected error: {type(e).__name__}: {e}")[:2000]
             self._try_end(job_id, owner, JobState.FAILED, "Failed", error)
             return Outcome.ENDED
         finally:
@@ -411,9 +408,9 @@ class JobRunner:
             try:
                 narrowed_job = replace(job, options=narrowed)
                 return narrowed_job.open_lake(self.settings, known=known, keep=keep)
+            except TransientSourceError:
+                raise
             except SourceError as e:
-                if e.details.get("transient"):
-                    raise
                 logger.warning("%s: cannot list the files added to %s since Delta version %d "
                                "(%s); reading the whole table", job.op.name, job.source, since,
                                e)  # fmt: skip

@@ -20,7 +20,8 @@ import pyarrow as pa
 import pyarrow.fs as pafs
 
 from lakesync.config import Settings
-from lakesync.errors import SourceError
+from lakesync.errors import SourceError, TransientSourceError
+from lakesync.masking import masked
 
 #: a GET without a HEAD before it (the size came from the listing) says RESOURCE_NOT_FOUND
 _MISSING = ("NO_SUCH_KEY", "Path does not exist", "No such file", "RESOURCE_NOT_FOUND")
@@ -40,16 +41,6 @@ _BUSY = (
     *("SLOW_DOWN", "SlowDown", "SERVICE_UNAVAILABLE", "ServiceUnavailable"),
     *("INTERNAL_FAILURE", "InternalError"),
 )
-_SECRET_VALUE = (
-    r"(?i)\b(credential|signature|x-amz-security-token|secret[_a-z]*|token)"
-    r"(\s*[=:]\s*)[^\s,;&\"'<]+"
-)
-#: AWS access key ids, secret-looking key=value pairs, URI passwords.
-_SECRETS = [
-    (re.compile(r"\b(AKIA|ASIA|AROA|AIDA)[A-Z0-9]{12,}\b"), r"\1****"),
-    (re.compile(_SECRET_VALUE), r"\1\2***"),
-    (re.compile(r"(?<=://)[^/@\s:]+:[^/@\s]+@"), "***@"),
-]
 _ANSI = re.compile(r"\x1b\[[0-9;]*m")
 
 
@@ -128,7 +119,7 @@ def _s3(bucket: str, path: str, settings: Settings) -> Location:
         fs = pafs.S3FileSystem(**options)
     except (OSError, pa.ArrowException) as e:
         raise SourceError(
-            f"Cannot set up S3 access: {mask_secrets(str(e))}. Check "
+            f"Cannot set up S3 access: {masked(str(e))}. Check "
             "LAKESYNC_S3_ENDPOINT_URL and LAKESYNC_S3_REGION."
         ) from e
     return Location(fs, path, "s3://", endpoint, delta)
@@ -201,17 +192,9 @@ def dot_segment_after_glob(path: str) -> bool:
     return glob_at is not None and any(s in (".", "..") for s in segments[glob_at:])
 
 
-def mask_secrets(text: str) -> str:
-    """``text`` without colour codes, access key ids, signatures, tokens or URI passwords."""
-    text = _ANSI.sub("", text)
-    for pattern, replacement in _SECRETS:
-        text = pattern.sub(replacement, text)
-    return text
-
-
 def short_error(text: str, limit: int = 400) -> str:
     """One masked line of an error text (deltalake's are multi-line, coloured, with XML)."""
-    text = re.sub(r"\s*↳\s*", ": ", mask_secrets(text))
+    text = re.sub(r"\s*↳\s*", ": ", masked(_ANSI.sub("", text)))
     text = re.sub(r"<(RequestId|HostId)>[^<]*</\1>", "", text)
     text = " ".join(text.split()).rstrip(".")
     return text if len(text) <= limit else text[: limit - 3] + "..."
@@ -239,7 +222,7 @@ def read_error(
             f"{file} is not a valid {fmt} file or holds bad data ({text}). Fix or "
             "remove it, or exclude it from the source with a glob."
         )
-    return SourceError(message, file=file, transient=transient)
+    return (TransientSourceError if transient else SourceError)(message, file=file)
 
 
 def s3_message(text: str, where: str, endpoint: str | None) -> tuple[str, bool]:

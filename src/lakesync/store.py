@@ -532,7 +532,6 @@ class JobStore:
         delta: Counters,
         checkpoint: Checkpoint | dict[str, Any],
         derived: dict[str, Any],
-        checkpoint_field: str = "checkpoint",
     ) -> JobStatus:
         """One atomic update after a committed batch: counters, checkpoint, progress.
 
@@ -555,7 +554,7 @@ class JobStore:
             "$set": dict(derived),
         }
         try:
-            doc = self.leases.commit(job_id, owner, cp, update, checkpoint_field)
+            doc = self.leases.commit(job_id, owner, cp, update)
         except LeaseLost:
             raise LeaseLost(
                 f"Job {job_id} is no longer owned by {owner}; stopping this run."
@@ -611,7 +610,6 @@ class JobStore:
         state: JobState,
         message: str,
         error: str | None = None,
-        extra: dict[str, Any] | None = None,
         ender: str | None = None,
     ) -> JobStatus:
         """End the job (completed, failed, cancelled) and free its single-flight slot.
@@ -624,7 +622,7 @@ class JobStore:
             query.update(owner=owner, status=JobState.IN_PROGRESS.value)
         else:
             query["status"] = {"$in": list(ACTIVE_STATES)}
-        fields: dict[str, Any] = {"status": state.value, "message": message, **(extra or {})}
+        fields: dict[str, Any] = {"status": state.value, "message": message}
         fields["expireAt"] = self.expire_at()  # the status is kept this long after it ended
         if error is not None:
             fields["error"] = error

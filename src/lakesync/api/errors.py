@@ -12,10 +12,38 @@ from pymongo.errors import PyMongoError
 from starlette.exceptions import HTTPException
 
 from lakesync.api.openapi import allowed_methods
-from lakesync.errors import LakesyncError
-from lakesync.logs import masked
+from lakesync.errors import (
+    CorruptJobDocument,
+    IdempotencyConflict,
+    JobError,
+    JobNotFound,
+    LakesyncError,
+    LeaseLost,
+    RequestError,
+    SourceError,
+    StoreError,
+)
+from lakesync.masking import masked
 
 logger = logging.getLogger(__name__)
+
+#: The HTTP status of each error family, most specific first: the first match answers;
+#: any other LakesyncError (a ConfigError...) is a 500.
+STATUS_OF: tuple[tuple[type[LakesyncError], int], ...] = (
+    (JobNotFound, 404),
+    (CorruptJobDocument, 500),
+    (JobError, 409),
+    (LeaseLost, 409),  # another run took the job over as this request changed it
+    (SourceError, 400),
+    (RequestError, 400),
+    (IdempotencyConflict, 422),
+    (StoreError, 503),
+)
+
+
+def status_of(error: LakesyncError) -> int:
+    """The HTTP status the API answers ``error`` with."""
+    return next((status for family, status in STATUS_OF if isinstance(error, family)), 500)
 
 
 def error_response(
@@ -45,9 +73,10 @@ def install_error_handlers(app: FastAPI) -> None:
 
     @app.exception_handler(LakesyncError)
     async def lakesync_error(request: Request, exc: LakesyncError) -> JSONResponse:
-        if exc.http_status >= 500:
+        status = status_of(exc)
+        if status >= 500:
             logger.warning("%s %s: %s", request.method, request.url.path, exc)
-        return error_response(exc.http_status, str(exc), **exc.details)
+        return error_response(status, str(exc), **exc.details)
 
     @app.exception_handler(RequestValidationError)
     async def validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:

@@ -9,7 +9,7 @@ from fastapi import APIRouter
 from fastapi.responses import FileResponse
 
 from lakesync.api.deps import Authorized, RuntimeDep
-from lakesync.mongo import mask_uri
+from lakesync.masking import masked
 
 STATIC = Path(__file__).parent / "static"
 router = APIRouter(include_in_schema=False)
@@ -40,7 +40,7 @@ def destination(runtime: RuntimeDep) -> dict[str, Any]:
     else:
         uri = settings.mongodb_uri.get_secret_value() if settings.mongodb_uri else ""
     return {
-        "mongodbUri": mask_uri(uri),
+        "mongodbUri": masked(uri),
         "database": settings.database,
         "embedded": mongo.embedded is not None,
     }

@@ -18,8 +18,8 @@ from celery import Celery
 
 from lakesync.config import Settings
 from lakesync.errors import ConfigError, StoreError
+from lakesync.masking import masked
 from lakesync.models import PARTITIONS
-from lakesync.mongo import mask_uri
 from lakesync.partitions import partition_leases
 from lakesync.store import JobStore
 
@@ -60,13 +60,13 @@ def make_celery(settings: Settings) -> Celery:
 
 def check_broker(app: Celery, settings: Settings, timeout: float = 5.0) -> None:
     """Raise StoreError naming the broker (password masked) if it cannot be reached."""
-    where = mask_uri(_broker(settings))
+    where = masked(_broker(settings))
     try:
         with app.connection_for_write() as conn:
             conn.ensure_connection(max_retries=1, timeout=timeout)
     except Exception as e:
         raise StoreError(
-            f"Cannot reach the Celery broker at {where}: {mask_uri(str(e))[:200]}. Check "
+            f"Cannot reach the Celery broker at {where}: {masked(str(e))[:200]}. Check "
             "LAKESYNC_BROKER_URL and that Redis or RabbitMQ is running."
         ) from None
 

@@ -1,0 +1,531 @@
+"""Helpers shared by the test modules: child processes, waiting, contract fields, S3, the
+browser page. Fixtures stay in conftest.py; a test module imports from here, never from
+another test module."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import os
+import random
+import re
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+import uuid
+from collections.abc import Iterator
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+import boto3
+import httpx
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+from fastapi.testclient import TestClient
+from moto.server import ThreadedMotoServer
+from pymongo import MongoClient
+from pymongo.collection import Collection
+
+from lakesync.config import Settings
+from lakesync.copy import MARKER
+from lakesync.models import JobState, JobStatus
+from lakesync.runner import Outcome
+from lakesync.runtime import Runtime
+from lakesync.schema import TASK_DETAIL, validate
+
+ARTIFACTS = Path(__file__).resolve().parent.parent / "test-artifacts"
+
+#: The job status document of the contract: the seed's fields and lakesync's additions.
+CONTRACT_FIELDS = {
+    "jobId": str,
+    "status": str,
+    "operation": str,
+    "totalRecords": int,
+    "processedRecords": int,
+    "insertedRecords": int,
+    "updatedRecords": int,
+    "errorRecords": int,
+    "percentComplete": (int, float),
+    "startTime": str,
+    "endTime": (str, type(None)),
+    "message": (str, type(None)),
+    "error": (str, type(None)),
+    "options": dict,
+    "unchangedRecords": int,
+    "updatedAt": (str, type(None)),
+    "heartbeatAt": (str, type(None)),
+    "attempt": int,
+    "recordsPerSecond": (int, float),
+    "etaSeconds": (int, float, type(None)),
+    "deletedRecords": int,
+}
+ISO_Z = re.compile(r"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d(\.\d+)?Z$")
+
+
+def wait_for(fn: Any, timeout: float = 60, every: float = 0.2) -> Any:
+    """Poll fn until it returns something truthy."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = fn()
+        if value:
+            return value
+        time.sleep(every)
+    raise AssertionError(f"condition not met within {timeout} s")
+
+
+def wait_done(client: TestClient, job_id: str) -> dict[str, Any]:
+    """The job's status once it has ended, read through the API."""
+
+    def done() -> Any:
+        s = client.get(f"/api/jobs/{job_id}").json()
+        return s if s["status"] in ("completed", "failed", "cancelled") else None
+
+    result: dict[str, Any] = wait_for(done, timeout=60)
+    return result
+
+
+# -- child processes -------------------------------------------------------------------------
+
+
+def child_env(settings: Settings, **extra: str) -> dict[str, str]:
+    """The environment of a `lakesync` child on the test's server, database and lake (the
+    caller's LAKESYNC_ variables left out); ``extra`` adds or overrides variables."""
+    assert settings.mongodb_uri is not None
+    env = {k: v for k, v in os.environ.items() if not k.startswith("LAKESYNC_")}
+    env.update(
+        LAKESYNC_MONGODB_URI=settings.mongodb_uri.get_secret_value(),
+        LAKESYNC_DATABASE=settings.database,
+        LAKESYNC_DATA_DIR=str(settings.data_dir),
+        LAKESYNC_LAKE_URI=str(settings.lake_uri),
+    )
+    env.update(extra)
+    return env
+
+
+def lakesync(
+    env: dict[str, str], *args: str, timeout: float = 120
+) -> subprocess.CompletedProcess[str]:
+    """Run a `lakesync` command to its end; its output as text."""
+    command = [sys.executable, "-m", "lakesync", *args]
+    return subprocess.run(command, env=env, capture_output=True, text=True, timeout=timeout)
+
+
+def start_worker(env: dict[str, str], log: Path) -> subprocess.Popen[bytes]:
+    """A `lakesync worker` (Celery) in its own process group, its output in ``log``."""
+    with open(log, "ab") as out:
+        return subprocess.Popen(
+            [sys.executable, "-m", "lakesync", "worker", "--concurrency", "2"],
+            env=env,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+
+
+def stop_workers(workers: list[subprocess.Popen[bytes]]) -> None:
+    """SIGTERM each worker's process group (a warm shutdown), SIGKILL any still up after 15 s."""
+    for w in workers:
+        if w.poll() is None:
+            os.killpg(w.pid, signal.SIGTERM)
+    for w in workers:
+        try:
+            w.wait(15)
+        except subprocess.TimeoutExpired:
+            os.killpg(w.pid, signal.SIGKILL)
+
+
+def write_operations(path: Path, operations: dict[str, dict[str, Any]]) -> Path:
+    """A lakesync.toml declaring ``operations`` (name -> its keys and values)."""
+    tables = [
+        f"[operations.{name}]\n" + "".join(f"{k} = {json.dumps(v)}\n" for k, v in keys.items())
+        for name, keys in operations.items()
+    ]
+    path.write_text("\n".join(tables))
+    return path
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+class ServeProcess:
+    """`lakesync serve` in a child process, with its environment and log."""
+
+    def __init__(self, env: dict[str, str], log: Path) -> None:
+        self.env = env
+        self.log = log
+        self.port = free_port()
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def start(self, timeout: float = 60) -> ServeProcess:
+        with open(self.log, "ab") as log:
+            self.proc = subprocess.Popen(
+                [sys.executable, "-m", "lakesync", "serve", "--port", str(self.port)],
+                env=self.env, stdout=log, stderr=subprocess.STDOUT,
+            )  # fmt: skip
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"serve exited: {self.log.read_text()[-3000:]}")
+            try:
+                if httpx.get(self.url + "/healthz", timeout=1).status_code == 200:
+                    return self
+            except httpx.HTTPError:
+                pass
+            time.sleep(0.2)
+        raise RuntimeError(f"serve did not start: {self.log.read_text()[-3000:]}")
+
+    def kill(self) -> None:
+        if self.proc and self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait(10)
+
+    def terminate(self, timeout: float = 15) -> float:
+        """SIGTERM and wait; returns how long the exit took."""
+        assert self.proc is not None
+        started = time.monotonic()
+        self.proc.send_signal(signal.SIGTERM)
+        self.proc.wait(timeout)
+        return time.monotonic() - started
+
+
+class SlowLink:
+    """A TCP proxy to the test's MongoDB server that delays every request by `delay` seconds.
+
+    Tests that must see a copy mid-way (progress on a page, a restart during a copy) use it
+    instead of counting on the machine being slow: with 10 ms per request, a copy of 5,000
+    records in batches of 20 lasts several seconds on any machine.
+    """
+
+    def __init__(self, upstream: tuple[str, int], delay: float) -> None:
+        self.upstream, self.delay = upstream, delay
+        self.listener = socket.create_server(("127.0.0.1", 0))
+        self.port = int(self.listener.getsockname()[1])
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    @property
+    def uri(self) -> str:
+        return f"mongodb://127.0.0.1:{self.port}/?directConnection=true"
+
+    def _accept(self) -> None:
+        while True:
+            try:
+                client, _ = self.listener.accept()
+            except OSError:
+                return
+            server = socket.create_connection(self.upstream)
+            for src, dst, delay in ((client, server, self.delay), (server, client, 0.0)):
+                threading.Thread(target=self._pump, args=(src, dst, delay), daemon=True).start()
+
+    @staticmethod
+    def _pump(src: socket.socket, dst: socket.socket, delay: float) -> None:
+        try:
+            while chunk := src.recv(1 << 16):
+                if delay:
+                    time.sleep(delay)
+                dst.sendall(chunk)
+        except OSError:
+            pass
+        finally:
+            for s in (src, dst):
+                with contextlib.suppress(OSError):
+                    s.shutdown(socket.SHUT_RDWR)
+
+    def close(self) -> None:
+        self.listener.close()
+
+
+# -- faults ---------------------------------------------------------------------------------
+
+
+def inject(monkeypatch: pytest.MonkeyPatch, error: Exception, times: int = 10**6) -> None:
+    """Make reads and writes of `taskdetails` raise `error` (a driver error that echoes the
+    URI), whichever calls the copy engine uses."""
+    left = [times]
+
+    def failing(name: str) -> Any:
+        real = getattr(Collection, name)
+
+        def call(self: Collection[Any], *args: Any, **kwargs: Any) -> Any:
+            if self.name == "taskdetails" and left[0] > 0:
+                left[0] -= 1
+                raise error
+            return real(self, *args, **kwargs)
+
+        return call
+
+    for name in ("bulk_write", "insert_many", "find", "delete_many"):
+        monkeypatch.setattr(Collection, name, failing(name))
+
+
+# -- S3 (moto) ------------------------------------------------------------------------------
+
+REGION = "us-east-1"
+
+
+@contextlib.contextmanager
+def aws_test_env() -> Iterator[None]:
+    """Test credentials; the caller's AWS profile, config and instance role stay out."""
+    with pytest.MonkeyPatch.context() as mp:
+        for key in [k for k in os.environ if k.startswith("AWS_")]:
+            mp.delenv(key)
+        mp.setenv("AWS_ACCESS_KEY_ID", "testing")
+        mp.setenv("AWS_SECRET_ACCESS_KEY", "testing")
+        mp.setenv("AWS_CONFIG_FILE", os.devnull)
+        mp.setenv("AWS_SHARED_CREDENTIALS_FILE", os.devnull)
+        mp.setenv("AWS_EC2_METADATA_DISABLED", "true")
+        yield
+
+
+def start_moto_thread() -> tuple[ThreadedMotoServer, str]:
+    """moto in this process on a free loopback port (its request log silenced)."""
+    logging.getLogger("werkzeug").setLevel(logging.ERROR)
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
+    server.start()
+    host, port = server.get_host_and_port()
+    return server, f"http://{host}:{port}"
+
+
+def s3_client(url: str) -> Any:
+    return boto3.client("s3", endpoint_url=url, region_name=REGION)
+
+
+def upload(url: str, local: Path, bucket: str, prefix: str) -> None:
+    s3 = s3_client(url)
+    if bucket not in [b["Name"] for b in s3.list_buckets()["Buckets"]]:
+        s3.create_bucket(Bucket=bucket)
+    for path in sorted(local.rglob("*")):
+        if path.is_file():
+            s3.upload_file(str(path), bucket, f"{prefix}/{path.relative_to(local).as_posix()}")
+
+
+def s3_settings(settings: Settings, url: str, **update: Any) -> Settings:
+    return settings.model_copy(
+        update={"lake_uri": "s3://lake/tasks", "s3_endpoint_url": url, "s3_region": REGION} | update
+    )
+
+
+def run_job(rt: Runtime, source: str, **options: Any) -> Any:
+    """Start a copy and run it inline, run after run, until it ends; return its status."""
+    status, created = rt.jobs.start("copy-taskdetail", {"source": source, **options}, trusted=True)
+    assert created
+    for _ in range(100):
+        if rt.runner.run(status.jobId) is not Outcome.CONTINUE:
+            break
+    return rt.jobs.get(status.jobId)
+
+
+# -- the web page in Chromium ---------------------------------------------------------------
+
+CHROMIUM = Path("/usr/bin/chromium")
+CHROMIUM_ARGS = [
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-quic",
+    "--no-first-run",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+]
+
+# Records every aria-valuenow of #progress, every transport mode the page goes through, and
+# the record counts shown in the jobs table's rows of running jobs.
+RECORDER = """
+window.__progress = [];
+window.__transport = [];
+window.__rows = [];
+document.addEventListener("DOMContentLoaded", () => {
+  const bar = document.getElementById("progress");
+  const transport = document.getElementById("transport");
+  new MutationObserver(() => {
+    for (const tr of document.querySelectorAll('#jobs-body tr[data-status="in_progress"]'))
+      window.__rows.push(tr.querySelector(".c-num").textContent);
+  }).observe(document.getElementById("jobs-body"),
+             { subtree: true, childList: true, characterData: true, attributes: true });
+  new MutationObserver(() => {
+    const v = bar.getAttribute("aria-valuenow");
+    if (v !== null) window.__progress.push(Number(v));
+  }).observe(bar, { attributes: true, attributeFilter: ["aria-valuenow"] });
+  new MutationObserver(() => window.__transport.push(transport.dataset.mode))
+    .observe(transport, { attributes: true, attributeFilter: ["data-mode"] });
+});
+"""
+
+
+class PageRun:
+    """One browser context + page, collecting uncaught script errors."""
+
+    def __init__(self, browser: Any, width: int = 1280, height: int = 900) -> None:
+        self.context = browser.new_context(viewport={"width": width, "height": height})
+        self.context.add_init_script(RECORDER)
+        self.page = self.context.new_page()
+        self.page.set_default_timeout(15_000)
+        self.errors: list[str] = []
+        self.page.on("pageerror", lambda e: self.errors.append(str(e)))
+
+    def shot(self, name: str) -> Path:
+        ARTIFACTS.mkdir(exist_ok=True)
+        path = ARTIFACTS / f"page-{name}.png"
+        self.page.evaluate("window.scrollTo(0, 0)")  # the sticky header stays on top
+        self.page.screenshot(path=str(path), full_page=True)
+        return path
+
+    def close(self) -> None:
+        self.context.close()
+        assert not self.errors, f"script errors on the page: {self.errors}"
+
+
+# -- lakes whose keys repeat (test_repeats, test_manyfiles) ---------------------------------
+
+TS = pa.timestamp("ms", tz="UTC")
+T0 = datetime(2026, 1, 1, tzinfo=UTC)
+SCHEMA = pa.schema(
+    [
+        ("taskDetailId", pa.string()),
+        ("taskId", pa.string()),
+        ("projectId", pa.string()),
+        ("assignee", pa.string()),
+        ("status", pa.string()),
+        ("hoursLogged", pa.float64()),
+        ("estimateHours", pa.float64()),
+        ("startedAt", TS),
+        ("completedAt", TS),
+        ("updatedAt", TS),
+        ("tags", pa.list_(pa.string())),
+        ("notes", pa.string()),
+    ]
+)
+
+
+def record(key: str, version: int, bad: bool = False) -> dict[str, Any]:
+    return {
+        "taskDetailId": key,
+        "taskId": "T-" + key,
+        "projectId": "PRJ-001",
+        "assignee": None,
+        "status": "todo",
+        "hoursLogged": -1.0 if bad else float(version),
+        "estimateHours": None,
+        "startedAt": None,
+        "completedAt": None,
+        "updatedAt": T0 + timedelta(seconds=version),
+        "tags": [f"v{version}"],
+        "notes": f"v{version}",
+    }
+
+
+def write_lake(root: Path, files: list[list[dict[str, Any]]]) -> Path:
+    root.mkdir(parents=True)
+    for i, rows in enumerate(files):
+        pq.write_table(pa.Table.from_pylist(rows, SCHEMA), root / f"part-{i:03d}.parquet")
+    return root
+
+
+def versioned_lake(root: Path, keys: int = 600, versions: int = 6, seed: int = 3) -> Path:
+    """Files holding versions v1..vN of the same keys (newest last), with repeats inside
+    files too, and bad records in several files (a bad newest record loses to the good one
+    before it)."""
+    rng = random.Random(seed)
+    files = []
+    for v in range(1, versions + 1):
+        picked = [f"K{k:05d}" for k in range(keys) if rng.random() < 0.8]
+        rows = [record(k, v, bad=rng.random() < 0.03) for k in picked]
+        rows += [record(k, v) for k in rng.sample(picked, 20)]  # same version again, same file
+        rng.shuffle(rows)
+        files.append(rows)
+    return write_lake(root, files)
+
+
+def reference(lake: Path) -> tuple[dict[str, str], dict[str, int]]:
+    """The result of one careful sequential copy into an empty collection."""
+    winners: dict[str, str] = {}
+    valid = bad = 0
+    for path in sorted(lake.glob("*.parquet")):
+        table = pq.read_table(path)
+        checked = validate(TASK_DETAIL, table)
+        bad += len(checked.rejections)
+        notes = table.column("notes").to_pylist()
+        for key, row in zip(checked.keys, checked.rows, strict=True):
+            winners[key] = notes[row]
+            valid += 1
+    counts = {
+        "processedRecords": valid + bad,
+        "insertedRecords": len(winners),
+        "updatedRecords": 0,
+        "unchangedRecords": 0,
+        "duplicateRecords": valid - len(winners),
+        "errorRecords": bad,
+    }
+    return winners, counts
+
+
+def counts_of(s: JobStatus) -> dict[str, int]:
+    return {k: getattr(s, k) for k in (
+        "processedRecords", "insertedRecords", "updatedRecords", "unchangedRecords",
+        "duplicateRecords", "errorRecords")}  # fmt: skip
+
+
+def stored(db: Any) -> dict[str, str]:
+    return {d["_id"]: d["notes"] for d in db.taskdetails.find({}, {"notes": 1})}
+
+
+def assert_like_reference(s: JobStatus, db: Any, lake: Path) -> None:
+    winners, expected = reference(lake)
+    assert s.status == JobState.COMPLETED, (s.message, s.error)
+    assert counts_of(s) == expected
+    assert s.processedRecords == s.totalRecords
+    assert stored(db) == winners
+    assert db.copyerrors.count_documents({"jobId": s.jobId}) == s.errorRecords
+    assert all(d[MARKER]["job"] == s.jobId for d in db.taskdetails.find({}, {MARKER: 1}))
+
+
+def fresh(settings: Settings, lake: Path, **more: Any) -> Settings:
+    return settings.model_copy(
+        update={"lake_uri": str(lake), "database": "t_" + uuid.uuid4().hex[:12], **more}
+    )
+
+
+def run_whole(settings: Settings) -> JobStatus:
+    with Runtime(settings) as rt:
+        job, _ = rt.jobs.start("copy-taskdetail", {}, trusted=True)
+        rt.runner.run(job.jobId)
+        return rt.jobs.get(job.jobId)
+
+
+def run_partitioned(settings: Settings, order: str, seed: int = 0) -> JobStatus:
+    """Plan the partitions, then run each partition's runs one at a time in ``order``."""
+    rt = Runtime(settings, executor="local")
+    queued: list[tuple[str, int]] = []
+    rt.executor.submit = lambda job_id: None  # type: ignore[method-assign,union-attr]
+    rt.runner.partitioned.submit = lambda j, i: queued.append((j, i))  # type: ignore[union-attr]
+    with rt:
+        job, _ = rt.jobs.start("copy-taskdetail", {}, trusted=True)
+        rt.runner.run(job.jobId)
+        assert len(queued) >= 3, "the lake should split into several partitions"
+        steps = list(queued)
+        if order == "reverse":
+            steps.reverse()
+        elif order == "random":
+            random.Random(seed).shuffle(steps)
+        for step in steps:
+            rt.runner.partitioned.run(*step)  # type: ignore[union-attr]
+        return rt.jobs.get(job.jobId)
+
+
+def database_of(settings: Settings) -> Any:
+    """A handle on the database of ``settings`` (a new client: close it with the database)."""
+    uri = settings.mongodb_uri.get_secret_value() if settings.mongodb_uri else ""
+    client: MongoClient[dict[str, Any]] = MongoClient(uri, tz_aware=True)
+    return client[settings.database]
