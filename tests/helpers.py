@@ -34,8 +34,7 @@ from pymongo.collection import Collection
 
 from lakesync.config import Settings
 from lakesync.copy import MARKER
-from lakesync.models import JobState, JobStatus
-from lakesync.runner import Outcome
+from lakesync.models import JobState, JobStatus, Outcome
 from lakesync.runtime import Runtime
 from lakesync.schema import TASK_DETAIL, validate
 

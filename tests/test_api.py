@@ -183,7 +183,7 @@ def test_events_stream_status_until_the_job_ends(serve: ServeProcess) -> None:
 def test_polls_show_another_processs_change_within_the_status_max_age(
     client: TestClient, runtime: Runtime
 ) -> None:
-    from lakesync.jobs import STATUS_MAX_AGE_SECONDS
+    from lakesync.service import STATUS_MAX_AGE_SECONDS
 
     runtime.executor.shutdown(1)  # type: ignore[union-attr]  # keep the job pending
     job_id = client.post("/api/jobs", json={"operation": "copy-taskdetail"}).json()["jobId"]
@@ -252,8 +252,8 @@ def test_many_event_streams_share_one_reader_and_each_sees_every_change(
     """20 pages follow a job run elsewhere: its status is read and rendered once per
     interval for all of them (one reader per job), and every stream gets the other
     process's change once, and the final status."""
-    from lakesync.jobs import STATUS_MAX_AGE_SECONDS
     from lakesync.models import JobStatus
+    from lakesync.service import STATUS_MAX_AGE_SECONDS
 
     monkeypatch.setattr(jobs_api, "POLL_SECONDS", 0.05)
     rendered: list[str] = []

@@ -158,7 +158,7 @@ def test_copy_exits_1_on_arguments_it_cannot_parse(env: dict[str, str]) -> None:
 def test_cancel_pending_finished_and_unknown_jobs(
     env: dict[str, str], settings: Settings, db: Any
 ) -> None:
-    from lakesync.runner import Outcome
+    from lakesync.models import Outcome
     from lakesync.runtime import Runtime
 
     with Runtime(settings) as rt:  # no executor: created jobs stay pending until run here

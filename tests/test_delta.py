@@ -20,8 +20,7 @@ from lakesync.config import Settings
 from lakesync.demo import generate
 from lakesync.errors import RequestError, SourceError
 from lakesync.lake import Lake, Position
-from lakesync.models import JobState
-from lakesync.runner import Outcome
+from lakesync.models import JobState, Outcome
 from lakesync.runtime import Runtime
 
 FIRST, APPENDED = 3000, 1000  # version 0 holds FIRST records, version 1 adds APPENDED

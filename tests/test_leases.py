@@ -23,8 +23,7 @@ from tests.helpers import ServeProcess, wait_for
 
 from lakesync.config import Settings
 from lakesync.demo import generate
-from lakesync.models import JobState
-from lakesync.runner import Outcome
+from lakesync.models import JobState, Outcome
 from lakesync.runtime import Runtime
 
 ROWS = 20_000
@@ -267,7 +266,7 @@ def test_takeover_while_the_old_owner_is_mid_batch_refuses_its_later_writes(
 
 # -- no transient error fails a job ----------------------------------------------------------
 
-JOB_PATH = ("runner.py", "partitions.py", "batchloop.py", "lease.py", "store.py", "copy.py",
+JOB_PATH = ("runner.py", "partitions.py", "batchloop.py", "lease.py", "jobstore.py", "copy.py",
             "mirror.py", "watermarks.py")  # fmt: skip
 METHODS = ("find_one", "find_one_and_update", "update_one", "update_many", "insert_one",
            "insert_many", "find", "bulk_write", "delete_many", "drop", "count_documents",
@@ -370,7 +369,7 @@ def test_a_transient_error_at_each_call_of_the_job_path_fails_no_job(
     assert db.taskdetails.count_documents({}) == 3000
     sites = sorted(faults.hit)
     assert len(sites) >= 20, sites  # every kind of call was hit once, and retried
-    assert {f for f, _ in sites} >= {"partitions.py", "store.py", "lease.py", "copy.py",
+    assert {f for f, _ in sites} >= {"partitions.py", "jobstore.py", "lease.py", "copy.py",
                                      "mirror.py", "watermarks.py"}, sites  # fmt: skip
 
 

@@ -32,8 +32,7 @@ from tests.s3proxy import CountingProxy
 
 from lakesync.config import Settings
 from lakesync.lake import Lake
-from lakesync.models import JobState, JobStatus
-from lakesync.runner import Outcome
+from lakesync.models import JobState, JobStatus, Outcome
 from lakesync.runtime import Runtime
 from lakesync.watermarks import from_millis, scan
 

@@ -18,10 +18,10 @@ from tests.helpers import free_port, inject, wait_for
 
 from lakesync.api.app import create_app
 from lakesync.config import Settings
+from lakesync.jobstore import JobStore
+from lakesync.models import Outcome
 from lakesync.mongo import Mongo
-from lakesync.runner import Outcome
 from lakesync.runtime import Runtime
-from lakesync.store import JobStore
 
 TOKEN = "metrics-test-token-81c4f2"
 AUTH = {"Authorization": f"Bearer {TOKEN}"}

@@ -15,8 +15,7 @@ from lakesync.api.errors import status_of
 from lakesync.config import Settings
 from lakesync.demo import generate
 from lakesync.errors import IdempotencyConflict, JobError
-from lakesync.models import JobState
-from lakesync.runner import Outcome
+from lakesync.models import JobState, Outcome
 from lakesync.runtime import Runtime
 
 VALID = 4975

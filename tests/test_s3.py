@@ -33,17 +33,16 @@ from lakesync.config import Settings
 from lakesync.demo import generate
 from lakesync.errors import SourceError, TransientSourceError
 from lakesync.lake import Lake, Position
-from lakesync.masking import masked
-from lakesync.models import JobState
-from lakesync.runner import Outcome
-from lakesync.runtime import Runtime
-from lakesync.storage import (
+from lakesync.locations import (
     canonical_uri,
     read_error,
     s3_message,
     short_error,
     within_roots,
 )
+from lakesync.masking import masked
+from lakesync.models import JobState, Outcome
+from lakesync.runtime import Runtime
 
 ROWS, BAD = 50_000, 60
 

@@ -32,11 +32,11 @@ from lakesync.api.server import check_exposure, is_loopback
 from lakesync.config import Settings
 from lakesync.errors import ConfigError, SourceError
 from lakesync.lake import Lake
+from lakesync.locations import within_roots
 from lakesync.logs import JobFields, JsonFormatter, MaskingFormatter
+from lakesync.models import Outcome
 from lakesync.mongo import EmbeddedServer, Mongo
-from lakesync.runner import Outcome
 from lakesync.runtime import Runtime
-from lakesync.storage import within_roots
 
 TOKEN = "sec-test-token-5b0c1e9f7a"
 AUTH = {"Authorization": f"Bearer {TOKEN}"}

@@ -13,9 +13,9 @@ from tests.helpers import CONTRACT_FIELDS, ISO_Z
 
 from lakesync.config import Settings, load_settings
 from lakesync.errors import JobNotFound, LeaseLost
+from lakesync.jobstore import JobStore
 from lakesync.models import Checkpoint, Counters, JobState
 from lakesync.runtime import Runtime
-from lakesync.store import JobStore
 
 JOB_ID = re.compile(r"^job_[0-9a-z]{26,}$")
 

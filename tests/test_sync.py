@@ -17,8 +17,7 @@ from lakesync.api.errors import status_of
 from lakesync.config import Settings
 from lakesync.demo import FILE_SCHEMA, append_records, generate, touch_records
 from lakesync.errors import RequestError
-from lakesync.models import JobState, JobStatus
-from lakesync.runner import Outcome
+from lakesync.models import JobState, JobStatus, Outcome
 from lakesync.runtime import Runtime
 from lakesync.watermarks import WatermarkStore
 

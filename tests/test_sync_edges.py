@@ -27,11 +27,10 @@ from lakesync.api.errors import status_of
 from lakesync.config import Settings
 from lakesync.demo import generate
 from lakesync.errors import ConfigError, IdempotencyConflict, JobError, LeaseLost
-from lakesync.models import JobState, JobStatus
+from lakesync.jobstore import flight_key
+from lakesync.models import JobState, JobStatus, Outcome
 from lakesync.operations import load_operations, parse_options
-from lakesync.runner import Outcome
 from lakesync.runtime import Runtime
-from lakesync.store import flight_key
 
 # -- incremental: records that land with the watermark's value -------------------------------
 

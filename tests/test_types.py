@@ -246,7 +246,7 @@ def test_a_list_struct_or_map_key_is_refused_before_the_copy_naming_column_and_t
 
 
 def run_copy(rt: Runtime, operation: str) -> JobStatus:
-    from lakesync.runner import Outcome
+    from lakesync.models import Outcome
 
     status, _ = rt.jobs.start(operation, {}, trusted=True)
     while rt.runner.run(status.jobId) is Outcome.CONTINUE:
@@ -461,7 +461,7 @@ def live_rows(table: Path) -> list[dict[str, Any]]:
 def test_spark_delta_tables_copy_their_live_rows_and_resume_mid_table(
     settings: Settings, tmp_path: Path, db: Any
 ) -> None:
-    from lakesync.runner import Outcome
+    from lakesync.models import Outcome
 
     fixtures = _fixtures()
     path = tmp_path / "lakesync.toml"

@@ -16,32 +16,23 @@ refused, so the counters never count it. After that the run writes nothing more.
 from __future__ import annotations
 
 import logging
-from enum import Enum
 from functools import partial
 from typing import TYPE_CHECKING, Any, Protocol
 
 from lakesync import metrics
 from lakesync.copy import BatchResult, CopyEngine
-from lakesync.models import Checkpoint, JobStatus
+from lakesync.models import Checkpoint, JobStatus, Outcome
 from lakesync.retry import RetryPolicy
 
 if TYPE_CHECKING:
     import pyarrow.compute as pc
 
+    from lakesync.jobstore import JobStore
     from lakesync.lake import Lake, Position
     from lakesync.operations import Operation
     from lakesync.repeats import Superseded
-    from lakesync.store import JobStore
 
 logger = logging.getLogger(__name__)
-
-
-class Outcome(Enum):
-    """How a run ended, so the executor knows whether to schedule another."""
-
-    ENDED = "ended"  # completed, failed or cancelled
-    CONTINUE = "continue"  # time limit or shutdown: a new run resumes from the checkpoint
-    NOT_CLAIMED = "not_claimed"  # someone else runs it, or it already ended
 
 
 def summary(s: JobStatus) -> str:

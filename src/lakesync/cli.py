@@ -29,8 +29,7 @@ from typer.core import TyperCommand, TyperGroup
 from lakesync.config import Settings, get_settings
 from lakesync.errors import ConfigError, JobError, LakesyncError
 from lakesync.logs import configure_logging, json_enabled
-from lakesync.models import JobState, JobStatus
-from lakesync.runner import Outcome
+from lakesync.models import JobState, JobStatus, Outcome
 
 err = Console(stderr=True)
 out = Console()

@@ -21,7 +21,7 @@ import pyarrow.compute as pc
 import pyarrow.fs as pafs
 
 from lakesync.errors import SourceError, TransientSourceError
-from lakesync.storage import Location, read_error, s3_message, short_error
+from lakesync.locations import Location, read_error, s3_message, short_error
 
 logger = logging.getLogger(__name__)
 

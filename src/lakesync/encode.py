@@ -190,7 +190,7 @@ def _string_parts(array: pa.Array) -> tuple[Ints, Ints, Buffer] | None:
     return offsets[:-1], offsets[1:] - offsets[:-1], data
 
 
-def _copy(buf: Buffer, to: Ints, data: Buffer, starts: Ints, lengths: Ints) -> None:
+def _copy_bytes(buf: Buffer, to: Ints, data: Buffer, starts: Ints, lengths: Ints) -> None:
     """buf[to[i] : to[i] + lengths[i]] = data[starts[i] : starts[i] + lengths[i]], for all i."""
     total = int(lengths.sum())
     if total == 0:
@@ -219,7 +219,7 @@ def _strings(cname: Buffer, valid: NDArray[np.bool_], array: pa.Array) -> Elemen
         prefix = (size + 1).astype("<i4").view(np.uint8).reshape(-1, 4)
         _put_heads(buf, pos, valid, _head(_STRING, cname, prefix), cname)
         at = pos[valid] + head + 4
-        _copy(buf, at, data, starts[valid], size)
+        _copy_bytes(buf, at, data, starts[valid], size)
         buf[at + size] = 0
 
     return sizes, write
@@ -263,7 +263,7 @@ def _string_lists(cname: Buffer, valid: NDArray[np.bool_], array: pa.Array) -> E
         value = (at + 2 + digits)[item_valid]
         size = lengths[item_valid]
         _put(buf, value, (size + 1).astype("<i4").view(np.uint8).reshape(-1, 4))
-        _copy(buf, value + 4, data, starts[item_valid], size)
+        _copy_bytes(buf, value + 4, data, starts[item_valid], size)
         buf[value + 4 + size] = 0
 
     return sizes, write

@@ -33,7 +33,7 @@ from lakesync.config import Settings, get_settings
 from lakesync.delta import LOG_DIR, is_delta_table, snapshot
 from lakesync.errors import SourceError
 from lakesync.jsonarray import is_json_array, ndjson_copy
-from lakesync.storage import (
+from lakesync.locations import (
     Location,
     dot_segment_after_glob,
     first_glob_segment,

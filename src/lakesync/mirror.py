@@ -33,11 +33,11 @@ from pymongo.errors import BulkWriteError, DuplicateKeyError, PyMongoError
 from lakesync.config import Settings
 from lakesync.errors import JobError, RequestError
 from lakesync.lake import Lake
+from lakesync.locations import canonical_uri
 from lakesync.masking import masked
 from lakesync.models import JobState, JobStatus
 from lakesync.operations import JobOptions, Operation
 from lakesync.schema import RecordSchema
-from lakesync.storage import canonical_uri
 
 logger = logging.getLogger(__name__)
 

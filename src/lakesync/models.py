@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import secrets
 from datetime import UTC, datetime
-from enum import StrEnum
+from enum import Enum, StrEnum
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_serializer, field_validator
@@ -21,6 +21,14 @@ def utcnow() -> datetime:
     """Now, in UTC, at millisecond precision (what BSON dates hold)."""
     now = datetime.now(UTC)
     return now.replace(microsecond=now.microsecond // 1000 * 1000)
+
+
+class Outcome(Enum):
+    """How a run ended, so the executor knows whether to schedule another."""
+
+    ENDED = "ended"  # completed, failed or cancelled
+    CONTINUE = "continue"  # time limit or shutdown: a new run resumes from the checkpoint
+    NOT_CLAIMED = "not_claimed"  # someone else runs it, or it already ended
 
 
 class JobState(StrEnum):
@@ -134,7 +142,7 @@ class JobStatus(BaseModel):
     partitionedAtMs: int | None = None
     trigger: Literal["api", "cli", "schedule"] | None = None  # who started the job
     scheduledFor: str | None = None  # a scheduled job's slot, ISO 8601 UTC (scheduler.py)
-    revision: int = 0  # +1 on every write: orders the copies a process keeps (store.py)
+    revision: int = 0  # +1 on every write: orders the copies a process keeps (jobstore.py)
 
     @field_validator(
         "startTime", "endTime", "updatedAt", "heartbeatAt", "runStartedAt", mode="before"

@@ -41,13 +41,13 @@ from pydantic import (
 from lakesync.config import Settings
 from lakesync.errors import ConfigError, LakesyncError, RequestError
 from lakesync.lake import Lake, Listing
+from lakesync.locations import canonical_uri
 from lakesync.masking import masked
 from lakesync.schedules import Unattended, check_unattended
 from lakesync.schema import TASK_DETAIL, FieldRule, FieldType, RecordSchema
-from lakesync.storage import canonical_uri
 
 if TYPE_CHECKING:
-    from lakesync.store import JobStore
+    from lakesync.jobstore import JobStore
     from lakesync.watermarks import WatermarkStore
 
 logger = logging.getLogger(__name__)

@@ -30,10 +30,11 @@ from pymongo.collection import Collection
 from pymongo.errors import BulkWriteError
 
 from lakesync import metrics
-from lakesync.batchloop import Outcome, copy_batches, summary
+from lakesync.batchloop import copy_batches, summary
 from lakesync.config import Settings
 from lakesync.copy import BatchResult
 from lakesync.errors import LakesyncError, LeaseLost, TransientSourceError, TransientStoreError
+from lakesync.jobstore import JobStore
 from lakesync.lake import Lake, Position
 from lakesync.lease import Heartbeat, Leases, run_owner
 from lakesync.logs import job_context
@@ -44,11 +45,11 @@ from lakesync.models import (
     Counters,
     JobState,
     JobStatus,
+    Outcome,
 )
 from lakesync.operations import OperationRegistry
 from lakesync.repeats import Superseded, load_listing
 from lakesync.retry import RetryPolicy
-from lakesync.store import JobStore
 from lakesync.watermarks import WatermarkStore
 
 logger = logging.getLogger(__name__)
@@ -313,7 +314,7 @@ class PartitionedJobs:
         metrics.run_started(job_id)
         try:
             with beat:
-                return self._copy(job, part, owner, policy, where, beat, on_progress)
+                return self._copy_partition(job, part, owner, policy, where, beat, on_progress)
         except LeaseLost as e:
             logger.warning("job %s %s: %s", job_id, where, e)
             return Outcome.NOT_CLAIMED
@@ -345,7 +346,7 @@ class PartitionedJobs:
                          job.jobId, e)  # fmt: skip
         return Outcome.ENDED
 
-    def _copy(
+    def _copy_partition(
         self,
         job: JobStatus,
         part: dict[str, Any],

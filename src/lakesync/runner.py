@@ -15,7 +15,7 @@ from functools import cached_property, partial
 from typing import Any
 
 from lakesync import metrics, mirror, repeats
-from lakesync.batchloop import Outcome, copy_batches, summary
+from lakesync.batchloop import copy_batches, summary
 from lakesync.config import Settings
 from lakesync.copy import BatchResult
 from lakesync.errors import (
@@ -26,17 +26,17 @@ from lakesync.errors import (
     TransientSourceError,
     TransientStoreError,
 )
+from lakesync.jobstore import JobStore
 from lakesync.lake import Lake, Listing, Position
 from lakesync.lease import Heartbeat, new_owner, run_owner
 from lakesync.logs import job_context
 from lakesync.masking import masked
 from lakesync.mirror import MirrorSet, key_type
-from lakesync.models import Checkpoint, Counters, JobState, JobStatus, Watermark
+from lakesync.models import Checkpoint, Counters, JobState, JobStatus, Outcome, Watermark
 from lakesync.operations import OperationRegistry, ResolvedJob
 from lakesync.partitions import PartitionedJobs
 from lakesync.retry import RetryPolicy
 from lakesync.schema import check_columns
-from lakesync.store import JobStore
 from lakesync.watermarks import (
     WatermarkStore,
     lake_filter,
@@ -128,7 +128,7 @@ class JobRunner:
         metrics.run_started(job_id)
         try:
             with beat:
-                return self._copy(status, owner, policy, beat, on_progress)
+                return self._copy_job(status, owner, policy, beat, on_progress)
         except LeaseLost as e:
             log.warning("%s", e, exc_info=True)
             return Outcome.NOT_CLAIMED
@@ -194,7 +194,7 @@ class JobRunner:
                 self.store.release(job_id, owner, f"MongoDB unavailable: {e}", failure=True)
             return Outcome.NOT_CLAIMED
 
-    def _copy(
+    def _copy_job(
         self,
         status: JobStatus,
         owner: str,

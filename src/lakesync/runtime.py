@@ -8,13 +8,13 @@ from types import TracebackType
 from lakesync import joblog, rejections, repeats
 from lakesync.config import Settings
 from lakesync.executors import Executor
-from lakesync.jobs import JobService
+from lakesync.jobstore import JobStore
 from lakesync.mongo import Mongo
 from lakesync.notify import Notifier
 from lakesync.operations import OperationRegistry
 from lakesync.runner import JobRunner
 from lakesync.scheduler import Scheduler
-from lakesync.store import JobStore
+from lakesync.service import JobService
 
 logger = logging.getLogger(__name__)
 

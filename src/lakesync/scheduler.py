@@ -35,13 +35,13 @@ from pymongo.errors import DuplicateKeyError, PyMongoError
 
 from lakesync.config import Settings
 from lakesync.errors import JobError, LakesyncError
+from lakesync.jobstore import JobStore
 from lakesync.models import utcnow
 from lakesync.operations import COPY_TASKDETAIL, Operation, OperationInfo, OperationRegistry
 from lakesync.schedules import Schedule, slot_iso
-from lakesync.store import JobStore
 
 if TYPE_CHECKING:
-    from lakesync.jobs import JobService
+    from lakesync.service import JobService
 
 logger = logging.getLogger(__name__)
 

@@ -45,9 +45,9 @@ from pymongo.errors import DuplicateKeyError
 
 from lakesync.errors import LakesyncError, RequestError, SourceError
 from lakesync.lake import Lake
+from lakesync.locations import canonical_uri
 from lakesync.models import Watermark
 from lakesync.operations import Mode, Operation, duration_ms
-from lakesync.storage import canonical_uri
 
 logger = logging.getLogger(__name__)
 

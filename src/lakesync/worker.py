@@ -10,9 +10,9 @@ import logging
 import threading
 from typing import Any
 
-from lakesync.batchloop import Outcome
 from lakesync.config import Settings
 from lakesync.executors.celery import PARTITION_TASK, QUEUE, TASK, check_broker, make_celery
+from lakesync.models import Outcome
 from lakesync.runtime import Runtime
 
 logger = logging.getLogger(__name__)

@@ -22,7 +22,7 @@ from lakesync.api.deps import Authorized, RuntimeDep
 from lakesync.errors import StoreError
 from lakesync.retry import server_reason
 
-router = APIRouter(tags=["operations"])
+router = APIRouter(tags=["health"])
 
 #: Probes time out after a second or two; a ping must not wait the 5 s server selection.
 PROBE_SECONDS = 2.0

@@ -29,7 +29,7 @@ def job_page(job_id: str) -> FileResponse:
 @router.get(
     "/api/destination",
     include_in_schema=True,
-    tags=["operations"],
+    tags=["destination"],
     dependencies=[Authorized],
     summary="Where copied records go: the MongoDB (password masked) and database",
 )

@@ -18,10 +18,10 @@ from celery import Celery
 
 from lakesync.config import Settings
 from lakesync.errors import ConfigError, StoreError
+from lakesync.jobstore import JobStore
 from lakesync.masking import masked
 from lakesync.models import PARTITIONS
 from lakesync.partitions import partition_leases
-from lakesync.store import JobStore
 
 logger = logging.getLogger(__name__)
 

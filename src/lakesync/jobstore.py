@@ -37,6 +37,7 @@ from lakesync.errors import (
     LeaseLost,
 )
 from lakesync.lease import Leases, beat
+from lakesync.locations import canonical_uri
 from lakesync.models import (
     ACTIVE_STATES,
     FINAL_STATES,
@@ -49,7 +50,6 @@ from lakesync.models import (
     new_job_id,
     utcnow,
 )
-from lakesync.storage import canonical_uri
 
 logger = logging.getLogger(__name__)
 

@@ -11,11 +11,11 @@ from lakesync import mirror
 from lakesync.config import Settings
 from lakesync.errors import JobError, JobNotFound, SourceError
 from lakesync.executors import Executor
+from lakesync.jobstore import JobStore, flight_key
+from lakesync.locations import canonical_uri, within_roots
 from lakesync.masking import masked
 from lakesync.models import JobStatus
 from lakesync.operations import OperationRegistry, parse_options
-from lakesync.storage import canonical_uri, within_roots
-from lakesync.store import JobStore, flight_key
 
 logger = logging.getLogger(__name__)
 
