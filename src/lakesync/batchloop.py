@@ -95,21 +95,36 @@ def copy_batches(
         batch_size, start, stop_file=stop_file, filter=filter, prepare=engine.prepare
     ):
         policy.call(run.fence, "checking the lease")
-        result = policy.call(partial(engine.write, batch), f"writing batch {cp.batches + 1}"
-                             f"{run.where}")  # fmt: skip
+        result = policy.call(
+            partial(engine.write, batch), f"writing batch {cp.batches + 1}{run.where}"
+        )
         end = batch.end
-        cp = cp.model_copy(update={"fileIndex": end.file_index, "row": end.row,
-                                   "batches": cp.batches + 1,
-                                   "file": lake.file_name(end.file_index)})  # fmt: skip
+        cp = cp.model_copy(
+            update={
+                "fileIndex": end.file_index,
+                "row": end.row,
+                "batches": cp.batches + 1,
+                "file": lake.file_name(end.file_index),
+            }
+        )
         run.written(result, cp)
         outcome = run.commit(result, cp)
         metrics.observe_batch(result.counts, result.write_seconds)
         logger.debug(
-            "job %s%s batch %d: %s in %.3f s", job_id, run.where, cp.batches,
-            result.counts.model_dump(), result.write_seconds,
-            extra={"jobId": job_id, **run.log_extra, "batch": cp.batches,
-                   **result.counts.model_dump(), "seconds": round(result.write_seconds, 4)},
-        )  # fmt: skip
+            "job %s%s batch %d: %s in %.3f s",
+            job_id,
+            run.where,
+            cp.batches,
+            result.counts.model_dump(),
+            result.write_seconds,
+            extra={
+                "jobId": job_id,
+                **run.log_extra,
+                "batch": cp.batches,
+                **result.counts.model_dump(),
+                "seconds": round(result.write_seconds, 4),
+            },
+        )
         if outcome is not None:
             return outcome, cp
     return None, cp

@@ -164,11 +164,18 @@ def copy(
     from lakesync.runtime import Runtime
 
     if batch_size is not None and not 1 <= batch_size <= 100_000:
-        _fail(LakesyncError(f"--batch-size {batch_size} is out of range: give the number of "
-                            "records per bulk write, from 1 to 100000."),
-              COPY_FAILED)  # fmt: skip
-    options = {k: v for k, v in {"source": source, "batchSize": batch_size, "mode": mode}.items()
-               if v is not None}  # fmt: skip
+        _fail(
+            LakesyncError(
+                f"--batch-size {batch_size} is out of range: give the number of "
+                "records per bulk write, from 1 to 100000."
+            ),
+            COPY_FAILED,
+        )
+    options = {
+        k: v
+        for k, v in {"source": source, "batchSize": batch_size, "mode": mode}.items()
+        if v is not None
+    }
     try:
         from lakesync.operations import OperationRegistry, parse_options
 
@@ -179,10 +186,14 @@ def copy(
         with Runtime(settings, executor=None, reads_lake=demo) as rt:
             status, created = rt.jobs.start(operation, options, trusted=True, trigger="cli")
             if not created and status.state is not JobState.PENDING:
-                _fail(LakesyncError(
-                    f"Job {status.jobId} for {operation} on this source is already "
-                    f"{status.status.value}; follow it with "
-                    f"`lakesync status {status.jobId}`."), COPY_FAILED)  # fmt: skip
+                _fail(
+                    LakesyncError(
+                        f"Job {status.jobId} for {operation} on this source is already "
+                        f"{status.status.value}; follow it with "
+                        f"`lakesync status {status.jobId}`."
+                    ),
+                    COPY_FAILED,
+                )
             # a pending job of this source (e.g. paused by Ctrl-C) resumes from its checkpoint
             verb = "started" if created else "resumed from its checkpoint"
             _notice(f"job {status.jobId} {verb}", jobId=status.jobId, operation=operation)
@@ -235,9 +246,13 @@ def _run_foreground(rt: Any, job_id: str, show_bar: bool) -> JobStatus:
     if threading.current_thread() is threading.main_thread():
         signal.signal(signal.SIGINT, interrupt)
         signal.signal(signal.SIGTERM, interrupt)
-    columns = (TextColumn("{task.description}"), BarColumn(), TaskProgressColumn(),
-               TextColumn("{task.fields[counts]}  {task.fields[rate]}"),
-               TimeRemainingColumn())  # fmt: skip
+    columns = (
+        TextColumn("{task.description}"),
+        BarColumn(),
+        TaskProgressColumn(),
+        TextColumn("{task.fields[counts]}  {task.fields[rate]}"),
+        TimeRemainingColumn(),
+    )
     with Progress(*columns, console=err, disable=not show_bar) as bar, _logs_above_the_bar():
         # the total is unknown (None) until the job's first run counted the lake
         task = bar.add_task("copying", total=None, counts="", rate="")
@@ -245,8 +260,13 @@ def _run_foreground(rt: Any, job_id: str, show_bar: bool) -> JobStatus:
         def progress(s: JobStatus) -> None:
             total = s.totalRecords or None
             counts = f"{s.processedRecords:,}" + (f"/{total:,}" if total else "") + " records"
-            bar.update(task, total=total, completed=s.processedRecords, counts=counts,
-                       rate=f"{s.recordsPerSecond:,.0f}/s")  # fmt: skip
+            bar.update(
+                task,
+                total=total,
+                completed=s.processedRecords,
+                counts=counts,
+                rate=f"{s.recordsPerSecond:,.0f}/s",
+            )
 
         first = True
         while True:
@@ -257,7 +277,9 @@ def _run_foreground(rt: Any, job_id: str, show_bar: bool) -> JobStatus:
                     raise JobError(
                         f"Job {job_id} is {now.status.value} and another process runs it "
                         f"right now; follow it with `lakesync status {job_id}`, or cancel it "
-                        f"with `lakesync cancel {job_id}`.", status=now.status.value)  # fmt: skip
+                        f"with `lakesync cancel {job_id}`.",
+                        status=now.status.value,
+                    )
             first = False
             if outcome is not Outcome.CONTINUE or rt.runner.stop.is_set():
                 break
@@ -369,8 +391,9 @@ def jobs(
     table.add_column("started UTC", overflow="fold")
     for j in found:
         started = j.startTime.astimezone(UTC).strftime("%m-%d %H:%M")
-        table.add_row(j.jobId, j.status.value, escape(j.operation), f"{j.processedRecords:,}",
-                      started)  # fmt: skip
+        table.add_row(
+            j.jobId, j.status.value, escape(j.operation), f"{j.processedRecords:,}", started
+        )
     out.print(table)
 
 
@@ -389,10 +412,15 @@ def cancel(
         with Runtime(_settings()) as rt:
             before = rt.jobs.get(job_id)  # to tell "cancelled now" from "was cancelled"
             if not yes and not before.state.is_final and sys.stdin.isatty():
-                done = f"{before.processedRecords:,} of {before.totalRecords:,}" \
-                    if before.totalRecords else f"{before.processedRecords:,}"  # fmt: skip
-                question = (f"Cancel job {job_id} ({before.operation}, {before.status.value}, "
-                            f"{done} records copied)?")  # fmt: skip
+                done = (
+                    f"{before.processedRecords:,} of {before.totalRecords:,}"
+                    if before.totalRecords
+                    else f"{before.processedRecords:,}"
+                )
+                question = (
+                    f"Cancel job {job_id} ({before.operation}, {before.status.value}, "
+                    f"{done} records copied)?"
+                )
                 if not typer.confirm(question, default=False, err=True):
                     err.print(f"Not cancelled; job {job_id} goes on.", highlight=False)
                     raise typer.Exit(1)
@@ -407,8 +435,10 @@ def cancel(
     elif s.state is JobState.CANCELLED:
         text = f"Job {job_id} cancelled; {_plural(s.processedRecords, 'record')} had been copied."
     else:
-        text = (f"Cancellation of job {job_id} requested; it stops after its current batch. "
-                f"Follow it with `lakesync status {job_id}`.")  # fmt: skip
+        text = (
+            f"Cancellation of job {job_id} requested; it stops after its current batch. "
+            f"Follow it with `lakesync status {job_id}`."
+        )
     out.print(escape(text), highlight=False, soft_wrap=True)
 
 
@@ -436,10 +466,13 @@ def mongo_uri(
     else:
         running = EmbeddedServer(settings.data_dir).running_uri()
         if running is None:
-            _fail(LakesyncError(
-                f"The embedded MongoDB-wire server of {settings.data_dir} is not running: it "
-                "listens while `lakesync serve` runs. Start `lakesync serve` (e.g. `make run`) "
-                "and ask again, or set LAKESYNC_MONGODB_URI to use your own MongoDB."))  # fmt: skip
+            _fail(
+                LakesyncError(
+                    f"The embedded MongoDB-wire server of {settings.data_dir} is not running: it "
+                    "listens while `lakesync serve` runs. Start `lakesync serve` (e.g. `make run`) "
+                    "and ask again, or set LAKESYNC_MONGODB_URI to use your own MongoDB."
+                )
+            )
         uri = with_database(running, settings.database)
     if as_json:
         _print_json({"uri": uri, "database": settings.database, "embedded": embedded})
@@ -526,14 +559,22 @@ def operations(as_json: JsonFlag = False) -> None:
         return
     table = Table("operation", "mode", "source -> collection", "watermark", "last job")
     for op in listed:
-        mark = "-" if op.watermarkColumn is None else f"{op.watermarkColumn} >= " + (
-            str(op.watermark["value"]) if op.watermark else "(none yet)")  # fmt: skip
+        mark = (
+            "-"
+            if op.watermarkColumn is None
+            else f"{op.watermarkColumn} >= "
+            + (str(op.watermark["value"]) if op.watermark else "(none yet)")
+        )
         if op.lookback is not None:
             mark += f" - {op.lookback}"
         last = "-" if op.lastJob is None else f"{op.lastJob['status']} {op.lastJob['jobId']}"
-        table.add_row(f"[bold]{escape(op.name)}[/]\n{escape(op.description)}", op.mode,
-                      escape(f"{op.source} -> {op.collection}"), escape(mark),
-                      escape(last))  # fmt: skip
+        table.add_row(
+            f"[bold]{escape(op.name)}[/]\n{escape(op.description)}",
+            op.mode,
+            escape(f"{op.source} -> {op.collection}"),
+            escape(mark),
+            escape(last),
+        )
     out.print(table)
 
 
@@ -553,8 +594,10 @@ def demo_data(
         made = generate(out_dir, rows, bad_rows=bad_rows, seed=seed)
     except LakesyncError as e:
         _fail(e)
-    out.print(f"wrote {_plural(made.rows, 'record')} ({made.bad_rows:,} bad) in "
-              f"{_plural(made.files, 'file')} to {made.out}")  # fmt: skip
+    out.print(
+        f"wrote {_plural(made.rows, 'record')} ({made.bad_rows:,} bad) in "
+        f"{_plural(made.files, 'file')} to {made.out}"
+    )
 
 
 @app.command(cls=_Command)
@@ -577,16 +620,20 @@ def schedules(as_json: JsonFlag = False) -> None:
 
     try:
         with Runtime(_settings()) as rt:
-            listed = [{"operation": op.name, **(rt.scheduler.describe(op) or {})}
-                      for op, _ in rt.scheduler.scheduled()]  # fmt: skip
+            listed = [
+                {"operation": op.name, **(rt.scheduler.describe(op) or {})}
+                for op, _ in rt.scheduler.scheduled()
+            ]
     except LakesyncError as e:
         _fail(e)
     if as_json:
         _print_json({"schedules": listed})
         return
     if not listed:
-        out.print("No operation has a schedule (set LAKESYNC_SCHEDULE, or `schedule` or "
-                  "`every` in lakesync.toml).")  # fmt: skip
+        out.print(
+            "No operation has a schedule (set LAKESYNC_SCHEDULE, or `schedule` or "
+            "`every` in lakesync.toml)."
+        )
         return
     table = Table("operation", "schedule", "next run", "last run")
     for s in listed:
@@ -594,10 +641,18 @@ def schedules(as_json: JsonFlag = False) -> None:
         if s["schedule"] and s["timezone"] != "UTC":
             when += f" ({s['timezone']})"
         last = s["lastRun"]
-        shown = "-" if last is None else f"{last['slot']}\n{last['outcome']}" + (
-            f" {last['jobId']} {last['result'] or ''}" if last.get("jobId") else "")  # fmt: skip
-        table.add_row(escape(s["operation"]), escape(when),
-                      "paused" if s["paused"] else str(s["nextRun"]), escape(shown))  # fmt: skip
+        shown = (
+            "-"
+            if last is None
+            else f"{last['slot']}\n{last['outcome']}"
+            + (f" {last['jobId']} {last['result'] or ''}" if last.get("jobId") else "")
+        )
+        table.add_row(
+            escape(s["operation"]),
+            escape(when),
+            "paused" if s["paused"] else str(s["nextRun"]),
+            escape(shown),
+        )
     out.print(table)
 
 
@@ -609,8 +664,11 @@ def _pause(name: str, paused: bool) -> None:
             s = rt.scheduler.pause(name) if paused else rt.scheduler.unpause(name)
     except LakesyncError as e:
         _fail(e)
-    text = (f"Schedule of {name} paused; running jobs go on." if paused
-            else f"Schedule of {name} resumed; next run {s['nextRun']}.")  # fmt: skip
+    text = (
+        f"Schedule of {name} paused; running jobs go on."
+        if paused
+        else f"Schedule of {name} resumed; next run {s['nextRun']}."
+    )
     out.print(escape(text), highlight=False, soft_wrap=True)
 
 

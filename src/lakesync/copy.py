@@ -133,18 +133,36 @@ def _file_documents(
     extra = len(lead) + _HASH_CHARS + len(middle) + 6
     pack, end = _I32.pack, b"\x00\x00\x00"
     return [
-        RawBSONDocument(b"".join((pack(len(body) + extra), body[4:-1], lead, h.encode(),
-                                  middle, pack(start + row), end)))
+        RawBSONDocument(
+            b"".join(
+                (
+                    pack(len(body) + extra),
+                    body[4:-1],
+                    lead,
+                    h.encode(),
+                    middle,
+                    pack(start + row),
+                    end,
+                )
+            )
+        )
         for row, body, h in zip(rows, bodies, digests, strict=True)
-    ]  # fmt: skip
+    ]
 
 
 def _marker_elements(h: str, job: str, op: str, at: tuple[int, int]) -> bytes:
     items = _bson_int(b"0", at[0]) + _bson_int(b"1", at[1])
-    elements = b"".join((
-        _bson_string(b"h", h), _bson_string(b"job", job), _bson_string(b"op", op),
-        b"\x04at\x00", _I32.pack(len(items) + 5), items, b"\x00",
-    ))  # fmt: skip
+    elements = b"".join(
+        (
+            _bson_string(b"h", h),
+            _bson_string(b"job", job),
+            _bson_string(b"op", op),
+            b"\x04at\x00",
+            _I32.pack(len(items) + 5),
+            items,
+            b"\x00",
+        )
+    )
     return _I32.pack(len(elements) + 5) + elements + b"\x00"
 
 
@@ -302,10 +320,14 @@ class CopyEngine:
             self._assume_new = False
             existing = self._markers([keys[i] for i in taken])
             plan = self._classify(
-                [keys[i] for i in taken], [rows[i] for i in taken],
-                [bodies[i] for i in taken], [digests[i] for i in taken],
-                existing, batch, counts,
-            )  # fmt: skip
+                [keys[i] for i in taken],
+                [rows[i] for i in taken],
+                [bodies[i] for i in taken],
+                [digests[i] for i in taken],
+                existing,
+                batch,
+                counts,
+            )
             self._execute(plan, counts, rejected, batch)
 
     def _insert(

@@ -45,11 +45,26 @@ class DeltaSnapshot:
 
 #: reader features whose tables lakesync reads correctly (deletion vectors and column mapping
 #: are applied here; the rest concern the log, which deltalake reads, or need nothing)
-READABLE = {"deletionVectors", "columnMapping", "timestampNtz", "v2Checkpoint",
-            "vacuumProtocolCheck", "typeWidening", "typeWidening-preview", "appendOnly",
-            "invariants", "checkConstraints", "generatedColumns", "changeDataFeed",
-            "identityColumns", "domainMetadata", "rowTracking", "inCommitTimestamp",
-            "variantType", "variantType-preview"}  # fmt: skip
+READABLE = {
+    "deletionVectors",
+    "columnMapping",
+    "timestampNtz",
+    "v2Checkpoint",
+    "vacuumProtocolCheck",
+    "typeWidening",
+    "typeWidening-preview",
+    "appendOnly",
+    "invariants",
+    "checkConstraints",
+    "generatedColumns",
+    "changeDataFeed",
+    "identityColumns",
+    "domainMetadata",
+    "rowTracking",
+    "inCommitTimestamp",
+    "variantType",
+    "variantType-preview",
+}
 
 
 def is_delta_table(location: Location, path: str) -> bool:
@@ -91,8 +106,9 @@ def snapshot(location: Location, path: str, version: int | None = None) -> Delta
         raise
     except Exception as e:  # deltalake raises its own DeltaError family, OSError, ValueError
         raise _delta_error(e, location, uri, version) from e
-    partitions = [n.removeprefix("partition.") for n in actions.column_names
-                  if n.startswith("partition.")]  # fmt: skip
+    partitions = [
+        n.removeprefix("partition.") for n in actions.column_names if n.startswith("partition.")
+    ]
     files = []
     for row in actions.select(["path", *(f"partition.{p}" for p in partitions)]).to_pylist():
         files.append((_file_path(location, path, row["path"]), _expression(schema, row)))
@@ -106,8 +122,13 @@ def snapshot(location: Location, path: str, version: int | None = None) -> Delta
     physical = None
     if mapping != "none":  # partition columns keep their names: they are not in the files
         physical = pa.schema([f if f.name in partitions else physical_field(f) for f in schema])
-    logger.info("Delta table %s version %d: %d active file(s), %d with deleted rows", uri,
-                current, len(files), len(live))  # fmt: skip
+    logger.info(
+        "Delta table %s version %d: %d active file(s), %d with deleted rows",
+        uri,
+        current,
+        len(files),
+        len(live),
+    )
     return DeltaSnapshot(current, schema, files, renames, live, physical)
 
 

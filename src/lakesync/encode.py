@@ -27,8 +27,15 @@ Writer = Callable[[Buffer, Ints], None]
 Element = tuple[Ints, Writer]  # each row's element size, and what writes them at positions
 
 _DOUBLE, _STRING, _ARRAY, _BOOL, _DATE, _NULL, _INT32, _INT64 = (
-    0x01, 0x02, 0x04, 0x08, 0x09, 0x0A, 0x10, 0x12,
-)  # fmt: skip
+    0x01,
+    0x02,
+    0x04,
+    0x08,
+    0x09,
+    0x0A,
+    0x10,
+    0x12,
+)
 _INT32_MIN, _INT32_MAX = -(2**31), 2**31 - 1
 _MAX_LIST_DIGITS = 7  # list items are keyed "0", "1", ...: up to 10 million items a list
 
@@ -70,12 +77,14 @@ def writes(kind: pa.DataType) -> bool:
             pa.types.is_string(kind.value_type) or pa.types.is_large_string(kind.value_type)
         )
     return bool(
-        pa.types.is_null(kind) or pa.types.is_boolean(kind)
+        pa.types.is_null(kind)
+        or pa.types.is_boolean(kind)
         or (pa.types.is_floating(kind) and not pa.types.is_float16(kind))
         or (pa.types.is_timestamp(kind) and kind.unit == "ms")
         or (pa.types.is_integer(kind) and kind != pa.uint64())
-        or pa.types.is_string(kind) or pa.types.is_large_string(kind)
-    )  # fmt: skip
+        or pa.types.is_string(kind)
+        or pa.types.is_large_string(kind)
+    )
 
 
 def _element(name: str, array: pa.Array) -> Element | None:
@@ -161,10 +170,16 @@ def _integers(cname: Buffer, valid: NDArray[np.bool_], array: pa.Array) -> Eleme
     def write(buf: Buffer, pos: Ints) -> None:
         four, eight = valid & small, valid & ~small
         _put_heads(buf, pos, valid, np.zeros((int(valid.sum()), 0), np.uint8), cname)
-        _put(buf, pos[four], _head(_INT32, cname, values[four].astype("<i4").view(np.uint8)
-                                   .reshape(-1, 4)))  # fmt: skip
-        _put(buf, pos[eight], _head(_INT64, cname, values[eight].astype("<i8").view(np.uint8)
-                                    .reshape(-1, 8)))  # fmt: skip
+        _put(
+            buf,
+            pos[four],
+            _head(_INT32, cname, values[four].astype("<i4").view(np.uint8).reshape(-1, 4)),
+        )
+        _put(
+            buf,
+            pos[eight],
+            _head(_INT64, cname, values[eight].astype("<i8").view(np.uint8).reshape(-1, 8)),
+        )
 
     return sizes, write
 

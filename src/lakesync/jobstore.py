@@ -297,8 +297,9 @@ class JobStore:
             doc = self.jobs.find_one_and_update(
                 {"jobId": job.jobId, "clientJobId": {"$exists": False}},
                 _rev({"$set": {"clientJobId": client_job_id}}),
-                projection={"_id": 0}, return_document=ReturnDocument.AFTER,
-            )  # fmt: skip
+                projection={"_id": 0},
+                return_document=ReturnDocument.AFTER,
+            )
         except DuplicateKeyError:
             doc = self.jobs.find_one({"clientJobId": client_job_id}, {"_id": 0})
         if doc is None:
@@ -389,8 +390,9 @@ class JobStore:
         doc = self.leases.reap(job_id, seen, message)
         if doc is None:
             return False
-        logger.warning("job %s: its lease expired; handed back to be resumed", job_id,
-                       extra={"jobId": job_id})  # fmt: skip
+        logger.warning(
+            "job %s: its lease expired; handed back to be resumed", job_id, extra={"jobId": job_id}
+        )
         if doc.get("owner"):
             self._count_crash(job_id, int(doc.get("processedRecords", 0)), doc)
         return True
@@ -488,14 +490,17 @@ class JobStore:
             "$set": {"runProcessed": 0, "message": "Started: opening the lake"},
             "$inc": {"attempt": 1},
             "$currentDate": {"runStartedAt": True},
-        }  # fmt: skip
+        }
         doc = self.leases.claim(job_id, owner, update)
         if doc is None:
             update["$inc"]["failures"] = 1
             doc = self.leases.take_over(job_id, owner, lease_seconds, update)
             if doc is not None:
-                logger.warning("job %s: took over from a run whose lease expired", job_id,
-                               extra={"jobId": job_id})  # fmt: skip
+                logger.warning(
+                    "job %s: took over from a run whose lease expired",
+                    job_id,
+                    extra={"jobId": job_id},
+                )
                 reached = int(doc.get("processedRecords", 0))
                 doc = self._count_crash(job_id, reached, doc, owner) or doc
         return None if doc is None else self._seen(doc)
@@ -514,9 +519,11 @@ class JobStore:
         if owner is not None:
             query["owner"] = owner
         return self.jobs.find_one_and_update(
-            query, _rev({"$set": {"failures": 1, "failedAtRecord": reached}}),
-            projection={"_id": 0}, return_document=ReturnDocument.AFTER,
-        )  # fmt: skip
+            query,
+            _rev({"$set": {"failures": 1, "failedAtRecord": reached}}),
+            projection={"_id": 0},
+            return_document=ReturnDocument.AFTER,
+        )
 
     def _owned(self, job_id: str, owner: str) -> dict[str, Any]:
         return self.leases.held(job_id, owner)
@@ -569,8 +576,9 @@ class JobStore:
         doc = self.jobs.find_one_and_update(
             {"jobId": job_id, "status": JobState.IN_PROGRESS.value},
             _beat({"$max": maxes, "$set": fields}),
-            projection={"_id": 0}, return_document=ReturnDocument.AFTER,
-        )  # fmt: skip
+            projection={"_id": 0},
+            return_document=ReturnDocument.AFTER,
+        )
         return None if doc is None else self._seen(doc)
 
     def let_go(self, job_id: str, owner: str) -> None:
@@ -650,8 +658,11 @@ class JobStore:
                 query, update, projection={"_id": 0}, return_document=ReturnDocument.AFTER
             )
         if doc is None and (owner or ender):  # applied, but the reply was lost?
-            mine = {"jobId": job_id, "status": {"$in": [asked, state.value]},
-                    "endedBy": owner or ender}  # fmt: skip
+            mine = {
+                "jobId": job_id,
+                "status": {"$in": [asked, state.value]},
+                "endedBy": owner or ender,
+            }
             doc = self.jobs.find_one(mine, {"_id": 0})
             if doc is not None:
                 state = JobState(doc["status"])
@@ -659,14 +670,28 @@ class JobStore:
             raise LeaseLost(f"Job {job_id} could not be ended: another run owns it or it ended.")
         ended = self._seen(doc)
         self._job_data_expires(job_id, fields["expireAt"])
-        counts = {k: getattr(ended, k) for k in (
-            "totalRecords", "processedRecords", "insertedRecords", "updatedRecords",
-            "unchangedRecords", "duplicateRecords", "errorRecords", "deletedRecords")}  # fmt: skip
+        counts = {
+            k: getattr(ended, k)
+            for k in (
+                "totalRecords",
+                "processedRecords",
+                "insertedRecords",
+                "updatedRecords",
+                "unchangedRecords",
+                "duplicateRecords",
+                "errorRecords",
+                "deletedRecords",
+            )
+        }
         if ended.endTime is not None:
             counts["seconds"] = round((ended.endTime - ended.startTime).total_seconds(), 3)
-        logger.info("job %s %s: %s", job_id, state.value, message,
-                    extra={"jobId": job_id, "operation": ended.operation, "status": state.value,
-                           **counts})  # fmt: skip
+        logger.info(
+            "job %s %s: %s",
+            job_id,
+            state.value,
+            message,
+            extra={"jobId": job_id, "operation": ended.operation, "status": state.value, **counts},
+        )
         self._ended(ended)
         return ended
 
@@ -689,10 +714,12 @@ class JobStore:
         A `failure` (MongoDB or the lake unavailable) counts towards LAKESYNC_MAX_ATTEMPTS
         like a crash: only failures in a row without progress add up.
         """
-        update = _beat({
-            "$set": {"status": JobState.PENDING.value, "message": message},
-            "$unset": {"owner": "", "queued": ""},
-        })  # fmt: skip
+        update = _beat(
+            {
+                "$set": {"status": JobState.PENDING.value, "message": message},
+                "$unset": {"owner": "", "queued": ""},
+            }
+        )
         if failure:
             mine = (
                 self.jobs.find_one(
@@ -707,9 +734,11 @@ class JobStore:
                 update["$set"].update(failures=1, failedAtRecord=reached)
         update["$set"]["releasedBy"] = owner
         doc = self.jobs.find_one_and_update(
-            self._owned(job_id, owner), update, projection={"_id": 0},
+            self._owned(job_id, owner),
+            update,
+            projection={"_id": 0},
             return_document=ReturnDocument.AFTER,
-        )  # fmt: skip
+        )
         if doc is None:  # applied, but the reply was lost?
             mine = {"jobId": job_id, "status": JobState.PENDING.value, "releasedBy": owner}
             doc = self.jobs.find_one(mine, {"_id": 0})
@@ -730,15 +759,27 @@ class JobStore:
         try:
             doc = self.jobs.find_one_and_update(
                 {"jobId": job_id, "status": JobState.FAILED.value},
-                _beat({
-                    "$set": {"status": JobState.PENDING.value, "failures": 0, "flightKey": flight,
-                             "message": f"Resuming from record {current.processedRecords:,} "
-                             f"of {current.totalRecords:,}"},
-                    "$unset": {"error": "", "endTime": "", "failedAtRecord": "", "queued": "",
-                               "expireAt": ""},
-                }),
-                projection={"_id": 0}, return_document=ReturnDocument.AFTER,
-            )  # fmt: skip
+                _beat(
+                    {
+                        "$set": {
+                            "status": JobState.PENDING.value,
+                            "failures": 0,
+                            "flightKey": flight,
+                            "message": f"Resuming from record {current.processedRecords:,} "
+                            f"of {current.totalRecords:,}",
+                        },
+                        "$unset": {
+                            "error": "",
+                            "endTime": "",
+                            "failedAtRecord": "",
+                            "queued": "",
+                            "expireAt": "",
+                        },
+                    }
+                ),
+                projection={"_id": 0},
+                return_document=ReturnDocument.AFTER,
+            )
         except DuplicateKeyError:
             running = self.jobs.find_one({"flightKey": flight}, {"jobId": 1}) or {}
             raise JobError(
@@ -772,14 +813,22 @@ class JobStore:
                 )
             ended = self.jobs.find_one_and_update(
                 {"jobId": job_id, "status": JobState.PENDING.value},
-                _rev({"$set": {"status": JobState.CANCELLED.value, "cancelRequested": True,
-                               "expireAt": self.expire_at(),
-                               "message": f"Cancelled before it started; "
-                               f"{current.processedRecords:,} records had been copied"},
-                      "$unset": {"flightKey": "", "owner": ""},
-                      "$currentDate": {"endTime": True, "updatedAt": True}}),
-                projection={"_id": 0}, return_document=ReturnDocument.AFTER,
-            )  # fmt: skip
+                _rev(
+                    {
+                        "$set": {
+                            "status": JobState.CANCELLED.value,
+                            "cancelRequested": True,
+                            "expireAt": self.expire_at(),
+                            "message": f"Cancelled before it started; "
+                            f"{current.processedRecords:,} records had been copied",
+                        },
+                        "$unset": {"flightKey": "", "owner": ""},
+                        "$currentDate": {"endTime": True, "updatedAt": True},
+                    }
+                ),
+                projection={"_id": 0},
+                return_document=ReturnDocument.AFTER,
+            )
             if ended is not None:
                 self._ended(cancelled := self._seen(ended))
                 return cancelled

@@ -161,9 +161,14 @@ class LakeBatch:
             self.ordinal = self.file_index
         if not self.segments:
             self.segments = [
-                Segment(self.file, self.file_index, self.ordinal, self.start_row,
-                        int(self.table.num_rows))
-            ]  # fmt: skip
+                Segment(
+                    self.file,
+                    self.file_index,
+                    self.ordinal,
+                    self.start_row,
+                    int(self.table.num_rows),
+                )
+            ]
 
     @property
     def end(self) -> Position:
@@ -201,16 +206,19 @@ def _joined(pieces: list[LakeBatch]) -> LakeBatch:
         offset += piece.table.num_rows
     first = pieces[0]
     table = pa.concat_tables([p.table for p in pieces])
-    return LakeBatch(table, first.file, first.file_index, first.start_row, first.ordinal,
-                     segments=segments)  # fmt: skip
+    return LakeBatch(
+        table, first.file, first.file_index, first.start_row, first.ordinal, segments=segments
+    )
 
 
 def _sliced(piece: LakeBatch, rows: int) -> tuple[LakeBatch, LakeBatch]:
     """A one-file piece cut after ``rows`` rows."""
-    head = LakeBatch(piece.table.slice(0, rows), piece.file, piece.file_index, piece.start_row,
-                     piece.ordinal)  # fmt: skip
-    tail = LakeBatch(piece.table.slice(rows), piece.file, piece.file_index,
-                     piece.start_row + rows, piece.ordinal)  # fmt: skip
+    head = LakeBatch(
+        piece.table.slice(0, rows), piece.file, piece.file_index, piece.start_row, piece.ordinal
+    )
+    tail = LakeBatch(
+        piece.table.slice(rows), piece.file, piece.file_index, piece.start_row + rows, piece.ordinal
+    )
     return head, tail
 
 
@@ -485,9 +493,18 @@ class Lake:
         inspected = _inspect(loc, fmt, items, sizes, known if usable else None, root, keep, kept)
         logger.info("Opened lake %s: %d %s file(s)", loc.show(loc.path), len(found), fmt)
         files = [loc.show(p) for p in found]
-        lake = cls(uri, fmt, files, [f for f, _, _ in inspected], [s for _, s, _ in inspected],
-                   loc.endpoint, fs=loc.fs, fragments=[f for _, _, f in inspected],
-                   root=loc.show(root), first_index=first_index)  # fmt: skip
+        lake = cls(
+            uri,
+            fmt,
+            files,
+            [f for f, _, _ in inspected],
+            [s for _, s, _ in inspected],
+            loc.endpoint,
+            fs=loc.fs,
+            fragments=[f for _, _, f in inspected],
+            root=loc.show(root),
+            first_index=first_index,
+        )
         lake._kept = None if kept is None else kept.finish()
         return lake
 
@@ -513,16 +530,30 @@ class Lake:
         files = [loc.show(p) for p, _ in chosen]
         scanned = snap.physical or snap.schema
         schemas = [scanned] * len(files)  # the table's schema (physical names), not each file's
-        views = {f.name: f.type for f, p in zip(snap.schema, scanned, strict=True)
-                 if p.type != f.type}  # fmt: skip
+        views = {
+            f.name: f.type for f, p in zip(snap.schema, scanned, strict=True) if p.type != f.type
+        }
         live = [snap.live.get(p) for p, _ in chosen]
         added = "" if since is None else f" added since version {since}"
-        logger.info("Opened Delta table %s version %d: %d file(s)%s", uri, snap.version,
-                    len(files), added)  # fmt: skip
-        return cls(uri, "delta", files, facts, schemas, loc.endpoint, fs=loc.fs,
-                   root=loc.show(base), version=snap.version, schema=snap.schema,
-                   since_version=since, renames=snap.renames, live=live,
-                   views=views)  # fmt: skip
+        logger.info(
+            "Opened Delta table %s version %d: %d file(s)%s", uri, snap.version, len(files), added
+        )
+        return cls(
+            uri,
+            "delta",
+            files,
+            facts,
+            schemas,
+            loc.endpoint,
+            fs=loc.fs,
+            root=loc.show(base),
+            version=snap.version,
+            schema=snap.schema,
+            since_version=since,
+            renames=snap.renames,
+            live=live,
+            views=views,
+        )
 
     def file_name(self, index: int) -> str:
         """The stable name of file ``index``: its path relative to the lake's root folder.
@@ -547,14 +578,23 @@ class Lake:
         _refuse_gone([name for name in names if name not in index], self.uri)
         picked = [index[name] for name in names]
         part = Lake(
-            self.uri, self.format, [self.files[i] for i in picked],
-            [self._facts[i] for i in picked], [self._schemas[i] for i in picked],
-            self._endpoint, fs=self._fs, fragments=[self._fragments[i] for i in picked],
-            root=self._root, version=self.version,
-            since_version=self.since_version, schema=self.schema, renames=self._renames,
-            live=[self._live[i] for i in picked], views=self._views,
+            self.uri,
+            self.format,
+            [self.files[i] for i in picked],
+            [self._facts[i] for i in picked],
+            [self._schemas[i] for i in picked],
+            self._endpoint,
+            fs=self._fs,
+            fragments=[self._fragments[i] for i in picked],
+            root=self._root,
+            version=self.version,
+            since_version=self.since_version,
+            schema=self.schema,
+            renames=self._renames,
+            live=[self._live[i] for i in picked],
+            views=self._views,
             first_index=first_index,
-        )  # fmt: skip
+        )
         if self._row_counts is not None:
             part._row_counts = [self._row_counts[i] for i in picked]
         part._opens = self._opens
@@ -591,8 +631,11 @@ class Lake:
                 )
             logger.warning(
                 "Lake %s changed since the checkpoint: %s moved from file %d to file %d",
-                self.uri, file_name, index, names.index(file_name),
-            )  # fmt: skip
+                self.uri,
+                file_name,
+                index,
+                names.index(file_name),
+            )
             index = names.index(file_name)
         if self._parquet and position.row > self.file_row_counts()[index]:
             raise SourceError(
@@ -730,8 +773,9 @@ class Lake:
                 uri=self.uri,
             )
         stop = len(self.files) if stop_file is None else min(stop_file, len(self.files))
-        files = self._files_read_ahead(range(start.file_index, stop), start, batch_size, filter,
-                                       columns)  # fmt: skip
+        files = self._files_read_ahead(
+            range(start.file_index, stop), start, batch_size, filter, columns
+        )
         stream = _across_files(itertools.chain.from_iterable(files), batch_size)
         yield from _prefetched(stream if prepare is None else _prepared(stream, prepare), _PREFETCH)
 
@@ -892,9 +936,12 @@ class Lake:
         if self._views:  # nested fields renamed too: the same data under the logical names
             names = batch.schema.names
             batch = pa.RecordBatch.from_arrays(
-                [c.view(self._views[n]) if n in self._views else c
-                 for n, c in zip(names, batch.columns, strict=True)], names=names,
-            )  # fmt: skip
+                [
+                    c.view(self._views[n]) if n in self._views else c
+                    for n, c in zip(names, batch.columns, strict=True)
+                ],
+                names=names,
+            )
         if keep is not None and start < len(keep):
             mask = keep.slice(start, batch.num_rows)
             if len(mask) < batch.num_rows:  # rows past the vector's end are live

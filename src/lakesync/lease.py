@@ -87,15 +87,18 @@ class Leases:
 
     def _update(self, value: Any, query: Doc, update: Doc) -> Doc | None:
         return self.coll.find_one_and_update(
-            query, self.decorate(beat(update)), projection=self.projection,
+            query,
+            self.decorate(beat(update)),
+            projection=self.projection,
             return_document=ReturnDocument.AFTER,
-        )  # fmt: skip
+        )
 
     def claim(self, value: Any, owner: str, update: Doc | None = None) -> Doc | None:
         """Take a pending document; None if it is not pending (and not already ours: the
         reply of a claim that was applied may have been lost, and the claim retried)."""
-        update = _merge(update, {"$set": {"status": IN_PROGRESS, "owner": owner},
-                                 "$unset": {"queued": ""}})  # fmt: skip
+        update = _merge(
+            update, {"$set": {"status": IN_PROGRESS, "owner": owner}, "$unset": {"queued": ""}}
+        )
         doc = self._update(value, {self.key: value, "status": PENDING}, update)
         if doc is None:
             doc = self.coll.find_one(self.held(value, owner), self.projection)
@@ -105,8 +108,10 @@ class Leases:
         self, value: Any, owner: str, lease_seconds: float, update: Doc | None = None
     ) -> Doc | None:
         """Take an in-progress document whose lease expired (server time); None otherwise."""
-        doc = self.coll.find_one({self.key: value, "status": IN_PROGRESS},
-                                 {"leaseBeat": 1, "heartbeatAt": 1, "heartbeatMs": 1})  # fmt: skip
+        doc = self.coll.find_one(
+            {self.key: value, "status": IN_PROGRESS},
+            {"leaseBeat": 1, "heartbeatAt": 1, "heartbeatMs": 1},
+        )
         if doc is None or not self.expired(doc, lease_seconds, self.server_now()):
             return None
         update = _merge(update, {"$set": {"owner": owner}, "$unset": {"queued": ""}})
@@ -139,8 +144,9 @@ class Leases:
         """Hand back (pending) a document whose lease a scan saw expired; None if it beat
         since. Returns the document as it was, so the caller sees who held it."""
         swap = {self.key: value, "status": IN_PROGRESS, "leaseBeat": seen.get("leaseBeat")}
-        update = _merge(update, {"$set": {"status": PENDING},
-                                 "$unset": {"owner": "", "queued": ""}})  # fmt: skip
+        update = _merge(
+            update, {"$set": {"status": PENDING}, "$unset": {"owner": "", "queued": ""}}
+        )
         return self.coll.find_one_and_update(
             swap, self.decorate(update), return_document=ReturnDocument.BEFORE
         )
@@ -159,8 +165,13 @@ class Leases:
 
     def release(self, value: Any, owner: str, update: Doc | None = None) -> Doc:
         """Hand the document back (pending) so that another run continues it."""
-        update = _merge(update, {"$set": {"status": PENDING, "releasedBy": owner},
-                                 "$unset": {"owner": "", "queued": ""}})  # fmt: skip
+        update = _merge(
+            update,
+            {
+                "$set": {"status": PENDING, "releasedBy": owner},
+                "$unset": {"owner": "", "queued": ""},
+            },
+        )
         doc = self._update(value, self.held(value, owner), update)
         if doc is None:  # applied, but the reply was lost?
             mine = {self.key: value, "status": PENDING, "releasedBy": owner}
@@ -175,8 +186,9 @@ class Leases:
         update = _merge(update, {"$set": {"status": state}})
         doc = self._update(value, self.held(value, owner), update)
         if doc is None:
-            doc = self.coll.find_one({self.key: value, "owner": owner, "status": state},
-                                     self.projection)  # fmt: skip
+            doc = self.coll.find_one(
+                {self.key: value, "owner": owner, "status": state}, self.projection
+            )
         if doc is None:
             raise LeaseLost(f"{value} is no longer held by {owner}; stopping this run.")
         return doc
@@ -188,8 +200,9 @@ class Leases:
         """
         found = self.coll.find_one_and_update(
             {self.key: value, "status": PENDING, "queued": None},  # nx: no $ne on missing
-            {"$set": {"queued": True}}, projection={"_id": 1},
-        )  # fmt: skip
+            {"$set": {"queued": True}},
+            projection={"_id": 1},
+        )
         return found is not None
 
     def server_now(self) -> datetime:
@@ -199,9 +212,11 @@ class Leases:
         if isinstance(local, datetime):
             return _aware(local)
         probe = self.coll.database["leaseclock"].find_one_and_update(
-            {"_id": "now"}, {"$currentDate": {"now": True}}, upsert=True,
+            {"_id": "now"},
+            {"$currentDate": {"now": True}},
+            upsert=True,
             return_document=ReturnDocument.AFTER,
-        )  # fmt: skip
+        )
         return _aware(probe["now"])  # type: ignore[index]
 
     @staticmethod
@@ -222,8 +237,9 @@ class Leases:
         expired)."""
         base = dict(query or {})
         fields = {self.key: 1, "status": 1, "leaseBeat": 1, "heartbeatAt": 1, "heartbeatMs": 1}
-        pending = list(self.coll.find({**base, "status": PENDING, "queued": None},
-                                      fields).limit(limit))  # fmt: skip
+        pending = list(
+            self.coll.find({**base, "status": PENDING, "queued": None}, fields).limit(limit)
+        )
         running = list(self.coll.find({**base, "status": IN_PROGRESS}, fields).limit(limit))
         if not running:
             return pending, []

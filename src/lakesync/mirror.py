@@ -161,8 +161,10 @@ class MirrorSet:
     def next_page(self, after: Key | None) -> tuple[Key, list[Key]] | None:
         """After ``after``: (last id compared, ids not in the lake), or None when done."""
         bound = {"$gt": after} if after is not None else {"$gte": _LOWEST[self.kind]}
-        ids = [d["_id"] for d in
-               self.target.find({"_id": bound}, {"_id": 1}).sort("_id", 1).limit(PAGE)]  # fmt: skip
+        ids = [
+            d["_id"]
+            for d in self.target.find({"_id": bound}, {"_id": 1}).sort("_id", 1).limit(PAGE)
+        ]
         if not ids:
             return None
         present = {d["_id"] for d in self.seen.find({"_id": {"$in": ids}}, {"_id": 1})}

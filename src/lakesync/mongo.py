@@ -118,21 +118,36 @@ class EmbeddedServer:
             self.port = _free_port()
             log = open(self.data_dir / "server.log", "ab")  # noqa: SIM115 - the child keeps it
             cmd = [
-                sys.executable, "-c", _CHILD,
-                "--data-dir", str(self.data_dir), "--host", "127.0.0.1", "-p", str(self.port),
-                "--log-file", str(self.data_dir / "nx.log"),
-                "--pid-file", str(self.data_dir / "nx.pid"),
-            ]  # fmt: skip
+                sys.executable,
+                "-c",
+                _CHILD,
+                "--data-dir",
+                str(self.data_dir),
+                "--host",
+                "127.0.0.1",
+                "-p",
+                str(self.port),
+                "--log-file",
+                str(self.data_dir / "nx.log"),
+                "--pid-file",
+                str(self.data_dir / "nx.pid"),
+            ]
             self.process = subprocess.Popen(
-                cmd, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                cmd,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                stdin=subprocess.DEVNULL,
                 process_group=0,  # Ctrl-C in a terminal must reach lakesync, not the server
-            )  # fmt: skip
+            )
             log.close()
             self.owned = True
             self._wait_ready(timeout)
             self._state_file.write_text(json.dumps({"pid": self.process.pid, "port": self.port}))
-        logger.info("embedded MongoDB-wire server (nx-27017) on 127.0.0.1:%d, files in %s",
-                    self.port, self.data_dir)  # fmt: skip
+        logger.info(
+            "embedded MongoDB-wire server (nx-27017) on 127.0.0.1:%d, files in %s",
+            self.port,
+            self.data_dir,
+        )
         return self
 
     def _attach(self) -> bool:

@@ -119,20 +119,30 @@ class Notifier:
             for attempt in range(1, attempts + 1):
                 retry, problem = self._post(url, body, headers)
                 if not problem:
-                    logger.info("job %s: notified %s (%s)", job_id, shown(url),
-                                status.status.value)  # fmt: skip
+                    logger.info("job %s: notified %s (%s)", job_id, shown(url), status.status.value)
                     return
                 if not retry or attempt == attempts:
                     break
                 delay = BACKOFF_SECONDS * 2 ** (attempt - 1) * random.uniform(0.8, 1.2)
-                logger.warning("job %s: notifying %s failed (%s); retry %d of %d in %.1f s",
-                               job_id, shown(url), problem, attempt, attempts - 1,
-                               delay)  # fmt: skip
+                logger.warning(
+                    "job %s: notifying %s failed (%s); retry %d of %d in %.1f s",
+                    job_id,
+                    shown(url),
+                    problem,
+                    attempt,
+                    attempts - 1,
+                    delay,
+                )
                 if self._stop.wait(delay):
                     break
-            logger.error("job %s: could not notify %s of its end (%s) after %d attempt(s); "
-                         "gave up (the job's status is unchanged)", job_id, shown(url),
-                         problem, attempt)  # fmt: skip
+            logger.error(
+                "job %s: could not notify %s of its end (%s) after %d attempt(s); "
+                "gave up (the job's status is unchanged)",
+                job_id,
+                shown(url),
+                problem,
+                attempt,
+            )
 
     def _post(self, url: str, body: bytes, headers: dict[str, str]) -> tuple[bool, str]:
         """One attempt: (retryable, problem); problem is "" on a 2xx answer."""
@@ -155,7 +165,8 @@ class Notifier:
         if pending:
             _, left = wait(pending, timeout=timeout)
             if left:
-                logger.error("%d job notification(s) still under way were given up at "
-                             "shutdown", len(left))  # fmt: skip
+                logger.error(
+                    "%d job notification(s) still under way were given up at shutdown", len(left)
+                )
         self._stop.set()
         self._pool.shutdown(wait=False, cancel_futures=True)

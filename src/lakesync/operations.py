@@ -200,9 +200,11 @@ class OperationRegistry:
         op = self.get(name)
         options = parse_options(raw_options)
         return ResolvedJob(
-            op=op, options=options, source=options.source or op.source_uri(settings),
+            op=op,
+            options=options,
+            source=options.source or op.source_uri(settings),
             batch_size=options.batchSize or op.batchSize or settings.batch_size,
-        )  # fmt: skip
+        )
 
     def get(self, name: str) -> Operation:
         """The named operation, or a RequestError listing the valid names."""
@@ -232,16 +234,31 @@ class OperationRegistry:
             shown = None
             if state is not None:
                 w = state.watermark
-                shown = {"column": w.column, "kind": w.kind, "value": w.iso or w.value,
-                         "source": masked(state.source), "jobId": state.jobId}  # fmt: skip
+                shown = {
+                    "column": w.column,
+                    "kind": w.kind,
+                    "value": w.iso or w.value,
+                    "source": masked(state.source),
+                    "jobId": state.jobId,
+                }
                 if state.deltaVersion is not None:
                     shown["deltaVersion"] = state.deltaVersion
-            out.append(OperationInfo(
-                name=op.name, description=op.description, source=masked(source),
-                format=op.format, collection=op.collection, key=op.schema_.key,
-                batchSize=op.batchSize, mode=op.mode, watermarkColumn=op.watermark,
-                lookback=op.lookback, watermark=shown, lastJob=last[0].public() if last else None,
-            ))  # fmt: skip
+            out.append(
+                OperationInfo(
+                    name=op.name,
+                    description=op.description,
+                    source=masked(source),
+                    format=op.format,
+                    collection=op.collection,
+                    key=op.schema_.key,
+                    batchSize=op.batchSize,
+                    mode=op.mode,
+                    watermarkColumn=op.watermark,
+                    lookback=op.lookback,
+                    watermark=shown,
+                    lastJob=last[0].public() if last else None,
+                )
+            )
         return out
 
 
@@ -361,13 +378,14 @@ def _operation(path: Path, name: str, table: Any) -> Operation:
     except ValidationError as e:
         raise fail("; ".join(_problem(item) for item in e.errors())) from None
     if not _COLLECTION.fullmatch(cfg.collection):
-        raise fail(f"collection {cfg.collection!r} is not a valid collection name (letters, "
-                   "digits, '_', '.' and '-', starting with a letter or '_').")  # fmt: skip
+        raise fail(
+            f"collection {cfg.collection!r} is not a valid collection name (letters, "
+            "digits, '_', '.' and '-', starting with a letter or '_')."
+        )
     if cfg.collection in RESERVED or cfg.collection.startswith(_RESERVED_PREFIXES):
         raise fail(f"collection {cfg.collection!r} is used by lakesync itself; choose another.")
     if cfg.mode == "incremental" and cfg.watermark is None:
-        raise fail("watermark is required when mode is incremental (e.g. watermark = "
-                   '"updatedAt").')  # fmt: skip
+        raise fail('watermark is required when mode is incremental (e.g. watermark = "updatedAt").')
     keys = [cfg.key] if isinstance(cfg.key, str) else cfg.key
     if not all(keys) or len(set(keys)) != len(keys):
         raise fail(f"key {cfg.key!r}: name one column, or a list of distinct columns.")
@@ -383,11 +401,18 @@ def _operation(path: Path, name: str, table: Any) -> Operation:
         key=cfg.key, fields=fields, keepExtra=cfg.schema_.keepExtra if cfg.schema_ else False
     )
     return Operation(
-        name=name, description=cfg.description, source=source, format=cfg.format,
-        collection=cfg.collection, schema_=schema, batchSize=cfg.batchSize, mode=cfg.mode,
-        watermark=cfg.watermark, lookback=cfg.lookback,
+        name=name,
+        description=cfg.description,
+        source=source,
+        format=cfg.format,
+        collection=cfg.collection,
+        schema_=schema,
+        batchSize=cfg.batchSize,
+        mode=cfg.mode,
+        watermark=cfg.watermark,
+        lookback=cfg.lookback,
         **cfg.model_dump(include=set(Unattended.model_fields)),
-    )  # fmt: skip
+    )
 
 
 _DURATION = re.compile(r"(?:\d+(?:ms|s|m|h|d|w))+")
@@ -442,13 +467,24 @@ def _fields(cfg: OperationConfig, fail: Any) -> list[FieldRule]:
         if f.allowed is not None and f.type != "string":
             raise fail(f"{where}: allowed only applies to string fields, not {f.type}.")
         if name == cfg.watermark and f.type not in _WATERMARK_TYPES:
-            raise fail(f"watermark {name!r} is a {f.type} field; a watermark must be a "
-                       "timestamp or int field.")  # fmt: skip
+            raise fail(
+                f"watermark {name!r} is a {f.type} field; a watermark must be a "
+                "timestamp or int field."
+            )
         is_key = name in keys
         required = f.required or is_key
         nullable = (not required if f.nullable is None else f.nullable) and not is_key
-        rules.append(FieldRule(name=name, type=f.type, required=required, nullable=nullable,
-                               min=f.min, allowed=f.allowed, nonEmpty=f.nonEmpty))  # fmt: skip
+        rules.append(
+            FieldRule(
+                name=name,
+                type=f.type,
+                required=required,
+                nullable=nullable,
+                min=f.min,
+                allowed=f.allowed,
+                nonEmpty=f.nonEmpty,
+            )
+        )
     for key in reversed(keys):  # the key must be validated like the engine uses it
         if rules and key not in declared:
             rules.insert(0, FieldRule(name=key, required=True, nullable=False))

@@ -117,8 +117,9 @@ class PartitionedJobs:
 
     def retry(self) -> RetryPolicy:
         """The transient-failure policy for one run."""
-        return RetryPolicy(budget=self.settings.retry_budget_seconds, stop=self.stop,
-                           on_retry=metrics.RETRIES.inc)  # fmt: skip
+        return RetryPolicy(
+            budget=self.settings.retry_budget_seconds, stop=self.stop, on_retry=metrics.RETRIES.inc
+        )
 
     def ensure_indexes(self) -> None:
         """Index partitions by job (they expire with their job: JobStore.finish)."""
@@ -161,13 +162,22 @@ class PartitionedJobs:
         policy = self.retry()
         now = _now_ms()
         docs = [
-            {"_id": f"{status.jobId}:{i}", "jobId": status.jobId, "index": i,
-             "fileStart": a, "fileStop": b, "rows": sum(counts[a:b]),
-             "files": [lake.file_name(f) for f in range(a, b)],
-             "status": JobState.PENDING.value, "leaseBeat": 0, "attempt": 0,
-             "createdAt": status.startTime, **{k: 0 for k in COUNTERS}}
+            {
+                "_id": f"{status.jobId}:{i}",
+                "jobId": status.jobId,
+                "index": i,
+                "fileStart": a,
+                "fileStop": b,
+                "rows": sum(counts[a:b]),
+                "files": [lake.file_name(f) for f in range(a, b)],
+                "status": JobState.PENDING.value,
+                "leaseBeat": 0,
+                "attempt": 0,
+                "createdAt": status.startTime,
+                **{k: 0 for k in COUNTERS},
+            }
             for i, (a, b) in enumerate(ranges)
-        ]  # fmt: skip
+        ]
 
         def insert() -> None:
             with contextlib.suppress(BulkWriteError):  # planned by a run (or try) before
@@ -177,11 +187,20 @@ class PartitionedJobs:
         options = {**status.options, "mode": "full"}
         if lake.version is not None:
             options["deltaVersion"] = lake.version
-        policy.call(lambda: self.store.update_run(
-            status.jobId, owner, totalRecords=total, partitions=len(ranges), partitionsDone=0,
-            partitionedAtMs=now, checkpoint=checkpoint.model_dump(), options=options,
-            message=f"Copying {total:,} records in {len(ranges)} partitions",
-        ), "recording the partitions")  # fmt: skip
+        policy.call(
+            lambda: self.store.update_run(
+                status.jobId,
+                owner,
+                totalRecords=total,
+                partitions=len(ranges),
+                partitionsDone=0,
+                partitionedAtMs=now,
+                checkpoint=checkpoint.model_dump(),
+                options=options,
+                message=f"Copying {total:,} records in {len(ranges)} partitions",
+            ),
+            "recording the partitions",
+        )
         self.dispatch(status.jobId, owner)
         return True
 
@@ -190,13 +209,18 @@ class PartitionedJobs:
 
         def reopen() -> list[int]:
             self.parts.update_many(
-                {"jobId": job_id,
-                 "status": {"$in": [JobState.FAILED.value, JobState.CANCELLED.value]}},
-                {"$set": {"status": JobState.PENDING.value}, "$unset": {"owner": "", "error": "",
-                                                                       "queued": ""}},
-            )  # fmt: skip
-            found = self.parts.find({"jobId": job_id, "status": {"$in": list(ACTIVE_STATES)}},
-                                    {"index": 1})  # fmt: skip
+                {
+                    "jobId": job_id,
+                    "status": {"$in": [JobState.FAILED.value, JobState.CANCELLED.value]},
+                },
+                {
+                    "$set": {"status": JobState.PENDING.value},
+                    "$unset": {"owner": "", "error": "", "queued": ""},
+                },
+            )
+            found = self.parts.find(
+                {"jobId": job_id, "status": {"$in": list(ACTIVE_STATES)}}, {"index": 1}
+            )
             return sorted(int(d["index"]) for d in found)
 
         return policy.call(reopen, "reading the partitions")
@@ -231,10 +255,13 @@ class PartitionedJobs:
             if job.state.is_final:
                 return Outcome.ENDED
             if self.stop.is_set():
-                text = (f"Paused at record {job.processedRecords:,} (lakesync stopped); "
-                        "resumes from its partitions' checkpoints")  # fmt: skip
-                policy.call(partial(self.store.release, job_id, owner, text),
-                            "handing the job back")  # fmt: skip
+                text = (
+                    f"Paused at record {job.processedRecords:,} (lakesync stopped); "
+                    "resumes from its partitions' checkpoints"
+                )
+                policy.call(
+                    partial(self.store.release, job_id, owner, text), "handing the job back"
+                )
                 return Outcome.CONTINUE
         job = self._complete_if_done(job_id, owner, policy)
         if not job.state.is_final:  # another process holds a partition: it ends the job
@@ -257,9 +284,10 @@ class PartitionedJobs:
         done = self.parts.count_documents({"jobId": job_id, "status": JobState.COMPLETED.value})
         total = self.parts.count_documents({"jobId": job_id})
         if self.store.hand_back_unowned(
-            job_id, f"Paused with {done} of {total} partitions done (lakesync stopped); "
-            "resumes from the partitions' checkpoints"
-        ):  # fmt: skip
+            job_id,
+            f"Paused with {done} of {total} partitions done (lakesync stopped); "
+            "resumes from the partitions' checkpoints",
+        ):
             logger.info("job %s: handed back; the next start resumes it", job_id)
 
     # -- one partition ---------------------------------------------------------------------
@@ -302,15 +330,22 @@ class PartitionedJobs:
                 return Outcome.NOT_CLAIMED
             # who ran it, for operators (a separate $push: nx-27017 ignores $addToSet)
             ran_by = {"$push": {"ranBy": self.owner}}
-            policy.call(partial(self.parts.update_one, {"_id": pid}, ran_by),
-                        "recording the partition's runner")  # fmt: skip
+            policy.call(
+                partial(self.parts.update_one, {"_id": pid}, ran_by),
+                "recording the partition's runner",
+            )
         except LakesyncError as e:
             logger.error("job %s partition %d cannot be claimed: %s", job_id, index + 1, e)
             return Outcome.NOT_CLAIMED
-        where = f"partition {index + 1} of {job.partitions} (files {part['fileStart'] + 1}" \
-                f"-{part['fileStop']})"  # fmt: skip
-        beat = Heartbeat(lambda: bool(self.leases.renew(pid, owner)) and False,
-                         self.settings.lease_seconds / 4, f"heartbeat-{pid}-{owner}")  # fmt: skip
+        where = (
+            f"partition {index + 1} of {job.partitions} (files {part['fileStart'] + 1}"
+            f"-{part['fileStop']})"
+        )
+        beat = Heartbeat(
+            lambda: bool(self.leases.renew(pid, owner)) and False,
+            self.settings.lease_seconds / 4,
+            f"heartbeat-{pid}-{owner}",
+        )
         metrics.run_started(job_id)
         try:
             with beat:
@@ -323,8 +358,9 @@ class PartitionedJobs:
             try:  # resumed from its checkpoint by a later run
                 self.leases.release(pid, owner, {"$set": {"error": str(e)}})
             except Exception:
-                logger.error("job %s %s: could not hand it back; its lease will expire",
-                             job_id, where)  # fmt: skip
+                logger.error(
+                    "job %s %s: could not hand it back; its lease will expire", job_id, where
+                )
             return Outcome.NOT_CLAIMED
         except LakesyncError as e:
             return self._failed(job, index, owner, where, str(e), policy)
@@ -342,8 +378,9 @@ class PartitionedJobs:
             self._set_part(job.jobId, index, owner, JobState.FAILED, policy, error)
             self._fail_job(job, policy, f"{where.capitalize()} failed: {error}", owner)
         except LakesyncError as e:
-            logger.error("job %s: could not record the failure (%s); it stays resumable",
-                         job.jobId, e)  # fmt: skip
+            logger.error(
+                "job %s: could not record the failure (%s); it stays resumable", job.jobId, e
+            )
         return Outcome.ENDED
 
     def _copy_partition(
@@ -374,9 +411,18 @@ class PartitionedJobs:
         start = lake.resume_position(Position(cp.fileIndex, cp.row), cp.file)
         run = _PartitionRun(self, job, index, owner, policy, where, beat, on_progress)
         outcome, cp = copy_batches(
-            run, self.store, resolved.op, job_id, lake, start, cp,
-            batch_size=resolved.batch_size, policy=policy, stop_file=stop, superseded=superseded,
-        )  # fmt: skip
+            run,
+            self.store,
+            resolved.op,
+            job_id,
+            lake,
+            start,
+            cp,
+            batch_size=resolved.batch_size,
+            policy=policy,
+            stop_file=stop,
+            superseded=superseded,
+        )
         if outcome is not None:
             return outcome
         self._set_part(job_id, index, owner, JobState.COMPLETED, policy)
@@ -421,8 +467,8 @@ class PartitionedJobs:
             "recordsPerSecond": round(rate, 1),
             "etaSeconds": round((total - sums["processedRecords"]) / rate, 1) if rate else None,
             "message": f"Copying: {sums['processedRecords']:,} of {job.totalRecords:,} records, "
-                       f"{done} of {job.partitions} partitions done",
-        }  # fmt: skip
+            f"{done} of {job.partitions} partitions done",
+        }
         maxes = {**sums, "partitionsDone": done, "attempt": attempt}
         return self.store.raise_totals(job_id, maxes, progress) or self.store.get(job_id)
 
@@ -439,37 +485,65 @@ class PartitionedJobs:
         if error:
             fields["error"] = error
         pid = f"{job_id}:{index}"
-        policy.call(partial(self.leases.settle, pid, owner, state.value, {"$set": fields}),
-                    f"recording partition {index + 1} {state.value}")  # fmt: skip
+        policy.call(
+            partial(self.leases.settle, pid, owner, state.value, {"$set": fields}),
+            f"recording partition {index + 1} {state.value}",
+        )
 
     def _end_job(self, job: JobStatus, state: JobState, policy: RetryPolicy, owner: str) -> None:
         job = policy.call(partial(self._aggregate, job), "updating the job's progress")
         job_id = job.jobId
         text = summary(job)
         if state is JobState.CANCELLED:
-            text = f"Cancelled after {job.processedRecords:,} of {job.totalRecords:,} records; " \
-                   + text[0].lower() + text[1:]  # fmt: skip
+            text = (
+                f"Cancelled after {job.processedRecords:,} of {job.totalRecords:,} records; "
+                + text[0].lower()
+                + text[1:]
+            )
         try:
-            ended = policy.call(partial(self.store.finish, job_id, None, state, text, ender=owner),
-                                "ending the job")  # fmt: skip
+            ended = policy.call(
+                partial(self.store.finish, job_id, None, state, text, ender=owner), "ending the job"
+            )
         except LeaseLost:  # another partition ended it first
             return
         reached = job.checkpoint.until if job.checkpoint else None
         if ended.state is JobState.COMPLETED and reached is not None:  # not if cancel came
             marks = WatermarkStore(self.store.db)
             try:
-                policy.call(lambda: marks.save(
-                    job.operation, str(job.options.get("source", "")), reached, job_id, "full",
-                    job.options.get("deltaVersion")), "recording the watermark")  # fmt: skip
+                policy.call(
+                    lambda: marks.save(
+                        job.operation,
+                        str(job.options.get("source", "")),
+                        reached,
+                        job_id,
+                        "full",
+                        job.options.get("deltaVersion"),
+                    ),
+                    "recording the watermark",
+                )
             except LakesyncError as e:
-                logger.error("job %s: could not record the watermark (%s); the next "
-                             "incremental copy reads from the previous one", job_id, e)  # fmt: skip
+                logger.error(
+                    "job %s: could not record the watermark (%s); the next "
+                    "incremental copy reads from the previous one",
+                    job_id,
+                    e,
+                )
 
     def _fail_job(self, job: JobStatus, policy: RetryPolicy, error: str, owner: str) -> None:
         policy.call(partial(self._aggregate, job), "updating the job's progress")
         with contextlib.suppress(LeaseLost):  # another partition ended it first
-            policy.call(partial(self.store.finish, job.jobId, None, JobState.FAILED, "Failed",
-                                error, ender=owner), "ending the job")  # fmt: skip
+            policy.call(
+                partial(
+                    self.store.finish,
+                    job.jobId,
+                    None,
+                    JobState.FAILED,
+                    "Failed",
+                    error,
+                    ender=owner,
+                ),
+                "ending the job",
+            )
 
 
 @dataclass
@@ -502,10 +576,13 @@ class _PartitionRun:
 
     def commit(self, result: BatchResult, cp: Checkpoint) -> Outcome | None:
         jobs, job_id, policy = self.jobs, self.job.jobId, self.policy
-        policy.call(partial(jobs._commit, job_id, self.index, self.owner, result.counts, cp),
-                    f"committing a batch{self.where}")  # fmt: skip
-        job = self.job = policy.call(partial(jobs._aggregate, self.job),
-                                     "updating the job's progress")  # fmt: skip
+        policy.call(
+            partial(jobs._commit, job_id, self.index, self.owner, result.counts, cp),
+            f"committing a batch{self.where}",
+        )
+        job = self.job = policy.call(
+            partial(jobs._aggregate, self.job), "updating the job's progress"
+        )
         if self.on_progress:
             self.on_progress(job)
         if job.state.is_final or job.cancelRequested:
@@ -515,7 +592,9 @@ class _PartitionRun:
             return Outcome.ENDED
         limit = jobs.settings.job_time_limit
         if jobs.stop.is_set() or time.monotonic() - self.started >= limit:
-            policy.call(lambda: jobs.leases.release(f"{job_id}:{self.index}", self.owner),
-                        f"handing back{self.where}")  # fmt: skip
+            policy.call(
+                lambda: jobs.leases.release(f"{job_id}:{self.index}", self.owner),
+                f"handing back{self.where}",
+            )
             return Outcome.CONTINUE
         return None

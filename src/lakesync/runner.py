@@ -114,13 +114,26 @@ class JobRunner:
             self._try_end(job_id, owner, JobState.FAILED, "Failed", unrecorded)
             return Outcome.ENDED
         if status.failures >= self.settings.max_attempts:
-            self._end(job_id, owner, JobState.FAILED, "Gave up", status.error or (
-                f"The job's runs died {status.failures} times (max {self.settings.max_attempts}, "
-                "LAKESYNC_MAX_ATTEMPTS); last checkpoint kept."))  # fmt: skip
+            self._end(
+                job_id,
+                owner,
+                JobState.FAILED,
+                "Gave up",
+                status.error
+                or (
+                    f"The job's runs died {status.failures} times "
+                    f"(max {self.settings.max_attempts}, LAKESYNC_MAX_ATTEMPTS); "
+                    "last checkpoint kept."
+                ),
+            )
             return Outcome.ENDED
         if status.cancelRequested:
-            self._end(job_id, owner, JobState.CANCELLED, f"Cancelled; {summary(status)[0].lower()}"
-                      f"{summary(status)[1:]}")  # fmt: skip
+            self._end(
+                job_id,
+                owner,
+                JobState.CANCELLED,
+                f"Cancelled; {summary(status)[0].lower()}{summary(status)[1:]}",
+            )
             return Outcome.ENDED
         if status.partitions:  # continued from its partitions, whatever resumed it
             return self._partitions(status, owner, policy, on_progress)
@@ -143,10 +156,15 @@ class JobRunner:
             log.error("job %s: %s", job_id, e)
             try:  # S3 unreachable or throttling: resume from the checkpoint, up to MAX_ATTEMPTS
                 text = str(e)  # shown if it gives up
-                policy.call(partial(self.store.update_run, job_id, owner, error=text),
-                            "recording the error")  # fmt: skip
-                policy.call(partial(self.store.release, job_id, owner, f"Lake unavailable: {text}",
-                                    failure=True), "handing the job back")  # fmt: skip
+                policy.call(
+                    partial(self.store.update_run, job_id, owner, error=text), "recording the error"
+                )
+                policy.call(
+                    partial(
+                        self.store.release, job_id, owner, f"Lake unavailable: {text}", failure=True
+                    ),
+                    "handing the job back",
+                )
             except Exception:
                 log.error("job %s: could not hand the job back; its lease will expire", job_id)
             return Outcome.NOT_CLAIMED
@@ -225,8 +243,10 @@ class JobRunner:
             changed = 0
             if column is not None:
                 if mode == "incremental":
-                    saved = policy.call(lambda: self.watermarks.get(op.name, source, column),
-                                        "reading the watermark")  # fmt: skip
+                    saved = policy.call(
+                        lambda: self.watermarks.get(op.name, source, column),
+                        "reading the watermark",
+                    )
                     since = reach_back(saved, op.lookback)
                 changed, until = scan(lake, column, since)
                 until = later(until, saved)  # a watermark never moves back
@@ -260,14 +280,28 @@ class JobRunner:
                 policy.call(lambda: mirror.sweep(db, self.store.jobs), "sweeping key sets")
                 policy.call(seen.begin, "starting the mirror's key set")
             what = f"{total:,} records" + (f" changed since {shown(since)}" if since else "")
-            status = policy.call(lambda: self.store.update_run(
-                job_id, owner, totalRecords=total, checkpoint=cp.model_dump(), options=pinned,
-                message=f"Copying {what}"), "recording the total")  # fmt: skip
+            status = policy.call(
+                lambda: self.store.update_run(
+                    job_id,
+                    owner,
+                    totalRecords=total,
+                    checkpoint=cp.model_dump(),
+                    options=pinned,
+                    message=f"Copying {what}",
+                ),
+                "recording the total",
+            )
         elif status.attempt > 1:
             metrics.RESUMES.inc()
-            status = policy.call(lambda: self.store.update_run(
-                job_id, owner, message=f"Resumed (run {status.attempt}) at record "
-                f"{status.processedRecords:,} of {status.totalRecords:,}"), "resuming")  # fmt: skip
+            status = policy.call(
+                lambda: self.store.update_run(
+                    job_id,
+                    owner,
+                    message=f"Resumed (run {status.attempt}) at record "
+                    f"{status.processedRecords:,} of {status.totalRecords:,}",
+                ),
+                "resuming",
+            )
         if on_progress:
             on_progress(status)
         superseded = policy.call(lambda: repeats.Superseded.load(db, job_id), "reading the plan")
@@ -279,18 +313,33 @@ class JobRunner:
         reading = lake_filter(lake, cp.since, cp.until if lake.version is None else None)
         run = _JobRun(self, status, owner, policy, beat, clock, seen, on_progress)
         paused, cp = copy_batches(
-            run, self.store, op, job_id, lake, start, cp,
-            batch_size=batch_size, policy=policy, filter=reading, superseded=superseded,
-        )  # fmt: skip
+            run,
+            self.store,
+            op,
+            job_id,
+            lake,
+            start,
+            cp,
+            batch_size=batch_size,
+            policy=policy,
+            filter=reading,
+            superseded=superseded,
+        )
         if paused is not None:
             return paused
         final = policy.call(lambda: self.store.get(job_id), "reading the job")
         if final.processedRecords != final.totalRecords:
-            logger.warning("job %s: processed %d but counted %d at start (lake changed?)",
-                           job_id, final.processedRecords, final.totalRecords)  # fmt: skip
+            logger.warning(
+                "job %s: processed %d but counted %d at start (lake changed?)",
+                job_id,
+                final.processedRecords,
+                final.totalRecords,
+            )
             done_count = final.processedRecords
-            final = policy.call(lambda: self.store.update_run(
-                job_id, owner, totalRecords=done_count), "correcting the total")  # fmt: skip
+            final = policy.call(
+                lambda: self.store.update_run(job_id, owner, totalRecords=done_count),
+                "correcting the total",
+            )
         message = summary(final)
         if seen is not None:
             refused = mirror.refusal(final, op.collection, options.allowEmpty)
@@ -338,8 +387,10 @@ class JobRunner:
             cp = cp.model_copy(
                 update={"batches": cp.batches + 1, "mirrorAfter": last, "mirrorPending": gone}
             )
-            derived = {"message": "Deleting records the lake no longer holds: "
-                                  f"{status.deletedRecords + len(gone):,} so far"}  # fmt: skip
+            derived = {
+                "message": "Deleting records the lake no longer holds: "
+                f"{status.deletedRecords + len(gone):,} so far"
+            }
             status = policy.call(
                 partial(self.store.commit, job_id, owner, Counters(deleted=len(gone)), cp, derived),
                 "committing deletions",
@@ -358,18 +409,27 @@ class JobRunner:
         """After a commit: end on cancel, hand back on stop or at the time limit, else None."""
         job_id = status.jobId
         if status.cancelRequested or beat.cancel_seen:
-            self._end(job_id, owner, JobState.CANCELLED,
-                      f"Cancelled after {status.processedRecords:,} of "
-                      f"{status.totalRecords:,} records; " + summary(status)[0].lower()
-                      + summary(status)[1:])  # fmt: skip
+            self._end(
+                job_id,
+                owner,
+                JobState.CANCELLED,
+                f"Cancelled after {status.processedRecords:,} of "
+                f"{status.totalRecords:,} records; "
+                + summary(status)[0].lower()
+                + summary(status)[1:],
+            )
             return Outcome.ENDED
         if self.stop.is_set():
-            text = (f"Paused at record {status.processedRecords:,} (lakesync stopped); "
-                    "resumes from this checkpoint")  # fmt: skip
+            text = (
+                f"Paused at record {status.processedRecords:,} (lakesync stopped); "
+                "resumes from this checkpoint"
+            )
         elif clock.elapsed() >= self.settings.job_time_limit:
-            text = (f"Run {status.attempt} reached the {self.settings.job_time_limit:g} s time "
-                    f"limit at record {status.processedRecords:,} of {status.totalRecords:,}; "
-                    f"continuing in run {status.attempt + 1}")  # fmt: skip
+            text = (
+                f"Run {status.attempt} reached the {self.settings.job_time_limit:g} s time "
+                f"limit at record {status.processedRecords:,} of {status.totalRecords:,}; "
+                f"continuing in run {status.attempt + 1}"
+            )
         else:
             return None
         policy.call(lambda: self.store.release(job_id, owner, text), "handing the job back")
@@ -401,8 +461,9 @@ class JobRunner:
             keep = [*job.op.schema_.key_columns, *([job.op.watermark] if job.op.watermark else [])]
         if first_run and mode == "incremental" and job.op.watermark:
             column, name, source = job.op.watermark, job.op.name, job.source
-            since = policy.call(lambda: self.watermarks.delta_version(name, source, column),
-                                "reading the watermark")  # fmt: skip
+            since = policy.call(
+                lambda: self.watermarks.delta_version(name, source, column), "reading the watermark"
+            )
         if since is not None:
             narrowed = job.options.model_copy(update={"sinceDeltaVersion": since})
             try:
@@ -411,9 +472,14 @@ class JobRunner:
             except TransientSourceError:
                 raise
             except SourceError as e:
-                logger.warning("%s: cannot list the files added to %s since Delta version %d "
-                               "(%s); reading the whole table", job.op.name, job.source, since,
-                               e)  # fmt: skip
+                logger.warning(
+                    "%s: cannot list the files added to %s since Delta version %d "
+                    "(%s); reading the whole table",
+                    job.op.name,
+                    job.source,
+                    since,
+                    e,
+                )
         whole = job.options.model_copy(update={"sinceDeltaVersion": None})
         return replace(job, options=whole).open_lake(self.settings, known=known, keep=keep)
 
@@ -436,9 +502,13 @@ class JobRunner:
             )
             logger.info("job %s: watermark of %s is now %s", job_id, operation, shown(reached))
         except LakesyncError as e:
-            logger.error("job %s: could not record the watermark %s (%s); the next "
-                         "incremental copy reads from the previous one", job_id,
-                         shown(reached), e)  # fmt: skip
+            logger.error(
+                "job %s: could not record the watermark %s (%s); the next "
+                "incremental copy reads from the previous one",
+                job_id,
+                shown(reached),
+                e,
+            )
 
     def _end(
         self, job_id: str, owner: str, state: JobState, message: str, error: str | None = None
@@ -448,8 +518,9 @@ class JobRunner:
         )
         if state is not JobState.FAILED:  # a failed job may be resumed: it needs its keys
             with contextlib.suppress(LakesyncError):  # swept later if this fails
-                self.retry().call(lambda: mirror.drop_seen(self.store.db, job_id),
-                                  "dropping the key set")  # fmt: skip
+                self.retry().call(
+                    lambda: mirror.drop_seen(self.store.db, job_id), "dropping the key set"
+                )
         return done
 
     def _try_end(self, job_id: str, owner: str, state: JobState, message: str, error: str) -> None:
@@ -508,8 +579,7 @@ class _JobRun:
     def written(self, result: BatchResult, cp: Checkpoint) -> None:
         # with a rejected record the delete phase is refused: no need to remember keys
         if self.seen is not None and self.status.errorRecords + result.counts.errors == 0:
-            self.policy.call(partial(self.seen.add, result.keys),
-                             f"recording keys of {cp.batches}")  # fmt: skip
+            self.policy.call(partial(self.seen.add, result.keys), f"recording keys of {cp.batches}")
 
     def commit(self, result: BatchResult, cp: Checkpoint) -> Outcome | None:
         store, job_id = self.runner.store, self.status.jobId
@@ -521,5 +591,4 @@ class _JobRun:
         )
         if self.on_progress:
             self.on_progress(self.status)
-        return self.runner._interrupted(self.status, self.owner, self.beat, self.clock,
-                                        self.policy)  # fmt: skip
+        return self.runner._interrupted(self.status, self.owner, self.beat, self.clock, self.policy)

@@ -51,8 +51,9 @@ class Runtime:
         self.jobs = JobService(settings, self.store, self.registry, self.executor)
         self.notifier = Notifier(settings, self.registry)
         self.store.on_end = self.notifier.job_ended
-        self.scheduler = Scheduler(settings, self.registry, self.store, self.jobs,
-                                   owner=self.runner.owner)  # fmt: skip
+        self.scheduler = Scheduler(
+            settings, self.registry, self.store, self.jobs, owner=self.runner.owner
+        )
         self.job_log = joblog.install(self.mongo.db)  # each job's own log lines (joblogs)
         self._closed = self._stopped = False
 

@@ -107,8 +107,9 @@ class Scheduler:
             return Schedule.parse(s.schedule, s.schedule_timezone, s.schedule_mode)
         if op.schedule is None and op.every is None:
             return None
-        return Schedule(cron=op.schedule, every=op.every, timezone=op.timezone,
-                        allowEmpty=op.allowEmpty)  # fmt: skip
+        return Schedule(
+            cron=op.schedule, every=op.every, timezone=op.timezone, allowEmpty=op.allowEmpty
+        )
 
     def scheduled(self) -> list[tuple[Operation, Schedule]]:
         """Every operation that has a schedule, with it."""
@@ -256,9 +257,14 @@ class Scheduler:
                 late = (
                     f" (catch-up: {missed} slot(s) missed while no process ran)" if missed else ""
                 )
-                logger.info("job %s: started by the schedule of %s for slot %s%s",
-                            status.jobId, op.name, when, late,
-                            extra={"jobId": status.jobId, "operation": op.name})  # fmt: skip
+                logger.info(
+                    "job %s: started by the schedule of %s for slot %s%s",
+                    status.jobId,
+                    op.name,
+                    when,
+                    late,
+                    extra={"jobId": status.jobId, "operation": op.name},
+                )
                 result = {"outcome": "started", "jobId": status.jobId}
             elif status.scheduledFor == when and status.trigger == "schedule":
                 result = {"outcome": "started", "jobId": status.jobId}  # the claimer made it
@@ -275,10 +281,15 @@ class Scheduler:
         op = self.registry.get(name)
         schedule = self.schedule_of(op)
         if schedule is None:
-            how = ("LAKESYNC_SCHEDULE" if name == COPY_TASKDETAIL.name
-                   else "`schedule` or `every` in lakesync.toml")  # fmt: skip
-            raise JobError(f"Operation {name!r} has no schedule to pause or resume; give it "
-                           f"one with {how}.", operation=name)  # fmt: skip
+            how = (
+                "LAKESYNC_SCHEDULE"
+                if name == COPY_TASKDETAIL.name
+                else "`schedule` or `every` in lakesync.toml"
+            )
+            raise JobError(
+                f"Operation {name!r} has no schedule to pause or resume; give it one with {how}.",
+                operation=name,
+            )
         return op, schedule
 
     def pause(self, name: str) -> dict[str, Any]:
@@ -305,8 +316,14 @@ class Scheduler:
             return None
         state = self.states.find_one({"_id": op.name}) or {}
         paused = bool(state.get("paused"))
-        last = next(iter(self.slots.find({"operation": op.name}, {"_id": 0, "claimedAt": 0})
-                         .sort("slotMs", DESCENDING).limit(1)), None)  # fmt: skip
+        last = next(
+            iter(
+                self.slots.find({"operation": op.name}, {"_id": 0, "claimedAt": 0})
+                .sort("slotMs", DESCENDING)
+                .limit(1)
+            ),
+            None,
+        )
         if last is not None:
             last.pop("slotMs", None)
             last["result"] = None
@@ -314,13 +331,17 @@ class Scheduler:
                 with contextlib.suppress(LakesyncError):  # the job's status may have expired
                     last["result"] = self.store.get(str(last["jobId"])).status.value
         return {
-            "schedule": schedule.cron, "every": schedule.every, "timezone": schedule.timezone,
-            "mode": schedule.mode or op.mode, "paused": paused,
+            "schedule": schedule.cron,
+            "every": schedule.every,
+            "timezone": schedule.timezone,
+            "mode": schedule.mode or op.mode,
+            "paused": paused,
             "nextRun": None if paused else slot_iso(schedule.after(self.clock())),
             "lastRun": last,
-            "skippedSlots": self.slots.count_documents({"operation": op.name,
-                                                        "outcome": "skipped"}),
-        }  # fmt: skip
+            "skippedSlots": self.slots.count_documents(
+                {"operation": op.name, "outcome": "skipped"}
+            ),
+        }
 
     def annotate(self, infos: list[OperationInfo]) -> list[OperationInfo]:
         """Fill in `schedule` and `nextRun` of the operations overview."""

@@ -267,9 +267,11 @@ def _py_convert(value: Any, ftype: str) -> Any:
         raise ValueError
     if ftype == "list[string]":
         if isinstance(value, str):
-            value = json.loads(value) if value.startswith("[") else [
-                v.strip() for v in value.split(";") if v.strip()
-            ]  # fmt: skip
+            value = (
+                json.loads(value)
+                if value.startswith("[")
+                else [v.strip() for v in value.split(";") if v.strip()]
+            )
         if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
             raise ValueError
         return value
@@ -277,9 +279,13 @@ def _py_convert(value: Any, ftype: str) -> Any:
 
 
 _TYPE_WORDS = {
-    "float": "a number", "int": "an integer", "bool": "true or false", "string": "a string",
-    "timestamp": "a timestamp", "list[string]": "a list of strings",
-}  # fmt: skip
+    "float": "a number",
+    "int": "an integer",
+    "bool": "true or false",
+    "string": "a string",
+    "timestamp": "a timestamp",
+    "list[string]": "a list of strings",
+}
 
 
 def _coerce(column: pa.ChunkedArray | pa.Array, rule: FieldRule) -> tuple[pa.Array, dict[int, str]]:

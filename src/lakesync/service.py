@@ -97,8 +97,13 @@ class JobService:
         if idempotency_key:
             self.store.bind_idempotency(idempotency_key, status.jobId)
         if created:
-            logger.info("job %s: created (%s, source %s)", status.jobId, operation, source,
-                        extra={"jobId": status.jobId, "operation": operation})  # fmt: skip
+            logger.info(
+                "job %s: created (%s, source %s)",
+                status.jobId,
+                operation,
+                source,
+                extra={"jobId": status.jobId, "operation": operation},
+            )
             if self.executor is not None:
                 self.executor.submit(status.jobId)
         return status, created

@@ -150,11 +150,15 @@ def is_nested(kind: pa.DataType) -> bool:
     """Whether values of this type are lists, structs or maps (not usable as keys)."""
     kind = value_type(kind)
     return bool(
-        pa.types.is_list(kind) or pa.types.is_large_list(kind)
-        or pa.types.is_fixed_size_list(kind) or pa.types.is_list_view(kind)
-        or pa.types.is_large_list_view(kind) or pa.types.is_struct(kind)
-        or pa.types.is_map(kind) or pa.types.is_union(kind)
-    )  # fmt: skip
+        pa.types.is_list(kind)
+        or pa.types.is_large_list(kind)
+        or pa.types.is_fixed_size_list(kind)
+        or pa.types.is_list_view(kind)
+        or pa.types.is_large_list_view(kind)
+        or pa.types.is_struct(kind)
+        or pa.types.is_map(kind)
+        or pa.types.is_union(kind)
+    )
 
 
 def value_type(kind: pa.DataType) -> pa.DataType:
@@ -186,9 +190,11 @@ def _physical(kind: pa.DataType) -> pa.DataType:
     if pa.types.is_date32(kind) or pa.types.is_time32(kind):
         return pa.int32()
     if (
-        pa.types.is_timestamp(kind) or pa.types.is_date(kind) or pa.types.is_time(kind)
+        pa.types.is_timestamp(kind)
+        or pa.types.is_date(kind)
+        or pa.types.is_time(kind)
         or pa.types.is_duration(kind)
-    ):  # fmt: skip
+    ):
         return pa.int64()
     if pa.types.is_float16(kind) or pa.types.is_float32(kind):
         return pa.float64()
@@ -238,9 +244,11 @@ def converter(kind: pa.DataType, limits: ServerLimits) -> Convert:
     if pa.types.is_string(kind) or pa.types.is_large_string(kind) or pa.types.is_string_view(kind):
         return str
     if (
-        pa.types.is_binary(kind) or pa.types.is_large_binary(kind)
-        or pa.types.is_fixed_size_binary(kind) or pa.types.is_binary_view(kind)
-    ):  # fmt: skip
+        pa.types.is_binary(kind)
+        or pa.types.is_large_binary(kind)
+        or pa.types.is_fixed_size_binary(kind)
+        or pa.types.is_binary_view(kind)
+    ):
         return bytes
     if pa.types.is_timestamp(kind):
         return lambda v: _date(_to_ms(v, kind.unit), limits)
@@ -254,10 +262,7 @@ def converter(kind: pa.DataType, limits: ServerLimits) -> Convert:
         return int
     if pa.types.is_interval(kind):
         return lambda v: {"months": v.months, "days": v.days, "nanoseconds": v.nanoseconds}
-    if (
-        pa.types.is_list(kind) or pa.types.is_large_list(kind)
-        or pa.types.is_fixed_size_list(kind)
-    ):  # fmt: skip
+    if pa.types.is_list(kind) or pa.types.is_large_list(kind) or pa.types.is_fixed_size_list(kind):
         item = _nullable(converter(kind.value_type, limits))
         return lambda v: [item(x) for x in v]
     if pa.types.is_struct(kind):

@@ -252,8 +252,10 @@ def watermark_column(op: Operation, lake: Lake, mode: Mode) -> str | None:
     """The column a job of this mode tracks (None: none); incremental needs a usable one."""
     if op.watermark is None:
         if mode == "incremental":
-            raise RequestError(f"Operation {op.name!r} has no watermark column, so it cannot "
-                               "copy incrementally. Use mode full.")  # fmt: skip
+            raise RequestError(
+                f"Operation {op.name!r} has no watermark column, so it cannot "
+                "copy incrementally. Use mode full."
+            )
         return None
     if mode == "incremental":
         lake_kind(lake, op.watermark)  # SourceError when missing or of the wrong type
@@ -322,8 +324,10 @@ class WatermarkStore:
         if state.watermark.column != column:
             logger.warning(
                 "%s: the stored watermark is for column %s, not %s; reading everything",
-                operation, state.watermark.column, column,
-            )  # fmt: skip
+                operation,
+                state.watermark.column,
+                column,
+            )
             return None
         return state.watermark
 
@@ -338,9 +342,14 @@ class WatermarkStore:
     ) -> None:
         """Record the watermark a completed job reached (and the Delta version it read)."""
         now = datetime.now(UTC)
-        fields = {"operation": operation, "source": source, "jobId": job_id, "mode": mode,
-                  "watermark": watermark.model_dump(),
-                  "updatedAtMs": int(now.timestamp() * 1000)}  # fmt: skip
+        fields = {
+            "operation": operation,
+            "source": source,
+            "jobId": job_id,
+            "mode": mode,
+            "watermark": watermark.model_dump(),
+            "updatedAtMs": int(now.timestamp() * 1000),
+        }
         update: dict[str, Any] = {"$set": fields, "$currentDate": {"updatedAt": True}}
         if delta_version is None:
             update["$unset"] = {"deltaVersion": ""}
@@ -368,6 +377,7 @@ class WatermarkStore:
         try:
             return SyncState.model_validate(doc)
         except ValidationError:
-            logger.warning("syncstate %r is malformed; ignoring it (a full copy rewrites it)",
-                           doc.get("_id"))  # fmt: skip
+            logger.warning(
+                "syncstate %r is malformed; ignoring it (a full copy rewrites it)", doc.get("_id")
+            )
             return None

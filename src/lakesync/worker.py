@@ -57,11 +57,22 @@ def run_worker(settings: Settings, concurrency: int | None) -> None:
     threading.Thread(target=recover, name="lakesync-recovery", daemon=True).start()
     runtime.scheduler.start()
     try:
-        app.worker_main([
-            "worker", "--loglevel", settings.log_level, "--queues", QUEUE,
-            "--concurrency", str(concurrency or settings.workers), "--pool", "threads",
-            "--without-gossip", "--without-mingle", "--without-heartbeat",
-        ])  # fmt: skip
+        app.worker_main(
+            [
+                "worker",
+                "--loglevel",
+                settings.log_level,
+                "--queues",
+                QUEUE,
+                "--concurrency",
+                str(concurrency or settings.workers),
+                "--pool",
+                "threads",
+                "--without-gossip",
+                "--without-mingle",
+                "--without-heartbeat",
+            ]
+        )
     finally:
         stop.set()
         runtime.close()

@@ -44,8 +44,9 @@ async def client_job_id(
 ClientJobId = Annotated[str | None, Depends(client_job_id)]
 
 
-router = APIRouter(prefix="/.netlify/functions", tags=["seed compatibility"],
-                   dependencies=[Authorized])  # fmt: skip
+router = APIRouter(
+    prefix="/.netlify/functions", tags=["seed compatibility"], dependencies=[Authorized]
+)
 
 SEED_OPTIONS = (
     "The seed endpoint starts copy-taskdetail with its defaults and takes no options; "

@@ -29,8 +29,9 @@ def is_loopback(host: str) -> bool:
         return ipaddress.ip_address(host).is_loopback
     except ValueError:
         try:
-            return all(ipaddress.ip_address(a[4][0]).is_loopback
-                       for a in socket.getaddrinfo(host, None))  # fmt: skip
+            return all(
+                ipaddress.ip_address(a[4][0]).is_loopback for a in socket.getaddrinfo(host, None)
+            )
         except OSError:
             return False
 
@@ -47,8 +48,9 @@ def check_exposure(settings: Settings, host: str) -> None:
     if token is not None and len(token.get_secret_value()) < MIN_TOKEN_LENGTH:
         logger.warning(
             "LAKESYNC_API_TOKEN is shorter than %d characters and easy to guess; use e.g. "
-            "`openssl rand -hex 32`.", MIN_TOKEN_LENGTH,
-        )  # fmt: skip
+            "`openssl rand -hex 32`.",
+            MIN_TOKEN_LENGTH,
+        )
 
 
 def bind(host: str, port: int) -> socket.socket:
@@ -95,18 +97,27 @@ def serve(settings: Settings, host: str, port: int) -> None:
     try:
         runtime.start()
         app = create_app(runtime, close_on_shutdown=True)
-        config = uvicorn.Config(app, host=host, port=port, log_config=None, access_log=False,
-                                timeout_graceful_shutdown=3)  # fmt: skip
+        config = uvicorn.Config(
+            app,
+            host=host,
+            port=port,
+            log_config=None,
+            access_log=False,
+            timeout_graceful_shutdown=3,
+        )
         server = _Server(config, runtime)
         shown = f"[{host}]" if ":" in host else host
-        logger.info("lakesync is serving on http://%s:%d (executor: %s)", shown, port,
-                    settings.executor)  # fmt: skip
+        logger.info(
+            "lakesync is serving on http://%s:%d (executor: %s)", shown, port, settings.executor
+        )
         print(f"lakesync: open http://{shown}:{port}/ in your browser", flush=True)
         embedded = runtime.mongo.embedded
         if embedded is not None:
             where = with_database(embedded.uri, settings.database)
-            print(f"lakesync: copied records are in {where} (`lakesync mongo-uri` prints it)",
-                  flush=True)  # fmt: skip
+            print(
+                f"lakesync: copied records are in {where} (`lakesync mongo-uri` prints it)",
+                flush=True,
+            )
         server.run(sockets=[sock])
     finally:
         runtime.close(timeout=5.0)

@@ -26,8 +26,9 @@ class LocalExecutor:
         self._inflight: set[str] = set()
         self._partitioned: set[str] = set()  # jobs whose partitions ran here: handed back
         self._lock = threading.Lock()
-        self._recovery = threading.Thread(target=self._recover_loop, name="lakesync-recovery",
-                                          daemon=True)  # fmt: skip
+        self._recovery = threading.Thread(
+            target=self._recover_loop, name="lakesync-recovery", daemon=True
+        )
         self._started = False
 
     def start(self) -> None:
@@ -71,12 +72,16 @@ class LocalExecutor:
         while not stop.is_set():
             try:
                 for job_id in self.runner.store.stale(self.runner.settings.lease_seconds):
-                    logger.debug("job %s: pending or its lease expired; resuming it", job_id,
-                                 extra={"jobId": job_id})  # fmt: skip
+                    logger.debug(
+                        "job %s: pending or its lease expired; resuming it",
+                        job_id,
+                        extra={"jobId": job_id},
+                    )
                     self.submit(job_id)
                 for job_id, index in self.runner.partitioned.stale():
-                    logger.debug("job %s: resuming partition %d", job_id, index + 1,
-                                 extra={"jobId": job_id})  # fmt: skip
+                    logger.debug(
+                        "job %s: resuming partition %d", job_id, index + 1, extra={"jobId": job_id}
+                    )
                     self.submit_partition(job_id, index)
             except Exception as e:
                 logger.warning("recovery scan failed: %s", e)
@@ -102,16 +107,18 @@ class LocalExecutor:
 
         threading.Thread(target=wait, daemon=True).start()
         if not done.wait(timeout):
-            logger.warning("jobs still running after %.0f s; they resume from their checkpoint",
-                           timeout)  # fmt: skip
+            logger.warning(
+                "jobs still running after %.0f s; they resume from their checkpoint", timeout
+            )
             return
         partitioned = self.runner.partitioned
         for job_id in sorted(self._partitioned):
             try:  # its partitions here stopped: the job waits, pending, for the next start
                 partitioned.hand_back(job_id)
             except Exception as e:
-                logger.warning("job %s: not handed back (%s); it resumes when its lease "
-                               "expires", job_id, e)  # fmt: skip
+                logger.warning(
+                    "job %s: not handed back (%s); it resumes when its lease expires", job_id, e
+                )
 
     def healthy(self) -> tuple[bool, str]:
         """Healthy while started and not stopping."""
