@@ -446,46 +446,52 @@ function closeCancel({ focus = false } = {}) {
   if (focus && !$("cancel-button").hidden) $("cancel-button").focus();
 }
 
-async function resumeJob() {
+/** POST /api/jobs/{id}/{action} for the followed job, its button busy meanwhile; `done`
+ *  gets the answer. The button is given back after a failure (and by `render` otherwise). */
+async function jobAction(action, { idle, busy, done }) {
   const id = state.jobId;
   if (!id) return;
-  const btn = $("resume-button");
+  const btn = $(`${action}-button`);
   btn.disabled = true;
-  btn.textContent = "Resuming…";
+  btn.textContent = busy;
   clearAlert();
   try {
-    const { data } = await api(`/api/jobs/${encodeURIComponent(id)}/resume`, { method: "POST" });
-    announce("Resume requested: the job continues from its last checkpoint.");
-    state.job = null; // the job runs again: its ended status no longer holds
-    state.logTries = 0;
-    follow(id, data);
-    if (JOB_PAGE) loadLog();
-    else refreshJobs();
+    const { data } = await api(`/api/jobs/${encodeURIComponent(id)}/${action}`, { method: "POST" });
+    done(id, data);
   } catch (e) {
-    if (e.status !== 401) showAlert(`Could not resume the job: ${e.message}`);
-  } finally {
     btn.disabled = false;
-    btn.textContent = "Resume";
+    btn.textContent = idle;
+    if (e.status !== 401) showAlert(`Could not ${action} the job: ${e.message}`);
   }
 }
 
-async function cancelJob() {
+function resumeJob() {
+  return jobAction("resume", {
+    idle: "Resume",
+    busy: "Resuming…",
+    done(id, data) {
+      announce("Resume requested: the job continues from its last checkpoint.");
+      state.job = null; // the job runs again: its ended status no longer holds
+      state.logTries = 0;
+      $("resume-button").disabled = false;
+      $("resume-button").textContent = "Resume";
+      follow(id, data);
+      if (JOB_PAGE) loadLog();
+      else refreshJobs();
+    },
+  });
+}
+
+function cancelJob() {
   closeCancel();
-  const id = state.jobId;
-  if (!id) return;
-  const btn = $("cancel-button");
-  btn.disabled = true;
-  btn.textContent = "Cancelling…";
-  clearAlert();
-  try {
-    const { data } = await api(`/api/jobs/${encodeURIComponent(id)}/cancel`, { method: "POST" });
-    announce("Cancellation requested. It takes effect after the current batch.");
-    onStatus(data);
-  } catch (e) {
-    btn.disabled = false;
-    btn.textContent = "Cancel";
-    if (e.status !== 401) showAlert(`Could not cancel the job: ${e.message}`);
-  }
+  return jobAction("cancel", {
+    idle: "Cancel",
+    busy: "Cancelling…",
+    done(id, data) {
+      announce("Cancellation requested. It takes effect after the current batch.");
+      onStatus(data);
+    },
+  });
 }
 
 /* ------------------------------------------------------------------ following a job */
