@@ -12,6 +12,7 @@ import sys
 import threading
 import time
 from collections.abc import Callable
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -262,6 +263,41 @@ def test_takeover_while_the_old_owner_is_mid_batch_refuses_its_later_writes(
         assert later == []
     assert_clean(done, db)
     assert db.copyerrors.count_documents({"jobId": job.jobId}) == 30
+
+
+def test_no_lease_expires_before_a_second_of_silence_whatever_it_is_configured_to() -> None:
+    from lakesync.lease import FENCE_TRUST_SECONDS, MIN_LEASE_SECONDS, Leases
+
+    beat = datetime(2026, 1, 1, tzinfo=UTC)
+    doc = {"heartbeatAt": beat}
+    # a run skips its fence read for FENCE_TRUST_SECONDS after a commit: nobody may take
+    # the lease over within that time, even with a shorter lease configured
+    assert FENCE_TRUST_SECONDS < MIN_LEASE_SECONDS == 1.0
+    assert not Leases.expired(doc, 0.1, beat + timedelta(seconds=0.9))
+    assert Leases.expired(doc, 0.1, beat + timedelta(seconds=1))
+    assert not Leases.expired(doc, 3, beat + timedelta(seconds=2.9))
+    assert Leases.expired(doc, 3, beat + timedelta(seconds=3))
+
+
+def test_a_copy_that_keeps_up_reads_its_lease_once_not_before_every_batch(
+    settings: Settings, db: Any, lake: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from lakesync.lease import Leases
+
+    checks: list[str] = []
+    check = Leases.check
+    monkeypatch.setattr(Leases, "check", lambda self, v, o: checks.append(v) or check(self, v, o))
+    rt, _ = stepped(settings, lake)
+    with rt:
+        rt.runner.partitioned.submit = None  # copied in one piece
+        job, _ = rt.jobs.start("copy-taskdetail")
+        assert rt.runner.run(job.jobId) is Outcome.ENDED
+        done = rt.store.get(job.jobId)
+    assert_clean(done, db)
+    batches = ROWS // 500
+    # each commit proves the lease for the next batch's fence; a stall of half a second
+    # (a loaded machine) brings the read back, hence the margin
+    assert 1 <= len(checks) <= batches // 4, (len(checks), batches)
 
 
 # -- no transient error fails a job ----------------------------------------------------------

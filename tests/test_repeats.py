@@ -7,9 +7,11 @@ random order, and Celery workers must all end with its documents and its counts.
 
 from __future__ import annotations
 
+from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
+import bson
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
@@ -18,6 +20,7 @@ from hypothesis import settings as hsettings
 from hypothesis import strategies as st
 from tests.helpers import (
     SCHEMA,
+    T0,
     assert_like_reference,
     counts_of,
     database_of,
@@ -39,7 +42,7 @@ from lakesync.lake import Lake
 from lakesync.models import JobState
 from lakesync.repeats import find_superseded
 from lakesync.runtime import Runtime
-from lakesync.schema import TASK_DETAIL
+from lakesync.schema import TASK_DETAIL, RecordSchema, validate
 
 
 def test_the_plan_finds_the_records_a_later_one_replaces(tmp_path: Path) -> None:
@@ -54,6 +57,65 @@ def test_the_plan_finds_the_records_a_later_one_replaces(tmp_path: Path) -> None
     first = sorted(lake.glob("*.parquet"))[0]
     # A@0 and A@2 lose to A in file 2; B@1 stays (the later B is invalid); nothing in file 2
     assert {Path(f).name: list(rows) for f, rows in plan.items()} == {first.name: [0, 2]}
+
+
+def plan_by_bson(lake: Path, schema: RecordSchema) -> dict[str, list[int]]:
+    """The plan worked out record by record: keys compared by their BSON, last one wins."""
+    last: dict[bytes, tuple[str, int]] = {}
+    every: list[tuple[str, int]] = []
+    for path in sorted(lake.glob("*.parquet")):
+        checked = validate(schema, pq.read_table(path))
+        for key, row in zip(checked.keys, checked.rows, strict=True):
+            last[bson.encode({"": key})] = (path.name, row)
+            every.append((path.name, row))
+    winners = set(last.values())
+    out: dict[str, list[int]] = {}
+    for name, row in every:
+        if (name, row) not in winners:
+            out.setdefault(name, []).append(row)
+    return out
+
+
+@pytest.mark.parametrize(
+    "files",
+    [
+        # integer keys of two widths: compared by value
+        [
+            pa.table({"k": pa.array([1, 2, 3], pa.int64())}),
+            pa.table({"k": pa.array([2, 9], pa.int32())}),
+        ],
+        # the same column as integers in one file and strings in another: 1 is not "1"
+        [pa.table({"k": [1, 2, 2]}), pa.table({"k": ["1", "2", "x"]}), pa.table({"k": [1]})],
+        # dates: milliseconds are what is stored, so two microsecond times can be one key
+        [
+            pa.table(
+                {
+                    "k": pa.array(
+                        [T0, T0 + timedelta(microseconds=10), T0 + timedelta(seconds=1)],
+                        pa.timestamp("us", tz="UTC"),
+                    )
+                }
+            ),
+            pa.table({"k": pa.array([T0 + timedelta(seconds=1)], pa.timestamp("us", tz="UTC"))}),
+        ],
+        # strings that differ only past a NUL, and an empty file
+        [pa.table({"k": ["a", "a\x00b", "a"]}), pa.table({"k": pa.array([], pa.string())})],
+    ],
+    ids=["ints", "ints-and-strings", "dates", "strings"],
+)
+def test_keys_compared_in_arrow_match_keys_compared_by_their_bson(
+    tmp_path: Path, files: list[pa.Table]
+) -> None:
+    lake = tmp_path / "lake"
+    lake.mkdir()
+    for i, table in enumerate(files):
+        table = table.append_column("v", pa.array(range(table.num_rows), pa.int64()))
+        pq.write_table(table, lake / f"part-{i:03d}.parquet")
+    schema = RecordSchema(key="k")
+    plan = find_superseded(Lake.open(str(lake)), schema)
+    found = {Path(f).name: list(rows) for f, rows in plan.items()}
+    assert found == plan_by_bson(lake, schema)
+    assert found  # every case has a repeated key
 
 
 @pytest.mark.slow

@@ -6,21 +6,33 @@ and the new checkpoint in one conditional update on its own document. What diffe
 between a whole job and a partition (which document it commits to, what it does after a
 commit) is the `Run` it passes.
 
-Fencing. The lease check before each write and the conditional commit after it mean a run
-that lost its lease writes at most the one batch it had already started: a takeover
-that lands between the check and the end of that write lets the write land, but it
-writes exactly the records the new owner writes for the same positions, and its commit is
-refused, so the counters never count it. After that the run writes nothing more.
+Fencing. Before each write the run makes sure it still holds its lease, and its commit
+after the write applies only while it does (lease.py). Making sure is a read of the run's
+own document (`Run.fence`), except within `FENCE_TRUST_SECONDS` of sending the last commit
+that succeeded: no process may take a lease over before `MIN_LEASE_SECONDS` of silence on
+the server's clock, twice as long, so the lease is still held and the read would only cost
+a round trip per batch. In a copy that keeps up, only a run's first batch reads; after a
+stall (a slow read of the lake, a retry, a paused process) the read is made.
+
+So a run that lost its lease writes at most the one batch it had already started: a
+takeover that lands after the fence and before the end of that write lets the write land,
+but it writes exactly the records the new owner writes for the same positions, and its
+commit is refused, so the counters never count it. After that the run writes nothing more.
+The trust window assumes the server's clock does not jump forward by half a second within
+it; if it did, the same at-most-one-batch rule would hold.
 """
 
 from __future__ import annotations
 
 import logging
+import math
+import time
 from functools import partial
 from typing import TYPE_CHECKING, Any, Protocol
 
 from lakesync import metrics
 from lakesync.copy import BatchResult, CopyEngine
+from lakesync.lease import FENCE_TRUST_SECONDS
 from lakesync.models import Checkpoint, JobStatus, Outcome
 from lakesync.retry import RetryPolicy
 
@@ -59,7 +71,7 @@ class Run(Protocol):
     log_extra: dict[str, Any]
 
     def fence(self) -> None:
-        """LeaseLost unless this run still holds its lease (before each data write)."""
+        """LeaseLost unless this run still holds its lease (read before a data write)."""
 
     def written(self, result: BatchResult, cp: Checkpoint) -> None:
         """After the write, before the commit (e.g. a mirror job remembers the keys)."""
@@ -90,11 +102,13 @@ def copy_batches(
     end) and the last committed checkpoint.
     """
     engine = CopyEngine(store.db[op.collection], store.copyerrors, op.schema_, job_id, superseded)
+    held_at = -math.inf  # when the last commit that proved the lease held was sent
     # the lake's reader thread validates, encodes and hashes the next batch meanwhile
     for batch in lake.batches(
         batch_size, start, stop_file=stop_file, filter=filter, prepare=engine.prepare
     ):
-        policy.call(run.fence, "checking the lease")
+        if time.monotonic() - held_at >= FENCE_TRUST_SECONDS:
+            policy.call(run.fence, "checking the lease")
         result = policy.call(
             partial(engine.write, batch), f"writing batch {cp.batches + 1}{run.where}"
         )
@@ -108,7 +122,9 @@ def copy_batches(
             }
         )
         run.written(result, cp)
-        outcome = run.commit(result, cp)
+        sent = time.monotonic()
+        outcome = run.commit(result, cp)  # LeaseLost unless the lease is still held
+        held_at = sent
         metrics.observe_batch(result.counts, result.write_seconds)
         logger.debug(
             "job %s%s batch %d: %s in %.3f s",

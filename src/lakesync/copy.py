@@ -5,8 +5,8 @@ embedded server) stores a top-level date given to `$set` as a string, while inse
 replaced documents keep their dates as BSON dates on every MongoDB-wire server.
 
 Each written document carries `_lakesync: {h, job, op, at}`: a hash of its content, the
-job that last wrote it, how that job counted the key ("i" inserted, "u" updated) and the
-lake position (file index in the whole lake, row) it was written from.
+job that last wrote it, how that job counted the key (``Counted``: "i" inserted, "u"
+updated) and the lake position (file index in the whole lake, row) it was written from.
 
 Repeated keys: a job writes one record per key, the last valid one in lake order. The
 records a later record of the same key replaces are found before the job writes anything
@@ -35,16 +35,16 @@ marker appended as a ``RawBSONDocument``, so pymongo does not encode it again.
 
 from __future__ import annotations
 
-import bisect
-import functools
 import hashlib
 import logging
 import struct
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
+from enum import Enum
 from typing import Any
 
+import bson
 from bson.raw_bson import RawBSONDocument
 from pymongo import InsertOne, ReplaceOne
 from pymongo.collection import Collection
@@ -63,107 +63,28 @@ MAX_MESSAGE_BYTES = 40 * 1024 * 1024  # below MongoDB's 48 MB message limit
 MAX_MESSAGE_OPS = 100_000  # MongoDB's maxWriteBatchSize
 _DUPLICATE_KEY = 11000
 _MARKER_ELEMENT = b"\x03" + MARKER.encode() + b"\x00"  # BSON: an embedded document named _lakesync
-_I32, _I64 = struct.Struct("<i"), struct.Struct("<q")
-_INT32_MIN, _INT32_MAX = -(2**31), 2**31 - 1
-_HASH_CHARS = 24  # digest(): 12 bytes as hex
+_I32 = struct.Struct("<i")
 
 
 def digest(body: bytes) -> str:
     """The content hash of a document's BSON (without its marker)."""
-    return hashlib.blake2b(body, digest_size=_HASH_CHARS // 2).hexdigest()
+    return hashlib.blake2b(body, digest_size=12).hexdigest()
 
 
-def _bson_string(name: bytes, value: str) -> bytes:
-    data = value.encode()
-    return b"\x02" + name + b"\x00" + _I32.pack(len(data) + 1) + data + b"\x00"
+class Counted(Enum):
+    """How a job counted a key: what its write does, and the ``op`` of the marker it leaves.
 
+    A batch written again after a crash counts each record as the marker says it was
+    counted the first time; a marker with another ``op`` counts as unchanged.
+    """
 
-def _bson_int(name: bytes, value: int) -> bytes:
-    if _INT32_MIN <= value <= _INT32_MAX:
-        return b"\x10" + name + b"\x00" + _I32.pack(value)
-    return b"\x12" + name + b"\x00" + _I64.pack(value)
+    INSERTED = "i"  # written with InsertOne (insert_many)
+    UPDATED = "u"  # written with ReplaceOne, upsert
 
 
 def marker_bson(h: str, job: str, op: str, at: tuple[int, int]) -> bytes:
-    """``bson.encode({"h": h, "job": job, "op": op, "at": [*at]})``, without the dict."""
-    row = at[1]
-    if len(h) == _HASH_CHARS and _INT32_MIN <= row <= _INT32_MAX:
-        head, middle = _marker_template(job, op, at[0])
-        return b"".join((head, h.encode(), middle, _I32.pack(row), b"\x00\x00"))
-    return _marker_elements(h, job, op, at)
-
-
-@functools.lru_cache(maxsize=64)
-def _marker_template(job: str, op: str, file_index: int) -> tuple[bytes, bytes]:
-    """The bytes of a marker before its hash, and between the hash and the row number."""
-    whole = _marker_elements("0" * _HASH_CHARS, job, op, (file_index, 0))
-    start = 4 + 3 + 4  # document length, b"\x02h\x00", string length
-    return whole[:start], whole[start + _HASH_CHARS : -6]  # the end: row (4), 0, 0
-
-
-def _new_documents(
-    job: str, batch: LakeBatch, rows: list[int], bodies: list[bytes], digests: list[str]
-) -> list[RawBSONDocument]:
-    """The documents that insert these records: each body with marker ``{h, job, "i", at}``."""
-    if len(batch.segments) == 1:
-        seg = batch.segments[0]
-        return _file_documents(job, seg.ordinal, seg.start_row, rows, bodies, digests)
-    docs: list[RawBSONDocument] = []
-    for seg in batch.segments:  # rows are sorted: each segment's are a slice
-        lo = bisect.bisect_left(rows, seg.offset)
-        hi = bisect.bisect_left(rows, seg.offset + seg.rows)
-        base = seg.start_row - seg.offset
-        docs += _file_documents(job, seg.ordinal, base, rows[lo:hi], bodies[lo:hi], digests[lo:hi])
-    return docs
-
-
-def _file_documents(
-    job: str, ordinal: int, start: int, rows: list[int], bodies: list[bytes], digests: list[str]
-) -> list[RawBSONDocument]:
-    """``_new_documents`` for rows of one file: batch row ``row`` is file row ``start + row``."""
-    if rows and not _INT32_MIN <= start + rows[-1] <= _INT32_MAX:  # rare: the general way
-        return [
-            RawBSONDocument(with_marker(body, marker_bson(h, job, "i", (ordinal, start + row))))
-            for row, body, h in zip(rows, bodies, digests, strict=True)
-        ]
-    head, middle = _marker_template(job, "i", ordinal)
-    lead = _MARKER_ELEMENT + head
-    # the row (4 bytes) and the ends of at, of the marker and of the document replacing the
-    # body's own end: 4 + 3 - 1
-    extra = len(lead) + _HASH_CHARS + len(middle) + 6
-    pack, end = _I32.pack, b"\x00\x00\x00"
-    return [
-        RawBSONDocument(
-            b"".join(
-                (
-                    pack(len(body) + extra),
-                    body[4:-1],
-                    lead,
-                    h.encode(),
-                    middle,
-                    pack(start + row),
-                    end,
-                )
-            )
-        )
-        for row, body, h in zip(rows, bodies, digests, strict=True)
-    ]
-
-
-def _marker_elements(h: str, job: str, op: str, at: tuple[int, int]) -> bytes:
-    items = _bson_int(b"0", at[0]) + _bson_int(b"1", at[1])
-    elements = b"".join(
-        (
-            _bson_string(b"h", h),
-            _bson_string(b"job", job),
-            _bson_string(b"op", op),
-            b"\x04at\x00",
-            _I32.pack(len(items) + 5),
-            items,
-            b"\x00",
-        )
-    )
-    return _I32.pack(len(elements) + 5) + elements + b"\x00"
+    """The marker ``{h, job, op, at: [file index, row]}`` as BSON."""
+    return bson.encode({"h": h, "job": job, "op": op, "at": [at[0], at[1]]})
 
 
 def with_marker(body: bytes, marker: bytes) -> bytes:
@@ -172,27 +93,37 @@ def with_marker(body: bytes, marker: bytes) -> bytes:
     return b"".join((_I32.pack(size), body[4:-1], _MARKER_ELEMENT, marker, b"\x00"))
 
 
+def marked(body: bytes, h: str, job: str, op: str, at: tuple[int, int]) -> RawBSONDocument:
+    """What is written for a record: its BSON ``body`` with its marker, ready for pymongo."""
+    return RawBSONDocument(with_marker(body, marker_bson(h, job, op, at)))
+
+
+def _new_documents(
+    job: str, batch: LakeBatch, rows: list[int], bodies: list[bytes], digests: list[str]
+) -> list[RawBSONDocument]:
+    """The documents that insert these records (batch rows ``rows``)."""
+    op = Counted.INSERTED.value
+    return [
+        marked(body, h, job, op, batch.at(row))
+        for row, body, h in zip(rows, bodies, digests, strict=True)
+    ]
+
+
 @dataclass(slots=True)
 class Write:
-    """One planned write: insert ("i") or replace ("u") the document of ``key``.
+    """One planned write of the record of ``key``: inserted or replaced, as ``counted``."""
 
-    The document written is the record (``body``, BSON) with its marker ``{h, job, op, at}``
-    appended; ``counted`` is the marker's ``op``: how the job counted the key's first record.
-    """
-
-    op: str
+    counted: Counted
     key: Any
     row: int  # in the batch
     body: bytes
     h: str
-    counted: str
     job: str
     at: tuple[int, int]  # file index, row in the file
 
     def document(self) -> RawBSONDocument:
         """What is written: the record and its marker, already BSON."""
-        marker = marker_bson(self.h, self.job, self.counted, self.at)
-        return RawBSONDocument(with_marker(self.body, marker))
+        return marked(self.body, self.h, self.job, self.counted.value, self.at)
 
 
 @dataclass
@@ -290,13 +221,13 @@ class CopyEngine:
         rejected = [self._rejection(batch, r) for r in checked.rejections]
         started = time.perf_counter()
         if ready.rows:
-            self._copy(ready.keys, ready.rows, ready, batch, counts, rejected)
+            self._classify_and_write(ready.keys, ready.rows, ready, batch, counts, rejected)
         if rejected:
             self._store_rejections(rejected)
         counts.errors = len(rejected)
         return BatchResult(counts, rejected, time.perf_counter() - started, ready.keys)
 
-    def _copy(
+    def _classify_and_write(
         self,
         keys: list[Any],
         rows: list[int],
@@ -305,6 +236,7 @@ class CopyEngine:
         counts: Counters,
         rejected: list[dict[str, Any]],
     ) -> None:
+        """Count each record against its stored marker and write the new and changed ones."""
         bodies, digests = ready.bodies, ready.digests
         if not self._assume_new:
             existing = self._markers(keys)
@@ -318,16 +250,10 @@ class CopyEngine:
         taken = self._insert(docs, keys, rows, batch, counts, rejected)
         if taken:  # these keys existed after all: classify them as usual
             self._assume_new = False
-            existing = self._markers([keys[i] for i in taken])
-            plan = self._classify(
-                [keys[i] for i in taken],
-                [rows[i] for i in taken],
-                [bodies[i] for i in taken],
-                [digests[i] for i in taken],
-                existing,
-                batch,
-                counts,
-            )
+            keys, rows = [keys[i] for i in taken], [rows[i] for i in taken]
+            bodies, digests = [bodies[i] for i in taken], [digests[i] for i in taken]
+            existing = self._markers(keys)
+            plan = self._classify(keys, rows, bodies, digests, existing, batch, counts)
             self._execute(plan, counts, rejected, batch)
 
     def _insert(
@@ -375,9 +301,9 @@ class CopyEngine:
         return {lookup_key(d["_id"]): d.get(MARKER) or {} for d in found}
 
     def _write(
-        self, op: str, key: Any, row: int, body: bytes, h: str, counted: str, batch: LakeBatch
+        self, counted: Counted, key: Any, row: int, body: bytes, h: str, batch: LakeBatch
     ) -> Write:
-        return Write(op, key, row, body, h, counted, self.job_id, batch.at(row))
+        return Write(counted, key, row, body, h, self.job_id, batch.at(row))
 
     def _classify(
         self,
@@ -399,18 +325,19 @@ class CopyEngine:
         for key, row, body, h in zip(keys, rows, bodies, digests, strict=True):
             marker = existing.get(key)
             if marker is None:
-                plan.append(self._write("i", key, row, body, h, "i", batch))
+                plan.append(self._write(Counted.INSERTED, key, row, body, h, batch))
             elif self._replayed(marker, h, batch):
-                if marker.get("op") == "i":
+                op = marker.get("op")
+                if op == Counted.INSERTED.value:
                     counts.inserted += 1
-                elif marker.get("op") == "u":
+                elif op == Counted.UPDATED.value:
                     counts.updated += 1
                 else:
                     counts.unchanged += 1
             elif marker.get("h") == h:
                 counts.unchanged += 1
             else:
-                plan.append(self._write("u", key, row, body, h, "u", batch))
+                plan.append(self._write(Counted.UPDATED, key, row, body, h, batch))
         return plan
 
     def _replayed(self, marker: Mapping[str, Any], h: str, batch: LakeBatch) -> bool:
@@ -455,7 +382,7 @@ class CopyEngine:
         details: Mapping[str, Any]
         ops: list[Any] = [
             InsertOne(doc)
-            if w.op == "i"
+            if w.counted is Counted.INSERTED
             else ReplaceOne(replace_filter(w.key, self.limits), doc, upsert=True)
             for w, doc in chunk
         ]
@@ -470,8 +397,8 @@ class CopyEngine:
         retry: list[tuple[Write, RawBSONDocument]] = []
         for err in errors:
             write = chunk[err["index"]][0]
-            if err.get("code") == _DUPLICATE_KEY and write.op == "i":
-                write.op = write.counted = "u"  # inserted meanwhile by another writer
+            if err.get("code") == _DUPLICATE_KEY and write.counted is Counted.INSERTED:
+                write.counted = Counted.UPDATED  # inserted meanwhile by another writer
                 retry.append((write, write.document()))
                 continue
             rejected.append(

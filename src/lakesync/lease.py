@@ -11,6 +11,12 @@ Expiry is judged on the server's clock alone: a lease has expired when the serve
 No two machines' clocks are compared. nx-27017 cannot range-query a `$currentDate` date,
 so the comparison is made on the documents read, and the takeover is a compare-and-swap
 on `leaseBeat`: a beat that lands between the read and the takeover wins.
+
+No lease is judged expired before `MIN_LEASE_SECONDS` of silence, whatever a process is
+configured with. That is what lets a run trust, for `FENCE_TRUST_SECONDS` after sending a
+write that proved it held the lease (a commit), that nobody can have taken it over since
+(see batchloop.py): a takeover needs a lease's silence on the server's clock, and the
+server wrote the run's beat no earlier than the run sent that write.
 """
 
 from __future__ import annotations
@@ -37,6 +43,12 @@ PENDING = JobState.PENDING.value
 IN_PROGRESS = JobState.IN_PROGRESS.value
 
 Doc = dict[str, Any]
+
+#: the shortest silence after which any process may take a lease over
+MIN_LEASE_SECONDS = 1.0
+#: how long after sending a write that proved the lease held a run skips the fence read;
+#: half of MIN_LEASE_SECONDS, so that the clocks' rates may differ by a wide margin
+FENCE_TRUST_SECONDS = MIN_LEASE_SECONDS / 2
 
 
 def new_owner() -> str:
@@ -159,7 +171,8 @@ class Leases:
         return doc
 
     def check(self, value: Any, owner: str) -> None:
-        """LeaseLost unless this run still holds the lease (read before each data write)."""
+        """LeaseLost unless this run still holds the lease (the fence read before a data
+        write; see batchloop.py for when it is skipped)."""
         if self.coll.find_one(self.held(value, owner), {"_id": 1}) is None:
             raise LeaseLost(f"{value} is no longer held by {owner}; stopping this run.")
 
@@ -221,7 +234,9 @@ class Leases:
 
     @staticmethod
     def expired(doc: Mapping[str, Any], lease_seconds: float, now: datetime) -> bool:
-        """Whether the holder's last beat is at least a lease old on the server's clock."""
+        """Whether the holder's last beat is at least a lease old on the server's clock
+        (never less than MIN_LEASE_SECONDS)."""
+        lease_seconds = max(lease_seconds, MIN_LEASE_SECONDS)
         at = doc.get("heartbeatAt")
         if isinstance(at, datetime):
             return (now - _aware(at)).total_seconds() >= lease_seconds

@@ -20,12 +20,18 @@ validating read of the lake (about 1M records/s per core here, against ~9k/s for
 on the embedded server) and 24 bytes per valid record while planning; a lake whose keys are
 all unique stores nothing.
 
-The keys are compared by a 128-bit hash of their BSON (BLAKE2b): two different keys share one
-with a probability of about n²/2¹²⁹ (10⁻²⁶ for a billion records).
+Keys are compared in Arrow: a key of one integer or string column as its value (int64, or
+UTF-8 bytes), which is equal exactly when the keys' BSON is; any other key (dates, composite
+keys, or a column whose type changes between files) by a 128-bit hash of its BSON (BLAKE2b):
+two different keys share one with a probability of about n²/2¹²⁹ (10⁻²⁶ for a billion
+records). The first pass also skips the BSON encoding of the copy's validation: it only has
+to find keys that *may* repeat (a record it wrongly takes for valid can only add a candidate,
+which the second pass, validating exactly as the copy does, settles).
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import logging
 from collections.abc import Iterable, Sequence
@@ -40,7 +46,7 @@ from pymongo.database import Database
 
 from lakesync.lake import Lake, Listing
 from lakesync.models import PLANS, utcnow
-from lakesync.schema import RecordSchema, validate
+from lakesync.schema import RecordSchema, Validated, validate
 from lakesync.typemap import MONGODB, ServerLimits, server_limits
 
 logger = logging.getLogger(__name__)
@@ -49,6 +55,7 @@ _ROWS_PER_DOCUMENT = 1_000_000  # 4 bytes each: well under the 16 MB document li
 _PLAN_BATCH = 50_000
 _FILES_PER_DOCUMENT = 20_000  # a listing's entries: ~60 bytes each, ~1.2 MB per document
 _EMPTY = np.empty(0, dtype=np.int64)
+_DIGEST = pa.binary(16)
 
 
 def key_digest(key: Any) -> bytes:
@@ -78,16 +85,16 @@ def find_superseded(
     )
     wanted = [*schema.key_columns, *filter_columns]
     columns = [c for c in dict.fromkeys(wanted) if lake.has_column(c)]
-    digests, positions, files = _key_positions(lake, keys_only, filter, columns, limits)
-    repeated = _repeated(digests, positions)
+    keys, positions, files = _key_positions(lake, keys_only, filter, columns, limits, exact=False)
+    repeated = _repeated(keys, positions)
     if repeated is None:
         return {}
     names = list(files)
     index = {f: i for i, f in enumerate(lake.files)}
     holding = sorted(index[names[int(f)]] for f in np.unique(repeated >> 32))
     part = lake.only([lake.file_name(i) for i in holding])
-    digests, positions, files = _key_positions(part, schema, filter, None, limits)
-    again = _repeated(digests, positions, losers=True)
+    keys, positions, files = _key_positions(part, schema, filter, None, limits, exact=True)
+    again = _repeated(keys, positions, losers=True)
     if again is None:
         return {}
     file_of, row_of = again >> 32, again & 0xFFFFFFFF
@@ -107,14 +114,16 @@ def _key_positions(
     filter: pc.Expression | None,
     columns: list[str] | None,
     limits: ServerLimits,
+    exact: bool,
 ) -> tuple[list[pa.Array], list[np.ndarray], dict[str, int]]:
-    """The key digest and lake position (file number << 32 | row) of each valid record, and
-    the files' numbers."""
-    digests: list[pa.Array] = []
+    """The key (``_comparable``) and lake position (file number << 32 | row) of each valid
+    record, and the files' numbers. Not ``exact``: records bson cannot encode count as valid
+    (the first pass; see the module's docstring)."""
+    keys: list[pa.Array] = []
     positions: list[np.ndarray] = []
     files: dict[str, int] = {}
     for batch in lake.batches(_PLAN_BATCH, filter=filter, columns=columns):
-        checked = validate(schema, batch.table, limits)
+        checked = validate(schema, batch.table, limits, encode=exact)
         if not checked.rows:
             continue
         rows = np.asarray(checked.rows, dtype=np.int64)
@@ -123,19 +132,46 @@ def _key_positions(
             inside = (rows >= seg.offset) & (rows < seg.offset + seg.rows)
             number = files.setdefault(seg.file, len(files))
             where[inside] = (number << 32) + seg.start_row - seg.offset + rows[inside]
-        digests.append(pa.array([key_digest(k) for k in checked.keys], pa.binary(16)))
+        keys.append(_key_values(checked))
         positions.append(where)
-    return digests, positions, files
+    return _comparable(keys), positions, files
+
+
+def _key_values(checked: Validated) -> pa.Array:
+    """The valid records' keys as an Arrow array that is equal where their BSON is: one
+    integer column as int64, one string column as large_string, else BSON digests."""
+    col = checked.columns.get(checked.key) if isinstance(checked.key, str) else None
+    if col is not None and checked.key not in checked.values:
+        if pa.types.is_integer(col.type):
+            with contextlib.suppress(pa.ArrowInvalid):  # an unsigned value past int64
+                return col.cast(pa.int64())
+        elif pa.types.is_string(col.type) or pa.types.is_large_string(col.type):
+            return col.cast(pa.large_string())
+    return _digests(checked.keys)
+
+
+def _digests(keys: Iterable[Any]) -> pa.Array:
+    return pa.array([key_digest(k) for k in keys], _DIGEST)
+
+
+def _comparable(keys: list[pa.Array]) -> list[pa.Array]:
+    """The batches' keys in one type: as they are when they share one, else all digests."""
+    if len({k.type for k in keys}) <= 1:
+        return keys
+    return [k if k.type == _DIGEST else _digests(k.to_pylist()) for k in keys]
 
 
 def _repeated(
-    digests: list[pa.Array], positions: list[np.ndarray], losers: bool = False
+    keys: list[pa.Array], positions: list[np.ndarray], losers: bool = False
 ) -> np.ndarray | None:
     """The sorted positions of the records whose key repeats (with ``losers``: of those but
     the last of each key); None when no key repeats."""
-    if not digests:
+    if not keys:
         return None
-    table = pa.table({"d": pa.chunked_array(digests), "p": np.concatenate(positions)})
+    column = pa.chunked_array(keys)
+    if len(pc.unique(column)) == len(column):  # most lakes: no key repeats (and it is cheap)
+        return None
+    table = pa.table({"d": column, "p": np.concatenate(positions)})
     groups = table.group_by("d").aggregate([("p", "max"), ("p", "count")])
     repeated = groups.filter(pc.greater(groups["p_count"], 1))
     if repeated.num_rows == 0:

@@ -415,11 +415,16 @@ def _to_python(col: pa.Array) -> list[Any]:
     return list(col.to_pylist())
 
 
-def validate(schema: RecordSchema, table: pa.Table, limits: ServerLimits = MONGODB) -> Validated:
+def validate(
+    schema: RecordSchema, table: pa.Table, limits: ServerLimits = MONGODB, encode: bool = True
+) -> Validated:
     """Validate a batch: documents (`_id` = key) for good rows, a Rejection for each bad one.
 
     A row is also rejected when one of its values cannot be stored (see ``typemap.py``),
-    with the column and the reason; ``limits`` are those of the server written to.
+    with the column and the reason; ``limits`` are those of the server written to. The
+    documents are encoded here (``Validated.encoded``), and one bson refuses rejects its
+    record; without ``encode`` that last check is skipped (for readers of a few columns
+    that need no BSON, such as repeats.py's first pass).
     """
     n = table.num_rows
     reasons: dict[int, str] = {}
@@ -472,7 +477,7 @@ def validate(schema: RecordSchema, table: pa.Table, limits: ServerLimits = MONGO
     arrays = {k: v if isinstance(v, pa.Array) else pa.nulls(len(rows)) for k, v in stored.items()}
     values = {k: v for k, v in stored.items() if isinstance(v, list)}
     out = Validated(rows, rejections, columns=arrays, key=schema.key, values=values)
-    return _encode_or_reject(out)
+    return _encode_or_reject(out) if encode else out
 
 
 def _check_keys(
