@@ -60,11 +60,11 @@ def test_a_lake_id_column_never_replaces_the_declared_key(
 
 
 def test_a_running_jobs_status_outlives_its_ttl_and_expires_after_it_ends(
-    serve_env: dict[str, str], request: Any
+    serve_env: dict[str, str], slow_database: Any, request: Any
 ) -> None:
     ttl = 2.0
     serve_env["LAKESYNC_STATUS_TTL_DAYS"] = repr(ttl / 86400)
-    serve_env["LAKESYNC_BATCH_SIZE"] = "5"  # 1,000 batches: runs well past the TTL
+    serve_env["LAKESYNC_BATCH_SIZE"] = "20"  # 250 batches on the slow link: well past the TTL
     serve = request.getfixturevalue("serve")
     job_id = start(serve.url)
     started = time.monotonic()

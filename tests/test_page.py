@@ -591,7 +591,7 @@ def test_docs_work_without_internet(serve: Any, browser: Any) -> None:
 
 
 def test_page_recovers_after_a_server_restart(
-    serve_env: dict[str, str], tmp_path: Path, request: Any, run: Any
+    serve_env: dict[str, str], slow_database: Any, tmp_path: Path, request: Any, run: Any
 ) -> None:
     lake = tmp_path / "lake"
     generate(lake, 20000)

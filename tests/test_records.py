@@ -300,7 +300,7 @@ def test_a_claimed_job_no_longer_says_it_waits_for_a_worker(settings: Any) -> No
 
 
 def test_the_log_tells_of_a_takeover_after_a_crash(
-    serve_env: dict[str, str], tmp_path: Path, request: Any
+    serve_env: dict[str, str], slow_database: Any, tmp_path: Path, request: Any
 ) -> None:
     from lakesync.demo import generate
 
@@ -337,7 +337,7 @@ def test_the_log_tells_of_a_takeover_after_a_crash(
 
 
 def test_active_jobs_metric_counts_a_partitioned_job_once(
-    serve_env: dict[str, str], tmp_path: Path, request: Any
+    serve_env: dict[str, str], slow_database: Any, tmp_path: Path, request: Any
 ) -> None:
     from lakesync.demo import generate
 
