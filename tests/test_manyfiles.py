@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
+import bson
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
@@ -267,3 +268,29 @@ def test_s3_incremental_copy_does_not_open_files_below_the_watermark(
     # the footer and the key columns (for the plan), read at open; never opened to read rows
     assert old == [2] * 39
     assert proxy.opened(names[-1]) > 1  # it holds the watermark's own value: read again
+
+
+def test_a_listing_is_kept_in_documents_that_fit_and_not_at_all_for_schemas_too_many(
+    db: Any, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """pandas writes each file's index range into its schema's metadata: every file of such
+    a lake has its own schema. The plan keeps what fits in MongoDB documents, or nothing."""
+    from lakesync import repeats
+
+    lake = tmp_path / "lake"
+    lake.mkdir()
+    for i in range(30):
+        table = pa.table({"id": [f"{i}-{r}" for r in range(i + 1)], "v": list(range(i + 1))})
+        table = table.replace_schema_metadata({"pandas-like": f'{{"stop": {i + 1}}}'})
+        pq.write_table(table, lake / f"part-{i:03d}-{'x' * 150}.parquet")  # long names
+    listing = Lake.open(str(lake)).listing()
+    assert listing is not None and len(listing.schemas) == 30
+    monkeypatch.setattr(repeats, "_LISTING_NAMES_BYTES", 2_000)  # ~10 names per document
+    repeats.save_listing(db, "job_a", listing)
+    docs = list(db.jobplans.find({"jobId": "job_a"}))
+    assert len(docs) >= 3 and all(len(bson.encode(d)) < 16 << 20 for d in docs)
+    assert repeats.load_listing(db, "job_a") == listing
+    monkeypatch.setattr(repeats, "_LISTING_SCHEMA_BYTES", 2_000)  # the 30 schemas do not fit
+    repeats.save_listing(db, "job_a", listing)
+    assert db.jobplans.count_documents({"jobId": "job_a"}) == 0
+    assert repeats.load_listing(db, "job_a") is None  # resumed runs read the footers again

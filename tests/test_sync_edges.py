@@ -486,10 +486,13 @@ def test_watermarks_stored_under_another_spelling_are_found_after_an_upgrade(
     canonical = str(lake.resolve())
     doc = db.syncstate.find_one({"operation": "late"})
     assert doc["source"] == canonical
-    monkeypatch.chdir(tmp_path)  # as an older version stored it: relative, trailing slash
+    old = f"{tmp_path}/./lake/"  # as an older version stored it: absolute, not canonical
     db.syncstate.delete_one({"_id": doc["_id"]})
-    db.syncstate.insert_one({**doc, "_id": "late|lake/", "source": "lake/"})
-    with Runtime(settings) as rt:  # start-up re-keys it
+    db.syncstate.insert_one({**doc, "_id": f"late|{old}", "source": old})
+    # a relative spelling meant the writer's working directory: it is left alone
+    db.syncstate.insert_one({**doc, "_id": "late|lake/", "source": "lake/", "updatedAtMs": 1})
+    monkeypatch.chdir(tmp_path)
+    with Runtime(settings) as rt:  # start-up re-keys the absolute one
         again = copy(rt)
     assert again.processedRecords == again.unchangedRecords == 1  # from the watermark on
-    assert [d["_id"] for d in db.syncstate.find()] == [f"late|{canonical}"]
+    assert sorted(d["_id"] for d in db.syncstate.find()) == [f"late|{canonical}", "late|lake/"]

@@ -34,7 +34,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import logging
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from typing import Any
 
 import bson
@@ -53,6 +53,10 @@ logger = logging.getLogger(__name__)
 
 _ROWS_PER_DOCUMENT = 1_000_000  # 4 bytes each: well under the 16 MB document limit
 _PLAN_BATCH = 50_000
+#: bytes of file names in one listing document, and of schemas in the first one (the two
+#: together under the server's 16 MB limit)
+_LISTING_NAMES_BYTES = 6 << 20
+_LISTING_SCHEMA_BYTES = 6 << 20
 _FILES_PER_DOCUMENT = 20_000  # a listing's entries: ~60 bytes each, ~1.2 MB per document
 _EMPTY = np.empty(0, dtype=np.int64)
 _DIGEST = pa.binary(16)
@@ -282,10 +286,18 @@ def save_listing(db: Database[dict[str, Any]], job_id: str, listing: Listing | N
     coll.delete_many({"jobId": job_id, "listing": {"$exists": True}})
     if listing is None:
         return
-    names = list(listing.files)
+    schemas = [Binary(s.serialize().to_pybytes()) for s in listing.schemas]
+    if sum(len(s) for s in schemas) > _LISTING_SCHEMA_BYTES:
+        # files that differ in their schemas' metadata (pandas writes its index range there)
+        logger.info(
+            "job %s: the lake's files have %d different schemas; not kept in the plan "
+            "(partitions and resumed runs read the footers again)",
+            job_id,
+            len(schemas),
+        )
+        return
     now = utcnow()
-    for n, at in enumerate(range(0, max(len(names), 1), _FILES_PER_DOCUMENT)):
-        chunk = names[at : at + _FILES_PER_DOCUMENT]
+    for n, chunk in enumerate(_chunks(list(listing.files))):
         doc: dict[str, Any] = {
             "_id": f"{job_id}:files:{n}",
             "jobId": job_id,
@@ -297,9 +309,22 @@ def save_listing(db: Database[dict[str, Any]], job_id: str, listing: Listing | N
             "createdAt": now,
         }
         if n == 0:
-            schemas = [Binary(s.serialize().to_pybytes()) for s in listing.schemas]
             doc |= {"root": listing.root, "format": listing.format, "schemas": schemas}
         coll.insert_one(doc)
+
+
+def _chunks(names: list[str]) -> Iterator[list[str]]:
+    """``names`` in runs of at most _FILES_PER_DOCUMENT files and _LISTING_NAMES_BYTES of
+    names (S3 keys may be 1,024 bytes long), so every listing document fits in 16 MB."""
+    chunk: list[str] = []
+    size = 0
+    for name in names:
+        if chunk and (len(chunk) >= _FILES_PER_DOCUMENT or size >= _LISTING_NAMES_BYTES):
+            yield chunk
+            chunk, size = [], 0
+        chunk.append(name)
+        size += len(name.encode()) + 8
+    yield chunk
 
 
 def load_listing(db: Database[dict[str, Any]], job_id: str) -> Listing | None:

@@ -31,7 +31,7 @@ from typing import TYPE_CHECKING, Any
 
 from pymongo import DESCENDING
 from pymongo.collection import Collection
-from pymongo.errors import DuplicateKeyError, PyMongoError
+from pymongo.errors import DuplicateKeyError
 
 from lakesync.config import Settings
 from lakesync.errors import JobError, LakesyncError
@@ -202,12 +202,17 @@ class Scheduler:
         }
         try:
             self.slots.insert_one(dict(claim))
-        except DuplicateKeyError:
-            return None  # another process has it
-        self.states.update_one(
-            {"_id": op.name, "lastSlotMs": {"$lt": _ms(slot)}}, {"$set": {"lastSlotMs": _ms(slot)}}
-        )
+        except DuplicateKeyError:  # another process has it; it may have died before this:
+            self._claimed(op.name, _ms(slot))
+            return self._rescue(op, schedule, _ms(slot))
+        self._claimed(op.name, _ms(slot))
         return self._start(op, schedule, claim)
+
+    def _claimed(self, name: str, slot_ms: int) -> None:
+        """Record that the operation's slots up to `slot_ms` are claimed (never lowered)."""
+        self.states.update_one(
+            {"_id": name, "lastSlotMs": {"$lt": slot_ms}}, {"$set": {"lastSlotMs": slot_ms}}
+        )
 
     def _rescue(self, op: Operation, schedule: Schedule, slot_ms: int) -> dict[str, Any] | None:
         """Start the job of the operation's latest slot if its claimer died before it could."""
@@ -223,6 +228,14 @@ class Scheduler:
         )
         if won.modified_count != 1:
             return None  # another process rescued it first
+        made = self.store.jobs.find_one(
+            {"operation": op.name, "trigger": "schedule", "scheduledFor": claim["slot"]},
+            {"jobId": 1},
+        )
+        if made is not None:  # its claimer made the job, then died before saying so
+            result = {"outcome": "started", "jobId": made["jobId"]}
+            self.slots.update_one({"_id": claim["_id"]}, {"$set": result})
+            return {**claim, **taken, **result}
         logger.warning(
             "schedule of %s: slot %s was claimed by %s, which never started its "
             "job (it died?); starting it now",
@@ -249,7 +262,7 @@ class Scheduler:
                 trigger="schedule",
                 scheduled_for=when,
             )
-        except (LakesyncError, PyMongoError) as e:
+        except Exception as e:  # recorded, so that the slot is not rescued again and again
             logger.error("schedule of %s: slot %s could not start: %s", op.name, when, e)
             result = {"outcome": "error", "reason": str(e)[:1000]}
         else:

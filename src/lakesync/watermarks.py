@@ -30,7 +30,6 @@ version it read); a failed or cancelled one leaves it where it was.
 
 from __future__ import annotations
 
-import contextlib
 import logging
 from datetime import UTC, datetime
 from typing import Any, Literal
@@ -43,7 +42,7 @@ from pymongo.collection import Collection
 from pymongo.database import Database
 from pymongo.errors import DuplicateKeyError
 
-from lakesync.errors import LakesyncError, RequestError, SourceError
+from lakesync.errors import RequestError, SourceError
 from lakesync.lake import Lake
 from lakesync.locations import canonical_uri
 from lakesync.models import Watermark
@@ -289,17 +288,21 @@ class WatermarkStore:
         return f"{operation}|{source}"
 
     def canonicalise(self) -> int:
-        """Re-key watermarks stored under another spelling of their source (`lake/`, a
-        relative path: versions before sources were canonical) so that the next
-        incremental copy, which looks them up canonically, finds them. Returns how many."""
+        """Re-key watermarks stored under another spelling of their source (`/data/lake/`,
+        `s3://b//p`: versions before sources were canonical) so that the next incremental
+        copy, which looks them up canonically, finds them. Relative paths are left alone:
+        they meant the writer's working directory, which this process may not share. Of two
+        watermarks for one source, the later one stays. Returns how many moved."""
         moved = 0
         for doc in list(self.states.find({}, {"_id": 1, "operation": 1, "source": 1})):
             operation, source = doc.get("operation"), doc.get("source")
             if not isinstance(operation, str) or not isinstance(source, str):
                 continue
+            if not (source.startswith("/") or source.startswith("s3://")):
+                continue
             try:
                 canonical = canonical_uri(source)
-            except LakesyncError:
+            except Exception:  # a source no longer valid: left as it is
                 continue
             if canonical == source:
                 continue
@@ -307,10 +310,14 @@ class WatermarkStore:
             if full is None:
                 continue
             full.update(_id=self._id(operation, canonical), source=canonical)
-            with contextlib.suppress(DuplicateKeyError):  # the canonical one is newer: keep it
+            try:
                 self.states.insert_one(full)
-                moved += 1
+            except DuplicateKeyError:  # both spellings hold one: keep the later
+                kept = self.states.find_one({"_id": full["_id"]}) or {}
+                if int(full.get("updatedAtMs") or 0) > int(kept.get("updatedAtMs") or 0):
+                    self.states.replace_one({"_id": full["_id"]}, full)
             self.states.delete_one({"_id": doc["_id"]})
+            moved += 1
         if moved:
             logger.info("syncstate: %d watermark(s) re-keyed to their canonical source", moved)
         return moved
