@@ -286,6 +286,10 @@ def test_status_and_jobs_at_80_columns(env: dict[str, str], db: Any) -> None:
     assert piped.returncode == 0 and job["jobId"] in piped.stdout
     assert "\x1b[" not in piped.stdout
 
+    code, lines = on_terminal(env, "operations")  # the last job's id is whole there too
+    assert code == 0 and any(line.split()[-1:] == [job["jobId"]] for line in lines), "\n".join(lines)
+    assert_fits(lines)
+
 
 def test_json_errors_go_to_stdout_as_json(env: dict[str, str]) -> None:
     cases = [

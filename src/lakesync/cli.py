@@ -29,7 +29,7 @@ from typer.core import TyperCommand, TyperGroup
 from lakesync.config import Settings, get_settings
 from lakesync.errors import ConfigError, JobError, LakesyncError
 from lakesync.logs import configure_logging, json_enabled
-from lakesync.models import JobState, JobStatus, Outcome
+from lakesync.models import JobState, JobStatus, Outcome, new_job_id
 
 err = Console(stderr=True)
 out = Console()
@@ -557,7 +557,9 @@ def operations(as_json: JsonFlag = False) -> None:
     if as_json:
         _print_json({"operations": [op.model_dump(mode="json") for op in listed]})
         return
-    table = Table("operation", "mode", "source -> collection", "watermark", "last job")
+    names = max((len(op.name) for op in listed), default=0)
+    columns = ("operation", "source -> collection", "watermark", "last job")
+    table = _table(*columns, widths={"operation": names})
     for op in listed:
         mark = (
             "-"
@@ -567,15 +569,25 @@ def operations(as_json: JsonFlag = False) -> None:
         )
         if op.lookback is not None:
             mark += f" - {op.lookback}"
-        last = "-" if op.lastJob is None else f"{op.lastJob['status']} {op.lastJob['jobId']}"
+        last = "-" if op.lastJob is None else f"{op.lastJob['status']}\n{op.lastJob['jobId']}"
         table.add_row(
-            f"[bold]{escape(op.name)}[/]\n{escape(op.description)}",
-            op.mode,
+            f"[bold]{escape(op.name)}[/]\nmode {op.mode}\n{escape(op.description)}",
             escape(f"{op.source} -> {op.collection}"),
             escape(mark),
             escape(last),
         )
     out.print(table)
+
+
+def _table(*columns: str, widths: dict[str, int] | None = None) -> Table:
+    """A table whose last column holds job ids: kept whole (ids are 30 characters) at 80
+    columns; the others wrap rather than cut their text, each at least `widths` wide (so
+    that, say, operation names stay on one line)."""
+    table = Table(box=None, pad_edge=False, header_style="bold")
+    for name in columns[:-1]:
+        table.add_column(name, overflow="fold", min_width=(widths or {}).get(name))
+    table.add_column(columns[-1], no_wrap=True, min_width=len(new_job_id()))
+    return table
 
 
 @app.command("demo-data", cls=_Command)
@@ -635,7 +647,8 @@ def schedules(as_json: JsonFlag = False) -> None:
             "`every` in lakesync.toml)."
         )
         return
-    table = Table("operation", "schedule", "next run", "last run")
+    names = max((len(s["operation"]) for s in listed), default=0)
+    table = _table("operation", "schedule", "next run", "last run", widths={"operation": names})
     for s in listed:
         when = s["schedule"] or f"every {s['every']}"
         if s["schedule"] and s["timezone"] != "UTC":
@@ -645,7 +658,7 @@ def schedules(as_json: JsonFlag = False) -> None:
             "-"
             if last is None
             else f"{last['slot']}\n{last['outcome']}"
-            + (f" {last['jobId']} {last['result'] or ''}" if last.get("jobId") else "")
+            + (f" {last['result'] or ''}\n{last['jobId']}" if last.get("jobId") else "")
         )
         table.add_row(
             escape(s["operation"]),
