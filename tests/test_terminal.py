@@ -287,7 +287,8 @@ def test_status_and_jobs_at_80_columns(env: dict[str, str], db: Any) -> None:
     assert "\x1b[" not in piped.stdout
 
     code, lines = on_terminal(env, "operations")  # the last job's id is whole there too
-    assert code == 0 and any(line.split()[-1:] == [job["jobId"]] for line in lines), "\n".join(lines)
+    whole = any(line.split()[-1:] == [job["jobId"]] for line in lines)
+    assert code == 0 and whole, "\n".join(lines)
     assert_fits(lines)
 
 
