@@ -22,16 +22,19 @@ from tests.helpers import (
     SCHEMA,
     T0,
     assert_like_reference,
+    counts_of,
     database_of,
     fresh,
     record,
     run_partitioned,
     run_whole,
     s3_client,
+    s3_settings,
 )
 from tests.s3proxy import CountingProxy
 
 from lakesync.config import Settings
+from lakesync.errors import SourceError
 from lakesync.lake import Lake
 from lakesync.models import JobState, JobStatus, Outcome
 from lakesync.runtime import Runtime
@@ -221,16 +224,16 @@ def test_s3_requests_per_file_over_a_job_in_one_piece_and_in_partitions(
     assert done.status == JobState.COMPLETED, done.error
     assert done.processedRecords == 200 * ROWS
     assert proxy.counts["HEAD"] <= 2  # the lake's root only: no HEAD per file
-    # every file: its footer and its key columns at open (two GETs), which the plan of
-    # repeated keys reuses (no key repeats, so no second pass), then a read (footer + data)
-    # by the copy; the watermark came from the footers
+    # every file: read whole at open (one GET: its footer and key columns from memory),
+    # which the plan of repeated keys reuses (no key repeats, so no second pass), then
+    # read whole again by the copy (one GET); the watermark came from the footers
     per_file = [proxy.opened(name) for name in names]
-    assert per_file == [4] * 200, per_file
-    assert proxy.total <= 4 * 200 + 10
-    # the open and the plan: two requests per file; the first batch adds the reads of
+    assert per_file == [2] * 200, per_file
+    assert proxy.total <= 2 * 200 + 10
+    # the open and the plan: one request per file; the first batch adds the reads of
     # the files the copy has read by then (its batch, the next one, and 32 read ahead)
-    assert before_copy and before_copy[0] <= 2 * 200 + 10
-    assert before_first and before_first[0] <= before_copy[0] + 2 * 200
+    assert before_copy and before_copy[0] <= 200 + 10
+    assert before_first and before_first[0] <= before_copy[0] + 200
 
     parted = s3_lake(fresh(settings, tmp_path), proxy, "one", partition_rows=1000)
     proxy.reset()
@@ -238,9 +241,9 @@ def test_s3_requests_per_file_over_a_job_in_one_piece_and_in_partitions(
     assert done.status == JobState.COMPLETED, done.error
     assert done.partitions and done.partitions >= 3
     per_file = [proxy.opened(name) for name in names]
-    # the first run's open (footer + key columns), then one read by one partition: no
-    # partition reads a footer at open (the plan kept the facts), none reads another's files
-    assert per_file == [4] * 200, per_file
+    # the first run's open (one GET), then one read by one partition: no partition reads
+    # a footer at open (the plan kept the facts), none reads another's files
+    assert per_file == [2] * 200, per_file
     assert proxy.counts["HEAD"] <= 2 * (1 + done.partitions)
 
 
@@ -265,8 +268,8 @@ def test_s3_incremental_copy_does_not_open_files_below_the_watermark(
     assert done.status == JobState.COMPLETED, done.error
     assert done.insertedRecords + done.updatedRecords + done.duplicateRecords > 0
     old = [proxy.opened(name) for name in names[:-1]]
-    # the footer and the key columns (for the plan), read at open; never opened to read rows
-    assert old == [2] * 39
+    # read whole at open (for the footer and the plan's key columns); never read again
+    assert old == [1] * 39
     assert proxy.opened(names[-1]) > 1  # it holds the watermark's own value: read again
 
 
@@ -294,3 +297,66 @@ def test_a_listing_is_kept_in_documents_that_fit_and_not_at_all_for_schemas_too_
     repeats.save_listing(db, "job_a", listing)
     assert db.jobplans.count_documents({"jobId": "job_a"}) == 0
     assert repeats.load_listing(db, "job_a") is None  # resumed runs read the footers again
+
+
+def test_s3_files_read_through_pyarrow_where_botocore_finds_no_credentials(
+    settings: Settings,
+    s3_url: str,
+    proxy: CountingProxy,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """botocore and pyarrow each walk the AWS credentials chain; where botocore finds none
+    (pyarrow may still), a file is read through pyarrow as before: the same documents and
+    counts, two requests per read instead of one."""
+    import botocore.exceptions
+
+    from lakesync import locations
+
+    local = small_files(tmp_path / "lake", files=30)  # keys repeat, some records are bad
+    names = put_lake(s3_url, local, "creds")
+    whole = s3_lake(fresh(settings, tmp_path), proxy, "creds")
+    first = run_whole(whole)
+
+    class NoCredentials:
+        def get_object(self, **_: Any) -> Any:
+            raise botocore.exceptions.NoCredentialsError()
+
+    asked: list[tuple[str | None, ...]] = []
+
+    def client(endpoint: str | None, region: str | None) -> Any:
+        key = locations._client_key(endpoint, region)
+        if key in locations._NO_CLIENT:
+            return None
+        asked.append(key)
+        return NoCredentials()
+
+    monkeypatch.setattr(locations, "_NO_CLIENT", set())
+    monkeypatch.setattr(locations, "_client", client)
+    arrow = s3_lake(fresh(settings, tmp_path), proxy, "creds")
+    proxy.reset()
+    second = run_whole(arrow)
+    assert len(asked) == 1  # botocore was asked once, then left alone
+    assert proxy.counts["HEAD"] <= 2
+    assert all(proxy.opened(name) >= 4 for name in names)  # footer + data, at open and read
+    assert counts_of(first) == counts_of(second) and first.status == JobState.COMPLETED
+    one, two = database_of(whole), database_of(arrow)
+    try:
+        docs = [list(db.taskdetails.find(sort=[("_id", 1)])) for db in (one, two)]
+        for doc in docs[0] + docs[1]:
+            del doc["_lakesync"]["job"]
+        assert docs[0] == docs[1]
+        assert one.taskdetails.count_documents({}) > 0
+    finally:
+        one.client.close()
+        two.client.close()
+
+
+def test_s3_file_deleted_after_the_listing_fails_the_read_naming_it(
+    settings: Settings, s3_url: str, tmp_path: Path
+) -> None:
+    names = put_lake(s3_url, small_files(tmp_path / "lake", files=3, unique=True), "gone")
+    lake = Lake.open("s3://many/gone", settings=s3_settings(settings, s3_url))
+    s3_client(s3_url).delete_object(Bucket="many", Key=f"gone/{names[1]}")
+    with pytest.raises(SourceError, match=f"s3://many/gone/{names[1]} no longer exists"):
+        list(lake.batches(1000))

@@ -35,6 +35,7 @@ from lakesync.errors import SourceError
 from lakesync.jsonarray import is_json_array, ndjson_copy
 from lakesync.locations import (
     Location,
+    WholeObjects,
     dot_segment_after_glob,
     first_glob_segment,
     read_error,
@@ -86,6 +87,10 @@ _SLICE_BUFFER = 64 << 10
 #: a Parquet file of at most this size (by the listing) has the columns ``Lake.open`` is
 #: asked to keep read in the same pass as its footer (one more request, none later)
 _KEEP_FILE_BYTES = 4 << 20
+#: on S3, a Parquet file of at most this size is read whole, in one GET, when the lake is
+#: opened (its footer and the kept columns from memory; see ``locations.WholeObjects``);
+#: files read whole by the copy (``_SMALL_FILE_BYTES`` decoded) are fetched the same way
+_WHOLE_GET_BYTES = 1 << 20
 _KEEP_CHUNK_FILES = 512  # kept columns of this many files are packed into one table
 
 
@@ -360,8 +365,11 @@ class Lake:
         renames: dict[str, str] | None = None,
         live: list[pa.BooleanArray | None] | None = None,
         views: dict[str, pa.DataType] | None = None,
+        objects: WholeObjects | None = None,
     ) -> None:
         self.uri, self.format, self.files, self.version = uri, fmt, files, version
+        #: S3: small files fetched whole, one request each (None: read through ``fs``)
+        self._objects = objects
         #: the index of ``files[0]`` in the whole lake (non-zero for a partition's files)
         self.first_index = first_index
         self.since_version = since_version
@@ -504,6 +512,7 @@ class Lake:
             fragments=[f for _, _, f in inspected],
             root=loc.show(root),
             first_index=first_index,
+            objects=loc.objects,
         )
         lake._kept = None if kept is None else kept.finish()
         return lake
@@ -553,6 +562,7 @@ class Lake:
             renames=snap.renames,
             live=live,
             views=views,
+            objects=loc.objects,
         )
 
     def file_name(self, index: int) -> str:
@@ -594,6 +604,7 @@ class Lake:
             live=[self._live[i] for i in picked],
             views=self._views,
             first_index=first_index,
+            objects=self._objects,
         )
         if self._row_counts is not None:
             part._row_counts = [self._row_counts[i] for i in picked]
@@ -687,15 +698,23 @@ class Lake:
         that every filter it reads with excludes them)."""
         self._ruled_out = frozenset(indexes)
 
-    def _fragment(self, index: int) -> Any:
+    def _fragment(self, index: int, whole: bool = False) -> Any:
         """File ``index`` as a pyarrow fragment, opened afresh: no footer is kept between
         reads, so memory does not grow with the number of files. The size from the listing
-        spares a HEAD request on S3."""
+        spares a HEAD request on S3; a small file to be read ``whole`` is fetched in one
+        request there and read from memory."""
         made = self._fragments[index]
         if made is not None:
             return made
         facts = self._facts[index]
         self._opens.add()
+        size = facts.size
+        if whole and self._objects is not None and size is not None and size <= _SMALL_FILE_BYTES:
+            data = self._guard(index, self._objects.get, facts.path)
+            if data is not None:
+                return self._guard(
+                    index, _PARQUET.make_fragment, data, partition_expression=facts.expr
+                )
         return self._guard(
             index,
             _PARQUET.make_fragment,
@@ -874,7 +893,7 @@ class Lake:
         if columns is not None:  # a column some other file has is simply absent here
             columns = [c for c in columns if c in schema.names]
         kept = self._kept_rows(index, columns, filter)  # read at open: no request
-        fragment: Any = None if kept is not None else self._fragment(index)
+        fragment: Any = None if kept is not None else self._fragment(index, whole)
         plain = filter is None and after is None and keep is None and self._parquet
         if skip and plain and fragment is not None:
             groups, first = fragment.row_groups, 0
@@ -884,7 +903,7 @@ class Lake:
             if first:  # row groups before the start position are never read
                 fragment = fragment.subset(row_group_ids=[g.id for g in groups[first:]])
         scan = {"schema": schema, "columns": columns, "filter": filter, "batch_size": size}
-        if self._parquet and fragment is not None and fragment.filesystem.type_name == "local":
+        if self._parquet and fragment is not None and _is_local(fragment):
             scan["fragment_scan_options"] = _LOCAL_PARQUET
         if kept is not None:
             source: Iterator[pa.RecordBatch] = iter(kept.to_batches())
@@ -956,6 +975,11 @@ class Lake:
             return call(*args, **kwargs)
         except (pa.ArrowException, OSError) as e:
             raise read_error(e, self.files[index], self.format, self._endpoint) from e
+
+
+def _is_local(fragment: Any) -> bool:
+    """Whether a fragment reads a local file (not S3, nor bytes already in memory)."""
+    return fragment.filesystem is not None and fragment.filesystem.type_name == "local"
 
 
 def _group_bytes(group: Any, columns: list[str] | None) -> int:
@@ -1203,9 +1227,16 @@ def _inspect(
                 fs, real = pafs.LocalFileSystem(), ndjson_copy(fs, path, loc.show(path))
                 size = None
             file_format = _PARQUET if fmt in ("parquet", "delta") else _FORMATS[fmt]()
-            fragment = file_format.make_fragment(
-                real, filesystem=fs, partition_expression=expr, file_size=size
-            )
+            data = None
+            small = size is not None and size <= _WHOLE_GET_BYTES
+            if fmt in ("parquet", "delta") and small and loc.objects is not None:
+                data = loc.objects.get(real)  # one GET: the footer and the kept columns
+            if data is not None:
+                fragment = file_format.make_fragment(data, partition_expression=expr)
+            else:
+                fragment = file_format.make_fragment(
+                    real, filesystem=fs, partition_expression=expr, file_size=size
+                )
             schema = fragment.physical_schema  # Parquet: reads the footer (one GET on S3)
             for key, _ in keys:
                 if key not in schema.names:

@@ -9,8 +9,11 @@ from a URI or job options, and never shown in a message.
 from __future__ import annotations
 
 import contextlib
+import hashlib
+import logging
 import os
 import re
+import threading
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -23,8 +26,10 @@ from lakesync.config import Settings
 from lakesync.errors import SourceError, TransientSourceError
 from lakesync.masking import masked
 
+logger = logging.getLogger(__name__)
+
 #: a GET without a HEAD before it (the size came from the listing) says RESOURCE_NOT_FOUND
-_MISSING = ("NO_SUCH_KEY", "Path does not exist", "No such file", "RESOURCE_NOT_FOUND")
+_MISSING = ("NO_SUCH_KEY", "NoSuchKey", "Path does not exist", "No such file", "RESOURCE_NOT_FOUND")
 _DENIED = (
     *("ACCESS_DENIED", "INVALID_ACCESS_KEY", "SIGNATURE", "AccessDenied", "Forbidden"),
     *("InvalidAccessKeyId", "SignatureDoesNotMatch", "Missing AccessKeyId"),
@@ -32,6 +37,7 @@ _DENIED = (
 _UNREACHABLE = (
     *("NETWORK_CONNECTION", "curlCode", "error sending request", "Connection refused"),
     *("connection closed", "tcp connect", "dns error", "timed out", "Timeout"),
+    *("Could not connect", "Read timeout", "Connect timeout"),
 )
 _NO_CREDENTIALS = (
     *("169.254.169.254", "Missing AccessKeyId", "NoCredentialProviders"),
@@ -54,6 +60,8 @@ class Location:
     endpoint: str | None = None  # S3 host[:port] when LAKESYNC_S3_ENDPOINT_URL is set
     #: deltalake (object_store) options for the same endpoint and region; never credentials.
     storage_options: dict[str, str] = field(default_factory=dict)
+    #: S3: small objects read whole in one GET (None locally)
+    objects: WholeObjects | None = None
 
     @property
     def is_s3(self) -> bool:
@@ -122,7 +130,96 @@ def _s3(bucket: str, path: str, settings: Settings) -> Location:
             f"Cannot set up S3 access: {masked(str(e))}. Check "
             "LAKESYNC_S3_ENDPOINT_URL and LAKESYNC_S3_REGION."
         ) from e
-    return Location(fs, path, "s3://", endpoint, delta)
+    url = settings.s3_endpoint_url
+    url = None if not url else url if "://" in url else f"https://{url}"
+    objects = WholeObjects(url, getattr(fs, "region", None) or region)
+    return Location(fs, path, "s3://", endpoint, delta, objects)
+
+
+@dataclass(frozen=True)
+class WholeObjects:
+    """S3 objects read whole, one GET each, for files whose size the listing gave.
+
+    pyarrow reads a small Parquet file in two requests at best (its footer, then the
+    data): its Python API opens a file by path only, with a HEAD first, and a dataset
+    fragment given the size reads the footer apart. A lake of many small files paid that
+    per file, at open and again at the copy. botocore takes the object's key alone; the
+    bytes are then parsed from memory (``pa.BufferReader``), so a small file costs one
+    request each time it is read. Credentials come from the same AWS chain; where
+    botocore finds none (or is not installed) ``get`` answers None and the file is read
+    through pyarrow as before.
+    """
+
+    endpoint_url: str | None
+    region: str | None
+
+    def get(self, path: str) -> pa.Buffer | None:
+        """``bucket/key`` read whole, or None when botocore found no credentials. A missing
+        object raises FileNotFoundError, any other failure OSError (see ``read_error``)."""
+        import botocore.exceptions as bex
+
+        client = _client(self.endpoint_url, self.region)
+        if client is None:
+            return None
+        bucket, _, key = path.partition("/")
+        try:
+            body = client.get_object(Bucket=bucket, Key=key)["Body"]
+            try:
+                return pa.py_buffer(body.read())
+            finally:
+                body.close()
+        except bex.NoCredentialsError:
+            _NO_CLIENT.add(_client_key(self.endpoint_url, self.region))
+            logger.info("botocore found no AWS credentials: S3 files are read by pyarrow")
+            return None
+        except bex.ClientError as e:
+            if e.response.get("Error", {}).get("Code") in ("NoSuchKey", "404"):
+                raise FileNotFoundError(str(e)) from e
+            raise OSError(str(e)) from e
+        except OSError:
+            raise
+        except Exception as e:  # botocore's and urllib3's own errors: a failed read
+            raise OSError(f"{type(e).__name__}: {e}") from e
+
+
+_CLIENTS: dict[tuple[str | None, ...], Any] = {}
+_NO_CLIENT: set[tuple[str | None, ...]] = set()
+_CLIENTS_LOCK = threading.Lock()
+#: requests in flight per client: the lake's readers (32 at open, 32 ahead at the copy)
+_POOL = 64
+
+
+def _client_key(endpoint_url: str | None, region: str | None) -> tuple[str | None, ...]:
+    """What a client is made for: the endpoint, the region and the credentials in the
+    environment (a digest of them; a process may change them, as tests do)."""
+    names = ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_PROFILE")
+    digest = hashlib.sha256("\0".join(os.environ.get(n, "") for n in names).encode())
+    return endpoint_url, region, digest.hexdigest()
+
+
+def _client(endpoint_url: str | None, region: str | None) -> Any:
+    """One botocore S3 client per endpoint and region, made once (making one loads the
+    service's model: tens of milliseconds) and shared by every thread (clients are
+    thread-safe); None when botocore found no credentials before."""
+    key = _client_key(endpoint_url, region)
+    if key in _NO_CLIENT:
+        return None
+    with _CLIENTS_LOCK:
+        if key not in _CLIENTS:
+            import botocore.config
+            import botocore.session
+
+            config = botocore.config.Config(
+                connect_timeout=10,
+                read_timeout=60,
+                retries={"max_attempts": 3, "mode": "standard"},
+                max_pool_connections=_POOL,
+            )
+            session = botocore.session.get_session()
+            _CLIENTS[key] = session.create_client(
+                "s3", region_name=region, endpoint_url=endpoint_url, config=config
+            )
+        return _CLIENTS[key]
 
 
 def canonical_uri(uri: str) -> str:
