@@ -12,6 +12,7 @@ from typing import Any
 
 import pytest
 from fastapi.testclient import TestClient
+from pydantic import SecretStr
 from pymongo import MongoClient
 from tests.helpers import (
     CHROMIUM,
@@ -77,6 +78,15 @@ def settings(mongo_uri: str, database: str, tmp_path: Path, demo_lake: Path) -> 
         lake_uri=str(demo_lake), lease_seconds=3, retry_budget_seconds=10,
         allowed_hosts=["127.0.0.1", "localhost", "testserver"],  # TestClient's Host
     )  # fmt: skip
+
+
+@pytest.fixture
+def slow_settings(settings: Settings, mongo_server: EmbeddedServer) -> Iterator[Settings]:
+    """`settings` reaching MongoDB through a link adding 10 ms per request: for tests that
+    need a copy to outlast a time limit whatever the machine's speed."""
+    link = SlowLink(("127.0.0.1", mongo_server.port), delay=0.01)
+    yield settings.model_copy(update={"mongodb_uri": SecretStr(link.uri)})
+    link.close()
 
 
 @pytest.fixture

@@ -356,3 +356,112 @@ def test_open_only_some_files_reads_only_their_footers(small_groups: Path, tmp_p
     assert [s.ordinal for b in part.batches(100) for s in b.segments] == [1, 2]
     with pytest.raises(SourceError, match="Restore the file and resume the job"):
         Lake.open(str(small_groups), only=[*names, "gone.parquet"])
+
+
+def _evolving_lake(root: Path) -> Path:
+    """Hive partitions, a column only some files have, int32 in one file and int64 in
+    another, a dictionary column (as pandas categoricals are written), nulls, several row
+    groups: what the small-file reader must conform exactly as the dataset scanner does."""
+    a = pa.table(
+        {
+            "id": pa.array([1, 2, 3], pa.int32()),
+            "x": ["a", None, "c"],
+            "cat": pa.array(["u", "v", "u"]).dictionary_encode(),
+        }
+    )
+    b = pa.table(
+        {
+            "id": pa.array([4, 5, 6, 7], pa.int64()),
+            "y": pa.array([1.5, None, 2.5, 3.5]),
+            "cat": pa.array(["v", None, "w", "u"]).dictionary_encode(),
+        }
+    )
+    # a column named as the partition: the partition's value wins, as the scanner has it
+    c = pa.table({"id": pa.array([8, 9], pa.int64()), "x": ["h", "i"], "p": ["in-file", None]})
+    for path, table, group in (
+        ("p=a/f1.parquet", a, 2),
+        ("p=b/f2.parquet", b, 3),
+        ("p=b/f3.parquet", c, 10),
+        ("p=__HIVE_DEFAULT_PARTITION__/f4.parquet", c, 1),
+    ):
+        (root / path).parent.mkdir(parents=True, exist_ok=True)
+        pq.write_table(table, root / path, row_group_size=group)
+    return root  # fmt: skip
+
+
+def _same(a: pa.ChunkedArray, b: pa.ChunkedArray) -> bool:
+    """Equal values, NaN equal to NaN (``equals`` says it is not)."""
+    if a.equals(b):
+        return True
+    if not pa.types.is_floating(a.type) or len(a) != len(b):
+        return False
+    both_nan = pc.and_(pc.is_nan(a), pc.is_nan(b))
+    return (
+        bool(pc.all(pc.or_kleene(pc.equal(a, b), both_nan)).as_py())
+        and a.null_count == b.null_count
+    )
+
+
+def _read_all(lake: Lake, **read: object) -> list[tuple[pa.Table, list[tuple[int, int, int]]]]:
+    """Each batch and its segments, or the error met (as a one-row table of its text)."""
+    try:
+        return [
+            (b.table, [(s.ordinal, s.start_row, s.rows) for s in b.segments])
+            for b in lake.batches(4, **read)  # type: ignore[arg-type]
+        ]
+    except SourceError as e:
+        return [(pa.table({"error": [str(e)]}), [])]
+
+
+@pytest.mark.parametrize("kind", ["corpus", "evolving"])
+def test_small_files_read_from_memory_equal_the_dataset_scanners_rows(
+    tmp_path: Path, kind: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Small Parquet files are decoded from memory (``_read_small``, ``_read_plain``), not
+    by a dataset scanner per file: the rows, types, batches and positions must be the
+    scanner's, for every type, partition values, missing and widened columns, filters,
+    column choices, resumed starts and the columns kept at open."""
+    from tests.helpers import write_corpus
+
+    from lakesync import lake as lake_module
+
+    if kind == "corpus":
+        write_corpus(tmp_path / "lake")
+        reads: list[dict[str, object]] = [
+            {},
+            {"columns": ["id", "at", "smap"]},
+            {"filter": pc.field("id") >= 2},
+            {"filter": pc.field("id") >= 2, "columns": ["nan", "id"]},
+            {"start": Position(1, 1)},
+        ]
+        keep = ["id", "at"]
+    else:
+        _evolving_lake(tmp_path / "lake")
+        reads = [
+            {},
+            {"columns": ["y", "id"]},
+            {"columns": ["p"]},
+            {"filter": pc.field("p") == "b"},
+            {"filter": pc.field("x").is_valid(), "columns": ["id"]},
+            {"filter": pc.field("y") > 2, "columns": ["cat", "p"]},
+            {"start": Position(1, 2)},
+            {"start": Position(3, 1), "columns": ["p", "x"]},
+        ]
+        keep = ["id", "p"]
+    uri = str(tmp_path / "lake")
+    fast = [_read_all(Lake.open(uri), **read) for read in reads]
+    kept_fast = _read_all(Lake.open(uri, keep=keep), columns=keep)
+    monkeypatch.setattr(lake_module, "_in_reach", lambda fragment: False)  # the scanner
+    slow = [_read_all(Lake.open(uri), **read) for read in reads]
+    kept_slow = _read_all(Lake.open(uri, keep=keep), columns=keep)
+    for read, got, want in zip(reads, fast, slow, strict=True):
+        assert len(got) == len(want), read
+        for (table, segments), (expected, where) in zip(got, want, strict=True):
+            assert table.schema == expected.schema, read
+            for name in table.schema.names:
+                assert _same(table[name], expected[name]), (read, name)
+            assert segments == where, read
+    assert [w for _, w in kept_fast] == [w for _, w in kept_slow]
+    for (table, _), (expected, _) in zip(kept_fast, kept_slow, strict=True):
+        assert table.schema == expected.schema
+        assert all(_same(table[n], expected[n]) for n in keep)

@@ -32,8 +32,11 @@ def assert_exact(s: Any, total: int = 5000) -> None:
     assert s.insertedRecords + s.updatedRecords + s.unchangedRecords + s.errorRecords == total
 
 
-def test_time_limit_continues_in_new_runs_with_exact_counts(settings: Settings, db: Any) -> None:
-    settings = settings.model_copy(update={"job_time_limit": 0.3, "batch_size": 200})
+def test_time_limit_continues_in_new_runs_with_exact_counts(
+    slow_settings: Settings, db: Any
+) -> None:
+    # through the slow link: the copy outlasts three time limits on any machine
+    settings = slow_settings.model_copy(update={"job_time_limit": 0.3, "batch_size": 200})
     with Runtime(settings, executor="local") as rt:
         rt.start()
         status, created = rt.jobs.start("copy-taskdetail")

@@ -21,6 +21,7 @@ import pyarrow.parquet as pq
 import pytest
 from bson import Decimal128
 from bson.datetime_ms import DatetimeMS
+from tests.helpers import write_corpus
 
 from lakesync.config import Settings
 from lakesync.errors import SourceError
@@ -253,44 +254,6 @@ def run_copy(rt: Runtime, operation: str) -> JobStatus:
         pass
     final: JobStatus = rt.store.get(status.jobId)
     return final
-
-
-def write_corpus(lake: Path) -> pa.Table:
-    """Every type nx-27017 stores, nulls at every level, and rows it cannot store (last)."""
-    lake.mkdir(parents=True)
-    n = 6
-    base = datetime(2024, 1, 1, tzinfo=UTC)
-    table = pa.table({
-        "id": pa.array(range(n), pa.int64()),
-        "day": pa.array([date(2024, 1, 1) + timedelta(days=i) for i in range(n)]),
-        "at": pa.array([T0 + i * 1_000_001_001 for i in range(n)], pa.timestamp("ns")),
-        "at_us": pa.array([None, *(T0 // 1000 + i for i in range(1, n))],
-                          pa.timestamp("us", tz="America/New_York")),
-        "time": pa.array([i * 1_000_001 for i in range(n)], pa.time64("us")),
-        "dur": pa.array([i for i in range(n)], pa.duration("ms")),
-        "u64": pa.array([2**63 - 1 - i for i in range(n - 1)] + [2**64 - 1], pa.uint64()),
-        "f32": pa.array([0.25 * i for i in range(n)], pa.float32()),
-        "bin": pa.array([bytes([i]) * i for i in range(n)]),
-        "tags": pa.array([[str(i), None] if i % 2 else None for i in range(n)]),
-        "smap": pa.array([[(f"k{i}", i), ("n", None)] for i in range(n)],
-                         pa.map_(pa.string(), pa.int32())),
-        "imap": pa.array([[(i, "v")] for i in range(n)], pa.map_(pa.int64(), pa.string())),
-        "rows": pa.array([[{"a": i, "b": [base + timedelta(hours=i), None]}, None]
-                          for i in range(n)],
-                         pa.list_(pa.struct([("a", pa.int64()),
-                                             ("b", pa.list_(pa.timestamp("ms", tz="UTC")))]))),
-        "struct": pa.array([{"x": None if i == 2 else {"y": float(i)}} for i in range(n)]),
-        "dec": pa.array([None] * (n - 2) + [Decimal("1.25"), None], pa.decimal128(6, 2)),
-        "nan": pa.array([1.0] * (n - 3) + [float("nan"), 1.0, 1.0]),
-    })  # fmt: skip
-    pq.write_table(table.slice(0, 3), lake / "a.parquet")
-    # int96, as Spark and Impala write it: 9999-12-31T03:00Z must not wrap to 1816
-    late = datetime(9999, 12, 31, 3, tzinfo=UTC)
-    pq.write_table(table.slice(3), lake / "b.parquet", use_deprecated_int96_timestamps=True)
-    spark = pa.table({"id": pa.array([100], pa.int64()),
-                      "at": pa.array([late], pa.timestamp("us", tz="UTC"))})  # fmt: skip
-    pq.write_table(spark, lake / "c.parquet", use_deprecated_int96_timestamps=True)
-    return table
 
 
 TOML = """

@@ -166,7 +166,7 @@ def ended(rt: Runtime, job_id: str) -> Any:
 
 
 def test_copy_of_a_wide_row_group_resumes_mid_group_exactly(
-    settings: Settings, db: Any, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    slow_settings: Settings, db: Any, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """A job that continues in new runs (time limit) resumes inside the one row group, and
     every record arrives exactly once, column for column."""
@@ -182,7 +182,7 @@ def test_copy_of_a_wide_row_group_resumes_mid_group_exactly(
         "[operations.wide.schema]\nkeepExtra = true\n"
     )
     update = {"operations_file": toml, "job_time_limit": 0.3, "batch_size": 250}
-    with Runtime(settings.model_copy(update=update), executor="local") as rt:
+    with Runtime(slow_settings.model_copy(update=update), executor="local") as rt:
         rt.start()
         status, _ = rt.jobs.start("wide")
         done = wait_for(lambda: ended(rt, status.jobId), timeout=180)

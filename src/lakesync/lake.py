@@ -1033,8 +1033,8 @@ def _row_group_slices(
     Memory holds a batch and each column's current page, not the row group. Row groups are
     read one at a time: on S3 each is fetched in a few large requests (pre-buffered).
     """
-    physical = set(fragment.physical_schema.names)
     keys = ds.get_partition_keys(fragment.partition_expression)
+    physical = set(fragment.physical_schema.names) - set(keys)  # a partition value wins
     names = schema.names if columns is None or filter is not None else columns
     read = [n for n in names if n in physical]
     local = fragment.filesystem.type_name == "local"
@@ -1053,10 +1053,7 @@ def _row_group_slices(
             for raw in source.iter_batches(
                 size, row_groups=[group.id], columns=read, use_threads=False
             ):
-                if raw.schema.equals(target):  # the file holds the columns as they are read
-                    batch = pa.RecordBatch.from_arrays(raw.columns, schema=target)
-                else:
-                    batch = _conformed(raw, target, physical, keys)
+                batch = _conformed(raw, target, physical, keys)
                 if filter is not None:
                     batch = batch.filter(filter)
                     if columns is not None:
@@ -1108,19 +1105,16 @@ def _read_plain(
     ``schema``: its columns (or ``columns``) cast to the schema's types, partition values
     and nulls for the columns the file lacks, after ``filter``. None when none of the
     columns read is in the file (the scanner reads those)."""
-    physical = set(source.schema_arrow.names)
+    keys = ds.get_partition_keys(fragment.partition_expression)
+    physical = set(source.schema_arrow.names) - set(keys)  # a partition value wins
     names = schema.names if columns is None or filter is not None else columns
     read = [n for n in names if n in physical]
     if not read:
         return None
-    keys = ds.get_partition_keys(fragment.partition_expression)
     target = pa.schema([schema.field(n) for n in names])
     batches = []
     for raw in source.read(columns=read, use_threads=False).to_batches():
-        if raw.schema.equals(target):  # the file holds the columns as they are read
-            batch = pa.RecordBatch.from_arrays(raw.columns, schema=target)
-        else:
-            batch = _conformed(raw, target, physical, keys)
+        batch = _conformed(raw, target, physical, keys)
         if filter is not None:
             batch = batch.filter(filter)
             if columns is not None:
@@ -1133,7 +1127,12 @@ def _read_plain(
 def _conformed(
     raw: pa.RecordBatch, target: pa.Schema, physical: set[str], keys: dict[str, Any]
 ) -> pa.RecordBatch:
-    """A batch read from a file with ``target``'s columns: cast, partition values, nulls."""
+    """A batch read from a file with ``target``'s columns, as the dataset scanner gives it:
+    the file's columns (``physical``, read) cast, a hive partition's value (``keys``; it
+    wins over a column of the same name in the file, null for ``__HIVE_DEFAULT_PARTITION__``),
+    and nulls for a column the file lacks."""
+    if raw.schema.equals(target):  # the file holds the columns as they are read
+        return pa.RecordBatch.from_arrays(raw.columns, schema=target)
     arrays = []
     at = {name: i for i, name in enumerate(raw.schema.names)}
     for f in target:
