@@ -360,3 +360,28 @@ def test_s3_file_deleted_after_the_listing_fails_the_read_naming_it(
     s3_client(s3_url).delete_object(Bucket="many", Key=f"gone/{names[1]}")
     with pytest.raises(SourceError, match=f"s3://many/gone/{names[1]} no longer exists"):
         list(lake.batches(1000))
+
+
+def test_s3_keys_with_spaces_percent_and_unicode_are_read_whole(
+    settings: Settings, s3_url: str, proxy: CountingProxy, tmp_path: Path
+) -> None:
+    """The whole-object GET names the key as the listing gave it, whatever its characters."""
+    s3 = s3_client(s3_url)
+    if "many" not in [b["Name"] for b in s3.list_buckets()["Buckets"]]:
+        s3.create_bucket(Bucket="many")
+    names = ["team=a b/x%20y.parquet", "team=é+ü/naïve file.parquet"]
+    for i, name in enumerate(names):
+        table = pa.table({"id": [f"{i}-0", f"{i}-1"], "v": [i, i]})
+        sink = pa.BufferOutputStream()
+        pq.write_table(table, sink)
+        s3.put_object(Bucket="many", Key=f"odd/{name}", Body=sink.getvalue().to_pybytes())
+    lake = Lake.open("s3://many/odd", settings=s3_lake(settings, proxy, "odd"))
+    proxy.reset()
+    rows = [r for b in lake.batches(10) for r in b.table.to_pylist()]
+    assert sorted(rows, key=lambda r: r["id"]) == [
+        {"id": "0-0", "v": 0, "team": "a b"},
+        {"id": "0-1", "v": 0, "team": "a b"},
+        {"id": "1-0", "v": 1, "team": "é+ü"},
+        {"id": "1-1", "v": 1, "team": "é+ü"},
+    ]
+    assert proxy.counts["GET"] == 2 and proxy.counts["HEAD"] == 0  # one GET per file

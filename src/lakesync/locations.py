@@ -214,6 +214,9 @@ def _client(endpoint_url: str | None, region: str | None) -> Any:
                 read_timeout=60,
                 retries={"max_attempts": 3, "mode": "standard"},
                 max_pool_connections=_POOL,
+                # path-style, as pyarrow addresses a set endpoint (MinIO, R2...): a
+                # bucket.host name would need DNS those servers rarely have
+                s3={"addressing_style": "path"} if endpoint_url else None,
             )
             session = botocore.session.get_session()
             _CLIENTS[key] = session.create_client(
