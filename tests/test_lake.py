@@ -465,3 +465,47 @@ def test_small_files_read_from_memory_equal_the_dataset_scanners_rows(
     for (table, _), (expected, _) in zip(kept_fast, kept_slow, strict=True):
         assert table.schema == expected.schema
         assert all(_same(table[n], expected[n]) for n in keep)
+
+
+def test_a_hive_key_the_file_also_holds_as_a_typed_column_reads_as_the_scanner_reads_it(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """year=2024/day=2024-01-02/ over a file that has int64 ``year`` and date ``day``
+    columns: the partition's text, cast to the column's type, wins, in the small-file
+    reader as in the scanner."""
+    import datetime
+
+    from lakesync import lake as lake_module
+
+    table = pa.table(
+        {"id": [1, 2], "year": pa.array([1, 1], pa.int64()), "day": [datetime.date(2020, 1, 1)] * 2}
+    )
+    path = tmp_path / "lake" / "year=2024" / "day=2024-01-02" / "f.parquet"
+    path.parent.mkdir(parents=True)
+    pq.write_table(table, path)
+    uri = str(tmp_path / "lake")
+    fast = _read_all(Lake.open(uri))
+    monkeypatch.setattr(lake_module, "_in_reach", lambda fragment: False)  # the scanner
+    slow = _read_all(Lake.open(uri))
+    day = datetime.date(2024, 1, 2)
+    assert slow[0][0].to_pylist() == [
+        {"id": 1, "year": 2024, "day": day},
+        {"id": 2, "year": 2024, "day": day},
+    ]
+    assert [(t.to_pylist(), s) for t, s in fast] == [(t.to_pylist(), s) for t, s in slow]
+
+
+def test_a_typed_hive_key_in_a_file_of_large_row_groups_reads_as_the_scanner_reads_it(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The same in ``_row_group_slices`` (files streamed row group by row group)."""
+    from lakesync import lake as lake_module
+
+    path = tmp_path / "lake" / "year=2024" / "f.parquet"
+    path.parent.mkdir(parents=True)
+    pq.write_table(pa.table({"id": [1, 2, 3], "year": pa.array([1, 1, 1], pa.int64())}), path)
+    monkeypatch.setattr(lake_module, "_SMALL_FILE_ROWS", 0)  # streamed, not read whole
+    monkeypatch.setattr(lake_module, "_ROW_GROUP_BYTES", 0)  # by _row_group_slices
+    lake = Lake.open(str(tmp_path / "lake"))
+    got = [r for b in lake.batches(1) for r in b.table.to_pylist()]
+    assert got == [{"id": i, "year": 2024} for i in (1, 2, 3)]

@@ -385,3 +385,91 @@ def test_s3_keys_with_spaces_percent_and_unicode_are_read_whole(
         {"id": "1-1", "v": 1, "team": "é+ü"},
     ]
     assert proxy.counts["GET"] == 2 and proxy.counts["HEAD"] == 0  # one GET per file
+
+
+def _faulty_s3(reply: bytes) -> str:
+    """An S3 endpoint that answers every request with ``reply`` and closes the connection."""
+    import socket
+    import threading
+
+    listener = socket.create_server(("127.0.0.1", 0))
+
+    def serve() -> None:
+        while True:
+            conn, _ = listener.accept()
+            with conn:
+                data = b""
+                while b"\r\n\r\n" not in data and (chunk := conn.recv(65536)):
+                    data += chunk
+                conn.sendall(reply)
+
+    threading.Thread(target=serve, daemon=True).start()
+    return f"http://127.0.0.1:{listener.getsockname()[1]}"
+
+
+@pytest.mark.parametrize(
+    "reply",
+    [
+        b"",  # the connection closed before any response (ConnectionClosedError)
+        b"HTTP/1.1 200 OK\r\nContent-Length: 100000\r\n\r\n" + b"x" * 100,  # cut mid-body
+    ],
+)
+def test_s3_connection_dropped_while_a_small_file_is_fetched_whole_is_transient(
+    settings: Settings, s3_url: str, tmp_path: Path, reply: bytes
+) -> None:
+    """A connection closed before the answer, or in the middle of the body, is transient
+    (TransientSourceError: the job keeps its checkpoint and retries), as pyarrow's
+    NETWORK_CONNECTION was."""
+    from lakesync.errors import TransientSourceError
+    from lakesync.locations import WholeObjects
+
+    put_lake(s3_url, small_files(tmp_path / "lake", files=1, unique=True), "drop")
+    lake = Lake.open("s3://many/drop", settings=s3_settings(settings, s3_url))
+    lake._objects = WholeObjects(_faulty_s3(reply), "us-east-1")  # the network fails now
+    with pytest.raises(TransientSourceError):
+        list(lake.batches(1000))
+
+
+def test_s3_profile_botocore_cannot_find_leaves_the_lake_to_pyarrow(
+    settings: Settings, s3_url: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """AWS_PROFILE naming no profile while the keys are in the environment: pyarrow reads
+    the lake with them, and botocore's ProfileNotFound must not escape: the lake is read
+    through pyarrow, all of it."""
+    from lakesync import locations
+
+    monkeypatch.setattr(locations, "_NO_CLIENT", set())
+    put_lake(s3_url, small_files(tmp_path / "lake", files=2, unique=True), "profile")
+    monkeypatch.setenv("AWS_PROFILE", "no-such-profile")
+    lake = Lake.open("s3://many/profile", settings=s3_settings(settings, s3_url))
+    rows = sum(b.table.num_rows for b in lake.batches(1000))
+    assert rows == sum(lake.file_row_counts()) == 2 * ROWS
+    assert len(locations._NO_CLIENT) == 1  # botocore was set aside
+
+
+def test_s3_file_replaced_by_a_bigger_one_after_the_listing_is_not_read_silently(
+    settings: Settings, s3_url: str, tmp_path: Path
+) -> None:
+    """An object replaced after the listing (ten times the rows the footer counted at open)
+    is not read as the file the lake listed: its size no longer matches."""
+    names = put_lake(s3_url, small_files(tmp_path / "lake", files=2, unique=True), "swap")
+    lake = Lake.open("s3://many/swap", settings=s3_settings(settings, s3_url))
+    bigger = pa.table({"x": list(range(10 * sum(lake.file_row_counts())))})
+    sink = pa.BufferOutputStream()
+    pq.write_table(bigger, sink)
+    s3_client(s3_url).put_object(
+        Bucket="many", Key=f"swap/{names[1]}", Body=sink.getvalue().to_pybytes()
+    )
+    with pytest.raises(SourceError, match=names[1]):
+        rows = sum(b.table.num_rows for b in lake.batches(1000))
+        assert rows == sum(lake.file_row_counts()), "read rows the lake did not count"
+
+
+def test_s3_endpoint_url_with_a_path_reads_as_pyarrow_does(
+    settings: Settings, s3_url: str, tmp_path: Path
+) -> None:
+    """pyarrow (and deltalake's options) use the endpoint's host and port only; so does
+    the whole-object GET (a path kept would ask for /prefix/many/...)."""
+    put_lake(s3_url, small_files(tmp_path / "lake", files=1, unique=True), "ep")
+    lake = Lake.open("s3://many/ep", settings=s3_settings(settings, s3_url + "/prefix"))
+    assert sum(b.table.num_rows for b in lake.batches(1000)) == sum(lake.file_row_counts())

@@ -712,7 +712,7 @@ class Lake:
         self._opens.add()
         size = facts.size
         if whole and self._objects is not None and size is not None and size <= _SMALL_FILE_BYTES:
-            data = self._guard(index, self._objects.get, facts.path)
+            data = self._guard(index, self._objects.get, facts.path, size)
             if data is not None:
                 return self._guard(
                     index, _PARQUET.make_fragment, data, partition_expression=facts.expr
@@ -1139,8 +1139,11 @@ def _conformed(
         if f.name in physical:
             column = raw.column(at[f.name])
             arrays.append(column if column.type == f.type else column.cast(f.type))
-        elif keys.get(f.name) is not None:
-            arrays.append(pa.repeat(pa.scalar(keys[f.name], f.type), raw.num_rows))
+        elif keys.get(f.name) is not None:  # hive text cast as the scanner casts it
+            value = pa.scalar(keys[f.name])
+            arrays.append(
+                pa.repeat(value if value.type == f.type else value.cast(f.type), raw.num_rows)
+            )
         else:
             arrays.append(pa.nulls(raw.num_rows, f.type))
     return pa.RecordBatch.from_arrays(arrays, schema=target)
@@ -1310,7 +1313,7 @@ def _inspect(
             data = None
             small = size is not None and size <= _WHOLE_GET_BYTES
             if fmt in ("parquet", "delta") and small and loc.objects is not None:
-                data = loc.objects.get(real)  # one GET: the footer and the kept columns
+                data = loc.objects.get(real, size)  # one GET: footer and kept columns
             if data is not None:
                 fragment = file_format.make_fragment(data, partition_expression=expr)
             else:

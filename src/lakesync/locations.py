@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import unquote, urlsplit
 
+import botocore.exceptions as bex
 import pyarrow as pa
 import pyarrow.fs as pafs
 
@@ -37,7 +38,9 @@ _DENIED = (
 _UNREACHABLE = (
     *("NETWORK_CONNECTION", "curlCode", "error sending request", "Connection refused"),
     *("connection closed", "tcp connect", "dns error", "timed out", "Timeout"),
-    *("Could not connect", "Read timeout", "Connect timeout"),
+    *("Could not connect", "Read timeout", "Connect timeout", "ConnectionClosedError"),
+    *("Connection was closed", "Connection broken", "IncompleteRead", "ResponseStreamingError"),
+    *("Connection reset", "ConnectionResetError"),
 )
 _NO_CREDENTIALS = (
     *("169.254.169.254", "Missing AccessKeyId", "NoCredentialProviders"),
@@ -130,8 +133,7 @@ def _s3(bucket: str, path: str, settings: Settings) -> Location:
             f"Cannot set up S3 access: {masked(str(e))}. Check "
             "LAKESYNC_S3_ENDPOINT_URL and LAKESYNC_S3_REGION."
         ) from e
-    url = settings.s3_endpoint_url
-    url = None if not url else url if "://" in url else f"https://{url}"
+    url = delta.get("AWS_ENDPOINT_URL")  # scheme, host and port: no path, as pyarrow's
     objects = WholeObjects(url, getattr(fs, "region", None) or region)
     return Location(fs, path, "s3://", endpoint, delta, objects)
 
@@ -153,11 +155,11 @@ class WholeObjects:
     endpoint_url: str | None
     region: str | None
 
-    def get(self, path: str) -> pa.Buffer | None:
-        """``bucket/key`` read whole, or None when botocore found no credentials. A missing
-        object raises FileNotFoundError, any other failure OSError (see ``read_error``)."""
-        import botocore.exceptions as bex
-
+    def get(self, path: str, size: int | None = None) -> pa.Buffer | None:
+        """``bucket/key`` read whole, or None when botocore cannot read it with credentials
+        (none found, a profile it cannot find...: pyarrow reads it then). A missing object,
+        or one whose size is no longer ``size`` (the listing's), raises FileNotFoundError,
+        any other failure OSError, worded for ``read_error``."""
         client = _client(self.endpoint_url, self.region)
         if client is None:
             return None
@@ -165,23 +167,45 @@ class WholeObjects:
         try:
             body = client.get_object(Bucket=bucket, Key=key)["Body"]
             try:
-                return pa.py_buffer(body.read())
+                data = body.read()
             finally:
                 body.close()
-        except bex.NoCredentialsError:
-            _NO_CLIENT.add(_client_key(self.endpoint_url, self.region))
-            logger.info("botocore found no AWS credentials: S3 files are read by pyarrow")
+        except _CREDENTIALS_ERRORS as e:
+            _no_client(self.endpoint_url, self.region, e)
             return None
         except bex.ClientError as e:
-            if e.response.get("Error", {}).get("Code") in ("NoSuchKey", "404"):
-                raise FileNotFoundError(str(e)) from e
-            raise OSError(str(e)) from e
+            raise _client_error(e) from e
         except OSError:
             raise
         except Exception as e:  # botocore's and urllib3's own errors: a failed read
             raise OSError(f"{type(e).__name__}: {e}") from e
+        if size is not None and len(data) != size:
+            raise FileNotFoundError(
+                f"the object is now {len(data):,} bytes, {size:,} when the lake was listed"
+            )
+        return pa.py_buffer(data)
 
 
+def _client_error(error: Any) -> OSError:
+    """An S3 error answer as the OSError ``read_error`` words: its code, or for an answer
+    without one (a proxy's bare 403 or 503), the code its HTTP status stands for."""
+    answer = error.response
+    code = answer.get("Error", {}).get("Code") or ""
+    status = answer.get("ResponseMetadata", {}).get("HTTPStatusCode")
+    if code in ("NoSuchKey", "404") or status == 404:
+        return FileNotFoundError(str(error))
+    if not code.strip() or code.isdigit():
+        code = {403: "AccessDenied", 500: "InternalError", 503: "ServiceUnavailable"}.get(
+            status or 0, "ServiceUnavailable" if (status or 0) >= 500 else ""
+        )
+    return OSError(f"{code} (HTTP {status}): {error}" if code else str(error))
+
+
+#: botocore cannot sign with what it found (pyarrow, with its own chain, may still read)
+_CREDENTIALS_ERRORS = (
+    *(bex.NoCredentialsError, bex.PartialCredentialsError, bex.ProfileNotFound),
+    *(bex.CredentialRetrievalError, bex.InvalidConfigError, bex.ConfigNotFound),
+)
 _CLIENTS: dict[tuple[str | None, ...], Any] = {}
 _NO_CLIENT: set[tuple[str | None, ...]] = set()
 _CLIENTS_LOCK = threading.Lock()
@@ -195,6 +219,15 @@ def _client_key(endpoint_url: str | None, region: str | None) -> tuple[str | Non
     names = ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_PROFILE")
     digest = hashlib.sha256("\0".join(os.environ.get(n, "") for n in names).encode())
     return endpoint_url, region, digest.hexdigest()
+
+
+def _no_client(endpoint_url: str | None, region: str | None, error: Exception) -> None:
+    """botocore cannot read with credentials here: pyarrow reads every file from now on."""
+    _NO_CLIENT.add(_client_key(endpoint_url, region))
+    logger.info(
+        "S3 files are read by pyarrow only (two requests per small file): botocore: %s",
+        masked(str(error)),
+    )
 
 
 def _client(endpoint_url: str | None, region: str | None) -> Any:
@@ -218,10 +251,14 @@ def _client(endpoint_url: str | None, region: str | None) -> Any:
                 # bucket.host name would need DNS those servers rarely have
                 s3={"addressing_style": "path"} if endpoint_url else None,
             )
-            session = botocore.session.get_session()
-            _CLIENTS[key] = session.create_client(
-                "s3", region_name=region, endpoint_url=endpoint_url, config=config
-            )
+            try:
+                session = botocore.session.get_session()
+                _CLIENTS[key] = session.create_client(
+                    "s3", region_name=region, endpoint_url=endpoint_url, config=config
+                )
+            except _CREDENTIALS_ERRORS as e:
+                _no_client(endpoint_url, region, e)
+                return None
         return _CLIENTS[key]
 
 
