@@ -159,7 +159,9 @@ def test_post_answers_before_reading_a_large_lake(
         proc.kill()
 
 
-def test_events_stream_status_until_the_job_ends(serve: ServeProcess) -> None:
+def test_events_stream_status_until_the_job_ends(slow_database: Any, request: Any) -> None:
+    # through the slow link: the copy lasts long enough for several events on any machine
+    serve: ServeProcess = request.getfixturevalue("serve")
     job_id = httpx.post(f"{serve.url}/api/jobs", json={"options": {"batchSize": 500}},
                         timeout=10).json()["jobId"]  # fmt: skip
     events: list[dict[str, Any]] = []
