@@ -346,7 +346,8 @@ def read_error(
     if not listing and (isinstance(error, FileNotFoundError) or any(m in text for m in _MISSING)):
         message = (
             f"Data file {file} no longer exists (deleted or replaced after the lake was "
-            "listed). Start the copy again so that the lake is listed afresh."
+            "listed). Restore it and resume the job, or start the copy again so that the "
+            "lake is listed afresh."
         )
     elif file.startswith("s3://") and isinstance(error, OSError):
         message, transient = s3_message(text, file, endpoint)
