@@ -131,11 +131,16 @@ def _key_positions(
         if not checked.rows:
             continue
         rows = np.asarray(checked.rows, dtype=np.int64)
-        where = np.empty_like(rows)
-        for seg in batch.segments:
-            inside = (rows >= seg.offset) & (rows < seg.offset + seg.rows)
-            number = files.setdefault(seg.file, len(files))
-            where[inside] = (number << 32) + seg.start_row - seg.offset + rows[inside]
+        # each row's segment by binary search (a batch spans up to thousands of small files)
+        offsets = np.fromiter((seg.offset for seg in batch.segments), np.int64)
+        base = np.fromiter(
+            (
+                (files.setdefault(seg.file, len(files)) << 32) + seg.start_row - seg.offset
+                for seg in batch.segments
+            ),
+            np.int64,
+        )
+        where = base[np.searchsorted(offsets, rows, side="right") - 1] + rows
         keys.append(_key_values(checked))
         positions.append(where)
     return _comparable(keys), positions, files
