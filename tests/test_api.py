@@ -5,6 +5,7 @@ from __future__ import annotations
 import itertools
 import json
 import socket
+import statistics
 import threading
 import time
 import weakref
@@ -321,3 +322,26 @@ def test_many_event_streams_share_one_reader_and_each_sees_every_change(
     # at most one read per max age and one rendering per interval, whatever the streams
     assert len(reads) <= elapsed / STATUS_MAX_AGE_SECONDS + 2, (len(reads), elapsed)
     assert len(rendered) <= 2 * elapsed / jobs_api.POLL_SECONDS + 5, (len(rendered), elapsed)
+
+
+def test_answers_on_a_kept_alive_connection_do_not_wait_for_a_delayed_ack(
+    serve: ServeProcess,
+) -> None:
+    """Browsers and clients keep connections alive. The listening socket must say it is TCP
+    so that asyncio sets TCP_NODELAY on each connection: without it, every answer after
+    the first waited for the client's delayed ACK (~40 ms on Linux) between its headers
+    and its body."""
+    from lakesync.api.server import bind
+
+    sock = bind("127.0.0.1", 0)
+    try:
+        assert sock.proto == socket.IPPROTO_TCP
+    finally:
+        sock.close()
+    with httpx.Client(base_url=serve.url, timeout=10) as http:
+        took = []
+        for _ in range(21):
+            started = time.perf_counter()
+            assert http.get("/healthz").status_code == 200
+            took.append(time.perf_counter() - started)
+    assert statistics.median(took) < 0.02, took  # a delayed ACK makes each >= 0.04 s

@@ -56,7 +56,10 @@ def check_exposure(settings: Settings, host: str) -> None:
 def bind(host: str, port: int) -> socket.socket:
     """The listening socket, bound before anything says "serving"; a clear error if taken."""
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
-    sock = socket.socket(family, socket.SOCK_STREAM)
+    # IPPROTO_TCP named: asyncio sets TCP_NODELAY only on connections whose socket says so.
+    # Without it every answer on a kept-alive connection waited ~40 ms for a delayed ACK
+    # (headers and body are two writes), so polls took 44 ms instead of 2.
+    sock = socket.socket(family, socket.SOCK_STREAM, socket.IPPROTO_TCP)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     try:
         sock.bind((host, port))
