@@ -1042,32 +1042,21 @@ def _row_group_slices(
     Memory holds a batch and each column's current page, not the row group. Row groups are
     read one at a time: on S3 each is fetched in a few large requests (pre-buffered).
     """
-    keys = ds.get_partition_keys(fragment.partition_expression)
-    physical = set(fragment.physical_schema.names) - set(keys)  # a partition value wins
-    names = schema.names if columns is None or filter is not None else columns
-    read = [n for n in names if n in physical]
+    view = _View.of(fragment, fragment.physical_schema, schema, columns, filter)
     local = fragment.filesystem.type_name == "local"
-    source = pq.ParquetFile(
+    source = _parquet_file(
         fragment.path,
+        fragment.metadata,  # the footer read at open, not read again
         filesystem=fragment.filesystem,
-        metadata=fragment.metadata,  # the footer read at open, not read again
         pre_buffer=not local,
         buffer_size=_SLICE_BUFFER if local else 0,
-        coerce_int96_timestamp_unit="us",  # as the dataset reads it (_INT96)
-        arrow_extensions_enabled=False,  # the dataset scanner's default
     )
-    target = pa.schema([schema.field(n) for n in names])
     try:
         for group in fragment.row_groups:
             for raw in source.iter_batches(
-                size, row_groups=[group.id], columns=read, use_threads=False
+                size, row_groups=[group.id], columns=view.read, use_threads=False
             ):
-                batch = _conformed(raw, target, physical, keys)
-                if filter is not None:
-                    batch = batch.filter(filter)
-                    if columns is not None:
-                        batch = batch.select(columns)
-                yield batch
+                yield view.of_raw(raw)
     finally:
         source.close()
 
@@ -1078,15 +1067,16 @@ def _in_reach(fragment: Any) -> bool:
     return fragment.filesystem is None or fragment.filesystem.type_name == "local"
 
 
-def _parquet_file(source: Any, metadata: Any = None) -> pq.ParquetFile:
-    """An open Parquet file (local, or in memory), read as the dataset reads it (``_INT96``,
-    no extension types); ``metadata``: its footer, already read."""
+def _parquet_file(source: Any, metadata: Any = None, **options: Any) -> pq.ParquetFile:
+    """An open Parquet file read as the dataset reads it (``_INT96``, no extension types);
+    ``metadata``: its footer, already read. By default not pre-buffered: local, or in
+    memory."""
     return pq.ParquetFile(
         source,
         metadata=metadata,
-        pre_buffer=False,
         coerce_int96_timestamp_unit="us",  # as the dataset reads it (_INT96)
         arrow_extensions_enabled=False,  # the dataset scanner's default
+        **({"pre_buffer": False} | options),
     )
 
 
@@ -1111,26 +1101,61 @@ def _read_plain(
     filter: pc.Expression | None,
 ) -> pa.Table | None:
     """``source`` (the file of ``fragment``) read whole as the dataset scanner reads it with
-    ``schema``: its columns (or ``columns``) cast to the schema's types, partition values
-    and nulls for the columns the file lacks, after ``filter``. None when none of the
-    columns read is in the file (the scanner reads those)."""
-    keys = ds.get_partition_keys(fragment.partition_expression)
-    physical = set(source.schema_arrow.names) - set(keys)  # a partition value wins
-    names = schema.names if columns is None or filter is not None else columns
-    read = [n for n in names if n in physical]
-    if not read:
+    ``schema`` (see ``_View``). None when none of the columns read is in the file (the
+    scanner reads those)."""
+    view = _View.of(fragment, source.schema_arrow, schema, columns, filter)
+    if not view.read:
         return None
-    target = pa.schema([schema.field(n) for n in names])
-    batches = []
-    for raw in source.read(columns=read, use_threads=False).to_batches():
-        batch = _conformed(raw, target, physical, keys)
-        if filter is not None:
-            batch = batch.filter(filter)
-            if columns is not None:
-                batch = batch.select(columns)
-        batches.append(batch)
-    shown = names if columns is None or filter is None else columns
-    return pa.Table.from_batches(batches, schema=pa.schema([schema.field(n) for n in shown]))
+    table = source.read(columns=view.read, use_threads=False)
+    return pa.Table.from_batches([view.of_raw(b) for b in table.to_batches()], view.shown)
+
+
+@dataclass(frozen=True)
+class _View:
+    """How batches read straight from a Parquet file (``pq.ParquetFile``, not the dataset
+    scanner) become what the scanner gives for the file with the lake's ``schema``: the
+    file's columns to read, cast to the schema's types, hive partition values, nulls for
+    the columns the file lacks, then the filter and the columns asked for."""
+
+    read: list[str]  # the file's columns to read
+    target: pa.Schema  # the columns conformed before the filter (it may need others)
+    shown: pa.Schema  # the columns given
+    physical: set[str]
+    keys: dict[str, Any]
+    filter: pc.Expression | None
+    columns: list[str] | None
+
+    @classmethod
+    def of(
+        cls,
+        fragment: Any,
+        file_schema: pa.Schema,
+        schema: pa.Schema,
+        columns: list[str] | None,
+        filter: pc.Expression | None,
+    ) -> _View:
+        keys = ds.get_partition_keys(fragment.partition_expression)
+        physical = set(file_schema.names) - set(keys)  # a partition value wins
+        names = schema.names if columns is None or filter is not None else columns
+        shown = names if columns is None or filter is None else columns
+        return cls(
+            read=[n for n in names if n in physical],
+            target=pa.schema([schema.field(n) for n in names]),
+            shown=pa.schema([schema.field(n) for n in shown]),
+            physical=physical,
+            keys=keys,
+            filter=filter,
+            columns=columns,
+        )
+
+    def of_raw(self, raw: pa.RecordBatch) -> pa.RecordBatch:
+        """``raw`` (the ``read`` columns of the file) as the scanner gives it."""
+        batch = _conformed(raw, self.target, self.physical, self.keys)
+        if self.filter is not None:
+            batch = batch.filter(self.filter)
+            if self.columns is not None:
+                batch = batch.select(self.columns)
+        return batch
 
 
 def _conformed(
