@@ -831,12 +831,19 @@ class Lake:
 
         counts = self.file_row_counts() if self._parquet else None
         small = max(size, _SMALL_FILE_ROWS)
+
+        def weight(index: int) -> int:
+            """A file read whole: its decoded size (at least 1); one streamed: 0."""
+            if counts is None or counts[index] > small:
+                return 0
+            decoded = self._decoded_bytes(index)
+            return 0 if decoded > _SMALL_FILE_BYTES else max(decoded, 1)
+
+        wanted = (i for i in indexes if filter is None or i not in self._ruled_out)
         s3 = self.files[0].startswith("s3://") if self.files else False
         if not s3:  # one after another, in this thread
-            for index in indexes:
-                if filter is None or index not in self._ruled_out:
-                    whole = counts is not None and counts[index] <= small
-                    yield batches(index, whole and self._decoded_bytes(index) <= _SMALL_FILE_BYTES)
+            for index in wanted:
+                yield batches(index, weight(index) > 0)
             return
         threads = _S3_READ_THREADS
         with ThreadPoolExecutor(threads, thread_name_prefix="lake-read") as pool:
@@ -844,24 +851,18 @@ class Lake:
                 collections.deque()
             )
             held = 0  # decoded bytes of the files read ahead
-            for index in indexes:
-                if filter is not None and index in self._ruled_out:
-                    continue  # its statistics say the filter keeps none of its rows
-                weight = 0  # a file read whole counts its decoded size; a streamed one none
-                if counts is not None and counts[index] <= small:
-                    weight = self._decoded_bytes(index)
-                    weight = 0 if weight > _SMALL_FILE_BYTES else max(weight, 1)
-                whole = weight > 0
-                future = pool.submit(list, batches(index, True)) if whole else None
-                ahead.append((index, future, weight))
-                held += weight
+            for index in wanted:  # not those the filter rules out by their statistics
+                cost = weight(index)
+                future = pool.submit(list, batches(index, True)) if cost else None
+                ahead.append((index, future, cost))
+                held += cost
                 while (
                     len(ahead) > max(_READ_AHEAD, threads)
                     or held > _READ_AHEAD_BYTES
                     or (ahead and ahead[0][1] is None)
                 ):
-                    first, future, weight = ahead.popleft()
-                    held -= weight
+                    first, future, cost = ahead.popleft()
+                    held -= cost
                     yield batches(first) if future is None else future.result()
             while ahead:
                 first, future, _ = ahead.popleft()
