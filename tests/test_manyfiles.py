@@ -476,3 +476,19 @@ def test_s3_endpoint_url_with_a_path_reads_as_pyarrow_does(
     put_lake(s3_url, small_files(tmp_path / "lake", files=1, unique=True), "ep")
     lake = Lake.open("s3://many/ep", settings=s3_settings(settings, s3_url + "/prefix"))
     assert sum(b.table.num_rows for b in lake.batches(1000)) == sum(lake.file_row_counts())
+
+
+@pytest.mark.parametrize("order", ["reverse", "random"])
+def test_s3_lake_of_repeated_keys_partitioned_in_any_order_equals_the_reference(
+    settings: Settings, s3_url: str, proxy: CountingProxy, tmp_path: Path, order: str
+) -> None:
+    """Keys repeated across and within files, bad records, files fetched whole on S3 and
+    decoded from memory, partitions run in reverse or random order: the newest valid
+    version of every key, exact counts, as a sequential reading of the lake gives them."""
+    local = small_files(tmp_path / "lake", files=60, seed=11)
+    put_lake(s3_url, local, f"rep-{order}")
+    parted = s3_lake(fresh(settings, tmp_path), proxy, f"rep-{order}", partition_rows=ROWS * 9)
+    done = run_partitioned(parted, order, seed=3)
+    assert done.partitions and done.partitions >= 6
+    assert_like_reference(done, database_of(parted), local)
+    assert proxy.counts["HEAD"] <= 2 * (1 + done.partitions)
