@@ -54,7 +54,17 @@ from lakesync.lake import LakeBatch
 from lakesync.models import Counters, utcnow
 from lakesync.repeats import Superseded
 from lakesync.schema import RecordSchema, Rejection, Validated, validate
-from lakesync.typemap import KEY_CODEC, key_filter, lookup_key, replace_filter, server_limits
+from lakesync.typemap import (
+    KEY_CODEC,
+    KEY_DIGEST_FIELD,
+    id_digest,
+    key_digest,
+    key_filter,
+    lookup_key,
+    replace_filter,
+    server_limits,
+    uses_key_digest,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -82,9 +92,13 @@ class Counted(Enum):
     UPDATED = "u"  # written with ReplaceOne, upsert
 
 
-def marker_bson(h: str, job: str, op: str, at: tuple[int, int]) -> bytes:
-    """The marker ``{h, job, op, at: [file index, row]}`` as BSON."""
-    return bson.encode({"h": h, "job": job, "op": op, "at": [at[0], at[1]]})
+def marker_bson(h: str, job: str, op: str, at: tuple[int, int], k: str | None = None) -> bytes:
+    """The marker ``{h, job, op, at: [file index, row]}`` as BSON, with ``k`` (the key's
+    digest) where the server finds documents by it (``typemap.uses_key_digest``)."""
+    marker: dict[str, Any] = {"h": h, "job": job, "op": op, "at": [at[0], at[1]]}
+    if k is not None:
+        marker["k"] = k
+    return bson.encode(marker)
 
 
 def with_marker(body: bytes, marker: bytes) -> bytes:
@@ -93,19 +107,34 @@ def with_marker(body: bytes, marker: bytes) -> bytes:
     return b"".join((_I32.pack(size), body[4:-1], _MARKER_ELEMENT, marker, b"\x00"))
 
 
-def marked(body: bytes, h: str, job: str, op: str, at: tuple[int, int]) -> RawBSONDocument:
+def marked(
+    body: bytes, h: str, job: str, op: str, at: tuple[int, int], k: str | None = None
+) -> RawBSONDocument:
     """What is written for a record: its BSON ``body`` with its marker, ready for pymongo."""
-    return RawBSONDocument(with_marker(body, marker_bson(h, job, op, at)))
+    return RawBSONDocument(with_marker(body, marker_bson(h, job, op, at, k)))
+
+
+def id_element(body: bytes) -> bytes:
+    """The BSON element of a document's ``_id``: its first field, as lakesync writes it."""
+    if body[4] != 0x03 or body[5:9] != b"_id\x00":  # a subdocument named _id
+        raise ValueError("the document does not start with a subdocument _id")
+    return body[4 : 9 + _I32.unpack_from(body, 9)[0]]
 
 
 def _new_documents(
-    job: str, batch: LakeBatch, rows: list[int], bodies: list[bytes], digests: list[str]
+    job: str,
+    batch: LakeBatch,
+    rows: list[int],
+    bodies: list[bytes],
+    digests: list[str],
+    kdigests: list[str] | None,
 ) -> list[RawBSONDocument]:
     """The documents that insert these records (batch rows ``rows``)."""
     op = Counted.INSERTED.value
+    ks: list[str] | list[None] = kdigests if kdigests is not None else [None] * len(rows)
     return [
-        marked(body, h, job, op, batch.at(row))
-        for row, body, h in zip(rows, bodies, digests, strict=True)
+        marked(body, h, job, op, batch.at(row), k)
+        for row, body, h, k in zip(rows, bodies, digests, ks, strict=True)
     ]
 
 
@@ -120,10 +149,11 @@ class Write:
     h: str
     job: str
     at: tuple[int, int]  # file index, row in the file
+    k: str | None = None  # the key's digest, where documents are found by it
 
     def document(self) -> RawBSONDocument:
         """What is written: the record and its marker, already BSON."""
-        return marked(self.body, self.h, self.job, self.counted.value, self.at)
+        return marked(self.body, self.h, self.job, self.counted.value, self.at, self.k)
 
 
 @dataclass
@@ -136,6 +166,7 @@ class Prepared:
     rows: list[int]  # its row in the batch
     bodies: list[bytes]  # its BSON
     digests: list[str]  # and its content hash
+    kdigests: list[str] | None = None  # its key's digest, where documents are found by it
     duplicates: int = 0  # valid records left out: a later record of their key replaces them
     inserts: list[RawBSONDocument] | None = None  # the documents, if they are all new
 
@@ -168,6 +199,10 @@ class CopyEngine:
         #: the job's records that a later record of the same key replaces (repeats.py)
         self.superseded = superseded or Superseded()
         self.limits = server_limits(target)  # what the server cannot store or find
+        #: documents are found by the digest of their (composite) key: typemap.uses_key_digest
+        self.by_digest = uses_key_digest(schema.key, self.limits)
+        if self.by_digest:
+            self._index_key_digests()
         #: none of the last batch's keys existed: insert the next batch without reading first
         self._assume_new = False
 
@@ -187,10 +222,31 @@ class CopyEngine:
             keys, rows = [keys[i] for i in keep], [rows[i] for i in keep]
             bodies = [bodies[i] for i in keep]
         digests = [digest(b) for b in bodies]
-        ready = Prepared(batch.table, checked, keys, rows, bodies, digests, duplicates)
+        kdigests = [key_digest(id_element(b)) for b in bodies] if self.by_digest else None
+        ready = Prepared(
+            batch.table, checked, keys, rows, bodies, digests, kdigests, duplicates=duplicates
+        )
         if self._assume_new:  # most likely inserted as they are: build the documents now
-            ready.inserts = _new_documents(self.job_id, batch, rows, bodies, digests)
+            ready.inserts = _new_documents(self.job_id, batch, rows, bodies, digests, kdigests)
         return ready
+
+    def _index_key_digests(self) -> None:
+        """Index ``_lakesync.k``, and give it to documents that lack it (written before it
+        existed, or by another tool): one update each, once per collection."""
+        self.target.create_index(KEY_DIGEST_FIELD, name="lakesync_key_digest")
+        target = self.target.with_options(codec_options=KEY_CODEC)
+        lacking = target.find({KEY_DIGEST_FIELD: {"$exists": False}}, {"_id": 1})
+        done = 0
+        for doc in lacking:
+            key = doc["_id"]
+            if not isinstance(key, dict) or not key:
+                continue  # not a composite key: no record of this job can have it
+            where = {f"_id.{name}": value for name, value in key.items()}
+            where[KEY_DIGEST_FIELD] = {"$exists": False}
+            target.update_one(where, {"$set": {KEY_DIGEST_FIELD: id_digest(key)}})
+            done += 1
+        if done:
+            logger.info("gave %d document(s) of %s their key digest", done, self.target.name)
 
     def _winners(self, batch: LakeBatch, keys: list[Any], rows: list[int]) -> list[int] | None:
         """Indexes (into ``rows``) of the records to write; None when that is all of them.
@@ -237,23 +293,24 @@ class CopyEngine:
         rejected: list[dict[str, Any]],
     ) -> None:
         """Count each record against its stored marker and write the new and changed ones."""
-        bodies, digests = ready.bodies, ready.digests
+        bodies, digests, ks = ready.bodies, ready.digests, ready.kdigests
         if not self._assume_new:
-            existing = self._markers(keys)
-            plan = self._classify(keys, rows, bodies, digests, existing, batch, counts)
+            existing = self._markers(keys, ks)
+            plan = self._classify(keys, rows, bodies, digests, ks, existing, batch, counts)
             self._execute(plan, counts, rejected, batch)
             self._assume_new = not existing
             return
         docs = ready.inserts
         if docs is None:
-            docs = _new_documents(self.job_id, batch, rows, bodies, digests)
+            docs = _new_documents(self.job_id, batch, rows, bodies, digests, ks)
         taken = self._insert(docs, keys, rows, batch, counts, rejected)
         if taken:  # these keys existed after all: classify them as usual
             self._assume_new = False
             keys, rows = [keys[i] for i in taken], [rows[i] for i in taken]
             bodies, digests = [bodies[i] for i in taken], [digests[i] for i in taken]
-            existing = self._markers(keys)
-            plan = self._classify(keys, rows, bodies, digests, existing, batch, counts)
+            ks = None if ks is None else [ks[i] for i in taken]
+            existing = self._markers(keys, ks)
+            plan = self._classify(keys, rows, bodies, digests, ks, existing, batch, counts)
             self._execute(plan, counts, rejected, batch)
 
     def _insert(
@@ -293,17 +350,27 @@ class CopyEngine:
             start = stop
         return taken
 
-    def _markers(self, keys: Sequence[Any]) -> dict[Any, dict[str, Any]]:
-        """The stored marker of each key that has a document ({} for one without a marker)."""
+    def _markers(self, keys: Sequence[Any], ks: list[str] | None) -> dict[Any, dict[str, Any]]:
+        """The stored marker of each key that has a document ({} for one without a marker).
+
+        One query for the batch, answered from an index (the ``_id``'s, or the key digest's
+        where ``ks`` are given); the documents found are matched to keys by their ``_id``.
+        """
         target = self.target.with_options(codec_options=KEY_CODEC)
-        query = key_filter(list(keys), self.limits)
-        found = target.find(query, {MARKER: 1}, batch_size=len(keys))
+        found = target.find(key_filter(list(keys), ks), {MARKER: 1}, batch_size=len(keys))
         return {lookup_key(d["_id"]): d.get(MARKER) or {} for d in found}
 
     def _write(
-        self, counted: Counted, key: Any, row: int, body: bytes, h: str, batch: LakeBatch
+        self,
+        counted: Counted,
+        key: Any,
+        row: int,
+        body: bytes,
+        h: str,
+        k: str | None,
+        batch: LakeBatch,
     ) -> Write:
-        return Write(counted, key, row, body, h, self.job_id, batch.at(row))
+        return Write(counted, key, row, body, h, self.job_id, batch.at(row), k)
 
     def _classify(
         self,
@@ -311,6 +378,7 @@ class CopyEngine:
         rows: list[int],
         bodies: list[bytes],
         digests: list[str],
+        ks: list[str] | None,
         existing: dict[Any, dict[str, Any]],
         batch: LakeBatch,
         counts: Counters,
@@ -322,10 +390,11 @@ class CopyEngine:
         this very batch (a replay), which count as the job counted them then.
         """
         plan: list[Write] = []
-        for key, row, body, h in zip(keys, rows, bodies, digests, strict=True):
+        kk: list[str] | list[None] = ks if ks is not None else [None] * len(keys)
+        for key, row, body, h, k in zip(keys, rows, bodies, digests, kk, strict=True):
             marker = existing.get(key)
             if marker is None:
-                plan.append(self._write(Counted.INSERTED, key, row, body, h, batch))
+                plan.append(self._write(Counted.INSERTED, key, row, body, h, k, batch))
             elif self._replayed(marker, h, batch):
                 op = marker.get("op")
                 if op == Counted.INSERTED.value:
@@ -337,7 +406,7 @@ class CopyEngine:
             elif marker.get("h") == h:
                 counts.unchanged += 1
             else:
-                plan.append(self._write(Counted.UPDATED, key, row, body, h, batch))
+                plan.append(self._write(Counted.UPDATED, key, row, body, h, k, batch))
         return plan
 
     def _replayed(self, marker: Mapping[str, Any], h: str, batch: LakeBatch) -> bool:
@@ -383,7 +452,7 @@ class CopyEngine:
         ops: list[Any] = [
             InsertOne(doc)
             if w.counted is Counted.INSERTED
-            else ReplaceOne(replace_filter(w.key, self.limits), doc, upsert=True)
+            else ReplaceOne(replace_filter(w.key, w.k), doc, upsert=True)
             for w, doc in chunk
         ]
         try:

@@ -9,12 +9,14 @@ records are refused before they are sent, with the limit named.
 
 from __future__ import annotations
 
+import hashlib
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
 from decimal import Decimal
 from typing import Any
 
+import bson
 import pyarrow as pa
 import pyarrow.compute as pc
 from bson import SON, Decimal128
@@ -46,7 +48,9 @@ class ServerLimits:
     date_range: tuple[int, int] | None = None  # milliseconds it can store
     #: key value types it cannot find documents by (a rerun could not compare them)
     unfindable_keys: tuple[type, ...] = ()
-    dotted_key_lookup: bool = False  # composite _id: look up by "_id.<field>" equalities
+    #: composite ``_id``: find and replace documents by ``_lakesync.k``, an indexed digest of
+    #: the ``_id``'s BSON, instead of by the subdocument (see ``key_filter``)
+    key_digest: bool = False
 
     def refuse(self, what: str) -> Unstorable:
         """The rejection for a value this server cannot take."""
@@ -56,15 +60,15 @@ class ServerLimits:
 MONGODB = ServerLimits()
 #: measured against nx-27017 (tests/test_types.py): Decimal128, NaN and +-Infinity are
 #: refused ("Invalid JSON document"), dates outside years 1-9999 break the connection,
-#: documents cannot be found by a boolean, binary or double _id, nor by a subdocument _id
-#: except through its fields ("_id.a")
+#: documents cannot be found by a boolean, binary or double _id; a subdocument _id is
+#: compared in Python, a scan of the collection per query, and cannot be a replace's filter
 NX_27017 = ServerLimits(
     name="nx-27017, the embedded server",
     decimal128=False,
     non_finite=False,
     date_range=(DATETIME_MIN_MS, DATETIME_MAX_MS),
     unfindable_keys=(bool, bytes, float),
-    dotted_key_lookup=True,
+    key_digest=True,
 )
 
 
@@ -120,22 +124,47 @@ def stored_key(value: Any) -> Any:
     return _hashable(value)
 
 
-def key_filter(keys: list[Any], limits: ServerLimits) -> dict[str, Any]:
-    """The query that finds the documents of these keys."""
-    if limits.dotted_key_lookup and keys and isinstance(keys[0], dict):
-        return {"$or": [_dotted(k) for k in keys]}
+#: the field of the marker (copy.MARKER) that holds a composite key's digest, where used
+KEY_DIGEST_FIELD = "_lakesync.k"
+
+
+def uses_key_digest(key: str | list[str], limits: ServerLimits) -> bool:
+    """Whether documents of this key are found by their key digest on this server.
+
+    The one place lakesync's data model bends to a server: on nx-27017 a query on a
+    subdocument ``_id`` scans the collection in Python (a re-sync of N records would cost
+    N/batch scans: quadratic) and a replace cannot name one, so each document with a
+    composite key also carries ``_lakesync.k``, the digest of its ``_id``'s BSON, indexed.
+    The digest only narrows the search: a document found by it is matched to the record
+    by its ``_id`` (``lookup_key``), so a lookup stays exact. On MongoDB the ``_id`` index
+    answers ``_id: {$in: [...]}`` directly and no digest is stored.
+    """
+    return limits.key_digest and not isinstance(key, str)
+
+
+def key_digest(id_element: bytes) -> str:
+    """The digest of a document's ``_id``: a hash of its BSON element, field order included."""
+    return hashlib.blake2b(id_element, digest_size=12).hexdigest()
+
+
+def id_digest(value: Any) -> str:
+    """``key_digest`` of an ``_id`` value (as read back, or as validated)."""
+    raw = bson.encode({"_id": value}, codec_options=KEY_CODEC)
+    return key_digest(raw[4:-1])
+
+
+def key_filter(keys: list[Any], digests: list[str] | None) -> dict[str, Any]:
+    """The query that finds the documents of these keys (by digest, when there are any)."""
+    if digests is not None:
+        return {KEY_DIGEST_FIELD: {"$in": digests}}
     return {"_id": {"$in": keys}}
 
 
-def replace_filter(key: Any, limits: ServerLimits) -> dict[str, Any]:
+def replace_filter(key: Any, digest: str | None) -> dict[str, Any]:
     """The filter of the replace that writes the document of ``key``."""
-    if limits.dotted_key_lookup and isinstance(key, dict):
-        return _dotted(key)
+    if digest is not None:
+        return {KEY_DIGEST_FIELD: digest}
     return {"_id": key}
-
-
-def _dotted(key: dict[str, Any]) -> dict[str, Any]:
-    return {f"_id.{k}": v for k, v in key.items()}
 
 
 # -- Arrow types ----------------------------------------------------------------------------
