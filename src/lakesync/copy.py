@@ -127,7 +127,7 @@ def _new_documents(
     rows: list[int],
     bodies: list[bytes],
     digests: list[str],
-    kdigests: list[str] | None,
+    kdigests: list[str] | None = None,
 ) -> list[RawBSONDocument]:
     """The documents that insert these records (batch rows ``rows``)."""
     op = Counted.INSERTED.value

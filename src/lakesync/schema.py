@@ -27,14 +27,22 @@ from lakesync.encode import encode_rows, writes
 from lakesync.errors import SourceError
 from lakesync.typemap import (
     INT64_MAX,
+    MARKER_RESERVE,
+    MAX_DOCUMENT_BYTES,
+    MAX_NESTING,
     MONGODB,
     CompositeKey,
     ServerLimits,
     bson_error,
     decoded,
+    field_name_problem,
     is_nested,
     python_values,
     stored_key,
+    too_deep,
+    too_large,
+    type_depth,
+    value_depth,
     value_type,
 )
 
@@ -378,6 +386,11 @@ def _storable(
         pa.types.is_timestamp(value_type(col.type)) or pa.types.is_date(value_type(col.type))
     ):
         values, bad = python_values(col, limits)
+        if 1 + type_depth(col.type) > MAX_NESTING:  # the document is level 1
+            for i, value in enumerate(values):
+                depth = 1 + value_depth(value)
+                if depth > MAX_NESTING and i not in bad:
+                    bad[i] = too_deep(depth)
         return values, {i: f"{name}: {why}" for i, why in bad.items()}
     prepared = _prepare(col)
     bad = {}
@@ -455,6 +468,12 @@ def validate(
         for name in table.column_names:
             if name not in names:
                 columns[name] = table.column(name).combine_chunks()
+    composite = not isinstance(schema.key, str)
+    for name in columns:  # MongoDB's field name rules: the name is in every record
+        problem = field_name_problem(name, top=True, in_id=composite and name in key_columns)
+        if problem:
+            for i in range(n):
+                reasons.setdefault(i, f"{name!r:.80}: the field name {problem}")
     stored: dict[str, pa.Array | list[Any]] = {}
     for name, col in columns.items():
         stored[name], bad = _storable(name, col, limits)
@@ -507,19 +526,25 @@ _TYPE_NAMES = {bool: "boolean", bytes: "binary value", float: "double"}
 
 
 def _encode_or_reject(out: Validated) -> Validated:
-    """Encode the documents; a document bson.encode refuses rejects its record."""
-    try:
-        out.encoded()
-        return out
-    except Exception:  # one bad document: find it, encode the others
-        pass
-    bodies: list[bytes] = []
+    """Encode the documents; a document bson.encode refuses, or one larger than MongoDB
+    stores (``typemap.MAX_DOCUMENT_BYTES``, with room for the marker), rejects its record."""
     failed: dict[int, str] = {}
-    for j, doc in enumerate(out.documents):
-        try:
-            bodies.append(bson.encode(doc))
-        except Exception as e:  # InvalidDocument, OverflowError, ...
-            failed[j] = bson_error(e)
+    try:
+        bodies = out.encoded()
+    except Exception:  # one bad document: find it, encode the others
+        bodies = []
+        for j, doc in enumerate(out.documents):
+            try:
+                bodies.append(bson.encode(doc))
+            except Exception as e:  # InvalidDocument, OverflowError, ...
+                failed[j] = bson_error(e)
+                bodies.append(b"")
+    limit = MAX_DOCUMENT_BYTES - MARKER_RESERVE
+    if bodies and max(map(len, bodies)) > limit:
+        failed.update({j: too_large(len(b)) for j, b in enumerate(bodies) if len(b) > limit})
+    if not failed:
+        out.bodies = bodies
+        return out
     keys = out.keys
     rejections = out.rejections + [
         Rejection(row=out.rows[j], key=_key_text(keys[j]), reason=why) for j, why in failed.items()
@@ -531,7 +556,7 @@ def _encode_or_reject(out: Validated) -> Validated:
         columns={k: v.take(pa.array(keep, pa.int64())) for k, v in out.columns.items()},
         key=out.key,
         values={k: [v[j] for j in keep] for k, v in out.values.items()},
-        bodies=bodies,
+        bodies=[bodies[j] for j in keep],
     )
     return kept
 

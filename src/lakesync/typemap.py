@@ -328,12 +328,84 @@ def _map(kind: pa.MapType, limits: ServerLimits) -> Convert:
 
 
 def check_field_name(name: str, what: str) -> None:
-    """Raise Unstorable for a field name MongoDB cannot take ($-prefixed, with '.' or NUL)."""
-    if name.startswith("$") or "." in name or "\x00" in name or not name:
-        raise Unstorable(
-            f"{what} {name!r} cannot be a MongoDB field name (it is empty, starts with '$', "
-            "or holds '.' or NUL)"
+    """Raise Unstorable for a nested field name MongoDB cannot store (one holding NUL)."""
+    problem = field_name_problem(name)
+    if problem:
+        raise Unstorable(f"{what} {name!r:.80} {problem}")
+
+
+# -- MongoDB's document rules, enforced by lakesync on every server (README "Limits") --------
+
+#: MongoDB's largest document (BSON bytes), for the document as written: record and marker
+MAX_DOCUMENT_BYTES = 16 * 1024 * 1024
+#: room kept for the ``_lakesync`` marker copy.py appends (tests/test_limits.py measures it)
+MARKER_RESERVE = 256
+#: MongoDB's documented nesting limit: the document is level 1, each non-empty
+#: subdocument or array inside it one more (the server itself refuses beyond 180 levels)
+MAX_NESTING = 100
+
+
+def field_name_problem(name: str, *, top: bool = False, in_id: bool = False) -> str | None:
+    """Why MongoDB cannot store a field of this name here, or None.
+
+    Everywhere: no NUL (BSON ends names with it). At the top level: no ``$`` prefix (a
+    replacement, which is how lakesync writes a changed record, refuses one; an insert
+    would take it, so the first copy and the next would differ). In a composite ``_id``:
+    neither a ``$`` prefix nor a ``.`` (MongoDB refuses them as subfields of ``_id``).
+    Empty names and, elsewhere, ``.`` and ``$`` are stored by MongoDB 5.0 and later.
+    """
+    if "\x00" in name:
+        return "holds a NUL character, which no MongoDB field name can"
+    if in_id and (name.startswith("$") or "." in name):
+        return "cannot name a field of a composite _id (MongoDB refuses '$' and '.' there)"
+    if top and name.startswith("$"):
+        return (
+            "starts with '$', which MongoDB refuses at the top level of a replaced document "
+            "(lakesync replaces changed records); rename the column"
         )
+    return None
+
+
+def type_depth(kind: pa.DataType) -> int:
+    """The most levels of nesting a value of this Arrow type can add (0: a scalar)."""
+    kind = value_type(kind)
+    if pa.types.is_struct(kind):
+        return 1 + max((type_depth(f.type) for f in kind), default=0)
+    if pa.types.is_map(kind):
+        inner = type_depth(kind.item_type)
+        if pa.types.is_string(value_type(kind.key_type)) or pa.types.is_large_string(
+            value_type(kind.key_type)
+        ):
+            return 1 + inner  # a subdocument
+        return 2 + max(inner, type_depth(kind.key_type))  # a list of {k, v}
+    item = getattr(kind, "value_type", None)  # lists of any kind
+    if is_nested(kind) and item is not None:
+        return 1 + type_depth(item)
+    return 0
+
+
+def value_depth(value: Any) -> int:
+    """Levels of nesting a BSON-ready value adds, as MongoDB counts them (empty ones: none)."""
+    if isinstance(value, dict) and value:
+        return 1 + max(value_depth(v) for v in value.values())
+    if isinstance(value, list) and value:
+        return 1 + max(value_depth(v) for v in value)
+    return 0
+
+
+def too_deep(depth: int) -> str:
+    """The rejection reason for a document nested ``depth`` levels."""
+    return (
+        f"the document is nested {depth} levels deep; MongoDB stores at most {MAX_NESTING}"
+    )
+
+
+def too_large(size: int) -> str:
+    """The rejection reason for a record whose BSON (``_id`` included) is ``size`` bytes."""
+    return (
+        f"the document is {size:,} bytes of BSON (with its _id), more than MongoDB's 16 MiB "
+        f"({MAX_DOCUMENT_BYTES:,} bytes) once lakesync's marker is added"
+    )
 
 
 def _double(value: float, limits: ServerLimits) -> float:
