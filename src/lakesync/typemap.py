@@ -395,9 +395,7 @@ def value_depth(value: Any) -> int:
 
 def too_deep(depth: int) -> str:
     """The rejection reason for a document nested ``depth`` levels."""
-    return (
-        f"the document is nested {depth} levels deep; MongoDB stores at most {MAX_NESTING}"
-    )
+    return f"the document is nested {depth} levels deep; MongoDB stores at most {MAX_NESTING}"
 
 
 def too_large(size: int) -> str:
