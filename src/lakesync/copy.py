@@ -6,7 +6,9 @@ replaced documents keep their dates as BSON dates on every MongoDB-wire server.
 
 Each written document carries `_lakesync: {h, job, op, at}`: a hash of its content, the
 job that last wrote it, how that job counted the key (``Counted``: "i" inserted, "u"
-updated) and the lake position (file index in the whole lake, row) it was written from.
+updated) and the lake position (file index in the whole lake, row) it was written from;
+and ``k``, the digest of its composite ``_id``, on a server that cannot look one up
+(``typemap.uses_key_digest``): the batch's read and its replaces then go by ``k``, indexed.
 
 Repeated keys: a job writes one record per key, the last valid one in lake order. The
 records a later record of the same key replaces are found before the job writes anything
@@ -46,7 +48,7 @@ from typing import Any
 
 import bson
 from bson.raw_bson import RawBSONDocument
-from pymongo import InsertOne, ReplaceOne
+from pymongo import InsertOne, ReplaceOne, UpdateOne
 from pymongo.collection import Collection
 from pymongo.errors import BulkWriteError
 
@@ -201,8 +203,7 @@ class CopyEngine:
         self.limits = server_limits(target)  # what the server cannot store or find
         #: documents are found by the digest of their (composite) key: typemap.uses_key_digest
         self.by_digest = uses_key_digest(schema.key, self.limits)
-        if self.by_digest:
-            self._index_key_digests()
+        self._digests_ready = not self.by_digest  # the index exists, old documents have one
         #: none of the last batch's keys existed: insert the next batch without reading first
         self._assume_new = False
 
@@ -232,21 +233,29 @@ class CopyEngine:
 
     def _index_key_digests(self) -> None:
         """Index ``_lakesync.k``, and give it to documents that lack it (written before it
-        existed, or by another tool): one update each, once per collection."""
+        existed, or by another tool): one update each, once per collection. Before the
+        first write of a run; safe to repeat, and to run in several partitions at once."""
         self.target.create_index(KEY_DIGEST_FIELD, name="lakesync_key_digest")
         target = self.target.with_options(codec_options=KEY_CODEC)
         lacking = target.find({KEY_DIGEST_FIELD: {"$exists": False}}, {"_id": 1})
+        ops: list[UpdateOne] = []
         done = 0
         for doc in lacking:
             key = doc["_id"]
             if not isinstance(key, dict) or not key:
                 continue  # not a composite key: no record of this job can have it
+            # by its fields: nx-27017 cannot filter on a whole subdocument _id
             where = {f"_id.{name}": value for name, value in key.items()}
             where[KEY_DIGEST_FIELD] = {"$exists": False}
-            target.update_one(where, {"$set": {KEY_DIGEST_FIELD: id_digest(key)}})
-            done += 1
+            ops.append(UpdateOne(where, {"$set": {KEY_DIGEST_FIELD: id_digest(key)}}))
+            if len(ops) == 1000:
+                done += target.bulk_write(ops, ordered=False).modified_count
+                ops = []
+        if ops:
+            done += target.bulk_write(ops, ordered=False).modified_count
         if done:
             logger.info("gave %d document(s) of %s their key digest", done, self.target.name)
+        self._digests_ready = True
 
     def _winners(self, batch: LakeBatch, keys: list[Any], rows: list[int]) -> list[int] | None:
         """Indexes (into ``rows``) of the records to write; None when that is all of them.
@@ -272,6 +281,8 @@ class CopyEngine:
         ready = batch.prepared
         if not (isinstance(ready, Prepared) and ready.table is batch.table):
             ready = self.prepare(batch)
+        if not self._digests_ready:
+            self._index_key_digests()
         checked = ready.checked
         counts = Counters(processed=batch.table.num_rows, duplicates=ready.duplicates)
         rejected = [self._rejection(batch, r) for r in checked.rejections]
