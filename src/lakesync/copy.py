@@ -59,11 +59,11 @@ from lakesync.schema import RecordSchema, Rejection, Validated, validate
 from lakesync.typemap import (
     KEY_CODEC,
     KEY_DIGEST_FIELD,
+    digest_filter,
     id_digest,
     key_digest,
     key_filter,
     lookup_key,
-    replace_filter,
     server_limits,
     uses_key_digest,
 )
@@ -364,11 +364,21 @@ class CopyEngine:
     def _markers(self, keys: Sequence[Any], ks: list[str] | None) -> dict[Any, dict[str, Any]]:
         """The stored marker of each key that has a document ({} for one without a marker).
 
-        One query for the batch, answered from an index (the ``_id``'s, or the key digest's
-        where ``ks`` are given); the documents found are matched to keys by their ``_id``.
+        One query for the batch, ``_id: {$in: [...]}``, answered from the ``_id`` index; or,
+        where ``ks`` are given (``typemap.uses_key_digest``), one equality query per key on
+        its digest: nx-27017 answers those from the digest's index, but an ``$in`` on any
+        field but ``_id`` with a scan of the whole collection. Either way the documents
+        found are matched to keys by their ``_id``.
         """
         target = self.target.with_options(codec_options=KEY_CODEC)
-        found = target.find(key_filter(list(keys), ks), {MARKER: 1}, batch_size=len(keys))
+        if ks is None:
+            found = list(target.find(key_filter(list(keys)), {MARKER: 1}, batch_size=len(keys)))
+        else:
+            found = [
+                doc
+                for k in ks
+                if (doc := target.find_one(digest_filter(k), {MARKER: 1})) is not None
+            ]
         return {lookup_key(d["_id"]): d.get(MARKER) or {} for d in found}
 
     def _write(
@@ -463,7 +473,7 @@ class CopyEngine:
         ops: list[Any] = [
             InsertOne(doc)
             if w.counted is Counted.INSERTED
-            else ReplaceOne(replace_filter(w.key, w.k), doc, upsert=True)
+            else ReplaceOne({"_id": w.key} if w.k is None else digest_filter(w.k), doc, upsert=True)
             for w, doc in chunk
         ]
         try:

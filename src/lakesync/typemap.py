@@ -49,7 +49,7 @@ class ServerLimits:
     #: key value types it cannot find documents by (a rerun could not compare them)
     unfindable_keys: tuple[type, ...] = ()
     #: composite ``_id``: find and replace documents by ``_lakesync.k``, an indexed digest of
-    #: the ``_id``'s BSON, instead of by the subdocument (see ``key_filter``)
+    #: the ``_id``'s BSON, instead of by the subdocument (see ``uses_key_digest``)
     key_digest: bool = False
 
     def refuse(self, what: str) -> Unstorable:
@@ -134,10 +134,12 @@ def uses_key_digest(key: str | list[str], limits: ServerLimits) -> bool:
     The one place lakesync's data model bends to a server: on nx-27017 a query on a
     subdocument ``_id`` scans the collection in Python (a re-sync of N records would cost
     N/batch scans: quadratic) and a replace cannot name one, so each document with a
-    composite key also carries ``_lakesync.k``, the digest of its ``_id``'s BSON, indexed.
-    The digest only narrows the search: a document found by it is matched to the record
-    by its ``_id`` (``lookup_key``), so a lookup stays exact. On MongoDB the ``_id`` index
-    answers ``_id: {$in: [...]}`` directly and no digest is stored.
+    composite key also carries ``_lakesync.k``, the digest of its ``_id``'s BSON, indexed,
+    and is found by an equality on it (the one query nx-27017 answers from that index: an
+    ``$in`` on a field other than ``_id`` scans the collection in SQL). The digest only
+    narrows the search: a document found by it is matched to the record by its ``_id``
+    (``lookup_key``), so a lookup stays exact. On MongoDB the ``_id`` index answers
+    ``_id: {$in: [...]}`` directly and no digest is stored.
     """
     return limits.key_digest and not isinstance(key, str)
 
@@ -153,18 +155,14 @@ def id_digest(value: Any) -> str:
     return key_digest(raw[4:-1])
 
 
-def key_filter(keys: list[Any], digests: list[str] | None) -> dict[str, Any]:
-    """The query that finds the documents of these keys (by digest, when there are any)."""
-    if digests is not None:
-        return {KEY_DIGEST_FIELD: {"$in": digests}}
+def key_filter(keys: list[Any]) -> dict[str, Any]:
+    """The query that finds the documents of these keys by ``_id`` (one indexed read)."""
     return {"_id": {"$in": keys}}
 
 
-def replace_filter(key: Any, digest: str | None) -> dict[str, Any]:
-    """The filter of the replace that writes the document of ``key``."""
-    if digest is not None:
-        return {KEY_DIGEST_FIELD: digest}
-    return {"_id": key}
+def digest_filter(digest: str) -> dict[str, Any]:
+    """The filter of the document whose key has this digest (``uses_key_digest``)."""
+    return {KEY_DIGEST_FIELD: digest}
 
 
 # -- Arrow types ----------------------------------------------------------------------------
