@@ -55,11 +55,16 @@ def weather(hours: range, temp: float = 0.0, bad: int = 0) -> pa.Table:
     )
 
 
-def operation(settings: Settings, tmp_path: Path, lake: Path, **more: Any) -> Settings:
+def operation(
+    settings: Settings,
+    tmp_path: Path,
+    lake: Path,
+    key: str = '["origin", "time_hour"]',
+    **more: Any,
+) -> Settings:
     path = tmp_path / f"ops-{uuid.uuid4().hex[:6]}.toml"
     path.write_text(
-        f'[operations.weather]\nsource = "{lake}"\ncollection = "weather"\n'
-        'key = ["origin", "time_hour"]\n'
+        f'[operations.weather]\nsource = "{lake}"\ncollection = "weather"\nkey = {key}\n'
     )
     update = {"operations_file": path, "database": "t_" + uuid.uuid4().hex[:12], **more}
     return settings.model_copy(update=update)
@@ -160,6 +165,31 @@ def test_composite_key_rerun_reads_each_record_once_by_its_indexed_digest(
         hot = db.weather.find_one({"_id.origin": "JFK", "_id.time_hour": START})
         assert hot["temp"] > 100 and list(hot["_id"]) == ["origin", "time_hour"]
         assert run_whole(rt).unchangedRecords == total
+
+
+def test_a_single_key_rerun_reads_one_indexed_query_per_batch(
+    settings: Settings, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    lake = tmp_path / "weather"
+    lake.mkdir()
+    table = weather(range(0, 1000))
+    pq.write_table(table.append_column("id", pa.array(range(3000))), lake / "a.parquet")
+    s = operation(settings, tmp_path, lake, key='"id"', batch_size=250)
+    seen = Commands()
+    monkeypatch.setattr(
+        lakesync.mongo, "MongoClient", functools.partial(MongoClient, event_listeners=[seen])
+    )
+    with Runtime(s) as rt:
+        assert run_whole(rt).insertedRecords == 3000
+        seen.reads.clear()
+        seen.returned = 0
+        again = run_whole(rt)
+        assert counts(again) == (3000, 0, 0, 3000, 0, 0)
+        assert len(seen.reads) == 3000 // 250 and seen.returned == 3000
+        assert all(list(f) == ["_id"] and len(f["_id"]["$in"]) == 250 for f in seen.reads)
+        plan = rt.store.db.command("explain", {"find": "weather", "filter": seen.reads[0]})
+        assert "USING INDEX" in str(plan) or "IXSCAN" in str(plan)  # nx-27017 or MongoDB
+        assert rt.store.db.weather.count_documents({KEY_DIGEST_FIELD: {"$exists": True}}) == 0
 
 
 def test_documents_written_before_key_digests_get_theirs_and_rerun_unchanged(
