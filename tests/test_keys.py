@@ -364,6 +364,11 @@ def test_field_names_mongodb_refuses_reject_their_records() -> None:
     out = validate(RecordSchema(key=["a.b", "c"]), dotted)
     assert out.rows == [] and "composite _id" in out.rejections[0].reason
     assert validate(RecordSchema(key="a.b"), dotted).rows == [0, 1]  # a top-level '.' is fine
+    clash = pa.table({"_id": ["x", "y"], "a": [1, 2]})
+    for key in ("a", ["a", "_id"]):
+        out = validate(RecordSchema(key=key), clash)
+        assert out.rows == [] and "take the place of the key" in out.rejections[0].reason
+    assert validate(RecordSchema(key="_id"), clash).ids == ["x", "y"]
     nested = pa.table({"id": [1], "m": pa.array([{"$x": 1, "a.b": 2, "": 3}],
                                                 pa.struct([("$x", pa.int64()), ("a.b", pa.int64()),
                                                            ("", pa.int64())]))})  # fmt: skip

@@ -471,6 +471,11 @@ def validate(
     composite = not isinstance(schema.key, str)
     for name in columns:  # MongoDB's field name rules: the name is in every record
         problem = field_name_problem(name, top=True, in_id=composite and name in key_columns)
+        if name == "_id" and schema.key != "_id":
+            problem = (
+                "is _id, which would take the place of the key as the document's _id; "
+                'rename the column, or make it the key (key = "_id")'
+            )
         if problem:
             for i in range(n):
                 reasons.setdefault(i, f"{name!r:.80}: the field name {problem}")
