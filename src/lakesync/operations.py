@@ -298,6 +298,7 @@ RESERVED = {
     "joblogs",
     "schedules",
     "scheduleslots",
+    "notifications",
 }
 _RESERVED_PREFIXES = ("mirrorseen_", "system.")
 _WATERMARK_TYPES = ("timestamp", "int", "any")

@@ -49,7 +49,8 @@ class Runtime:
             self.mongo.close()
             raise
         self.jobs = JobService(settings, self.store, self.registry, self.executor)
-        self.notifier = Notifier(settings, self.registry)
+        self.notifier = Notifier(settings, self.registry, self.mongo.db, self.runner.owner)
+        self.notifier.ensure_indexes()
         self.store.on_end = self.notifier.job_ended
         self.scheduler = Scheduler(
             settings, self.registry, self.store, self.jobs, owner=self.runner.owner
@@ -74,6 +75,7 @@ class Runtime:
         if self.executor is not None:
             self.executor.start()
             self.scheduler.start()
+            self.notifier.start()  # deliveries of the outbox, whoever put them there
         return self
 
     @property
@@ -101,7 +103,7 @@ class Runtime:
             return
         self._closed = True
         self.stop_jobs(timeout)
-        self.notifier.close(timeout)
+        self.notifier.close(timeout, drain=self.executor is None)
         joblog.uninstall(self.job_log)
         self.mongo.close()
 

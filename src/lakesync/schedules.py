@@ -28,6 +28,8 @@ from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 from croniter import CroniterError, croniter
 from pydantic import BaseModel, Field, field_validator
 
+from lakesync.masking import masked
+
 Outcome = Literal["completed", "failed", "cancelled"]
 
 _DURATION = re.compile(r"(?:(\d+)d)?(?:(\d+)h)?(?:(\d+)m)?(?:(\d+)s)?")
@@ -101,10 +103,19 @@ def check_timezone(text: str) -> str:
 
 
 def check_webhook(url: str) -> str:
-    """An http(s) URL with a host, or ValueError."""
-    parts = urlsplit(url)
-    if parts.scheme not in ("http", "https") or not parts.hostname:
-        raise ValueError(f"{url!r} is not an http(s) URL; webhooks are POSTed to http(s) URLs")
+    """An http(s) URL with a host (and maybe `user:password@`, sent as Basic auth), or
+    ValueError (the password masked)."""
+    try:
+        parts = urlsplit(url)
+        parts.port  # noqa: B018 - a port that is not a number raises here
+        ok = parts.scheme in ("http", "https") and bool(parts.hostname)
+    except ValueError:
+        ok = False
+    if not ok or any(c.isspace() for c in url):
+        raise ValueError(
+            f"{masked(url)!r} is not an http(s) URL; webhooks are POSTed to http(s) URLs "
+            '(credentials as "https://user:password@host/path" are sent as Basic auth)'
+        )
     return url
 
 

@@ -56,6 +56,7 @@ def run_worker(settings: Settings, concurrency: int | None) -> None:
 
     threading.Thread(target=recover, name="lakesync-recovery", daemon=True).start()
     runtime.scheduler.start()
+    runtime.notifier.start()  # webhook deliveries of the outbox, whoever put them there
     try:
         app.worker_main(
             [
