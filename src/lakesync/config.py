@@ -182,8 +182,11 @@ def _accepted(field: str) -> str:
 def _describe(error: ValidationError) -> str:
     lines = []
     for item in error.errors():
-        field = str(item["loc"][0]) if item["loc"] else "?"
-        variable = f"LAKESYNC_{field.upper()}"
+        field = str(item["loc"][0]).lower().removeprefix("lakesync_") if item["loc"] else "?"
+        field = "signing_key" if field == "webhook_secret" else field  # the alias
+        variable = (
+            "LAKESYNC_WEBHOOK_SECRET" if field == "signing_key" else f"LAKESYNC_{field.upper()}"
+        )
         given = item.get("input")
         secret = field in {"mongodb_uri", "api_token", "broker_url", "signing_key"}
         shown = "" if isinstance(given, dict) or secret else f"={_masked(given)!r}"

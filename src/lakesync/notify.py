@@ -198,7 +198,7 @@ class Notifier:
         job's `notifyDue` flag; the dispatcher sends them (returns at once)."""
         made = self.enqueue(status)
         self.jobs.update_one(
-            {"jobId": status.jobId, "status": status.status.value, "notifyDue": True},
+            {"jobId": status.jobId, "status": status.status.value, "notifyDue": 1},
             {"$unset": {"notifyDue": ""}},
         )
         if made:
@@ -238,7 +238,7 @@ class Notifier:
         """Put in the outbox the ends whose process died before it could; how many."""
         found = list(
             self.jobs.find(
-                {"notifyDue": True, "status": {"$in": list(FINAL_STATES)}}, {"_id": 0}
+                {"notifyDue": 1, "status": {"$in": list(FINAL_STATES)}}, {"_id": 0}
             ).limit(100)
         )
         for doc in found:
@@ -249,7 +249,7 @@ class Notifier:
             logger.info("job %s: its end was not in the outbox yet; adding it", status.jobId)
             self.enqueue(status)
             self.jobs.update_one(
-                {"jobId": status.jobId, "status": status.status.value, "notifyDue": True},
+                {"jobId": status.jobId, "status": status.status.value, "notifyDue": 1},
                 {"$unset": {"notifyDue": ""}},
             )
         return len(found)
@@ -335,7 +335,8 @@ class Notifier:
         except LeaseLost:
             logger.info("webhook delivery %s: taken over by another process", doc["_id"])
         except Exception as e:  # MongoDB away: the lease expires and another attempt follows
-            logger.warning("webhook delivery %s: %s", doc["_id"], masked(str(e))[:300])
+            level = logging.DEBUG if self._stop.is_set() else logging.WARNING  # shut down
+            logger.log(level, "webhook delivery %s: %s", doc["_id"], masked(str(e))[:300])
         finally:
             with self._lock:
                 receiver.busy -= 1
