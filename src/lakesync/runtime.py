@@ -73,6 +73,7 @@ class Runtime:
     def start(self) -> Runtime:
         """Start the executor (and with it, recovery of jobs left running)."""
         if self.executor is not None:
+            self.mongo.watch()  # the embedded server kept up, whoever started it
             self.executor.start()
             self.scheduler.start()
             self.notifier.start()  # deliveries of the outbox, whoever put them there
