@@ -143,40 +143,44 @@ class EmbeddedServer:
             fcntl.flock(lock, fcntl.LOCK_EX)
             if self._attach():
                 return self
-            self.port = port if port and _port_free(port) else _free_port()
-            log = open(self.data_dir / "server.log", "ab")  # noqa: SIM115 - the child keeps it
-            cmd = [
-                sys.executable,
-                "-c",
-                _CHILD,
-                "--data-dir",
-                str(self.data_dir),
-                "--host",
-                "127.0.0.1",
-                "-p",
-                str(self.port),
-                "--log-file",
-                str(self.data_dir / "nx.log"),
-                "--pid-file",
-                str(self.data_dir / "nx.pid"),
-            ]
-            self.process = subprocess.Popen(
-                cmd,
-                stdout=log,
-                stderr=subprocess.STDOUT,
-                stdin=subprocess.DEVNULL,
-                process_group=0,  # Ctrl-C in a terminal must reach lakesync, not the server
-            )
-            log.close()
-            self.owned = True
-            self._wait_ready(timeout)
-            self._state_file.write_text(json.dumps({"pid": self.process.pid, "port": self.port}))
+            self._spawn(timeout, port if port and _port_free(port) else _free_port())
         logger.info(
             "embedded MongoDB-wire server (nx-27017) on 127.0.0.1:%d, files in %s",
             self.port,
             self.data_dir,
         )
         return self
+
+    def _spawn(self, timeout: float, port: int) -> None:
+        """Start the server on `port` and wait for its ping (the caller holds the lock)."""
+        self.port = port
+        log = open(self.data_dir / "server.log", "ab")  # noqa: SIM115 - the child keeps it
+        cmd = [
+            sys.executable,
+            "-c",
+            _CHILD,
+            "--data-dir",
+            str(self.data_dir),
+            "--host",
+            "127.0.0.1",
+            "-p",
+            str(self.port),
+            "--log-file",
+            str(self.data_dir / "nx.log"),
+            "--pid-file",
+            str(self.data_dir / "nx.pid"),
+        ]
+        self.process = subprocess.Popen(
+            cmd,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+            process_group=0,  # Ctrl-C in a terminal must reach lakesync, not the server
+        )
+        log.close()
+        self.owned = True
+        self._wait_ready(timeout)
+        self._state_file.write_text(json.dumps({"pid": self.process.pid, "port": self.port}))
 
     def _attach(self) -> bool:
         try:
@@ -262,21 +266,34 @@ class EmbeddedServer:
         return self._ping(1.0)
 
     def revive(self, timeout: float = 20.0) -> bool:
-        """The server went away (another process stopped it, or it died): attach to the one
-        another process started since, or start one on the same port, so that clients
-        connected to it reconnect by themselves. False if only another port could be had."""
-        before = self.port
-        if self.process is not None and self.process.poll() is not None:
-            self.process, self.owned = None, False  # our own child died
-        self.start(timeout, port=before)
-        if self.port != before:
-            logger.error(
-                "the embedded MongoDB-wire server came back on port %d instead of %d; "
-                "restart this lakesync process to use it",
-                self.port,
-                before,
-            )
-            return False
+        """The server stopped answering: if its process is gone (the process that started it
+        stopped it, or it died), start one on the same port, under the data dir's lock, so
+        that clients connected to it reconnect by themselves. True when a server of this data
+        dir runs on our port now (maybe only busy); False to try again later."""
+        with open(self.data_dir / ".lock", "w") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)  # waits for an owner still stopping its server
+            if self.process is not None and self.process.poll() is None:
+                return True  # our own child runs: busy, not gone
+            self.process, self.owned = None, False
+            try:
+                state = json.loads(self._state_file.read_text())
+                pid, port = int(state["pid"]), int(state["port"])
+            except (OSError, ValueError, KeyError, TypeError):
+                pid, port = 0, 0
+            if pid and _pid_alive(pid):  # a server of this data dir runs (or is going away)
+                if port != self.port:
+                    logger.error(
+                        "the embedded MongoDB-wire server now runs on port %d instead of %d; "
+                        "restart this lakesync process to use it",
+                        port,
+                        self.port,
+                    )
+                    return False
+                return True  # never a second server on the same files
+            if not _port_free(self.port):
+                return False  # the old one is still letting go of it
+            self._spawn(timeout, self.port)
+        logger.info("embedded MongoDB-wire server started again on port %d", self.port)
         return True
 
     def __enter__(self) -> EmbeddedServer:
@@ -339,7 +356,8 @@ class Mongo:
                 if misses < 2 or self._closing.is_set():  # one missed ping: a busy server
                     continue
                 logger.warning(
-                    "the embedded MongoDB-wire server on port %d went away; starting it again",
+                    "the embedded MongoDB-wire server on port %d stopped answering; starting "
+                    "it again if it is gone",
                     embedded.port,
                 )
                 if embedded.revive():
