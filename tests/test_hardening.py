@@ -178,12 +178,14 @@ def test_slow_clients_are_cut_off_and_do_not_hold_the_server(serve: ServeProcess
     import threading
 
     opened: list[socket.socket] = []
+    peer = ("127.0.0.1", serve.port)
+    source = ("127.0.0.2", 0)  # (ports of 127.0.0.2: other tests' free ports stay free)
     try:
         for i in range(2000):
-            s = socket.create_connection(("127.0.0.1", serve.port), timeout=10)
+            s = socket.create_connection(peer, timeout=10, source_address=source)
             s.sendall(b"GET /api/jobs HTTP/1.1\r\nHost: 127.0.0.1\r\n" if i % 2 else b"G")
             opened.append(s)
-        body = socket.create_connection(("127.0.0.1", serve.port), timeout=10)
+        body = socket.create_connection(peer, timeout=10, source_address=source)
         body.sendall(b"POST /api/jobs HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: "
                      b"application/json\r\nContent-Length: 100\r\n\r\n{")  # fmt: skip
         opened.append(body)
@@ -204,7 +206,7 @@ def test_slow_clients_are_cut_off_and_do_not_hold_the_server(serve: ServeProcess
             s.setblocking(False)
             selector.register(s, selectors.EVENT_READ)
         left = set(opened)
-        while left and time.monotonic() - began < 30:
+        while left and time.monotonic() - began < 30:  # heads: 10 s, the body: 20 s
             for key, _ in selector.select(timeout=1):
                 s = key.fileobj
                 assert isinstance(s, socket.socket)

@@ -20,7 +20,7 @@ from uvicorn.protocols.http.h11_impl import H11Protocol
 logger = logging.getLogger(__name__)
 
 HEAD_SECONDS = 10.0  # the request line and headers, from the first byte or the connection
-BODY_SECONDS = 30.0  # the body, from the end of the head (bodies here are small JSON)
+BODY_SECONDS = 20.0  # the body, from the end of the head (bodies here are <= 64 KiB JSON)
 
 _READING = (h11.IDLE, h11.SEND_BODY)
 
