@@ -39,6 +39,7 @@ def attempts(url: str) -> list[tuple[str, dict[str, str], bytes]]:
         {"Sec-Fetch-Site": "same-site"},
         {"Sec-Fetch-Site": "Cross-Site"},  # header values in any case
         {"Sec-Fetch-Site": "SAME-SITE"},
+        {"Sec-Fetch-Site": "cross-site, same-origin"},  # not a value a browser sends
         {"Origin": url.replace("http://", "https://")},  # same host and port, another scheme
         {"Origin": url.replace("127.0.0.1", "127.0.0.1..")},
         {"Origin": "http://attacker.example", "Sec-Fetch-Site": "cross-site"},

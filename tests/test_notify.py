@@ -33,7 +33,8 @@ from lakesync.runtime import Runtime
 
 class Hooks:
     """A local webhook receiver: /ok answers 200, /flaky fails about half the time (500 or a
-    dropped connection), /hang holds the request `hang` seconds, /down answers 500."""
+    dropped connection) and is sometimes slow, /hang holds the request `hang` seconds, /down
+    answers 500."""
 
     def __init__(self, hang: float = 30.0) -> None:
         self.calls: list[tuple[str, dict[str, str], bytes, float]] = []
@@ -58,6 +59,8 @@ class Hooks:
                 if self.path == "/flaky" and flip < 0.25:
                     self.connection.close()  # no answer at all
                     return
+                if self.path == "/flaky" and flip > 0.8:
+                    time.sleep(1.0)  # slow, but in time
                 fail = self.path == "/down" or (self.path == "/flaky" and flip < 0.5)
                 self.send_response(500 if fail else 200)
                 self.send_header("Content-Length", "0")

@@ -19,6 +19,9 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 from lakesync.api.hosts import split_host
 
 STATE_CHANGING = frozenset({"POST", "PUT", "PATCH", "DELETE"})
+#: Sec-Fetch-Site values of a request from this origin, or typed in by the user; any other
+#: (cross-site, same-site, or a value no browser sends) is refused
+SAFE_SITES = frozenset({"same-origin", "none"})
 DEFAULT_PORTS = {"http": "80", "https": "443"}
 CROSS_SITE = (
     "Cross-site request refused: state-changing requests must come from this server's own "
@@ -69,7 +72,7 @@ def refusal(
     }
     host = headers.get("host", "")
     foreign = origin is not None and not listed and not same_origin(origin, host, scheme)
-    if foreign or (site in ("cross-site", "same-site") and not listed):
+    if foreign or (site is not None and site not in SAFE_SITES and not listed):
         return 403, CROSS_SITE.format(origin=repr((origin or "none")[:100]), site=site or "none")
     ctype = headers.get("content-type")
     has_body = headers.get("content-length", "0").strip() != "0" or "transfer-encoding" in headers
