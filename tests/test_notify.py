@@ -302,7 +302,7 @@ def test_soak_three_serves_kill_9_mid_delivery_every_end_reaches_each_working_re
 
 def test_the_notifier_dispatches_only_receivers_it_knows(settings: Settings, db: Any) -> None:
     """A delivery for a receiver no longer declared is left alone (another process may know
-    it), rather than sent somewhere else."""
+    it), rather than sent somewhere else, and given up once it is as old as statuses get."""
     with Runtime(settings) as rt:
         n = Notifier(settings, rt.registry, rt.mongo.db, "test:1:x")
         db.notifications.insert_one({"_id": "msg_x", "receiver": "unknown", "status": "pending",
@@ -310,5 +310,11 @@ def test_the_notifier_dispatches_only_receivers_it_knows(settings: Settings, db:
                                      "body": "{}", "attempts": 0})  # fmt: skip
         assert n.dispatch() == 0
         assert db.notifications.find_one({"_id": "msg_x"})["status"] == "pending"
+        # ... until it has waited as long as job statuses are kept: then it is given up
+        db.notifications.update_one({"_id": "msg_x"}, {"$set": {"createdMs": 1}})
+        n._swept = 0.0  # the periodic checks run at the next pass
+        assert n.dispatch() == 0
+        given_up = db.notifications.find_one({"_id": "msg_x"})
+        assert given_up["status"] == "given_up" and "not sent within" in given_up["lastError"]
         n.close(0)
     assert LEASE_SECONDS >= 1

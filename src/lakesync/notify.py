@@ -228,6 +228,7 @@ class Notifier:
                 "attempts": 0,
                 "nextAtMs": int(time.time() * 1000),
                 "createdAt": utcnow(),
+                "createdMs": int(time.time() * 1000),
             }
             with contextlib.suppress(DuplicateKeyError):  # another process wrote it first
                 self.outbox.insert_one(doc)
@@ -281,6 +282,7 @@ class Notifier:
             self._swept = now
             self.sweep()
             self._take_over()
+            self._abandon()
         started = 0
         for key, url in self.known().items():
             receiver = self._receiver(key, url)
@@ -326,6 +328,25 @@ class Notifier:
                 logger.warning(
                     "webhook delivery %s: its process went silent; retrying it", doc["_id"]
                 )
+
+    def _abandon(self) -> None:
+        """Give up deliveries that stayed pending as long as job statuses are kept: their
+        receiver is declared by no running process any more."""
+        days = self.settings.status_ttl_days
+        old = int((time.time() - days * 86400) * 1000)
+        query = {"status": PENDING, "createdMs": {"$lt": old}}
+        for doc in list(self.outbox.find(query, {"_id": 1, "jobId": 1, "target": 1}).limit(100)):
+            self.outbox.update_one(
+                {"_id": doc["_id"], "status": PENDING},
+                self._ended({"status": GIVEN_UP, "lastError": f"not sent within {days:g} day(s)"}),
+            )
+            logger.error(
+                "job %s: gave up notifying %s: no process that knows this webhook ran for "
+                "%g day(s)",
+                doc.get("jobId"),
+                doc.get("target"),
+                days,
+            )
 
     def _attempt(self, receiver: _Receiver, doc: dict[str, Any], owner: str) -> None:
         """One delivery attempt of a claimed document, and its outcome in the outbox."""
