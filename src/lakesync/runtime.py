@@ -45,12 +45,12 @@ class Runtime:
                 self.runner.partitioned.submit = self.executor.submit_partition
             self.runner.partitioned.ensure_indexes()
             self.runner.watermarks.canonicalise()
+            self.notifier = Notifier(settings, self.registry, self.mongo.db, self.runner.owner)
+            self.notifier.ensure_indexes()  # the webhook outbox (notifications)
         except BaseException:
             self.mongo.close()
             raise
         self.jobs = JobService(settings, self.store, self.registry, self.executor)
-        self.notifier = Notifier(settings, self.registry, self.mongo.db, self.runner.owner)
-        self.notifier.ensure_indexes()
         self.store.on_end = self.notifier.job_ended
         self.scheduler = Scheduler(
             settings, self.registry, self.store, self.jobs, owner=self.runner.owner
