@@ -664,7 +664,7 @@ def schedules(as_json: JsonFlag = False) -> None:
             escape(s["operation"]),
             escape(when),
             "paused" if s["paused"] else str(s["nextRun"]),
-            escape(shown + (f"\nerror: {s['error']}" if s.get("error") else "")),
+            escape(shown),
         )
     out.print(table)
 

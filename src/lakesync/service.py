@@ -6,7 +6,6 @@ import glob
 import logging
 import os
 from typing import Any
-from urllib.parse import urlsplit
 
 from lakesync import mirror
 from lakesync.config import Settings
@@ -63,8 +62,6 @@ class JobService:
         options = parse_options(raw_options)
         op.check_options(options)  # mode-level checks (incremental needs a watermark...)
         source = options.source or op.source_uri(self.settings)
-        if options.source:
-            check_source_spelling(options.source)
         roots: list[str] | None = None
         if options.source and not trusted:
             roots = self.settings.allowed_roots or [op.source_uri(self.settings)]
@@ -176,21 +173,6 @@ class JobService:
     ) -> list[JobStatus]:
         """Jobs, newest first (after job `before`, for the next page)."""
         return self.store.list_jobs(status=status, operation=operation, limit=limit, before=before)
-
-
-def check_source_spelling(source: str) -> None:
-    """SourceError for a URI that cannot be parsed (`http://[bad`, `s3://[x]`, a port that is
-    no number), before anything else reads it."""
-    if "://" not in source:
-        return
-    try:
-        parts = urlsplit(source)
-        parts.port  # noqa: B018 - raises for a port that is not a number
-    except ValueError as e:
-        raise SourceError(
-            f"The source {masked(source)!r} is not a valid URI ({e}). Write a directory, "
-            "file or glob path, or a URI such as s3://bucket/prefix/."
-        ) from None
 
 
 def check_source_exists(source: str, roots: list[str] | None = None) -> None:
