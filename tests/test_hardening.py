@@ -222,6 +222,16 @@ def test_slow_clients_are_cut_off_and_do_not_hold_the_server(serve: ServeProcess
         stop.set()
         assert not left, f"{len(left)} slow connection(s) still open after 30 s"
         assert httpx.get(f"{serve.url}/api/jobs", timeout=10).status_code == 200
+        # healthy clients are not cut: a kept-alive connection with pauses between requests,
+        # and a head sent in pieces within the limit
+        with socket.create_connection(peer, timeout=10, source_address=source) as s:
+            whole = b"GET /healthz HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n"
+            for pieces in ([whole], [whole[:22], whole[22:40], whole[40:]]):
+                for piece in pieces:
+                    s.sendall(piece)
+                    time.sleep(1.5)
+                answer = s.recv(4096)
+                assert answer.startswith(b"HTTP/1.1 200"), answer
     finally:
         for s in opened:
             s.close()
