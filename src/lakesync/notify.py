@@ -66,7 +66,8 @@ BACKOFF_SECONDS = 0.5  # first retry after about this long, then doubling (with 
 BACKOFF_CAP_SECONDS = 300.0
 RECEIVER_CONCURRENCY = 2  # requests in flight per receiver and process
 LEASE_SECONDS = 5.0  # a delivery silent this long (its process died) is taken over
-POLL_SECONDS = 0.5
+POLL_SECONDS = 0.5  # while deliveries are under way (retries come due)
+IDLE_POLL_SECONDS = 2.0  # with nothing under way here (a job ending here wakes it at once)
 SWEEP_SECONDS = 3.0  # how often ended jobs whose outbox write was lost are looked for
 _RETRYABLE = {408, 425, 429}
 _BASE32 = "0123456789abcdefghjkmnpqrstvwxyz"
@@ -266,12 +267,16 @@ class Notifier:
         self._thread.start()
 
     def _loop(self) -> None:
+        busy_until = 0.0
         while not self._stop.is_set():
             try:
-                self.dispatch()
+                if self.dispatch():
+                    busy_until = time.monotonic() + 30  # retries may come due soon
             except Exception as e:  # MongoDB away: try again at the next poll
                 logger.warning("webhook dispatcher: %s", masked(str(e))[:300])
-            self._wake.wait(POLL_SECONDS)
+            with self._lock:
+                busy = bool(self._inflight) or time.monotonic() < busy_until
+            self._wake.wait(POLL_SECONDS if busy else IDLE_POLL_SECONDS)
             self._wake.clear()
 
     def dispatch(self) -> int:
