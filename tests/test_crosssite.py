@@ -37,6 +37,11 @@ def attempts(url: str) -> list[tuple[str, dict[str, str], bytes]]:
         {"Origin": url.rsplit(":", 1)[0] + ":1"},  # same host, another port
         {"Sec-Fetch-Site": "cross-site"},
         {"Sec-Fetch-Site": "same-site"},
+        {"Sec-Fetch-Site": "Cross-Site"},  # header values in any case
+        {"Sec-Fetch-Site": "SAME-SITE"},
+        {"Sec-Fetch-Site": "cross-site, same-origin"},  # not a value a browser sends
+        {"Origin": url.replace("http://", "https://")},  # same host and port, another scheme
+        {"Origin": url.replace("127.0.0.1", "127.0.0.1..")},
         {"Origin": "http://attacker.example", "Sec-Fetch-Site": "cross-site"},
     ]
     kinds = [
@@ -127,7 +132,8 @@ def test_a_foreign_host_gets_400(
 ) -> None:
     url, port = serve.url, serve.port
     for host in ("attacker.example", f"attacker.example:{port}", "127.0.0.1.attacker.example",
-                 f"localhost.:{port}x", "10.0.0.1", f"[::2]:{port}", ""):  # fmt: skip
+                 f"localhost.:{port}x", "10.0.0.1", f"[::2]:{port}", "", "localhost..",
+                 f"localhost..:{port}", f".localhost:{port}"):  # fmt: skip
         for method, path in (("GET", "/api/jobs"), ("GET", "/"), ("POST", "/api/jobs"),
                              ("GET", "/openapi.json")):  # fmt: skip
             r = httpx.request(method, url + path, headers={"Host": host}, json={})
@@ -158,7 +164,12 @@ def test_host_and_origin_matching() -> None:
     assert host_allowed("box:8443", ["box:8443"]) and not host_allowed("box:8000", ["box:8443"])
     assert host_allowed("anything", ["*"])
     assert same_origin("http://127.0.0.1:8000", "127.0.0.1:8000")
-    assert same_origin("https://lakesync.example", "lakesync.example")  # behind a TLS proxy
+    # behind a TLS proxy (that says so: the request's scheme is https)
+    assert same_origin("https://lakesync.example", "lakesync.example", "https")
+    assert not same_origin("https://127.0.0.1:8000", "127.0.0.1:8000")  # scheme compared
+    assert not same_origin("http://lakesync.example", "lakesync.example", "https")
+    assert not host_allowed("localhost..", loopback) and not host_allowed(".localhost", loopback)
+    assert host_allowed("localhost.", loopback) and not host_allowed("local..host", loopback)
     assert same_origin("http://[::1]:8000", "[::1]:8000")
     assert not same_origin("http://127.0.0.1:8001", "127.0.0.1:8000")
     assert not same_origin("null", "127.0.0.1:8000")

@@ -3,8 +3,10 @@ column, a full disk, statuses expiring under running jobs."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import subprocess
+import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -131,3 +133,105 @@ def test_a_full_disk_fails_the_job_with_the_servers_reason(
     finally:
         proc.kill()
         time.sleep(1)  # the embedded server follows its parent out
+
+
+# -- malformed input, formulas, cross-site headers, slow clients ------------------------------
+
+MALFORMED = ["http://[bad", "s3://[bad", "x://[::1", "file://[x]", "s3://b:port/x", "s3://[::1]:x/"]
+
+
+@pytest.mark.parametrize("source", MALFORMED)
+def test_a_malformed_source_answers_400_not_500(client: Any, source: str) -> None:
+    for path in ("/api/jobs", "/api/jobs?x=1"):
+        r = client.post(path, json={"operation": "copy-taskdetail", "options": {"source": source}})
+        assert r.status_code == 400, (path, r.status_code, r.text)
+        assert "not a valid URI" in r.json()["error"] and "Traceback" not in r.text
+    assert client.get("/api/jobs").json()["jobs"] == []
+
+
+def test_the_cli_refuses_a_malformed_source_without_a_traceback(serve_env: dict[str, str]) -> None:
+    run = subprocess.run([sys.executable, "-m", "lakesync", "copy", "--source", "http://[bad"],
+                         env=serve_env, capture_output=True, text=True, timeout=120)  # fmt: skip
+    assert run.returncode != 0 and "not a valid URI" in run.stderr + run.stdout
+    assert "Traceback" not in run.stderr
+
+
+@pytest.mark.parametrize(
+    ("cell", "written"),
+    [("=1+1", "'=1+1"), ("+1+1", "'+1+1"), ("-1+1", "'-1+1"), ("@SUM(A1)", "'@SUM(A1)"),
+     ("\t=1+1", "'\t=1+1"), ("\r=1+1", '"\'\r=1+1"'), (" =1+1", "' =1+1"),
+     ("  @x", "'  @x"), ("\u3000=1", "'\u3000=1"), ("-5", "-5"), ("+1.5", "+1.5"),
+     ("plain = text", "plain = text"), (" spaced", " spaced")],
+)  # fmt: skip
+def test_csv_cells_a_spreadsheet_would_run_are_neutralised(cell: str, written: str) -> None:
+    from lakesync import rejections
+
+    line = rejections.to_csv({"key": "k", "file": "f", "row": 1, "reason": cell, "time": "t"})
+    assert line == f"k,f,1,{written},t\r\n", line
+
+
+def test_slow_clients_are_cut_off_and_do_not_hold_the_server(serve: ServeProcess) -> None:
+    """2,000 connections that never finish their request head (and a few that trickle it,
+    and one whose body never comes) are closed well before 30 s; the server answers all along."""
+    import selectors
+    import socket
+    import threading
+
+    opened: list[socket.socket] = []
+    peer = ("127.0.0.1", serve.port)
+    source = ("127.0.0.2", 0)  # (ports of 127.0.0.2: other tests' free ports stay free)
+    try:
+        for i in range(2000):
+            s = socket.create_connection(peer, timeout=10, source_address=source)
+            s.sendall(b"GET /api/jobs HTTP/1.1\r\nHost: 127.0.0.1\r\n" if i % 2 else b"G")
+            opened.append(s)
+        body = socket.create_connection(peer, timeout=10, source_address=source)
+        body.sendall(b"POST /api/jobs HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: "
+                     b"application/json\r\nContent-Length: 100\r\n\r\n{")  # fmt: skip
+        opened.append(body)
+        began = time.monotonic()
+        trickling = opened[:5]
+        stop = threading.Event()
+
+        def trickle() -> None:  # one more header byte a second: never a whole head
+            while not stop.wait(1.0):
+                for s in trickling:
+                    with contextlib.suppress(OSError):
+                        s.sendall(b"X")
+
+        threading.Thread(target=trickle, daemon=True).start()
+        assert httpx.get(f"{serve.url}/healthz", timeout=10).status_code == 200
+        selector = selectors.DefaultSelector()
+        for s in opened:
+            s.setblocking(False)
+            selector.register(s, selectors.EVENT_READ)
+        left = set(opened)
+        while left and time.monotonic() - began < 30:  # heads: 10 s, the body: 20 s
+            for key, _ in selector.select(timeout=1):
+                s = key.fileobj
+                assert isinstance(s, socket.socket)
+                try:
+                    data = s.recv(4096)
+                except BlockingIOError:
+                    continue
+                except OSError:
+                    data = b""
+                if not data:  # closed by the server
+                    selector.unregister(s)
+                    left.discard(s)
+        stop.set()
+        assert not left, f"{len(left)} slow connection(s) still open after 30 s"
+        assert httpx.get(f"{serve.url}/api/jobs", timeout=10).status_code == 200
+        # healthy clients are not cut: a kept-alive connection with pauses between requests,
+        # and a head sent in pieces within the limit
+        with socket.create_connection(peer, timeout=10, source_address=source) as s:
+            whole = b"GET /healthz HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n"
+            for pieces in ([whole], [whole[:22], whole[22:40], whole[40:]]):
+                for piece in pieces:
+                    s.sendall(piece)
+                    time.sleep(1.5)
+                answer = s.recv(4096)
+                assert answer.startswith(b"HTTP/1.1 200"), answer
+    finally:
+        for s in opened:
+            s.close()

@@ -54,6 +54,11 @@ BAD = [
     ('schedule = "61 * * * *"', "schedule", "not a valid cron"),
     ('every = "15 minutes"', "every", "not a duration"),
     ('every = "0s"', "every", "too short"),
+    ('schedule = "0 0 31 2 *"', "schedule", "never fires"),  # February 31st
+    ('schedule = "0 0 30 2 *"', "schedule", "never fires"),
+    ('every = "367d"', "every", "too long"),
+    ('every = "999999999d"', "every", "too long"),
+    ('every = "99999999999999999999d"', "every", "too long"),  # beyond timedelta
     ('every = "1m"\ntimezone = "Mars/Olympus"', "timezone", "not a known time zone"),
     ('every = "1m"\nschedule = "* * * * *"', "either schedule", "not both"),
     ('every = "1m"\nmode = "mirror"', "allowEmpty", "empty"),
@@ -79,6 +84,8 @@ def test_bad_declarations_are_refused_naming_file_operation_and_field(
 @pytest.mark.parametrize(
     ("env", "problem"),
     [({"schedule": "every day"}, "LAKESYNC_SCHEDULE"),
+     ({"schedule": "0 0 31 4 *"}, "never fires"),  # April 31st
+     ({"schedule": "99999999999999999999d"}, "too long"),
      ({"schedule": "* * * * *", "schedule_timezone": "Nowhere/City"}, "LAKESYNC_SCHEDULE_TIMEZONE"),
      ({"notify": ["mailto:ops@example.com"]}, "LAKESYNC_NOTIFY")],
 )  # fmt: skip
@@ -87,16 +94,69 @@ def test_bad_settings_are_refused_naming_the_variable(env: dict[str, Any], probl
         load_settings(**env)
 
 
+@pytest.mark.parametrize(
+    ("line", "field", "problem"),
+    [('schedule = "0 25 * * *"', "schedule", "not a valid cron"),
+     ('schedule = "0 0 31 2 *"', "schedule", "never fires"),
+     ('every = "999999999d"', "every", "too long")],
+)  # fmt: skip
 def test_serve_refuses_to_start_with_a_bad_schedule(
-    serve_env: dict[str, str], tmp_path: Path
+    serve_env: dict[str, str], tmp_path: Path, line: str, field: str, problem: str
 ) -> None:
     path = tmp_path / "lakesync.toml"
-    path.write_text('[operations.nightly]\ncollection = "t"\nkey = "id"\nschedule = "0 25 * * *"\n')
+    path.write_text(f'[operations.nightly]\ncollection = "t"\nkey = "id"\n{line}\n')
     env = dict(serve_env, LAKESYNC_OPERATIONS_FILE=str(path))
     run = subprocess.run([sys.executable, "-m", "lakesync", "serve", "--port", "1"], env=env,
                          capture_output=True, text=True, timeout=60)  # fmt: skip
-    assert run.returncode == 2
-    assert str(path) in run.stderr and "'nightly'" in run.stderr and "schedule" in run.stderr
+    assert run.returncode == 2, run.stderr
+    assert str(path) in run.stderr and "'nightly'" in run.stderr
+    assert field in run.stderr and problem in run.stderr and "Traceback" not in run.stderr
+
+
+def test_a_failing_schedule_is_recorded_on_it_and_never_stops_another(
+    settings: Settings, tiny_lake: Path, tmp_path: Path, db: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    fast = {"source": str(tiny_lake), "collection": "fast", "key": "taskDetailId", "every": "1s"}
+    broken = dict(fast, collection="broken")
+    path = write_operations(tmp_path / "lakesync.toml", {"broken": broken, "fast": fast})
+    s = settings.model_copy(update={"operations_file": path})
+    clock = FakeClock(T0 + timedelta(milliseconds=500))
+    with Runtime(s) as rt:  # no executor: the jobs are created, not run
+        from fastapi.testclient import TestClient
+
+        from lakesync.api.app import create_app
+
+        rt.scheduler.clock = clock
+        rt.scheduler.ensure_indexes()
+        declared = rt.scheduler.schedule_of
+
+        def schedule_of(op: Any) -> Schedule | None:  # what load-time checks now refuse
+            return Schedule(cron="0 0 31 2 *") if op.name == "broken" else declared(op)
+
+        monkeypatch.setattr(rt.scheduler, "schedule_of", schedule_of)
+        rt.scheduler.tick()
+        for k in range(1, 4):
+            clock.now = T0 + timedelta(seconds=k, milliseconds=100)
+            claimed = rt.scheduler.tick()
+            assert [c["operation"] for c in claimed] == ["fast"]  # broken first, fast still runs
+            db.jobstatuses.update_many({}, {"$set": {"status": "completed"}, "$unset": {
+                "flightKey": ""}})  # fmt: skip
+        assert db.jobstatuses.count_documents({"operation": "fast"}) == 3
+        state = db.schedules.find_one({"_id": "broken"})
+        assert "failed to find" in state["error"] and state["errorAt"]
+        with TestClient(create_app(rt), raise_server_exceptions=False) as client:
+            r = client.get("/api/operations")
+        assert r.status_code == 200, r.text
+        listed = {o["name"]: o for o in r.json()["operations"]}
+        assert listed["broken"]["nextRun"] is None
+        assert "failed to find" in listed["broken"]["schedule"]["error"]
+        assert listed["fast"]["nextRun"] == "2026-01-05T12:00:04.000Z"
+        assert listed["fast"]["schedule"]["error"] is None
+        # the schedule mended (the file fixed, the process restarted): its error is cleared
+        monkeypatch.setattr(rt.scheduler, "schedule_of", declared)
+        clock.now = T0 + timedelta(seconds=4, milliseconds=100)
+        assert {c["operation"] for c in rt.scheduler.tick()} == {"fast", "broken"}
+        assert "error" not in db.schedules.find_one({"_id": "broken"})
 
 
 # -- several schedulers, one database ----------------------------------------------------------

@@ -5,6 +5,7 @@ webhooks of a local HTTP receiver get the end of each job, signed, retried when 
 
 from __future__ import annotations
 
+import base64
 import hashlib
 import hmac
 import json
@@ -283,15 +284,19 @@ def test_each_ended_job_is_notified_once_signed_and_retried(
             got = receiver.received(path, ids[job])
             assert len(got) == 1, (path, job, len(got))  # exactly one per ended job
             headers, body = got[0]
-            expected = "sha256=" + hmac.new(SECRET.encode(), body, hashlib.sha256).hexdigest()
-            assert hmac.compare_digest(headers["X-Lakesync-Signature-256"], expected)
+            signed = f"{headers['webhook-id']}.{headers['webhook-timestamp']}.".encode() + body
+            digest = hmac.new(SECRET.encode(), signed, hashlib.sha256).digest()  # raw text key
+            expected = "v1," + base64.b64encode(digest).decode()
+            assert hmac.compare_digest(headers["webhook-signature"], expected)
+            assert abs(int(headers["webhook-timestamp"]) - time.time()) < 300
             assert headers["X-Lakesync-Event"] == f"job.{outcome}"
             doc = json.loads(body)
             assert doc["status"] == outcome and doc["jobId"] == ids[job]
             assert doc == {k: v for k, v in final[job].items() if k in doc}
             assert SECRET not in body.decode() and TOKEN not in body.decode()
         flaky = receiver.received("/flaky", ids["good"])
-        assert len({h["X-Lakesync-Delivery"] for h, _ in flaky}) == 1  # one delivery, retried
+        assert len({h["webhook-id"] for h, _ in flaky}) == 1  # one delivery, retried
+        assert len({h["webhook-timestamp"] + h["webhook-signature"] for h, _ in flaky}) >= 2
         assert len(receiver.received("/down", ids["broken"])) == 3  # 1 + 2 retries, given up
         # not configured: a completed copy-taskdetail (default list: on cancelled only)
         assert receiver.received("/ok", ids["copy-taskdetail"]) == []
@@ -316,6 +321,6 @@ def test_a_cancelled_job_notifies_the_default_webhooks_unsigned_without_a_secret
         got = wait_for(lambda: receiver.received("/ok", status.jobId), timeout=30)
     headers, body = got[0]
     assert len(got) == 1 and headers["X-Lakesync-Event"] == "job.cancelled"
-    assert "X-Lakesync-Signature-256" not in headers
+    assert "webhook-signature" not in headers and headers["webhook-id"].startswith("msg_")
     doc = json.loads(body)
     assert doc["status"] == "cancelled" and doc["trigger"] == "cli"

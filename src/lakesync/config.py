@@ -102,6 +102,15 @@ class Settings(BaseSettings):
 
         return None if value is None else Schedule.parse(value).text.removeprefix("every ")
 
+    @field_validator("signing_key")
+    @classmethod
+    def _signing_key(cls, value: SecretStr | None) -> SecretStr | None:
+        from lakesync.notify import signing_key
+
+        if value is not None:
+            signing_key(value.get_secret_value())  # whsec_ + base64, or any other text
+        return value
+
     @field_validator("schedule_timezone")
     @classmethod
     def _zone(cls, value: str) -> str:
@@ -173,13 +182,22 @@ def _accepted(field: str) -> str:
 def _describe(error: ValidationError) -> str:
     lines = []
     for item in error.errors():
-        field = str(item["loc"][0]) if item["loc"] else "?"
-        variable = f"LAKESYNC_{field.upper()}"
+        field = str(item["loc"][0]).lower().removeprefix("lakesync_") if item["loc"] else "?"
+        field = "signing_key" if field == "webhook_secret" else field  # the alias
+        variable = (
+            "LAKESYNC_WEBHOOK_SECRET" if field == "signing_key" else f"LAKESYNC_{field.upper()}"
+        )
         given = item.get("input")
         secret = field in {"mongodb_uri", "api_token", "broker_url", "signing_key"}
-        shown = "" if isinstance(given, dict) or secret else f"={given!r}"
+        shown = "" if isinstance(given, dict) or secret else f"={_masked(given)!r}"
         lines.append(f"{variable}{shown} is invalid: {item['msg']}.{_accepted(field)}")
     return " ".join(lines) + " Fix the environment variable (or .env file) and start again."
+
+
+def _masked(value: object) -> object:
+    from lakesync.masking import masked  # masking reads URI_SECRETS from here
+
+    return masked(value)
 
 
 def load_settings(**overrides: object) -> Settings:

@@ -632,6 +632,7 @@ class JobStore:
             query["status"] = {"$in": list(ACTIVE_STATES)}
         fields: dict[str, Any] = {"status": state.value, "message": message}
         fields["expireAt"] = self.expire_at()  # the status is kept this long after it ended
+        fields["notifyDue"] = 1  # in the same write: the outbox learns of it (notify.py)
         if error is not None:
             fields["error"] = error
         if state is JobState.COMPLETED:
@@ -819,6 +820,7 @@ class JobStore:
                             "status": JobState.CANCELLED.value,
                             "cancelRequested": True,
                             "expireAt": self.expire_at(),
+                            "notifyDue": 1,
                             "message": f"Cancelled before it started; "
                             f"{current.processedRecords:,} records had been copied",
                         },

@@ -19,6 +19,7 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -37,6 +38,7 @@ from lakesync.masking import masked
 logger = logging.getLogger(__name__)
 
 CONNECT_TIMEOUT_MS = 5000
+WATCH_SECONDS = 1.0  # how often a serve or worker checks that the embedded server answers
 
 
 def describe_hosts(uri: str) -> str:
@@ -81,6 +83,26 @@ main()
 """
 
 
+def _terminate(proc: subprocess.Popen[bytes], timeout: float) -> None:
+    """SIGINT (a clean exit), then SIGTERM, then SIGKILL, until the process has ended."""
+    for sig, wait in ((signal.SIGINT, timeout), (signal.SIGTERM, 2.0), (signal.SIGKILL, 2.0)):
+        if proc.poll() is not None:
+            break
+        proc.send_signal(sig)
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            proc.wait(wait)
+
+
+def _port_free(port: int) -> bool:
+    with socket.socket() as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            s.bind(("127.0.0.1", port))
+        except OSError:
+            return False
+    return True
+
+
 def _pid_alive(pid: int) -> bool:
     try:
         os.kill(pid, 0)
@@ -108,47 +130,57 @@ class EmbeddedServer:
         """The URI pymongo connects to."""
         return f"mongodb://127.0.0.1:{self.port}/?directConnection=true"
 
-    def start(self, timeout: float = 20.0) -> EmbeddedServer:
-        """Attach to a live server of this data dir, or start one and wait for its ping."""
+    def start(self, timeout: float = 20.0, port: int = 0) -> EmbeddedServer:
+        """Attach to a live server of this data dir, or start one (on `port`, if given and
+        free) and wait for its ping.
+
+        Starting and stopping happen under the data dir's lock, and a stopping owner removes
+        the state file before it signals the server: a process starting meanwhile waits, then
+        starts its own instead of attaching to a server about to go away.
+        """
         self.data_dir.mkdir(parents=True, exist_ok=True)
         with open(self.data_dir / ".lock", "w") as lock:
             fcntl.flock(lock, fcntl.LOCK_EX)
             if self._attach():
                 return self
-            self.port = _free_port()
-            log = open(self.data_dir / "server.log", "ab")  # noqa: SIM115 - the child keeps it
-            cmd = [
-                sys.executable,
-                "-c",
-                _CHILD,
-                "--data-dir",
-                str(self.data_dir),
-                "--host",
-                "127.0.0.1",
-                "-p",
-                str(self.port),
-                "--log-file",
-                str(self.data_dir / "nx.log"),
-                "--pid-file",
-                str(self.data_dir / "nx.pid"),
-            ]
-            self.process = subprocess.Popen(
-                cmd,
-                stdout=log,
-                stderr=subprocess.STDOUT,
-                stdin=subprocess.DEVNULL,
-                process_group=0,  # Ctrl-C in a terminal must reach lakesync, not the server
-            )
-            log.close()
-            self.owned = True
-            self._wait_ready(timeout)
-            self._state_file.write_text(json.dumps({"pid": self.process.pid, "port": self.port}))
+            self._spawn(timeout, port if port and _port_free(port) else _free_port())
         logger.info(
             "embedded MongoDB-wire server (nx-27017) on 127.0.0.1:%d, files in %s",
             self.port,
             self.data_dir,
         )
         return self
+
+    def _spawn(self, timeout: float, port: int) -> None:
+        """Start the server on `port` and wait for its ping (the caller holds the lock)."""
+        self.port = port
+        log = open(self.data_dir / "server.log", "ab")  # noqa: SIM115 - the child keeps it
+        cmd = [
+            sys.executable,
+            "-c",
+            _CHILD,
+            "--data-dir",
+            str(self.data_dir),
+            "--host",
+            "127.0.0.1",
+            "-p",
+            str(self.port),
+            "--log-file",
+            str(self.data_dir / "nx.log"),
+            "--pid-file",
+            str(self.data_dir / "nx.pid"),
+        ]
+        self.process = subprocess.Popen(
+            cmd,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+            process_group=0,  # Ctrl-C in a terminal must reach lakesync, not the server
+        )
+        log.close()
+        self.owned = True
+        self._wait_ready(timeout)
+        self._state_file.write_text(json.dumps({"pid": self.process.pid, "port": self.port}))
 
     def _attach(self) -> bool:
         try:
@@ -200,26 +232,69 @@ class EmbeddedServer:
             if self._ping(0.5):
                 return
             time.sleep(0.1)
-        self.stop()
+        proc, self.process, self.owned = self.process, None, False
+        if proc is not None:
+            _terminate(proc, 2.0)  # (the caller holds the data dir's lock)
         raise StoreError(
             f"The embedded MongoDB-wire server did not answer within {timeout:.0f} s. "
             "Set LAKESYNC_MONGODB_URI to use another MongoDB."
         )
 
     def stop(self, timeout: float = 5.0) -> None:
-        """Stop the server if this process started it: SIGINT, then SIGTERM, then SIGKILL."""
+        """Stop the server if this process started it: SIGINT, then SIGTERM, then SIGKILL.
+
+        Under the data dir's lock, its state file removed first: no process attaches to it
+        while it goes away, and one starting now waits and then starts its own.
+        """
         proc, self.process = self.process, None
         if proc is None or not self.owned:
             return
-        for sig, wait in ((signal.SIGINT, timeout), (signal.SIGTERM, 2.0), (signal.SIGKILL, 2.0)):
-            if proc.poll() is not None:
-                break
-            proc.send_signal(sig)
-            with contextlib.suppress(subprocess.TimeoutExpired):
-                proc.wait(wait)
-        with contextlib.suppress(OSError):
-            self._state_file.unlink()
+        self.data_dir.mkdir(parents=True, exist_ok=True)
+        with open(self.data_dir / ".lock", "w") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            with contextlib.suppress(OSError, ValueError, KeyError, TypeError):
+                if int(json.loads(self._state_file.read_text())["pid"]) == proc.pid:
+                    self._state_file.unlink()
+            _terminate(proc, timeout)
+        self.owned = False
         logger.info("embedded MongoDB-wire server stopped")
+
+    def alive(self) -> bool:
+        """Whether the server this process uses still answers (its own child still runs)."""
+        if self.owned and self.process is not None and self.process.poll() is not None:
+            return False
+        return self._ping(1.0)
+
+    def revive(self, timeout: float = 20.0) -> bool:
+        """The server stopped answering: if its process is gone (the process that started it
+        stopped it, or it died), start one on the same port, under the data dir's lock, so
+        that clients connected to it reconnect by themselves. True when a server of this data
+        dir runs on our port now (maybe only busy); False to try again later."""
+        with open(self.data_dir / ".lock", "w") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)  # waits for an owner still stopping its server
+            if self.process is not None and self.process.poll() is None:
+                return True  # our own child runs: busy, not gone
+            self.process, self.owned = None, False
+            try:
+                state = json.loads(self._state_file.read_text())
+                pid, port = int(state["pid"]), int(state["port"])
+            except (OSError, ValueError, KeyError, TypeError):
+                pid, port = 0, 0
+            if pid and _pid_alive(pid):  # a server of this data dir runs (or is going away)
+                if port != self.port:
+                    logger.error(
+                        "the embedded MongoDB-wire server now runs on port %d instead of %d; "
+                        "restart this lakesync process to use it",
+                        port,
+                        self.port,
+                    )
+                    return False
+                return True  # never a second server on the same files
+            if not _port_free(self.port):
+                return False  # the old one is still letting go of it
+            self._spawn(timeout, self.port)
+        logger.info("embedded MongoDB-wire server started again on port %d", self.port)
+        return True
 
     def __enter__(self) -> EmbeddedServer:
         return self.start()
@@ -234,6 +309,8 @@ class Mongo:
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
         self.embedded: EmbeddedServer | None = None
+        self._closing = threading.Event()
+        self._watcher: threading.Thread | None = None
         secret = settings.mongodb_uri.get_secret_value() if settings.mongodb_uri else None
         if secret is None:
             self.embedded = EmbeddedServer(settings.data_dir).start()
@@ -257,6 +334,37 @@ class Mongo:
         )
         self.db: Database[dict[str, Any]] = self.client[settings.database]
 
+    def watch(self, every: float = WATCH_SECONDS) -> None:
+        """Keep the embedded server up for this long-lived process (serve, worker): if it
+        goes away (the process that started it stopped, or it died), start it again on the
+        same port; the client reconnects by itself. No-op with LAKESYNC_MONGODB_URI."""
+        if self.embedded is None or self._watcher is not None:
+            return
+        self._watcher = threading.Thread(
+            target=self._watch, args=(self.embedded, every), name="lakesync-embedded", daemon=True
+        )
+        self._watcher.start()
+
+    def _watch(self, embedded: EmbeddedServer, every: float) -> None:
+        misses = 0
+        while not self._closing.wait(every):
+            try:
+                if embedded.alive():
+                    misses = 0
+                    continue
+                misses += 1
+                if misses < 2 or self._closing.is_set():  # one missed ping: a busy server
+                    continue
+                logger.warning(
+                    "the embedded MongoDB-wire server on port %d stopped answering; starting "
+                    "it again if it is gone",
+                    embedded.port,
+                )
+                if embedded.revive():
+                    misses = 0
+            except Exception as e:  # e.g. it failed to start: try again at the next check
+                logger.error("the embedded MongoDB-wire server could not be restarted: %s", e)
+
     def ping(self) -> None:
         """Raise StoreError naming the host (password masked) if MongoDB does not answer."""
         try:
@@ -270,6 +378,9 @@ class Mongo:
 
     def close(self) -> None:
         """Close the client and stop the embedded server if this process owns it."""
+        self._closing.set()  # first: stopping our own server is not a server going away
+        if self._watcher is not None:
+            self._watcher.join(5)
         self.client.close()
         if self.embedded is not None:
             self.embedded.stop()

@@ -26,6 +26,7 @@ import tomllib
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
+from urllib.parse import urlsplit
 
 from pydantic import (
     BaseModel,
@@ -125,6 +126,14 @@ class JobOptions(BaseModel):
     def _printable(cls, value: str | None) -> str | None:
         if value is not None and any(ord(ch) < 32 or ord(ch) == 127 for ch in value):
             raise ValueError("contains a NUL or control character; send a path, glob or URI")
+        if value is not None and "://" in value:  # `http://[bad`: a 400 here, not a 500 later
+            try:
+                urlsplit(value).port  # noqa: B018 - raises for a port that is no number
+            except ValueError as e:
+                raise ValueError(
+                    f"{masked(value)!r} is not a valid URI ({e}); send a directory, file or "
+                    "glob path, or a URI such as s3://bucket/prefix/"
+                ) from None
         return value
 
 
@@ -298,6 +307,7 @@ RESERVED = {
     "joblogs",
     "schedules",
     "scheduleslots",
+    "notifications",
 }
 _RESERVED_PREFIXES = ("mirrorseen_", "system.")
 _WATERMARK_TYPES = ("timestamp", "int", "any")

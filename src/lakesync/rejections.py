@@ -87,9 +87,25 @@ def to_csv(doc: dict[str, Any]) -> str:
     prefixed with a quote)."""
     buf = io.StringIO()
     cells = ["" if doc.get(f) is None else str(doc.get(f)) for f in FIELDS]
-    cells = ["'" + c if c[:1] in ("=", "+", "-", "@") and not _number(c) else c for c in cells]
+    cells = ["'" + c if _formula(c) else c for c in cells]
     csv.writer(buf, lineterminator="\r\n").writerow(cells)
     return buf.getvalue()
+
+
+#: what starts a formula in a spreadsheet (OWASP, "CSV Injection"): = + - @, and a tab or a
+#: carriage return, which some spreadsheets skip before reading the cell
+_FORMULA_START = ("=", "+", "-", "@", "\t", "\r")
+
+
+def _formula(cell: str) -> bool:
+    """Whether a spreadsheet could run `cell` as a formula: it starts with one of
+    _FORMULA_START, also after leading blanks (" =1+1"); plain numbers ("-5") are data."""
+    if cell.startswith(("\t", "\r")):
+        return True
+    if cell.startswith(_FORMULA_START):
+        return not _number(cell)
+    stripped = cell.lstrip(" \n\x0b\x0c\u00a0\u3000")
+    return stripped != cell and stripped.startswith(_FORMULA_START)
 
 
 def _number(text: str) -> bool:

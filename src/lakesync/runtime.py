@@ -45,11 +45,12 @@ class Runtime:
                 self.runner.partitioned.submit = self.executor.submit_partition
             self.runner.partitioned.ensure_indexes()
             self.runner.watermarks.canonicalise()
+            self.notifier = Notifier(settings, self.registry, self.mongo.db, self.runner.owner)
+            self.notifier.ensure_indexes()  # the webhook outbox (notifications)
         except BaseException:
             self.mongo.close()
             raise
         self.jobs = JobService(settings, self.store, self.registry, self.executor)
-        self.notifier = Notifier(settings, self.registry)
         self.store.on_end = self.notifier.job_ended
         self.scheduler = Scheduler(
             settings, self.registry, self.store, self.jobs, owner=self.runner.owner
@@ -72,8 +73,10 @@ class Runtime:
     def start(self) -> Runtime:
         """Start the executor (and with it, recovery of jobs left running)."""
         if self.executor is not None:
+            self.mongo.watch()  # the embedded server kept up, whoever started it
             self.executor.start()
             self.scheduler.start()
+            self.notifier.start()  # deliveries of the outbox, whoever put them there
         return self
 
     @property
@@ -101,7 +104,7 @@ class Runtime:
             return
         self._closed = True
         self.stop_jobs(timeout)
-        self.notifier.close(timeout)
+        self.notifier.close(timeout, drain=self.executor is None)
         joblog.uninstall(self.job_log)
         self.mongo.close()
 

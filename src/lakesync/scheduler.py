@@ -99,6 +99,7 @@ class Scheduler:
         self.slots: Collection[dict[str, Any]] = store.db["scheduleslots"]
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
+        self._errors: dict[str, str] = {}  # the last error logged per schedule
 
     def schedule_of(self, op: Operation) -> Schedule | None:
         """The operation's schedule (the built-in one's comes from the settings)."""
@@ -159,18 +160,46 @@ class Scheduler:
         for op, schedule in scheduled:
             if self._stop.is_set():
                 break
-            state = states.get(op.name) or self._state(op.name, now)
-            if state.get("paused"):
+            try:  # one schedule's trouble is recorded on it and never stops another
+                done = self._tick_one(op, schedule, states.get(op.name), now)
+            except Exception as e:
+                self._failed(op.name, e)
                 continue
-            slot = schedule.latest(now)
-            since, last = int(state.get("sinceMs", 0)), int(state.get("lastSlotMs", 0))
-            if _ms(slot) < since or _ms(slot) <= last:
-                done = self._rescue(op, schedule, last) if last >= since > 0 else None
-            else:
-                done = self._fire(op, schedule, slot, _at(max(since - 1, last)))
+            if states.get(op.name, {}).get("error"):
+                self._recovered(op.name)
             if done is not None:
                 claimed.append(done)
         return claimed
+
+    def _tick_one(
+        self, op: Operation, schedule: Schedule, state: dict[str, Any] | None, now: datetime
+    ) -> dict[str, Any] | None:
+        """Claim and start the operation's due slot, if any."""
+        state = state or self._state(op.name, now)
+        if state.get("paused"):
+            return None
+        slot = schedule.latest(now)
+        since, last = int(state.get("sinceMs", 0)), int(state.get("lastSlotMs", 0))
+        if _ms(slot) < since or _ms(slot) <= last:
+            return self._rescue(op, schedule, last) if last >= since > 0 else None
+        return self._fire(op, schedule, slot, _at(max(since - 1, last)))
+
+    def _failed(self, name: str, error: Exception) -> None:
+        """Record a schedule's error on its state (shown by `schedules` and the API), and
+        log it once per distinct error rather than twice a second."""
+        reason = f"{type(error).__name__}: {error}"[:500]
+        if self._errors.get(name) != reason:
+            logger.error("schedule of %s: %s (other schedules go on)", name, reason)
+        self._errors[name] = reason
+        with contextlib.suppress(Exception):  # MongoDB away: the log line says it all
+            self.states.update_one(
+                {"_id": name}, {"$set": {"error": reason, "errorAt": slot_iso(self.clock())}}
+            )
+
+    def _recovered(self, name: str) -> None:
+        if self._errors.pop(name, None) is not None:
+            logger.info("schedule of %s: working again", name)
+        self.states.update_one({"_id": name}, {"$unset": {"error": "", "errorAt": ""}})
 
     def _state(self, name: str, now: datetime) -> dict[str, Any]:
         """The operation's schedule state, created on first sight: earlier slots never run."""
@@ -323,11 +352,16 @@ class Scheduler:
         return self.describe(op) or {}
 
     def describe(self, op: Operation) -> dict[str, Any] | None:
-        """The operation's schedule, paused or not, next run, last run and its result."""
+        """The operation's schedule, paused or not, next run, last run, its result and the
+        schedule's last error (if it is failing now)."""
         schedule = self.schedule_of(op)
         if schedule is None:
             return None
         state = self.states.find_one({"_id": op.name}) or {}
+        try:
+            upcoming = slot_iso(schedule.after(self.clock()))
+        except Exception as e:  # a schedule that cannot say when it fires: shown, not a 500
+            upcoming, state["error"] = None, state.get("error") or f"{type(e).__name__}: {e}"
         paused = bool(state.get("paused"))
         last = next(
             iter(
@@ -349,17 +383,23 @@ class Scheduler:
             "timezone": schedule.timezone,
             "mode": schedule.mode or op.mode,
             "paused": paused,
-            "nextRun": None if paused else slot_iso(schedule.after(self.clock())),
+            "nextRun": None if paused else upcoming,
             "lastRun": last,
             "skippedSlots": self.slots.count_documents(
                 {"operation": op.name, "outcome": "skipped"}
             ),
+            "error": state.get("error"),
         }
 
     def annotate(self, infos: list[OperationInfo]) -> list[OperationInfo]:
-        """Fill in `schedule` and `nextRun` of the operations overview."""
+        """Fill in `schedule` and `nextRun` of the operations overview; an operation whose
+        schedule cannot be described shows why, and the others are listed all the same."""
         for info in infos:
-            described = self.describe(self.registry.get(info.name))
+            try:
+                described = self.describe(self.registry.get(info.name))
+            except Exception as e:
+                logger.warning("schedule of %s cannot be described: %s", info.name, e)
+                described = {"error": f"{type(e).__name__}: {e}"[:500], "nextRun": None}
             info.schedule = described
             info.nextRun = described["nextRun"] if described else None
         return infos

@@ -25,13 +25,22 @@ from typing import Any, Literal
 from urllib.parse import urlsplit
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
-from croniter import croniter
+from croniter import CroniterError, croniter
 from pydantic import BaseModel, Field, field_validator
+
+from lakesync.masking import masked
 
 Outcome = Literal["completed", "failed", "cancelled"]
 
 _DURATION = re.compile(r"(?:(\d+)d)?(?:(\d+)h)?(?:(\d+)m)?(?:(\d+)s)?")
 _MISSED_CAP = 1000  # counting missed cron slots stops here
+#: the range of `every`: a second at least (the scheduler ticks twice a second), a leap
+#: year at most (longer intervals are a cron's job, and are mostly typos)
+EVERY_MIN_SECONDS = 1
+EVERY_MAX_SECONDS = 366 * 86400
+#: a cron whose next (or previous) slot is further away than this never fires: February
+#: 30th, or April 31st. Eight years cover every February 29th (none in 2100)
+CRON_HORIZON_YEARS = 8
 
 
 def parse_every(text: str) -> timedelta:
@@ -43,10 +52,15 @@ def parse_every(text: str) -> timedelta:
             'e.g. "30s", "15m", "1h30m" or "1d"'
         )
     d, h, m, s = (int(g or 0) for g in found.groups())
-    every = timedelta(days=d, hours=h, minutes=m, seconds=s)
-    if every.total_seconds() < 1:
+    seconds = ((d * 24 + h) * 60 + m) * 60 + s  # Python ints: "99999999999999999999d" fits
+    if seconds < EVERY_MIN_SECONDS:
         raise ValueError(f"{text!r} is too short; the shortest interval is 1s")
-    return every
+    if seconds > EVERY_MAX_SECONDS:
+        raise ValueError(
+            f"{text!r} is too long; the longest interval is 366d (use `schedule` with a "
+            'cron expression for yearly runs, e.g. "0 3 1 1 *")'
+        )
+    return timedelta(seconds=seconds)
 
 
 def check_cron(text: str) -> str:
@@ -57,9 +71,24 @@ def check_cron(text: str) -> str:
             f"{text!r} is not a 5-field cron expression (minute hour day-of-month month "
             f'day-of-week), e.g. "*/15 * * * *"; use `every` for intervals in seconds'
         )
-    if not croniter.is_valid(" ".join(fields)):
+    expr = " ".join(fields)
+    if not croniter.is_valid(expr):
         raise ValueError(f'{text!r} is not a valid cron expression, e.g. "0 2 * * *"')
-    return " ".join(fields)
+    now = datetime.now(UTC)
+    try:
+        _cron(expr, now).get_next(datetime)
+        _cron(expr, now).get_prev(datetime)
+    except (CroniterError, OverflowError, ValueError):
+        raise ValueError(
+            f"{text!r} never fires: no date matches it in the next {CRON_HORIZON_YEARS} years "
+            '(e.g. February 31st); check the day and month fields, e.g. "0 0 28 2 *"'
+        ) from None
+    return expr
+
+
+def _cron(expr: str, start: datetime) -> croniter:
+    """croniter over `expr` from `start`, giving up after CRON_HORIZON_YEARS without a slot."""
+    return croniter(expr, start, max_years_between_matches=CRON_HORIZON_YEARS)
 
 
 def check_timezone(text: str) -> str:
@@ -74,10 +103,19 @@ def check_timezone(text: str) -> str:
 
 
 def check_webhook(url: str) -> str:
-    """An http(s) URL with a host, or ValueError."""
-    parts = urlsplit(url)
-    if parts.scheme not in ("http", "https") or not parts.hostname:
-        raise ValueError(f"{url!r} is not an http(s) URL; webhooks are POSTed to http(s) URLs")
+    """An http(s) URL with a host (and maybe `user:password@`, sent as Basic auth), or
+    ValueError (the password masked)."""
+    try:
+        parts = urlsplit(url)
+        parts.port  # noqa: B018 - a port that is not a number raises here
+        ok = parts.scheme in ("http", "https") and bool(parts.hostname)
+    except ValueError:
+        ok = False
+    if not ok or any(c.isspace() for c in url):
+        raise ValueError(
+            f"{masked(url)!r} is not an http(s) URL; webhooks are POSTed to http(s) URLs "
+            '(credentials as "https://user:password@host/path" are sent as Basic auth)'
+        )
     return url
 
 
@@ -163,7 +201,7 @@ class Schedule:
             epoch = int(now.timestamp())
             return datetime.fromtimestamp(epoch - epoch % step, UTC)
         local = now.astimezone(ZoneInfo(self.timezone)) + timedelta(seconds=1)
-        found: datetime = croniter(str(self.cron), local).get_prev(datetime)
+        found: datetime = _cron(str(self.cron), local).get_prev(datetime)
         return found.astimezone(UTC)
 
     def after(self, slot: datetime) -> datetime:
@@ -171,7 +209,7 @@ class Schedule:
         if self.every is not None:
             return self.latest(slot) + parse_every(self.every)
         local = slot.astimezone(ZoneInfo(self.timezone))
-        found: datetime = croniter(str(self.cron), local).get_next(datetime)
+        found: datetime = _cron(str(self.cron), local).get_next(datetime)
         return found.astimezone(UTC)
 
     def missed(self, since: datetime, slot: datetime) -> int:

@@ -55,7 +55,9 @@ def run_worker(settings: Settings, concurrency: int | None) -> None:
                 logger.warning("recovery scan failed: %s", e)
 
     threading.Thread(target=recover, name="lakesync-recovery", daemon=True).start()
+    runtime.mongo.watch()  # the embedded server kept up, whoever started it
     runtime.scheduler.start()
+    runtime.notifier.start()  # webhook deliveries of the outbox, whoever put them there
     try:
         app.worker_main(
             [

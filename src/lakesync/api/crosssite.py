@@ -19,6 +19,9 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 from lakesync.api.hosts import split_host
 
 STATE_CHANGING = frozenset({"POST", "PUT", "PATCH", "DELETE"})
+#: Sec-Fetch-Site values of a request from this origin, or typed in by the user; any other
+#: (cross-site, same-site, or a value no browser sends) is refused
+SAFE_SITES = frozenset({"same-origin", "none"})
 DEFAULT_PORTS = {"http": "80", "https": "443"}
 CROSS_SITE = (
     "Cross-site request refused: state-changing requests must come from this server's own "
@@ -34,30 +37,42 @@ NOT_JSON = (
 def _origin_key(origin: str) -> tuple[str, str, str]:
     parts = urlsplit(origin.strip().lower())
     port = str(parts.port) if parts.port else DEFAULT_PORTS.get(parts.scheme, "")
-    return parts.scheme, (parts.hostname or "").rstrip("."), port
+    name = parts.hostname or ""
+    return parts.scheme, name[:-1] if name.endswith(".") else name, port
 
 
-def same_origin(origin: str, host: str) -> bool:
-    """Whether `origin` names the server the request was sent to (its Host header); the
-    Host's default port is the origin scheme's (a TLS proxy in front sends no port)."""
+def same_origin(origin: str, host: str, scheme: str = "http") -> bool:
+    """Whether `origin` names the server the request was sent to: the same scheme as the
+    request's (`https` behind a TLS proxy that says so), the Host header's name and port
+    (the scheme's default port when the Host has none)."""
     try:
-        scheme, name, port = _origin_key(origin)
+        given, name, port = _origin_key(origin)
     except ValueError:
         return False
     host_name, host_port = split_host(host)
     host_name = host_name.strip("[]")
-    return bool(name) and name == host_name and port == (host_port or DEFAULT_PORTS.get(scheme))
+    scheme = scheme.lower()
+    return (
+        bool(name)
+        and given == scheme
+        and name == host_name
+        and port == (host_port or DEFAULT_PORTS.get(scheme))
+    )
 
 
-def refusal(headers: Headers, allowed_origins: list[str]) -> tuple[int, str] | None:
+def refusal(
+    headers: Headers, allowed_origins: list[str], scheme: str = "http"
+) -> tuple[int, str] | None:
     """(status, message) when a state-changing request must be refused, else None."""
     origin = headers.get("origin")
     site = headers.get("sec-fetch-site")
+    site = None if site is None else site.strip().lower()  # header values: any case
     listed = origin is not None and origin.strip().lower().rstrip("/") in {
         o.strip().lower().rstrip("/") for o in allowed_origins
     }
-    foreign = origin is not None and not listed and not same_origin(origin, headers.get("host", ""))
-    if foreign or (site in ("cross-site", "same-site") and not listed):
+    host = headers.get("host", "")
+    foreign = origin is not None and not listed and not same_origin(origin, host, scheme)
+    if foreign or (site is not None and site not in SAFE_SITES and not listed):
         return 403, CROSS_SITE.format(origin=repr((origin or "none")[:100]), site=site or "none")
     ctype = headers.get("content-type")
     has_body = headers.get("content-length", "0").strip() != "0" or "transfer-encoding" in headers
@@ -78,7 +93,7 @@ class CrossSiteGuard:
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] == "http" and scope["method"] in STATE_CHANGING:
             allowed: list[str] = scope["app"].state.runtime.settings.allowed_origins
-            refused = refusal(Headers(scope=scope), allowed)
+            refused = refusal(Headers(scope=scope), allowed, scope.get("scheme", "http"))
             if refused is not None:
                 status, error = refused
                 await JSONResponse({"error": error}, status_code=status)(scope, receive, send)

@@ -15,7 +15,8 @@ PROBES = frozenset({"/healthz", "/readyz"})
 
 
 def split_host(value: str) -> tuple[str, str | None]:
-    """A Host header as (name, port): lower case, IPv6 in brackets, no trailing dot."""
+    """A Host header as (name, port): lower case, IPv6 in brackets, without the one trailing
+    dot of an absolute name ("localhost." is localhost; "localhost.." is no name)."""
     value = value.strip().lower()
     if value.startswith("["):
         name, _, rest = value.partition("]")
@@ -28,7 +29,10 @@ def split_host(value: str) -> tuple[str, str | None]:
         if not colon or not port_text.isdigit() or ":" in name:
             name, port_text = value, ""
         port = port_text or None
-    return name.rstrip("."), port
+    name = name[:-1] if name.endswith(".") and not name.startswith("[") else name
+    if not name or name.endswith(".") or ".." in name or name.startswith("."):
+        return "", None
+    return name, port
 
 
 def normalise(entry: str) -> str:

@@ -11,6 +11,7 @@ import uvicorn
 from fastapi.concurrency import run_in_threadpool
 
 from lakesync.api.app import create_app
+from lakesync.api.timeouts import DeadlineH11Protocol
 from lakesync.config import Settings
 from lakesync.errors import ConfigError
 from lakesync.mongo import with_database
@@ -107,6 +108,7 @@ def serve(settings: Settings, host: str, port: int) -> None:
             log_config=None,
             access_log=False,
             timeout_graceful_shutdown=3,
+            http=DeadlineH11Protocol,  # slow request heads and bodies are cut off
         )
         server = _Server(config, runtime)
         shown = f"[{host}]" if ":" in host else host
