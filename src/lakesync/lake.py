@@ -41,6 +41,7 @@ from lakesync.locations import (
     read_error,
     resolve,
 )
+from lakesync.sources import iceberg
 
 logger = logging.getLogger(__name__)
 
@@ -48,6 +49,7 @@ _EXTENSIONS = {".parquet": "parquet", ".pq": "parquet", ".csv": "csv", ".json": 
 _EXTENSIONS |= {".jsonl": "json", ".ndjson": "json"}
 _FORMATS = {"parquet": ds.ParquetFileFormat, "csv": ds.CsvFileFormat, "json": ds.JsonFileFormat}
 _ALIASES = {"pq": "parquet", "jsonl": "json", "ndjson": "json", "delta": "delta"}
+_ALIASES |= {"iceberg": "iceberg"}
 _ALIASES |= {f: f for f in _FORMATS}
 _GLOB = {"**/": "(?:[^/]*/)*", "**": ".*", "*": "[^/]*", "?": "[^/]"}
 #: Decode at most two record batches ahead of the consumer, in the reading thread: memory
@@ -368,8 +370,14 @@ class Lake:
         live: list[pa.BooleanArray | None] | None = None,
         views: dict[str, pa.DataType] | None = None,
         objects: WholeObjects | None = None,
+        table: iceberg.IcebergSnapshot | None = None,
+        units: list[int] | None = None,
     ) -> None:
         self.uri, self.format, self.files, self.version = uri, fmt, files, version
+        #: Iceberg: the snapshot read, and the unit of it each file index reads
+        self._table, self._units = table, units or list(range(len(files)))
+        self.snapshot_id = None if table is None else table.snapshot_id
+        self.since_snapshot_id = None if table is None else table.since
         #: S3: small files fetched whole, one request each (None: read through ``fs``)
         self._objects = objects
         #: the index of ``files[0]`` in the whole lake (non-zero for a partition's files)
@@ -420,6 +428,9 @@ class Lake:
         first_index: int = 0,
         known: Listing | None = None,
         keep: list[str] | None = None,
+        snapshot_id: int | None = None,
+        since_snapshot_id: int | None = None,
+        catalog: iceberg.CatalogTable | None = None,
     ) -> Lake:
         """List and inspect the lake at ``uri``; raise SourceError if it cannot be read.
 
@@ -439,10 +450,31 @@ class Lake:
         ``keep`` names columns to read from each small Parquet file (up to a few MB) in the
         same pass as its footer: the first read asking only for some of them (the plan of
         repeated keys) opens no file. They are kept until ``drop_kept``.
+
+        An Iceberg table is named by its metadata file, its folder (one holding ``metadata/``)
+        or, with ``catalog``, as ``iceberg://CATALOG/namespace.table``; it is read at its
+        current snapshot or ``snapshot_id``, and with ``since_snapshot_id`` only the data
+        files added after that snapshot (see ``sources/iceberg.py``).
         """
         fmt_given = None if format is None else _ALIASES.get(format.lower())
         if format is not None and fmt_given is None:
-            raise SourceError(f"Unknown lake format {format!r}: use parquet, csv, json or delta.")
+            raise SourceError(
+                f"Unknown lake format {format!r}: use parquet, csv, json, delta or iceberg."
+            )
+        pinned = snapshot_id is not None or since_snapshot_id is not None
+        if uri.startswith("iceberg://") or catalog is not None:
+            if catalog is None or catalog.uri != uri:
+                raise SourceError(
+                    f"{uri} names a table of an Iceberg catalog, but no such catalog is "
+                    "declared for this operation: declare it in lakesync.toml "
+                    '([catalogs.NAME], and catalog = "NAME" with table = "namespace.table").',
+                    uri=uri,
+                )
+            props = iceberg.settings_properties(settings or get_settings())
+            table = cls._open_iceberg(
+                uri, None, None, snapshot_id, since_snapshot_id, catalog, props
+            )
+            return table if only is None else table.only(only, first_index)
         if version is not None and (version < 0 or fmt_given not in (None, "delta")):
             raise SourceError(
                 f"Invalid Delta version {version} for {uri}: a version (>= 0) can only "
@@ -470,6 +502,21 @@ class Lake:
         if maybe_delta and info.type == pafs.FileType.Directory and is_delta_table(loc, base):
             table = cls._open_delta(uri, loc, base, version, since_version)
             return table if only is None else table.only(only, first_index)
+        maybe_iceberg = glob_at is None and fmt_given in (None, "iceberg")
+        if maybe_iceberg and (
+            (info.type == pafs.FileType.File and iceberg.is_metadata_file(base))
+            or (info.type == pafs.FileType.Directory and iceberg.is_iceberg_table(loc, base))
+        ):
+            table = cls._open_iceberg(uri, loc, base, snapshot_id, since_snapshot_id, None)
+            return table if only is None else table.only(only, first_index)
+        if fmt_given == "iceberg" or pinned:
+            raise SourceError(
+                f"{loc.show(loc.path)} is not an Iceberg table (no {iceberg.METADATA_DIR} "
+                "folder of *.metadata.json files in it, nor a .metadata.json file), so it "
+                "has no Iceberg snapshot to read. Point the source at the table's folder or "
+                "its current metadata file.",
+                uri=uri,
+            )
         if fmt_given == "delta" or version is not None or since_version is not None:
             raise SourceError(
                 f"{loc.show(loc.path)} is not a Delta table (no {LOG_DIR} folder in it), "
@@ -576,6 +623,86 @@ class Lake:
             objects=loc.objects,
         )
 
+    @classmethod
+    def _open_iceberg(
+        cls,
+        uri: str,
+        loc: Location | None,
+        base: str | None,
+        snapshot_id: int | None,
+        since: int | None,
+        catalog: iceberg.CatalogTable | None,
+        props: dict[str, str] | None = None,
+    ) -> Lake:
+        """An Iceberg table at a snapshot (see ``sources/iceberg.py``), named by a path in
+        ``loc`` (``base``) or through a ``catalog`` (``props``: lakesync's S3 settings as
+        FileIO properties): its data files are the lake's files, in lake order."""
+        if (missing := iceberg.pyiceberg_missing(uri)) is not None:
+            raise missing
+        confined = None
+        if catalog is not None or loc is None or base is None:
+            assert catalog is not None
+            table = iceberg.catalog_table(catalog, props or {})
+        else:
+            if iceberg.is_metadata_file(base) and base.rsplit("/", 2)[-2:-1] == ["metadata"]:
+                folder = base.rsplit("/", 2)[0]
+            elif iceberg.is_metadata_file(base):
+                folder = base.rsplit("/", 1)[0]
+            else:
+                folder = base.rstrip("/")
+            table = iceberg.load_table(loc, base)
+            confined = loc.show(folder) if loc.is_s3 else f"file://{folder}"
+        snap = iceberg.IcebergSnapshot(
+            table,
+            uri,
+            snapshot_id=snapshot_id,
+            since=since,
+            confined=confined,
+            endpoint=None if loc is None else loc.endpoint,
+        )
+        files = [iceberg.shown(u.path) for u in snap.units]
+        if confined is not None and confined.startswith("file://"):  # a link out of it?
+            _refuse_links_out(confined.removeprefix("file://"), files)
+        root = iceberg.shown(table.metadata.location.rstrip("/"))
+        facts = [FileFacts(f, u.size, u.records) for f, u in zip(files, snap.units, strict=True)]
+        added = "" if since is None else f" added since snapshot {since}"
+        logger.info(
+            "Opened Iceberg table %s snapshot %s: %d data file(s)%s",
+            uri,
+            snap.snapshot_id,
+            len(files),
+            added,
+        )
+        return cls(
+            uri,
+            "iceberg",
+            files,
+            facts,
+            [snap.schema] * len(files),
+            None if loc is None else loc.endpoint,
+            root=root,
+            schema=snap.schema,
+            table=snap,
+        )
+
+    @property
+    def pinned(self) -> bool:
+        """Whether the lake is one version of a table (Delta, Iceberg), whose files never
+        change: a range of it needs no upper bound on the watermark."""
+        return self.version is not None or self.snapshot_id is not None
+
+    def pins(self) -> dict[str, int]:
+        """The job options that make a resumed run read the same version of the table:
+        ``deltaVersion`` / ``sinceDeltaVersion``, or ``icebergSnapshotId`` /
+        ``sinceIcebergSnapshotId`` (none for plain files)."""
+        pins = {
+            "deltaVersion": self.version,
+            "sinceDeltaVersion": self.since_version,
+            "icebergSnapshotId": self.snapshot_id,
+            "sinceIcebergSnapshotId": self.since_snapshot_id,
+        }
+        return {k: v for k, v in pins.items() if v is not None}
+
     def file_name(self, index: int) -> str:
         """The stable name of file ``index``: its path relative to the lake's root folder.
 
@@ -616,6 +743,8 @@ class Lake:
             views=self._views,
             first_index=first_index,
             objects=self._objects,
+            table=self._table,
+            units=[self._units[i] for i in picked],
         )
         if self._row_counts is not None:
             part._row_counts = [self._row_counts[i] for i in picked]
@@ -659,7 +788,8 @@ class Lake:
                 names.index(file_name),
             )
             index = names.index(file_name)
-        if self._parquet and position.row > self.file_row_counts()[index]:
+        exact = self._parquet or self._table is not None
+        if exact and position.row > self.file_row_counts()[index]:
             raise SourceError(
                 f"The checkpoint consumed {position.row:,} rows of {self.files[index]}, which "
                 f"now has {self.file_row_counts()[index]:,} (rewritten since). Start a new copy.",
@@ -689,7 +819,7 @@ class Lake:
         or renamed columns): then only reading the file tells."""
         facts = self._facts[index]
         if facts.stats is None or self._mapped or self._live[index] is not None:
-            return None
+            return None  # (Iceberg files keep no statistics here: FileFacts.stats is None)
         found = facts.stats.get(column)
         return None if found is None or facts.rows is None else (found, facts.rows)
 
@@ -742,7 +872,9 @@ class Lake:
     def file_row_counts(self) -> list[int]:
         """Rows per file, unfiltered (Parquet: from the footers, no data read)."""
         if self._row_counts is None:
-            if self._parquet:  # less the rows a deletion vector removed
+            if self._table is not None:  # the manifests' counts, less deleted rows
+                self._row_counts = [self._table.rows(u) for u in self._units]
+            elif self._parquet:  # less the rows a deletion vector removed
                 self._row_counts = [
                     int(f.rows or 0) - (0 if keep is None else len(keep) - keep.true_count)
                     for f, keep in zip(self._facts, self._live, strict=True)
@@ -759,6 +891,11 @@ class Lake:
         if filter is None:
             return sum(self.file_row_counts())
         total = 0
+        if self._table is not None:
+            for i in range(len(self.files)):
+                if i not in self._ruled_out:
+                    total += sum(b.num_rows for b in self._table.read(self._units[i], [], filter))
+            return total
         if self._mapped or any(keep is not None for keep in self._live):  # filtered as read
             for i in range(len(self.files)):
                 if i not in self._ruled_out:
@@ -904,8 +1041,11 @@ class Lake:
         columns: list[str] | None,
         whole: bool = False,
     ) -> Iterator[LakeBatch]:
-        schema, offset = self._schemas[index], skip
-        ordinal = self.first_index + index
+        schema = self._schemas[index]
+        if self._table is not None:  # deletes applied, columns resolved by pyiceberg
+            rows = self._table.read(self._units[index], columns, filter)
+            yield from self._pieces(index, rows, size, skip)
+            return
         keep, after = self._live[index], None
         if keep is not None or self._mapped:  # Delta: rows deleted, columns renamed as read
             after, filter = filter, None
@@ -942,12 +1082,31 @@ class Lake:
             source = _row_group_slices(fragment, schema, columns, filter, size)
         else:
             source = iter(self._guard(index, fragment.to_batches, **scan, **_STREAMING))
+        if keep is not None or self._mapped:
+            source = self._logical_batches(source, keep, after)
+        yield from self._pieces(index, source, size, skip)
+
+    def _logical_batches(
+        self,
+        source: Iterator[pa.RecordBatch],
+        keep: pa.BooleanArray | None,
+        where: pc.Expression | None,
+    ) -> Iterator[pa.RecordBatch]:
+        """A Delta file's batches with logical names, deleted rows and rows outside
+        ``where`` removed."""
+        read = 0  # rows of the file read so far (before deletions and the filter)
+        for batch in source:
+            yield self._logical(batch, keep, read, where)
+            read += batch.num_rows
+
+    def _pieces(
+        self, index: int, source: Iterator[pa.RecordBatch], size: int, skip: int
+    ) -> Iterator[LakeBatch]:
+        """File ``index``'s rows (``source``) from row ``skip`` in pieces of ``size`` rows."""
+        offset, ordinal = skip, self.first_index + index
         pending: list[pa.RecordBatch] = []
         pending_rows = 0
-        read = 0  # rows of the file read so far (before deletions and the filter)
         while (batch := self._guard(index, next, source, None)) is not None:
-            if keep is not None or self._mapped:
-                read, batch = read + batch.num_rows, self._logical(batch, keep, read, after)
             if skip:
                 if batch.num_rows <= skip:
                     skip -= batch.num_rows

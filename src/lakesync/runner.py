@@ -253,7 +253,7 @@ class JobRunner:
             cp = Checkpoint(since=since, until=until)
             total = changed if column is not None else lake.count_rows()  # scan counted them
             # which records a later record of the same key replaces: skipped by every run
-            planned = lake_filter(lake, cp.since, cp.until if lake.version is None else None)
+            planned = lake_filter(lake, cp.since, None if lake.pinned else cp.until)
             by = [cp.since.column] if cp.since is not None else []
             policy.call(
                 lambda: repeats.plan_job(db, job_id, lake, op.schema_, planned, by, op.collection),
@@ -272,10 +272,7 @@ class JobRunner:
             ):
                 return Outcome.ENDED
             pinned = {**status.options, "mode": mode}  # a resumed run keeps mode and version
-            if lake.version is not None:
-                pinned["deltaVersion"] = lake.version
-            if lake.since_version is not None:
-                pinned["sinceDeltaVersion"] = lake.since_version
+            pinned |= lake.pins()
             if seen is not None:
                 policy.call(lambda: mirror.sweep(db, self.store.jobs), "sweeping key sets")
                 policy.call(seen.begin, "starting the mirror's key set")
@@ -310,7 +307,7 @@ class JobRunner:
         # A Delta version's files never change, so its range needs no upper bound; that also
         # keeps records above `until`'s last whole millisecond, which files added later
         # cannot bring back
-        reading = lake_filter(lake, cp.since, cp.until if lake.version is None else None)
+        reading = lake_filter(lake, cp.since, None if lake.pinned else cp.until)
         run = _JobRun(self, status, owner, policy, beat, clock, seen, on_progress)
         paused, cp = copy_batches(
             run,
@@ -359,7 +356,7 @@ class JobRunner:
             message += f" (records changed since {shown(cp.since)})"
         done = self._end(job_id, owner, JobState.COMPLETED, message)  # or cancelled, see finish
         if cp.until is not None and done.state is JobState.COMPLETED:
-            self._save_watermark(op.name, source, cp.until, job_id, mode, lake.version)
+            self._save_watermark(op.name, source, cp.until, job_id, mode, lake.pins())
         if on_progress:
             on_progress(done)
         return Outcome.ENDED
@@ -443,11 +440,12 @@ class JobRunner:
         policy: RetryPolicy,
         known: Listing | None = None,
     ) -> Lake:
-        """The job's lake. An incremental copy of a Delta table opens only the files added
-        since the version the last completed copy read: Delta never changes a file in place,
-        so every record added or changed since then lies in them, and the other files are
-        not even opened. The first run looks that version up; it is pinned in the options
-        (`sinceDeltaVersion`), so a resumed run opens the same files. When it can no longer
+        """The job's lake. An incremental copy of a Delta (or Iceberg) table opens only the
+        files added since the version (snapshot) the last completed copy read: neither format
+        changes a file in place, so every record added or changed since then lies in them, and
+        the other files are not even opened. The first run looks that version up; it is pinned
+        in the options (`sinceDeltaVersion`, `sinceIcebergSnapshotId`), so a resumed run opens
+        the same files. When it can no longer
         be listed (its log was cleaned up, the table was recreated, the source is no Delta
         table), the whole version is read, with the watermark filter as for plain files.
 
@@ -456,6 +454,7 @@ class JobRunner:
         ``keep``): the plan then costs no request for them.
         """
         since = job.options.sinceDeltaVersion
+        since_snapshot = job.options.sinceIcebergSnapshotId
         keep = None
         if first_run:
             keep = [*job.op.schema_.key_columns, *([job.op.watermark] if job.op.watermark else [])]
@@ -464,23 +463,32 @@ class JobRunner:
             since = policy.call(
                 lambda: self.watermarks.delta_version(name, source, column), "reading the watermark"
             )
-        if since is not None:
-            narrowed = job.options.model_copy(update={"sinceDeltaVersion": since})
+            since_snapshot = policy.call(
+                lambda: self.watermarks.iceberg_snapshot(name, source, column),
+                "reading the watermark",
+            )
+        if since is not None or since_snapshot is not None:
+            pins = {"sinceDeltaVersion": since, "sinceIcebergSnapshotId": since_snapshot}
+            narrowed = job.options.model_copy(update=pins)
             try:
                 narrowed_job = replace(job, options=narrowed)
                 return narrowed_job.open_lake(self.settings, known=known, keep=keep)
             except TransientSourceError:
                 raise
             except SourceError as e:
+                what = f"Delta version {since}"
+                if since is None:
+                    what = f"Iceberg snapshot {since_snapshot}"
                 logger.warning(
-                    "%s: cannot list the files added to %s since Delta version %d "
-                    "(%s); reading the whole table",
+                    "%s: cannot list the files added to %s since %s (%s); reading the whole table",
                     job.op.name,
                     job.source,
-                    since,
+                    what,
                     e,
                 )
-        whole = job.options.model_copy(update={"sinceDeltaVersion": None})
+        whole = job.options.model_copy(
+            update={"sinceDeltaVersion": None, "sinceIcebergSnapshotId": None}
+        )
         return replace(job, options=whole).open_lake(self.settings, known=known, keep=keep)
 
     def _save_watermark(
@@ -490,13 +498,20 @@ class JobRunner:
         reached: Watermark,
         job_id: str,
         mode: str,
-        delta_version: int | None,
+        pins: dict[str, int],
     ) -> None:
-        """Move the operation's watermark; a failure only makes the next copy read more."""
+        """Move the operation's watermark (with the Delta version or Iceberg snapshot read,
+        ``Lake.pins``); a failure only makes the next copy read more."""
         try:
             self.retry().call(
                 lambda: self.watermarks.save(
-                    operation, source, reached, job_id, mode, delta_version
+                    operation,
+                    source,
+                    reached,
+                    job_id,
+                    mode,
+                    pins.get("deltaVersion"),
+                    pins.get("icebergSnapshotId"),
                 ),
                 "recording the watermark",
             )

@@ -28,6 +28,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.fs as pafs
 
+from lakesync.config import Settings
 from lakesync.errors import SourceError, TransientSourceError
 from lakesync.locations import Location, read_error, s3_message, short_error
 
@@ -44,6 +45,7 @@ VERSION_HINT = "version-hint.text"
 #: (catalogs), either possibly gzip-compressed as ``.gz.metadata.json``
 _METADATA_NAME = re.compile(r"(?:v(\d+)|(\d+)-[^/]+?)(?:\.gz)?\.metadata\.json")
 _INSTALL = "pip install 'lakesync[iceberg]'"
+_TIMEOUTS = {"s3.connect-timeout": "10", "s3.request-timeout": "60"}  # as for other lakes
 
 
 @dataclass(frozen=True)
@@ -163,19 +165,29 @@ def metadata_file(location: Location, path: str) -> str:
     return f"{folder}/{newest[0]}"
 
 
-def io_properties(location: Location | None) -> dict[str, str]:
-    """pyiceberg FileIO properties for lakesync's S3 settings (LAKESYNC_S3_ENDPOINT_URL,
-    the region); credentials come from the standard AWS variables, as for every lake."""
+def io_properties(location: Location) -> dict[str, str]:
+    """pyiceberg FileIO properties for a lake's S3 settings (LAKESYNC_S3_ENDPOINT_URL, the
+    region); credentials come from the standard AWS variables, as for every lake."""
     props = {"py-io-impl": "pyiceberg.io.pyarrow.PyArrowFileIO"}
-    if location is None or not location.is_s3:
+    if not location.is_s3:
         return props
     options = location.storage_options
     if "AWS_ENDPOINT_URL" in options:
         props["s3.endpoint"] = options["AWS_ENDPOINT_URL"]
     if "AWS_REGION" in options:
         props["s3.region"] = options["AWS_REGION"]
-    props["s3.connect-timeout"] = "10"
-    props["s3.request-timeout"] = "60"
+    return props | _TIMEOUTS
+
+
+def settings_properties(settings: Settings) -> dict[str, str]:
+    """lakesync's S3 settings as pyiceberg FileIO properties, for a catalog's tables (a
+    catalog's own properties win over them)."""
+    props = dict(_TIMEOUTS)
+    if settings.s3_endpoint_url:
+        url = settings.s3_endpoint_url
+        props["s3.endpoint"] = url if "://" in url else f"https://{url}"
+    if settings.s3_region:
+        props["s3.region"] = settings.s3_region
     return props
 
 
@@ -204,15 +216,21 @@ def load_table(location: Location, path: str) -> Table:
             "source at the table's current .metadata.json file.",
             file=uri,
         ) from e
-    return StaticTable(("static-table", uri), uri, metadata, io, NoopCatalog("static-table"))
+    return StaticTable(
+        identifier=("static-table", uri),
+        metadata=metadata,
+        metadata_location=uri,
+        io=io,
+        catalog=NoopCatalog("static-table"),
+    )
 
 
-def catalog_table(named: CatalogTable, location: Location | None) -> Table:
-    """The table a catalog of lakesync.toml names (the catalog's own FileIO properties win
-    over lakesync's S3 settings)."""
+def catalog_table(named: CatalogTable, defaults: dict[str, str]) -> Table:
+    """The table a catalog of lakesync.toml names (the catalog's own properties win over
+    ``defaults``, lakesync's S3 settings)."""
     from pyiceberg.catalog import load_catalog
 
-    props = {**io_properties(location), **named.properties}
+    props = {**defaults, **named.properties}
     try:
         catalog = load_catalog(named.catalog, **props)
         return catalog.load_table(named.table)
@@ -411,12 +429,12 @@ class IcebergSnapshot:
         except SourceError:
             raise
         except (OSError, pa.ArrowException) as e:
-            raise read_error(e, _shown(unit.path), "iceberg", self._endpoint) from e
+            raise read_error(e, shown(unit.path), "iceberg", self._endpoint) from e
         except Exception as e:  # pyiceberg's ResolveError, ValueError on a bad file
             raise SourceError(
-                f"Cannot read {_shown(unit.path)} of the Iceberg table {self.uri}: "
+                f"Cannot read {shown(unit.path)} of the Iceberg table {self.uri}: "
                 f"{short_error(str(e))}.",
-                file=_shown(unit.path),
+                file=shown(unit.path),
             ) from e
 
     def _equality_deletes(self, delete: DataFile) -> tuple[list[str], pa.Table]:
@@ -433,22 +451,22 @@ class IcebergSnapshot:
             fields = [self._schema.find_field(i) for i in delete.equality_ids or []]
         except ValueError as e:
             raise SourceError(
-                f"The equality delete file {_shown(delete.file_path)} of the Iceberg table "
+                f"The equality delete file {shown(delete.file_path)} of the Iceberg table "
                 f"{self.uri} matches on a column the snapshot's schema no longer has; "
                 "lakesync cannot apply it. Rewrite the table's deletes (e.g. compact it).",
-                file=_shown(delete.file_path),
+                file=shown(delete.file_path),
             ) from e
         if not fields:
             raise SourceError(
-                f"The equality delete file {_shown(delete.file_path)} of the Iceberg table "
+                f"The equality delete file {shown(delete.file_path)} of the Iceberg table "
                 f"{self.uri} names no equality columns (equality_ids).",
-                file=_shown(delete.file_path),
+                file=shown(delete.file_path),
             )
         scan = ArrowScan(self._table.metadata, self._table.io, Schema(*fields), AlwaysTrue())
         try:
             rows = scan.to_table([FileScanTask(delete)])
         except (OSError, pa.ArrowException) as e:
-            raise read_error(e, _shown(delete.file_path), "iceberg", self._endpoint) from e
+            raise read_error(e, shown(delete.file_path), "iceberg", self._endpoint) from e
         names = [f.name for f in fields]
         rows = rows.select(names).cast(pa.schema([self.schema.field(n) for n in names]))
         self._equality_rows[delete.file_path] = (names, rows)
@@ -484,7 +502,7 @@ def _uri(location: Location, path: str) -> str:
     return location.show(path) if location.is_s3 else f"file://{path}"
 
 
-def _shown(path: str) -> str:
+def shown(path: str) -> str:
     """A file of the metadata as lakesync's messages name files (local: a plain path)."""
     return unquote(path.removeprefix("file://")) if path.startswith("file://") else path
 
