@@ -14,6 +14,7 @@ from typing import Any
 
 import pyarrow as pa
 import pyarrow.parquet as pq
+from pyiceberg.io.pyarrow import schema_to_pyarrow
 from pyiceberg.manifest import (
     DataFile,
     DataFileContent,
@@ -27,6 +28,11 @@ from pyiceberg.table.update.snapshot import _FastAppendFiles
 from pyiceberg.typedef import Record
 
 FILE_PATH_ID, POS_ID = 2147483546, 2147483545  # the spec's reserved field ids
+#: column statistics left empty (optional in the spec; pyiceberg's inspect needs the maps)
+NO_STATS: dict[str, Any] = {
+    "column_sizes": {}, "value_counts": {}, "null_value_counts": {}, "nan_value_counts": {},
+    "lower_bounds": {}, "upper_bounds": {},
+}  # fmt: skip
 
 
 class _DeleteManifestWriter(ManifestWriterV2):
@@ -39,18 +45,24 @@ class _DeleteManifestWriter(ManifestWriterV2):
 
 
 class _RowDelta(_FastAppendFiles):
-    """A fast append whose added files are delete files: written in a delete manifest."""
+    """A fast append whose added files are delete files (of one partition spec, which may
+    be an older one than the table's): written in a delete manifest of that spec."""
+
+    spec_id = 0
 
     def new_manifest_writer(self, spec: Any) -> Any:
         return _DeleteManifestWriter(
-            spec, self.schema(), self.new_manifest_output(), self._snapshot_id, self._compression
-        )
+            self.spec(self.spec_id), self.schema(), self.new_manifest_output(),
+            self._snapshot_id, self._compression,
+        )  # fmt: skip
 
 
-def _commit(table: Table, files: list[DataFile]) -> None:
+def _commit(table: Table, files: list[DataFile], spec_id: int) -> None:
     with table.transaction() as tx:
         delta = _RowDelta(Operation.DELETE, tx, table.io)
+        delta.spec_id = spec_id
         for f in files:
+            f.spec_id = spec_id  # from_args does not set it
             delta.append_data_file(f)
         delta.commit()
 
@@ -74,8 +86,8 @@ def position_delete(table: Table, data_file: str, positions: list[int], spec_id:
     _commit(table, [DataFile.from_args(
         content=DataFileContent.POSITION_DELETES, file_path=path, file_format=FileFormat.PARQUET,
         partition=partition or Record(), record_count=len(positions), file_size_in_bytes=size,
-        spec_id=spec_id, sort_order_id=None, equality_ids=None, key_metadata=None,
-    )])  # fmt: skip
+        spec_id=spec_id, sort_order_id=None, equality_ids=None, key_metadata=None, **NO_STATS,
+    )], spec_id)  # fmt: skip
 
 
 def equality_delete(table: Table, values: dict[str, list[Any]], spec_id: int = 0,
@@ -83,7 +95,7 @@ def equality_delete(table: Table, values: dict[str, list[Any]], spec_id: int = 0
     """Delete the rows whose columns equal one of the ``values`` rows (by column name)."""
     schema = table.schema()
     ids = [schema.find_field(name).field_id for name in values]
-    arrow = table.scan().to_arrow().schema
+    arrow = schema_to_pyarrow(schema)
     fields = [
         pa.field(n, arrow.field(n).type, True, {"PARQUET:field_id": str(i)})
         for n, i in zip(values, ids, strict=True)
@@ -93,5 +105,5 @@ def equality_delete(table: Table, values: dict[str, list[Any]], spec_id: int = 0
     _commit(table, [DataFile.from_args(
         content=DataFileContent.EQUALITY_DELETES, file_path=path, file_format=FileFormat.PARQUET,
         partition=partition or Record(), record_count=rows.num_rows, file_size_in_bytes=size,
-        spec_id=spec_id, sort_order_id=None, equality_ids=ids, key_metadata=None,
-    )])  # fmt: skip
+        spec_id=spec_id, sort_order_id=None, equality_ids=ids, key_metadata=None, **NO_STATS,
+    )], spec_id)  # fmt: skip

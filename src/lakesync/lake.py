@@ -691,6 +691,12 @@ class Lake:
         change: a range of it needs no upper bound on the watermark."""
         return self.version is not None or self.snapshot_id is not None
 
+    @property
+    def changes_only(self) -> bool:
+        """Whether the lake is the data files a table version added since an earlier one
+        (``since_version``, ``since_snapshot_id``): the change itself, to be read whole."""
+        return self.since_version is not None or self.since_snapshot_id is not None
+
     def pins(self) -> dict[str, int]:
         """The job options that make a resumed run read the same version of the table:
         ``deltaVersion`` / ``sinceDeltaVersion``, or ``icebergSnapshotId`` /
@@ -1041,10 +1047,10 @@ class Lake:
         columns: list[str] | None,
         whole: bool = False,
     ) -> Iterator[LakeBatch]:
-        schema = self._schemas[index]
+        schema, offset = self._schemas[index], skip  # the file row the first batch starts at
         if self._table is not None:  # deletes applied, columns resolved by pyiceberg
             rows = self._table.read(self._units[index], columns, filter)
-            yield from self._pieces(index, rows, size, skip)
+            yield from self._pieces(index, rows, size, skip, offset)
             return
         keep, after = self._live[index], None
         if keep is not None or self._mapped:  # Delta: rows deleted, columns renamed as read
@@ -1084,7 +1090,7 @@ class Lake:
             source = iter(self._guard(index, fragment.to_batches, **scan, **_STREAMING))
         if keep is not None or self._mapped:
             source = self._logical_batches(source, keep, after)
-        yield from self._pieces(index, source, size, skip)
+        yield from self._pieces(index, source, size, skip, offset)
 
     def _logical_batches(
         self,
@@ -1100,10 +1106,11 @@ class Lake:
             read += batch.num_rows
 
     def _pieces(
-        self, index: int, source: Iterator[pa.RecordBatch], size: int, skip: int
+        self, index: int, source: Iterator[pa.RecordBatch], size: int, skip: int, offset: int
     ) -> Iterator[LakeBatch]:
-        """File ``index``'s rows (``source``) from row ``skip`` in pieces of ``size`` rows."""
-        offset, ordinal = skip, self.first_index + index
+        """File ``index``'s rows from row ``offset`` in pieces of ``size`` rows: ``source``
+        holds them after its first ``skip`` rows (row groups before them were not read)."""
+        ordinal = self.first_index + index
         pending: list[pa.RecordBatch] = []
         pending_rows = 0
         while (batch := self._guard(index, next, source, None)) is not None:

@@ -247,7 +247,10 @@ class JobRunner:
                         lambda: self.watermarks.get(op.name, source, column),
                         "reading the watermark",
                     )
-                    since = reach_back(saved, op.lookback)
+                    # the files a table version added since the last copy are the change
+                    # itself, read whole: a delete or update rewrites untouched rows into new
+                    # files, and they now come last in lake order, older watermark or not
+                    since = None if lake.changes_only else reach_back(saved, op.lookback)
                 changed, until = scan(lake, column, since)
                 until = later(until, saved)  # a watermark never moves back
             cp = Checkpoint(since=since, until=until)

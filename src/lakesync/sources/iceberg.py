@@ -316,9 +316,10 @@ class IcebergSnapshot:
             return True
 
         try:
-            manifests = snapshot.manifests(table.io)
             if confined is not None:
                 _confined(snapshot.manifest_list, confined, self.uri)
+            manifests = snapshot.manifests(table.io)
+            if confined is not None:
                 for m in manifests:
                     _confined(m.manifest_path, confined, self.uri)
             planner = ManifestGroupPlanner(table.metadata, table.io)
