@@ -164,7 +164,7 @@ def test_a_table_reads_as_pyiceberg_reads_it_in_lake_order(catalog: SqlCatalog) 
     table = history(catalog)
     expected = lake_order(table)
     lake = Lake.open(folder(table))  # the table's folder: its highest-numbered metadata
-    assert lake.format == "iceberg" and lake.snapshot_id == table.metadata.current_snapshot_id
+    assert lake.format == "iceberg" and lake.version == table.metadata.current_snapshot_id
     assert lake.pins() == {"icebergSnapshotId": table.metadata.current_snapshot_id}
     got = read_all(lake)
     assert got == expected  # the same rows in the same order
@@ -177,7 +177,7 @@ def test_a_table_reads_as_pyiceberg_reads_it_in_lake_order(catalog: SqlCatalog) 
     old = table.metadata.snapshots[1]
     older = sorted(Path(folder(table), "metadata").glob("00002-*.metadata.json"))[0]
     lake2 = Lake.open(str(older))
-    assert lake2.snapshot_id == old.snapshot_id
+    assert lake2.version == old.snapshot_id
     assert read_all(lake2) == lake_order(table, old.snapshot_id)
     pinned = Lake.open(folder(table), snapshot_id=old.snapshot_id)
     assert read_all(pinned) == lake_order(table, old.snapshot_id)
@@ -493,8 +493,14 @@ def test_catalog_settings_are_checked_at_load(tmp_path: Path, body: str, error: 
 
 def test_refusals(catalog: SqlCatalog, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     table = catalog.create_table("ns.tasks", schema=SCHEMA)
+    empty = Lake.open(folder(table))  # no snapshot yet: nothing to read
+    assert empty.files == [] and empty.count_rows() == 0 and empty.pins() == {}
     table.append(rows(keys(10), 1))
     root = Path(folder(table))
+    with pytest.raises(SourceError, match="metadata folder: use its parent folder"):
+        Lake.open(str(root / "metadata"))
+    with pytest.raises(SourceError, match="snapshots, not Delta versions"):
+        Lake.open(str(root), version=0)
     with pytest.raises(SourceError, match="has no snapshot 42"):
         Lake.open(str(root), snapshot_id=42)
     with pytest.raises(SourceError, match="is not an Iceberg table"):

@@ -247,16 +247,17 @@ class JobRunner:
                         lambda: self.watermarks.get(op.name, source, column),
                         "reading the watermark",
                     )
-                    # the files a table version added since the last copy are the change
+                    # the files an Iceberg snapshot added since the last copy are the change
                     # itself, read whole: a delete or update rewrites untouched rows into new
-                    # files, and they now come last in lake order, older watermark or not
-                    since = None if lake.changes_only else reach_back(saved, op.lookback)
+                    # files, which now come last in lake order, older watermark or not
+                    changes = lake.format == "iceberg" and lake.since_version is not None
+                    since = None if changes else reach_back(saved, op.lookback)
                 changed, until = scan(lake, column, since)
                 until = later(until, saved)  # a watermark never moves back
             cp = Checkpoint(since=since, until=until)
             total = changed if column is not None else lake.count_rows()  # scan counted them
             # which records a later record of the same key replaces: skipped by every run
-            planned = lake_filter(lake, cp.since, None if lake.pinned else cp.until)
+            planned = lake_filter(lake, cp.since, cp.until if lake.version is None else None)
             by = [cp.since.column] if cp.since is not None else []
             policy.call(
                 lambda: repeats.plan_job(db, job_id, lake, op.schema_, planned, by, op.collection),
@@ -310,7 +311,7 @@ class JobRunner:
         # A Delta version's files never change, so its range needs no upper bound; that also
         # keeps records above `until`'s last whole millisecond, which files added later
         # cannot bring back
-        reading = lake_filter(lake, cp.since, None if lake.pinned else cp.until)
+        reading = lake_filter(lake, cp.since, cp.until if lake.version is None else None)
         run = _JobRun(self, status, owner, policy, beat, clock, seen, on_progress)
         paused, cp = copy_batches(
             run,
