@@ -18,6 +18,7 @@ from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
+import httpx
 import pyarrow as pa
 import pytest
 from pyiceberg.catalog.sql import SqlCatalog
@@ -26,7 +27,15 @@ from pyiceberg.io.pyarrow import ArrowScan, schema_to_pyarrow
 from pyiceberg.table import Table
 from pyiceberg.typedef import Record
 from pyiceberg.types import IntegerType, StringType
-from tests.helpers import REGION, T0, aws_test_env, s3_client, start_moto_thread
+from tests.helpers import (
+    REGION,
+    T0,
+    ServeProcess,
+    aws_test_env,
+    s3_client,
+    start_moto_thread,
+    wait_for,
+)
 from tests.iceberg_tables import equality_delete, position_delete
 
 from lakesync.config import Settings
@@ -563,3 +572,37 @@ def test_a_table_on_s3(moto: str, settings: Settings, db: Any, tmp_path: Path) -
         with Runtime(s3.model_copy(update={"operations_file": ops})) as rt:
             done = run(rt, "ice")
             check(done, db, table, empty_before=True)
+
+
+def test_serve_killed_twice_while_copying_a_table_in_partitions(
+    catalog: SqlCatalog, serve_env: dict[str, str], db: Any, tmp_path: Path
+) -> None:
+    table = catalog.create_table("ns.tasks", schema=SCHEMA)
+    for version in range(1, 11):  # ten files of 3,000 records, each updating the one before
+        table.append(rows(keys(3000, 1500 * version), version))
+    table.delete("taskDetailId >= 'K03000' and taskDetailId < 'K03100'")
+    table = table.refresh()
+    position_delete(table, lake_file(table, 4), list(range(0, 3000, 7)))
+    table = table.refresh()
+    ops = operations_file(tmp_path, tmp_path, folder(table))
+    serve_env.update(
+        LAKESYNC_OPERATIONS_FILE=str(ops), LAKESYNC_BATCH_SIZE="250", LAKESYNC_WORKERS="2",
+        LAKESYNC_PARTITION_ROWS="4000",
+    )  # fmt: skip
+    proc = ServeProcess(serve_env, tmp_path / "serve.log").start()
+    url = lambda: f"{proc.url}/api/jobs"  # noqa: E731
+    try:
+        r = httpx.post(url(), json={"operation": "ice"}, timeout=10)
+        assert r.status_code == 202, r.text
+        job_id = r.json()["jobId"]
+        get = lambda: httpx.get(f"{url()}/{job_id}", timeout=10).json()  # noqa: E731
+        for target in (6000, 15000):
+            wait_for(lambda t=target: get()["processedRecords"] >= t, timeout=180)
+            proc.kill()  # SIGKILL: no checkpoint, no hand-back
+            proc = ServeProcess(serve_env, tmp_path / "serve.log").start()
+        final = wait_for(lambda: (s := get())["status"] in ("completed", "failed") and s, 300)
+    finally:
+        proc.kill()
+    status = JobStatus.model_validate(final)
+    check(status, db, table, empty_before=True)
+    assert status.attempt >= 2 and (status.partitions or 0) >= 5
