@@ -39,11 +39,12 @@ from tests.helpers import (
 from tests.iceberg_tables import equality_delete, position_delete
 
 from lakesync.config import Settings
-from lakesync.errors import ConfigError, RequestError, SourceError
+from lakesync.errors import ConfigError, RequestError, SourceError, TransientSourceError
 from lakesync.lake import Lake, Position
 from lakesync.models import JobState, JobStatus, Outcome
 from lakesync.operations import load_operations
 from lakesync.runtime import Runtime
+from lakesync.sources.iceberg import CatalogTable
 
 TS = pa.timestamp("us", tz="UTC")
 SCHEMA = pa.schema(
@@ -471,6 +472,18 @@ def test_a_catalog_table_of_lakesync_toml(
         missing = run(rt, "ice", source="iceberg://local/ns.nope")
     assert missing.status == JobState.FAILED
     assert "has no table 'ns.nope'" in (missing.error or ""), missing.error
+
+
+def test_catalog_errors_name_the_catalog(tmp_path: Path) -> None:
+    with pytest.raises(SourceError, match="no such catalog is declared"):
+        Lake.open("iceberg://nope/ns.t")
+    wrong = CatalogTable("bad", "ns.t", {"type": "no-such-type"})
+    with pytest.raises(SourceError, match=r"Check \[catalogs\.bad\] in lakesync.toml\.") as e:
+        Lake.open(wrong.uri, catalog=wrong)
+    assert not isinstance(e.value, TransientSourceError)  # a setting: no retry helps
+    gone = CatalogTable("far", "ns.t", {"type": "sql", "uri": f"sqlite:///{tmp_path}/no/x.db"})
+    with pytest.raises(TransientSourceError, match="that the catalog is reachable"):
+        Lake.open(gone.uri, catalog=gone)
 
 
 @pytest.mark.parametrize(

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import itertools
 import logging
+import os
 import re
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -46,6 +47,8 @@ VERSION_HINT = "version-hint.text"
 _METADATA_NAME = re.compile(r"(?:v(\d+)|(\d+)-[^/]+?)(?:\.gz)?\.metadata\.json")
 _INSTALL = "pip install 'lakesync[iceberg]'"
 _TIMEOUTS = {"s3.connect-timeout": "10", "s3.request-timeout": "60"}  # as for other lakes
+#: catalog errors of a catalog out of reach (SQLAlchemy's, the REST client's), by name
+_UNREACHABLE = ("OperationalError", "ConnectionError", "Timeout", "ReadTimeout")
 
 
 @dataclass(frozen=True)
@@ -235,17 +238,19 @@ def catalog_table(named: CatalogTable, defaults: dict[str, str]) -> Table:
         catalog = load_catalog(named.catalog, **props)
         return catalog.load_table(named.table)
     except Exception as e:  # NoSuchTableError, connection and driver errors of every catalog
-        text = short_error(str(e))
-        if type(e).__name__ in ("NoSuchTableError", "NoSuchNamespaceError"):
+        text, kind = short_error(str(e)), type(e).__name__
+        if kind in ("NoSuchTableError", "NoSuchNamespaceError"):
             raise SourceError(
                 f"The catalog {named.catalog!r} has no table {named.table!r} ({text}). Check "
                 "`table` in lakesync.toml (namespace.table).",
                 uri=named.uri,
             ) from e
-        raise TransientSourceError(
+        # a catalog out of reach may come back (a retry helps); a wrong setting will not
+        unreachable = isinstance(e, OSError) or kind in _UNREACHABLE
+        raise (TransientSourceError if unreachable else SourceError)(
             f"Cannot load the table {named.table!r} from the catalog {named.catalog!r}: "
-            f"{type(e).__name__}: {text}. Check [catalogs.{named.catalog}] in lakesync.toml "
-            "and that the catalog is reachable.",
+            f"{kind}: {text}. Check [catalogs.{named.catalog}] in lakesync.toml"
+            f"{' and that the catalog is reachable' if unreachable else ''}.",
             uri=named.uri,
         ) from e
 
@@ -408,8 +413,9 @@ class IcebergSnapshot:
         wanted = None if columns is None or where is not None else list(columns)
         if wanted is not None:
             wanted += [n for names, _ in deletes for n in names if n not in wanted]
-            if not wanted:  # rows only: the narrowest column carries them
-                wanted = [self._schema.fields[0].name]
+            if not wanted:  # rows only: one plain column carries them
+                plain = [f for f in self._schema.fields if f.field_type.is_primitive]
+                wanted = [(plain or self._schema.fields)[0].name]
         projection = self._schema if wanted is None else self._schema.select(*wanted)
         target = pa.schema([self.schema.field(n) for n in projection.column_names])
         scan = ArrowScan(self._table.metadata, self._table.io, projection, AlwaysTrue())
@@ -514,11 +520,12 @@ def _confined(path: str, root: str, uri: str) -> None:
     make the server read files outside the lake it was allowed to read."""
     parts, base = urlsplit(path), urlsplit(root)
     scheme = {"s3a": "s3", "s3n": "s3", "": "file"}.get(parts.scheme, parts.scheme)
-    if scheme == "file":
-        where = ("file", "", _normal(unquote(parts.path)))
+    if scheme == "file":  # both as the filesystem resolves them (links in the way)
+        where = ("file", "", os.path.realpath(_normal(unquote(parts.path))))
+        home = ("file", "", os.path.realpath(_normal(unquote(base.path))).rstrip("/"))
     else:
         where = (scheme, parts.netloc, _normal(parts.path))
-    home = (base.scheme, base.netloc, _normal(unquote(base.path)).rstrip("/"))
+        home = (base.scheme, base.netloc, _normal(unquote(base.path)).rstrip("/"))
     if where[:2] == home[:2] and where[2].startswith(home[2] + "/"):
         return
     raise SourceError(
