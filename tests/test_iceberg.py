@@ -474,6 +474,30 @@ def test_a_catalog_table_of_lakesync_toml(
     assert "has no table 'ns.nope'" in (missing.error or ""), missing.error
 
 
+def test_incremental_reads_the_whole_snapshot_when_the_recorded_one_is_gone(
+    catalog: SqlCatalog, settings: Settings, db: Any, tmp_path: Path, caplog: Any
+) -> None:
+    table = catalog.create_table("ns.tasks", schema=SCHEMA)
+    table.append(rows(keys(100), 1))
+    ops = operations_file(tmp_path, tmp_path, folder(table))
+    settings = settings.model_copy(update={"operations_file": ops})
+    with Runtime(settings) as rt:
+        check(run(rt, "ice", mode="incremental"), db, table, empty_before=True)
+        # a snapshot the table no longer has (expired), as the last copy's
+        db.syncstate.update_one({"operation": "ice"}, {"$set": {"icebergSnapshotId": 12345}})
+        table.append(rows(keys(10, 95), 2))  # 5 updated, 5 new
+        table = table.refresh()
+        again = run(rt, "ice", mode="incremental")
+    assert "since Iceberg snapshot 12345" in caplog.text and "reading the whole" in caplog.text
+    check(again, db, table)
+    assert "sinceIcebergSnapshotId" not in again.options
+    # the whole snapshot, filtered by the watermark: the newer records and the one at it
+    assert again.insertedRecords == 5 and again.updatedRecords == 5
+    assert db.syncstate.find_one({"operation": "ice"})["icebergSnapshotId"] == (
+        table.metadata.current_snapshot_id
+    )
+
+
 def test_catalog_errors_name_the_catalog(tmp_path: Path) -> None:
     with pytest.raises(SourceError, match="no such catalog is declared"):
         Lake.open("iceberg://nope/ns.t")

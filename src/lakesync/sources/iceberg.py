@@ -58,7 +58,8 @@ class CatalogTable:
 
     catalog: str
     table: str  # "namespace.table"
-    properties: dict[str, str] = field(default_factory=dict)
+    #: may hold secrets (a catalog password or token): never shown
+    properties: dict[str, str] = field(default_factory=dict, repr=False)
 
     @property
     def uri(self) -> str:
