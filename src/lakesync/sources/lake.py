@@ -36,10 +36,11 @@ from lakesync.locations import (
     read_error,
     resolve,
 )
-from lakesync.sources import parquet
+from lakesync.sources import parquet, tables
 from lakesync.sources.base import ColumnStats, FileFacts, LakeBatch, Listing, Position
-from lakesync.sources.delta import LOG_DIR, is_delta_table, snapshot
+from lakesync.sources.delta import snapshot
 from lakesync.sources.stream import across_files, prefetched, prepared
+from lakesync.sources.tables import DELTA_LOG as LOG_DIR
 
 logger = logging.getLogger(__name__)
 
@@ -78,7 +79,7 @@ class _Opens:
 class Lake:
     """A sorted set of same-format data files read as one stream; build it with ``open``.
 
-    ``format`` is parquet, csv, json or delta; ``version`` is the Delta table version read
+    ``format`` is parquet, csv, json, orc or delta; ``version`` is the Delta table version read
     (None for plain files), ``since_version`` the version whose files were left out (None:
     all the version's files). ``files`` are the data files' URIs in reading order: a Position's
     file index points into it, and ``file_name`` gives the stable name a checkpoint keeps.
@@ -178,7 +179,9 @@ class Lake:
         """
         fmt_given = None if format is None else plain.ALIASES.get(format.lower())
         if format is not None and fmt_given is None:
-            raise SourceError(f"Unknown lake format {format!r}: use parquet, csv, json or delta.")
+            raise SourceError(
+                f"Unknown lake format {format!r}: use parquet, csv, json, orc, delta or iceberg."
+            )
         if version is not None and (version < 0 or fmt_given not in (None, "delta")):
             raise SourceError(
                 f"Invalid Delta version {version} for {uri}: a version (>= 0) can only "
@@ -202,9 +205,22 @@ class Lake:
             info = loc.fs.get_file_info(base)
         except (OSError, pa.ArrowException) as e:
             raise read_error(e, loc.show(base), "", loc.endpoint, listing=True) from e
-        maybe_delta = glob_at is None and fmt_given in (None, "delta")
-        if maybe_delta and info.type == pafs.FileType.Directory and is_delta_table(loc, base):
-            table = cls._open_delta(uri, loc, base, version, since_version)
+        if glob_at is None and loc.path.endswith("/" + LOG_DIR):
+            raise SourceError(f"{loc.show(loc.path)} is a Delta log: use its parent folder.")
+        is_folder = info.type == pafs.FileType.Directory
+        kind = tables.kind_of(loc, base) if is_folder else None
+        if kind is not None and glob_at is None:  # a table: read as such, or refused
+            if fmt_given not in (None, kind):
+                raise SourceError(
+                    f"{loc.show(base)} is a {kind.capitalize()} table, read as a table and "
+                    f"never as loose {fmt_given} files: leave the format out, or set "
+                    f'format = "{kind}".',
+                    uri=uri,
+                )
+            if kind == "iceberg":
+                table = cls._open_iceberg(uri, loc, base, version, since_version)
+            else:
+                table = cls._open_delta(uri, loc, base, version, since_version)
             return table if only is None else table.only(only, first_index)
         if fmt_given == "delta" or version is not None or since_version is not None:
             raise SourceError(
@@ -213,8 +229,15 @@ class Lake:
                 "table's folder, or read plain Parquet, CSV or JSON files without them.",
                 uri=uri,
             )
-        if glob_at is None and loc.path.endswith("/" + LOG_DIR):
-            raise SourceError(f"{loc.show(loc.path)} is a Delta log: use its parent folder.")
+        if fmt_given == "iceberg":
+            raise SourceError(
+                f"{loc.show(loc.path)} is not an Iceberg table (no metadata folder with "
+                "*.metadata.json files in it). Point the source at the table's folder.",
+                uri=uri,
+            )
+        inside = (base, kind) if kind is not None else tables.enclosing_table(loc, base)
+        if inside is not None:  # a glob, a file or a folder inside a table
+            raise tables.refuse_inside(loc, inside[0], inside[1], loc.path)
         planned = plain.planned(loc, base, fmt_given, only, known)
         if planned is not None:  # a partition: its files, from the job's listing
             fmt, root, found, sizes = planned
@@ -226,14 +249,16 @@ class Lake:
                 found, single, sizes = plain.list_files(loc, base, pattern, info)
             except (OSError, pa.ArrowException) as e:
                 raise read_error(e, loc.show(base), "", loc.endpoint, listing=True) from e
+            if single:  # named as the source: its extension must be one lakesync reads
+                plain.refuse_unreadable(loc, found, single=fmt_given is None)
             shown = [loc.show(p) for p in found]
             fmt = plain.choose_format(shown, fmt_given, loc.show(base), single)
             if not single and any(plain.format_of(p) for p in found):
                 found = [p for p in found if plain.format_of(p) == fmt]  # skip README.md, *.crc...
             if not found:
                 raise SourceError(
-                    f"No data files found in {loc.show(loc.path)}: expected .parquet/.pq, .csv "
-                    "or .json/.jsonl/.ndjson files (hidden and _-prefixed files are skipped). "
+                    f"No data files found in {loc.show(loc.path)}: expected "
+                    f"{plain.SUPPORTED} files (hidden and _-prefixed files are skipped). "
                     "Check the path or the glob.",
                     uri=uri,
                 )
@@ -312,6 +337,19 @@ class Lake:
             live=live,
             views=views,
             objects=loc.objects,
+        )
+
+    @classmethod
+    def _open_iceberg(
+        cls, uri: str, loc: Location, base: str, version: int | None, since: int | None
+    ) -> Lake:
+        """An Iceberg table (the folder ``base`` holds ``metadata/*.metadata.json``): where
+        ``sources.iceberg`` opens it (a ``TableVersion`` read like a Delta version's)."""
+        raise SourceError(
+            f"{loc.show(base)} is an Iceberg table, which this version of lakesync does not "
+            "read yet; its data files are never read as loose files (the folder also holds "
+            "deleted and replaced rows). Copy it from a tool that reads Iceberg tables.",
+            uri=uri,
         )
 
     def file_name(self, index: int) -> str:
