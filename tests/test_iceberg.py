@@ -611,6 +611,7 @@ def test_a_table_on_s3(moto: str, settings: Settings, db: Any, tmp_path: Path) -
             check(done, db, table, empty_before=True)
 
 
+@pytest.mark.slow
 def test_serve_killed_twice_while_copying_a_table_in_partitions(
     catalog: SqlCatalog, serve_env: dict[str, str], db: Any, tmp_path: Path
 ) -> None:

@@ -273,8 +273,8 @@ def test_bad_uri_and_format() -> None:
             Lake.open(uri)
         assert "secret" not in str(info.value).replace("AWS_SECRET", "")
         assert "hunter2" not in str(info.value)
-    with pytest.raises(SourceError, match="Unknown lake format 'orc'"):
-        Lake.open("/tmp", format="orc")
+    with pytest.raises(SourceError, match="Unknown lake format 'xlsx'"):
+        Lake.open("/tmp", format="xlsx")
     with pytest.raises(SourceError, match="Invalid Delta version -1"):
         Lake.open("/tmp", version=-1)
 
@@ -333,13 +333,22 @@ def test_resume_position_follows_the_file_or_refuses(tmp_path: Path) -> None:
 
 
 def test_a_stray_delta_log_is_not_ignored(tmp_path: Path, small_groups: Path) -> None:
+    """A folder holding _delta_log is a table: read as one or refused, never as loose files
+    (neither with a plain format nor through a glob), and nothing suggests a glob into it."""
     shutil.copytree(small_groups, tmp_path / "t")
     (tmp_path / "t" / "_delta_log").mkdir()
     (tmp_path / "t" / "_delta_log" / "notes.txt").write_text("not a commit")
-    with pytest.raises(SourceError, match="_delta_log folder but no Delta table commits"):
+    with pytest.raises(SourceError, match="_delta_log folder but no Delta table commits") as e:
         Lake.open(str(tmp_path / "t"))
-    assert Lake.open(str(tmp_path / "t"), format="parquet").count_rows() == 73
-    assert Lake.open(f"{tmp_path}/t/*.parquet").count_rows() == 73  # a glob is plain files
+    assert "remove its stray _delta_log folder" in str(e.value) and "*" not in str(e.value)
+    with pytest.raises(SourceError, match=r'never as loose parquet files.*format = "delta"'):
+        Lake.open(str(tmp_path / "t"), format="parquet")
+    for glob in (f"{tmp_path}/t/*.parquet", f"{tmp_path}/t/**/*.parquet", f"{tmp_path}/**"):
+        with pytest.raises(SourceError, match=r"Delta table .*/t") as e:
+            Lake.open(glob)
+        assert "*" not in str(e.value).replace(glob, "")  # no glob suggested
+    shutil.rmtree(tmp_path / "t" / "_delta_log")
+    assert Lake.open(str(tmp_path / "t")).count_rows() == 73  # plain files again
     with pytest.raises(SourceError, match="not a Delta table"):
         Lake.open(str(small_groups), format="delta")
     with pytest.raises(SourceError, match="no Delta format or version"):

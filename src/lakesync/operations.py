@@ -369,7 +369,7 @@ class OperationConfig(Unattended):
     description: str = ""
     source: str | None = Field(None, min_length=1)
     format: (
-        Literal["parquet", "pq", "csv", "json", "jsonl", "ndjson", "delta", "iceberg"] | None
+        Literal["parquet", "pq", "csv", "json", "jsonl", "ndjson", "orc", "delta", "iceberg"] | None
     ) = None
     catalog: str | None = Field(None, min_length=1)  # an Iceberg table through [catalogs.NAME]
     table: str | None = Field(None, min_length=1)  # ... its "namespace.table"

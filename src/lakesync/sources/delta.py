@@ -4,9 +4,10 @@
 commits, classic and v2 checkpoints): which files make up the version, their partition
 values, their deletion vectors and the table schema with its column mapping. The files
 themselves are then read like any other Parquet lake, through lakesync's own filesystem
-(the same endpoint, timeouts and error messages as plain Parquet on S3), in file order and
-row order, so a checkpoint (file, row) means the same rows on every run: the rows a
-deletion vector removes are skipped, and physical column names become logical ones.
+(the same endpoint, timeouts and error messages as plain Parquet on S3), in the table's
+commit order (``deltalog``) and row order, so the last record of a key is the newest and a
+checkpoint (file, row) means the same rows on every run: the rows a deletion vector
+removes are skipped, and physical column names become logical ones.
 """
 
 from __future__ import annotations
@@ -17,15 +18,14 @@ from urllib.parse import unquote
 
 import pyarrow as pa
 import pyarrow.compute as pc
-import pyarrow.fs as pafs
 
 from lakesync.errors import SourceError, TransientSourceError
-from lakesync.locations import Location, read_error, s3_message, short_error
+from lakesync.locations import Location, s3_message, short_error
 from lakesync.sources.base import TableVersion
+from lakesync.sources.deltalog import commit_order
+from lakesync.sources.tables import DELTA_LOG
 
 logger = logging.getLogger(__name__)
-
-LOG_DIR = "_delta_log"
 
 
 #: reader features whose tables lakesync reads correctly (deletion vectors and column mapping
@@ -50,15 +50,6 @@ READABLE = {
     "variantType",
     "variantType-preview",
 }
-
-
-def is_delta_table(location: Location, path: str) -> bool:
-    """Whether the directory ``path`` holds a ``_delta_log`` folder."""
-    log = f"{path.rstrip('/')}/{LOG_DIR}"
-    try:
-        return bool(location.fs.get_file_info(log).type == pafs.FileType.Directory)
-    except (OSError, pa.ArrowException) as e:
-        raise read_error(e, location.show(path), "delta", location.endpoint, listing=True) from e
 
 
 def snapshot(location: Location, path: str, version: int | None = None) -> TableVersion:
@@ -94,10 +85,16 @@ def snapshot(location: Location, path: str, version: int | None = None) -> Table
     partitions = [
         n.removeprefix("partition.") for n in actions.column_names if n.startswith("partition.")
     ]
-    files = []
-    for row in actions.select(["path", *(f"partition.{p}" for p in partitions)]).to_pylist():
-        files.append((_file_path(location, path, row["path"]), _expression(schema, row)))
-    files.sort(key=lambda f: f[0])
+    files, modified = [], {}
+    chosen = ["path", "modification_time", *(f"partition.{p}" for p in partitions)]
+    for row in actions.select(chosen).to_pylist():
+        at = _file_path(location, path, row["path"])
+        files.append((at, _expression(schema, row)))
+        modified[at] = _millis(row["modification_time"])
+    order = commit_order(
+        location, path, current, modified, lambda logged: _file_path(location, path, logged)
+    )
+    files.sort(key=lambda f: order[f[0]])  # the table's commit order
     selections = vectors.column("selection_vector").combine_chunks()  # kept as Arrow bits
     live = {
         _file_path(location, path, logged): selections[i].values
@@ -115,6 +112,15 @@ def snapshot(location: Location, path: str, version: int | None = None) -> Table
         len(live),
     )
     return TableVersion("delta", current, schema, files, renames, live, physical)
+
+
+def _millis(value: Any) -> int:
+    """A modification time from the add actions (a datetime, or milliseconds) in ms."""
+    if value is None:
+        return 0
+    if isinstance(value, int):
+        return value
+    return int(value.timestamp() * 1000)
 
 
 def physical_field(f: pa.Field) -> pa.Field:
@@ -181,9 +187,10 @@ def _delta_error(
     name = type(error).__name__
     if name == "TableNotFoundError" or "No files in log segment" in text:
         message = (
-            f"{uri} has a {LOG_DIR} folder but no Delta table commits in it. Point the "
-            "source at a Delta table's folder, or read its Parquet files as plain files "
-            "with the operation's format = parquet."
+            f"{uri} has a {DELTA_LOG} folder but no Delta table commits in it, so it is "
+            "not a table lakesync can read, and a table's files are never read as loose "
+            f"files. Point the source at a Delta table's folder; if {uri} holds plain "
+            f"files, remove its stray {DELTA_LOG} folder."
         )
     elif version is not None and ("version" in text.lower()):
         message = (

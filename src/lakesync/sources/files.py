@@ -19,22 +19,59 @@ import pyarrow.fs as pafs
 
 from lakesync.errors import SourceError
 from lakesync.locations import Location, read_error
-from lakesync.sources import parquet, text
+from lakesync.sources import orc, parquet, tables, text
 from lakesync.sources.base import FileFacts, Listing
 
+#: data files by extension; CSV and JSON may also be compressed (``text.COMPRESSIONS``)
 EXTENSIONS = {".parquet": "parquet", ".pq": "parquet", ".csv": "csv", ".json": "json"}
-EXTENSIONS |= {".jsonl": "json", ".ndjson": "json"}
+EXTENSIONS |= {".jsonl": "json", ".ndjson": "json", ".orc": "orc"}
 #: the format names an operation may give, and what each means
 ALIASES = {"pq": "parquet", "jsonl": "json", "ndjson": "json", "delta": "delta"}
-ALIASES |= {"iceberg": "iceberg"}
-ALIASES |= {f: f for f in ("parquet", *text.FORMATS)}
+ALIASES |= {f: f for f in ("parquet", "orc", "iceberg", *text.FORMATS)}
+#: what the messages list as readable
+SUPPORTED = (
+    ".parquet/.pq, .orc, .csv, .json/.jsonl/.ndjson, and .csv/.json/.jsonl/.ndjson "
+    "compressed as .gz, .zst or .bz2"
+)
+#: compressions lakesync does not read, recognised so that such a file is refused by name
+_OTHER_COMPRESSIONS = (
+    *(".lz4", ".xz", ".lzma", ".snappy", ".sz", ".br", ".lzo", ".z", ".zip"),
+    *(".7z", ".deflate", ".gzip", ".bzip2", ".tar", ".tgz"),
+)
 _GLOB = {"**/": "(?:[^/]*/)*", "**": ".*", "*": "[^/]*", "?": "[^/]"}
 _INSPECT_THREADS = 32  # footers / headers read in parallel at open on S3
 
 
 def format_of(name: str) -> str | None:
-    lower = name.lower()
+    """The format of a data file by its extension (None: not a data file lakesync reads)."""
+    lower = name.lower().rsplit("/", 1)[-1]
+    inner = text.without_compression(lower)
+    if inner is not None:  # CSV and JSON only
+        found = _plain_format(inner)
+        return found if found in text.FORMATS else None
+    return _plain_format(lower)
+
+
+def _plain_format(lower: str) -> str | None:
     return next((fmt for ext, fmt in EXTENSIONS.items() if lower.endswith(ext)), None)
+
+
+def unreadable_extension(name: str, single: bool) -> str | None:
+    """The extension that makes ``name`` a file lakesync cannot read, if it is one: a data
+    file compressed in a way not supported (``a.csv.lz4``, ``a.parquet.gz``), or, for a
+    file named as the source (``single``), any extension that is not a data file's."""
+    lower = name.lower().rsplit("/", 1)[-1]
+    if format_of(lower) is not None:
+        return None
+    stem, dot, last = lower.rpartition(".")
+    if not dot or not stem:
+        return None  # no extension: read as Parquet (Hive writes such files)
+    compressed = text.without_compression(lower)
+    if compressed is not None and _plain_format(compressed):  # e.g. .parquet.gz
+        return lower[len(compressed.rsplit(".", 1)[0]) :]
+    if f".{last}" in _OTHER_COMPRESSIONS and _plain_format(stem):
+        return lower[len(stem.rsplit(".", 1)[0]) :]  # e.g. .csv.lz4
+    return f".{last}" if single else None
 
 
 def glob_regex(pattern: str) -> re.Pattern[str]:
@@ -119,7 +156,7 @@ def inspect(
     kept: parquet.Kept | None = None,
 ) -> list[tuple[FileFacts, pa.Schema, Any]]:
     """Each file's facts and schema (plus hive keys), its footer read in parallel (S3
-    latency), and for CSV and JSON its fragment. Parquet fragments are dropped: a file is
+    latency), and for CSV, JSON and ORC its fragment. Parquet fragments are dropped: a file is
     opened again when read. A file ``known`` lists with the same size is not read at all.
 
     With ``kept``, the ``keep`` columns of each Parquet file of at most
@@ -147,6 +184,8 @@ def inspect(
             if fmt in ("parquet", "delta"):
                 wanted = keep if kept is not None else None
                 facts, schema, table = parquet.inspect_file(loc, path, expr, keys, size, wanted)
+            elif fmt == "orc":
+                facts, schema, fragment = orc.inspect_file(loc, path, expr, keys, size)
             else:
                 facts, schema, fragment = text.inspect_file(loc, fmt, path, expr, keys, size)
         except (pa.ArrowException, OSError) as e:
@@ -171,7 +210,10 @@ def list_files(
     loc: Location, base: str, pattern: re.Pattern[str] | None, info: Any
 ) -> tuple[list[str], bool, dict[str, int]]:
     """Sorted file paths under ``base`` (``info``: its FileInfo), whether it is a file, and
-    the files' sizes as the listing gave them."""
+    the files' sizes as the listing gave them.
+
+    Refused: files that belong to a table folder (``tables``) and data files compressed
+    in a way lakesync cannot read (they would silently be left out)."""
     fs = loc.fs
     if info.type == pafs.FileType.NotFound and loc.is_s3:
         bucket = base.split("/", 1)[0]
@@ -189,17 +231,41 @@ def list_files(
         )
     if info.type == pafs.FileType.File and pattern is None:
         return [base], True, {} if info.size is None else {base: int(info.size)}
-    found, sizes = [], {}
+    found, sizes, every = [], {}, []
     for item in fs.get_file_info(pafs.FileSelector(base, recursive=True)):
+        if item.type != pafs.FileType.File:
+            continue
+        every.append(item.path)
         rel = item.path[len(base) :].lstrip("/")
-        if item.type != pafs.FileType.File or any(s.startswith((".", "_")) for s in rel.split("/")):
+        if any(s.startswith((".", "_")) for s in rel.split("/")):
             continue  # hidden files, _SUCCESS, _delta_log/, _common_metadata...
         if pattern is None or pattern.fullmatch(rel):
             found.append(item.path)
             if item.size is not None:
                 sizes[item.path] = int(item.size)
     found.sort()
+    held = [
+        (folder, kind)
+        for folder, kind in tables.tables_listed(base, every)
+        if any(p.startswith(folder.rstrip("/") + "/") for p in found)
+    ]
+    if held:
+        raise tables.refuse_holding(loc, base if pattern is None else loc.path, held)
+    refuse_unreadable(loc, found, single=False)
     return found, False, sizes
+
+
+def refuse_unreadable(loc: Location, found: list[str], single: bool) -> None:
+    """SourceError naming the first file lakesync cannot read by its extension."""
+    for path in found:
+        extension = unreadable_extension(path, single)
+        if extension is not None:
+            raise SourceError(
+                f"{loc.show(path)} is a {extension} file, which lakesync does not read. "
+                f"It reads {SUPPORTED}. Convert the file, or point the source at readable "
+                "files.",
+                file=loc.show(path),
+            )
 
 
 def refuse_links_out(base: str, found: list[str]) -> None:
@@ -242,8 +308,8 @@ def choose_format(found: list[str], given: str | None, where: str, single: bool)
         raise SourceError(
             f"Mixed file formats in {where}: {kinds}"
             f"{f' besides the {given} files asked for' if given else ''}. A lake "
-            "holds one format: point the source at one of them with a glob such "
-            f"as {where.rstrip('/')}/**/*.parquet.",
+            "holds one format: keep each format's files in a folder of their own and "
+            "point the source at that folder.",
             where=where,
         )
     return next(iter(by_format), "parquet")

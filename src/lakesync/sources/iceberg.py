@@ -215,10 +215,15 @@ def load_table(location: Location, path: str) -> Table:
     except (OSError, pa.ArrowException) as e:
         raise read_error(e, uri, "iceberg", location.endpoint) from e
     except Exception as e:  # pydantic ValidationError, JSON and gzip errors
+        problems = getattr(e, "errors", None)
+        text = short_error(str(e))
+        if callable(problems):  # pydantic: the fields, not its paragraph per field
+            fields = [".".join(str(p) for p in item["loc"][1:]) for item in problems()]
+            text = f"{', '.join(dict.fromkeys(fields))}: missing or invalid"
         raise SourceError(
-            f"{uri} is not a readable Iceberg metadata file: {short_error(str(e))}. Point the "
-            "source at the table's current .metadata.json file.",
-            file=uri,
+            f"The Iceberg table metadata {shown(uri)} cannot be read ({text}). Point the "
+            "source at the table's current .metadata.json file, or its folder.",
+            file=shown(uri),
         ) from e
     return StaticTable(
         identifier=("static-table", uri),

@@ -38,10 +38,11 @@ from lakesync.locations import (
     read_error,
     resolve,
 )
-from lakesync.sources import iceberg, parquet
+from lakesync.sources import iceberg, parquet, tables
 from lakesync.sources.base import ColumnStats, FileFacts, LakeBatch, Listing, Position
-from lakesync.sources.delta import LOG_DIR, is_delta_table, snapshot
+from lakesync.sources.delta import snapshot
 from lakesync.sources.stream import across_files, prefetched, prepared
+from lakesync.sources.tables import DELTA_LOG as LOG_DIR
 
 logger = logging.getLogger(__name__)
 
@@ -80,11 +81,11 @@ class _Opens:
 class Lake:
     """A sorted set of same-format data files read as one stream; build it with ``open``.
 
-    ``format`` is parquet, csv, json, delta or iceberg; ``version`` is the Delta table version
-    or the Iceberg snapshot id read (None for plain files), ``since_version`` the version
-    whose files were left out (None: all the version's files). ``files`` are the data files'
-    URIs in reading order: a Position's file index points into it, and ``file_name`` gives
-    the stable name a checkpoint keeps.
+    ``format`` is parquet, csv, json, orc, delta or iceberg; ``version`` is the Delta table
+    version or the Iceberg snapshot id read (None for plain files), ``since_version`` the
+    version whose files were left out (None: all the version's files). ``files`` are the data
+    files' URIs in reading order: a Position's file index points into it, and ``file_name``
+    gives the stable name a checkpoint keeps.
     """
 
     def __init__(
@@ -195,7 +196,7 @@ class Lake:
         fmt_given = None if format is None else plain.ALIASES.get(format.lower())
         if format is not None and fmt_given is None:
             raise SourceError(
-                f"Unknown lake format {format!r}: use parquet, csv, json, delta or iceberg."
+                f"Unknown lake format {format!r}: use parquet, csv, json, orc, delta or iceberg."
             )
         pinned = snapshot_id is not None or since_snapshot_id is not None
         if uri.startswith("iceberg://") or catalog is not None:
@@ -234,28 +235,36 @@ class Lake:
             info = loc.fs.get_file_info(base)
         except (OSError, pa.ArrowException) as e:
             raise read_error(e, loc.show(base), "", loc.endpoint, listing=True) from e
-        maybe_delta = glob_at is None and fmt_given in (None, "delta")
-        if maybe_delta and info.type == pafs.FileType.Directory and is_delta_table(loc, base):
-            if pinned:
+        if glob_at is None and loc.path.endswith("/" + LOG_DIR):
+            raise SourceError(f"{loc.show(loc.path)} is a Delta log: use its parent folder.")
+        is_folder = info.type == pafs.FileType.Directory
+        kind = tables.kind_of(loc, base) if is_folder else None
+        if info.type == pafs.FileType.File and iceberg.is_metadata_file(base):
+            kind = "iceberg"  # a metadata file: that version of its table
+        if kind is not None and glob_at is None:  # a table: read as such, or refused
+            if fmt_given not in (None, kind):
                 raise SourceError(
-                    f"{loc.show(base)} is a Delta table, which has versions, not Iceberg "
-                    "snapshots: remove icebergSnapshotId (or give deltaVersion).",
+                    f"{loc.show(base)} is a {kind.capitalize()} table, read as a table and "
+                    f"never as loose {fmt_given} files: leave the format out, or set "
+                    f'format = "{kind}".',
                     uri=uri,
                 )
-            table = cls._open_delta(uri, loc, base, version, since_version)
-            return table if only is None else table.only(only, first_index)
-        maybe_iceberg = glob_at is None and fmt_given in (None, "iceberg")
-        if maybe_iceberg and (
-            (info.type == pafs.FileType.File and iceberg.is_metadata_file(base))
-            or (info.type == pafs.FileType.Directory and iceberg.is_iceberg_table(loc, base))
-        ):
-            if version is not None or since_version is not None:
-                raise SourceError(
-                    f"{loc.show(base)} is an Iceberg table, which has snapshots, not Delta "
-                    "versions: remove deltaVersion (or give icebergSnapshotId).",
-                    uri=uri,
-                )
-            table = cls._open_iceberg(uri, loc, base, snapshot_id, since_snapshot_id, None)
+            if kind == "iceberg":
+                if version is not None or since_version is not None:
+                    raise SourceError(
+                        f"{loc.show(base)} is an Iceberg table, which has snapshots, not Delta "
+                        "versions: remove deltaVersion (or give icebergSnapshotId).",
+                        uri=uri,
+                    )
+                table = cls._open_iceberg(uri, loc, base, snapshot_id, since_snapshot_id, None)
+            else:
+                if pinned:
+                    raise SourceError(
+                        f"{loc.show(base)} is a Delta table, which has versions, not Iceberg "
+                        "snapshots: remove icebergSnapshotId (or give deltaVersion).",
+                        uri=uri,
+                    )
+                table = cls._open_delta(uri, loc, base, version, since_version)
             return table if only is None else table.only(only, first_index)
         parent = base.rstrip("/").rsplit("/", 1)[0]
         if (
@@ -283,8 +292,9 @@ class Lake:
                 "table's folder, or read plain Parquet, CSV or JSON files without them.",
                 uri=uri,
             )
-        if glob_at is None and loc.path.endswith("/" + LOG_DIR):
-            raise SourceError(f"{loc.show(loc.path)} is a Delta log: use its parent folder.")
+        inside = (base, kind) if kind is not None else tables.enclosing_table(loc, base)
+        if inside is not None:  # a glob, a file or a folder inside a table
+            raise tables.refuse_inside(loc, inside[0], inside[1], loc.path)
         planned = plain.planned(loc, base, fmt_given, only, known)
         if planned is not None:  # a partition: its files, from the job's listing
             fmt, root, found, sizes = planned
@@ -296,14 +306,16 @@ class Lake:
                 found, single, sizes = plain.list_files(loc, base, pattern, info)
             except (OSError, pa.ArrowException) as e:
                 raise read_error(e, loc.show(base), "", loc.endpoint, listing=True) from e
+            if single:  # named as the source: its extension must be one lakesync reads
+                plain.refuse_unreadable(loc, found, single=fmt_given is None)
             shown = [loc.show(p) for p in found]
             fmt = plain.choose_format(shown, fmt_given, loc.show(base), single)
             if not single and any(plain.format_of(p) for p in found):
                 found = [p for p in found if plain.format_of(p) == fmt]  # skip README.md, *.crc...
             if not found:
                 raise SourceError(
-                    f"No data files found in {loc.show(loc.path)}: expected .parquet/.pq, .csv "
-                    "or .json/.jsonl/.ndjson files (hidden and _-prefixed files are skipped). "
+                    f"No data files found in {loc.show(loc.path)}: expected "
+                    f"{plain.SUPPORTED} files (hidden and _-prefixed files are skipped). "
                     "Check the path or the glob.",
                     uri=uri,
                 )
