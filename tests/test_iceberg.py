@@ -44,7 +44,7 @@ from lakesync.lake import Lake, Position
 from lakesync.models import JobState, JobStatus, Outcome
 from lakesync.operations import load_operations
 from lakesync.runtime import Runtime
-from lakesync.sources.iceberg import CatalogTable
+from lakesync.sources.iceberg import CatalogTable, shown
 
 TS = pa.timestamp("us", tz="UTC")
 SCHEMA = pa.schema(
@@ -496,6 +496,12 @@ def test_incremental_reads_the_whole_snapshot_when_the_recorded_one_is_gone(
     assert db.syncstate.find_one({"operation": "ice"})["icebergSnapshotId"] == (
         table.metadata.current_snapshot_id
     )
+
+
+def test_file_uris_as_writers_spell_them() -> None:
+    assert shown("file:///data/t/x.parquet") == "/data/t/x.parquet"
+    assert shown("file:/data/t/x%20y.parquet") == "/data/t/x y.parquet"  # Hadoop's spelling
+    assert shown("s3://b/t/x.parquet") == "s3://b/t/x.parquet"
 
 
 def test_catalog_errors_name_the_catalog(tmp_path: Path) -> None:

@@ -516,8 +516,12 @@ def _uri(location: Location, path: str) -> str:
 
 
 def shown(path: str) -> str:
-    """A file of the metadata as lakesync's messages name files (local: a plain path)."""
-    return unquote(path.removeprefix("file://")) if path.startswith("file://") else path
+    """A file of the metadata as lakesync names files (local: a plain path, whether the
+    writer spelt it ``file:///tmp/t`` or, as Hadoop does, ``file:/tmp/t``)."""
+    if not path.startswith("file:"):
+        return path
+    rest = path.removeprefix("file:")
+    return unquote(rest[2:] if rest.startswith("//") else rest)
 
 
 def _confined(path: str, root: str, uri: str) -> None:
