@@ -250,6 +250,19 @@ def test_equality_deletes_apply_to_older_files_of_their_partition(catalog: SqlCa
     )
 
 
+def test_a_format_v1_table_follows_its_history(catalog: SqlCatalog) -> None:
+    """v1 tables number no sequence: the snapshot that added a file gives its place."""
+    table = catalog.create_table("ns.v1", schema=SCHEMA, properties={"format-version": "1"})
+    for version in (1, 2, 3):
+        table.append(rows(keys(20, 5 * version), version))
+    table = table.refresh()
+    assert table.metadata.format_version == 1
+    got = read_all(Lake.open(folder(table)))
+    assert same_rows(got, table.scan().to_arrow().to_pylist())
+    assert [r["notes"] for r in got] == ["v1"] * 20 + ["v2"] * 20 + ["v3"] * 20
+    assert newest(got)["K00015"] == "v3" and newest(got)["K00012"] == "v2"
+
+
 def test_partition_evolution_and_files_of_every_spec(catalog: SqlCatalog) -> None:
     table = catalog.create_table("ns.parts", schema=SCHEMA)
     with table.update_spec() as update:

@@ -311,12 +311,21 @@ class IcebergSnapshot:
         from pyiceberg.manifest import DataFileContent
         from pyiceberg.table import ManifestGroupPlanner
 
+        from pyiceberg.table.snapshots import ancestors_of
+
         table, order = self._table, itertools.count()
         placed: dict[str, tuple[int, int]] = {}  # data file -> (sequence number, manifest order)
         equality: list[tuple[DataFile, int]] = []
+        # v1 tables have no sequence numbers (all are 0): the place in the table's history of
+        # the snapshot that added a file stands in for it, as a v2 table would have numbered it
+        history = list(ancestors_of(snapshot, table.metadata))[::-1]
+        rank = {s.snapshot_id: i + 1 for i, s in enumerate(history)}
+        v1 = table.metadata.format_version == 1
 
         def take(entry: Any) -> bool:  # called in manifest order, entry by entry
             f, seq = entry.data_file, entry.sequence_number or 0
+            if v1:
+                seq = rank.get(entry.snapshot_id, 0)
             if confined is not None:
                 _confined(f.file_path, confined, self.uri)
             if f.content == DataFileContent.EQUALITY_DELETES:  # pyiceberg refuses them
