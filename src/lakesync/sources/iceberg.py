@@ -31,7 +31,7 @@ import pyarrow.fs as pafs
 
 from lakesync.config import Settings
 from lakesync.errors import SourceError, TransientSourceError
-from lakesync.locations import Location, read_error, s3_message, short_error
+from lakesync.locations import Location, read_error, short_error
 
 if TYPE_CHECKING:
     from pyiceberg.manifest import DataFile
@@ -310,7 +310,6 @@ class IcebergSnapshot:
     def _plan(self, snapshot: Any, confined: str | None) -> list[Unit]:
         from pyiceberg.manifest import DataFileContent
         from pyiceberg.table import ManifestGroupPlanner
-
         from pyiceberg.table.snapshots import ancestors_of
 
         table, order = self._table, itertools.count()
@@ -565,12 +564,3 @@ def _normal(path: str) -> str:
         elif segment not in ("", "."):
             out.append(segment)
     return "/" + "/".join(out)
-
-
-def table_error(error: BaseException, location: Location, uri: str) -> SourceError:
-    """A storage error met while opening a table, as SourceError (transient when it is)."""
-    text = short_error(str(error))
-    if location.is_s3 and isinstance(error, OSError):
-        message, transient = s3_message(text, uri, location.endpoint)
-        return (TransientSourceError if transient else SourceError)(message, file=uri)
-    return SourceError(f"Cannot read the Iceberg table {uri}: {text}.", file=uri)
