@@ -302,7 +302,7 @@ class IcebergSnapshot:
         self._root = metadata.location.rstrip("/")
         self.units: list[Unit] = [] if snapshot is None else self._plan(snapshot, confined)
         if since is not None and snapshot is not None:
-            before = self._data_files(since)
+            before = self._data_files(since, confined)
             self.units = [u for u in self.units if u.path not in before]
         self._rows: dict[int, int] = {}
         self._equality_rows: dict[str, tuple[list[str], pa.Table]] = {}
@@ -382,7 +382,7 @@ class IcebergSnapshot:
         units.sort(key=lambda u: placed[u.path])
         return units
 
-    def _data_files(self, snapshot_id: int) -> set[str]:
+    def _data_files(self, snapshot_id: int, confined: str | None) -> set[str]:
         """The data files of an earlier snapshot (SourceError if it is no longer known)."""
         from pyiceberg.manifest import DataFileContent
 
@@ -396,9 +396,15 @@ class IcebergSnapshot:
             )
         io = self._table.io
         try:
+            if confined is not None:
+                _confined(old.manifest_list, confined, self.uri)
+            manifests = old.manifests(io)
+            if confined is not None:
+                for m in manifests:
+                    _confined(m.manifest_path, confined, self.uri)
             return {
                 e.data_file.file_path
-                for m in old.manifests(io)
+                for m in manifests
                 for e in m.fetch_manifest_entry(io, discard_deleted=True)
                 if e.data_file.content == DataFileContent.DATA
             }
