@@ -273,8 +273,8 @@ def test_bad_uri_and_format() -> None:
             Lake.open(uri)
         assert "secret" not in str(info.value).replace("AWS_SECRET", "")
         assert "hunter2" not in str(info.value)
-    with pytest.raises(SourceError, match="Unknown lake format 'orc'"):
-        Lake.open("/tmp", format="orc")
+    with pytest.raises(SourceError, match="Unknown lake format 'xlsx'"):
+        Lake.open("/tmp", format="xlsx")
     with pytest.raises(SourceError, match="Invalid Delta version -1"):
         Lake.open("/tmp", version=-1)
 
@@ -333,13 +333,22 @@ def test_resume_position_follows_the_file_or_refuses(tmp_path: Path) -> None:
 
 
 def test_a_stray_delta_log_is_not_ignored(tmp_path: Path, small_groups: Path) -> None:
+    """A folder holding _delta_log is a table: read as one or refused, never as loose files
+    (neither with a plain format nor through a glob), and nothing suggests a glob into it."""
     shutil.copytree(small_groups, tmp_path / "t")
     (tmp_path / "t" / "_delta_log").mkdir()
     (tmp_path / "t" / "_delta_log" / "notes.txt").write_text("not a commit")
-    with pytest.raises(SourceError, match="_delta_log folder but no Delta table commits"):
+    with pytest.raises(SourceError, match="_delta_log folder but no Delta table commits") as e:
         Lake.open(str(tmp_path / "t"))
-    assert Lake.open(str(tmp_path / "t"), format="parquet").count_rows() == 73
-    assert Lake.open(f"{tmp_path}/t/*.parquet").count_rows() == 73  # a glob is plain files
+    assert "remove its stray _delta_log folder" in str(e.value) and "*" not in str(e.value)
+    with pytest.raises(SourceError, match=r'never as loose parquet files.*format = "delta"'):
+        Lake.open(str(tmp_path / "t"), format="parquet")
+    for glob in (f"{tmp_path}/t/*.parquet", f"{tmp_path}/t/**/*.parquet", f"{tmp_path}/**"):
+        with pytest.raises(SourceError, match=r"Delta table .*/t") as e:
+            Lake.open(glob)
+        assert "*" not in str(e.value).replace(glob, "")  # no glob suggested
+    shutil.rmtree(tmp_path / "t" / "_delta_log")
+    assert Lake.open(str(tmp_path / "t")).count_rows() == 73  # plain files again
     with pytest.raises(SourceError, match="not a Delta table"):
         Lake.open(str(small_groups), format="delta")
     with pytest.raises(SourceError, match="no Delta format or version"):
@@ -417,13 +426,13 @@ def _read_all(lake: Lake, **read: object) -> list[tuple[pa.Table, list[tuple[int
 def test_small_files_read_from_memory_equal_the_dataset_scanners_rows(
     tmp_path: Path, kind: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """Small Parquet files are decoded from memory (``_read_small``, ``_read_plain``), not
+    """Small Parquet files are decoded from memory (``parquet.read_small``), not
     by a dataset scanner per file: the rows, types, batches and positions must be the
     scanner's, for every type, partition values, missing and widened columns, filters,
     column choices, resumed starts and the columns kept at open."""
     from tests.helpers import write_corpus
 
-    from lakesync import lake as lake_module
+    from lakesync.sources import parquet as parquet_module
 
     if kind == "corpus":
         write_corpus(tmp_path / "lake")
@@ -451,7 +460,7 @@ def test_small_files_read_from_memory_equal_the_dataset_scanners_rows(
     uri = str(tmp_path / "lake")
     fast = [_read_all(Lake.open(uri), **read) for read in reads]
     kept_fast = _read_all(Lake.open(uri, keep=keep), columns=keep)
-    monkeypatch.setattr(lake_module, "_in_reach", lambda fragment: False)  # the scanner
+    monkeypatch.setattr(parquet_module, "in_reach", lambda fragment: False)  # the scanner
     slow = [_read_all(Lake.open(uri), **read) for read in reads]
     kept_slow = _read_all(Lake.open(uri, keep=keep), columns=keep)
     for read, got, want in zip(reads, fast, slow, strict=True):
@@ -475,7 +484,7 @@ def test_a_hive_key_the_file_also_holds_as_a_typed_column_reads_as_the_scanner_r
     reader as in the scanner."""
     import datetime
 
-    from lakesync import lake as lake_module
+    from lakesync.sources import parquet as parquet_module
 
     table = pa.table(
         {"id": [1, 2], "year": pa.array([1, 1], pa.int64()), "day": [datetime.date(2020, 1, 1)] * 2}
@@ -485,7 +494,7 @@ def test_a_hive_key_the_file_also_holds_as_a_typed_column_reads_as_the_scanner_r
     pq.write_table(table, path)
     uri = str(tmp_path / "lake")
     fast = _read_all(Lake.open(uri))
-    monkeypatch.setattr(lake_module, "_in_reach", lambda fragment: False)  # the scanner
+    monkeypatch.setattr(parquet_module, "in_reach", lambda fragment: False)  # the scanner
     slow = _read_all(Lake.open(uri))
     day = datetime.date(2024, 1, 2)
     assert slow[0][0].to_pylist() == [
@@ -498,14 +507,15 @@ def test_a_hive_key_the_file_also_holds_as_a_typed_column_reads_as_the_scanner_r
 def test_a_typed_hive_key_in_a_file_of_large_row_groups_reads_as_the_scanner_reads_it(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """The same in ``_row_group_slices`` (files streamed row group by row group)."""
-    from lakesync import lake as lake_module
+    """The same in ``parquet.row_group_slices`` (files streamed row group by row group)."""
+    from lakesync.sources import lake as lake_module
+    from lakesync.sources import parquet as parquet_module
 
     path = tmp_path / "lake" / "year=2024" / "f.parquet"
     path.parent.mkdir(parents=True)
     pq.write_table(pa.table({"id": [1, 2, 3], "year": pa.array([1, 1, 1], pa.int64())}), path)
     monkeypatch.setattr(lake_module, "_SMALL_FILE_ROWS", 0)  # streamed, not read whole
-    monkeypatch.setattr(lake_module, "_ROW_GROUP_BYTES", 0)  # by _row_group_slices
+    monkeypatch.setattr(parquet_module, "_ROW_GROUP_BYTES", 0)  # by parquet.row_group_slices
     lake = Lake.open(str(tmp_path / "lake"))
     got = [r for b in lake.batches(1) for r in b.table.to_pylist()]
     assert got == [{"id": i, "year": 2024} for i in (1, 2, 3)]

@@ -267,9 +267,12 @@ def canonical_uri(uri: str) -> str:
 
     Local paths are made absolute with ``..`` and symlinks resolved; S3 URIs lose repeated
     and trailing slashes (and may hold no ``.`` or ``..`` segment). A glob keeps its
-    pattern after the canonical base directory.
+    pattern after the canonical base directory. ``iceberg://CATALOG/namespace.table`` (an
+    Iceberg table of a catalog in lakesync.toml) is kept as it is.
     """
     parts = urlsplit(uri)
+    if parts.scheme == "iceberg":  # a table of a catalog in lakesync.toml: already one name
+        return uri
     if parts.scheme == "s3":
         _check_s3_uri(uri)
         segments = [s for s in parts.path.split("/") if s]

@@ -13,6 +13,10 @@ it exists) declares one ``[operations.<name>]`` table per operation::
     projectId = { type = "string", required = true }
     updatedAt = { type = "timestamp", required = true }
 
+An Iceberg table may be named through a catalog instead of a ``source``: ``catalog = "NAME"``
+and ``table = "namespace.table"``, with a ``[catalogs.NAME]`` table of pyiceberg catalog
+properties (``type = "sql"``, ``uri = ...``; REST, Glue...).
+
 Any mistake stops start-up with a ConfigError naming the file, the operation and the field.
 """
 
@@ -23,7 +27,7 @@ import logging
 import os
 import re
 import tomllib
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 from urllib.parse import urlsplit
@@ -46,6 +50,7 @@ from lakesync.locations import canonical_uri
 from lakesync.masking import masked
 from lakesync.schedules import Unattended, check_unattended
 from lakesync.schema import TASK_DETAIL, FieldRule, FieldType, RecordSchema
+from lakesync.sources.iceberg import CatalogTable
 
 if TYPE_CHECKING:
     from lakesync.jobstore import JobStore
@@ -70,12 +75,26 @@ class Operation(Unattended):
     watermark: str | None = "updatedAt"
     #: incremental copies start this far below the watermark: a duration or a number
     lookback: str | int | None = None
+    #: an Iceberg table named through a catalog of lakesync.toml (then ``source`` is None)
+    catalog: CatalogTable | None = None
 
     model_config = ConfigDict(populate_by_name=True)
 
     def source_uri(self, settings: Settings) -> str:
         """The lake this operation reads by default."""
+        if self.catalog is not None:
+            return self.catalog.uri
         return self.source or settings.effective_lake_uri
+
+    def catalog_for(self, source: str) -> CatalogTable | None:
+        """The catalog table a job's ``source`` names (``iceberg://CATALOG/namespace.table``),
+        if it is in this operation's catalog; None for every other source."""
+        if self.catalog is None or not source.startswith("iceberg://"):
+            return None
+        name, _, table = source.removeprefix("iceberg://").partition("/")
+        if name != self.catalog.catalog or not table:
+            return None
+        return replace(self.catalog, table=table)
 
     def check_options(self, options: JobOptions) -> None:
         """Refuse, before a job exists, options this operation cannot honour (RequestError)."""
@@ -99,6 +118,12 @@ class Operation(Unattended):
                 "reads the files added since the version its last completed copy read. Remove "
                 'the option, and send "mode": "incremental".',
             )
+        if options.sinceIcebergSnapshotId is not None:
+            raise RequestError(
+                '"sinceIcebergSnapshotId" is chosen by lakesync: an incremental job of an '
+                "Iceberg table reads the files added since the snapshot its last completed copy "
+                'read. Remove the option, and send "mode": "incremental".',
+            )
         if options.allowEmpty and mode != "mirror":
             raise RequestError(
                 f'"allowEmpty" only applies to mode mirror; this job\'s mode is {mode}. '
@@ -120,6 +145,10 @@ class JobOptions(BaseModel):
     deltaVersion: StrictInt | None = Field(None, ge=0)
     #: Delta: read only the files added after this version (incremental jobs pin it)
     sinceDeltaVersion: StrictInt | None = Field(None, ge=0)
+    #: Iceberg snapshot to read (default: the table's current one)
+    icebergSnapshotId: StrictInt | None = None
+    #: Iceberg: read only the files added after this snapshot (incremental jobs pin it)
+    sinceIcebergSnapshotId: StrictInt | None = None
 
     @field_validator("source")
     @classmethod
@@ -162,7 +191,8 @@ class ResolvedJob:
         known: Listing | None = None,
         keep: list[str] | None = None,
     ) -> Lake:
-        """The job's lake, at the Delta version (and from the version) the job pinned;
+        """The job's lake, at the Delta version or Iceberg snapshot (and from the version or
+        snapshot) the job pinned;
         with ``only``, just those of its files; ``known``: the files' facts the job kept;
         ``keep``: columns of small files to read at open (see ``Lake.open``)."""
         return Lake.open(
@@ -171,6 +201,9 @@ class ResolvedJob:
             settings=settings,
             version=self.options.deltaVersion,
             since_version=self.options.sinceDeltaVersion,
+            snapshot_id=self.options.icebergSnapshotId,
+            since_snapshot_id=self.options.sinceIcebergSnapshotId,
+            catalog=self.op.catalog_for(self.source),
             only=only,
             first_index=first_index,
             known=known,
@@ -252,6 +285,8 @@ class OperationRegistry:
                 }
                 if state.deltaVersion is not None:
                     shown["deltaVersion"] = state.deltaVersion
+                if state.icebergSnapshotId is not None:
+                    shown["icebergSnapshotId"] = state.icebergSnapshotId
             out.append(
                 OperationInfo(
                     name=op.name,
@@ -285,6 +320,7 @@ class OperationInfo(BaseModel):
     watermarkColumn: str | None
     lookback: str | int | None = None  # how far before the watermark incremental copies read
     #: column, kind, value (ISO time or number), source, jobId, and a Delta table's version
+    #: or an Iceberg table's snapshot
     watermark: dict[str, Any] | None
     lastJob: dict[str, Any] | None
     #: its schedule (cron or interval, time zone, paused, last run and result), if any
@@ -342,7 +378,11 @@ class OperationConfig(Unattended):
 
     description: str = ""
     source: str | None = Field(None, min_length=1)
-    format: Literal["parquet", "pq", "csv", "json", "jsonl", "ndjson", "delta"] | None = None
+    format: (
+        Literal["parquet", "pq", "csv", "json", "jsonl", "ndjson", "orc", "delta", "iceberg"] | None
+    ) = None
+    catalog: str | None = Field(None, min_length=1)  # an Iceberg table through [catalogs.NAME]
+    table: str | None = Field(None, min_length=1)  # ... its "namespace.table"
     collection: str
     key: str | list[str] = Field(min_length=1)  # a list: a composite _id, in this order
     batchSize: int | None = Field(None, ge=1, le=100_000)
@@ -361,19 +401,49 @@ def load_operations(path: Path) -> list[Operation]:
         raise ConfigError(f"{path}: not valid TOML: {e}. Fix the file and start again.") from None
     except OSError as e:
         raise ConfigError(f"{path}: cannot be read: {e.strerror or e}.") from None
-    unknown = [k for k in data if k != "operations"]
+    unknown = [k for k in data if k not in ("operations", "catalogs")]
     if unknown:
         raise ConfigError(
             f"{path}: unknown top-level key {unknown[0]!r}; declare each operation as an "
-            "[operations.<name>] table."
+            "[operations.<name>] table (and Iceberg catalogs as [catalogs.<name>] tables)."
         )
     tables = data.get("operations", {})
     if not isinstance(tables, dict):
         raise ConfigError(f"{path}: `operations` must be a table of [operations.<name>] tables.")
-    return [_operation(path, name, table) for name, table in tables.items()]
+    catalogs = _catalogs(path, data.get("catalogs", {}))
+    return [_operation(path, name, table, catalogs) for name, table in tables.items()]
 
 
-def _operation(path: Path, name: str, table: Any) -> Operation:
+def _catalogs(path: Path, tables: Any) -> dict[str, dict[str, str]]:
+    """The ``[catalogs.NAME]`` tables: pyiceberg catalog properties, as strings."""
+    if not isinstance(tables, dict):
+        raise ConfigError(f"{path}: `catalogs` must be a table of [catalogs.<name>] tables.")
+    out = {}
+    for name, table in tables.items():
+        if not _NAME.fullmatch(name):
+            raise ConfigError(
+                f"{path}: catalog {name!r}: the name may hold letters, digits, '.', '_' and "
+                "'-' (at most 100)."
+            )
+        if not isinstance(table, dict):
+            raise ConfigError(f"{path}: catalog {name!r}: must be a table ([catalogs.{name}]).")
+        props = {}
+        for key, value in table.items():
+            if isinstance(value, bool):
+                value = "true" if value else "false"
+            if not isinstance(value, str | int | float):
+                raise ConfigError(
+                    f"{path}: catalog {name!r}: {key}: a pyiceberg catalog property is a "
+                    f"string, number or boolean, not {type(value).__name__} (got {value!r})."
+                )
+            props[key] = str(value)
+        out[name] = props
+    return out
+
+
+def _operation(
+    path: Path, name: str, table: Any, catalogs: dict[str, dict[str, str]] | None = None
+) -> Operation:
     def fail(problem: str) -> ConfigError:
         return ConfigError(f"{path}: operation {name!r}: {problem}", operation=name)
 
@@ -404,6 +474,7 @@ def _operation(path: Path, name: str, table: Any) -> Operation:
     check_unattended(cfg, fail)  # schedule, every, timezone, notify, on, allowEmpty
     fields = _fields(cfg, fail)
     _check_lookback(cfg, fail)
+    catalog = _catalog_table(cfg, catalogs or {}, fail)
     source = cfg.source
     if source is not None and "://" not in source:  # relative to the file, not the working dir
         source = os.path.abspath(path.parent / Path(source).expanduser())
@@ -421,8 +492,39 @@ def _operation(path: Path, name: str, table: Any) -> Operation:
         mode=cfg.mode,
         watermark=cfg.watermark,
         lookback=cfg.lookback,
+        catalog=catalog,
         **cfg.model_dump(include=set(Unattended.model_fields)),
     )
+
+
+def _catalog_table(
+    cfg: OperationConfig, catalogs: dict[str, dict[str, str]], fail: Any
+) -> CatalogTable | None:
+    """The Iceberg table an operation names through ``catalog`` and ``table``, checked."""
+    if cfg.catalog is None:
+        if cfg.table is not None:
+            raise fail(
+                f'table {cfg.table!r} needs a catalog: add catalog = "NAME" and a '
+                "[catalogs.NAME] table, or name the table's folder in `source`."
+            )
+        return None
+    if cfg.source is not None:
+        raise fail(
+            "give either source (a metadata file or table folder) or catalog and table, not both."
+        )
+    if cfg.format not in (None, "iceberg"):
+        raise fail(f"format {cfg.format!r}: a catalog names an Iceberg table (format iceberg).")
+    if cfg.table is None:
+        raise fail(f'catalog {cfg.catalog!r} needs table = "namespace.table".')
+    if "." not in cfg.table.strip(".") or any(ord(c) < 32 for c in cfg.table):
+        raise fail(f'table {cfg.table!r}: name it as "namespace.table".')
+    if cfg.catalog not in catalogs:
+        declared = ", ".join(sorted(catalogs)) or "none"
+        raise fail(
+            f"catalog {cfg.catalog!r} is not declared: add a [catalogs.{cfg.catalog}] table "
+            f"of pyiceberg catalog properties (declared: {declared})."
+        )
+    return CatalogTable(cfg.catalog, cfg.table, catalogs[cfg.catalog])
 
 
 _DURATION = re.compile(r"(?:\d+(?:ms|s|m|h|d|w))+")
@@ -528,7 +630,8 @@ def parse_options(raw: Any) -> JobOptions:
             where = ".".join(str(p) for p in item["loc"]) or "options"
             msg = "is not an accepted option" if item["type"] == "extra_forbidden" else item["msg"]
             problems.append(f"options.{where} {msg}")
-        accepted = ", ".join(f for f in JobOptions.model_fields if f != "sinceDeltaVersion")
+        internal = ("sinceDeltaVersion", "sinceIcebergSnapshotId")
+        accepted = ", ".join(f for f in JobOptions.model_fields if f not in internal)
         raise RequestError(
             f"Invalid job options: {'; '.join(problems)}. Accepted options: {accepted}.",
             problems=problems,

@@ -185,8 +185,7 @@ class PartitionedJobs:
 
         policy.call(insert, "planning the partitions")
         options = {**status.options, "mode": "full"}
-        if lake.version is not None:
-            options["deltaVersion"] = lake.version
+        options |= lake.pins()
         policy.call(
             lambda: self.store.update_run(
                 status.jobId,
@@ -518,6 +517,7 @@ class PartitionedJobs:
                         job_id,
                         "full",
                         job.options.get("deltaVersion"),
+                        job.options.get("icebergSnapshotId"),
                     ),
                     "recording the watermark",
                 )

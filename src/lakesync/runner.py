@@ -247,7 +247,11 @@ class JobRunner:
                         lambda: self.watermarks.get(op.name, source, column),
                         "reading the watermark",
                     )
-                    since = reach_back(saved, op.lookback)
+                    # the files an Iceberg snapshot added since the last copy are the change
+                    # itself, read whole: a delete or update rewrites untouched rows into new
+                    # files, which now come last in lake order, older watermark or not
+                    changes = lake.format == "iceberg" and lake.since_version is not None
+                    since = None if changes else reach_back(saved, op.lookback)
                 changed, until = scan(lake, column, since)
                 until = later(until, saved)  # a watermark never moves back
             cp = Checkpoint(since=since, until=until)
@@ -272,10 +276,7 @@ class JobRunner:
             ):
                 return Outcome.ENDED
             pinned = {**status.options, "mode": mode}  # a resumed run keeps mode and version
-            if lake.version is not None:
-                pinned["deltaVersion"] = lake.version
-            if lake.since_version is not None:
-                pinned["sinceDeltaVersion"] = lake.since_version
+            pinned |= lake.pins()
             if seen is not None:
                 policy.call(lambda: mirror.sweep(db, self.store.jobs), "sweeping key sets")
                 policy.call(seen.begin, "starting the mirror's key set")
@@ -359,7 +360,7 @@ class JobRunner:
             message += f" (records changed since {shown(cp.since)})"
         done = self._end(job_id, owner, JobState.COMPLETED, message)  # or cancelled, see finish
         if cp.until is not None and done.state is JobState.COMPLETED:
-            self._save_watermark(op.name, source, cp.until, job_id, mode, lake.version)
+            self._save_watermark(op.name, source, cp.until, job_id, mode, lake.pins())
         if on_progress:
             on_progress(done)
         return Outcome.ENDED
@@ -443,11 +444,12 @@ class JobRunner:
         policy: RetryPolicy,
         known: Listing | None = None,
     ) -> Lake:
-        """The job's lake. An incremental copy of a Delta table opens only the files added
-        since the version the last completed copy read: Delta never changes a file in place,
-        so every record added or changed since then lies in them, and the other files are
-        not even opened. The first run looks that version up; it is pinned in the options
-        (`sinceDeltaVersion`), so a resumed run opens the same files. When it can no longer
+        """The job's lake. An incremental copy of a Delta (or Iceberg) table opens only the
+        files added since the version (snapshot) the last completed copy read: neither format
+        changes a file in place, so every record added or changed since then lies in them, and
+        the other files are not even opened. The first run looks that version up; it is pinned
+        in the options (`sinceDeltaVersion`, `sinceIcebergSnapshotId`), so a resumed run opens
+        the same files. When it can no longer
         be listed (its log was cleaned up, the table was recreated, the source is no Delta
         table), the whole version is read, with the watermark filter as for plain files.
 
@@ -456,6 +458,7 @@ class JobRunner:
         ``keep``): the plan then costs no request for them.
         """
         since = job.options.sinceDeltaVersion
+        since_snapshot = job.options.sinceIcebergSnapshotId
         keep = None
         if first_run:
             keep = [*job.op.schema_.key_columns, *([job.op.watermark] if job.op.watermark else [])]
@@ -464,23 +467,32 @@ class JobRunner:
             since = policy.call(
                 lambda: self.watermarks.delta_version(name, source, column), "reading the watermark"
             )
-        if since is not None:
-            narrowed = job.options.model_copy(update={"sinceDeltaVersion": since})
+            since_snapshot = policy.call(
+                lambda: self.watermarks.iceberg_snapshot(name, source, column),
+                "reading the watermark",
+            )
+        if since is not None or since_snapshot is not None:
+            pins = {"sinceDeltaVersion": since, "sinceIcebergSnapshotId": since_snapshot}
+            narrowed = job.options.model_copy(update=pins)
             try:
                 narrowed_job = replace(job, options=narrowed)
                 return narrowed_job.open_lake(self.settings, known=known, keep=keep)
             except TransientSourceError:
                 raise
             except SourceError as e:
+                what = f"Delta version {since}"
+                if since is None:
+                    what = f"Iceberg snapshot {since_snapshot}"
                 logger.warning(
-                    "%s: cannot list the files added to %s since Delta version %d "
-                    "(%s); reading the whole table",
+                    "%s: cannot list the files added to %s since %s (%s); reading the whole table",
                     job.op.name,
                     job.source,
-                    since,
+                    what,
                     e,
                 )
-        whole = job.options.model_copy(update={"sinceDeltaVersion": None})
+        whole = job.options.model_copy(
+            update={"sinceDeltaVersion": None, "sinceIcebergSnapshotId": None}
+        )
         return replace(job, options=whole).open_lake(self.settings, known=known, keep=keep)
 
     def _save_watermark(
@@ -490,13 +502,20 @@ class JobRunner:
         reached: Watermark,
         job_id: str,
         mode: str,
-        delta_version: int | None,
+        pins: dict[str, int],
     ) -> None:
-        """Move the operation's watermark; a failure only makes the next copy read more."""
+        """Move the operation's watermark (with the Delta version or Iceberg snapshot read,
+        ``Lake.pins``); a failure only makes the next copy read more."""
         try:
             self.retry().call(
                 lambda: self.watermarks.save(
-                    operation, source, reached, job_id, mode, delta_version
+                    operation,
+                    source,
+                    reached,
+                    job_id,
+                    mode,
+                    pins.get("deltaVersion"),
+                    pins.get("icebergSnapshotId"),
                 ),
                 "recording the watermark",
             )

@@ -275,6 +275,7 @@ class SyncState(BaseModel):
     mode: str | None = None
     updatedAtMs: int | None = None
     deltaVersion: int | None = None  # the Delta table version that copy read
+    icebergSnapshotId: int | None = None  # the Iceberg snapshot that copy read
 
 
 class WatermarkStore:
@@ -346,8 +347,10 @@ class WatermarkStore:
         job_id: str,
         mode: str,
         delta_version: int | None = None,
+        iceberg_snapshot: int | None = None,
     ) -> None:
-        """Record the watermark a completed job reached (and the Delta version it read)."""
+        """Record the watermark a completed job reached (and the Delta version or Iceberg
+        snapshot it read)."""
         now = datetime.now(UTC)
         fields = {
             "operation": operation,
@@ -358,10 +361,14 @@ class WatermarkStore:
             "updatedAtMs": int(now.timestamp() * 1000),
         }
         update: dict[str, Any] = {"$set": fields, "$currentDate": {"updatedAt": True}}
-        if delta_version is None:
-            update["$unset"] = {"deltaVersion": ""}
-        else:
-            fields["deltaVersion"] = delta_version
+        unset = {}
+        for name, pin in (("deltaVersion", delta_version), ("icebergSnapshotId", iceberg_snapshot)):
+            if pin is None:
+                unset[name] = ""
+            else:
+                fields[name] = pin
+        if unset:
+            update["$unset"] = unset
         self.states.update_one({"_id": self._id(operation, source)}, update, upsert=True)
 
     def delta_version(self, operation: str, source: str, column: str) -> int | None:
@@ -371,6 +378,14 @@ class WatermarkStore:
         if state is None or state.watermark.column != column:
             return None
         return state.deltaVersion
+
+    def iceberg_snapshot(self, operation: str, source: str, column: str) -> int | None:
+        """The Iceberg snapshot the last completed copy read, if it recorded this column's
+        watermark (an incremental copy then reads only the files added since)."""
+        state = self._model(self.states.find_one({"_id": self._id(operation, source)}))
+        if state is None or state.watermark.column != column:
+            return None
+        return state.icebergSnapshotId
 
     def for_operation(self, operation: str) -> list[SyncState]:
         """The operation's watermarks, most recently updated first."""

@@ -4,43 +4,28 @@
 commits, classic and v2 checkpoints): which files make up the version, their partition
 values, their deletion vectors and the table schema with its column mapping. The files
 themselves are then read like any other Parquet lake, through lakesync's own filesystem
-(the same endpoint, timeouts and error messages as plain Parquet on S3), in file order and
-row order, so a checkpoint (file, row) means the same rows on every run: the rows a
-deletion vector removes are skipped, and physical column names become logical ones.
+(the same endpoint, timeouts and error messages as plain Parquet on S3), in the table's
+commit order (``deltalog``) and row order, so the last record of a key is the newest and a
+checkpoint (file, row) means the same rows on every run: the rows a deletion vector
+removes are skipped, and physical column names become logical ones.
 """
 
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass, field
 from typing import Any
 from urllib.parse import unquote
 
 import pyarrow as pa
 import pyarrow.compute as pc
-import pyarrow.fs as pafs
 
 from lakesync.errors import SourceError, TransientSourceError
-from lakesync.locations import Location, read_error, s3_message, short_error
+from lakesync.locations import Location, s3_message, short_error
+from lakesync.sources.base import TableVersion
+from lakesync.sources.deltalog import commit_order
+from lakesync.sources.tables import DELTA_LOG
 
 logger = logging.getLogger(__name__)
-
-LOG_DIR = "_delta_log"
-
-
-@dataclass(frozen=True)
-class DeltaSnapshot:
-    """One version of a Delta table: its schema and active files (sorted, with partitions)."""
-
-    version: int
-    schema: pa.Schema
-    files: list[tuple[str, pc.Expression | None]]  # paths inside the Location's filesystem
-    #: column mapping: physical name in the Parquet files -> logical (table) name
-    renames: dict[str, str] = field(default_factory=dict)
-    #: deletion vectors: path -> which rows of the file are live (rows past its end are)
-    live: dict[str, pa.BooleanArray] = field(default_factory=dict)
-    #: column mapping: the schema as the Parquet files name it (nested fields too), or None
-    physical: pa.Schema | None = None
 
 
 #: reader features whose tables lakesync reads correctly (deletion vectors and column mapping
@@ -67,16 +52,7 @@ READABLE = {
 }
 
 
-def is_delta_table(location: Location, path: str) -> bool:
-    """Whether the directory ``path`` holds a ``_delta_log`` folder."""
-    log = f"{path.rstrip('/')}/{LOG_DIR}"
-    try:
-        return bool(location.fs.get_file_info(log).type == pafs.FileType.Directory)
-    except (OSError, pa.ArrowException) as e:
-        raise read_error(e, location.show(path), "delta", location.endpoint, listing=True) from e
-
-
-def snapshot(location: Location, path: str, version: int | None = None) -> DeltaSnapshot:
+def snapshot(location: Location, path: str, version: int | None = None) -> TableVersion:
     """The active files of the table at ``path`` (its latest version, or ``version``)."""
     try:
         from deltalake import DeltaTable
@@ -109,10 +85,16 @@ def snapshot(location: Location, path: str, version: int | None = None) -> Delta
     partitions = [
         n.removeprefix("partition.") for n in actions.column_names if n.startswith("partition.")
     ]
-    files = []
-    for row in actions.select(["path", *(f"partition.{p}" for p in partitions)]).to_pylist():
-        files.append((_file_path(location, path, row["path"]), _expression(schema, row)))
-    files.sort(key=lambda f: f[0])
+    files, modified = [], {}
+    chosen = ["path", "modification_time", *(f"partition.{p}" for p in partitions)]
+    for row in actions.select(chosen).to_pylist():
+        at = _file_path(location, path, row["path"])
+        files.append((at, _expression(schema, row)))
+        modified[at] = _millis(row["modification_time"])
+    order = commit_order(
+        location, path, current, modified, lambda logged: _file_path(location, path, logged)
+    )
+    files.sort(key=lambda f: order[f[0]])  # the table's commit order
     selections = vectors.column("selection_vector").combine_chunks()  # kept as Arrow bits
     live = {
         _file_path(location, path, logged): selections[i].values
@@ -129,7 +111,16 @@ def snapshot(location: Location, path: str, version: int | None = None) -> Delta
         len(files),
         len(live),
     )
-    return DeltaSnapshot(current, schema, files, renames, live, physical)
+    return TableVersion("delta", current, schema, files, renames, live, physical)
+
+
+def _millis(value: Any) -> int:
+    """A modification time from the add actions (a datetime, or milliseconds) in ms."""
+    if value is None:
+        return 0
+    if isinstance(value, int):
+        return value
+    return int(value.timestamp() * 1000)
 
 
 def physical_field(f: pa.Field) -> pa.Field:
@@ -196,9 +187,10 @@ def _delta_error(
     name = type(error).__name__
     if name == "TableNotFoundError" or "No files in log segment" in text:
         message = (
-            f"{uri} has a {LOG_DIR} folder but no Delta table commits in it. Point the "
-            "source at a Delta table's folder, or read its Parquet files as plain files "
-            "with the operation's format = parquet."
+            f"{uri} has a {DELTA_LOG} folder but no Delta table commits in it, so it is "
+            "not a table lakesync can read, and a table's files are never read as loose "
+            f"files. Point the source at a Delta table's folder; if {uri} holds plain "
+            f"files, remove its stray {DELTA_LOG} folder."
         )
     elif version is not None and ("version" in text.lower()):
         message = (

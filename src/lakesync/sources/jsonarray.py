@@ -26,15 +26,17 @@ MAX_ELEMENT = 64 << 20  # one element of the array, in characters: memory stays 
 _WHITESPACE = " \t\r\n"
 
 
-def is_json_array(fs: pafs.FileSystem, path: str) -> bool:
-    """Whether the file's first character (after a BOM and whitespace) is ``[``."""
-    with fs.open_input_stream(path) as f:
+def is_json_array(fs: pafs.FileSystem, path: str, codec: str | None = None) -> bool:
+    """Whether the file's first character (after a BOM and whitespace) is ``[``; ``codec``:
+    the file's compression (None: not compressed)."""
+    with fs.open_input_stream(path, compression=codec) as f:
         head = f.read(4096).decode("utf-8", errors="replace").lstrip("\ufeff" + _WHITESPACE)
     return bool(head.startswith("["))
 
 
-def ndjson_copy(fs: pafs.FileSystem, path: str, shown: str) -> str:
-    """The local path of an NDJSON copy of the JSON array file ``path`` (made if needed)."""
+def ndjson_copy(fs: pafs.FileSystem, path: str, shown: str, codec: str | None = None) -> str:
+    """The local path of an NDJSON copy of the JSON array file ``path`` (made if needed),
+    decompressed as it is read when ``codec`` names the file's compression."""
     info = fs.get_file_info(path)
     tag = f"{fs.type_name}:{path}:{info.size}:{info.mtime_ns}".encode()
     folder = Path(tempfile.gettempdir()) / "lakesync-json"
@@ -44,7 +46,10 @@ def ndjson_copy(fs: pafs.FileSystem, path: str, shown: str) -> str:
         return str(target)
     partial = target.with_suffix(f".{os.getpid()}.part")
     try:
-        with fs.open_input_stream(path) as src, partial.open("w", encoding="utf-8") as out:
+        with (
+            fs.open_input_stream(path, compression=codec) as src,
+            partial.open("w", encoding="utf-8") as out,
+        ):
             for item in _items(src, shown):
                 out.write(json.dumps(item, ensure_ascii=False))
                 out.write("\n")

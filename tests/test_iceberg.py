@@ -1,0 +1,665 @@
+"""Iceberg tables the test writes itself with pyiceberg (a SQL catalog on SQLite), read
+locally and from S3 (moto), checked against pyiceberg's own reader.
+
+The oracle is pyiceberg: ``table.scan(snapshot_id=...).to_arrow()`` for the rows, and its
+metadata (``inspect.entries``) for lake order (data sequence number, then manifest order),
+read file task by file task. pyiceberg applies no equality deletes (it refuses to scan them);
+that table's expected rows are worked out in the test from what it wrote.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+import sys
+from collections import Counter
+from collections.abc import Callable, Iterator
+from datetime import timedelta
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pyarrow as pa
+import pytest
+from pyiceberg.catalog.sql import SqlCatalog
+from pyiceberg.expressions import AlwaysTrue
+from pyiceberg.io.pyarrow import ArrowScan, schema_to_pyarrow
+from pyiceberg.table import Table
+from pyiceberg.typedef import Record
+from pyiceberg.types import IntegerType, StringType
+from tests.helpers import (
+    REGION,
+    T0,
+    ServeProcess,
+    aws_test_env,
+    s3_client,
+    start_moto_thread,
+    wait_for,
+)
+from tests.iceberg_tables import equality_delete, position_delete
+
+from lakesync.config import Settings
+from lakesync.errors import ConfigError, RequestError, SourceError, TransientSourceError
+from lakesync.lake import Lake, Position
+from lakesync.models import JobState, JobStatus, Outcome
+from lakesync.operations import load_operations
+from lakesync.runtime import Runtime
+from lakesync.sources.iceberg import CatalogTable, shown
+
+TS = pa.timestamp("us", tz="UTC")
+SCHEMA = pa.schema(
+    [
+        ("taskDetailId", pa.string()),
+        ("projectId", pa.string()),
+        ("assignee", pa.string()),
+        ("hoursLogged", pa.float64()),
+        ("updatedAt", TS),
+        ("notes", pa.string()),
+    ]
+)
+KEY = "taskDetailId"
+
+
+def rows(keys: list[str], version: int, project: Callable[[str], str] | None = None) -> pa.Table:
+    """Version ``version`` of the records of ``keys``: notes "vN", updatedAt T0 + N s."""
+    return pa.Table.from_pylist(
+        [
+            {
+                KEY: k,
+                "projectId": project(k) if project else f"P{int(k[1:]) % 3}",
+                "assignee": None if version % 2 else f"a{version}",
+                "hoursLogged": float(version),
+                "updatedAt": T0 + timedelta(seconds=version, microseconds=int(k[1:])),
+                "notes": f"v{version}",
+            }
+            for k in keys
+        ],
+        SCHEMA,
+    )
+
+
+def add(table: Table, data: pa.Table) -> None:
+    """Append ``data`` to the table as its schema is now (renamed and added columns)."""
+    table = table.refresh()
+    current = schema_to_pyarrow(table.schema(), include_field_ids=False)
+    data = data.rename_columns(["owner" if n == "assignee" and "owner" in current.names else n
+                                for n in data.column_names])  # fmt: skip
+    for f in current:
+        if f.name not in data.column_names:
+            data = data.append_column(f.name, pa.nulls(data.num_rows, f.type))
+    table.append(data.select(current.names).cast(current))
+
+
+def keys(n: int, start: int = 0) -> list[str]:
+    return [f"K{i:05d}" for i in range(start, start + n)]
+
+
+@pytest.fixture
+def catalog(tmp_path: Path) -> SqlCatalog:
+    warehouse = tmp_path / "warehouse"
+    warehouse.mkdir()
+    cat = SqlCatalog(
+        "local", uri=f"sqlite:///{tmp_path}/catalog.db", warehouse=f"file://{warehouse}"
+    )
+    cat.create_namespace("ns")
+    return cat
+
+
+def folder(table: Table) -> str:
+    return table.metadata.location.removeprefix("file://")
+
+
+def lake_order(table: Table, snapshot_id: int | None = None) -> list[dict[str, Any]]:
+    """pyiceberg's rows of a snapshot, data file by data file in lake order; checked to be
+    exactly what ``scan(snapshot_id=...).to_arrow()`` returns."""
+    snapshot_id = snapshot_id or table.metadata.current_snapshot_id
+    scan = table.scan(snapshot_id=snapshot_id)
+    entries = table.inspect.entries(snapshot_id).to_pylist()
+    place = {
+        e["data_file"]["file_path"]: (e["sequence_number"], i)
+        for i, e in enumerate(entries)
+        if e["data_file"]["content"] == 0 and e["status"] != 2
+    }
+    tasks = sorted(scan.plan_files(), key=lambda t: place[t.file.file_path])
+    out: list[dict[str, Any]] = []
+    for task in tasks:
+        reader = ArrowScan(table.metadata, table.io, scan.projection(), AlwaysTrue())
+        out += reader.to_table([task]).to_pylist()
+    assert same_rows(out, scan.to_arrow().to_pylist())
+    return out
+
+
+def same_rows(a: list[dict[str, Any]], b: list[dict[str, Any]]) -> bool:
+    as_text = lambda rows: Counter(json.dumps(r, default=str, sort_keys=True) for r in rows)  # noqa: E731
+    return as_text(a) == as_text(b)
+
+
+def newest(rows: list[dict[str, Any]]) -> dict[str, str]:
+    """The last record of each key in lake order: key -> notes."""
+    return {r[KEY]: r["notes"] for r in rows}
+
+
+def read_all(lake: Lake, size: int = 97, start: Position = Position()) -> list[dict[str, Any]]:
+    return [r for b in lake.batches(size, start) for r in b.table.to_pylist()]
+
+
+# -- reading -----------------------------------------------------------------------------------
+
+
+def history(catalog: SqlCatalog) -> Table:
+    """Appended updates of the same keys, an overwrite, a copy-on-write delete, a position
+    delete written as Spark writes them, a column added and one renamed."""
+    table = catalog.create_table("ns.tasks", schema=SCHEMA)
+    table.append(rows(keys(300), 1))
+    table.append(rows(keys(100, 250), 2))  # 50 updated, 50 new
+    table.append(rows(keys(40, 0)[::2], 3))  # updates again
+    table.overwrite(rows(keys(10, 20), 4), overwrite_filter="taskDetailId >= 'K00020' and "
+                    "taskDetailId < 'K00030'")  # fmt: skip
+    table.delete("taskDetailId >= 'K00100' and taskDetailId < 'K00110'")
+    first = sorted(t.file.file_path for t in table.scan().plan_files())[0]
+    position_delete(table, first, [0, 5, 6])
+    table = catalog.load_table("ns.tasks")
+    with table.update_schema() as update:
+        update.add_column("priority", IntegerType())
+        update.rename_column("assignee", "owner")
+    table = catalog.load_table("ns.tasks")
+    more = rows(keys(30, 330), 5).rename_columns(
+        [("owner" if n == "assignee" else n) for n in SCHEMA.names]
+    )
+    table.append(more.append_column("priority", pa.array([7] * 30, pa.int32())))
+    return catalog.load_table("ns.tasks")
+
+
+def test_a_table_reads_as_pyiceberg_reads_it_in_lake_order(catalog: SqlCatalog) -> None:
+    table = history(catalog)
+    expected = lake_order(table)
+    lake = Lake.open(folder(table))  # the table's folder: its highest-numbered metadata
+    assert lake.format == "iceberg" and lake.version == table.metadata.current_snapshot_id
+    assert lake.pins() == {"icebergSnapshotId": table.metadata.current_snapshot_id}
+    got = read_all(lake)
+    assert got == expected  # the same rows in the same order
+    assert "owner" in lake.schema.names and "assignee" not in lake.schema.names
+    assert {r["owner"] for r in got} >= {"a2", None}  # renamed by field id in old files
+    assert lake.count_rows() == len(expected) == sum(lake.file_row_counts())
+    assert lake.file_name(0).startswith("data/")
+    # the metadata file named directly, and an older one: that snapshot
+    assert read_all(Lake.open(table.metadata_location.removeprefix("file://"))) == expected
+    old = table.metadata.snapshots[1]
+    older = sorted(Path(folder(table), "metadata").glob("00002-*.metadata.json"))[0]
+    lake2 = Lake.open(str(older))
+    assert lake2.version == old.snapshot_id
+    assert read_all(lake2) == lake_order(table, old.snapshot_id)
+    pinned = Lake.open(folder(table), snapshot_id=old.snapshot_id)
+    assert read_all(pinned) == lake_order(table, old.snapshot_id)
+
+
+def test_every_position_resumes_with_exactly_the_rest(catalog: SqlCatalog) -> None:
+    table = history(catalog)
+    lake = Lake.open(folder(table))
+    whole = read_all(lake)
+    counts = lake.file_row_counts()
+    rng = random.Random(4)
+    for index in range(len(counts)):
+        for row in {0, counts[index], rng.randrange(counts[index] + 1)}:
+            before = sum(counts[:index]) + row
+            again = Lake.open(folder(table))  # a new run opens the same snapshot
+            start = again.resume_position(Position(index, row), lake.file_name(index))
+            assert read_all(again, 13, start) == whole[before:]
+    names = [lake.file_name(i) for i in range(len(lake.files))]
+    part = lake.only(names[2:4], first_index=2)  # a partition: its own files
+    assert read_all(part) == whole[sum(counts[:2]) : sum(counts[:4])]
+    assert next(b.ordinal for b in part.batches(10_000)) == 2
+
+
+def test_equality_deletes_apply_to_older_files_of_their_partition(catalog: SqlCatalog) -> None:
+    table = catalog.create_table("ns.eq", schema=SCHEMA)
+    with table.update_spec() as update:
+        update.add_identity("projectId")  # spec 1; spec 0 stays unpartitioned
+    table = catalog.load_table("ns.eq")
+    table.append(rows(keys(30), 1))
+    first = table.refresh().scan().to_arrow().to_pylist()
+    project = {r[KEY]: r["projectId"] for r in first}
+
+    def delete(values: dict[str, list[Any]], spec_id: int = 1, part: str | None = None) -> None:
+        equality_delete(table.refresh(), values, spec_id, None if part is None else Record(part))
+
+    delete({KEY: ["K00003", "K00999"]}, part=project["K00003"])
+    other = next(p for p in ("P0", "P1", "P2") if p != project["K00006"])
+    delete({KEY: ["K00006"]}, part=other)  # another partition's delete: K6 stays
+    table.refresh().append(rows(["K00003"], 2))  # added after the delete: it stays
+    delete({KEY: ["K00004"], "notes": ["v1"]}, part=project["K00004"])  # on two columns
+    delete({"assignee": [None], "projectId": ["P2"]}, spec_id=0)  # global; null matches null
+    table = table.refresh()
+    with pytest.raises(ValueError, match="equality deletes"):
+        table.scan().to_arrow()  # pyiceberg's reader refuses them: the expected rows below
+    lake = Lake.open(folder(table))
+    got = read_all(lake)
+    expected = [
+        r
+        for r in first
+        if r[KEY] not in ("K00003", "K00004") and r["projectId"] != "P2"  # assignee null in v1
+    ]
+    assert any(r[KEY] == "K00006" for r in expected)
+    expected += rows(["K00003"], 2).to_pylist()
+    assert same_rows(got, expected)
+    assert got[-1][KEY] == "K00003" and got[-1]["notes"] == "v2"  # the later file comes last
+    assert lake.count_rows() == len(expected) == sum(lake.file_row_counts())
+    assert (
+        read_all(lake.only([lake.file_name(1)]))
+        == got[lake.file_row_counts()[0] :][: lake.file_row_counts()[1]]
+    )
+
+
+def test_a_format_v1_table_follows_its_history(catalog: SqlCatalog) -> None:
+    """v1 tables number no sequence: the snapshot that added a file gives its place."""
+    table = catalog.create_table("ns.v1", schema=SCHEMA, properties={"format-version": "1"})
+    for version in (1, 2, 3):
+        table.append(rows(keys(20, 5 * version), version))
+    table = table.refresh()
+    assert table.metadata.format_version == 1
+    got = read_all(Lake.open(folder(table)))
+    assert same_rows(got, table.scan().to_arrow().to_pylist())
+    assert [r["notes"] for r in got] == ["v1"] * 20 + ["v2"] * 20 + ["v3"] * 20
+    assert newest(got)["K00015"] == "v3" and newest(got)["K00012"] == "v2"
+
+
+def test_partition_evolution_and_files_of_every_spec(catalog: SqlCatalog) -> None:
+    table = catalog.create_table("ns.parts", schema=SCHEMA)
+    with table.update_spec() as update:
+        update.add_identity("projectId")
+    table = catalog.load_table("ns.parts")
+    table.append(rows(keys(60), 1))
+    with table.update_spec() as update:
+        update.remove_field("projectId")
+        update.add_identity("notes")  # (other transforms need pyiceberg-core to write)
+        update.add_identity("hoursLogged")
+    table = catalog.load_table("ns.parts")
+    table.append(rows(keys(30, 40), 2))
+    table.delete("taskDetailId = 'K00001'")
+    table = catalog.load_table("ns.parts")
+    assert len(table.metadata.partition_specs) == 3
+    lake = Lake.open(folder(table))
+    got = read_all(lake)
+    assert got == lake_order(table)
+    assert newest(got)["K00045"] == "v2" and "K00001" not in newest(got)
+
+
+# -- copies ------------------------------------------------------------------------------------
+
+
+def run(rt: Runtime, operation: str, **options: Any) -> JobStatus:
+    status, created = rt.jobs.start(operation, options, trusted=True)
+    assert created
+    for _ in range(100):
+        if rt.runner.run(status.jobId) is not Outcome.CONTINUE:
+            break
+    return rt.jobs.get(status.jobId)
+
+
+def operations_file(tmp_path: Path, catalog_dir: Path, source: str | None) -> Path:
+    text = '[operations.ice]\ncollection = "tasks"\nkey = "taskDetailId"\nwatermark = "updatedAt"\n'
+    if source is None:
+        text += 'catalog = "local"\ntable = "ns.tasks"\n'
+        text += f'[catalogs.local]\ntype = "sql"\nuri = "sqlite:///{catalog_dir}/catalog.db"\n'
+    else:
+        text += f"source = {json.dumps(source)}\n"
+    path = tmp_path / "lakesync.toml"
+    path.write_text(text)
+    return path
+
+
+def check(
+    done: JobStatus, db: Any, table: Table, *, empty_before: bool = False, snapshot: int = 0
+) -> None:
+    """The job completed exactly, and the collection holds the newest version of every key
+    of the table (deleted keys may stay: only mirror deletes)."""
+    assert done.status == JobState.COMPLETED, (done.message, done.error)
+    parts = (done.insertedRecords + done.updatedRecords + done.unchangedRecords
+             + done.duplicateRecords + done.errorRecords)  # fmt: skip
+    assert done.processedRecords == parts == done.totalRecords
+    snapshot = snapshot or table.metadata.current_snapshot_id
+    assert done.options["icebergSnapshotId"] == snapshot
+    expected = newest(lake_order(table, snapshot))
+    stored = {d["_id"]: d["notes"] for d in db.tasks.find({}, {"notes": 1})}
+    assert {k: stored.get(k) for k in expected} == expected
+    if empty_before:
+        assert done.insertedRecords == len(expected) == len(stored)
+
+
+def deletes(t: Table) -> None:
+    t.delete("taskDetailId < 'K00010'")
+    position_delete(t.refresh(), lake_file(t.refresh(), -1), [1, 2])
+    add(t, rows(keys(5, 500), 6))
+
+
+def schema_change(t: Table) -> None:
+    with t.update_schema() as update:
+        update.add_column("extra", StringType())
+    add(t, rows(keys(10, 5), 6).append_column("extra", pa.array(["x"] * 10)))
+
+
+def spec_change(t: Table) -> None:
+    with t.update_spec() as update:
+        update.add_identity("notes")
+    add(t, rows(keys(25, 280), 6))
+
+
+CHANGES: dict[str, Callable[[Table], None]] = {
+    "appended updates": lambda t: (
+        add(t, rows(keys(120, 200), 6)), add(t, rows(keys(50, 220), 7))
+    )[0],
+    "deletes": deletes,
+    "overwrite": lambda t: t.overwrite(
+        rows(keys(20, 40), 6)
+        .rename_columns(["owner" if n == "assignee" else n for n in SCHEMA.names])
+        .append_column("priority", pa.nulls(20, pa.int32())),
+        overwrite_filter="taskDetailId >= 'K00040' and taskDetailId < 'K00060'",
+    ),
+    "schema evolution": schema_change,
+    "partition evolution": spec_change,
+}  # fmt: skip
+
+
+@pytest.mark.parametrize("change", list(CHANGES))
+def test_full_incremental_full_and_mirror_copies_follow_the_table(
+    change: str, catalog: SqlCatalog, settings: Settings, db: Any, tmp_path: Path
+) -> None:
+    table = history(catalog)
+    ops = operations_file(tmp_path, tmp_path, folder(table))
+    settings = settings.model_copy(update={"operations_file": ops, "batch_size": 64})
+    with Runtime(settings) as rt:
+        first = run(rt, "ice", mode="full")
+        check(first, db, table, empty_before=True)
+        assert first.duplicateRecords == len(lake_order(table)) - first.insertedRecords > 0
+        CHANGES[change](table)
+        table = table.refresh()
+        incremental = run(rt, "ice", mode="incremental")
+        check(incremental, db, table)
+        assert incremental.options["sinceIcebergSnapshotId"] == first.options["icebergSnapshotId"]
+        # a full copy gives what the incremental one gave; only a column added to the table
+        # since updates the documents the incremental copy did not write (it is null there)
+        lacking = db.tasks.count_documents({"extra": {"$exists": False}})
+        again = run(rt, "ice", mode="full")
+        check(again, db, table)
+        assert again.insertedRecords == 0
+        assert again.updatedRecords == (lacking if change == "schema evolution" else 0)
+        mirror = run(rt, "ice", mode="mirror")
+        check(mirror, db, table)
+        assert db.tasks.count_documents({}) == len(newest(lake_order(table)))
+        rerun = run(rt, "ice", mode="full")
+        check(rerun, db, table)
+        assert rerun.insertedRecords == rerun.updatedRecords == 0
+        quiet = run(rt, "ice", mode="incremental")
+        assert quiet.insertedRecords == quiet.updatedRecords == 0, quiet
+
+
+def test_partitioned_in_random_order_and_a_resumed_run(
+    catalog: SqlCatalog, settings: Settings, db: Any, tmp_path: Path
+) -> None:
+    table = catalog.create_table("ns.tasks", schema=SCHEMA)
+    for version in range(1, 13):  # twelve files, each updating keys of the ones before
+        table.append(rows(keys(150, 40 * version), version))
+    table.delete("taskDetailId >= 'K00200' and taskDetailId < 'K00205'")
+    table = table.refresh()
+    position_delete(table, lake_file(table, 3), [0, 1, 2, 50])
+    table = table.refresh()
+    ops = operations_file(tmp_path, tmp_path, folder(table))
+    base = settings.model_copy(update={"operations_file": ops, "batch_size": 50,
+                                       "partition_rows": 300})  # fmt: skip
+    for seed in (1, 2):
+        db.tasks.drop()
+        done = partitioned(base, seed)
+        check(done, db, table, empty_before=True)
+
+    db.tasks.drop()
+    with Runtime(base.model_copy(update={"partition_rows": 10**6})) as rt:
+        job, _ = rt.jobs.start("ice", {}, trusted=True)
+        seen: list[int] = []
+
+        def stop_early(s: JobStatus) -> None:
+            seen.append(s.processedRecords)
+            if s.processedRecords >= 400:
+                rt.runner.stop.set()
+
+        rt.runner.run(job.jobId, on_progress=stop_early)
+        paused = rt.jobs.get(job.jobId)
+        assert paused.status == JobState.PENDING and 0 < paused.processedRecords < 1500
+        pinned = table.metadata.current_snapshot_id
+        assert paused.options["icebergSnapshotId"] == pinned
+        table.append(rows(keys(10, 900), 20))  # a later snapshot: the job keeps its own
+        rt.runner.stop.clear()
+        for _ in range(10):
+            if rt.runner.run(job.jobId) is not Outcome.CONTINUE:
+                break
+        done = rt.jobs.get(job.jobId)
+    check(done, db, table.refresh(), empty_before=True, snapshot=pinned)
+
+
+def partitioned(settings: Settings, seed: int) -> JobStatus:
+    """A partitioned copy of operation "ice", its partitions run one by one in random order."""
+    rt = Runtime(settings, executor="local")
+    queued: list[tuple[str, int]] = []
+    rt.executor.submit = lambda job_id: None  # type: ignore[method-assign,union-attr]
+    rt.runner.partitioned.submit = lambda j, i: queued.append((j, i))  # type: ignore[union-attr]
+    with rt:
+        job, _ = rt.jobs.start("ice", {}, trusted=True)
+        rt.runner.run(job.jobId)
+        assert len(queued) >= 3
+        steps = list(queued)
+        random.Random(seed).shuffle(steps)
+        parts = rt.runner.partitioned
+        assert parts is not None
+        for step in steps:
+            parts.run(*step)
+        done = rt.jobs.get(job.jobId)
+    assert done.partitions == len(steps)
+    return done
+
+
+def lake_file(table: Table, index: int) -> str:
+    entries = table.inspect.entries().to_pylist()
+    data = [e for e in entries if e["data_file"]["content"] == 0 and e["status"] != 2]
+    data.sort(key=lambda e: e["sequence_number"])
+    return str(data[index]["data_file"]["file_path"])
+
+
+def test_a_catalog_table_of_lakesync_toml(
+    catalog: SqlCatalog, settings: Settings, db: Any, tmp_path: Path
+) -> None:
+    table = history(catalog)
+    ops = operations_file(tmp_path, tmp_path, None)
+    (op,) = load_operations(ops)
+    assert op.source_uri(settings) == "iceberg://local/ns.tasks"
+    settings = settings.model_copy(update={"operations_file": ops})
+    with Runtime(settings) as rt:
+        done = run(rt, "ice")
+        check(done, db, table, empty_before=True)
+        assert done.options["source"] == "iceberg://local/ns.tasks"
+        add(table, rows(keys(5, 1000), 9))
+        table = table.refresh()
+        later = run(rt, "ice", mode="incremental")
+        check(later, db, table)
+        assert later.processedRecords == 5 and later.insertedRecords == 5
+        with pytest.raises(RequestError, match="sinceIcebergSnapshotId"):
+            rt.jobs.start("ice", {"sinceIcebergSnapshotId": 1})
+        missing = run(rt, "ice", source="iceberg://local/ns.nope")
+    assert missing.status == JobState.FAILED
+    assert "has no table 'ns.nope'" in (missing.error or ""), missing.error
+
+
+def test_incremental_reads_the_whole_snapshot_when_the_recorded_one_is_gone(
+    catalog: SqlCatalog, settings: Settings, db: Any, tmp_path: Path, caplog: Any
+) -> None:
+    table = catalog.create_table("ns.tasks", schema=SCHEMA)
+    table.append(rows(keys(100), 1))
+    ops = operations_file(tmp_path, tmp_path, folder(table))
+    settings = settings.model_copy(update={"operations_file": ops})
+    with Runtime(settings) as rt:
+        check(run(rt, "ice", mode="incremental"), db, table, empty_before=True)
+        # a snapshot the table no longer has (expired), as the last copy's
+        db.syncstate.update_one({"operation": "ice"}, {"$set": {"icebergSnapshotId": 12345}})
+        table.append(rows(keys(10, 95), 2))  # 5 updated, 5 new
+        table = table.refresh()
+        again = run(rt, "ice", mode="incremental")
+    assert "since Iceberg snapshot 12345" in caplog.text and "reading the whole" in caplog.text
+    check(again, db, table)
+    assert "sinceIcebergSnapshotId" not in again.options
+    # the whole snapshot, filtered by the watermark: the newer records and the one at it
+    assert again.insertedRecords == 5 and again.updatedRecords == 5
+    assert db.syncstate.find_one({"operation": "ice"})["icebergSnapshotId"] == (
+        table.metadata.current_snapshot_id
+    )
+
+
+def test_file_uris_as_writers_spell_them() -> None:
+    assert shown("file:///data/t/x.parquet") == "/data/t/x.parquet"
+    assert shown("file:/data/t/x%20y.parquet") == "/data/t/x y.parquet"  # Hadoop's spelling
+    assert shown("s3://b/t/x.parquet") == "s3://b/t/x.parquet"
+
+
+def test_catalog_errors_name_the_catalog(tmp_path: Path) -> None:
+    with pytest.raises(SourceError, match="no such catalog is declared"):
+        Lake.open("iceberg://nope/ns.t")
+    wrong = CatalogTable("bad", "ns.t", {"type": "no-such-type"})
+    with pytest.raises(SourceError, match=r"Check \[catalogs\.bad\] in lakesync.toml\.") as e:
+        Lake.open(wrong.uri, catalog=wrong)
+    assert not isinstance(e.value, TransientSourceError)  # a setting: no retry helps
+    gone = CatalogTable("far", "ns.t", {"type": "sql", "uri": f"sqlite:///{tmp_path}/no/x.db"})
+    with pytest.raises(TransientSourceError, match="that the catalog is reachable"):
+        Lake.open(gone.uri, catalog=gone)
+
+
+@pytest.mark.parametrize(
+    ("body", "error"),
+    [
+        ('catalog = "nope"\ntable = "ns.t"', "catalog 'nope' is not declared"),
+        ('catalog = "c"', 'needs table = "namespace.table"'),
+        ('table = "ns.t"', "needs a catalog"),
+        ('catalog = "c"\ntable = "t"', 'name it as "namespace.table"'),
+        ('catalog = "c"\ntable = "ns.t"\nsource = "/x"', "either source"),
+        ('catalog = "c"\ntable = "ns.t"\nformat = "delta"', "format 'delta'"),
+    ],
+)
+def test_catalog_settings_are_checked_at_load(tmp_path: Path, body: str, error: str) -> None:
+    path = tmp_path / "lakesync.toml"
+    path.write_text(
+        f'[operations.o]\ncollection = "c"\nkey = "k"\n{body}\n[catalogs.c]\ntype = "sql"\n'
+    )
+    with pytest.raises(ConfigError, match=error) as raised:
+        load_operations(path)
+    assert str(path) in str(raised.value) and "operation 'o'" in str(raised.value)
+    path.write_text('[catalogs.c]\ntype = "sql"\nnested = { a = 1 }\n')
+    with pytest.raises(ConfigError, match="catalog 'c': nested: a pyiceberg catalog property"):
+        load_operations(path)
+
+
+# -- refusals ----------------------------------------------------------------------------------
+
+
+def test_refusals(catalog: SqlCatalog, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    table = catalog.create_table("ns.tasks", schema=SCHEMA)
+    empty = Lake.open(folder(table))  # no snapshot yet: nothing to read
+    assert empty.files == [] and empty.count_rows() == 0 and empty.pins() == {}
+    table.append(rows(keys(10), 1))
+    root = Path(folder(table))
+    with pytest.raises(SourceError, match="metadata folder: use its parent folder"):
+        Lake.open(str(root / "metadata"))
+    with pytest.raises(SourceError, match="snapshots, not Delta versions"):
+        Lake.open(str(root), version=0)
+    with pytest.raises(SourceError, match="has no snapshot 42"):
+        Lake.open(str(root), snapshot_id=42)
+    with pytest.raises(SourceError, match="is not an Iceberg table"):
+        Lake.open(str(tmp_path), format="iceberg")
+    # a second metadata file of the highest number: which is current cannot be told
+    (current,) = root.glob("metadata/00001-*.metadata.json")
+    (root / "metadata" / "00001-copy.metadata.json").write_bytes(current.read_bytes())
+    with pytest.raises(SourceError, match="2 metadata files numbered 1"):
+        Lake.open(str(root))
+    (root / "metadata" / "version-hint.text").write_text("1")  # names v1.metadata.json
+    with pytest.raises(SourceError, match=r"names v1\.metadata\.json, which is not in"):
+        Lake.open(str(root))
+    (root / "metadata" / "version-hint.text").write_text(current.name)
+    assert Lake.open(str(root)).count_rows() == 10
+    # a metadata file naming data outside the table's folder (a planted file, a copy)
+    elsewhere = tmp_path / "other"
+    planted = json.loads(current.read_text())
+    planted["location"] = f"file://{elsewhere}"
+    (root / "metadata" / "00009-planted.metadata.json").write_text(json.dumps(planted))
+    moved = tmp_path / "moved"
+    root.rename(moved)
+    with pytest.raises(SourceError, match="names a file outside its folder"):
+        Lake.open(str(moved / "metadata" / "00009-planted.metadata.json"))
+    monkeypatch.setitem(sys.modules, "pyiceberg.table", None)  # as if the extra is missing
+    with pytest.raises(SourceError, match=r"pip install 'lakesync\[iceberg\]'"):
+        Lake.open(str(moved / "metadata" / current.name))
+
+
+# -- S3 ----------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def moto() -> Iterator[str]:
+    with aws_test_env():
+        server, url = start_moto_thread()
+        yield url
+        server.stop()
+
+
+def test_a_table_on_s3(moto: str, settings: Settings, db: Any, tmp_path: Path) -> None:
+    with aws_test_env():
+        s3_client(moto).create_bucket(Bucket="ice")
+        cat = SqlCatalog("s3cat", uri=f"sqlite:///{tmp_path}/s3.db", warehouse="s3://ice/wh",
+                         **{"s3.endpoint": moto, "s3.region": REGION})  # fmt: skip
+        cat.create_namespace("ns")
+        table = cat.create_table("ns.tasks", schema=SCHEMA)
+        table.append(rows(keys(200), 1))
+        table.append(rows(keys(50, 150), 2))
+        table.delete("taskDetailId < 'K00005'")
+        table = table.refresh()
+        position_delete(table, lake_file(table, 0), [7])
+        table = table.refresh()
+        expected = lake_order(table)
+        s3 = settings.model_copy(update={"s3_endpoint_url": moto, "s3_region": REGION})
+        source = table.metadata.location  # s3://ice/wh/ns/tasks
+        lake = Lake.open(source, settings=s3)
+        assert lake.format == "iceberg" and all(f.startswith("s3://ice/") for f in lake.files)
+        assert read_all(lake) == expected
+        ops = operations_file(tmp_path, tmp_path, source)
+        with Runtime(s3.model_copy(update={"operations_file": ops})) as rt:
+            done = run(rt, "ice")
+            check(done, db, table, empty_before=True)
+
+
+@pytest.mark.slow
+def test_serve_killed_twice_while_copying_a_table_in_partitions(
+    catalog: SqlCatalog, serve_env: dict[str, str], db: Any, tmp_path: Path
+) -> None:
+    table = catalog.create_table("ns.tasks", schema=SCHEMA)
+    for version in range(1, 11):  # ten files of 3,000 records, each updating the one before
+        table.append(rows(keys(3000, 1500 * version), version))
+    table.delete("taskDetailId >= 'K03000' and taskDetailId < 'K03100'")
+    table = table.refresh()
+    position_delete(table, lake_file(table, 4), list(range(0, 3000, 7)))
+    table = table.refresh()
+    ops = operations_file(tmp_path, tmp_path, folder(table))
+    serve_env.update(
+        LAKESYNC_OPERATIONS_FILE=str(ops), LAKESYNC_BATCH_SIZE="250", LAKESYNC_WORKERS="2",
+        LAKESYNC_PARTITION_ROWS="4000",
+    )  # fmt: skip
+    proc = ServeProcess(serve_env, tmp_path / "serve.log").start()
+    url = lambda: f"{proc.url}/api/jobs"  # noqa: E731
+    try:
+        r = httpx.post(url(), json={"operation": "ice"}, timeout=10)
+        assert r.status_code == 202, r.text
+        job_id = r.json()["jobId"]
+        get = lambda: httpx.get(f"{url()}/{job_id}", timeout=10).json()  # noqa: E731
+        for target in (6000, 15000):
+            wait_for(lambda t=target: get()["processedRecords"] >= t, timeout=180)
+            proc.kill()  # SIGKILL: no checkpoint, no hand-back
+            proc = ServeProcess(serve_env, tmp_path / "serve.log").start()
+        final = wait_for(lambda: (s := get())["status"] in ("completed", "failed") and s, 300)
+    finally:
+        proc.kill()
+    status = JobStatus.model_validate(final)
+    check(status, db, table, empty_before=True)
+    assert status.attempt >= 2 and (status.partitions or 0) >= 5
