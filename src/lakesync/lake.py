@@ -33,6 +33,7 @@ from lakesync.config import Settings, get_settings
 from lakesync.delta import LOG_DIR, is_delta_table, snapshot
 from lakesync.errors import SourceError
 from lakesync.jsonarray import is_json_array, ndjson_copy
+from lakesync.jsondepth import guard
 from lakesync.locations import (
     Location,
     WholeObjects,
@@ -122,6 +123,8 @@ class FileFacts:
     expr: pc.Expression | None = None
     stats: dict[str, ColumnStats] | None = None
     decoded: int | None = None  # Parquet: bytes of its row groups decoded (the footer's sum)
+    #: rows the reader must not read, and why (a JSON record nested too deep: jsondepth.py)
+    refused: dict[int, str] | None = None
 
 
 @dataclass(frozen=True)
@@ -159,6 +162,8 @@ class LakeBatch:
     #: what ``batches(prepare=...)`` computed from the batch ahead of time (None if it failed)
     prepared: Any = field(default=None, repr=False, compare=False)
     segments: list[Segment] = field(default_factory=list, repr=False)
+    #: batch rows the reader refused, and why (``FileFacts.refused``): rejected as they are
+    refused: dict[int, str] = field(default_factory=dict, repr=False)
     _offsets: list[int] = field(default_factory=list, init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
@@ -213,18 +218,38 @@ def _joined(pieces: list[LakeBatch]) -> LakeBatch:
         offset += piece.table.num_rows
     first = pieces[0]
     table = pa.concat_tables([p.table for p in pieces])
+    refused, offset = {}, 0
+    for piece in pieces:
+        refused.update({offset + row: why for row, why in piece.refused.items()})
+        offset += piece.table.num_rows
     return LakeBatch(
-        table, first.file, first.file_index, first.start_row, first.ordinal, segments=segments
+        table,
+        first.file,
+        first.file_index,
+        first.start_row,
+        first.ordinal,
+        segments=segments,
+        refused=refused,
     )
 
 
 def _sliced(piece: LakeBatch, rows: int) -> tuple[LakeBatch, LakeBatch]:
     """A one-file piece cut after ``rows`` rows."""
     head = LakeBatch(
-        piece.table.slice(0, rows), piece.file, piece.file_index, piece.start_row, piece.ordinal
+        piece.table.slice(0, rows),
+        piece.file,
+        piece.file_index,
+        piece.start_row,
+        piece.ordinal,
+        refused={r: why for r, why in piece.refused.items() if r < rows},
     )
     tail = LakeBatch(
-        piece.table.slice(rows), piece.file, piece.file_index, piece.start_row + rows, piece.ordinal
+        piece.table.slice(rows),
+        piece.file,
+        piece.file_index,
+        piece.start_row + rows,
+        piece.ordinal,
+        refused={r - rows: why for r, why in piece.refused.items() if r >= rows},
     )
     return head, tail
 
@@ -958,16 +983,36 @@ class Lake:
                 pending_rows += batch.num_rows
             while pending_rows >= size:
                 table = pa.Table.from_batches(pending)
-                yield LakeBatch(table.slice(0, size), self.files[index], index, offset, ordinal)
+                yield LakeBatch(
+                    table.slice(0, size),
+                    self.files[index],
+                    index,
+                    offset,
+                    ordinal,
+                    refused=self._refused(index, offset, size),
+                )
                 offset += size
                 rest = table.slice(size)
                 pending, pending_rows = rest.to_batches(), rest.num_rows
         if pending_rows:
             yield LakeBatch(
-                pa.Table.from_batches(pending), self.files[index], index, offset, ordinal
+                pa.Table.from_batches(pending),
+                self.files[index],
+                index,
+                offset,
+                ordinal,
+                refused=self._refused(index, offset, pending_rows),
             )
         if skip:
             logger.warning("Start row %d is past the end of %s", offset, self.files[index])
+
+    def _refused(self, index: int, start: int, rows: int) -> dict[int, str]:
+        """The rows ``[start, start + rows)`` of file ``index`` its reader refused, by their
+        row in that range."""
+        refused = self._facts[index].refused
+        if not refused:
+            return {}
+        return {r - start: why for r, why in refused.items() if start <= r < start + rows}
 
     def _logical(
         self,
@@ -1359,11 +1404,16 @@ def _inspect(
             if seen is not None and seen[0] == size:
                 return FileFacts(path, size, seen[1], expr), known.schemas[seen[2]], None, None
         table = None
+        refused = None
         try:
             fs, real = loc.fs, path
             if fmt == "json" and is_json_array(fs, path):  # [{...}, ...]: read as NDJSON
                 fs, real = pafs.LocalFileSystem(), ndjson_copy(fs, path, loc.show(path))
                 size = None
+            if fmt == "json":  # records nested too deep would crash Arrow's reader
+                safe = guard(fs, real)
+                if safe.path != real:
+                    fs, real, size, refused = safe.fs, safe.path, None, safe.refused
             file_format = _PARQUET if fmt in ("parquet", "delta") else _FORMATS[fmt]()
             data = None
             small = size is not None and size <= _WHOLE_GET_BYTES
@@ -1398,7 +1448,7 @@ def _inspect(
                         table = fragment.to_table(schema=schema, columns=columns, **scan)
                 fragment = None  # its footer stays behind: ~30 KB per file
             else:
-                facts = FileFacts(real, size, None, expr)
+                facts = FileFacts(real, size, None, expr, refused=refused)
         except (pa.ArrowException, OSError) as e:
             raise read_error(e, loc.show(path), fmt, loc.endpoint) from e
         return facts, interned(schema), fragment, table
