@@ -163,6 +163,33 @@ class Leases:
             swap, self.decorate(update), return_document=ReturnDocument.BEFORE
         )
 
+    def count_death(
+        self, value: Any, doc: Mapping[str, Any], owner: str | None = None
+    ) -> Doc | None:
+        """Count a run that died holding the document (its lease expired: a crash, a kill)
+        in `failures`: runs that died in a row at the same record (`processedRecords`). A
+        run that committed records before dying restarts the count, so only a document stuck
+        at one spot adds up; a clean hand-back (``release``) never counts.
+
+        ``doc`` is the document before this death counts. With ``owner`` (a takeover whose
+        update already added 1 to `failures`) only a restart of the count is written; else
+        (a reap) the count is written here. Returns the document after a restart, else None.
+        """
+        reached = int(doc.get("processedRecords", 0))
+        if doc.get("failedAtRecord") == reached:
+            if owner is None:  # reaped: the takeover did not count it
+                self.coll.update_one({self.key: value}, self.decorate({"$inc": {"failures": 1}}))
+            return None
+        query: Doc = {self.key: value}
+        if owner is not None:
+            query["owner"] = owner
+        return self.coll.find_one_and_update(
+            query,
+            self.decorate({"$set": {"failures": 1, "failedAtRecord": reached}}),
+            projection=self.projection,
+            return_document=ReturnDocument.AFTER,
+        )
+
     def renew(self, value: Any, owner: str, update: Doc | None = None) -> Doc:
         """A write of the holder (heartbeat, progress); LeaseLost if it is no longer held."""
         doc = self._update(value, self.held(value, owner), update or {})
@@ -260,6 +287,18 @@ class Leases:
             return pending, []
         now = self.server_now()
         return pending, [d for d in running if self.expired(d, lease_seconds, now)]
+
+
+def died_reason(run: int, failures: int, reading: str, reached: int, max_attempts: int) -> str:
+    """Why a job (or partition) whose runs kept dying is failed: ``failures`` runs in a row,
+    the last one ``run``, died without ending at record ``reached``, reading ``reading``
+    (the file at the last checkpoint)."""
+    return (
+        f"The lake crashed the reader in run {run}: {reading} ({failures} runs in a row died "
+        f"without ending at record {reached:,}: the process crashed or was killed while "
+        f"reading there; max {max_attempts}, LAKESYNC_MAX_ATTEMPTS). Fix or remove that file, "
+        "or leave it out of the source with a glob, then resume the job."
+    )
 
 
 def _field(doc: Mapping[str, Any], path: str) -> Any:

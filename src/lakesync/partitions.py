@@ -36,7 +36,7 @@ from lakesync.copy import BatchResult
 from lakesync.errors import LakesyncError, LeaseLost, TransientSourceError, TransientStoreError
 from lakesync.jobstore import JobStore
 from lakesync.lake import Lake, Position
-from lakesync.lease import Heartbeat, Leases, run_owner
+from lakesync.lease import Heartbeat, Leases, died_reason, run_owner
 from lakesync.logs import job_context
 from lakesync.models import (
     ACTIVE_STATES,
@@ -130,7 +130,13 @@ class PartitionedJobs:
         """Partitions to run: pending ones and those whose lease expired (handed back
         first), of jobs that are running."""
         pending, expired = self.leases.scan(self.settings.lease_seconds)
-        found = pending + [d for d in expired if self.leases.reap(d["_id"], d) is not None]
+        found = list(pending)
+        for doc in expired:
+            before = self.leases.reap(doc["_id"], doc)
+            if before is not None:
+                found.append(doc)
+                if before.get("owner"):  # its run died holding it
+                    self.leases.count_death(doc["_id"], before)
         out, running = [], {}
         for doc in found:
             job_id, index = str(doc["_id"]).rsplit(":", 1)
@@ -213,9 +219,9 @@ class PartitionedJobs:
                     "jobId": job_id,
                     "status": {"$in": [JobState.FAILED.value, JobState.CANCELLED.value]},
                 },
-                {
-                    "$set": {"status": JobState.PENDING.value},
-                    "$unset": {"owner": "", "error": "", "queued": ""},
+                {  # a resumed job's runs may die again as many times
+                    "$set": {"status": JobState.PENDING.value, "failures": 0},
+                    "$unset": {"owner": "", "error": "", "queued": "", "failedAtRecord": ""},
                 },
             )
             found = self.parts.find(
@@ -310,10 +316,16 @@ class PartitionedJobs:
                 return self._run_part(job, index, owner, policy, on_progress)
 
     def _claim(self, pid: str, owner: str) -> dict[str, Any] | None:
-        update = {"$inc": {"attempt": 1}}
-        return self.leases.claim(pid, owner, update) or self.leases.take_over(
-            pid, owner, self.settings.lease_seconds, update
-        )
+        """Take a pending partition, or one whose run died (that death counts, as a job's
+        does: ``Leases.count_death``)."""
+        doc = self.leases.claim(pid, owner, {"$inc": {"attempt": 1}})
+        if doc is not None:
+            return doc
+        update = {"$inc": {"attempt": 1, "failures": 1}}
+        doc = self.leases.take_over(pid, owner, self.settings.lease_seconds, update)
+        if doc is not None:
+            doc = self.leases.count_death(pid, doc, owner) or doc
+        return doc
 
     def _run_part(
         self,
@@ -341,6 +353,18 @@ class PartitionedJobs:
             f"partition {index + 1} of {job.partitions} (files {part['fileStart'] + 1}"
             f"-{part['fileStop']})"
         )
+        if int(part.get("failures", 0)) >= self.settings.max_attempts:  # its runs kept dying
+            cp = part.get("checkpoint") or {}
+            files = part.get("files") or []
+            reading = cp.get("file") or (files[0] if files else where)
+            reason = died_reason(
+                int(part.get("attempt", 1)) - 1,
+                int(part["failures"]),
+                str(reading),
+                int(part.get("processedRecords", 0)),
+                self.settings.max_attempts,
+            )
+            return self._failed(job, index, owner, where, reason, policy)
         beat = Heartbeat(
             lambda: bool(self.leases.renew(pid, owner)) and False,
             self.settings.lease_seconds / 4,

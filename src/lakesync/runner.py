@@ -28,7 +28,7 @@ from lakesync.errors import (
 )
 from lakesync.jobstore import JobStore
 from lakesync.lake import Lake, Listing, Position
-from lakesync.lease import Heartbeat, new_owner, run_owner
+from lakesync.lease import Heartbeat, died_reason, new_owner, run_owner
 from lakesync.logs import job_context
 from lakesync.masking import masked
 from lakesync.mirror import MirrorSet, key_type
@@ -114,16 +114,22 @@ class JobRunner:
             self._try_end(job_id, owner, JobState.FAILED, "Failed", unrecorded)
             return Outcome.ENDED
         if status.failures >= self.settings.max_attempts:
+            cp = status.checkpoint
+            reading = (cp.file if cp is not None else None) or str(
+                status.options.get("source") or "the lake's first file"
+            )
             self._end(
                 job_id,
                 owner,
                 JobState.FAILED,
                 "Gave up",
                 status.error
-                or (
-                    f"The job's runs died {status.failures} times "
-                    f"(max {self.settings.max_attempts}, LAKESYNC_MAX_ATTEMPTS); "
-                    "last checkpoint kept."
+                or died_reason(
+                    status.attempt - 1,
+                    status.failures,
+                    reading,
+                    status.processedRecords,
+                    self.settings.max_attempts,
                 ),
             )
             return Outcome.ENDED
