@@ -289,6 +289,19 @@ class Leases:
         return pending, [d for d in running if self.expired(d, lease_seconds, now)]
 
 
+#: Runs of documents whose previous run died (``failures`` > 0) take this lock, one at a
+#: time in a process: a crash kills every run of the process, so a document that dies
+#: again while it ran beside no other suspect is the likelier cause, and the runs that
+#: only shared a process with it stop adding up deaths towards LAKESYNC_MAX_ATTEMPTS.
+SUSPECTS = threading.Lock()
+
+
+def suspect(coll: Collection[Doc], query: Doc) -> bool:
+    """Whether the document's last run died (its deaths are being counted)."""
+    doc = coll.find_one(query, {"failures": 1, "_id": 0})
+    return bool(doc and int(doc.get("failures") or 0) > 0)
+
+
 def died_reason(run: int, failures: int, reading: str, reached: int, max_attempts: int) -> str:
     """Why a job (or partition) whose runs kept dying is failed: ``failures`` runs in a row,
     the last one ``run``, died without ending at record ``reached``, reading ``reading``

@@ -36,7 +36,7 @@ from lakesync.copy import BatchResult
 from lakesync.errors import LakesyncError, LeaseLost, TransientSourceError, TransientStoreError
 from lakesync.jobstore import JobStore
 from lakesync.lake import Lake, Position
-from lakesync.lease import Heartbeat, Leases, died_reason, run_owner
+from lakesync.lease import SUSPECTS, Heartbeat, Leases, died_reason, run_owner, suspect
 from lakesync.logs import job_context
 from lakesync.models import (
     ACTIVE_STATES,
@@ -312,7 +312,18 @@ class PartitionedJobs:
                 return Outcome.NOT_CLAIMED
             if job.state.is_final:
                 return Outcome.ENDED
-            with job_context(job_id, job.operation):  # every line of the run names both
+            pid = f"{job_id}:{index}"
+            try:
+                alone = policy.call(
+                    lambda: suspect(self.parts, {"_id": pid}), "reading a partition"
+                )
+            except LakesyncError as e:
+                logger.error("job %s partition %d cannot be run: %s", job_id, index + 1, e)
+                return Outcome.NOT_CLAIMED
+            with (
+                job_context(job_id, job.operation),
+                SUSPECTS if alone else contextlib.nullcontext(),
+            ):
                 return self._run_part(job, index, owner, policy, on_progress)
 
     def _claim(self, pid: str, owner: str) -> dict[str, Any] | None:
