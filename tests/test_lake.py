@@ -417,13 +417,13 @@ def _read_all(lake: Lake, **read: object) -> list[tuple[pa.Table, list[tuple[int
 def test_small_files_read_from_memory_equal_the_dataset_scanners_rows(
     tmp_path: Path, kind: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """Small Parquet files are decoded from memory (``_read_small``, ``_read_plain``), not
+    """Small Parquet files are decoded from memory (``parquet.read_small``), not
     by a dataset scanner per file: the rows, types, batches and positions must be the
     scanner's, for every type, partition values, missing and widened columns, filters,
     column choices, resumed starts and the columns kept at open."""
     from tests.helpers import write_corpus
 
-    from lakesync import lake as lake_module
+    from lakesync.sources import parquet as parquet_module
 
     if kind == "corpus":
         write_corpus(tmp_path / "lake")
@@ -451,7 +451,7 @@ def test_small_files_read_from_memory_equal_the_dataset_scanners_rows(
     uri = str(tmp_path / "lake")
     fast = [_read_all(Lake.open(uri), **read) for read in reads]
     kept_fast = _read_all(Lake.open(uri, keep=keep), columns=keep)
-    monkeypatch.setattr(lake_module, "_in_reach", lambda fragment: False)  # the scanner
+    monkeypatch.setattr(parquet_module, "in_reach", lambda fragment: False)  # the scanner
     slow = [_read_all(Lake.open(uri), **read) for read in reads]
     kept_slow = _read_all(Lake.open(uri, keep=keep), columns=keep)
     for read, got, want in zip(reads, fast, slow, strict=True):
@@ -475,7 +475,7 @@ def test_a_hive_key_the_file_also_holds_as_a_typed_column_reads_as_the_scanner_r
     reader as in the scanner."""
     import datetime
 
-    from lakesync import lake as lake_module
+    from lakesync.sources import parquet as parquet_module
 
     table = pa.table(
         {"id": [1, 2], "year": pa.array([1, 1], pa.int64()), "day": [datetime.date(2020, 1, 1)] * 2}
@@ -485,7 +485,7 @@ def test_a_hive_key_the_file_also_holds_as_a_typed_column_reads_as_the_scanner_r
     pq.write_table(table, path)
     uri = str(tmp_path / "lake")
     fast = _read_all(Lake.open(uri))
-    monkeypatch.setattr(lake_module, "_in_reach", lambda fragment: False)  # the scanner
+    monkeypatch.setattr(parquet_module, "in_reach", lambda fragment: False)  # the scanner
     slow = _read_all(Lake.open(uri))
     day = datetime.date(2024, 1, 2)
     assert slow[0][0].to_pylist() == [
@@ -498,14 +498,15 @@ def test_a_hive_key_the_file_also_holds_as_a_typed_column_reads_as_the_scanner_r
 def test_a_typed_hive_key_in_a_file_of_large_row_groups_reads_as_the_scanner_reads_it(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """The same in ``_row_group_slices`` (files streamed row group by row group)."""
-    from lakesync import lake as lake_module
+    """The same in ``parquet.row_group_slices`` (files streamed row group by row group)."""
+    from lakesync.sources import lake as lake_module
+    from lakesync.sources import parquet as parquet_module
 
     path = tmp_path / "lake" / "year=2024" / "f.parquet"
     path.parent.mkdir(parents=True)
     pq.write_table(pa.table({"id": [1, 2, 3], "year": pa.array([1, 1, 1], pa.int64())}), path)
     monkeypatch.setattr(lake_module, "_SMALL_FILE_ROWS", 0)  # streamed, not read whole
-    monkeypatch.setattr(lake_module, "_ROW_GROUP_BYTES", 0)  # by _row_group_slices
+    monkeypatch.setattr(parquet_module, "_ROW_GROUP_BYTES", 0)  # by parquet.row_group_slices
     lake = Lake.open(str(tmp_path / "lake"))
     got = [r for b in lake.batches(1) for r in b.table.to_pylist()]
     assert got == [{"id": i, "year": 2024} for i in (1, 2, 3)]

@@ -17,8 +17,8 @@ import pyarrow.parquet as pq
 import pytest
 from tests.helpers import ServeProcess, wait_for, write_operations
 
-from lakesync.jsonarray import ndjson_copy
-from lakesync.jsondepth import MAX_DEPTH, _Scan, guard
+from lakesync.sources.jsonarray import ndjson_copy
+from lakesync.sources.jsondepth import MAX_DEPTH, _Scan, guard
 
 pytestmark = pytest.mark.slow
 

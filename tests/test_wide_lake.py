@@ -17,11 +17,12 @@ import pyarrow.parquet as pq
 import pytest
 from tests.helpers import aws_test_env, s3_settings, start_moto_thread, upload, wait_for
 
-from lakesync import lake as lake_module
 from lakesync.config import Settings
 from lakesync.lake import Lake, Position
 from lakesync.models import JobState
 from lakesync.runtime import Runtime
+from lakesync.sources import lake as lake_module
+from lakesync.sources import parquet as parquet_module
 
 COLUMNS = 60
 ROWS = 500_000
@@ -128,7 +129,7 @@ def test_slices_give_what_the_dataset_scanner_gives(
     for case in cases:
         read = {}
         for limit in (1 << 60, 0):  # the scanner; slices for every row group
-            monkeypatch.setattr(lake_module, "_ROW_GROUP_BYTES", limit)
+            monkeypatch.setattr(parquet_module, "_ROW_GROUP_BYTES", limit)
             read[limit] = [
                 (b.table, b.segments) for b in Lake.open(str(tmp_path)).batches(7, **case)
             ]
@@ -175,7 +176,7 @@ def test_copy_of_a_wide_row_group_resumes_mid_group_exactly(
     lake.mkdir()
     table = wide_table(rows, columns)
     pq.write_table(table, lake / "wide.parquet", row_group_size=rows)
-    monkeypatch.setattr(lake_module, "_ROW_GROUP_BYTES", 1024)  # sliced, as a wide file is
+    monkeypatch.setattr(parquet_module, "_ROW_GROUP_BYTES", 1024)  # sliced, as a wide file is
     toml = tmp_path / "lakesync.toml"
     toml.write_text(
         f'[operations.wide]\nsource = "{lake}"\ncollection = "wide"\nkey = "id"\n'
@@ -219,17 +220,17 @@ def test_sliced_reads_from_s3_match_the_local_files(
     upload(s3_url, local, "lake", "wide")
     starts = (Position(), Position(0, 130), Position(1, 41))
     want = [[b.table for b in Lake.open(str(local)).batches(50, s)] for s in starts]
-    monkeypatch.setattr(lake_module, "_ROW_GROUP_BYTES", 0)  # every row group sliced
+    monkeypatch.setattr(parquet_module, "_ROW_GROUP_BYTES", 0)  # every row group sliced
     monkeypatch.setattr(lake_module, "_SMALL_FILE_ROWS", 0)  # no file read whole
     monkeypatch.setattr(lake_module, "_SMALL_FILE_BYTES", -1)
     sliced: list[str] = []
-    slices = lake_module._row_group_slices
+    slices = parquet_module.row_group_slices
 
     def counted(fragment: Any, *args: Any) -> Any:
         sliced.append(fragment.filesystem.type_name)
         return slices(fragment, *args)
 
-    monkeypatch.setattr(lake_module, "_row_group_slices", counted)
+    monkeypatch.setattr(parquet_module, "row_group_slices", counted)
     remote = Lake.open("s3://lake/wide", settings=s3_settings(settings, s3_url))
     for start, expected in zip(starts, want, strict=True):
         got = [b.table for b in remote.batches(50, start)]

@@ -12,7 +12,6 @@ deletion vector removes are skipped, and physical column names become logical on
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass, field
 from typing import Any
 from urllib.parse import unquote
 
@@ -22,25 +21,11 @@ import pyarrow.fs as pafs
 
 from lakesync.errors import SourceError, TransientSourceError
 from lakesync.locations import Location, read_error, s3_message, short_error
+from lakesync.sources.base import TableVersion
 
 logger = logging.getLogger(__name__)
 
 LOG_DIR = "_delta_log"
-
-
-@dataclass(frozen=True)
-class DeltaSnapshot:
-    """One version of a Delta table: its schema and active files (sorted, with partitions)."""
-
-    version: int
-    schema: pa.Schema
-    files: list[tuple[str, pc.Expression | None]]  # paths inside the Location's filesystem
-    #: column mapping: physical name in the Parquet files -> logical (table) name
-    renames: dict[str, str] = field(default_factory=dict)
-    #: deletion vectors: path -> which rows of the file are live (rows past its end are)
-    live: dict[str, pa.BooleanArray] = field(default_factory=dict)
-    #: column mapping: the schema as the Parquet files name it (nested fields too), or None
-    physical: pa.Schema | None = None
 
 
 #: reader features whose tables lakesync reads correctly (deletion vectors and column mapping
@@ -76,7 +61,7 @@ def is_delta_table(location: Location, path: str) -> bool:
         raise read_error(e, location.show(path), "delta", location.endpoint, listing=True) from e
 
 
-def snapshot(location: Location, path: str, version: int | None = None) -> DeltaSnapshot:
+def snapshot(location: Location, path: str, version: int | None = None) -> TableVersion:
     """The active files of the table at ``path`` (its latest version, or ``version``)."""
     try:
         from deltalake import DeltaTable
@@ -129,7 +114,7 @@ def snapshot(location: Location, path: str, version: int | None = None) -> Delta
         len(files),
         len(live),
     )
-    return DeltaSnapshot(current, schema, files, renames, live, physical)
+    return TableVersion("delta", current, schema, files, renames, live, physical)
 
 
 def physical_field(f: pa.Field) -> pa.Field:

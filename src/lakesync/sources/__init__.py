@@ -1,0 +1,37 @@
+"""Where lakes are read: one readable-table protocol and one module per kind of table.
+
+- ``base``: the protocol (units in the table's order, counts, statistics, batches from a
+  position, a version) and its types: ``Position``, ``LakeBatch``, ``Segment``,
+  ``TableVersion`` (what a table kind such as Delta or Iceberg gives the reader);
+- ``lake``: ``Lake``, the readable table every job reads, whatever the kind;
+- ``files``: plain files (listing, globs, hive partitions, the format of each file);
+- ``parquet``: Parquet reading (footers, small files from memory, row-group slices);
+- ``text``: CSV and JSON files (NDJSON, or JSON arrays through ``jsonarray``);
+- ``delta``: Delta tables (the active files of a version, deletion vectors, column
+  mapping), read by ``deltalake``;
+- ``stream``: batches assembled across files, read ahead of the consumer.
+
+Where a lake lives (local or S3) and its storage errors: ``lakesync.locations``.
+"""
+
+from lakesync.sources.base import (
+    ColumnStats,
+    FileFacts,
+    LakeBatch,
+    Listing,
+    Position,
+    Segment,
+    TableVersion,
+)
+from lakesync.sources.lake import Lake
+
+__all__ = [
+    "ColumnStats",
+    "FileFacts",
+    "Lake",
+    "LakeBatch",
+    "Listing",
+    "Position",
+    "Segment",
+    "TableVersion",
+]

@@ -1,0 +1,180 @@
+"""What every kind of table gives the copy: its units in order, positions, batches.
+
+A *readable table* (``sources.lake.Lake``, whatever the kind underneath) offers:
+
+- ``files``: its units (data files) in the table's own order, the order that decides which
+  record of a key is the last one (see the README's formats table); ``file_name(i)`` is the
+  stable name a checkpoint keeps beside the index, ``resume_position`` checks it again;
+- counts: ``file_row_counts()`` (live rows per unit) and ``count_rows(filter)``;
+- statistics for watermarks: ``file_stats(i, column)`` (min, max, nulls; None: unknown);
+- reading: ``batches(size, start=Position(unit, row))`` streams ``LakeBatch``es from any
+  position, so partitions and resumed runs read exactly the rows they were planned with;
+- ``version``: the table version read (Delta version, Iceberg snapshot id; None for plain
+  files), ``since_version`` for an incremental read of the units added after a version.
+
+A *table kind* (Delta today, Iceberg next) plugs in by turning a folder into a
+``TableVersion``: its data files in the table's order, each with its partition values and
+its live rows (a deletion vector, or position deletes applied), the table's logical schema
+and column renames. ``Lake`` reads those files as Parquet, skipping the rows that are not
+live and renaming columns as it goes, so positions (unit, row) keep counting the file's
+own rows and a checkpoint means the same rows on every run.
+"""
+
+from __future__ import annotations
+
+import bisect
+from dataclasses import dataclass, field
+from typing import Any
+
+import pyarrow as pa
+import pyarrow.compute as pc
+
+
+@dataclass(frozen=True)
+class Position:
+    """A checkpoint in the lake: a file index and the rows of that file already consumed."""
+
+    file_index: int = 0
+    row: int = 0
+
+
+#: a column's (min, max, null count) over a whole file, from its Parquet footer; min and
+#: max are None when every value is null
+ColumnStats = tuple[pa.Scalar | None, pa.Scalar | None, int]
+
+
+@dataclass(frozen=True, slots=True)
+class FileFacts:
+    """What a lake keeps of one data file between reads: no pyarrow fragment (its footer
+    costs tens of KB), only what opening the file again without a round trip needs.
+
+    ``size`` comes from the listing (so no HEAD request is needed to read the file),
+    ``rows`` from the Parquet footer (None for CSV and JSON), ``stats`` are the footer's
+    statistics of the file's integer, date and timestamp columns (watermark pruning).
+    """
+
+    path: str
+    size: int | None = None
+    rows: int | None = None
+    expr: pc.Expression | None = None
+    stats: dict[str, ColumnStats] | None = None
+    decoded: int | None = None  # Parquet: bytes of its row groups decoded (the footer's sum)
+    #: rows the reader must not read, and why (a JSON record nested too deep: jsondepth.py)
+    refused: dict[int, str] | None = None
+
+
+@dataclass(frozen=True)
+class Segment:
+    """The rows of one file in a batch: batch rows ``[offset, offset + rows)`` are rows
+    ``[start_row, start_row + rows)`` of file ``file_index`` (``ordinal`` in the whole lake)."""
+
+    file: str
+    file_index: int
+    ordinal: int
+    start_row: int
+    rows: int
+    offset: int = 0
+
+    def file_row(self, row: int) -> int:
+        """The file's row of batch row ``row``."""
+        return self.start_row + row - self.offset
+
+
+@dataclass
+class LakeBatch:
+    """Up to batch_size rows of the lake, starting at row ``start_row`` of ``file``.
+
+    A batch may span files (a lake of many small files is still written in whole batches):
+    ``segments`` says which rows came from which file, and ``end`` where the next batch starts.
+    """
+
+    table: pa.Table
+    file: str
+    file_index: int
+    start_row: int
+    #: the file's index in the job's whole lake (``file_index`` counts from a partition's
+    #: first file): lake positions in markers, rejections and the plan use it
+    ordinal: int = -1
+    #: what ``batches(prepare=...)`` computed from the batch ahead of time (None if it failed)
+    prepared: Any = field(default=None, repr=False, compare=False)
+    segments: list[Segment] = field(default_factory=list, repr=False)
+    #: batch rows the reader refused, and why (``FileFacts.refused``): rejected as they are
+    refused: dict[int, str] = field(default_factory=dict, repr=False)
+    _offsets: list[int] = field(default_factory=list, init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        if self.ordinal < 0:
+            self.ordinal = self.file_index
+        if not self.segments:
+            self.segments = [
+                Segment(
+                    self.file,
+                    self.file_index,
+                    self.ordinal,
+                    self.start_row,
+                    int(self.table.num_rows),
+                )
+            ]
+
+    @property
+    def end(self) -> Position:
+        """The position just after this batch: where a resumed read starts."""
+        last = self.segments[-1]
+        return Position(last.file_index, last.start_row + last.rows)
+
+    def segment_of(self, row: int) -> Segment:
+        """The segment holding batch row ``row``."""
+        if len(self.segments) == 1:
+            return self.segments[0]
+        if len(self._offsets) != len(self.segments):  # asked for each row: built once
+            self._offsets = [s.offset for s in self.segments]
+        return self.segments[bisect.bisect_right(self._offsets, row) - 1]
+
+    def at(self, row: int) -> tuple[int, int]:
+        """The lake position (ordinal, file row) of batch row ``row``."""
+        seg = self.segment_of(row)
+        return seg.ordinal, seg.file_row(row)
+
+    def holds(self, ordinal: int, file_row: int) -> bool:
+        """Whether the lake position (ordinal, file row) is one of this batch's rows."""
+        return any(
+            s.ordinal == ordinal and s.start_row <= file_row < s.start_row + s.rows
+            for s in self.segments
+        )
+
+
+@dataclass(frozen=True)
+class Listing:
+    """A lake's files as one open found them, compact enough to keep in a job's plan:
+    per file its size, rows and the number of its schema (most files share one)."""
+
+    root: str
+    format: str
+    schemas: list[pa.Schema]
+    #: file name (as ``Lake.file_name`` gives it) -> (size in bytes, rows, schema number)
+    files: dict[str, tuple[int, int, int]]
+
+
+@dataclass(frozen=True)
+class TableVersion:
+    """One version of a table (Delta, Iceberg): its schema and active data files, in the
+    table's order (the order "the last record of a key" follows), with their partitions."""
+
+    kind: str  # "delta", "iceberg"
+    version: int
+    schema: pa.Schema
+    files: list[tuple[str, pc.Expression | None]]  # paths inside the Location's filesystem
+    #: column mapping: physical name in the Parquet files -> logical (table) name
+    renames: dict[str, str] = field(default_factory=dict)
+    #: deleted rows: path -> which rows of the file are live (rows past its end are)
+    live: dict[str, pa.BooleanArray] = field(default_factory=dict)
+    #: column mapping: the schema as the Parquet files name it (nested fields too), or None
+    physical: pa.Schema | None = None
+
+
+def with_partition_columns(schema: pa.Schema, keys: list[tuple[str, str | None]]) -> pa.Schema:
+    """A file's schema plus its hive partition columns (strings) it does not hold itself."""
+    for key, _ in keys:
+        if key not in schema.names:
+            schema = schema.append(pa.field(key, pa.string()))
+    return schema
