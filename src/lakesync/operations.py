@@ -45,6 +45,7 @@ from lakesync.locations import canonical_uri
 from lakesync.masking import masked
 from lakesync.schedules import Unattended, check_unattended
 from lakesync.schema import TASK_DETAIL, FieldRule, FieldType, RecordSchema
+from lakesync.sources.text import CsvOptions, check_encoding
 
 if TYPE_CHECKING:
     from lakesync.jobstore import JobStore
@@ -69,8 +70,22 @@ class Operation(Unattended):
     watermark: str | None = "updatedAt"
     #: incremental copies start this far below the watermark: a duration or a number
     lookback: str | int | None = None
+    #: CSV: the files' text encoding, the delimiter, and whether the first line names columns
+    encoding: str = "utf-8"
+    delimiter: str = ","
+    header: bool = True
 
     model_config = ConfigDict(populate_by_name=True)
+
+    def csv_options(self) -> CsvOptions:
+        """How this operation's CSV files are read: its declared string, int, float and bool
+        fields and its key read as text (validation converts them), so "007" stays "007";
+        not the watermark, which filters as the file's own type."""
+        text = {f.name for f in self.schema_.fields if f.type in _TEXT_READ}
+        text |= set(self.schema_.key_columns)
+        text.discard(self.watermark or "")
+        names = tuple(f.name for f in self.schema_.fields)
+        return CsvOptions(self.encoding, self.delimiter, self.header, frozenset(text), names)
 
     def source_uri(self, settings: Settings) -> str:
         """The lake this operation reads by default."""
@@ -166,6 +181,7 @@ class ResolvedJob:
             first_index=first_index,
             known=known,
             keep=keep,
+            csv=self.op.csv_options(),
         )
 
 
@@ -301,6 +317,8 @@ RESERVED = {
 }
 _RESERVED_PREFIXES = ("mirrorseen_", "system.")
 _WATERMARK_TYPES = ("timestamp", "int", "any")
+#: declared types a CSV column is read as text for (validation converts it)
+_TEXT_READ = ("string", "int", "float", "bool")
 
 
 class FieldConfig(BaseModel):
@@ -340,6 +358,9 @@ class OperationConfig(Unattended):
     watermark: str | None = Field(None, min_length=1)
     lookback: StrictStr | StrictInt | None = None
     schema_: SchemaConfig | None = Field(None, alias="schema")
+    encoding: StrictStr | None = Field(None, min_length=1)
+    delimiter: StrictStr | None = None
+    header: StrictBool | None = None
 
 
 def load_operations(path: Path) -> list[Operation]:
@@ -394,6 +415,7 @@ def _operation(path: Path, name: str, table: Any) -> Operation:
     check_unattended(cfg, fail)  # schedule, every, timezone, notify, on, allowEmpty
     fields = _fields(cfg, fail)
     _check_lookback(cfg, fail)
+    csv = _csv_settings(cfg, fail)
     source = cfg.source
     if source is not None and "://" not in source:  # relative to the file, not the working dir
         source = os.path.abspath(path.parent / Path(source).expanduser())
@@ -411,6 +433,7 @@ def _operation(path: Path, name: str, table: Any) -> Operation:
         mode=cfg.mode,
         watermark=cfg.watermark,
         lookback=cfg.lookback,
+        **csv,
         **cfg.model_dump(include=set(Unattended.model_fields)),
     )
 
@@ -453,6 +476,30 @@ def _check_lookback(cfg: OperationConfig, fail: Any) -> None:
             f"lookback {lookback} is a number, but watermark {cfg.watermark!r} is a "
             'timestamp field: give a duration (e.g. lookback = "2h").'
         )
+
+
+def _csv_settings(cfg: OperationConfig, fail: Any) -> dict[str, Any]:
+    """The CSV settings given (encoding, delimiter, header), checked."""
+    given = cfg.model_dump(include={"encoding", "delimiter", "header"}, exclude_none=True)
+    if given and cfg.format not in (None, "csv"):
+        raise fail(
+            f"{', '.join(given)} only apply to CSV files, and this operation reads "
+            f'{cfg.format}: remove them, or set format = "csv".'
+        )
+    if cfg.encoding is not None:
+        try:
+            check_encoding(cfg.encoding)
+        except LookupError:
+            raise fail(
+                f"encoding {cfg.encoding!r} is not an encoding Python knows; use e.g. "
+                '"utf-8" (the default), "latin-1" or "cp1252".'
+            ) from None
+    if cfg.delimiter is not None and (len(cfg.delimiter) != 1 or cfg.delimiter in '"\r\n'):
+        raise fail(
+            f"delimiter {cfg.delimiter!r} must be one character other than a quote or a "
+            'line break, e.g. ";", "|" or "\\t" (a tab).'
+        )
+    return given
 
 
 def _fields(cfg: OperationConfig, fail: Any) -> list[FieldRule]:

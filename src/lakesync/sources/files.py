@@ -116,6 +116,7 @@ def inspect(
     root: str = "",
     keep: list[str] | None = None,
     kept: parquet.Kept | None = None,
+    csv: text.CsvOptions | None = None,
 ) -> list[tuple[FileFacts, pa.Schema, Any]]:
     """Each file's facts and schema (plus hive keys), its footer read in parallel (S3
     latency), and for CSV and JSON its fragment. Parquet fragments are dropped: a file is
@@ -147,7 +148,7 @@ def inspect(
                 wanted = keep if kept is not None else None
                 facts, schema, table = parquet.inspect_file(loc, path, expr, keys, size, wanted)
             else:
-                facts, schema, fragment = text.inspect_file(loc, fmt, path, expr, keys, size)
+                facts, schema, fragment = text.inspect_file(loc, fmt, path, expr, keys, size, csv)
         except (pa.ArrowException, OSError) as e:
             raise read_error(e, loc.show(path), fmt, loc.endpoint) from e
         return facts, interned(schema), fragment, table

@@ -36,7 +36,7 @@ from lakesync.locations import (
     read_error,
     resolve,
 )
-from lakesync.sources import parquet
+from lakesync.sources import parquet, text
 from lakesync.sources.base import ColumnStats, FileFacts, LakeBatch, Listing, Position
 from lakesync.sources.delta import LOG_DIR, is_delta_table, snapshot
 from lakesync.sources.stream import across_files, prefetched, prepared
@@ -130,6 +130,8 @@ class Lake:
         #: files opened for reading so far, shared with the lakes ``only`` makes of this one
         #: (footers read at open not counted)
         self._opens = _Opens()
+        #: how CSV files are read (set by ``open``)
+        self.csv = text.CsvOptions()
         #: columns of small files read at open (see ``parquet.Kept``); None once dropped
         self._kept: parquet.Kept | None = None
         if schema is not None:
@@ -156,6 +158,7 @@ class Lake:
         first_index: int = 0,
         known: Listing | None = None,
         keep: list[str] | None = None,
+        csv: text.CsvOptions | None = None,
     ) -> Lake:
         """List and inspect the lake at ``uri``; raise SourceError if it cannot be read.
 
@@ -175,6 +178,9 @@ class Lake:
         ``keep`` names columns to read from each small Parquet file (up to a few MB) in the
         same pass as its footer: the first read asking only for some of them (the plan of
         repeated keys) opens no file. They are kept until ``drop_kept``.
+
+        ``csv``: how CSV files are read (the operation's encoding, delimiter, header and
+        the columns read as text; see ``text.CsvOptions``).
         """
         fmt_given = None if format is None else plain.ALIASES.get(format.lower())
         if format is not None and fmt_given is None:
@@ -247,7 +253,8 @@ class Lake:
         usable = known is not None and known.format == fmt and known.root == loc.show(root)
         kept = parquet.Kept() if keep and fmt == "parquet" else None
         reuse = known if usable else None
-        inspected = plain.inspect(loc, fmt, items, sizes, reuse, root, keep, kept)
+        csv = csv or text.CsvOptions()
+        inspected = plain.inspect(loc, fmt, items, sizes, reuse, root, keep, kept, csv)
         logger.info("Opened lake %s: %d %s file(s)", loc.show(loc.path), len(found), fmt)
         files = [loc.show(p) for p in found]
         lake = cls(
@@ -264,6 +271,7 @@ class Lake:
             objects=loc.objects,
         )
         lake._kept = None if kept is None else kept.finish()
+        lake.csv = csv
         return lake
 
     @classmethod
@@ -359,6 +367,7 @@ class Lake:
             part._row_counts = [self._row_counts[i] for i in picked]
         part._opens = self._opens
         part._kept = self._kept
+        part.csv = self.csv
         return part
 
     def resume_position(self, position: Position, file_name: str | None) -> Position:
@@ -689,9 +698,17 @@ class Lake:
         pending: list[pa.RecordBatch] = []
         pending_rows = 0
         read = 0  # rows of the file read so far (before deletions and the filter)
+        # rows refused by the reader (by their place in the file's stream of rows; the
+        # rows a JSON guard refused are the file's own: they hold no value a filter keeps)
+        refused = dict(self._facts[index].refused or {}) if filter is None else {}
+        streamed = 0  # rows the file's stream gave so far
         while (batch := self._guard(index, next, source, None)) is not None:
             if keep is not None or self._mapped:
                 read, batch = read + batch.num_rows, self._logical(batch, keep, read, after)
+            if self.format == "csv":  # text the encoding does not describe: its record
+                batch, bad = text.decoded(batch, self.csv.encoding)
+                refused.update({streamed + row: why for row, why in bad.items()})
+            streamed += batch.num_rows
             if skip:
                 if batch.num_rows <= skip:
                     skip -= batch.num_rows
@@ -708,7 +725,7 @@ class Lake:
                     index,
                     offset,
                     ordinal,
-                    refused=self._refused(index, offset, size),
+                    refused=_within(refused, offset, size),
                 )
                 offset += size
                 rest = table.slice(size)
@@ -720,18 +737,10 @@ class Lake:
                 index,
                 offset,
                 ordinal,
-                refused=self._refused(index, offset, pending_rows),
+                refused=_within(refused, offset, pending_rows),
             )
         if skip:
             logger.warning("Start row %d is past the end of %s", offset, self.files[index])
-
-    def _refused(self, index: int, start: int, rows: int) -> dict[int, str]:
-        """The rows ``[start, start + rows)`` of file ``index`` its reader refused, by their
-        row in that range."""
-        refused = self._facts[index].refused
-        if not refused:
-            return {}
-        return {r - start: why for r, why in refused.items() if start <= r < start + rows}
 
     def _logical(
         self,
@@ -766,3 +775,10 @@ class Lake:
             return call(*args, **kwargs)
         except (pa.ArrowException, OSError) as e:
             raise read_error(e, self.files[index], self.format, self._endpoint) from e
+
+
+def _within(refused: dict[int, str], start: int, rows: int) -> dict[int, str]:
+    """The refused rows ``[start, start + rows)``, by their place in that range."""
+    if not refused:
+        return {}
+    return {r - start: why for r, why in refused.items() if start <= r < start + rows}
