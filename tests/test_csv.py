@@ -136,19 +136,19 @@ def test_latin1_text_is_rejected_as_utf8_and_read_right_when_declared(
 def test_delimiter_and_no_header(settings: Settings, db: Any, tmp_path: Path) -> None:
     lake = tmp_path / "semi"
     lake.mkdir()
-    (lake / "a.csv").write_text("001;Ann;7\n002;Bob;8\n")
-    fields = {"id": "string", "name": "string"}
+    (lake / "a.csv").write_text("Ann;001;7\nBob;002;8\n")
+    fields = {"name": "string", "id": "string"}  # the columns in the file's order
     toml = _toml("semi", lake, fields, delimiter=";", header=False)
     _copy(settings, tmp_path, toml, "semi")
     docs = {d["_id"]: d for d in db["semi"].find()}
-    oracle = _oracle([lake / "a.csv"], {"id": "VARCHAR", "name": "VARCHAR", "f2": "BIGINT"},
+    oracle = _oracle([lake / "a.csv"], {"name": "VARCHAR", "id": "VARCHAR", "f2": "BIGINT"},
                      delim=";", header=False)  # fmt: skip
     assert docs.keys() == oracle.keys() == {"001", "002"}
     assert docs["002"]["name"] == "Bob" and "f2" not in docs["002"]  # not declared: not kept
-    toml = _toml("semi2", lake, delimiter=";", header=False).replace('key = "id"', 'key = "f0"')
+    toml = _toml("semi2", lake, delimiter=";", header=False).replace('key = "id"', 'key = "f1"')
     _copy(settings, tmp_path, toml, "semi2")
     doc = db["semi2"].find_one({"_id": "001"})
-    assert (doc["f0"], doc["f1"], doc["f2"]) == ("001", "Ann", 7), doc
+    assert (doc["f0"], doc["f1"], doc["f2"]) == ("Ann", "001", 7), doc
 
 
 def test_a_cell_of_two_megabytes_is_copied(settings: Settings, db: Any, tmp_path: Path) -> None:

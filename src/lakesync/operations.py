@@ -74,6 +74,9 @@ class Operation(Unattended):
     encoding: str = "utf-8"
     delimiter: str = ","
     header: bool = True
+    #: the declared fields in the order lakesync.toml gives them (a CSV file without a
+    #: header names its columns by them)
+    declared: tuple[str, ...] = ()
 
     model_config = ConfigDict(populate_by_name=True)
 
@@ -84,8 +87,9 @@ class Operation(Unattended):
         text = {f.name for f in self.schema_.fields if f.type in _TEXT_READ}
         text |= set(self.schema_.key_columns)
         text.discard(self.watermark or "")
-        names = tuple(f.name for f in self.schema_.fields)
-        return CsvOptions(self.encoding, self.delimiter, self.header, frozenset(text), names)
+        return CsvOptions(
+            self.encoding, self.delimiter, self.header, frozenset(text), self.declared
+        )
 
     def source_uri(self, settings: Settings) -> str:
         """The lake this operation reads by default."""
@@ -433,6 +437,7 @@ def _operation(path: Path, name: str, table: Any) -> Operation:
         mode=cfg.mode,
         watermark=cfg.watermark,
         lookback=cfg.lookback,
+        declared=tuple(cfg.schema_.fields) if cfg.schema_ else (),
         **csv,
         **cfg.model_dump(include=set(Unattended.model_fields)),
     )
