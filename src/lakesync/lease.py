@@ -289,17 +289,49 @@ class Leases:
         return pending, [d for d in running if self.expired(d, lease_seconds, now)]
 
 
-#: Runs of documents whose previous run died (``failures`` > 0) take this lock, one at a
-#: time in a process: a crash kills every run of the process, so a document that dies
-#: again while it ran beside no other suspect is the likelier cause, and the runs that
-#: only shared a process with it stop adding up deaths towards LAKESYNC_MAX_ATTEMPTS.
+#: A run of a document whose last run died without progress since (``suspect``) holds
+#: this lock until it commits a batch, one such run at a time in a process: a crash kills
+#: every run of the process, so a document that dies again while it ran beside no other
+#: suspect is the likelier cause, and the runs that only shared a process with it stop
+#: adding up deaths towards LAKESYNC_MAX_ATTEMPTS.
 SUSPECTS = threading.Lock()
+_solo = threading.local()
+
+
+class Alone:
+    """Holds ``SUSPECTS`` for this thread's run if ``needed``, until ``progressed`` (or the
+    end of the ``with`` block)."""
+
+    def __init__(self, needed: bool) -> None:
+        self.needed = needed
+
+    def __enter__(self) -> Alone:
+        self.took = self.needed and not getattr(_solo, "held", False)  # not twice (inline)
+        if self.took:
+            SUSPECTS.acquire()
+            _solo.held = True
+        return self
+
+    def __exit__(self, *_: object) -> None:
+        if self.took:
+            progressed()
+
+
+def progressed() -> None:
+    """This thread's run committed a batch: other suspects may run beside it now."""
+    if getattr(_solo, "held", False):
+        _solo.held = False
+        SUSPECTS.release()
 
 
 def suspect(coll: Collection[Doc], query: Doc) -> bool:
-    """Whether the document's last run died (its deaths are being counted)."""
-    doc = coll.find_one(query, {"failures": 1, "_id": 0})
-    return bool(doc and int(doc.get("failures") or 0) > 0)
+    """Whether the document's last run died, and no run made progress since (its deaths
+    are adding up: see ``Leases.count_death``)."""
+    fields = {"failures": 1, "failedAtRecord": 1, "processedRecords": 1, "_id": 0}
+    doc = coll.find_one(query, fields)
+    if not doc or not int(doc.get("failures") or 0):
+        return False
+    return bool(doc.get("failedAtRecord") == int(doc.get("processedRecords") or 0))
 
 
 def died_reason(run: int, failures: int, reading: str, reached: int, max_attempts: int) -> str:

@@ -36,7 +36,7 @@ from lakesync.copy import BatchResult
 from lakesync.errors import LakesyncError, LeaseLost, TransientSourceError, TransientStoreError
 from lakesync.jobstore import JobStore
 from lakesync.lake import Lake, Position
-from lakesync.lease import SUSPECTS, Heartbeat, Leases, died_reason, run_owner, suspect
+from lakesync.lease import Alone, Heartbeat, Leases, died_reason, progressed, run_owner, suspect
 from lakesync.logs import job_context
 from lakesync.models import (
     ACTIVE_STATES,
@@ -322,7 +322,7 @@ class PartitionedJobs:
                 return Outcome.NOT_CLAIMED
             with (
                 job_context(job_id, job.operation),
-                SUSPECTS if alone else contextlib.nullcontext(),
+                Alone(alone),
             ):
                 return self._run_part(job, index, owner, policy, on_progress)
 
@@ -615,6 +615,7 @@ class _PartitionRun:
             partial(jobs._commit, job_id, self.index, self.owner, result.counts, cp),
             f"committing a batch{self.where}",
         )
+        progressed()  # it is not the run that crashes its process at one spot
         job = self.job = policy.call(
             partial(jobs._aggregate, self.job), "updating the job's progress"
         )

@@ -28,7 +28,7 @@ from lakesync.errors import (
 )
 from lakesync.jobstore import JobStore
 from lakesync.lake import Lake, Listing, Position
-from lakesync.lease import SUSPECTS, Heartbeat, died_reason, new_owner, run_owner, suspect
+from lakesync.lease import Alone, Heartbeat, died_reason, new_owner, progressed, run_owner, suspect
 from lakesync.logs import job_context
 from lakesync.masking import masked
 from lakesync.mirror import MirrorSet, key_type
@@ -93,7 +93,7 @@ class JobRunner:
         except LakesyncError as e:
             logger.error("job %s cannot be run: %s", job_id, e)
             return Outcome.NOT_CLAIMED
-        with SUSPECTS if alone else contextlib.nullcontext():
+        with Alone(alone):
             try:
                 status = policy.call(
                     lambda: self.store.claim(job_id, owner, self.settings.lease_seconds),
@@ -605,6 +605,7 @@ class _JobRun:
             partial(store.commit, job_id, self.owner, result.counts, cp, derived),
             f"committing batch {cp.batches}",
         )
+        progressed()  # it is not the run that crashes its process at one spot
         if self.on_progress:
             self.on_progress(self.status)
         return self.runner._interrupted(self.status, self.owner, self.beat, self.clock, self.policy)
