@@ -180,3 +180,19 @@ def test_csv_settings_are_checked_at_load(
         load_operations(config)
     assert str(config) in str(e.value) and "'ops'" in str(e.value)
     assert problem in str(e.value)
+
+
+def test_a_declared_number_that_is_not_one_rejects_its_record_not_the_file(
+    settings: Settings, db: Any, tmp_path: Path
+) -> None:
+    lake = tmp_path / "nums"
+    lake.mkdir()
+    rows = [f"r{i},{i}" for i in range(3000)]
+    rows[2500] = "bad,x"
+    rows[2600] = "pandas,7.0"  # an int column with a NaN, as pandas writes it
+    (lake / "a.csv").write_text("id,n\n" + "\n".join(rows) + "\n")
+    done = _copy(settings, tmp_path, _toml("nums", lake, {"n": "int"}), "nums")
+    assert (done.insertedRecords, done.errorRecords) == (2999, 1), done
+    error = db.copyerrors.find_one({"jobId": done.jobId})
+    assert error["row"] == 2500 and "n must be an integer" in error["reason"], error
+    assert db["nums"].find_one({"_id": "pandas"})["n"] == 7

@@ -246,6 +246,11 @@ def _py_convert(value: Any, ftype: str) -> Any:
             raise ValueError
         return out
     if ftype == "int":
+        if isinstance(value, str):  # CSV text: "7", or "7.0" as pandas writes a column with NaN
+            try:
+                return int(value)
+            except ValueError:
+                value = float(value)
         if isinstance(value, float) and not value.is_integer():
             raise ValueError
         return int(value)

@@ -145,15 +145,18 @@ def _guarded(fs: pafs.FileSystem, path: str, tag: str, limit: int) -> Guarded:
     if not scan.deep:
         return Guarded(fs, path)
     folder.mkdir(exist_ok=True)
-    partial = target.with_suffix(f".{os.getpid()}.{threading.get_ident()}.part")
+    mine = f".{os.getpid()}.{threading.get_ident()}.part"
+    partial, listed = Path(f"{target}{mine}"), Path(f"{refusals}{mine}")
     try:
         with fs.open_input_stream(path) as src, partial.open("wb") as out:
             rows = _copy_without(src, out.write, scan.deep)
+        refused = {row: too_deep_reason(limit) for row in rows}
+        listed.write_text(json.dumps({str(r): w for r, w in refused.items()}))
+        os.replace(listed, refusals)  # both complete before either is used
         os.replace(partial, target)
     finally:
         partial.unlink(missing_ok=True)
-    refused = {row: too_deep_reason(limit) for row in rows}
-    refusals.write_text(json.dumps({str(r): w for r, w in refused.items()}))
+        listed.unlink(missing_ok=True)
     return Guarded(pafs.LocalFileSystem(), str(target), refused)
 
 
