@@ -20,8 +20,6 @@ from tests.helpers import ServeProcess, wait_for, write_operations
 from lakesync.sources.jsonarray import ndjson_copy
 from lakesync.sources.jsondepth import MAX_DEPTH, _Scan, guard
 
-pytestmark = pytest.mark.slow
-
 DEEP = 10_000  # segfaulted pyarrow's JSON reader (and with it `lakesync serve`)
 
 
@@ -44,6 +42,7 @@ def _ended(url: str, job_id: str) -> dict[str, Any] | None:
     return s if s["status"] in ("completed", "failed", "cancelled") else None
 
 
+@pytest.mark.slow
 def test_a_record_nested_10000_deep_is_rejected_and_serve_stays_up(
     serve_env: dict[str, str], tmp_path: Path, db: Any
 ) -> None:
@@ -133,6 +132,7 @@ _lake.Lake._file_batches = _file_batches
 """
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("partitioned", [False, True])
 def test_a_reader_that_crashes_the_process_fails_its_job_after_three_runs(
     serve_env: dict[str, str], tmp_path: Path, db: Any, partitioned: bool
