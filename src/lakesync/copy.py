@@ -213,7 +213,7 @@ class CopyEngine:
         Safe to call from another thread: ``Lake.batches(prepare=engine.prepare)`` runs it
         on the next batch while this one is written, and ``write`` then uses the result.
         """
-        checked = validate(self.schema, batch.table, self.limits)
+        checked = validate(self.schema, batch.table, self.limits, refused=batch.refused)
         keys, rows = checked.keys, checked.rows
         bodies = checked.encoded() if rows else []
         keep = self._winners(batch, keys, rows)

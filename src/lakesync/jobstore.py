@@ -394,7 +394,7 @@ class JobStore:
             "job %s: its lease expired; handed back to be resumed", job_id, extra={"jobId": job_id}
         )
         if doc.get("owner"):
-            self._count_crash(job_id, int(doc.get("processedRecords", 0)), doc)
+            self.leases.count_death(job_id, doc)
         return True
 
     # -- creating ------------------------------------------------------------------------
@@ -501,29 +501,8 @@ class JobStore:
                     job_id,
                     extra={"jobId": job_id},
                 )
-                reached = int(doc.get("processedRecords", 0))
-                doc = self._count_crash(job_id, reached, doc, owner) or doc
+                doc = self.leases.count_death(job_id, doc, owner) or doc
         return None if doc is None else self._seen(doc)
-
-    def _count_crash(
-        self, job_id: str, reached: int, doc: dict[str, Any], owner: str | None = None
-    ) -> dict[str, Any] | None:
-        """Failures count crashed runs in a row that made no progress: a run that committed
-        records before dying (itself, or the job's partitions) restarts the count, so only a
-        job stuck at one spot gives up. `doc` is the document before this failure counts."""
-        if doc.get("failedAtRecord") == reached:
-            if owner is None:  # reaped: the takeover did not count it
-                self.jobs.update_one({"jobId": job_id}, _rev({"$inc": {"failures": 1}}))
-            return None
-        query: dict[str, Any] = {"jobId": job_id}
-        if owner is not None:
-            query["owner"] = owner
-        return self.jobs.find_one_and_update(
-            query,
-            _rev({"$set": {"failures": 1, "failedAtRecord": reached}}),
-            projection={"_id": 0},
-            return_document=ReturnDocument.AFTER,
-        )
 
     def _owned(self, job_id: str, owner: str) -> dict[str, Any]:
         return self.leases.held(job_id, owner)

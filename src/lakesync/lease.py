@@ -163,6 +163,33 @@ class Leases:
             swap, self.decorate(update), return_document=ReturnDocument.BEFORE
         )
 
+    def count_death(
+        self, value: Any, doc: Mapping[str, Any], owner: str | None = None
+    ) -> Doc | None:
+        """Count a run that died holding the document (its lease expired: a crash, a kill)
+        in `failures`: runs that died in a row at the same record (`processedRecords`). A
+        run that committed records before dying restarts the count, so only a document stuck
+        at one spot adds up; a clean hand-back (``release``) never counts.
+
+        ``doc`` is the document before this death counts. With ``owner`` (a takeover whose
+        update already added 1 to `failures`) only a restart of the count is written; else
+        (a reap) the count is written here. Returns the document after a restart, else None.
+        """
+        reached = int(doc.get("processedRecords", 0))
+        if doc.get("failedAtRecord") == reached:
+            if owner is None:  # reaped: the takeover did not count it
+                self.coll.update_one({self.key: value}, self.decorate({"$inc": {"failures": 1}}))
+            return None
+        query: Doc = {self.key: value}
+        if owner is not None:
+            query["owner"] = owner
+        return self.coll.find_one_and_update(
+            query,
+            self.decorate({"$set": {"failures": 1, "failedAtRecord": reached}}),
+            projection=self.projection,
+            return_document=ReturnDocument.AFTER,
+        )
+
     def renew(self, value: Any, owner: str, update: Doc | None = None) -> Doc:
         """A write of the holder (heartbeat, progress); LeaseLost if it is no longer held."""
         doc = self._update(value, self.held(value, owner), update or {})
@@ -260,6 +287,63 @@ class Leases:
             return pending, []
         now = self.server_now()
         return pending, [d for d in running if self.expired(d, lease_seconds, now)]
+
+
+#: A run of a document whose last run died without progress since (``suspect``) holds
+#: this lock until it commits a batch, one such run at a time in a process: a crash kills
+#: every run of the process, so a document that dies again while it ran beside no other
+#: suspect is the likelier cause, and the runs that only shared a process with it stop
+#: adding up deaths towards LAKESYNC_MAX_ATTEMPTS.
+SUSPECTS = threading.Lock()
+_solo = threading.local()
+
+
+class Alone:
+    """Holds ``SUSPECTS`` for this thread's run if ``needed``, until ``progressed`` (or the
+    end of the ``with`` block)."""
+
+    def __init__(self, needed: bool) -> None:
+        self.needed = needed
+
+    def __enter__(self) -> Alone:
+        self.took = self.needed and not getattr(_solo, "held", False)  # not twice (inline)
+        if self.took:
+            SUSPECTS.acquire()
+            _solo.held = True
+        return self
+
+    def __exit__(self, *_: object) -> None:
+        if self.took:
+            progressed()
+
+
+def progressed() -> None:
+    """This thread's run committed a batch: other suspects may run beside it now."""
+    if getattr(_solo, "held", False):
+        _solo.held = False
+        SUSPECTS.release()
+
+
+def suspect(coll: Collection[Doc], query: Doc) -> bool:
+    """Whether the document's last run died, and no run made progress since (its deaths
+    are adding up: see ``Leases.count_death``)."""
+    fields = {"failures": 1, "failedAtRecord": 1, "processedRecords": 1, "_id": 0}
+    doc = coll.find_one(query, fields)
+    if not doc or not int(doc.get("failures") or 0):
+        return False
+    return bool(doc.get("failedAtRecord") == int(doc.get("processedRecords") or 0))
+
+
+def died_reason(run: int, failures: int, reading: str, reached: int, max_attempts: int) -> str:
+    """Why a job (or partition) whose runs kept dying is failed: ``failures`` runs in a row,
+    the last one ``run``, died without ending at record ``reached``, reading ``reading``
+    (the file at the last checkpoint)."""
+    return (
+        f"The lake crashed the reader in run {run}: {reading} ({failures} runs in a row died "
+        f"without ending at record {reached:,}: the process crashed or was killed while "
+        f"reading there; max {max_attempts}, LAKESYNC_MAX_ATTEMPTS). Fix or remove that file, "
+        "or leave it out of the source with a glob, then resume the job."
+    )
 
 
 def _field(doc: Mapping[str, Any], path: str) -> Any:

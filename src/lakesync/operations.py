@@ -51,6 +51,7 @@ from lakesync.masking import masked
 from lakesync.schedules import Unattended, check_unattended
 from lakesync.schema import TASK_DETAIL, FieldRule, FieldType, RecordSchema
 from lakesync.sources.iceberg import CatalogTable
+from lakesync.sources.text import CsvOptions, check_encoding
 
 if TYPE_CHECKING:
     from lakesync.jobstore import JobStore
@@ -77,8 +78,26 @@ class Operation(Unattended):
     lookback: str | int | None = None
     #: an Iceberg table named through a catalog of lakesync.toml (then ``source`` is None)
     catalog: CatalogTable | None = None
+    #: CSV: the files' text encoding, the delimiter, and whether the first line names columns
+    encoding: str = "utf-8"
+    delimiter: str = ","
+    header: bool = True
+    #: the declared fields in the order lakesync.toml gives them (a CSV file without a
+    #: header names its columns by them)
+    declared: tuple[str, ...] = ()
 
     model_config = ConfigDict(populate_by_name=True)
+
+    def csv_options(self) -> CsvOptions:
+        """How this operation's CSV files are read: its declared string, int, float and bool
+        fields and its key read as text (validation converts them), so "007" stays "007";
+        not the watermark, which filters as the file's own type."""
+        text = {f.name for f in self.schema_.fields if f.type in _TEXT_READ}
+        text |= set(self.schema_.key_columns)
+        text.discard(self.watermark or "")
+        return CsvOptions(
+            self.encoding, self.delimiter, self.header, frozenset(text), self.declared
+        )
 
     def source_uri(self, settings: Settings) -> str:
         """The lake this operation reads by default."""
@@ -208,6 +227,7 @@ class ResolvedJob:
             first_index=first_index,
             known=known,
             keep=keep,
+            csv=self.op.csv_options(),
         )
 
 
@@ -347,6 +367,8 @@ RESERVED = {
 }
 _RESERVED_PREFIXES = ("mirrorseen_", "system.")
 _WATERMARK_TYPES = ("timestamp", "int", "any")
+#: declared types a CSV column is read as text for (validation converts it)
+_TEXT_READ = ("string", "int", "float", "bool")
 
 
 class FieldConfig(BaseModel):
@@ -390,6 +412,9 @@ class OperationConfig(Unattended):
     watermark: str | None = Field(None, min_length=1)
     lookback: StrictStr | StrictInt | None = None
     schema_: SchemaConfig | None = Field(None, alias="schema")
+    encoding: StrictStr | None = Field(None, min_length=1)
+    delimiter: StrictStr | None = None
+    header: StrictBool | None = None
 
 
 def load_operations(path: Path) -> list[Operation]:
@@ -475,6 +500,7 @@ def _operation(
     fields = _fields(cfg, fail)
     _check_lookback(cfg, fail)
     catalog = _catalog_table(cfg, catalogs or {}, fail)
+    csv = _csv_settings(cfg, fail)
     source = cfg.source
     if source is not None and "://" not in source:  # relative to the file, not the working dir
         source = os.path.abspath(path.parent / Path(source).expanduser())
@@ -493,6 +519,8 @@ def _operation(
         watermark=cfg.watermark,
         lookback=cfg.lookback,
         catalog=catalog,
+        declared=tuple(cfg.schema_.fields) if cfg.schema_ else (),
+        **csv,
         **cfg.model_dump(include=set(Unattended.model_fields)),
     )
 
@@ -565,6 +593,30 @@ def _check_lookback(cfg: OperationConfig, fail: Any) -> None:
             f"lookback {lookback} is a number, but watermark {cfg.watermark!r} is a "
             'timestamp field: give a duration (e.g. lookback = "2h").'
         )
+
+
+def _csv_settings(cfg: OperationConfig, fail: Any) -> dict[str, Any]:
+    """The CSV settings given (encoding, delimiter, header), checked."""
+    given = cfg.model_dump(include={"encoding", "delimiter", "header"}, exclude_none=True)
+    if given and cfg.format not in (None, "csv"):
+        raise fail(
+            f"{', '.join(given)} only apply to CSV files, and this operation reads "
+            f'{cfg.format}: remove them, or set format = "csv".'
+        )
+    if cfg.encoding is not None:
+        try:
+            check_encoding(cfg.encoding)
+        except LookupError:
+            raise fail(
+                f"encoding {cfg.encoding!r} is not an encoding Python knows; use e.g. "
+                '"utf-8" (the default), "latin-1" or "cp1252".'
+            ) from None
+    if cfg.delimiter is not None and (len(cfg.delimiter) != 1 or cfg.delimiter in '"\r\n'):
+        raise fail(
+            f"delimiter {cfg.delimiter!r} must be one character other than a quote or a "
+            'line break, e.g. ";", "|" or "\\t" (a tab).'
+        )
+    return given
 
 
 def _fields(cfg: OperationConfig, fail: Any) -> list[FieldRule]:

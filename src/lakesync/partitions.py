@@ -36,7 +36,7 @@ from lakesync.copy import BatchResult
 from lakesync.errors import LakesyncError, LeaseLost, TransientSourceError, TransientStoreError
 from lakesync.jobstore import JobStore
 from lakesync.lake import Lake, Position
-from lakesync.lease import Heartbeat, Leases, run_owner
+from lakesync.lease import Alone, Heartbeat, Leases, died_reason, progressed, run_owner, suspect
 from lakesync.logs import job_context
 from lakesync.models import (
     ACTIVE_STATES,
@@ -130,7 +130,13 @@ class PartitionedJobs:
         """Partitions to run: pending ones and those whose lease expired (handed back
         first), of jobs that are running."""
         pending, expired = self.leases.scan(self.settings.lease_seconds)
-        found = pending + [d for d in expired if self.leases.reap(d["_id"], d) is not None]
+        found = list(pending)
+        for doc in expired:
+            before = self.leases.reap(doc["_id"], doc)
+            if before is not None:
+                found.append(doc)
+                if before.get("owner"):  # its run died holding it
+                    self.leases.count_death(doc["_id"], before)
         out, running = [], {}
         for doc in found:
             job_id, index = str(doc["_id"]).rsplit(":", 1)
@@ -212,9 +218,9 @@ class PartitionedJobs:
                     "jobId": job_id,
                     "status": {"$in": [JobState.FAILED.value, JobState.CANCELLED.value]},
                 },
-                {
-                    "$set": {"status": JobState.PENDING.value},
-                    "$unset": {"owner": "", "error": "", "queued": ""},
+                {  # a resumed job's runs may die again as many times
+                    "$set": {"status": JobState.PENDING.value, "failures": 0},
+                    "$unset": {"owner": "", "error": "", "queued": "", "failedAtRecord": ""},
                 },
             )
             found = self.parts.find(
@@ -305,14 +311,31 @@ class PartitionedJobs:
                 return Outcome.NOT_CLAIMED
             if job.state.is_final:
                 return Outcome.ENDED
-            with job_context(job_id, job.operation):  # every line of the run names both
+            pid = f"{job_id}:{index}"
+            try:
+                alone = policy.call(
+                    lambda: suspect(self.parts, {"_id": pid}), "reading a partition"
+                )
+            except LakesyncError as e:
+                logger.error("job %s partition %d cannot be run: %s", job_id, index + 1, e)
+                return Outcome.NOT_CLAIMED
+            with (
+                job_context(job_id, job.operation),
+                Alone(alone),
+            ):
                 return self._run_part(job, index, owner, policy, on_progress)
 
     def _claim(self, pid: str, owner: str) -> dict[str, Any] | None:
-        update = {"$inc": {"attempt": 1}}
-        return self.leases.claim(pid, owner, update) or self.leases.take_over(
-            pid, owner, self.settings.lease_seconds, update
-        )
+        """Take a pending partition, or one whose run died (that death counts, as a job's
+        does: ``Leases.count_death``)."""
+        doc = self.leases.claim(pid, owner, {"$inc": {"attempt": 1}})
+        if doc is not None:
+            return doc
+        update = {"$inc": {"attempt": 1, "failures": 1}}
+        doc = self.leases.take_over(pid, owner, self.settings.lease_seconds, update)
+        if doc is not None:
+            doc = self.leases.count_death(pid, doc, owner) or doc
+        return doc
 
     def _run_part(
         self,
@@ -340,6 +363,18 @@ class PartitionedJobs:
             f"partition {index + 1} of {job.partitions} (files {part['fileStart'] + 1}"
             f"-{part['fileStop']})"
         )
+        if int(part.get("failures", 0)) >= self.settings.max_attempts:  # its runs kept dying
+            cp = part.get("checkpoint") or {}
+            files = part.get("files") or []
+            reading = cp.get("file") or (files[0] if files else where)
+            reason = died_reason(
+                int(part.get("attempt", 1)) - 1,
+                int(part["failures"]),
+                str(reading),
+                int(part.get("processedRecords", 0)),
+                self.settings.max_attempts,
+            )
+            return self._failed(job, index, owner, where, reason, policy)
         beat = Heartbeat(
             lambda: bool(self.leases.renew(pid, owner)) and False,
             self.settings.lease_seconds / 4,
@@ -580,6 +615,7 @@ class _PartitionRun:
             partial(jobs._commit, job_id, self.index, self.owner, result.counts, cp),
             f"committing a batch{self.where}",
         )
+        progressed()  # it is not the run that crashes its process at one spot
         job = self.job = policy.call(
             partial(jobs._aggregate, self.job), "updating the job's progress"
         )

@@ -127,7 +127,7 @@ def _key_positions(
     positions: list[np.ndarray] = []
     files: dict[str, int] = {}
     for batch in lake.batches(_PLAN_BATCH, filter=filter, columns=columns):
-        checked = validate(schema, batch.table, limits, encode=exact)
+        checked = validate(schema, batch.table, limits, encode=exact, refused=batch.refused)
         if not checked.rows:
             continue
         rows = np.asarray(checked.rows, dtype=np.int64)

@@ -28,7 +28,7 @@ from lakesync.errors import (
 )
 from lakesync.jobstore import JobStore
 from lakesync.lake import Lake, Listing, Position
-from lakesync.lease import Heartbeat, new_owner, run_owner
+from lakesync.lease import Alone, Heartbeat, died_reason, new_owner, progressed, run_owner, suspect
 from lakesync.logs import job_context
 from lakesync.masking import masked
 from lakesync.mirror import MirrorSet, key_type
@@ -87,17 +87,25 @@ class JobRunner:
         owner = run_owner(self.owner)
         policy = self.retry()
         try:
-            status = policy.call(
-                lambda: self.store.claim(job_id, owner, self.settings.lease_seconds),
-                "claiming a job",
+            alone = policy.call(
+                lambda: suspect(self.store.jobs, {"jobId": job_id}), "reading a job"
             )
         except LakesyncError as e:
             logger.error("job %s cannot be run: %s", job_id, e)
             return Outcome.NOT_CLAIMED
-        if status is None:
-            return Outcome.NOT_CLAIMED
-        with job_context(job_id, status.operation):
-            return self._run_claimed(status, owner, policy, on_progress)
+        with Alone(alone):
+            try:
+                status = policy.call(
+                    lambda: self.store.claim(job_id, owner, self.settings.lease_seconds),
+                    "claiming a job",
+                )
+            except LakesyncError as e:
+                logger.error("job %s cannot be run: %s", job_id, e)
+                return Outcome.NOT_CLAIMED
+            if status is None:
+                return Outcome.NOT_CLAIMED
+            with job_context(job_id, status.operation):
+                return self._run_claimed(status, owner, policy, on_progress)
 
     def _run_claimed(
         self,
@@ -114,16 +122,21 @@ class JobRunner:
             self._try_end(job_id, owner, JobState.FAILED, "Failed", unrecorded)
             return Outcome.ENDED
         if status.failures >= self.settings.max_attempts:
+            cp = status.checkpoint
+            source = status.options.get("source") or "its lake"
+            reading = (cp.file if cp is not None else None) or f"{source} (before a checkpoint)"
             self._end(
                 job_id,
                 owner,
                 JobState.FAILED,
                 "Gave up",
                 status.error
-                or (
-                    f"The job's runs died {status.failures} times "
-                    f"(max {self.settings.max_attempts}, LAKESYNC_MAX_ATTEMPTS); "
-                    "last checkpoint kept."
+                or died_reason(
+                    status.attempt - 1,
+                    status.failures,
+                    reading,
+                    status.processedRecords,
+                    self.settings.max_attempts,
                 ),
             )
             return Outcome.ENDED
@@ -254,7 +267,10 @@ class JobRunner:
                     since = None if changes else reach_back(saved, op.lookback)
                 changed, until = scan(lake, column, since)
                 until = later(until, saved)  # a watermark never moves back
-            cp = Checkpoint(since=since, until=until)
+            # the file it starts in: named if the reader crashes before the first commit
+            cp = Checkpoint(
+                since=since, until=until, file=lake.file_name(0) if lake.files else None
+            )
             total = changed if column is not None else lake.count_rows()  # scan counted them
             # which records a later record of the same key replaces: skipped by every run
             planned = lake_filter(lake, cp.since, cp.until if lake.version is None else None)
@@ -608,6 +624,7 @@ class _JobRun:
             partial(store.commit, job_id, self.owner, result.counts, cp, derived),
             f"committing batch {cp.batches}",
         )
+        progressed()  # it is not the run that crashes its process at one spot
         if self.on_progress:
             self.on_progress(self.status)
         return self.runner._interrupted(self.status, self.owner, self.beat, self.clock, self.policy)

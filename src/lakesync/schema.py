@@ -11,6 +11,7 @@ from __future__ import annotations
 import itertools
 import json
 import math
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from functools import cached_property
@@ -253,6 +254,11 @@ def _py_convert(value: Any, ftype: str) -> Any:
             raise ValueError
         return out
     if ftype == "int":
+        if isinstance(value, str):  # CSV text: "7", or "7.0" as pandas writes a column with NaN
+            try:
+                return int(value)
+            except ValueError:
+                value = float(value)
         if isinstance(value, float) and not value.is_integer():
             raise ValueError
         return int(value)
@@ -429,7 +435,11 @@ def _to_python(col: pa.Array) -> list[Any]:
 
 
 def validate(
-    schema: RecordSchema, table: pa.Table, limits: ServerLimits = MONGODB, encode: bool = True
+    schema: RecordSchema,
+    table: pa.Table,
+    limits: ServerLimits = MONGODB,
+    encode: bool = True,
+    refused: Mapping[int, str] | None = None,
 ) -> Validated:
     """Validate a batch: documents (`_id` = key) for good rows, a Rejection for each bad one.
 
@@ -437,10 +447,11 @@ def validate(
     with the column and the reason; ``limits`` are those of the server written to. The
     documents are encoded here (``Validated.encoded``), and one bson refuses rejects its
     record; without ``encode`` that last check is skipped (for readers of a few columns
-    that need no BSON, such as repeats.py's first pass).
+    that need no BSON, such as repeats.py's first pass). ``refused`` rows (by their row in
+    the table) are those the lake's reader refused, rejected with its reason.
     """
     n = table.num_rows
-    reasons: dict[int, str] = {}
+    reasons: dict[int, str] = dict(refused or {})
     columns: dict[str, pa.Array] = {}
     key_columns = schema.key_columns
     rules = schema.fields or [FieldRule(name=k, type="any") for k in key_columns]

@@ -59,6 +59,8 @@ class FileFacts:
     expr: pc.Expression | None = None
     stats: dict[str, ColumnStats] | None = None
     decoded: int | None = None  # Parquet: bytes of its row groups decoded (the footer's sum)
+    #: rows the reader must not read, and why (a JSON record nested too deep: jsondepth.py)
+    refused: dict[int, str] | None = None
 
 
 @dataclass(frozen=True)
@@ -96,6 +98,8 @@ class LakeBatch:
     #: what ``batches(prepare=...)`` computed from the batch ahead of time (None if it failed)
     prepared: Any = field(default=None, repr=False, compare=False)
     segments: list[Segment] = field(default_factory=list, repr=False)
+    #: batch rows the reader refused, and why (``FileFacts.refused``): rejected as they are
+    refused: dict[int, str] = field(default_factory=dict, repr=False)
     _offsets: list[int] = field(default_factory=list, init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:

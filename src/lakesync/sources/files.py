@@ -154,6 +154,7 @@ def inspect(
     root: str = "",
     keep: list[str] | None = None,
     kept: parquet.Kept | None = None,
+    csv: text.CsvOptions | None = None,
 ) -> list[tuple[FileFacts, pa.Schema, Any]]:
     """Each file's facts and schema (plus hive keys), its footer read in parallel (S3
     latency), and for CSV, JSON and ORC its fragment. Parquet fragments are dropped: a file is
@@ -187,7 +188,7 @@ def inspect(
             elif fmt == "orc":
                 facts, schema, fragment = orc.inspect_file(loc, path, expr, keys, size)
             else:
-                facts, schema, fragment = text.inspect_file(loc, fmt, path, expr, keys, size)
+                facts, schema, fragment = text.inspect_file(loc, fmt, path, expr, keys, size, csv)
         except (pa.ArrowException, OSError) as e:
             raise read_error(e, loc.show(path), fmt, loc.endpoint) from e
         return facts, interned(schema), fragment, table

@@ -13,6 +13,7 @@ import codecs
 import hashlib
 import json
 import os
+import re
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -51,7 +52,10 @@ def ndjson_copy(fs: pafs.FileSystem, path: str, shown: str, codec: str | None = 
             partial.open("w", encoding="utf-8") as out,
         ):
             for item in _items(src, shown):
-                out.write(json.dumps(item, ensure_ascii=False))
+                if isinstance(item, str):  # too deep to parse: the NDJSON guard refuses it
+                    out.write(item.replace("\n", " ").replace("\r", " "))
+                else:
+                    out.write(json.dumps(item, ensure_ascii=False))
                 out.write("\n")
         os.replace(partial, target)
     finally:
@@ -60,7 +64,9 @@ def ndjson_copy(fs: pafs.FileSystem, path: str, shown: str, codec: str | None = 
 
 
 def _items(src: Any, shown: str) -> Any:
-    """The objects of a JSON array, parsed one at a time from a byte stream."""
+    """The objects of a JSON array, parsed one at a time from a byte stream; an element
+    nested too deep for Python's parser comes as its text, as written (jsondepth.py then
+    refuses its record: it never reaches a parser)."""
     decoder, text = json.JSONDecoder(), codecs.getincrementaldecoder("utf-8-sig")()
     buf, pos, eof, count = "", 0, False, 0
 
@@ -97,7 +103,14 @@ def _items(src: Any, shown: str) -> Any:
             except json.JSONDecodeError as e:
                 if len(buf) - pos > MAX_ELEMENT or not more():
                     raise _bad(shown, f"element {count + 1}: {e.msg}") from None
-        if not isinstance(item, dict):
+            except RecursionError:
+                ends = _element_end(buf, pos)
+                if ends is not None:
+                    item, end = buf[pos:ends], ends
+                    break
+                if len(buf) - pos > MAX_ELEMENT or not more():
+                    raise _bad(shown, f"element {count + 1} does not end") from None
+        if not isinstance(item, dict | str):
             raise _bad(shown, f"element {count + 1} is {json.dumps(item)[:40]}, not an object")
         pos = end
         count += 1
@@ -109,6 +122,23 @@ def _items(src: Any, shown: str) -> Any:
             raise _bad(shown, f"expected ',' or ']' after element {count}")
         pos += 1
         skip()
+
+
+_TOKEN = re.compile(r'"(?:[^"\\]|\\.)*"|[\[\]{}]')
+
+
+def _element_end(buf: str, pos: int) -> int | None:
+    """Where the array or object starting at ``buf[pos]`` ends (None: not in ``buf`` yet)."""
+    depth = 0
+    for match in _TOKEN.finditer(buf, pos):
+        token = match.group()
+        if token in "[{":
+            depth += 1
+        elif token in "]}":
+            depth -= 1
+            if depth == 0:
+                return match.end()
+    return None
 
 
 def _bad(shown: str, why: str) -> SourceError:

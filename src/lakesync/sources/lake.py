@@ -38,7 +38,7 @@ from lakesync.locations import (
     read_error,
     resolve,
 )
-from lakesync.sources import iceberg, parquet, tables
+from lakesync.sources import iceberg, parquet, tables, text
 from lakesync.sources.base import ColumnStats, FileFacts, LakeBatch, Listing, Position
 from lakesync.sources.delta import snapshot
 from lakesync.sources.stream import across_files, prefetched, prepared
@@ -139,6 +139,8 @@ class Lake:
         #: files opened for reading so far, shared with the lakes ``only`` makes of this one
         #: (footers read at open not counted)
         self._opens = _Opens()
+        #: how CSV files are read (set by ``open``)
+        self.csv = text.CsvOptions()
         #: columns of small files read at open (see ``parquet.Kept``); None once dropped
         self._kept: parquet.Kept | None = None
         if schema is not None:
@@ -168,6 +170,7 @@ class Lake:
         snapshot_id: int | None = None,
         since_snapshot_id: int | None = None,
         catalog: iceberg.CatalogTable | None = None,
+        csv: text.CsvOptions | None = None,
     ) -> Lake:
         """List and inspect the lake at ``uri``; raise SourceError if it cannot be read.
 
@@ -192,6 +195,8 @@ class Lake:
         or, with ``catalog``, as ``iceberg://CATALOG/namespace.table``; it is read at its
         current snapshot or ``snapshot_id``, and with ``since_snapshot_id`` only the data
         files added after that snapshot (see ``sources.iceberg``).
+        ``csv``: how CSV files are read (the operation's encoding, delimiter, header and
+        the columns read as text; see ``text.CsvOptions``).
         """
         fmt_given = None if format is None else plain.ALIASES.get(format.lower())
         if format is not None and fmt_given is None:
@@ -329,7 +334,8 @@ class Lake:
         usable = known is not None and known.format == fmt and known.root == loc.show(root)
         kept = parquet.Kept() if keep and fmt == "parquet" else None
         reuse = known if usable else None
-        inspected = plain.inspect(loc, fmt, items, sizes, reuse, root, keep, kept)
+        csv = csv or text.CsvOptions()
+        inspected = plain.inspect(loc, fmt, items, sizes, reuse, root, keep, kept, csv)
         logger.info("Opened lake %s: %d %s file(s)", loc.show(loc.path), len(found), fmt)
         files = [loc.show(p) for p in found]
         lake = cls(
@@ -346,6 +352,7 @@ class Lake:
             objects=loc.objects,
         )
         lake._kept = None if kept is None else kept.finish()
+        lake.csv = csv
         return lake
 
     @classmethod
@@ -517,6 +524,7 @@ class Lake:
             part._row_counts = [self._row_counts[i] for i in picked]
         part._opens = self._opens
         part._kept = self._kept
+        part.csv = self.csv
         return part
 
     def resume_position(self, position: Position, file_name: str | None) -> Position:
@@ -811,7 +819,7 @@ class Lake:
         schema, offset = self._schemas[index], skip  # the file row the first batch starts at
         if self._table is not None:  # deletes applied, columns resolved by pyiceberg
             rows = self._table.read(self._units[index], columns, filter)
-            yield from self._pieces(index, rows, size, skip, offset)
+            yield from self._pieces(index, rows, size, skip, offset, {})
             return
         keep, after = self._live[index], None
         if keep is not None or self._mapped:  # Delta: rows deleted, columns renamed as read
@@ -857,7 +865,10 @@ class Lake:
             source = iter(self._guard(index, fragment.to_batches, **scan, **_STREAMING))
         if keep is not None or self._mapped:
             source = self._logical_batches(source, keep, after)
-        yield from self._pieces(index, source, size, skip, offset)
+        # rows refused by the reader (by their place in the file's stream of rows; the
+        # rows a JSON guard refused are the file's own: they hold no value a filter keeps)
+        refused = dict(self._facts[index].refused or {}) if filter is None else {}
+        yield from self._pieces(index, source, size, skip, offset, refused)
 
     def _logical_batches(
         self,
@@ -873,14 +884,26 @@ class Lake:
             read += batch.num_rows
 
     def _pieces(
-        self, index: int, source: Iterator[pa.RecordBatch], size: int, skip: int, offset: int
+        self,
+        index: int,
+        source: Iterator[pa.RecordBatch],
+        size: int,
+        skip: int,
+        offset: int,
+        refused: dict[int, str],
     ) -> Iterator[LakeBatch]:
         """File ``index``'s rows from row ``offset`` in pieces of ``size`` rows: ``source``
-        holds them after its first ``skip`` rows (row groups before them were not read)."""
+        holds them after its first ``skip`` rows (row groups before them were not read);
+        ``refused``: the reasons of rows the reader refused, by their place in the stream."""
         ordinal = self.first_index + index
         pending: list[pa.RecordBatch] = []
         pending_rows = 0
+        streamed = 0  # rows the file's stream gave so far
         while (batch := self._guard(index, next, source, None)) is not None:
+            if self.format == "csv":  # text the encoding does not describe: its record
+                batch, bad = text.decoded(batch, self.csv.encoding)
+                refused.update({streamed + row: why for row, why in bad.items()})
+            streamed += batch.num_rows
             if skip:
                 if batch.num_rows <= skip:
                     skip -= batch.num_rows
@@ -891,13 +914,25 @@ class Lake:
                 pending_rows += batch.num_rows
             while pending_rows >= size:
                 table = pa.Table.from_batches(pending)
-                yield LakeBatch(table.slice(0, size), self.files[index], index, offset, ordinal)
+                yield LakeBatch(
+                    table.slice(0, size),
+                    self.files[index],
+                    index,
+                    offset,
+                    ordinal,
+                    refused=_within(refused, offset, size),
+                )
                 offset += size
                 rest = table.slice(size)
                 pending, pending_rows = rest.to_batches(), rest.num_rows
         if pending_rows:
             yield LakeBatch(
-                pa.Table.from_batches(pending), self.files[index], index, offset, ordinal
+                pa.Table.from_batches(pending),
+                self.files[index],
+                index,
+                offset,
+                ordinal,
+                refused=_within(refused, offset, pending_rows),
             )
         if skip:
             logger.warning("Start row %d is past the end of %s", offset, self.files[index])
@@ -935,3 +970,10 @@ class Lake:
             return call(*args, **kwargs)
         except (pa.ArrowException, OSError) as e:
             raise read_error(e, self.files[index], self.format, self._endpoint) from e
+
+
+def _within(refused: dict[int, str], start: int, rows: int) -> dict[int, str]:
+    """The refused rows ``[start, start + rows)``, by their place in that range."""
+    if not refused:
+        return {}
+    return {r - start: why for r, why in refused.items() if start <= r < start + rows}

@@ -27,18 +27,38 @@ def _joined(pieces: list[LakeBatch]) -> LakeBatch:
         offset += piece.table.num_rows
     first = pieces[0]
     table = pa.concat_tables([p.table for p in pieces])
+    refused, offset = {}, 0
+    for piece in pieces:
+        refused.update({offset + row: why for row, why in piece.refused.items()})
+        offset += piece.table.num_rows
     return LakeBatch(
-        table, first.file, first.file_index, first.start_row, first.ordinal, segments=segments
+        table,
+        first.file,
+        first.file_index,
+        first.start_row,
+        first.ordinal,
+        segments=segments,
+        refused=refused,
     )
 
 
 def _sliced(piece: LakeBatch, rows: int) -> tuple[LakeBatch, LakeBatch]:
     """A one-file piece cut after ``rows`` rows."""
     head = LakeBatch(
-        piece.table.slice(0, rows), piece.file, piece.file_index, piece.start_row, piece.ordinal
+        piece.table.slice(0, rows),
+        piece.file,
+        piece.file_index,
+        piece.start_row,
+        piece.ordinal,
+        refused={r: why for r, why in piece.refused.items() if r < rows},
     )
     tail = LakeBatch(
-        piece.table.slice(rows), piece.file, piece.file_index, piece.start_row + rows, piece.ordinal
+        piece.table.slice(rows),
+        piece.file,
+        piece.file_index,
+        piece.start_row + rows,
+        piece.ordinal,
+        refused={r - rows: why for r, why in piece.refused.items() if r >= rows},
     )
     return head, tail
 

@@ -3,18 +3,30 @@ plain or compressed (``.gz``, ``.zst``, ``.bz2``: decompressed as they stream).
 
 A text file has no footer: its schema is what pyarrow infers from its first block, and its
 rows are only known by reading it, so a text lake keeps each file's (small) fragment.
+
+CSV is read as written (``CsvOptions``): the declared fields and the key columns as text,
+so that "007" stays "007" (validation then converts a declared int, float, bool or
+timestamp, rejecting the records whose cell is not one); an unquoted empty cell is null
+and a quoted "" the empty string (as DuckDB reads it with ``allow_quoted_nulls=false``);
+a column whose header is empty (pandas' unnamed index) is named ``column<i>`` (its place
+from 0), as DuckDB names it; text the file's encoding cannot decode rejects its record.
 """
 
 from __future__ import annotations
 
+import codecs
+from dataclasses import dataclass, field
+
 import pyarrow as pa
 import pyarrow.compute as pc
+import pyarrow.csv as pacsv
 import pyarrow.dataset as ds
 import pyarrow.fs as pafs
 
 from lakesync.locations import Location
 from lakesync.sources.base import FileFacts, with_partition_columns
 from lakesync.sources.jsonarray import is_json_array, ndjson_copy
+from lakesync.sources.jsondepth import guard
 
 #: the text formats and their pyarrow dataset formats
 FORMATS = {"csv": ds.CsvFileFormat, "json": ds.JsonFileFormat}
@@ -35,6 +47,53 @@ def compression_of(path: str) -> str | None:
     return next((codec for s, codec in COMPRESSIONS.items() if lower.endswith(s)), None)
 
 
+#: a CSV block must hold a whole record: a cell may be as large as a MongoDB document
+#: (16 MB), which Arrow's default block (1 MB) refused ("straddles two block boundaries")
+CSV_BLOCK_BYTES = 17 << 20
+
+
+@dataclass(frozen=True)
+class CsvOptions:
+    """How an operation's CSV files are read (lakesync.toml: `encoding`, `delimiter`,
+    `header`, and the declared fields)."""
+
+    encoding: str = "utf-8"
+    delimiter: str = ","
+    header: bool = True
+    #: columns read as text, as written: the declared fields and the key columns
+    text: frozenset[str] = field(default_factory=frozenset)
+    #: the names of the first columns of a file without a header (the declared fields)
+    names: tuple[str, ...] = ()
+
+    def file_format(self, columns: list[str] | None = None) -> ds.CsvFileFormat:
+        """The dataset format; ``columns``: the file's column names (then its header line,
+        if any, is skipped rather than read as names)."""
+        read = pacsv.ReadOptions(encoding=self.encoding, block_size=CSV_BLOCK_BYTES)
+        if columns is not None:
+            read.column_names = columns
+            read.skip_rows = 1 if self.header else 0
+        elif not self.header:
+            read.autogenerate_column_names = True  # f0, f1...
+        parse = pacsv.ParseOptions(delimiter=self.delimiter, newlines_in_values=True)
+        convert = pacsv.ConvertOptions(
+            column_types={name: pa.string() for name in self.text},
+            null_values=[""],
+            strings_can_be_null=True,
+            quoted_strings_can_be_null=False,
+            check_utf8=False,  # bad text rejects its record (``decoded``), not its column
+        )
+        return ds.CsvFileFormat(parse_options=parse, convert_options=convert, read_options=read)
+
+    def named(self, found: list[str]) -> list[str] | None:
+        """The column names a file is read with, if not those ``found`` in it (None)."""
+        if not self.header:
+            given = list(self.names[: len(found)])
+            return given + [f"f{i}" for i in range(len(given), len(found))]
+        if all(found):
+            return None
+        return [name or f"column{i}" for i, name in enumerate(found)]
+
+
 def inspect_file(
     loc: Location,
     fmt: str,
@@ -42,23 +101,41 @@ def inspect_file(
     expr: pc.Expression | None,
     keys: list[tuple[str, str | None]],
     size: int | None,
+    csv: CsvOptions | None = None,
 ) -> tuple[FileFacts, pa.Schema, ds.Fragment]:
     """A text file's facts, schema (plus hive ``keys``) and fragment, which decompresses
     the file as it reads (the codec inferred from its extension). A JSON file holding one
-    array is read from an NDJSON copy (see ``jsonarray``)."""
+    array is read from an NDJSON copy (see ``jsonarray``). A JSON record nested too deep
+    for Arrow's reader is refused (see ``jsondepth``)."""
     fs, real = loc.fs, path
     codec = compression_of(path)
+    refused = None
     if fmt == "json" and is_json_array(fs, path, codec):  # [{...}, ...]: read as NDJSON
         fs, real = pafs.LocalFileSystem(), ndjson_copy(fs, path, loc.show(path), codec)
-        size = None
+        size, codec = None, None
+    if fmt == "json":  # a record nested too deep would crash Arrow's reader (a segfault)
+        safe = guard(fs, real, codec)
+        if safe.path != real:  # a plain NDJSON copy
+            fs, real, size, refused, codec = safe.fs, safe.path, None, safe.refused, None
     opened = real
-    if real.lower().endswith(".zst"):  # pyarrow infers zstd from ".zstd" only
+    if codec is not None and real.lower().endswith(".zst"):  # pyarrow infers ".zstd" only
         fs, opened = pafs.PyFileSystem(_ZstAliases(fs)), real + "d"
-    fragment = FORMATS[fmt]().make_fragment(
-        opened, filesystem=fs, partition_expression=expr, file_size=size
-    )
+    if fmt == "csv":
+        csv = csv or CsvOptions()
+        fragment = csv.file_format().make_fragment(
+            opened, filesystem=fs, partition_expression=expr, file_size=size
+        )
+        names = csv.named(fragment.physical_schema.names)
+        if names is not None:  # no header, or an empty name in it: read with these names
+            fragment = csv.file_format(names).make_fragment(
+                opened, filesystem=fs, partition_expression=expr, file_size=size
+            )
+    else:
+        fragment = FORMATS[fmt]().make_fragment(
+            opened, filesystem=fs, partition_expression=expr, file_size=size
+        )
     schema = with_partition_columns(fragment.physical_schema, keys)
-    return FileFacts(real, size, None, expr), schema, fragment
+    return FileFacts(real, size, None, expr, refused=refused), schema, fragment
 
 
 class _ZstAliases(pafs.FileSystemHandler):  # type: ignore[misc]
@@ -107,3 +184,47 @@ class _ZstAliases(pafs.FileSystemHandler):  # type: ignore[misc]
     create_dir = delete_dir = delete_dir_contents = delete_root_dir_contents = _read_only
     delete_file = move = copy_file = _read_only
     open_output_stream = open_append_stream = _read_only
+
+
+def check_encoding(encoding: str) -> str:
+    """The codec's canonical name; LookupError if Python does not know it."""
+    return codecs.lookup(encoding).name
+
+
+def decoded(batch: pa.RecordBatch, encoding: str) -> tuple[pa.RecordBatch, dict[int, str]]:
+    """``batch`` with each text cell that is not valid UTF-8 (bytes the file's encoding
+    did not describe) made null, and the rows holding one, with the reason."""
+    bad: dict[int, str] = {}
+    columns = list(batch.columns)
+    for i, column in enumerate(columns):
+        if not pa.types.is_string(column.type):
+            continue
+        try:
+            column.validate(full=True)
+            continue
+        except pa.ArrowInvalid:
+            pass
+        raw = column.cast(pa.binary())
+        wrong = []
+        for row, value in enumerate(raw.to_pylist()):
+            if value is None:
+                wrong.append(False)
+                continue
+            try:
+                value.decode("utf-8")
+                wrong.append(False)
+            except UnicodeDecodeError as e:
+                wrong.append(True)
+                bad.setdefault(
+                    row,
+                    f"{batch.schema.names[i]}: the text is not valid {encoding} (byte "
+                    f"0x{value[e.start]:02x} at position {e.start}); if the file is written "
+                    "in another encoding, set `encoding` for this operation in lakesync.toml "
+                    '(e.g. "latin-1")',
+                )
+        columns[i] = pc.if_else(pa.array(wrong), pa.scalar(None, pa.binary()), raw).cast(
+            pa.string()
+        )
+    if not bad:
+        return batch, bad
+    return pa.RecordBatch.from_arrays(columns, schema=batch.schema), bad

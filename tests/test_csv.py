@@ -1,0 +1,198 @@
+"""CSV as written: declared types are read types, null and "" differ, encoding, delimiter
+and header per operation, undecodable text rejected per record, large cells. DuckDB's
+`read_csv` (declared types, ``allow_quoted_nulls=false``) is the oracle."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import duckdb
+import pytest
+
+from lakesync.config import Settings
+from lakesync.errors import ConfigError
+from lakesync.models import JobState, JobStatus
+from lakesync.operations import load_operations
+from lakesync.runtime import Runtime
+
+
+def _toml(name: str, lake: Path, fields: dict[str, str] | None = None, **extra: Any) -> str:
+    text = f'[operations.{name}]\nsource = "{lake}"\ncollection = "{name}"\nkey = "id"\n'
+    text += "".join(f"{k} = {json.dumps(v)}\n" for k, v in extra.items())
+    if fields:
+        text += f"[operations.{name}.schema.fields]\n"
+        text += "".join(f'{k} = {{type = "{t}"}}\n' for k, t in fields.items())
+    return text
+
+
+def _copy(settings: Settings, tmp_path: Path, toml: str, name: str) -> JobStatus:
+    config = tmp_path / f"{name}.toml"
+    config.write_text(toml)
+    with Runtime(settings.model_copy(update={"operations_file": config})) as rt:
+        status, _ = rt.jobs.start(name)
+        rt.runner.run(status.jobId)
+        done = rt.jobs.get(status.jobId)
+    assert done.status == JobState.COMPLETED, (done.message, done.error)
+    counted = done.insertedRecords + done.updatedRecords + done.unchangedRecords
+    assert counted + done.duplicateRecords + done.errorRecords == done.totalRecords
+    return done
+
+
+def _oracle(files: list[Path], types: dict[str, str], **options: Any) -> dict[Any, dict[str, Any]]:
+    """The records DuckDB reads, by key (the last of a key wins, as in lakesync)."""
+    args = ", ".join(f"{k} = {v!r}" for k, v in options.items())
+    query = (
+        f"SELECT * FROM read_csv({[str(f) for f in files]!r}, columns = {types!r}, "
+        f"allow_quoted_nulls = false{', ' + args if args else ''})"
+    )
+    relation = duckdb.sql(query)
+    rows = [dict(zip(relation.columns, r, strict=True)) for r in relation.fetchall()]
+    return {r["id"]: r for r in rows}
+
+
+def _collection(db: Any, name: str) -> dict[Any, dict[str, Any]]:
+    out = {}
+    for doc in db[name].find():
+        doc.pop("_id")
+        out[doc["id"]] = {k: v for k, v in doc.items() if not k.startswith("_")}
+    return out
+
+
+def test_declared_strings_stay_as_written_and_null_is_not_empty(
+    settings: Settings, db: Any, tmp_path: Path
+) -> None:
+    lake = tmp_path / "zips"
+    lake.mkdir()
+    # by hand: keys that a number type would merge, zero-padded zips, null and ""
+    (lake / "a.csv").write_text(
+        'id,zip,note,n\n007,00001,"",1\n7,02134,,2\n"0x1",01,"a, ""quoted""\nline",3\n'
+    )
+    # written by DuckDB (it quotes only where needed)
+    duckdb.sql(
+        "COPY (SELECT * FROM (VALUES ('8', '00000', NULL, 4), ('9', '9', '', 5)) "
+        f"t(id, zip, note, n)) TO '{lake / 'b.csv'}' (HEADER, DELIMITER ',')"
+    )
+    types = {"id": "string", "zip": "string", "note": "string", "n": "int"}
+    done = _copy(settings, tmp_path, _toml("zips", lake, types), "zips")
+    assert (done.insertedRecords, done.errorRecords) == (5, 0), done
+    oracle = _oracle(
+        sorted(lake.glob("*.csv")),
+        {"id": "VARCHAR", "zip": "VARCHAR", "note": "VARCHAR", "n": "BIGINT"},
+    )
+    assert _collection(db, "zips") == oracle
+    assert oracle["007"]["note"] == "" and oracle["7"]["note"] is None  # what is compared
+    assert oracle["0x1"]["note"] == 'a, "quoted"\nline'
+    again = _copy(settings, tmp_path, _toml("zips", lake, types), "zips")
+    assert (again.insertedRecords, again.updatedRecords, again.unchangedRecords) == (0, 0, 5)
+
+
+def test_an_undeclared_key_has_one_type_in_every_file(
+    settings: Settings, db: Any, tmp_path: Path
+) -> None:
+    lake = tmp_path / "keys"
+    lake.mkdir()
+    (lake / "a.csv").write_text("id,v\n1,a\n")
+    (lake / "b.csv").write_text("id,v\n1,c\nx,d\n")
+    done = _copy(settings, tmp_path, _toml("keys", lake), "keys")
+    assert done.duplicateRecords == 1 and done.insertedRecords == 2, done
+    assert {d["_id"]: d["v"] for d in db["keys"].find()} == {"1": "c", "x": "d"}
+
+
+def test_a_pandas_index_column_is_named_as_duckdb_names_it(
+    settings: Settings, db: Any, tmp_path: Path
+) -> None:
+    lake = tmp_path / "frame"
+    lake.mkdir()
+    (lake / "df.csv").write_text(",id,v\n0,a,1.5\n1,b,2.5\n")  # DataFrame.to_csv()
+    _copy(settings, tmp_path, _toml("frame", lake), "frame")
+    docs = {d["_id"]: d for d in db["frame"].find()}
+    assert "" not in docs["a"] and docs["a"]["column0"] == 0 and docs["b"]["v"] == 2.5
+    assert duckdb.sql(f"SELECT * FROM read_csv('{lake / 'df.csv'}')").columns[0] == "column0"
+
+
+def test_latin1_text_is_rejected_as_utf8_and_read_right_when_declared(
+    settings: Settings, db: Any, tmp_path: Path
+) -> None:
+    lake = tmp_path / "latin"
+    lake.mkdir()
+    (lake / "a.csv").write_bytes("id,name\n1,plain\n2,café\n3,Zoë\n".encode("latin-1"))
+    done = _copy(settings, tmp_path, _toml("latin", lake), "latin")
+    assert (done.insertedRecords, done.errorRecords) == (1, 2), done
+    errors = list(db.copyerrors.find({"jobId": done.jobId}).sort("row"))
+    assert [e["row"] for e in errors] == [1, 2]
+    assert "not valid utf-8" in errors[0]["reason"] and "latin-1" in errors[0]["reason"]
+    assert db["latin"].find_one({"_id": "1"})["name"] == "plain"  # text, never binary
+    done = _copy(settings, tmp_path, _toml("latin", lake, encoding="latin-1"), "latin")
+    assert (done.insertedRecords, done.errorRecords) == (2, 0), done
+    assert {d["_id"]: d["name"] for d in db["latin"].find()} == {
+        "1": "plain",
+        "2": "café",
+        "3": "Zoë",
+    }
+
+
+def test_delimiter_and_no_header(settings: Settings, db: Any, tmp_path: Path) -> None:
+    lake = tmp_path / "semi"
+    lake.mkdir()
+    (lake / "a.csv").write_text("Ann;001;7\nBob;002;8\n")
+    fields = {"name": "string", "id": "string"}  # the columns in the file's order
+    toml = _toml("semi", lake, fields, delimiter=";", header=False)
+    _copy(settings, tmp_path, toml, "semi")
+    docs = {d["_id"]: d for d in db["semi"].find()}
+    oracle = _oracle([lake / "a.csv"], {"name": "VARCHAR", "id": "VARCHAR", "f2": "BIGINT"},
+                     delim=";", header=False)  # fmt: skip
+    assert docs.keys() == oracle.keys() == {"001", "002"}
+    assert docs["002"]["name"] == "Bob" and "f2" not in docs["002"]  # not declared: not kept
+    toml = _toml("semi2", lake, delimiter=";", header=False).replace('key = "id"', 'key = "f1"')
+    _copy(settings, tmp_path, toml, "semi2")
+    doc = db["semi2"].find_one({"_id": "001"})
+    assert (doc["f0"], doc["f1"], doc["f2"]) == ("Ann", "001", 7), doc
+
+
+def test_a_cell_of_two_megabytes_is_copied(settings: Settings, db: Any, tmp_path: Path) -> None:
+    lake = tmp_path / "big"
+    lake.mkdir()
+    big = "x" * (2 << 20)
+    (lake / "a.csv").write_text(f'id,text\na,"{big}"\nb,small\n')
+    done = _copy(settings, tmp_path, _toml("big", lake), "big")
+    assert done.insertedRecords == 2, done
+    assert db["big"].find_one({"_id": "a"})["text"] == big
+
+
+@pytest.mark.parametrize(
+    ("extra", "problem"),
+    [
+        ({"encoding": "klingon"}, "encoding 'klingon' is not an encoding"),
+        ({"delimiter": ";;"}, "delimiter ';;' must be one character"),
+        ({"delimiter": '"'}, "must be one character other than a quote"),
+        ({"header": "yes"}, "header: input should be a valid boolean"),
+        ({"encoding": "latin-1", "format": "parquet"}, "encoding only apply to CSV files"),
+    ],
+)
+def test_csv_settings_are_checked_at_load(
+    tmp_path: Path, extra: dict[str, Any], problem: str
+) -> None:
+    config = tmp_path / "lakesync.toml"
+    config.write_text(_toml("ops", tmp_path, **extra))
+    with pytest.raises(ConfigError) as e:
+        load_operations(config)
+    assert str(config) in str(e.value) and "'ops'" in str(e.value)
+    assert problem in str(e.value)
+
+
+def test_a_declared_number_that_is_not_one_rejects_its_record_not_the_file(
+    settings: Settings, db: Any, tmp_path: Path
+) -> None:
+    lake = tmp_path / "nums"
+    lake.mkdir()
+    rows = [f"r{i},{i}" for i in range(3000)]
+    rows[2500] = "bad,x"
+    rows[2600] = "pandas,7.0"  # an int column with a NaN, as pandas writes it
+    (lake / "a.csv").write_text("id,n\n" + "\n".join(rows) + "\n")
+    done = _copy(settings, tmp_path, _toml("nums", lake, {"n": "int"}), "nums")
+    assert (done.insertedRecords, done.errorRecords) == (2999, 1), done
+    error = db.copyerrors.find_one({"jobId": done.jobId})
+    assert error["row"] == 2500 and "n must be an integer" in error["reason"], error
+    assert db["nums"].find_one({"_id": "pandas"})["n"] == 7
