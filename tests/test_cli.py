@@ -9,8 +9,9 @@ import sys
 from pathlib import Path
 from typing import Any
 
+import httpx
 import pytest
-from tests.helpers import CONTRACT_FIELDS, ISO_Z, child_env, wait_for
+from tests.helpers import CONTRACT_FIELDS, ISO_Z, child_env, free_port, wait_for
 
 from lakesync.config import Settings
 
@@ -264,3 +265,52 @@ def test_reading_commands_do_not_generate_the_demo_lake(
     listed = lakesync(env, "jobs", "--json")
     assert listed.returncode == 0 and json_out(listed) == {"jobs": []}
     assert not (settings.data_dir / "demo-lake").exists()
+
+
+def test_jobs_from_another_folder_show_the_jobs_of_a_serve_started_elsewhere(
+    settings: Settings, tmp_path: Path
+) -> None:
+    """One data folder per user: a serve on the embedded server, started in one folder, and
+    the CLI run in another share the server, its jobs and `lakesync mongo-uri`."""
+    env = child_env(settings, LAKESYNC_DATA_DIR=str(tmp_path / "user-data"))
+    del env["LAKESYNC_MONGODB_URI"]  # the embedded server of the data folder
+    here, there = tmp_path / "repo", tmp_path / "elsewhere"
+    here.mkdir(), there.mkdir()
+    port = free_port()
+    with open(tmp_path / "serve.log", "ab") as log:
+        serve = subprocess.Popen(
+            [sys.executable, "-m", "lakesync", "serve", "--port", str(port)],
+            env=env, cwd=here, stdout=log, stderr=subprocess.STDOUT,
+        )  # fmt: skip
+    try:
+        url = f"http://127.0.0.1:{port}"
+        wait_for(lambda: _answers(url + "/healthz"), timeout=60)
+        started = httpx.post(url + "/api/jobs", json={"operation": "copy-taskdetail"}).json()
+
+        def run(*args: str) -> subprocess.CompletedProcess[str]:
+            return subprocess.run(
+                [sys.executable, "-m", "lakesync", *args],
+                env=env, cwd=there, capture_output=True, text=True, timeout=120,
+            )  # fmt: skip
+
+        listed = json_out(run("jobs", "--json"))
+        assert [j["jobId"] for j in listed["jobs"]] == [started["jobId"]]
+        uri = run("mongo-uri")
+        assert uri.returncode == 0 and uri.stdout.startswith("mongodb://127.0.0.1:"), uri.stderr
+        assert str(tmp_path / "user-data") in uri.stderr  # says which folder's server
+        quiet = run("jobs")
+        assert quiet.returncode == 0 and started["jobId"] in quiet.stdout
+        assert "INFO" not in quiet.stderr  # quiet by default
+        told = run("-v", "jobs")
+        assert str(tmp_path / "user-data") in told.stderr, told.stderr
+        assert not (there / ".lakesync").exists() and not (here / ".lakesync").exists()
+    finally:
+        serve.send_signal(signal.SIGTERM)
+        serve.wait(30)
+
+
+def _answers(url: str) -> bool:
+    try:
+        return httpx.get(url, timeout=1).status_code == 200
+    except httpx.HTTPError:
+        return False

@@ -160,7 +160,11 @@ class EmbeddedServer:
         self.port = int(state["port"])
         if not self._ping(1.0):
             return False
-        logger.info("using the embedded server already running on port %d", self.port)
+        logger.info(
+            "using the embedded MongoDB-wire server already running on 127.0.0.1:%d, files in %s",
+            self.port,
+            self.data_dir,
+        )
         return True
 
     def running_uri(self) -> str | None:
@@ -248,6 +252,8 @@ class Mongo:
                     f"{masked(str(e))}. Use mongodb://host:port or mongodb+srv://host."
                 ) from None
         self.where = describe_hosts(uri)
+        if secret is not None:
+            logger.info("MongoDB at %s (LAKESYNC_MONGODB_URI)", self.where)
         self.client: MongoClient[dict[str, Any]] = MongoClient(
             uri,
             serverSelectionTimeoutMS=CONNECT_TIMEOUT_MS,
