@@ -11,6 +11,7 @@ import contextlib
 import itertools
 import json
 import logging
+import os
 import signal
 import sys
 import threading
@@ -26,7 +27,7 @@ from rich.progress import BarColumn, Progress, TaskProgressColumn, TextColumn, T
 from rich.table import Table
 from typer.core import TyperCommand, TyperGroup
 
-from lakesync.config import Settings, get_settings
+from lakesync.config import Settings, get_settings, unknown_variables
 from lakesync.errors import ConfigError, JobError, LakesyncError
 from lakesync.logs import configure_logging, json_enabled
 from lakesync.models import JobState, JobStatus, Outcome, new_job_id
@@ -87,9 +88,41 @@ def _wants_json() -> bool:
     return "--json" in sys.argv[1:]
 
 
-def _settings() -> Settings:
+#: `-v`: log what happens (INFO lines), including which data folder and MongoDB are used
+_verbose = False
+
+
+@app.callback()
+def _options(
+    verbose: Annotated[
+        bool,
+        typer.Option(
+            "--verbose", "-v", help="Say which data folder and MongoDB are used; log each step."
+        ),
+    ] = False,
+) -> None:
+    global _verbose
+    _verbose = verbose
+
+
+def _settings(*, server: bool = False) -> Settings:
+    """The settings, with logging configured: quiet (warnings only) for a short command on
+    text logs, unless -v or LAKESYNC_LOG_LEVEL asks for more; `server` (serve, worker) logs
+    at LAKESYNC_LOG_LEVEL as a service should."""
     settings = get_settings()
-    configure_logging(settings.log_format, settings.log_level)
+    level = settings.log_level
+    chosen = "log_level" in settings.model_fields_set
+    if _verbose and not chosen:
+        level = "INFO"
+    elif not (_verbose or server or chosen or settings.log_format == "json"):
+        level = "WARNING"
+    configure_logging(settings.log_format, level)
+    for warning in unknown_variables(os.environ):
+        if server or json_enabled():
+            logger.warning("%s", warning)
+        else:
+            err.print(f"[yellow]warning:[/] {escape(warning)}", highlight=False, soft_wrap=True)
+    logger.info("data folder %s", settings.data_dir)
     return settings
 
 
@@ -128,7 +161,7 @@ def serve(
     try:
         from lakesync.api.server import serve as run_server
 
-        run_server(_settings(), host, port)
+        run_server(_settings(server=True), host, port)
     except LakesyncError as e:
         _fail(e)
 
@@ -157,7 +190,10 @@ def copy(
     operation: Annotated[str, typer.Argument(help="Operation to run.")] = "copy-taskdetail",
     source: Annotated[str | None, typer.Option(help="Lake URI (dir, file, glob, s3://).")] = None,
     batch_size: Annotated[int | None, typer.Option(help="Records per bulk write.")] = None,
-    mode: Annotated[str | None, typer.Option(help="full, incremental or mirror.")] = None,
+    mode: Annotated[
+        str | None,
+        typer.Option(help="full, incremental, mirror, or dry-run (count, write nothing)."),
+    ] = None,
     as_json: JsonFlag = False,
 ) -> None:
     """Run a copy job in the foreground with a progress bar; exit 1 unless it completes."""
@@ -475,9 +511,22 @@ def mongo_uri(
             )
         uri = with_database(running, settings.database)
     if as_json:
-        _print_json({"uri": uri, "database": settings.database, "embedded": embedded})
+        _print_json(
+            {
+                "uri": uri,
+                "database": settings.database,
+                "embedded": embedded,
+                "dataDir": str(settings.data_dir) if embedded else None,
+            }
+        )
+        return
+    sys.stdout.write(uri + "\n")
+    if embedded:  # on stderr: `mongosh "$(lakesync mongo-uri)"` gets the URI alone
+        _notice(
+            f"(the embedded server of `lakesync serve`, files in {escape(str(settings.data_dir))})"
+        )
     else:
-        sys.stdout.write(uri + "\n")
+        _notice("(from LAKESYNC_MONGODB_URI)")
 
 
 @app.command(cls=_Command)
@@ -620,7 +669,7 @@ def worker(
     try:
         from lakesync.worker import run_worker
 
-        run_worker(_settings(), concurrency)
+        run_worker(_settings(server=True), concurrency)
     except LakesyncError as e:
         _fail(e)
 
@@ -697,9 +746,17 @@ def unpause(operation: str) -> None:
     _pause(operation, False)
 
 
+def _verbose_first(args: list[str]) -> list[str]:
+    """`lakesync jobs -v` as `lakesync -v jobs`: -v is the group's option, typed anywhere."""
+    if "--" in args:
+        return args
+    flags = [a for a in args if a in ("-v", "--verbose")]
+    return flags + [a for a in args if a not in ("-v", "--verbose")]
+
+
 def main() -> None:
     """Entry point: settings errors become one clear line and exit code 2."""
     try:
-        app(prog_name="lakesync")
+        app(args=_verbose_first(sys.argv[1:]), prog_name="lakesync")
     except LakesyncError as e:
         _fail(e, 2)
