@@ -160,8 +160,12 @@ class CopyEngine:
         schema: RecordSchema,
         job_id: str,
         superseded: Superseded | None = None,
+        *,
+        dry_run: bool = False,
     ) -> None:
         self.target = target
+        #: count against the collection as it is, write nothing to it (rejections are kept)
+        self.dry_run = dry_run
         self.errors = errors
         self.schema = schema
         self.job_id = job_id
@@ -220,7 +224,15 @@ class CopyEngine:
         counts = Counters(processed=batch.table.num_rows, duplicates=ready.duplicates)
         rejected = [self._rejection(batch, r) for r in checked.rejections]
         started = time.perf_counter()
-        if ready.rows:
+        if ready.rows and self.dry_run:  # the one place a dry run differs: no write
+            existing = self._markers(ready.keys)
+            args = (ready.keys, ready.rows, ready.bodies, ready.digests, existing, batch, counts)
+            for planned in self._classify(*args):
+                if planned.counted is Counted.INSERTED:
+                    counts.inserted += 1
+                else:
+                    counts.updated += 1
+        elif ready.rows:
             self._classify_and_write(ready.keys, ready.rows, ready, batch, counts, rejected)
         if rejected:
             self._store_rejections(rejected)

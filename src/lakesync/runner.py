@@ -33,7 +33,7 @@ from lakesync.logs import job_context
 from lakesync.masking import masked
 from lakesync.mirror import MirrorSet, key_type
 from lakesync.models import Checkpoint, Counters, JobState, JobStatus, Outcome, Watermark
-from lakesync.operations import OperationRegistry, ResolvedJob
+from lakesync.operations import Mode, OperationRegistry, ResolvedJob
 from lakesync.partitions import PartitionedJobs
 from lakesync.retry import RetryPolicy
 from lakesync.schema import check_columns
@@ -223,7 +223,8 @@ class JobRunner:
         job_id = status.jobId
         job = self.registry.resolve(status.operation, status.options, self.settings)
         op, options, source = job.op, job.options, job.source
-        mode = options.mode or op.mode
+        dry_run = options.mode == "dry-run"  # a full copy's counts, written nowhere
+        mode: Mode = "full" if options.mode == "dry-run" else options.mode or op.mode
         mirror.check_source(op, options, source, self.settings)  # the lake setting may change
         known = None
         if status.checkpoint is not None:  # the files' facts its first run kept: no footers
@@ -268,10 +269,14 @@ class JobRunner:
             if (
                 self.partitioned.plans
                 and mode == "full"
+                and not dry_run
                 and self.partitioned.start(status, owner, lake, total, cp)
             ):
                 return Outcome.ENDED
-            pinned = {**status.options, "mode": mode}  # a resumed run keeps mode and version
+            pinned = {
+                **status.options,
+                "mode": "dry-run" if dry_run else mode,
+            }  # a resumed run keeps mode and version
             if lake.version is not None:
                 pinned["deltaVersion"] = lake.version
             if lake.since_version is not None:
@@ -324,6 +329,7 @@ class JobRunner:
             policy=policy,
             filter=reading,
             superseded=superseded,
+            dry_run=dry_run,
         )
         if paused is not None:
             return paused
@@ -358,7 +364,7 @@ class JobRunner:
         if cp.since is not None:
             message += f" (records changed since {shown(cp.since)})"
         done = self._end(job_id, owner, JobState.COMPLETED, message)  # or cancelled, see finish
-        if cp.until is not None and done.state is JobState.COMPLETED:
+        if cp.until is not None and done.state is JobState.COMPLETED and not dry_run:
             self._save_watermark(op.name, source, cp.until, job_id, mode, lake.version)
         if on_progress:
             on_progress(done)

@@ -39,6 +39,11 @@ class JobService:
         self.registry = registry
         self.executor = executor
 
+    @staticmethod
+    def _flight(operation: str, source: str, mode: str | None) -> str:
+        """A dry run neither joins nor blocks a copy of the same source: a slot of its own."""
+        return flight_key(operation, source) + ("|dry-run" if mode == "dry-run" else "")
+
     def start(
         self,
         operation: str,
@@ -86,7 +91,7 @@ class JobService:
         fields = {"trigger": trigger, "scheduledFor": scheduled_for, "clientJobId": client_job_id}
         try:
             status, created = self.store.create(
-                operation, stored, flight_key(operation, source), fields
+                operation, stored, self._flight(operation, source, options.mode), fields
             )
             if client_job_id and status.clientJobId != client_job_id:  # joined a running job
                 status = self.store.add_client_id(status, client_job_id)
