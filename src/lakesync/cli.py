@@ -639,6 +639,79 @@ def _table(*columns: str, widths: dict[str, int] | None = None) -> Table:
     return table
 
 
+@app.command(cls=_Command)
+def inspect(
+    operation: Annotated[str, typer.Argument(help="Operation to preview.")] = "copy-taskdetail",
+    source: Annotated[str | None, typer.Option(help="Lake URI (dir, file, glob, s3://).")] = None,
+    as_json: JsonFlag = False,
+) -> None:
+    """Preview a copy without copying: files, format, version, schema and the BSON types it
+    becomes, rows, repeated keys, sample documents and rejections. Writes nothing."""
+    from lakesync.operations import OperationRegistry
+    from lakesync.preview import preview
+    from lakesync.typemap import MONGODB, NX_27017
+
+    try:
+        settings = _settings()
+        registry = OperationRegistry.from_settings(settings)
+        if source is None and settings.lake_uri is None and registry.get(operation).source is None:
+            from lakesync.demo import ensure_demo_lake
+
+            ensure_demo_lake(settings)
+        # the embedded server's gaps when it is the server; a configured one is assumed MongoDB
+        limits = NX_27017 if settings.mongodb_uri is None else MONGODB
+        options = {"source": source} if source else {}
+        shown = preview(settings, registry, operation, options, limits=limits, trusted=True)
+    except LakesyncError as e:
+        _fail(e)
+    if as_json:
+        _print_json(shown)
+        return
+    _print_preview(shown)
+
+
+def _print_preview(p: dict[str, Any]) -> None:
+    """The preview for people: facts, then schema, samples and rejections, at 80 columns."""
+    version = f", Delta version {p['deltaVersion']}" if p["deltaVersion"] is not None else ""
+    facts = [
+        ("source", p["source"]),
+        ("format", f"{p['format']}{version}, {_plural(p['files'], 'file')}"),
+        ("rows", f"{p['rows']:,} (from {p['rowsFrom']})"),
+        ("writes to", f"collection {p['collection']}, _id = {p['key']}, mode {p['mode']}"),
+        ("sample", f"the first {_plural(p['sampleRows'], 'record')}: "
+         f"{p['sampleRejected']:,} rejected, "
+         f"{_plural(p['repeatedKeys']['keys'], 'key')} repeated "
+         f"({_plural(p['repeatedKeys']['records'], 'record')} a later one replaces)"),
+    ]  # fmt: skip
+    table = Table(show_header=False, box=None, pad_edge=False)
+    table.add_column(no_wrap=True, style="bold")
+    table.add_column(overflow="fold")
+    for name, value in facts:
+        table.add_row(name, escape(str(value)))
+    out.print(table)
+    columns = Table(box=None, pad_edge=False, header_style="bold", title_justify="left")
+    columns.add_column("column", overflow="fold")
+    columns.add_column("Arrow type", overflow="fold")
+    columns.add_column("BSON type", overflow="fold")
+    for c in p["schema"]:
+        name = c["name"] + (" (key)" if c["key"] else "")
+        columns.add_row(
+            escape(name), escape(c["arrowType"]), escape(c["bsonType"] or "not written")
+        )
+    out.print()
+    out.print(columns)
+    if p["documents"]:
+        out.print(f"\n[bold]{len(p['documents'])} sample documents as written[/]")
+        for doc in p["documents"]:
+            out.print(escape(json.dumps(doc, ensure_ascii=False)), highlight=False, soft_wrap=True)
+    if p["rejections"]:
+        out.print(f"\n[bold]{len(p['rejections'])} sample rejections[/]")
+        for r in p["rejections"]:
+            where = f"{Path(r['file']).name} row {r['row']}"
+            text = f"{r['key'] or '(no key)'} ({where}): {r['reason']}"
+            out.print(escape(text), highlight=False, soft_wrap=True)
+
+
 @app.command("demo-data", cls=_Command)
 def demo_data(
     rows: Annotated[int, typer.Option(min=1, help="Records to write.")],

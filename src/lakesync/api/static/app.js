@@ -434,6 +434,66 @@ async function startCopy(event) {
   }
 }
 
+async function showPreview() {
+  clearAlert();
+  const btn = $("preview-button");
+  if (btn.disabled) return;
+  let options;
+  try {
+    options = readOptions();
+  } catch (e) {
+    showAlert(e.message);
+    return;
+  }
+  btn.setAttribute("aria-busy", "true");
+  btn.disabled = true;
+  try {
+    const { data } = await api("/api/preview", {
+      method: "POST",
+      body: { operation: selectedOperation(), options },
+    });
+    renderPreview(data);
+  } catch (e) {
+    if (e.status === 401) $("token-input").focus();
+    else showAlert(e.message);
+  } finally {
+    btn.removeAttribute("aria-busy");
+    btn.disabled = false;
+  }
+}
+
+function renderPreview(p) {
+  const version = p.deltaVersion === null || p.deltaVersion === undefined ? "" : `, Delta version ${p.deltaVersion}`;
+  const rep = p.repeatedKeys || { keys: 0, records: 0, among: "" };
+  $("preview-summary").textContent =
+    `${p.source}: ${p.format}${version}, ${fmt(p.files)} file${p.files === 1 ? "" : "s"}, ` +
+    `${fmt(p.rows)} rows (from ${p.rowsFrom}). Into ${p.collection} with _id = ${p.key}. ` +
+    `Sample of ${fmt(p.sampleRows)}: ${fmt(p.sampleRejected)} rejected, ` +
+    `${fmt(rep.keys)} key${rep.keys === 1 ? "" : "s"} repeated (${rep.among}). Nothing was written.`;
+  const body = $("preview-schema");
+  body.replaceChildren();
+  for (const c of p.schema || []) {
+    const tr = document.createElement("tr");
+    for (const text of [c.name + (c.key ? " (key)" : ""), c.arrowType, c.bsonType || "not written"]) {
+      const td = document.createElement("td");
+      td.textContent = text;
+      tr.append(td);
+    }
+    body.append(tr);
+  }
+  $("preview-documents").textContent = (p.documents || []).map((d) => JSON.stringify(d)).join("\n") || "No valid record in the sample.";
+  const list = $("preview-rejections");
+  list.replaceChildren();
+  for (const r of p.rejections || []) {
+    const li = document.createElement("li");
+    li.textContent = `${r.key || "(no key)"} (${fileTail(r.file)} row ${r.row}): ${r.reason}`;
+    list.append(li);
+  }
+  $("preview-rejections-title").hidden = list.children.length === 0;
+  $("preview").hidden = false;
+  announce("Preview ready");
+}
+
 function askCancel() {
   $("cancel-confirm").hidden = false;
   $("cancel-button").setAttribute("aria-expanded", "true");
@@ -1488,6 +1548,8 @@ function wire() {
   EMPTY_JOB_TEXT = document.createDocumentFragment();
   for (const n of empty.childNodes) EMPTY_JOB_TEXT.append(n.cloneNode(true));
   $("start-form").addEventListener("submit", startCopy);
+  $("preview-button").addEventListener("click", showPreview);
+  $("preview-close").addEventListener("click", () => { $("preview").hidden = true; });
   $("cancel-button").addEventListener("click", askCancel);
   $("cancel-yes").addEventListener("click", cancelJob);
   $("cancel-no").addEventListener("click", () => closeCancel({ focus: true }));
