@@ -314,3 +314,66 @@ def _answers(url: str) -> bool:
         return httpx.get(url, timeout=1).status_code == 200
     except httpx.HTTPError:
         return False
+
+
+def test_resume_and_copy_follow_a_job_a_serve_runs(
+    serve_env: dict[str, str], slow_database: Any, request: Any, env: dict[str, str], db: Any
+) -> None:
+    """`resume` (or `copy`) of a job another process runs follows it to its end, exit 0."""
+    serve_env["LAKESYNC_BATCH_SIZE"] = "20"  # slow enough to be caught running
+    serve_env["LAKESYNC_PARTITION_ROWS"] = "1000000"
+    serve = request.getfixturevalue("serve")
+    job_id = httpx.post(serve.url + "/api/jobs", json={"operation": "copy-taskdetail"}).json()[
+        "jobId"
+    ]
+    wait_for(lambda: (db.jobstatuses.find_one({"jobId": job_id}) or {}).get("processedRecords"))
+    resumed, copied = in_parallel((env, ["resume", job_id, "--json"]), (env, ["copy", "--json"]))
+    for run in (resumed, copied):
+        assert run.returncode == 0, run.stderr
+        assert "another process runs it" not in run.stderr
+        assert "following it here" in run.stderr, run.stderr
+        done = json_out(run)
+        assert done["jobId"] == job_id and done["status"] == "completed"
+    assert db.taskdetails.count_documents({}) == 4975
+
+
+def test_copy_picks_up_an_abandoned_job_whose_lease_expired(
+    settings: Settings, env: dict[str, str], db: Any
+) -> None:
+    from lakesync.runtime import Runtime
+
+    with Runtime(settings) as rt:
+        status, _ = rt.jobs.start("copy-taskdetail", {}, trusted=True, trigger="cli")
+        assert rt.store.claim(status.jobId, "gone:1:abcdef:1:abcd", 3) is not None
+    assert db.jobstatuses.find_one({"jobId": status.jobId})["status"] == "in_progress"
+    env = env | {"LAKESYNC_LEASE_SECONDS": "3"}
+    run = lakesync(env, "copy", "--json")  # follows it until its lease expires, then takes over
+    assert run.returncode == 0, run.stderr
+    assert json_out(run)["jobId"] == status.jobId
+    done = db.jobstatuses.find_one({"jobId": status.jobId})
+    assert done["status"] == "completed" and done["processedRecords"] == 5000
+
+
+def test_failures_tell_their_real_cause_and_keep_brackets(
+    env: dict[str, str], tmp_path: Path
+) -> None:
+    lake = tmp_path / "lake"
+    lake.mkdir()
+    (lake / "bad[delta].parquet").write_bytes(b"PAR1 not parquet at all")
+    failed = lakesync(env, "copy", "--source", str(lake))
+    assert failed.returncode == 1
+    shown = failed.stdout + failed.stderr
+    assert "bad[delta].parquet" in shown, shown
+    assert ": Failed" not in shown and "Traceback" not in shown
+
+    s3 = env | {
+        "LAKESYNC_S3_ENDPOINT_URL": "http://127.0.0.1:9",  # nothing listens
+        "LAKESYNC_RETRY_BUDGET_SECONDS": "1",
+        "AWS_ACCESS_KEY_ID": "x",
+        "AWS_SECRET_ACCESS_KEY": "y",
+    }
+    for _ in range(2):  # the same true message when run again
+        run = lakesync(s3, "copy", "--source", "s3://bucket/tasks")
+        assert run.returncode == 1
+        assert "another process" not in run.stderr + run.stdout, run.stderr
+        assert "127.0.0.1:9" in run.stderr + run.stdout, run.stderr

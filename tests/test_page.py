@@ -385,15 +385,15 @@ def test_job_page_survives_reload_new_tab_and_back(serve: Any, run: Any) -> None
     expect(details).to_contain_text("4,975 inserted")
     expect(details).to_contain_text("25 rejected")
     log = page.locator("#job-log")
-    expect(log).to_contain_text(f"job {job_id}: run 1 started")
-    expect(log).to_contain_text("completed: Copied 5,000 records")
+    expect(log).to_contain_text("Run 1 started")
+    expect(log).to_contain_text("Completed: Copied 5,000 records")
     expect(page.locator("#chart-summary")).not_to_contain_text("No throughput samples")
     expect(page.locator("#chart-summary")).to_contain_text("Average over the whole job")
     shots(r, "job-page", height=1400)
 
     page.reload()
     expect(page.locator("#job-id")).to_have_text(job_id)
-    expect(page.locator("#job-log")).to_contain_text("run 1 started")
+    expect(page.locator("#job-log")).to_contain_text("Run 1 started")
 
     page.go_back()
     expect(page).to_have_url(re.compile(re.escape(serve.url) + r"/(#job=job_\w+)?$"))

@@ -15,6 +15,7 @@ import fcntl
 import json
 import logging
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -46,6 +47,17 @@ def describe_hosts(uri: str) -> str:
         return ", ".join(f"{h}:{p}" for h, p in nodes) or masked(uri)
     except Exception:
         return masked(uri)
+
+
+def driver_cause(error: BaseException) -> str:
+    """The cause in a driver error, in one line: `[Errno 111] Connection refused` rather
+    than its timeouts and topology description; the whole text if it has no such cause."""
+    text = masked(str(error)).splitlines()[0] if str(error).strip() else type(error).__name__
+    text = re.split(r" \(configured timeouts|, Timeout: |, Topology Description", text)[0]
+    if ": [Errno" in text:  # "host:port: [Errno 111] Connection refused"
+        text = text[text.index("[Errno") :]
+    text = re.sub(r"^\[Errno -?\d+\] ", "", text)
+    return text[:300].rstrip(". ") or type(error).__name__
 
 
 def with_database(uri: str, database: str) -> str:
@@ -268,9 +280,8 @@ class Mongo:
         try:
             self.client.admin.command("ping")
         except Exception as e:  # the driver can fail with other errors, e.g. on auth replies
-            reason = masked(f"{type(e).__name__}: {e}").splitlines()[0][:300]
             raise StoreError(
-                f"Cannot reach MongoDB at {self.where}: {reason}. "
+                f"Cannot reach MongoDB at {self.where}: {driver_cause(e)}. "
                 "Check LAKESYNC_MONGODB_URI (host, port, credentials) and that the server is up."
             ) from None
 

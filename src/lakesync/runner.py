@@ -108,7 +108,17 @@ class JobRunner:
     ) -> Outcome:
         job_id = status.jobId
         log = logging.LoggerAdapter(logger, {"jobId": job_id, "operation": status.operation})
-        log.info("job %s: run %d started by %s", job_id, status.attempt, owner)
+        if status.processedRecords:  # a run after a pause, a crash or a time limit
+            log.info(
+                "job %s: run %d resumed at record %s of %s",
+                job_id,
+                status.attempt,
+                f"{status.processedRecords:,}",
+                f"{status.totalRecords:,}",
+                extra={"owner": owner},
+            )
+        else:
+            log.info("job %s: run %d started", job_id, status.attempt, extra={"owner": owner})
         if (unrecorded := self.unrecorded.pop(job_id, None)) is not None:
             # its failure could not be written (e.g. a full disk): record it, do not copy again
             self._try_end(job_id, owner, JobState.FAILED, "Failed", unrecorded)
@@ -438,6 +448,7 @@ class JobRunner:
             )
         else:
             return None
+        logger.info("job %s: %s", job_id, text)
         policy.call(lambda: self.store.release(job_id, owner, text), "handing the job back")
         return Outcome.CONTINUE
 
