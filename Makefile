@@ -42,6 +42,7 @@ bench: $(STAMP_DEV)
 	$(BIN)/python bench/scaling.py
 	$(BIN)/python bench/scale.py
 	$(BIN)/python bench/status.py $(if $(findstring --quick,$(BENCH_ARGS)),--quick)
+	$(BIN)/python bench/startup.py
 
 clean:
 	rm -rf $(VENV) .lakesync .pytest_cache .mypy_cache .ruff_cache

@@ -121,7 +121,7 @@ BAD_INPUT = [  # `copy` exits 1 unless it completes (the contract); other comman
     (["copy", "--batch-size", "100001"], {}, 1, ["--batch-size 100001", RANGE]),
     (["copy", "no-such-op", "--json"], {}, 1, ["'no-such-op'", "Valid operations: copy-"]),
     (["copy", "--source", "/no/such/lake", "--json"], {}, 1, ["/no/such/lake", "not exist"]),
-    (["copy", "--mode", "sideways"], {}, 1, ["options.mode", "'full', 'incremental' or"]),
+    (["copy", "--mode", "sideways"], {}, 1, ["options.mode", "'mirror' or 'dry-run'"]),
     (["status", "job_unknown", "--json"], {}, 1, ["job_unknown"]),
 ]
 

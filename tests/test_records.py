@@ -96,7 +96,7 @@ def test_a_job_keeps_its_own_log(serve: ServeProcess, tmp_path: Path) -> None:
         r = httpx.get(f"{serve.url}/api/jobs/{job_id}/logs")
         assert r.status_code == 200, r.text
         got: list[dict[str, Any]] = r.json()["lines"]
-        return got if any("completed" in x["message"] for x in got) else []
+        return got if any("Completed" in x["message"] for x in got) else []
 
     got = wait_for(lines, timeout=10)
     text = "\n".join(x["message"] for x in got)
@@ -257,7 +257,7 @@ def test_errors_and_logs_commands(serve_env: dict[str, str], serve: ServeProcess
     assert code == 0, shown
     assert "Run 1 started" in shown and "Completed" in shown
     piped = lakesync(serve_env, "logs", job_id)
-    assert piped.returncode == 0 and "INFO" in piped.stdout and "completed" in piped.stdout
+    assert piped.returncode == 0 and "INFO" in piped.stdout and "Completed" in piped.stdout
 
     for command in ("errors", "logs"):
         code, shown = on_terminal(serve_env, command, "job_0000000000000000000000000z")
@@ -326,7 +326,7 @@ def test_the_log_tells_of_a_takeover_after_a_crash(
 
     def lines() -> list[dict[str, Any]]:
         got: list[dict[str, Any]] = httpx.get(f"{serve.url}/api/jobs/{job_id}/logs").json()["lines"]
-        return got if any("completed" in x["message"] for x in got) else []
+        return got if any("Completed" in x["message"] for x in got) else []
 
     text = [(x["level"], x["message"]) for x in wait_for(lines, timeout=10)]
     assert ("info", "Run 1 started") in text

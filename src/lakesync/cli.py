@@ -19,19 +19,21 @@ import time
 from collections.abc import Callable, Iterator
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Annotated, Any, NoReturn
+from typing import TYPE_CHECKING, Annotated, Any, NoReturn
 
 import typer
 from rich.console import Console
 from rich.markup import escape
-from rich.progress import BarColumn, Progress, TaskProgressColumn, TextColumn, TimeRemainingColumn
-from rich.table import Table
 from typer.core import TyperCommand, TyperGroup
 
-from lakesync.config import Settings, get_settings, unknown_variables
 from lakesync.errors import ConfigError, JobError, LakesyncError
-from lakesync.logs import configure_logging, json_enabled
-from lakesync.models import JobState, JobStatus, Outcome, new_job_id
+
+if TYPE_CHECKING:
+    from lakesync.config import Settings
+    from lakesync.models import JobStatus
+
+# Start-up: each command imports what it needs when it runs (pydantic settings and models,
+# the runtime, rich's progress bar and tables), so `--help` and quick reads start fast.
 
 err = Console(stderr=True)
 out = Console()
@@ -80,6 +82,7 @@ app = typer.Typer(
     add_completion=False,
     pretty_exceptions_show_locals=False,  # locals may hold URIs with passwords
     no_args_is_help=True,
+    rich_markup_mode=None,  # plain help: rendering it with rich costs more than the command
     help="Copy data-lake records into MongoDB as durable background jobs.",
 )
 
@@ -116,6 +119,9 @@ def _settings(*, server: bool = False) -> Settings:
     """The settings, with logging configured: quiet (warnings only) for a short command on
     text logs, unless -v or LAKESYNC_LOG_LEVEL asks for more; `server` (serve, worker) logs
     at LAKESYNC_LOG_LEVEL as a service should."""
+    from lakesync.config import get_settings, unknown_variables
+    from lakesync.logs import configure_logging, json_enabled
+
     settings = get_settings()
     chosen = "log_level" in settings.model_fields_set
     configure_logging(
@@ -138,6 +144,8 @@ def _settings(*, server: bool = False) -> Settings:
 def _fail(error: Exception, code: int | None = None) -> NoReturn:
     """Print one clear line to stderr and exit with `code`; by default 2 for a bad setting
     (a start-up error) and 1 for anything else. With `--json`, stdout gets `{"error": ...}`."""
+    from lakesync.logs import json_enabled
+
     if _wants_json():
         _print_json({"error": str(error)})
     if json_enabled():
@@ -152,6 +160,8 @@ def _fail(error: Exception, code: int | None = None) -> NoReturn:
 def _notice(text: str, **fields: str) -> None:
     """A note for the user on stderr (plain text: never read as markup); a log line when
     logs are JSON, so stderr stays JSON."""
+    from lakesync.logs import json_enabled
+
     if json_enabled():
         logger.info("%s", text, extra=fields)
     else:
@@ -195,7 +205,7 @@ class _CopyCommand(_Command):
             raise
 
 
-@app.command(cls=_CopyCommand)
+@app.command(cls=_CopyCommand, short_help="Copy a lake into MongoDB now, with a progress bar.")
 def copy(
     operation: Annotated[str, typer.Argument(help="Operation to run.")] = "copy-taskdetail",
     source: Annotated[str | None, typer.Option(help="Lake URI (dir, file, glob, s3://).")] = None,
@@ -244,6 +254,8 @@ def copy(
 
 
 def _finish(final: JobStatus, as_json: bool) -> NoReturn:
+    from lakesync.models import JobState
+
     if as_json:
         _print_json(final.public())
     else:
@@ -251,7 +263,7 @@ def _finish(final: JobStatus, as_json: bool) -> NoReturn:
     raise typer.Exit(0 if final.state is JobState.COMPLETED else 1)
 
 
-@app.command(cls=_Command)
+@app.command(cls=_Command, short_help="Continue a failed, paused or abandoned job.")
 def resume(job_id: str, as_json: JsonFlag = False) -> None:
     """Continue a failed, paused or abandoned job from its checkpoint, in the foreground;
     exit 1 unless it completes."""
@@ -283,6 +295,16 @@ def _run_foreground(rt: Any, job_id: str, show_bar: bool, verb: str) -> JobStatu
     this run had to give the job back (the lake or MongoDB unavailable past the retries),
     with the cause.
     """
+    from rich.progress import (
+        BarColumn,
+        Progress,
+        TaskProgressColumn,
+        TextColumn,
+        TimeRemainingColumn,
+    )
+
+    from lakesync.models import JobState, Outcome
+
     previous = signal.getsignal(signal.SIGINT)
     following = threading.Event()
 
@@ -372,6 +394,8 @@ def _follow(rt: Any, job_id: str, progress: Callable[[JobStatus], None]) -> None
     """Show the progress of a job another process runs until it ends, Ctrl-C, or it is
     silent for longer than a lease (its run may have died: the caller then claims it,
     which takes it over only if its lease really expired)."""
+    from lakesync.models import JobState
+
     started = time.monotonic()
     lease = rt.settings.lease_seconds
     while True:
@@ -407,6 +431,8 @@ def _plural(n: int, word: str) -> str:
 
 
 def _print_summary(s: JobStatus) -> None:
+    from lakesync.models import JobState
+
     colour = {"completed": "green", "failed": "red", "cancelled": "yellow"}.get(s.status, "cyan")
     head = f"[bold {colour}]{s.status.value}[/] {escape(s.jobId)}"
     message = (s.message or "").strip()
@@ -430,16 +456,24 @@ def _print_summary(s: JobStatus) -> None:
 @app.command(cls=_Command)
 def status(job_id: str, as_json: JsonFlag = False) -> None:
     """Show one job's status."""
-    from lakesync.runtime import Runtime
-
     try:
-        with Runtime(_settings()) as rt:
-            s = rt.jobs.get(job_id)
+        settings = _settings()
+        if _nothing_stored(settings):
+            from lakesync.errors import JobNotFound
+
+            raise JobNotFound(
+                f"No job {job_id!r}: no job has run with the data folder {settings.data_dir} "
+                "(its embedded server is not running and holds no database)."
+            )
+        with _statuses(settings) as store:
+            s = store.get(job_id)
     except LakesyncError as e:
         _fail(e)
     if as_json:
         _print_json(s.public())
         return
+    from rich.table import Table
+
     table = Table(show_header=False, box=None)
     table.add_column(no_wrap=True)
     table.add_column(overflow="fold")
@@ -447,6 +481,30 @@ def status(job_id: str, as_json: JsonFlag = False) -> None:
         if value not in (None, {}, "", []):
             table.add_row(f"[bold]{key}[/]", escape(_shown(key, value)))
     out.print(table)
+
+
+def _nothing_stored(settings: Settings) -> bool:
+    """True when there is nothing to read and no reason to start a server to read it: no
+    LAKESYNC_MONGODB_URI, the embedded server not running, and its files without our
+    database (no job ever ran with this data folder)."""
+    if settings.mongodb_uri is not None:
+        return False
+    from lakesync.mongo import EmbeddedServer
+
+    server = EmbeddedServer(settings.data_dir)
+    return not server.holds(settings.database) and server.running_uri() is None
+
+
+@contextlib.contextmanager
+def _statuses(settings: Settings) -> Iterator[Any]:
+    """The job statuses alone, for commands that only read them: no runtime (executor,
+    lake readers, index builds) behind it, so they answer at once."""
+    from lakesync.jobstore import JobStore
+    from lakesync.mongo import Mongo
+
+    with Mongo(settings) as mongo:
+        mongo.ping()
+        yield JobStore(mongo.db, settings.status_ttl_days)
 
 
 def _shown(key: str, value: Any) -> str:
@@ -472,11 +530,12 @@ def jobs(
     as_json: JsonFlag = False,
 ) -> None:
     """List recent jobs, newest first."""
-    from lakesync.runtime import Runtime
-
     try:
-        with Runtime(_settings()) as rt:
-            found = rt.jobs.list(limit=limit)
+        settings = _settings()
+        found = []
+        if not _nothing_stored(settings):
+            with _statuses(settings) as store:
+                found = store.list_jobs(limit=limit)
     except LakesyncError as e:
         _fail(e)
     if as_json:
@@ -484,7 +543,8 @@ def jobs(
         return
     if not found:
         out.print(
-            "No jobs yet. Start one with `lakesync copy` or from the page of `lakesync serve`."
+            "No jobs yet. Start one with `lakesync copy` or from the page of `lakesync serve`.",
+            soft_wrap=True,
         )
         return
     # job ids never wrap nor shrink, so they can be pasted into `lakesync status`; each
@@ -525,6 +585,8 @@ def _job_line(j: JobStatus, width: int | None) -> str:
 
 def _result(j: JobStatus) -> str:
     """A job's outcome in a few words: counts when completed, the error when failed."""
+    from lakesync.models import JobState
+
     if j.state is JobState.FAILED:
         return f"failed: {j.error or j.message or ''}".strip()
     if j.state is JobState.COMPLETED:
@@ -559,7 +621,7 @@ def _shorten_words(text: str, width: int) -> str:
     return (text[:cut] if cut > 2 else text[: width - 1]).rstrip(" ,;:") + "…"
 
 
-@app.command(cls=_Command)
+@app.command(cls=_Command, short_help="Cancel a job (after its current batch).")
 def cancel(
     job_id: str,
     yes: Annotated[bool, typer.Option("--yes", "-y", help="Do not ask for confirmation.")] = False,
@@ -568,6 +630,7 @@ def cancel(
 
     On a terminal it asks first (--yes does not); in a pipe or a script it never asks.
     """
+    from lakesync.models import JobState
     from lakesync.runtime import Runtime
 
     try:
@@ -604,7 +667,7 @@ def cancel(
     out.print(escape(text), highlight=False, soft_wrap=True)
 
 
-@app.command("mongo-uri", cls=_Command)
+@app.command("mongo-uri", cls=_Command, short_help="Print the MongoDB URI (for mongosh, drivers).")
 def mongo_uri(
     show_password: Annotated[
         bool, typer.Option("--show-password", help="Print the password instead of ***.")
@@ -655,7 +718,7 @@ def mongo_uri(
         _notice("(from LAKESYNC_MONGODB_URI)")
 
 
-@app.command(cls=_Command)
+@app.command(cls=_Command, short_help="List a job's rejected records and why.")
 def errors(
     job_id: str,
     as_csv: Annotated[
@@ -664,6 +727,8 @@ def errors(
     limit: Annotated[int, typer.Option(min=1, help="At most this many records.")] = 100,
 ) -> None:
     """List a job's rejected records: key, file, row and reason, in lake order."""
+    from rich.table import Table
+
     from lakesync import rejections
     from lakesync.runtime import Runtime
 
@@ -706,7 +771,7 @@ def errors(
         )
 
 
-@app.command(cls=_Command)
+@app.command(cls=_Command, short_help="Print a job's own log.")
 def logs(job_id: str) -> None:
     """Print a job's own log lines (runs, takeovers, retries, hand-backs, failures)."""
     from lakesync import joblog
@@ -727,9 +792,11 @@ def logs(job_id: str) -> None:
         sys.stdout.write(text + "\n")
 
 
-@app.command(cls=_Command)
+@app.command(cls=_Command, short_help="List the operations, their last job and schedule.")
 def operations(as_json: JsonFlag = False) -> None:
     """List the declared operations with their last job and watermark."""
+    from rich.table import Table
+
     from lakesync.runtime import Runtime
     from lakesync.watermarks import WatermarkStore
 
@@ -792,7 +859,7 @@ def _local_time(iso: str | None, zone: str) -> str:
     return at.strftime("%m-%d %H:%M ") + (at.tzname() or zone)
 
 
-@app.command(cls=_Command)
+@app.command(cls=_Command, short_help="Preview what a copy would read and write.")
 def inspect(
     operation: Annotated[str, typer.Argument(help="Operation to preview.")] = "copy-taskdetail",
     source: Annotated[str | None, typer.Option(help="Lake URI (dir, file, glob, s3://).")] = None,
@@ -825,6 +892,8 @@ def inspect(
 
 def _print_preview(p: dict[str, Any]) -> None:
     """The preview for people: facts, then schema, samples and rejections, at 80 columns."""
+    from rich.table import Table
+
     version = f", Delta version {p['deltaVersion']}" if p["deltaVersion"] is not None else ""
     facts = [
         ("source", p["source"]),
@@ -865,7 +934,7 @@ def _print_preview(p: dict[str, Any]) -> None:
             out.print(escape(text), highlight=False, soft_wrap=True)
 
 
-@app.command("demo-data", cls=_Command)
+@app.command("demo-data", cls=_Command, short_help="Write a TaskDetail demo lake (Parquet).")
 def demo_data(
     rows: Annotated[int, typer.Option(min=1, help="Records to write.")],
     out_dir: Annotated[Path, typer.Option("--out", help="Directory to write.")],
@@ -888,7 +957,7 @@ def demo_data(
     out.print(escape(text), highlight=False, soft_wrap=True)
 
 
-@app.command(cls=_Command)
+@app.command(cls=_Command, short_help="Run a Celery worker (LAKESYNC_EXECUTOR=celery).")
 def worker(
     concurrency: Annotated[int | None, typer.Option(min=1, help="Parallel jobs.")] = None,
 ) -> None:
@@ -901,9 +970,12 @@ def worker(
         _fail(e)
 
 
-@app.command(cls=_Command)
+@app.command(cls=_Command, short_help="List scheduled operations and their next run.")
 def schedules(as_json: JsonFlag = False) -> None:
     """List scheduled operations: schedule, paused or not, next run, last run and result."""
+    from rich.table import Table
+
+    from lakesync.models import new_job_id
     from lakesync.runtime import Runtime
 
     try:
@@ -920,7 +992,8 @@ def schedules(as_json: JsonFlag = False) -> None:
     if not listed:
         out.print(
             "No operation has a schedule (set LAKESYNC_SCHEDULE, or `schedule` or "
-            "`every` in lakesync.toml)."
+            "`every` in lakesync.toml).",
+            soft_wrap=True,
         )
         return
     table = Table(box=None, pad_edge=False, header_style="bold")
@@ -963,13 +1036,13 @@ def _pause(name: str, paused: bool) -> None:
     out.print(escape(text), highlight=False, soft_wrap=True)
 
 
-@app.command(cls=_Command)
+@app.command(cls=_Command, short_help="Pause an operation's schedule.")
 def pause(operation: str) -> None:
     """Pause an operation's schedule (its running job, if any, goes on)."""
     _pause(operation, True)
 
 
-@app.command(cls=_Command)
+@app.command(cls=_Command, short_help="Resume an operation's schedule.")
 def unpause(operation: str) -> None:
     """Resume an operation's schedule; slots passed while paused are not run."""
     _pause(operation, False)

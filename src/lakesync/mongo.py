@@ -189,6 +189,11 @@ class EmbeddedServer:
             return None
         return self.uri if alive and self._ping(1.0) else None
 
+    def holds(self, database: str) -> bool:
+        """Whether the server's files hold `database` (without starting it): nx-27017 keeps
+        one SQLite file per database."""
+        return (self.data_dir / f"{database}.db").is_file()
+
     def _ping(self, seconds: float) -> bool:
         client: MongoClient[dict[str, Any]] = MongoClient(
             self.uri, serverSelectionTimeoutMS=int(seconds * 1000), connectTimeoutMS=500
