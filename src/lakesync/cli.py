@@ -37,6 +37,8 @@ if TYPE_CHECKING:
 
 err = Console(stderr=True)
 out = Console()
+# in a pipe, text is never wrapped (scripts read whole lines); on a terminal, at words
+out.soft_wrap, err.soft_wrap = not out.is_terminal, not err.is_terminal
 logger = logging.getLogger(__name__)
 
 JsonFlag = Annotated[bool, typer.Option("--json", help="Print JSON for scripts.")]
@@ -136,7 +138,7 @@ def _settings(*, server: bool = False) -> Settings:
         if server or json_enabled():
             logger.warning("%s", warning)
         else:
-            err.print(f"[yellow]warning:[/] {escape(warning)}", highlight=False, soft_wrap=True)
+            err.print(f"[yellow]warning:[/] {escape(warning)}", highlight=False)
     logger.info("data folder %s", settings.data_dir)
     return settings
 
@@ -165,7 +167,7 @@ def _notice(text: str, **fields: str) -> None:
     if json_enabled():
         logger.info("%s", text, extra=fields)
     else:
-        err.print(escape(text), highlight=False, soft_wrap=True)
+        err.print(escape(text), highlight=False)
 
 
 def _print_json(data: Any) -> None:
@@ -438,19 +440,19 @@ def _print_summary(s: JobStatus) -> None:
     message = (s.message or "").strip()
     if message and message.lower() not in (s.status.value, "failed"):  # "failed job_x: Failed"
         head += f": {escape(message)}"
-    out.print(head, highlight=False, soft_wrap=True)
+    out.print(head, highlight=False)
     if s.error:
-        out.print(f"[red]{escape(s.error)}[/]", highlight=False, soft_wrap=True)
+        out.print(f"[red]{escape(s.error)}[/]", highlight=False)
     if s.state is JobState.PENDING:
         text = (
             f"It keeps its checkpoint. A running `lakesync serve` takes it over by itself "
             f"within seconds: follow it with `lakesync status {s.jobId}`. Otherwise continue "
             f"it here with `lakesync resume {s.jobId}`."
         )
-        out.print(escape(text), highlight=False, soft_wrap=True)
+        out.print(escape(text), highlight=False)
     elif s.state is JobState.IN_PROGRESS:
         text = f"It goes on in another process: follow it with `lakesync status {s.jobId}`."
-        out.print(escape(text), highlight=False, soft_wrap=True)
+        out.print(escape(text), highlight=False)
 
 
 @app.command(cls=_Command)
@@ -544,7 +546,6 @@ def jobs(
     if not found:
         out.print(
             "No jobs yet. Start one with `lakesync copy` or from the page of `lakesync serve`.",
-            soft_wrap=True,
         )
         return
     # job ids never wrap nor shrink, so they can be pasted into `lakesync status`; each
@@ -565,10 +566,10 @@ def jobs(
         ]
         return "  ".join(c.ljust(w) for c, w in zip(fitted, widths, strict=True)).rstrip()
 
-    out.print(f"[bold]{escape(line(head))}[/]", highlight=False, soft_wrap=True)
+    out.print(f"[bold]{escape(line(head))}[/]", highlight=False)
     for j, row in zip(found, rows, strict=True):
-        out.print(escape(line(row)), highlight=False, soft_wrap=True)
-        out.print(f"[dim]{escape(_job_line(j, width))}[/]", highlight=False, soft_wrap=True)
+        out.print(escape(line(row)), highlight=False)
+        out.print(f"[dim]{escape(_job_line(j, width))}[/]", highlight=False)
 
 
 def _job_line(j: JobStatus, width: int | None) -> str:
@@ -664,7 +665,7 @@ def cancel(
             f"Cancellation of job {job_id} requested; it stops after its current batch. "
             f"Follow it with `lakesync status {job_id}`."
         )
-    out.print(escape(text), highlight=False, soft_wrap=True)
+    out.print(escape(text), highlight=False)
 
 
 @app.command("mongo-uri", cls=_Command, short_help="Print the MongoDB URI (for mongosh, drivers).")
@@ -750,7 +751,7 @@ def errors(
     if folder in files:  # one file: its folder
         folder = os.path.dirname(folder)
     if folder:
-        out.print(escape(f"files under {folder}/"), highlight=False, soft_wrap=True)
+        out.print(escape(f"files under {folder}/"), highlight=False)
     table = Table(box=None, pad_edge=False, header_style="bold")
     table.add_column("key", overflow="fold")
     table.add_column("file:row", no_wrap=True)
@@ -817,7 +818,7 @@ def operations(as_json: JsonFlag = False) -> None:
             "no job yet" if op.lastJob is None else f"{op.lastJob['status']} {op.lastJob['jobId']}"
         )
         head = f"[bold]{escape(op.name)}[/]  mode {escape(op.mode)}"
-        out.print(head, highlight=False, soft_wrap=True)
+        out.print(head, highlight=False)
         lines = [
             ("source", _shorten_left(op.source, width - 16)),
             ("collection", f"{op.collection} (_id = {op.key})"),
@@ -925,13 +926,13 @@ def _print_preview(p: dict[str, Any]) -> None:
     if p["documents"]:
         out.print(f"\n[bold]{len(p['documents'])} sample documents as written[/]")
         for doc in p["documents"]:
-            out.print(escape(json.dumps(doc, ensure_ascii=False)), highlight=False, soft_wrap=True)
+            out.print(escape(json.dumps(doc, ensure_ascii=False)), highlight=False)
     if p["rejections"]:
         out.print(f"\n[bold]{len(p['rejections'])} sample rejections[/]")
         for r in p["rejections"]:
             where = f"{Path(r['file']).name} row {r['row']}"
             text = f"{r['key'] or '(no key)'} ({where}): {r['reason']}"
-            out.print(escape(text), highlight=False, soft_wrap=True)
+            out.print(escape(text), highlight=False)
 
 
 @app.command("demo-data", cls=_Command, short_help="Write a TaskDetail demo lake (Parquet).")
@@ -954,7 +955,7 @@ def demo_data(
         f"wrote {_plural(made.rows, 'record')} ({made.bad_rows:,} bad) in "
         f"{_plural(made.files, 'file')} to {made.out}"
     )
-    out.print(escape(text), highlight=False, soft_wrap=True)
+    out.print(escape(text), highlight=False)
 
 
 @app.command(cls=_Command, short_help="Run a Celery worker (LAKESYNC_EXECUTOR=celery).")
@@ -993,7 +994,6 @@ def schedules(as_json: JsonFlag = False) -> None:
         out.print(
             "No operation has a schedule (set LAKESYNC_SCHEDULE, or `schedule` or "
             "`every` in lakesync.toml).",
-            soft_wrap=True,
         )
         return
     table = Table(box=None, pad_edge=False, header_style="bold")
@@ -1033,7 +1033,7 @@ def _pause(name: str, paused: bool) -> None:
         if paused
         else f"Schedule of {name} resumed; next run {s['nextRun']}."
     )
-    out.print(escape(text), highlight=False, soft_wrap=True)
+    out.print(escape(text), highlight=False)
 
 
 @app.command(cls=_Command, short_help="Pause an operation's schedule.")
