@@ -89,3 +89,8 @@ def test_inspect_of_a_delta_table_names_its_version(settings: Settings, tmp_path
         env=fake, capture_output=True, text=True, timeout=120,
     )  # fmt: skip
     assert refused.returncode == 1 and "lacks required column" in refused.stderr
+
+
+def test_the_openapi_document_names_the_preview_and_the_destination(client: TestClient) -> None:
+    paths = client.get("/openapi.json").json()["paths"]
+    assert "post" in paths["/api/preview"] and "get" in paths["/api/destination"]

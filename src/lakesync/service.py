@@ -223,6 +223,7 @@ def check_source_exists(source: str, roots: list[str] | None = None) -> None:
         return
     if not os.path.exists(source):
         raise SourceError(
-            f"The source {source!r} does not exist. Set LAKESYNC_LAKE_URI or the job's "
+            f"The source {source!r} does not exist. Fix the operation's `source` in "
+            "lakesync.toml (or LAKESYNC_LAKE_URI for an operation without one), or the job's "
             "source option to a directory, file, glob or s3:// URI of the lake."
         )

@@ -62,6 +62,7 @@ def create_app(runtime: Runtime, close_on_shutdown: bool = False) -> FastAPI:
     install_error_handlers(app)
     for module in (jobs, preview, records, operations, netlify, health, page):
         app.include_router(module.router)
+    app.include_router(page.api_router)
     docs.install(app)
     openapi.install(app, runtime.settings.api_token is not None, runtime.registry.names())
     app.mount("/static", StaticFiles(directory=page.STATIC), name="static")
