@@ -731,12 +731,11 @@ def errors(
     from rich.table import Table
 
     from lakesync import rejections
-    from lakesync.runtime import Runtime
 
     try:
-        with Runtime(_settings()) as rt:
-            job = rt.jobs.get(job_id)
-            found = list(itertools.islice(rejections.every(rt.store.copyerrors, job_id), limit))
+        with _statuses(_settings()) as store:
+            job = store.get(job_id)
+            found = list(itertools.islice(rejections.every(store.copyerrors, job_id), limit))
     except LakesyncError as e:
         _fail(e)
     if as_csv:
@@ -755,7 +754,7 @@ def errors(
     table = Table(box=None, pad_edge=False, header_style="bold")
     table.add_column("key", overflow="fold")
     table.add_column("file:row", no_wrap=True)
-    table.add_column("reason", overflow="fold", ratio=1)  # wraps at its spaces
+    table.add_column("reason", overflow="fold")  # wraps at its spaces
     for doc, file in zip(found, files, strict=True):
         place = file[len(folder) + 1 :] if folder else file
         table.add_row(
@@ -776,12 +775,11 @@ def errors(
 def logs(job_id: str) -> None:
     """Print a job's own log lines (runs, takeovers, retries, hand-backs, failures)."""
     from lakesync import joblog
-    from lakesync.runtime import Runtime
 
     try:
-        with Runtime(_settings()) as rt:
-            rt.jobs.get(job_id)
-            lines = joblog.read_lines(rt.store.db, job_id)
+        with _statuses(_settings()) as store:
+            store.get(job_id)
+            lines = joblog.read_lines(store.db, job_id)
     except LakesyncError as e:
         _fail(e)
     if not lines:
