@@ -448,9 +448,9 @@ def test_resume_button_continues_a_failed_job(serve: Any, tmp_path: Path, run: A
     expect(page.locator("#message")).to_contain_text("Copied 300 records")
     expect(page.locator("#details")).to_contain_text("Runs")
     page.wait_for_timeout(1000)  # the log asked for at the end came back without run 2
-    expect(page.locator("#job-log")).not_to_contain_text("run 2 started")
+    expect(page.locator("#job-log")).not_to_contain_text("Run 2 started")
     hold["on"] = False
-    expect(page.locator("#job-log")).to_contain_text("run 2 started", timeout=15_000)
+    expect(page.locator("#job-log")).to_contain_text("Run 2 started", timeout=15_000)
     shots(r, "resumed", height=1300)
 
 

@@ -86,6 +86,9 @@ def tidy(message: str, job_id: str, *, capital: bool = True) -> str:
     text = text.replace(f" of job {job_id}", "").replace(f" of Job {job_id}", "")
     text = text.replace(f"Job {job_id}", "The job").replace(f"job {job_id}", "the job")
     text = _OWNER.sub("this run", text)
+    head, colon, rest = text.partition(": ")
+    if colon and rest.strip().rstrip(".").lower() == head.lower():  # "failed: Failed"
+        text = head
     return text[:1].upper() + text[1:] if capital else text
 
 
