@@ -43,6 +43,7 @@ bench: $(STAMP_DEV)
 	$(BIN)/python bench/scale.py
 	$(BIN)/python bench/status.py $(if $(findstring --quick,$(BENCH_ARGS)),--quick)
 	$(BIN)/python bench/keys.py $(if $(findstring --quick,$(BENCH_ARGS)),--quick)
+	$(BIN)/python bench/startup.py
 
 clean:
 	rm -rf $(VENV) .lakesync .pytest_cache .mypy_cache .ruff_cache

@@ -35,11 +35,13 @@ from lakesync.runtime import Runtime
 
 
 @pytest.fixture(autouse=True)
-def _clean_env(monkeypatch: pytest.MonkeyPatch) -> None:
+def _clean_env(monkeypatch: pytest.MonkeyPatch, tmp_path_factory: pytest.TempPathFactory) -> None:
     """Tests configure lakesync explicitly; nothing leaks in from the caller's environment."""
     for key in list(os.environ):
         if key.startswith("LAKESYNC_"):
             monkeypatch.delenv(key)
+    # never the user's own data folder
+    monkeypatch.setenv("LAKESYNC_DATA_DIR", str(tmp_path_factory.getbasetemp() / "user-data"))
     from lakesync.config import get_settings
 
     get_settings.cache_clear()

@@ -9,8 +9,9 @@ import sys
 from pathlib import Path
 from typing import Any
 
+import httpx
 import pytest
-from tests.helpers import CONTRACT_FIELDS, ISO_Z, child_env, wait_for
+from tests.helpers import CONTRACT_FIELDS, ISO_Z, child_env, free_port, wait_for
 
 from lakesync.config import Settings
 
@@ -120,7 +121,7 @@ BAD_INPUT = [  # `copy` exits 1 unless it completes (the contract); other comman
     (["copy", "--batch-size", "100001"], {}, 1, ["--batch-size 100001", RANGE]),
     (["copy", "no-such-op", "--json"], {}, 1, ["'no-such-op'", "Valid operations: copy-"]),
     (["copy", "--source", "/no/such/lake", "--json"], {}, 1, ["/no/such/lake", "not exist"]),
-    (["copy", "--mode", "sideways"], {}, 1, ["options.mode", "'full', 'incremental' or"]),
+    (["copy", "--mode", "sideways"], {}, 1, ["options.mode", "'mirror' or 'dry-run'"]),
     (["status", "job_unknown", "--json"], {}, 1, ["job_unknown"]),
 ]
 
@@ -264,3 +265,115 @@ def test_reading_commands_do_not_generate_the_demo_lake(
     listed = lakesync(env, "jobs", "--json")
     assert listed.returncode == 0 and json_out(listed) == {"jobs": []}
     assert not (settings.data_dir / "demo-lake").exists()
+
+
+def test_jobs_from_another_folder_show_the_jobs_of_a_serve_started_elsewhere(
+    settings: Settings, tmp_path: Path
+) -> None:
+    """One data folder per user: a serve on the embedded server, started in one folder, and
+    the CLI run in another share the server, its jobs and `lakesync mongo-uri`."""
+    env = child_env(settings, LAKESYNC_DATA_DIR=str(tmp_path / "user-data"))
+    del env["LAKESYNC_MONGODB_URI"]  # the embedded server of the data folder
+    here, there = tmp_path / "repo", tmp_path / "elsewhere"
+    here.mkdir(), there.mkdir()
+    port = free_port()
+    with open(tmp_path / "serve.log", "ab") as log:
+        serve = subprocess.Popen(
+            [sys.executable, "-m", "lakesync", "serve", "--port", str(port)],
+            env=env, cwd=here, stdout=log, stderr=subprocess.STDOUT,
+        )  # fmt: skip
+    try:
+        url = f"http://127.0.0.1:{port}"
+        wait_for(lambda: _answers(url + "/healthz"), timeout=60)
+        started = httpx.post(url + "/api/jobs", json={"operation": "copy-taskdetail"}).json()
+
+        def run(*args: str) -> subprocess.CompletedProcess[str]:
+            return subprocess.run(
+                [sys.executable, "-m", "lakesync", *args],
+                env=env, cwd=there, capture_output=True, text=True, timeout=120,
+            )  # fmt: skip
+
+        listed = json_out(run("jobs", "--json"))
+        assert [j["jobId"] for j in listed["jobs"]] == [started["jobId"]]
+        uri = run("mongo-uri")
+        assert uri.returncode == 0 and uri.stdout.startswith("mongodb://127.0.0.1:"), uri.stderr
+        assert str(tmp_path / "user-data") in uri.stderr  # says which folder's server
+        quiet = run("jobs")
+        assert quiet.returncode == 0 and started["jobId"] in quiet.stdout
+        assert "INFO" not in quiet.stderr  # quiet by default
+        told = run("-v", "jobs")
+        assert str(tmp_path / "user-data") in told.stderr, told.stderr
+        assert not (there / ".lakesync").exists() and not (here / ".lakesync").exists()
+    finally:
+        serve.send_signal(signal.SIGTERM)
+        serve.wait(30)
+
+
+def _answers(url: str) -> bool:
+    try:
+        return httpx.get(url, timeout=1).status_code == 200
+    except httpx.HTTPError:
+        return False
+
+
+def test_resume_and_copy_follow_a_job_a_serve_runs(
+    serve_env: dict[str, str], slow_database: Any, request: Any, env: dict[str, str], db: Any
+) -> None:
+    """`resume` (or `copy`) of a job another process runs follows it to its end, exit 0."""
+    serve_env["LAKESYNC_BATCH_SIZE"] = "20"  # slow enough to be caught running
+    serve_env["LAKESYNC_PARTITION_ROWS"] = "1000000"
+    serve = request.getfixturevalue("serve")
+    job_id = httpx.post(serve.url + "/api/jobs", json={"operation": "copy-taskdetail"}).json()[
+        "jobId"
+    ]
+    wait_for(lambda: (db.jobstatuses.find_one({"jobId": job_id}) or {}).get("processedRecords"))
+    resumed, copied = in_parallel((env, ["resume", job_id, "--json"]), (env, ["copy", "--json"]))
+    for run in (resumed, copied):
+        assert run.returncode == 0, run.stderr
+        assert "another process runs it" not in run.stderr
+        assert "following it here" in run.stderr, run.stderr
+        done = json_out(run)
+        assert done["jobId"] == job_id and done["status"] == "completed"
+    assert db.taskdetails.count_documents({}) == 4975
+
+
+def test_copy_picks_up_an_abandoned_job_whose_lease_expired(
+    settings: Settings, env: dict[str, str], db: Any
+) -> None:
+    from lakesync.runtime import Runtime
+
+    with Runtime(settings) as rt:
+        status, _ = rt.jobs.start("copy-taskdetail", {}, trusted=True, trigger="cli")
+        assert rt.store.claim(status.jobId, "gone:1:abcdef:1:abcd", 3) is not None
+    assert db.jobstatuses.find_one({"jobId": status.jobId})["status"] == "in_progress"
+    env = env | {"LAKESYNC_LEASE_SECONDS": "3"}
+    run = lakesync(env, "copy", "--json")  # follows it until its lease expires, then takes over
+    assert run.returncode == 0, run.stderr
+    assert json_out(run)["jobId"] == status.jobId
+    done = db.jobstatuses.find_one({"jobId": status.jobId})
+    assert done["status"] == "completed" and done["processedRecords"] == 5000
+
+
+def test_failures_tell_their_real_cause_and_keep_brackets(
+    env: dict[str, str], tmp_path: Path
+) -> None:
+    lake = tmp_path / "lake"
+    lake.mkdir()
+    (lake / "bad[delta].parquet").write_bytes(b"PAR1 not parquet at all")
+    failed = lakesync(env, "copy", "--source", str(lake))
+    assert failed.returncode == 1
+    shown = failed.stdout + failed.stderr
+    assert "bad[delta].parquet" in shown, shown
+    assert ": Failed" not in shown and "Traceback" not in shown
+
+    s3 = env | {
+        "LAKESYNC_S3_ENDPOINT_URL": "http://127.0.0.1:9",  # nothing listens
+        "LAKESYNC_RETRY_BUDGET_SECONDS": "1",
+        "AWS_ACCESS_KEY_ID": "x",
+        "AWS_SECRET_ACCESS_KEY": "y",
+    }
+    for _ in range(2):  # the same true message when run again
+        run = lakesync(s3, "copy", "--source", "s3://bucket/tasks")
+        assert run.returncode == 1
+        assert "another process" not in run.stderr + run.stdout, run.stderr
+        assert "127.0.0.1:9" in run.stderr + run.stdout, run.stderr

@@ -10,13 +10,30 @@ from lakesync.config import get_settings, load_settings
 from lakesync.errors import ConfigError
 
 
-def test_defaults_match_the_contract() -> None:
+def test_defaults_match_the_contract(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    monkeypatch.delenv("LAKESYNC_DATA_DIR")
+    monkeypatch.setenv("XDG_DATA_HOME", str(tmp_path / "xdg"))  # the user's data directory
     s = load_settings()
     assert s.mongodb_uri is None and s.lake_uri is None and s.s3_endpoint_url is None
-    assert s.database == "lakesync" and s.data_dir == Path(".lakesync")
+    assert s.database == "lakesync" and s.data_dir == tmp_path / "xdg" / "lakesync"
     assert (s.batch_size, s.job_time_limit, s.status_ttl_days) == (1000, 900, 7)
     assert (s.executor, s.workers, s.api_token, s.broker_url) == ("local", 2, None, None)
-    assert s.effective_lake_uri == str(Path(".lakesync") / "demo-lake")
+    assert s.effective_lake_uri == str(tmp_path / "xdg" / "lakesync" / "demo-lake")
+
+
+def test_the_data_dir_is_the_same_from_any_folder(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    monkeypatch.delenv("LAKESYNC_DATA_DIR")
+    monkeypatch.setenv("XDG_DATA_HOME", str(tmp_path / "xdg"))
+    seen = set()
+    for folder in (tmp_path / "a", tmp_path / "b"):
+        folder.mkdir()
+        monkeypatch.chdir(folder)
+        seen.add(load_settings().data_dir)
+    assert seen == {tmp_path / "xdg" / "lakesync"}
+    monkeypatch.setenv("LAKESYNC_DATA_DIR", str(tmp_path / "mine"))
+    assert load_settings().data_dir == tmp_path / "mine"
 
 
 def test_environment_is_read_with_the_prefix(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -97,3 +114,27 @@ def test_get_settings_is_read_once(monkeypatch: pytest.MonkeyPatch) -> None:
     assert get_settings() is get_settings() and get_settings().database == "first"
     get_settings.cache_clear()
     assert get_settings().database == "second"
+
+
+def test_an_unknown_variable_is_named_with_the_closest_valid_one(tmp_path: Path) -> None:
+    from lakesync.config import unknown_variables
+
+    env_file = tmp_path / ".env"
+    env_file.write_text("LAKESYNC_BATCHSIZE=10\nLAKESYNC_DATABASE=x\nOTHER=1\n")
+    environ = {
+        "LAKESYNC_MONGO_URI": "mongodb://db",
+        "LAKESYNC_MONGODB_URI": "mongodb://db",
+        "lakesync_webhook_secret": "k",  # names are case-insensitive, as Settings reads them
+        "LAKESYNC_ZZZZZZ": "1",
+        "PATH": "/bin",
+    }
+    found = unknown_variables(environ, env_file)
+    assert found == [
+        f"LAKESYNC_BATCHSIZE (in the {env_file}) is not a lakesync setting and is ignored; "
+        "did you mean LAKESYNC_BATCH_SIZE?",
+        "LAKESYNC_MONGO_URI is not a lakesync setting and is ignored; "
+        "did you mean LAKESYNC_MONGODB_URI?",
+        "LAKESYNC_ZZZZZZ is not a lakesync setting and is ignored; "
+        "the README's configuration table lists the settings.",
+    ]
+    assert unknown_variables({"LAKESYNC_DATA_DIR": "/x"}, tmp_path / "none") == []

@@ -86,12 +86,14 @@ def test_a_failing_command_keeps_stderr_json(settings: Settings) -> None:
 
 
 def test_text_format_is_for_people(settings: Settings) -> None:
-    run = lakesync(settings, "copy", "--json")
+    run = lakesync(settings, "-v", "copy", "--json")  # -v: the INFO lines too
     assert run.returncode == 0, run.stderr
     job_id = json.loads(run.stdout)["jobId"]
     lines = run.stderr.splitlines()
     assert lines and not any(line.startswith("{") for line in lines)
     assert any(f"job {job_id} completed" in line for line in lines)
+    quiet = lakesync(settings, "copy", "--json")  # quiet by default: no INFO line
+    assert quiet.returncode == 0 and " INFO " not in quiet.stderr, quiet.stderr
 
 
 def test_configured_process_masks_and_tags_everything(tmp_path: Path) -> None:

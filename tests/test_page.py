@@ -385,15 +385,15 @@ def test_job_page_survives_reload_new_tab_and_back(serve: Any, run: Any) -> None
     expect(details).to_contain_text("4,975 inserted")
     expect(details).to_contain_text("25 rejected")
     log = page.locator("#job-log")
-    expect(log).to_contain_text(f"job {job_id}: run 1 started")
-    expect(log).to_contain_text("completed: Copied 5,000 records")
+    expect(log).to_contain_text("Run 1 started")
+    expect(log).to_contain_text("Completed: Copied 5,000 records")
     expect(page.locator("#chart-summary")).not_to_contain_text("No throughput samples")
     expect(page.locator("#chart-summary")).to_contain_text("Average over the whole job")
     shots(r, "job-page", height=1400)
 
     page.reload()
     expect(page.locator("#job-id")).to_have_text(job_id)
-    expect(page.locator("#job-log")).to_contain_text("run 1 started")
+    expect(page.locator("#job-log")).to_contain_text("Run 1 started")
 
     page.go_back()
     expect(page).to_have_url(re.compile(re.escape(serve.url) + r"/(#job=job_\w+)?$"))
@@ -448,9 +448,9 @@ def test_resume_button_continues_a_failed_job(serve: Any, tmp_path: Path, run: A
     expect(page.locator("#message")).to_contain_text("Copied 300 records")
     expect(page.locator("#details")).to_contain_text("Runs")
     page.wait_for_timeout(1000)  # the log asked for at the end came back without run 2
-    expect(page.locator("#job-log")).not_to_contain_text("run 2 started")
+    expect(page.locator("#job-log")).not_to_contain_text("Run 2 started")
     hold["on"] = False
-    expect(page.locator("#job-log")).to_contain_text("run 2 started", timeout=15_000)
+    expect(page.locator("#job-log")).to_contain_text("Run 2 started", timeout=15_000)
     shots(r, "resumed", height=1300)
 
 

@@ -8,6 +8,7 @@ import io
 import json
 import os
 import pty
+import re
 import select
 import sys
 import time
@@ -95,12 +96,13 @@ def test_a_job_keeps_its_own_log(serve: ServeProcess, tmp_path: Path) -> None:
         r = httpx.get(f"{serve.url}/api/jobs/{job_id}/logs")
         assert r.status_code == 200, r.text
         got: list[dict[str, Any]] = r.json()["lines"]
-        return got if any("completed" in x["message"] for x in got) else []
+        return got if any("Completed" in x["message"] for x in got) else []
 
     got = wait_for(lines, timeout=10)
     text = "\n".join(x["message"] for x in got)
-    assert f"job {job_id}: run 1 started" in text
-    assert f"job {job_id} completed: Copied 5,000 records" in text
+    assert "Run 1 started" in text
+    assert "Completed: Copied 5,000 records" in text
+    assert job_id not in text  # a job's own log does not repeat its id on every line
     assert all(x["level"] in ("info", "warning", "error", "critical") for x in got)
     assert all(x["time"].endswith("Z") for x in got)
     times = [x["time"] for x in got]
@@ -253,9 +255,9 @@ def test_errors_and_logs_commands(serve_env: dict[str, str], serve: ServeProcess
 
     code, shown = on_terminal(serve_env, "logs", job_id)
     assert code == 0, shown
-    assert "run 1 started" in shown and "completed" in shown
+    assert "Run 1 started" in shown and "Completed" in shown
     piped = lakesync(serve_env, "logs", job_id)
-    assert piped.returncode == 0 and "INFO" in piped.stdout and "completed" in piped.stdout
+    assert piped.returncode == 0 and "INFO" in piped.stdout and "Completed" in piped.stdout
 
     for command in ("errors", "logs"):
         code, shown = on_terminal(serve_env, command, "job_0000000000000000000000000z")
@@ -317,21 +319,20 @@ def test_the_log_tells_of_a_takeover_after_a_crash(
         return any(text in x["message"] for x in got)
 
     # the log is written in the background: the first run's start is stored before the kill
-    wait_for(lambda: logged(": run 1 started"), timeout=30)
+    wait_for(lambda: logged("Run 1 started"), timeout=30)
     serve.kill()  # the run dies with its process
     serve.start()
     assert finished(serve.url, job_id, timeout=120)["status"] == "completed"
 
     def lines() -> list[dict[str, Any]]:
         got: list[dict[str, Any]] = httpx.get(f"{serve.url}/api/jobs/{job_id}/logs").json()["lines"]
-        return got if any("completed" in x["message"] for x in got) else []
+        return got if any("Completed" in x["message"] for x in got) else []
 
     text = [(x["level"], x["message"]) for x in wait_for(lines, timeout=10)]
-    assert ("info", f"job {job_id}: run 1 started") in [
-        (lv, m[: len(m.split(" by ")[0])]) for lv, m in text
-    ]
+    assert ("info", "Run 1 started") in text
     assert any(lv == "warning" and "lease expired" in m for lv, m in text)  # taken over
-    assert any(lv == "info" and f"job {job_id}: run 2 started" in m for lv, m in text)
+    assert any(lv == "info" and m.startswith("Run 2 resumed at record ") for lv, m in text), text
+    assert not any(job_id in m or re.search(r":\d+:[0-9a-f]{6}", m) for _, m in text), text
     pids = {x["process"] for x in httpx.get(f"{serve.url}/api/jobs/{job_id}/logs").json()["lines"]}
     assert len(pids) == 2, "the lines of both processes' runs are kept"
 

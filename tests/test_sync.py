@@ -377,3 +377,36 @@ def test_mirror_of_an_empty_lake_needs_allow_empty(
     assert_exact(emptied, 0)
     assert emptied.deletedRecords == 3000
     assert db.taskdetails.count_documents({}) == 0
+
+
+def test_a_dry_run_counts_as_a_copy_would_and_writes_nothing(
+    settings: Settings, db: Any, lake: Path
+) -> None:
+    """Dry runs before the first copy, after it and after records changed: the counts a copy
+    would make against the collection as it is, no document written, no watermark moved."""
+    settings = settings.model_copy(update={"lake_uri": str(lake), "batch_size": 700})
+    with Runtime(settings) as rt:
+        dry = run(rt, {"mode": "dry-run"})
+        assert_exact(dry, VALID + 25)
+        assert (dry.insertedRecords, dry.updatedRecords, dry.errorRecords) == (VALID, 0, 25)
+        assert dry.message.startswith("Dry run, nothing written"), dry.message
+        assert dry.options["mode"] == "dry-run"
+        assert db.taskdetails.count_documents({}) == 0
+        assert watermark_of(db, lake) is None
+        assert db.copyerrors.count_documents({"jobId": dry.jobId}) == 25  # the rejections
+        copied = run(rt)
+        assert (copied.insertedRecords, copied.errorRecords) == (VALID, 25)
+        mark = watermark_of(db, lake)
+        before = list(db.taskdetails.find({}, sort=[("_id", 1)]))
+        touched = touch_records(lake, 10)
+        again = run(rt, {"mode": "dry-run"})
+        assert_exact(again, VALID + 25)
+        assert (again.insertedRecords, again.updatedRecords, again.unchangedRecords) == (
+            0,
+            10,
+            VALID - 10,
+        )
+        assert list(db.taskdetails.find({}, sort=[("_id", 1)])) == before
+        assert watermark_of(db, lake) == mark
+        assert all(not d["notes"] or not d["notes"].startswith("Revised") for d in
+                   db.taskdetails.find({"_id": {"$in": touched}}))  # fmt: skip

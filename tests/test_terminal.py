@@ -229,7 +229,9 @@ def test_ctrl_c_of_a_copy_leaves_it_resumable_and_resume_finishes_it(
     assert code == 1, text  # documented: 1 unless the job completed
     assert "stopping after the current batch" in text and "Traceback" not in text
     job = db.jobstatuses.find_one()
-    assert f"Continue it with `lakesync resume {job['jobId']}`" in " ".join(text.split())
+    words = " ".join(text.split())
+    assert f"continue it here with `lakesync resume {job['jobId']}`" in words, words
+    assert f"follow it with `lakesync status {job['jobId']}`" in words  # if a serve takes it
     assert job["status"] == "pending" and 2000 <= job["processedRecords"] < 20_000, job
     assert f"pending {job['jobId']}" in text
 
@@ -249,7 +251,7 @@ def test_ctrl_c_of_a_copy_leaves_it_resumable_and_resume_finishes_it(
     assert json.loads(again.stdout)["error"].startswith(f"Job {job['jobId']} is completed")
 
 
-def test_resume_refuses_a_job_another_process_runs(
+def test_resume_follows_a_job_another_process_runs(
     env: dict[str, str], settings: Settings, db: Any
 ) -> None:
     from lakesync.runtime import Runtime
@@ -257,9 +259,14 @@ def test_resume_refuses_a_job_another_process_runs(
     with Runtime(settings) as rt:
         job, _ = rt.jobs.start("copy-taskdetail", trusted=True)
         assert rt.store.claim(job.jobId, "another-worker", lease_seconds=600) is not None
-    run = in_pipe(env, "resume", job.jobId)
-    assert run.returncode == 1
-    assert "another process runs it right now" in run.stderr and "Traceback" not in run.stderr
+    term = Terminal(["resume", job.jobId], env).start()
+    term.wait_for_text("following it here")
+    term.ctrl_c()  # stops following, not the job
+    code = term.wait(60)
+    text = " ".join("\n".join(term.lines).split())
+    assert code == 1 and "Traceback" not in text, text
+    assert "stopped following; the job goes on" in text
+    assert f"follow it with `lakesync status {job.jobId}`" in text
     assert stored(db, job.jobId)["owner"] == "another-worker"
 
 
@@ -269,9 +276,12 @@ def test_status_and_jobs_at_80_columns(env: dict[str, str], db: Any) -> None:
     code, lines = on_terminal(env, "jobs")
     assert code == 0
     assert_fits(lines)
-    row = next(line for line in lines if line.startswith("job_"))
+    at = next(i for i, line in enumerate(lines) if line.startswith("job_"))
+    row, below = lines[at], lines[at + 1]
     assert row.split()[0] == job["jobId"], row  # whole: it can be pasted into status
-    assert "completed" in row and "copy-taskdetail" in row and "20,000" in row
+    assert "completed" in row and "copy-taskdetail" in row
+    assert "19,988 inserted" in below and "12 rejected" in below, below  # source and result
+    assert below.split()[0].endswith("tasks"), below
 
     code, lines = on_terminal(env, "status", job["jobId"])
     text = "\n".join(lines)
@@ -514,3 +524,40 @@ def test_ctrl_c_of_serve_during_a_partitioned_copy_hands_the_job_back(
     assert done["processedRecords"] == done["totalRecords"] == 20_000
     assert done["failures"] == 0  # a hand-back, not a crash
     assert db.taskdetails.count_documents({}) == 19_988
+
+
+def test_operations_schedules_and_errors_fit_80_columns_without_splitting_words(
+    env: dict[str, str], tmp_path: Path, lake20k: Path
+) -> None:
+    """Tables designed for 80 columns: long descriptions wrap at spaces, paths and times are
+    never split, job ids stay whole; and no INFO line before them."""
+    about = (
+        "Copy the projects of the demo lake into their own collection every night, with a "
+        "description long enough to wrap over several lines of a narrow terminal"
+    )
+    config = tmp_path / "lakesync.toml"
+    config.write_text(
+        f'[operations.copy-projects]\ndescription = "{about}"\nsource = "{lake20k}"\n'
+        'collection = "projects"\nkey = "taskDetailId"\nschedule = "30 7 * * *"\n'
+        'timezone = "Europe/Berlin"\n'
+    )
+    env = env | {"LAKESYNC_OPERATIONS_FILE": str(config)}
+    copied = json.loads(in_pipe(env, "copy", "copy-projects", "--json").stdout)
+    for command in (["operations"], ["schedules"], ["errors", copied["jobId"]], ["jobs"]):
+        code, lines = on_terminal(env, *command)
+        assert code == 0, lines
+        assert_fits(lines)
+        text = "\n".join(lines)
+        assert "INFO" not in text and "Traceback" not in text, text
+        words = set(text.split())
+        if command == ["operations"]:
+            assert set(about.replace(",", "").split()) <= {w.strip(",") for w in words}, text
+            assert str(lake20k) in words  # the path whole, on one line
+            assert copied["jobId"] in words
+            assert re.search(r"next \d\d-\d\d 07:30 CES?T", text), text  # time and zone
+        if command == ["schedules"]:
+            assert re.search(r"\d\d-\d\d 07:30 CES?T", text), text
+        if command[0] == "errors":
+            assert f"files under {lake20k}/" in text
+            rows = [line for line in lines if line.startswith(("(none)", "TD-"))]
+            assert rows and all(re.search(r"PRJ-\d+/part-\d+\.parquet:\d+", r) for r in rows)

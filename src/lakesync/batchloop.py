@@ -48,10 +48,11 @@ logger = logging.getLogger(__name__)
 
 
 def summary(s: JobStatus) -> str:
-    """The human message of a finished copy."""
+    """The human message of a finished copy (or of a dry run: what a copy would do)."""
     noun = "record" if s.processedRecords == 1 else "records"
+    verb = "Dry run, nothing written: a copy of" if s.options.get("mode") == "dry-run" else "Copied"
     text = (
-        f"Copied {s.processedRecords:,} {noun}: {s.insertedRecords:,} inserted, "
+        f"{verb} {s.processedRecords:,} {noun}: {s.insertedRecords:,} inserted, "
         f"{s.updatedRecords:,} updated, {s.unchangedRecords:,} unchanged, "
     )
     if s.duplicateRecords:
@@ -94,6 +95,7 @@ def copy_batches(
     stop_file: int | None = None,
     filter: pc.Expression | None = None,
     superseded: Superseded | None = None,
+    dry_run: bool = False,
 ) -> tuple[Outcome | None, Checkpoint]:
     """Copy batches from `start` until the lake (or `stop_file`) ends or the run stops.
 
@@ -101,7 +103,9 @@ def copy_batches(
     skipped by the engine. Returns how the run stopped (None: the range was copied to its
     end) and the last committed checkpoint.
     """
-    engine = CopyEngine(store.db[op.collection], store.copyerrors, op.schema_, job_id, superseded)
+    engine = CopyEngine(
+        store.db[op.collection], store.copyerrors, op.schema_, job_id, superseded, dry_run=dry_run
+    )
     held_at = -math.inf  # when the last commit that proved the lease held was sent
     # the lake's reader thread validates, encodes and hashes the next batch meanwhile
     for batch in lake.batches(

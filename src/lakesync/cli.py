@@ -11,28 +11,34 @@ import contextlib
 import itertools
 import json
 import logging
+import os
 import signal
 import sys
 import threading
-from collections.abc import Iterator
-from datetime import UTC
+import time
+from collections.abc import Callable, Iterator
+from datetime import UTC, datetime
 from pathlib import Path
-from typing import Annotated, Any, NoReturn
+from typing import TYPE_CHECKING, Annotated, Any, NoReturn
 
 import typer
 from rich.console import Console
 from rich.markup import escape
-from rich.progress import BarColumn, Progress, TaskProgressColumn, TextColumn, TimeRemainingColumn
-from rich.table import Table
 from typer.core import TyperCommand, TyperGroup
 
-from lakesync.config import Settings, get_settings
 from lakesync.errors import ConfigError, JobError, LakesyncError
-from lakesync.logs import configure_logging, json_enabled
-from lakesync.models import JobState, JobStatus, Outcome, new_job_id
+
+if TYPE_CHECKING:
+    from lakesync.config import Settings
+    from lakesync.models import JobStatus
+
+# Start-up: each command imports what it needs when it runs (pydantic settings and models,
+# the runtime, rich's progress bar and tables), so `--help` and quick reads start fast.
 
 err = Console(stderr=True)
 out = Console()
+# in a pipe, text is never wrapped (scripts read whole lines); on a terminal, at words
+out.soft_wrap, err.soft_wrap = not out.is_terminal, not err.is_terminal
 logger = logging.getLogger(__name__)
 
 JsonFlag = Annotated[bool, typer.Option("--json", help="Print JSON for scripts.")]
@@ -78,6 +84,7 @@ app = typer.Typer(
     add_completion=False,
     pretty_exceptions_show_locals=False,  # locals may hold URIs with passwords
     no_args_is_help=True,
+    rich_markup_mode=None,  # plain help: rendering it with rich costs more than the command
     help="Copy data-lake records into MongoDB as durable background jobs.",
 )
 
@@ -87,15 +94,60 @@ def _wants_json() -> bool:
     return "--json" in sys.argv[1:]
 
 
-def _settings() -> Settings:
+#: `-v`: log what happens (INFO lines), including which data folder and MongoDB are used
+_verbose = False
+
+
+@app.callback()
+def _options(
+    verbose: Annotated[
+        bool,
+        typer.Option(
+            "--verbose", "-v", help="Say which data folder and MongoDB are used; log each step."
+        ),
+    ] = False,
+) -> None:
+    global _verbose
+    _verbose = verbose
+
+
+def _not_a_job_error(record: logging.LogRecord) -> bool:
+    """Quiet stderr leaves out a job's errors: the command ends by printing the job's
+    error itself (the job's own log keeps the line)."""
+    return not (record.levelno >= logging.ERROR and getattr(record, "jobId", None))
+
+
+def _settings(*, server: bool = False) -> Settings:
+    """The settings, with logging configured: quiet (warnings only) for a short command on
+    text logs, unless -v or LAKESYNC_LOG_LEVEL asks for more; `server` (serve, worker) logs
+    at LAKESYNC_LOG_LEVEL as a service should."""
+    from lakesync.config import get_settings, unknown_variables
+    from lakesync.logs import configure_logging, json_enabled
+
     settings = get_settings()
-    configure_logging(settings.log_format, settings.log_level)
+    chosen = "log_level" in settings.model_fields_set
+    configure_logging(
+        settings.log_format, "INFO" if _verbose and not chosen else settings.log_level
+    )
+    if not (_verbose or server or chosen or settings.log_format == "json"):
+        # stderr shows warnings only; the root level stays, so a job's own log keeps its lines
+        for handler in logging.getLogger().handlers:
+            handler.setLevel(logging.WARNING)
+            handler.addFilter(_not_a_job_error)
+    for warning in unknown_variables(os.environ):
+        if server or json_enabled():
+            logger.warning("%s", warning)
+        else:
+            err.print(f"[yellow]warning:[/] {escape(warning)}", highlight=False)
+    logger.info("data folder %s", settings.data_dir)
     return settings
 
 
 def _fail(error: Exception, code: int | None = None) -> NoReturn:
     """Print one clear line to stderr and exit with `code`; by default 2 for a bad setting
     (a start-up error) and 1 for anything else. With `--json`, stdout gets `{"error": ...}`."""
+    from lakesync.logs import json_enabled
+
     if _wants_json():
         _print_json({"error": str(error)})
     if json_enabled():
@@ -108,11 +160,14 @@ def _fail(error: Exception, code: int | None = None) -> NoReturn:
 
 
 def _notice(text: str, **fields: str) -> None:
-    """A note for the user on stderr; a log line when logs are JSON, so stderr stays JSON."""
+    """A note for the user on stderr (plain text: never read as markup); a log line when
+    logs are JSON, so stderr stays JSON."""
+    from lakesync.logs import json_enabled
+
     if json_enabled():
         logger.info("%s", text, extra=fields)
     else:
-        err.print(text, highlight=False)
+        err.print(escape(text), highlight=False)
 
 
 def _print_json(data: Any) -> None:
@@ -128,7 +183,7 @@ def serve(
     try:
         from lakesync.api.server import serve as run_server
 
-        run_server(_settings(), host, port)
+        run_server(_settings(server=True), host, port)
     except LakesyncError as e:
         _fail(e)
 
@@ -152,12 +207,15 @@ class _CopyCommand(_Command):
             raise
 
 
-@app.command(cls=_CopyCommand)
+@app.command(cls=_CopyCommand, short_help="Copy a lake into MongoDB now, with a progress bar.")
 def copy(
     operation: Annotated[str, typer.Argument(help="Operation to run.")] = "copy-taskdetail",
     source: Annotated[str | None, typer.Option(help="Lake URI (dir, file, glob, s3://).")] = None,
     batch_size: Annotated[int | None, typer.Option(help="Records per bulk write.")] = None,
-    mode: Annotated[str | None, typer.Option(help="full, incremental or mirror.")] = None,
+    mode: Annotated[
+        str | None,
+        typer.Option(help="full, incremental, mirror, or dry-run (count, write nothing)."),
+    ] = None,
     as_json: JsonFlag = False,
 ) -> None:
     """Run a copy job in the foreground with a progress bar; exit 1 unless it completes."""
@@ -185,25 +243,21 @@ def copy(
         demo = source is None and operation in ops.names() and ops.get(operation).source is None
         with Runtime(settings, executor=None, reads_lake=demo) as rt:
             status, created = rt.jobs.start(operation, options, trusted=True, trigger="cli")
-            if not created and status.state is not JobState.PENDING:
-                _fail(
-                    LakesyncError(
-                        f"Job {status.jobId} for {operation} on this source is already "
-                        f"{status.status.value}; follow it with "
-                        f"`lakesync status {status.jobId}`."
-                    ),
-                    COPY_FAILED,
-                )
-            # a pending job of this source (e.g. paused by Ctrl-C) resumes from its checkpoint
+            # a job of this source already there: a pending one (e.g. paused by Ctrl-C), or
+            # an abandoned one whose lease expired, resumes here from its checkpoint; one
+            # another process runs is followed
             verb = "started" if created else "resumed from its checkpoint"
-            _notice(f"job {status.jobId} {verb}", jobId=status.jobId, operation=operation)
-            final = _run_foreground(rt, status.jobId, show_bar=err.is_terminal and not as_json)
+            final = _run_foreground(
+                rt, status.jobId, show_bar=err.is_terminal and not as_json, verb=verb
+            )
     except LakesyncError as e:
         _fail(e, COPY_FAILED)
     _finish(final, as_json)
 
 
 def _finish(final: JobStatus, as_json: bool) -> NoReturn:
+    from lakesync.models import JobState
+
     if as_json:
         _print_json(final.public())
     else:
@@ -211,7 +265,7 @@ def _finish(final: JobStatus, as_json: bool) -> NoReturn:
     raise typer.Exit(0 if final.state is JobState.COMPLETED else 1)
 
 
-@app.command(cls=_Command)
+@app.command(cls=_Command, short_help="Continue a failed, paused or abandoned job.")
 def resume(job_id: str, as_json: JsonFlag = False) -> None:
     """Continue a failed, paused or abandoned job from its checkpoint, in the foreground;
     exit 1 unless it completes."""
@@ -223,23 +277,44 @@ def resume(job_id: str, as_json: JsonFlag = False) -> None:
             if current.state.is_final:
                 rt.jobs.resume(job_id)  # refuses completed and cancelled jobs, with the reason
             # a pending job nobody runs (e.g. paused by Ctrl-C), or one whose run died,
-            # is claimed as it is; a job another process runs right now is refused below
-            _notice(f"job {job_id} resumed from its checkpoint", jobId=job_id)
-            final = _run_foreground(rt, job_id, show_bar=err.is_terminal and not as_json)
+            # is claimed as it is; a job another process runs right now is followed
+            final = _run_foreground(
+                rt,
+                job_id,
+                show_bar=err.is_terminal and not as_json,
+                verb="resumed from its checkpoint",
+            )
     except LakesyncError as e:
         _fail(e)
     _finish(final, as_json)
 
 
-def _run_foreground(rt: Any, job_id: str, show_bar: bool) -> JobStatus:
+def _run_foreground(rt: Any, job_id: str, show_bar: bool, verb: str) -> JobStatus:
     """Run the job in this thread until it ends; Ctrl-C pauses it at a batch boundary.
 
-    Raises JobError when another process runs the job right now.
+    A job another process runs right now (a `lakesync serve`, a worker) is followed
+    instead, until it ends (Ctrl-C then stops following, not the job). Raises JobError when
+    this run had to give the job back (the lake or MongoDB unavailable past the retries),
+    with the cause.
     """
+    from rich.progress import (
+        BarColumn,
+        Progress,
+        TaskProgressColumn,
+        TextColumn,
+        TimeRemainingColumn,
+    )
+
+    from lakesync.models import JobState, Outcome
+
     previous = signal.getsignal(signal.SIGINT)
+    following = threading.Event()
 
     def interrupt(*_: object) -> None:
-        _notice("stopping after the current batch (Ctrl-C again to force)...")
+        if following.is_set():
+            _notice("stopped following; the job goes on in the other process")
+        else:
+            _notice("stopping after the current batch (Ctrl-C again to force)...")
         rt.runner.stop.set()
         signal.signal(signal.SIGINT, previous)
 
@@ -253,11 +328,17 @@ def _run_foreground(rt: Any, job_id: str, show_bar: bool) -> JobStatus:
         TextColumn("{task.fields[counts]}  {task.fields[rate]}"),
         TimeRemainingColumn(),
     )
+    told = False
     with Progress(*columns, console=err, disable=not show_bar) as bar, _logs_above_the_bar():
         # the total is unknown (None) until the job's first run counted the lake
         task = bar.add_task("copying", total=None, counts="", rate="")
 
         def progress(s: JobStatus) -> None:
+            nonlocal told
+            if not told:  # said once this process runs the job (or follows it)
+                told = True
+                what = "followed" if following.is_set() else verb
+                _notice(f"job {job_id} {what}", jobId=job_id)
             total = s.totalRecords or None
             counts = f"{s.processedRecords:,}" + (f"/{total:,}" if total else "") + " records"
             bar.update(
@@ -268,23 +349,66 @@ def _run_foreground(rt: Any, job_id: str, show_bar: bool) -> JobStatus:
                 rate=f"{s.recordsPerSecond:,.0f}/s",
             )
 
-        first = True
-        while True:
+        tries = 0
+        while not rt.runner.stop.is_set():
+            before = rt.store.get(job_id)
+            if before.state.is_final:
+                break
             outcome = rt.runner.run(job_id, on_progress=progress)
-            if first and outcome is Outcome.NOT_CLAIMED:
+            if outcome is Outcome.NOT_CLAIMED:
                 now = rt.store.get(job_id)
-                if not now.state.is_final:
+                if now.state.is_final:
+                    break
+                if now.state is JobState.IN_PROGRESS and now.owner is not None:
+                    # another process runs it (or took it over): follow it to its end; if
+                    # it goes silent past its lease (its process died), take it over here
+                    if not following.is_set():
+                        _notice(
+                            f"Job {job_id} is run by another process (such as `lakesync "
+                            "serve`); following it here. Ctrl-C stops following, not the job."
+                        )
+                        following.set()
+                    _follow(rt, job_id, progress)
+                    continue
+                if now.attempt > before.attempt:  # this process's run gave it back
+                    cause = str(now.error or now.message).rstrip(". ")
                     raise JobError(
-                        f"Job {job_id} is {now.status.value} and another process runs it "
-                        f"right now; follow it with `lakesync status {job_id}`, or cancel it "
-                        f"with `lakesync cancel {job_id}`.",
+                        f"Job {job_id} stopped at record {now.processedRecords:,}: {cause}. "
+                        f"Continue it with `lakesync resume {job_id}` once that is fixed.",
                         status=now.status.value,
                     )
-            first = False
-            if outcome is not Outcome.CONTINUE or rt.runner.stop.is_set():
+                tries += 1  # pending again between our look and our claim: claim again
+                if tries > 50:
+                    raise JobError(
+                        f"Job {job_id} could not be claimed: other processes keep taking it. "
+                        f"Follow it with `lakesync status {job_id}`.",
+                        status=now.status.value,
+                    )
+                time.sleep(0.2)
+                continue
+            if outcome is not Outcome.CONTINUE:
                 break
     final: JobStatus = rt.store.get(job_id)
     return final
+
+
+def _follow(rt: Any, job_id: str, progress: Callable[[JobStatus], None]) -> None:
+    """Show the progress of a job another process runs until it ends, Ctrl-C, or it is
+    silent for longer than a lease (its run may have died: the caller then claims it,
+    which takes it over only if its lease really expired)."""
+    from lakesync.models import JobState
+
+    started = time.monotonic()
+    lease = rt.settings.lease_seconds
+    while True:
+        s: JobStatus = rt.store.get(job_id)
+        progress(s)
+        if s.state is not JobState.IN_PROGRESS or rt.runner.stop.wait(0.5):
+            return
+        beat = s.heartbeatAt or s.updatedAt
+        silent = beat is None or (datetime.now(UTC) - beat).total_seconds() > lease
+        if silent and time.monotonic() - started > min(lease, 1.0):
+            return
 
 
 @contextlib.contextmanager
@@ -309,31 +433,49 @@ def _plural(n: int, word: str) -> str:
 
 
 def _print_summary(s: JobStatus) -> None:
+    from lakesync.models import JobState
+
     colour = {"completed": "green", "failed": "red", "cancelled": "yellow"}.get(s.status, "cyan")
-    out.print(f"[bold {colour}]{s.status.value}[/] {s.jobId}: {s.message or ''}", highlight=False)
+    head = f"[bold {colour}]{s.status.value}[/] {escape(s.jobId)}"
+    message = (s.message or "").strip()
+    if message and message.lower() not in (s.status.value, "failed"):  # "failed job_x: Failed"
+        head += f": {escape(message)}"
+    out.print(head, highlight=False)
     if s.error:
-        out.print(f"[red]{s.error}[/]", highlight=False)
+        out.print(f"[red]{escape(s.error)}[/]", highlight=False)
     if s.state is JobState.PENDING:
-        out.print(
-            f"Continue it with `lakesync resume {s.jobId}` (or run `lakesync copy` again, "
-            "or `lakesync serve`): it resumes from its checkpoint.",
-            highlight=False,
+        text = (
+            f"It keeps its checkpoint. A running `lakesync serve` takes it over by itself "
+            f"within seconds: follow it with `lakesync status {s.jobId}`. Otherwise continue "
+            f"it here with `lakesync resume {s.jobId}`."
         )
+        out.print(escape(text), highlight=False)
+    elif s.state is JobState.IN_PROGRESS:
+        text = f"It goes on in another process: follow it with `lakesync status {s.jobId}`."
+        out.print(escape(text), highlight=False)
 
 
 @app.command(cls=_Command)
 def status(job_id: str, as_json: JsonFlag = False) -> None:
     """Show one job's status."""
-    from lakesync.runtime import Runtime
-
     try:
-        with Runtime(_settings()) as rt:
-            s = rt.jobs.get(job_id)
+        settings = _settings()
+        if _nothing_stored(settings):
+            from lakesync.errors import JobNotFound
+
+            raise JobNotFound(
+                f"No job {job_id!r}: no job has run with the data folder {settings.data_dir} "
+                "(its embedded server is not running and holds no database)."
+            )
+        with _statuses(settings) as store:
+            s = store.get(job_id)
     except LakesyncError as e:
         _fail(e)
     if as_json:
         _print_json(s.public())
         return
+    from rich.table import Table
+
     table = Table(show_header=False, box=None)
     table.add_column(no_wrap=True)
     table.add_column(overflow="fold")
@@ -341,6 +483,30 @@ def status(job_id: str, as_json: JsonFlag = False) -> None:
         if value not in (None, {}, "", []):
             table.add_row(f"[bold]{key}[/]", escape(_shown(key, value)))
     out.print(table)
+
+
+def _nothing_stored(settings: Settings) -> bool:
+    """True when there is nothing to read and no reason to start a server to read it: no
+    LAKESYNC_MONGODB_URI, the embedded server not running, and its files without our
+    database (no job ever ran with this data folder)."""
+    if settings.mongodb_uri is not None:
+        return False
+    from lakesync.mongo import EmbeddedServer
+
+    server = EmbeddedServer(settings.data_dir)
+    return not server.holds(settings.database) and server.running_uri() is None
+
+
+@contextlib.contextmanager
+def _statuses(settings: Settings) -> Iterator[Any]:
+    """The job statuses alone, for commands that only read them: no runtime (executor,
+    lake readers, index builds) behind it, so they answer at once."""
+    from lakesync.jobstore import JobStore
+    from lakesync.mongo import Mongo
+
+    with Mongo(settings) as mongo:
+        mongo.ping()
+        yield JobStore(mongo.db, settings.status_ttl_days)
 
 
 def _shown(key: str, value: Any) -> str:
@@ -366,11 +532,12 @@ def jobs(
     as_json: JsonFlag = False,
 ) -> None:
     """List recent jobs, newest first."""
-    from lakesync.runtime import Runtime
-
     try:
-        with Runtime(_settings()) as rt:
-            found = rt.jobs.list(limit=limit)
+        settings = _settings()
+        found = []
+        if not _nothing_stored(settings):
+            with _statuses(settings) as store:
+                found = store.list_jobs(limit=limit)
     except LakesyncError as e:
         _fail(e)
     if as_json:
@@ -378,26 +545,84 @@ def jobs(
         return
     if not found:
         out.print(
-            "No jobs yet. Start one with `lakesync copy` or from the page of `lakesync serve`."
+            "No jobs yet. Start one with `lakesync copy` or from the page of `lakesync serve`.",
         )
         return
-    # job ids never wrap nor shrink, so they can be pasted into `lakesync status`; the
-    # other columns fold when the terminal is narrow (80 columns fit them all)
-    table = Table(box=None, pad_edge=False, header_style="bold")
-    table.add_column("jobId", no_wrap=True, min_width=max(len(j.jobId) for j in found))
-    table.add_column("status", overflow="fold")
-    table.add_column("operation", overflow="fold")
-    table.add_column("records", justify="right", overflow="fold")
-    table.add_column("started UTC", overflow="fold")
-    for j in found:
-        started = j.startTime.astimezone(UTC).strftime("%m-%d %H:%M")
-        table.add_row(
-            j.jobId, j.status.value, escape(j.operation), f"{j.processedRecords:,}", started
-        )
-    out.print(table)
+    # job ids never wrap nor shrink, so they can be pasted into `lakesync status`; each
+    # job's source and result go on a line of their own below, shortened to the terminal
+    rows = [
+        (j.jobId, j.status.value, j.operation, j.startTime.astimezone(UTC).strftime("%m-%d %H:%M"))
+        for j in found
+    ]
+    head = ("jobId", "status", "operation", "started UTC")
+    widths = [max(len(r[i]) for r in [head, *rows]) for i in range(4)]
+    width = out.width if out.is_terminal else None
+    if width is not None:  # the operation's name gives way (with …), never the others
+        widths[2] = max(9, min(widths[2], width - widths[0] - widths[1] - widths[3] - 6))
+
+    def line(cells: tuple[str, ...]) -> str:
+        fitted = [
+            c if len(c) <= w else c[: w - 1] + "…" for c, w in zip(cells, widths, strict=True)
+        ]
+        return "  ".join(c.ljust(w) for c, w in zip(fitted, widths, strict=True)).rstrip()
+
+    out.print(f"[bold]{escape(line(head))}[/]", highlight=False)
+    for j, row in zip(found, rows, strict=True):
+        out.print(escape(line(row)), highlight=False)
+        out.print(f"[dim]{escape(_job_line(j, width))}[/]", highlight=False)
 
 
-@app.command(cls=_Command)
+def _job_line(j: JobStatus, width: int | None) -> str:
+    """`  source  result` of a job, shortened to `width` (None: whole): the source from the
+    left (its end names the lake), the result at a word."""
+    result = _result(j)
+    source = str(j.options.get("source") or "")
+    if width is None:
+        return f"  {source}  {result}"
+    room = max(width - 4 - len(result), 24)
+    source = _shorten_left(source, min(room, max(24, width // 2)))
+    return _shorten_words(f"  {source}  {result}", width)
+
+
+def _result(j: JobStatus) -> str:
+    """A job's outcome in a few words: counts when completed, the error when failed."""
+    from lakesync.models import JobState
+
+    if j.state is JobState.FAILED:
+        return f"failed: {j.error or j.message or ''}".strip()
+    if j.state is JobState.COMPLETED:
+        dry = "would be " if j.options.get("mode") == "dry-run" else ""
+        parts = [f"{j.insertedRecords:,} {dry}inserted", f"{j.updatedRecords:,} updated"]
+        parts.append(f"{j.unchangedRecords:,} unchanged")
+        if j.duplicateRecords:
+            parts.append(f"{j.duplicateRecords:,} duplicate")
+        if j.errorRecords:
+            parts.append(f"{j.errorRecords:,} rejected")
+        if j.deletedRecords:
+            parts.append(f"{j.deletedRecords:,} deleted")
+        return ", ".join(parts)
+    done = f"{j.processedRecords:,}" + (f" of {j.totalRecords:,}" if j.totalRecords else "")
+    return f"{done} records" + (f"; {j.message}" if j.state is JobState.CANCELLED else "")
+
+
+def _shorten_left(text: str, width: int) -> str:
+    """`…/lake/part-0.parquet`: a path kept whole from a `/`, its start left out."""
+    if len(text) <= width:
+        return text
+    tail = text[-(width - 1) :]
+    cut = tail.find("/")
+    return "…" + (tail[cut:] if 0 <= cut < len(tail) - 1 else tail)
+
+
+def _shorten_words(text: str, width: int) -> str:
+    """`text` cut at the last space that fits `width`, with `…` (never inside a word)."""
+    if len(text) <= width:
+        return text
+    cut = text.rfind(" ", 0, width - 1)
+    return (text[:cut] if cut > 2 else text[: width - 1]).rstrip(" ,;:") + "…"
+
+
+@app.command(cls=_Command, short_help="Cancel a job (after its current batch).")
 def cancel(
     job_id: str,
     yes: Annotated[bool, typer.Option("--yes", "-y", help="Do not ask for confirmation.")] = False,
@@ -406,6 +631,7 @@ def cancel(
 
     On a terminal it asks first (--yes does not); in a pipe or a script it never asks.
     """
+    from lakesync.models import JobState
     from lakesync.runtime import Runtime
 
     try:
@@ -422,13 +648,13 @@ def cancel(
                     f"{done} records copied)?"
                 )
                 if not typer.confirm(question, default=False, err=True):
-                    err.print(f"Not cancelled; job {job_id} goes on.", highlight=False)
+                    err.print(escape(f"Not cancelled; job {job_id} goes on."), highlight=False)
                     raise typer.Exit(1)
             s = rt.jobs.cancel(job_id)
     except LakesyncError as e:
         _fail(e)
     except typer.Abort:  # Ctrl-C or end of input at the question
-        err.print(f"\nNot cancelled; job {job_id} goes on.", highlight=False)
+        err.print(escape(f"\nNot cancelled; job {job_id} goes on."), highlight=False)
         raise typer.Exit(1) from None
     if before.state is JobState.CANCELLED:
         text = f"Job {job_id} was already cancelled; nothing to do."
@@ -439,10 +665,10 @@ def cancel(
             f"Cancellation of job {job_id} requested; it stops after its current batch. "
             f"Follow it with `lakesync status {job_id}`."
         )
-    out.print(escape(text), highlight=False, soft_wrap=True)
+    out.print(escape(text), highlight=False)
 
 
-@app.command("mongo-uri", cls=_Command)
+@app.command("mongo-uri", cls=_Command, short_help="Print the MongoDB URI (for mongosh, drivers).")
 def mongo_uri(
     show_password: Annotated[
         bool, typer.Option("--show-password", help="Print the password instead of ***.")
@@ -475,12 +701,25 @@ def mongo_uri(
             )
         uri = with_database(running, settings.database)
     if as_json:
-        _print_json({"uri": uri, "database": settings.database, "embedded": embedded})
+        _print_json(
+            {
+                "uri": uri,
+                "database": settings.database,
+                "embedded": embedded,
+                "dataDir": str(settings.data_dir) if embedded else None,
+            }
+        )
+        return
+    sys.stdout.write(uri + "\n")
+    if embedded:  # on stderr: `mongosh "$(lakesync mongo-uri)"` gets the URI alone
+        _notice(
+            f"(the embedded server of `lakesync serve`, files in {escape(str(settings.data_dir))})"
+        )
     else:
-        sys.stdout.write(uri + "\n")
+        _notice("(from LAKESYNC_MONGODB_URI)")
 
 
-@app.command(cls=_Command)
+@app.command(cls=_Command, short_help="List a job's rejected records and why.")
 def errors(
     job_id: str,
     as_csv: Annotated[
@@ -489,30 +728,41 @@ def errors(
     limit: Annotated[int, typer.Option(min=1, help="At most this many records.")] = 100,
 ) -> None:
     """List a job's rejected records: key, file, row and reason, in lake order."""
+    from rich.table import Table
+
     from lakesync import rejections
-    from lakesync.runtime import Runtime
 
     try:
-        with Runtime(_settings()) as rt:
-            job = rt.jobs.get(job_id)
-            found = list(itertools.islice(rejections.every(rt.store.copyerrors, job_id), limit))
+        with _statuses(_settings()) as store:
+            job = store.get(job_id)
+            found = list(itertools.islice(rejections.every(store.copyerrors, job_id), limit))
     except LakesyncError as e:
         _fail(e)
     if as_csv:
         sys.stdout.write(rejections.csv_header() + "".join(map(rejections.to_csv, found)))
         return
     if not found:
-        out.print(f"Job {job_id} rejected no records.", highlight=False)
+        out.print(escape(f"Job {job_id} rejected no records."), highlight=False)
         return
-    table = Table("key", "file", "row", "reason")
-    for doc in found:
+    # the files' common folder once, above; each file by its path below it, kept whole
+    files = [str(doc["file"] or "") for doc in found]
+    folder = os.path.commonpath(files) if all(f.startswith("/") for f in files) else ""
+    if folder in files:  # one file: its folder
+        folder = os.path.dirname(folder)
+    if folder:
+        out.print(escape(f"files under {folder}/"), highlight=False)
+    table = Table(box=None, pad_edge=False, header_style="bold")
+    table.add_column("key", overflow="fold")
+    table.add_column("file:row", no_wrap=True)
+    table.add_column("reason", overflow="fold")  # wraps at its spaces
+    for doc, file in zip(found, files, strict=True):
+        place = file[len(folder) + 1 :] if folder else file
         table.add_row(
-            escape(str(doc["key"] or "")),
-            escape(str(doc["file"] or "")),
-            str(doc["row"]),
+            escape(str(doc["key"] or "(none)")),
+            escape(f"{place}:{doc['row']}"),
             escape(str(doc["reason"] or "")),
         )
-    out.print(table)
+    out.print(table, highlight=False)
     if job.errorRecords > len(found):
         err.print(
             f"Showing {len(found):,} of {job.errorRecords:,} rejected records; "
@@ -521,20 +771,19 @@ def errors(
         )
 
 
-@app.command(cls=_Command)
+@app.command(cls=_Command, short_help="Print a job's own log.")
 def logs(job_id: str) -> None:
     """Print a job's own log lines (runs, takeovers, retries, hand-backs, failures)."""
     from lakesync import joblog
-    from lakesync.runtime import Runtime
 
     try:
-        with Runtime(_settings()) as rt:
-            rt.jobs.get(job_id)
-            lines = joblog.read_lines(rt.store.db, job_id)
+        with _statuses(_settings()) as store:
+            store.get(job_id)
+            lines = joblog.read_lines(store.db, job_id)
     except LakesyncError as e:
         _fail(e)
     if not lines:
-        err.print(f"Job {job_id} has no log lines yet.", highlight=False)
+        err.print(escape(f"Job {job_id} has no log lines yet."), highlight=False)
     for line in lines:
         text = f"{line['time']} {line['level'].upper():<7} {line['message']}"
         if line.get("cause"):
@@ -542,9 +791,11 @@ def logs(job_id: str) -> None:
         sys.stdout.write(text + "\n")
 
 
-@app.command(cls=_Command)
+@app.command(cls=_Command, short_help="List the operations, their last job and schedule.")
 def operations(as_json: JsonFlag = False) -> None:
     """List the declared operations with their last job and watermark."""
+    from rich.table import Table
+
     from lakesync.runtime import Runtime
     from lakesync.watermarks import WatermarkStore
 
@@ -557,40 +808,132 @@ def operations(as_json: JsonFlag = False) -> None:
     if as_json:
         _print_json({"operations": [op.model_dump(mode="json") for op in listed]})
         return
-    names = max((len(op.name) for op in listed), default=0)
-    columns = ("operation", "source -> collection", "watermark", "last job")
-    table = _table(*columns, widths={"operation": names})
-    for op in listed:
-        mark = (
-            "-"
-            if op.watermarkColumn is None
-            else f"{op.watermarkColumn} >= "
-            + (str(op.watermark["value"]) if op.watermark else "(none yet)")
+    width = out.width if out.is_terminal else 10_000
+    for i, op in enumerate(listed):
+        if i:
+            out.print()
+        last = (
+            "no job yet" if op.lastJob is None else f"{op.lastJob['status']} {op.lastJob['jobId']}"
         )
-        if op.lookback is not None:
-            mark += f" - {op.lookback}"
-        last = "-" if op.lastJob is None else f"{op.lastJob['status']}\n{op.lastJob['jobId']}"
-        table.add_row(
-            f"[bold]{escape(op.name)}[/]\nmode {op.mode}\n{escape(op.description)}",
-            escape(f"{op.source} -> {op.collection}"),
-            escape(mark),
-            escape(last),
-        )
+        head = f"[bold]{escape(op.name)}[/]  mode {escape(op.mode)}"
+        out.print(head, highlight=False)
+        lines = [
+            ("source", _shorten_left(op.source, width - 16)),
+            ("collection", f"{op.collection} (_id = {op.key})"),
+        ]
+        if op.watermarkColumn is not None:
+            mark = op.watermark.get("iso") or op.watermark["value"] if op.watermark else None
+            shown = f"{op.watermarkColumn} >= {mark if mark is not None else '(none yet)'}"
+            lines.append(("watermark", shown + (f" - {op.lookback}" if op.lookback else "")))
+        if op.schedule is not None:
+            lines.append(("schedule", _schedule_text(op.schedule)))
+        lines.append(("last job", last))
+        if op.description:
+            lines.append(("about", op.description))
+        table = Table(show_header=False, box=None, pad_edge=False, padding=(0, 2, 0, 2))
+        table.add_column(no_wrap=True, style="dim")
+        table.add_column(overflow="fold")  # wraps at spaces; a long word alone is folded
+        for name, value in lines:
+            table.add_row(name, escape(str(value)))
+        out.print(table, highlight=False)
+
+
+def _schedule_text(s: dict[str, Any]) -> str:
+    """`30 7 * * * Europe/Berlin, next 12-07 07:30 CET` (or paused)."""
+    when = s["schedule"] or f"every {s['every']}"
+    if s["schedule"]:
+        when += f" {s['timezone']}"
+    if s["paused"]:
+        return f"{when}, paused"
+    return f"{when}, next {_local_time(s['nextRun'], s['timezone'])}"
+
+
+def _local_time(iso: str | None, zone: str) -> str:
+    """An ISO UTC time as `12-07 07:30 CET` in the schedule's time zone, never split."""
+    if not iso:
+        return "-"
+    from zoneinfo import ZoneInfo
+
+    at = datetime.fromisoformat(iso.replace("Z", "+00:00")).astimezone(ZoneInfo(zone))
+    return at.strftime("%m-%d %H:%M ") + (at.tzname() or zone)
+
+
+@app.command(cls=_Command, short_help="Preview what a copy would read and write.")
+def inspect(
+    operation: Annotated[str, typer.Argument(help="Operation to preview.")] = "copy-taskdetail",
+    source: Annotated[str | None, typer.Option(help="Lake URI (dir, file, glob, s3://).")] = None,
+    as_json: JsonFlag = False,
+) -> None:
+    """Preview a copy without copying: files, format, version, schema and the BSON types it
+    becomes, rows, repeated keys, sample documents and rejections. Writes nothing."""
+    from lakesync.operations import OperationRegistry
+    from lakesync.preview import preview
+    from lakesync.typemap import MONGODB, NX_27017
+
+    try:
+        settings = _settings()
+        registry = OperationRegistry.from_settings(settings)
+        if source is None and settings.lake_uri is None and registry.get(operation).source is None:
+            from lakesync.demo import ensure_demo_lake
+
+            ensure_demo_lake(settings)
+        # the embedded server's gaps when it is the server; a configured one is assumed MongoDB
+        limits = NX_27017 if settings.mongodb_uri is None else MONGODB
+        options = {"source": source} if source else {}
+        shown = preview(settings, registry, operation, options, limits=limits, trusted=True)
+    except LakesyncError as e:
+        _fail(e)
+    if as_json:
+        _print_json(shown)
+        return
+    _print_preview(shown)
+
+
+def _print_preview(p: dict[str, Any]) -> None:
+    """The preview for people: facts, then schema, samples and rejections, at 80 columns."""
+    from rich.table import Table
+
+    version = f", Delta version {p['deltaVersion']}" if p["deltaVersion"] is not None else ""
+    facts = [
+        ("source", p["source"]),
+        ("format", f"{p['format']}{version}, {_plural(p['files'], 'file')}"),
+        ("rows", f"{p['rows']:,} (from {p['rowsFrom']})"),
+        ("writes to", f"collection {p['collection']}, _id = {p['key']}, mode {p['mode']}"),
+        ("sample", f"the first {_plural(p['sampleRows'], 'record')}: "
+         f"{p['sampleRejected']:,} rejected, "
+         f"{_plural(p['repeatedKeys']['keys'], 'key')} repeated "
+         f"({_plural(p['repeatedKeys']['records'], 'record')} a later one replaces)"),
+    ]  # fmt: skip
+    table = Table(show_header=False, box=None, pad_edge=False)
+    table.add_column(no_wrap=True, style="bold")
+    table.add_column(overflow="fold")
+    for name, value in facts:
+        table.add_row(name, escape(str(value)))
     out.print(table)
+    columns = Table(box=None, pad_edge=False, header_style="bold", title_justify="left")
+    columns.add_column("column", overflow="fold")
+    columns.add_column("Arrow type", overflow="fold")
+    columns.add_column("BSON type", overflow="fold")
+    for c in p["schema"]:
+        name = c["name"] + (" (key)" if c["key"] else "")
+        columns.add_row(
+            escape(name), escape(c["arrowType"]), escape(c["bsonType"] or "not written")
+        )
+    out.print()
+    out.print(columns)
+    if p["documents"]:
+        out.print(f"\n[bold]{len(p['documents'])} sample documents as written[/]")
+        for doc in p["documents"]:
+            out.print(escape(json.dumps(doc, ensure_ascii=False)), highlight=False)
+    if p["rejections"]:
+        out.print(f"\n[bold]{len(p['rejections'])} sample rejections[/]")
+        for r in p["rejections"]:
+            where = f"{Path(r['file']).name} row {r['row']}"
+            text = f"{r['key'] or '(no key)'} ({where}): {r['reason']}"
+            out.print(escape(text), highlight=False)
 
 
-def _table(*columns: str, widths: dict[str, int] | None = None) -> Table:
-    """A table whose last column holds job ids: kept whole (ids are 30 characters) at 80
-    columns; the others wrap rather than cut their text, each at least `widths` wide (so
-    that, say, operation names stay on one line)."""
-    table = Table(box=None, pad_edge=False, header_style="bold")
-    for name in columns[:-1]:
-        table.add_column(name, overflow="fold", min_width=(widths or {}).get(name))
-    table.add_column(columns[-1], no_wrap=True, min_width=len(new_job_id()))
-    return table
-
-
-@app.command("demo-data", cls=_Command)
+@app.command("demo-data", cls=_Command, short_help="Write a TaskDetail demo lake (Parquet).")
 def demo_data(
     rows: Annotated[int, typer.Option(min=1, help="Records to write.")],
     out_dir: Annotated[Path, typer.Option("--out", help="Directory to write.")],
@@ -606,13 +949,14 @@ def demo_data(
         made = generate(out_dir, rows, bad_rows=bad_rows, seed=seed)
     except LakesyncError as e:
         _fail(e)
-    out.print(
+    text = (
         f"wrote {_plural(made.rows, 'record')} ({made.bad_rows:,} bad) in "
         f"{_plural(made.files, 'file')} to {made.out}"
     )
+    out.print(escape(text), highlight=False)
 
 
-@app.command(cls=_Command)
+@app.command(cls=_Command, short_help="Run a Celery worker (LAKESYNC_EXECUTOR=celery).")
 def worker(
     concurrency: Annotated[int | None, typer.Option(min=1, help="Parallel jobs.")] = None,
 ) -> None:
@@ -620,14 +964,17 @@ def worker(
     try:
         from lakesync.worker import run_worker
 
-        run_worker(_settings(), concurrency)
+        run_worker(_settings(server=True), concurrency)
     except LakesyncError as e:
         _fail(e)
 
 
-@app.command(cls=_Command)
+@app.command(cls=_Command, short_help="List scheduled operations and their next run.")
 def schedules(as_json: JsonFlag = False) -> None:
     """List scheduled operations: schedule, paused or not, next run, last run and result."""
+    from rich.table import Table
+
+    from lakesync.models import new_job_id
     from lakesync.runtime import Runtime
 
     try:
@@ -644,29 +991,31 @@ def schedules(as_json: JsonFlag = False) -> None:
     if not listed:
         out.print(
             "No operation has a schedule (set LAKESYNC_SCHEDULE, or `schedule` or "
-            "`every` in lakesync.toml)."
+            "`every` in lakesync.toml).",
         )
         return
-    names = max((len(s["operation"]) for s in listed), default=0)
-    table = _table("operation", "schedule", "next run", "last run", widths={"operation": names})
+    table = Table(box=None, pad_edge=False, header_style="bold")
+    table.add_column("operation", no_wrap=True, overflow="ellipsis")
+    table.add_column("schedule", overflow="fold")  # wraps at its spaces
+    table.add_column("next run", no_wrap=True)
+    table.add_column("last run", no_wrap=True, min_width=len(new_job_id()))
     for s in listed:
         when = s["schedule"] or f"every {s['every']}"
         if s["schedule"] and s["timezone"] != "UTC":
-            when += f" ({s['timezone']})"
+            when += f" {s['timezone']}"
         last = s["lastRun"]
-        shown = (
-            "-"
-            if last is None
-            else f"{last['slot']}\n{last['outcome']}"
-            + (f" {last['result'] or ''}\n{last['jobId']}" if last.get("jobId") else "")
-        )
+        shown = "-"
+        if last is not None:
+            shown = f"{_local_time(last['slot'], s['timezone'])} {last['outcome']}"
+            if last.get("jobId"):
+                shown += f"\n{last['jobId']}" + (f"\n{last['result']}" if last["result"] else "")
         table.add_row(
             escape(s["operation"]),
             escape(when),
-            "paused" if s["paused"] else str(s["nextRun"]),
+            "paused" if s["paused"] else _local_time(s["nextRun"], s["timezone"]),
             escape(shown),
         )
-    out.print(table)
+    out.print(table, highlight=False)
 
 
 def _pause(name: str, paused: bool) -> None:
@@ -682,24 +1031,32 @@ def _pause(name: str, paused: bool) -> None:
         if paused
         else f"Schedule of {name} resumed; next run {s['nextRun']}."
     )
-    out.print(escape(text), highlight=False, soft_wrap=True)
+    out.print(escape(text), highlight=False)
 
 
-@app.command(cls=_Command)
+@app.command(cls=_Command, short_help="Pause an operation's schedule.")
 def pause(operation: str) -> None:
     """Pause an operation's schedule (its running job, if any, goes on)."""
     _pause(operation, True)
 
 
-@app.command(cls=_Command)
+@app.command(cls=_Command, short_help="Resume an operation's schedule.")
 def unpause(operation: str) -> None:
     """Resume an operation's schedule; slots passed while paused are not run."""
     _pause(operation, False)
 
 
+def _verbose_first(args: list[str]) -> list[str]:
+    """`lakesync jobs -v` as `lakesync -v jobs`: -v is the group's option, typed anywhere."""
+    if "--" in args:
+        return args
+    flags = [a for a in args if a in ("-v", "--verbose")]
+    return flags + [a for a in args if a not in ("-v", "--verbose")]
+
+
 def main() -> None:
     """Entry point: settings errors become one clear line and exit code 2."""
     try:
-        app(prog_name="lakesync")
+        app(args=_verbose_first(sys.argv[1:]), prog_name="lakesync")
     except LakesyncError as e:
         _fail(e, 2)

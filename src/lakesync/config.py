@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import difflib
 import re
+from collections.abc import Mapping
 from functools import lru_cache
 from pathlib import Path
 from typing import Literal
@@ -43,6 +45,13 @@ def uri_passwords(uri: str) -> set[str]:
     return {p for p in found if len(p) >= 3}
 
 
+def default_data_dir() -> Path:
+    """The platform's per-user data directory for lakesync (e.g. ~/.local/share/lakesync)."""
+    from platformdirs import user_data_dir
+
+    return Path(user_data_dir("lakesync", appauthor=False))
+
+
 class Settings(BaseSettings):
     """lakesync configuration; see the README's configuration table."""
 
@@ -52,7 +61,9 @@ class Settings(BaseSettings):
 
     mongodb_uri: SecretStr | None = None
     database: str = Field("lakesync", min_length=1, pattern=r"^[^/\\. \"$]+$")
-    data_dir: Path = Path(".lakesync")
+    #: one folder per user, whatever the current folder: `make run`, the CLI and workers share
+    #: the embedded server and the demo lake in it
+    data_dir: Path = Field(default_factory=lambda: default_data_dir())
     lake_uri: str | None = None
     s3_endpoint_url: str | None = None
     s3_region: str | None = None
@@ -206,6 +217,50 @@ def load_settings(**overrides: object) -> Settings:
         return Settings(**overrides)  # type: ignore[arg-type]
     except ValidationError as e:
         raise ConfigError(_describe(e)) from None
+
+
+def setting_names() -> set[str]:
+    """Every variable lakesync reads: LAKESYNC_ + a setting's name, or its alias."""
+    names: set[str] = set()
+    for name, info in Settings.model_fields.items():
+        alias = info.validation_alias
+        choices = alias.choices if isinstance(alias, AliasChoices) else []
+        found = [c for c in choices if isinstance(c, str) and c.upper().startswith("LAKESYNC_")]
+        names.update(c.upper() for c in found) if found else names.add(f"LAKESYNC_{name.upper()}")
+    return names
+
+
+def unknown_variables(environ: Mapping[str, str], env_file: Path = Path(".env")) -> list[str]:
+    """A warning for each LAKESYNC_* variable of the environment or `.env` that no setting
+    reads (a typo is otherwise silently ignored), naming the closest valid one."""
+    found = {k.upper(): "environment" for k in environ if k.upper().startswith("LAKESYNC_")}
+    if env_file.is_file():
+        from dotenv import dotenv_values
+
+        for key in dotenv_values(env_file):
+            if key.upper().startswith("LAKESYNC_"):
+                found.setdefault(key.upper(), str(env_file))
+    valid = setting_names()
+    warnings = []
+    for name, where in sorted(found.items()):
+        if name in valid:
+            continue
+        # compared without the shared prefix, which would make every name look close
+        suffixes = {v.removeprefix("LAKESYNC_"): v for v in valid}
+        close = difflib.get_close_matches(
+            name.removeprefix("LAKESYNC_"), sorted(suffixes), n=1, cutoff=0.6
+        )
+        hint = (
+            f"did you mean {suffixes[close[0]]}?"
+            if close
+            else "the README's configuration table lists the settings."
+        )
+        warnings.append(
+            f"{name} (in the {where}) is not a lakesync setting and is ignored; {hint}"
+            if where != "environment"
+            else f"{name} is not a lakesync setting and is ignored; {hint}"
+        )
+    return warnings
 
 
 @lru_cache(maxsize=1)

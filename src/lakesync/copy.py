@@ -193,8 +193,12 @@ class CopyEngine:
         schema: RecordSchema,
         job_id: str,
         superseded: Superseded | None = None,
+        *,
+        dry_run: bool = False,
     ) -> None:
         self.target = target
+        #: count against the collection as it is, write nothing to it (rejections are kept)
+        self.dry_run = dry_run
         self.errors = errors
         self.schema = schema
         self.job_id = job_id
@@ -281,13 +285,22 @@ class CopyEngine:
         ready = batch.prepared
         if not (isinstance(ready, Prepared) and ready.table is batch.table):
             ready = self.prepare(batch)
-        if not self._digests_ready:
+        if not self._digests_ready and not self.dry_run:  # a dry run writes nothing at all
             self._index_key_digests()
         checked = ready.checked
         counts = Counters(processed=batch.table.num_rows, duplicates=ready.duplicates)
         rejected = [self._rejection(batch, r) for r in checked.rejections]
         started = time.perf_counter()
-        if ready.rows:
+        if ready.rows and self.dry_run:  # the one place a dry run differs: no write
+            keys, ks = ready.keys, ready.kdigests
+            existing = self._markers(keys, ks)
+            args = (keys, ready.rows, ready.bodies, ready.digests, ks, existing, batch, counts)
+            for planned in self._classify(*args):
+                if planned.counted is Counted.INSERTED:
+                    counts.inserted += 1
+                else:
+                    counts.updated += 1
+        elif ready.rows:
             self._classify_and_write(ready.keys, ready.rows, ready, batch, counts, rejected)
         if rejected:
             self._store_rejections(rejected)

@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import queue
+import re
 import threading
 from datetime import UTC, datetime
 from typing import Any
@@ -23,6 +24,9 @@ from pymongo.errors import PyMongoError
 
 from lakesync.logs import JobFields
 from lakesync.masking import masked
+
+#: a run's owner id (lease.run_owner: host:pid:suffix:thread:suffix), or a process's
+_OWNER = re.compile(r"[\w.-]+:\d+:[0-9a-f]{6}(?::\d+:[0-9a-f]{4})?")
 
 MAX_LINES = 500
 #: after MAX_LINES, warnings and errors still go in, up to this many in all
@@ -64,8 +68,28 @@ def read_lines(
             if when.tzinfo is None:
                 when = when.replace(tzinfo=UTC)
             doc["time"] = when.isoformat(timespec="milliseconds").replace("+00:00", "Z")
+        doc["message"] = tidy(str(doc.get("message", "")), job_id)
+        if doc.get("cause"):
+            doc["cause"] = tidy(str(doc["cause"]), job_id, capital=False)
         out.append(doc)
     return out
+
+
+def tidy(message: str, job_id: str, *, capital: bool = True) -> str:
+    """A line of one job's own log, told without what every line of it would repeat: the
+    job's id (`job X: run 1 started` is `Run 1 started`) and the owner ids of its runs."""
+    text = message
+    for prefix in (f"job {job_id}: ", f"job {job_id} "):
+        if text.startswith(prefix):
+            text = text[len(prefix) :]
+            break
+    text = text.replace(f" of job {job_id}", "").replace(f" of Job {job_id}", "")
+    text = text.replace(f"Job {job_id}", "The job").replace(f"job {job_id}", "the job")
+    text = _OWNER.sub("this run", text)
+    head, colon, rest = text.partition(": ")
+    if colon and rest.strip().rstrip(".").lower() == head.lower():  # "failed: Failed"
+        text = head
+    return text[:1].upper() + text[1:] if capital else text
 
 
 class JobLogHandler(logging.Handler):

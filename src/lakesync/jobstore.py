@@ -37,7 +37,6 @@ from lakesync.errors import (
     LeaseLost,
 )
 from lakesync.lease import Leases, beat
-from lakesync.locations import canonical_uri
 from lakesync.models import (
     ACTIVE_STATES,
     FINAL_STATES,
@@ -82,6 +81,8 @@ def _beat(update: dict[str, Any]) -> dict[str, Any]:
 def flight_key(operation: str, source: str) -> str:
     """The single-flight slot of a job: its operation and its source in canonical form, so
     `lake`, `lake/`, `./lake` and a symlink to it (or `s3://b/p` and `s3://b/p/`) share one."""
+    from lakesync.locations import canonical_uri  # pyarrow: not for readers of statuses
+
     return f"{operation}|{canonical_uri(source) if source else ''}"
 
 

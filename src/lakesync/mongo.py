@@ -15,6 +15,7 @@ import fcntl
 import json
 import logging
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -48,6 +49,17 @@ def describe_hosts(uri: str) -> str:
         return ", ".join(f"{h}:{p}" for h, p in nodes) or masked(uri)
     except Exception:
         return masked(uri)
+
+
+def driver_cause(error: BaseException) -> str:
+    """The cause in a driver error, in one line: `[Errno 111] Connection refused` rather
+    than its timeouts and topology description; the whole text if it has no such cause."""
+    text = masked(str(error)).splitlines()[0] if str(error).strip() else type(error).__name__
+    text = re.split(r" \(configured timeouts|, Timeout: |, Topology Description", text)[0]
+    if ": [Errno" in text:  # "host:port: [Errno 111] Connection refused"
+        text = text[text.index("[Errno") :]
+    text = re.sub(r"^\[Errno -?\d+\] ", "", text)
+    return text[:300].rstrip(". ") or type(error).__name__
 
 
 def with_database(uri: str, database: str) -> str:
@@ -192,7 +204,11 @@ class EmbeddedServer:
         self.port = int(state["port"])
         if not self._ping(1.0):
             return False
-        logger.info("using the embedded server already running on port %d", self.port)
+        logger.info(
+            "using the embedded MongoDB-wire server already running on 127.0.0.1:%d, files in %s",
+            self.port,
+            self.data_dir,
+        )
         return True
 
     def running_uri(self) -> str | None:
@@ -204,6 +220,11 @@ class EmbeddedServer:
         except (OSError, ValueError, KeyError, TypeError):
             return None
         return self.uri if alive and self._ping(1.0) else None
+
+    def holds(self, database: str) -> bool:
+        """Whether the server's files hold `database` (without starting it): nx-27017 keeps
+        one SQLite file per database."""
+        return (self.data_dir / f"{database}.db").is_file()
 
     def _ping(self, seconds: float) -> bool:
         client: MongoClient[dict[str, Any]] = MongoClient(
@@ -325,6 +346,8 @@ class Mongo:
                     f"{masked(str(e))}. Use mongodb://host:port or mongodb+srv://host."
                 ) from None
         self.where = describe_hosts(uri)
+        if secret is not None:
+            logger.info("MongoDB at %s (LAKESYNC_MONGODB_URI)", self.where)
         self.client: MongoClient[dict[str, Any]] = MongoClient(
             uri,
             serverSelectionTimeoutMS=CONNECT_TIMEOUT_MS,
@@ -370,9 +393,8 @@ class Mongo:
         try:
             self.client.admin.command("ping")
         except Exception as e:  # the driver can fail with other errors, e.g. on auth replies
-            reason = masked(f"{type(e).__name__}: {e}").splitlines()[0][:300]
             raise StoreError(
-                f"Cannot reach MongoDB at {self.where}: {reason}. "
+                f"Cannot reach MongoDB at {self.where}: {driver_cause(e)}. "
                 "Check LAKESYNC_MONGODB_URI (host, port, credentials) and that the server is up."
             ) from None
 

@@ -60,6 +60,8 @@ if TYPE_CHECKING:
 logger = logging.getLogger(__name__)
 
 Mode = Literal["full", "incremental", "mirror"]
+#: a job's mode: an operation's, or a dry run (a full copy's counts, nothing written)
+JobMode = Literal["full", "incremental", "mirror", "dry-run"]
 
 
 class Operation(Unattended):
@@ -158,7 +160,7 @@ class JobOptions(BaseModel):
     # strict numbers and flags: 2.0, "5" or true are refused, not silently converted
     source: str | None = Field(None, min_length=1, max_length=2048)
     batchSize: StrictInt | None = Field(None, ge=1, le=100_000)
-    mode: Mode | None = None
+    mode: JobMode | None = None
     allowEmpty: StrictBool = False
     #: Delta table version to read (default: latest)
     deltaVersion: StrictInt | None = Field(None, ge=0)

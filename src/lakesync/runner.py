@@ -33,7 +33,7 @@ from lakesync.logs import job_context
 from lakesync.masking import masked
 from lakesync.mirror import MirrorSet, key_type
 from lakesync.models import Checkpoint, Counters, JobState, JobStatus, Outcome, Watermark
-from lakesync.operations import OperationRegistry, ResolvedJob
+from lakesync.operations import Mode, OperationRegistry, ResolvedJob
 from lakesync.partitions import PartitionedJobs
 from lakesync.retry import RetryPolicy
 from lakesync.schema import check_columns
@@ -116,7 +116,17 @@ class JobRunner:
     ) -> Outcome:
         job_id = status.jobId
         log = logging.LoggerAdapter(logger, {"jobId": job_id, "operation": status.operation})
-        log.info("job %s: run %d started by %s", job_id, status.attempt, owner)
+        if status.processedRecords:  # a run after a pause, a crash or a time limit
+            log.info(
+                "job %s: run %d resumed at record %s of %s",
+                job_id,
+                status.attempt,
+                f"{status.processedRecords:,}",
+                f"{status.totalRecords:,}",
+                extra={"owner": owner},
+            )
+        else:
+            log.info("job %s: run %d started", job_id, status.attempt, extra={"owner": owner})
         if (unrecorded := self.unrecorded.pop(job_id, None)) is not None:
             # its failure could not be written (e.g. a full disk): record it, do not copy again
             self._try_end(job_id, owner, JobState.FAILED, "Failed", unrecorded)
@@ -236,7 +246,8 @@ class JobRunner:
         job_id = status.jobId
         job = self.registry.resolve(status.operation, status.options, self.settings)
         op, options, source = job.op, job.options, job.source
-        mode = options.mode or op.mode
+        dry_run = options.mode == "dry-run"  # a full copy's counts, written nowhere
+        mode: Mode = "full" if options.mode == "dry-run" else options.mode or op.mode
         mirror.check_source(op, options, source, self.settings)  # the lake setting may change
         known = None
         if status.checkpoint is not None:  # the files' facts its first run kept: no footers
@@ -288,10 +299,12 @@ class JobRunner:
             if (
                 self.partitioned.plans
                 and mode == "full"
+                and not dry_run
                 and self.partitioned.start(status, owner, lake, total, cp)
             ):
                 return Outcome.ENDED
-            pinned = {**status.options, "mode": mode}  # a resumed run keeps mode and version
+            # a resumed run keeps mode and version
+            pinned = {**status.options, "mode": "dry-run" if dry_run else mode}
             pinned |= lake.pins()
             if seen is not None:
                 policy.call(lambda: mirror.sweep(db, self.store.jobs), "sweeping key sets")
@@ -341,6 +354,7 @@ class JobRunner:
             policy=policy,
             filter=reading,
             superseded=superseded,
+            dry_run=dry_run,
         )
         if paused is not None:
             return paused
@@ -375,7 +389,7 @@ class JobRunner:
         if cp.since is not None:
             message += f" (records changed since {shown(cp.since)})"
         done = self._end(job_id, owner, JobState.COMPLETED, message)  # or cancelled, see finish
-        if cp.until is not None and done.state is JobState.COMPLETED:
+        if cp.until is not None and done.state is JobState.COMPLETED and not dry_run:
             self._save_watermark(op.name, source, cp.until, job_id, mode, lake.pins())
         if on_progress:
             on_progress(done)
@@ -449,6 +463,7 @@ class JobRunner:
             )
         else:
             return None
+        logger.info("job %s: %s", job_id, text)
         policy.call(lambda: self.store.release(job_id, owner, text), "handing the job back")
         return Outcome.CONTINUE
 

@@ -15,13 +15,53 @@ from lakesync.jobstore import JobStore, flight_key
 from lakesync.locations import canonical_uri, within_roots
 from lakesync.masking import masked
 from lakesync.models import JobStatus
-from lakesync.operations import OperationRegistry, parse_options
+from lakesync.operations import JobOptions, Operation, OperationRegistry, parse_options
 
 logger = logging.getLogger(__name__)
 
 #: How old a status answered to a poll may be. A job run by this process refreshes it with
 #: every batch; others' writes show within this time. The page polls once a second.
 STATUS_MAX_AGE_SECONDS = 1.0
+
+
+def allowed_roots(settings: Settings, op: Operation) -> list[str]:
+    """Where a job's `source` option may point: LAKESYNC_ALLOWED_ROOTS, else the
+    operation's own source."""
+    return settings.allowed_roots or [op.source_uri(settings)]
+
+
+def checked_request(
+    settings: Settings,
+    registry: OperationRegistry,
+    operation: str,
+    raw_options: Any,
+    *,
+    trusted: bool = False,
+) -> tuple[JobOptions, str]:
+    """A job request's options and canonical source, refused (RequestError, SourceError)
+    as a job start refuses it: the same checks serve `JobService.start` and the preview.
+
+    A `source` option must lie inside the allowed roots (checked before its existence, so
+    API clients cannot probe the server's files) unless the caller is `trusted` (the CLI).
+    """
+    op = registry.get(operation)
+    options = parse_options(raw_options)
+    op.check_options(options)  # mode-level checks (incremental needs a watermark...)
+    source = options.source or op.source_uri(settings)
+    roots: list[str] | None = None
+    if options.source and not trusted:
+        roots = allowed_roots(settings, op)
+        if not within_roots(options.source, roots):
+            raise SourceError(
+                f"The source {masked(options.source)} is outside the allowed roots "
+                f"({', '.join(masked(r) for r in roots)}). Use a source under one "
+                "of them, or list more roots in LAKESYNC_ALLOWED_ROOTS (a JSON list).",
+                allowedRoots=[masked(r) for r in roots],
+            )
+    source = canonical_uri(source)  # one spelling: one flight, one watermark per lake
+    mirror.check_source(op, options, source, settings)
+    check_source_exists(source, roots)
+    return options, source
 
 
 class JobService:
@@ -38,6 +78,11 @@ class JobService:
         self.store = store
         self.registry = registry
         self.executor = executor
+
+    @staticmethod
+    def _flight(operation: str, source: str, mode: str | None) -> str:
+        """A dry run neither joins nor blocks a copy of the same source: a slot of its own."""
+        return flight_key(operation, source) + ("|dry-run" if mode == "dry-run" else "")
 
     def start(
         self,
@@ -58,23 +103,9 @@ class JobService:
         frontend's own name for the job) is kept as the job's clientJobId: starting again
         with it returns that job for as long as its status exists.
         """
-        op = self.registry.get(operation)
-        options = parse_options(raw_options)
-        op.check_options(options)  # mode-level checks (incremental needs a watermark...)
-        source = options.source or op.source_uri(self.settings)
-        roots: list[str] | None = None
-        if options.source and not trusted:
-            roots = self.settings.allowed_roots or [op.source_uri(self.settings)]
-            if not within_roots(options.source, roots):
-                raise SourceError(
-                    f"The source {masked(options.source)} is outside the allowed roots "
-                    f"({', '.join(masked(r) for r in roots)}). Use a source under one "
-                    "of them, or list more roots in LAKESYNC_ALLOWED_ROOTS (a JSON list).",
-                    allowedRoots=[masked(r) for r in roots],
-                )
-        source = canonical_uri(source)  # one spelling: one flight, one watermark per lake
-        mirror.check_source(op, options, source, self.settings)
-        check_source_exists(source, roots)
+        options, source = checked_request(
+            self.settings, self.registry, operation, raw_options, trusted=trusted
+        )
         body = {"operation": operation, "options": options.model_dump(exclude_none=True)}
         if idempotency_key and (known := self.store.claim_idempotency(idempotency_key, body)):
             return self.store.get(known), False  # the request that took the key made the job
@@ -86,7 +117,7 @@ class JobService:
         fields = {"trigger": trigger, "scheduledFor": scheduled_for, "clientJobId": client_job_id}
         try:
             status, created = self.store.create(
-                operation, stored, flight_key(operation, source), fields
+                operation, stored, self._flight(operation, source, options.mode), fields
             )
             if client_job_id and status.clientJobId != client_job_id:  # joined a running job
                 status = self.store.add_client_id(status, client_job_id)
@@ -192,6 +223,7 @@ def check_source_exists(source: str, roots: list[str] | None = None) -> None:
         return
     if not os.path.exists(source):
         raise SourceError(
-            f"The source {source!r} does not exist. Set LAKESYNC_LAKE_URI or the job's "
+            f"The source {source!r} does not exist. Fix the operation's `source` in "
+            "lakesync.toml (or LAKESYNC_LAKE_URI for an operation without one), or the job's "
             "source option to a directory, file, glob or s3:// URI of the lake."
         )

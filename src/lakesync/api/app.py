@@ -10,7 +10,17 @@ from fastapi.concurrency import run_in_threadpool
 from fastapi.staticfiles import StaticFiles
 
 from lakesync import __version__
-from lakesync.api import docs, health, jobs, netlify, openapi, operations, page, records
+from lakesync.api import (
+    docs,
+    health,
+    jobs,
+    netlify,
+    openapi,
+    operations,
+    page,
+    preview,
+    records,
+)
 from lakesync.api.auth import TokenGuard
 from lakesync.api.crosssite import CrossSiteGuard
 from lakesync.api.errors import install_error_handlers
@@ -50,8 +60,9 @@ def create_app(runtime: Runtime, close_on_shutdown: bool = False) -> FastAPI:
     app.add_middleware(HostGuard)  # 400 for a foreign Host (DNS rebinding) before anything
     app.add_middleware(SecurityHeaders)  # added last, runs first: on every answer
     install_error_handlers(app)
-    for module in (jobs, records, operations, netlify, health, page):
+    for module in (jobs, preview, records, operations, netlify, health, page):
         app.include_router(module.router)
+    app.include_router(page.api_router)
     docs.install(app)
     openapi.install(app, runtime.settings.api_token is not None, runtime.registry.names())
     app.mount("/static", StaticFiles(directory=page.STATIC), name="static")

@@ -7,6 +7,8 @@ from typing import Any
 from fastapi import APIRouter
 
 from lakesync.api.deps import Authorized, RuntimeDep
+from lakesync.masking import masked
+from lakesync.service import allowed_roots
 from lakesync.watermarks import WatermarkStore
 
 router = APIRouter(prefix="/api/operations", tags=["operations"], dependencies=[Authorized])
@@ -18,7 +20,19 @@ def list_operations(runtime: RuntimeDep) -> dict[str, Any]:
         runtime.settings, runtime.store, WatermarkStore(runtime.store.db)
     )
     runtime.scheduler.annotate(listed)
-    return {"operations": [op.model_dump(mode="json") for op in listed]}
+    # where a job's `source` option may point (the page's source field says it)
+    return {
+        "operations": [
+            {
+                **op.model_dump(mode="json"),
+                "allowedRoots": [
+                    masked(r)
+                    for r in allowed_roots(runtime.settings, runtime.registry.get(op.name))
+                ],
+            }
+            for op in listed
+        ]
+    }
 
 
 @router.post("/{name}/pause", summary="Pause the operation's schedule (running jobs go on)")

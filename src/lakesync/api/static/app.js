@@ -281,6 +281,7 @@ async function loadOperations() {
   filter.value = ops.some((o) => o.name === chosen) ? chosen : "";
   filter.closest(".field").hidden = ops.length <= 1;
   onOperationChange();
+  renderOperations();
 }
 
 function operationOf(name) {
@@ -302,6 +303,10 @@ function onOperationChange() {
   }
   renderSchedule(op);
   $("opt-source").placeholder = op && op.source ? `Default: ${op.source}` : "The operation's default source";
+  const roots = (op && op.allowedRoots) || [];
+  $("opt-source-help").textContent = "Directory, file, glob or s3:// URI"
+    + (roots.length ? `, under ${roots.join(" or ")}` : "") + ".";
+  $("opt-source").title = op && op.source ? `The operation's source: ${op.source}` : "";
   updateCopyButton();
 }
 
@@ -348,13 +353,88 @@ function renderSchedule(op) {
   if (!s) return;
   const when = s.schedule ? `on the cron schedule “${s.schedule}” (${s.timezone})` : `every ${s.every}`;
   const next = parseTime(op.nextRun);
-  let text = `Runs by itself ${when}; ` + (s.paused ? "paused." : `next run ${next == null ? "—" : dateTimeFmt.format(next)}.`);
+  let text = `Runs by itself ${when}; ` + (s.paused ? "paused." : `next run ${next == null ? "—" : zoned(op.nextRun, s.timezone)}.`);
   const last = s.lastRun;
   if (last) {
     const result = last.outcome === "started" ? (last.result || "started") : last.outcome;
     text += ` Last run ${fmtRelative(last.slot)}: ${result.replace("_", " ")}.`;
   }
   el.textContent = text;
+}
+
+// Each operation: its source and collection, schedule, next run in the schedule's own time
+// zone, its last job's result, and Pause/Unpause for a scheduled one.
+function renderOperations() {
+  const body = $("operations-body");
+  body.replaceChildren(...state.operations.map((op) => {
+    const tr = document.createElement("tr");
+    const td = (text, title) => {
+      const c = document.createElement("td");
+      c.textContent = text;
+      if (title) c.title = title;
+      tr.append(c);
+      return c;
+    };
+    td(op.name, op.description || op.name);
+    td(`${sourceTail(op.source)} → ${op.collection}`, `${op.source} → ${op.collection}`);
+    const s = op.schedule;
+    const when = s ? (s.schedule ? `${s.schedule} (${s.timezone})` : `every ${s.every}`) : "—";
+    td(when, when);
+    const next = s ? (s.paused ? "paused" : zoned(op.nextRun, s.timezone)) : "—";
+    td(next, s && !s.paused ? `${next} (${s.timezone})` : "");
+    const last = op.lastJob;
+    const cell = td("");
+    if (last) {
+      const a = document.createElement("a");
+      a.href = `/jobs/${encodeURIComponent(last.jobId)}`;
+      a.textContent = last.status.replace("_", " ");
+      a.title = `Job ${last.jobId}`;
+      cell.append(a);
+    } else {
+      cell.textContent = "—";
+    }
+    const actions = td("");
+    if (s) {
+      const b = document.createElement("button");
+      b.type = "button";
+      b.className = "btn btn--ghost btn--sm";
+      b.textContent = s.paused ? "Unpause" : "Pause";
+      b.setAttribute("aria-label", `${b.textContent} the schedule of ${op.name}`);
+      b.addEventListener("click", () => toggleSchedule(op.name, s.paused, b));
+      actions.append(b);
+    }
+    return tr;
+  }));
+  $("operations-card").hidden = state.operations.length === 0;
+}
+
+// `Dec 7, 07:30 CET`: a time in the schedule's own zone, named.
+function zoned(iso, zone) {
+  const at = parseTime(iso);
+  if (at == null) return "—";
+  try {
+    return new Intl.DateTimeFormat(undefined, {
+      month: "short", day: "numeric", hour: "2-digit", minute: "2-digit", hourCycle: "h23",
+      timeZone: zone, timeZoneName: "short",
+    }).format(at);
+  } catch {
+    return dateTimeFmt.format(at);
+  }
+}
+
+async function toggleSchedule(name, paused, button) {
+  button.disabled = true;
+  try {
+    await api(`/api/operations/${encodeURIComponent(name)}/${paused ? "unpause" : "pause"}`, { method: "POST", body: {} });
+    const { data } = await api("/api/operations");
+    if (data && Array.isArray(data.operations)) state.operations = data.operations;
+    renderOperations();
+    renderSchedule(operationOf(selectedOperation()));
+    announce(`Schedule of ${name} ${paused ? "resumed" : "paused"}`);
+  } catch (e) {
+    showAlert(e.message);
+    button.disabled = false;
+  }
 }
 
 // Next and last runs move on by themselves: re-read them without rebuilding the selector.
@@ -367,6 +447,7 @@ async function refreshSchedules() {
     return;
   }
   renderSchedule(state.operations.find((o) => o.name === selectedOperation()));
+  renderOperations();
 }
 
 function updateCopyButton() {
@@ -432,6 +513,66 @@ async function startCopy(event) {
     btn.removeAttribute("aria-busy");
     updateCopyButton();
   }
+}
+
+async function showPreview() {
+  clearAlert();
+  const btn = $("preview-button");
+  if (btn.disabled) return;
+  let options;
+  try {
+    options = readOptions();
+  } catch (e) {
+    showAlert(e.message);
+    return;
+  }
+  btn.setAttribute("aria-busy", "true");
+  btn.disabled = true;
+  try {
+    const { data } = await api("/api/preview", {
+      method: "POST",
+      body: { operation: selectedOperation(), options },
+    });
+    renderPreview(data);
+  } catch (e) {
+    if (e.status === 401) $("token-input").focus();
+    else showAlert(e.message);
+  } finally {
+    btn.removeAttribute("aria-busy");
+    btn.disabled = false;
+  }
+}
+
+function renderPreview(p) {
+  const version = p.deltaVersion === null || p.deltaVersion === undefined ? "" : `, Delta version ${p.deltaVersion}`;
+  const rep = p.repeatedKeys || { keys: 0, records: 0, among: "" };
+  $("preview-summary").textContent =
+    `${p.source}: ${p.format}${version}, ${fmt(p.files)} file${p.files === 1 ? "" : "s"}, ` +
+    `${fmt(p.rows)} rows (from ${p.rowsFrom}). Into ${p.collection} with _id = ${p.key}. ` +
+    `Sample of ${fmt(p.sampleRows)}: ${fmt(p.sampleRejected)} rejected, ` +
+    `${fmt(rep.keys)} key${rep.keys === 1 ? "" : "s"} repeated (${rep.among}). Nothing was written.`;
+  const body = $("preview-schema");
+  body.replaceChildren();
+  for (const c of p.schema || []) {
+    const tr = document.createElement("tr");
+    for (const text of [c.name + (c.key ? " (key)" : ""), c.arrowType, c.bsonType || "not written"]) {
+      const td = document.createElement("td");
+      td.textContent = text;
+      tr.append(td);
+    }
+    body.append(tr);
+  }
+  $("preview-documents").textContent = (p.documents || []).map((d) => JSON.stringify(d)).join("\n") || "No valid record in the sample.";
+  const list = $("preview-rejections");
+  list.replaceChildren();
+  for (const r of p.rejections || []) {
+    const li = document.createElement("li");
+    li.textContent = `${r.key || "(no key)"} (${fileTail(r.file)} row ${r.row}): ${r.reason}`;
+    list.append(li);
+  }
+  $("preview-rejections-title").hidden = list.children.length === 0;
+  $("preview").hidden = false;
+  announce("Preview ready");
 }
 
 function askCancel() {
@@ -799,7 +940,18 @@ function render(job) {
   const offline = state.pollFailures > 0 || state.health === "bad";
   const moving = silent == null && !offline;
   card.dataset.quiet = String(!moving && isActive(job.status)); // stills the bar's animation
-  $("stat-rate").textContent = job.recordsPerSecond > 0 && moving ? fmtRate(job.recordsPerSecond) : "—";
+  // while it runs, the current rate; once it ended, its average over the whole job
+  const secs = jobSeconds(job);
+  const ended = isFinal(job.status);
+  $("stat-rate").previousElementSibling.textContent = ended ? "Records/s (average)" : "Records/s";
+  if (ended) {
+    $("stat-rate").textContent = secs > 0 && job.processedRecords ? fmtRate(job.processedRecords / secs) : "—";
+  } else {
+    $("stat-rate").textContent = job.recordsPerSecond > 0 && moving ? fmtRate(job.recordsPerSecond) : "—";
+  }
+  // "Copy started as background process" is about this job: gone once it ended
+  const notice = $("notice").querySelector("code");
+  if (ended && notice && notice.textContent === job.jobId) hideNotice();
   let eta = "—";
   if (job.status === "completed") eta = "Done";
   else if (job.status === "in_progress" && job.etaSeconds != null && moving) eta = fmtDuration(job.etaSeconds);
@@ -1089,7 +1241,7 @@ function jobRow(job) {
   const tdSource = cell("c-source", "Source");
   const source = document.createElement("span");
   const full = (job.options && job.options.source) || "default";
-  source.textContent = full.length > 26 ? `…${full.slice(-25)}` : full; // the end names the data
+  source.textContent = sourceTail(full); // its end names the data; the whole path in the title
   source.title = full;
   tdSource.append(source);
 
@@ -1282,6 +1434,14 @@ function errorRow(rec) {
 }
 
 // The end of a lake path (its last two parts): what tells files apart; the title has it all.
+// `…/tasks/part-0.parquet`: a path shortened from the left at a `/`, never inside a name.
+function sourceTail(path, keep = 2) {
+  const scheme = /^[a-z][a-z0-9+.-]*:\/\//i.exec(path);
+  const rest = scheme ? path.slice(scheme[0].length) : path;
+  const parts = rest.split("/").filter(Boolean);
+  return parts.length > keep ? `…/${parts.slice(-keep).join("/")}` : path;
+}
+
 function fileTail(path) {
   const parts = path.split("/");
   return parts.length > 2 ? `…/${parts.slice(-2).join("/")}` : path;
@@ -1488,6 +1648,8 @@ function wire() {
   EMPTY_JOB_TEXT = document.createDocumentFragment();
   for (const n of empty.childNodes) EMPTY_JOB_TEXT.append(n.cloneNode(true));
   $("start-form").addEventListener("submit", startCopy);
+  $("preview-button").addEventListener("click", showPreview);
+  $("preview-close").addEventListener("click", () => { $("preview").hidden = true; });
   $("cancel-button").addEventListener("click", askCancel);
   $("cancel-yes").addEventListener("click", cancelJob);
   $("cancel-no").addEventListener("click", () => closeCancel({ focus: true }));

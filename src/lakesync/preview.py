@@ -1,0 +1,146 @@
+"""What a lake holds and what a copy of it would write, in seconds: `lakesync inspect` and
+POST /api/preview.
+
+Answered from the lake's metadata (files, format, Delta version, schema, rows: Parquet
+footers, no data read) and from a sample of its first records, validated and encoded as a
+copy would: the documents as they would be written, the rejections with their reasons,
+and the keys repeated within the sample. Nothing is written anywhere.
+"""
+
+from __future__ import annotations
+
+import json
+from collections import Counter
+from typing import Any
+
+import bson
+import pyarrow as pa
+from bson import json_util
+
+from lakesync.config import Settings
+from lakesync.masking import masked
+from lakesync.operations import OperationRegistry, ResolvedJob
+from lakesync.schema import check_columns, validate
+from lakesync.service import checked_request
+from lakesync.typemap import ServerLimits, value_type
+
+#: records read for the sample: enough to meet a few bad rows, few enough to answer at once
+SAMPLE_ROWS = 1000
+#: sample documents and rejections shown
+SHOWN = 10
+
+
+def bson_type(kind: pa.DataType) -> str:
+    """The BSON type values of an Arrow type become (README, "Types")."""
+    kind = value_type(kind)
+    t = pa.types
+    if t.is_null(kind):
+        return "null"
+    if t.is_boolean(kind):
+        return "bool"
+    if t.is_uint64(kind):
+        return "long (decimal above 2^63-1)"
+    if t.is_int64(kind) or t.is_uint32(kind):
+        return "int or long"
+    if t.is_integer(kind):
+        return "int"
+    if t.is_floating(kind):
+        return "double"
+    if t.is_decimal(kind):
+        return "decimal"
+    if t.is_string(kind) or t.is_large_string(kind) or t.is_string_view(kind):
+        return "string"
+    if t.is_binary(kind) or t.is_large_binary(kind) or t.is_fixed_size_binary(kind):
+        return "binData"
+    if t.is_binary_view(kind):
+        return "binData"
+    if t.is_timestamp(kind) or t.is_date(kind):
+        return "date"
+    if t.is_time(kind):
+        return "string"
+    if t.is_duration(kind):
+        return "long"
+    if t.is_interval(kind) or t.is_struct(kind):
+        return "object"
+    if t.is_list(kind) or t.is_large_list(kind) or t.is_fixed_size_list(kind):
+        return f"array of {bson_type(kind.value_type)}"
+    if t.is_map(kind):
+        string_keys = t.is_string(kind.key_type) or t.is_large_string(kind.key_type)
+        return "object" if string_keys else "array of {k, v}"
+    return f"none (Arrow {kind}: records with a value are rejected)"
+
+
+def preview(
+    settings: Settings,
+    registry: OperationRegistry,
+    operation: str,
+    raw_options: Any = None,
+    *,
+    limits: ServerLimits,
+    trusted: bool = False,
+) -> dict[str, Any]:
+    """The preview of a copy job's request (the body of POST /api/jobs): refused as the job
+    would be (unknown operation, source outside the allowed roots, missing lake...)."""
+    options, source = checked_request(settings, registry, operation, raw_options, trusted=trusted)
+    op = registry.get(operation)
+    job = ResolvedJob(op=op, options=options, source=source, batch_size=SAMPLE_ROWS)
+    lake = job.open_lake(settings)
+    check_columns(op.schema_, lake.schema, lake.uri)  # what would fail the job up front
+    rows = lake.count_rows()
+    first = next(iter(lake.batches(SAMPLE_ROWS)), None)
+    table = first.table if first is not None else lake.schema.empty_table()
+    checked = validate(op.schema_, table, limits)
+    bodies = checked.encoded()
+    stored = checked.columns  # the valid rows' values as they are stored
+    key_columns = op.schema_.key_columns
+    schema = []
+    for field in lake.schema:
+        written = field.name in stored
+        kind = stored[field.name].type if written else field.type
+        schema.append(
+            {
+                "name": field.name,
+                "arrowType": str(field.type),
+                "bsonType": bson_type(kind) if written else None,
+                "key": field.name in key_columns,
+            }
+        )
+    repeats = Counter(checked.keys)
+    rejected = []
+    for r in checked.rejections[:SHOWN]:
+        assert first is not None  # rejections come from rows
+        seg = first.segment_of(r.row)
+        rejected.append(
+            {"key": r.key, "file": seg.file, "row": seg.file_row(r.row), "reason": r.reason}
+        )
+    sampled = table.num_rows
+    return {
+        "operation": operation,
+        "source": masked(source),
+        "collection": op.collection,
+        "key": op.schema_.key,
+        "mode": options.mode or op.mode,
+        "format": lake.format,
+        "deltaVersion": lake.version,
+        "files": len(lake.files),
+        "fileNames": [lake.file_name(i) for i in range(min(len(lake.files), SHOWN))],
+        "rows": rows,
+        "rowsFrom": "file footers" if lake.format in ("parquet", "delta") else "reading the files",
+        "schema": schema,
+        "sampleRows": sampled,
+        "sampleRejected": len(checked.rejections),
+        "repeatedKeys": {
+            "keys": sum(1 for n in repeats.values() if n > 1),
+            "records": sum(n - 1 for n in repeats.values() if n > 1),
+            "among": f"the first {sampled:,} records",
+        },
+        "documents": [_json(b) for b in bodies[:SHOWN]],
+        "rejections": rejected,
+    }
+
+
+def _json(body: bytes) -> Any:
+    """A document as relaxed Extended JSON (dates as {"$date": ...}), as mongosh shows it."""
+    return json.loads(
+        json_util.dumps(bson.decode(body), json_options=json_util.RELAXED_JSON_OPTIONS)
+    )

@@ -1,0 +1,108 @@
+"""The page without overflow and with what a newcomer looks for: the recent jobs fit their
+card at 1280 and 390 pixels, the operations with their schedules (Pause/Unpause), the
+preview, the notice gone once the job ended, the average rate of a finished job."""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+
+pytestmark = pytest.mark.browser
+
+sync_api = pytest.importorskip("playwright.sync_api")
+expect = sync_api.expect
+
+FITS = """() => [...document.querySelectorAll('#jobs-table, #operations-table')].map(
+  t => [t.id, t.scrollWidth, t.parentElement.clientWidth])"""
+
+
+@pytest.fixture
+def serve_env(serve_env: dict[str, str], tmp_path: Path) -> dict[str, str]:
+    """A second operation on a schedule in Europe/Berlin, with a long source path."""
+    deep = tmp_path / "a-rather-long-folder-name" / "with-more-levels" / "tasks"
+    deep.parent.mkdir(parents=True)
+    deep.symlink_to(serve_env["LAKESYNC_LAKE_URI"])
+    config = tmp_path / "lakesync.toml"
+    config.write_text(
+        f'[operations.nightly-projects-copy]\nsource = "{deep}"\ncollection = "projects"\n'
+        'key = "taskDetailId"\nschedule = "30 7 * * *"\ntimezone = "Europe/Berlin"\n'
+    )
+    serve_env["LAKESYNC_OPERATIONS_FILE"] = str(config)
+    return serve_env
+
+
+def test_tables_fit_and_the_operations_view_pauses_a_schedule(serve: Any, run: Any) -> None:
+    for op in ("copy-taskdetail", "nightly-projects-copy"):
+        started = httpx.post(serve.url + "/api/jobs", json={"operation": op})
+        assert started.status_code == 202, started.text
+    r = run(width=1280, height=900)
+    page = r.page
+    page.goto(serve.url + "/")
+    expect(page.locator("#jobs-body tr[data-job-id]")).to_have_count(2, timeout=30_000)
+    expect(page.locator("#jobs-body")).not_to_contain_text("In progress", timeout=60_000)
+    for width in (1280, 390):
+        page.set_viewport_size({"width": width, "height": 900})
+        page.wait_for_timeout(200)
+        for table, scroll, client in page.evaluate(FITS):
+            assert scroll <= client, f"{table} overflows its card at {width}: {scroll} > {client}"
+        sizes = page.evaluate("[document.documentElement.scrollWidth, innerWidth]")
+        assert sizes[0] <= sizes[1], sizes
+        r.shot(f"fit-{width}")
+    page.set_viewport_size({"width": 1280, "height": 900})
+
+    source = page.locator("#jobs-body .c-source span").first
+    full = source.get_attribute("title") or ""
+    assert full.startswith("/") and source.inner_text().startswith("…/")
+    assert full.endswith(source.inner_text().removeprefix("…"))  # shortened from the left
+
+    ops = page.locator("#operations-body")
+    row = ops.locator("tr", has_text="nightly-projects-copy")
+    expect(row).to_contain_text("30 7 * * * (Europe/Berlin)")
+    expect(row).to_contain_text(re.compile(r"07:30 (CES?T|GMT\+[12])"))  # in its own zone
+    expect(row).to_contain_text("completed")
+    row.get_by_role("button", name=re.compile("Pause")).click()
+    expect(row).to_contain_text("paused")
+    expect(row.get_by_role("button")).to_have_text("Unpause")
+    state = httpx.get(serve.url + "/api/operations").json()["operations"]
+    assert next(o for o in state if o["name"] == "nightly-projects-copy")["schedule"]["paused"]
+    row.get_by_role("button", name=re.compile("Unpause")).click()
+    expect(row.get_by_role("button")).to_have_text("Pause")
+
+    page.locator("#options summary").click()
+    help_text = page.locator("#opt-source-help")
+    expect(help_text).to_contain_text(serve.env["LAKESYNC_LAKE_URI"])  # the allowed roots
+    assert serve.env["LAKESYNC_LAKE_URI"] in (page.locator("#opt-source").get_attribute(
+        "placeholder") or "")  # fmt: skip
+
+
+def test_preview_notice_and_average_rate(serve: Any, run: Any, db: Any) -> None:
+    r = run(width=1280, height=1000)
+    page = r.page
+    page.goto(serve.url + "/")
+    page.locator("#preview-button").click()
+    preview = page.locator("#preview")
+    expect(preview).to_be_visible(timeout=30_000)
+    expect(preview).to_contain_text("Nothing was written")
+    expect(page.locator("#preview-schema")).to_contain_text("date")
+    docs = page.locator("#preview-documents").inner_text().splitlines()
+    assert len(docs) == 10 and all(json.loads(d)["_id"] for d in docs)
+    expect(page.locator("#preview-rejections")).to_contain_text("taskDetailId")
+    assert db.jobstatuses.count_documents({}) == 0 and db.taskdetails.count_documents({}) == 0
+    r.shot("preview")
+
+    page.locator("#copy-button").click()
+    expect(page.locator("#status-badge")).to_have_attribute(
+        "data-status", "completed", timeout=60_000
+    )
+    expect(page.locator("#notice")).to_be_empty()  # "Copy started…" gone with the job
+    rate = page.locator("#stat-rate")
+    expect(rate.locator("xpath=preceding-sibling::dt")).to_have_text("Records/s (average)")
+    job = db.jobstatuses.find_one()
+    seconds = (job["endTime"] - job["startTime"]).total_seconds()
+    shown = float(rate.inner_text().replace(",", ""))
+    assert abs(shown - job["processedRecords"] / seconds) <= max(1, shown * 0.05), (shown, seconds)

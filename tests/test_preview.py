@@ -1,0 +1,96 @@
+"""The preview (`lakesync inspect`, POST /api/preview): what a lake holds and what a copy would
+write, from metadata and a sample, with nothing written."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+from fastapi.testclient import TestClient
+from tests.helpers import child_env
+
+from lakesync.config import Settings
+
+
+def test_preview_of_the_demo_lake_answers_what_a_copy_would_write(
+    client: TestClient, db: Any
+) -> None:
+    answer = client.post("/api/preview", json={"operation": "copy-taskdetail"})
+    assert answer.status_code == 200, answer.text
+    p = answer.json()
+    assert p["format"] == "parquet" and p["rows"] == 5000 and p["rowsFrom"] == "file footers"
+    assert p["files"] >= 2 and p["deltaVersion"] is None
+    types = {c["name"]: c["bsonType"] for c in p["schema"]}
+    assert types["updatedAt"] == "date" and types["tags"] == "array of string"
+    assert types["hoursLogged"] == "double" and types["taskDetailId"] == "string"
+    assert len(p["documents"]) == 10
+    first = p["documents"][0]
+    assert first["_id"] == first["taskDetailId"] and "$date" in first["updatedAt"]
+    assert p["sampleRejected"] == len(p["rejections"]) or len(p["rejections"]) == 10
+    assert all(r["reason"] and r["file"].endswith(".parquet") for r in p["rejections"])
+    assert db.taskdetails.count_documents({}) == 0 and db.jobstatuses.count_documents({}) == 0
+
+
+def test_preview_names_repeated_keys_and_rejections_of_a_sample(
+    client: TestClient, settings: Settings, tmp_path: Path
+) -> None:
+    lake = tmp_path / "lake"  # outside the allowed roots of the API (the operation's lake)
+    (lake / "projectId=PRJ-1").mkdir(parents=True)
+    rows = pq.read_table(next(Path(str(settings.lake_uri)).rglob("*.parquet")))
+    repeated = pa.concat_tables([rows.slice(0, 3), rows.slice(0, 3)])
+    pq.write_table(repeated, lake / "projectId=PRJ-1" / "part-0.parquet")
+    refused = client.post("/api/preview", json={"options": {"source": str(lake)}})
+    assert refused.status_code in (400, 403), refused.text  # outside the allowed roots
+    assert "allowed roots" in refused.json()["error"]
+    env = child_env(settings)
+    run = subprocess.run(
+        [sys.executable, "-m", "lakesync", "inspect", "--source", str(lake), "--json"],
+        env=env, capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert run.returncode == 0, run.stderr
+    p = json.loads(run.stdout)
+    valid = 3 - sum(1 for r in p["rejections"] if r["row"] < 3)
+    assert p["rows"] == 6 and p["repeatedKeys"]["keys"] == valid
+    assert p["repeatedKeys"]["records"] == valid
+
+
+def test_inspect_of_a_delta_table_names_its_version(settings: Settings, tmp_path: Path) -> None:
+    from tests.test_types import _fixtures
+
+    table = _fixtures() / "table_with_deletion_logs"
+    config = tmp_path / "lakesync.toml"
+    config.write_text(
+        f'[operations.people]\nsource = "{table}"\ncollection = "people"\nkey = "id"\n'
+    )
+    env = child_env(settings, COLUMNS="80", LAKESYNC_OPERATIONS_FILE=str(config))
+    run = subprocess.run(
+        [sys.executable, "-m", "lakesync", "inspect", "people", "--json"],
+        env=env, capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert run.returncode == 0, run.stderr
+    p = json.loads(run.stdout)
+    assert p["format"] == "delta" and p["deltaVersion"] is not None
+    assert p["rows"] == 98  # the live rows: deletion vectors applied
+    assert {c["name"]: c["bsonType"] for c in p["schema"]}["id"] == "int or long"
+    shown = subprocess.run(
+        [sys.executable, "-m", "lakesync", "inspect", "people"],
+        env=env, capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert f"Delta version {p['deltaVersion']}" in shown.stdout, shown.stdout
+    assert "not a TaskDetail" not in shown.stdout and "Traceback" not in shown.stderr
+    fake = child_env(settings, COLUMNS="80")  # the TaskDetail operation on that table
+    refused = subprocess.run(
+        [sys.executable, "-m", "lakesync", "inspect", "--source", str(table)],
+        env=fake, capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert refused.returncode == 1 and "lacks required column" in refused.stderr
+
+
+def test_the_openapi_document_names_the_preview_and_the_destination(client: TestClient) -> None:
+    paths = client.get("/openapi.json").json()["paths"]
+    assert "post" in paths["/api/preview"] and "get" in paths["/api/destination"]
