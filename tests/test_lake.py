@@ -341,10 +341,10 @@ def test_a_stray_delta_log_is_not_ignored(tmp_path: Path, small_groups: Path) ->
     with pytest.raises(SourceError, match="_delta_log folder but no Delta table commits") as e:
         Lake.open(str(tmp_path / "t"))
     assert "remove its stray _delta_log folder" in str(e.value) and "*" not in str(e.value)
-    with pytest.raises(SourceError, match='never as loose parquet files.*format = "delta"'):
+    with pytest.raises(SourceError, match=r'never as loose parquet files.*format = "delta"'):
         Lake.open(str(tmp_path / "t"), format="parquet")
     for glob in (f"{tmp_path}/t/*.parquet", f"{tmp_path}/t/**/*.parquet", f"{tmp_path}/**"):
-        with pytest.raises(SourceError, match="Delta table .*/t") as e:
+        with pytest.raises(SourceError, match=r"Delta table .*/t") as e:
             Lake.open(glob)
         assert "*" not in str(e.value).replace(glob, "")  # no glob suggested
     shutil.rmtree(tmp_path / "t" / "_delta_log")
