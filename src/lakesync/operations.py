@@ -332,7 +332,9 @@ class OperationConfig(Unattended):
 
     description: str = ""
     source: str | None = Field(None, min_length=1)
-    format: Literal["parquet", "pq", "csv", "json", "jsonl", "ndjson", "delta"] | None = None
+    format: (
+        Literal["parquet", "pq", "csv", "json", "jsonl", "ndjson", "orc", "delta", "iceberg"] | None
+    ) = None
     collection: str
     key: str | list[str] = Field(min_length=1)  # a list: a composite _id, in this order
     batchSize: int | None = Field(None, ge=1, le=100_000)
