@@ -24,15 +24,20 @@ ICEBERG_METADATA = "metadata"
 
 
 def kind_of(location: Location, path: str) -> str | None:
-    """ "delta" or "iceberg" when the folder ``path`` holds that kind of table, else None."""
+    """ "delta" or "iceberg" when the folder ``path`` holds that kind of table, else None.
+
+    One listing of the folder (one LIST request on S3, no HEAD), and one of its
+    ``metadata/`` folder when it has one."""
+    folder = path.rstrip("/") or "/"
     try:
-        log = location.fs.get_file_info(f"{path.rstrip('/')}/{DELTA_LOG}")
-        if log.type == pafs.FileType.Directory:
+        children = location.fs.get_file_info(pafs.FileSelector(folder, allow_not_found=True))
+        folders = {c.base_name for c in children if c.type == pafs.FileType.Directory}
+        if DELTA_LOG in folders:
             return "delta"
-        folder = f"{path.rstrip('/')}/{ICEBERG_METADATA}"
-        if location.fs.get_file_info(folder).type != pafs.FileType.Directory:
+        if ICEBERG_METADATA not in folders:
             return None
-        listed = location.fs.get_file_info(pafs.FileSelector(folder))
+        inside = pafs.FileSelector(f"{folder.rstrip('/')}/{ICEBERG_METADATA}")
+        listed = location.fs.get_file_info(inside)
     except (OSError, pa.ArrowException) as e:
         raise read_error(e, location.show(path), "", location.endpoint, listing=True) from e
     return "iceberg" if any(_is_iceberg_metadata(i.base_name) for i in listed) else None
