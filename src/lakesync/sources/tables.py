@@ -62,6 +62,8 @@ def tables_listed(base: str, paths: Iterable[str]) -> list[tuple[str, str]]:
     ``_delta_log/`` folder's parent, or a ``metadata/*.metadata.json`` file's table."""
     found: dict[str, str] = {}
     for path in paths:
+        if f"/{DELTA_LOG}/" not in path and f"/{ICEBERG_METADATA}/" not in path:
+            continue  # most files: no table's folder on their way
         segments = path[len(base) :].strip("/").split("/")
         for i, segment in enumerate(segments[:-1]):
             folder = "/".join([base.rstrip("/"), *segments[:i]]) if i else base.rstrip("/")
