@@ -26,11 +26,15 @@ ICEBERG_METADATA = "metadata"
 def kind_of(location: Location, path: str) -> str | None:
     """ "delta" or "iceberg" when the folder ``path`` holds that kind of table, else None.
 
-    One listing of the folder (one LIST request on S3, no HEAD), and one of its
-    ``metadata/`` folder when it has one."""
+    One listing of the folder on S3 (one LIST request, no HEAD), two stats locally, and a
+    listing of its ``metadata/`` folder when it has one."""
     folder = path.rstrip("/") or "/"
     try:
-        children = location.fs.get_file_info(pafs.FileSelector(folder, allow_not_found=True))
+        if location.is_s3:  # one LIST of the folder
+            children = location.fs.get_file_info(pafs.FileSelector(folder, allow_not_found=True))
+        else:  # two stats (a folder such as /tmp may hold thousands of entries)
+            named = [f"{folder.rstrip('/')}/{n}" for n in (DELTA_LOG, ICEBERG_METADATA)]
+            children = location.fs.get_file_info(named)
         folders = {c.base_name for c in children if c.type == pafs.FileType.Directory}
         if DELTA_LOG in folders:
             return "delta"
