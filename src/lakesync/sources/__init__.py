@@ -6,9 +6,12 @@
 - ``lake``: ``Lake``, the readable table every job reads, whatever the kind;
 - ``files``: plain files (listing, globs, hive partitions, the format of each file);
 - ``parquet``: Parquet reading (footers, small files from memory, row-group slices);
-- ``text``: CSV and JSON files (NDJSON, or JSON arrays through ``jsonarray``);
+- ``text``: CSV and JSON files (NDJSON, or JSON arrays through ``jsonarray``), plain or
+  compressed; ``orc``: ORC files;
+- ``tables``: table folders (Delta, Iceberg), read as tables and never as loose files;
+  ``Lake._open_iceberg`` is where an Iceberg source plugs in (a ``TableVersion``);
 - ``delta``: Delta tables (the active files of a version, deletion vectors, column
-  mapping), read by ``deltalake``;
+  mapping), read by ``deltalake``; ``deltalog``: their commit order;
 - ``iceberg``: Iceberg tables (a snapshot's data files in sequence-number order, position
   and equality deletes, schema and partition evolution), read by ``pyiceberg``;
 - ``stream``: batches assembled across files, read ahead of the consumer.

@@ -297,8 +297,13 @@ class Lake:
                 "table's folder, or read plain Parquet, CSV or JSON files without them.",
                 uri=uri,
             )
-        inside = (base, kind) if kind is not None else tables.enclosing_table(loc, base)
-        if inside is not None:  # a glob, a file or a folder inside a table
+        # a glob, a file or a folder inside a table (a partition planned from the job's
+        # listing was checked by the job's first open: no more requests for it)
+        planned_part = only is not None and known is not None
+        inside = (base, kind) if kind is not None else None
+        if inside is None and not planned_part:
+            inside = tables.enclosing_table(loc, base)
+        if inside is not None:
             raise tables.refuse_inside(loc, inside[0], inside[1], loc.path)
         planned = plain.planned(loc, base, fmt_given, only, known)
         if planned is not None:  # a partition: its files, from the job's listing

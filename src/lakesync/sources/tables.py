@@ -24,15 +24,24 @@ ICEBERG_METADATA = "metadata"
 
 
 def kind_of(location: Location, path: str) -> str | None:
-    """ "delta" or "iceberg" when the folder ``path`` holds that kind of table, else None."""
+    """ "delta" or "iceberg" when the folder ``path`` holds that kind of table, else None.
+
+    One listing of the folder on S3 (one LIST request, no HEAD), two stats locally, and a
+    listing of its ``metadata/`` folder when it has one."""
+    folder = path.rstrip("/") or "/"
     try:
-        log = location.fs.get_file_info(f"{path.rstrip('/')}/{DELTA_LOG}")
-        if log.type == pafs.FileType.Directory:
+        if location.is_s3:  # one LIST of the folder
+            children = location.fs.get_file_info(pafs.FileSelector(folder, allow_not_found=True))
+        else:  # two stats (a folder such as /tmp may hold thousands of entries)
+            named = [f"{folder.rstrip('/')}/{n}" for n in (DELTA_LOG, ICEBERG_METADATA)]
+            children = location.fs.get_file_info(named)
+        folders = {c.base_name for c in children if c.type == pafs.FileType.Directory}
+        if DELTA_LOG in folders:
             return "delta"
-        folder = f"{path.rstrip('/')}/{ICEBERG_METADATA}"
-        if location.fs.get_file_info(folder).type != pafs.FileType.Directory:
+        if ICEBERG_METADATA not in folders:
             return None
-        listed = location.fs.get_file_info(pafs.FileSelector(folder))
+        inside = pafs.FileSelector(f"{folder.rstrip('/')}/{ICEBERG_METADATA}")
+        listed = location.fs.get_file_info(inside)
     except (OSError, pa.ArrowException) as e:
         raise read_error(e, location.show(path), "", location.endpoint, listing=True) from e
     return "iceberg" if any(_is_iceberg_metadata(i.base_name) for i in listed) else None
@@ -57,6 +66,8 @@ def tables_listed(base: str, paths: Iterable[str]) -> list[tuple[str, str]]:
     ``_delta_log/`` folder's parent, or a ``metadata/*.metadata.json`` file's table."""
     found: dict[str, str] = {}
     for path in paths:
+        if f"/{DELTA_LOG}/" not in path and f"/{ICEBERG_METADATA}/" not in path:
+            continue  # most files: no table's folder on their way
         segments = path[len(base) :].strip("/").split("/")
         for i, segment in enumerate(segments[:-1]):
             folder = "/".join([base.rstrip("/"), *segments[:i]]) if i else base.rstrip("/")
