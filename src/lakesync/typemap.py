@@ -17,7 +17,7 @@ from typing import Any
 
 import pyarrow as pa
 import pyarrow.compute as pc
-from bson import SON, Decimal128
+from bson import SON, Decimal128, ObjectId
 from bson.codec_options import CodecOptions, DatetimeConversion
 from bson.datetime_ms import DatetimeMS
 from bson.errors import InvalidDocument
@@ -47,6 +47,9 @@ class ServerLimits:
     #: key value types it cannot find documents by (a rerun could not compare them)
     unfindable_keys: tuple[type, ...] = ()
     dotted_key_lookup: bool = False  # composite _id: look up by "_id.<field>" equalities
+    #: key types the server keeps as their text, one key with the string of that text (the
+    #: plan of repeated keys refuses the later of two such keys: repeats.py)
+    text_keys: tuple[type, ...] = ()
 
     def refuse(self, what: str) -> Unstorable:
         """The rejection for a value this server cannot take."""
@@ -57,7 +60,8 @@ MONGODB = ServerLimits()
 #: measured against nx-27017 (tests/test_types.py): Decimal128, NaN and +-Infinity are
 #: refused ("Invalid JSON document"), dates outside years 1-9999 break the connection,
 #: documents cannot be found by a boolean, binary or double _id, nor by a subdocument _id
-#: except through its fields ("_id.a")
+#: except through its fields ("_id.a"); an integer or ObjectId _id is one key with its
+#: text (inserting "1" after 1 fails as a duplicate, a find for one returns the other)
 NX_27017 = ServerLimits(
     name="nx-27017, the embedded server",
     decimal128=False,
@@ -65,6 +69,7 @@ NX_27017 = ServerLimits(
     date_range=(DATETIME_MIN_MS, DATETIME_MAX_MS),
     unfindable_keys=(bool, bytes, float),
     dotted_key_lookup=True,
+    text_keys=(int, ObjectId),
 )
 
 
