@@ -60,7 +60,8 @@ from lakesync.typemap import MONGODB, ServerLimits, server_limits
 logger = logging.getLogger(__name__)
 
 _ROWS_PER_DOCUMENT = 1_000_000  # 4 bytes each: well under the 16 MB document limit
-_PLAN_BATCH = 50_000
+_PLAN_BATCH = 50_000  # keys only
+_EXACT_BATCH = 5_000  # whole records, validated and encoded as the copy does
 #: bytes of file names in one listing document, and of schemas in the first one (the two
 #: together under the server's 16 MB limit)
 _LISTING_NAMES_BYTES = 6 << 20
@@ -69,7 +70,7 @@ _REFUSED_PER_DOCUMENT = 20_000  # rows and reasons (~250 bytes each)
 _FILES_PER_DOCUMENT = 20_000  # a listing's entries: ~60 bytes each, ~1.2 MB per document
 _EMPTY = np.empty(0, dtype=np.int64)
 #: bytes of keys a plan holds in memory; past it they wait in the data folder (_KeyLog)
-_PLAN_MEMORY = 16 << 20
+_PLAN_MEMORY = 8 << 20
 _BUCKET_BITS = 8
 _BUCKETS = 1 << _BUCKET_BITS
 
@@ -168,7 +169,8 @@ def _log_keys(
     files' numbers. Not ``exact``: records bson cannot encode count as valid (the first
     pass; see the module's docstring)."""
     files: dict[str, int] = {}
-    for batch in lake.batches(_PLAN_BATCH, filter=filter, columns=columns):
+    size = _EXACT_BATCH if exact else _PLAN_BATCH
+    for batch in lake.batches(size, filter=filter, columns=columns):
         checked = validate(schema, batch.table, limits, encode=exact)
         if not checked.rows:
             continue
@@ -194,7 +196,7 @@ _INT, _STR, _BSON = b"\x01", b"\x02", b"\x03"
 _M1, _M2 = np.uint64(0xBF58476D1CE4E5B9), np.uint64(0x94D049BB133111EB)
 _POLY = np.uint64(0x100000001B3)  # FNV's prime: any odd multiplier would do
 _INT_SEED = np.uint64(0x9E3779B97F4A7C15)
-_HASH_CHUNK = 1 << 20  # bytes of strings hashed at once
+_HASH_CHUNK = 1 << 16  # bytes of strings hashed at once: temporaries of ~40 bytes each
 _powers: np.ndarray = np.ones(1, dtype=np.uint64)
 
 
@@ -404,21 +406,23 @@ class _KeyLog:
                 self._spill.mkdir(parents=True, exist_ok=True)
             folder = None if self._spill is None else str(self._spill)
             self._dir = tempfile.TemporaryDirectory(prefix="plan-", dir=folder)
-        table = pa.Table.from_batches(self._held, _LOG_SCHEMA).combine_chunks()
+        table = pa.Table.from_batches(self._held, _LOG_SCHEMA)
         self._held, self._bytes = [], 0
-        bucket = (table["h"].to_numpy() >> np.uint64(64 - _BUCKET_BITS)).astype(np.int64)
+        hashes = np.concatenate([c.to_numpy() for c in table["h"].chunks])
+        bucket = (hashes >> np.uint64(64 - _BUCKET_BITS)).astype(np.int64)
+        del hashes
         order = np.argsort(bucket, kind="stable")
         bounds = np.searchsorted(bucket[order], np.arange(_BUCKETS + 1))
         del bucket
-        data = table.take(pa.array(order)).combine_chunks()
-        del table, order
-        batch = (
-            data.to_batches()[0] if data.num_rows else pa.RecordBatch.from_pylist([], _LOG_SCHEMA)
-        )
         path = os.path.join(self._dir.name, f"run-{len(self._runs):05d}.arrow")
         with pa.OSFile(path, "wb") as sink, pa.ipc.new_file(sink, _LOG_SCHEMA) as writer:
-            for b in range(_BUCKETS):
-                writer.write_batch(batch.slice(int(bounds[b]), int(bounds[b + 1] - bounds[b])))
+            for b in range(_BUCKETS):  # a bucket at a time: no second copy of the whole load
+                part = table.take(pa.array(order[bounds[b] : bounds[b + 1]]))
+                writer.write_batch(
+                    part.combine_chunks().to_batches()[0]
+                    if part.num_rows
+                    else pa.RecordBatch.from_pylist([], _LOG_SCHEMA)
+                )
         self._runs.append(path)
 
     def buckets(self) -> Iterator[pa.Table]:
