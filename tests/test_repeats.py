@@ -7,6 +7,7 @@ random order, and Celery workers must all end with its documents and its counts.
 
 from __future__ import annotations
 
+import random
 from datetime import timedelta
 from pathlib import Path
 from typing import Any
@@ -15,6 +16,7 @@ import bson
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+from bson import Decimal128, Int64, ObjectId
 from hypothesis import HealthCheck, given
 from hypothesis import settings as hsettings
 from hypothesis import strategies as st
@@ -37,12 +39,14 @@ from tests.helpers import (
     write_lake,
 )
 
+from lakesync import repeats
 from lakesync.config import Settings
 from lakesync.lake import Lake
 from lakesync.models import JobState
 from lakesync.repeats import find_superseded
 from lakesync.runtime import Runtime
 from lakesync.schema import TASK_DETAIL, RecordSchema, validate
+from lakesync.typemap import MONGODB, NX_27017, ServerLimits
 
 
 def test_the_plan_finds_the_records_a_later_one_replaces(tmp_path: Path) -> None:
@@ -59,14 +63,22 @@ def test_the_plan_finds_the_records_a_later_one_replaces(tmp_path: Path) -> None
     assert {Path(f).name: list(rows) for f, rows in plan.items()} == {first.name: [0, 2]}
 
 
+def as_mongodb_compares(key: Any) -> Any:
+    """Numbers by value (1 == 1.0 == Int64(1)), as MongoDB's _id index compares them."""
+    if isinstance(key, float) and key.is_integer():
+        return int(key)
+    return key
+
+
 def plan_by_bson(lake: Path, schema: RecordSchema) -> dict[str, list[int]]:
-    """The plan worked out record by record: keys compared by their BSON, last one wins."""
+    """The plan worked out record by record: keys compared by their BSON (numbers by
+    value), last one wins."""
     last: dict[bytes, tuple[str, int]] = {}
     every: list[tuple[str, int]] = []
     for path in sorted(lake.glob("*.parquet")):
         checked = validate(schema, pq.read_table(path))
         for key, row in zip(checked.keys, checked.rows, strict=True):
-            last[bson.encode({"": key})] = (path.name, row)
+            last[bson.encode({"": as_mongodb_compares(key)})] = (path.name, row)
             every.append((path.name, row))
     winners = set(last.values())
     out: dict[str, list[int]] = {}
@@ -86,6 +98,8 @@ def plan_by_bson(lake: Path, schema: RecordSchema) -> dict[str, list[int]]:
         ],
         # the same column as integers in one file and strings in another: 1 is not "1"
         [pa.table({"k": [1, 2, 2]}), pa.table({"k": ["1", "2", "x"]}), pa.table({"k": [1]})],
+        # integers and doubles: 1 and 1.0 are one key for MongoDB, 2.5 is no integer
+        [pa.table({"k": [1, 2, 3]}), pa.table({"k": [1.0, 2.5, -0.0]}), pa.table({"k": [0]})],
         # dates: milliseconds are what is stored, so two microsecond times can be one key
         [
             pa.table(
@@ -101,7 +115,7 @@ def plan_by_bson(lake: Path, schema: RecordSchema) -> dict[str, list[int]]:
         # strings that differ only past a NUL, and an empty file
         [pa.table({"k": ["a", "a\x00b", "a"]}), pa.table({"k": pa.array([], pa.string())})],
     ],
-    ids=["ints", "ints-and-strings", "dates", "strings"],
+    ids=["ints", "ints-and-strings", "ints-and-doubles", "dates", "strings"],
 )
 def test_keys_compared_in_arrow_match_keys_compared_by_their_bson(
     tmp_path: Path, files: list[pa.Table]
@@ -264,3 +278,101 @@ def test_a_jobs_partitions_and_plan_expire_with_its_status_never_while_it_runs(
         docs = list(db[name].find(mine))
         assert docs and all(d.get("expireAt") == status["expireAt"] for d in docs), name
     db.client.drop_database(s.database)
+
+
+def test_a_plan_past_its_memory_budget_waits_on_disk_and_finds_the_same_records(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    rng = random.Random(5)
+    lake = tmp_path / "lake"
+    lake.mkdir()
+    for i in range(6):  # 2,000 records per file, their keys drawn from 3,000 names
+        keys = [f"key-{rng.randrange(3000)}" for _ in range(2000)]
+        keys[:3] = ["", "é" * 40_000, "x" * 70_000]  # empty, and longer than a hash chunk
+        table = pa.table({"k": keys, "v": pa.array(range(len(keys)), pa.int64())})
+        pq.write_table(table, lake / f"part-{i:03d}.parquet")
+    schema = RecordSchema(key="k")
+    in_memory = find_superseded(Lake.open(str(lake)), schema)
+    runs: list[int] = []
+    write_run = repeats._KeyLog._write_run
+
+    def counted(log: Any) -> None:
+        runs.append(1)
+        write_run(log)
+
+    monkeypatch.setattr(repeats, "_PLAN_MEMORY", 20_000)
+    monkeypatch.setattr(repeats._KeyLog, "_write_run", counted)
+    spill = tmp_path / "data" / "plans"
+    spilled = find_superseded(Lake.open(str(lake)), schema, spill=spill)
+    assert len(runs) >= 2  # it did wait on disk, in more than one run
+    assert list(spill.iterdir()) == []  # and cleaned up
+    as_lists = {Path(f).name: list(r) for f, r in spilled.items()}
+    assert as_lists == {Path(f).name: list(r) for f, r in in_memory.items()}
+    assert as_lists == plan_by_bson(lake, schema)
+
+
+@pytest.mark.parametrize(
+    "values",
+    [
+        [0, 1, -1, 2**63 - 1, -(2**63), 10**12],
+        ["", "a", "é", "ab" * 50_000, "a\x00b", "1"],
+    ],
+    ids=["integers", "strings"],
+)
+@pytest.mark.parametrize("limits", [MONGODB, NX_27017], ids=["mongodb", "nx"])
+def test_a_key_hashes_alike_whether_read_column_wise_or_value_by_value(
+    values: list[Any], limits: ServerLimits
+) -> None:
+    kind = pa.int64() if isinstance(values[0], int) else pa.large_string()
+    fast = (
+        repeats._int_keys(pa.array(values, kind), limits)
+        if kind == pa.int64()
+        else repeats._str_keys(pa.array(values, kind))
+    )
+    slow = repeats._value_keys(values, limits)
+    assert list(fast[0]) == list(slow[0])
+    assert fast[1].to_pylist() == slow[1].to_pylist()
+    assert len(set(fast[0].tolist())) == len(values)  # no two of these share a hash
+
+
+def test_keys_as_mongodb_compares_them() -> None:
+    same = [1, 1.0, Int64(1), Decimal128("1"), Decimal128("1.000")]
+    assert len({repeats._value_keys([k], MONGODB)[1][0].as_py() for k in same}) == 1
+    apart = [1, True, "1", 1.5, Decimal128("1.5000001"), None, {"a": 1}, {"a": "1"}]
+    found = {repeats._value_keys([k], MONGODB)[1][0].as_py() for k in apart}
+    assert len(found) == len(apart)
+    # composite keys compare their values by value too
+    assert repeats.canonical_key({"a": 1.0, "b": "x"}) == {"a": 1, "b": "x"}
+
+
+def test_the_embedded_server_refuses_the_later_of_two_keys_it_cannot_tell_apart(
+    tmp_path: Path,
+) -> None:
+    lake = tmp_path / "lake"
+    lake.mkdir()
+    oid = ObjectId()
+    files = [
+        [1, 2],  # 1 replaced by the 1 of the last file
+        ["1", "x", "2", str(oid)],  # "1" is now the earlier key; "2" comes after 2
+        [1],
+    ]
+    for i, keys in enumerate(files):
+        pq.write_table(pa.table({"k": keys}), lake / f"part-{i}.parquet")
+    pq.write_table(pa.table({"k": pa.array([oid.binary], pa.binary(12))}), lake / "part-3.parquet")
+    schema = RecordSchema(key="k")
+    on_mongodb = repeats.plan_lake(Lake.open(str(lake)), schema, limits=MONGODB)
+    assert {Path(f).name: list(r) for f, r in on_mongodb.superseded.items()} == {
+        "part-0.parquet": [0]
+    }
+    assert on_mongodb.refused == {}
+    on_nx = repeats.plan_lake(Lake.open(str(lake)), schema, limits=NX_27017)
+    assert on_mongodb.superseded.keys() == on_nx.superseded.keys()
+    refused = {Path(f).name: r for f, r in on_nx.refused.items()}
+    assert {f: [row for row, _ in r] for f, r in refused.items()} == {
+        "part-1.parquet": [2],
+        "part-2.parquet": [0],
+    }
+    assert refused["part-1.parquet"][0][1].startswith(
+        'nx-27017 cannot tell _id "2" from 2, the key of an earlier record'
+    )
+    assert refused["part-2.parquet"][0][1].startswith('nx-27017 cannot tell _id 1 from "1"')
