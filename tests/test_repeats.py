@@ -7,6 +7,7 @@ random order, and Celery workers must all end with its documents and its counts.
 
 from __future__ import annotations
 
+import json
 import random
 from datetime import timedelta
 from pathlib import Path
@@ -42,8 +43,9 @@ from tests.helpers import (
 from lakesync import repeats
 from lakesync.config import Settings
 from lakesync.lake import Lake
-from lakesync.models import JobState
+from lakesync.models import JobState, JobStatus
 from lakesync.repeats import find_superseded
+from lakesync.runner import Outcome
 from lakesync.runtime import Runtime
 from lakesync.schema import TASK_DETAIL, RecordSchema, validate
 from lakesync.typemap import MONGODB, NX_27017, ServerLimits
@@ -376,3 +378,90 @@ def test_the_embedded_server_refuses_the_later_of_two_keys_it_cannot_tell_apart(
         'nx-27017 cannot tell _id "2" from 2, the key of an earlier record'
     )
     assert refused["part-2.parquet"][0][1].startswith('nx-27017 cannot tell _id 1 from "1"')
+
+
+def _copy(settings: Settings, lake: Path, fmt: str) -> tuple[JobStatus, Any]:
+    """A copy of ``lake`` keyed by its ``id`` column (every other column kept)."""
+    ops = settings.data_dir.parent / f"ops-{fmt}.toml"
+    ops.write_text(
+        f'[operations.ids]\nsource = "{lake}"\nformat = "{fmt}"\ncollection = "things"\n'
+        'key = "id"\n[operations.ids.schema]\nkeepExtra = true\n'
+    )
+    with Runtime(settings.model_copy(update={"operations_file": ops})) as rt:
+        status, _ = rt.jobs.start("ids", {}, trusted=True)
+        for _ in range(100):
+            if rt.runner.run(status.jobId) is not Outcome.CONTINUE:
+                break
+        final = rt.jobs.get(status.jobId)
+        reasons = [e["reason"] for e in rt.store.copyerrors.find({"jobId": status.jobId})]
+    return final, reasons
+
+
+def _written(lake: Path, fmt: str, files: list[list[tuple[Any, str]]]) -> None:
+    lake.mkdir()
+    for i, rows in enumerate(files):
+        path = lake / f"part-{i}.{fmt}"
+        if fmt == "csv":
+            path.write_text("id,v\n" + "".join(f"{k},{v}\n" for k, v in rows))
+        elif fmt == "json":
+            path.write_text("".join(json.dumps({"id": k, "v": v}) + "\n" for k, v in rows))
+        else:
+            ids = [k for k, _ in rows]
+            kind = pa.int64() if isinstance(ids[0], int) else pa.string()
+            pq.write_table(pa.table({"id": pa.array(ids, kind), "v": [v for _, v in rows]}), path)
+
+
+@pytest.mark.parametrize(
+    ("fmt", "files", "documents", "refused"),
+    [
+        # CSV and NDJSON type each file by itself: 1 in the first file, "1" in the second
+        ("csv", [[(1, "a")], [("1", "c"), ("x", "d")]], {1: "a", "x": "d"}, 1),
+        ("json", [[(1, "a")], [("1", "c"), ("x", "d")]], {1: "a", "x": "d"}, 1),
+        (
+            "parquet",
+            [
+                [(k, f"int {k}") for k in range(1, 7)],
+                [(str(k), f"text {k}") for k in range(4, 9)],
+            ],
+            {
+                **{k: f"int {k}" for k in range(1, 7)},
+                **{str(k): f"text {k}" for k in range(7, 9)},
+            },
+            3,  # "4", "5" and "6"
+        ),
+    ],
+    ids=["csv", "ndjson", "parquet"],
+)
+def test_keys_of_mixed_types_settle_on_the_embedded_server(
+    settings: Settings,
+    tmp_path: Path,
+    fmt: str,
+    files: list[list[tuple[Any, str]]],
+    documents: dict[Any, str],
+    refused: int,
+) -> None:
+    lake = tmp_path / "lake"
+    _written(lake, fmt, files)
+    db = database_of(settings)
+    try:
+        first, reasons = _copy(settings, lake, fmt)
+        assert first.status == JobState.COMPLETED, first.error
+        stored = {d["_id"]: d["v"] for d in db.things.find()}
+        first_file = next(Lake.open(str(lake), format=fmt).batches(10)).table
+        if pa.types.is_string(first_file["id"].type):  # a lake typed per job: 1 is "1" there
+            assert stored == {"1": "c", "x": "d"}
+            assert (first.insertedRecords, first.duplicateRecords) == (2, 1)
+        else:
+            assert stored == documents
+            assert (first.insertedRecords, first.errorRecords) == (len(documents), refused)
+            assert len(reasons) == refused
+            assert all(r.startswith("nx-27017 cannot tell _id ") for r in reasons), reasons
+        for _ in range(2):  # every rerun over the unchanged lake writes nothing
+            again, _ = _copy(settings, lake, fmt)
+            assert again.status == JobState.COMPLETED, again.error
+            assert (again.insertedRecords, again.updatedRecords) == (0, 0)
+            assert again.unchangedRecords == first.insertedRecords
+            assert again.errorRecords == first.errorRecords
+            assert {d["_id"]: d["v"] for d in db.things.find()} == stored
+    finally:
+        db.client.drop_database(settings.database)
