@@ -122,6 +122,7 @@ def make_repeating(src: Path, out: Path, share: float = 0.3, seed: int = 1) -> P
     files = sorted(src.rglob("*.parquet"))
     for i, path in enumerate(files):
         table = pq.read_table(path)
+        groups = pq.ParquetFile(path).metadata.num_row_groups
         donor = pq.read_table(files[(i + 1) % len(files)], columns=["taskDetailId"])
         keys = table["taskDetailId"].to_numpy(zero_copy_only=False).copy()
         pick = np.flatnonzero(rng.random(len(keys)) < share)
@@ -131,7 +132,7 @@ def make_repeating(src: Path, out: Path, share: float = 0.3, seed: int = 1) -> P
         table = table.set_column(at, table.schema.field(at), pa.array(keys, pa.string()))
         dest = out / path.relative_to(src)
         dest.parent.mkdir(parents=True, exist_ok=True)
-        pq.write_table(table, dest)
+        pq.write_table(table, dest, row_group_size=-(-table.num_rows // groups))
         del table, donor, keys, given
     return out
 
@@ -148,7 +149,9 @@ def copy_rss(work: Path, uri: str, sizes: list[int]) -> list[dict[str, Any]]:
     try:
         for rows in sizes:
             unique = work / f"unique-{rows}"
-            generate(unique, rows, seed=5)
+            # files of about the same size at every lake size (the largest project's of
+            # ~18,000 records): the lake grows in files, as a lake does
+            generate(unique, rows, seed=5, files_per_partition=max(1, rows // 100_000))
             lakes = {
                 "unique keys": unique,
                 "30% repeated": make_repeating(unique, work / f"rep-{rows}"),

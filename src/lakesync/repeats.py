@@ -70,7 +70,7 @@ _REFUSED_PER_DOCUMENT = 20_000  # rows and reasons (~250 bytes each)
 _FILES_PER_DOCUMENT = 20_000  # a listing's entries: ~60 bytes each, ~1.2 MB per document
 _EMPTY = np.empty(0, dtype=np.int64)
 #: bytes of keys a plan holds in memory; past it they wait in the data folder (_KeyLog)
-_PLAN_MEMORY = 8 << 20
+_PLAN_MEMORY = 4 << 20
 _BUCKET_BITS = 8
 _BUCKETS = 1 << _BUCKET_BITS
 
