@@ -32,6 +32,7 @@ import json
 import os
 import shutil
 import socket
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -441,6 +442,14 @@ def local_rows(rows: list[tuple[str, str, dict[str, Any]]], sizes: list[int]) ->
               f"{r['firstBatch']:>12.2f}s{r['rate']:>11,}{r['rssMB']:>8} MB")  # fmt: skip
     by = {(name, mode): r for name, mode, r in rows}
     n = max(sizes)
+    name = f"{n:,} x 20"
+    ones = [r["rate"] for lake, mode, r in rows if (lake, mode) == (name, "one piece")]
+    parts = [r["rate"] for lake, mode, r in rows if (lake, mode) == (name, "partitioned")]
+    if len(ones) > 1:
+        ratios = sorted(p / o for p, o in zip(parts, ones, strict=True))
+        print(f"partitioned / one piece at {n:,} files, {len(ratios)} alternated pairs: min "
+              f"{ratios[0]:.2f}, median {statistics.median(ratios):.2f}, max {ratios[-1]:.2f} "
+              f"(load average now {os.getloadavg()[0]:.1f})")  # fmt: skip
     one, part = by[(f"{n:,} x 20", "one piece")], by[(f"{n:,} x 20", "partitioned")]
     small = by[("5,000 x 20", "one piece")]
     print(
@@ -459,6 +468,9 @@ def main() -> int:
     parser.add_argument("--s3-only", action="store_true", help="only the S3 (moto) section")
     parser.add_argument("--wide-only", action="store_true", help="the wide-table section only")
     parser.add_argument("--rss-only", action="store_true", help="the copy peak RSS section only")
+    parser.add_argument("--reps", type=int, default=1, help="alternated pairs at the most files")
+    parser.add_argument("--files", help="lake sizes in files, e.g. 1000,20000 (5,000 is added)")
+    parser.add_argument("--local-only", action="store_true", help="the local lakes section only")
     parser.add_argument(
         "--rss-rows",
         default="100000,1000000",
@@ -484,7 +496,7 @@ def main() -> int:
         return 0
     if not (ns.wide_only or ns.rss_only):
         local_and_s3(ns)
-    if not (ns.s3_only or ns.wide_only):
+    if not (ns.s3_only or ns.wide_only or ns.local_only):
         sizes = sorted(
             {int(x) for x in ns.rss_rows.split(",")} | ({10**7} if ns.rss_10m else set())
         )
@@ -499,7 +511,7 @@ def main() -> int:
         finally:
             server.stop()
             shutil.rmtree(work, ignore_errors=True)
-    if not (ns.s3_only or ns.rss_only):
+    if not (ns.s3_only or ns.rss_only or ns.local_only):
         work = Path(tempfile.mkdtemp(prefix="lakesync-wide-"))
         try:
             wide_tables(work, 50_000 if ns.quick else 200_000)
@@ -514,6 +526,8 @@ def local_and_s3(ns: argparse.Namespace) -> None:
     from lakesync.mongo import EmbeddedServer
 
     sizes = [5000] if ns.s3_only else [1000, 5000] if ns.quick else [1000, 5000, 20000]
+    if ns.files:
+        sizes = sorted({5000, *(int(x) for x in ns.files.split(","))})
     work = Path(tempfile.mkdtemp(prefix="lakesync-scale-"))
     server = EmbeddedServer(work / "mongo").start()
     try:
@@ -526,9 +540,11 @@ def local_and_s3(ns: argparse.Namespace) -> None:
             generate(big, 5000 * ROWS_PER_FILE, seed=5)  # the demo lake's files, 100,000 records
             rows.append(("demo files", "one piece", run_child(big, server.uri, False)))
         for n, lake in ({} if ns.s3_only else lakes).items():
-            for partitioned in (False, True):
-                mode = "partitioned" if partitioned else "one piece"
-                rows.append((f"{n:,} x 20", mode, run_child(lake, server.uri, partitioned)))
+            reps = ns.reps if n == max(sizes) else 1
+            for rep in range(reps):  # alternated: one piece first, then partitioned first
+                for partitioned in (False, True) if rep % 2 == 0 else (True, False):
+                    mode = "partitioned" if partitioned else "one piece"
+                    rows.append((f"{n:,} x 20", mode, run_child(lake, server.uri, partitioned)))
         s3 = None if ns.skip_s3 else s3_case(lakes[5000], 1000 if ns.quick else 5000, server.uri)
     finally:
         server.stop()
