@@ -343,6 +343,10 @@ def test_keys_as_mongodb_compares_them() -> None:
     apart = [1, True, "1", 1.5, Decimal128("1.5000001"), None, {"a": 1}, {"a": "1"}]
     found = {repeats._value_keys([k], MONGODB)[1][0].as_py() for k in apart}
     assert len(found) == len(apart)
+    # past int64: decimals stay exact, and meet a double only where it is that very number
+    big = [Decimal128(str(2**64 - 1)), Decimal128(str(2**64 - 2)), Decimal128(str(2**64))]
+    assert len({repeats._value_keys([k], MONGODB)[1][0].as_py() for k in big}) == 3
+    assert repeats.canonical_key(big[2]) == repeats.canonical_key(2.0**64)
     # composite keys compare their values by value too
     assert repeats.canonical_key({"a": 1.0, "b": "x"}) == {"a": 1, "b": "x"}
 

@@ -50,6 +50,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 from bson import SON, Decimal128
 from bson.binary import Binary
+from bson.decimal128 import create_decimal128_context
 from pymongo.database import Database
 
 from lakesync.lake import Lake, Listing
@@ -198,6 +199,8 @@ _POLY = np.uint64(0x100000001B3)  # FNV's prime: any odd multiplier would do
 _INT_SEED = np.uint64(0x9E3779B97F4A7C15)
 _HASH_CHUNK = 1 << 16  # bytes of strings hashed at once: temporaries of ~40 bytes each
 _powers: np.ndarray = np.ones(1, dtype=np.uint64)
+_LONG = 4096  # bytes: a longer key is hashed by BLAKE2b (_powers stays small)
+_DECIMAL128 = create_decimal128_context()
 
 
 def _mix(x: np.ndarray) -> np.ndarray:
@@ -221,7 +224,12 @@ def _hash_strings(col: pa.Array) -> np.ndarray:
     data = np.frombuffer(data_buf, np.uint8) if data_buf is not None else np.empty(0, np.uint8)
     lengths = np.diff(offsets)
     sums = np.zeros(n, dtype=np.uint64)
-    longest = int(lengths.max()) if n else 0
+    long = np.flatnonzero(lengths > _LONG)
+    for i in long.tolist():
+        value = data[int(offsets[i]) : int(offsets[i + 1])].tobytes()
+        sums[i] = int.from_bytes(hashlib.blake2b(value, digest_size=8).digest(), "little")
+    lengths_short = np.where(lengths > _LONG, 0, lengths)  # hashed above
+    longest = int(lengths_short.max()) if n else 0
     if longest > len(_powers):
         grown = np.cumprod(np.full(longest - 1, _POLY, dtype=np.uint64))  # _POLY ** i
         _powers = np.concatenate([np.ones(1, dtype=np.uint64), grown])
@@ -230,13 +238,15 @@ def _hash_strings(col: pa.Array) -> np.ndarray:
     edges = [*(int(c) for c in cuts if 0 < c < n), n]
     lo = 0
     for hi in edges:
-        full = np.flatnonzero(lengths[lo:hi]) + lo
-        if len(full):
-            a, b = int(offsets[lo]), int(offsets[hi])
-            starts = offsets[lo:hi] - a
-            within = np.arange(b - a, dtype=np.int64) - np.repeat(starts, lengths[lo:hi])
-            terms = data[a:b].astype(np.uint64) * _powers[within]
-            sums[full] = np.add.reduceat(terms, offsets[full] - a)
+        full = np.flatnonzero(lengths_short[lo:hi]) + lo
+        if len(full):  # the bytes of the chunk's short strings, gathered
+            lens = lengths_short[full]
+            firsts = np.cumsum(lens) - lens
+            total = int(firsts[-1] + lens[-1])
+            within = np.arange(total, dtype=np.int64) - np.repeat(firsts, lens)
+            index = within + np.repeat(offsets[full], lens)
+            terms = data[index].astype(np.uint64) * _powers[within]
+            sums[full] = np.add.reduceat(terms, firsts)
         lo = hi
     return _mix(sums ^ _mix(lengths.astype(np.uint64) + _INT_SEED))
 
@@ -328,11 +338,13 @@ def canonical_key(key: Any) -> Any:
         return math.nan if math.isnan(key) else key
     if isinstance(key, Decimal128):
         value = key.to_decimal()
-        if value.is_finite() and value == value.to_integral_value():
-            return canonical_key(float(value)) if abs(value) >= 2**63 else int(value)
-        if value.is_finite() and Decimal(float(value)) == value:
-            return float(value)
-        return Decimal128(value.normalize()) if value.is_finite() else canonical_key(float(value))
+        if not value.is_finite():
+            return canonical_key(float(value))
+        if value == value.to_integral_value() and -(2**63) <= value < 2**63:
+            return int(value)
+        if Decimal(float(value)) == value:  # exactly a double: it meets that double
+            return canonical_key(float(value))
+        return Decimal128(value.normalize(_DECIMAL128))
     if isinstance(key, Mapping):
         return SON((k, canonical_key(v)) for k, v in key.items())
     return key
@@ -517,7 +529,10 @@ class Superseded:
         refused: dict[str, list[tuple[int, str]]] | None = None,
     ) -> None:
         self._rows = {f: np.asarray(r, dtype=np.uint32) for f, r in (rows or {}).items()}
-        self._refused = refused or {}
+        self._refused: dict[str, tuple[np.ndarray, list[str]]] = {}
+        for file, pairs in (refused or {}).items():
+            pairs = sorted(pairs)
+            self._refused[file] = (np.array([r for r, _ in pairs], np.int64), [w for _, w in pairs])
 
     @property
     def count(self) -> int:
@@ -534,9 +549,11 @@ class Superseded:
 
     def refused_within(self, file: str, start: int, stop: int) -> list[tuple[int, str]]:
         """The refused rows of ``file`` in ``[start, stop)`` (relative to ``start``) and why."""
-        return [
-            (row - start, why) for row, why in self._refused.get(file, ()) if start <= row < stop
-        ]
+        if file not in self._refused:
+            return []
+        rows, reasons = self._refused[file]
+        lo, hi = np.searchsorted(rows, [start, stop])
+        return [(int(rows[i]) - start, reasons[i]) for i in range(lo, hi)]
 
     @classmethod
     def load(
