@@ -138,7 +138,9 @@ def make_repeating(src: Path, out: Path, share: float = 0.3, seed: int = 1) -> P
     return out
 
 
-def copy_rss(work: Path, uri: str, sizes: list[int]) -> list[dict[str, Any]]:
+def copy_rss(
+    work: Path, uri: str, sizes: list[int], kinds: tuple[str, ...] = ("unique", "repeated")
+) -> list[dict[str, Any]]:
     """``lakesync copy`` (the CLI, its own exec'd process) of a lake of unique keys and of
     one where 30% of the records repeat a key of another file, at each size: its peak RSS."""
     from pymongo import MongoClient
@@ -153,10 +155,11 @@ def copy_rss(work: Path, uri: str, sizes: list[int]) -> list[dict[str, Any]]:
             # files of about the same size at every lake size (the largest project's of
             # ~18,000 records): the lake grows in files, as a lake does
             generate(unique, rows, seed=5, files_per_partition=max(1, rows // 100_000))
-            lakes = {
-                "unique keys": unique,
-                "30% repeated": make_repeating(unique, work / f"rep-{rows}"),
-            }
+            lakes: dict[str, Path] = {}
+            if "unique" in kinds:
+                lakes["unique keys"] = unique
+            if "repeated" in kinds:
+                lakes["30% repeated"] = make_repeating(unique, work / f"rep-{rows}")
             for kind, lake in lakes.items():
                 database = "rss_" + uuid.uuid4().hex[:10]
                 env = {
@@ -193,16 +196,18 @@ def copy_rss(work: Path, uri: str, sizes: list[int]) -> list[dict[str, Any]]:
     return results
 
 
-def rss_section(work: Path, uri: str, sizes: list[int]) -> None:
+def rss_section(work: Path, uri: str, sizes: list[int], kinds: tuple[str, ...]) -> None:
     """The copy peak RSS section: one row per copy, then the ratios against the smallest."""
     print(f"\ncopy peak RSS: `lakesync copy` in its own exec'd process, read by /usr/bin/time "
           f"(wait4 of that process); the embedded server is a separate process\n"
           f"  {'lake':<14}{'records':>12}{'peak RSS':>12}{'inserted':>12}{'duplicates':>12}"
           f"{'records/s':>11}")  # fmt: skip
-    results = copy_rss(work, uri, sizes)
+    results = copy_rss(work, uri, sizes, kinds)
     limits = {1_000_000: 1.15, 10_000_000: 1.3}
     for kind in ("unique keys", "30% repeated"):
         runs = {r["records"]: r["rssMB"] for r in results if r["kind"] == kind}
+        if not runs:
+            continue
         base = min(runs)
         for rows, peak in sorted(runs.items()):
             if rows == base:
@@ -477,6 +482,7 @@ def main() -> int:
         help="lake sizes of the copy peak RSS section (add 10000000 for the 10M figure)",
     )
     parser.add_argument("--rss-10m", action="store_true", help="also copy 10,000,000 records")
+    parser.add_argument("--rss-lakes", default="unique,repeated", help=argparse.SUPPRESS)
     parser.add_argument("--child", nargs=3, help=argparse.SUPPRESS)
     parser.add_argument("--nullsink", nargs=2, help=argparse.SUPPRESS)
     parser.add_argument("--s3-child", nargs=2, help=argparse.SUPPRESS)
@@ -507,7 +513,7 @@ def main() -> int:
         work = Path(tempfile.mkdtemp(prefix="lakesync-rss-"))
         server = EmbeddedServer(work / "mongo").start()
         try:
-            rss_section(work, server.uri, sizes)
+            rss_section(work, server.uri, sizes, tuple(ns.rss_lakes.split(",")))
         finally:
             server.stop()
             shutil.rmtree(work, ignore_errors=True)

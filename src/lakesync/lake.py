@@ -91,6 +91,9 @@ _KEEP_FILE_BYTES = 4 << 20
 #: files read whole by the copy (``_SMALL_FILE_BYTES`` decoded) are fetched the same way
 _WHOLE_GET_BYTES = 1 << 20
 _KEEP_CHUNK_FILES = 512  # kept columns of this many files are packed into one table
+#: bytes of kept columns in all: past them a small file's columns are read again when asked
+#: for, so that what is kept at open does not grow with the lake (issue #27)
+_KEEP_BYTES = 8 << 20
 
 
 @dataclass(frozen=True)
@@ -275,15 +278,25 @@ class _Kept:
         self._pending_paths: list[str] = []
         #: file path -> (chunk number, first row, rows)
         self._where: dict[str, tuple[int, int, int]] = {}
+        self._bytes = 0
 
     def add(self, path: str, table: pa.Table) -> None:
-        """Keep ``table`` (a file's kept columns); files are added in the lake's order."""
+        """Keep ``table`` (a file's kept columns); files are added in the lake's order. Past
+        _KEEP_BYTES in all, a file's columns are not kept (its first read reads them)."""
+        self._bytes += table.nbytes
+        if self._bytes > _KEEP_BYTES:
+            return
         if self._pending and not table.schema.equals(self._pending[0].schema):
             self._pack()
         self._pending.append(table)
         self._pending_paths.append(path)
         if len(self._pending) >= _KEEP_CHUNK_FILES:
             self._pack()
+
+    @property
+    def full(self) -> bool:
+        """Whether _KEEP_BYTES are kept (no more files are)."""
+        return self._bytes > _KEEP_BYTES
 
     def _pack(self) -> None:
         if not self._pending:
@@ -1384,7 +1397,8 @@ def _inspect(
                 decoded = sum(meta.row_group(g).total_byte_size for g in range(meta.num_row_groups))
                 stats = _column_stats(meta, schema)
                 facts = FileFacts(path, size, meta.num_rows, expr, stats, int(decoded))
-                if kept is not None and size is not None and size <= _KEEP_FILE_BYTES:
+                small = size is not None and size <= _KEEP_FILE_BYTES
+                if kept is not None and small and not kept.full:
                     columns = [c for c in keep or [] if c in schema.names]
                     if _in_reach(fragment):  # no scanner: ~0.3 ms of setup per file
                         with fragment.open() as f:  # the footer just read is reused
