@@ -469,3 +469,22 @@ def test_keys_of_mixed_types_settle_on_the_embedded_server(
             assert {d["_id"]: d["v"] for d in db.things.find()} == stored
     finally:
         db.client.drop_database(settings.database)
+
+
+def test_the_columns_kept_at_open_stop_at_their_budget_and_read_the_same(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from lakesync import lake as lake_module
+
+    root = tmp_path / "lake"
+    root.mkdir()
+    for i in range(6):
+        keys = [f"K{i}-{n}" for n in range(1000)]
+        pq.write_table(pa.table({"k": keys, "v": range(1000)}), root / f"part-{i}.parquet")
+    whole = [b.table for b in Lake.open(str(root)).batches(700, columns=["k"])]
+    monkeypatch.setattr(lake_module, "_KEEP_BYTES", 20_000)  # about two files' keys
+    lake = Lake.open(str(root), keep=["k"])
+    assert lake._kept is not None and 1 <= len(lake._kept._where) < 6
+    kept = [b.table for b in lake.batches(700, columns=["k"])]
+    assert pa.concat_tables(kept).equals(pa.concat_tables(whole))
+    assert find_superseded(lake, RecordSchema(key="k")) == {}
