@@ -16,17 +16,26 @@ partitions, in any order, on any machine, after any crash) skips them and counts
 Why a plan and not partitions by key or writes fenced by position: partitions by key
 would make every partition read the whole lake, and fenced writes need a read-compare-write
 per record that a real MongoDB and nx-27017 both pay on every batch. The plan costs one
-validating read of the lake (about 1M records/s per core here, against ~9k/s for the writes
-on the embedded server) and 24 bytes per valid record while planning; a lake whose keys are
-all unique stores nothing.
+validating read of the key columns, and one of the files that hold a repeated key; a lake
+whose keys are all unique stores nothing.
 
-Keys are compared in Arrow: a key of one integer or string column as its value (int64, or
-UTF-8 bytes), which is equal exactly when the keys' BSON is; any other key (dates, composite
-keys, or a column whose type changes between files) by a 128-bit hash of its BSON (BLAKE2b):
-two different keys share one with a probability of about n²/2¹²⁹ (10⁻²⁶ for a billion
-records). The first pass also skips the BSON encoding of the copy's validation: it only has
-to find keys that *may* repeat (a record it wrongly takes for valid can only add a candidate,
-which the second pass, validating exactly as the copy does, settles).
+Keys are compared as MongoDB compares ``_id`` (``canonical_key``: numbers by value, so 1,
+1.0 and Int64(1) are one key; 1 and "1" are two). Each valid record is logged as a 64-bit
+hash of its key, the key's exact bytes and its lake position (``_KeyLog``): in memory up to
+_PLAN_MEMORY, then in buckets by hash in the data folder, compared a bucket at a time, so
+planning memory does not grow with the lake. The hash only routes a key to its bucket and
+groups; the bytes decide, so a collision of hashes never merges two keys. An integer or
+string key column is hashed column-wise (numpy); any other key value by value, through the
+same functions, so a key hashes alike whichever way it came.
+
+A server that keeps some keys as their text (nx-27017: ``_id`` 1 and "1" are one key there;
+``ServerLimits.text_keys``) hashes them as that text, so keys it cannot tell apart meet in
+one bucket: of their winning records the earliest is kept and the later ones are refused
+with the reason (``Plan.refused``), so that reruns settle.
+
+The first pass skips the BSON encoding of the copy's validation: it only has to find keys
+that *may* repeat (a record it wrongly takes for valid can only add a candidate, which the
+second pass, validating exactly as the copy does, settles).
 """
 
 from __future__ import annotations
