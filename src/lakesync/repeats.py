@@ -385,14 +385,16 @@ def _decoded(data: bytes) -> Any:
 # -- the log of keys: in memory up to a budget, then in buckets on disk ---------------------
 
 _LOG_SCHEMA = pa.schema([("h", pa.uint64()), ("k", pa.large_binary()), ("p", pa.int64())])
+_EMPTY_LOG = pa.RecordBatch.from_pylist([], _LOG_SCHEMA)
 
 
 class _KeyLog:
     """Every valid record's key hash (``h``), exact key bytes (``k``) and lake position
     (``p``). Held in memory up to _PLAN_MEMORY; past it, each full load is split into
     _BUCKETS buckets by the top bits of ``h`` and written to one file of the spill folder,
-    and ``buckets`` then reads one bucket of every file at a time: all the records of one
-    key (and of keys the server may confuse: same ``h``) are in one bucket."""
+    and ``buckets`` then reads consecutive buckets of every file, about _PLAN_MEMORY at a
+    time: all the records of one key (and of keys the server may confuse: same ``h``) are
+    in one bucket."""
 
     def __init__(self, spill: Path | None, budget: int = 0) -> None:
         self.budget = budget or _PLAN_MEMORY
@@ -435,15 +437,15 @@ class _KeyLog:
         order = np.argsort(bucket, kind="stable")
         bounds = np.searchsorted(bucket[order], np.arange(_BUCKETS + 1))
         del bucket
+        data = table.take(pa.array(order)).combine_chunks()  # one copy, sliced below
+        del table, order
+        whole = data.to_batches()[0] if data.num_rows else None
         path = os.path.join(self._dir.name, f"run-{len(self._runs):05d}.arrow")
         with pa.OSFile(path, "wb") as sink, pa.ipc.new_file(sink, _LOG_SCHEMA) as writer:
-            for b in range(_BUCKETS):  # a bucket at a time: no second copy of the whole load
-                part = table.take(pa.array(order[bounds[b] : bounds[b + 1]]))
-                writer.write_batch(
-                    part.combine_chunks().to_batches()[0]
-                    if part.num_rows
-                    else pa.RecordBatch.from_pylist([], _LOG_SCHEMA)
-                )
+            for b in range(_BUCKETS):  # one record batch per bucket, in bucket order
+                lo, hi = int(bounds[b]), int(bounds[b + 1])
+                part = whole.slice(lo, hi - lo) if whole is not None else None
+                writer.write_batch(part if part is not None else _EMPTY_LOG)
         self._runs.append(path)
 
     def buckets(self) -> Iterator[pa.Table]:
@@ -457,65 +459,82 @@ class _KeyLog:
         files = [pa.OSFile(r, "rb") for r in self._runs]
         try:
             readers = [pa.ipc.open_file(f) for f in files]
-            for b in range(_BUCKETS):
-                yield pa.Table.from_batches([r.get_batch(b) for r in readers], _LOG_SCHEMA)
+            held: list[pa.RecordBatch] = []
+            size = 0
+            for b in range(_BUCKETS):  # consecutive buckets together, up to the budget
+                for reader in readers:
+                    batch = reader.get_batch(b)
+                    held.append(batch)
+                    size += batch.nbytes
+                if size >= self.budget or b == _BUCKETS - 1:
+                    yield pa.Table.from_batches(held, _LOG_SCHEMA)
+                    held, size = [], 0
         finally:
             for f in files:
                 f.close()
 
 
-def _groups(bucket: pa.Table) -> pa.Table:
-    """One row per exact key of a bucket: its hash, last position and count."""
-    return bucket.group_by("k", use_threads=False).aggregate(
-        [("p", "max"), ("p", "count"), ("h", "min")]
+@dataclass
+class _Groups:
+    """A bucket's records sorted by hash, key bytes and position: equal keys are runs."""
+
+    p: np.ndarray  # positions, sorted
+    k: pa.Array  # key bytes, in the same order
+    first: np.ndarray  # bool: the first record of its key
+    last: np.ndarray  # bool: the last record of its key (the winner)
+    repeated: np.ndarray  # bool: its key has more than one record
+    shared: np.ndarray  # bool: its key shares its hash with another key
+
+
+def _groups(bucket: pa.Table) -> _Groups:
+    if bucket.num_rows == 0:
+        none = np.zeros(0, dtype=bool)
+        return _Groups(_EMPTY, pa.array([], pa.large_binary()), none, none, none, none)
+    order = pc.sort_indices(
+        bucket, sort_keys=[("h", "ascending"), ("k", "ascending"), ("p", "ascending")]
     )
-
-
-def _shared_hash(groups: pa.Table) -> np.ndarray:
-    """Which groups share their hash with another group (the same key as the server keeps
-    it, or a collision of the hash)."""
-    hashes = groups["h_min"].to_numpy()
-    _, inverse, counts = np.unique(hashes, return_inverse=True, return_counts=True)
-    return np.asarray(counts[inverse] > 1)
+    table = bucket.take(order).combine_chunks()
+    h, p, k = table["h"].to_numpy(), table["p"].to_numpy(), table["k"].chunk(0)
+    n = len(p)
+    same_h = h[1:] == h[:-1]
+    same_k = same_h & pc.equal(k.slice(1), k.slice(0, n - 1)).to_numpy(zero_copy_only=False)
+    first, last = np.r_[True, ~same_k], np.r_[~same_k, True]
+    group = np.cumsum(first) - 1
+    sizes = np.bincount(group, minlength=int(first.sum()))
+    first_h = h[first]
+    twin = first_h[1:] == first_h[:-1]  # a key whose hash the next key has too
+    shared_group = np.r_[False, twin] | np.r_[twin, False]
+    return _Groups(p, k, first, last, sizes[group] > 1, shared_group[group])
 
 
 def _involved(bucket: pa.Table) -> np.ndarray:
     """The positions of the records whose key repeats, or shares its hash with another key
     (the first pass: the second one settles them)."""
-    groups = _groups(bucket)
-    wanted = pc.or_(pc.greater(groups["p_count"], 1), pa.array(_shared_hash(groups)))
-    chosen = groups.filter(wanted)
-    if chosen.num_rows == 0:
-        return _EMPTY
-    mask = pc.is_in(bucket["k"], value_set=chosen["k"].combine_chunks())
-    return np.asarray(bucket["p"].filter(mask).to_numpy())
+    g = _groups(bucket)
+    return np.asarray(g.p[g.repeated | g.shared])
 
 
 def _settle(bucket: pa.Table, limits: ServerLimits) -> tuple[np.ndarray, list[tuple[int, str]]]:
     """A bucket's superseded positions (all but the last record of each key), and the
     positions the server cannot tell from an earlier key's record, with the reason."""
-    groups = _groups(bucket)
-    repeated = groups.filter(pc.greater(groups["p_count"], 1))
-    lost = _EMPTY
-    if repeated.num_rows:
-        mask = pc.and_(
-            pc.is_in(bucket["k"], value_set=repeated["k"].combine_chunks()),
-            pc.invert(pc.is_in(bucket["p"], value_set=repeated["p_max"].combine_chunks())),
-        )
-        lost = bucket["p"].filter(mask).to_numpy()
+    g = _groups(bucket)
+    lost = np.asarray(g.p[~g.last])
     conflicts: list[tuple[int, str]] = []
-    if limits.text_keys:
-        shared = groups.filter(pa.array(_shared_hash(groups)))
+    if limits.text_keys and g.shared.any():
+        winners = np.flatnonzero(g.last & g.shared)  # one per key
         same: dict[Any, list[tuple[int, bytes]]] = {}
-        for data, last in zip(shared["k"].to_pylist(), shared["p_max"].to_pylist(), strict=True):
+        for i in winners.tolist():
+            data = g.k[i].as_py()
             value = _decoded(data)
             text = value if isinstance(value, str) else _as_text(value, limits)
-            same.setdefault(("text", text) if text is not None else data, []).append((last, data))
-        for winners in same.values():
-            winners.sort()
-            (_, first), later = winners[0], winners[1:]
+            same.setdefault(("text", text) if text is not None else data, []).append(
+                (int(g.p[i]), data)
+            )
+        for keys in same.values():
+            keys.sort()
+            (_, earliest), later = keys[0], keys[1:]
             for at, data in later:
-                conflicts.append((at, _confused(limits, data, first)))
+                conflicts.append((at, _confused(limits, data, earliest)))
     return lost, conflicts
 
 
