@@ -93,7 +93,7 @@ _WHOLE_GET_BYTES = 1 << 20
 _KEEP_CHUNK_FILES = 512  # kept columns of this many files are packed into one table
 #: bytes of kept columns in all: past them a small file's columns are read again when asked
 #: for, so that what is kept at open does not grow with the lake (issue #27)
-_KEEP_BYTES = 8 << 20
+_KEEP_BYTES = 4 << 20
 
 
 @dataclass(frozen=True)
