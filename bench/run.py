@@ -730,6 +730,13 @@ def evaluate(report: Report) -> None:
                                f"{c.rate / a.rate:.2f} x"))  # fmt: skip
         report.targets.append(("(c) >= 0.95 x (b)", c.rate >= 0.95 * b.rate,
                                f"{c.rate / b.rate:.2f} x"))  # fmt: skip
+    if b and c and len(b.samples) == len(c.samples) > 1:
+        ratios = sorted(cs / bs for cs, bs in zip(c.samples, b.samples, strict=True))
+        report.notes.append(
+            f"(c)/(b) per repetition (each pair run back to back, order rotated): min "
+            f"{ratios[0]:.2f}, median {statistics.median(ratios):.2f}, max {ratios[-1]:.2f} "
+            f"over {len(ratios)}; load average at start {report.machine['load_average_at_start']}"
+        )
     if c and (m := report.row("m")):
         report.notes.append(f"(c)/(m) = {c.rate / m.rate:.2f}: lakesync against the server's "
                             "limit for the documents it must store")  # fmt: skip

@@ -30,9 +30,9 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import resource
 import shutil
 import socket
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -47,7 +47,26 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 ROWS_PER_FILE = 20
+TIME = shutil.which("time", path="/usr/bin:/bin")
 WIDE_COLUMNS = 200
+
+
+def measured(cmd: list[str], env: dict[str, str] | None = None) -> tuple[str, float]:
+    """Run ``cmd`` as its own exec'd process; its stdout's last line and its own peak RSS (MB).
+
+    The peak is ``/usr/bin/time``'s (``%M``, from wait4 of the child it forks and execs): a
+    child exec'd straight from this process would report *this* process's peak too, as
+    Linux carries ``ru_maxrss`` over fork and exec (the old 301 MB on every row).
+    """
+    if TIME is None:
+        raise SystemExit("bench/scale.py needs /usr/bin/time (apt-get install time)")
+    with tempfile.NamedTemporaryFile("r", suffix=".rss") as out:
+        wrapped = [TIME, "-f", "%M", "-o", out.name, *cmd]
+        run = subprocess.run(wrapped, capture_output=True, text=True, check=False, env=env)
+        if run.returncode != 0:
+            raise SystemExit(f"child failed ({run.returncode}): {run.stderr[-2000:]}")
+        peak = int(out.read().split()[-1]) / 1024  # kB
+    return run.stdout.strip().splitlines()[-1], peak
 
 
 def make_small_files(src: Path, out: Path, files: int) -> Path:
@@ -94,8 +113,108 @@ def child(lake: str, uri: str, partitioned: bool) -> dict[str, Any]:
         "rate": round(status.processedRecords / elapsed),
         "records": status.processedRecords,
         "partitions": status.partitions or 1,
-        "rssMB": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024),
     }
+
+
+def make_repeating(src: Path, out: Path, share: float = 0.3, seed: int = 1) -> Path:
+    """The lake ``src`` with ``share`` of its records given the key of a random record of
+    the next file (the last file: of the first): keys that repeat across files."""
+    rng = np.random.default_rng(seed)
+    files = sorted(src.rglob("*.parquet"))
+    for i, path in enumerate(files):
+        table = pq.read_table(path)
+        groups = pq.ParquetFile(path).metadata.num_row_groups
+        donor = pq.read_table(files[(i + 1) % len(files)], columns=["taskDetailId"])
+        keys = table["taskDetailId"].to_numpy(zero_copy_only=False).copy()
+        pick = np.flatnonzero(rng.random(len(keys)) < share)
+        given = donor["taskDetailId"].to_numpy(zero_copy_only=False)
+        keys[pick] = given[rng.integers(0, len(given), len(pick))]
+        at = table.schema.get_field_index("taskDetailId")
+        table = table.set_column(at, table.schema.field(at), pa.array(keys, pa.string()))
+        dest = out / path.relative_to(src)
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        pq.write_table(table, dest, row_group_size=-(-table.num_rows // groups))
+        del table, donor, keys, given
+    return out
+
+
+def copy_rss(
+    work: Path, uri: str, sizes: list[int], kinds: tuple[str, ...] = ("unique", "repeated")
+) -> list[dict[str, Any]]:
+    """``lakesync copy`` (the CLI, its own exec'd process) of a lake of unique keys and of
+    one where 30% of the records repeat a key of another file, at each size: its peak RSS."""
+    from pymongo import MongoClient
+
+    from lakesync.demo import generate
+
+    results: list[dict[str, Any]] = []
+    client: MongoClient[dict[str, Any]] = MongoClient(uri)
+    try:
+        for rows in sizes:
+            unique = work / f"unique-{rows}"
+            # files of about the same size at every lake size (the largest project's of
+            # ~18,000 records): the lake grows in files, as a lake does
+            generate(unique, rows, seed=5, files_per_partition=max(1, rows // 100_000))
+            lakes: dict[str, Path] = {}
+            if "unique" in kinds:
+                lakes["unique keys"] = unique
+            if "repeated" in kinds:
+                lakes["30% repeated"] = make_repeating(unique, work / f"rep-{rows}")
+            for kind, lake in lakes.items():
+                database = "rss_" + uuid.uuid4().hex[:10]
+                env = {
+                    **os.environ,
+                    "LAKESYNC_MONGODB_URI": uri,
+                    "LAKESYNC_DATABASE": database,
+                    "LAKESYNC_DATA_DIR": str(work / f"data-{database}"),
+                    "LAKESYNC_LOG_LEVEL": "WARNING",
+                }
+                cmd = [sys.executable, "-m", "lakesync", "copy", "copy-taskdetail",
+                       "--source", str(lake), "--json"]  # fmt: skip
+                started = time.perf_counter()
+                out, peak = measured(cmd, env)
+                seconds = time.perf_counter() - started
+                client.drop_database(database)
+                final = json.loads(out)
+                if final["status"] != "completed" or final["processedRecords"] != rows:
+                    raise SystemExit(f"{kind} copy of {rows:,}: {final['status']} {final}")
+                r = {
+                    "kind": kind,
+                    "records": rows,
+                    "rssMB": round(peak, 1),
+                    "inserted": final["insertedRecords"],
+                    "duplicates": final["duplicateRecords"],
+                    "rate": round(rows / seconds),
+                }
+                results.append(r)
+                print(f"  {kind:<14}{rows:>12,}{peak:>9.1f} MB{r['inserted']:>12,}"
+                      f"{r['duplicates']:>12,}{r['rate']:>11,}", flush=True)  # fmt: skip
+            for lake in lakes.values():
+                shutil.rmtree(lake, ignore_errors=True)
+    finally:
+        client.close()
+    return results
+
+
+def rss_section(work: Path, uri: str, sizes: list[int], kinds: tuple[str, ...]) -> None:
+    """The copy peak RSS section: one row per copy, then the ratios against the smallest."""
+    print(f"\ncopy peak RSS: `lakesync copy` in its own exec'd process, read by /usr/bin/time "
+          f"(wait4 of that process); the embedded server is a separate process\n"
+          f"  {'lake':<14}{'records':>12}{'peak RSS':>12}{'inserted':>12}{'duplicates':>12}"
+          f"{'records/s':>11}")  # fmt: skip
+    results = copy_rss(work, uri, sizes, kinds)
+    limits = {1_000_000: 1.15, 10_000_000: 1.3}
+    for kind in ("unique keys", "30% repeated"):
+        runs = {r["records"]: r["rssMB"] for r in results if r["kind"] == kind}
+        if not runs:
+            continue
+        base = min(runs)
+        for rows, peak in sorted(runs.items()):
+            if rows == base:
+                continue
+            limit = limits.get(rows)
+            target = f" (<= {limit})" if limit else ""
+            print(f"{kind}: peak RSS at {rows:,} / at {base:,}: {peak / runs[base]:.2f}{target}")
 
 
 def make_wide(out: Path, rows: int, columns: int) -> Path:
@@ -117,13 +236,6 @@ def make_wide(out: Path, rows: int, columns: int) -> Path:
     out.mkdir(parents=True)
     pq.write_table(pa.table(data), out / "wide.parquet", row_group_size=rows)
     return out
-
-
-def _peak_rss_mb() -> int:
-    """VmHWM: ru_maxrss is carried over fork and exec (it may be the parent's peak)."""
-    with open("/proc/self/status") as f:
-        kb = next((int(line.split()[1]) for line in f if line.startswith("VmHWM:")), None)
-    return round((kb or resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) / 1024)
 
 
 def child_nullsink(lake: str, key: str) -> dict[str, Any]:
@@ -151,17 +263,12 @@ def child_nullsink(lake: str, key: str) -> dict[str, Any]:
         "columns": len(lake_.schema),
         "rate": round(records / seconds),
         "cpuUs": round((time.process_time() - cpu) / records * 1e6, 1),
-        "rssMB": _peak_rss_mb(),
     }
 
 
 def run_nullsink(lake: Path, key: str) -> dict[str, Any]:
-    args = [sys.executable, __file__, "--nullsink", str(lake), key]
-    out = subprocess.run(args, capture_output=True, text=True, check=False)
-    if out.returncode != 0:
-        raise SystemExit(f"child failed: {out.stderr[-2000:]}")
-    result: dict[str, Any] = json.loads(out.stdout.strip().splitlines()[-1])
-    return result
+    out, peak = measured([sys.executable, __file__, "--nullsink", str(lake), key])
+    return {**json.loads(out), "rssMB": round(peak)}
 
 
 def wide_tables(work: Path, rows: int) -> None:
@@ -189,11 +296,8 @@ def wide_tables(work: Path, rows: int) -> None:
 
 def run_child(lake: Path, uri: str, partitioned: bool) -> dict[str, Any]:
     args = [sys.executable, __file__, "--child", str(lake), uri, "1" if partitioned else "0"]
-    out = subprocess.run(args, capture_output=True, text=True, check=False)
-    if out.returncode != 0:
-        raise SystemExit(f"child failed: {out.stderr[-2000:]}")
-    result: dict[str, Any] = json.loads(out.stdout.strip().splitlines()[-1])
-    return result
+    out, peak = measured(args)
+    return {**json.loads(out), "rssMB": round(peak)}
 
 
 def s3_case(src: Path, files: int, mongo_uri: str, delay: float = 0.02) -> dict[str, Any]:
@@ -343,6 +447,14 @@ def local_rows(rows: list[tuple[str, str, dict[str, Any]]], sizes: list[int]) ->
               f"{r['firstBatch']:>12.2f}s{r['rate']:>11,}{r['rssMB']:>8} MB")  # fmt: skip
     by = {(name, mode): r for name, mode, r in rows}
     n = max(sizes)
+    name = f"{n:,} x 20"
+    ones = [r["rate"] for lake, mode, r in rows if (lake, mode) == (name, "one piece")]
+    parts = [r["rate"] for lake, mode, r in rows if (lake, mode) == (name, "partitioned")]
+    if len(ones) > 1:
+        ratios = sorted(p / o for p, o in zip(parts, ones, strict=True))
+        print(f"partitioned / one piece at {n:,} files, {len(ratios)} alternated pairs: min "
+              f"{ratios[0]:.2f}, median {statistics.median(ratios):.2f}, max {ratios[-1]:.2f} "
+              f"(load average now {os.getloadavg()[0]:.1f})")  # fmt: skip
     one, part = by[(f"{n:,} x 20", "one piece")], by[(f"{n:,} x 20", "partitioned")]
     small = by[("5,000 x 20", "one piece")]
     print(
@@ -360,6 +472,17 @@ def main() -> int:
     parser.add_argument("--skip-s3", action="store_true", help="no S3 (moto) section")
     parser.add_argument("--s3-only", action="store_true", help="only the S3 (moto) section")
     parser.add_argument("--wide-only", action="store_true", help="the wide-table section only")
+    parser.add_argument("--rss-only", action="store_true", help="the copy peak RSS section only")
+    parser.add_argument("--reps", type=int, default=1, help="alternated pairs at the most files")
+    parser.add_argument("--files", help="lake sizes in files, e.g. 1000,20000 (5,000 is added)")
+    parser.add_argument("--local-only", action="store_true", help="the local lakes section only")
+    parser.add_argument(
+        "--rss-rows",
+        default="100000,1000000",
+        help="lake sizes of the copy peak RSS section (add 10000000 for the 10M figure)",
+    )
+    parser.add_argument("--rss-10m", action="store_true", help="also copy 10,000,000 records")
+    parser.add_argument("--rss-lakes", default="unique,repeated", help=argparse.SUPPRESS)
     parser.add_argument("--child", nargs=3, help=argparse.SUPPRESS)
     parser.add_argument("--nullsink", nargs=2, help=argparse.SUPPRESS)
     parser.add_argument("--s3-child", nargs=2, help=argparse.SUPPRESS)
@@ -377,9 +500,24 @@ def main() -> int:
     if ns.nullsink:
         print(json.dumps(child_nullsink(*ns.nullsink)))
         return 0
-    if not ns.wide_only:
+    if not (ns.wide_only or ns.rss_only):
         local_and_s3(ns)
-    if not ns.s3_only:
+    if not (ns.s3_only or ns.wide_only or ns.local_only):
+        sizes = sorted(
+            {int(x) for x in ns.rss_rows.split(",")} | ({10**7} if ns.rss_10m else set())
+        )
+        if ns.quick:
+            sizes = [s for s in sizes if s <= 100_000] or sizes[:1]
+        from lakesync.mongo import EmbeddedServer
+
+        work = Path(tempfile.mkdtemp(prefix="lakesync-rss-"))
+        server = EmbeddedServer(work / "mongo").start()
+        try:
+            rss_section(work, server.uri, sizes, tuple(ns.rss_lakes.split(",")))
+        finally:
+            server.stop()
+            shutil.rmtree(work, ignore_errors=True)
+    if not (ns.s3_only or ns.rss_only or ns.local_only):
         work = Path(tempfile.mkdtemp(prefix="lakesync-wide-"))
         try:
             wide_tables(work, 50_000 if ns.quick else 200_000)
@@ -394,6 +532,8 @@ def local_and_s3(ns: argparse.Namespace) -> None:
     from lakesync.mongo import EmbeddedServer
 
     sizes = [5000] if ns.s3_only else [1000, 5000] if ns.quick else [1000, 5000, 20000]
+    if ns.files:
+        sizes = sorted({5000, *(int(x) for x in ns.files.split(","))})
     work = Path(tempfile.mkdtemp(prefix="lakesync-scale-"))
     server = EmbeddedServer(work / "mongo").start()
     try:
@@ -406,9 +546,11 @@ def local_and_s3(ns: argparse.Namespace) -> None:
             generate(big, 5000 * ROWS_PER_FILE, seed=5)  # the demo lake's files, 100,000 records
             rows.append(("demo files", "one piece", run_child(big, server.uri, False)))
         for n, lake in ({} if ns.s3_only else lakes).items():
-            for partitioned in (False, True):
-                mode = "partitioned" if partitioned else "one piece"
-                rows.append((f"{n:,} x 20", mode, run_child(lake, server.uri, partitioned)))
+            reps = ns.reps if n == max(sizes) else 1
+            for rep in range(reps):  # alternated: one piece first, then partitioned first
+                for partitioned in (False, True) if rep % 2 == 0 else (True, False):
+                    mode = "partitioned" if partitioned else "one piece"
+                    rows.append((f"{n:,} x 20", mode, run_child(lake, server.uri, partitioned)))
         s3 = None if ns.skip_s3 else s3_case(lakes[5000], 1000 if ns.quick else 5000, server.uri)
     finally:
         server.stop()

@@ -220,10 +220,11 @@ class CopyEngine:
         checked = validate(self.schema, batch.table, self.limits, refused=batch.refused)
         keys, rows = checked.keys, checked.rows
         bodies = checked.encoded() if rows else []
-        keep = self._winners(batch, keys, rows)
+        refused = self._refused(batch, checked)
+        keep = self._winners(batch, keys, rows, refused)
         duplicates = 0
         if keep is not None:
-            duplicates = len(rows) - len(keep)
+            duplicates = len(rows) - len(keep) - len(refused)
             keys, rows = [keys[i] for i in keep], [rows[i] for i in keep]
             bodies = [bodies[i] for i in keep]
         digests = [digest(b) for b in bodies]
@@ -261,16 +262,35 @@ class CopyEngine:
             logger.info("gave %d document(s) of %s their key digest", done, self.target.name)
         self._digests_ready = True
 
-    def _winners(self, batch: LakeBatch, keys: list[Any], rows: list[int]) -> list[int] | None:
+    def _refused(self, batch: LakeBatch, checked: Validated) -> set[int]:
+        """The valid rows the job's plan refuses (the server cannot tell their key from an
+        earlier record's), added to the batch's rejections."""
+        out: dict[int, str] = {}
+        for seg in batch.segments:
+            for rel, why in self.superseded.refused_within(
+                seg.file, seg.start_row, seg.start_row + seg.rows
+            ):
+                out[rel + seg.offset] = why
+        if not out:
+            return set()
+        at = {row: i for i, row in enumerate(checked.rows)}
+        found = {row: why for row, why in out.items() if row in at}
+        added = [Rejection(r, str(checked.keys[at[r]]), why) for r, why in found.items()]
+        checked.rejections = sorted([*checked.rejections, *added], key=lambda r: r.row)
+        return set(found)
+
+    def _winners(
+        self, batch: LakeBatch, keys: list[Any], rows: list[int], refused: set[int]
+    ) -> list[int] | None:
         """Indexes (into ``rows``) of the records to write; None when that is all of them.
 
-        Left out: records the job's plan marks as superseded, and any but the last record
-        of a key that repeats within this batch (the plan finds those too, unless the job
-        was planned without it).
+        Left out: records the job's plan marks as superseded or refuses, and any but the
+        last record of a key that repeats within this batch (the plan finds those too,
+        unless the job was planned without it).
         """
         if not rows:
             return None
-        dropped: set[int] = set()
+        dropped: set[int] = set(refused)
         for seg in batch.segments:
             rel = self.superseded.within(seg.file, seg.start_row, seg.start_row + seg.rows)
             dropped.update((rel + seg.offset).tolist())

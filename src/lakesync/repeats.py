@@ -16,32 +16,50 @@ partitions, in any order, on any machine, after any crash) skips them and counts
 Why a plan and not partitions by key or writes fenced by position: partitions by key
 would make every partition read the whole lake, and fenced writes need a read-compare-write
 per record that a real MongoDB and nx-27017 both pay on every batch. The plan costs one
-validating read of the lake (about 1M records/s per core here, against ~9k/s for the writes
-on the embedded server) and 24 bytes per valid record while planning; a lake whose keys are
-all unique stores nothing.
+validating read of the key columns, and one of the files that hold a repeated key; a lake
+whose keys are all unique stores nothing.
 
-Keys are compared in Arrow: a key of one integer or string column as its value (int64, or
-UTF-8 bytes), which is equal exactly when the keys' BSON is; any other key (dates, composite
-keys, or a column whose type changes between files) by a 128-bit hash of its BSON (BLAKE2b):
-two different keys share one with a probability of about n²/2¹²⁹ (10⁻²⁶ for a billion
-records). The first pass also skips the BSON encoding of the copy's validation: it only has
-to find keys that *may* repeat (a record it wrongly takes for valid can only add a candidate,
-which the second pass, validating exactly as the copy does, settles).
+Keys are compared as MongoDB compares ``_id`` (``canonical_key``: numbers by value, so 1,
+1.0 and Int64(1) are one key; 1 and "1" are two). Each valid record is logged as a 64-bit
+hash of its key, the key's exact bytes and its lake position (``_KeyLog``): in memory up to
+_PLAN_MEMORY, then in buckets by hash in the data folder, compared a bucket at a time, so
+planning memory does not grow with the lake. The hash only routes a key to its bucket and
+groups; the bytes decide, so a collision of hashes never merges two keys. An integer or
+string key column is hashed column-wise (numpy); any other key value by value, through the
+same functions, so a key hashes alike whichever way it came.
+
+A server that keeps some keys as their text (nx-27017: ``_id`` 1 and "1" are one key there;
+``ServerLimits.text_keys``) hashes them as that text, so keys it cannot tell apart meet in
+one bucket: of their winning records the earliest is kept and the later ones are refused
+with the reason (``Plan.refused``), so that reruns settle.
+
+The first pass skips the BSON encoding of the copy's validation: it only has to find keys
+that *may* repeat (a record it wrongly takes for valid can only add a candidate, which the
+second pass, validating exactly as the copy does, settles).
 """
 
 from __future__ import annotations
 
 import contextlib
 import hashlib
+import json
 import logging
-from collections.abc import Iterable, Iterator, Sequence
+import math
+import os
+import tempfile
+from collections.abc import Iterable, Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
+from decimal import Decimal
+from pathlib import Path
 from typing import Any
 
 import bson
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
+from bson import SON, Decimal128
 from bson.binary import Binary
+from bson.decimal128 import create_decimal128_context
 from pymongo.database import Database
 
 from lakesync.lake import Lake, Listing
@@ -52,19 +70,19 @@ from lakesync.typemap import MONGODB, ServerLimits, server_limits
 logger = logging.getLogger(__name__)
 
 _ROWS_PER_DOCUMENT = 1_000_000  # 4 bytes each: well under the 16 MB document limit
-_PLAN_BATCH = 50_000
+_PLAN_BATCH = 50_000  # keys only
+_EXACT_BATCH = 5_000  # whole records, validated and encoded as the copy does
 #: bytes of file names in one listing document, and of schemas in the first one (the two
 #: together under the server's 16 MB limit)
 _LISTING_NAMES_BYTES = 6 << 20
 _LISTING_SCHEMA_BYTES = 6 << 20
+_REFUSED_PER_DOCUMENT = 20_000  # rows and reasons (~250 bytes each)
 _FILES_PER_DOCUMENT = 20_000  # a listing's entries: ~60 bytes each, ~1.2 MB per document
 _EMPTY = np.empty(0, dtype=np.int64)
-_DIGEST = pa.binary(16)
-
-
-def key_digest(key: Any) -> bytes:
-    """A 16-byte digest of a key's BSON: equal keys (whatever Python type holds them) match."""
-    return hashlib.blake2b(bson.encode({"": key}), digest_size=16).digest()
+#: bytes of keys a plan holds in memory; past it they wait in the data folder (_KeyLog)
+_PLAN_MEMORY = 4 << 20
+_BUCKET_BITS = 8
+_BUCKETS = 1 << _BUCKET_BITS
 
 
 def find_superseded(
@@ -73,60 +91,96 @@ def find_superseded(
     filter: pc.Expression | None = None,
     filter_columns: Sequence[str] = (),
     limits: ServerLimits = MONGODB,
+    spill: Path | None = None,
 ) -> dict[str, np.ndarray]:
     """For each file (as ``LakeBatch.file`` names it): the sorted rows whose record a later
-    valid record of the same key replaces. Rows count as ``Lake.batches`` counts them (after
-    ``filter``, whose columns ``filter_columns`` names). Invalid records replace nothing:
-    they are rejected where they stand.
+    valid record of the same key replaces (``plan_lake``'s ``superseded``)."""
+    return plan_lake(lake, schema, filter, filter_columns, limits, spill).superseded
 
-    Two passes, the second one only when needed: the key columns alone, to find keys that
-    repeat at all (most lakes: none, and nothing else is read); then the whole records of
-    just the files that hold a repeated key, validated as the copy validates them (``limits``
-    are the server's), so that the last *valid* record wins.
+
+@dataclass
+class Plan:
+    """What every run of a job skips: per file, the sorted rows a later valid record of the
+    same key replaces, and the rows refused because the server cannot tell their key from
+    an earlier record's (with the reason)."""
+
+    superseded: dict[str, np.ndarray] = field(default_factory=dict)
+    refused: dict[str, list[tuple[int, str]]] = field(default_factory=dict)
+
+
+def plan_lake(
+    lake: Lake,
+    schema: RecordSchema,
+    filter: pc.Expression | None = None,
+    filter_columns: Sequence[str] = (),
+    limits: ServerLimits = MONGODB,
+    spill: Path | None = None,
+) -> Plan:
+    """The plan of a lake (``Plan``). Rows count as ``Lake.batches`` counts them (after
+    ``filter``, whose columns ``filter_columns`` names). Invalid records replace nothing:
+    they are rejected where they stand. ``limits`` are the server's; past _PLAN_MEMORY of
+    keys, they wait in ``spill`` (a folder; the system's temporary folder when None).
+
+    Two passes, the second one only when needed: the key columns alone, to find the files
+    that hold a key that repeats (or that the server may not tell from another) at all
+    (most lakes: none, and nothing else is read); then the whole records of just those
+    files, validated as the copy validates them, so that the last *valid* record wins.
     """
     keys_only = RecordSchema(
         key=schema.key, fields=[r for r in schema.fields if r.name in schema.key_columns]
     )
     wanted = [*schema.key_columns, *filter_columns]
     columns = [c for c in dict.fromkeys(wanted) if lake.has_column(c)]
-    keys, positions, files = _key_positions(lake, keys_only, filter, columns, limits, exact=False)
-    repeated = _repeated(keys, positions)
-    if repeated is None:
-        return {}
+    with _KeyLog(spill) as log:
+        files = _log_keys(log, lake, keys_only, filter, columns, limits, exact=False)
+        holding: set[int] = set()
+        for bucket in log.buckets():
+            holding.update(np.unique(_involved(bucket) >> 32).tolist())
+    if not holding:
+        return Plan()
     names = list(files)
     index = {f: i for i, f in enumerate(lake.files)}
-    holding = sorted(index[names[int(f)]] for f in np.unique(repeated >> 32))
-    part = lake.only([lake.file_name(i) for i in holding])
-    keys, positions, files = _key_positions(part, schema, filter, None, limits, exact=True)
-    again = _repeated(keys, positions, losers=True)
-    if again is None:
-        return {}
-    file_of, row_of = again >> 32, again & 0xFFFFFFFF
-    names = list(files)
-    out: dict[str, np.ndarray] = {}
+    part = lake.only([lake.file_name(i) for i in sorted(index[names[f]] for f in holding)])
+    del files, names, index, holding
+    with _KeyLog(spill) as log:
+        files = _log_keys(log, part, schema, filter, None, limits, exact=True)
+        names = list(files)
+        losers: list[np.ndarray] = []
+        refused: dict[str, list[tuple[int, str]]] = {}
+        for bucket in log.buckets():
+            lost, conflicts = _settle(bucket, limits)
+            losers.append(lost)
+            for at, reason in conflicts:
+                refused.setdefault(names[at >> 32], []).append((at & 0xFFFFFFFF, reason))
+    every = np.sort(np.concatenate(losers)) if losers else _EMPTY
+    file_of = every >> 32
+    rows_of = (every & 0xFFFFFFFF).astype(np.uint32)
+    del every
+    superseded: dict[str, np.ndarray] = {}
     bounds = np.flatnonzero(np.diff(file_of)) + 1
     for chunk_rows, chunk_files in zip(
-        np.split(row_of, bounds), np.split(file_of, bounds), strict=True
+        np.split(rows_of, bounds), np.split(file_of, bounds), strict=True
     ):
-        out[names[int(chunk_files[0])]] = chunk_rows.astype(np.int64)
-    return out
+        if len(chunk_rows):
+            superseded[names[int(chunk_files[0])]] = chunk_rows
+    return Plan(superseded, {f: sorted(r) for f, r in refused.items()})
 
 
-def _key_positions(
+def _log_keys(
+    log: _KeyLog,
     lake: Lake,
     schema: RecordSchema,
     filter: pc.Expression | None,
     columns: list[str] | None,
     limits: ServerLimits,
     exact: bool,
-) -> tuple[list[pa.Array], list[np.ndarray], dict[str, int]]:
-    """The key (``_comparable``) and lake position (file number << 32 | row) of each valid
-    record, and the files' numbers. Not ``exact``: records bson cannot encode count as valid
-    (the first pass; see the module's docstring)."""
-    keys: list[pa.Array] = []
-    positions: list[np.ndarray] = []
+) -> dict[str, int]:
+    """Log the key and lake position (file number << 32 | row) of each valid record; the
+    files' numbers. Not ``exact``: records bson cannot encode count as valid (the first
+    pass; see the module's docstring)."""
     files: dict[str, int] = {}
-    for batch in lake.batches(_PLAN_BATCH, filter=filter, columns=columns):
+    size = _EXACT_BATCH if exact else _PLAN_BATCH
+    for batch in lake.batches(size, filter=filter, columns=columns):
         checked = validate(schema, batch.table, limits, encode=exact, refused=batch.refused)
         if not checked.rows:
             continue
@@ -141,62 +195,372 @@ def _key_positions(
             np.int64,
         )
         where = base[np.searchsorted(offsets, rows, side="right") - 1] + rows
-        keys.append(_key_values(checked))
-        positions.append(where)
-    return _comparable(keys), positions, files
+        hashes, keys = _batch_keys(checked, limits)
+        log.add(hashes, keys, where)
+    return files
 
 
-def _key_values(checked: Validated) -> pa.Array:
-    """The valid records' keys as an Arrow array that is equal where their BSON is: one
-    integer column as int64, one string column as large_string, else BSON digests."""
+# -- keys as fixed-width hashes and exact bytes ---------------------------------------------
+
+_INT, _STR, _BSON = b"\x01", b"\x02", b"\x03"
+_M1, _M2 = np.uint64(0xBF58476D1CE4E5B9), np.uint64(0x94D049BB133111EB)
+_POLY = np.uint64(0x100000001B3)  # FNV's prime: any odd multiplier would do
+_INT_SEED = np.uint64(0x9E3779B97F4A7C15)
+_HASH_CHUNK = 1 << 16  # bytes of strings hashed at once: temporaries of ~40 bytes each
+_powers: np.ndarray = np.ones(1, dtype=np.uint64)
+_LONG = 4096  # bytes: a longer key is hashed by BLAKE2b (_powers stays small)
+_DECIMAL128 = create_decimal128_context()
+
+
+def _mix(x: np.ndarray) -> np.ndarray:
+    """splitmix64's finaliser, element-wise (uint64 arithmetic wraps)."""
+    x = x ^ (x >> np.uint64(30))
+    x *= _M1
+    x ^= x >> np.uint64(27)
+    x *= _M2
+    return np.asarray(x ^ (x >> np.uint64(31)))
+
+
+def _hash_strings(col: pa.Array) -> np.ndarray:
+    """A 64-bit hash of each string (or binary) value, vectorised: a polynomial of its bytes,
+    mixed with its length. Equal values hash alike; different ones rarely do (and are told
+    apart by their bytes: ``_settle``)."""
+    global _powers
+    col = col.cast(pa.large_binary())
+    n = len(col)
+    offsets = np.frombuffer(col.buffers()[1], np.int64)[col.offset : col.offset + n + 1]
+    data_buf = col.buffers()[2]
+    data = np.frombuffer(data_buf, np.uint8) if data_buf is not None else np.empty(0, np.uint8)
+    lengths = np.diff(offsets)
+    sums = np.zeros(n, dtype=np.uint64)
+    long = np.flatnonzero(lengths > _LONG)
+    for i in long.tolist():
+        value = data[int(offsets[i]) : int(offsets[i + 1])].tobytes()
+        sums[i] = int.from_bytes(hashlib.blake2b(value, digest_size=8).digest(), "little")
+    lengths_short = np.where(lengths > _LONG, 0, lengths)  # hashed above
+    longest = int(lengths_short.max()) if n else 0
+    if longest > len(_powers):
+        grown = np.cumprod(np.full(longest - 1, _POLY, dtype=np.uint64))  # _POLY ** i
+        _powers = np.concatenate([np.ones(1, dtype=np.uint64), grown])
+    # chunks of about _HASH_CHUNK bytes (at least one string each): bounded temporaries
+    cuts = np.unique(np.searchsorted(offsets, np.arange(offsets[0], offsets[-1], _HASH_CHUNK)))
+    edges = [*(int(c) for c in cuts if 0 < c < n), n]
+    lo = 0
+    for hi in edges:
+        full = np.flatnonzero(lengths_short[lo:hi]) + lo
+        if len(full):  # the bytes of the chunk's short strings, gathered
+            lens = lengths_short[full]
+            firsts = np.cumsum(lens) - lens
+            total = int(firsts[-1] + lens[-1])
+            within = np.arange(total, dtype=np.int64) - np.repeat(firsts, lens)
+            index = within + np.repeat(offsets[full], lens)
+            terms = data[index].astype(np.uint64) * _powers[within]
+            sums[full] = np.add.reduceat(terms, firsts)
+        lo = hi
+    return _mix(sums ^ _mix(lengths.astype(np.uint64) + _INT_SEED))
+
+
+def _int_keys(col: pa.Array, limits: ServerLimits) -> tuple[np.ndarray, pa.Array]:
+    """Hashes and exact bytes of int64 keys (a server that keeps integer keys as their text
+    hashes them as that text: they must meet the strings they cannot be told from)."""
+    values = col.to_numpy(zero_copy_only=False).astype("<i8", copy=False)
+    if int in limits.text_keys:
+        hashes = _hash_strings(col.cast(pa.large_string()))
+    else:
+        hashes = _mix(values.view(np.uint64) ^ _INT_SEED)
+    packed = np.empty(len(values), dtype=[("t", "u1"), ("v", "<i8")])
+    packed["t"], packed["v"] = _INT[0], values
+    exact = pa.FixedSizeBinaryArray.from_buffers(
+        pa.binary(9), len(values), [None, pa.py_buffer(packed.tobytes())]
+    )
+    return hashes, exact.cast(pa.large_binary())
+
+
+def _str_keys(col: pa.Array) -> tuple[np.ndarray, pa.Array]:
+    data = col.cast(pa.large_binary())
+    tag, empty = pa.scalar(_STR, pa.large_binary()), pa.scalar(b"", pa.large_binary())
+    return _hash_strings(data), pc.binary_join_element_wise(tag, data, empty)
+
+
+def _batch_keys(checked: Validated, limits: ServerLimits) -> tuple[np.ndarray, pa.Array]:
+    """The valid records' keys: a 64-bit hash of the key as the server identifies it, and
+    bytes that are equal exactly when MongoDB holds the keys equal. One integer or string
+    column is done column-wise; any other key value by value."""
     col = checked.columns.get(checked.key) if isinstance(checked.key, str) else None
     if col is not None and checked.key not in checked.values:
         if pa.types.is_integer(col.type):
             with contextlib.suppress(pa.ArrowInvalid):  # an unsigned value past int64
-                return col.cast(pa.int64())
+                return _int_keys(col.cast(pa.int64()), limits)
         elif pa.types.is_string(col.type) or pa.types.is_large_string(col.type):
-            return col.cast(pa.large_string())
-    return _digests(checked.keys)
+            return _str_keys(col)
+    return _value_keys(checked.ids, limits)
 
 
-def _digests(keys: Iterable[Any]) -> pa.Array:
-    return pa.array([key_digest(k) for k in keys], _DIGEST)
+def _value_keys(keys: Sequence[Any], limits: ServerLimits) -> tuple[np.ndarray, pa.Array]:
+    """``_batch_keys`` value by value: integers and strings through the column-wise path (so
+    a key hashes alike whichever way it came), anything else by its canonical BSON."""
+    n = len(keys)
+    hashes = np.empty(n, dtype=np.uint64)
+    exact: list[bytes | None] = [None] * n
+    ints: list[int] = []
+    strs: list[str] = []
+    int_at: list[int] = []
+    str_at: list[int] = []
+    for i, key in enumerate(keys):
+        value = canonical_key(key)
+        if type(value) is int and -(2**63) <= value < 2**63:
+            ints.append(value)
+            int_at.append(i)
+        elif isinstance(value, str):
+            strs.append(value)
+            str_at.append(i)
+        else:
+            data = _BSON + bson.encode({"": value})
+            exact[i] = data
+            text = _as_text(value, limits)
+            if text is None:
+                hashes[i] = int.from_bytes(hashlib.blake2b(data, digest_size=8).digest(), "little")
+            else:
+                hashes[i] = _hash_strings(pa.array([text], pa.large_string()))[0]
+    done: list[tuple[list[int], tuple[np.ndarray, pa.Array]]] = []
+    if ints:
+        done.append((int_at, _int_keys(pa.array(ints, pa.int64()), limits)))
+    if strs:
+        done.append((str_at, _str_keys(pa.array(strs, pa.large_string()))))
+    for at, (h, data) in done:
+        hashes[at] = h
+        for i, b in zip(at, data.to_pylist(), strict=True):
+            exact[i] = b
+    return hashes, pa.array(exact, pa.large_binary())
 
 
-def _comparable(keys: list[pa.Array]) -> list[pa.Array]:
-    """The batches' keys in one type: as they are when they share one, else all digests."""
-    if len({k.type for k in keys}) <= 1:
-        return keys
-    return [k if k.type == _DIGEST else _digests(k.to_pylist()) for k in keys]
+def canonical_key(key: Any) -> Any:
+    """A key in the form MongoDB compares it in: numbers by value (1, 1.0, Int64(1) and
+    Decimal128("1") are one key; true stays apart from 1), documents field by field."""
+    if isinstance(key, bool) or key is None:
+        return key
+    if isinstance(key, int):
+        return int(key)
+    if isinstance(key, float):
+        if math.isfinite(key) and key.is_integer() and -(2.0**63) <= key < 2.0**63:
+            return int(key)
+        return math.nan if math.isnan(key) else key
+    if isinstance(key, Decimal128):
+        value = key.to_decimal()
+        if not value.is_finite():
+            return canonical_key(float(value))
+        if value == value.to_integral_value() and -(2**63) <= value < 2**63:
+            return int(value)
+        if Decimal(float(value)) == value:  # exactly a double: it meets that double
+            return canonical_key(float(value))
+        return Decimal128(value.normalize(_DECIMAL128))
+    if isinstance(key, Mapping):
+        return SON((k, canonical_key(v)) for k, v in key.items())
+    return key
 
 
-def _repeated(
-    keys: list[pa.Array], positions: list[np.ndarray], losers: bool = False
-) -> np.ndarray | None:
-    """The sorted positions of the records whose key repeats (with ``losers``: of those but
-    the last of each key); None when no key repeats."""
-    if not keys:
-        return None
-    column = pa.chunked_array(keys)
-    if len(pc.unique(column)) == len(column):  # most lakes: no key repeats (and it is cheap)
-        return None
-    table = pa.table({"d": column, "p": np.concatenate(positions)})
-    groups = table.group_by("d").aggregate([("p", "max"), ("p", "count")])
-    repeated = groups.filter(pc.greater(groups["p_count"], 1))
-    if repeated.num_rows == 0:
-        return None
-    mask = pc.is_in(table["d"], value_set=repeated["d"].combine_chunks())
-    if losers:
-        last = pc.is_in(table["p"], value_set=repeated["p_max"].combine_chunks())
-        mask = pc.and_(mask, pc.invert(last))
-    return np.sort(table["p"].filter(mask).to_numpy())
+def _as_text(value: Any, limits: ServerLimits) -> str | None:
+    """The text the server keeps a key of this type as, when it cannot tell it from that
+    string (``ServerLimits.text_keys``); None for a key it tells apart from every string."""
+    if isinstance(value, limits.text_keys) and not isinstance(value, bool):
+        return str(value)
+    return None
+
+
+def _shown(data: bytes) -> str:
+    """A key, from its exact bytes, as a reason shows it (strings in double quotes)."""
+    value = _decoded(data)
+    return json.dumps(value) if isinstance(value, str) else str(value)
+
+
+def _decoded(data: bytes) -> Any:
+    tag = data[:1]
+    if tag == _INT:
+        return int.from_bytes(data[1:9], "little", signed=True)
+    if tag == _STR:
+        return data[1:].decode()
+    return bson.decode(data[1:])[""]
+
+
+# -- the log of keys: in memory up to a budget, then in buckets on disk ---------------------
+
+_LOG_SCHEMA = pa.schema([("h", pa.uint64()), ("k", pa.large_binary()), ("p", pa.int64())])
+_EMPTY_LOG = pa.RecordBatch.from_pylist([], _LOG_SCHEMA)
+
+
+class _KeyLog:
+    """Every valid record's key hash (``h``), exact key bytes (``k``) and lake position
+    (``p``). Held in memory up to _PLAN_MEMORY; past it, each full load is split into
+    _BUCKETS buckets by the top bits of ``h`` and written to one file of the spill folder,
+    and ``buckets`` then reads consecutive buckets of every file, about _PLAN_MEMORY at a
+    time: all the records of one key (and of keys the server may confuse: same ``h``) are
+    in one bucket."""
+
+    def __init__(self, spill: Path | None, budget: int = 0) -> None:
+        self.budget = budget or _PLAN_MEMORY
+        self._spill = spill
+        self._held: list[pa.RecordBatch] = []
+        self._bytes = 0
+        self._dir: tempfile.TemporaryDirectory[str] | None = None
+        self._runs: list[str] = []
+
+    def __enter__(self) -> _KeyLog:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._held = []
+        if self._dir is not None:
+            self._dir.cleanup()
+
+    def add(self, h: np.ndarray, k: pa.Array, p: np.ndarray) -> None:
+        batch = pa.RecordBatch.from_arrays([pa.array(h), k, pa.array(p)], schema=_LOG_SCHEMA)
+        self._held.append(batch)
+        self._bytes += batch.nbytes
+        if self._bytes > self.budget:
+            self._write_run()
+
+    @property
+    def spilled_bytes(self) -> int:
+        return sum(os.path.getsize(r) for r in self._runs)
+
+    def _write_run(self) -> None:
+        if self._dir is None:
+            if self._spill is not None:
+                self._spill.mkdir(parents=True, exist_ok=True)
+            folder = None if self._spill is None else str(self._spill)
+            self._dir = tempfile.TemporaryDirectory(prefix="plan-", dir=folder)
+        table = pa.Table.from_batches(self._held, _LOG_SCHEMA)
+        self._held, self._bytes = [], 0
+        hashes = np.concatenate([c.to_numpy() for c in table["h"].chunks])
+        bucket = (hashes >> np.uint64(64 - _BUCKET_BITS)).astype(np.int64)
+        del hashes
+        order = np.argsort(bucket, kind="stable")
+        bounds = np.searchsorted(bucket[order], np.arange(_BUCKETS + 1))
+        del bucket
+        data = table.take(pa.array(order)).combine_chunks()  # one copy, sliced below
+        del table, order
+        whole = data.to_batches()[0] if data.num_rows else None
+        path = os.path.join(self._dir.name, f"run-{len(self._runs):05d}.arrow")
+        with pa.OSFile(path, "wb") as sink, pa.ipc.new_file(sink, _LOG_SCHEMA) as writer:
+            for b in range(_BUCKETS):  # one record batch per bucket, in bucket order
+                lo, hi = int(bounds[b]), int(bounds[b + 1])
+                part = whole.slice(lo, hi - lo) if whole is not None else None
+                writer.write_batch(part if part is not None else _EMPTY_LOG)
+        self._runs.append(path)
+
+    def buckets(self) -> Iterator[pa.Table]:
+        """The logged records, a bucket at a time (all of them at once if none spilled)."""
+        if not self._runs:
+            if self._held:
+                yield pa.Table.from_batches(self._held, _LOG_SCHEMA)
+            return
+        if self._held:
+            self._write_run()
+        files = [pa.OSFile(r, "rb") for r in self._runs]
+        try:
+            readers = [pa.ipc.open_file(f) for f in files]
+            held: list[pa.RecordBatch] = []
+            size = 0
+            for b in range(_BUCKETS):  # consecutive buckets together, up to the budget
+                for reader in readers:
+                    batch = reader.get_batch(b)
+                    held.append(batch)
+                    size += batch.nbytes
+                if size >= self.budget or b == _BUCKETS - 1:
+                    yield pa.Table.from_batches(held, _LOG_SCHEMA)
+                    held, size = [], 0
+        finally:
+            for f in files:
+                f.close()
+
+
+@dataclass
+class _Groups:
+    """A bucket's records sorted by hash, key bytes and position: equal keys are runs."""
+
+    p: np.ndarray  # positions, sorted
+    k: pa.Array  # key bytes, in the same order
+    first: np.ndarray  # bool: the first record of its key
+    last: np.ndarray  # bool: the last record of its key (the winner)
+    repeated: np.ndarray  # bool: its key has more than one record
+    shared: np.ndarray  # bool: its key shares its hash with another key
+
+
+def _groups(bucket: pa.Table) -> _Groups:
+    if bucket.num_rows == 0:
+        none = np.zeros(0, dtype=bool)
+        return _Groups(_EMPTY, pa.array([], pa.large_binary()), none, none, none, none)
+    order = pc.sort_indices(
+        bucket, sort_keys=[("h", "ascending"), ("k", "ascending"), ("p", "ascending")]
+    )
+    table = bucket.take(order).combine_chunks()
+    h, p, k = table["h"].to_numpy(), table["p"].to_numpy(), table["k"].chunk(0)
+    n = len(p)
+    same_h = h[1:] == h[:-1]
+    same_k = same_h & pc.equal(k.slice(1), k.slice(0, n - 1)).to_numpy(zero_copy_only=False)
+    first, last = np.r_[True, ~same_k], np.r_[~same_k, True]
+    group = np.cumsum(first) - 1
+    sizes = np.bincount(group, minlength=int(first.sum()))
+    first_h = h[first]
+    twin = first_h[1:] == first_h[:-1]  # a key whose hash the next key has too
+    shared_group = np.r_[False, twin] | np.r_[twin, False]
+    return _Groups(p, k, first, last, sizes[group] > 1, shared_group[group])
+
+
+def _involved(bucket: pa.Table) -> np.ndarray:
+    """The positions of the records whose key repeats, or shares its hash with another key
+    (the first pass: the second one settles them)."""
+    g = _groups(bucket)
+    return np.asarray(g.p[g.repeated | g.shared])
+
+
+def _settle(bucket: pa.Table, limits: ServerLimits) -> tuple[np.ndarray, list[tuple[int, str]]]:
+    """A bucket's superseded positions (all but the last record of each key), and the
+    positions the server cannot tell from an earlier key's record, with the reason."""
+    g = _groups(bucket)
+    lost = np.asarray(g.p[~g.last])
+    conflicts: list[tuple[int, str]] = []
+    if limits.text_keys and g.shared.any():
+        winners = np.flatnonzero(g.last & g.shared)  # one per key
+        same: dict[Any, list[tuple[int, bytes]]] = {}
+        for i in winners.tolist():
+            data = g.k[i].as_py()
+            value = _decoded(data)
+            text = value if isinstance(value, str) else _as_text(value, limits)
+            same.setdefault(("text", text) if text is not None else data, []).append(
+                (int(g.p[i]), data)
+            )
+        for keys in same.values():
+            keys.sort()
+            (_, earliest), later = keys[0], keys[1:]
+            for at, data in later:
+                conflicts.append((at, _confused(limits, data, earliest)))
+    return lost, conflicts
+
+
+def _confused(limits: ServerLimits, later: bytes, earlier: bytes) -> str:
+    server = limits.name.split(",")[0]
+    return (
+        f"{server} cannot tell _id {_shown(later)} from {_shown(earlier)}, the key of an "
+        f"earlier record: it keeps them as one key (MongoDB keeps them apart). Type the key "
+        f"column alike in every file (or write to MongoDB) to keep both"
+    )
 
 
 class Superseded:
-    """The superseded rows of some files of a job, looked up batch by batch."""
+    """The plan of some files of a job, looked up batch by batch: the rows a later record of
+    the same key replaces (4 bytes each), and the rows refused with their reason."""
 
-    def __init__(self, rows: dict[str, np.ndarray] | None = None) -> None:
-        self._rows = rows or {}
+    def __init__(
+        self,
+        rows: dict[str, np.ndarray] | None = None,
+        refused: dict[str, list[tuple[int, str]]] | None = None,
+    ) -> None:
+        self._rows = {f: np.asarray(r, dtype=np.uint32) for f, r in (rows or {}).items()}
+        self._refused: dict[str, tuple[np.ndarray, list[str]]] = {}
+        for file, pairs in (refused or {}).items():
+            pairs = sorted(pairs)
+            self._refused[file] = (np.array([r for r, _ in pairs], np.int64), [w for _, w in pairs])
 
     @property
     def count(self) -> int:
@@ -209,7 +573,15 @@ class Superseded:
         if rows is None:
             return _EMPTY
         lo, hi = np.searchsorted(rows, [start, stop])
-        return rows[lo:hi] - start
+        return rows[lo:hi].astype(np.int64) - start
+
+    def refused_within(self, file: str, start: int, stop: int) -> list[tuple[int, str]]:
+        """The refused rows of ``file`` in ``[start, stop)`` (relative to ``start``) and why."""
+        if file not in self._refused:
+            return []
+        rows, reasons = self._refused[file]
+        lo, hi = np.searchsorted(rows, [start, stop])
+        return [(int(rows[i]) - start, reasons[i]) for i in range(lo, hi)]
 
     @classmethod
     def load(
@@ -220,10 +592,16 @@ class Superseded:
         if files is not None:
             query["file"] = {"$in": list(files)}
         parts: dict[str, list[np.ndarray]] = {}
+        refused: dict[str, list[tuple[int, str]]] = {}
         for doc in db[PLANS].find(query, sort=[("_id", 1)]):
-            rows = np.frombuffer(bytes(doc["rows"]), dtype="<u4").astype(np.int64)
-            parts.setdefault(str(doc["file"]), []).append(rows)
-        return cls({f: np.sort(np.concatenate(p)) for f, p in parts.items()})
+            file = str(doc["file"])
+            if "refused" in doc:
+                rows = np.frombuffer(bytes(doc["refused"]), dtype="<u4").tolist()
+                refused.setdefault(file, []).extend(zip(rows, doc["reasons"], strict=True))
+            else:
+                parts.setdefault(file, []).append(np.frombuffer(bytes(doc["rows"]), "<u4"))
+        rows_of = {f: np.sort(np.concatenate(p)) for f, p in parts.items()}
+        return cls(rows_of, {f: sorted(r) for f, r in refused.items()})
 
 
 def ensure_indexes(db: Database[dict[str, Any]]) -> None:
@@ -231,14 +609,17 @@ def ensure_indexes(db: Database[dict[str, Any]]) -> None:
     db[PLANS].create_index("jobId")
 
 
-def save(db: Database[dict[str, Any]], job_id: str, plan: dict[str, np.ndarray]) -> int:
-    """Store a job's plan (replacing any a dead run left half-written); the count stored."""
+def save(db: Database[dict[str, Any]], job_id: str, plan: Plan | dict[str, np.ndarray]) -> int:
+    """Store a job's plan (replacing any a dead run left half-written); the count of
+    superseded records stored."""
+    if not isinstance(plan, Plan):
+        plan = Plan(plan)
     coll = db[PLANS]
     coll.delete_many({"jobId": job_id})
     now = utcnow()
 
     def documents() -> Iterable[dict[str, Any]]:
-        for file, rows in plan.items():
+        for file, rows in plan.superseded.items():
             for n, at in enumerate(range(0, len(rows), _ROWS_PER_DOCUMENT)):
                 chunk = rows[at : at + _ROWS_PER_DOCUMENT].astype("<u4")
                 yield {
@@ -246,6 +627,17 @@ def save(db: Database[dict[str, Any]], job_id: str, plan: dict[str, np.ndarray])
                     "jobId": job_id,
                     "file": file,
                     "rows": Binary(chunk.tobytes()),
+                    "createdAt": now,
+                }
+        for file, refused in plan.refused.items():
+            for n, at in enumerate(range(0, len(refused), _REFUSED_PER_DOCUMENT)):
+                part = refused[at : at + _REFUSED_PER_DOCUMENT]
+                yield {
+                    "_id": f"{job_id}:r{n}:{file}",
+                    "jobId": job_id,
+                    "file": file,
+                    "refused": Binary(np.array([r for r, _ in part], dtype="<u4").tobytes()),
+                    "reasons": [why for _, why in part],
                     "createdAt": now,
                 }
 
@@ -257,7 +649,7 @@ def save(db: Database[dict[str, Any]], job_id: str, plan: dict[str, np.ndarray])
             batch = []
     if batch:
         coll.insert_many(batch, ordered=False)
-    return sum(len(r) for r in plan.values())
+    return sum(len(r) for r in plan.superseded.values())
 
 
 def plan_job(
@@ -268,17 +660,28 @@ def plan_job(
     filter: pc.Expression | None = None,
     filter_columns: Sequence[str] = (),
     collection: str | None = None,
+    spill: Path | None = None,
 ) -> int:
-    """Find and store the records a job skips as duplicates; how many there are."""
+    """Find and store the records a job skips as duplicates (and those it refuses because
+    the server cannot tell their key from an earlier one); how many duplicates there are.
+    ``spill``: the folder where a large plan waits (the data folder)."""
     limits = MONGODB if collection is None else server_limits(db[collection])
-    superseded = find_superseded(lake, schema, filter, filter_columns, limits)
-    count = save(db, job_id, superseded)
+    plan = plan_lake(lake, schema, filter, filter_columns, limits, spill)
+    pa.default_memory_pool().release_unused()  # the plan's Arrow buffers, before the copy
+    count = save(db, job_id, plan)
     if count:
         logger.info(
             "job %s: %d records are replaced by a later record of the same key in %d files",
             job_id,
             count,
-            len(superseded),
+            len(plan.superseded),
+        )
+    if plan.refused:
+        logger.info(
+            "job %s: %d records refused: %s cannot tell their key from an earlier record's",
+            job_id,
+            sum(len(r) for r in plan.refused.values()),
+            limits.name,
         )
     return count
 

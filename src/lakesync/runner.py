@@ -286,8 +286,11 @@ class JobRunner:
             # which records a later record of the same key replaces: skipped by every run
             planned = lake_filter(lake, cp.since, cp.until if lake.version is None else None)
             by = [cp.since.column] if cp.since is not None else []
+            spill = self.settings.data_dir / "plans"  # where a large plan waits
             policy.call(
-                lambda: repeats.plan_job(db, job_id, lake, op.schema_, planned, by, op.collection),
+                lambda: repeats.plan_job(
+                    db, job_id, lake, op.schema_, planned, by, op.collection, spill
+                ),
                 "planning repeated keys",
             )
             lake.drop_kept()  # the plan's columns read at open: the copy reads whole records

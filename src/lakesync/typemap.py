@@ -19,7 +19,7 @@ from typing import Any
 import bson
 import pyarrow as pa
 import pyarrow.compute as pc
-from bson import SON, Decimal128
+from bson import SON, Decimal128, ObjectId
 from bson.codec_options import CodecOptions, DatetimeConversion
 from bson.datetime_ms import DatetimeMS
 from bson.errors import InvalidDocument
@@ -51,6 +51,9 @@ class ServerLimits:
     #: composite ``_id``: find and replace documents by ``_lakesync.k``, an indexed digest of
     #: the ``_id``'s BSON, instead of by the subdocument (see ``uses_key_digest``)
     key_digest: bool = False
+    #: key types the server keeps as their text, one key with the string of that text (the
+    #: plan of repeated keys refuses the later of two such keys: repeats.py)
+    text_keys: tuple[type, ...] = ()
 
     def refuse(self, what: str) -> Unstorable:
         """The rejection for a value this server cannot take."""
@@ -62,6 +65,8 @@ MONGODB = ServerLimits()
 #: refused ("Invalid JSON document"), dates outside years 1-9999 break the connection,
 #: documents cannot be found by a boolean, binary or double _id; a subdocument _id is
 #: compared in Python, a scan of the collection per query, and cannot be a replace's filter
+#: an integer or ObjectId _id is one key with its text (inserting "1" after 1 fails as a
+#: duplicate, a find for one returns the other)
 NX_27017 = ServerLimits(
     name="nx-27017, the embedded server",
     decimal128=False,
@@ -69,6 +74,7 @@ NX_27017 = ServerLimits(
     date_range=(DATETIME_MIN_MS, DATETIME_MAX_MS),
     unfindable_keys=(bool, bytes, float),
     key_digest=True,
+    text_keys=(int, ObjectId),
 )
 
 

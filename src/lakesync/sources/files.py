@@ -183,7 +183,7 @@ def inspect(
         table, fragment = None, None
         try:
             if fmt in ("parquet", "delta"):
-                wanted = keep if kept is not None else None
+                wanted = keep if kept is not None and not kept.full else None
                 facts, schema, table = parquet.inspect_file(loc, path, expr, keys, size, wanted)
             elif fmt == "orc":
                 facts, schema, fragment = orc.inspect_file(loc, path, expr, keys, size)

@@ -41,6 +41,9 @@ KEEP_FILE_BYTES = 4 << 20
 #: files read whole by the copy (``_SMALL_FILE_BYTES`` decoded) are fetched the same way
 WHOLE_GET_BYTES = 1 << 20
 _KEEP_CHUNK_FILES = 512  # kept columns of this many files are packed into one table
+#: bytes of kept columns in all: past them a small file's columns are read again when asked
+#: for, so that what is kept at open does not grow with the lake
+_KEEP_BYTES = 4 << 20
 
 
 class Kept:
@@ -56,15 +59,25 @@ class Kept:
         self._pending_paths: list[str] = []
         #: file path -> (chunk number, first row, rows)
         self._where: dict[str, tuple[int, int, int]] = {}
+        self._bytes = 0
 
     def add(self, path: str, table: pa.Table) -> None:
-        """Keep ``table`` (a file's kept columns); files are added in the lake's order."""
+        """Keep ``table`` (a file's kept columns); files are added in the lake's order. Past
+        _KEEP_BYTES in all, a file's columns are not kept (its first read reads them)."""
+        self._bytes += table.nbytes
+        if self._bytes > _KEEP_BYTES:
+            return
         if self._pending and not table.schema.equals(self._pending[0].schema):
             self._pack()
         self._pending.append(table)
         self._pending_paths.append(path)
         if len(self._pending) >= _KEEP_CHUNK_FILES:
             self._pack()
+
+    @property
+    def full(self) -> bool:
+        """Whether _KEEP_BYTES are kept (no more files are)."""
+        return self._bytes > _KEEP_BYTES
 
     def _pack(self) -> None:
         if not self._pending:
