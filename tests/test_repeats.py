@@ -451,8 +451,7 @@ def test_keys_of_mixed_types_settle_on_the_embedded_server(
         first, reasons = _copy(settings, lake, fmt)
         assert first.status == JobState.COMPLETED, first.error
         stored = {d["_id"]: d["v"] for d in db.things.find()}
-        first_file = next(Lake.open(str(lake), format=fmt).batches(10)).table
-        if pa.types.is_string(first_file["id"].type):  # a lake typed per job: 1 is "1" there
+        if fmt == "csv":  # an undeclared CSV key is read as text in every file: 1 is "1"
             assert stored == {"1": "c", "x": "d"}
             assert (first.insertedRecords, first.duplicateRecords) == (2, 1)
         else:
