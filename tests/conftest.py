@@ -26,6 +26,7 @@ from tests.helpers import (
     child_env,
     free_port,
     start_moto_thread,
+    stop_cli_zygote,
     wait_for,
 )
 
@@ -34,6 +35,14 @@ from lakesync.config import Settings, load_settings
 from lakesync.demo import generate
 from lakesync.mongo import EmbeddedServer
 from lakesync.runtime import Runtime
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _cli_zygote() -> Iterator[None]:
+    """The session's `lakesync` command zygote (tests.helpers.lakesync) is closed, and the
+    commands still running killed, when the session ends (Ctrl-C included)."""
+    yield
+    stop_cli_zygote()
 
 
 @pytest.fixture(autouse=True)
