@@ -236,6 +236,7 @@ def lakesync_all(
     """Run `lakesync` commands (args, env) ``parallel`` at a time; each one's result in
     order (a TimeoutExpired, with its output so far, for one that outlasted ``timeout``).
     An interrupt or failure cancels the commands not started and kills those running."""
+
     def one(command: tuple[list[str], dict[str, str]]) -> Any:
         try:
             return lakesync(command[1], *command[0], timeout=timeout)
