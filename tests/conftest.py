@@ -25,6 +25,7 @@ from tests.helpers import (
     aws_test_env,
     child_env,
     free_port,
+    kill_spawned,
     start_moto_thread,
     stop_cli_zygote,
     wait_for,
@@ -38,11 +39,13 @@ from lakesync.runtime import Runtime
 
 
 @pytest.fixture(scope="session", autouse=True)
-def _cli_zygote() -> Iterator[None]:
-    """The session's `lakesync` command zygote (tests.helpers.lakesync) is closed, and the
-    commands still running killed, when the session ends (Ctrl-C included)."""
+def _no_orphans() -> Iterator[None]:
+    """When the session ends (Ctrl-C and timeouts included), the `lakesync` command zygote
+    is closed, killing the commands still running, and so is every server or worker a test
+    started and did not stop (tests.helpers.SPAWNED)."""
     yield
     stop_cli_zygote()
+    kill_spawned()
 
 
 @pytest.fixture(autouse=True)

@@ -254,15 +254,44 @@ def lakesync_all(
         pool.shutdown(wait=True)
 
 
+#: servers and workers the tests started, killed (whole process group) at the session's
+#: end if a test's own clean-up did not run: a Ctrl-C or a timeout leaves nothing running
+SPAWNED: list[subprocess.Popen[bytes]] = []
+
+
+def spawned(proc: subprocess.Popen[bytes]) -> subprocess.Popen[bytes]:
+    SPAWNED[:] = [p for p in SPAWNED if p.poll() is None]
+    SPAWNED.append(proc)
+    return proc
+
+
+def kill_spawned() -> None:
+    for proc in SPAWNED:
+        if proc.poll() is None:
+            with contextlib.suppress(OSError):
+                if os.getpgid(proc.pid) == proc.pid:  # it leads its own group: all of it
+                    os.killpg(proc.pid, signal.SIGKILL)
+                else:
+                    proc.kill()
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                proc.wait(10)
+    SPAWNED.clear()
+
+
+atexit.register(kill_spawned)
+
+
 def start_worker(env: dict[str, str], log: Path) -> subprocess.Popen[bytes]:
     """A `lakesync worker` (Celery) in its own process group, its output in ``log``."""
     with open(log, "ab") as out:
-        return subprocess.Popen(
-            [sys.executable, "-m", "lakesync", "worker", "--concurrency", "2"],
-            env=env,
-            stdout=out,
-            stderr=subprocess.STDOUT,
-            start_new_session=True,
+        return spawned(
+            subprocess.Popen(
+                [sys.executable, "-m", "lakesync", "worker", "--concurrency", "2"],
+                env=env,
+                stdout=out,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
+            )
         )
 
 
@@ -309,10 +338,10 @@ class ServeProcess:
 
     def start(self, timeout: float = 60) -> ServeProcess:
         with open(self.log, "ab") as log:
-            self.proc = subprocess.Popen(
+            self.proc = spawned(subprocess.Popen(
                 [sys.executable, "-m", "lakesync", "serve", "--port", str(self.port)],
                 env=self.env, stdout=log, stderr=subprocess.STDOUT,
-            )  # fmt: skip
+            ))  # fmt: skip
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
