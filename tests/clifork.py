@@ -5,10 +5,11 @@ code, atexit handlers) without paying the import again (1.5-4 s of CPU per comma
 loaded 2-core machine, most of a CLI test's time).
 
 Started by tests.helpers.CliZygote as ``python -m tests.clifork``. Protocol, one JSON
-object per line: requests on stdin ``{"id", "args", "env", "cwd", "out", "err"}``; answers
-on stdout ``{"id", "pid"}`` once forked, ``{"id", "status"}`` (a wait status) once
-reaped. Each child leads its own process group, so a kill reaches whatever it started. On
-EOF (the test process is gone) the zygote kills its children's groups and exits.
+object per line. On stdout, ``{"ready": 1}`` once lakesync is imported; then for each
+request read on stdin, ``{"id", "args", "env", "cwd", "out", "err"}``, the answers
+``{"id", "pid"}`` once forked and ``{"id", "status"}`` (a wait status) once reaped. Each
+child leads its own process group, so a kill reaches whatever it started. On EOF (the
+test process is gone) the zygote kills its children's groups and exits.
 """
 
 from __future__ import annotations
@@ -122,4 +123,5 @@ if __name__ == "__main__":
         with contextlib.suppress(ImportError):
             importlib.import_module(name)
     gc.freeze()  # a child's collections then skip (and do not copy) what the zygote made
+    os.write(sys.stdout.fileno(), b'{"ready": 1}\n')
     serve()

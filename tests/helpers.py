@@ -128,6 +128,9 @@ class CliZygote:
         self.answers: dict[int, dict[str, int]] = {}
         self.changed = threading.Condition()
         self.write_lock = threading.Lock()
+        assert self.proc.stdout is not None
+        if not self.proc.stdout.readline():  # {"ready": 1}: lakesync imported
+            raise RuntimeError("the clifork zygote exited while importing lakesync")
         threading.Thread(target=self._read, name="clifork-answers", daemon=True).start()
 
     def _read(self) -> None:
