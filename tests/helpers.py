@@ -541,7 +541,7 @@ class PageRun:
         self.context = browser.new_context(viewport={"width": width, "height": height})
         self.context.add_init_script(RECORDER)
         self.page = self.context.new_page()
-        self.page.set_default_timeout(15_000)
+        self.page.set_default_timeout(30_000)  # a generous wait: the machine may be busy
         self.errors: list[str] = []
         self.page.on("pageerror", lambda e: self.errors.append(str(e)))
 
