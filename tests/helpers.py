@@ -125,6 +125,7 @@ class CliZygote:
             stdin=subprocess.PIPE, stdout=subprocess.PIPE, start_new_session=True,
         )  # fmt: skip
         self.ids = itertools.count()
+        self.kill_below = 0  # commands with a lower id are to be killed (kill_running)
         self.answers: dict[int, dict[str, int]] = {}
         self.changed = threading.Condition()
         self.write_lock = threading.Lock()
@@ -149,6 +150,8 @@ class CliZygote:
                 left = deadline - time.monotonic()
                 if left <= 0 or self.proc.poll() is not None:
                     return None
+                if field == "status" and key < self.kill_below:
+                    return None
                 self.changed.wait(min(left, 1.0))
             return self.answers[key][field]
 
@@ -169,26 +172,32 @@ class CliZygote:
             pid = self._wait(key, "pid", time.monotonic() + 60)
             if pid is None:
                 raise RuntimeError(f"the clifork zygote did not start {command}")
-            status = None
+            status, killed = None, False
             try:
                 status = self._wait(key, "status", deadline)
             finally:
                 if status is None:  # timed out, or the test was interrupted: no orphans
                     with contextlib.suppress(OSError):
                         os.killpg(pid, signal.SIGKILL)
+                    killed = True
                     status = self._wait(key, "status", time.monotonic() + 30)
                 with self.changed:
                     self.answers.pop(key, None)
             stdout = out.read_text(errors="replace") if out.exists() else ""
             stderr = err.read_text(errors="replace") if err.exists() else ""
-        if status is None or time.monotonic() > deadline:
+        if status is None:
+            raise RuntimeError(f"the clifork zygote exited while running {command}: {stderr}")
+        if killed:
             raise subprocess.TimeoutExpired(command, timeout, output=stdout, stderr=stderr)
         code = os.waitstatus_to_exitcode(status)
         return subprocess.CompletedProcess(command, code, stdout, stderr)
 
     def kill_running(self) -> None:
-        """SIGKILL every command still running (their callers then return at once)."""
+        """SIGKILL every command started so far and still running, including those whose
+        fork is not yet confirmed (their callers then return at once)."""
         with self.changed:
+            self.kill_below = next(self.ids)
+            self.changed.notify_all()
             pids = [a["pid"] for a in self.answers.values() if "pid" in a and "status" not in a]
         for pid in pids:
             with contextlib.suppress(OSError):
