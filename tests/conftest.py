@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
+import socket
 import subprocess
 import uuid
 from collections.abc import Iterator
@@ -23,7 +25,9 @@ from tests.helpers import (
     aws_test_env,
     child_env,
     free_port,
+    kill_spawned,
     start_moto_thread,
+    stop_cli_zygote,
     wait_for,
 )
 
@@ -32,6 +36,16 @@ from lakesync.config import Settings, load_settings
 from lakesync.demo import generate
 from lakesync.mongo import EmbeddedServer
 from lakesync.runtime import Runtime
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _no_orphans() -> Iterator[None]:
+    """When the session ends (Ctrl-C and timeouts included), the `lakesync` command zygote
+    is closed, killing the commands still running, and so is every server or worker a test
+    started and did not stop (tests.helpers.SPAWNED)."""
+    yield
+    stop_cli_zygote()
+    kill_spawned()
 
 
 @pytest.fixture(autouse=True)
@@ -145,11 +159,22 @@ def client(runtime: Runtime) -> Iterator[TestClient]:
         yield c
 
 
+def missing_service(what: str, install: str) -> None:
+    """Skip the test, saying what to install; under CI (CI=true) fail it instead: CI must
+    not pass without the service (`make test` installs it as root: tests/services.sh)."""
+    message = f"{what} is not available here: {install}"
+    if os.environ.get("CI", "").lower() in ("1", "true", "yes"):
+        pytest.fail(message)
+    pytest.skip(message)
+
+
 @pytest.fixture
 def redis_url(tmp_path: Path) -> Iterator[str]:
     """A redis-server of this test's own, on a free port."""
     import redis
 
+    if shutil.which("redis-server") is None:
+        missing_service("redis-server", "sudo apt-get install redis-server")
     port = free_port()
     proc = subprocess.Popen(
         ["redis-server", "--port", str(port), "--bind", "127.0.0.1", "--save", "",
@@ -170,12 +195,44 @@ def _redis_up(client: Any) -> bool:
         return False
 
 
+@pytest.fixture
+def rabbitmq_url() -> Iterator[str]:
+    """The machine's RabbitMQ (127.0.0.1:5672, guest/guest), which tests/services.sh starts.
+
+    Where rabbitmqctl works (root), the test gets a virtual host of its own: lakesync's
+    queue has one name, and another test run on the machine must not take this one's tasks.
+    """
+    try:
+        socket.create_connection(("127.0.0.1", 5672), timeout=5).close()
+    except OSError:
+        missing_service(
+            "RabbitMQ on 127.0.0.1:5672",
+            "sudo apt-get install rabbitmq-server (it then runs as a service)",
+        )
+    vhost = "t_" + uuid.uuid4().hex[:12]
+
+    def ctl(*args: str) -> bool:
+        try:
+            done = subprocess.run(["rabbitmqctl", *args], capture_output=True, timeout=120)
+        except (OSError, subprocess.TimeoutExpired):
+            return False
+        return done.returncode == 0
+
+    added = ctl("add_vhost", vhost)
+    if added and ctl("set_permissions", "-p", vhost, "guest", ".*", ".*", ".*"):
+        yield f"amqp://guest:guest@127.0.0.1:5672/{vhost}"
+    else:
+        yield "amqp://guest:guest@127.0.0.1:5672//"
+    if added:
+        ctl("delete_vhost", vhost)
+
+
 @pytest.fixture(scope="module")
 def browser() -> Iterator[Any]:
     """Headless Chromium (Debian's /usr/bin/chromium) driven by Playwright, one a module."""
     sync_api = pytest.importorskip("playwright.sync_api")
     if not CHROMIUM.exists():
-        pytest.skip("Chromium is not installed: apt-get install -y chromium")
+        missing_service("Chromium", "sudo apt-get install chromium")
     with sync_api.sync_playwright() as p:
         b = p.chromium.launch(executable_path=str(CHROMIUM), args=CHROMIUM_ARGS)
         yield b

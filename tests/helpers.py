@@ -4,7 +4,9 @@ another test module."""
 
 from __future__ import annotations
 
+import atexit
 import contextlib
+import itertools
 import json
 import logging
 import os
@@ -14,10 +16,12 @@ import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 import uuid
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from datetime import UTC, date, datetime, timedelta
 from decimal import Decimal
 from pathlib import Path
@@ -39,7 +43,8 @@ from lakesync.models import JobState, JobStatus, Outcome
 from lakesync.runtime import Runtime
 from lakesync.schema import TASK_DETAIL, validate
 
-ARTIFACTS = Path(__file__).resolve().parent.parent / "test-artifacts"
+ROOT = Path(__file__).resolve().parent.parent
+ARTIFACTS = ROOT / "test-artifacts"
 
 #: The job status document of the contract: the seed's fields and lakesync's additions.
 CONTRACT_FIELDS = {
@@ -108,23 +113,197 @@ def child_env(settings: Settings, **extra: str) -> dict[str, str]:
     return env
 
 
+class CliZygote:
+    """`python -m lakesync ARGS` as a child forked from tests/clifork.py, which imported
+    lakesync once: a real process (environment, working directory, exit code, signals) that
+    skips the 1.5-4 s of imports. One zygote per test process, started on first use."""
+
+    def __init__(self) -> None:
+        env = {k: v for k, v in os.environ.items() if not k.startswith("LAKESYNC_")}
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "tests.clifork"], cwd=ROOT, env=env,
+            stdin=subprocess.PIPE, stdout=subprocess.PIPE, start_new_session=True,
+        )  # fmt: skip
+        self.ids = itertools.count()
+        self.kill_below = 0  # commands with a lower id are to be killed (kill_running)
+        self.answers: dict[int, dict[str, int]] = {}
+        self.changed = threading.Condition()
+        self.write_lock = threading.Lock()
+        assert self.proc.stdout is not None
+        if not self.proc.stdout.readline():  # {"ready": 1}: lakesync imported
+            raise RuntimeError("the clifork zygote exited while importing lakesync")
+        threading.Thread(target=self._read, name="clifork-answers", daemon=True).start()
+
+    def _read(self) -> None:
+        assert self.proc.stdout is not None
+        for line in self.proc.stdout:
+            message = json.loads(line)
+            with self.changed:
+                self.answers.setdefault(message.pop("id"), {}).update(message)
+                self.changed.notify_all()
+        with self.changed:  # the zygote is gone
+            self.changed.notify_all()
+
+    def _wait(self, key: int, field: str, deadline: float) -> int | None:
+        with self.changed:
+            while field not in self.answers.get(key, {}):
+                left = deadline - time.monotonic()
+                if left <= 0 or self.proc.poll() is not None:
+                    return None
+                if field == "status" and key < self.kill_below:
+                    return None
+                self.changed.wait(min(left, 1.0))
+            return self.answers[key][field]
+
+    def run(
+        self, args: list[str], env: dict[str, str], timeout: float, cwd: Path | None = None
+    ) -> subprocess.CompletedProcess[str]:
+        key = next(self.ids)
+        command = [sys.executable, "-m", "lakesync", *args]
+        with tempfile.TemporaryDirectory(prefix="lakesync-cli-") as tmp:
+            out, err = Path(tmp) / "out", Path(tmp) / "err"
+            request = {"id": key, "args": args, "env": env, "cwd": str(cwd or Path.cwd()),
+                       "out": str(out), "err": str(err)}  # fmt: skip
+            assert self.proc.stdin is not None
+            with self.write_lock:
+                self.proc.stdin.write(json.dumps(request).encode() + b"\n")
+                self.proc.stdin.flush()
+            deadline = time.monotonic() + timeout
+            pid = self._wait(key, "pid", time.monotonic() + 60)
+            if pid is None:
+                raise RuntimeError(f"the clifork zygote did not start {command}")
+            status, killed = None, False
+            try:
+                status = self._wait(key, "status", deadline)
+            finally:
+                if status is None:  # timed out, or the test was interrupted: no orphans
+                    with contextlib.suppress(OSError):
+                        os.killpg(pid, signal.SIGKILL)
+                    killed = True
+                    status = self._wait(key, "status", time.monotonic() + 30)
+                with self.changed:
+                    self.answers.pop(key, None)
+            stdout = out.read_text(errors="replace") if out.exists() else ""
+            stderr = err.read_text(errors="replace") if err.exists() else ""
+        if status is None:
+            raise RuntimeError(f"the clifork zygote exited while running {command}: {stderr}")
+        if killed:
+            raise subprocess.TimeoutExpired(command, timeout, output=stdout, stderr=stderr)
+        code = os.waitstatus_to_exitcode(status)
+        return subprocess.CompletedProcess(command, code, stdout, stderr)
+
+    def kill_running(self) -> None:
+        """SIGKILL every command started so far and still running, including those whose
+        fork is not yet confirmed (their callers then return at once)."""
+        with self.changed:
+            self.kill_below = next(self.ids)
+            self.changed.notify_all()
+            pids = [a["pid"] for a in self.answers.values() if "pid" in a and "status" not in a]
+        for pid in pids:
+            with contextlib.suppress(OSError):
+                os.killpg(pid, signal.SIGKILL)
+
+    def stop(self) -> None:
+        """Close the zygote: it kills the commands still running, then exits."""
+        if self.proc.poll() is None:
+            with contextlib.suppress(OSError):
+                assert self.proc.stdin is not None
+                self.proc.stdin.close()
+            try:
+                self.proc.wait(10)
+            except subprocess.TimeoutExpired:
+                os.killpg(self.proc.pid, signal.SIGKILL)
+                self.proc.wait(10)
+
+
+_zygote: CliZygote | None = None
+_zygote_lock = threading.Lock()
+
+
+def cli_zygote() -> CliZygote:
+    global _zygote
+    with _zygote_lock:
+        if _zygote is None or _zygote.proc.poll() is not None:
+            _zygote = CliZygote()
+            atexit.register(_zygote.stop)
+        return _zygote
+
+
+def stop_cli_zygote() -> None:
+    if _zygote is not None:
+        _zygote.stop()
+
+
 def lakesync(
-    env: dict[str, str], *args: str, timeout: float = 120
+    env: dict[str, str], *args: str, timeout: float = 120, cwd: Path | None = None
 ) -> subprocess.CompletedProcess[str]:
-    """Run a `lakesync` command to its end; its output as text."""
-    command = [sys.executable, "-m", "lakesync", *args]
-    return subprocess.run(command, env=env, capture_output=True, text=True, timeout=timeout)
+    """Run a `lakesync` command to its end (a forked child, see CliZygote); its output as
+    text. Raises subprocess.TimeoutExpired, with the output so far, after ``timeout``."""
+    return cli_zygote().run(list(args), env, timeout, cwd)
+
+
+def lakesync_all(
+    commands: list[tuple[list[str], dict[str, str]]], timeout: float = 120, parallel: int = 16
+) -> list[subprocess.CompletedProcess[str] | subprocess.TimeoutExpired]:
+    """Run `lakesync` commands (args, env) ``parallel`` at a time; each one's result in
+    order (a TimeoutExpired, with its output so far, for one that outlasted ``timeout``).
+    An interrupt or failure cancels the commands not started and kills those running."""
+
+    def one(command: tuple[list[str], dict[str, str]]) -> Any:
+        try:
+            return lakesync(command[1], *command[0], timeout=timeout)
+        except subprocess.TimeoutExpired as e:
+            return e
+
+    pool = ThreadPoolExecutor(parallel)
+    try:
+        return list(pool.map(one, commands))
+    except BaseException:  # Ctrl-C, the test's timeout: stop now, not after every command
+        pool.shutdown(wait=False, cancel_futures=True)
+        cli_zygote().kill_running()
+        raise
+    finally:
+        pool.shutdown(wait=True)
+
+
+#: servers and workers the tests started, killed (whole process group) at the session's
+#: end if a test's own clean-up did not run: a Ctrl-C or a timeout leaves nothing running
+SPAWNED: list[subprocess.Popen[bytes]] = []
+
+
+def spawned(proc: subprocess.Popen[bytes]) -> subprocess.Popen[bytes]:
+    SPAWNED[:] = [p for p in SPAWNED if p.poll() is None]
+    SPAWNED.append(proc)
+    return proc
+
+
+def kill_spawned() -> None:
+    for proc in SPAWNED:
+        if proc.poll() is None:
+            with contextlib.suppress(OSError):
+                if os.getpgid(proc.pid) == proc.pid:  # it leads its own group: all of it
+                    os.killpg(proc.pid, signal.SIGKILL)
+                else:
+                    proc.kill()
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                proc.wait(10)
+    SPAWNED.clear()
+
+
+atexit.register(kill_spawned)
 
 
 def start_worker(env: dict[str, str], log: Path) -> subprocess.Popen[bytes]:
     """A `lakesync worker` (Celery) in its own process group, its output in ``log``."""
     with open(log, "ab") as out:
-        return subprocess.Popen(
-            [sys.executable, "-m", "lakesync", "worker", "--concurrency", "2"],
-            env=env,
-            stdout=out,
-            stderr=subprocess.STDOUT,
-            start_new_session=True,
+        return spawned(
+            subprocess.Popen(
+                [sys.executable, "-m", "lakesync", "worker", "--concurrency", "2"],
+                env=env,
+                stdout=out,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
+            )
         )
 
 
@@ -171,10 +350,10 @@ class ServeProcess:
 
     def start(self, timeout: float = 60) -> ServeProcess:
         with open(self.log, "ab") as log:
-            self.proc = subprocess.Popen(
+            self.proc = spawned(subprocess.Popen(
                 [sys.executable, "-m", "lakesync", "serve", "--port", str(self.port)],
                 env=self.env, stdout=log, stderr=subprocess.STDOUT,
-            )  # fmt: skip
+            ))  # fmt: skip
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
@@ -371,7 +550,7 @@ class PageRun:
         self.context = browser.new_context(viewport={"width": width, "height": height})
         self.context.add_init_script(RECORDER)
         self.page = self.context.new_page()
-        self.page.set_default_timeout(15_000)
+        self.page.set_default_timeout(30_000)  # a generous wait: the machine may be busy
         self.errors: list[str] = []
         self.page.on("pageerror", lambda e: self.errors.append(str(e)))
 

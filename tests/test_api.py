@@ -5,7 +5,6 @@ from __future__ import annotations
 import itertools
 import json
 import socket
-import statistics
 import threading
 import time
 import weakref
@@ -344,4 +343,6 @@ def test_answers_on_a_kept_alive_connection_do_not_wait_for_a_delayed_ack(
             started = time.perf_counter()
             assert http.get("/healthz").status_code == 200
             took.append(time.perf_counter() - started)
-    assert statistics.median(took) < 0.02, took  # a delayed ACK makes each >= 0.04 s
+    # a delayed ACK makes every answer after the first take >= 0.04 s; a busy machine makes
+    # some slow too, but not all twenty of them
+    assert min(took[1:]) < 0.03, took

@@ -11,7 +11,7 @@ from typing import Any
 
 import httpx
 import pytest
-from tests.helpers import CONTRACT_FIELDS, ISO_Z, child_env, free_port, wait_for
+from tests.helpers import CONTRACT_FIELDS, ISO_Z, child_env, free_port, lakesync_all, wait_for
 
 from lakesync.config import Settings
 
@@ -29,19 +29,12 @@ def lakesync(env: dict[str, str], *args: str) -> subprocess.CompletedProcess[str
 def in_parallel(
     *commands: tuple[dict[str, str], list[str]],
 ) -> list[subprocess.CompletedProcess[str]]:
-    """Run `lakesync` commands at the same time (each costs a Python start-up)."""
-    procs = [
-        (args, subprocess.Popen(
-            [sys.executable, "-m", "lakesync", *args],
-            env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-        ))
-        for env, args in commands
-    ]  # fmt: skip
-    done = []
-    for args, proc in procs:
-        stdout, stderr = proc.communicate(timeout=120)
-        done.append(subprocess.CompletedProcess(args, proc.returncode, stdout, stderr))
-    return done
+    """Run `lakesync` commands at the same time (each a process forked from the zygote)."""
+    done = lakesync_all([(args, env) for env, args in commands], timeout=120)
+    for result in done:
+        if isinstance(result, subprocess.TimeoutExpired):
+            raise result
+    return done  # type: ignore[return-value]
 
 
 def json_out(run: subprocess.CompletedProcess[str]) -> Any:

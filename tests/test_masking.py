@@ -4,12 +4,10 @@ every command and to `serve`, every output grepped for the password."""
 from __future__ import annotations
 
 import os
-import subprocess
-import sys
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
+from tests.helpers import lakesync_all
 
 from lakesync.masking import masked
 from lakesync.mongo import EmbeddedServer
@@ -49,15 +47,13 @@ def variants(scheme: str) -> list[str]:
     return [f.format(s=scheme, S=scheme.upper(), pw=PASSWORD) for f in FORMS]
 
 
-def run(args: list[str], env: dict[str, str]) -> str:
-    """The command's stdout + stderr (killed after a while: a worker may keep retrying)."""
-    try:
-        done = subprocess.run([sys.executable, "-m", "lakesync", *args], env=env,
-                              capture_output=True, text=True, timeout=15)  # fmt: skip
-        return done.stdout + done.stderr
-    except subprocess.TimeoutExpired as e:
-        out = (e.stdout or b"") + (e.stderr or b"")
-        return out.decode() if isinstance(out, bytes) else out
+def outputs(calls: list[tuple[list[str], dict[str, str]]]) -> list[str]:
+    """Each command's stdout + stderr, the commands run 32 at a time (each one killed after
+    60 s, its output so far kept: a worker may keep retrying)."""
+    return [
+        str(done.stdout or "") + str(done.stderr or "")
+        for done in lakesync_all(calls, timeout=60, parallel=32)
+    ]
 
 
 def base_env(tmp_path: Path) -> dict[str, str]:
@@ -85,12 +81,11 @@ def test_no_command_shows_the_password_of_a_malformed_mongodb_uri(tmp_path: Path
     for uri in variants("mongodb"):
         env = {**base_env(tmp_path), "LAKESYNC_MONGODB_URI": uri}
         calls += [(args, env) for args in COMMANDS]
-    with ThreadPoolExecutor(8) as pool:
-        outputs = list(pool.map(lambda c: run(*c), calls))
-    assert len(outputs) == 200
-    for (args, env), out in zip(calls, outputs, strict=True):
+    shown = outputs(calls)
+    assert len(shown) == 200
+    for (args, env), out in zip(calls, shown, strict=True):
         assert PASSWORD not in out, (args, env["LAKESYNC_MONGODB_URI"], out[-2000:])
-    assert sum("***" in out for out in outputs) > len(outputs) / 2  # the URI is shown, masked
+    assert sum("***" in out for out in shown) > len(shown) / 2  # the URI is shown, masked
 
 
 @pytest.mark.slow
@@ -104,7 +99,5 @@ def test_the_worker_never_shows_the_password_of_a_malformed_broker_url(
             env = {**base_env(tmp_path), "LAKESYNC_MONGODB_URI": mongo_server.uri,
                    "LAKESYNC_EXECUTOR": "celery", "LAKESYNC_BROKER_URL": uri}  # fmt: skip
             calls += [(["worker"], env), (["serve", "--port", "8"], env)]
-    with ThreadPoolExecutor(8) as pool:
-        outputs = list(pool.map(lambda c: run(*c), calls))
-    for (args, env), out in zip(calls, outputs, strict=True):
+    for (args, env), out in zip(calls, outputs(calls), strict=True):
         assert PASSWORD not in out, (args, env["LAKESYNC_BROKER_URL"], out[-2000:])

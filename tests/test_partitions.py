@@ -121,10 +121,10 @@ def test_worker_refuses_to_start_without_its_broker(serve_env: dict[str, str]) -
 
 @pytest.mark.slow
 def test_celery_worker_on_rabbitmq_runs_a_job(
-    settings: Settings, serve_env: dict[str, str], tmp_path: Path
+    settings: Settings, serve_env: dict[str, str], tmp_path: Path, rabbitmq_url: str
 ) -> None:
     """The same executor on RabbitMQ (the machine's broker at 127.0.0.1:5672, guest/guest)."""
-    broker = "amqp://guest:guest@127.0.0.1:5672//"
+    broker = rabbitmq_url
     env = dict(serve_env, LAKESYNC_EXECUTOR="celery", LAKESYNC_BROKER_URL=broker,
                LAKESYNC_PARTITION_ROWS="2000")  # fmt: skip
     worker = start_worker(env, tmp_path / "worker.log")

@@ -187,7 +187,12 @@ def test_wrong_credentials_fail_the_job_without_showing_them(
     upload(moto_process.url, small_lake, "lake", "tasks")
     iam = boto3.client("iam", endpoint_url=moto_process.url, region_name=REGION)
     iam.create_user(UserName="reader")
-    policy = {"Effect": "Allow", "Action": ["s3:GetObject", "s3:ListBucket"], "Resource": "*"}
+    # A read-only user. AWS authorizes HeadObject/GetObject with s3:GetObject and
+    # ListObjectsV2 with s3:ListBucket; moto 5.2 (checked: 5.2.6) checks the operation's own
+    # name instead (s3:HeadObject, s3:ListObjectsV2: not IAM actions, so AWS never matches
+    # them). The policy names both, so the right key reads on AWS and on the locked moto.
+    reads = ["s3:GetObject", "s3:ListBucket", "s3:HeadObject", "s3:ListObjectsV2"]
+    policy = {"Effect": "Allow", "Action": reads, "Resource": "*"}
     iam.put_user_policy(
         UserName="reader", PolicyName="read",
         PolicyDocument=json.dumps({"Version": "2012-10-17", "Statement": [policy]}),

@@ -11,8 +11,6 @@ import logging
 import os
 import re
 import shutil
-import subprocess
-import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -24,7 +22,7 @@ from fastapi.testclient import TestClient
 from pydantic import SecretStr
 from pymongo.collection import Collection
 from pymongo.errors import AutoReconnect, OperationFailure
-from tests.helpers import ServeProcess, free_port, inject
+from tests.helpers import ServeProcess, cli_zygote, free_port, inject, lakesync
 
 from lakesync.api.app import create_app
 from lakesync.api.auth import needs_token
@@ -154,11 +152,9 @@ def test_serve_refuses_a_non_loopback_address_without_a_token(tmp_path: Path) ->
     env = {k: v for k, v in os.environ.items() if not k.startswith("LAKESYNC_")}
     env["LAKESYNC_DATA_DIR"] = str(tmp_path / "data")
     for host in ("0.0.0.0", "::"):
+        cli_zygote()  # lakesync imported: what is timed is the command, not the import
         started = time.monotonic()
-        run = subprocess.run(
-            [sys.executable, "-m", "lakesync", "serve", "--host", host, "--port", str(free_port())],
-            env=env, capture_output=True, text=True, timeout=60,
-        )  # fmt: skip
+        run = lakesync(env, "serve", "--host", host, "--port", str(free_port()), timeout=60)
         assert run.returncode != 0 and time.monotonic() - started < 15
         assert f"Refusing to listen on {host}" in run.stderr
         assert "LAKESYNC_API_TOKEN" in run.stderr and "openssl rand" in run.stderr
@@ -430,11 +426,9 @@ def test_serve_with_an_unreachable_mongodb_masks_the_password(tmp_path: Path) ->
     )
     for fmt in ("text", "json"):
         env["LAKESYNC_LOG_FORMAT"] = fmt
+        cli_zygote()
         started = time.monotonic()
-        run = subprocess.run(
-            [sys.executable, "-m", "lakesync", "serve", "--port", str(free_port())],
-            env=env, capture_output=True, text=True, timeout=60,
-        )  # fmt: skip
+        run = lakesync(env, "serve", "--port", str(free_port()), timeout=60)
         assert run.returncode != 0 and time.monotonic() - started < 20
         assert f"Cannot reach MongoDB at 127.0.0.1:{port}" in run.stderr, run.stderr
         assert PASSWORD not in run.stderr + run.stdout

@@ -1,0 +1,127 @@
+"""A zygote for `lakesync` commands run by the tests: it imports lakesync once, then forks
+one child per command, which runs `python -m lakesync ARGS` as a fresh interpreter would
+(its own environment, working directory, stdin /dev/null, stdout and stderr to files, exit
+code, atexit handlers) without paying the import again (1.5-4 s of CPU per command on a
+loaded 2-core machine, most of a CLI test's time).
+
+Started by tests.helpers.CliZygote as ``python -m tests.clifork``. Protocol, one JSON
+object per line. On stdout, ``{"ready": 1}`` once lakesync is imported; then for each
+request read on stdin, ``{"id", "args", "env", "cwd", "out", "err"}``, the answers
+``{"id", "pid"}`` once forked and ``{"id", "status"}`` (a wait status) once reaped. Each
+child leads its own process group, so a kill reaches whatever it started. On EOF (the
+test process is gone) the zygote kills its children's groups and exits.
+"""
+
+from __future__ import annotations
+
+import atexit
+import contextlib
+import gc
+import importlib
+import json
+import os
+import runpy
+import select
+import signal
+import sys
+import threading
+import traceback
+
+#: imported once here, before any fork: what `python -m lakesync` and its commands import
+PRELOAD = ["lakesync.cli", "lakesync.runtime", "lakesync.api.app", "lakesync.worker"]
+
+
+def child(request: dict[str, object]) -> None:
+    """In the forked child: become `python -m lakesync ARGS`, and exit. Never returns."""
+    os.setpgid(0, 0)
+    for sig in (signal.SIGCHLD, signal.SIGINT, signal.SIGTERM, signal.SIGPIPE):
+        signal.signal(sig, signal.default_int_handler if sig == signal.SIGINT else signal.SIG_DFL)
+    signal.set_wakeup_fd(-1)
+    os.environ.clear()
+    os.environ.update(request["env"])  # type: ignore[arg-type]
+    os.chdir(str(request["cwd"]))
+    null = os.open(os.devnull, os.O_RDONLY)
+    os.dup2(null, 0)
+    for fd, path in ((1, request["out"]), (2, request["err"])):
+        target = os.open(str(path), os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        os.dup2(target, fd)
+        os.close(target)
+    sys.argv = ["lakesync", *request["args"]]  # type: ignore[misc]
+    # module state made from the environment at import (the CLI's consoles read COLUMNS,
+    # NO_COLOR, TERM when created): made again from this command's environment
+    if "lakesync.cli" in sys.modules:
+        importlib.reload(sys.modules["lakesync.cli"])
+    code: object = 0
+    try:
+        runpy.run_module("lakesync", run_name="__main__", alter_sys=True)
+    except SystemExit as e:
+        code = e.code
+    except BaseException:
+        traceback.print_exc()
+        code = 1
+    # the end of an interpreter, without tearing down every module the zygote imported
+    # (which would write to, and so copy, all of the memory the child shares with it)
+    for thread in threading.enumerate():
+        if thread is not threading.current_thread() and not thread.daemon:
+            thread.join()
+    atexit._run_exitfuncs()
+    if code is not None and not isinstance(code, int):
+        print(code, file=sys.stderr)
+        code = 1
+    for stream in (sys.stdout, sys.stderr):
+        with contextlib.suppress(Exception):
+            stream.flush()
+    os._exit(code or 0)
+
+
+def serve() -> None:
+    requests, answers = sys.stdin.fileno(), sys.stdout.fileno()
+    wake_r, wake_w = os.pipe()
+    os.set_blocking(wake_w, False)
+    signal.set_wakeup_fd(wake_w)
+    signal.signal(signal.SIGCHLD, lambda *_: None)  # wakes select through wake_w
+    ids: dict[int, object] = {}
+    pending = b""
+
+    def answer(message: dict[str, object]) -> None:
+        os.write(answers, json.dumps(message).encode() + b"\n")
+
+    while True:
+        readable, _, _ = select.select([requests, wake_r], [], [])
+        if wake_r in readable:
+            os.read(wake_r, 4096)
+        while ids:
+            pid, status = os.waitpid(-1, os.WNOHANG)
+            if pid == 0:
+                break
+            answer({"id": ids.pop(pid), "status": status})
+        if requests not in readable:
+            continue
+        chunk = os.read(requests, 1 << 20)
+        if not chunk:  # the test process is gone: so are the commands it started
+            for pid in ids:
+                with contextlib.suppress(OSError):
+                    os.killpg(pid, signal.SIGKILL)
+            return
+        pending += chunk
+        while b"\n" in pending:
+            line, pending = pending.split(b"\n", 1)
+            request = json.loads(line)
+            pid = os.fork()
+            if pid == 0:
+                os.close(wake_r)
+                os.close(wake_w)
+                child(request)  # never returns normally
+            with contextlib.suppress(OSError):  # the child may have set it already
+                os.setpgid(pid, pid)
+            ids[pid] = request["id"]
+            answer({"id": request["id"], "pid": pid})
+
+
+if __name__ == "__main__":
+    for name in PRELOAD:
+        with contextlib.suppress(ImportError):
+            importlib.import_module(name)
+    gc.freeze()  # a child's collections then skip (and do not copy) what the zygote made
+    os.write(sys.stdout.fileno(), b'{"ready": 1}\n')
+    serve()
