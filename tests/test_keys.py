@@ -211,6 +211,33 @@ def test_documents_written_before_key_digests_get_theirs_and_rerun_unchanged(
         assert isinstance(db.weather.find_one()["time_hour"], datetime)  # still a date
 
 
+def test_a_dry_run_of_documents_without_key_digests_counts_them_and_writes_nothing(
+    settings: Settings, tmp_path: Path
+) -> None:
+    """A dry run gives no digest (no index, no backfill), yet finds the documents that lack
+    one: it counts what the real copy that follows counts."""
+    lake = tmp_path / "weather"
+    lake.mkdir()
+    pq.write_table(weather(range(0, 100)), lake / "a.parquet")
+    s = operation(settings, tmp_path, lake)
+    with Runtime(s) as rt:
+        assert run_whole(rt).insertedRecords == 300
+        db = rt.store.db
+        db.weather.update_many({}, {"$unset": {KEY_DIGEST_FIELD: ""}})
+        db.weather.drop_indexes()  # (nx-27017 names indexes its own way)
+        assert [KEY_DIGEST_FIELD] not in [list(i["key"]) for i in db.weather.list_indexes()]
+        pq.write_table(weather(range(0, 100), temp=100.0).slice(0, 30), lake / "b.parquet")
+        status, _ = rt.jobs.start("weather", {"mode": "dry-run"}, trusted=True)
+        while rt.runner.run(status.jobId) is Outcome.CONTINUE:
+            pass
+        dry = rt.store.get(status.jobId)
+        assert db.weather.count_documents({KEY_DIGEST_FIELD: {"$exists": True}}) == 0
+        indexes = [list(i["key"]) for i in db.weather.list_indexes()]
+        assert [KEY_DIGEST_FIELD] not in indexes
+        real = run_whole(rt)
+        assert counts(dry) == counts(real) == (330, 0, 30, 270, 30, 0), (dry, real)
+
+
 def test_composite_keys_in_partitions_in_random_order_with_a_crash_equal_one_sequential_copy(
     settings: Settings, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

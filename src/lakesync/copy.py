@@ -208,6 +208,8 @@ class CopyEngine:
         #: documents are found by the digest of their (composite) key: typemap.uses_key_digest
         self.by_digest = uses_key_digest(schema.key, self.limits)
         self._digests_ready = not self.by_digest  # the index exists, old documents have one
+        #: whether documents without a key digest exist (a dry run's look; None: not yet)
+        self._lacking: bool | None = None
         #: none of the last batch's keys existed: insert the next batch without reading first
         self._assume_new = False
 
@@ -262,6 +264,30 @@ class CopyEngine:
             logger.info("gave %d document(s) of %s their key digest", done, self.target.name)
         self._digests_ready = True
 
+    def _markers_without_digest(
+        self, keys: Sequence[Any], bodies: list[bytes], found: Mapping[Any, Any]
+    ) -> dict[Any, dict[str, Any]]:
+        """The markers of the composite keys not ``found`` by their digest whose document has
+        none yet (a dry run gives none: ``_index_key_digests`` is the real run's), by the
+        ``_id``'s fields as ``_index_key_digests`` finds them; one look first for whether
+        any document lacks a digest (then none is looked for again)."""
+        target = self.target.with_options(codec_options=KEY_CODEC)
+        lacking = {KEY_DIGEST_FIELD: {"$exists": False}}
+        if self._lacking is None:
+            self._lacking = target.find_one(lacking, {"_id": 1}) is not None
+        if not self._lacking:
+            return {}
+        out: dict[Any, dict[str, Any]] = {}
+        for key, body in zip(keys, bodies, strict=True):
+            if key in found:
+                continue
+            value = bson.decode(id_element(body)[5:], codec_options=KEY_CODEC)
+            where = {f"_id.{name}": v for name, v in value.items()} | lacking
+            doc = target.find_one(where, {MARKER: 1})
+            if doc is not None:
+                out[lookup_key(doc["_id"])] = doc.get(MARKER) or {}
+        return out
+
     def _refused(self, batch: LakeBatch, checked: Validated) -> set[int]:
         """The valid rows the job's plan refuses (the server cannot tell their key from an
         earlier record's), added to the batch's rejections."""
@@ -314,6 +340,8 @@ class CopyEngine:
         if ready.rows and self.dry_run:  # the one place a dry run differs: no write
             keys, ks = ready.keys, ready.kdigests
             existing = self._markers(keys, ks)
+            if not self._digests_ready:  # none given: find the documents still without one
+                existing.update(self._markers_without_digest(keys, ready.bodies, existing))
             args = (keys, ready.rows, ready.bodies, ready.digests, ks, existing, batch, counts)
             for planned in self._classify(*args):
                 if planned.counted is Counted.INSERTED:
