@@ -94,3 +94,36 @@ def test_inspect_of_a_delta_table_names_its_version(settings: Settings, tmp_path
 def test_the_openapi_document_names_the_preview_and_the_destination(client: TestClient) -> None:
     paths = client.get("/openapi.json").json()["paths"]
     assert "post" in paths["/api/preview"] and "get" in paths["/api/destination"]
+
+
+def test_preview_rejects_the_records_the_reader_refused_with_their_reason(
+    settings: Settings, tmp_path: Path
+) -> None:
+    """A JSON record nested too deep and a CSV cell its encoding cannot decode: the preview
+    rejects them with the copy's reason (not as a record missing its key, nor as a valid
+    record with the cell made null)."""
+    from lakesync.operations import OperationRegistry
+    from lakesync.preview import preview
+    from lakesync.typemap import NX_27017
+
+    deep, latin = tmp_path / "deep", tmp_path / "latin"
+    deep.mkdir()
+    latin.mkdir()
+    nested = "[" * 150 + "]" * 150
+    (deep / "a.ndjson").write_text(f'{{"id": 1}}\n{{"id": 2, "v": {nested}}}\n{{"id": 3}}\n')
+    (latin / "a.csv").write_bytes("id,name\n1,plain\n2,café\n".encode("latin-1"))
+    config = tmp_path / "lakesync.toml"
+    config.write_text(
+        f'[operations.deep]\nsource = "{deep}"\nformat = "json"\ncollection = "d"\nkey = "id"\n'
+        f'[operations.latin]\nsource = "{latin}"\nformat = "csv"\ncollection = "l"\nkey = "id"\n'
+    )
+    s = settings.model_copy(update={"operations_file": config})
+    registry = OperationRegistry.from_settings(s)
+    p = preview(s, registry, "deep", limits=NX_27017, trusted=True)
+    assert [(r["row"], r["reason"][:40]) for r in p["rejections"]] == [
+        (1, "the record nests arrays or objects more ")
+    ]
+    p = preview(s, registry, "latin", limits=NX_27017, trusted=True)
+    assert [d["_id"] for d in p["documents"]] == ["1"]
+    assert [r["row"] for r in p["rejections"]] == [1]
+    assert "not valid utf-8" in p["rejections"][0]["reason"]

@@ -89,7 +89,8 @@ def preview(
     rows = lake.count_rows()
     first = next(iter(lake.batches(SAMPLE_ROWS)), None)
     table = first.table if first is not None else lake.schema.empty_table()
-    checked = validate(op.schema_, table, limits)
+    refused = first.refused if first is not None else {}  # rows the reader refused, as a copy
+    checked = validate(op.schema_, table, limits, refused=refused)
     bodies = checked.encoded()
     stored = checked.columns  # the valid rows' values as they are stored
     key_columns = op.schema_.key_columns
