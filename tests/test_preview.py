@@ -127,3 +127,34 @@ def test_preview_rejects_the_records_the_reader_refused_with_their_reason(
     assert [d["_id"] for d in p["documents"]] == ["1"]
     assert [r["row"] for r in p["rejections"]] == [1]
     assert "not valid utf-8" in p["rejections"][0]["reason"]
+
+
+def test_preview_of_an_iceberg_table_names_its_snapshot_not_a_delta_version(
+    settings: Settings, tmp_path: Path, capsys: Any
+) -> None:
+    from pyiceberg.catalog.sql import SqlCatalog
+
+    from lakesync.cli import _print_preview
+    from lakesync.operations import OperationRegistry
+    from lakesync.preview import preview
+    from lakesync.typemap import NX_27017
+
+    (tmp_path / "wh").mkdir()
+    catalog = SqlCatalog(
+        "local", uri=f"sqlite:///{tmp_path}/c.db", warehouse=f"file://{tmp_path}/wh"
+    )
+    catalog.create_namespace("ns")
+    table = catalog.create_table("ns.t", schema=pa.schema([("id", pa.string())]))
+    table.append(pa.table({"id": ["a", "b"]}))
+    snapshot = table.metadata.current_snapshot_id
+    config = tmp_path / "lakesync.toml"
+    config.write_text(
+        f'[operations.ice]\nsource = "{table.metadata.location.removeprefix("file://")}"\n'
+        'format = "iceberg"\ncollection = "ice"\nkey = "id"\n'
+    )
+    s = settings.model_copy(update={"operations_file": config})
+    p = preview(s, OperationRegistry.from_settings(s), "ice", limits=NX_27017, trusted=True)
+    assert p["deltaVersion"] is None and p["icebergSnapshotId"] == snapshot
+    _print_preview(p)
+    shown = capsys.readouterr().out
+    assert "Delta version" not in shown and f"Iceberg snapshot {snapshot}" in shown, shown

@@ -894,6 +894,8 @@ def _print_preview(p: dict[str, Any]) -> None:
     from rich.table import Table
 
     version = f", Delta version {p['deltaVersion']}" if p["deltaVersion"] is not None else ""
+    if p.get("icebergSnapshotId") is not None:
+        version = f", Iceberg snapshot {p['icebergSnapshotId']}"
     facts = [
         ("source", p["source"]),
         ("format", f"{p['format']}{version}, {_plural(p['files'], 'file')}"),

@@ -544,7 +544,8 @@ async function showPreview() {
 }
 
 function renderPreview(p) {
-  const version = p.deltaVersion === null || p.deltaVersion === undefined ? "" : `, Delta version ${p.deltaVersion}`;
+  let version = p.deltaVersion === null || p.deltaVersion === undefined ? "" : `, Delta version ${p.deltaVersion}`;
+  if (p.icebergSnapshotId !== null && p.icebergSnapshotId !== undefined) version = `, Iceberg snapshot ${p.icebergSnapshotId}`;
   const rep = p.repeatedKeys || { keys: 0, records: 0, among: "" };
   $("preview-summary").textContent =
     `${p.source}: ${p.format}${version}, ${fmt(p.files)} file${p.files === 1 ? "" : "s"}, ` +
