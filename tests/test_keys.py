@@ -238,6 +238,30 @@ def test_a_dry_run_of_documents_without_key_digests_counts_them_and_writes_nothi
         assert counts(dry) == counts(real) == (330, 0, 30, 270, 30, 0), (dry, real)
 
 
+def test_a_text_key_never_replaces_a_stored_number_key_nx_keeps_as_one(
+    settings: Settings, tmp_path: Path
+) -> None:
+    """_id 1 copied from JSON, then "1" from a CSV lake (keys read as text) into the same
+    collection: MongoDB keeps two documents; nx-27017 cannot, so the CSV record is rejected
+    with the reason instead of replacing the other key's document."""
+    numbers, texts = tmp_path / "numbers", tmp_path / "texts"
+    numbers.mkdir()
+    texts.mkdir()
+    (numbers / "a.ndjson").write_text('{"id": 1, "v": "json"}\n{"id": 2, "v": "json"}\n')
+    (texts / "a.csv").write_text("id,v\n1,csv\n3,csv\n")
+    s = operation(settings, tmp_path, numbers, key='"id"')
+    with Runtime(s) as rt:
+        assert run_whole(rt).insertedRecords == 2
+    s = operation(settings, tmp_path, texts, key='"id"', database=s.database)
+    with Runtime(s) as rt:
+        done = run_whole(rt)
+        db = rt.store.db
+        assert (done.insertedRecords, done.updatedRecords, done.errorRecords) == (1, 0, 1), done
+        assert {d["_id"]: d["v"] for d in db.weather.find()} == {1: "json", 2: "json", "3": "csv"}
+        (error,) = db.copyerrors.find({"jobId": done.jobId})
+        assert error["row"] == 0 and 'cannot tell _id "1" from 1' in error["reason"], error
+
+
 def test_composite_keys_in_partitions_in_random_order_with_a_crash_equal_one_sequential_copy(
     settings: Settings, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

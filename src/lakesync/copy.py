@@ -38,6 +38,7 @@ marker appended as a ``RawBSONDocument``, so pymongo does not encode it again.
 from __future__ import annotations
 
 import hashlib
+import json
 import logging
 import struct
 import time
@@ -59,6 +60,7 @@ from lakesync.schema import RecordSchema, Rejection, Validated, validate
 from lakesync.typemap import (
     KEY_CODEC,
     KEY_DIGEST_FIELD,
+    ServerLimits,
     digest_filter,
     id_digest,
     key_digest,
@@ -114,6 +116,20 @@ def marked(
 ) -> RawBSONDocument:
     """What is written for a record: its BSON ``body`` with its marker, ready for pymongo."""
     return RawBSONDocument(with_marker(body, marker_bson(h, job, op, at, k)))
+
+
+#: in a marker ``_markers`` answers: the ``_id`` of the document the server gave for the key
+_TWIN = "\0twin"
+
+
+def _twin(limits: ServerLimits, key: Any, stored: Any) -> str:
+    """Why a record whose key the server keeps as one with a stored document's is rejected."""
+    shown = [json.dumps(v) if isinstance(v, str) else str(v) for v in (key, stored)]
+    return (
+        f"{limits.name.split(',')[0]} cannot tell _id {shown[0]} from {shown[1]}, the key of "
+        "a document in the collection: it keeps them as one key (MongoDB keeps them apart). "
+        "Type the key column as the collection's documents have it (or write to MongoDB)"
+    )
 
 
 def id_element(body: bytes) -> bytes:
@@ -343,7 +359,7 @@ class CopyEngine:
             if not self._digests_ready:  # none given: find the documents still without one
                 existing.update(self._markers_without_digest(keys, ready.bodies, existing))
             args = (keys, ready.rows, ready.bodies, ready.digests, ks, existing, batch, counts)
-            for planned in self._classify(*args):
+            for planned in self._classify(*args, rejected):
                 if planned.counted is Counted.INSERTED:
                     counts.inserted += 1
                 else:
@@ -368,7 +384,9 @@ class CopyEngine:
         bodies, digests, ks = ready.bodies, ready.digests, ready.kdigests
         if not self._assume_new:
             existing = self._markers(keys, ks)
-            plan = self._classify(keys, rows, bodies, digests, ks, existing, batch, counts)
+            plan = self._classify(
+                keys, rows, bodies, digests, ks, existing, batch, counts, rejected
+            )
             self._execute(plan, counts, rejected, batch)
             self._assume_new = not existing
             return
@@ -382,7 +400,9 @@ class CopyEngine:
             bodies, digests = [bodies[i] for i in taken], [digests[i] for i in taken]
             ks = None if ks is None else [ks[i] for i in taken]
             existing = self._markers(keys, ks)
-            plan = self._classify(keys, rows, bodies, digests, ks, existing, batch, counts)
+            plan = self._classify(
+                keys, rows, bodies, digests, ks, existing, batch, counts, rejected
+            )
             self._execute(plan, counts, rejected, batch)
 
     def _insert(
@@ -440,7 +460,34 @@ class CopyEngine:
                 for k in ks
                 if (doc := target.find_one(digest_filter(k), {MARKER: 1})) is not None
             ]
-        return {lookup_key(d["_id"]): d.get(MARKER) or {} for d in found}
+        markers = {lookup_key(d["_id"]): d.get(MARKER) or {} for d in found}
+        if self.limits.text_keys and len(markers) > 0:
+            markers.update(self._text_twins(keys, found, markers))
+        return markers
+
+    def _text_twins(
+        self, keys: Sequence[Any], found: list[Any], markers: Mapping[Any, Any]
+    ) -> dict[Any, dict[str, Any]]:
+        """The keys this server answered with another key's document: one it keeps as one
+        key with them (``ServerLimits.text_keys``: _id 1 and "1"), mapped to a marker that
+        names that document's ``_id`` (``_TWIN``): the record is rejected, not written over
+        a key MongoDB keeps apart."""
+        by_text = {self._key_text(k): k for k in keys if k not in markers}
+        by_text.pop(None, None)
+        twins: dict[Any, dict[str, Any]] = {}
+        for doc in found:
+            asked = by_text.get(self._key_text(doc["_id"]))
+            if asked is not None and lookup_key(doc["_id"]) != asked:
+                twins[asked] = {_TWIN: doc["_id"]}
+        return twins
+
+    def _key_text(self, key: Any) -> str | None:
+        """The text this server keeps a key as (None: one it tells apart from any text)."""
+        if isinstance(key, str):
+            return key
+        if isinstance(key, self.limits.text_keys) and not isinstance(key, bool):
+            return str(key)
+        return None
 
     def _write(
         self,
@@ -464,6 +511,7 @@ class CopyEngine:
         existing: dict[Any, dict[str, Any]],
         batch: LakeBatch,
         counts: Counters,
+        rejected: list[dict[str, Any]],
     ) -> list[Write]:
         """The write each record needs (its key is in the batch once), counting the others.
 
@@ -475,6 +523,10 @@ class CopyEngine:
         kk: list[str] | list[None] = ks if ks is not None else [None] * len(keys)
         for key, row, body, h, k in zip(keys, rows, bodies, digests, kk, strict=True):
             marker = existing.get(key)
+            if marker is not None and _TWIN in marker:
+                why = _twin(self.limits, key, marker[_TWIN])
+                rejected.append(self._rejection(batch, Rejection(row, str(key), why)))
+                continue
             if marker is None:
                 plan.append(self._write(Counted.INSERTED, key, row, body, h, k, batch))
             elif self._replayed(marker, h, batch):
