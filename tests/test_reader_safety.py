@@ -190,3 +190,32 @@ def test_a_reader_that_crashes_the_process_fails_its_job_after_three_runs(
         assert final["error"].startswith("Partition 2 of 2"), final
         assert db.bad.count_documents({}) == 10  # the other partition was copied
     assert done["status"] == "completed" and done["insertedRecords"] == 30, done
+
+
+def test_a_record_nested_too_deep_is_refused_under_an_incremental_filter(tmp_path: Path) -> None:
+    """The guard reads the record as {} (no watermark): a copy filtered by its watermark
+    still meets it and rejects it with the reason, at its place, from any start row (it
+    vanished without a rejection)."""
+    import pyarrow.compute as pc
+
+    from lakesync.sources.base import Position
+    from lakesync.sources.lake import Lake
+
+    lines = [json.dumps({"id": i, "seq": i}) for i in range(6)]
+    lines[4] = '{"id": 4, "seq": 4, "v": ' + _deep(MAX_DEPTH + 50) + "}"
+    (tmp_path / "a.ndjson").write_text("\n".join(lines) + "\n")
+    lake = Lake.open(str(tmp_path), format="json")
+    since = pc.field("seq") >= 2
+    for start, size in ((0, 1), (0, 2), (0, 10), (2, 1), (3, 2)):
+        seen, reasons = [], []
+        for batch in lake.batches(size, Position(0, start), filter=since):
+            ids = batch.table.column("id").to_pylist()
+            for row in range(batch.table.num_rows):
+                if row in batch.refused:
+                    reasons.append(batch.refused[row])
+                    seen.append("refused")
+                else:
+                    seen.append(ids[row])
+        assert seen == ([2, 3, "refused", 5])[start:], (start, size, seen)
+        assert all("more than 100 levels" in r for r in reasons)
+    assert sum(b.table.num_rows for b in lake.batches(10, filter=since, columns=["seq"])) == 4

@@ -833,6 +833,10 @@ class Lake:
             columns = None if columns is None else [physical.get(c, c) for c in columns]
         if columns is not None:  # a column some other file has is simply absent here
             columns = [c for c in columns if c in schema.names]
+        held = dict(self._facts[index].refused or {})  # rows the reader refused (JSON guard)
+        where = None
+        if held and filter is not None and keep is None and not self._mapped:
+            where, filter = filter, None  # applied as read, the refused rows kept: see below
         kept = self._kept_rows(index, columns, filter)  # read at open: no request
         fragment: Any = None if kept is not None else self._fragment(index, whole)
         memory = None  # a small file, local or fetched whole: decoded from memory
@@ -870,9 +874,13 @@ class Lake:
             source = iter(self._guard(index, fragment.to_batches, **scan, **_STREAMING))
         if keep is not None or self._mapped:
             source = self._logical_batches(source, keep, after)
-        # rows refused by the reader (by their place in the file's stream of rows; the
-        # rows a JSON guard refused are the file's own: they hold no value a filter keeps)
-        refused = dict(self._facts[index].refused or {}) if filter is None else {}
+        # rows refused by the reader, by their place in the file's stream of rows; under a
+        # filter (an incremental copy) they are kept, placed in the filtered stream: they
+        # hold no value a filter could keep (a JSON record nested too deep is read as {}),
+        # yet each must still be rejected with its reason, not vanish
+        refused = held if filter is None and where is None else {}
+        if where is not None:
+            source = _filtered_keeping(source, where, held, refused)
         yield from self._pieces(index, source, size, skip, offset, refused)
 
     def _logical_batches(
@@ -975,6 +983,26 @@ class Lake:
             return call(*args, **kwargs)
         except (pa.ArrowException, OSError) as e:
             raise read_error(e, self.files[index], self.format, self._endpoint) from e
+
+
+def _filtered_keeping(
+    source: Iterator[pa.RecordBatch],
+    where: pc.Expression,
+    held: dict[int, str],
+    refused: dict[int, str],
+) -> Iterator[pa.RecordBatch]:
+    """``source``'s rows that ``where`` keeps, and the rows ``held`` names (file rows, with
+    their reason): ``refused`` gets those by their place in the stream given."""
+    read = given = 0
+    for batch in source:
+        n = batch.num_rows
+        table = pa.Table.from_batches([batch]).append_column("\0row", pa.array(range(n)))
+        rows = set(table.filter(where).column("\0row").to_pylist())
+        mine = {r - read: why for r, why in held.items() if read <= r < read + n}
+        order = sorted(rows | mine.keys())
+        refused.update({given + i: mine[r] for i, r in enumerate(order) if r in mine})
+        read, given = read + n, given + len(order)
+        yield batch.take(pa.array(order, pa.int64()))
 
 
 def _within(refused: dict[int, str], start: int, rows: int) -> dict[int, str]:
