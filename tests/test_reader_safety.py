@@ -219,3 +219,27 @@ def test_a_record_nested_too_deep_is_refused_under_an_incremental_filter(tmp_pat
         assert seen == ([2, 3, "refused", 5])[start:], (start, size, seen)
         assert all("more than 100 levels" in r for r in reasons)
     assert sum(b.table.num_rows for b in lake.batches(10, filter=since, columns=["seq"])) == 4
+
+
+def test_local_json_copies_live_in_a_folder_of_this_user_alone(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A copy found by its name is used as it is: in a shared folder another user could
+    plant one (or own the folder, and no copy could be made)."""
+    import stat
+    import tempfile
+
+    fs = __import__("pyarrow.fs").fs.LocalFileSystem()
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path / "tmp"))
+    (tmp_path / "tmp").mkdir()
+    lake = tmp_path / "a.json"
+    lake.write_text('[{"a": 1}, {"b": ' + _deep(MAX_DEPTH + 1) + "}]")
+    copy = Path(ndjson_copy(fs, str(lake), str(lake)))
+    safe = guard(fs, str(copy))
+    folder = copy.parent
+    assert folder.name == f"lakesync-json-{os.getuid()}" and Path(safe.path).parent == folder
+    assert stat.S_IMODE(folder.stat().st_mode) == 0o700
+    folder.chmod(0o777)  # as if another user had made it, open to all
+    lake.write_text('[{"a": 2}]')
+    with pytest.raises(OSError, match="not a folder of this user's alone"):
+        ndjson_copy(fs, str(lake), str(lake))

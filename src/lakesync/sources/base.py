@@ -23,7 +23,11 @@ own rows and a checkpoint means the same rows on every run.
 from __future__ import annotations
 
 import bisect
+import os
+import stat
+import tempfile
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import pyarrow as pa
@@ -178,3 +182,23 @@ def with_partition_columns(schema: pa.Schema, keys: list[tuple[str, str | None]]
         if key not in schema.names:
             schema = schema.append(pa.field(key, pa.string()))
     return schema
+
+
+def scratch_folder() -> Path:
+    """This user's own folder for local copies of lake files (NDJSON copies of JSON arrays,
+    JSON without the records nested too deep), in the system's temporary folder: one per
+    user, private to them, so that another user's lakesync can neither block the copies
+    (a folder it cannot write) nor plant one (a copy is used as found, by its name)."""
+    folder = Path(tempfile.gettempdir()) / f"lakesync-json-{os.getuid()}"
+    folder.mkdir(mode=0o700, exist_ok=True)
+    info = folder.lstat()
+    if (
+        not stat.S_ISDIR(info.st_mode)
+        or info.st_uid != os.getuid()
+        or info.st_mode & (stat.S_IWGRP | stat.S_IWOTH)
+    ):
+        raise OSError(
+            f"{folder} is not a folder of this user's alone; remove it so that lakesync "
+            "makes its own"
+        )
+    return folder

@@ -14,13 +14,12 @@ import hashlib
 import json
 import os
 import re
-import tempfile
-from pathlib import Path
 from typing import Any
 
 import pyarrow.fs as pafs
 
 from lakesync.errors import SourceError
+from lakesync.sources.base import scratch_folder
 
 _CHUNK = 1 << 20
 MAX_ELEMENT = 64 << 20  # one element of the array, in characters: memory stays bounded
@@ -40,8 +39,7 @@ def ndjson_copy(fs: pafs.FileSystem, path: str, shown: str, codec: str | None = 
     decompressed as it is read when ``codec`` names the file's compression."""
     info = fs.get_file_info(path)
     tag = f"{fs.type_name}:{path}:{info.size}:{info.mtime_ns}".encode()
-    folder = Path(tempfile.gettempdir()) / "lakesync-json"
-    folder.mkdir(exist_ok=True)
+    folder = scratch_folder()
     target = folder / f"{hashlib.sha256(tag).hexdigest()[:32]}.ndjson"
     if target.exists():
         return str(target)

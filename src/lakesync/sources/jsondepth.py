@@ -18,7 +18,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import tempfile
 import threading
 from collections import OrderedDict
 from collections.abc import Callable
@@ -27,6 +26,8 @@ from pathlib import Path
 
 import numpy as np
 import pyarrow.fs as pafs
+
+from lakesync.sources.base import scratch_folder
 
 MAX_DEPTH = 100
 _CHUNK = 1 << 20
@@ -133,7 +134,7 @@ def guard(
 
 
 def _guarded(fs: pafs.FileSystem, path: str, codec: str | None, tag: str, limit: int) -> Guarded:
-    folder = Path(tempfile.gettempdir()) / "lakesync-json"
+    folder = scratch_folder()
     name = hashlib.sha256(tag.encode()).hexdigest()[:32]
     target, refusals = folder / f"{name}.safe.ndjson", folder / f"{name}.refused.json"
     if target.exists() and refusals.exists():
@@ -146,7 +147,6 @@ def _guarded(fs: pafs.FileSystem, path: str, codec: str | None, tag: str, limit:
     scan.feed(b"", final=True)
     if not scan.deep:
         return Guarded(fs, path)
-    folder.mkdir(exist_ok=True)
     mine = f".{os.getpid()}.{threading.get_ident()}.part"
     partial, listed = Path(f"{target}{mine}"), Path(f"{refusals}{mine}")
     try:
