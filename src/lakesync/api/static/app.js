@@ -545,7 +545,8 @@ async function showPreview() {
 
 function renderPreview(p) {
   let version = p.deltaVersion === null || p.deltaVersion === undefined ? "" : `, Delta version ${p.deltaVersion}`;
-  if (p.icebergSnapshotId !== null && p.icebergSnapshotId !== undefined) version = `, Iceberg snapshot ${p.icebergSnapshotId}`;
+  // a snapshot id is a 64-bit integer: past 2^53 JSON.parse rounds it, so none is shown then
+  if (p.icebergSnapshotId !== null && p.icebergSnapshotId !== undefined) version = Number.isSafeInteger(p.icebergSnapshotId) ? `, Iceberg snapshot ${p.icebergSnapshotId}` : ", current Iceberg snapshot";
   const rep = p.repeatedKeys || { keys: 0, records: 0, among: "" };
   $("preview-summary").textContent =
     `${p.source}: ${p.format}${version}, ${fmt(p.files)} file${p.files === 1 ? "" : "s"}, ` +
