@@ -384,6 +384,22 @@ def test_compressed_text_and_orc_read_as_the_same_data_uncompressed(tmp_path: Pa
     assert duckdb.sql(f"select count(*) from read_csv('{tmp_path}/gz/a_csv_gz/a.csv.gz')")
 
 
+def test_compressed_text_in_capitals_reads_decompressed(tmp_path: Path) -> None:
+    """DATA.CSV.GZ (as Windows tools name files) is compressed as data.csv.gz is: pyarrow
+    knows a codec by its lower-case extension only, and read such a file raw."""
+    for codec in ("gz", "zst", "bz2", "zstd"):
+        folder = tmp_path / codec
+        folder.mkdir()
+        data = _compress(b"id,n\n007,1\n", "zst" if codec == "zstd" else codec)
+        (folder / f"A.CSV.{codec.upper()}").write_bytes(data)
+        (folder / f"b.json.{codec.upper()}").write_bytes(
+            _compress(b'[{"id": "008", "n": 2}]', "zst" if codec == "zstd" else codec)
+        )
+        for name, want in ((f"A.CSV.{codec.upper()}", 1), (f"b.json.{codec.upper()}", 2)):
+            lake = Lake.open(str(folder / name))
+            assert [r["n"] for b in lake.batches(10) for r in b.table.to_pylist()] == [want]
+
+
 def test_unsupported_extensions_are_refused_by_name(tmp_path: Path) -> None:
     for name in ("book.xlsx", "events.avro", "a.csv.lz4", "a.parquet.gz", "a.json.xz"):
         (tmp_path / name).write_bytes(b"data")

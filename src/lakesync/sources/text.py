@@ -118,8 +118,8 @@ def inspect_file(
         if safe.path != real:  # a plain NDJSON copy
             fs, real, size, refused, codec = safe.fs, safe.path, None, safe.refused, None
     opened = real
-    if codec is not None and real.lower().endswith(".zst"):  # pyarrow infers ".zstd" only
-        fs, opened = pafs.PyFileSystem(_ZstAliases(fs)), real + "d"
+    if codec is not None and not real.endswith(_ARROW_SUFFIX[codec]):  # .zst, .GZ...
+        fs, opened = pafs.PyFileSystem(_CodecAliases(fs)), real + _ARROW_SUFFIX[codec]
     if fmt == "csv":
         csv = csv or CsvOptions()
         fragment = csv.file_format().make_fragment(
@@ -138,26 +138,35 @@ def inspect_file(
     return FileFacts(real, size, None, expr, refused=refused), schema, fragment
 
 
-class _ZstAliases(pafs.FileSystemHandler):  # type: ignore[misc]
-    """``fs`` read-only, with each ``x.zst`` file also named ``x.zstd``: pyarrow's text
-    formats infer a file's codec from its extension and know zstd as ``.zstd`` only, so
-    a ``.zst`` file is opened under that name and decompressed as it streams."""
+#: the extension pyarrow's text formats infer each codec from (lower case only)
+_ARROW_SUFFIX = {"gzip": ".gz", "bz2": ".bz2", "zstd": ".zstd"}
+
+
+class _CodecAliases(pafs.FileSystemHandler):  # type: ignore[misc]
+    """``fs`` read-only, with each compressed file also named with pyarrow's extension for
+    its codec added (``x.zst`` as ``x.zst.zstd``, ``X.CSV.GZ`` as ``X.CSV.GZ.gz``): pyarrow's
+    text formats infer a file's codec from its extension, and know only ``.gz``, ``.bz2``
+    and ``.zstd`` in lower case, so such a file is opened under that name and decompressed
+    as it streams (only aliases are asked of this handler)."""
 
     def __init__(self, fs: pafs.FileSystem) -> None:
         self.fs = fs
 
     @staticmethod
     def _real(path: str) -> str:
-        return path[:-1] if path.lower().endswith(".zstd") else path
+        for suffix in _ARROW_SUFFIX.values():
+            if path.endswith(suffix):
+                return path[: -len(suffix)]
+        return path
 
     def __eq__(self, other: object) -> bool:
-        return isinstance(other, _ZstAliases) and other.fs.equals(self.fs)
+        return isinstance(other, _CodecAliases) and other.fs.equals(self.fs)
 
     def __ne__(self, other: object) -> bool:
         return not self == other
 
     def get_type_name(self) -> str:
-        return f"zst+{self.fs.type_name}"
+        return f"codec+{self.fs.type_name}"
 
     def normalize_path(self, path: str) -> str:
         return path
