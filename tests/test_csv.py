@@ -196,3 +196,22 @@ def test_a_declared_number_that_is_not_one_rejects_its_record_not_the_file(
     error = db.copyerrors.find_one({"jobId": done.jobId})
     assert error["row"] == 2500 and "n must be an integer" in error["reason"], error
     assert db["nums"].find_one({"_id": "pandas"})["n"] == 7
+
+
+def test_a_header_the_encoding_cannot_decode_fails_the_job_saying_how_to_fix_it(
+    settings: Settings, tmp_path: Path
+) -> None:
+    lake = tmp_path / "latinhead"
+    lake.mkdir()
+    (lake / "a.csv").write_bytes("id,café\n1,x\n".encode("latin-1"))
+    config = tmp_path / "latinhead.toml"
+    config.write_text(_toml("latinhead", lake))
+    with Runtime(settings.model_copy(update={"operations_file": config})) as rt:
+        status, _ = rt.jobs.start("latinhead")
+        rt.runner.run(status.jobId)
+        done = rt.jobs.get(status.jobId)
+    assert done.status == JobState.FAILED
+    assert "header" in (done.error or "") and "`encoding`" in (done.error or ""), done.error
+    assert "Unexpected error" not in (done.error or "")
+    done = _copy(settings, tmp_path, _toml("latinhead", lake, encoding="latin-1"), "latinhead")
+    assert done.insertedRecords == 1

@@ -23,6 +23,7 @@ import pyarrow.csv as pacsv
 import pyarrow.dataset as ds
 import pyarrow.fs as pafs
 
+from lakesync.errors import SourceError
 from lakesync.locations import Location
 from lakesync.sources.base import FileFacts, with_partition_columns
 from lakesync.sources.jsonarray import is_json_array, ndjson_copy
@@ -125,7 +126,16 @@ def inspect_file(
         fragment = csv.file_format().make_fragment(
             opened, filesystem=fs, partition_expression=expr, file_size=size
         )
-        names = csv.named(fragment.physical_schema.names)
+        try:
+            names = csv.named(fragment.physical_schema.names)
+        except UnicodeDecodeError as e:  # pyarrow hands the header's names over as UTF-8
+            raise SourceError(
+                f"The header of {loc.show(path)} is not valid {csv.encoding} (byte "
+                f"0x{e.object[e.start]:02x} in it). If the file is written in another "
+                "encoding, set `encoding` for this operation in lakesync.toml (e.g. "
+                '"latin-1")',
+                uri=loc.show(path),
+            ) from e
         if names is not None:  # no header, or an empty name in it: read with these names
             fragment = csv.file_format(names).make_fragment(
                 opened, filesystem=fs, partition_expression=expr, file_size=size
