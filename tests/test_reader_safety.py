@@ -243,3 +243,24 @@ def test_local_json_copies_live_in_a_folder_of_this_user_alone(
     lake.write_text('[{"a": 2}]')
     with pytest.raises(OSError, match="not a folder of this user's alone"):
         ndjson_copy(fs, str(lake), str(lake))
+
+
+def test_json_text_that_is_not_utf8_rejects_its_record_only(
+    settings: Any, db: Any, tmp_path: Path
+) -> None:
+    from lakesync.models import JobState
+    from lakesync.runtime import Runtime
+
+    lake = tmp_path / "latin"
+    lake.mkdir()
+    (lake / "a.ndjson").write_bytes(b'{"id": 1}\n{"id": 2, "v": "caf\xe9"}\n{"id": 3}\n')
+    ops = {"latin": {"source": str(lake), "collection": "latin", "key": "id"}}
+    config = write_operations(tmp_path / "ops.toml", ops)
+    with Runtime(settings.model_copy(update={"operations_file": config})) as rt:
+        status, _ = rt.jobs.start("latin")
+        rt.runner.run(status.jobId)
+        done = rt.jobs.get(status.jobId)
+    assert done.status == JobState.COMPLETED, done.error
+    assert (done.insertedRecords, done.errorRecords) == (2, 1), done
+    (error,) = db.copyerrors.find({"jobId": done.jobId})
+    assert error["row"] == 1 and "must be UTF-8" in error["reason"], error

@@ -913,8 +913,9 @@ class Lake:
         pending_rows = 0
         streamed = 0  # rows the file's stream gave so far
         while (batch := self._guard(index, next, source, None)) is not None:
-            if self.format == "csv":  # text the encoding does not describe: its record
-                batch, bad = text.decoded(batch, self.csv.encoding)
+            if self.format in ("csv", "json"):  # text the encoding does not describe
+                encoding = self.csv.encoding if self.format == "csv" else None
+                batch, bad = text.decoded(batch, encoding)
                 refused.update({streamed + row: why for row, why in bad.items()})
             streamed += batch.num_rows
             if skip:

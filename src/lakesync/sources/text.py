@@ -210,9 +210,16 @@ def check_encoding(encoding: str) -> str:
     return codecs.lookup(encoding).name
 
 
-def decoded(batch: pa.RecordBatch, encoding: str) -> tuple[pa.RecordBatch, dict[int, str]]:
+def decoded(batch: pa.RecordBatch, encoding: str | None) -> tuple[pa.RecordBatch, dict[int, str]]:
     """``batch`` with each text cell that is not valid UTF-8 (bytes the file's encoding
-    did not describe) made null, and the rows holding one, with the reason."""
+    did not describe) made null, and the rows holding one, with the reason; ``encoding``:
+    the CSV file's (None: JSON, which is UTF-8 by its specification, RFC 8259)."""
+    fix = (
+        "JSON text must be UTF-8 (RFC 8259): write the file as UTF-8"
+        if encoding is None
+        else "if the file is written in another encoding, set `encoding` for this operation "
+        'in lakesync.toml (e.g. "latin-1")'
+    )
     bad: dict[int, str] = {}
     columns = list(batch.columns)
     for i, column in enumerate(columns):
@@ -236,10 +243,8 @@ def decoded(batch: pa.RecordBatch, encoding: str) -> tuple[pa.RecordBatch, dict[
                 wrong.append(True)
                 bad.setdefault(
                     row,
-                    f"{batch.schema.names[i]}: the text is not valid {encoding} (byte "
-                    f"0x{value[e.start]:02x} at position {e.start}); if the file is written "
-                    "in another encoding, set `encoding` for this operation in lakesync.toml "
-                    '(e.g. "latin-1")',
+                    f"{batch.schema.names[i]}: the text is not valid {encoding or 'utf-8'} "
+                    f"(byte 0x{value[e.start]:02x} at position {e.start}); {fix}",
                 )
         columns[i] = pc.if_else(pa.array(wrong), pa.scalar(None, pa.binary()), raw).cast(
             pa.string()
