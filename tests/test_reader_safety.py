@@ -253,7 +253,10 @@ def test_json_text_that_is_not_utf8_rejects_its_record_only(
 
     lake = tmp_path / "latin"
     lake.mkdir()
-    (lake / "a.ndjson").write_bytes(b'{"id": 1}\n{"id": 2, "v": "caf\xe9"}\n{"id": 3}\n')
+    (lake / "a.ndjson").write_bytes(
+        b'{"id": 1, "o": {"w": ["a"]}}\n{"id": 2, "v": "caf\xe9"}\n{"id": 3}\n'
+        b'{"id": 4, "o": {"w": ["na\xefve"]}}\n'
+    )
     ops = {"latin": {"source": str(lake), "collection": "latin", "key": "id"}}
     config = write_operations(tmp_path / "ops.toml", ops)
     with Runtime(settings.model_copy(update={"operations_file": config})) as rt:
@@ -261,6 +264,8 @@ def test_json_text_that_is_not_utf8_rejects_its_record_only(
         rt.runner.run(status.jobId)
         done = rt.jobs.get(status.jobId)
     assert done.status == JobState.COMPLETED, done.error
-    assert (done.insertedRecords, done.errorRecords) == (2, 1), done
-    (error,) = db.copyerrors.find({"jobId": done.jobId})
-    assert error["row"] == 1 and "must be UTF-8" in error["reason"], error
+    assert (done.insertedRecords, done.errorRecords) == (2, 2), done
+    errors = list(db.copyerrors.find({"jobId": done.jobId}).sort("row"))
+    assert [e["row"] for e in errors] == [1, 3]
+    assert all("must be UTF-8" in e["reason"] for e in errors), errors
+    assert db.latin.find_one({"_id": 1})["o"] == {"w": ["a"]}

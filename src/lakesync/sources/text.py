@@ -223,13 +223,28 @@ def decoded(batch: pa.RecordBatch, encoding: str | None) -> tuple[pa.RecordBatch
     bad: dict[int, str] = {}
     columns = list(batch.columns)
     for i, column in enumerate(columns):
-        if not pa.types.is_string(column.type):
+        if not pa.types.is_nested(column.type) and not pa.types.is_string(column.type):
             continue
         try:
             column.validate(full=True)
             continue
         except pa.ArrowInvalid:
             pass
+        if pa.types.is_nested(column.type):  # text inside an object or list: the row's value
+            wrong = []
+            for row in range(len(column)):
+                try:
+                    column.take(pa.array([row])).validate(full=True)  # (a slice: all)
+                    wrong.append(False)
+                except pa.ArrowInvalid:
+                    wrong.append(True)
+                    bad.setdefault(
+                        row,
+                        f"{batch.schema.names[i]}: holds text that is not valid "
+                        f"{encoding or 'utf-8'}; {fix}",
+                    )
+            columns[i] = pc.if_else(pa.array(wrong), pa.nulls(len(column), column.type), column)
+            continue
         raw = column.cast(pa.binary())
         wrong = []
         for row, value in enumerate(raw.to_pylist()):
