@@ -234,7 +234,7 @@ def decoded(batch: pa.RecordBatch, encoding: str | None) -> tuple[pa.RecordBatch
             wrong = []
             for row in range(len(column)):
                 try:
-                    column.take(pa.array([row])).validate(full=True)  # (a slice: all)
+                    column.take(pa.array([row])).validate(full=True)  # (a slice checks all)
                     wrong.append(False)
                 except pa.ArrowInvalid:
                     wrong.append(True)
