@@ -880,7 +880,7 @@ class Lake:
         # yet each must still be rejected with its reason, not vanish
         refused = held if filter is None and where is None else {}
         if where is not None:
-            source = _filtered_keeping(source, where, held, refused)
+            source = _filtered_keeping(source, where, held, refused, self.schema)
         yield from self._pieces(index, source, size, skip, offset, refused)
 
     def _logical_batches(
@@ -991,13 +991,18 @@ def _filtered_keeping(
     where: pc.Expression,
     held: dict[int, str],
     refused: dict[int, str],
+    schema: pa.Schema,
 ) -> Iterator[pa.RecordBatch]:
     """``source``'s rows that ``where`` keeps, and the rows ``held`` names (file rows, with
-    their reason): ``refused`` gets those by their place in the stream given."""
+    their reason): ``refused`` gets those by their place in the stream given. A column of
+    the lake's ``schema`` the file lacks is null, as the scanner's filter has it."""
     read = given = 0
     for batch in source:
         n = batch.num_rows
         table = pa.Table.from_batches([batch]).append_column("\0row", pa.array(range(n)))
+        for f in schema:
+            if f.name not in table.column_names:
+                table = table.append_column(f, pa.nulls(n, f.type))
         rows = set(table.filter(where).column("\0row").to_pylist())
         mine = {r - read: why for r, why in held.items() if read <= r < read + n}
         order = sorted(rows | mine.keys())
