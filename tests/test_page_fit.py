@@ -64,7 +64,9 @@ def test_tables_fit_and_the_operations_view_pauses_a_schedule(serve: Any, run: A
     row = ops.locator("tr", has_text="nightly-projects-copy")
     expect(row).to_contain_text("30 7 * * * (Europe/Berlin)")
     expect(row).to_contain_text(re.compile(r"07:30 (CES?T|GMT\+[12])"))  # in its own zone
-    expect(row).to_contain_text("completed")
+    expect(row).to_contain_text(
+        "completed", timeout=120_000
+    )  # the page polls; the copy ends on its own time
     row.get_by_role("button", name=re.compile("Pause")).click()
     expect(row).to_contain_text("paused")
     expect(row.get_by_role("button")).to_have_text("Unpause")

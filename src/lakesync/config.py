@@ -21,14 +21,12 @@ from pydantic import (
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from lakesync.errors import ConfigError
+from lakesync.masking import URI_SECRETS, masked
 
 #: Host header names served by default: a DNS-rebinding page carries its own name instead
 LOOPBACK_HOSTS = ("localhost", "127.0.0.1", "[::1]")
 
 
-#: passwords of the configured MongoDB and broker URIs, masked wherever they show up
-#: (masking.masked): a malformed URI's password may appear on its own in a driver's error
-URI_SECRETS: set[str] = set()
 _SCHEME = re.compile(r"^\s*[a-z][a-z0-9+.-]*:/*", re.I)
 
 
@@ -116,7 +114,7 @@ class Settings(BaseSettings):
     @field_validator("signing_key")
     @classmethod
     def _signing_key(cls, value: SecretStr | None) -> SecretStr | None:
-        from lakesync.notify import signing_key
+        from lakesync.signing import signing_key
 
         if value is not None:
             signing_key(value.get_secret_value())  # whsec_ + base64, or any other text
@@ -206,8 +204,6 @@ def _describe(error: ValidationError) -> str:
 
 
 def _masked(value: object) -> object:
-    from lakesync.masking import masked  # masking reads URI_SECRETS from here
-
     return masked(value)
 
 

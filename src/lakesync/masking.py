@@ -9,7 +9,9 @@ from __future__ import annotations
 import re
 from typing import Any, overload
 
-from lakesync.config import URI_SECRETS
+#: passwords of the configured MongoDB and broker URIs (config.Settings adds them), masked
+#: wherever they show up: a malformed URI's password may appear on its own in a driver's error
+URI_SECRETS: set[str] = set()
 
 #: user:password@ of a URI; the password runs to the last "@" before the host, so one with
 #: an unescaped "@" (a common mistake pymongo then rejects) is still masked whole

@@ -27,10 +27,8 @@ other answer, or the last failure, gives the delivery up, logged with the job id
 from __future__ import annotations
 
 import base64
-import binascii
 import contextlib
 import hashlib
-import hmac
 import http.client
 import json
 import logging
@@ -57,6 +55,7 @@ from lakesync.logs import job_context
 from lakesync.masking import masked
 from lakesync.models import FINAL_STATES, JobStatus, utcnow
 from lakesync.operations import OperationRegistry
+from lakesync.signing import sign, signing_key
 
 logger = logging.getLogger(__name__)
 
@@ -72,30 +71,6 @@ SWEEP_SECONDS = 3.0  # how often ended jobs whose outbox write was lost are look
 _RETRYABLE = {408, 425, 429}
 _BASE32 = "0123456789abcdefghjkmnpqrstvwxyz"
 _TLS = ssl.create_default_context()
-
-
-def signing_key(secret: str) -> bytes:
-    """The HMAC key of LAKESYNC_WEBHOOK_SECRET: `whsec_` + base64 decoded, else the text's
-    UTF-8 bytes; ValueError for a `whsec_` secret that is not base64."""
-    if not secret.startswith("whsec_"):
-        return secret.encode()
-    encoded = secret.removeprefix("whsec_")
-    try:
-        key = base64.b64decode(encoded + "=" * (-len(encoded) % 4), validate=True)
-    except (binascii.Error, ValueError):
-        key = b""
-    if not key:
-        raise ValueError(
-            "a secret starting with whsec_ must go on with base64 (e.g. "
-            "`whsec_$(openssl rand -base64 32)`); or give any other text, used as it is"
-        )
-    return key
-
-
-def sign(key: bytes, msg_id: str, timestamp: int, body: bytes) -> str:
-    """The `webhook-signature` value: `v1,` + base64 of HMAC-SHA256 over id.timestamp.body."""
-    digest = hmac.new(key, f"{msg_id}.{timestamp}.".encode() + body, hashlib.sha256).digest()
-    return "v1," + base64.b64encode(digest).decode()
 
 
 def payload(status: JobStatus) -> bytes:
