@@ -179,11 +179,11 @@ def test_records_inserted_by_another_writer_meanwhile_become_updates(db: Any) ->
     b = batch(task_table(["TD-1", "TD-2"]))
     ready = e.prepare(b)
     c = Counters(processed=2)
+    rejected: list[dict[str, Any]] = []
     plan = e._classify(
-        ready.keys, ready.rows, ready.bodies, ready.digests, ready.kdigests, {}, b, c
+        ready.keys, ready.rows, ready.bodies, ready.digests, ready.kdigests, {}, b, c, rejected
     )
     db.taskdetails.insert_many([{"_id": "TD-1", "x": 1}, {"_id": "TD-2", "x": 2}])  # the race
-    rejected: list[dict[str, Any]] = []
     e._execute(plan, c, rejected, b)
     assert (c.inserted, c.updated, rejected) == (0, 2, [])
     assert db.taskdetails.find_one({"_id": "TD-1"})["taskDetailId"] == "TD-1"
