@@ -498,11 +498,8 @@ class JobRunner:
             keep = [*job.op.schema_.key_columns, *([job.op.watermark] if job.op.watermark else [])]
         if first_run and mode == "incremental" and job.op.watermark:
             column, name, source = job.op.watermark, job.op.name, job.source
-            since = policy.call(
-                lambda: self.watermarks.delta_version(name, source, column), "reading the watermark"
-            )
-            since_snapshot = policy.call(
-                lambda: self.watermarks.iceberg_snapshot(name, source, column),
+            since, since_snapshot = policy.call(
+                lambda: self.watermarks.read_versions(name, source, column),
                 "reading the watermark",
             )
         if since is not None or since_snapshot is not None:

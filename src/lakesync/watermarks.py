@@ -371,21 +371,16 @@ class WatermarkStore:
             update["$unset"] = unset
         self.states.update_one({"_id": self._id(operation, source)}, update, upsert=True)
 
-    def delta_version(self, operation: str, source: str, column: str) -> int | None:
-        """The Delta version the last completed copy read, if it recorded this column's
-        watermark (an incremental copy then reads only the files added since)."""
+    def read_versions(
+        self, operation: str, source: str, column: str
+    ) -> tuple[int | None, int | None]:
+        """The Delta version and the Iceberg snapshot the last completed copy read, if it
+        recorded this column's watermark (an incremental copy then reads only the files
+        added since): one read of the operation's state."""
         state = self._model(self.states.find_one({"_id": self._id(operation, source)}))
         if state is None or state.watermark.column != column:
-            return None
-        return state.deltaVersion
-
-    def iceberg_snapshot(self, operation: str, source: str, column: str) -> int | None:
-        """The Iceberg snapshot the last completed copy read, if it recorded this column's
-        watermark (an incremental copy then reads only the files added since)."""
-        state = self._model(self.states.find_one({"_id": self._id(operation, source)}))
-        if state is None or state.watermark.column != column:
-            return None
-        return state.icebergSnapshotId
+            return None, None
+        return state.deltaVersion, state.icebergSnapshotId
 
     def for_operation(self, operation: str) -> list[SyncState]:
         """The operation's watermarks, most recently updated first."""
