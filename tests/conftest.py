@@ -56,6 +56,9 @@ def _clean_env(monkeypatch: pytest.MonkeyPatch, tmp_path_factory: pytest.TempPat
             monkeypatch.delenv(key)
     # never the user's own data folder
     monkeypatch.setenv("LAKESYNC_DATA_DIR", str(tmp_path_factory.getbasetemp() / "user-data"))
+    # a short command's embedded server stops with it (none outlives the session); the
+    # servers left up for the next command are tested on their own (test_mongo)
+    monkeypatch.setenv("LAKESYNC_EMBEDDED_IDLE", "0")
     from lakesync.config import get_settings
 
     get_settings.cache_clear()

@@ -108,6 +108,7 @@ def child_env(settings: Settings, **extra: str) -> dict[str, str]:
         LAKESYNC_DATABASE=settings.database,
         LAKESYNC_DATA_DIR=str(settings.data_dir),
         LAKESYNC_LAKE_URI=str(settings.lake_uri),
+        LAKESYNC_EMBEDDED_IDLE="0",  # an embedded server a command starts stops with it
     )
     env.update(extra)
     return env

@@ -59,7 +59,7 @@ def outputs(calls: list[tuple[list[str], dict[str, str]]]) -> list[str]:
 def base_env(tmp_path: Path) -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if not k.startswith("LAKESYNC_")}
     env.update(LAKESYNC_DATA_DIR=str(tmp_path / "data"), LAKESYNC_DEMO_ROWS="100",
-               LAKESYNC_LAKE_URI=str(tmp_path / "nolake"))  # fmt: skip
+               LAKESYNC_LAKE_URI=str(tmp_path / "nolake"), LAKESYNC_EMBEDDED_IDLE="0")  # fmt: skip
     return env
 
 

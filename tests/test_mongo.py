@@ -171,3 +171,29 @@ def test_embedded_server_started_from_a_thread_outlives_the_thread(tmp_path: Pat
         procs = processes(server) if server.process and server.process.poll() is None else []
         server.stop()
     assert gone(procs)
+
+
+def test_a_short_commands_server_serves_the_next_one_and_stops_itself_once_unused(
+    tmp_path: Path,
+) -> None:
+    """`lakesync jobs` then `lakesync status`: the second finds the server the first started
+    (no second start-up); nobody connected or attached for LAKESYNC_EMBEDDED_IDLE seconds, it
+    stops by itself, as an owner stops it (state file first), and its data persists."""
+    settings = load_settings(data_dir=tmp_path, database="d", embedded_idle=2)
+    state = tmp_path / "mongo" / "embedded.json"
+    with Mongo(settings, short=True) as first:
+        first.db.things.insert_one({"_id": 1})
+    server = psutil.Process(json.loads(state.read_text())["pid"])
+    procs = [server, *server.children(recursive=True)]
+    assert server.is_running() and server.status() != psutil.STATUS_ZOMBIE
+    with Mongo(settings, short=True) as second:  # attaches: the same server, not its own
+        assert second.embedded is not None and not second.embedded.owned
+        assert second.embedded.port == json.loads(state.read_text())["port"]
+        with pytest.raises(psutil.TimeoutExpired):  # connected: it stays up past its idle time
+            server.wait(timeout=5)
+        assert second.db.things.find_one({"_id": 1}) == {"_id": 1}
+    assert gone(procs, timeout=30), "the lingering server did not stop once unused"
+    assert not state.exists()
+    with Mongo(load_settings(data_dir=tmp_path, database="d")) as again:
+        assert again.embedded is not None and again.embedded.owned
+        assert again.db.things.find_one({"_id": 1}) == {"_id": 1}

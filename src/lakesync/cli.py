@@ -241,7 +241,7 @@ def copy(
         settings = _settings()
         ops = OperationRegistry.from_settings(settings)  # the demo lake only if this copy reads it
         demo = source is None and operation in ops.names() and ops.get(operation).source is None
-        with Runtime(settings, executor=None, reads_lake=demo) as rt:
+        with Runtime(settings, executor=None, reads_lake=demo, short=True) as rt:
             status, created = rt.jobs.start(operation, options, trusted=True, trigger="cli")
             # a job of this source already there: a pending one (e.g. paused by Ctrl-C), or
             # an abandoned one whose lease expired, resumes here from its checkpoint; one
@@ -272,7 +272,7 @@ def resume(job_id: str, as_json: JsonFlag = False) -> None:
     from lakesync.runtime import Runtime
 
     try:
-        with Runtime(_settings(), executor=None, reads_lake=True) as rt:
+        with Runtime(_settings(), executor=None, reads_lake=True, short=True) as rt:
             current = rt.jobs.get(job_id)
             if current.state.is_final:
                 rt.jobs.resume(job_id)  # refuses completed and cancelled jobs, with the reason
@@ -504,7 +504,7 @@ def _statuses(settings: Settings) -> Iterator[Any]:
     from lakesync.jobstore import JobStore
     from lakesync.mongo import Mongo
 
-    with Mongo(settings) as mongo:
+    with Mongo(settings, short=True) as mongo:
         mongo.ping()
         yield JobStore(mongo.db, settings.status_ttl_days)
 
@@ -635,7 +635,7 @@ def cancel(
     from lakesync.runtime import Runtime
 
     try:
-        with Runtime(_settings()) as rt:
+        with Runtime(_settings(), short=True) as rt:
             before = rt.jobs.get(job_id)  # to tell "cancelled now" from "was cancelled"
             if not yes and not before.state.is_final and sys.stdin.isatty():
                 done = (
@@ -677,8 +677,8 @@ def mongo_uri(
 ) -> None:
     """Print the MongoDB URI lakesync uses (e.g. for `mongosh "$(lakesync mongo-uri)"`).
 
-    With no LAKESYNC_MONGODB_URI that is the embedded server of `lakesync serve`, which
-    listens only while serve (or another lakesync command) runs.
+    With no LAKESYNC_MONGODB_URI that is the embedded server, which listens while `lakesync
+    serve` runs, and after another command until unused for LAKESYNC_EMBEDDED_IDLE seconds.
     """
     from lakesync.masking import masked
     from lakesync.mongo import EmbeddedServer, with_database
@@ -712,9 +712,7 @@ def mongo_uri(
         return
     sys.stdout.write(uri + "\n")
     if embedded:  # on stderr: `mongosh "$(lakesync mongo-uri)"` gets the URI alone
-        _notice(
-            f"(the embedded server of `lakesync serve`, files in {escape(str(settings.data_dir))})"
-        )
+        _notice(f"(the embedded server, files in {settings.data_dir})")
     else:
         _notice("(from LAKESYNC_MONGODB_URI)")
 
@@ -800,7 +798,7 @@ def operations(as_json: JsonFlag = False) -> None:
     from lakesync.watermarks import WatermarkStore
 
     try:
-        with Runtime(_settings()) as rt:
+        with Runtime(_settings(), short=True) as rt:
             listed = rt.registry.overview(rt.settings, rt.store, WatermarkStore(rt.store.db))
             rt.scheduler.annotate(listed)
     except LakesyncError as e:
@@ -980,7 +978,7 @@ def schedules(as_json: JsonFlag = False) -> None:
     from lakesync.runtime import Runtime
 
     try:
-        with Runtime(_settings()) as rt:
+        with Runtime(_settings(), short=True) as rt:
             listed = [
                 {"operation": op.name, **(rt.scheduler.describe(op) or {})}
                 for op, _ in rt.scheduler.scheduled()
@@ -1024,7 +1022,7 @@ def _pause(name: str, paused: bool) -> None:
     from lakesync.runtime import Runtime
 
     try:
-        with Runtime(_settings()) as rt:
+        with Runtime(_settings(), short=True) as rt:
             s = rt.scheduler.pause(name) if paused else rt.scheduler.unpause(name)
     except LakesyncError as e:
         _fail(e)

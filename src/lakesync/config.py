@@ -76,6 +76,9 @@ class Settings(BaseSettings):
     max_attempts: int = Field(3, ge=1, le=100)
     retry_budget_seconds: float = Field(60, ge=0)
     demo_rows: int = Field(100_000, ge=1)
+    #: seconds the embedded server a short command started stays up unused, for the next
+    #: command (0: it stops with the command); serve and worker stop theirs when they end
+    embedded_idle: float = Field(300, ge=0)
     allowed_roots: list[str] = Field(default_factory=list)
     allowed_origins: list[str] = Field(default_factory=list)
     allowed_hosts: list[str] = Field(default_factory=lambda: list(LOOPBACK_HOSTS))

@@ -25,16 +25,15 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import TracebackType
-from typing import Any
-
-from pymongo import MongoClient
-from pymongo.database import Database
-from pymongo.errors import PyMongoError
-from pymongo.uri_parser import parse_uri
+from typing import TYPE_CHECKING, Any
 
 from lakesync.config import Settings
 from lakesync.errors import ConfigError, StoreError
 from lakesync.masking import masked
+
+if TYPE_CHECKING:  # pymongo is imported when first used: while the embedded server starts
+    from pymongo import MongoClient
+    from pymongo.database import Database
 
 logger = logging.getLogger(__name__)
 
@@ -44,6 +43,8 @@ WATCH_SECONDS = 1.0  # how often a serve or worker checks that the embedded serv
 
 def describe_hosts(uri: str) -> str:
     """`host:port` list of a MongoDB URI, for error messages (never the credentials)."""
+    from pymongo.uri_parser import parse_uri
+
     try:
         nodes = parse_uri(uri, warn=True)["nodelist"]
         return ", ".join(f"{h}:{p}" for h, p in nodes) or masked(uri)
@@ -94,6 +95,57 @@ from nx_27017.nx_27017 import main
 main()
 """
 
+#: The child a short command leaves running for the next one: nx-27017, plus a thread that
+#: ends it once no client has been connected (Linux: /proc/net/tcp) and no lakesync process
+#: has attached (the state file's time) for IDLE seconds. It goes away as an owner's stop()
+#: does: under the data dir's lock, its state file removed first.
+_LINGERING_CHILD = """
+import fcntl, json, os, signal, threading, time
+def _clients():
+    port, n = ":%04X" % PORT, 0
+    for name in ("/proc/net/tcp", "/proc/net/tcp6"):
+        try:
+            with open(name) as table:
+                n += sum(1 for row in table if row.split()[1].endswith(port)
+                         and row.split()[3] == "01")  # ESTABLISHED to our port
+        except (OSError, IndexError):
+            pass
+    return n
+def _unused():
+    try:
+        touched = time.time() - os.stat(STATE).st_mtime
+    except OSError:
+        touched = IDLE
+    return min(time.monotonic() - _used[0], touched)
+def _watch():
+    while True:
+        time.sleep(1.0)
+        if _clients():
+            _used[0] = time.monotonic()
+        if _unused() < IDLE:
+            continue
+        with open(LOCK, "w") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)  # an attach touches the state file under it
+            if _clients() or _unused() < IDLE:
+                continue
+            try:
+                with open(STATE) as f:
+                    if json.load(f)["pid"] == os.getpid():
+                        os.unlink(STATE)
+            except (OSError, ValueError, KeyError):
+                pass
+            os.kill(os.getpid(), signal.SIGTERM)  # a clean exit, the lock held until it ends
+            time.sleep(10)
+            os.kill(os.getpid(), signal.SIGKILL)
+_used = [time.monotonic()]
+threading.Thread(target=_watch, daemon=True).start()
+from nx_27017.nx_27017 import main
+main()
+"""
+
+#: lingering servers started by this process (kept referenced: they outlive it by design)
+_LINGERING: list[subprocess.Popen[bytes]] = []
+
 
 def _terminate(proc: subprocess.Popen[bytes], timeout: float) -> None:
     """SIGINT (a clean exit), then SIGTERM, then SIGKILL, until the process has ended."""
@@ -142,9 +194,11 @@ class EmbeddedServer:
         """The URI pymongo connects to."""
         return f"mongodb://127.0.0.1:{self.port}/?directConnection=true"
 
-    def start(self, timeout: float = 20.0, port: int = 0) -> EmbeddedServer:
+    def start(self, timeout: float = 20.0, port: int = 0, idle: float = 0.0) -> EmbeddedServer:
         """Attach to a live server of this data dir, or start one (on `port`, if given and
-        free) and wait for its ping.
+        free) and wait for its ping. With `idle` > 0 (a short command), a server started here
+        is not this process's: it stays up for the next command until unused for `idle`
+        seconds (on Linux, where it can see its clients; elsewhere it stops with us).
 
         Starting and stopping happen under the data dir's lock, and a stopping owner removes
         the state file before it signals the server: a process starting meanwhile waits, then
@@ -155,22 +209,30 @@ class EmbeddedServer:
             fcntl.flock(lock, fcntl.LOCK_EX)
             if self._attach():
                 return self
-            self._spawn(timeout, port if port and _port_free(port) else _free_port())
+            idle = idle if Path("/proc/net/tcp").is_file() else 0.0
+            self._spawn(timeout, port if port and _port_free(port) else _free_port(), idle)
         logger.info(
-            "embedded MongoDB-wire server (nx-27017) on 127.0.0.1:%d, files in %s",
+            "embedded MongoDB-wire server (nx-27017) on 127.0.0.1:%d, files in %s%s",
             self.port,
             self.data_dir,
+            f"; it stops once unused for {idle:g} s" if idle else "",
         )
         return self
 
-    def _spawn(self, timeout: float, port: int) -> None:
-        """Start the server on `port` and wait for its ping (the caller holds the lock)."""
+    def _spawn(self, timeout: float, port: int, idle: float = 0.0) -> None:
+        """Start the server on `port` and wait for its ping (the caller holds the lock);
+        with `idle`, one that outlives this process (see start)."""
         self.port = port
         log = open(self.data_dir / "server.log", "ab")  # noqa: SIM115 - the child keeps it
+        child = _CHILD
+        if idle:
+            lock, state = str(self.data_dir / ".lock"), str(self._state_file)
+            child = f"IDLE, PORT, LOCK, STATE = {idle!r}, {port}, {lock!r}, {state!r}"
+            child += _LINGERING_CHILD
         cmd = [
             sys.executable,
             "-c",
-            _CHILD,
+            child,
             "--data-dir",
             str(self.data_dir),
             "--host",
@@ -193,6 +255,9 @@ class EmbeddedServer:
         self.owned = True
         self._wait_ready(timeout)
         self._state_file.write_text(json.dumps({"pid": self.process.pid, "port": self.port}))
+        if idle:  # not ours to stop: it stops itself once unused
+            _LINGERING.append(self.process)
+            self.process, self.owned = None, False
 
     def _attach(self) -> bool:
         try:
@@ -204,6 +269,8 @@ class EmbeddedServer:
         self.port = int(state["port"])
         if not self._ping(1.0):
             return False
+        with contextlib.suppress(OSError):  # in use: a lingering server stays up (see start)
+            os.utime(self._state_file)
         logger.info(
             "using the embedded MongoDB-wire server already running on 127.0.0.1:%d, files in %s",
             self.port,
@@ -227,6 +294,9 @@ class EmbeddedServer:
         return (self.data_dir / f"{database}.db").is_file()
 
     def _ping(self, seconds: float) -> bool:
+        from pymongo import MongoClient
+        from pymongo.errors import PyMongoError
+
         client: MongoClient[dict[str, Any]] = MongoClient(
             self.uri, serverSelectionTimeoutMS=int(seconds * 1000), connectTimeoutMS=500
         )
@@ -238,10 +308,26 @@ class EmbeddedServer:
         finally:
             client.close()
 
+    def _listening(self) -> bool:
+        """Whether the server accepts connections yet: a plain connect, far cheaper than a
+        driver's ping, whose server selection waits half a second after a refused one."""
+        try:
+            socket.create_connection(("127.0.0.1", self.port), timeout=0.5).close()
+        except OSError:
+            return False
+        return True
+
     def _wait_ready(self, timeout: float) -> None:
+        """Wait until the new server answers a ping: its port polled every 20 ms (it takes
+        most of a second to import itself), then one ping."""
+        import pymongo  # noqa: F401 - imported here, while the server starts in parallel
+
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             assert self.process is not None
+            if not self._listening() and self.process.poll() is None:
+                time.sleep(0.02)
+                continue
             if self.process.poll() is not None:
                 tail = (self.data_dir / "server.log").read_text(errors="replace")[-2000:]
                 raise StoreError(
@@ -327,14 +413,22 @@ class EmbeddedServer:
 class Mongo:
     """A connected client and the lakesync database; owns the embedded server if it started one."""
 
-    def __init__(self, settings: Settings) -> None:
+    def __init__(self, settings: Settings, *, short: bool = False) -> None:
+        """`short`: for a short command, which leaves an embedded server it starts up for
+        the next one, LAKESYNC_EMBEDDED_IDLE seconds (see EmbeddedServer.start)."""
         self.settings = settings
         self.embedded: EmbeddedServer | None = None
         self._closing = threading.Event()
         self._watcher: threading.Thread | None = None
         secret = settings.mongodb_uri.get_secret_value() if settings.mongodb_uri else None
+        if secret is None:  # (pymongo is imported while the server starts)
+            idle = settings.embedded_idle if short else 0.0
+            self.embedded = EmbeddedServer(settings.data_dir).start(idle=idle)
+        from pymongo import MongoClient
+        from pymongo.uri_parser import parse_uri
+
         if secret is None:
-            self.embedded = EmbeddedServer(settings.data_dir).start()
+            assert self.embedded is not None
             uri = self.embedded.uri
         else:
             uri = secret

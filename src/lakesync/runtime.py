@@ -23,11 +23,17 @@ class Runtime:
     """Everything a lakesync process needs; `executor` is "local", "celery" or None (inline)."""
 
     def __init__(
-        self, settings: Settings, executor: str | None = None, *, reads_lake: bool = False
+        self,
+        settings: Settings,
+        executor: str | None = None,
+        *,
+        reads_lake: bool = False,
+        short: bool = False,
     ) -> None:
+        """`short`: a short command's (see Mongo)."""
         self.settings = settings
         self.registry = OperationRegistry.from_settings(settings)
-        self.mongo = Mongo(settings)
+        self.mongo = Mongo(settings, short=short)
         try:
             self.mongo.ping()
             self.store = JobStore(self.mongo.db, settings.status_ttl_days)
