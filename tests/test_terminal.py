@@ -560,3 +560,42 @@ def test_operations_schedules_and_errors_fit_80_columns_without_splitting_words(
             assert f"files under {lake20k}/" in text
             rows = [line for line in lines if line.startswith(("(none)", "TD-"))]
             assert rows and all(re.search(r"PRJ-\d+/part-\d+\.parquet:\d+", r) for r in rows)
+
+
+def test_schedules_shows_a_failing_schedules_error_whole_at_80_columns(
+    env: dict[str, str], tmp_path: Path, lake20k: Path, db: Any
+) -> None:
+    """A schedule's error, as a serve's scheduler records it on the schedule, is shown by
+    `lakesync schedules` below its table: whole words, square brackets kept (not markup),
+    within 80 columns; the failing schedule's next run says so; the others are as before."""
+    config = tmp_path / "lakesync.toml"
+    config.write_text(
+        f'[operations.nightly]\nsource = "{lake20k}"\ncollection = "nightly"\n'
+        'key = "taskDetailId"\nschedule = "30 7 * * *"\ntimezone = "Europe/Berlin"\n\n'
+        f'[operations.copy-projects-hourly]\nsource = "{lake20k}"\ncollection = "projects"\n'
+        'key = "taskDetailId"\nevery = "1h"\n'
+    )
+    env = env | {"LAKESYNC_OPERATIONS_FILE": str(config)}
+    error = (
+        f"SourceError: The lake {lake20k}/gone holds no data files: check `source` of "
+        "copy-projects-hourly in lakesync.toml, or pip install 'lakesync[delta]' for Delta"
+    )
+    db.schedules.update_one(
+        {"_id": "copy-projects-hourly"}, {"$set": {"error": error}}, upsert=True
+    )
+    listed = json.loads(in_pipe(env, "schedules", "--json").stdout)["schedules"]
+    assert {s["operation"]: s["error"] for s in listed} == {
+        "nightly": None, "copy-projects-hourly": error}  # fmt: skip
+    code, lines = on_terminal(env, "schedules")
+    assert code == 0, lines
+    assert_fits(lines)
+    text = "\n".join(lines)
+    assert "INFO" not in text, text
+    shown = " ".join(text[text.index("schedule of copy-projects-hourly failing:") :].split())
+    assert shown == f"schedule of copy-projects-hourly failing: {error}", text
+    assert re.search(r"nightly .* \d\d-\d\d 07:30 CES?T", text), text
+    assert "Europe/Berlin" in text.split(), text  # a time zone never split
+    rows = [line for line in lines if line.startswith("copy-projects-hourly ")]
+    assert rows and re.search(r"every 1h +\d\d-\d\d \d\d:00 UTC", rows[0]), text  # it runs on
+    piped = in_pipe(env, "schedules")
+    assert f"schedule of copy-projects-hourly failing: {error}\n" in piped.stdout

@@ -994,28 +994,39 @@ def schedules(as_json: JsonFlag = False) -> None:
             "`every` in lakesync.toml).",
         )
         return
+    whens = [s["schedule"] or f"every {s['every']}" for s in listed]
+    whens = [
+        f"{when} {s['timezone']}" if s["schedule"] and s["timezone"] != "UTC" else when
+        for s, when in zip(listed, whens, strict=True)
+    ]
+    ids = any((s["lastRun"] or {}).get("jobId") for s in listed)
     table = Table(box=None, pad_edge=False, header_style="bold")
     table.add_column("operation", no_wrap=True, overflow="ellipsis")
-    table.add_column("schedule", overflow="fold")  # wraps at its spaces
+    # wraps at its spaces, never inside a word (a time zone, a cron field)
+    table.add_column("schedule", min_width=max(len(w) for when in whens for w in when.split()))
     table.add_column("next run", no_wrap=True)
-    table.add_column("last run", no_wrap=True, min_width=len(new_job_id()))
-    for s in listed:
-        when = s["schedule"] or f"every {s['every']}"
-        if s["schedule"] and s["timezone"] != "UTC":
-            when += f" {s['timezone']}"
+    table.add_column("last run", no_wrap=True, min_width=len(new_job_id()) if ids else None)
+    for s, when in zip(listed, whens, strict=True):
         last = s["lastRun"]
         shown = "-"
         if last is not None:
             shown = f"{_local_time(last['slot'], s['timezone'])} {last['outcome']}"
             if last.get("jobId"):
                 shown += f"\n{last['jobId']}" + (f"\n{last['result']}" if last["result"] else "")
+        upcoming = _local_time(s["nextRun"], s["timezone"])
         table.add_row(
             escape(s["operation"]),
             escape(when),
-            "paused" if s["paused"] else _local_time(s["nextRun"], s["timezone"]),
+            "paused" if s["paused"] else upcoming if s["nextRun"] else "[red]failing[/]",
             escape(shown),
         )
     out.print(table, highlight=False)
+    for s in listed:  # below the table, at the terminal's width: an error can be long
+        if s["error"]:
+            out.print(
+                f"[red]schedule of {escape(s['operation'])} failing:[/] {escape(s['error'])}",
+                highlight=False,
+            )
 
 
 def _pause(name: str, paused: bool) -> None:
