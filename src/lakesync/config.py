@@ -110,9 +110,11 @@ class Settings(BaseSettings):
     @field_validator("schedule")
     @classmethod
     def _schedule(cls, value: str | None) -> str | None:
+        if value is None:  # (the schedules imported only when one is set: start-up time)
+            return None
         from lakesync.schedules import Schedule
 
-        return None if value is None else Schedule.parse(value).text.removeprefix("every ")
+        return Schedule.parse(value).text.removeprefix("every ")
 
     @field_validator("signing_key")
     @classmethod
@@ -126,6 +128,8 @@ class Settings(BaseSettings):
     @field_validator("schedule_timezone")
     @classmethod
     def _zone(cls, value: str) -> str:
+        if value == "UTC":  # the default: no need to import the schedules (start-up time)
+            return value
         from lakesync.schedules import check_timezone
 
         return check_timezone(value)
@@ -133,6 +137,8 @@ class Settings(BaseSettings):
     @field_validator("notify")
     @classmethod
     def _webhooks(cls, value: list[str]) -> list[str]:
+        if not value:
+            return value
         from lakesync.schedules import check_webhook
 
         return [check_webhook(url) for url in value]
