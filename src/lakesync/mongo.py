@@ -124,7 +124,12 @@ def _watch():
             _used[0] = time.monotonic()
         if _unused() < IDLE:
             continue
-        with open(LOCK, "w") as lock:
+        try:
+            lock = open(LOCK, "w")
+        except OSError:  # the data folder is gone: nothing to keep up
+            os.kill(os.getpid(), signal.SIGTERM)
+            return
+        with lock:
             fcntl.flock(lock, fcntl.LOCK_EX)  # an attach touches the state file under it
             if _clients() or _unused() < IDLE:
                 continue
