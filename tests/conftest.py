@@ -44,8 +44,8 @@ def _no_orphans() -> Iterator[None]:
     is closed, killing the commands still running, and so is every server or worker a test
     started and did not stop (tests.helpers.SPAWNED)."""
     yield
-    stop_cli_zygote()
     kill_spawned()
+    stop_cli_zygote()
 
 
 @pytest.fixture(autouse=True)
