@@ -37,6 +37,26 @@ from lakesync.demo import generate
 from lakesync.mongo import EmbeddedServer
 from lakesync.runtime import Runtime
 
+#: The modules whose tests take longest (docs/testing.md, --durations), longest first. They
+#: run first, their `slow` tests first: with `make test`'s --maxschedchunk the two workers
+#: take tests a few at a time, so the long ones spread over both and no worker ends the run
+#: alone with a long test (the tests after them are short, and fill in the gaps).
+LONGEST_FIRST = [
+    "test_partitions.py", "test_faults.py", "test_openapi.py", "test_leases.py",
+    "test_s3.py", "test_netlify_page.py", "test_manyfiles.py", "test_page.py",
+    "test_terminal.py", "test_hardening.py", "test_masking.py", "test_encode.py",
+]  # fmt: skip
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    def weight(item: pytest.Item) -> tuple[int, int]:
+        name = item.path.name
+        if name not in LONGEST_FIRST:
+            return len(LONGEST_FIRST), 0
+        return LONGEST_FIRST.index(name), 0 if item.get_closest_marker("slow") else 1
+
+    items.sort(key=weight)  # stable: each module's tests stay together, in their order
+
 
 @pytest.fixture(scope="session", autouse=True)
 def _no_orphans() -> Iterator[None]:
