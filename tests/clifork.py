@@ -35,8 +35,14 @@ PRELOAD = ["lakesync.cli", "lakesync.runtime", "lakesync.api.app", "lakesync.wor
 def child(request: dict[str, object]) -> None:
     """In the forked child: become `python -m lakesync ARGS`, and exit. Never returns."""
     os.setpgid(0, 0)
-    for sig in (signal.SIGCHLD, signal.SIGINT, signal.SIGTERM, signal.SIGPIPE):
-        signal.signal(sig, signal.default_int_handler if sig == signal.SIGINT else signal.SIG_DFL)
+    # the dispositions a fresh interpreter starts with: SIGINT raises KeyboardInterrupt,
+    # SIGPIPE and SIGXFSZ are ignored (a write to a closed socket raises BrokenPipeError
+    # rather than killing a server whose client went away), the others the default
+    for sig in (signal.SIGCHLD, signal.SIGTERM):
+        signal.signal(sig, signal.SIG_DFL)
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+    for sig in (signal.SIGPIPE, signal.SIGXFSZ):
+        signal.signal(sig, signal.SIG_IGN)
     signal.set_wakeup_fd(-1)
     os.environ.clear()
     os.environ.update(request["env"])  # type: ignore[arg-type]

@@ -419,7 +419,9 @@ class ServeProcess:
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
-                raise RuntimeError(f"serve exited: {self.log.read_text()[-3000:]}")
+                raise RuntimeError(
+                    f"serve exited ({self.proc.returncode}): {self.log.read_text()[-3000:]}"
+                )
             try:
                 if httpx.get(self.url + "/healthz", timeout=1).status_code == 200:
                     return self
