@@ -159,17 +159,22 @@ def test_celery_worker_on_rabbitmq_runs_a_job(
 # -- the lake changing under a partitioned job, and resuming one ------------------------------
 
 
+#: 8,000 records in partitions of about 800 and batches of 200: the 10 partitions of 4
+#: batches that 20,000 in partitions of 2,000 and batches of 500 made, at 2/5 of the copy
+ROWS_STEPPED = 8_000
+
+
 @pytest.fixture
-def lake_20k(tmp_path: Path) -> Path:
+def lake_8k(tmp_path: Path) -> Path:
     out = tmp_path / "tasks"
-    generate(out, 20_000, bad_rows=0, seed=8, files_per_partition=2)
+    generate(out, ROWS_STEPPED, bad_rows=0, seed=8, files_per_partition=2)
     return out
 
 
 def stepped(settings: Settings, lake: Path) -> tuple[Runtime, list[tuple[str, int]]]:
     """A runtime whose job and partition runs the test makes itself, one at a time."""
     settings = settings.model_copy(
-        update={"lake_uri": str(lake), "partition_rows": 2000, "batch_size": 500}
+        update={"lake_uri": str(lake), "partition_rows": 800, "batch_size": 200}
     )
     rt = Runtime(settings, executor="local")
     queued: list[tuple[str, int]] = []
@@ -179,26 +184,24 @@ def stepped(settings: Settings, lake: Path) -> tuple[Runtime, list[tuple[str, in
 
 
 def test_a_partitioned_job_copies_the_files_it_planned_while_the_lake_changes(
-    settings: Settings, db: Any, lake_20k: Path
+    settings: Settings, db: Any, lake_8k: Path
 ) -> None:
-    rt, queued = stepped(settings, lake_20k)
+    rt, queued = stepped(settings, lake_8k)
     with rt:
         job, _ = rt.jobs.start("copy-taskdetail")
         rt.runner.run(job.jobId)
         assert rt.runner.partitioned is not None and len(queued) >= 5
         rt.runner.partitioned.run(*queued[0])
         # a new file sorts before every planned one: list positions all shift by one
-        new = append_records(lake_20k, 700, start_id=900_000)
-        first = sorted(lake_20k.glob("projectId=*"))[0]
-        (first / "part-0000-added.parquet").write_bytes(
-            (lake_20k / new_file(lake_20k)).read_bytes()
-        )
-        (lake_20k / new_file(lake_20k)).unlink()
+        new = append_records(lake_8k, 700, start_id=900_000)
+        first = sorted(lake_8k.glob("projectId=*"))[0]
+        (first / "part-0000-added.parquet").write_bytes((lake_8k / new_file(lake_8k)).read_bytes())
+        (lake_8k / new_file(lake_8k)).unlink()
         for step in queued[1:]:
             rt.runner.partitioned.run(*step)
         done = rt.store.get(job.jobId)
-    assert_exact(done, 20_000, 0)  # exactly what was planned: the new file waits for the next
-    assert db.taskdetails.count_documents({}) == 20_000
+    assert_exact(done, ROWS_STEPPED, 0)  # exactly what was planned: the new file waits
+    assert db.taskdetails.count_documents({}) == ROWS_STEPPED
     assert db.taskdetails.count_documents({"_id": {"$in": new}}) == 0
 
 
@@ -208,9 +211,9 @@ def new_file(lake: Path) -> str:
 
 
 def test_a_lost_file_fails_the_partitioned_job_and_resume_finishes_it_exactly(
-    settings: Settings, db: Any, lake_20k: Path, tmp_path: Path
+    settings: Settings, db: Any, lake_8k: Path, tmp_path: Path
 ) -> None:
-    rt, queued = stepped(settings, lake_20k)
+    rt, queued = stepped(settings, lake_8k)
     with rt:
         job, _ = rt.jobs.start("copy-taskdetail")
         rt.runner.run(job.jobId)
@@ -221,13 +224,13 @@ def test_a_lost_file_fails_the_partitioned_job_and_resume_finishes_it_exactly(
         victim_index = queued[2][1]
         victim = db.jobpartitions.find_one({"_id": f"{job.jobId}:{victim_index}"})["files"][-1]
         parked = tmp_path / "parked.parquet"
-        (lake_20k / victim).rename(parked)
+        (lake_8k / victim).rename(parked)
         parts.run(*queued[2])
         failed = rt.store.get(job.jobId)
         assert failed.status == JobState.FAILED and victim in (failed.error or ""), failed.error
         assert "Restore the file and resume the job" in (failed.error or "")
 
-        parked.rename(lake_20k / victim)  # the cause is fixed: resume from the checkpoints
+        parked.rename(lake_8k / victim)  # the cause is fixed: resume from the checkpoints
         rt.jobs.resume(job.jobId)
         queued.clear()
         rt.runner.run(job.jobId)
@@ -235,6 +238,6 @@ def test_a_lost_file_fails_the_partitioned_job_and_resume_finishes_it_exactly(
         for step in list(queued):
             parts.run(*step)
         done = rt.store.get(job.jobId)
-    assert_exact(done, 20_000, 0)
-    assert db.taskdetails.count_documents({}) == 20_000
+    assert_exact(done, ROWS_STEPPED, 0)
+    assert db.taskdetails.count_documents({}) == ROWS_STEPPED
     assert {p["status"] for p in db.jobpartitions.find({"jobId": job.jobId})} == {"completed"}
