@@ -38,15 +38,16 @@ def assert_invariant(s: dict[str, Any], total: int) -> None:
 def test_sigkill_serve_three_times_job_completes_exactly_once(
     serve_env: dict[str, str], tmp_path: Path, db: Any
 ) -> None:
-    # 80,000 records: 13+ partitions across the 4 local workers, 12 batches each, three
-    # kills at 16,000-22,000, 32,000-38,000, 48,000-54,000 (200,000 proved no more)
-    lake = tmp_path / "lake80k"
-    generate(lake, 80_000, seed=11)
+    # 40,000 records: 9 partitions across the 4 local workers (as 200,000 in partitions of
+    # 15,000 made), 9 batches each, three kills at 8,000-11,000, 16,000-19,000,
+    # 24,000-27,000: each mid-job, with partitions done, running and not started
+    lake = tmp_path / "lake40k"
+    generate(lake, 40_000, seed=11)
     serve_env.update(
         LAKESYNC_LAKE_URI=str(lake),
         LAKESYNC_BATCH_SIZE="500",
         LAKESYNC_WORKERS="4",
-        LAKESYNC_PARTITION_ROWS="6000",
+        LAKESYNC_PARTITION_ROWS="3000",
     )
     proc = ServeProcess(serve_env, tmp_path / "serve.log").start()
     try:
@@ -55,8 +56,10 @@ def test_sigkill_serve_three_times_job_completes_exactly_once(
         job_id = r.json()["jobId"]
         rng = random.Random(5)
         for round_ in range(3):
-            target = (round_ + 1) * 16_000 + rng.randint(0, 6_000)
-            wait_for(partial(reached, proc.url, job_id, target), timeout=120)
+            target = (round_ + 1) * 8_000 + rng.randint(0, 3_000)
+            # generous: a partition's records count when it commits, and a loaded
+            # machine's embedded server copies a few hundred records a second
+            wait_for(partial(reached, proc.url, job_id, target), timeout=240)
             proc.kill()  # SIGKILL: no chance to checkpoint or hand back
             proc = ServeProcess(serve_env, tmp_path / "serve.log").start()
         final = wait_for(
@@ -65,11 +68,11 @@ def test_sigkill_serve_three_times_job_completes_exactly_once(
         )
     finally:
         proc.kill()
-    assert_invariant(final, 80_000)
+    assert_invariant(final, 40_000)
     assert final["attempt"] >= 2
     assert final["partitions"] >= 8 and final["partitionsDone"] == final["partitions"]
-    assert final["insertedRecords"] == 80_000  # replayed batches still count as inserts
-    assert db.taskdetails.count_documents({}) == 80_000
+    assert final["insertedRecords"] == 40_000  # replayed batches still count as inserts
+    assert db.taskdetails.count_documents({}) == 40_000
 
 
 def _start_nx(data: Path, port: int) -> subprocess.Popen[bytes]:
