@@ -39,7 +39,7 @@ run: $(STAMP_RUN)
 test: $(STAMP_DEV) test-services
 	$(BIN)/ruff check src tests $(wildcard bench)
 	$(BIN)/mypy
-	$(BIN)/python -m pytest $(if $(filter-out 1,$(TEST_WORKERS)),-n $(TEST_WORKERS)) $(PYTEST_ARGS)
+	$(BIN)/python -m pytest $(if $(filter-out 1,$(TEST_WORKERS)),-n $(TEST_WORKERS) --maxschedchunk 2) $(PYTEST_ARGS)
 
 # Chromium, redis-server and RabbitMQ: installed and started as root (CI), else named
 test-services:

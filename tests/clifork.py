@@ -6,7 +6,8 @@ loaded 2-core machine, most of a CLI test's time).
 
 Started by tests.helpers.CliZygote as ``python -m tests.clifork``. Protocol, one JSON
 object per line. On stdout, ``{"ready": 1}`` once lakesync is imported; then for each
-request read on stdin, ``{"id", "args", "env", "cwd", "out", "err"}``, the answers
+request read on stdin, ``{"id", "args", "env", "cwd", "out", "err"}`` (and ``"append"``:
+open them to append; ``out`` and ``err`` the same file: one file for both), the answers
 ``{"id", "pid"}`` once forked and ``{"id", "status"}`` (a wait status) once reaped. Each
 child leads its own process group, so a kill reaches whatever it started. On EOF (the
 test process is gone) the zygote kills its children's groups and exits.
@@ -34,18 +35,32 @@ PRELOAD = ["lakesync.cli", "lakesync.runtime", "lakesync.api.app", "lakesync.wor
 def child(request: dict[str, object]) -> None:
     """In the forked child: become `python -m lakesync ARGS`, and exit. Never returns."""
     os.setpgid(0, 0)
-    for sig in (signal.SIGCHLD, signal.SIGINT, signal.SIGTERM, signal.SIGPIPE):
-        signal.signal(sig, signal.default_int_handler if sig == signal.SIGINT else signal.SIG_DFL)
+    # the dispositions a fresh interpreter starts with: SIGINT raises KeyboardInterrupt,
+    # SIGPIPE and SIGXFSZ are ignored (a write to a closed socket raises BrokenPipeError
+    # rather than killing a server whose client went away), the others the default
+    for sig in (signal.SIGCHLD, signal.SIGTERM):
+        signal.signal(sig, signal.SIG_DFL)
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+    for sig in (signal.SIGPIPE, signal.SIGXFSZ):
+        signal.signal(sig, signal.SIG_IGN)
     signal.set_wakeup_fd(-1)
     os.environ.clear()
     os.environ.update(request["env"])  # type: ignore[arg-type]
     os.chdir(str(request["cwd"]))
     null = os.open(os.devnull, os.O_RDONLY)
     os.dup2(null, 0)
-    for fd, path in ((1, request["out"]), (2, request["err"])):
-        target = os.open(str(path), os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-        os.dup2(target, fd)
+    # a server's log is appended to, both streams in one file, as `>> log 2>&1` would
+    flags = os.O_WRONLY | os.O_CREAT | (os.O_APPEND if request.get("append") else os.O_TRUNC)
+    if request["out"] == request["err"]:
+        target = os.open(str(request["out"]), flags, 0o600)
+        os.dup2(target, 1)
+        os.dup2(target, 2)
         os.close(target)
+    else:
+        for fd, path in ((1, request["out"]), (2, request["err"])):
+            target = os.open(str(path), flags, 0o600)
+            os.dup2(target, fd)
+            os.close(target)
     sys.argv = ["lakesync", *request["args"]]  # type: ignore[misc]
     # module state made from the environment at import (the CLI's consoles read COLUMNS,
     # NO_COLOR, TERM when created): made again from this command's environment

@@ -145,34 +145,47 @@ class CliZygote:
         with self.changed:  # the zygote is gone
             self.changed.notify_all()
 
-    def _wait(self, key: int, field: str, deadline: float) -> int | None:
+    def _wait(self, key: int, field: str, deadline: float, own: bool = False) -> int | None:
+        """The answer ``field`` for command ``key``, or None at the deadline (and at once for
+        the status of a command kill_running killed, unless its ``own`` caller waits for it)."""
         with self.changed:
             while field not in self.answers.get(key, {}):
                 left = deadline - time.monotonic()
                 if left <= 0 or self.proc.poll() is not None:
                     return None
-                if field == "status" and key < self.kill_below:
+                if field == "status" and key < self.kill_below and not own:
                     return None
                 self.changed.wait(min(left, 1.0))
             return self.answers[key][field]
 
+    def _fork(self, request: dict[str, Any]) -> tuple[int, int]:
+        """Send one command to the zygote; its id and its pid once forked."""
+        key = next(self.ids)
+        assert self.proc.stdin is not None
+        with self.write_lock:
+            self.proc.stdin.write(json.dumps({"id": key, **request}).encode() + b"\n")
+            self.proc.stdin.flush()
+        pid = self._wait(key, "pid", time.monotonic() + 60)
+        if pid is None:
+            raise RuntimeError(f"the clifork zygote did not start lakesync {request['args']}")
+        return key, pid
+
+    def spawn(self, args: list[str], env: dict[str, str], log: Path) -> Forked:
+        """Start `python -m lakesync ARGS` (a server, a worker) and return at once: a handle
+        like subprocess.Popen's; its stdout and stderr appended to ``log``."""
+        key, pid = self._fork({"args": args, "env": env, "cwd": str(Path.cwd()),
+                               "out": str(log), "err": str(log), "append": True})  # fmt: skip
+        return Forked(self, key, pid, [sys.executable, "-m", "lakesync", *args])
+
     def run(
         self, args: list[str], env: dict[str, str], timeout: float, cwd: Path | None = None
     ) -> subprocess.CompletedProcess[str]:
-        key = next(self.ids)
         command = [sys.executable, "-m", "lakesync", *args]
         with tempfile.TemporaryDirectory(prefix="lakesync-cli-") as tmp:
             out, err = Path(tmp) / "out", Path(tmp) / "err"
-            request = {"id": key, "args": args, "env": env, "cwd": str(cwd or Path.cwd()),
-                       "out": str(out), "err": str(err)}  # fmt: skip
-            assert self.proc.stdin is not None
-            with self.write_lock:
-                self.proc.stdin.write(json.dumps(request).encode() + b"\n")
-                self.proc.stdin.flush()
             deadline = time.monotonic() + timeout
-            pid = self._wait(key, "pid", time.monotonic() + 60)
-            if pid is None:
-                raise RuntimeError(f"the clifork zygote did not start {command}")
+            key, pid = self._fork({"args": args, "env": env, "cwd": str(cwd or Path.cwd()),
+                                   "out": str(out), "err": str(err)})  # fmt: skip
             status, killed = None, False
             try:
                 status = self._wait(key, "status", deadline)
@@ -216,6 +229,50 @@ class CliZygote:
                 os.killpg(self.proc.pid, signal.SIGKILL)
                 self.proc.wait(10)
 
+
+class Forked:
+    """A `lakesync` process forked by the zygote, as subprocess.Popen shows a child: pid,
+    returncode (negative: the signal that ended it), poll, wait, send_signal, kill. It leads
+    its own process group. Its wait status comes from the zygote, which reaps it."""
+
+    def __init__(self, zygote: CliZygote, key: int, pid: int, args: list[str]) -> None:
+        self.zygote, self.key, self.pid, self.args = zygote, key, pid, args
+        self.returncode: int | None = None
+
+    def _reaped(self, timeout: float) -> bool:
+        if self.returncode is None:
+            status = self.zygote._wait(self.key, "status", time.monotonic() + timeout, own=True)
+            if status is None:
+                return False
+            self.returncode = os.waitstatus_to_exitcode(status)
+            with self.zygote.changed:
+                self.zygote.answers.pop(self.key, None)
+        return True
+
+    def poll(self) -> int | None:
+        self._reaped(0)
+        return self.returncode
+
+    def wait(self, timeout: float | None = None) -> int:
+        limit = 10.0**9 if timeout is None else timeout
+        if not self._reaped(limit) or self.returncode is None:
+            raise subprocess.TimeoutExpired(self.args, limit)
+        return self.returncode
+
+    def send_signal(self, sig: int) -> None:
+        if self.poll() is None:  # not yet reaped: the pid is still this process's
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(self.pid, sig)
+
+    def terminate(self) -> None:
+        self.send_signal(signal.SIGTERM)
+
+    def kill(self) -> None:
+        self.send_signal(signal.SIGKILL)
+
+
+#: a `lakesync` process a test started: forked by the zygote, or a fresh interpreter
+Child = Forked | subprocess.Popen[bytes]
 
 _zygote: CliZygote | None = None
 _zygote_lock = threading.Lock()
@@ -269,10 +326,10 @@ def lakesync_all(
 
 #: servers and workers the tests started, killed (whole process group) at the session's
 #: end if a test's own clean-up did not run: a Ctrl-C or a timeout leaves nothing running
-SPAWNED: list[subprocess.Popen[bytes]] = []
+SPAWNED: list[Child] = []
 
 
-def spawned(proc: subprocess.Popen[bytes]) -> subprocess.Popen[bytes]:
+def spawned(proc: Child) -> Child:
     SPAWNED[:] = [p for p in SPAWNED if p.poll() is None]
     SPAWNED.append(proc)
     return proc
@@ -294,21 +351,30 @@ def kill_spawned() -> None:
 atexit.register(kill_spawned)
 
 
-def start_worker(env: dict[str, str], log: Path) -> subprocess.Popen[bytes]:
-    """A `lakesync worker` (Celery) in its own process group, its output in ``log``."""
+def start_lakesync(args: list[str], env: dict[str, str], log: Path) -> Child:
+    """`python -m lakesync ARGS` (a server, a worker) in its own process group, its output
+    appended to ``log``, killed at the session's end if the test did not stop it.
+
+    Forked from the zygote (see CliZygote; 1.5-8 s of imports saved a start): a real
+    process that can be signalled, killed and crash. A fresh interpreter where the
+    environment changes how Python starts (a PYTHON* variable of its own: PYTHONPATH
+    bringing a sitecustomize, say), which a fork would not honour."""
+    python = {k: v for k, v in env.items() if k.startswith("PYTHON")}
+    if python == {k: v for k, v in os.environ.items() if k.startswith("PYTHON")}:
+        return spawned(cli_zygote().spawn(args, env, log))
     with open(log, "ab") as out:
-        return spawned(
-            subprocess.Popen(
-                [sys.executable, "-m", "lakesync", "worker", "--concurrency", "2"],
-                env=env,
-                stdout=out,
-                stderr=subprocess.STDOUT,
-                start_new_session=True,
-            )
-        )
+        return spawned(subprocess.Popen(
+            [sys.executable, "-m", "lakesync", *args], env=env, stdout=out,
+            stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True,
+        ))  # fmt: skip
 
 
-def stop_workers(workers: list[subprocess.Popen[bytes]]) -> None:
+def start_worker(env: dict[str, str], log: Path) -> Child:
+    """A `lakesync worker` (Celery) in its own process group, its output in ``log``."""
+    return start_lakesync(["worker", "--concurrency", "2"], env, log)
+
+
+def stop_workers(workers: list[Child]) -> None:
     """SIGTERM each worker's process group (a warm shutdown), SIGKILL any still up after 15 s."""
     for w in workers:
         if w.poll() is None:
@@ -343,22 +409,20 @@ class ServeProcess:
         self.env = env
         self.log = log
         self.port = free_port()
-        self.proc: subprocess.Popen[bytes] | None = None
+        self.proc: Child | None = None
 
     @property
     def url(self) -> str:
         return f"http://127.0.0.1:{self.port}"
 
     def start(self, timeout: float = 60) -> ServeProcess:
-        with open(self.log, "ab") as log:
-            self.proc = spawned(subprocess.Popen(
-                [sys.executable, "-m", "lakesync", "serve", "--port", str(self.port)],
-                env=self.env, stdout=log, stderr=subprocess.STDOUT,
-            ))  # fmt: skip
+        self.proc = start_lakesync(["serve", "--port", str(self.port)], self.env, self.log)
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
-                raise RuntimeError(f"serve exited: {self.log.read_text()[-3000:]}")
+                raise RuntimeError(
+                    f"serve exited ({self.proc.returncode}): {self.log.read_text()[-3000:]}"
+                )
             try:
                 if httpx.get(self.url + "/healthz", timeout=1).status_code == 200:
                     return self

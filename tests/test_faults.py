@@ -38,13 +38,16 @@ def assert_invariant(s: dict[str, Any], total: int) -> None:
 def test_sigkill_serve_three_times_job_completes_exactly_once(
     serve_env: dict[str, str], tmp_path: Path, db: Any
 ) -> None:
-    lake = tmp_path / "lake200k"
-    generate(lake, 200_000, seed=11)
+    # 40,000 records: 9 partitions across the 4 local workers (as 200,000 in partitions of
+    # 15,000 made), 9 batches each, three kills at 8,000-11,000, 16,000-19,000,
+    # 24,000-27,000: each mid-job, with partitions done, running and not started
+    lake = tmp_path / "lake40k"
+    generate(lake, 40_000, seed=11)
     serve_env.update(
         LAKESYNC_LAKE_URI=str(lake),
-        LAKESYNC_BATCH_SIZE="2000",
+        LAKESYNC_BATCH_SIZE="500",
         LAKESYNC_WORKERS="4",
-        LAKESYNC_PARTITION_ROWS="15000",  # 8+ partitions across the 4 local workers
+        LAKESYNC_PARTITION_ROWS="3000",
     )
     proc = ServeProcess(serve_env, tmp_path / "serve.log").start()
     try:
@@ -53,8 +56,10 @@ def test_sigkill_serve_three_times_job_completes_exactly_once(
         job_id = r.json()["jobId"]
         rng = random.Random(5)
         for round_ in range(3):
-            target = (round_ + 1) * 40_000 + rng.randint(0, 15_000)
-            wait_for(partial(reached, proc.url, job_id, target), timeout=120)
+            target = (round_ + 1) * 8_000 + rng.randint(0, 3_000)
+            # generous: a partition's records count when it commits, and a loaded
+            # machine's embedded server copies a few hundred records a second
+            wait_for(partial(reached, proc.url, job_id, target), timeout=240)
             proc.kill()  # SIGKILL: no chance to checkpoint or hand back
             proc = ServeProcess(serve_env, tmp_path / "serve.log").start()
         final = wait_for(
@@ -63,11 +68,11 @@ def test_sigkill_serve_three_times_job_completes_exactly_once(
         )
     finally:
         proc.kill()
-    assert_invariant(final, 200_000)
+    assert_invariant(final, 40_000)
     assert final["attempt"] >= 2
     assert final["partitions"] >= 8 and final["partitionsDone"] == final["partitions"]
-    assert final["insertedRecords"] == 200_000  # replayed batches still count as inserts
-    assert db.taskdetails.count_documents({}) == 200_000
+    assert final["insertedRecords"] == 40_000  # replayed batches still count as inserts
+    assert db.taskdetails.count_documents({}) == 40_000
 
 
 def _start_nx(data: Path, port: int) -> subprocess.Popen[bytes]:
@@ -97,7 +102,7 @@ def test_mongodb_down_for_five_seconds_job_completes_without_restart(
     port = free_port()
     nx = _start_nx(data, port)
     lake = tmp_path / "lake"
-    generate(lake, 40_000, seed=2)
+    generate(lake, 20_000, seed=2)  # 40 batches: 30 of them left when MongoDB goes down
     serve_env.update(
         LAKESYNC_MONGODB_URI=f"mongodb://127.0.0.1:{port}/?directConnection=true",
         LAKESYNC_LAKE_URI=str(lake), LAKESYNC_BATCH_SIZE="500", LAKESYNC_RETRY_BUDGET_SECONDS="60",
@@ -122,7 +127,7 @@ def test_mongodb_down_for_five_seconds_job_completes_without_restart(
     finally:
         proc.kill()
         nx.kill()
-    assert_invariant(final, 40_000)
+    assert_invariant(final, 20_000)
     assert final["attempt"] == 1  # the same run rode out the outage
     assert "retry" in (tmp_path / "serve.log").read_text()
 
@@ -131,7 +136,7 @@ def test_sigterm_hands_the_job_back_and_exits_within_ten_seconds(
     serve_env: dict[str, str], tmp_path: Path
 ) -> None:
     lake = tmp_path / "lake"
-    generate(lake, 60_000, seed=4)
+    generate(lake, 24_000, seed=4)  # 48 batches: 44 of them left at the SIGTERM
     serve_env.update(LAKESYNC_LAKE_URI=str(lake), LAKESYNC_BATCH_SIZE="500")
     proc = ServeProcess(serve_env, tmp_path / "serve.log").start()
     job_id = httpx.post(f"{proc.url}/api/jobs", json={}, timeout=10).json()["jobId"]
@@ -150,5 +155,5 @@ def test_sigterm_hands_the_job_back_and_exits_within_ten_seconds(
         )
     finally:
         proc.kill()
-    assert_invariant(final, 60_000)
+    assert_invariant(final, 24_000)
     assert final["attempt"] == 2

@@ -6,7 +6,6 @@ from __future__ import annotations
 import contextlib
 import json
 import subprocess
-import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -15,7 +14,7 @@ import httpx
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
-from tests.helpers import ServeProcess, wait_for
+from tests.helpers import ServeProcess, lakesync, wait_for
 
 from lakesync.demo import generate
 
@@ -150,8 +149,7 @@ def test_a_malformed_source_answers_400_not_500(client: Any, source: str) -> Non
 
 
 def test_the_cli_refuses_a_malformed_source_without_a_traceback(serve_env: dict[str, str]) -> None:
-    run = subprocess.run([sys.executable, "-m", "lakesync", "copy", "--source", "http://[bad"],
-                         env=serve_env, capture_output=True, text=True, timeout=120)  # fmt: skip
+    run = lakesync(serve_env, "copy", "--source", "http://[bad")
     assert run.returncode != 0 and "not a valid URI" in run.stderr + run.stdout
     assert "Traceback" not in run.stderr
 

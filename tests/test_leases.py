@@ -20,14 +20,16 @@ import httpx
 import pytest
 from pymongo.collection import Collection
 from pymongo.errors import AutoReconnect
-from tests.helpers import ServeProcess, wait_for
+from tests.helpers import ServeProcess, lakesync, wait_for
 
 from lakesync.config import Settings
 from lakesync.demo import generate
 from lakesync.models import JobState, Outcome
 from lakesync.runtime import Runtime
 
-ROWS = 20_000
+#: 10 partitions of about 800 records, 4 batches of 200 each, as 20,000 in partitions of
+#: 2,000 and batches of 500 had (the same files, runs and batches, at 2/5 of the records)
+ROWS, PARTITION_ROWS, BATCH = 8_000, 800, 200
 
 
 @pytest.fixture
@@ -40,7 +42,12 @@ def lake(tmp_path: Path) -> Path:
 def stepped(settings: Settings, lake: Path, **more: Any) -> tuple[Runtime, list[tuple[str, int]]]:
     """A runtime whose job and partition runs the test makes itself, one at a time."""
     settings = settings.model_copy(
-        update={"lake_uri": str(lake), "partition_rows": 2000, "batch_size": 500, **more}
+        update={
+            "lake_uri": str(lake),
+            "partition_rows": PARTITION_ROWS,
+            "batch_size": BATCH,
+            **more,
+        }
     )
     rt = Runtime(settings, executor="local")
     queued: list[tuple[str, int]] = []
@@ -83,8 +90,7 @@ def failed_partitioned_job(settings: Settings, lake: Path, tmp_path: Path) -> st
 
 
 def cli(env: dict[str, str], *args: str, timeout: float = 300) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, "-m", "lakesync", *args], env=env,
-                          capture_output=True, text=True, timeout=timeout)  # fmt: skip
+    return lakesync(env, *args, timeout=timeout)  # forked from the zygote: no import to pay
 
 
 # -- every resume path continues a partitioned job from its partitions ------------------------
@@ -121,7 +127,7 @@ def test_api_resume_and_recovery_scan_continue_a_partitioned_job(
     settings: Settings, serve_env: dict[str, str], db: Any, lake: Path, tmp_path: Path
 ) -> None:
     job_id = failed_partitioned_job(settings, lake, tmp_path)
-    serve_env.update(LAKESYNC_LAKE_URI=str(lake), LAKESYNC_PARTITION_ROWS="2000",
+    serve_env.update(LAKESYNC_LAKE_URI=str(lake), LAKESYNC_PARTITION_ROWS=str(PARTITION_ROWS),
                      LAKESYNC_WORKERS="3")  # fmt: skip
     proc = ServeProcess(serve_env, tmp_path / "serve.log").start()
     try:
@@ -155,7 +161,7 @@ def test_a_job_whose_last_partition_died_before_ending_it_completes_on_recovery(
             parts.run(*queued[-1])
         stuck = rt.store.get(job.jobId)
     assert stuck.status == JobState.IN_PROGRESS and stuck.partitionsDone == stuck.partitions
-    local = settings.model_copy(update={"lake_uri": str(lake), "partition_rows": 2000})
+    local = settings.model_copy(update={"lake_uri": str(lake), "partition_rows": PARTITION_ROWS})
     with Runtime(local, executor="local") as recovering:  # its recovery scan finds the job
         recovering.start()
         done = wait_for(
@@ -235,7 +241,7 @@ def test_takeover_while_the_old_owner_is_mid_batch_refuses_its_later_writes(
                 return new_rt.runner.run(job.jobId)
 
         def progress(s: Any) -> None:
-            if s.processedRecords >= 1000 and not freezer.frozen.is_set():
+            if s.processedRecords >= 2 * BATCH and not freezer.frozen.is_set():
                 freezer.frozen.set()
                 if pause == "between_batches":  # the old owner stalls right after a commit
                     freezer.waiting.set()
@@ -294,7 +300,7 @@ def test_a_copy_that_keeps_up_reads_its_lease_once_not_before_every_batch(
         assert rt.runner.run(job.jobId) is Outcome.ENDED
         done = rt.store.get(job.jobId)
     assert_clean(done, db)
-    batches = ROWS // 500
+    batches = ROWS // BATCH
     # each commit proves the lease for the next batch's fence; a stall of half a second
     # (a loaded machine) brings the read back, hence the margin
     assert 1 <= len(checks) <= batches // 4, (len(checks), batches)

@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import os
 import subprocess
-import sys
 from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -15,6 +14,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 from fastapi.testclient import TestClient
+from tests.helpers import lakesync as run_lakesync
 from tests.helpers import wait_done
 
 from lakesync.api.app import create_app
@@ -161,8 +161,7 @@ def test_cli_lists_operations_and_stops_on_a_config_error(
                LAKESYNC_LAKE_URI=str(settings.lake_uri), COLUMNS="200")  # fmt: skip
 
     def lakesync(*args: str) -> subprocess.CompletedProcess[str]:
-        return subprocess.run([sys.executable, "-m", "lakesync", *args], cwd=tmp_path, env=env,
-                              capture_output=True, text=True, timeout=120)  # fmt: skip
+        return run_lakesync(env, *args, cwd=tmp_path)
 
     listed = lakesync("operations", "--json")
     assert listed.returncode == 0, listed.stderr

@@ -30,10 +30,16 @@ def test_plan_splits_files_into_ranges_of_about_the_target() -> None:
     assert all(a[1] == b[0] for a, b in itertools.pairwise(ranges))
 
 
+#: A lake of 40,000 records in partitions of 4,000 (10+) and batches of 500 (8 a partition):
+#: more partitions than workers, several batches in each, as 200,000 in partitions of
+#: 20,000 had (the copy, a fifth the size, took most of these tests' minutes).
+ROWS_4W, PARTITION_4W, BATCH_4W = 40_000, 4_000, 500
+
+
 @pytest.fixture(scope="module")
-def lake_200k(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    out = tmp_path_factory.mktemp("lake200k") / "tasks"
-    generate(out, 200_000, bad_rows=40, seed=21, files_per_partition=2)
+def lake_40k(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    out = tmp_path_factory.mktemp("lake40k") / "tasks"
+    generate(out, ROWS_4W, bad_rows=40, seed=21, files_per_partition=2)
     return out
 
 
@@ -46,11 +52,11 @@ def assert_exact(s: Any, total: int, bad: int) -> None:
 
 @pytest.mark.slow
 def test_local_executor_with_four_workers_copies_partitions_in_parallel(
-    settings: Settings, db: Any, lake_200k: Path
+    settings: Settings, db: Any, lake_40k: Path
 ) -> None:
     settings = settings.model_copy(
-        update={"lake_uri": str(lake_200k), "workers": 4, "partition_rows": 20_000,
-                "batch_size": 2000}
+        update={"lake_uri": str(lake_40k), "workers": 4, "partition_rows": PARTITION_4W,
+                "batch_size": BATCH_4W}
     )  # fmt: skip
     with Runtime(settings, executor="local") as rt:
         rt.start()
@@ -63,35 +69,36 @@ def test_local_executor_with_four_workers_copies_partitions_in_parallel(
         quiet = wait_for(lambda: (s := rt.jobs.get(again.jobId)).state.is_final and s, timeout=60)
     assert quiet.status == JobState.COMPLETED and 0 < quiet.totalRecords < 10, quiet
     assert quiet.insertedRecords == quiet.updatedRecords == 0, quiet
-    assert_exact(done, 200_000, 40)
+    assert_exact(done, ROWS_4W, 40)
     assert done.partitions == len(parts) >= 8 and done.partitionsDone == done.partitions
     assert {p["status"] for p in parts} == {"completed"}
-    assert sum(p["processedRecords"] for p in parts) == 200_000
-    assert db.taskdetails.count_documents({}) == 200_000 - 40
+    assert sum(p["processedRecords"] for p in parts) == ROWS_4W
+    assert db.taskdetails.count_documents({}) == ROWS_4W - 40
 
 
 @pytest.mark.slow
 def test_celery_workers_share_a_job_and_survive_a_killed_worker(
-    settings: Settings, serve_env: dict[str, str], db: Any, lake_200k: Path, redis_url: str,
+    settings: Settings, serve_env: dict[str, str], db: Any, lake_40k: Path, redis_url: str,
     tmp_path: Path,
 ) -> None:  # fmt: skip
     env = dict(serve_env)
     env.update(
         LAKESYNC_EXECUTOR="celery", LAKESYNC_BROKER_URL=redis_url,
-        LAKESYNC_LAKE_URI=str(lake_200k), LAKESYNC_PARTITION_ROWS="20000",
-        LAKESYNC_BATCH_SIZE="2000", LAKESYNC_LEASE_SECONDS="4",
+        LAKESYNC_LAKE_URI=str(lake_40k), LAKESYNC_PARTITION_ROWS=str(PARTITION_4W),
+        LAKESYNC_BATCH_SIZE=str(BATCH_4W), LAKESYNC_LEASE_SECONDS="4",
     )  # fmt: skip
     workers = [start_worker(env, tmp_path / f"worker{i}.log") for i in range(2)]
     try:
         api_settings = settings.model_copy(update={
-            "executor": "celery", "lake_uri": str(lake_200k), "partition_rows": 20_000,
+            "executor": "celery", "lake_uri": str(lake_40k), "partition_rows": PARTITION_4W,
             "broker_url": __import__("pydantic").SecretStr(redis_url), "lease_seconds": 4,
         })  # fmt: skip
         with Runtime(api_settings, executor="celery") as rt:
             rt.start()
             status, created = rt.jobs.start("copy-taskdetail")
             assert created
-            wait_for(lambda: rt.jobs.get(status.jobId).processedRecords >= 60_000, timeout=180)
+            wait_for(lambda: rt.jobs.get(status.jobId).processedRecords >= 0.3 * ROWS_4W,
+                     timeout=180)  # fmt: skip
             os.killpg(workers[0].pid, signal.SIGKILL)  # a worker dies mid-job
             workers[0].wait(10)
             done = wait_for(
@@ -100,11 +107,11 @@ def test_celery_workers_share_a_job_and_survive_a_killed_worker(
         parts = list(db.jobpartitions.find({"jobId": status.jobId}))
     finally:
         stop_workers(workers)
-    assert_exact(done, 200_000, 40)
+    assert_exact(done, ROWS_4W, 40)
     assert done.partitions == len(parts) >= 8
     owners = {run.split(":")[1] for p in parts for run in p["ranBy"]}
     assert len(owners) == 2, owners  # both worker processes did part of the work
-    assert db.taskdetails.count_documents({}) == 200_000 - 40
+    assert db.taskdetails.count_documents({}) == ROWS_4W - 40
 
 
 def test_worker_refuses_to_start_without_its_broker(serve_env: dict[str, str]) -> None:
@@ -152,17 +159,22 @@ def test_celery_worker_on_rabbitmq_runs_a_job(
 # -- the lake changing under a partitioned job, and resuming one ------------------------------
 
 
+#: 8,000 records in partitions of about 800 and batches of 200: the 10 partitions of 4
+#: batches that 20,000 in partitions of 2,000 and batches of 500 made, at 2/5 of the copy
+ROWS_STEPPED = 8_000
+
+
 @pytest.fixture
-def lake_20k(tmp_path: Path) -> Path:
+def lake_8k(tmp_path: Path) -> Path:
     out = tmp_path / "tasks"
-    generate(out, 20_000, bad_rows=0, seed=8, files_per_partition=2)
+    generate(out, ROWS_STEPPED, bad_rows=0, seed=8, files_per_partition=2)
     return out
 
 
 def stepped(settings: Settings, lake: Path) -> tuple[Runtime, list[tuple[str, int]]]:
     """A runtime whose job and partition runs the test makes itself, one at a time."""
     settings = settings.model_copy(
-        update={"lake_uri": str(lake), "partition_rows": 2000, "batch_size": 500}
+        update={"lake_uri": str(lake), "partition_rows": 800, "batch_size": 200}
     )
     rt = Runtime(settings, executor="local")
     queued: list[tuple[str, int]] = []
@@ -172,26 +184,24 @@ def stepped(settings: Settings, lake: Path) -> tuple[Runtime, list[tuple[str, in
 
 
 def test_a_partitioned_job_copies_the_files_it_planned_while_the_lake_changes(
-    settings: Settings, db: Any, lake_20k: Path
+    settings: Settings, db: Any, lake_8k: Path
 ) -> None:
-    rt, queued = stepped(settings, lake_20k)
+    rt, queued = stepped(settings, lake_8k)
     with rt:
         job, _ = rt.jobs.start("copy-taskdetail")
         rt.runner.run(job.jobId)
         assert rt.runner.partitioned is not None and len(queued) >= 5
         rt.runner.partitioned.run(*queued[0])
         # a new file sorts before every planned one: list positions all shift by one
-        new = append_records(lake_20k, 700, start_id=900_000)
-        first = sorted(lake_20k.glob("projectId=*"))[0]
-        (first / "part-0000-added.parquet").write_bytes(
-            (lake_20k / new_file(lake_20k)).read_bytes()
-        )
-        (lake_20k / new_file(lake_20k)).unlink()
+        new = append_records(lake_8k, 700, start_id=900_000)
+        first = sorted(lake_8k.glob("projectId=*"))[0]
+        (first / "part-0000-added.parquet").write_bytes((lake_8k / new_file(lake_8k)).read_bytes())
+        (lake_8k / new_file(lake_8k)).unlink()
         for step in queued[1:]:
             rt.runner.partitioned.run(*step)
         done = rt.store.get(job.jobId)
-    assert_exact(done, 20_000, 0)  # exactly what was planned: the new file waits for the next
-    assert db.taskdetails.count_documents({}) == 20_000
+    assert_exact(done, ROWS_STEPPED, 0)  # exactly what was planned: the new file waits
+    assert db.taskdetails.count_documents({}) == ROWS_STEPPED
     assert db.taskdetails.count_documents({"_id": {"$in": new}}) == 0
 
 
@@ -201,9 +211,9 @@ def new_file(lake: Path) -> str:
 
 
 def test_a_lost_file_fails_the_partitioned_job_and_resume_finishes_it_exactly(
-    settings: Settings, db: Any, lake_20k: Path, tmp_path: Path
+    settings: Settings, db: Any, lake_8k: Path, tmp_path: Path
 ) -> None:
-    rt, queued = stepped(settings, lake_20k)
+    rt, queued = stepped(settings, lake_8k)
     with rt:
         job, _ = rt.jobs.start("copy-taskdetail")
         rt.runner.run(job.jobId)
@@ -214,13 +224,13 @@ def test_a_lost_file_fails_the_partitioned_job_and_resume_finishes_it_exactly(
         victim_index = queued[2][1]
         victim = db.jobpartitions.find_one({"_id": f"{job.jobId}:{victim_index}"})["files"][-1]
         parked = tmp_path / "parked.parquet"
-        (lake_20k / victim).rename(parked)
+        (lake_8k / victim).rename(parked)
         parts.run(*queued[2])
         failed = rt.store.get(job.jobId)
         assert failed.status == JobState.FAILED and victim in (failed.error or ""), failed.error
         assert "Restore the file and resume the job" in (failed.error or "")
 
-        parked.rename(lake_20k / victim)  # the cause is fixed: resume from the checkpoints
+        parked.rename(lake_8k / victim)  # the cause is fixed: resume from the checkpoints
         rt.jobs.resume(job.jobId)
         queued.clear()
         rt.runner.run(job.jobId)
@@ -228,6 +238,6 @@ def test_a_lost_file_fails_the_partitioned_job_and_resume_finishes_it_exactly(
         for step in list(queued):
             parts.run(*step)
         done = rt.store.get(job.jobId)
-    assert_exact(done, 20_000, 0)
-    assert db.taskdetails.count_documents({}) == 20_000
+    assert_exact(done, ROWS_STEPPED, 0)
+    assert db.taskdetails.count_documents({}) == ROWS_STEPPED
     assert {p["status"] for p in db.jobpartitions.find({"jobId": job.jobId})} == {"completed"}

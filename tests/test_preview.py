@@ -4,15 +4,13 @@ write, from metadata and a sample, with nothing written."""
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 from pathlib import Path
 from typing import Any
 
 import pyarrow as pa
 import pyarrow.parquet as pq
 from fastapi.testclient import TestClient
-from tests.helpers import child_env
+from tests.helpers import child_env, lakesync
 
 from lakesync.config import Settings
 
@@ -48,10 +46,7 @@ def test_preview_names_repeated_keys_and_rejections_of_a_sample(
     assert refused.status_code in (400, 403), refused.text  # outside the allowed roots
     assert "allowed roots" in refused.json()["error"]
     env = child_env(settings)
-    run = subprocess.run(
-        [sys.executable, "-m", "lakesync", "inspect", "--source", str(lake), "--json"],
-        env=env, capture_output=True, text=True, timeout=120,
-    )  # fmt: skip
+    run = lakesync(env, "inspect", "--source", str(lake), "--json")
     assert run.returncode == 0, run.stderr
     p = json.loads(run.stdout)
     valid = 3 - sum(1 for r in p["rejections"] if r["row"] < 3)
@@ -68,26 +63,17 @@ def test_inspect_of_a_delta_table_names_its_version(settings: Settings, tmp_path
         f'[operations.people]\nsource = "{table}"\ncollection = "people"\nkey = "id"\n'
     )
     env = child_env(settings, COLUMNS="80", LAKESYNC_OPERATIONS_FILE=str(config))
-    run = subprocess.run(
-        [sys.executable, "-m", "lakesync", "inspect", "people", "--json"],
-        env=env, capture_output=True, text=True, timeout=120,
-    )  # fmt: skip
+    run = lakesync(env, "inspect", "people", "--json")
     assert run.returncode == 0, run.stderr
     p = json.loads(run.stdout)
     assert p["format"] == "delta" and p["deltaVersion"] is not None
     assert p["rows"] == 98  # the live rows: deletion vectors applied
     assert {c["name"]: c["bsonType"] for c in p["schema"]}["id"] == "int or long"
-    shown = subprocess.run(
-        [sys.executable, "-m", "lakesync", "inspect", "people"],
-        env=env, capture_output=True, text=True, timeout=120,
-    )  # fmt: skip
+    shown = lakesync(env, "inspect", "people")
     assert f"Delta version {p['deltaVersion']}" in shown.stdout, shown.stdout
     assert "not a TaskDetail" not in shown.stdout and "Traceback" not in shown.stderr
     fake = child_env(settings, COLUMNS="80")  # the TaskDetail operation on that table
-    refused = subprocess.run(
-        [sys.executable, "-m", "lakesync", "inspect", "--source", str(table)],
-        env=fake, capture_output=True, text=True, timeout=120,
-    )  # fmt: skip
+    refused = lakesync(fake, "inspect", "--source", str(table))
     assert refused.returncode == 1 and "lacks required column" in refused.stderr
 
 

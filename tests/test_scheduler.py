@@ -7,8 +7,6 @@ test_unattended.py does the same with real `serve` and `worker` processes.
 
 from __future__ import annotations
 
-import subprocess
-import sys
 import threading
 import time
 from collections.abc import Iterator
@@ -17,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from tests.helpers import wait_for, write_operations
+from tests.helpers import lakesync, wait_for, write_operations
 
 from lakesync.config import Settings, load_settings
 from lakesync.demo import generate
@@ -106,8 +104,7 @@ def test_serve_refuses_to_start_with_a_bad_schedule(
     path = tmp_path / "lakesync.toml"
     path.write_text(f'[operations.nightly]\ncollection = "t"\nkey = "id"\n{line}\n')
     env = dict(serve_env, LAKESYNC_OPERATIONS_FILE=str(path))
-    run = subprocess.run([sys.executable, "-m", "lakesync", "serve", "--port", "1"], env=env,
-                         capture_output=True, text=True, timeout=60)  # fmt: skip
+    run = lakesync(env, "serve", "--port", "1", timeout=60)
     assert run.returncode == 2, run.stderr
     assert str(path) in run.stderr and "'nightly'" in run.stderr
     assert field in run.stderr and problem in run.stderr and "Traceback" not in run.stderr

@@ -21,7 +21,7 @@ import pyarrow.parquet as pq
 import pytest
 from bson import Decimal128
 from bson.datetime_ms import DatetimeMS
-from tests.helpers import write_corpus
+from tests.helpers import lakesync, write_corpus
 
 from lakesync.config import Settings
 from lakesync.errors import SourceError
@@ -488,8 +488,6 @@ def test_cli_copy_of_a_declared_operation_with_a_composite_key_needs_no_demo_lak
     settings: Settings, tmp_path: Path, db: Any
 ) -> None:
     import os
-    import subprocess
-    import sys
 
     lake = tmp_path / "weather"
     lake.mkdir()
@@ -508,8 +506,7 @@ def test_cli_copy_of_a_declared_operation_with_a_composite_key_needs_no_demo_lak
                LAKESYNC_OPERATIONS_FILE=str(tmp_path / "lakesync.toml"))  # fmt: skip
     runs = []
     for _ in range(2):
-        done = subprocess.run([sys.executable, "-m", "lakesync", "copy", "weather", "--json"],
-                              env=env, capture_output=True, text=True, timeout=120)  # fmt: skip
+        done = lakesync(env, "copy", "weather", "--json")
         assert done.returncode == 0, done.stderr[-2000:]
         runs.append(json.loads(done.stdout))
     assert (runs[0]["insertedRecords"], runs[1]["unchangedRecords"]) == (3, 3)
