@@ -107,10 +107,10 @@ def _trace(time_pid: int, trace: Path, progress: Any, stop: threading.Event) -> 
                     line.split(":", 1)
                     for line in Path(f"/proc/{pid}/status").read_text().splitlines()
                 )
-            except (OSError, ValueError):
+                hwm = int(fields["VmHWM"].split()[0]) / 1024
+                rss = int(fields["VmRSS"].split()[0]) / 1024
+            except (OSError, ValueError, KeyError):  # not started yet, or ended (a zombie)
                 continue
-            hwm = int(fields["VmHWM"].split()[0]) / 1024
-            rss = int(fields["VmRSS"].split()[0]) / 1024
             note = progress() if progress is not None else ""
             log.write(f"{time.perf_counter() - started:8.0f} s  VmHWM {hwm:7.1f} MB  "
                       f"VmRSS {rss:7.1f} MB  {note}\n")  # fmt: skip
