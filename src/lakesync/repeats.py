@@ -159,7 +159,7 @@ def _by_file(losers: list[np.ndarray], names: list[str]) -> dict[str, np.ndarray
     """The superseded positions (file << 32 | row, in lists of arrays that this empties) as
     sorted uint32 rows per file name: 12 bytes per position at most at once (the positions
     moved into one array as the lists are freed, sorted in place, then 4 bytes per row),
-    not the 30 of sorting a concatenation and splitting off the file numbers."""
+    not the 36 of sorting a concatenation and splitting off the file numbers."""
     every = np.empty(sum(len(a) for a in losers), dtype=np.int64)
     at = 0
     while losers:
@@ -170,7 +170,8 @@ def _by_file(losers: list[np.ndarray], names: list[str]) -> dict[str, np.ndarray
     every.sort()
     # file f's positions start at f << 32: bounds found without an array of file numbers
     bounds = np.searchsorted(every, np.arange(len(names) + 1, dtype=np.int64) << 32)
-    rows = (every & 0xFFFFFFFF).astype(np.uint32)
+    every &= 0xFFFFFFFF  # in place: no third array
+    rows = every.astype(np.uint32)
     del every
     return {  # views of one array: 4 bytes per superseded record
         names[f]: rows[bounds[f] : bounds[f + 1]] for f in np.flatnonzero(np.diff(bounds)).tolist()
