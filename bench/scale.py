@@ -51,22 +51,70 @@ TIME = shutil.which("time", path="/usr/bin:/bin")
 WIDE_COLUMNS = 200
 
 
-def measured(cmd: list[str], env: dict[str, str] | None = None) -> tuple[str, float]:
+def measured(
+    cmd: list[str],
+    env: dict[str, str] | None = None,
+    trace: Path | None = None,
+    progress: Any = None,
+) -> tuple[str, float]:
     """Run ``cmd`` as its own exec'd process; its stdout's last line and its own peak RSS (MB).
 
     The peak is ``/usr/bin/time``'s (``%M``, from wait4 of the child it forks and execs): a
     child exec'd straight from this process would report *this* process's peak too, as
     Linux carries ``ru_maxrss`` over fork and exec (the old 301 MB on every row).
+
+    With ``trace``, the measured process's VmHWM and VmRSS (``/proc/<pid>/status``) are
+    also appended there every 5 s with ``progress()``'s answer (e.g. records written so
+    far): a run stopped before its end still tells its peak through the phase it reached.
     """
     if TIME is None:
         raise SystemExit("bench/scale.py needs /usr/bin/time (apt-get install time)")
     with tempfile.NamedTemporaryFile("r", suffix=".rss") as out:
         wrapped = [TIME, "-f", "%M", "-o", out.name, *cmd]
-        run = subprocess.run(wrapped, capture_output=True, text=True, check=False, env=env)
-        if run.returncode != 0:
-            raise SystemExit(f"child failed ({run.returncode}): {run.stderr[-2000:]}")
+        proc = subprocess.Popen(
+            wrapped, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env
+        )
+        stop = threading.Event()
+        sampler = None
+        if trace is not None:
+            sampler = threading.Thread(target=_trace, args=(proc.pid, trace, progress, stop))
+            sampler.start()
+        try:
+            stdout, stderr = proc.communicate()
+        finally:
+            stop.set()
+            if sampler is not None:
+                sampler.join()
+        if proc.returncode != 0:
+            raise SystemExit(f"child failed ({proc.returncode}): {stderr[-2000:]}")
         peak = int(out.read().split()[-1]) / 1024  # kB
-    return run.stdout.strip().splitlines()[-1], peak
+    return stdout.strip().splitlines()[-1], peak
+
+
+def _trace(time_pid: int, trace: Path, progress: Any, stop: threading.Event) -> None:
+    """Append ``seconds VmHWM-MB VmRSS-MB progress`` of /usr/bin/time's child every 5 s."""
+    started = time.perf_counter()
+    pid = None
+    with trace.open("a") as log:
+        while not stop.wait(5):
+            try:
+                if pid is None:
+                    kids = Path(f"/proc/{time_pid}/task/{time_pid}/children").read_text()
+                    pid = int(kids.split()[0]) if kids.split() else None
+                    if pid is None:
+                        continue
+                fields = dict(
+                    line.split(":", 1)
+                    for line in Path(f"/proc/{pid}/status").read_text().splitlines()
+                )
+                hwm = int(fields["VmHWM"].split()[0]) / 1024
+                rss = int(fields["VmRSS"].split()[0]) / 1024
+            except (OSError, ValueError, KeyError):  # not started yet, or ended (a zombie)
+                continue
+            note = progress() if progress is not None else ""
+            log.write(f"{time.perf_counter() - started:8.0f} s  VmHWM {hwm:7.1f} MB  "
+                      f"VmRSS {rss:7.1f} MB  {note}\n")  # fmt: skip
+            log.flush()
 
 
 def make_small_files(src: Path, out: Path, files: int) -> Path:
@@ -139,7 +187,12 @@ def make_repeating(src: Path, out: Path, share: float = 0.3, seed: int = 1) -> P
 
 
 def copy_rss(
-    work: Path, uri: str, sizes: list[int], kinds: tuple[str, ...] = ("unique", "repeated")
+    work: Path,
+    uri: str,
+    sizes: list[int],
+    kinds: tuple[str, ...] = ("unique", "repeated"),
+    trace: Path | None = None,
+    source: Path | None = None,
 ) -> list[dict[str, Any]]:
     """``lakesync copy`` (the CLI, its own exec'd process) of a lake of unique keys and of
     one where 30% of the records repeat a key of another file, at each size: its peak RSS."""
@@ -152,9 +205,12 @@ def copy_rss(
     try:
         for rows in sizes:
             unique = work / f"unique-{rows}"
-            # files of about the same size at every lake size (the largest project's of
-            # ~18,000 records): the lake grows in files, as a lake does
-            generate(unique, rows, seed=5, files_per_partition=max(1, rows // 100_000))
+            if source is not None:  # the same lake, made before (a rerun, or a second kind)
+                unique = source
+            else:
+                # files of about the same size at every lake size (the largest project's of
+                # ~18,000 records): the lake grows in files, as a lake does
+                generate(unique, rows, seed=5, files_per_partition=max(1, rows // 100_000))
             lakes: dict[str, Path] = {}
             if "unique" in kinds:
                 lakes["unique keys"] = unique
@@ -171,8 +227,20 @@ def copy_rss(
                 }
                 cmd = [sys.executable, "-m", "lakesync", "copy", "copy-taskdetail",
                        "--source", str(lake), "--json"]  # fmt: skip
+                log = None
+                if trace is not None:
+                    log = trace / f"rss-{kind.split()[0].replace('%', '')}-{rows}.log"
+                    log.write_text(f"{kind}, {rows:,} records: lakesync copy's memory\n")
+
+                def written(db: str = database) -> str:
+                    try:
+                        n = client[db]["taskdetails"].estimated_document_count()
+                    except Exception as e:  # a sample, not the measure
+                        return f"({type(e).__name__})"
+                    return f"copy: {n:,} written" if n else "listing/plan (nothing written yet)"
+
                 started = time.perf_counter()
-                out, peak = measured(cmd, env)
+                out, peak = measured(cmd, env, log, written)
                 seconds = time.perf_counter() - started
                 client.drop_database(database)
                 final = json.loads(out)
@@ -190,19 +258,27 @@ def copy_rss(
                 print(f"  {kind:<14}{rows:>12,}{peak:>9.1f} MB{r['inserted']:>12,}"
                       f"{r['duplicates']:>12,}{r['rate']:>11,}", flush=True)  # fmt: skip
             for lake in lakes.values():
-                shutil.rmtree(lake, ignore_errors=True)
+                if lake != source:
+                    shutil.rmtree(lake, ignore_errors=True)
     finally:
         client.close()
     return results
 
 
-def rss_section(work: Path, uri: str, sizes: list[int], kinds: tuple[str, ...]) -> None:
+def rss_section(
+    work: Path,
+    uri: str,
+    sizes: list[int],
+    kinds: tuple[str, ...],
+    trace: Path | None = None,
+    source: Path | None = None,
+) -> None:
     """The copy peak RSS section: one row per copy, then the ratios against the smallest."""
     print(f"\ncopy peak RSS: `lakesync copy` in its own exec'd process, read by /usr/bin/time "
           f"(wait4 of that process); the embedded server is a separate process\n"
           f"  {'lake':<14}{'records':>12}{'peak RSS':>12}{'inserted':>12}{'duplicates':>12}"
           f"{'records/s':>11}")  # fmt: skip
-    results = copy_rss(work, uri, sizes, kinds)
+    results = copy_rss(work, uri, sizes, kinds, trace, source)
     limits = {1_000_000: 1.15, 10_000_000: 1.3}
     for kind in ("unique keys", "30% repeated"):
         runs = {r["records"]: r["rssMB"] for r in results if r["kind"] == kind}
@@ -456,14 +532,15 @@ def local_rows(rows: list[tuple[str, str, dict[str, Any]]], sizes: list[int]) ->
               f"{ratios[0]:.2f}, median {statistics.median(ratios):.2f}, max {ratios[-1]:.2f} "
               f"(load average now {os.getloadavg()[0]:.1f})")  # fmt: skip
     one, part = by[(f"{n:,} x 20", "one piece")], by[(f"{n:,} x 20", "partitioned")]
-    small = by[("5,000 x 20", "one piece")]
-    print(
-        f"\npartitioned / one piece at {n:,} files: {part['rate'] / one['rate']:.2f} (>= 0.9)\n"
-        f"20-row files / demo files (100,000 records): "
-        f"{small['rate'] / by[('demo files', 'one piece')]['rate']:.2f} (>= 0.7)\n"
-        f"peak RSS {n:,} / 1,000 files: "
-        f"{one['rssMB'] / by[('1,000 x 20', 'one piece')]['rssMB']:.2f} (<= 1.3)"
-    )
+    if len(ones) < 2:  # else the alternated pairs above
+        print(f"\npartitioned / one piece at {n:,} files: {part['rate'] / one['rate']:.2f} "
+              "(>= 0.9)")  # fmt: skip
+    small, demo = by.get(("5,000 x 20", "one piece")), by.get(("demo files", "one piece"))
+    if small and demo:
+        print(f"20-row files / demo files (100,000 records): {small['rate'] / demo['rate']:.2f} "
+              "(>= 0.7)")  # fmt: skip
+    if first := by.get(("1,000 x 20", "one piece")):
+        print(f"peak RSS {n:,} / 1,000 files: {one['rssMB'] / first['rssMB']:.2f} (<= 1.3)")
 
 
 def main() -> int:
@@ -482,7 +559,18 @@ def main() -> int:
         help="lake sizes of the copy peak RSS section (add 10000000 for the 10M figure)",
     )
     parser.add_argument("--rss-10m", action="store_true", help="also copy 10,000,000 records")
-    parser.add_argument("--rss-lakes", default="unique,repeated", help=argparse.SUPPRESS)
+    parser.add_argument("--rss-lakes", default="unique,repeated", help="unique,repeated or one")
+    parser.add_argument(
+        "--rss-trace",
+        type=Path,
+        help="a folder: every 5 s, each measured copy's VmHWM/VmRSS and records written",
+    )
+    parser.add_argument("--workdir", type=Path, help="lakes and server files here (kept)")
+    parser.add_argument(
+        "--rss-source",
+        type=Path,
+        help="the unique-keys lake of one --rss-rows size, made before (kept; not generated)",
+    )
     parser.add_argument("--child", nargs=3, help=argparse.SUPPRESS)
     parser.add_argument("--nullsink", nargs=2, help=argparse.SUPPRESS)
     parser.add_argument("--s3-child", nargs=2, help=argparse.SUPPRESS)
@@ -510,10 +598,13 @@ def main() -> int:
             sizes = [s for s in sizes if s <= 100_000] or sizes[:1]
         from lakesync.mongo import EmbeddedServer
 
-        work = Path(tempfile.mkdtemp(prefix="lakesync-rss-"))
+        work = Path(tempfile.mkdtemp(prefix="lakesync-rss-", dir=ns.workdir))
         server = EmbeddedServer(work / "mongo").start()
         try:
-            rss_section(work, server.uri, sizes, tuple(ns.rss_lakes.split(",")))
+            kinds = tuple(ns.rss_lakes.split(","))
+            if ns.rss_source is not None and len(sizes) != 1:
+                raise SystemExit("--rss-source is the lake of one size: give one --rss-rows")
+            rss_section(work, server.uri, sizes, kinds, ns.rss_trace, ns.rss_source)
         finally:
             server.stop()
             shutil.rmtree(work, ignore_errors=True)
@@ -532,8 +623,8 @@ def local_and_s3(ns: argparse.Namespace) -> None:
     from lakesync.mongo import EmbeddedServer
 
     sizes = [5000] if ns.s3_only else [1000, 5000] if ns.quick else [1000, 5000, 20000]
-    if ns.files:
-        sizes = sorted({5000, *(int(x) for x in ns.files.split(","))})
+    if ns.files:  # the S3 section reads the 5,000-file lake
+        sizes = sorted({*(() if ns.skip_s3 else (5000,)), *(int(x) for x in ns.files.split(","))})
     work = Path(tempfile.mkdtemp(prefix="lakesync-scale-"))
     server = EmbeddedServer(work / "mongo").start()
     try:
@@ -541,7 +632,7 @@ def local_and_s3(ns: argparse.Namespace) -> None:
         generate(demo, max(sizes) * ROWS_PER_FILE, seed=5)
         lakes = {n: make_small_files(demo, work / f"files{n}", n) for n in sizes}
         rows: list[tuple[str, str, dict[str, Any]]] = []
-        if not ns.s3_only:
+        if not ns.s3_only and 5000 in sizes:  # the 5,000 files' records in the demo's files
             big = work / "demo100k"
             generate(big, 5000 * ROWS_PER_FILE, seed=5)  # the demo lake's files, 100,000 records
             rows.append(("demo files", "one piece", run_child(big, server.uri, False)))
