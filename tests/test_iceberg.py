@@ -20,6 +20,7 @@ from typing import Any
 
 import httpx
 import pyarrow as pa
+import pyarrow.parquet as pq
 import pytest
 from pyiceberg.catalog.sql import SqlCatalog
 from pyiceberg.expressions import AlwaysTrue
@@ -109,24 +110,30 @@ def folder(table: Table) -> str:
     return table.metadata.location.removeprefix("file://")
 
 
-def lake_order(table: Table, snapshot_id: int | None = None) -> list[dict[str, Any]]:
-    """pyiceberg's rows of a snapshot, data file by data file in lake order; checked to be
-    exactly what ``scan(snapshot_id=...).to_arrow()`` returns."""
-    snapshot_id = snapshot_id or table.metadata.current_snapshot_id
-    scan = table.scan(snapshot_id=snapshot_id)
-    entries = table.inspect.entries(snapshot_id).to_pylist()
-    place = {
-        e["data_file"]["file_path"]: (e["sequence_number"], i)
-        for i, e in enumerate(entries)
-        if e["data_file"]["content"] == 0 and e["status"] != 2
-    }
-    tasks = sorted(scan.plan_files(), key=lambda t: place[t.file.file_path])
-    out: list[dict[str, Any]] = []
-    for task in tasks:
+def files_read(table: Table, snapshot_id: int | None = None) -> dict[str, list[dict[str, Any]]]:
+    """pyiceberg's rows of each data file of a snapshot (its deletes applied), by path as
+    lakesync names files; checked to be together what ``scan(...).to_arrow()`` returns."""
+    scan = table.scan(snapshot_id=snapshot_id or table.metadata.current_snapshot_id)
+    out: dict[str, list[dict[str, Any]]] = {}
+    for task in scan.plan_files():
         reader = ArrowScan(table.metadata, table.io, scan.projection(), AlwaysTrue())
-        out += reader.to_table([task]).to_pylist()
-    assert same_rows(out, scan.to_arrow().to_pylist())
+        out[shown(task.file.file_path)] = reader.to_table([task]).to_pylist()
+    assert same_rows([r for rs in out.values() for r in rs], scan.to_arrow().to_pylist())
     return out
+
+
+def in_order(lake: Lake, table: Table, snapshot_id: int | None = None) -> list[dict[str, Any]]:
+    """pyiceberg's rows of each data file, the files in the order lakesync lists them."""
+    rows = files_read(table, snapshot_id)
+    assert sorted(lake.files) == sorted(rows)
+    return [r for f in lake.files for r in rows[f]]
+
+
+def oracle(table: Table, snapshot_id: int | None = None) -> tuple[dict[str, str], int]:
+    """pyiceberg's ``scan().to_arrow()`` of a snapshot: the newest version of every key (by
+    updatedAt, which every version written here moves on) and the number of rows."""
+    scanned = table.scan(snapshot_id=snapshot_id or table.metadata.current_snapshot_id)
+    return newest(scanned.to_arrow().to_pylist()), scanned.to_arrow().num_rows
 
 
 def same_rows(a: list[dict[str, Any]], b: list[dict[str, Any]]) -> bool:
@@ -135,7 +142,18 @@ def same_rows(a: list[dict[str, Any]], b: list[dict[str, Any]]) -> bool:
 
 
 def newest(rows: list[dict[str, Any]]) -> dict[str, str]:
-    """The last record of each key in lake order: key -> notes."""
+    """The newest version (latest updatedAt) of each key: key -> notes."""
+    best: dict[str, dict[str, Any]] = {}
+    for r in rows:
+        seen = best.get(r[KEY])
+        assert seen is None or seen["updatedAt"] != r["updatedAt"] or seen == r, (seen, r)
+        if seen is None or r["updatedAt"] > seen["updatedAt"]:
+            best[r[KEY]] = r
+    return {k: r["notes"] for k, r in best.items()}
+
+
+def last(rows: list[dict[str, Any]]) -> dict[str, str]:
+    """The last record of each key in the order given: key -> notes."""
     return {r[KEY]: r["notes"] for r in rows}
 
 
@@ -172,25 +190,29 @@ def history(catalog: SqlCatalog) -> Table:
 
 def test_a_table_reads_as_pyiceberg_reads_it_in_lake_order(catalog: SqlCatalog) -> None:
     table = history(catalog)
-    expected = lake_order(table)
     lake = Lake.open(folder(table))  # the table's folder: its highest-numbered metadata
     assert lake.format == "iceberg" and lake.version == table.metadata.current_snapshot_id
     assert lake.pins() == {"icebergSnapshotId": table.metadata.current_snapshot_id}
     got = read_all(lake)
-    assert got == expected  # the same rows in the same order
+    expected = in_order(lake, table)
+    assert got == expected  # each file's rows as pyiceberg reads them
+    assert last(got) == oracle(table)[0]  # and the files in an order where the newest wins
     assert "owner" in lake.schema.names and "assignee" not in lake.schema.names
     assert {r["owner"] for r in got} >= {"a2", None}  # renamed by field id in old files
     assert lake.count_rows() == len(expected) == sum(lake.file_row_counts())
     assert lake.file_name(0).startswith("data/")
     # the metadata file named directly, and an older one: that snapshot
     assert read_all(Lake.open(table.metadata_location.removeprefix("file://"))) == expected
+    for old in table.metadata.snapshots[1:-1]:
+        pinned = Lake.open(folder(table), snapshot_id=old.snapshot_id)
+        rows = read_all(pinned)
+        assert rows == in_order(pinned, table, old.snapshot_id)
+        assert last(rows) == oracle(table, old.snapshot_id)[0], old
     old = table.metadata.snapshots[1]
     older = sorted(Path(folder(table), "metadata").glob("00002-*.metadata.json"))[0]
     lake2 = Lake.open(str(older))
     assert lake2.version == old.snapshot_id
-    assert read_all(lake2) == lake_order(table, old.snapshot_id)
-    pinned = Lake.open(folder(table), snapshot_id=old.snapshot_id)
-    assert read_all(pinned) == lake_order(table, old.snapshot_id)
+    assert read_all(lake2) == in_order(lake2, table, old.snapshot_id)
 
 
 def test_every_position_resumes_with_exactly_the_rest(catalog: SqlCatalog) -> None:
@@ -260,7 +282,7 @@ def test_a_format_v1_table_follows_its_history(catalog: SqlCatalog) -> None:
     got = read_all(Lake.open(folder(table)))
     assert same_rows(got, table.scan().to_arrow().to_pylist())
     assert [r["notes"] for r in got] == ["v1"] * 20 + ["v2"] * 20 + ["v3"] * 20
-    assert newest(got)["K00015"] == "v3" and newest(got)["K00012"] == "v2"
+    assert last(got)["K00015"] == "v3" and last(got)["K00012"] == "v2"
 
 
 def test_partition_evolution_and_files_of_every_spec(catalog: SqlCatalog) -> None:
@@ -280,8 +302,8 @@ def test_partition_evolution_and_files_of_every_spec(catalog: SqlCatalog) -> Non
     assert len(table.metadata.partition_specs) == 3
     lake = Lake.open(folder(table))
     got = read_all(lake)
-    assert got == lake_order(table)
-    assert newest(got)["K00045"] == "v2" and "K00001" not in newest(got)
+    assert got == in_order(lake, table) and last(got) == oracle(table)[0]
+    assert last(got)["K00045"] == "v2" and "K00001" not in last(got)
 
 
 # -- copies ------------------------------------------------------------------------------------
@@ -319,7 +341,7 @@ def check(
     assert done.processedRecords == parts == done.totalRecords
     snapshot = snapshot or table.metadata.current_snapshot_id
     assert done.options["icebergSnapshotId"] == snapshot
-    expected = newest(lake_order(table, snapshot))
+    expected = oracle(table, snapshot)[0]
     stored = {d["_id"]: d["notes"] for d in db.tasks.find({}, {"notes": 1})}
     assert {k: stored.get(k) for k in expected} == expected
     if empty_before:
@@ -327,8 +349,24 @@ def check(
 
 
 def deletes(t: Table) -> None:
-    t.delete("taskDetailId < 'K00010'")
-    position_delete(t.refresh(), lake_file(t.refresh(), -1), [1, 2])
+    """A copy-on-write delete rewriting files of several ages (their other rows carried into
+    new files), then a position delete of versions a newer one replaces (a delete of a
+    key's newest version brings back the one before, which only a full copy writes: the
+    README's limit), then an append."""
+    t.delete("taskDetailId < 'K00010' or taskDetailId = 'K00251'")
+    t = t.refresh()
+    newer = oracle(t)[0]
+    for path in lake_files(t):
+        local = shown(path)
+        physical = pq.read_table(local, columns=[KEY, "notes"]).to_pylist()
+        version = lambda notes: int(notes[1:])  # noqa: E731
+        old = [i for i, r in enumerate(physical)
+               if r[KEY] in newer and version(r["notes"]) < version(newer[r[KEY]])]  # fmt: skip
+        if len(old) >= 3:
+            position_delete(t, path, old[:3])
+            break
+    else:
+        raise AssertionError("no file holds old versions")
     add(t, rows(keys(5, 500), 6))
 
 
@@ -370,7 +408,7 @@ def test_full_incremental_full_and_mirror_copies_follow_the_table(
     with Runtime(settings) as rt:
         first = run(rt, "ice", mode="full")
         check(first, db, table, empty_before=True)
-        assert first.duplicateRecords == len(lake_order(table)) - first.insertedRecords > 0
+        assert first.duplicateRecords == oracle(table)[1] - first.insertedRecords > 0
         CHANGES[change](table)
         table = table.refresh()
         incremental = run(rt, "ice", mode="incremental")
@@ -385,7 +423,7 @@ def test_full_incremental_full_and_mirror_copies_follow_the_table(
         assert again.updatedRecords == (lacking if change == "schema evolution" else 0)
         mirror = run(rt, "ice", mode="mirror")
         check(mirror, db, table)
-        assert db.tasks.count_documents({}) == len(newest(lake_order(table)))
+        assert db.tasks.count_documents({}) == len(oracle(table)[0])
         rerun = run(rt, "ice", mode="full")
         check(rerun, db, table)
         assert rerun.insertedRecords == rerun.updatedRecords == 0
@@ -456,11 +494,16 @@ def partitioned(settings: Settings, seed: int) -> JobStatus:
     return done
 
 
-def lake_file(table: Table, index: int) -> str:
+def lake_files(table: Table) -> list[str]:
+    """The snapshot's data files, as its manifests name them, by sequence number."""
     entries = table.inspect.entries().to_pylist()
     data = [e for e in entries if e["data_file"]["content"] == 0 and e["status"] != 2]
     data.sort(key=lambda e: e["sequence_number"])
-    return str(data[index]["data_file"]["file_path"])
+    return [str(e["data_file"]["file_path"]) for e in data]
+
+
+def lake_file(table: Table, index: int) -> str:
+    return lake_files(table)[index]
 
 
 def test_a_catalog_table_of_lakesync_toml(
@@ -618,12 +661,12 @@ def test_a_table_on_s3(moto: str, settings: Settings, db: Any, tmp_path: Path) -
         table = table.refresh()
         position_delete(table, lake_file(table, 0), [7])
         table = table.refresh()
-        expected = lake_order(table)
         s3 = settings.model_copy(update={"s3_endpoint_url": moto, "s3_region": REGION})
         source = table.metadata.location  # s3://ice/wh/ns/tasks
         lake = Lake.open(source, settings=s3)
         assert lake.format == "iceberg" and all(f.startswith("s3://ice/") for f in lake.files)
-        assert read_all(lake) == expected
+        got = read_all(lake)
+        assert got == in_order(lake, table) and last(got) == oracle(table)[0]
         ops = operations_file(tmp_path, tmp_path, source)
         with Runtime(s3.model_copy(update={"operations_file": ops})) as rt:
             done = run(rt, "ice")
