@@ -16,7 +16,8 @@ order:
   file's data sequence number (v2); a v1 table numbers no sequence, so the parent
   snapshot's entries tell which snapshot added each removed file (``rank``);
 - which removed files an added file replaced: Iceberg does not record it, so it is told
-  from the manifests: those of the same partition, with at least as many rows, whose
+  from the manifests: those of the same partition (when of the same partition spec: a
+  rewrite under a newer spec splits a file by it), with at least as many rows, whose
   column bounds (and null counts) hold the added file's. A rewrite of several files of
   different ages (one delete touching old and new files) then places each new file where
   its own source was. When no removed file fits (an update moved values out of range),
@@ -151,12 +152,13 @@ def _field_types(table: Table) -> dict[int, Any]:
 
 
 def _could_hold(source: DataFile, out: DataFile, types: dict[int, Any]) -> bool:
-    """Whether ``out`` may hold rows of ``source`` only: the same partition, no more rows,
-    and per column no more nulls and bounds inside the source's (where both have them)."""
+    """Whether ``out`` may hold rows of ``source`` only: the same partition (of the same
+    spec), no more rows, and per column no more nulls and bounds inside the source's (where
+    both have them)."""
     from pyiceberg.conversions import from_bytes
 
-    if source.spec_id != out.spec_id or source.partition != out.partition:
-        return False
+    if source.spec_id == out.spec_id and source.partition != out.partition:
+        return False  # (a rewrite under a newer spec may split a file: bounds tell then)
     if out.record_count > source.record_count:
         return False
     nulls, out_nulls = source.null_value_counts or {}, out.null_value_counts or {}
