@@ -344,6 +344,28 @@ def test_a_file_rewritten_by_a_delete_keeps_its_place(catalog: SqlCatalog) -> No
     assert last(got) == oracle(table)[0]
 
 
+def test_an_unpartitioned_position_delete_applies_to_files_of_every_spec(
+    catalog: SqlCatalog,
+) -> None:
+    """The Iceberg spec: a position delete file of an unpartitioned spec applies to the data
+    files of every spec (pyiceberg's planner matched it to files of its own spec only, so a
+    file of a later partitioned spec kept the deleted rows)."""
+    table = catalog.create_table("ns.global", schema=SCHEMA)
+    table.append(rows(keys(5), 1))  # spec 0
+    with table.update_spec() as update:
+        update.add_identity("projectId")
+    table = table.refresh()
+    table.append(rows(keys(6, 10), 2))  # spec 1: a file per project
+    table = table.refresh()
+    target = next(t.file for t in table.scan().plan_files() if t.file.spec_id == 1)
+    position_delete(table, target.file_path, [0])  # spec 0, no partition
+    table = table.refresh()
+    want = table.scan().to_arrow().to_pylist()  # pyiceberg applies it by path to every file
+    assert len(want) == 10
+    got = read_all(Lake.open(folder(table)))
+    assert same_rows(got, want)
+
+
 _OPS = st.one_of(
     st.tuples(st.just("append"), st.sets(st.integers(0, 11), min_size=1)),
     st.tuples(st.just("delete"), st.sets(st.integers(0, 11), min_size=1, max_size=3)),

@@ -319,6 +319,8 @@ class IcebergSnapshot:
         placed: dict[str, OrderKey] = {}  # data file -> its place in lake order (module doc)
         sequences: dict[str, int] = {}  # data file -> its data sequence number
         equality: list[tuple[DataFile, int]] = []
+        everywhere: list[tuple[DataFile, int]] = []  # position deletes of an unpartitioned spec
+        specs = table.metadata.specs()
         # v1 tables have no sequence numbers (all are 0): the place in the table's history of
         # the snapshot that added a file stands in for it, as a v2 table would have numbered it
         history = list(ancestors_of(snapshot, table.metadata))[::-1]
@@ -338,6 +340,11 @@ class IcebergSnapshot:
             if f.content == DataFileContent.EQUALITY_DELETES:  # pyiceberg refuses them
                 equality.append((f, seq))
                 return False
+            if (
+                f.content == DataFileContent.POSITION_DELETES
+                and specs[f.spec_id].is_unpartitioned()
+            ):
+                everywhere.append((f, seq))
             if f.content == DataFileContent.DATA:
                 own, sequences[f.file_path] = (seq, next(order)), seq
                 base = rewrites.get(f.file_path)  # written by a rewrite: its source's place
@@ -362,11 +369,14 @@ class IcebergSnapshot:
             raise SourceError(
                 f"Cannot plan the Iceberg table {self.uri}: {short_error(str(e))}.", uri=self.uri
             ) from e
-        specs = table.metadata.specs()
         units = []
         for task in tasks:
             data = task.file
             seq = sequences[data.file_path]
+            if not specs[data.spec_id].is_unpartitioned():
+                # an unpartitioned spec's position deletes apply to files of every spec (the
+                # Iceberg spec); pyiceberg's planner matches them to their own spec only
+                task.delete_files |= {f for f, f_seq in everywhere if f_seq >= seq}
             applies = tuple(
                 f
                 for f, f_seq in equality
