@@ -183,6 +183,60 @@ def test_delta_appends_deletes_overwrites_and_new_columns_copy_as_deltalake_read
     db.client.drop_database(s.database)
 
 
+def upsert(path: Path, table: pa.Table) -> None:
+    """A MERGE of ``table`` on the key: matched rows updated (their files rewritten),
+    others inserted; the table keeps one row per key."""
+    (
+        DeltaTable(str(path))
+        .merge(table, "t.taskDetailId = s.taskDetailId", source_alias="s", target_alias="t")
+        .when_matched_update_all()
+        .when_not_matched_insert_all()
+        .execute()
+    )
+
+
+def one_per_key(t: pa.Table) -> pa.Table:
+    return pa.Table.from_pylist(
+        list({r["taskDetailId"]: r for r in t.to_pylist()}.values()), SCHEMA
+    )
+
+
+def test_optimize_after_merges_copies_the_newest_of_every_key(
+    settings: Settings, tmp_path: Path
+) -> None:
+    """OPTIMIZE (delta-rs ``optimize.compact``) merges the live rows of files of many
+    versions into one file, with no per-row version left. A table updated by MERGE holds one
+    live row per key, so the compacted file holds only the newest version of each: full,
+    incremental and full copies again equal deltalake's reading, and reruns change nothing."""
+    rng = random.Random(11)
+    table = tmp_path / "t"
+    first, *later = versions(rng, 1, 8)
+    write_deltalake(str(table), one_per_key(first), partition_by=["projectId"])
+    for v, t in enumerate(later[:4], 2):  # keys updated (files rewritten), others appended
+        upsert(table, one_per_key(t))
+        new = [record(f"N{v}{k}", v) for k in range(5)]
+        write_deltalake(str(table), pa.Table.from_pylist(new, SCHEMA), mode="append")
+    s = fresh(settings, table, partition_rows=15, batch_size=8)
+    db = database_of(s)
+    check(run_whole(s), db, table, before={})
+    assert oracle(table)[1] == len(oracle(table)[0])  # one live row per key
+    files_before = len(DeltaTable(str(table)).file_uris())
+    DeltaTable(str(table)).optimize.compact()
+    assert len(DeltaTable(str(table)).file_uris()) < files_before
+    done = incremental(s)  # the compacted file holds no new version
+    assert done.status == JobState.COMPLETED, done.error
+    assert (done.insertedRecords, done.updatedRecords) == (0, 0) and stored(db) == oracle(table)[0]
+    rerun_changes_nothing(s, "whole", db, table)  # (one file now: one partition)
+    for t in later[4:]:  # updates after the compaction, then compacted again
+        upsert(table, one_per_key(t))
+    done = incremental(s)
+    assert done.status == JobState.COMPLETED, done.error
+    assert stored(db) == oracle(table)[0]
+    DeltaTable(str(table)).optimize.compact()
+    check(run_whole(s), db, table, before=stored(db))
+    db.client.drop_database(s.database)
+
+
 def test_ten_appends_of_one_key_end_with_the_tenth(settings: Settings, tmp_path: Path) -> None:
     """The issue's case: v1..v10 of K appended, the copy holds v10 with 9 duplicates; after
     an incremental copy of v11, a full copy changes nothing."""

@@ -271,11 +271,9 @@ class JobRunner:
                         lambda: self.watermarks.get(op.name, source, column),
                         "reading the watermark",
                     )
-                    # the files an Iceberg snapshot added since the last copy are the change
-                    # itself, read whole: a delete or update rewrites untouched rows into new
-                    # files, which now come last in lake order, older watermark or not
-                    changes = lake.format == "iceberg" and lake.since_version is not None
-                    since = None if changes else reach_back(saved, op.lookback)
+                    # of the files a table version added since the last copy (Delta,
+                    # Iceberg), only the newer records: a rewrite's files carry old rows
+                    since = reach_back(saved, op.lookback)
                 changed, until = scan(lake, column, since)
                 until = later(until, saved)  # a watermark never moves back
             # the file it starts in: named if the reader crashes before the first commit

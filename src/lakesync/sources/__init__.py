@@ -14,6 +14,7 @@
   mapping), read by ``deltalake``; ``deltalog``: their commit order;
 - ``iceberg``: Iceberg tables (a snapshot's data files in sequence-number order, position
   and equality deletes, schema and partition evolution), read by ``pyiceberg``;
+  ``icebergorder``: where the files a rewrite wrote come in that order;
 - ``stream``: batches assembled across files, read ahead of the consumer.
 
 Where a lake lives (local or S3) and its storage errors: ``lakesync.locations``.

@@ -26,12 +26,25 @@ import bisect
 import os
 import stat
 import tempfile
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import pyarrow as pa
 import pyarrow.compute as pc
+
+#: a data file's place in a table's lake order (Delta, Iceberg), compared as tuples
+OrderKey = tuple[int | str, ...]
+
+
+def rewritten_place(removed: Iterable[OrderKey], own: OrderKey) -> OrderKey:
+    """The place of a file a rewrite wrote (a copy-on-write DELETE, UPDATE or MERGE, a
+    compaction): it carries rows of the files the rewrite removed, so it takes the place
+    of the newest of them, then ``own`` (its commit and its place in it). An old row it
+    carries then never comes after a newer row of the same key written in between, as it
+    would if the rewrite's commit were its place."""
+    return (*max(removed), *own)
 
 
 @dataclass(frozen=True)

@@ -10,7 +10,8 @@ place in that commit (the order of its ``add`` actions). delta-rs names files
 - A file written by a rewrite (DELETE, UPDATE, MERGE, OPTIMIZE..., or adds that change no
   data) holds rows carried over from the files that commit removed: it takes the place of
   the newest of them (then its own version and place), so an old row it carries does not
-  come after a newer row of the same key written in between.
+  come after a newer row of the same key written in between (``base.rewritten_place``,
+  the rule Iceberg's order follows too).
 - A file whose commit JSON is gone (the log was cleaned up after a checkpoint) comes before
   every file known from a commit, ordered by its modification time, then its path.
 """
@@ -29,11 +30,9 @@ import pyarrow.fs as pafs
 
 from lakesync.errors import SourceError
 from lakesync.locations import Location, read_error
+from lakesync.sources.base import OrderKey, rewritten_place
 
 logger = logging.getLogger(__name__)
-
-#: a file's place in the table: compared as tuples (see ``commit_order``)
-OrderKey = tuple[int | str, ...]
 
 _COMMIT = re.compile(r"(\d{20})\.json")
 #: operations whose added files carry rows of the files they remove
@@ -99,10 +98,10 @@ def _apply(commit: _Commit, keys: dict[str, OrderKey]) -> None:
     rewrite = commit.operation.upper().startswith(_REWRITES) or (
         bool(commit.adds) and not any(change for _, change in commit.adds)
     )
-    base: OrderKey = max(removed) if rewrite and removed else (1,)
     for index, (path, _) in enumerate(commit.adds):
         if path not in keys:
-            keys[path] = (*base, commit.version, index)
+            own = (commit.version, index)
+            keys[path] = rewritten_place(removed, own) if rewrite and removed else (1, *own)
 
 
 def _read_commit(

@@ -7,11 +7,12 @@ columns) and its partition values filled in. A table is named by a metadata file
 folder (see ``metadata_file``), or through a catalog declared in lakesync.toml.
 
 Lake order is the snapshot's data sequence numbers, then manifest order: each data file is a
-unit, read in that order, rows in file order. Equality deletes, which pyiceberg does not apply
-yet, are applied here by the Iceberg spec's rules (a delete file of a higher data sequence
-number, in the data file's partition or in an unpartitioned spec; nulls match nulls). A unit's
-rows (after deletes) are the same on every read of the same snapshot, so a checkpoint (unit,
-row) means the same rows on every run.
+unit, read in that order, rows in file order; a file a rewrite wrote (a copy-on-write delete
+or update, a compaction) takes the place of the newest file it replaced (``icebergorder``).
+Equality deletes, which pyiceberg does not apply yet, are applied here by the Iceberg spec's
+rules (a delete file of a higher data sequence number, in the data file's partition or in an
+unpartitioned spec; nulls match nulls). A unit's rows (after deletes) are the same on every
+read of the same snapshot, so a checkpoint (unit, row) means the same rows on every run.
 """
 
 from __future__ import annotations
@@ -32,6 +33,8 @@ import pyarrow.fs as pafs
 from lakesync.config import Settings
 from lakesync.errors import SourceError, TransientSourceError
 from lakesync.locations import Location, read_error, short_error
+from lakesync.sources.base import OrderKey, rewritten_place
+from lakesync.sources.icebergorder import rewrite_places
 
 if TYPE_CHECKING:
     from pyiceberg.manifest import DataFile
@@ -313,13 +316,20 @@ class IcebergSnapshot:
         from pyiceberg.table.snapshots import ancestors_of
 
         table, order = self._table, itertools.count()
-        placed: dict[str, tuple[int, int]] = {}  # data file -> (sequence number, manifest order)
+        placed: dict[str, OrderKey] = {}  # data file -> its place in lake order (module doc)
+        sequences: dict[str, int] = {}  # data file -> its data sequence number
         equality: list[tuple[DataFile, int]] = []
+        everywhere: list[tuple[DataFile, int]] = []  # position deletes of an unpartitioned spec
+        specs = table.metadata.specs()
         # v1 tables have no sequence numbers (all are 0): the place in the table's history of
         # the snapshot that added a file stands in for it, as a v2 table would have numbered it
         history = list(ancestors_of(snapshot, table.metadata))[::-1]
         rank = {s.snapshot_id: i + 1 for i, s in enumerate(history)}
         v1 = table.metadata.format_version == 1
+
+        def check(path: str) -> None:
+            if confined is not None:
+                _confined(path, confined, self.uri)
 
         def take(entry: Any) -> bool:  # called in manifest order, entry by entry
             f, seq = entry.data_file, entry.sequence_number or 0
@@ -330,11 +340,19 @@ class IcebergSnapshot:
             if f.content == DataFileContent.EQUALITY_DELETES:  # pyiceberg refuses them
                 equality.append((f, seq))
                 return False
+            if (
+                f.content == DataFileContent.POSITION_DELETES
+                and specs[f.spec_id].is_unpartitioned()
+            ):
+                everywhere.append((f, seq))
             if f.content == DataFileContent.DATA:
-                placed[f.file_path] = (seq, next(order))
+                own, sequences[f.file_path] = (seq, next(order)), seq
+                base = rewrites.get(f.file_path)  # written by a rewrite: its source's place
+                placed[f.file_path] = own if base is None else rewritten_place((base,), own)
             return True
 
         try:
+            rewrites = rewrite_places(table, history, rank if v1 else None, check)
             if confined is not None:
                 _confined(snapshot.manifest_list, confined, self.uri)
             manifests = snapshot.manifests(table.io)
@@ -351,11 +369,14 @@ class IcebergSnapshot:
             raise SourceError(
                 f"Cannot plan the Iceberg table {self.uri}: {short_error(str(e))}.", uri=self.uri
             ) from e
-        specs = table.metadata.specs()
         units = []
         for task in tasks:
             data = task.file
-            seq, _ = placed[data.file_path]
+            seq = sequences[data.file_path]
+            if not specs[data.spec_id].is_unpartitioned():
+                # an unpartitioned spec's position deletes apply to files of every spec (the
+                # Iceberg spec); pyiceberg's planner matches them to their own spec only
+                task.delete_files |= {f for f, f_seq in everywhere if f_seq >= seq}
             applies = tuple(
                 f
                 for f, f_seq in equality
