@@ -25,9 +25,11 @@ import pyarrow.fs as pafs
 
 from lakesync.errors import SourceError
 from lakesync.locations import Location
+from lakesync.sources import widecsv
 from lakesync.sources.base import FileFacts, with_partition_columns
 from lakesync.sources.jsonarray import is_json_array, ndjson_copy
 from lakesync.sources.jsondepth import guard
+from lakesync.sources.widecsv import CSV_BLOCK_BYTES, convert_options, parse_options
 
 #: the text formats and their pyarrow dataset formats
 FORMATS = {"csv": ds.CsvFileFormat, "json": ds.JsonFileFormat}
@@ -48,11 +50,6 @@ def compression_of(path: str) -> str | None:
     return next((codec for s, codec in COMPRESSIONS.items() if lower.endswith(s)), None)
 
 
-#: a CSV block must hold a whole record: a cell may be as large as a MongoDB document
-#: (16 MB), which Arrow's default block (1 MB) refused ("straddles two block boundaries")
-CSV_BLOCK_BYTES = 17 << 20
-
-
 @dataclass(frozen=True)
 class CsvOptions:
     """How an operation's CSV files are read (lakesync.toml: `encoding`, `delimiter`,
@@ -66,7 +63,7 @@ class CsvOptions:
     #: the names of the first columns of a file without a header (the declared fields)
     names: tuple[str, ...] = ()
 
-    def file_format(self, columns: list[str] | None = None) -> ds.CsvFileFormat:
+    def file_format(self, columns: list[str] | None = None) -> ds.FileFormat:
         """The dataset format; ``columns``: the file's column names (then its header line,
         if any, is skipped rather than read as names)."""
         read = pacsv.ReadOptions(encoding=self.encoding, block_size=CSV_BLOCK_BYTES)
@@ -75,15 +72,12 @@ class CsvOptions:
             read.skip_rows = 1 if self.header else 0
         elif not self.header:
             read.autogenerate_column_names = True  # f0, f1...
-        parse = pacsv.ParseOptions(delimiter=self.delimiter, newlines_in_values=True)
-        convert = pacsv.ConvertOptions(
-            column_types={name: pa.string() for name in self.text},
-            null_values=[""],
-            strings_can_be_null=True,
-            quoted_strings_can_be_null=False,
-            check_utf8=False,  # bad text rejects its record (``decoded``), not its column
+        convert = convert_options({name: pa.string() for name in self.text})
+        return ds.CsvFileFormat(
+            parse_options=parse_options(self.delimiter),
+            convert_options=convert,
+            read_options=read,
         )
-        return ds.CsvFileFormat(parse_options=parse, convert_options=convert, read_options=read)
 
     def named(self, found: list[str]) -> list[str] | None:
         """The column names a file is read with, if not those ``found`` in it (None)."""
@@ -118,16 +112,14 @@ def inspect_file(
         safe = guard(fs, real, codec)
         if safe.path != real:  # a plain NDJSON copy
             fs, real, size, refused, codec = safe.fs, safe.path, None, safe.refused, None
-    opened = real
+    opened, source = real, fs
     if codec is not None and not real.endswith(_ARROW_SUFFIX[codec]):  # .zst, .GZ...
         fs, opened = pafs.PyFileSystem(_CodecAliases(fs)), real + _ARROW_SUFFIX[codec]
     if fmt == "csv":
         csv = csv or CsvOptions()
-        fragment = csv.file_format().make_fragment(
-            opened, filesystem=fs, partition_expression=expr, file_size=size
-        )
-        try:
-            names = csv.named(fragment.physical_schema.names)
+        try:  # the names from the first record: Arrow's reader refuses two empty ones
+            head = widecsv.first_record(source, real, codec, csv.encoding, csv.delimiter)
+            found = [v.decode() if csv.header else "" for v in head]
         except UnicodeDecodeError as e:  # pyarrow hands the header's names over as UTF-8
             raise SourceError(
                 f"The header of {loc.show(path)} is not valid {csv.encoding} (byte "
@@ -136,10 +128,24 @@ def inspect_file(
                 '"latin-1")',
                 uri=loc.show(path),
             ) from e
-        if names is not None:  # no header, or an empty name in it: read with these names
-            fragment = csv.file_format(names).make_fragment(
-                opened, filesystem=fs, partition_expression=expr, file_size=size
+        names = csv.named(found)
+        if len(head) > widecsv.WIDE_COLUMNS:  # Arrow's reader would take ~10 KB a column
+            copy = widecsv.wide_copy(
+                source,
+                real,
+                codec,
+                encoding=csv.encoding,
+                delimiter=csv.delimiter,
+                header=csv.header,
+                names=names or found,
+                text=csv.text,
             )
+            fs, opened, size, file_format = pafs.LocalFileSystem(), copy, None, _WIDE
+        else:  # no header, or an empty name in it: read with the names made for it
+            file_format = csv.file_format(names)
+        fragment = file_format.make_fragment(
+            opened, filesystem=fs, partition_expression=expr, file_size=size
+        )
     else:
         fragment = FORMATS[fmt]().make_fragment(
             opened, filesystem=fs, partition_expression=expr, file_size=size
@@ -148,6 +154,8 @@ def inspect_file(
     return FileFacts(real, size, None, expr, refused=refused), schema, fragment
 
 
+#: a CSV file of very many columns is read from an Arrow IPC copy (see ``widecsv``)
+_WIDE = ds.IpcFileFormat()
 #: the extension pyarrow's text formats infer each codec from (lower case only)
 _ARROW_SUFFIX = {"gzip": ".gz", "bz2": ".bz2", "zstd": ".zstd"}
 
