@@ -58,7 +58,8 @@ class CsvOptions:
     encoding: str = "utf-8"
     delimiter: str = ","
     header: bool = True
-    #: columns read as text, as written: the declared fields and the key columns
+    #: columns read as text, as written: the declared fields and the key columns (in JSON
+    #: files too: a JSON string of them is never read as a date, see ``as_written``)
     text: frozenset[str] = field(default_factory=frozenset)
     #: the names of the first columns of a file without a header (the declared fields)
     names: tuple[str, ...] = ()
@@ -151,7 +152,20 @@ def inspect_file(
             opened, filesystem=fs, partition_expression=expr, file_size=size
         )
     schema = with_partition_columns(fragment.physical_schema, keys)
+    if fmt == "json" and csv is not None:  # (the scan's schema is the reader's explicit one)
+        schema = as_written(schema, csv.text)
     return FileFacts(real, size, None, expr, refused=refused), schema, fragment
+
+
+def as_written(schema: pa.Schema, text: frozenset[str]) -> pa.Schema:
+    """A JSON file's ``schema`` with its ``text`` columns (the key, declared strings) that
+    Arrow's reader inferred as timestamps from their JSON strings read as those strings: a
+    key "2024-01-02" would be a date in this file and a string in a file whose other keys
+    are not dates, two keys where the files hold one."""
+    for i, f in enumerate(schema):
+        if f.name in text and (pa.types.is_timestamp(f.type) or pa.types.is_date(f.type)):
+            schema = schema.set(i, f.with_type(pa.string()))
+    return schema
 
 
 #: a CSV file of very many columns is read from an Arrow IPC copy (see ``widecsv``)
