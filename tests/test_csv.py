@@ -325,3 +325,34 @@ def test_a_file_of_30000_columns_takes_much_less_memory_than_arrows_reader(
         rows, peaks[way] = map(int, out.stdout.split())
         assert rows == 3
     assert peaks["wide"] < peaks["arrow"] * 0.7, peaks  # (measured: ~120 MB against ~225 MB)
+
+
+def test_an_empty_last_cell_that_ends_the_file_is_null_after_a_quoted_cell(
+    settings: Settings, db: Any, tmp_path: Path
+) -> None:
+    lake = tmp_path / "eof"
+    lake.mkdir()
+    (lake / "a.csv").write_text('id,note,tail\n1,"x",""\n2,"y",')  # no line break at the end
+    types = {"id": "string", "note": "string", "tail": "string"}
+    _copy(settings, tmp_path, _toml("eof", lake, types), "eof")
+    oracle = _oracle([lake / "a.csv"], {"id": "VARCHAR", "note": "VARCHAR", "tail": "VARCHAR"})
+    assert oracle["2"]["tail"] is None and oracle["1"]["tail"] == ""  # (Arrow read "")
+    assert _collection(db, "eof") == oracle
+
+
+@pytest.mark.parametrize("megabytes", [2, 15])
+def test_a_cell_of_many_megabytes_is_copied_as_duckdb_reads_it(
+    settings: Settings, db: Any, tmp_path: Path, megabytes: int
+) -> None:
+    lake = tmp_path / "cells"
+    lake.mkdir()
+    big = 'a "quoted" line\n' * (megabytes << 16)  # 16 bytes a line
+    quoted = big.replace('"', '""')
+    (lake / "a.csv").write_text(f'id,text,n\nsmall,x,1\nbig,"{quoted}",2\nafter,,3\n')
+    types = {"id": "string", "text": "string", "n": "int"}
+    done = _copy(settings, tmp_path, _toml("cells", lake, types), "cells")
+    assert (done.insertedRecords, done.errorRecords) == (3, 0), done
+    oracle = _oracle([lake / "a.csv"], {"id": "VARCHAR", "text": "VARCHAR", "n": "BIGINT"},
+                     max_line_size=20 << 20)  # fmt: skip
+    assert len(oracle["big"]["text"]) == megabytes << 20
+    assert _collection(db, "cells") == oracle

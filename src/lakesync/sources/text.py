@@ -130,7 +130,10 @@ def inspect_file(
                 uri=loc.show(path),
             ) from e
         names = csv.named(found)
-        if len(head) > widecsv.WIDE_COLUMNS:  # Arrow's reader would take ~10 KB a column
+        # Arrow's reader takes ~10 KB a column; and it reads an empty last cell that ends
+        # the file (no line break after it) as "" after a quoted cell: the group reader
+        # reads both right
+        if len(head) > widecsv.WIDE_COLUMNS or _ends_in_a_cell(source, real, codec, csv):
             copy = widecsv.wide_copy(
                 source,
                 real,
@@ -155,6 +158,17 @@ def inspect_file(
     if fmt == "json" and csv is not None:  # (the scan's schema is the reader's explicit one)
         schema = as_written(schema, csv.text)
     return FileFacts(real, size, None, expr, refused=refused), schema, fragment
+
+
+def _ends_in_a_cell(fs: pafs.FileSystem, path: str, codec: str | None, csv: CsvOptions) -> bool:
+    """Whether an uncompressed CSV file ends with its delimiter (an empty last cell, no
+    line break after it)."""
+    if codec is not None:
+        return False
+    with fs.open_input_file(path) as f:
+        size = f.size()
+        end = csv.delimiter.encode(csv.encoding, errors="replace")
+        return bool(size >= len(end) and f.read_at(len(end), size - len(end)) == end)
 
 
 def as_written(schema: pa.Schema, text: frozenset[str]) -> pa.Schema:
