@@ -15,6 +15,7 @@ from 0), as DuckDB names it; text the file's encoding cannot decode rejects its 
 from __future__ import annotations
 
 import codecs
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 
 import pyarrow as pa
@@ -184,6 +185,41 @@ def as_written(schema: pa.Schema, text: frozenset[str]) -> pa.Schema:
 
 #: a CSV file of very many columns is read from an Arrow IPC copy (see ``widecsv``)
 _WIDE = ds.IpcFileFormat()
+
+
+def grouped_batches(
+    fragment: ds.Fragment,
+    schema: pa.Schema,
+    columns: list[str] | None,
+    filter: pc.Expression | None,
+    size: int,
+) -> Iterator[pa.RecordBatch] | None:
+    """The batches of a CSV file read from its grouped copy (None: not such a file), as a
+    scan of the fragment gives them (hive columns added, ``filter`` applied, ``columns``
+    kept), read by the IPC reader: the dataset scanner spent ~2.4 KB a column (240 MB for
+    one batch of 100,000 columns, against 40 MB)."""
+    if not isinstance(fragment.format, ds.IpcFileFormat):
+        return None
+    hive = ds.get_partition_keys(fragment.partition_expression)
+
+    def read() -> Iterator[pa.RecordBatch]:
+        reader = pa.ipc.open_file(pa.memory_map(fragment.path))
+        for i in range(reader.num_record_batches):
+            table = pa.Table.from_batches([reader.get_batch(i)])
+            held = set(table.column_names)
+            for f in schema:
+                if f.name not in held:  # a hive partition column
+                    value = pa.scalar(hive.get(f.name), pa.string()).cast(f.type)
+                    table = table.append_column(f, pa.array([value] * table.num_rows, f.type))
+            if filter is not None:
+                table = table.filter(filter)
+            if columns is not None:
+                table = table.select(columns)
+            yield from table.to_batches(max_chunksize=size)
+
+    return read()
+
+
 #: the extension pyarrow's text formats infer each codec from (lower case only)
 _ARROW_SUFFIX = {"gzip": ".gz", "bz2": ".bz2", "zstd": ".zstd"}
 
