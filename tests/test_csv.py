@@ -5,6 +5,10 @@ and header per operation, undecodable text rejected per record, large cells. Duc
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
+import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -16,6 +20,7 @@ from lakesync.errors import ConfigError
 from lakesync.models import JobState, JobStatus
 from lakesync.operations import load_operations
 from lakesync.runtime import Runtime
+from lakesync.sources import widecsv
 
 
 def _toml(name: str, lake: Path, fields: dict[str, str] | None = None, **extra: Any) -> str:
@@ -215,3 +220,144 @@ def test_a_header_the_encoding_cannot_decode_fails_the_job_saying_how_to_fix_it(
     assert "Unexpected error" not in (done.error or "")
     done = _copy(settings, tmp_path, _toml("latinhead", lake, encoding="latin-1"), "latinhead")
     assert done.insertedRecords == 1
+
+
+def _written(db: Any, name: str, job: str) -> tuple[dict[Any, dict[str, Any]], list[Any]]:
+    docs = {
+        d["_id"]: {k: v for k, v in d.items() if not k.startswith("_")} for d in db[name].find()
+    }
+    errors = [(e["row"], e["reason"]) for e in db.copyerrors.find({"jobId": job}).sort("row")]
+    return docs, errors
+
+
+def test_a_wide_file_is_read_a_group_of_columns_at_a_time_with_the_same_documents(
+    settings: Settings, db: Any, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    lake = tmp_path / "wideish"
+    lake.mkdir()
+    # by hand: a BOM, CRLF, an empty line, null and "", quotes and a line end inside a
+    # cell, a quote inside an unquoted cell, a byte that is not UTF-8, a declared int
+    lines = [
+        "id,zip,note,n,x,f,flag,,when",
+        '007,00001,"",1,"a ""b""",1.5,true,e1,2020-01-01',
+        '7,02134,,2,"line\none",,false,,',
+        "",
+        '"0x1",01,"a, b",3,5",2.5,,e3,2021-02-03',
+    ]
+    data = ("\ufeff" + "\r\n".join(lines) + "\r\n").encode() + b"8,9,caf\xe9,4,y,3,true,e4,\n"
+    (lake / "a.csv").write_bytes(data)
+    fields = {"id": "string", "zip": "string", "note": "string", "n": "int"}
+    table = "[operations.wideish.schema"
+    toml = _toml("wideish", lake, fields).replace(
+        f"{table}.", f"{table}]\nkeepExtra = true\n{table}."
+    )
+    narrow = _copy(settings, tmp_path, toml, "wideish")
+    assert (narrow.insertedRecords, narrow.errorRecords) == (3, 1), narrow
+    expected = _written(db, "wideish", narrow.jobId)
+    db["wideish"].drop()
+    monkeypatch.setattr(widecsv, "WIDE_COLUMNS", 3)  # 9 columns: read as a wide file
+    monkeypatch.setattr(widecsv, "GROUP_COLUMNS", 2)
+    wide = _copy(settings, tmp_path, toml, "wideish")
+    assert (wide.insertedRecords, wide.errorRecords) == (3, 1), wide
+    assert _written(db, "wideish", wide.jobId) == expected
+    docs = expected[0]
+    assert docs["007"]["note"] == "" and docs["7"]["note"] is None and docs["7"]["x"] == "line\none"
+    assert docs["0x1"]["x"] == '5"' and docs["007"]["f"] == 1.5 and docs["0x1"]["column7"] == "e3"
+    assert "not valid utf-8" in expected[1][0][1]
+    oracle = _oracle([lake / "a.csv"], {"id": "VARCHAR", "zip": "VARCHAR", "note": "VARCHAR",
+                     "n": "BIGINT", "x": "VARCHAR", "f": "DOUBLE", "flag": "BOOLEAN",
+                     "column7": "VARCHAR", "when": "DATE"}, ignore_errors=True)  # fmt: skip
+    assert {k: {f: docs[k][f] for f in ("zip", "note", "n", "x", "f", "flag")} for k in docs} == {
+        k: {f: oracle[k][f] for f in ("zip", "note", "n", "x", "f", "flag")} for k in docs
+    }
+
+
+def test_a_wide_row_larger_than_a_document_is_rejected_with_the_reason(
+    settings: Settings, db: Any, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))  # its 18 MB copy goes with it
+    lake = tmp_path / "widerow"
+    lake.mkdir()
+    columns = 2000  # > widecsv.WIDE_COLUMNS: the wide path
+    cell = "v" * 9000  # 2000 cells of 9 KB: 18 MB, over MongoDB's 16 MiB
+    with (lake / "a.csv").open("w") as f:
+        f.write("id," + ",".join(f"c{i}" for i in range(columns - 1)) + "\n")
+        f.write("big," + ",".join([cell] * (columns - 1)) + "\n")
+        f.write("small," + ",".join(str(i) for i in range(columns - 1)) + "\n")
+    done = _copy(settings, tmp_path, _toml("widerow", lake), "widerow")
+    assert (done.insertedRecords, done.errorRecords) == (1, 1), done
+    error = db.copyerrors.find_one({"jobId": done.jobId})
+    assert error["row"] == 0 and "more than MongoDB's 16 MiB" in error["reason"], error
+    small = db["widerow"].find_one({"_id": "small"})
+    assert len([f for f in small if not f.startswith("_")]) == columns
+    assert small["c1998"] == "1998"  # text: the column holds the big row's text too
+
+
+_PEAK = """
+import sys
+from lakesync.sources import widecsv
+from lakesync.sources.lake import Lake
+from lakesync.sources.text import CsvOptions
+def peak():  # this process's own high-water mark (ru_maxrss is kept across an exec)
+    with open("/proc/self/status") as f:
+        return next(int(line.split()[1]) for line in f if line.startswith("VmHWM:"))
+if sys.argv[2] == "arrow":
+    widecsv.WIDE_COLUMNS = 10**9
+base = peak()
+lake = Lake.open(sys.argv[1], csv=CsvOptions(text=frozenset({"id"})))
+rows = sum(b.table.num_rows for b in lake.batches(1000))
+print(rows, (peak() - base) // 1024)
+"""
+
+
+def test_a_file_of_30000_columns_takes_much_less_memory_than_arrows_reader(
+    tmp_path: Path,
+) -> None:
+    lake = tmp_path / "wide"
+    lake.mkdir()
+    columns = 30_000
+    with (lake / "a.csv").open("w") as f:
+        f.write("id," + ",".join(f"c{i}" for i in range(columns - 1)) + "\n")
+        for r in range(3):
+            f.write(f"k{r}," + ",".join(str(r + i) for i in range(columns - 1)) + "\n")
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path), "TMPDIR": str(tmp_path)}
+    peaks = {}
+    for way in ("arrow", "wide"):  # each in a process of its own: its own peak
+        out = subprocess.run(
+            [sys.executable, "-c", _PEAK, str(lake), way],
+            capture_output=True, text=True, env=env, check=True,
+        )  # fmt: skip
+        rows, peaks[way] = map(int, out.stdout.split())
+        assert rows == 3
+    assert peaks["wide"] < peaks["arrow"] * 0.7, peaks  # (measured: ~120 MB against ~225 MB)
+
+
+def test_an_empty_last_cell_that_ends_the_file_is_null_after_a_quoted_cell(
+    settings: Settings, db: Any, tmp_path: Path
+) -> None:
+    lake = tmp_path / "eof"
+    lake.mkdir()
+    (lake / "a.csv").write_text('id,note,tail\n1,"x",""\n2,"y",')  # no line break at the end
+    types = {"id": "string", "note": "string", "tail": "string"}
+    _copy(settings, tmp_path, _toml("eof", lake, types), "eof")
+    oracle = _oracle([lake / "a.csv"], {"id": "VARCHAR", "note": "VARCHAR", "tail": "VARCHAR"})
+    assert oracle["2"]["tail"] is None and oracle["1"]["tail"] == ""  # (Arrow read "")
+    assert _collection(db, "eof") == oracle
+
+
+@pytest.mark.parametrize("megabytes", [2, 15])
+def test_a_cell_of_many_megabytes_is_copied_as_duckdb_reads_it(
+    settings: Settings, db: Any, tmp_path: Path, megabytes: int
+) -> None:
+    lake = tmp_path / "cells"
+    lake.mkdir()
+    big = 'a "quoted" line\n' * (megabytes << 16)  # 16 bytes a line
+    quoted = big.replace('"', '""')
+    (lake / "a.csv").write_text(f'id,text,n\nsmall,x,1\nbig,"{quoted}",2\nafter,,3\n')
+    types = {"id": "string", "text": "string", "n": "int"}
+    done = _copy(settings, tmp_path, _toml("cells", lake, types), "cells")
+    assert (done.insertedRecords, done.errorRecords) == (3, 0), done
+    oracle = _oracle([lake / "a.csv"], {"id": "VARCHAR", "text": "VARCHAR", "n": "BIGINT"},
+                     max_line_size=20 << 20)  # fmt: skip
+    assert len(oracle["big"]["text"]) == megabytes << 20
+    assert _collection(db, "cells") == oracle

@@ -870,6 +870,12 @@ class Lake:
             source = iter(table.to_batches())
         elif self._parquet and self._guard(index, parquet.large_groups, fragment, columns):
             source = parquet.row_group_slices(fragment, schema, columns, filter, size)
+        elif (
+            self.format == "csv"
+            and (grouped := text.grouped_batches(fragment, schema, columns, filter, size))
+            is not None
+        ):  # a CSV file of very many columns, from its copy
+            source = grouped
         else:
             source = iter(self._guard(index, fragment.to_batches, **scan, **_STREAMING))
         if keep is not None or self._mapped:

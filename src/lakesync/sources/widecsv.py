@@ -1,0 +1,255 @@
+"""CSV files of very many columns, read a group of columns at a time.
+
+Arrow's CSV reader spends about 10 KB per column whatever the rows: a file of 100,000
+columns and 3 rows took ~0.8 GB to open and read. A file whose first record has more than
+``WIDE_COLUMNS`` fields is therefore split here into records (by the same state machine as
+Arrow's parser: quoting only at a field's start, ``""`` inside quotes, ``\\r``, ``\\n`` or
+``\\r\\n`` line ends, empty lines skipped), and each group of ``GROUP_COLUMNS`` columns of a
+run of records is handed to Arrow's reader as a CSV of its own: the very bytes of those
+fields, so Arrow converts every value itself (types inferred from the file's first block,
+null and quoted "" as in ``text.CsvOptions``, text the encoding does not describe kept as
+read). The file becomes an Arrow IPC copy in this user's scratch folder (as a JSON array
+becomes an NDJSON copy: ``jsonarray``), named after the file and the options it is read
+with, and is then read like any other file. Memory is bounded by a block of the file
+(``CSV_BLOCK_BYTES``) and one group's conversion, not by the number of columns.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import itertools
+import os
+import re
+from collections.abc import Iterator
+from typing import Any
+
+import pyarrow as pa
+import pyarrow.csv as pacsv
+import pyarrow.fs as pafs
+
+from lakesync.sources.base import scratch_folder
+
+#: a CSV block must hold a whole record: a cell may be as large as a MongoDB document
+#: (16 MB), which Arrow's default block (1 MB) refused ("straddles two block boundaries")
+CSV_BLOCK_BYTES = 17 << 20
+#: a file whose first record has more fields than this is read a group of columns at a time
+WIDE_COLUMNS = 1000
+GROUP_COLUMNS = 1000
+#: records converted at a time after the first block (whose types are fixed by then)
+_RUN_BYTES = 4 << 20
+_READ = 1 << 20
+_BOM = b"\xef\xbb\xbf"
+
+
+def parse_options(delimiter: str) -> pacsv.ParseOptions:
+    """How the fields of a record are split (both paths)."""
+    return pacsv.ParseOptions(delimiter=delimiter, newlines_in_values=True)
+
+
+def convert_options(types: dict[str, pa.DataType]) -> pacsv.ConvertOptions:
+    """How cells become values (both paths): ``types`` are the columns' read types (the
+    others inferred); an unquoted empty cell is null, a quoted "" the empty string."""
+    return pacsv.ConvertOptions(
+        column_types=types,
+        null_values=[""],
+        strings_can_be_null=True,
+        quoted_strings_can_be_null=False,
+        check_utf8=False,  # bad text rejects its record (``text.decoded``), not its column
+    )
+
+
+class _Records:
+    """The records of a CSV stream (UTF-8 bytes): each one's bytes without its line end,
+    the end of each of its fields in them, and the stream offset just past it."""
+
+    def __init__(self, stream: Any, delimiter: str) -> None:
+        d = re.escape(delimiter.encode())
+        self._field = re.compile(
+            rb'(?:"(?:[^"]|"")*+(?:"|\Z))?(?:[^' + d + rb"\r\n])*+(" + d + rb"|\r\n|\r|\n|\Z)"
+        )
+        self._delimiter = delimiter.encode()
+        self._stream = stream
+        self._buf = b""
+        self._pos = 0
+        self._eof = False
+        self._offset = 0  # stream offset of _buf[0]
+
+    def _fill(self) -> None:
+        """More of the stream in the buffer (or ``_eof``)."""
+        chunk = self._stream.read(_READ)
+        if not chunk:
+            self._eof = True
+        elif not self._offset and not self._buf and chunk.startswith(_BOM):
+            self._buf, self._pos = chunk, len(_BOM)  # a UTF-8 BOM is not data
+        else:
+            self._buf += chunk
+
+    def __iter__(self) -> Iterator[tuple[bytes, list[int], int]]:
+        while True:
+            if self._pos > _READ:  # between records: let the bytes read go
+                self._offset += self._pos
+                self._buf, self._pos = self._buf[self._pos :], 0
+            if self._pos + 1 >= len(self._buf) and not self._eof:
+                self._fill()  # (two bytes seen: a line end may be \r\n)
+                continue
+            if self._pos >= len(self._buf):
+                return
+            first = self._buf[self._pos : self._pos + 1]
+            if first in (b"\r", b"\n"):  # an empty line: skipped, as Arrow skips it
+                self._pos += 2 if self._buf[self._pos : self._pos + 2] == b"\r\n" else 1
+                continue
+            start, ends = self._pos, []
+            while True:
+                match = self._field.match(self._buf, self._pos)
+                assert match is not None  # every part of the pattern may match nothing
+                if match.end() >= len(self._buf) - 1 and not self._eof:
+                    self._fill()  # the field (or its line end) may go on: read on, again
+                    continue
+                sep = match.group(1)
+                ends.append(match.end() - start - len(sep))
+                self._pos = match.end()
+                if sep != self._delimiter:
+                    break
+            yield self._buf[start : start + ends[-1]], ends, self._offset + self._pos
+
+
+def _stream(fs: pafs.FileSystem, path: str, codec: str | None, encoding: str) -> Any:
+    """The file's bytes as UTF-8, decompressed and transcoded as Arrow's reader does it."""
+    raw = fs.open_input_stream(path, compression=codec)
+    return pa.transcoding_input_stream(raw, encoding, "utf8")
+
+
+def first_record(
+    fs: pafs.FileSystem, path: str, codec: str | None, encoding: str, delimiter: str
+) -> list[bytes]:
+    """The values of the file's first record, as Arrow reads them (none: an empty file)."""
+    with _stream(fs, path, codec, encoding) as stream:
+        for record, ends, _ in _Records(stream, delimiter):
+            starts = [0, *(end + 1 for end in ends[:-1])]
+            return [_value(record[s:e]) for s, e in zip(starts, ends, strict=True)]
+    return []
+
+
+_QUOTED = re.compile(rb'"((?:[^"]|"")*+)"?(.*)', re.DOTALL)
+
+
+def _value(field: bytes) -> bytes:
+    """A field's value: a quoted part unquoted (``""`` as ``"``), and what follows it."""
+    match = _QUOTED.fullmatch(field) if field.startswith(b'"') else None
+    return field if match is None else match[1].replace(b'""', b'"') + match[2]
+
+
+def _groups(count: int) -> list[tuple[int, int]]:
+    """Column ranges of about ``GROUP_COLUMNS`` each, none of one column (a record of a
+    single empty cell would be an empty line, which a CSV reader skips)."""
+    n = max(1, -(-count // GROUP_COLUMNS))
+    bounds = [count * i // n for i in range(n + 1)]
+    return list(itertools.pairwise(bounds))
+
+
+def _slice(record: bytes, ends: list[int], first: int, last: int) -> bytes:
+    """Fields ``[first, last)`` of a record, as written (with their delimiters)."""
+    return record[0 if first == 0 else ends[first - 1] + 1 : ends[last - 1]]
+
+
+def _converted(
+    records: list[tuple[bytes, list[int]]],
+    names: list[str],
+    delimiter: str,
+    types: dict[str, pa.DataType],
+) -> pa.Table:
+    """The records' columns, each group of them converted by Arrow's CSV reader."""
+    columns: list[pa.ChunkedArray] = []
+    fields: list[pa.Field] = []
+    for first, last in _groups(len(names)):
+        group = names[first:last]
+        data = b"\n".join(_slice(r, ends, first, last) for r, ends in records) + b"\n"
+        read = pacsv.ReadOptions(
+            column_names=group,
+            block_size=max(len(data) + 1, 1 << 20),
+            use_threads=False,
+        )
+        table = pacsv.read_csv(
+            pa.py_buffer(data),
+            read_options=read,
+            parse_options=parse_options(delimiter),
+            convert_options=convert_options({n: types[n] for n in group if n in types}),
+            memory_pool=pa.system_memory_pool(),
+        )
+        columns.extend(table.columns)
+        fields.extend(table.schema)
+    return pa.Table.from_arrays(columns, schema=pa.schema(fields))
+
+
+def wide_copy(
+    fs: pafs.FileSystem,
+    path: str,
+    codec: str | None,
+    *,
+    encoding: str,
+    delimiter: str,
+    header: bool,
+    names: list[str],
+    text: frozenset[str],
+) -> str:
+    """The local path of an Arrow IPC copy of the CSV file ``path`` (made if needed), read
+    with ``names`` for its columns (its header line, if any, skipped), ``text`` of them read
+    as text, the other types inferred from the file's first block as Arrow infers them."""
+    info = fs.get_file_info(path)
+    read = (encoding, delimiter, header, names, sorted(text))
+    tag = repr((fs.type_name, path, info.size, info.mtime_ns, *read)).encode()
+    target = scratch_folder() / f"{hashlib.sha256(tag).hexdigest()[:32]}.arrow"
+    if target.exists():
+        return str(target)
+    partial = target.with_suffix(f".{os.getpid()}.part")
+    try:
+        with _stream(fs, path, codec, encoding) as stream, pa.OSFile(str(partial), "wb") as out:
+            _write(_Records(stream, delimiter), out, names, delimiter, header, text)
+        os.replace(partial, target)
+    finally:
+        partial.unlink(missing_ok=True)
+    return str(target)
+
+
+def _write(
+    records: _Records,
+    out: Any,
+    names: list[str],
+    delimiter: str,
+    header: bool,
+    text: frozenset[str],
+) -> None:
+    types: dict[str, pa.DataType] = {n: pa.string() for n in names if n in text}
+    writer = None
+    run: list[tuple[bytes, list[int]]] = []
+    run_bytes, limit, skip = 0, CSV_BLOCK_BYTES, header
+
+    def flush() -> None:
+        nonlocal writer, run, run_bytes, types
+        table = _converted(run, names, delimiter, types)
+        if writer is None:  # the first block fixes the types, as Arrow's streaming reader
+            types = dict(zip(names, table.schema.types, strict=True))
+            writer = pa.ipc.new_file(out, table.schema)
+        writer.write_table(table)
+        run, run_bytes = [], 0
+
+    for record, ends, offset in records:
+        if skip:
+            skip = False
+            continue
+        if len(ends) != len(names):
+            shown = record[:96].decode("utf-8", "replace")
+            raise pa.ArrowInvalid(
+                f"CSV parse error: Expected {len(names)} columns, got {len(ends)}: {shown}"
+            )
+        if offset > limit and run:  # this record is past the block: the block ends before it
+            flush()
+            limit = offset - len(record) + _RUN_BYTES
+        run.append((record, ends))
+        run_bytes += len(record)
+    if run:
+        flush()
+    if writer is None:  # no records: the columns' types are those of an empty file
+        schema = pa.schema([(n, types.get(n, pa.null())) for n in names])
+        writer = pa.ipc.new_file(out, schema)
+    writer.close()
