@@ -11,6 +11,9 @@ from typing import Any
 
 import httpx
 import pytest
+from bson import Int64
+
+from lakesync.models import new_job_id
 
 pytestmark = pytest.mark.browser
 
@@ -93,6 +96,10 @@ def test_preview_notice_and_average_rate(serve: Any, run: Any, db: Any) -> None:
     expect(page.locator("#preview-schema")).to_contain_text("date")
     docs = page.locator("#preview-documents").inner_text().splitlines()
     assert len(docs) == 10 and all(json.loads(d)["_id"] for d in docs)
+    # as written: 7.0 stays a double (JSON.parse would show 7), fields spaced to wrap
+    answer = httpx.post(serve.url + "/api/preview", json={"operation": "copy-taskdetail"})
+    assert docs == [json.dumps(d, ensure_ascii=False) for d in answer.json()["documents"]]
+    assert re.search(r'"hoursLogged": \d+\.0,', "\n".join(docs)), docs
     expect(page.locator("#preview-rejections")).to_contain_text("taskDetailId")
     assert db.jobstatuses.count_documents({}) == 0 and db.taskdetails.count_documents({}) == 0
     r.shot("preview")
@@ -108,3 +115,15 @@ def test_preview_notice_and_average_rate(serve: Any, run: Any, db: Any) -> None:
     seconds = (job["endTime"] - job["startTime"]).total_seconds()
     shown = float(rate.inner_text().replace(",", ""))
     assert abs(shown - job["processedRecords"] / seconds) <= max(1, shown * 0.05), (shown, seconds)
+
+    # a 64-bit Iceberg snapshot id past 2^53 is shown exactly (a JavaScript number rounds it)
+    snapshot = 2**62 + 1
+    job_id = new_job_id()
+    copied = {k: v for k, v in job.items() if k not in ("_id", "clientJobId")}
+    db.jobstatuses.insert_one(
+        {**copied, "jobId": job_id, "options": {"icebergSnapshotId": Int64(snapshot)}}
+    )
+    answer = httpx.get(f"{serve.url}/api/jobs/{job_id}")
+    assert answer.json()["options"]["icebergSnapshotId"] == snapshot, answer.text
+    page.goto(f"{serve.url}/jobs/{job_id}")
+    expect(page.locator("#details")).to_contain_text(f"Iceberg snapshot{snapshot}")
