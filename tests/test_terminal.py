@@ -149,6 +149,13 @@ def assert_fits(lines: list[str], columns: int = 80) -> None:
     assert not any("Traceback" in line for line in lines), "\n".join(lines)
 
 
+def piped_log(env: dict[str, str], job_id: str) -> list[str]:
+    """A job's log messages as `lakesync logs` prints them in a pipe (one line each)."""
+    piped = in_pipe(env, "logs", job_id)
+    assert piped.returncode == 0, piped.stderr
+    return [line.split(None, 2)[2] for line in piped.stdout.splitlines()]
+
+
 def stored(db: Any, job_id: str) -> dict[str, Any]:
     doc: dict[str, Any] = db.jobstatuses.find_one({"jobId": job_id})
     return doc
@@ -542,12 +549,20 @@ def test_operations_schedules_and_errors_fit_80_columns_without_splitting_words(
     )
     env = env | {"LAKESYNC_OPERATIONS_FILE": str(config)}
     copied = json.loads(in_pipe(env, "copy", "copy-projects", "--json").stdout)
-    for command in (["operations"], ["schedules"], ["errors", copied["jobId"]], ["jobs"]):
+    logged = piped_log(env, copied["jobId"])
+    for command in (
+        ["operations"],
+        ["schedules"],
+        ["errors", copied["jobId"]],
+        ["jobs"],
+        ["logs", copied["jobId"]],
+    ):
         code, lines = on_terminal(env, *command)
         assert code == 0, lines
         assert_fits(lines)
         text = "\n".join(lines)
-        assert "INFO" not in text and "Traceback" not in text, text
+        assert "Traceback" not in text, text
+        assert "INFO" not in text or command[0] == "logs", text  # a job's log has levels
         words = set(text.split())
         if command == ["operations"]:
             assert set(about.replace(",", "").split()) <= {w.strip(",") for w in words}, text
@@ -556,6 +571,10 @@ def test_operations_schedules_and_errors_fit_80_columns_without_splitting_words(
             assert re.search(r"next \d\d-\d\d 07:30 CES?T", text), text  # time and zone
         if command == ["schedules"]:
             assert re.search(r"\d\d-\d\d 07:30 CES?T", text), text
+        if command[0] == "logs":  # each message wraps at its spaces: every word whole
+            assert len(logged) >= 4
+            for line in logged:
+                assert set(line.split()) <= words, (line, text)
         if command[0] == "errors":
             assert f"files under {lake20k}/" in text
             rows = [line for line in lines if line.startswith(("(none)", "TD-"))]

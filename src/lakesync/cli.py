@@ -445,7 +445,8 @@ def _print_summary(s: JobStatus) -> None:
         out.print(f"[red]{escape(s.error)}[/]", highlight=False)
     if s.state is JobState.PENDING:
         text = (
-            f"It keeps its checkpoint. A running `lakesync serve` takes it over by itself "
+            f"It keeps its checkpoint. A running `lakesync serve` of the same database takes "
+            f"it over by itself "
             f"within seconds: follow it with `lakesync status {s.jobId}`. Otherwise continue "
             f"it here with `lakesync resume {s.jobId}`."
         )
@@ -784,11 +785,24 @@ def logs(job_id: str) -> None:
         _fail(e)
     if not lines:
         err.print(escape(f"Job {job_id} has no log lines yet."), highlight=False)
+    texts = []
     for line in lines:
-        text = f"{line['time']} {line['level'].upper():<7} {line['message']}"
-        if line.get("cause"):
-            text += f" ({line['cause']})"
-        sys.stdout.write(text + "\n")
+        text = line["message"] + (f" ({line['cause']})" if line.get("cause") else "")
+        texts.append((line["time"], line["level"].upper(), text))
+    if not out.is_terminal:  # one line per log line, for grep and scripts
+        for when, level, text in texts:
+            sys.stdout.write(f"{when} {level:<7} {text}\n")
+        return
+    from rich.table import Table
+
+    # on a terminal the message wraps at its spaces beside the time, never mid-word
+    table = Table(show_header=False, box=None, pad_edge=False, padding=(0, 1, 0, 0))
+    table.add_column(no_wrap=True)
+    table.add_column(no_wrap=True)
+    table.add_column(overflow="fold")  # a word longer than the column alone is folded
+    for when, level, text in texts:
+        table.add_row(when, level, escape(text))
+    out.print(table, highlight=False)
 
 
 @app.command(cls=_Command, short_help="List the operations, their last job and schedule.")
@@ -928,7 +942,7 @@ def _print_preview(p: dict[str, Any]) -> None:
         for doc in p["documents"]:
             out.print(escape(json.dumps(doc, ensure_ascii=False)), highlight=False)
     if p["rejections"]:
-        out.print(f"\n[bold]{len(p['rejections'])} sample rejections[/]")
+        out.print(f"\n[bold]{_plural(len(p['rejections']), 'sample rejection')}[/]")
         for r in p["rejections"]:
             where = f"{Path(r['file']).name} row {r['row']}"
             text = f"{r['key'] or '(no key)'} ({where}): {r['reason']}"
@@ -1031,7 +1045,7 @@ def _pause(name: str, paused: bool) -> None:
     text = (
         f"Schedule of {name} paused; running jobs go on."
         if paused
-        else f"Schedule of {name} resumed; next run {s['nextRun']}."
+        else f"Schedule of {name} resumed; next run {_local_time(s['nextRun'], s['timezone'])}."
     )
     out.print(escape(text), highlight=False)
 
