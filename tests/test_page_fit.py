@@ -23,6 +23,13 @@ expect = sync_api.expect
 FITS = """() => [...document.querySelectorAll('#jobs-table, #operations-table')].map(
   t => [t.id, t.scrollWidth, t.parentElement.clientWidth])"""
 
+CUT = """() => [...document.querySelectorAll(
+  '#jobs-table td.c-num, #jobs-table td.c-when, #operations-table .c-target__collection')]
+  .filter(e => e.scrollWidth > e.clientWidth + 1).map(e => e.textContent)"""
+UNLABELLED = """() => [...document.querySelectorAll('#operations-body td')]
+  .filter(td => td.cellIndex >= 1 && td.cellIndex <= 4)
+  .filter(td => getComputedStyle(td, '::before').content === 'none').map(td => td.textContent)"""
+
 
 @pytest.fixture
 def serve_env(serve_env: dict[str, str], tmp_path: Path) -> dict[str, str]:
@@ -55,6 +62,10 @@ def test_tables_fit_and_the_operations_view_pauses_a_schedule(serve: Any, run: A
             assert scroll <= client, f"{table} overflows its card at {width}: {scroll} > {client}"
         sizes = page.evaluate("[document.documentElement.scrollWidth, innerWidth]")
         assert sizes[0] <= sizes[1], sizes
+        # numbers, times and the collection are never cut (they wrap at spaces)
+        assert not page.evaluate(CUT), (width, page.evaluate(CUT))
+        if width == 390:  # stacked operations cells each say what they are
+            assert page.evaluate(UNLABELLED) == [], page.evaluate(UNLABELLED)
         r.shot(f"fit-{width}")
     page.set_viewport_size({"width": 1280, "height": 900})
 

@@ -456,22 +456,34 @@ function renderOperations() {
   const body = $("operations-body");
   body.replaceChildren(...state.operations.map((op) => {
     const tr = document.createElement("tr");
-    const td = (text, title) => {
+    // on a phone the cells stack: each says what it is (data-label, as the jobs table)
+    const td = (text, title, label) => {
       const c = document.createElement("td");
       c.textContent = text;
       if (title) c.title = title;
+      if (label) c.dataset.label = label;
       tr.append(c);
       return c;
     };
     td(op.name, op.description || op.name);
-    td(`${sourceTail(op.source)} → ${op.collection}`, `${op.source} → ${op.collection}`);
+    // the collection stays whole; the source is cut from the left (its end names the data)
+    const target = document.createElement("div");
+    target.className = "c-target";
+    td("", `${op.source} → ${op.collection}`, "Source → collection").append(target);
+    const from = document.createElement("span");
+    from.className = "c-target__source";
+    from.textContent = sourceTail(op.source);
+    const into = document.createElement("span");
+    into.className = "c-target__collection";
+    into.textContent = ` → ${op.collection}`;
+    target.append(from, into);
     const s = op.schedule;
-    const when = s ? (s.schedule ? `${s.schedule} (${s.timezone})` : `every ${s.every}`) : "—";
-    td(when, when);
+    const when = s ? (s.schedule ? `${s.schedule} (${s.timezone})` : `every ${s.every}`) : "none";
+    td(when, when, "Schedule");
     const next = s ? (s.paused ? "paused" : zoned(op.nextRun, s.timezone)) : "—";
-    td(next, s && !s.paused ? `${next} (${s.timezone})` : "");
+    td(next, s && !s.paused ? `${next} (${s.timezone})` : "", "Next run");
     const last = op.lastJob;
-    const cell = td("");
+    const cell = td("", "", "Last job");
     if (last) {
       const a = document.createElement("a");
       a.href = `/jobs/${encodeURIComponent(last.jobId)}`;
