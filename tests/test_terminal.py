@@ -579,3 +579,17 @@ def test_operations_schedules_and_errors_fit_80_columns_without_splitting_words(
             assert f"files under {lake20k}/" in text
             rows = [line for line in lines if line.startswith(("(none)", "TD-"))]
             assert rows and all(re.search(r"PRJ-\d+/part-\d+\.parquet:\d+", r) for r in rows)
+
+
+def test_an_error_wraps_at_spaces_on_a_terminal_and_is_one_line_in_a_pipe(
+    env: dict[str, str],
+) -> None:
+    missing = "job_" + "x" * 26
+    piped = in_pipe(env, "status", missing)
+    assert piped.returncode == 1 and piped.stderr.count("\n") == 1, piped.stderr
+    message = piped.stderr.strip()
+    assert message.startswith("error: ") and len(message) > 80, message
+    code, lines = on_terminal(env, "status", missing)
+    assert code == 1, lines
+    assert_fits(lines)
+    assert set(message.split()) <= set("\n".join(lines).split()), lines  # no word split

@@ -153,7 +153,9 @@ def _fail(error: Exception, code: int | None = None) -> NoReturn:
     if json_enabled():
         logger.error("%s", error)
     else:
-        err.print(f"[bold red]error:[/] {escape(str(error))}", highlight=False, soft_wrap=True)
+        # one line in a pipe (for scripts); on a terminal wrapped at spaces, never mid-word
+        text = f"[bold red]error:[/] {escape(str(error))}"
+        err.print(text, highlight=False, soft_wrap=not err.is_terminal)
     if code is None:
         code = 2 if isinstance(error, ConfigError) else 1
     raise typer.Exit(code)
