@@ -447,7 +447,8 @@ def test_serve_on_a_taken_port_says_how_to_choose_another(env: dict[str, str]) -
         code, lines = on_terminal(env, "serve", "--port", str(port))
         piped = in_pipe(env, "serve", "--port", str(port))
     text = "\n".join(lines)
-    for out, rc in ((text, code), (piped.stderr + piped.stdout, piped.returncode)):
+    for shown, rc in ((text, code), (piped.stderr + piped.stdout, piped.returncode)):
+        out = " ".join(shown.split())  # on a terminal the error wraps at its spaces
         assert rc == 2, out
         assert f"Port {port} on 127.0.0.1 is already in use" in out, out
         assert "--port 8400" in out and "make run PORT=8400" in out
