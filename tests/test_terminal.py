@@ -594,3 +594,24 @@ def test_an_error_wraps_at_spaces_on_a_terminal_and_is_one_line_in_a_pipe(
     assert code == 1, lines
     assert_fits(lines)
     assert set(message.split()) <= set("\n".join(lines).split()), lines  # no word split
+
+
+def test_pause_and_unpause_say_what_changed_and_the_next_run_in_its_zone(
+    env: dict[str, str], tmp_path: Path, lake20k: Path
+) -> None:
+    config = tmp_path / "lakesync.toml"
+    config.write_text(
+        f'[operations.nightly]\nsource = "{lake20k}"\ncollection = "n"\nkey = "taskDetailId"\n'
+        'schedule = "30 7 * * *"\ntimezone = "Europe/Berlin"\n'
+    )
+    env = env | {"LAKESYNC_OPERATIONS_FILE": str(config)}
+    said = []
+    for command in ("pause", "pause", "unpause", "unpause"):
+        done = in_pipe(env, command, "nightly")
+        assert done.returncode == 0, done.stderr
+        said.append(done.stdout.strip())
+    assert said[0] == "Schedule of nightly is now paused; running jobs go on.", said
+    assert said[1] == "Schedule of nightly was already paused; running jobs go on.", said
+    assert re.fullmatch(r"Schedule of nightly is now running; next run \d\d-\d\d 07:30 CES?T\.",
+                        said[2]), said  # fmt: skip
+    assert said[3].startswith("Schedule of nightly was already running; next run "), said

@@ -1041,13 +1041,17 @@ def _pause(name: str, paused: bool) -> None:
 
     try:
         with Runtime(_settings()) as rt:
+            scheduled = (op for op, _ in rt.scheduler.scheduled() if op.name == name)
+            before = next((rt.scheduler.describe(op) for op in scheduled), None) or {}
             s = rt.scheduler.pause(name) if paused else rt.scheduler.unpause(name)
     except LakesyncError as e:
         _fail(e)
+    already = "was already" if bool(before.get("paused")) == paused else "is now"
     text = (
-        f"Schedule of {name} paused; running jobs go on."
+        f"Schedule of {name} {already} paused; running jobs go on."
         if paused
-        else f"Schedule of {name} resumed; next run {_local_time(s['nextRun'], s['timezone'])}."
+        else f"Schedule of {name} {already} running; next run "
+        f"{_local_time(s['nextRun'], s['timezone'])}."
     )
     out.print(escape(text), highlight=False)
 

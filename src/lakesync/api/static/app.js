@@ -1166,7 +1166,7 @@ function renderChart() {
       const avg = job.processedRecords / secs;
       drawAverage(svg, W, H, avg);
       summary.textContent = `Average over the whole job: ${fmtRate(avg)} records per second `
-        + `(${fmt(job.processedRecords)} records in ${fmtDuration(secs)}).`;
+        + `(${fmt(job.processedRecords)} record${job.processedRecords === 1 ? "" : "s"} in ${fmtDuration(secs)}).`;
       return;
     }
     svg.append(svgEl("text", { x: W / 2, y: H / 2 + 4, "text-anchor": "middle", class: "empty-label" },
