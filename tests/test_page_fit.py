@@ -30,6 +30,9 @@ UNLABELLED = """() => [...document.querySelectorAll('#operations-body td')]
   .filter(td => td.cellIndex >= 1 && td.cellIndex <= 4)
   .filter(td => getComputedStyle(td, '::before').content === 'none').map(td => td.textContent)"""
 
+ROW_TOPS = """() => [...document.querySelectorAll('#preview-schema tr')]
+  .map(tr => [...tr.cells].map(td => Math.round(td.getBoundingClientRect().top)))"""
+
 
 @pytest.fixture
 def serve_env(serve_env: dict[str, str], tmp_path: Path) -> dict[str, str]:
@@ -114,6 +117,19 @@ def test_preview_notice_and_average_rate(serve: Any, run: Any, db: Any) -> None:
     expect(page.locator("#preview-rejections")).to_contain_text("taskDetailId")
     assert db.jobstatuses.count_documents({}) == 0 and db.taskdetails.count_documents({}) == 0
     r.shot("preview")
+    page.set_viewport_size({"width": 390, "height": 900})  # on a phone still a table
+    page.wait_for_timeout(200)
+    tops = page.evaluate(ROW_TOPS)
+    assert tops and all(len(set(row)) == 1 for row in tops), tops  # a row's cells side by side
+    head = "document.querySelector('.preview__schema thead').getBoundingClientRect().height"
+    assert page.evaluate(head) > 10  # the column names shown (the jobs tables hide theirs)
+    cells = "[...document.querySelectorAll('#preview-schema td')]"
+    displays = page.evaluate(f"{cells}.map(td => getComputedStyle(td).display)")
+    assert set(displays) == {"table-cell"}, set(displays)
+    sizes = page.evaluate("[document.documentElement.scrollWidth, innerWidth]")
+    assert sizes[0] <= sizes[1], sizes
+    r.shot("preview-390")
+    page.set_viewport_size({"width": 1280, "height": 1000})
 
     page.locator("#copy-button").click()
     expect(page.locator("#status-badge")).to_have_attribute(
