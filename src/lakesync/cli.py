@@ -795,16 +795,16 @@ def logs(job_id: str) -> None:
         for when, level, text in texts:
             sys.stdout.write(f"{when} {level:<7} {text}\n")
         return
-    from rich.table import Table
+    import textwrap
 
-    # on a terminal the message wraps at its spaces beside the time, never mid-word
-    table = Table(show_header=False, box=None, pad_edge=False, padding=(0, 1, 0, 0))
-    table.add_column(no_wrap=True)
-    table.add_column(no_wrap=True)
-    table.add_column(overflow="fold")  # a word longer than the column alone is folded
+    # on a terminal a line wraps at its spaces, the rest indented under its time; a word
+    # (a path) is never split, even one longer than the line
     for when, level, text in texts:
-        table.add_row(when, level, escape(text))
-    out.print(table, highlight=False)
+        wrapped = textwrap.fill(
+            f"{when} {level:<7} {text}", width=out.width, subsequent_indent="  ",
+            break_long_words=False, break_on_hyphens=False,
+        )  # fmt: skip
+        sys.stdout.write(wrapped + "\n")
 
 
 @app.command(cls=_Command, short_help="List the operations, their last job and schedule.")
