@@ -11,6 +11,9 @@ from typing import Any
 
 import httpx
 import pytest
+from bson import Int64
+
+from lakesync.models import new_job_id
 
 pytestmark = pytest.mark.browser
 
@@ -19,6 +22,16 @@ expect = sync_api.expect
 
 FITS = """() => [...document.querySelectorAll('#jobs-table, #operations-table')].map(
   t => [t.id, t.scrollWidth, t.parentElement.clientWidth])"""
+
+CUT = """() => [...document.querySelectorAll(
+  '#jobs-table td.c-num, #jobs-table td.c-when, #operations-table .c-target__collection')]
+  .filter(e => e.scrollWidth > e.clientWidth + 1).map(e => e.textContent)"""
+UNLABELLED = """() => [...document.querySelectorAll('#operations-body td')]
+  .filter(td => td.cellIndex >= 1 && td.cellIndex <= 4)
+  .filter(td => getComputedStyle(td, '::before').content === 'none').map(td => td.textContent)"""
+
+ROW_TOPS = """() => [...document.querySelectorAll('#preview-schema tr')]
+  .map(tr => [...tr.cells].map(td => Math.round(td.getBoundingClientRect().top)))"""
 
 
 @pytest.fixture
@@ -52,6 +65,10 @@ def test_tables_fit_and_the_operations_view_pauses_a_schedule(serve: Any, run: A
             assert scroll <= client, f"{table} overflows its card at {width}: {scroll} > {client}"
         sizes = page.evaluate("[document.documentElement.scrollWidth, innerWidth]")
         assert sizes[0] <= sizes[1], sizes
+        # numbers, times and the collection are never cut (they wrap at spaces)
+        assert not page.evaluate(CUT), (width, page.evaluate(CUT))
+        if width == 390:  # stacked operations cells each say what they are
+            assert page.evaluate(UNLABELLED) == [], page.evaluate(UNLABELLED)
         r.shot(f"fit-{width}")
     page.set_viewport_size({"width": 1280, "height": 900})
 
@@ -93,9 +110,26 @@ def test_preview_notice_and_average_rate(serve: Any, run: Any, db: Any) -> None:
     expect(page.locator("#preview-schema")).to_contain_text("date")
     docs = page.locator("#preview-documents").inner_text().splitlines()
     assert len(docs) == 10 and all(json.loads(d)["_id"] for d in docs)
+    # as written: 7.0 stays a double (JSON.parse would show 7), fields spaced to wrap
+    answer = httpx.post(serve.url + "/api/preview", json={"operation": "copy-taskdetail"})
+    assert docs == [json.dumps(d, ensure_ascii=False) for d in answer.json()["documents"]]
+    assert re.search(r'"hoursLogged": \d+\.0,', "\n".join(docs)), docs
     expect(page.locator("#preview-rejections")).to_contain_text("taskDetailId")
     assert db.jobstatuses.count_documents({}) == 0 and db.taskdetails.count_documents({}) == 0
     r.shot("preview")
+    page.set_viewport_size({"width": 390, "height": 900})  # on a phone still a table
+    page.wait_for_timeout(200)
+    tops = page.evaluate(ROW_TOPS)
+    assert tops and all(len(set(row)) == 1 for row in tops), tops  # a row's cells side by side
+    head = "document.querySelector('.preview__schema thead').getBoundingClientRect().height"
+    assert page.evaluate(head) > 10  # the column names shown (the jobs tables hide theirs)
+    cells = "[...document.querySelectorAll('#preview-schema td')]"
+    displays = page.evaluate(f"{cells}.map(td => getComputedStyle(td).display)")
+    assert set(displays) == {"table-cell"}, set(displays)
+    sizes = page.evaluate("[document.documentElement.scrollWidth, innerWidth]")
+    assert sizes[0] <= sizes[1], sizes
+    r.shot("preview-390")
+    page.set_viewport_size({"width": 1280, "height": 1000})
 
     page.locator("#copy-button").click()
     expect(page.locator("#status-badge")).to_have_attribute(
@@ -108,3 +142,15 @@ def test_preview_notice_and_average_rate(serve: Any, run: Any, db: Any) -> None:
     seconds = (job["endTime"] - job["startTime"]).total_seconds()
     shown = float(rate.inner_text().replace(",", ""))
     assert abs(shown - job["processedRecords"] / seconds) <= max(1, shown * 0.05), (shown, seconds)
+
+    # a 64-bit Iceberg snapshot id past 2^53 is shown exactly (a JavaScript number rounds it)
+    snapshot = 2**62 + 1
+    job_id = new_job_id()
+    copied = {k: v for k, v in job.items() if k not in ("_id", "clientJobId")}
+    db.jobstatuses.insert_one(
+        {**copied, "jobId": job_id, "options": {"icebergSnapshotId": Int64(snapshot)}}
+    )
+    answer = httpx.get(f"{serve.url}/api/jobs/{job_id}")
+    assert answer.json()["options"]["icebergSnapshotId"] == snapshot, answer.text
+    page.goto(f"{serve.url}/jobs/{job_id}")
+    expect(page.locator("#details")).to_contain_text(f"Iceberg snapshot{snapshot}")

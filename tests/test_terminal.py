@@ -149,6 +149,13 @@ def assert_fits(lines: list[str], columns: int = 80) -> None:
     assert not any("Traceback" in line for line in lines), "\n".join(lines)
 
 
+def piped_log(env: dict[str, str], job_id: str) -> list[str]:
+    """A job's log messages as `lakesync logs` prints them in a pipe (one line each)."""
+    piped = in_pipe(env, "logs", job_id)
+    assert piped.returncode == 0, piped.stderr
+    return [line.split(None, 2)[2] for line in piped.stdout.splitlines()]
+
+
 def stored(db: Any, job_id: str) -> dict[str, Any]:
     doc: dict[str, Any] = db.jobstatuses.find_one({"jobId": job_id})
     return doc
@@ -440,7 +447,8 @@ def test_serve_on_a_taken_port_says_how_to_choose_another(env: dict[str, str]) -
         code, lines = on_terminal(env, "serve", "--port", str(port))
         piped = in_pipe(env, "serve", "--port", str(port))
     text = "\n".join(lines)
-    for out, rc in ((text, code), (piped.stderr + piped.stdout, piped.returncode)):
+    for shown, rc in ((text, code), (piped.stderr + piped.stdout, piped.returncode)):
+        out = " ".join(shown.split())  # on a terminal the error wraps at its spaces
         assert rc == 2, out
         assert f"Port {port} on 127.0.0.1 is already in use" in out, out
         assert "--port 8400" in out and "make run PORT=8400" in out
@@ -542,12 +550,20 @@ def test_operations_schedules_and_errors_fit_80_columns_without_splitting_words(
     )
     env = env | {"LAKESYNC_OPERATIONS_FILE": str(config)}
     copied = json.loads(in_pipe(env, "copy", "copy-projects", "--json").stdout)
-    for command in (["operations"], ["schedules"], ["errors", copied["jobId"]], ["jobs"]):
+    logged = piped_log(env, copied["jobId"])
+    for command in (
+        ["operations"],
+        ["schedules"],
+        ["errors", copied["jobId"]],
+        ["jobs"],
+        ["logs", copied["jobId"]],
+    ):
         code, lines = on_terminal(env, *command)
         assert code == 0, lines
         assert_fits(lines)
         text = "\n".join(lines)
-        assert "INFO" not in text and "Traceback" not in text, text
+        assert "Traceback" not in text, text
+        assert "INFO" not in text or command[0] == "logs", text  # a job's log has levels
         words = set(text.split())
         if command == ["operations"]:
             assert set(about.replace(",", "").split()) <= {w.strip(",") for w in words}, text
@@ -556,6 +572,10 @@ def test_operations_schedules_and_errors_fit_80_columns_without_splitting_words(
             assert re.search(r"next \d\d-\d\d 07:30 CES?T", text), text  # time and zone
         if command == ["schedules"]:
             assert re.search(r"\d\d-\d\d 07:30 CES?T", text), text
+        if command[0] == "logs":  # each message wraps at its spaces: every word whole
+            assert len(logged) >= 4
+            for line in logged:
+                assert set(line.split()) <= words, (line, text)
         if command[0] == "errors":
             assert f"files under {lake20k}/" in text
             rows = [line for line in lines if line.startswith(("(none)", "TD-"))]
@@ -599,3 +619,38 @@ def test_schedules_shows_a_failing_schedules_error_whole_at_80_columns(
     assert rows and re.search(r"every 1h +\d\d-\d\d \d\d:00 UTC", rows[0]), text  # it runs on
     piped = in_pipe(env, "schedules")
     assert f"schedule of copy-projects-hourly failing: {error}\n" in piped.stdout
+
+
+def test_an_error_wraps_at_spaces_on_a_terminal_and_is_one_line_in_a_pipe(
+    env: dict[str, str],
+) -> None:
+    missing = "job_" + "x" * 26
+    piped = in_pipe(env, "status", missing)
+    assert piped.returncode == 1 and piped.stderr.count("\n") == 1, piped.stderr
+    message = piped.stderr.strip()
+    assert message.startswith("error: ") and len(message) > 80, message
+    code, lines = on_terminal(env, "status", missing)
+    assert code == 1, lines
+    assert_fits(lines)
+    assert set(message.split()) <= set("\n".join(lines).split()), lines  # no word split
+
+
+def test_pause_and_unpause_say_what_changed_and_the_next_run_in_its_zone(
+    env: dict[str, str], tmp_path: Path, lake20k: Path
+) -> None:
+    config = tmp_path / "lakesync.toml"
+    config.write_text(
+        f'[operations.nightly]\nsource = "{lake20k}"\ncollection = "n"\nkey = "taskDetailId"\n'
+        'schedule = "30 7 * * *"\ntimezone = "Europe/Berlin"\n'
+    )
+    env = env | {"LAKESYNC_OPERATIONS_FILE": str(config)}
+    said = []
+    for command in ("pause", "pause", "unpause", "unpause"):
+        done = in_pipe(env, command, "nightly")
+        assert done.returncode == 0, done.stderr
+        said.append(done.stdout.strip())
+    assert said[0] == "Schedule of nightly is now paused; running jobs go on.", said
+    assert said[1] == "Schedule of nightly was already paused; running jobs go on.", said
+    assert re.fullmatch(r"Schedule of nightly is now running; next run \d\d-\d\d 07:30 CES?T\.",
+                        said[2]), said  # fmt: skip
+    assert said[3].startswith("Schedule of nightly was already running; next run "), said

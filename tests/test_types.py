@@ -540,3 +540,65 @@ def test_a_changed_record_with_a_composite_key_is_updated_in_place(
     assert (again.updatedRecords, again.unchangedRecords, again.insertedRecords) == (1, 2, 0)
     assert db.f.count_documents({}) == 3
     assert db.f.find_one({"_id.origin": "LGA"})["delay"] == 20
+
+
+#: BSON element type bytes, by the names `lakesync inspect` uses
+_BSON_NAMES = {1: "double", 2: "string", 3: "object", 4: "array", 5: "binData", 8: "bool",
+               9: "date", 10: "null", 16: "int", 18: "long", 19: "decimal"}  # fmt: skip
+_FIXED = {1: 8, 8: 1, 9: 8, 10: 0, 16: 4, 18: 8, 19: 16}
+
+
+def _element_types(body: bytes) -> dict[str, tuple[str, list[str]]]:
+    """Each top-level field's BSON type name and, for an array, its items' type names."""
+    out: dict[str, tuple[str, list[str]]] = {}
+    i = 4
+    while body[i] != 0:
+        kind, end = body[i], body.index(b"\x00", i + 1)
+        name, i = body[i + 1 : end].decode(), end + 1
+        size = _FIXED.get(kind)
+        if size is None:  # string, binData: length-prefixed; object, array: sized
+            n = int.from_bytes(body[i : i + 4], "little", signed=True)
+            size = {2: 4 + n, 5: 5 + n}.get(kind, n)
+        items = list(_element_types(body[i : i + size]).values()) if kind == 4 else []
+        out[name] = (_BSON_NAMES[kind], [t for t, _ in items])
+        i += size
+    return out
+
+
+def test_the_bson_type_names_inspect_shows_are_the_types_written() -> None:
+    """`lakesync inspect` names each column's BSON type from the converter's own rule:
+    every value written has one of the types its column's name lists."""
+    from lakesync.typemap import bson_type_name
+
+    table = pa.table({
+        "id": pa.array([1, 2**40], pa.int64()),
+        "i32": pa.array([1, -(2**31)], pa.int32()),
+        "u32": pa.array([1, 2**32 - 1], pa.uint32()),
+        "u64": pa.array([3, 2**64 - 1], pa.uint64()),
+        "dur": pa.array([5, 2**40], pa.duration("ms")),
+        "f": pa.array([1.0, 2.5], pa.float32()),
+        "ts": pa.array([0, 1], pa.timestamp("us", tz="UTC")),
+        "t": pa.array([0, 1], pa.time32("s")),
+        "b": pa.array([True, False]),
+        "bin": pa.array([b"x", b""]),
+        "dec": pa.array([Decimal("1.5"), Decimal("2")], pa.decimal128(5, 2)),
+        "s": pa.array(["a", "b"]).dictionary_encode(),
+        "li": pa.array([[1, 2**40], []], pa.list_(pa.int64())),
+        "st": pa.array([{"a": 1}, {"a": 2}], pa.struct([("a", pa.int8())])),
+        "smap": pa.array([[("a", 1)], []], pa.map_(pa.string(), pa.int64())),
+        "imap": pa.array([[(1, "a")], []], pa.map_(pa.int32(), pa.string())),
+    })  # fmt: skip
+    out = validate(ANY, table, MONGODB)
+    assert not out.rejections, out.rejections
+    written = [_element_types(b) for b in out.encoded()]
+    for field in table.schema:
+        name = bson_type_name(field.type)
+        allowed = set(re.findall(r"int|long|double|string|object|binData|bool|date|decimal", name))
+        for doc in written:
+            kind, items = doc[field.name]
+            if name.startswith("array of {k, v}"):
+                assert kind == "array" and set(items) <= {"object"}, (field.name, doc)
+            elif name.startswith("array of "):
+                assert kind == "array" and set(items) <= allowed, (field.name, name, items)
+            else:
+                assert kind in allowed, (field.name, name, kind)

@@ -153,7 +153,9 @@ def _fail(error: Exception, code: int | None = None) -> NoReturn:
     if json_enabled():
         logger.error("%s", error)
     else:
-        err.print(f"[bold red]error:[/] {escape(str(error))}", highlight=False, soft_wrap=True)
+        # one line in a pipe (for scripts); on a terminal wrapped at spaces, never mid-word
+        text = f"[bold red]error:[/] {escape(str(error))}"
+        err.print(text, highlight=False, soft_wrap=not err.is_terminal)
     if code is None:
         code = 2 if isinstance(error, ConfigError) else 1
     raise typer.Exit(code)
@@ -445,7 +447,8 @@ def _print_summary(s: JobStatus) -> None:
         out.print(f"[red]{escape(s.error)}[/]", highlight=False)
     if s.state is JobState.PENDING:
         text = (
-            f"It keeps its checkpoint. A running `lakesync serve` takes it over by itself "
+            f"It keeps its checkpoint. A running `lakesync serve` of the same database takes "
+            f"it over by itself "
             f"within seconds: follow it with `lakesync status {s.jobId}`. Otherwise continue "
             f"it here with `lakesync resume {s.jobId}`."
         )
@@ -782,11 +785,24 @@ def logs(job_id: str) -> None:
         _fail(e)
     if not lines:
         err.print(escape(f"Job {job_id} has no log lines yet."), highlight=False)
+    texts = []
     for line in lines:
-        text = f"{line['time']} {line['level'].upper():<7} {line['message']}"
-        if line.get("cause"):
-            text += f" ({line['cause']})"
-        sys.stdout.write(text + "\n")
+        text = line["message"] + (f" ({line['cause']})" if line.get("cause") else "")
+        texts.append((line["time"], line["level"].upper(), text))
+    if not out.is_terminal:  # one line per log line, for grep and scripts
+        for when, level, text in texts:
+            sys.stdout.write(f"{when} {level:<7} {text}\n")
+        return
+    import textwrap
+
+    # on a terminal a line wraps at its spaces, the rest indented under its time; a word
+    # (a path) is never split, even one longer than the line
+    for when, level, text in texts:
+        wrapped = textwrap.fill(
+            f"{when} {level:<7} {text}", width=out.width, subsequent_indent="  ",
+            break_long_words=False, break_on_hyphens=False,
+        )  # fmt: skip
+        sys.stdout.write(wrapped + "\n")
 
 
 @app.command(cls=_Command, short_help="List the operations, their last job and schedule.")
@@ -926,7 +942,7 @@ def _print_preview(p: dict[str, Any]) -> None:
         for doc in p["documents"]:
             out.print(escape(json.dumps(doc, ensure_ascii=False)), highlight=False)
     if p["rejections"]:
-        out.print(f"\n[bold]{len(p['rejections'])} sample rejections[/]")
+        out.print(f"\n[bold]{_plural(len(p['rejections']), 'sample rejection')}[/]")
         for r in p["rejections"]:
             where = f"{Path(r['file']).name} row {r['row']}"
             text = f"{r['key'] or '(no key)'} ({where}): {r['reason']}"
@@ -1034,13 +1050,17 @@ def _pause(name: str, paused: bool) -> None:
 
     try:
         with Runtime(_settings(), short=True) as rt:
+            scheduled = (op for op, _ in rt.scheduler.scheduled() if op.name == name)
+            before = next((rt.scheduler.describe(op) for op in scheduled), None) or {}
             s = rt.scheduler.pause(name) if paused else rt.scheduler.unpause(name)
     except LakesyncError as e:
         _fail(e)
+    already = "was already" if bool(before.get("paused")) == paused else "is now"
     text = (
-        f"Schedule of {name} paused; running jobs go on."
+        f"Schedule of {name} {already} paused; running jobs go on."
         if paused
-        else f"Schedule of {name} resumed; next run {s['nextRun']}."
+        else f"Schedule of {name} {already} running; next run "
+        f"{_local_time(s['nextRun'], s['timezone'])}."
     )
     out.print(escape(text), highlight=False)
 

@@ -14,7 +14,6 @@ from collections import Counter
 from typing import Any
 
 import bson
-import pyarrow as pa
 from bson import json_util
 
 from lakesync.config import Settings
@@ -22,52 +21,12 @@ from lakesync.masking import masked
 from lakesync.operations import OperationRegistry, ResolvedJob
 from lakesync.schema import check_columns, validate
 from lakesync.service import checked_request
-from lakesync.typemap import ServerLimits, value_type
+from lakesync.typemap import ServerLimits, bson_type_name
 
 #: records read for the sample: enough to meet a few bad rows, few enough to answer at once
 SAMPLE_ROWS = 1000
 #: sample documents and rejections shown
 SHOWN = 10
-
-
-def bson_type(kind: pa.DataType) -> str:
-    """The BSON type values of an Arrow type become (README, "Types")."""
-    kind = value_type(kind)
-    t = pa.types
-    if t.is_null(kind):
-        return "null"
-    if t.is_boolean(kind):
-        return "bool"
-    if t.is_uint64(kind):
-        return "long (decimal above 2^63-1)"
-    if t.is_int64(kind) or t.is_uint32(kind):
-        return "int or long"
-    if t.is_integer(kind):
-        return "int"
-    if t.is_floating(kind):
-        return "double"
-    if t.is_decimal(kind):
-        return "decimal"
-    if t.is_string(kind) or t.is_large_string(kind) or t.is_string_view(kind):
-        return "string"
-    if t.is_binary(kind) or t.is_large_binary(kind) or t.is_fixed_size_binary(kind):
-        return "binData"
-    if t.is_binary_view(kind):
-        return "binData"
-    if t.is_timestamp(kind) or t.is_date(kind):
-        return "date"
-    if t.is_time(kind):
-        return "string"
-    if t.is_duration(kind):
-        return "long"
-    if t.is_interval(kind) or t.is_struct(kind):
-        return "object"
-    if t.is_list(kind) or t.is_large_list(kind) or t.is_fixed_size_list(kind):
-        return f"array of {bson_type(kind.value_type)}"
-    if t.is_map(kind):
-        string_keys = t.is_string(kind.key_type) or t.is_large_string(kind.key_type)
-        return "object" if string_keys else "array of {k, v}"
-    return f"none (Arrow {kind}: records with a value are rejected)"
 
 
 def preview(
@@ -102,7 +61,7 @@ def preview(
             {
                 "name": field.name,
                 "arrowType": str(field.type),
-                "bsonType": bson_type(kind) if written else None,
+                "bsonType": bson_type_name(kind) if written else None,
                 "key": field.name in key_columns,
             }
         )

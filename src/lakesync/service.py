@@ -223,7 +223,8 @@ def check_source_exists(source: str, roots: list[str] | None = None) -> None:
         return
     if not os.path.exists(source):
         raise SourceError(
-            f"The source {source!r} does not exist. Fix the operation's `source` in "
-            "lakesync.toml (or LAKESYNC_LAKE_URI for an operation without one), or the job's "
-            "source option to a directory, file, glob or s3:// URI of the lake."
+            f"The source {source!r} does not exist. Point the job's source (`--source`, "
+            "the page's Source, options.source) or else the operation's `source` in "
+            "lakesync.toml (LAKESYNC_LAKE_URI for an operation without one) at a directory, "
+            "file, glob or s3:// URI of the lake."
         )

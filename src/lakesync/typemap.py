@@ -261,50 +261,74 @@ def python_values(array: pa.Array, limits: ServerLimits) -> tuple[list[Any], dic
 
 def converter(kind: pa.DataType, limits: ServerLimits) -> Convert:
     """A function from a (physical, non-null) Python value of ``kind`` to its BSON value."""
+    return _rule(kind, limits)[1]
+
+
+def bson_type_name(kind: pa.DataType) -> str:
+    """The BSON type values of this Arrow type are written as (README, "Types"), named as
+    `lakesync inspect` shows it: from the converter's own rule, so the two cannot differ."""
+    return _rule(kind, MONGODB)[0]
+
+
+def _rule(kind: pa.DataType, limits: ServerLimits) -> tuple[str, Convert]:
+    """The BSON type name and the converter of an Arrow type: one rule per type."""
     kind = value_type(kind)
-    if pa.types.is_null(kind):
-        return lambda v: None
-    if pa.types.is_boolean(kind):
-        return bool
-    if pa.types.is_uint64(kind):
-        return lambda v: v if v <= INT64_MAX else _decimal(Decimal(v), limits, "uint64")
-    if pa.types.is_integer(kind):
-        return int
-    if pa.types.is_floating(kind):
-        return lambda v: _double(float(v), limits)
-    if pa.types.is_decimal(kind):
-        return lambda v: _decimal(v, limits, "decimal")
-    if pa.types.is_string(kind) or pa.types.is_large_string(kind) or pa.types.is_string_view(kind):
-        return str
+    t = pa.types
+    if t.is_null(kind):
+        return "null", lambda v: None
+    if t.is_boolean(kind):
+        return "bool", bool
+    if t.is_uint64(kind):
+        return (
+            "int or long (decimal above 2^63-1)",
+            lambda v: v if v <= INT64_MAX else _decimal(Decimal(v), limits, "uint64"),
+        )
+    if t.is_integer(kind):  # a Python int is written as int (32-bit) when it fits, else long
+        wide = kind.bit_width == 64 or t.is_uint32(kind)
+        return ("int or long" if wide else "int"), int
+    if t.is_floating(kind):
+        return "double", lambda v: _double(float(v), limits)
+    if t.is_decimal(kind):
+        return "decimal", lambda v: _decimal(v, limits, "decimal")
+    if t.is_string(kind) or t.is_large_string(kind) or t.is_string_view(kind):
+        return "string", str
     if (
-        pa.types.is_binary(kind)
-        or pa.types.is_large_binary(kind)
-        or pa.types.is_fixed_size_binary(kind)
-        or pa.types.is_binary_view(kind)
+        t.is_binary(kind)
+        or t.is_large_binary(kind)
+        or t.is_fixed_size_binary(kind)
+        or t.is_binary_view(kind)
     ):
-        return bytes
-    if pa.types.is_timestamp(kind):
-        return lambda v: _date(_to_ms(v, kind.unit), limits)
-    if pa.types.is_date32(kind):
-        return lambda v: _date(v * MS_PER_DAY, limits)
-    if pa.types.is_date64(kind):
-        return lambda v: _date(v, limits)
-    if pa.types.is_time(kind):
-        return lambda v: time_text(v, kind.unit)
-    if pa.types.is_duration(kind):
-        return int
-    if pa.types.is_interval(kind):
-        return lambda v: {"months": v.months, "days": v.days, "nanoseconds": v.nanoseconds}
-    if pa.types.is_list(kind) or pa.types.is_large_list(kind) or pa.types.is_fixed_size_list(kind):
-        item = _nullable(converter(kind.value_type, limits))
-        return lambda v: [item(x) for x in v]
-    if pa.types.is_struct(kind):
+        return "binData", bytes
+    if t.is_timestamp(kind):
+        return "date", lambda v: _date(_to_ms(v, kind.unit), limits)
+    if t.is_date32(kind):
+        return "date", lambda v: _date(v * MS_PER_DAY, limits)
+    if t.is_date64(kind):
+        return "date", lambda v: _date(v, limits)
+    if t.is_time(kind):
+        return "string", lambda v: time_text(v, kind.unit)
+    if t.is_duration(kind):
+        return "int or long", int
+    if t.is_interval(kind):
+        return "object", lambda v: {
+            "months": v.months,
+            "days": v.days,
+            "nanoseconds": v.nanoseconds,
+        }
+    if t.is_list(kind) or t.is_large_list(kind) or t.is_fixed_size_list(kind):
+        name, inner = _rule(kind.value_type, limits)
+        item = _nullable(inner)
+        return f"array of {name}", lambda v: [item(x) for x in v]
+    if t.is_struct(kind):
         fields = [(f.name, _nullable(converter(f.type, limits))) for f in kind]
-        return lambda v: {name: conv(v[name]) for name, conv in fields}
-    if pa.types.is_map(kind):
-        return _map(kind, limits)
+        return "object", lambda v: {name: conv(v[name]) for name, conv in fields}
+    if t.is_map(kind):
+        key = value_type(kind.key_type)
+        string_keys = t.is_string(key) or t.is_large_string(key)
+        return ("object" if string_keys else "array of {k, v}"), _map(kind, limits)
     name = describe(kind)
-    return lambda v: _raise(f"a value of Arrow type {name}, which has no BSON type")
+    reason = f"a value of Arrow type {name}, which has no BSON type"
+    return f"none (Arrow {name}: records with a value are rejected)", lambda v: _raise(reason)
 
 
 def _nullable(convert: Convert) -> Convert:

@@ -137,6 +137,94 @@ function setToken(token) {
 let memoryToken = "";
 const token = () => getToken() || memoryToken;
 
+/* ------------------------------------------------------------------ JSON as written */
+
+/** A number as the server wrote it ("7.0", "9007199254740993"): what JSON.parse loses. */
+class JsonNumber {
+  constructor(text) { this.text = text; }
+  toString() { return this.text; }
+}
+
+/** JSON.parse that keeps numbers exact. JSON.parse makes every number a double, so a 64-bit
+ *  integer past 2^53 (an Iceberg snapshot id) comes out rounded and 7.0 comes out 7. Here
+ *  an integer a double cannot hold is kept as its digits (a string), every other number is
+ *  a Number; with `exact`, every number is a JsonNumber holding its text (documents shown
+ *  as written). Throws SyntaxError on what JSON.parse refuses. */
+function parseJson(text, { exact = false } = {}) {
+  const NUMBER = /-?(?:0|[1-9]\d*)(?:\.\d+)?(?:[eE][+-]?\d+)?/y;
+  const STRING = /"(?:[^"\\\u0000-\u001f]|\\(?:["\\/bfnrt]|u[0-9a-fA-F]{4}))*"/y;
+  let i = 0;
+  const fail = () => { throw new SyntaxError(`Unexpected JSON at position ${i}`); };
+  const ws = () => { while (i < text.length && " \t\n\r".includes(text[i])) i++; };
+  const token = (re) => {
+    re.lastIndex = i;
+    const m = re.exec(text);
+    if (!m) fail();
+    i = re.lastIndex;
+    return m[0];
+  };
+  const number = (t) => {
+    if (exact) return new JsonNumber(t);
+    const n = Number(t);
+    return /^-?\d+$/.test(t) && !Number.isSafeInteger(n) ? t : n;
+  };
+  const put = (o, k, v) => Object.defineProperty(o, k, { value: v, enumerable: true, writable: true, configurable: true });
+  function value() {
+    ws();
+    const c = text[i];
+    if (c === "{") {
+      i++;
+      const o = {};
+      ws();
+      if (text[i] === "}") { i++; return o; }
+      for (;;) {
+        ws();
+        const k = JSON.parse(token(STRING));
+        ws();
+        if (text[i++] !== ":") fail();
+        put(o, k, value());
+        ws();
+        const d = text[i++];
+        if (d === "}") return o;
+        if (d !== ",") fail();
+      }
+    }
+    if (c === "[") {
+      i++;
+      const a = [];
+      ws();
+      if (text[i] === "]") { i++; return a; }
+      for (;;) {
+        a.push(value());
+        ws();
+        const d = text[i++];
+        if (d === "]") return a;
+        if (d !== ",") fail();
+      }
+    }
+    if (c === '"') return JSON.parse(token(STRING));
+    for (const [word, v] of [["true", true], ["false", false], ["null", null]]) {
+      if (text.startsWith(word, i)) { i += word.length; return v; }
+    }
+    return number(token(NUMBER));
+  }
+  const v = value();
+  ws();
+  if (i !== text.length) fail();
+  return v;
+}
+
+/** A value as JSON with its numbers as written (JsonNumber) and a space after each `,` and
+ *  `:`, so a long document wraps between its fields, as `lakesync inspect` prints it. */
+function showJson(v) {
+  if (v instanceof JsonNumber) return v.text;
+  if (Array.isArray(v)) return `[${v.map(showJson).join(", ")}]`;
+  if (v && typeof v === "object") {
+    return `{${Object.entries(v).map(([k, x]) => `${JSON.stringify(k)}: ${showJson(x)}`).join(", ")}}`;
+  }
+  return JSON.stringify(v);
+}
+
 function plainError(status, body) {
   if (body && typeof body.error === "string" && body.error.trim()) return body.error.trim();
   if (status === 404) return "Not found on the lakesync server.";
@@ -164,14 +252,14 @@ async function api(path, { method = "GET", body } = {}) {
   let data = null;
   const text = await res.text();
   if (text) {
-    try { data = JSON.parse(text); } catch { data = null; }
+    try { data = parseJson(text); } catch { data = null; }
   }
   if (res.status === 401) {
     requireAuth(Boolean(t));
     throw new ApiError(401, "This server needs an API token. Enter it in the form above.");
   }
   if (!res.ok) throw new ApiError(res.status, plainError(res.status, data));
-  return { status: res.status, data };
+  return { status: res.status, data, text };
 }
 
 /* ------------------------------------------------------------------ alerts, notices, live region */
@@ -368,22 +456,34 @@ function renderOperations() {
   const body = $("operations-body");
   body.replaceChildren(...state.operations.map((op) => {
     const tr = document.createElement("tr");
-    const td = (text, title) => {
+    // on a phone the cells stack: each says what it is (data-label, as the jobs table)
+    const td = (text, title, label) => {
       const c = document.createElement("td");
       c.textContent = text;
       if (title) c.title = title;
+      if (label) c.dataset.label = label;
       tr.append(c);
       return c;
     };
     td(op.name, op.description || op.name);
-    td(`${sourceTail(op.source)} → ${op.collection}`, `${op.source} → ${op.collection}`);
+    // the collection stays whole; the source is cut from the left (its end names the data)
+    const target = document.createElement("div");
+    target.className = "c-target";
+    td("", `${op.source} → ${op.collection}`, "Source → collection").append(target);
+    const from = document.createElement("span");
+    from.className = "c-target__source";
+    from.textContent = sourceTail(op.source);
+    const into = document.createElement("span");
+    into.className = "c-target__collection";
+    into.textContent = ` → ${op.collection}`;
+    target.append(from, into);
     const s = op.schedule;
-    const when = s ? (s.schedule ? `${s.schedule} (${s.timezone})` : `every ${s.every}`) : "—";
-    td(when, when);
+    const when = s ? (s.schedule ? `${s.schedule} (${s.timezone})` : `every ${s.every}`) : "none";
+    td(when, when, "Schedule");
     const next = s ? (s.paused ? "paused" : zoned(op.nextRun, s.timezone)) : "—";
-    td(next, s && !s.paused ? `${next} (${s.timezone})` : "");
+    td(next, s && !s.paused ? `${next} (${s.timezone})` : "", "Next run");
     const last = op.lastJob;
-    const cell = td("");
+    const cell = td("", "", "Last job");
     if (last) {
       const a = document.createElement("a");
       a.href = `/jobs/${encodeURIComponent(last.jobId)}`;
@@ -529,11 +629,11 @@ async function showPreview() {
   btn.setAttribute("aria-busy", "true");
   btn.disabled = true;
   try {
-    const { data } = await api("/api/preview", {
+    const { data, text } = await api("/api/preview", {
       method: "POST",
       body: { operation: selectedOperation(), options },
     });
-    renderPreview(data);
+    renderPreview(data, parseJson(text, { exact: true }).documents || []);
   } catch (e) {
     if (e.status === 401) $("token-input").focus();
     else showAlert(e.message);
@@ -543,10 +643,11 @@ async function showPreview() {
   }
 }
 
-function renderPreview(p) {
+/** The preview; `documents` are its sample documents with their numbers as written. */
+function renderPreview(p, documents) {
   let version = p.deltaVersion === null || p.deltaVersion === undefined ? "" : `, Delta version ${p.deltaVersion}`;
-  // a snapshot id is a 64-bit integer: past 2^53 JSON.parse rounds it, so none is shown then
-  if (p.icebergSnapshotId !== null && p.icebergSnapshotId !== undefined) version = Number.isSafeInteger(p.icebergSnapshotId) ? `, Iceberg snapshot ${p.icebergSnapshotId}` : ", current Iceberg snapshot";
+  // a snapshot id is a 64-bit integer: parseJson keeps it exact (digits) past 2^53
+  if (p.icebergSnapshotId !== null && p.icebergSnapshotId !== undefined) version = `, Iceberg snapshot ${p.icebergSnapshotId}`;
   const rep = p.repeatedKeys || { keys: 0, records: 0, among: "" };
   $("preview-summary").textContent =
     `${p.source}: ${p.format}${version}, ${fmt(p.files)} file${p.files === 1 ? "" : "s"}, ` +
@@ -564,7 +665,7 @@ function renderPreview(p) {
     }
     body.append(tr);
   }
-  $("preview-documents").textContent = (p.documents || []).map((d) => JSON.stringify(d)).join("\n") || "No valid record in the sample.";
+  $("preview-documents").textContent = documents.map(showJson).join("\n") || "No valid record in the sample.";
   const list = $("preview-rejections");
   list.replaceChildren();
   for (const r of p.rejections || []) {
@@ -703,7 +804,7 @@ function openStream(jobId, seq) {
     if (seq !== state.followSeq) return;
     setTransport("live");
     let data;
-    try { data = JSON.parse(ev.data); } catch { return; }
+    try { data = parseJson(ev.data); } catch { return; }
     onStatus(data);
   });
   es.addEventListener("end", () => {
@@ -1065,7 +1166,7 @@ function renderChart() {
       const avg = job.processedRecords / secs;
       drawAverage(svg, W, H, avg);
       summary.textContent = `Average over the whole job: ${fmtRate(avg)} records per second `
-        + `(${fmt(job.processedRecords)} records in ${fmtDuration(secs)}).`;
+        + `(${fmt(job.processedRecords)} record${job.processedRecords === 1 ? "" : "s"} in ${fmtDuration(secs)}).`;
       return;
     }
     svg.append(svgEl("text", { x: W / 2, y: H / 2 + 4, "text-anchor": "middle", class: "empty-label" },
@@ -1508,6 +1609,9 @@ function renderDetails(job) {
   detail(dl, "Batch size", o.batchSize);
   detail(dl, "Delta version", o.deltaVersion);
   detail(dl, "Changes since Delta version", o.sinceDeltaVersion);
+  // 64-bit ids: parseJson keeps one past 2^53 as its exact digits
+  detail(dl, "Iceberg snapshot", o.icebergSnapshotId);
+  detail(dl, "Changes since Iceberg snapshot", o.sinceIcebergSnapshotId);
   detail(dl, "Watermark from", watermarkText(cp.since));
   detail(dl, "Watermark up to", watermarkText(cp.until));
   if (job.partitions) detail(dl, "Partitions", `${fmt(job.partitionsDone || 0)} of ${fmt(job.partitions)} done`);
@@ -1523,7 +1627,7 @@ function renderDetails(job) {
   detail(dl, "Ended", when(job.endTime));
   detail(dl, "Last update", when(job.updatedAt));
   detail(dl, "Copied into", destinationText(job));
-  const known = new Set(["source", "mode", "batchSize", "deltaVersion", "sinceDeltaVersion"]);
+  const known = new Set(["source", "mode", "batchSize", "deltaVersion", "sinceDeltaVersion", "icebergSnapshotId", "sinceIcebergSnapshotId"]);
   const other = Object.entries(o).filter(([k]) => !known.has(k));
   if (other.length) detail(dl, "Other options", other.map(([k, v]) => `${k}=${JSON.stringify(v)}`).join(", "));
   detail(dl, "Error", job.error);
