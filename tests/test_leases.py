@@ -22,6 +22,7 @@ from pymongo.collection import Collection
 from pymongo.errors import AutoReconnect
 from tests.helpers import ServeProcess, wait_for
 
+from lakesync.boundary import SliceLease
 from lakesync.config import Settings
 from lakesync.demo import generate
 from lakesync.models import JobState, Outcome
@@ -150,8 +151,8 @@ def test_a_job_whose_last_partition_died_before_ending_it_completes_on_recovery(
         def die(*_: Any) -> None:
             raise SystemExit("killed between the last partition and the job's end")
 
-        parts._end_job = die  # type: ignore[method-assign]
-        with pytest.raises(SystemExit):
+        with pytest.MonkeyPatch.context() as mp, pytest.raises(SystemExit):
+            mp.setattr(SliceLease, "end", die)  # the job's end, in the finish stage
             parts.run(*queued[-1])
         stuck = rt.store.get(job.jobId)
     assert stuck.status == JobState.IN_PROGRESS and stuck.partitionsDone == stuck.partitions
@@ -302,8 +303,8 @@ def test_a_copy_that_keeps_up_reads_its_lease_once_not_before_every_batch(
 
 # -- no transient error fails a job ----------------------------------------------------------
 
-JOB_PATH = ("runner.py", "partitions.py", "batchloop.py", "lease.py", "jobstore.py", "copy.py",
-            "mirror.py", "watermarks.py")  # fmt: skip
+JOB_PATH = ("runner.py", "partitions.py", "boundary.py", "plan.py", "slices.py", "finish.py",
+            "lease.py", "jobstore.py", "copy.py", "mirror.py", "watermarks.py")  # fmt: skip
 METHODS = ("find_one", "find_one_and_update", "update_one", "update_many", "insert_one",
            "insert_many", "find", "bulk_write", "delete_many", "drop", "count_documents",
            "create_index", "aggregate", "replace_one")  # fmt: skip
@@ -405,7 +406,7 @@ def test_a_transient_error_at_each_call_of_the_job_path_fails_no_job(
     assert db.taskdetails.count_documents({}) == 3000
     sites = sorted(faults.hit)
     assert len(sites) >= 20, sites  # every kind of call was hit once, and retried
-    assert {f for f, _ in sites} >= {"partitions.py", "jobstore.py", "lease.py", "copy.py",
+    assert {f for f, _ in sites} >= {"boundary.py", "jobstore.py", "lease.py", "copy.py",
                                      "mirror.py", "watermarks.py"}, sites  # fmt: skip
 
 
