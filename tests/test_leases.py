@@ -303,8 +303,8 @@ def test_a_copy_that_keeps_up_reads_its_lease_once_not_before_every_batch(
 
 # -- no transient error fails a job ----------------------------------------------------------
 
-JOB_PATH = ("runner.py", "partitions.py", "boundary.py", "plan.py", "slices.py", "finish.py",
-            "lease.py", "jobstore.py", "copy.py", "mirror.py", "watermarks.py")  # fmt: skip
+JOB_PATH = ("runner.py", "boundary.py", "plan.py", "slices.py", "finish.py", "lease.py",
+            "jobstore.py", "copy.py", "mirror.py", "watermarks.py")  # fmt: skip
 METHODS = ("find_one", "find_one_and_update", "update_one", "update_many", "insert_one",
            "insert_many", "find", "bulk_write", "delete_many", "drop", "count_documents",
            "create_index", "aggregate", "replace_one")  # fmt: skip

@@ -1,38 +1,256 @@
 """The job body: claim a job, then plan, run and finish it.
 
-Every executor calls `JobRunner.run`; executors only decide where and when it runs. A job
-goes down three stages, each owned by one module: plan.py (what to copy, persisted once),
-slices.py (one batch loop over a slice of the plan), finish.py (mirror deletes, counters,
-final status, watermark). A whole job is one slice its own run copies; a partitioned job's
-slices are its partitions, run by the executor (partitions.py). Every MongoDB call goes
-through the store boundary (boundary.py), which retries and fences it.
+Every executor calls `JobRunner.run` (and `PartitionedJobs.run` for one partition);
+executors only decide where and when it runs. A job goes down three stages, each owned by
+one module: plan.py (what to copy, persisted once), slices.py (one batch loop over a slice
+of the plan), finish.py (mirror deletes, counters, final status, watermark). Every MongoDB
+call goes through the store boundary (boundary.py), which retries and fences it.
+
+Whole jobs and partitioned jobs differ only in how many slices they have and who runs
+them. A whole job is one slice, copied by the job's own run. A large full copy is planned
+as partitions (file ranges, `jobpartitions`), one slice each, which the executor's workers
+copy in parallel (`PartitionedJobs`), or the job's own run copies one after another when
+no executor runs them (`lakesync copy`, `lakesync resume`). Each partition's run takes
+the same path as a whole job's: claim, heartbeat, fence, the batch loop, hand back, take
+over. The job document takes the sums of its partitions with `$max`: counters only grow,
+so a slow writer with older sums can never move them back, and a replayed update changes
+nothing. The partition that finds all others done completes the job; a partition that
+fails fails the job, naming itself; a partition MongoDB or the lake cannot serve within
+the retry budget is handed back and resumed later. Whatever resumes a partitioned job (the
+API, `lakesync resume`, `lakesync copy` picking it up, the recovery scan) continues its
+partitions from their checkpoints; a job whose partitions are all done is completed by the
+next run of the job.
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Any
+
+from pymongo.collection import Collection
 
 from lakesync import finish
 from lakesync.boundary import SliceLease, Store
 from lakesync.config import Settings
-from lakesync.errors import LakesyncError
+from lakesync.errors import LakesyncError, LeaseLost
 from lakesync.finish import summary
 from lakesync.jobstore import JobStore
-from lakesync.lease import Alone, died_reason, new_owner, run_owner
+from lakesync.lease import Alone, Leases, died_reason, new_owner, run_owner
 from lakesync.logs import job_context
 from lakesync.models import JobState, JobStatus, Outcome
 from lakesync.operations import OperationRegistry
-from lakesync.partitions import PartitionedJobs
 from lakesync.plan import Planner
 from lakesync.slices import Clock, copy_slice, drive
 from lakesync.watermarks import WatermarkStore
 
-__all__ = ["JobRunner", "Outcome", "new_owner", "summary"]
+__all__ = ["JobRunner", "Outcome", "PartitionedJobs", "new_owner", "summary"]
 
 logger = logging.getLogger(__name__)
+
+
+@dataclass
+class PartitionedJobs:
+    """Runs the partitions of jobs: dispatched to the executor, or here, one by one.
+
+    `submit` hands a partition to the executor; without one (`lakesync copy`, `lakesync
+    resume`), the job's run copies its partitions itself, one after another.
+    """
+
+    store: Store
+    planner: Planner
+    owner: str
+    stop: threading.Event
+    #: failures that could not be written: job -> error (the runner's)
+    unrecorded: dict[str, str] = field(default_factory=dict)
+    submit: Callable[[str, int], None] | None = None
+
+    @property
+    def parts(self) -> Collection[dict[str, Any]]:
+        """The `jobpartitions` collection."""
+        return self.store.parts
+
+    @property
+    def leases(self) -> Leases:
+        """The lease primitive on partition documents."""
+        return self.store.part_leases
+
+    @property
+    def plans(self) -> bool:
+        """Whether new full copies are split (only where an executor runs partitions)."""
+        return self.submit is not None
+
+    def ensure_indexes(self) -> None:
+        """Index partitions by job (they expire with their job: JobStore.finish)."""
+        self.parts.create_index("jobId")
+        self.parts.create_index("status")  # the recovery scan
+
+    def stale(self) -> list[tuple[str, int]]:
+        """Partitions to run: pending ones and those whose lease expired (handed back
+        first), of jobs that are running."""
+        pending, expired = self.leases.scan(self.store.settings.lease_seconds)
+        found = list(pending)
+        for doc in expired:
+            before = self.leases.reap(doc["_id"], doc)
+            if before is not None:
+                found.append(doc)
+                if before.get("owner"):  # its run died holding it
+                    self.leases.count_death(doc["_id"], before)
+        out, running = [], {}
+        for doc in found:
+            job_id, index = str(doc["_id"]).rsplit(":", 1)
+            if job_id not in running:
+                job = self.store.jobs.jobs.find_one({"jobId": job_id}, {"status": 1})
+                running[job_id] = job is not None and job.get("status") == "in_progress"
+            if running[job_id]:
+                out.append((job_id, int(index)))
+        return out[:200]
+
+    def hand_back(self, job_id: str) -> None:
+        """After this process stopped its partitions of the job: if none runs anywhere, the
+        job goes back to pending, and the next start dispatches them again at once."""
+        if self.parts.count_documents({"jobId": job_id, "status": JobState.IN_PROGRESS.value}):
+            return  # another process runs some: the job stays with them
+        done = self.parts.count_documents({"jobId": job_id, "status": JobState.COMPLETED.value})
+        total = self.parts.count_documents({"jobId": job_id})
+        if self.store.jobs.hand_back_unowned(
+            job_id,
+            f"Paused with {done} of {total} partitions done (lakesync stopped); "
+            "resumes from the partitions' checkpoints",
+        ):
+            logger.info("job %s: handed back; the next start resumes it", job_id)
+
+    # -- the job's run: dispatch its partitions, or copy them here ------------------------
+
+    def resume(
+        self,
+        status: JobStatus,
+        lease: SliceLease,
+        on_progress: Callable[[JobStatus], None] | None,
+    ) -> Outcome:
+        """Continue a partitioned job: dispatch its partitions, or copy them here."""
+        job_id, owner = status.jobId, lease.owner
+        try:
+            if self.submit is not None:
+                self._dispatch(job_id, owner)
+                return Outcome.ENDED
+            with lease.heartbeat():
+                return self._run_inline(job_id, owner, on_progress)
+        except LeaseLost as e:
+            logger.warning("%s", e)
+            return Outcome.NOT_CLAIMED
+        except LakesyncError as e:  # MongoDB gone past the budget: its lease expires
+            logger.error("job %s: could not continue its partitions: %s", job_id, e)
+            with contextlib.suppress(Exception):
+                self.store.jobs.release(job_id, owner, f"MongoDB unavailable: {e}", failure=True)
+            return Outcome.NOT_CLAIMED
+
+    def _dispatch(self, job_id: str, owner: str) -> None:
+        """Hand every unfinished partition to the executor and let go of the job document;
+        complete the job if none is left (its last partition's run died before ending it)."""
+        left = self.store.unfinished(job_id)
+        if not left:
+            self._complete_if_done(job_id, owner)
+        assert self.submit is not None
+        for index in left:
+            self.submit(job_id, index)
+        with contextlib.suppress(LeaseLost):
+            self.store.let_go(job_id, owner)
+        logger.info("job %s: %d partitions dispatched", job_id, len(left))
+
+    def _run_inline(
+        self, job_id: str, owner: str, on_progress: Callable[[JobStatus], None] | None
+    ) -> Outcome:
+        """Copy the job's unfinished partitions in this thread (no executor runs them)."""
+        for index in self.store.unfinished(job_id):
+            outcome = Outcome.CONTINUE
+            while outcome is Outcome.CONTINUE and not self.stop.is_set():
+                outcome = self.run(job_id, index, on_progress)
+            job = self.store.get(job_id)
+            if job.state.is_final:
+                return Outcome.ENDED
+            if self.stop.is_set():
+                text = (
+                    f"Paused at record {job.processedRecords:,} (lakesync stopped); "
+                    "resumes from its partitions' checkpoints"
+                )
+                self.store.release(job_id, owner, text)
+                return Outcome.CONTINUE
+        self._complete_if_done(job_id, owner)
+        with contextlib.suppress(LeaseLost):  # another process may hold a partition: it ends
+            self.store.let_go(job_id, owner)  # the job (a no-op once this run ended it)
+        return Outcome.ENDED
+
+    def _complete_if_done(self, job_id: str, owner: str) -> None:
+        lease = SliceLease(self.store, job_id, owner, partitioned=True)
+        finish.complete(lease, self.store.get(job_id), Clock(), self.stop)
+
+    # -- one partition ---------------------------------------------------------------------
+
+    def run(
+        self, job_id: str, index: int, on_progress: Callable[[JobStatus], None] | None = None
+    ) -> Outcome:
+        """Copy one partition from its checkpoint until it ends, yields or is taken over."""
+        with job_context(job_id):
+            owner = run_owner(self.owner)
+            try:
+                job = self.store.get(job_id)
+                if job.state.is_final:
+                    return Outcome.ENDED
+                alone = self.store.part_suspect(f"{job_id}:{index}")
+            except LakesyncError as e:
+                logger.error("job %s partition %d cannot be run: %s", job_id, index + 1, e)
+                return Outcome.NOT_CLAIMED
+            with job_context(job_id, job.operation), Alone(alone):
+                return self._claimed(job, index, owner, on_progress)
+
+    def _claimed(
+        self,
+        job: JobStatus,
+        index: int,
+        owner: str,
+        on_progress: Callable[[JobStatus], None] | None,
+    ) -> Outcome:
+        job_id, pid = job.jobId, f"{job.jobId}:{index}"
+        try:
+            part = self.store.claim_part(pid, owner)
+            if part is None:
+                return Outcome.NOT_CLAIMED
+            self.store.ran_by(pid, self.owner)
+        except LakesyncError as e:
+            logger.error("job %s partition %d cannot be claimed: %s", job_id, index + 1, e)
+            return Outcome.NOT_CLAIMED
+        where = (
+            f"partition {index + 1} of {job.partitions} (files {part['fileStart'] + 1}"
+            f"-{part['fileStop']})"
+        )
+        lease = SliceLease(self.store, job_id, owner, index, where)
+        if int(part.get("failures", 0)) >= self.store.settings.max_attempts:  # runs kept dying
+            cp = part.get("checkpoint") or {}
+            files = part.get("files") or []
+            reading = cp.get("file") or (files[0] if files else where)
+            reason = died_reason(
+                int(part.get("attempt", 1)) - 1,
+                int(part["failures"]),
+                str(reading),
+                int(part.get("processedRecords", 0)),
+                self.store.settings.max_attempts,
+            )
+            lease.fail(job, reason, self.unrecorded)
+            return Outcome.ENDED
+
+        def copy() -> Outcome:
+            piece = self.planner.partition(job, part)
+            clock = Clock()
+            stopped, status = copy_slice(lease, piece, job, clock, self.stop, on_progress)
+            if (ended := finish.ended(stopped, lease, status)) is not None:
+                return ended
+            return finish.complete(lease, status, clock, self.stop, on_progress=on_progress)
+
+        return drive(lease, job, copy, self.unrecorded)
 
 
 @dataclass
