@@ -41,7 +41,7 @@ from lakesync.config import Settings
 from lakesync.errors import JobError, LakesyncError, LeaseLost
 from lakesync.jobstore import JobStore
 from lakesync.lake import Lake, Listing
-from lakesync.lease import FENCE_TRUST_SECONDS, Heartbeat, Leases, suspect
+from lakesync.lease import FENCE_TRUST_SECONDS, Heartbeat, Leases, progressed, suspect
 from lakesync.models import ACTIVE_STATES, PARTITIONS, Checkpoint, Counters, JobState, JobStatus
 from lakesync.retry import RetryPolicy
 from lakesync.watermarks import WatermarkStore
@@ -441,6 +441,7 @@ class SliceLease:
         else:
             self.store.commit_part(self.job_id, self.index, self.owner, delta, cp, self.of_where)
         self._held_at = sent
+        progressed()  # it is not the run that crashes its process at one spot
         return status if self.index is None else self.store.aggregate(status)
 
     def hand_back(self, message: str) -> None:

@@ -26,7 +26,6 @@ from lakesync.boundary import SliceLease
 from lakesync.copy import CopyEngine
 from lakesync.errors import LakesyncError, LeaseLost, TransientSourceError, TransientStoreError
 from lakesync.lake import Position
-from lakesync.lease import progressed
 from lakesync.masking import masked
 from lakesync.models import Counters, JobStatus, Outcome
 from lakesync.plan import Slice
@@ -141,7 +140,6 @@ def copy_slice(
         clock.done += result.counts.processed
         derived = _progress(status, result.counts, clock.done, clock.elapsed())
         status = lease.commit(status, result.counts, cp, derived)  # LeaseLost unless held
-        progressed()  # it is not the run that crashes its process at one spot
         metrics.observe_batch(result.counts, result.write_seconds)
         _log_batch(job_id, lease, cp.batches, result.counts, result.write_seconds)
         if on_progress:
