@@ -17,7 +17,7 @@ from typing import Any
 
 import pyarrow.compute as pc
 
-from lakesync import mirror
+from lakesync import metrics, mirror
 from lakesync.boundary import COUNTERS, SliceLease, Store, now_ms
 from lakesync.config import Settings
 from lakesync.errors import SourceError, TransientSourceError
@@ -131,7 +131,8 @@ class Planner:
             status = self._first(lease, status, job, lake, mode, dry_run, seen, split)
             if status.partitions:
                 return status, None
-        elif status.attempt > 1:
+        elif status.attempt > 1:  # a run after a pause, a crash or a time limit
+            metrics.RESUMES.inc()
             status = self.store.update_run(
                 status.jobId,
                 lease.owner,
