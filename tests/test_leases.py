@@ -22,9 +22,12 @@ from pymongo.collection import Collection
 from pymongo.errors import AutoReconnect
 from tests.helpers import ServeProcess, wait_for
 
-from lakesync.boundary import SliceLease
+from lakesync.boundary import SliceLease, Store
 from lakesync.config import Settings
 from lakesync.demo import generate
+from lakesync.errors import TransientStoreError
+from lakesync.jobstore import JobStore
+from lakesync.lease import Leases
 from lakesync.models import JobState, Outcome
 from lakesync.runtime import Runtime
 
@@ -408,6 +411,29 @@ def test_a_transient_error_at_each_call_of_the_job_path_fails_no_job(
     assert len(sites) >= 20, sites  # every kind of call was hit once, and retried
     assert {f for f, _ in sites} >= {"boundary.py", "jobstore.py", "lease.py", "copy.py",
                                      "mirror.py", "watermarks.py"}, sites  # fmt: skip
+
+
+def test_a_partition_mongodb_cannot_serve_is_named_as_the_partition_in_the_error(
+    settings: Settings, db: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # the error of a spent retry budget is the partition's error and a line of the job's
+    # own log: it names the partition as people count them, not the job's id
+    quick = settings.model_copy(update={"retry_budget_seconds": 0})
+    store = Store(quick, JobStore(db), threading.Event())
+
+    def down(*_: Any, **__: Any) -> Any:
+        raise AutoReconnect("connection reset by peer")
+
+    monkeypatch.setattr(Leases, "settle", down)
+    monkeypatch.setattr(Leases, "release", down)
+    lease = SliceLease(store, "job_x", "me", 2, "partition 3 of 8 (files 5-7)")
+    with pytest.raises(TransientStoreError) as settled:
+        lease.settle(JobState.COMPLETED)
+    with pytest.raises(TransientStoreError) as handed:
+        lease.hand_back("Paused")
+    assert "while recording partition 3 completed:" in str(settled.value)
+    assert "while handing back partition 3 of 8 (files 5-7):" in str(handed.value)
+    assert "job_x" not in str(settled.value) + str(handed.value)
 
 
 # -- the Celery recovery scan sends a waiting job or partition once ---------------------------

@@ -87,6 +87,12 @@ def retried(
     return wrap
 
 
+def _named(pid: str) -> str:
+    """A partition as people count it in messages ("partition 3"), from its `_id`: the
+    job's own log leaves the job's id out, and indexes count from 0."""
+    return f"partition {int(pid.rsplit(':', 1)[1]) + 1}"
+
+
 def now_ms() -> int:
     return int(time.time() * 1000)
 
@@ -258,13 +264,13 @@ class Store:
         maxes = {**sums, "partitionsDone": done, "attempt": attempt}
         return self.jobs.raise_totals(job.jobId, maxes, progress) or self.jobs.get(job.jobId)
 
-    @retried(lambda pid, owner, state, error=None: f"recording {pid} {state.value}")
+    @retried(lambda pid, owner, state, error=None: f"recording {_named(pid)} {state.value}")
     def settle_part(self, pid: str, owner: str, state: JobState, error: str | None = None) -> None:
         fields = {"error": error} if error else {}
         self.part_leases.settle(pid, owner, state.value, {"$set": fields})
 
-    @retried(lambda pid, owner: f"handing back {pid}")
-    def release_part(self, pid: str, owner: str) -> None:
+    @retried(lambda pid, owner, where: f"handing back {where}")
+    def release_part(self, pid: str, owner: str, where: str) -> None:
         self.part_leases.release(pid, owner)
 
     @retried("checking the lease")
@@ -449,7 +455,7 @@ class SliceLease:
         if self.index is None:
             self.store.release(self.job_id, self.owner, message)
         else:
-            self.store.release_part(self.pid, self.owner)
+            self.store.release_part(self.pid, self.owner, self.where)
 
     def hand_back_failed(self, error: Exception, lake: bool) -> None:
         """MongoDB or the lake unavailable past the retry budget: hand the slice back,
