@@ -307,7 +307,7 @@ def test_a_copy_that_keeps_up_reads_its_lease_once_not_before_every_batch(
 # -- no transient error fails a job ----------------------------------------------------------
 
 JOB_PATH = ("runner.py", "boundary.py", "plan.py", "slices.py", "finish.py", "lease.py",
-            "jobstore.py", "copy.py", "mirror.py", "watermarks.py")  # fmt: skip
+            "jobstore.py", "copy.py", "mirror.py", "watermarks.py", "repeats.py")  # fmt: skip
 METHODS = ("find_one", "find_one_and_update", "update_one", "update_many", "insert_one",
            "insert_many", "find", "bulk_write", "delete_many", "drop", "count_documents",
            "create_index", "aggregate", "replace_one")  # fmt: skip
@@ -410,7 +410,7 @@ def test_a_transient_error_at_each_call_of_the_job_path_fails_no_job(
     sites = sorted(faults.hit)
     assert len(sites) >= 20, sites  # every kind of call was hit once, and retried
     assert {f for f, _ in sites} >= {"boundary.py", "jobstore.py", "lease.py", "copy.py",
-                                     "mirror.py", "watermarks.py"}, sites  # fmt: skip
+                                     "mirror.py", "watermarks.py", "repeats.py"}, sites  # fmt: skip
 
 
 def test_a_partition_mongodb_cannot_serve_is_named_as_the_partition_in_the_error(
