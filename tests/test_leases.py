@@ -22,8 +22,12 @@ from pymongo.collection import Collection
 from pymongo.errors import AutoReconnect
 from tests.helpers import ServeProcess, lakesync, wait_for
 
+from lakesync.boundary import SliceLease, Store
 from lakesync.config import Settings
 from lakesync.demo import generate
+from lakesync.errors import TransientStoreError
+from lakesync.jobstore import JobStore
+from lakesync.lease import Leases
 from lakesync.models import JobState, Outcome
 from lakesync.runtime import Runtime
 
@@ -156,8 +160,8 @@ def test_a_job_whose_last_partition_died_before_ending_it_completes_on_recovery(
         def die(*_: Any) -> None:
             raise SystemExit("killed between the last partition and the job's end")
 
-        parts._end_job = die  # type: ignore[method-assign]
-        with pytest.raises(SystemExit):
+        with pytest.MonkeyPatch.context() as mp, pytest.raises(SystemExit):
+            mp.setattr(SliceLease, "end", die)  # the job's end, in the finish stage
             parts.run(*queued[-1])
         stuck = rt.store.get(job.jobId)
     assert stuck.status == JobState.IN_PROGRESS and stuck.partitionsDone == stuck.partitions
@@ -308,8 +312,8 @@ def test_a_copy_that_keeps_up_reads_its_lease_once_not_before_every_batch(
 
 # -- no transient error fails a job ----------------------------------------------------------
 
-JOB_PATH = ("runner.py", "partitions.py", "batchloop.py", "lease.py", "jobstore.py", "copy.py",
-            "mirror.py", "watermarks.py")  # fmt: skip
+JOB_PATH = ("runner.py", "boundary.py", "plan.py", "slices.py", "finish.py", "lease.py",
+            "jobstore.py", "copy.py", "mirror.py", "watermarks.py", "repeats.py")  # fmt: skip
 METHODS = ("find_one", "find_one_and_update", "update_one", "update_many", "insert_one",
            "insert_many", "find", "bulk_write", "delete_many", "drop", "count_documents",
            "create_index", "aggregate", "replace_one")  # fmt: skip
@@ -411,8 +415,31 @@ def test_a_transient_error_at_each_call_of_the_job_path_fails_no_job(
     assert db.taskdetails.count_documents({}) == 3000
     sites = sorted(faults.hit)
     assert len(sites) >= 20, sites  # every kind of call was hit once, and retried
-    assert {f for f, _ in sites} >= {"partitions.py", "jobstore.py", "lease.py", "copy.py",
-                                     "mirror.py", "watermarks.py"}, sites  # fmt: skip
+    assert {f for f, _ in sites} >= {"boundary.py", "jobstore.py", "lease.py", "copy.py",
+                                     "mirror.py", "watermarks.py", "repeats.py"}, sites  # fmt: skip
+
+
+def test_a_partition_mongodb_cannot_serve_is_named_as_the_partition_in_the_error(
+    settings: Settings, db: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # the error of a spent retry budget is the partition's error and a line of the job's
+    # own log: it names the partition as people count them, not the job's id
+    quick = settings.model_copy(update={"retry_budget_seconds": 0})
+    store = Store(quick, JobStore(db), threading.Event())
+
+    def down(*_: Any, **__: Any) -> Any:
+        raise AutoReconnect("connection reset by peer")
+
+    monkeypatch.setattr(Leases, "settle", down)
+    monkeypatch.setattr(Leases, "release", down)
+    lease = SliceLease(store, "job_x", "me", 2, "partition 3 of 8 (files 5-7)")
+    with pytest.raises(TransientStoreError) as settled:
+        lease.settle(JobState.COMPLETED)
+    with pytest.raises(TransientStoreError) as handed:
+        lease.hand_back("Paused")
+    assert "while recording partition 3 completed:" in str(settled.value)
+    assert "while handing back partition 3 of 8 (files 5-7):" in str(handed.value)
+    assert "job_x" not in str(settled.value) + str(handed.value)
 
 
 # -- the Celery recovery scan sends a waiting job or partition once ---------------------------

@@ -17,7 +17,7 @@ from tests.helpers import start_worker, stop_workers, wait_for
 from lakesync.config import Settings
 from lakesync.demo import append_records, generate
 from lakesync.models import JobState
-from lakesync.partitions import plan
+from lakesync.plan import file_ranges as plan
 from lakesync.runtime import Runtime
 
 

@@ -15,7 +15,7 @@ on `leaseBeat`: a beat that lands between the read and the takeover wins.
 No lease is judged expired before `MIN_LEASE_SECONDS` of silence, whatever a process is
 configured with. That is what lets a run trust, for `FENCE_TRUST_SECONDS` after sending a
 write that proved it held the lease (a commit), that nobody can have taken it over since
-(see batchloop.py): a takeover needs a lease's silence on the server's clock, and the
+(see boundary.py): a takeover needs a lease's silence on the server's clock, and the
 server wrote the run's beat no earlier than the run sent that write.
 """
 
@@ -199,7 +199,7 @@ class Leases:
 
     def check(self, value: Any, owner: str) -> None:
         """LeaseLost unless this run still holds the lease (the fence read before a data
-        write; see batchloop.py for when it is skipped)."""
+        write; see boundary.SliceLease.fence for when it is skipped)."""
         if self.coll.find_one(self.held(value, owner), {"_id": 1}) is None:
             raise LeaseLost(f"{value} is no longer held by {owner}; stopping this run.")
 

@@ -132,10 +132,13 @@ class MirrorSet:
         target: str,
         job_id: str,
         kind: type,
+        allow_empty: bool = False,
     ) -> None:
         self.seen: Collection[dict[str, Any]] = db[SEEN_PREFIX + job_id]
         self.target: Collection[dict[str, Any]] = db[target]
         self.kind = kind
+        #: the job may empty the collection (its lake holds no records)
+        self.allow_empty = allow_empty
 
     def begin(self) -> None:
         """Mark the set as started, before the job's first batch (idempotent)."""

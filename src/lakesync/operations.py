@@ -29,7 +29,7 @@ import re
 import tomllib
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Literal
+from typing import Any, Literal, Protocol
 from urllib.parse import urlsplit
 
 from pydantic import (
@@ -45,17 +45,12 @@ from pydantic import (
 
 from lakesync.config import Settings
 from lakesync.errors import ConfigError, LakesyncError, RequestError
-from lakesync.lake import Lake, Listing
 from lakesync.locations import canonical_uri
 from lakesync.masking import masked
 from lakesync.schedules import Unattended, check_unattended
 from lakesync.schema import TASK_DETAIL, FieldRule, FieldType, RecordSchema
 from lakesync.sources.iceberg import CatalogTable
 from lakesync.sources.text import CsvOptions, check_encoding
-
-if TYPE_CHECKING:
-    from lakesync.jobstore import JobStore
-    from lakesync.watermarks import WatermarkStore
 
 logger = logging.getLogger(__name__)
 
@@ -204,33 +199,17 @@ class ResolvedJob:
     source: str
     batch_size: int
 
-    def open_lake(
-        self,
-        settings: Settings,
-        only: list[str] | None = None,
-        first_index: int = 0,
-        known: Listing | None = None,
-        keep: list[str] | None = None,
-    ) -> Lake:
-        """The job's lake, at the Delta version or Iceberg snapshot (and from the version or
-        snapshot) the job pinned;
-        with ``only``, just those of its files; ``known``: the files' facts the job kept;
-        ``keep``: columns of small files to read at open (see ``Lake.open``)."""
-        return Lake.open(
-            self.source,
-            format=self.op.format,
-            settings=settings,
-            version=self.options.deltaVersion,
-            since_version=self.options.sinceDeltaVersion,
-            snapshot_id=self.options.icebergSnapshotId,
-            since_snapshot_id=self.options.sinceIcebergSnapshotId,
-            catalog=self.op.catalog_for(self.source),
-            only=only,
-            first_index=first_index,
-            known=known,
-            keep=keep,
-            csv=self.op.csv_options(),
-        )
+
+class JobLister(Protocol):
+    """Lists jobs (jobstore.JobStore)."""
+
+    def list_jobs(self, *, operation: str, limit: int) -> list[Any]: ...
+
+
+class StateReader(Protocol):
+    """Reads an operation's watermarks (watermarks.WatermarkStore)."""
+
+    def for_operation(self, operation: str) -> list[Any]: ...
 
 
 class OperationRegistry:
@@ -281,7 +260,7 @@ class OperationRegistry:
             ) from None
 
     def overview(
-        self, settings: Settings, store: JobStore, watermarks: WatermarkStore
+        self, settings: Settings, store: JobLister, watermarks: StateReader
     ) -> list[OperationInfo]:
         """Every operation with its last job and its watermark (for the API and the CLI)."""
         out = []

@@ -19,6 +19,7 @@ from bson import json_util
 from lakesync.config import Settings
 from lakesync.masking import masked
 from lakesync.operations import OperationRegistry, ResolvedJob
+from lakesync.plan import open_source
 from lakesync.schema import check_columns, validate
 from lakesync.service import checked_request
 from lakesync.typemap import ServerLimits, bson_type_name
@@ -43,7 +44,7 @@ def preview(
     options, source = checked_request(settings, registry, operation, raw_options, trusted=trusted)
     op = registry.get(operation)
     job = ResolvedJob(op=op, options=options, source=source, batch_size=SAMPLE_ROWS)
-    lake = job.open_lake(settings)
+    lake = open_source(job, settings)
     check_columns(op.schema_, lake.schema, lake.uri)  # what would fail the job up front
     rows = lake.count_rows()
     first = next(iter(lake.batches(SAMPLE_ROWS)), None)

@@ -23,7 +23,7 @@ the same filter, so checkpoint positions (counted in filtered rows) stay valid, 
 record rewritten while the job runs is newer than ``until`` and read by the next copy
 instead of being skipped. A job that reads a Delta table pins its version, whose files
 cannot change, and reads ``since <= column`` with no upper bound; the next incremental
-copy then opens only the files added after that version (``runner._open_lake``). A
+copy then opens only the files added after that version (``plan.Planner._open``). A
 completed job, of any mode, moves the watermark to ``until`` (and records the Delta
 version it read); a failed or cancelled one leaves it where it was.
 """

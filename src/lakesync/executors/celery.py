@@ -16,12 +16,12 @@ import logging
 
 from celery import Celery
 
+from lakesync.boundary import partition_leases
 from lakesync.config import Settings
 from lakesync.errors import ConfigError, StoreError
 from lakesync.jobstore import JobStore
 from lakesync.masking import masked
 from lakesync.models import PARTITIONS
-from lakesync.partitions import partition_leases
 
 logger = logging.getLogger(__name__)
 
