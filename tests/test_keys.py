@@ -12,10 +12,10 @@ from typing import Any
 import bson
 import pyarrow as pa
 import pyarrow.parquet as pq
+import pymongo
 import pytest
 from pymongo import MongoClient, monitoring
 
-import lakesync.mongo
 from lakesync.config import Settings
 from lakesync.copy import MARKER, CopyEngine, marker_bson
 from lakesync.errors import TransientStoreError
@@ -130,7 +130,7 @@ def test_composite_key_rerun_reads_each_record_once_by_its_indexed_digest(
     s = operation(settings, tmp_path, lake, batch_size=250)
     seen = Commands()
     client = functools.partial(MongoClient, event_listeners=[seen])
-    monkeypatch.setattr(lakesync.mongo, "MongoClient", client)
+    monkeypatch.setattr(pymongo, "MongoClient", client)  # lakesync.mongo imports it when used
     with Runtime(s) as rt:
         first = run_whole(rt)
         assert first.status == JobState.COMPLETED, first.error
@@ -177,7 +177,7 @@ def test_a_single_key_rerun_reads_one_indexed_query_per_batch(
     s = operation(settings, tmp_path, lake, key='"id"', batch_size=250)
     seen = Commands()
     monkeypatch.setattr(
-        lakesync.mongo, "MongoClient", functools.partial(MongoClient, event_listeners=[seen])
+        pymongo, "MongoClient", functools.partial(MongoClient, event_listeners=[seen])
     )
     with Runtime(s) as rt:
         assert run_whole(rt).insertedRecords == 3000

@@ -154,7 +154,7 @@ def test_three_serves_and_two_workers_run_each_slot_once(
         for job_id in running:
             wait_for(lambda job_id=job_id: _ended(db, job_id), timeout=120)
         resumed = lakesync(envs[1], "unpause", "fast", timeout=60)
-        assert resumed.returncode == 0 and "resumed" in resumed.stdout, resumed.stderr
+        assert resumed.returncode == 0 and "is now running" in resumed.stdout, resumed.stderr
 
         # downtime: every process stops, slots 25..39 pass, then two come back
         for s in serves:
