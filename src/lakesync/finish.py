@@ -2,9 +2,9 @@
 
 The last slice's run completes the job: a mirror's delete phase (the documents the lake no
 longer holds, a page per commit), the job's counters (its partitions' sums), its final
-status and message (`JobStore.finish`, which also queues its notifications in the same
-write: notify.py) and, once completed, the operation's watermark (`syncstate`). A cancel,
-a failure or a run that gave up end the job here too.
+status and message (`JobStore.finish`, which in the same write flags it for the webhook
+outbox: notify.py) and, once completed, the operation's watermark (`syncstate`). A
+cancel, a failure or a run that gave up end the job here too.
 """
 
 from __future__ import annotations

@@ -162,8 +162,8 @@ class JobStore:
         self.idempotency: Collection[dict[str, Any]] = db["idempotencykeys"]
         self.ttl_days = ttl_days
         self.seen = RecentStatuses()
-        #: called once with a job's final status by the write that ended it (notify.py)
-        self.on_end: Callable[[JobStatus], None] | None = None
+        #: called by the write that ended a job, which set its `notifyDue` (notify.py)
+        self.on_end: Callable[[], None] | None = None
 
     @property
     def leases(self) -> Leases:
@@ -651,7 +651,14 @@ class JobStore:
             raise LeaseLost(f"Job {job_id} could not be ended: another run owns it or it ended.")
         ended = self._seen(doc)
         self._job_data_expires(job_id, fields["expireAt"])
-        counts = {
+        self._log_end(ended)
+        self._ended(ended)
+        return ended
+
+    @staticmethod
+    def _log_end(ended: JobStatus) -> None:
+        """The end's line, with its counts and seconds as fields."""
+        counts: dict[str, Any] = {
             k: getattr(ended, k)
             for k in (
                 "totalRecords",
@@ -666,15 +673,14 @@ class JobStore:
         }
         if ended.endTime is not None:
             counts["seconds"] = round((ended.endTime - ended.startTime).total_seconds(), 3)
+        state = ended.status.value
         logger.info(
             "job %s %s: %s",
-            job_id,
-            state.value,
-            message,
-            extra={"jobId": job_id, "operation": ended.operation, "status": state.value, **counts},
+            ended.jobId,
+            state,
+            ended.message,
+            extra={"jobId": ended.jobId, "operation": ended.operation, "status": state, **counts},
         )
-        self._ended(ended)
-        return ended
 
     def _job_data_expires(self, job_id: str, at: datetime | None) -> None:
         """The job's partitions and plan expire `at` with its status (None: never, it runs)."""
@@ -685,7 +691,7 @@ class JobStore:
     def _ended(self, status: JobStatus) -> None:
         if self.on_end is not None:
             try:
-                self.on_end(status)
+                self.on_end()
             except Exception as e:  # a notification never changes how the job ended
                 logger.error("job %s: end hook failed: %s", status.jobId, e)
 

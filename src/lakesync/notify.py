@@ -1,10 +1,13 @@
 """Job notifications: a durable outbox of webhook deliveries, sent by any lakesync process.
 
-When a job ends, the write that ends it also sets `notifyDue` on its status (jobstore.py),
-and `Notifier.job_ended` turns it into one `notifications` document per receiver (the
-outbox), then clears the flag. A process that dies in between leaves the flag set: every
-dispatcher sweeps flagged jobs into the outbox, so no end goes unnotified. A delivery's id
-is derived from the job, the end and the receiver, so writing it twice makes one document.
+When a job ends, the write that ends it also sets `notifyDue` on its status (jobstore.py):
+that flag is how a job's end reaches the outbox, so the job's path never hands its status
+here. The process that ended it wakes its dispatcher (`Notifier.job_ended`), which at once
+turns every flagged end into one `notifications` document per receiver (the outbox), then
+clears the flag. A process that dies in between leaves the flag set: every dispatcher also
+sweeps flagged jobs into the outbox every few seconds, so no end goes unnotified. A
+delivery's id is derived from the job, the end and the receiver, so writing it twice makes
+one document.
 
 Every serve and worker runs a dispatcher (other processes start one when they end a job).
 It claims due deliveries with the lease primitive (lease.py): `pending` -> `in_progress`
@@ -138,6 +141,8 @@ class Notifier:
         self._receivers: dict[str, _Receiver] = {}
         self._lock = threading.Lock()
         self._wake = threading.Event()
+        self._due = threading.Event()  # a job ended here: collect its end from its flag
+        self._collecting = threading.RLock()
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self._mine: set[str] = set()  # deliveries this process put in the outbox
@@ -169,19 +174,39 @@ class Notifier:
             urls.extend(op.notify)
         return {receiver_key(url): url for url in urls}
 
-    def job_ended(self, status: JobStatus) -> None:
-        """Put one delivery per webhook for this final status in the outbox, then clear the
-        job's `notifyDue` flag; the dispatcher sends them (returns at once)."""
-        made = self.enqueue(status)
-        self.jobs.update_one(
-            {"jobId": status.jobId, "status": status.status.value, "notifyDue": 1},
-            {"$unset": {"notifyDue": ""}},
-        )
-        if made:
-            with self._lock:
-                self._mine.update(made)
-            self.start()
-            self._wake.set()
+    def job_ended(self) -> None:
+        """A job ended in this process (its end write set `notifyDue`): the dispatcher puts
+        its deliveries in the outbox at once, and sends them (returns at once)."""
+        self._due.set()
+        self.start()
+        self._wake.set()
+
+    def _collect(self, lost: bool = False) -> int:
+        """Put the flagged ends in the outbox (``lost``: ends whose process died before it
+        could), as deliveries of this process; how many ends were found."""
+        with self._collecting:
+            found = list(
+                self.jobs.find(
+                    {"notifyDue": 1, "status": {"$in": list(FINAL_STATES)}}, {"_id": 0}
+                ).limit(100)
+            )
+            for doc in found:
+                try:
+                    status = JobStatus.model_validate(doc)
+                except ValueError:
+                    continue
+                if lost:
+                    logger.info(
+                        "job %s: its end was not in the outbox yet; adding it", status.jobId
+                    )
+                made = self.enqueue(status)
+                with self._lock:
+                    self._mine.update(made)
+                self.jobs.update_one(
+                    {"jobId": status.jobId, "status": status.status.value, "notifyDue": 1},
+                    {"$unset": {"notifyDue": ""}},
+                )
+            return len(found)
 
     def enqueue(self, status: JobStatus) -> list[str]:
         """The outbox documents of one job end (idempotent: ids are derived); their ids."""
@@ -213,23 +238,7 @@ class Notifier:
 
     def sweep(self) -> int:
         """Put in the outbox the ends whose process died before it could; how many."""
-        found = list(
-            self.jobs.find(
-                {"notifyDue": 1, "status": {"$in": list(FINAL_STATES)}}, {"_id": 0}
-            ).limit(100)
-        )
-        for doc in found:
-            try:
-                status = JobStatus.model_validate(doc)
-            except ValueError:
-                continue
-            logger.info("job %s: its end was not in the outbox yet; adding it", status.jobId)
-            self.enqueue(status)
-            self.jobs.update_one(
-                {"jobId": status.jobId, "status": status.status.value, "notifyDue": 1},
-                {"$unset": {"notifyDue": ""}},
-            )
-        return len(found)
+        return self._collect(lost=True)
 
     # -- dispatching -----------------------------------------------------------------------
 
@@ -257,6 +266,15 @@ class Notifier:
     def dispatch(self) -> int:
         """One pass: sweep lost ends, take over dead deliveries, claim due ones; how many
         deliveries this pass started."""
+        if self._due.is_set():  # a job ended here
+            with self._collecting:
+                self._due.clear()
+                try:
+                    if self._collect() == 100:
+                        self._due.set()  # more than a pass takes
+                except Exception:
+                    self._due.set()  # MongoDB away: at the next pass
+                    raise
         now = time.monotonic()
         if now - self._swept >= SWEEP_SECONDS:
             self._swept = now
@@ -434,8 +452,13 @@ class Notifier:
         """Stop dispatching. With `drain` (a short-lived process), first give the deliveries
         this process put in the outbox up to `timeout` s; the others stay in the outbox for
         the next process, and attempts in flight are handed back at once."""
-        with self._lock:
-            mine = set(self._mine)
+        with self._collecting:  # after the dispatcher's collection under way, if any
+            if drain and self._due.is_set():  # ends the dispatcher has not collected yet
+                self._due.clear()
+                with contextlib.suppress(Exception):
+                    self._collect()
+            with self._lock:
+                mine = set(self._mine)
         deadline = time.monotonic() + timeout
         if drain and mine and self._thread is not None:
             while time.monotonic() < deadline:
