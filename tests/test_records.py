@@ -19,6 +19,7 @@ import httpx
 from tests.helpers import ServeProcess, lakesync, wait_for
 
 from lakesync import metrics
+from lakesync.runner import RUNNING
 
 
 def finished(url: str, job_id: str, timeout: float = 60) -> dict[str, Any]:
@@ -191,18 +192,18 @@ def active(what: str) -> float | None:
 
 
 def test_active_jobs_counts_jobs_not_partitions() -> None:
-    metrics.run_started("job_a")
-    metrics.run_started("job_a")  # two partitions of one job
+    RUNNING.started("job_a")
+    RUNNING.started("job_a")  # two partitions of one job
     try:
         assert active("jobs") == 1
         assert active("runs") == 2
-        metrics.run_started("job_b")
+        RUNNING.started("job_b")
         assert active("jobs") == 2
-        metrics.run_ended("job_b")
-        metrics.run_ended("job_a")
+        RUNNING.ended("job_b")
+        RUNNING.ended("job_a")
         assert active("jobs") == 1
     finally:
-        metrics.run_ended("job_a")
+        RUNNING.ended("job_a")
     assert active("jobs") == 0 and active("runs") == 0
 
 

@@ -484,7 +484,8 @@ class SliceLease:
         slice's run ended it first."""
         if not self.partitioned:
             done = self.store.finish(self.job_id, self.owner, state, message, error)
-            if state is not JobState.FAILED:  # a failed job may be resumed: it needs its keys
+            # a mirror's key set (a failed one may be resumed: it needs its keys)
+            if state is not JobState.FAILED and status.options.get("mode") == "mirror":
                 with contextlib.suppress(LakesyncError):  # swept later if this fails
                     self.store.drop_key_set(self.job_id)
             return done
@@ -515,22 +516,23 @@ class SliceLease:
             )
         return final
 
-    def fail(self, status: JobStatus, error: str, unrecorded: dict[str, str]) -> None:
-        """End the slice and its job as failed; a failure that cannot be written is kept in
-        `unrecorded`, recorded when this process next claims the job (never raises)."""
+    def fail(
+        self, status: JobStatus, error: str, unrecorded: dict[str, str], message: str = "Failed"
+    ) -> None:
+        """End the slice and its job as failed (with `message`: "Gave up" when its runs kept
+        dying); a failure that cannot be written is kept in `unrecorded`, recorded when this
+        process next claims the job (never raises)."""
         if self.index is None:
             logger.error("job %s failed: %s", self.job_id, error)
         else:
             logger.error("job %s %s failed: %s", self.job_id, self.where, error)
         try:
             if self.index is None:
-                self.end(status, JobState.FAILED, "Failed", error)
+                self.end(status, JobState.FAILED, message, error)
                 return
             self.settle(JobState.FAILED, error)
             self.store.aggregate(status)
-            self.end(
-                status, JobState.FAILED, "Failed", f"{self.where.capitalize()} failed: {error}"
-            )
+            self.end(status, JobState.FAILED, message, f"{self.where.capitalize()} failed: {error}")
         except (LakesyncError, JobError) as e:
             logger.error(
                 "job %s: could not record its end (%s); it stays resumable", status.jobId, e

@@ -334,10 +334,16 @@ def suspect(coll: Collection[Doc], query: Doc) -> bool:
     return bool(doc.get("failedAtRecord") == int(doc.get("processedRecords") or 0))
 
 
-def died_reason(run: int, failures: int, reading: str, reached: int, max_attempts: int) -> str:
-    """Why a job (or partition) whose runs kept dying is failed: ``failures`` runs in a row,
-    the last one ``run``, died without ending at record ``reached``, reading ``reading``
-    (the file at the last checkpoint)."""
+def kept_dying(doc: Mapping[str, Any], max_attempts: int, before: str) -> str | None:
+    """Why a job or partition document whose runs kept dying is failed, or None while it
+    may run again: ``max_attempts`` runs in a row (`failures`, the last one of `attempt`)
+    died without ending at the same record (`processedRecords`), reading the file at its
+    last checkpoint (``before`` a checkpoint: what it starts with)."""
+    failures = int(doc.get("failures") or 0)
+    if failures < max_attempts:
+        return None
+    reading = (doc.get("checkpoint") or {}).get("file") or before
+    run, reached = int(doc.get("attempt") or 1) - 1, int(doc.get("processedRecords") or 0)
     return (
         f"The lake crashed the reader in run {run}: {reading} ({failures} runs in a row died "
         f"without ending at record {reached:,}: the process crashed or was killed while "

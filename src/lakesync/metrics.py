@@ -1,13 +1,13 @@
 """Prometheus metrics of this process: records by kind, batch latency, runs, resumes, retries.
 
 Counters are per process (reset when it restarts); `lakesync_jobs` is read from the status
-store at each scrape, so every process reports the same, shared numbers.
+store at each scrape, so every process reports the same, shared numbers. Each stage records
+its own: the runner the runs and jobs executing here (runner.RUNNING), the batch loop and
+the mirror's deletes each batch, the plan the resumes, the store boundary the retries.
 """
 
 from __future__ import annotations
 
-import threading
-from collections import Counter as Tally
 from collections.abc import Mapping
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
@@ -68,25 +68,3 @@ def set_job_counts(counts: Mapping[str, int]) -> None:
     """Set `lakesync_jobs` from the store's count per status (absent statuses are 0)."""
     for state in JobState:
         JOBS.labels(status=state.value).set(counts.get(state.value, 0))
-
-
-_running: Tally[str] = Tally()
-_running_lock = threading.Lock()
-
-
-def run_started(job_id: str) -> None:
-    """A run of the job (the whole job or one partition) started executing here."""
-    with _running_lock:
-        _running[job_id] += 1
-        ACTIVE.set(len(_running))
-        ACTIVE_RUNS.set(sum(_running.values()))
-
-
-def run_ended(job_id: str) -> None:
-    """A run started with `run_started` stopped (ended, yielded or failed)."""
-    with _running_lock:
-        _running[job_id] -= 1
-        if _running[job_id] <= 0:
-            del _running[job_id]
-        ACTIVE.set(len(_running))
-        ACTIVE_RUNS.set(sum(_running.values()))

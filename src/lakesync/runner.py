@@ -4,16 +4,18 @@ Every executor calls `JobRunner.run` (and `PartitionedJobs.run` for one partitio
 executors only decide where and when it runs. A job goes down three stages, each owned by
 one module: plan.py (what to copy, persisted once), slices.py (one batch loop over a slice
 of the plan), finish.py (mirror deletes, counters, final status, watermark). Every MongoDB
-call goes through the store boundary (boundary.py), which retries and fences it.
+call goes through the store boundary (boundary.py), which retries and fences it. The job's
+id is bound once in the log context (`job_context`): the stages log without passing it.
 
 Whole jobs and partitioned jobs differ only in how many slices they have and who runs
 them. A whole job is one slice, copied by the job's own run. A large full copy is planned
 as partitions (file ranges, `jobpartitions`), one slice each, which the executor's workers
 copy in parallel (`PartitionedJobs`), or the job's own run copies one after another when
 no executor runs them (`lakesync copy`, `lakesync resume`). Each partition's run takes
-the same path as a whole job's: claim, heartbeat, fence, the batch loop, hand back, take
-over. The job document takes the sums of its partitions with `$max`: counters only grow,
-so a slow writer with older sums can never move them back, and a replayed update changes
+the same path as a whole job's: claim, give up if its runs kept dying (`gave_up`), then
+under the lease's heartbeat (`drive`) run and finish the slice (`run_and_finish`). The
+job document takes the sums of its partitions with `$max`: counters only grow, so a slow
+writer with older sums can never move them back, and a replayed update changes
 nothing. The partition that finds all others done completes the job; a partition that
 fails fails the job, naming itself; a partition MongoDB or the lake cannot serve within
 the retry budget is handed back and resumed later. Whatever resumes a partitioned job (the
@@ -27,29 +29,132 @@ from __future__ import annotations
 import contextlib
 import logging
 import threading
-from collections.abc import Callable
+from collections import Counter
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
 from pymongo.collection import Collection
 
-from lakesync import finish
+from lakesync import finish, metrics
 from lakesync.boundary import SliceLease, Store
 from lakesync.config import Settings
-from lakesync.errors import LakesyncError, LeaseLost
+from lakesync.errors import LakesyncError, LeaseLost, TransientSourceError, TransientStoreError
 from lakesync.finish import summary
 from lakesync.jobstore import JobStore
-from lakesync.lease import Alone, Leases, died_reason, new_owner, run_owner
+from lakesync.lease import Alone, Leases, kept_dying, new_owner, run_owner
 from lakesync.logs import job_context
+from lakesync.masking import masked
 from lakesync.models import JobState, JobStatus, Outcome
 from lakesync.operations import OperationRegistry
-from lakesync.plan import Planner
-from lakesync.slices import Clock, copy_slice, drive
+from lakesync.plan import Planner, Slice
+from lakesync.slices import Clock, copy_slice
 from lakesync.watermarks import WatermarkStore
 
 __all__ = ["JobRunner", "Outcome", "PartitionedJobs", "new_owner", "summary"]
 
 logger = logging.getLogger(__name__)
+
+
+class Running:
+    """The jobs and runs executing in this process (`lakesync_active_jobs`, `_runs`): the
+    partitions of one job running side by side here are one job and several runs."""
+
+    def __init__(self) -> None:
+        self._runs: Counter[str] = Counter()
+        self._lock = threading.Lock()
+
+    def started(self, job_id: str) -> None:
+        with self._lock:
+            self._runs[job_id] += 1
+            self._show()
+
+    def ended(self, job_id: str) -> None:
+        with self._lock:
+            self._runs[job_id] -= 1
+            if self._runs[job_id] <= 0:
+                del self._runs[job_id]
+            self._show()
+
+    def _show(self) -> None:
+        metrics.ACTIVE.set(len(self._runs))
+        metrics.ACTIVE_RUNS.set(sum(self._runs.values()))
+
+    @contextlib.contextmanager
+    def run(self, job_id: str) -> Iterator[None]:
+        self.started(job_id)
+        try:
+            yield
+        finally:
+            self.ended(job_id)
+
+
+#: this process's runs, whichever runner runs them
+RUNNING = Running()
+
+
+def drive(
+    lease: SliceLease, status: JobStatus, copy: Callable[[], Outcome], unrecorded: dict[str, str]
+) -> Outcome:
+    """Run `copy` (a slice's stages) under the lease's heartbeat, and turn what stops it
+    into the run's outcome: a lost lease or MongoDB or the lake unavailable past the retry
+    budget hands the slice back (resumed from its checkpoint by a later run, up to
+    LAKESYNC_MAX_ATTEMPTS); any other error fails the job."""
+    where = f" {lease.where}" if lease.where else ""
+    with RUNNING.run(lease.job_id):
+        try:
+            with lease.heartbeat():
+                return copy()
+        except LeaseLost as e:
+            logger.warning("job %s%s: %s", lease.job_id, where, e, exc_info=True)
+            return Outcome.NOT_CLAIMED
+        except (TransientStoreError, TransientSourceError) as e:
+            logger.error("job %s%s: %s", lease.job_id, where, e)
+            lease.hand_back_failed(e, lake=isinstance(e, TransientSourceError))
+            return Outcome.NOT_CLAIMED
+        except LakesyncError as e:
+            lease.fail(status, str(e), unrecorded)
+            return Outcome.ENDED
+        except Exception as e:
+            logger.exception("job %s%s: unexpected error", lease.job_id, where)
+            text = masked(f"Unexpected error: {type(e).__name__}: {e}")[:2000]
+            lease.fail(status, text, unrecorded)
+            return Outcome.ENDED
+
+
+def run_and_finish(
+    lease: SliceLease,
+    status: JobStatus,
+    piece: Slice,
+    stop: threading.Event,
+    on_progress: Callable[[JobStatus], None] | None,
+) -> Outcome:
+    """The run and finish stages of one slice, a whole job's or a partition's: copy it from
+    its checkpoint, then end the run (cancelled, handed back) or complete the slice and, if
+    it was the job's last, the job."""
+    clock = Clock()
+    stopped, status = copy_slice(lease, piece, status, clock, stop, on_progress)
+    if (ended := finish.ended(stopped, lease, status)) is not None:
+        return ended
+    return finish.complete(lease, status, clock, stop, piece.seen, on_progress)
+
+
+def gave_up(
+    lease: SliceLease,
+    status: JobStatus,
+    slice_doc: dict[str, Any],
+    before: str,
+    unrecorded: dict[str, str],
+    error: str | None = None,
+) -> bool:
+    """Fail the job whose slice (the job document, or a partition's) kept dying in its
+    runs, with the reason (``error``, when the job recorded why its runs failed); True if
+    it did."""
+    reason = kept_dying(slice_doc, lease.settings.max_attempts, before)
+    if reason is None:
+        return False
+    lease.fail(status, error or reason, unrecorded, "Gave up")
+    return True
 
 
 @dataclass
@@ -194,18 +299,17 @@ class PartitionedJobs:
         self, job_id: str, index: int, on_progress: Callable[[JobStatus], None] | None = None
     ) -> Outcome:
         """Copy one partition from its checkpoint until it ends, yields or is taken over."""
-        with job_context(job_id):
-            owner = run_owner(self.owner)
-            try:
-                job = self.store.get(job_id)
-                if job.state.is_final:
-                    return Outcome.ENDED
-                alone = self.store.part_suspect(f"{job_id}:{index}")
-            except LakesyncError as e:
-                logger.error("job %s partition %d cannot be run: %s", job_id, index + 1, e)
-                return Outcome.NOT_CLAIMED
-            with job_context(job_id, job.operation), Alone(alone):
-                return self._claimed(job, index, owner, on_progress)
+        owner = run_owner(self.owner)
+        try:
+            job = self.store.get(job_id)
+            if job.state.is_final:
+                return Outcome.ENDED
+            alone = self.store.part_suspect(f"{job_id}:{index}")
+        except LakesyncError as e:
+            logger.error("job %s partition %d cannot be run: %s", job_id, index + 1, e)
+            return Outcome.NOT_CLAIMED
+        with job_context(job_id, job.operation), Alone(alone):
+            return self._claimed(job, index, owner, on_progress)
 
     def _claimed(
         self,
@@ -228,27 +332,13 @@ class PartitionedJobs:
             f"-{part['fileStop']})"
         )
         lease = SliceLease(self.store, job_id, owner, index, where)
-        if int(part.get("failures", 0)) >= self.store.settings.max_attempts:  # runs kept dying
-            cp = part.get("checkpoint") or {}
-            files = part.get("files") or []
-            reading = cp.get("file") or (files[0] if files else where)
-            reason = died_reason(
-                int(part.get("attempt", 1)) - 1,
-                int(part["failures"]),
-                str(reading),
-                int(part.get("processedRecords", 0)),
-                self.store.settings.max_attempts,
-            )
-            lease.fail(job, reason, self.unrecorded)
+        first = (part.get("files") or [where])[0]  # read before its first checkpoint
+        if gave_up(lease, job, part, first, self.unrecorded):
             return Outcome.ENDED
 
         def copy() -> Outcome:
             piece = self.planner.partition(job, part)
-            clock = Clock()
-            stopped, status = copy_slice(lease, piece, job, clock, self.stop, on_progress)
-            if (ended := finish.ended(stopped, lease, status)) is not None:
-                return ended
-            return finish.complete(lease, status, clock, self.stop, on_progress=on_progress)
+            return run_and_finish(lease, job, piece, self.stop, on_progress)
 
         return drive(lease, job, copy, self.unrecorded)
 
@@ -304,46 +394,35 @@ class JobRunner:
         lease: SliceLease,
         on_progress: Callable[[JobStatus], None] | None,
     ) -> Outcome:
-        job_id = status.jobId
-        log = logging.LoggerAdapter(logger, {"jobId": job_id, "operation": status.operation})
-        extra = {"owner": lease.owner}
+        job_id, extra = status.jobId, {"owner": lease.owner}
         if status.processedRecords:  # a run after a pause, a crash or a time limit
             done, total = f"{status.processedRecords:,}", f"{status.totalRecords:,}"
             text = f"job {job_id}: run {status.attempt} resumed at record {done} of {total}"
-            log.info("%s", text, extra=extra)
+            logger.info("%s", text, extra=extra)
         else:
-            log.info("job %s: run %d started", job_id, status.attempt, extra=extra)
-        if (ended := self._ended_before(status, lease)) is not None:
-            return ended
+            logger.info("job %s: run %d started", job_id, status.attempt, extra=extra)
+        if self._ended_before(status, lease):
+            return Outcome.ENDED
         if status.partitions:  # continued from its partitions, whatever resumed it
             return self.partitioned.resume(status, lease, on_progress)
         return drive(lease, status, lambda: self._copy(status, lease, on_progress), self.unrecorded)
 
-    def _ended_before(self, status: JobStatus, lease: SliceLease) -> Outcome | None:
+    def _ended_before(self, status: JobStatus, lease: SliceLease) -> bool:
         """End a job that must not be copied again: its failure was not recorded, its runs
-        kept dying, or it was cancelled while no run held it."""
-        job_id = status.jobId
-        if (unrecorded := self.unrecorded.pop(job_id, None)) is not None:
+        kept dying, or it was cancelled while no run held it; True if it ended."""
+        if (unrecorded := self.unrecorded.pop(status.jobId, None)) is not None:
             # its failure could not be written (e.g. a full disk): record it, do not copy again
             lease.fail(status, unrecorded, self.unrecorded)
-            return Outcome.ENDED
-        if status.failures >= self.settings.max_attempts:
-            cp = status.checkpoint
-            source = status.options.get("source") or "its lake"
-            reading = (cp.file if cp is not None else None) or f"{source} (before a checkpoint)"
-            reason = status.error or died_reason(
-                status.attempt - 1,
-                status.failures,
-                reading,
-                status.processedRecords,
-                self.settings.max_attempts,
-            )
-            lease.end(status, JobState.FAILED, "Gave up", reason)
-            return Outcome.ENDED
+            return True
+        source = status.options.get("source") or "its lake"
+        doc = status.model_dump(include={"failures", "attempt", "checkpoint", "processedRecords"})
+        before = f"{source} (before a checkpoint)"
+        if gave_up(lease, status, doc, before, self.unrecorded, status.error):
+            return True
         if status.cancelRequested:
             lease.end(status, JobState.CANCELLED, f"Cancelled; {finish.lowered(summary(status))}")
-            return Outcome.ENDED
-        return None
+            return True
+        return False
 
     def _copy(
         self,
@@ -351,14 +430,10 @@ class JobRunner:
         lease: SliceLease,
         on_progress: Callable[[JobStatus], None] | None,
     ) -> Outcome:
-        """Plan the job (or reopen its plan), copy its one slice, finish it."""
+        """Plan the job (or reopen its plan), then run and finish its one slice."""
         status, piece = self.planner.plan(lease, status, split=self.partitioned.plans)
         if piece is None:  # planned as partitions: the executor runs them
             return self.partitioned.resume(status, lease, on_progress)
         if on_progress:
             on_progress(status)
-        clock = Clock()
-        stopped, status = copy_slice(lease, piece, status, clock, self.stop, on_progress)
-        if (ended := finish.ended(stopped, lease, status)) is not None:
-            return ended
-        return finish.complete(lease, status, clock, self.stop, piece.seen, on_progress)
+        return run_and_finish(lease, status, piece, self.stop, on_progress)

@@ -24,10 +24,8 @@ from typing import Any
 from lakesync import metrics
 from lakesync.boundary import SliceLease
 from lakesync.copy import CopyEngine
-from lakesync.errors import LakesyncError, LeaseLost, TransientSourceError, TransientStoreError
 from lakesync.lake import Position
-from lakesync.masking import masked
-from lakesync.models import Counters, JobStatus, Outcome
+from lakesync.models import Counters, JobStatus
 from lakesync.plan import Slice
 
 logger = logging.getLogger(__name__)
@@ -150,7 +148,10 @@ def copy_slice(
 
 
 def _log_batch(job_id: str, lease: SliceLease, n: int, counts: Counters, seconds: float) -> None:
+    """A debug line per batch; its JSON fields: the job's (bound by the runner's
+    `job_context`), the partition, the batch, its counts and seconds."""
     extra = {} if lease.index is None else {"partition": lease.index}
+    fields = {**extra, "batch": n, **counts.model_dump(), "seconds": round(seconds, 4)}
     logger.debug(
         "job %s%s batch %d: %s in %.3f s",
         job_id,
@@ -158,41 +159,5 @@ def _log_batch(job_id: str, lease: SliceLease, n: int, counts: Counters, seconds
         n,
         counts.model_dump(),
         seconds,
-        extra={
-            "jobId": job_id,
-            **extra,
-            "batch": n,
-            **counts.model_dump(),
-            "seconds": round(seconds, 4),
-        },
+        extra=fields,
     )
-
-
-def drive(
-    lease: SliceLease, status: JobStatus, copy: Callable[[], Outcome], unrecorded: dict[str, str]
-) -> Outcome:
-    """Run `copy` (a slice's copy and what follows it) under the lease's heartbeat, and turn
-    what stops it into the run's outcome: a lost lease or MongoDB or the lake unavailable
-    past the retry budget hands the slice back (resumed from its checkpoint by a later run,
-    up to LAKESYNC_MAX_ATTEMPTS); any other error fails the job."""
-    job_id, where = lease.job_id, f" {lease.where}" if lease.where else ""
-    metrics.run_started(job_id)
-    try:
-        with lease.heartbeat():
-            return copy()
-    except LeaseLost as e:
-        logger.warning("job %s%s: %s", job_id, where, e, exc_info=True)
-        return Outcome.NOT_CLAIMED
-    except (TransientStoreError, TransientSourceError) as e:
-        logger.error("job %s%s: %s", job_id, where, e)
-        lease.hand_back_failed(e, lake=isinstance(e, TransientSourceError))
-        return Outcome.NOT_CLAIMED
-    except LakesyncError as e:
-        lease.fail(status, str(e), unrecorded)
-        return Outcome.ENDED
-    except Exception as e:
-        logger.exception("job %s%s: unexpected error", job_id, where)
-        lease.fail(status, masked(f"Unexpected error: {type(e).__name__}: {e}")[:2000], unrecorded)
-        return Outcome.ENDED
-    finally:
-        metrics.run_ended(job_id)
