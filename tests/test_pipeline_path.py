@@ -7,8 +7,10 @@ the job's id or carries it (a text holding it, a dict or list with such a value,
 whose ``jobId`` or ``job_id`` is it). The modules are listed in the order first reached.
 
 Traced: the thread of the job's run and the threads it starts (heartbeat, the lake's
-reader). Not traced: what the logging machinery calls (handlers, filters, formatters: the
-job's code calls `logging`, not them) and the process's own services that a job only
+reader). Not counted: what the logging machinery calls (handlers, filters, formatters: the
+job's code calls `logging`, not them); errors made with the job's id in their message
+(errors.py: they report back up, e.g. a heartbeat that ticks once after its partition
+settled, which load makes happen or not); and the process's own services that a job only
 wakes (the webhook dispatcher, the job log's writer), which serve and worker start before
 any job runs.
 """
@@ -67,8 +69,8 @@ class JobPath:
         if not path.startswith(PACKAGE):
             return
         module = path[len(PACKAGE) : -3].replace("/", ".")
-        if module in self.reached:
-            return
+        if module in self.reached or isinstance(frame.f_locals.get("self"), BaseException):
+            return  # an error naming the job reports back up; it hands the id down to no one
         names = code.co_varnames[: code.co_argcount + code.co_kwonlyargcount]
         for name in names:
             if carries(frame.f_locals.get(name), self.job_id) and not _from_logging(frame):
