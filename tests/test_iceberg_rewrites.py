@@ -195,3 +195,31 @@ def test_pyicebergs_overwrite_and_dynamic_overwrite_of_a_partition(
         _exact(step, table)
         assert step[0].insertedRecords == step[0].updatedRecords == 0, step[0]
     assert pa.types.is_string(table.scan().to_arrow().schema.field(KEY).type)
+
+
+def test_a_static_overwrite_loses_to_a_newer_version_in_another_partition(
+    catalog: SqlCatalog, settings: Settings, db: Any, tmp_path: Path
+) -> None:
+    """The README's limit, exactly: a key written in P1 (v1), then in P2 (v2, appended),
+    then in P1 again by a one-snapshot static overwrite of P1 (v3). The overwrite's file
+    takes the place of the newest P1 file it removed, written before v2, so in lake order
+    v2 comes last: the incremental copy writes v3 (newer than its watermark), a full copy
+    v2 ("1 updated"), a rerun nothing."""
+    table = _partitioned(catalog)
+    moved = "K00001"  # in P1
+    table.append(rows([moved], 2, project=lambda k: "P2"))
+    table = table.refresh()
+
+    def overwrite(t: Table) -> None:
+        p1 = [f for f in _live_files(t) if f.partition[0] == "P1"]
+        written = [k for k in keys(75) if int(k[1:]) % 3 == 1]
+        rewrite(t, p1, rows(written, 3), Operation.OVERWRITE)
+
+    table, incremental, again, rerun = _copies(table, overwrite, settings, db, tmp_path)
+    assert oracle(table)[0][moved] == "v3"
+    _exact(incremental, table)
+    assert again[1][moved] == "v2" and again[0].updatedRecords == 1, again[0]
+    assert {k: v for k, v in again[1].items() if k != moved} == {
+        k: v for k, v in oracle(table)[0].items() if k != moved
+    }
+    assert rerun[0].insertedRecords == rerun[0].updatedRecords == 0, rerun[0]

@@ -300,12 +300,15 @@ def let_go(paths: Iterable[str]) -> None:
     """Let go of scratch copies; one nobody holds any more is removed (a guarded JSON
     copy with the list of its refused rows)."""
     with _scratch_lock:
+        own = _scratch[2] if _scratch is not None and _scratch[0] == os.getpid() else None
         for path in paths:
             left = _held.get(path, 0) - 1
             if left > 0:
                 _held[path] = left
                 continue
             _held.pop(path, None)
+            if Path(path).parent != own:  # a forked child's lake: the parent's copies
+                continue
             Path(path).unlink(missing_ok=True)
             if path.endswith(".safe.ndjson"):
                 Path(path.removesuffix(".safe.ndjson") + ".refused.json").unlink(missing_ok=True)
