@@ -141,9 +141,18 @@ class _Reader:
     """One file's rows, as described above; ``refused`` gets the rows it could not read
     (by their place in the stream of rows), with the reason."""
 
-    def __init__(self, keys: list[str], text: frozenset[str]) -> None:
+    def __init__(
+        self, keys: list[str], text: frozenset[str], schema: pa.Schema | None = None
+    ) -> None:
         self.keys = keys
-        self.text = text
+        # read as strings: the declared text columns the scan reads as strings (a date
+        # written as a string stays that string, see ``text.as_written``)
+        self.text = frozenset(
+            name
+            for name in text
+            if schema is None
+            or (name in schema.names and pa.types.is_string(schema.field(name).type))
+        )
         self.refused: dict[int, str] = {}
         self.row = 0  # rows given so far
 
@@ -256,7 +265,7 @@ def batches(
     ``columns`` kept as a scan of its fragment with ``schema`` would (a column the rows
     lack is null), from the ``skip``-th row of that stream on; ``refused`` gets the rows
     refused, by their place in the stream given."""
-    reader = _Reader(keys, text)
+    reader = _Reader(keys, text, schema)
     row = given = 0  # file rows read; rows of the filtered stream met (skipped ones too)
     with fs.open_input_stream(path) as stream:
         for table in reader.tables(stream):
