@@ -11,7 +11,7 @@ each line is parsed once with Python's ``json`` to tell the kind of its key (str
 integer, integer beyond int64, number with a fraction, boolean), and each run of
 consecutive lines whose keys have one kind is handed to Arrow's reader on its own, its key
 column then replaced by the exact values (an integer beyond int64 as a decimal: BSON
-Decimal128, as the README's types table has uint64 beyond int63). A run Arrow still cannot
+Decimal128, as the README's types table has uint64 beyond int64). A run Arrow still cannot
 read (another column changes type) is split where Arrow says, so every column of every
 record keeps the type it is written with. Runs of different types are batches of their
 own (``stream.across_files`` never mixes schemas in one batch).
