@@ -107,3 +107,23 @@ def equality_delete(table: Table, values: dict[str, list[Any]], spec_id: int = 0
         partition=partition or Record(), record_count=rows.num_rows, file_size_in_bytes=size,
         spec_id=spec_id, sort_order_id=None, equality_ids=ids, key_metadata=None, **NO_STATS,
     )], spec_id)  # fmt: skip
+
+
+def rewrite(table: Table, removed: list[DataFile], data: pa.Table, operation: Operation) -> None:
+    """One snapshot that removes the data files ``removed`` and adds ``data`` (one file per
+    partition, in the row order given), as Spark commits a compaction (``rewrite_data_files``:
+    ``replace``) or a static ``INSERT OVERWRITE`` of a partition (``overwrite``): pyiceberg's
+    own ``overwrite`` commits a delete and an append, two snapshots."""
+    from pyiceberg.io.pyarrow import _dataframe_to_data_files
+    from pyiceberg.table.update.snapshot import _OverwriteFiles
+
+    with table.transaction() as tx:
+        producer = _OverwriteFiles(operation=operation, transaction=tx, io=table.io)
+        for f in removed:
+            producer.delete_data_file(f)
+        for f in _dataframe_to_data_files(
+            table_metadata=tx.table_metadata, write_uuid=producer.commit_uuid, df=data,
+            io=table.io,
+        ):  # fmt: skip
+            producer.append_data_file(f)
+        producer.commit()

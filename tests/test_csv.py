@@ -361,3 +361,24 @@ def test_a_cell_of_many_megabytes_is_copied_as_duckdb_reads_it(
                      max_line_size=20 << 20)  # fmt: skip
     assert len(oracle["big"]["text"]) == megabytes << 20
     assert _collection(db, "cells") == oracle
+
+
+def test_an_int_key_beyond_64_bits_is_rejected_never_a_double(
+    settings: Settings, db: Any, tmp_path: Path
+) -> None:
+    """A key declared {type = "int"} is stored as a 64-bit integer: 2**64 no longer fails
+    the batch (an OverflowError), nor becomes another number; it is rejected, saying how
+    to keep it (as text)."""
+    lake = tmp_path / "big"
+    lake.mkdir()
+    duckdb.sql(
+        "COPY (SELECT * FROM (VALUES ('9223372036854775807', 1), ('18446744073709551616', 2), "
+        f"('-9223372036854775809', 3), ('7', 4)) t(id, v)) TO '{lake / 'a.csv'}' (HEADER)"
+    )
+    done = _copy(settings, tmp_path, _toml("big", lake, {"id": "int", "v": "int"}), "big")
+    assert {d["_id"]: d["v"] for d in db["big"].find()} == {2**63 - 1: 1, 7: 4}
+    reasons = [e["reason"] for e in db.copyerrors.find({"jobId": done.jobId})]
+    assert len(reasons) == 2 and all("beyond a 64-bit integer" in r for r in reasons), reasons
+    text = _toml("bigtext", lake, {"id": "string", "v": "int"})
+    as_text = _copy(settings, tmp_path, text, "bigtext")
+    assert as_text.errorRecords == 0 and db["bigtext"].find_one({"_id": "18446744073709551616"})

@@ -241,9 +241,11 @@ def test_local_json_copies_live_in_a_folder_of_this_user_alone(
     lake.write_text('[{"a": 1}, {"b": ' + _deep(MAX_DEPTH + 1) + "}]")
     copy = Path(ndjson_copy(fs, str(lake), str(lake)))
     safe = guard(fs, str(copy))
-    folder = copy.parent
-    assert folder.name == f"lakesync-json-{os.getuid()}" and Path(safe.path).parent == folder
+    folder = copy.parent.parent  # the user's; in it, a folder of this process's copies
+    assert folder.name == f"lakesync-json-{os.getuid()}" and copy.parent.name == str(os.getpid())
+    assert Path(safe.path).parent == copy.parent
     assert stat.S_IMODE(folder.stat().st_mode) == 0o700
+    assert stat.S_IMODE(copy.parent.stat().st_mode) == 0o700
     folder.chmod(0o777)  # as if another user had made it, open to all
     lake.write_text('[{"a": 2}]')
     with pytest.raises(OSError, match="not a folder of this user's alone"):

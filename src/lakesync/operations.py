@@ -93,7 +93,12 @@ class Operation(Unattended):
         text |= set(self.schema_.key_columns)
         text.discard(self.watermark or "")
         return CsvOptions(
-            self.encoding, self.delimiter, self.header, frozenset(text), self.declared
+            self.encoding,
+            self.delimiter,
+            self.header,
+            frozenset(text),
+            self.declared,
+            tuple(self.schema_.key_columns),
         )
 
     def source_uri(self, settings: Settings) -> str:

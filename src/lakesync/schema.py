@@ -327,13 +327,28 @@ def _cast(column: pa.ChunkedArray | pa.Array, rule: FieldRule) -> tuple[pa.Array
         return column.cast(target), {}
     except (pa.ArrowInvalid, pa.ArrowNotImplementedError, pa.ArrowTypeError):
         pass
-    values, bad = [], {}
+    values: list[Any] = []
+    bad: dict[int, str] = {}
     for i, value in enumerate(column.to_pylist()):
         try:
-            values.append(_py_convert(value, rule.type))
+            converted = _py_convert(value, rule.type)
         except (ValueError, TypeError, OverflowError):
             values.append(None)
             bad[i] = f"{rule.name} must be {_TYPE_WORDS[rule.type]}, got {value!r:.60}"
+            continue
+        if (
+            rule.type == "int"
+            and converted is not None
+            and not -INT64_MAX - 1 <= converted <= INT64_MAX
+        ):
+            values.append(None)  # never a double: a key would be another number
+            bad[i] = (
+                f"{rule.name}: {converted} is beyond a 64-bit integer, which is what a field "
+                'declared {type = "int"} is stored as; declare it {type = "string"} to keep '
+                "it as text, or leave it undeclared (JSON: stored exactly, as Decimal128)"
+            )
+            continue
+        values.append(converted)
     return pa.array(values, type=target), bad
 
 

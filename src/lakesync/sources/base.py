@@ -22,10 +22,13 @@ own rows and a checkpoint means the same rows on every run.
 
 from __future__ import annotations
 
+import atexit
 import bisect
 import os
+import shutil
 import stat
 import tempfile
+import threading
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -78,6 +81,8 @@ class FileFacts:
     decoded: int | None = None  # Parquet: bytes of its row groups decoded (the footer's sum)
     #: rows the reader must not read, and why (a JSON record nested too deep: jsondepth.py)
     refused: dict[int, str] | None = None
+    #: the scratch copies made to read the file (held until the lake is closed)
+    scratch: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -197,11 +202,11 @@ def with_partition_columns(schema: pa.Schema, keys: list[tuple[str, str | None]]
     return schema
 
 
-def scratch_folder() -> Path:
-    """This user's own folder for local copies of lake files (NDJSON copies of JSON arrays,
-    JSON without the records nested too deep), in the system's temporary folder: one per
-    user, private to them, so that another user's lakesync can neither block the copies
-    (a folder it cannot write) nor plant one (a copy is used as found, by its name)."""
+def _scratch_root() -> Path:
+    """This user's own folder for local copies of lake files, in the system's temporary
+    folder: one per user, private to them, so that another user's lakesync can neither
+    block the copies (a folder it cannot write) nor plant one (a copy is used as found, by
+    its name)."""
     folder = Path(tempfile.gettempdir()) / f"lakesync-json-{os.getuid()}"
     folder.mkdir(mode=0o700, exist_ok=True)
     info = folder.lstat()
@@ -215,3 +220,95 @@ def scratch_folder() -> Path:
             "makes its own"
         )
     return folder
+
+
+#: the scratch copies in use: path -> how many open lakes (or opens under way) read it
+_held: dict[str, int] = {}
+_scratch_lock = threading.Lock()
+_scratch: tuple[int, Path, Path] | None = None  # (pid, the user's folder, the pid's folder)
+
+
+def scratch_folder() -> Path:
+    """This process's folder for local copies of lake files (NDJSON copies of JSON arrays,
+    JSON without the records nested too deep, CSV of very many columns): a folder named
+    after the process id in this user's scratch folder. A copy is removed when the last
+    lake reading it is closed (``let_go``), the folder when the process exits; the first
+    use in a process removes the folders of processes that are gone (a crash, a kill)."""
+    global _scratch
+    pid, root = os.getpid(), _scratch_root()  # (checked every time: it is the guard)
+    with _scratch_lock:
+        if _scratch is not None and _scratch[:2] == (pid, root):
+            return _scratch[2]
+        if _scratch is not None and _scratch[0] != pid:  # a forked child: not its copies
+            _held.clear()
+        sweep_scratch(root)
+        folder = root / str(pid)
+        folder.mkdir(mode=0o700, exist_ok=True)
+        if _scratch is None:
+            atexit.register(_remove_own)
+        _scratch = (pid, root, folder)
+        return folder
+
+
+def sweep_scratch(root: Path) -> list[Path]:
+    """Remove the scratch folders of processes that are gone, and copies left loose in
+    ``root`` by lakesync before 0.9 (one folder for all processes); the ones removed."""
+    gone = []
+    for entry in root.iterdir():
+        if entry.is_dir() and not entry.is_symlink():
+            if entry.name.isdigit() and not _alive(int(entry.name)):
+                shutil.rmtree(entry, ignore_errors=True)
+                gone.append(entry)
+        elif entry.suffix in (".ndjson", ".json", ".arrow", ".part"):
+            entry.unlink(missing_ok=True)
+            gone.append(entry)
+    return gone
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def _remove_own() -> None:
+    if _scratch is not None and _scratch[0] == os.getpid():
+        shutil.rmtree(_scratch[2], ignore_errors=True)
+
+
+def reused(copy: Path) -> bool:
+    """Whether the scratch ``copy`` exists; if so it is held (``let_go`` when done)."""
+    with _scratch_lock:
+        if not copy.exists():
+            return False
+        _held[str(copy)] = _held.get(str(copy), 0) + 1
+        return True
+
+
+def hold(paths: Iterable[str]) -> None:
+    """Hold scratch copies: they stay until each hold is let go."""
+    with _scratch_lock:
+        for path in paths:
+            _held[path] = _held.get(path, 0) + 1
+
+
+def let_go(paths: Iterable[str]) -> None:
+    """Let go of scratch copies; one nobody holds any more is removed (a guarded JSON
+    copy with the list of its refused rows)."""
+    with _scratch_lock:
+        own = _scratch[2] if _scratch is not None and _scratch[0] == os.getpid() else None
+        for path in paths:
+            left = _held.get(path, 0) - 1
+            if left > 0:
+                _held[path] = left
+                continue
+            _held.pop(path, None)
+            if Path(path).parent != own:  # a forked child's lake: the parent's copies
+                continue
+            Path(path).unlink(missing_ok=True)
+            if path.endswith(".safe.ndjson"):
+                Path(path.removesuffix(".safe.ndjson") + ".refused.json").unlink(missing_ok=True)

@@ -2,9 +2,9 @@
 
 pyarrow reads only newline-delimited JSON. A file whose first character is ``[`` is
 rewritten once, as it is streamed (memory bounded by the largest object, not the file), to
-an NDJSON copy in the temporary directory, which is then read like any NDJSON file. The
-copy is named after the file's path, size and modification time, so it is reused until the
-file changes.
+an NDJSON copy in this process's scratch folder (``base.scratch_folder``), which is then
+read like any NDJSON file. The copy is named after the file's path, size and modification
+time, so it is reused until the file changes, while a lake reading it is open.
 """
 
 from __future__ import annotations
@@ -14,12 +14,13 @@ import hashlib
 import json
 import os
 import re
+import threading
 from typing import Any
 
 import pyarrow.fs as pafs
 
 from lakesync.errors import SourceError
-from lakesync.sources.base import scratch_folder
+from lakesync.sources.base import hold, reused, scratch_folder
 
 _CHUNK = 1 << 20
 MAX_ELEMENT = 64 << 20  # one element of the array, in characters: memory stays bounded
@@ -41,9 +42,9 @@ def ndjson_copy(fs: pafs.FileSystem, path: str, shown: str, codec: str | None = 
     tag = f"{fs.type_name}:{path}:{info.size}:{info.mtime_ns}".encode()
     folder = scratch_folder()
     target = folder / f"{hashlib.sha256(tag).hexdigest()[:32]}.ndjson"
-    if target.exists():
+    if reused(target):
         return str(target)
-    partial = target.with_suffix(f".{os.getpid()}.part")
+    partial = target.with_suffix(f".{threading.get_ident()}.part")
     try:
         with (
             fs.open_input_stream(path, compression=codec) as src,
@@ -56,6 +57,7 @@ def ndjson_copy(fs: pafs.FileSystem, path: str, shown: str, codec: str | None = 
                     out.write(json.dumps(item, ensure_ascii=False))
                 out.write("\n")
         os.replace(partial, target)
+        hold([str(target)])
     finally:
         partial.unlink(missing_ok=True)
     return str(target)

@@ -27,7 +27,7 @@ from pathlib import Path
 import numpy as np
 import pyarrow.fs as pafs
 
-from lakesync.sources.base import scratch_folder
+from lakesync.sources.base import hold, reused, scratch_folder
 
 MAX_DEPTH = 100
 _CHUNK = 1 << 20
@@ -122,9 +122,11 @@ def guard(
     info = fs.get_file_info(path)
     tag = f"{fs.type_name}:{path}:{info.size}:{info.mtime_ns}:{limit}"
     with _lock:
-        if tag in _cache:
+        known = _cache.get(tag)
+        if known is not None:
             _cache.move_to_end(tag)
-            return _cache[tag]
+    if known is not None and (known.path == path or reused(Path(known.path))):
+        return known  # (a copy that was removed, its lakes closed, is made again)
     found = _guarded(fs, path, codec, tag, limit)
     with _lock:
         _cache[tag] = found
@@ -137,7 +139,7 @@ def _guarded(fs: pafs.FileSystem, path: str, codec: str | None, tag: str, limit:
     folder = scratch_folder()
     name = hashlib.sha256(tag.encode()).hexdigest()[:32]
     target, refusals = folder / f"{name}.safe.ndjson", folder / f"{name}.refused.json"
-    if target.exists() and refusals.exists():
+    if refusals.exists() and reused(target):
         rows = json.loads(refusals.read_text())
         return Guarded(pafs.LocalFileSystem(), str(target), {int(r): w for r, w in rows.items()})
     scan = _Scan(limit)
@@ -156,6 +158,7 @@ def _guarded(fs: pafs.FileSystem, path: str, codec: str | None, tag: str, limit:
         listed.write_text(json.dumps({str(r): w for r, w in refused.items()}))
         os.replace(listed, refusals)  # both complete before either is used
         os.replace(partial, target)
+        hold([str(target)])
     finally:
         partial.unlink(missing_ok=True)
         listed.unlink(missing_ok=True)

@@ -18,6 +18,7 @@ import itertools
 import logging
 import os
 import threading
+import weakref
 from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any
@@ -38,8 +39,16 @@ from lakesync.locations import (
     read_error,
     resolve,
 )
-from lakesync.sources import iceberg, parquet, tables, text
-from lakesync.sources.base import ColumnStats, FileFacts, LakeBatch, Listing, Position
+from lakesync.sources import iceberg, jsonruns, parquet, tables, text
+from lakesync.sources.base import (
+    ColumnStats,
+    FileFacts,
+    LakeBatch,
+    Listing,
+    Position,
+    hold,
+    let_go,
+)
 from lakesync.sources.delta import snapshot
 from lakesync.sources.stream import across_files, prefetched, prepared
 from lakesync.sources.tables import DELTA_LOG as LOG_DIR
@@ -130,6 +139,11 @@ class Lake:
         #: files are opened again from their facts when read (see ``_fragment``)
         self._facts, self._schemas, self._endpoint = facts, schemas, endpoint
         self._fragments = fragments or [None] * len(files)
+        #: the scratch copies this lake reads (a JSON array as NDJSON...): held while it is
+        #: open, let go by ``close`` (or when the lake is dropped)
+        copies = [p for f in facts for p in f.scratch]
+        hold(copies)
+        self._let_go = weakref.finalize(self, let_go, copies)
         self._fs = fs
         self._root = root.rstrip("/")
         self._parquet = fmt in ("parquet", "delta")
@@ -343,19 +357,22 @@ class Lake:
         inspected = plain.inspect(loc, fmt, items, sizes, reuse, root, keep, kept, csv)
         logger.info("Opened lake %s: %d %s file(s)", loc.show(loc.path), len(found), fmt)
         files = [loc.show(p) for p in found]
-        lake = cls(
-            uri,
-            fmt,
-            files,
-            [f for f, _, _ in inspected],
-            [s for _, s, _ in inspected],
-            loc.endpoint,
-            fs=loc.fs,
-            fragments=[f for _, _, f in inspected],
-            root=loc.show(root),
-            first_index=first_index,
-            objects=loc.objects,
-        )
+        try:
+            lake = cls(
+                uri,
+                fmt,
+                files,
+                [f for f, _, _ in inspected],
+                [s for _, s, _ in inspected],
+                loc.endpoint,
+                fs=loc.fs,
+                fragments=[f for _, _, f in inspected],
+                root=loc.show(root),
+                first_index=first_index,
+                objects=loc.objects,
+            )
+        finally:  # the lake holds its copies now: the holds of their making are let go
+            let_go([p for f, _, _ in inspected for p in f.scratch])
         lake._kept = None if kept is None else kept.finish()
         lake.csv = csv
         return lake
@@ -471,6 +488,17 @@ class Lake:
             schema=snap.schema,
             table=snap,
         )
+
+    def close(self) -> None:
+        """Let go of the scratch copies this lake reads: a copy no other open lake of this
+        process reads is removed (``base.let_go``). Reading after this is an error."""
+        self._let_go()
+
+    def __enter__(self) -> Lake:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
 
     def pins(self) -> dict[str, int]:
         """The job options that make a resumed run read the same version of the table:
@@ -660,10 +688,7 @@ class Lake:
                     for f, keep in zip(self._facts, self._live, strict=True)
                 ]
             else:
-                self._row_counts = [
-                    int(self._guard(i, self._fragment(i).count_rows))
-                    for i in range(len(self.files))
-                ]
+                self._row_counts = [self._counted(i, None) for i in range(len(self.files))]
         return list(self._row_counts)
 
     def count_rows(self, filter: pc.Expression | None = None) -> int:
@@ -683,14 +708,25 @@ class Lake:
                         b.table.num_rows for b in self._file_batches(i, 1 << 16, 0, filter, None)
                     )
             return total
-        for i, schema in enumerate(self._schemas):
-            if i in self._ruled_out:
-                continue
-            scanner = self._guard(
-                i, ds.Scanner.from_fragment, self._fragment(i), schema=schema, filter=filter
-            )
-            total += int(self._guard(i, scanner.count_rows))
+        for i in range(len(self.files)):
+            if i not in self._ruled_out:
+                total += self._counted(i, filter)
         return total
+
+    def _counted(self, index: int, filter: pc.Expression | None) -> int:
+        """File ``index``'s rows after ``filter``, counted by the scanner (a JSON file Arrow
+        cannot type: read, as ``batches`` reads it)."""
+        try:
+            if filter is None:
+                return int(self._fragment(index).count_rows())
+            fragment, schema = self._fragment(index), self._schemas[index]
+            scanner = ds.Scanner.from_fragment(fragment, schema=schema, filter=filter)
+            return int(scanner.count_rows())
+        except (pa.ArrowException, OSError) as e:
+            if self.format != "json" or not jsonruns.is_type_error(e):
+                raise read_error(e, self.files[index], self.format, self._endpoint) from e
+        batches = self._file_batches(index, 1 << 16, 0, filter, [])
+        return sum(b.table.num_rows for b in batches)
 
     def batches(
         self,
@@ -837,6 +873,11 @@ class Lake:
         where = None
         if held and filter is not None and keep is None and not self._mapped:
             where, filter = filter, None  # applied as read, the refused rows kept: see below
+        # rows refused by the reader, by their place in the file's stream of rows; under a
+        # filter (an incremental copy) they are kept, placed in the filtered stream: they
+        # hold no value a filter could keep (a JSON record nested too deep is read as {}),
+        # yet each must still be rejected with its reason, not vanish
+        refused = held if filter is None and where is None else {}
         kept = self._kept_rows(index, columns, filter)  # read at open: no request
         fragment: Any = None if kept is not None else self._fragment(index, whole)
         memory = None  # a small file, local or fetched whole: decoded from memory
@@ -876,18 +917,54 @@ class Lake:
             is not None
         ):  # a CSV file of very many columns, from its copy
             source = grouped
+        elif self.format == "json":  # Arrow's type errors are met as read (see below)
+            source = _lazy(fragment.to_batches, **scan, **_STREAMING)
         else:
             source = iter(self._guard(index, fragment.to_batches, **scan, **_STREAMING))
         if keep is not None or self._mapped:
             source = self._logical_batches(source, keep, after)
-        # rows refused by the reader, by their place in the file's stream of rows; under a
-        # filter (an incremental copy) they are kept, placed in the filtered stream: they
-        # hold no value a filter could keep (a JSON record nested too deep is read as {}),
-        # yet each must still be rejected with its reason, not vanish
-        refused = held if filter is None and where is None else {}
+        if self.format == "json":  # a column Arrow cannot give one type: read as written
+            into = held if filter is None else refused
+            source = self._json_as_written(index, fragment, source, columns, filter, into)
         if where is not None:
             source = _filtered_keeping(source, where, held, refused, self.schema)
         yield from self._pieces(index, source, size, skip, offset, refused)
+
+    def _json_as_written(
+        self,
+        index: int,
+        fragment: Any,
+        source: Iterator[pa.RecordBatch],
+        columns: list[str] | None,
+        filter: pc.Expression | None,
+        refused: dict[int, str],
+    ) -> Iterator[pa.RecordBatch]:
+        """JSON file ``index``'s batches from Arrow's scan ``source``; if Arrow cannot type
+        a column (or typed the key as a double), from ``jsonruns`` instead, from the row the
+        scan stopped at (``refused`` gets the rows it refuses, by their place)."""
+        given = 0
+        keys = frozenset(self.csv.keys)
+        if not jsonruns.needs_exact(self._schemas[index], keys):
+            try:
+                for batch in source:
+                    given += batch.num_rows
+                    yield batch
+                return
+            except pa.ArrowInvalid as e:
+                if not jsonruns.is_type_error(e):
+                    raise
+                logger.info("Reading %s as written: %s", self.files[index], e)
+        yield from jsonruns.batches(
+            fragment.filesystem,
+            fragment.path,
+            list(self.csv.keys),
+            self.csv.text,
+            self._schemas[index],
+            columns,
+            filter,
+            refused,
+            skip=given,
+        )
 
     def _logical_batches(
         self,
@@ -929,6 +1006,18 @@ class Lake:
                     skip -= batch.num_rows
                     continue
                 batch, skip = batch.slice(skip), 0
+            if pending and not batch.schema.equals(pending[0].schema):  # (JSON as written)
+                table = pa.Table.from_batches(pending)
+                yield LakeBatch(
+                    table,
+                    self.files[index],
+                    index,
+                    offset,
+                    ordinal,
+                    refused=_within(refused, offset, pending_rows),
+                )
+                offset += pending_rows
+                pending, pending_rows = [], 0
             if batch.num_rows:
                 pending.append(batch)
                 pending_rows += batch.num_rows
@@ -990,6 +1079,12 @@ class Lake:
             return call(*args, **kwargs)
         except (pa.ArrowException, OSError) as e:
             raise read_error(e, self.files[index], self.format, self._endpoint) from e
+
+
+def _lazy(call: Callable[..., Iterable[pa.RecordBatch]], **kwargs: Any) -> Iterator[pa.RecordBatch]:
+    """``call(**kwargs)``'s batches, called when the first is asked for (so that its errors
+    are met where the batches are read)."""
+    yield from call(**kwargs)
 
 
 def _filtered_keeping(

@@ -26,7 +26,7 @@ import pyarrow.fs as pafs
 
 from lakesync.errors import SourceError
 from lakesync.locations import Location
-from lakesync.sources import widecsv
+from lakesync.sources import jsonruns, widecsv
 from lakesync.sources.base import FileFacts, with_partition_columns
 from lakesync.sources.jsonarray import is_json_array, ndjson_copy
 from lakesync.sources.jsondepth import guard
@@ -64,6 +64,8 @@ class CsvOptions:
     text: frozenset[str] = field(default_factory=frozenset)
     #: the names of the first columns of a file without a header (the declared fields)
     names: tuple[str, ...] = ()
+    #: the key columns (JSON: a key is read as written, see ``jsonruns``)
+    keys: tuple[str, ...] = ()
 
     def file_format(self, columns: list[str] | None = None) -> ds.FileFormat:
         """The dataset format; ``columns``: the file's column names (then its header line,
@@ -107,13 +109,16 @@ def inspect_file(
     fs, real = loc.fs, path
     codec = compression_of(path)
     refused = None
+    scratch: list[str] = []  # the copies made (held: the lake lets them go when closed)
     if fmt == "json" and is_json_array(fs, path, codec):  # [{...}, ...]: read as NDJSON
         fs, real = pafs.LocalFileSystem(), ndjson_copy(fs, path, loc.show(path), codec)
         size, codec = None, None
+        scratch.append(real)
     if fmt == "json":  # a record nested too deep would crash Arrow's reader (a segfault)
         safe = guard(fs, real, codec)
         if safe.path != real:  # a plain NDJSON copy
             fs, real, size, refused, codec = safe.fs, safe.path, None, safe.refused, None
+            scratch.append(real)
     opened, source = real, fs
     if codec is not None and not real.endswith(_ARROW_SUFFIX[codec]):  # .zst, .GZ...
         fs, opened = pafs.PyFileSystem(_CodecAliases(fs)), real + _ARROW_SUFFIX[codec]
@@ -146,6 +151,7 @@ def inspect_file(
                 text=csv.text,
             )
             fs, opened, size, file_format = pafs.LocalFileSystem(), copy, None, _WIDE
+            scratch.append(copy)
         else:  # no header, or an empty name in it: read with the names made for it
             file_format = csv.file_format(names)
         fragment = file_format.make_fragment(
@@ -155,10 +161,18 @@ def inspect_file(
         fragment = FORMATS[fmt]().make_fragment(
             opened, filesystem=fs, partition_expression=expr, file_size=size
         )
-    schema = with_partition_columns(fragment.physical_schema, keys)
+    try:
+        physical = fragment.physical_schema
+    except pa.ArrowInvalid as e:  # a column Arrow cannot give one type: read as written
+        if fmt != "json" or not jsonruns.is_type_error(e):
+            raise
+        given = csv or CsvOptions()
+        physical = jsonruns.schema_of(fs, opened, list(given.keys), given.text)
+    schema = with_partition_columns(physical, keys)
     if fmt == "json" and csv is not None:  # (the scan's schema is the reader's explicit one)
         schema = as_written(schema, csv.text)
-    return FileFacts(real, size, None, expr, refused=refused), schema, fragment
+    facts = FileFacts(real, size, None, expr, refused=refused, scratch=tuple(scratch))
+    return facts, schema, fragment
 
 
 def _ends_in_a_cell(fs: pafs.FileSystem, path: str, codec: str | None, csv: CsvOptions) -> bool:

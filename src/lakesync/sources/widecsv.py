@@ -8,7 +8,7 @@ Arrow's parser: quoting only at a field's start, ``""`` inside quotes, ``\\r``, 
 run of records is handed to Arrow's reader as a CSV of its own: the very bytes of those
 fields, so Arrow converts every value itself (types inferred from the file's first block,
 null and quoted "" as in ``text.CsvOptions``, text the encoding does not describe kept as
-read). The file becomes an Arrow IPC copy in this user's scratch folder (as a JSON array
+read). The file becomes an Arrow IPC copy in this process's scratch folder (as a JSON array
 becomes an NDJSON copy: ``jsonarray``), named after the file and the options it is read
 with, and is then read like any other file. Memory is bounded by a block of the file
 (``CSV_BLOCK_BYTES``) and one group's conversion, not by the number of columns.
@@ -20,6 +20,7 @@ import hashlib
 import itertools
 import os
 import re
+import threading
 from collections.abc import Iterator
 from typing import Any
 
@@ -27,7 +28,7 @@ import pyarrow as pa
 import pyarrow.csv as pacsv
 import pyarrow.fs as pafs
 
-from lakesync.sources.base import scratch_folder
+from lakesync.sources.base import hold, reused, scratch_folder
 
 #: a CSV block must hold a whole record: a cell may be as large as a MongoDB document
 #: (16 MB), which Arrow's default block (1 MB) refused ("straddles two block boundaries")
@@ -199,13 +200,14 @@ def wide_copy(
     read = (encoding, delimiter, header, names, sorted(text))
     tag = repr((fs.type_name, path, info.size, info.mtime_ns, *read)).encode()
     target = scratch_folder() / f"{hashlib.sha256(tag).hexdigest()[:32]}.arrow"
-    if target.exists():
+    if reused(target):
         return str(target)
-    partial = target.with_suffix(f".{os.getpid()}.part")
+    partial = target.with_suffix(f".{threading.get_ident()}.part")
     try:
         with _stream(fs, path, codec, encoding) as stream, pa.OSFile(str(partial), "wb") as out:
             _write(_Records(stream, delimiter), out, names, delimiter, header, text)
         os.replace(partial, target)
+        hold([str(target)])
     finally:
         partial.unlink(missing_ok=True)
     return str(target)
