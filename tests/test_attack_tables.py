@@ -5,14 +5,29 @@ deltalake's ``QueryBuilder`` is the oracle."""
 from __future__ import annotations
 
 import shutil
+import time
 from pathlib import Path
 from typing import Any
 
 import pyarrow as pa
+import pytest
 from deltalake import DeltaTable, QueryBuilder, write_deltalake
-from tests.helpers import SCHEMA, database_of, fresh, record, run_whole, stored
+from tests.helpers import (
+    REGION,
+    SCHEMA,
+    aws_test_env,
+    database_of,
+    fresh,
+    record,
+    run_whole,
+    s3_client,
+    start_moto_thread,
+    stored,
+)
 
 from lakesync.config import Settings
+from lakesync.errors import SourceError
+from lakesync.lake import Lake
 from lakesync.models import JobState, JobStatus
 from lakesync.runtime import Runtime
 
@@ -64,3 +79,27 @@ def test_an_incremental_copy_of_a_recreated_delta_table_reads_its_early_versions
     assert stored(db) == {"A": "v3", "B": "v3", **_newest(table)}
     assert done.insertedRecords == 4
     db.client.drop_database(s.database)
+
+
+def test_a_recreated_delta_table_on_s3_is_told_by_its_commit_time(settings: Settings) -> None:
+    """The same check on S3 (moto): version 0 committed after the copy that read "version
+    0" ended is refused (the job then reads the whole table); committed before, the files
+    added since are read as before."""
+    with aws_test_env():
+        server, url = start_moto_thread()
+        try:
+            s3_client(url).create_bucket(Bucket="lake")
+            options = {"AWS_ENDPOINT_URL": url, "AWS_ALLOW_HTTP": "true",
+                       "AWS_REGION": REGION, "AWS_S3_ALLOW_UNSAFE_RENAME": "true"}  # fmt: skip
+            before = int(time.time() * 1000) - 60_000  # a copy that ended a minute ago
+            for v in (1, 2):
+                rows = pa.Table.from_pylist([record(f"K{v}", v)], SCHEMA)
+                write_deltalake("s3://lake/t", rows, mode="append", storage_options=options)
+            s = settings.model_copy(update={"s3_endpoint_url": url, "s3_region": REGION})
+            with pytest.raises(SourceError, match=r"was committed at .* the table was recreated"):
+                Lake.open("s3://lake/t", settings=s, since_version=0, since_read_at=before)
+            later = int(time.time() * 1000) + 1000
+            lake = Lake.open("s3://lake/t", settings=s, since_version=0, since_read_at=later)
+            assert lake.count_rows() == 1 and lake.since_version == 0
+        finally:
+            server.stop()
