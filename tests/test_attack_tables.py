@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any
 
 import pyarrow as pa
+import pyarrow.parquet as pq
 import pytest
 from deltalake import DeltaTable, QueryBuilder, write_deltalake
 from tests.helpers import (
@@ -103,3 +104,22 @@ def test_a_recreated_delta_table_on_s3_is_told_by_its_commit_time(settings: Sett
             assert lake.count_rows() == 1 and lake.since_version == 0
         finally:
             server.stop()
+
+
+def test_a_folder_holding_a_table_with_both_logs_names_it_as_it_is_read(tmp_path: Path) -> None:
+    """A table folder holding both ``_delta_log/`` and Iceberg ``metadata/`` (a Delta table
+    with Iceberg metadata beside it, as UniForm writes) is read as Delta; a folder holding
+    it is refused naming it a Delta table too, whatever order the listing gives."""
+    table = tmp_path / "lake" / "t"
+    _append(table, ["A"], 1)
+    (table / "metadata").mkdir()
+    (table / "metadata" / "v1.metadata.json").write_text("{}")
+    assert Lake.open(str(table)).format == "delta"
+    pq.write_table(pa.table({"x": [1]}), tmp_path / "lake" / "loose.parquet")
+    with pytest.raises(SourceError, match="holds the Delta table"):
+        Lake.open(str(tmp_path / "lake"))
+    from lakesync.sources.tables import tables_listed
+
+    base = str(tmp_path / "lake")
+    paths = [f"{table}/metadata/v1.metadata.json", f"{table}/_delta_log/0.json"]
+    assert tables_listed(base, paths) == [(str(table), "delta")]
