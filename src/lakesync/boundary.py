@@ -311,7 +311,7 @@ class Store:
     @retried("reading the watermark")
     def watermark_versions(
         self, operation: str, source: str, column: str
-    ) -> tuple[int | None, int | None]:
+    ) -> tuple[int | None, int | None, int | None]:
         return self.watermarks.read_versions(operation, source, column)
 
     @retried("recording the watermark")

@@ -73,10 +73,12 @@ def open_source(
     first_index: int = 0,
     known: Listing | None = None,
     keep: list[str] | None = None,
+    since_read_at: int | None = None,
 ) -> Lake:
     """The job's lake, at the Delta version or Iceberg snapshot (and from the version or
     snapshot) the job pinned; with ``only``, just those of its files; ``known``: the files'
-    facts the job kept; ``keep``: columns of small files to read at open (``Lake.open``)."""
+    facts the job kept; ``keep``: columns of small files to read at open; ``since_read_at``:
+    when the copy that read the version it starts from ended (``Lake.open``)."""
     return Lake.open(
         job.source,
         format=job.op.format,
@@ -91,6 +93,7 @@ def open_source(
         known=known,
         keep=keep,
         csv=job.op.csv_options(),
+        since_read_at=since_read_at,
     )
 
 
@@ -263,8 +266,9 @@ class Planner:
         the other files are not even opened. The first run looks that version up; it is pinned
         in the options (`sinceDeltaVersion`, `sinceIcebergSnapshotId`), so a resumed run opens
         the same files. When it can no longer be listed (its log was cleaned up, the table was
-        recreated, the source is no Delta table), the whole version is read, with the
-        watermark filter as for plain files.
+        recreated, the source is no Delta table), or it was committed after the copy that
+        recorded it ended (the table was recreated and has reached that version number
+        again), the whole version is read, with the watermark filter as for plain files.
 
         The first run reads the columns the plan of repeated keys needs (the keys and the
         watermark) from small files in the same pass as their footers (``Lake.open``'s
@@ -275,13 +279,18 @@ class Planner:
         since_snapshot = job.options.sinceIcebergSnapshotId
         keep = [*op.schema_.key_columns, *([op.watermark] if op.watermark else [])]
         keep_first = keep if first_run else None
+        read_at = None  # checked on the first run; a resumed run keeps what it decided
         if first_run and mode == "incremental" and op.watermark:
-            since, since_snapshot = self.store.watermark_versions(op.name, job.source, op.watermark)
+            since, since_snapshot, read_at = self.store.watermark_versions(
+                op.name, job.source, op.watermark
+            )
         if since is not None or since_snapshot is not None:
             pins = {"sinceDeltaVersion": since, "sinceIcebergSnapshotId": since_snapshot}
             narrowed = replace(job, options=job.options.model_copy(update=pins))
             try:
-                return open_source(narrowed, self.settings, known=known, keep=keep_first)
+                return open_source(
+                    narrowed, self.settings, known=known, keep=keep_first, since_read_at=read_at
+                )
             except TransientSourceError:
                 raise
             except SourceError as e:

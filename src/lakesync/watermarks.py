@@ -373,14 +373,16 @@ class WatermarkStore:
 
     def read_versions(
         self, operation: str, source: str, column: str
-    ) -> tuple[int | None, int | None]:
+    ) -> tuple[int | None, int | None, int | None]:
         """The Delta version and the Iceberg snapshot the last completed copy read, if it
         recorded this column's watermark (an incremental copy then reads only the files
-        added since): one read of the operation's state."""
+        added since), and when that copy ended (ms since the epoch, lakesync's clock: a
+        Delta version committed later belongs to a table recreated since): one read of the
+        operation's state."""
         state = self._model(self.states.find_one({"_id": self._id(operation, source)}))
         if state is None or state.watermark.column != column:
-            return None, None
-        return state.deltaVersion, state.icebergSnapshotId
+            return None, None, None
+        return state.deltaVersion, state.icebergSnapshotId, state.updatedAtMs
 
     def for_operation(self, operation: str) -> list[SyncState]:
         """The operation's watermarks, most recently updated first."""

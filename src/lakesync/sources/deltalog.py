@@ -92,6 +92,32 @@ def commit_order(
     return order
 
 
+def commit_time(location: Location, root: str, version: int) -> int | None:
+    """When version ``version`` of the table at ``root`` was committed (ms since the epoch:
+    its ``inCommitTimestamp``, else its commitInfo's ``timestamp``, else the commit file's
+    modification time); None when its commit file is gone (the log was cleaned up)."""
+    path = f"{root.rstrip('/')}/_delta_log/{version:020d}.json"
+    try:
+        info = location.fs.get_file_info(path)
+        if info.type != pafs.FileType.File:
+            return None
+        with location.fs.open_input_stream(path) as f:
+            data = f.read()
+    except (OSError, pa.ArrowException) as e:
+        raise read_error(e, location.show(path), "delta", location.endpoint) from e
+    for line in data.splitlines():
+        try:
+            action = json.loads(line) if line.strip() else {}
+        except ValueError:
+            break  # a damaged commit: reading the version says so
+        info_action = action.get("commitInfo") if isinstance(action, dict) else None
+        if isinstance(info_action, dict):
+            stamp = info_action.get("inCommitTimestamp", info_action.get("timestamp"))
+            if isinstance(stamp, int):
+                return stamp
+    return None if info.mtime_ns is None else info.mtime_ns // 1_000_000
+
+
 def _apply(commit: _Commit, keys: dict[str, OrderKey]) -> None:
     """Give each file ``commit`` adds its place (see the module's rules)."""
     removed = [keys.get(p, _UNKNOWN) for p in commit.removes]

@@ -21,6 +21,7 @@ import threading
 import weakref
 from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
+from datetime import UTC, datetime
 from typing import Any
 
 import pyarrow as pa
@@ -50,6 +51,7 @@ from lakesync.sources.base import (
     let_go,
 )
 from lakesync.sources.delta import snapshot
+from lakesync.sources.deltalog import commit_time
 from lakesync.sources.stream import across_files, prefetched, prepared
 from lakesync.sources.tables import DELTA_LOG as LOG_DIR
 
@@ -185,6 +187,7 @@ class Lake:
         since_snapshot_id: int | None = None,
         catalog: iceberg.CatalogTable | None = None,
         csv: text.CsvOptions | None = None,
+        since_read_at: int | None = None,
     ) -> Lake:
         """List and inspect the lake at ``uri``; raise SourceError if it cannot be read.
 
@@ -211,6 +214,10 @@ class Lake:
         files added after that snapshot (see ``sources.iceberg``).
         ``csv``: how CSV files are read (the operation's encoding, delimiter, header and
         the columns read as text; see ``text.CsvOptions``).
+        ``since_read_at``: when the copy that read Delta version ``since_version`` ended (ms
+        since the epoch); a version committed after it belongs to a table recreated since
+        (its versions start again from 0), and is refused (SourceError) rather than read as
+        the one that copy read.
         """
         fmt_given = None if format is None else plain.ALIASES.get(format.lower())
         if format is not None and fmt_given is None:
@@ -283,7 +290,7 @@ class Lake:
                         "snapshots: remove icebergSnapshotId (or give deltaVersion).",
                         uri=uri,
                     )
-                table = cls._open_delta(uri, loc, base, version, since_version)
+                table = cls._open_delta(uri, loc, base, version, since_version, since_read_at)
             return table if only is None else table.only(only, first_index)
         parent = base.rstrip("/").rsplit("/", 1)[0]
         if (
@@ -379,7 +386,13 @@ class Lake:
 
     @classmethod
     def _open_delta(
-        cls, uri: str, loc: Location, base: str, version: int | None, since: int | None
+        cls,
+        uri: str,
+        loc: Location,
+        base: str,
+        version: int | None,
+        since: int | None,
+        since_read_at: int | None = None,
     ) -> Lake:
         snap = snapshot(loc, base, version)
         chosen = snap.files
@@ -388,6 +401,15 @@ class Lake:
                 raise SourceError(
                     f"Cannot read the files added to the Delta table {uri} after version "
                     f"{since}: the table is at version {snap.version}. Copy it in mode full.",
+                    uri=uri,
+                )
+            committed = None if since_read_at is None else commit_time(loc, base, since)
+            if committed is not None and since_read_at is not None and committed > since_read_at:
+                raise SourceError(
+                    f"Version {since} of the Delta table {uri} was committed at "
+                    f"{_iso(committed)}, after the copy that read version {since} ended "
+                    f"({_iso(since_read_at)}): the table was recreated since, so that version "
+                    "holds other files than the ones copied. Copy it in mode full.",
                     uri=uri,
                 )
             before = {p for p, _ in snapshot(loc, base, since).files}
@@ -1085,6 +1107,11 @@ def _lazy(call: Callable[..., Iterable[pa.RecordBatch]], **kwargs: Any) -> Itera
     """``call(**kwargs)``'s batches, called when the first is asked for (so that its errors
     are met where the batches are read)."""
     yield from call(**kwargs)
+
+
+def _iso(ms: int) -> str:
+    """A time in ms since the epoch as an ISO 8601 UTC string."""
+    return datetime.fromtimestamp(ms / 1000, UTC).isoformat(timespec="milliseconds")
 
 
 def _filtered_keeping(

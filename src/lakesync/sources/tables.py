@@ -63,7 +63,8 @@ def enclosing_table(location: Location, path: str) -> tuple[str, str] | None:
 
 def tables_listed(base: str, paths: Iterable[str]) -> list[tuple[str, str]]:
     """The table folders (folder, kind) below ``base`` that a recursive listing shows: a
-    ``_delta_log/`` folder's parent, or a ``metadata/*.metadata.json`` file's table."""
+    ``_delta_log/`` folder's parent, or a ``metadata/*.metadata.json`` file's table (a
+    folder holding both is Delta, as ``kind_of`` reads it)."""
     found: dict[str, str] = {}
     for path in paths:
         if f"/{DELTA_LOG}/" not in path and f"/{ICEBERG_METADATA}/" not in path:
@@ -71,8 +72,8 @@ def tables_listed(base: str, paths: Iterable[str]) -> list[tuple[str, str]]:
         segments = path[len(base) :].strip("/").split("/")
         for i, segment in enumerate(segments[:-1]):
             folder = "/".join([base.rstrip("/"), *segments[:i]]) if i else base.rstrip("/")
-            if segment == DELTA_LOG:
-                found.setdefault(folder, "delta")
+            if segment == DELTA_LOG:  # over Iceberg metadata beside it, as kind_of reads it
+                found[folder] = "delta"
                 break
             if (
                 segment == ICEBERG_METADATA

@@ -1,0 +1,125 @@
+"""Tables tried as a demanding user would, from outside: defects found by an attack on
+issue #25 ("Tables, not files"), each held by a test that failed before its fix.
+deltalake's ``QueryBuilder`` is the oracle."""
+
+from __future__ import annotations
+
+import shutil
+import time
+from pathlib import Path
+from typing import Any
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+from deltalake import DeltaTable, QueryBuilder, write_deltalake
+from tests.helpers import (
+    REGION,
+    SCHEMA,
+    aws_test_env,
+    database_of,
+    fresh,
+    record,
+    run_whole,
+    s3_client,
+    start_moto_thread,
+    stored,
+)
+
+from lakesync.config import Settings
+from lakesync.errors import SourceError
+from lakesync.lake import Lake
+from lakesync.models import JobState, JobStatus
+from lakesync.runtime import Runtime
+
+
+def _incremental(settings: Settings) -> JobStatus:
+    with Runtime(settings) as rt:
+        job, _ = rt.jobs.start("copy-taskdetail", {"mode": "incremental"}, trusted=True)
+        rt.runner.run(job.jobId)
+        return rt.jobs.get(job.jobId)
+
+
+def _newest(table: Path) -> dict[str, str]:
+    """deltalake's live rows: the newest version (by updatedAt) of every key."""
+    reader = QueryBuilder().register("t", DeltaTable(str(table))).execute("select * from t")
+    newest: dict[str, dict[str, Any]] = {}
+    for row in pa.table(reader.read_all()).to_pylist():
+        seen = newest.get(row["taskDetailId"])
+        if seen is None or row["updatedAt"] > seen["updatedAt"]:
+            newest[row["taskDetailId"]] = row
+    return {k: r["notes"] for k, r in newest.items()}
+
+
+def _append(table: Path, keys: list[str], version: int) -> None:
+    rows = pa.Table.from_pylist([record(k, version) for k in keys], SCHEMA)
+    write_deltalake(str(table), rows, mode="append")
+
+
+def test_an_incremental_copy_of_a_recreated_delta_table_reads_its_early_versions(
+    settings: Settings, tmp_path: Path
+) -> None:
+    """A Delta table deleted and written again starts its versions at 0. Once the new table
+    reaches the version the last copy recorded (here 2), that number names a version of
+    another table: the files it held are not ones the last copy read, and an incremental
+    copy that leaves them out loses the new table's first records (docs/lakes.md: "the
+    table was recreated ... reads the whole current version with the watermark filter")."""
+    table = tmp_path / "t"
+    for v in range(1, 4):  # versions 0, 1, 2
+        _append(table, ["A", "B"], v)
+    s = fresh(settings, table)
+    db = database_of(s)
+    first = run_whole(s)
+    assert first.status == JobState.COMPLETED and first.options["deltaVersion"] == 2
+    shutil.rmtree(table)  # recreated: newer records, in versions 0, 1 and 2 again
+    _append(table, ["C", "D"], 10)
+    _append(table, ["E"], 11)
+    _append(table, ["F"], 12)
+    done = _incremental(s)
+    assert done.status == JobState.COMPLETED, done.error
+    assert stored(db) == {"A": "v3", "B": "v3", **_newest(table)}
+    assert done.insertedRecords == 4
+    db.client.drop_database(s.database)
+
+
+def test_a_recreated_delta_table_on_s3_is_told_by_its_commit_time(settings: Settings) -> None:
+    """The same check on S3 (moto): version 0 committed after the copy that read "version
+    0" ended is refused (the job then reads the whole table); committed before, the files
+    added since are read as before."""
+    with aws_test_env():
+        server, url = start_moto_thread()
+        try:
+            s3_client(url).create_bucket(Bucket="lake")
+            options = {"AWS_ENDPOINT_URL": url, "AWS_ALLOW_HTTP": "true",
+                       "AWS_REGION": REGION, "AWS_S3_ALLOW_UNSAFE_RENAME": "true"}  # fmt: skip
+            before = int(time.time() * 1000) - 60_000  # a copy that ended a minute ago
+            for v in (1, 2):
+                rows = pa.Table.from_pylist([record(f"K{v}", v)], SCHEMA)
+                write_deltalake("s3://lake/t", rows, mode="append", storage_options=options)
+            s = settings.model_copy(update={"s3_endpoint_url": url, "s3_region": REGION})
+            with pytest.raises(SourceError, match=r"was committed at .* the table was recreated"):
+                Lake.open("s3://lake/t", settings=s, since_version=0, since_read_at=before)
+            later = int(time.time() * 1000) + 1000
+            lake = Lake.open("s3://lake/t", settings=s, since_version=0, since_read_at=later)
+            assert lake.count_rows() == 1 and lake.since_version == 0
+        finally:
+            server.stop()
+
+
+def test_a_folder_holding_a_table_with_both_logs_names_it_as_it_is_read(tmp_path: Path) -> None:
+    """A table folder holding both ``_delta_log/`` and Iceberg ``metadata/`` (a Delta table
+    with Iceberg metadata beside it, as UniForm writes) is read as Delta; a folder holding
+    it is refused naming it a Delta table too, whatever order the listing gives."""
+    table = tmp_path / "lake" / "t"
+    _append(table, ["A"], 1)
+    (table / "metadata").mkdir()
+    (table / "metadata" / "v1.metadata.json").write_text("{}")
+    assert Lake.open(str(table)).format == "delta"
+    pq.write_table(pa.table({"x": [1]}), tmp_path / "lake" / "loose.parquet")
+    with pytest.raises(SourceError, match="holds the Delta table"):
+        Lake.open(str(tmp_path / "lake"))
+    from lakesync.sources.tables import tables_listed
+
+    base = str(tmp_path / "lake")
+    paths = [f"{table}/metadata/v1.metadata.json", f"{table}/_delta_log/0.json"]
+    assert tables_listed(base, paths) == [(str(table), "delta")]
