@@ -6,8 +6,10 @@ from __future__ import annotations
 
 import json
 import re
+from datetime import datetime
 from pathlib import Path
 from typing import Any
+from zoneinfo import ZoneInfo
 
 import httpx
 import pytest
@@ -80,7 +82,15 @@ def test_tables_fit_and_the_operations_view_pauses_a_schedule(serve: Any, run: A
     ops = page.locator("#operations-body")
     row = ops.locator("tr", has_text="nightly-projects-copy")
     expect(row).to_contain_text("30 7 * * * (Europe/Berlin)")
-    expect(row).to_contain_text(re.compile(r"07:30 (CES?T|GMT\+[12])"))  # in its own zone
+    # in its own zone, named as `lakesync schedules` names it (CET), not as a browser does
+    expect(row).to_contain_text(re.compile(r"07:30 CES?T"))
+    expect(row).not_to_contain_text("GMT")
+    listed = httpx.get(serve.url + "/api/operations").json()["operations"]
+    nightly = next(o for o in listed if o["name"] == "nightly-projects-copy")
+    at = datetime.fromisoformat(nightly["nextRun"].replace("Z", "+00:00"))
+    zone = at.astimezone(ZoneInfo("Europe/Berlin")).tzname()  # what the CLI prints
+    assert nightly["schedule"]["nextRunZone"] == zone, nightly
+    expect(row).to_contain_text(f"07:30 {zone}")
     expect(row).to_contain_text(
         "completed", timeout=120_000
     )  # the page polls; the copy ends on its own time

@@ -868,8 +868,10 @@ def _local_time(iso: str | None, zone: str) -> str:
         return "-"
     from zoneinfo import ZoneInfo
 
+    from lakesync.schedules import zone_name
+
     at = datetime.fromisoformat(iso.replace("Z", "+00:00")).astimezone(ZoneInfo(zone))
-    return at.strftime("%m-%d %H:%M ") + (at.tzname() or zone)
+    return at.strftime("%m-%d %H:%M ") + zone_name(at, zone)
 
 
 @app.command(cls=_Command, short_help="Preview what a copy would read and write.")

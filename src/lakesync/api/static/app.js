@@ -441,7 +441,7 @@ function renderSchedule(op) {
   if (!s) return;
   const when = s.schedule ? `on the cron schedule “${s.schedule}” (${s.timezone})` : `every ${s.every}`;
   const next = parseTime(op.nextRun);
-  let text = `Runs by itself ${when}; ` + (s.paused ? "paused." : `next run ${next == null ? "—" : zoned(op.nextRun, s.timezone)}.`);
+  let text = `Runs by itself ${when}; ` + (s.paused ? "paused." : `next run ${next == null ? "—" : zoned(op.nextRun, s.timezone, s.nextRunZone)}.`);
   const last = s.lastRun;
   if (last) {
     const result = last.outcome === "started" ? (last.result || "started") : last.outcome;
@@ -480,7 +480,7 @@ function renderOperations() {
     const s = op.schedule;
     const when = s ? (s.schedule ? `${s.schedule} (${s.timezone})` : `every ${s.every}`) : "none";
     td(when, when, "Schedule");
-    const next = s ? (s.paused ? "paused" : zoned(op.nextRun, s.timezone)) : "—";
+    const next = s ? (s.paused ? "paused" : zoned(op.nextRun, s.timezone, s.nextRunZone)) : "—";
     td(next, s && !s.paused ? `${next} (${s.timezone})` : "", "Next run");
     const last = op.lastJob;
     const cell = td("", "", "Last job");
@@ -508,15 +508,17 @@ function renderOperations() {
   $("operations-card").hidden = state.operations.length === 0;
 }
 
-// `Dec 7, 07:30 CET`: a time in the schedule's own zone, named.
-function zoned(iso, zone) {
+// `Dec 7, 07:30 CET`: a time in the schedule's own zone, named as the CLI names it (the
+// API's `name`: a browser writes `GMT+1` for Europe/Berlin, where the CLI says `CET`).
+function zoned(iso, zone, name) {
   const at = parseTime(iso);
   if (at == null) return "—";
   try {
-    return new Intl.DateTimeFormat(undefined, {
+    const local = new Intl.DateTimeFormat(undefined, {
       month: "short", day: "numeric", hour: "2-digit", minute: "2-digit", hourCycle: "h23",
-      timeZone: zone, timeZoneName: "short",
+      timeZone: zone, ...(name ? {} : { timeZoneName: "short" }),
     }).format(at);
+    return name ? `${local} ${name}` : local;
   } catch {
     return dateTimeFmt.format(at);
   }
