@@ -420,7 +420,7 @@ def _logs_above_the_bar() -> Iterator[None]:
     swapped = []
     if sys.stderr is not sys.__stderr__:  # the bar is drawn
         for handler in logging.getLogger().handlers:
-            if type(handler) is logging.StreamHandler and handler.stream is sys.__stderr__:
+            if isinstance(handler, logging.StreamHandler) and handler.stream is sys.__stderr__:
                 swapped.append((handler, handler.setStream(sys.stderr)))
     try:
         yield
@@ -793,16 +793,11 @@ def logs(job_id: str) -> None:
         for when, level, text in texts:
             sys.stdout.write(f"{when} {level:<7} {text}\n")
         return
-    import textwrap
+    from lakesync.logs import wrap_at_spaces
 
-    # on a terminal a line wraps at its spaces, the rest indented under its time; a word
-    # (a path) is never split, even one longer than the line
+    # on a terminal a line wraps at its spaces, as the -v log lines on stderr do
     for when, level, text in texts:
-        wrapped = textwrap.fill(
-            f"{when} {level:<7} {text}", width=out.width, subsequent_indent="  ",
-            break_long_words=False, break_on_hyphens=False,
-        )  # fmt: skip
-        sys.stdout.write(wrapped + "\n")
+        sys.stdout.write(wrap_at_spaces(f"{when} {level:<7} {text}", out.width) + "\n")
 
 
 @app.command(cls=_Command, short_help="List the operations, their last job and schedule.")
