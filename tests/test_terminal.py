@@ -207,6 +207,12 @@ def test_copy_on_a_terminal_shows_the_progress_bar_then_the_summary(
     assert_fits(lines)
     bars = [line for line in lines if line.startswith("copying")]
     assert bars, text
+    # before its first record the job plans: the bar says so (not a 0% that looks stuck)
+    planning = [i for i, line in enumerate(lines) if line.startswith("planning")]
+    assert planning and "listing the lake's files" in lines[planning[0]], text
+    assert any("finding repeated keys" in lines[i] for i in planning), text
+    first = next(i for i, line in enumerate(lines) if line.startswith("copying") and "%" in line)
+    assert planning[-1] < first, text
     assert any("/20,000 records" in bar and "%" in bar for bar in bars), bars
     assert "100% 20,000/20,000 records" in bars[-1], bars[-1]
     assert "━" in bars[-1]  # the bar itself

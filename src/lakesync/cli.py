@@ -308,6 +308,7 @@ def _run_foreground(rt: Any, job_id: str, show_bar: bool, verb: str) -> JobStatu
     )
 
     from lakesync.models import JobState, Outcome
+    from lakesync.plan import PLANNING
 
     previous = signal.getsignal(signal.SIGINT)
     following = threading.Event()
@@ -341,10 +342,18 @@ def _run_foreground(rt: Any, job_id: str, show_bar: bool, verb: str) -> JobStatu
                 told = True
                 what = "followed" if following.is_set() else verb
                 _notice(f"job {job_id} {what}", jobId=job_id)
+            message = s.message or ""
+            if s.state is JobState.IN_PROGRESS and message.startswith(PLANNING):
+                # before the first record: `planning ━━━ finding repeated keys`, not 0%
+                phase = message.removeprefix(PLANNING).split(" in ")[0]
+                bar.update(task, description="planning", total=None, counts=phase, rate="")
+                bar.refresh()  # each phase drawn, however short
+                return
             total = s.totalRecords or None
             counts = f"{s.processedRecords:,}" + (f"/{total:,}" if total else "") + " records"
             bar.update(
                 task,
+                description="copying",
                 total=total,
                 completed=s.processedRecords,
                 counts=counts,

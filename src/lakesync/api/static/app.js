@@ -985,16 +985,26 @@ function renderShell(jobId) {
   highlightRow();
 }
 
+// A job's first run plans before it copies; the contract fixes the status values, so it
+// says so in its message (`Planning: listing the lake's files`), as the CLI's bar reads it.
+function isPlanning(job) {
+  return job.status === "in_progress" && !job.processedRecords
+    && String(job.message || "").startsWith("Planning: ");
+}
+
 function setProgress(job) {
   const bar = $("progress");
   const fill = $("progress-fill");
   const pct = Math.max(0, Math.min(100, Number(job.percentComplete) || 0));
   const waiting = job.status === "pending" || (job.status === "in_progress" && !job.totalRecords);
-  if (waiting) {
+  if (waiting || isPlanning(job)) {
+    // before its first record a job plans (lists the files, finds repeated keys): it says
+    // so in its message, shown here instead of a 0% that looks stuck
     bar.dataset.indeterminate = "true";
     bar.removeAttribute("aria-valuenow");
-    bar.setAttribute("aria-valuetext", job.status === "pending" ? "Waiting for a worker" : "Counting records");
-    $("progress-percent").textContent = "—";
+    bar.setAttribute("aria-valuetext", job.status === "pending" ? "Waiting for a worker"
+      : (isPlanning(job) ? job.message : "Counting records"));
+    $("progress-percent").textContent = isPlanning(job) ? "Planning…" : "—";
     fill.style.width = "0%";
     return;
   }
@@ -1031,7 +1041,8 @@ function render(job) {
   const total = job.totalRecords || 0;
   $("progress-counts").textContent = isFinal(job.status) && !total && !job.processedRecords
     ? "No records read"
-    : `${fmt(job.processedRecords)} / ${fmt(total)} records`;
+    : (isPlanning(job) ? (total ? `${fmt(total)} records` : "")
+      : `${fmt(job.processedRecords)} / ${fmt(total)} records`);
   $("stat-inserted").textContent = fmt(job.insertedRecords);
   $("stat-updated").textContent = fmt(job.updatedRecords);
   $("stat-unchanged").textContent = fmt(job.unchangedRecords);
