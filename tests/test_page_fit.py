@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import json
 import re
-from datetime import datetime
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 from zoneinfo import ZoneInfo
@@ -164,3 +164,43 @@ def test_preview_notice_and_average_rate(serve: Any, run: Any, db: Any) -> None:
     assert answer.json()["options"]["icebergSnapshotId"] == snapshot, answer.text
     page.goto(f"{serve.url}/jobs/{job_id}")
     expect(page.locator("#details")).to_contain_text(f"Iceberg snapshot{snapshot}")
+
+
+# the text's own width: an ellipsis that hides a pixel or two leaves scrollWidth at most 1
+# above clientWidth
+STATS_CUT = """() => [...document.querySelectorAll('.stat dd')].filter(e => {
+  const text = document.createRange(); text.selectNodeContents(e);
+  return text.getBoundingClientRect().width > e.clientWidth + 0.5; }).map(e => e.textContent)"""
+
+
+def test_the_operations_follow_the_job_and_its_numbers_are_never_cut(serve: Any, run: Any) -> None:
+    """A newcomer's copy from the page: the operations' "last job" follows it to its end
+    (without a reload, with no schedule to poll for), and at 390 pixels a running job's ETA
+    ("2 min 05 s") wraps in its card instead of being cut."""
+    r = run(width=1280, height=900)
+    page = r.page
+    page.goto(serve.url + "/")
+    row = page.locator("#operations-body tr", has_text="copy-taskdetail")
+    expect(row).to_contain_text("—")  # no job yet
+    page.locator("#copy-button").click()
+    expect(page.locator("#status-badge")).to_have_attribute(
+        "data-status", "completed", timeout=120_000
+    )
+    expect(row).to_contain_text("completed")  # the last job, as GET /api/operations has it
+    job_id = page.locator("#job-id").inner_text()
+
+    running = httpx.get(f"{serve.url}/api/jobs/{job_id}").json()
+    now = datetime.now(UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
+    running |= {
+        "status": "in_progress", "endTime": None, "processedRecords": 2000,
+        "percentComplete": 2, "recordsPerSecond": 793, "etaSeconds": 125,
+        "updatedAt": now, "heartbeatAt": now, "message": "Copying: 2,000 of 100,000 records",
+    }  # fmt: skip
+    small = run(width=390, height=900)
+    phone = small.page
+    phone.route("**/api/jobs/*/events*", lambda route: route.abort())
+    phone.route(re.compile(rf".*/api/jobs/{job_id}$"), lambda route: route.fulfill(json=running))
+    phone.goto(f"{serve.url}/jobs/{job_id}")
+    expect(phone.locator("#stat-eta")).to_have_text("2 min 05 s")
+    small.shot("running-390")
+    assert not phone.evaluate(STATS_CUT), phone.evaluate(STATS_CUT)

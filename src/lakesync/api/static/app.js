@@ -541,7 +541,11 @@ async function toggleSchedule(name, paused, button) {
 
 // Next and last runs move on by themselves: re-read them without rebuilding the selector.
 async function refreshSchedules() {
-  if (!state.operations.some((o) => o.schedule)) return;
+  if (state.operations.some((o) => o.schedule)) await refreshOperations();
+}
+
+// The operations' last job, watermark and schedule, re-read (a job started or ended).
+async function refreshOperations() {
   try {
     const { data } = await api("/api/operations");
     if (data && Array.isArray(data.operations)) state.operations = data.operations;
@@ -888,6 +892,8 @@ function onStatus(job, { quiet = false } = {}) {
   addSample(job);
   render(job);
   syncRow(job);
+  // the operations' "last job" follows it: started, then ended
+  if (!JOB_PAGE && (!prev || prev.status !== job.status)) refreshOperations();
   if (!quiet) announceProgress(job);
   else state.announced = { status: job.status, decile: 10 };
   if (isFinal(job.status) && !state.endHandled) {
