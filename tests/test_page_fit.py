@@ -166,6 +166,11 @@ def test_preview_notice_and_average_rate(serve: Any, run: Any, db: Any) -> None:
     expect(page.locator("#details")).to_contain_text(f"Iceberg snapshot{snapshot}")
 
 
+BADGES_CUT = """() => [...document.querySelectorAll('#jobs-table td.c-status')]
+  .filter(td => td.scrollWidth > td.clientWidth + 1
+    || td.firstElementChild.getBoundingClientRect().right > td.closest('tr')
+      .getBoundingClientRect().right).map(td => td.textContent)"""
+
 # the text's own width: an ellipsis that hides a pixel or two leaves scrollWidth at most 1
 # above clientWidth
 STATS_CUT = """() => [...document.querySelectorAll('.stat dd')].filter(e => {
@@ -188,6 +193,9 @@ def test_the_operations_follow_the_job_and_its_numbers_are_never_cut(serve: Any,
     )
     expect(row).to_contain_text("completed")  # the last job, as GET /api/operations has it
     job_id = page.locator("#job-id").inner_text()
+    page.set_viewport_size({"width": 390, "height": 900})  # each job a card: its badge whole
+    expect(page.locator("#jobs-body td.c-status").first).to_contain_text("Completed")
+    assert not page.evaluate(BADGES_CUT), page.evaluate(BADGES_CUT)
 
     running = httpx.get(f"{serve.url}/api/jobs/{job_id}").json()
     now = datetime.now(UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
