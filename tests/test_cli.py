@@ -370,3 +370,43 @@ def test_failures_tell_their_real_cause_and_keep_brackets(
         assert run.returncode == 1
         assert "another process" not in run.stderr + run.stdout, run.stderr
         assert "127.0.0.1:9" in run.stderr + run.stdout, run.stderr
+
+
+def test_a_job_that_plans_says_so_in_status_simple_status_and_the_cli(
+    settings: Settings, env: dict[str, str], db: Any
+) -> None:
+    """Before its first record a job plans (lists the files, finds the repeated keys): it is
+    `in_progress` (the contract's statuses) and its `message` says what it plans, for
+    `lakesync status`, GET simple-status and the page; then it copies."""
+    from fastapi.testclient import TestClient
+
+    from lakesync.api.app import create_app
+    from lakesync.runtime import Runtime
+
+    messages: list[str] = []
+    seen: dict[str, Any] = {}
+    with Runtime(settings) as rt, TestClient(create_app(rt)) as client:
+        status, _ = rt.jobs.start("copy-taskdetail", {}, trusted=True)
+
+        def progress(s: Any) -> None:
+            messages.append(s.message)
+            if s.message.startswith("Planning: finding repeated keys") and not seen:
+                simple = "/.netlify/functions/simple-status"
+                seen["api"] = client.get(simple, params={"jobId": s.jobId}).json()
+                seen["json"], seen["human"] = in_parallel(
+                    (env, ["status", s.jobId, "--json"]), (env, ["status", s.jobId])
+                )
+
+        rt.runner.run(status.jobId, on_progress=progress)
+    assert messages[:2] == [
+        "Planning: listing the lake's files",
+        "Planning: finding repeated keys in 5,000 records",
+    ], messages
+    assert messages[2] == "Copying 5,000 records", messages
+    api = seen["api"]
+    assert (api["status"], api["processedRecords"]) == ("in_progress", 0), api
+    assert api["message"] == "Planning: finding repeated keys in 5,000 records", api
+    assert json_out(seen["json"])["message"] == api["message"]
+    human = " ".join(seen["human"].stdout.split())
+    assert "in_progress" in human and "Planning: finding repeated keys in 5,000 records" in human
+    assert db.jobstatuses.find_one({"jobId": status.jobId})["status"] == "completed"

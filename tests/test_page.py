@@ -663,3 +663,29 @@ def test_a_run_that_went_quiet_is_not_shown_as_progressing(
     expect(page.locator("#stat-eta")).to_have_text("—")
     expect(page.locator("#stat-rate")).to_have_text("—")
     shots(r, "quiet-run")
+
+
+def test_a_job_that_plans_shows_planning_not_zero_percent(serve: Any, run: Any) -> None:
+    """Before its first record a job plans for seconds (a large lake): the page says
+    "Planning…" with what it plans (the job's message), not a 0% that looks stuck. The job
+    is seen as the API answers it while it plans (held there: planning is short here)."""
+    started = httpx.post(serve.url + "/api/jobs", json={"operation": "copy-taskdetail"})
+    job_id = started.json()["jobId"]
+    url = f"{serve.url}/api/jobs/{job_id}"
+    wait_for(lambda: httpx.get(url).json()["status"] == "completed", timeout=120)
+    planning = httpx.get(url).json() | {
+        "status": "in_progress", "endTime": None, "totalRecords": 0, "processedRecords": 0,
+        "insertedRecords": 0, "errorRecords": 0, "percentComplete": 0, "recordsPerSecond": 0,
+        "etaSeconds": None,
+        "message": "Planning: finding repeated keys in 100,000 records",
+    }  # fmt: skip
+    r = run(width=390, height=900)
+    page = r.page
+    page.route("**/api/jobs/*/events*", lambda route: route.abort())
+    page.route(re.compile(rf".*/api/jobs/{job_id}$"), lambda route: route.fulfill(json=planning))
+    page.goto(f"{serve.url}/jobs/{job_id}")
+    expect(page.locator("#progress-percent")).to_have_text("Planning…")
+    expect(page.locator("#progress")).to_have_attribute("aria-valuetext", planning["message"])
+    expect(page.locator("#message")).to_have_text(planning["message"])
+    expect(page.locator("#progress-counts")).not_to_contain_text("0 / 0")
+    r.shot("planning-390")

@@ -6,8 +6,10 @@ from __future__ import annotations
 
 import json
 import re
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
+from zoneinfo import ZoneInfo
 
 import httpx
 import pytest
@@ -80,7 +82,15 @@ def test_tables_fit_and_the_operations_view_pauses_a_schedule(serve: Any, run: A
     ops = page.locator("#operations-body")
     row = ops.locator("tr", has_text="nightly-projects-copy")
     expect(row).to_contain_text("30 7 * * * (Europe/Berlin)")
-    expect(row).to_contain_text(re.compile(r"07:30 (CES?T|GMT\+[12])"))  # in its own zone
+    # in its own zone, named as `lakesync schedules` names it (CET), not as a browser does
+    expect(row).to_contain_text(re.compile(r"07:30 CES?T"))
+    expect(row).not_to_contain_text("GMT")
+    listed = httpx.get(serve.url + "/api/operations").json()["operations"]
+    nightly = next(o for o in listed if o["name"] == "nightly-projects-copy")
+    at = datetime.fromisoformat(nightly["nextRun"].replace("Z", "+00:00"))
+    zone = at.astimezone(ZoneInfo("Europe/Berlin")).tzname()  # what the CLI prints
+    assert nightly["schedule"]["nextRunZone"] == zone, nightly
+    expect(row).to_contain_text(f"07:30 {zone}")
     expect(row).to_contain_text(
         "completed", timeout=120_000
     )  # the page polls; the copy ends on its own time
@@ -154,3 +164,51 @@ def test_preview_notice_and_average_rate(serve: Any, run: Any, db: Any) -> None:
     assert answer.json()["options"]["icebergSnapshotId"] == snapshot, answer.text
     page.goto(f"{serve.url}/jobs/{job_id}")
     expect(page.locator("#details")).to_contain_text(f"Iceberg snapshot{snapshot}")
+
+
+BADGES_CUT = """() => [...document.querySelectorAll('#jobs-table td.c-status')]
+  .filter(td => td.scrollWidth > td.clientWidth + 1
+    || td.firstElementChild.getBoundingClientRect().right > td.closest('tr')
+      .getBoundingClientRect().right).map(td => td.textContent)"""
+
+# the text's own width: an ellipsis that hides a pixel or two leaves scrollWidth at most 1
+# above clientWidth
+STATS_CUT = """() => [...document.querySelectorAll('.stat dd')].filter(e => {
+  const text = document.createRange(); text.selectNodeContents(e);
+  return text.getBoundingClientRect().width > e.clientWidth + 0.5; }).map(e => e.textContent)"""
+
+
+def test_the_operations_follow_the_job_and_its_numbers_are_never_cut(serve: Any, run: Any) -> None:
+    """A newcomer's copy from the page: the operations' "last job" follows it to its end
+    (without a reload, with no schedule to poll for), and at 390 pixels a running job's ETA
+    ("2 min 05 s") wraps in its card instead of being cut."""
+    r = run(width=1280, height=900)
+    page = r.page
+    page.goto(serve.url + "/")
+    row = page.locator("#operations-body tr", has_text="copy-taskdetail")
+    expect(row).to_contain_text("—")  # no job yet
+    page.locator("#copy-button").click()
+    expect(page.locator("#status-badge")).to_have_attribute(
+        "data-status", "completed", timeout=120_000
+    )
+    expect(row).to_contain_text("completed")  # the last job, as GET /api/operations has it
+    job_id = page.locator("#job-id").inner_text()
+    page.set_viewport_size({"width": 390, "height": 900})  # each job a card: its badge whole
+    expect(page.locator("#jobs-body td.c-status").first).to_contain_text("Completed")
+    assert not page.evaluate(BADGES_CUT), page.evaluate(BADGES_CUT)
+
+    running = httpx.get(f"{serve.url}/api/jobs/{job_id}").json()
+    now = datetime.now(UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
+    running |= {
+        "status": "in_progress", "endTime": None, "processedRecords": 2000,
+        "percentComplete": 2, "recordsPerSecond": 793, "etaSeconds": 125,
+        "updatedAt": now, "heartbeatAt": now, "message": "Copying: 2,000 of 100,000 records",
+    }  # fmt: skip
+    small = run(width=390, height=900)
+    phone = small.page
+    phone.route("**/api/jobs/*/events*", lambda route: route.abort())
+    phone.route(re.compile(rf".*/api/jobs/{job_id}$"), lambda route: route.fulfill(json=running))
+    phone.goto(f"{serve.url}/jobs/{job_id}")
+    expect(phone.locator("#stat-eta")).to_have_text("2 min 05 s")
+    small.shot("running-390")
+    assert not phone.evaluate(STATS_CUT), phone.evaluate(STATS_CUT)

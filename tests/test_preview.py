@@ -10,9 +10,11 @@ from typing import Any
 import pyarrow as pa
 import pyarrow.parquet as pq
 from fastapi.testclient import TestClient
-from tests.helpers import child_env, lakesync
+from tests.helpers import aws_test_env, child_env, free_port, lakesync, s3_settings
 
+from lakesync.api.app import create_app
 from lakesync.config import Settings
+from lakesync.runtime import Runtime
 
 
 def test_preview_of_the_demo_lake_answers_what_a_copy_would_write(
@@ -144,3 +146,28 @@ def test_preview_of_an_iceberg_table_names_its_snapshot_not_a_delta_version(
     _print_preview(p)
     shown = capsys.readouterr().out
     assert "Delta version" not in shown and f"Iceberg snapshot {snapshot}" in shown, shown
+
+
+def test_preview_of_an_unreachable_s3_endpoint_says_so_and_speaks_of_no_job(
+    settings: Settings, db: Any
+) -> None:
+    """A preview creates no job: its error names the endpoint and what to check, not a job's
+    checkpoint; the API answers 503 (try again later), not 400 (a bad request)."""
+    endpoint = f"127.0.0.1:{free_port()}"  # nothing listens there
+    settings = s3_settings(settings, f"http://{endpoint}", allowed_roots=["s3://lake"])
+    with aws_test_env():
+        env = child_env(settings, LAKESYNC_S3_ENDPOINT_URL=f"http://{endpoint}")
+        run = lakesync(env, "inspect")
+        with Runtime(settings, executor="local") as rt, TestClient(create_app(rt)) as client:
+            answer = client.post("/api/preview", json={"operation": "copy-taskdetail"})
+    assert run.returncode == 1, run.stderr
+    said = " ".join(run.stderr.split())
+    assert f"The S3 endpoint {endpoint} is unreachable while reading s3://lake/tasks" in said
+    assert said.endswith("Check LAKESYNC_S3_ENDPOINT_URL and that the server is running and "
+                         "reachable."), said  # fmt: skip
+    assert answer.status_code == 503, answer.text
+    error = answer.json()["error"]
+    assert f"The S3 endpoint {endpoint} is unreachable" in error
+    for shown in (said, error):
+        assert "job" not in shown and "checkpoint" not in shown, shown
+    assert db.jobstatuses.count_documents({}) == 0

@@ -239,7 +239,7 @@ def test_server_stopping_mid_copy_fails_resumably(
     error = stopped.error or stopped.message or ""
     unreachable = r"endpoint 127\.0\.0\.1:\d+ is unreachable while reading s3://lake/tasks/"
     assert re.search(unreachable + r"projectId=PRJ-\d+/part-\d\.parquet", error), error
-    assert "checkpoint is kept" in error
+    assert "The job's last checkpoint is kept: it resumes from there." in error
     cp = stopped.checkpoint
     assert cp is not None and 200 <= stopped.processedRecords < 3000
     assert db.taskdetails.count_documents({}) == stopped.processedRecords

@@ -143,8 +143,9 @@ LOG_LINE = re.compile(r"^\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d+ [A-Z]+ ")
 
 
 def assert_fits(lines: list[str], columns: int = 80) -> None:
-    """What the command draws fits the terminal (log lines are one line each, however long)."""
-    too_wide = [line for line in lines if len(line) > columns and not LOG_LINE.match(line)]
+    """What the command draws fits the terminal, log lines too (they wrap at their spaces: only
+    a single word longer than the line, a path, may be wider)."""
+    too_wide = [line for line in lines if len(line) > columns and len(line.split()) > 1]
     assert not too_wide, too_wide
     assert not any("Traceback" in line for line in lines), "\n".join(lines)
 
@@ -206,6 +207,12 @@ def test_copy_on_a_terminal_shows_the_progress_bar_then_the_summary(
     assert_fits(lines)
     bars = [line for line in lines if line.startswith("copying")]
     assert bars, text
+    # before its first record the job plans: the bar says so (not a 0% that looks stuck)
+    planning = [i for i, line in enumerate(lines) if line.startswith("planning")]
+    assert planning and "listing the lake's files" in lines[planning[0]], text
+    assert any("finding repeated keys" in lines[i] for i in planning), text
+    first = next(i for i, line in enumerate(lines) if line.startswith("copying") and "%" in line)
+    assert planning[-1] < first, text
     assert any("/20,000 records" in bar and "%" in bar for bar in bars), bars
     assert "100% 20,000/20,000 records" in bars[-1], bars[-1]
     assert "━" in bars[-1]  # the bar itself
@@ -435,7 +442,7 @@ def test_serve_on_a_terminal_starts_prints_where_the_data_is_and_stops_on_ctrl_c
             term.proc.kill()
     text = "\n".join(term.lines)
     assert "Traceback" not in text and "Exception in ASGI" not in text, text
-    assert "embedded MongoDB-wire server stopped" in text
+    assert "embedded MongoDB-wire server stopped" in " ".join(text.split())  # wrapped log
     assert in_pipe(serve_env, "mongo-uri").returncode == 1  # gone with serve
 
 
@@ -511,7 +518,8 @@ def test_ctrl_c_of_serve_during_a_partitioned_copy_hands_the_job_back(
     assert took < 20, (took, text)  # an event stream holding the shutdown: it never ends
     assert "Exception in ASGI" not in text and "CancelledError" not in text, text
     assert "Traceback" not in text, text
-    assert text.index("handing running jobs back") < text.index("running jobs handed back")
+    words = " ".join(text.split())  # log lines wrap at their spaces on a terminal
+    assert words.index("handing running jobs back") < words.index("running jobs handed back")
     paused = stored(db, job_id)
     assert paused["status"] == "pending", paused  # handed back, not left in_progress
     before = paused["processedRecords"]
@@ -654,3 +662,36 @@ def test_pause_and_unpause_say_what_changed_and_the_next_run_in_its_zone(
     assert re.fullmatch(r"Schedule of nightly is now running; next run \d\d-\d\d 07:30 CES?T\.",
                         said[2]), said  # fmt: skip
     assert said[3].startswith("Schedule of nightly was already running; next run "), said
+
+
+def test_verbose_log_lines_wrap_at_spaces_on_a_terminal_and_are_one_line_in_a_pipe(
+    env: dict[str, str],
+) -> None:
+    """`-v` logs each step on stderr: on a terminal each line wraps at its spaces (the rest
+    indented under its time), as errors and `lakesync logs` do; in a pipe one line each."""
+    piped = in_pipe(env, "-v", "copy", "--mode", "dry-run")
+    assert piped.returncode == 0, piped.stderr
+    logged = [line for line in piped.stderr.splitlines() if LOG_LINE.match(line)]
+    assert any(len(line) > 80 for line in logged), logged  # one line each, however long
+    assert len(logged) >= 4, piped.stderr
+    code, lines = on_terminal(env, "-v", "copy", "--mode", "dry-run")
+    assert code == 0, lines
+    wide = [line for line in lines if len(line) > 80]
+    assert not wide, wide  # not even a log line is cut by the terminal at column 80
+    records: list[str] = []  # each log line, its wrapped rest (the lines below it) joined
+    rest = False
+    for line in lines:
+        if LOG_LINE.match(line):
+            records.append(line)
+            rest = True
+        elif not line.strip() or line.startswith(("copying", "planning")) or not rest:
+            rest = False  # the bar, a notice: not part of a log line
+        else:
+            records[-1] += " " + line.strip()
+    assert any(len(r) > 80 for r in records), lines  # it wrapped, nothing was dropped
+    ids = re.compile(r"job_[0-9a-z]{26}|^\S+ \S+")  # another job, another time
+
+    def shape(line: str) -> str:
+        return " ".join(ids.sub("", line).split())
+
+    assert [shape(r) for r in records] == [shape(r) for r in logged], "\n".join(lines)

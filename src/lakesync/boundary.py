@@ -461,6 +461,8 @@ class SliceLease:
         """MongoDB or the lake unavailable past the retry budget: hand the slice back,
         resumed from its checkpoint, up to LAKESYNC_MAX_ATTEMPTS runs (never raises)."""
         text = str(error)
+        if lake:  # the lake's text (a preview's too) says what is out of reach; a job's says
+            text += " The job's last checkpoint is kept: it resumes from there."  # what follows
         try:
             if self.index is not None:
                 self.store.part_leases.release(self.pid, self.owner, {"$set": {"error": text}})

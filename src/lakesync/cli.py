@@ -308,6 +308,7 @@ def _run_foreground(rt: Any, job_id: str, show_bar: bool, verb: str) -> JobStatu
     )
 
     from lakesync.models import JobState, Outcome
+    from lakesync.plan import PLANNING
 
     previous = signal.getsignal(signal.SIGINT)
     following = threading.Event()
@@ -341,10 +342,18 @@ def _run_foreground(rt: Any, job_id: str, show_bar: bool, verb: str) -> JobStatu
                 told = True
                 what = "followed" if following.is_set() else verb
                 _notice(f"job {job_id} {what}", jobId=job_id)
+            message = s.message or ""
+            if s.state is JobState.IN_PROGRESS and message.startswith(PLANNING):
+                # before the first record: `planning ━━━ finding repeated keys`, not 0%
+                phase = message.removeprefix(PLANNING).split(" in ")[0]
+                bar.update(task, description="planning", total=None, counts=phase, rate="")
+                bar.refresh()  # each phase drawn, however short
+                return
             total = s.totalRecords or None
             counts = f"{s.processedRecords:,}" + (f"/{total:,}" if total else "") + " records"
             bar.update(
                 task,
+                description="copying",
                 total=total,
                 completed=s.processedRecords,
                 counts=counts,
@@ -420,7 +429,7 @@ def _logs_above_the_bar() -> Iterator[None]:
     swapped = []
     if sys.stderr is not sys.__stderr__:  # the bar is drawn
         for handler in logging.getLogger().handlers:
-            if type(handler) is logging.StreamHandler and handler.stream is sys.__stderr__:
+            if isinstance(handler, logging.StreamHandler) and handler.stream is sys.__stderr__:
                 swapped.append((handler, handler.setStream(sys.stderr)))
     try:
         yield
@@ -793,16 +802,11 @@ def logs(job_id: str) -> None:
         for when, level, text in texts:
             sys.stdout.write(f"{when} {level:<7} {text}\n")
         return
-    import textwrap
+    from lakesync.logs import wrap_at_spaces
 
-    # on a terminal a line wraps at its spaces, the rest indented under its time; a word
-    # (a path) is never split, even one longer than the line
+    # on a terminal a line wraps at its spaces, as the -v log lines on stderr do
     for when, level, text in texts:
-        wrapped = textwrap.fill(
-            f"{when} {level:<7} {text}", width=out.width, subsequent_indent="  ",
-            break_long_words=False, break_on_hyphens=False,
-        )  # fmt: skip
-        sys.stdout.write(wrapped + "\n")
+        sys.stdout.write(wrap_at_spaces(f"{when} {level:<7} {text}", out.width) + "\n")
 
 
 @app.command(cls=_Command, short_help="List the operations, their last job and schedule.")
@@ -868,8 +872,10 @@ def _local_time(iso: str | None, zone: str) -> str:
         return "-"
     from zoneinfo import ZoneInfo
 
+    from lakesync.schedules import zone_name
+
     at = datetime.fromisoformat(iso.replace("Z", "+00:00")).astimezone(ZoneInfo(zone))
-    return at.strftime("%m-%d %H:%M ") + (at.tzname() or zone)
+    return at.strftime("%m-%d %H:%M ") + zone_name(at, zone)
 
 
 @app.command(cls=_Command, short_help="Preview what a copy would read and write.")

@@ -395,7 +395,7 @@ def s3_message(text: str, where: str, endpoint: str | None) -> tuple[str, bool]:
         return (
             f"The S3 endpoint {endpoint or '(AWS default)'} is unreachable while reading "
             f"{where} ({text}). Check LAKESYNC_S3_ENDPOINT_URL and that the server is "
-            "running and reachable (the job's last checkpoint is kept).",
+            "running and reachable.",
             True,
         )
     slow = any(m in text for m in _BUSY)

@@ -11,6 +11,7 @@ import contextlib
 import contextvars
 import json
 import logging
+import os
 import sys
 from collections.abc import Iterator
 from datetime import UTC, datetime
@@ -73,10 +74,47 @@ class MaskingFormatter(logging.Formatter):
         return masked(super().format(record))
 
 
+def wrap_at_spaces(text: str, width: int) -> str:
+    """A log line for a terminal: wrapped at its spaces, the rest indented under its time; a
+    word (a path, a URI) is never split, even one longer than the line. Each line of a
+    multi-line text (a traceback) is wrapped on its own."""
+    import textwrap
+
+    return "\n".join(
+        textwrap.fill(
+            line, width=width, subsequent_indent="  ", break_long_words=False,
+            break_on_hyphens=False, drop_whitespace=True,
+        ) if len(line) > width else line
+        for line in text.split("\n")
+    )  # fmt: skip
+
+
+def terminal_width(stream: Any) -> int | None:
+    """The columns of the terminal `stream` writes to; None for a pipe or a file."""
+    try:
+        if not stream.isatty():
+            return None
+        return os.get_terminal_size(stream.fileno()).columns
+    except (AttributeError, OSError, ValueError):
+        return None
+
+
+class WrappingHandler(logging.StreamHandler):  # type: ignore[type-arg]
+    """The stderr handler: on a terminal each line wraps at its spaces (as errors, tables
+    and `lakesync logs` do); in a pipe or a file it stays one line, for grep and scripts."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        text = super().format(record)
+        if isinstance(self.formatter, JsonFormatter):
+            return text
+        width = terminal_width(self.stream)
+        return text if width is None else wrap_at_spaces(text, width)
+
+
 def configure_logging(fmt: str = "text", level: str = "INFO") -> None:
     """Install one stderr handler on the root logger (replacing earlier ones)."""
     global _format
-    handler = logging.StreamHandler(sys.stderr)
+    handler = WrappingHandler(sys.stderr)
     if fmt == "json":
         handler.setFormatter(JsonFormatter())
     else:

@@ -12,6 +12,7 @@ What a run copies is a `Slice` of the plan: a whole job is one slice, each parti
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass, replace
 from typing import Any
 
@@ -30,6 +31,10 @@ from lakesync.schema import check_columns
 from lakesync.watermarks import lake_filter, later, reach_back, scan, shown, watermark_column
 
 logger = logging.getLogger(__name__)
+
+#: how the `message` of a job being planned starts (the contract fixes the `status` values:
+#: a job plans `in_progress`, and says so here); the CLI's bar and the page read it
+PLANNING = "Planning: "
 
 
 @dataclass
@@ -106,13 +111,18 @@ class Planner:
     registry: OperationRegistry
 
     def plan(
-        self, lease: SliceLease, status: JobStatus, split: bool
+        self,
+        lease: SliceLease,
+        status: JobStatus,
+        split: bool,
+        on_progress: Callable[[JobStatus], None] | None = None,
     ) -> tuple[JobStatus, Slice | None]:
         """A whole job's run: plan it (first run) or reopen its plan (a resumed run).
 
         Returns the job's status and its one slice; with `split`, a new full copy may be
         planned as partitions instead (`status.partitions`, no slice here): their own runs
-        copy them (`partition`).
+        copy them (`partition`). A first run says in the job's `message` what it plans
+        (`Planning: ...`, see PLANNING), and tells `on_progress`.
         """
         job = self.registry.resolve(status.operation, status.options, self.settings)
         op, options = job.op, job.options
@@ -120,6 +130,8 @@ class Planner:
         mode: Mode = "full" if options.mode == "dry-run" else options.mode or op.mode
         mirror.check_source(op, options, job.source, self.settings)  # the lake setting may change
         first = status.checkpoint is None
+        if first:  # seconds on a large lake, before any record is copied: say so
+            status = self._say(lease, status, f"{PLANNING}listing the lake's files", on_progress)
         # a resumed run reads the files' facts its first run kept: no footers
         known = None if first else self.store.load_listing(status.jobId)
         lake = self._open(job, mode, first, known)
@@ -131,7 +143,7 @@ class Planner:
                 self.store.jobs.db, op.collection, status.jobId, kind, options.allowEmpty
             )
         if first:
-            status = self._first(lease, status, job, lake, mode, dry_run, seen, split)
+            status = self._first(lease, status, job, lake, mode, dry_run, seen, split, on_progress)
             if status.partitions:
                 return status, None
         elif status.attempt > 1:  # a run after a pause, a crash or a time limit
@@ -161,10 +173,13 @@ class Planner:
         dry_run: bool,
         seen: MirrorSet | None,
         split: bool,
+        on_progress: Callable[[JobStatus], None] | None,
     ) -> JobStatus:
         """The first run's plan: watermark range, total, repeated keys, listing, partitions."""
         op, job_id = job.op, status.jobId
         cp, total = self._range(job, lake, mode)
+        keys = f"{PLANNING}finding repeated keys in {total:,} records"
+        status = self._say(lease, status, keys, on_progress)
         # which records a later record of the same key replaces: skipped by every run
         planned = lake_filter(lake, cp.since, cp.until if lake.version is None else None)
         by = [cp.since.column] if cp.since is not None else []
@@ -192,6 +207,19 @@ class Planner:
             options=pinned,
             message=f"Copying {what}",
         )
+
+    def _say(
+        self,
+        lease: SliceLease,
+        status: JobStatus,
+        message: str,
+        on_progress: Callable[[JobStatus], None] | None,
+    ) -> JobStatus:
+        """Set the job's message (what the run does now) and tell `on_progress`."""
+        status = self.store.update_run(status.jobId, lease.owner, message=message)
+        if on_progress:
+            on_progress(status)
+        return status
 
     def _range(self, job: ResolvedJob, lake: Lake, mode: Mode) -> tuple[Checkpoint, int]:
         """The watermark range a first run copies (pinned in its checkpoint) and its total."""

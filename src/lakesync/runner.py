@@ -431,7 +431,7 @@ class JobRunner:
         on_progress: Callable[[JobStatus], None] | None,
     ) -> Outcome:
         """Plan the job (or reopen its plan), then run and finish its one slice."""
-        status, piece = self.planner.plan(lease, status, split=self.partitioned.plans)
+        status, piece = self.planner.plan(lease, status, self.partitioned.plans, on_progress)
         if piece is None:  # planned as partitions: the executor runs them
             return self.partitioned.resume(status, lease, on_progress)
         if on_progress:

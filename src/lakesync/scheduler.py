@@ -38,7 +38,7 @@ from lakesync.errors import JobError, LakesyncError
 from lakesync.jobstore import JobStore
 from lakesync.models import utcnow
 from lakesync.operations import COPY_TASKDETAIL, Operation, OperationInfo, OperationRegistry
-from lakesync.schedules import Schedule, slot_iso
+from lakesync.schedules import Schedule, slot_iso, zone_name
 
 if TYPE_CHECKING:
     from lakesync.service import JobService
@@ -359,9 +359,11 @@ class Scheduler:
             return None
         state = self.states.find_one({"_id": op.name}) or {}
         try:
-            upcoming = slot_iso(schedule.after(self.clock()))
+            at = schedule.after(self.clock())
+            upcoming, zone = slot_iso(at), zone_name(at, schedule.timezone)
         except Exception as e:  # a schedule that cannot say when it fires: shown, not a 500
             upcoming, state["error"] = None, state.get("error") or f"{type(e).__name__}: {e}"
+            zone = None
         paused = bool(state.get("paused"))
         last = next(
             iter(
@@ -384,6 +386,8 @@ class Scheduler:
             "mode": schedule.mode or op.mode,
             "paused": paused,
             "nextRun": None if paused else upcoming,
+            # the zone's name at the next run as the CLI prints it (`CET`, not `GMT+1`)
+            "nextRunZone": None if paused else zone,
             "lastRun": last,
             "skippedSlots": self.slots.count_documents(
                 {"operation": op.name, "outcome": "skipped"}

@@ -228,3 +228,11 @@ class Schedule:
 def slot_iso(slot: datetime) -> str:
     """A slot as the contract writes times: ISO 8601 UTC ending in Z."""
     return slot.astimezone(UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
+
+
+def zone_name(at: datetime, zone: str) -> str:
+    """The name a person reads for `zone` at the time `at`: its abbreviation as the time
+    zone database has it (`CET` in winter, `CEST` in summer for Europe/Berlin; `-03` where
+    the zone has none), the zone itself if it has no name. The CLI prints it and the API
+    gives it (`nextRunZone`) to the page, whose browser may only know `GMT+1`."""
+    return at.astimezone(ZoneInfo(zone)).tzname() or zone

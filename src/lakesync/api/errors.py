@@ -22,6 +22,7 @@ from lakesync.errors import (
     RequestError,
     SourceError,
     StoreError,
+    TransientSourceError,
 )
 from lakesync.masking import masked
 
@@ -34,6 +35,7 @@ STATUS_OF: tuple[tuple[type[LakesyncError], int], ...] = (
     (CorruptJobDocument, 500),
     (JobError, 409),
     (LeaseLost, 409),  # another run took the job over as this request changed it
+    (TransientSourceError, 503),  # the lake out of reach (S3 down, throttling): try later
     (SourceError, 400),
     (RequestError, 400),
     (IdempotencyConflict, 422),

@@ -30,7 +30,7 @@ WHY = {
     413: "Request body larger than 64 KiB",
     415: "The body is not application/json",
     422: "Invalid request parameters",
-    503: "MongoDB is not answering; retry later",
+    503: "MongoDB, or the lake (an S3 endpoint), is not answering; retry later",
 }
 STATE_CHANGING = {"post", "put", "patch", "delete"}
 NO_DATABASE = {"/healthz"}

@@ -441,7 +441,7 @@ function renderSchedule(op) {
   if (!s) return;
   const when = s.schedule ? `on the cron schedule “${s.schedule}” (${s.timezone})` : `every ${s.every}`;
   const next = parseTime(op.nextRun);
-  let text = `Runs by itself ${when}; ` + (s.paused ? "paused." : `next run ${next == null ? "—" : zoned(op.nextRun, s.timezone)}.`);
+  let text = `Runs by itself ${when}; ` + (s.paused ? "paused." : `next run ${next == null ? "—" : zoned(op.nextRun, s.timezone, s.nextRunZone)}.`);
   const last = s.lastRun;
   if (last) {
     const result = last.outcome === "started" ? (last.result || "started") : last.outcome;
@@ -480,7 +480,7 @@ function renderOperations() {
     const s = op.schedule;
     const when = s ? (s.schedule ? `${s.schedule} (${s.timezone})` : `every ${s.every}`) : "none";
     td(when, when, "Schedule");
-    const next = s ? (s.paused ? "paused" : zoned(op.nextRun, s.timezone)) : "—";
+    const next = s ? (s.paused ? "paused" : zoned(op.nextRun, s.timezone, s.nextRunZone)) : "—";
     td(next, s && !s.paused ? `${next} (${s.timezone})` : "", "Next run");
     const last = op.lastJob;
     const cell = td("", "", "Last job");
@@ -508,15 +508,17 @@ function renderOperations() {
   $("operations-card").hidden = state.operations.length === 0;
 }
 
-// `Dec 7, 07:30 CET`: a time in the schedule's own zone, named.
-function zoned(iso, zone) {
+// `Dec 7, 07:30 CET`: a time in the schedule's own zone, named as the CLI names it (the
+// API's `name`: a browser writes `GMT+1` for Europe/Berlin, where the CLI says `CET`).
+function zoned(iso, zone, name) {
   const at = parseTime(iso);
   if (at == null) return "—";
   try {
-    return new Intl.DateTimeFormat(undefined, {
+    const local = new Intl.DateTimeFormat(undefined, {
       month: "short", day: "numeric", hour: "2-digit", minute: "2-digit", hourCycle: "h23",
-      timeZone: zone, timeZoneName: "short",
+      timeZone: zone, ...(name ? {} : { timeZoneName: "short" }),
     }).format(at);
+    return name ? `${local} ${name}` : local;
   } catch {
     return dateTimeFmt.format(at);
   }
@@ -539,7 +541,11 @@ async function toggleSchedule(name, paused, button) {
 
 // Next and last runs move on by themselves: re-read them without rebuilding the selector.
 async function refreshSchedules() {
-  if (!state.operations.some((o) => o.schedule)) return;
+  if (state.operations.some((o) => o.schedule)) await refreshOperations();
+}
+
+// The operations' last job, watermark and schedule, re-read (a job started or ended).
+async function refreshOperations() {
   try {
     const { data } = await api("/api/operations");
     if (data && Array.isArray(data.operations)) state.operations = data.operations;
@@ -886,6 +892,8 @@ function onStatus(job, { quiet = false } = {}) {
   addSample(job);
   render(job);
   syncRow(job);
+  // the operations' "last job" follows it: started, then ended
+  if (!JOB_PAGE && (!prev || prev.status !== job.status)) refreshOperations();
   if (!quiet) announceProgress(job);
   else state.announced = { status: job.status, decile: 10 };
   if (isFinal(job.status) && !state.endHandled) {
@@ -983,16 +991,26 @@ function renderShell(jobId) {
   highlightRow();
 }
 
+// A job's first run plans before it copies; the contract fixes the status values, so it
+// says so in its message (`Planning: listing the lake's files`), as the CLI's bar reads it.
+function isPlanning(job) {
+  return job.status === "in_progress" && !job.processedRecords
+    && String(job.message || "").startsWith("Planning: ");
+}
+
 function setProgress(job) {
   const bar = $("progress");
   const fill = $("progress-fill");
   const pct = Math.max(0, Math.min(100, Number(job.percentComplete) || 0));
   const waiting = job.status === "pending" || (job.status === "in_progress" && !job.totalRecords);
-  if (waiting) {
+  if (waiting || isPlanning(job)) {
+    // before its first record a job plans (lists the files, finds repeated keys): it says
+    // so in its message, shown here instead of a 0% that looks stuck
     bar.dataset.indeterminate = "true";
     bar.removeAttribute("aria-valuenow");
-    bar.setAttribute("aria-valuetext", job.status === "pending" ? "Waiting for a worker" : "Counting records");
-    $("progress-percent").textContent = "—";
+    bar.setAttribute("aria-valuetext", job.status === "pending" ? "Waiting for a worker"
+      : (isPlanning(job) ? job.message : "Counting records"));
+    $("progress-percent").textContent = isPlanning(job) ? "Planning…" : "—";
     fill.style.width = "0%";
     return;
   }
@@ -1029,7 +1047,8 @@ function render(job) {
   const total = job.totalRecords || 0;
   $("progress-counts").textContent = isFinal(job.status) && !total && !job.processedRecords
     ? "No records read"
-    : `${fmt(job.processedRecords)} / ${fmt(total)} records`;
+    : (isPlanning(job) ? (total ? `${fmt(total)} records` : "")
+      : `${fmt(job.processedRecords)} / ${fmt(total)} records`);
   $("stat-inserted").textContent = fmt(job.insertedRecords);
   $("stat-updated").textContent = fmt(job.updatedRecords);
   $("stat-unchanged").textContent = fmt(job.unchangedRecords);
