@@ -661,10 +661,15 @@ class Lake:
                 ]
             else:
                 self._row_counts = [
-                    int(self._guard(i, self._fragment(i).count_rows))
-                    for i in range(len(self.files))
+                    int(self._guard(i, self._count_file_rows, i)) for i in range(len(self.files))
                 ]
         return list(self._row_counts)
+
+    def _count_file_rows(self, index: int) -> int:
+        fragment = self._fragment(index)
+        if self.format == "csv" and (rows := text.grouped_rows(fragment)) is not None:
+            return rows
+        return int(fragment.count_rows())
 
     def count_rows(self, filter: pc.Expression | None = None) -> int:
         """Rows after ``filter``, counted exactly as ``batches`` counts them."""

@@ -203,14 +203,22 @@ def grouped_batches(
     hive = ds.get_partition_keys(fragment.partition_expression)
 
     def read() -> Iterator[pa.RecordBatch]:
-        reader = pa.ipc.open_file(pa.memory_map(fragment.path))
+        names = fragment.physical_schema.names  # the file's columns
+        fields = None  # the places of the columns asked for (the key, for repeats.py's first
+        wanted = None  # pass): the others are not read at all
+        if columns is not None and filter is None:
+            wanted = set(columns)
+            fields = [i for i, name in enumerate(names) if name in wanted]
+        held = set(names)
+        added = [  # hive partition columns, and those of other files (null here)
+            f for f in schema if f.name not in held and (wanted is None or f.name in wanted)
+        ]
+        reader = _open_copy(fragment, fields)
         for i in range(reader.num_record_batches):
             table = pa.Table.from_batches([reader.get_batch(i)])
-            held = set(table.column_names)
-            for f in schema:
-                if f.name not in held:  # a hive partition column
-                    value = pa.scalar(hive.get(f.name), pa.string()).cast(f.type)
-                    table = table.append_column(f, pa.array([value] * table.num_rows, f.type))
+            for f in added:
+                value = pa.scalar(hive.get(f.name), pa.string()).cast(f.type)
+                table = table.append_column(f, pa.array([value] * table.num_rows, f.type))
             if filter is not None:
                 table = table.filter(filter)
             if columns is not None:
@@ -218,6 +226,22 @@ def grouped_batches(
             yield from table.to_batches(max_chunksize=size)
 
     return read()
+
+
+def grouped_rows(fragment: ds.Fragment) -> int | None:
+    """The rows of a CSV file read from its grouped copy (None: not such a file), from one
+    column: the dataset's count spent ~1.6 KB a column (160 MB for 100,000 columns)."""
+    if not isinstance(fragment.format, ds.IpcFileFormat):
+        return None
+    reader = _open_copy(fragment, [])
+    return sum(int(reader.get_batch(i).num_rows) for i in range(reader.num_record_batches))
+
+
+def _open_copy(fragment: ds.Fragment, fields: list[int] | None) -> pa.ipc.RecordBatchFileReader:
+    """The IPC reader of a grouped copy, of the columns at places ``fields`` (None: all;
+    none: the first only, which tells the rows)."""
+    options = None if fields is None else pa.ipc.IpcReadOptions(included_fields=fields or [0])
+    return pa.ipc.open_file(pa.memory_map(fragment.path), options=options)
 
 
 #: the extension pyarrow's text formats infer each codec from (lower case only)
