@@ -13,14 +13,18 @@ from pathlib import Path
 from typing import Any
 
 import duckdb
+import pyarrow.dataset as ds
+import pyarrow.fs as pafs
 import pytest
 
 from lakesync.config import Settings
 from lakesync.errors import ConfigError
+from lakesync.locations import Location
 from lakesync.models import JobState, JobStatus
 from lakesync.operations import load_operations
 from lakesync.runtime import Runtime
-from lakesync.sources import widecsv
+from lakesync.sources import text, widecsv
+from lakesync.sources.text import CsvOptions
 
 
 def _toml(name: str, lake: Path, fields: dict[str, str] | None = None, **extra: Any) -> str:
@@ -413,3 +417,64 @@ def test_a_cell_of_many_megabytes_is_copied_as_duckdb_reads_it(
                      max_line_size=20 << 20)  # fmt: skip
     assert len(oracle["big"]["text"]) == megabytes << 20
     assert _collection(db, "cells") == oracle
+
+
+class _CountingFs(pafs.FileSystemHandler):  # type: ignore[misc]
+    """The local filesystem, counting the opens of each file."""
+
+    def __init__(self) -> None:
+        self.fs = pafs.LocalFileSystem()
+        self.opens: dict[str, int] = {}
+
+    def _open(self, path: str, how: str) -> Any:
+        self.opens[path] = self.opens.get(path, 0) + 1
+        return getattr(self.fs, how)(path)
+
+    def open_input_stream(self, path: str) -> Any:
+        return self._open(path, "open_input_stream")
+
+    def open_input_file(self, path: str) -> Any:
+        return self._open(path, "open_input_file")
+
+    def get_type_name(self) -> str:
+        return "counting"
+
+    def normalize_path(self, path: str) -> str:
+        return path
+
+    def get_file_info(self, paths: list[str]) -> Any:
+        return self.fs.get_file_info(paths)
+
+    def get_file_info_selector(self, selector: Any) -> Any:
+        return self.fs.get_file_info(selector)
+
+    def __eq__(self, other: object) -> bool:
+        return self is other
+
+    def __ne__(self, other: object) -> bool:
+        return self is not other
+
+    def _read_only(self, *args: object) -> None:
+        raise OSError("read only")
+
+    create_dir = delete_dir = delete_dir_contents = delete_root_dir_contents = _read_only
+    delete_file = move = copy_file = open_output_stream = open_append_stream = _read_only
+
+
+def test_a_small_csv_file_is_not_read_again_for_its_end(tmp_path: Path) -> None:
+    """Whether a file ends in an empty cell is seen in the first read of a file that it
+    holds whole (on S3, each read of a file's end was a HEAD and a GET more)."""
+    counting = _CountingFs()
+    loc = Location(pafs.PyFileSystem(counting), str(tmp_path))
+    big = "x" * (2 << 20)  # past the first read: its end is read on its own
+    files = {"cell": 'id,a,b\n1,"q",', "line": 'id,a,b\n1,"q",\n', "big": f'id,a,b\n{big},"q",'}
+    for name, data in files.items():
+        path = str(tmp_path / f"{name}.csv")
+        Path(path).write_text(data)
+        _, _, fragment = text.inspect_file(loc, "csv", path, None, [], len(data), CsvOptions())
+        grouped = isinstance(fragment.format, ds.IpcFileFormat)
+        assert grouped is (name != "line"), name  # an empty last cell: the grouped reader
+    opens = {Path(p).stem: n for p, n in counting.opens.items()}
+    # each: the first record's read, then the reader's (Arrow's, or the grouped copy's);
+    # the large file's end once more (the old way: every file's end, 3 opens each)
+    assert opens == {"cell": 2, "line": 2, "big": 3}, opens

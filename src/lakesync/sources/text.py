@@ -120,7 +120,7 @@ def inspect_file(
     if fmt == "csv":
         csv = csv or CsvOptions()
         try:  # the names from the first record: Arrow's reader refuses two empty ones
-            head = widecsv.first_record(source, real, codec, csv.encoding, csv.delimiter)
+            head, whole = widecsv.first_record(source, real, codec, csv.encoding, csv.delimiter)
             found = [v.decode() if csv.header else "" for v in head]
         except UnicodeDecodeError as e:  # pyarrow hands the header's names over as UTF-8
             raise SourceError(
@@ -134,7 +134,7 @@ def inspect_file(
         # Arrow's reader takes ~10 KB a column; and it reads an empty last cell that ends
         # the file (no line break after it) as "" after a quoted cell: the group reader
         # reads both right
-        if len(head) > widecsv.WIDE_COLUMNS or _ends_in_a_cell(source, real, codec, csv):
+        if len(head) > widecsv.WIDE_COLUMNS or _ends_in_a_cell(source, real, codec, csv, whole):
             copy = widecsv.wide_copy(
                 source,
                 real,
@@ -161,11 +161,16 @@ def inspect_file(
     return FileFacts(real, size, None, expr, refused=refused), schema, fragment
 
 
-def _ends_in_a_cell(fs: pafs.FileSystem, path: str, codec: str | None, csv: CsvOptions) -> bool:
+def _ends_in_a_cell(
+    fs: pafs.FileSystem, path: str, codec: str | None, csv: CsvOptions, whole: bytes | None
+) -> bool:
     """Whether an uncompressed CSV file ends with its delimiter (an empty last cell, no
-    line break after it)."""
+    line break after it); ``whole``: the file as UTF-8 if its first read held all of it
+    (then it is not read again: on S3, two requests per file less)."""
     if codec is not None:
         return False
+    if whole is not None:
+        return whole.endswith(csv.delimiter.encode())
     with fs.open_input_file(path) as f:
         size = f.size()
         end = csv.delimiter.encode(csv.encoding, errors="replace")
