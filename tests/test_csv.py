@@ -383,9 +383,10 @@ def test_a_copy_of_30000_columns_takes_little_more_memory_than_reading_the_file(
         peaks[way] = int(out.stderr.split()[-1] if way == "copy" else out.stdout.split()[-1])
     assert json.loads(out.stdout)["insertedRecords"] == 3
     assert db["wide"].find_one({"_id": "k2"})["c29998"] == 29998 + 2
-    # the copy reads the file, validates, encodes and writes 3 records of 30,000 fields:
-    # before its work was bounded by the columns it needs, it took ~2.5x reading alone
-    assert peaks["copy"] < peaks["read"] * 1.5 + 10, peaks
+    # the copy reads the file, validates, encodes and writes 3 records of 30,000 fields,
+    # each peak over its interpreter and imports (measured: reading alone 83 MB, the copy
+    # 65 MB; 115 MB before its work was bounded by the columns it needs)
+    assert peaks["copy"] < peaks["read"] * 1.1, peaks
 
 
 def test_an_empty_last_cell_that_ends_the_file_is_null_after_a_quoted_cell(
