@@ -21,6 +21,11 @@ Wide tables: a 200-column file of 200,000 rows in one row group (pyarrow's defau
 settings) against the 12-column demo lake of as many records, each read with a null sink
 (``Lake.batches`` + ``CopyEngine.prepare``: validation, BSON, hash; nothing written) in a
 fresh child: records/s, client µs per record and peak RSS (VmHWM). ``--quick``: 50,000 rows.
+Then wide CSV files as a user copies them: ``lakesync copy`` (its own exec'd process, peak
+by /usr/bin/time) of 100,000 columns x 3 rows and 20,000 columns x 50 rows into the embedded
+server, three runs each: min/median/max peak RSS; a peak over ``WIDE_CSV_LIMIT_MB`` fails
+the bench (the copy of 100,000 columns peaked ~0.5 GB before its encoder, row counts and
+key reads were bounded by the columns they need).
 
 Run: ``.venv/bin/python bench/scale.py [--quick]`` (``make bench`` runs it).
 """
@@ -370,6 +375,78 @@ def wide_tables(work: Path, rows: int) -> None:
         print(f"{row}{r['rssMB']:>7} MB")
 
 
+#: (columns, rows) of the wide CSV files copied, and the peak a copy of each may reach
+WIDE_CSV = [(100_000, 3), (20_000, 50)]
+WIDE_CSV_LIMIT_MB = 400
+
+
+def make_wide_csv(out: Path, columns: int, rows: int) -> Path:
+    """A CSV file of an ``id`` key and ``columns - 1`` integer columns."""
+    out.mkdir(parents=True)
+    with (out / "wide.csv").open("w") as f:
+        f.write("id," + ",".join(f"c{i}" for i in range(columns - 1)) + "\n")
+        for r in range(rows):
+            f.write(f"k{r}," + ",".join(str(r + i) for i in range(columns - 1)) + "\n")
+    return out
+
+
+def wide_csv_copies(work: Path, runs: int = 3) -> list[tuple[str, list[float]]]:
+    """``lakesync copy`` of each ``WIDE_CSV`` file, ``runs`` times into a new database: the
+    peak RSS of each run (MB). Each run makes its grouped copy anew (a scratch folder of its
+    own), as the first copy of a file does."""
+    from lakesync.mongo import EmbeddedServer
+
+    server = EmbeddedServer(work / "mongo").start()
+    results = []
+    try:
+        for columns, rows in WIDE_CSV:
+            lake = make_wide_csv(work / f"csv-{columns}", columns, rows)
+            (work / "lakesync.toml").write_text(
+                f'[operations.wide]\nsource = "{lake}"\nformat = "csv"\n'
+                'collection = "wide"\nkey = "id"\n'
+            )
+            peaks = []
+            for _ in range(runs):
+                database = "wide_" + uuid.uuid4().hex[:10]
+                scratch = Path(tempfile.mkdtemp(dir=work))
+                env = {
+                    **os.environ,
+                    "LAKESYNC_MONGODB_URI": server.uri,
+                    "LAKESYNC_DATABASE": database,
+                    "LAKESYNC_DATA_DIR": str(work / f"data-{database}"),
+                    "LAKESYNC_OPERATIONS_FILE": str(work / "lakesync.toml"),
+                    "LAKESYNC_LOG_LEVEL": "WARNING",
+                    "TMPDIR": str(scratch),
+                }
+                cmd = [sys.executable, "-m", "lakesync", "copy", "wide", "--json"]
+                out, peak = measured(cmd, env)
+                final = json.loads(out)
+                if final["status"] != "completed" or final["insertedRecords"] != rows:
+                    raise SystemExit(f"wide CSV copy of {columns:,} columns: {final}")
+                peaks.append(peak)
+                shutil.rmtree(scratch, ignore_errors=True)
+            results.append((f"{columns:,} x {rows}", peaks))
+    finally:
+        server.stop()
+    return results
+
+
+def wide_csv_section(work: Path) -> None:
+    print(
+        "\nwide CSV: `lakesync copy` (its own exec'd process, /usr/bin/time) into the embedded "
+        f"server, 3 runs; a peak over {WIDE_CSV_LIMIT_MB} MB fails the bench"
+    )
+    print(f"{'columns x rows':<18}{'min':>8}{'median':>9}{'max':>8}  (peak RSS, MB)")
+    over = []
+    for name, peaks in wide_csv_copies(work):
+        low, mid, high = min(peaks), statistics.median(peaks), max(peaks)
+        print(f"{name:<18}{low:>8.0f}{mid:>9.0f}{high:>8.0f}")
+        if high > WIDE_CSV_LIMIT_MB:
+            over.append(f"{name}: {high:.0f} MB")
+    if over:
+        raise SystemExit(f"wide CSV copies over {WIDE_CSV_LIMIT_MB} MB: {', '.join(over)}")
+
+
 def run_child(lake: Path, uri: str, partitioned: bool) -> dict[str, Any]:
     args = [sys.executable, __file__, "--child", str(lake), uri, "1" if partitioned else "0"]
     out, peak = measured(args)
@@ -550,6 +627,7 @@ def main() -> int:
     parser.add_argument("--s3-only", action="store_true", help="only the S3 (moto) section")
     parser.add_argument("--wide-only", action="store_true", help="the wide-table section only")
     parser.add_argument("--rss-only", action="store_true", help="the copy peak RSS section only")
+    parser.add_argument("--wide-csv-only", action="store_true", help="the wide CSV copies only")
     parser.add_argument("--reps", type=int, default=1, help="alternated pairs at the most files")
     parser.add_argument("--files", help="lake sizes in files, e.g. 1000,20000 (5,000 is added)")
     parser.add_argument("--local-only", action="store_true", help="the local lakes section only")
@@ -588,6 +666,13 @@ def main() -> int:
     if ns.nullsink:
         print(json.dumps(child_nullsink(*ns.nullsink)))
         return 0
+    if ns.wide_csv_only:
+        work = Path(tempfile.mkdtemp(prefix="lakesync-wide-", dir=ns.workdir))
+        try:
+            wide_csv_section(work)
+        finally:
+            shutil.rmtree(work, ignore_errors=True)
+        return 0
     if not (ns.wide_only or ns.rss_only):
         local_and_s3(ns)
     if not (ns.s3_only or ns.wide_only or ns.local_only):
@@ -612,6 +697,7 @@ def main() -> int:
         work = Path(tempfile.mkdtemp(prefix="lakesync-wide-"))
         try:
             wide_tables(work, 50_000 if ns.quick else 200_000)
+            wide_csv_section(work)
         finally:
             shutil.rmtree(work, ignore_errors=True)
     return 0

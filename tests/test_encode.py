@@ -3,6 +3,7 @@ insert-first mode, message limits and the lake's reader thread."""
 
 from __future__ import annotations
 
+import itertools
 import random
 import threading
 from datetime import UTC, date, datetime
@@ -13,6 +14,7 @@ import bson
 import pyarrow as pa
 import pytest
 
+from lakesync import schema as schema_module
 from lakesync.copy import MARKER, MAX_MESSAGE_BYTES, CopyEngine, _new_documents, marker_bson
 from lakesync.encode import encode_rows
 from lakesync.lake import Lake, LakeBatch
@@ -25,11 +27,15 @@ ANY = RecordSchema(key="id", fields=[FieldRule(name="id", type="any")], keepExtr
 
 def assert_same_bson(schema: RecordSchema, table: pa.Table, *, columnwise: bool = True) -> None:
     out = validate(schema, table)
-    assert out.encoded() == [bson.encode(d) for d in out.documents]
+    expected = [bson.encode(d) for d in out.documents]
+    assert out.encoded() == expected
     assert isinstance(out.key, str)
     fields = [("_id", out.columns[out.key]), *out.columns.items()]
-    written = not out.values and encode_rows(fields, len(out.rows)) is not None
-    assert written is columnwise  # not the fallback
+    written = None if out.values else encode_rows(fields, len(out.rows))
+    assert (written is not None) is columnwise  # not the fallback
+    if written is not None:  # (a batch this small is encoded a row at a time: compared here)
+        data, offsets = written
+        assert [data[a:b] for a, b in itertools.pairwise(offsets.tolist())] == expected
 
 
 def test_demo_lake_encodes_as_bson_encode(demo_lake: Path) -> None:
@@ -108,6 +114,21 @@ def test_unsupported_columns_fall_back_to_bson_encode() -> None:
     })  # fmt: skip
     assert_same_bson(ANY, table, columnwise=False)
     assert_same_bson(ANY, table.select(["id", "ints"]), columnwise=False)
+
+
+def test_wide_short_batches_are_encoded_a_group_of_fields_at_a_time(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    rng = random.Random(7)
+    columns = {"id": pa.array(["a", "b", "c"])}
+    columns.update({f"c{i}_{k}": _column(rng, k, 3) for i, k in enumerate(KINDS * 3)})
+    columns["blob"] = pa.array([b"\x00", None, b"z"], pa.binary())  # not written column-wise
+    monkeypatch.setattr(schema_module, "FIELD_GROUP", 4)  # 44 fields: 11 groups
+    for table in (pa.table(columns), pa.table(columns).drop_columns(["blob"])):
+        out = validate(ANY, table)
+        assert len(out.rows) == 3 and out.encoded() == [bson.encode(d) for d in out.documents]
+    monkeypatch.setattr(schema_module, "COLUMNWISE_ROWS", 1)  # the column-wise encoder
+    assert_same_bson(ANY, pa.table(columns).drop_columns(["blob"]))
 
 
 def test_marker_bson_is_bson_encode() -> None:

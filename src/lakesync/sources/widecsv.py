@@ -70,48 +70,48 @@ class _Records:
         )
         self._delimiter = delimiter.encode()
         self._stream = stream
-        self._buf = b""
+        self.buf = b""
         self._pos = 0
-        self._eof = False
-        self._offset = 0  # stream offset of _buf[0]
+        self.eof = False
+        self.offset = 0  # stream offset of buf[0]
 
-    def _fill(self) -> None:
-        """More of the stream in the buffer (or ``_eof``)."""
+    def fill(self) -> None:
+        """More of the stream in the buffer (or ``eof``)."""
         chunk = self._stream.read(_READ)
         if not chunk:
-            self._eof = True
-        elif not self._offset and not self._buf and chunk.startswith(_BOM):
-            self._buf, self._pos = chunk, len(_BOM)  # a UTF-8 BOM is not data
+            self.eof = True
+        elif not self.offset and not self.buf and chunk.startswith(_BOM):
+            self.buf, self._pos = chunk, len(_BOM)  # a UTF-8 BOM is not data
         else:
-            self._buf += chunk
+            self.buf += chunk
 
     def __iter__(self) -> Iterator[tuple[bytes, list[int], int]]:
         while True:
             if self._pos > _READ:  # between records: let the bytes read go
-                self._offset += self._pos
-                self._buf, self._pos = self._buf[self._pos :], 0
-            if self._pos + 1 >= len(self._buf) and not self._eof:
-                self._fill()  # (two bytes seen: a line end may be \r\n)
+                self.offset += self._pos
+                self.buf, self._pos = self.buf[self._pos :], 0
+            if self._pos + 1 >= len(self.buf) and not self.eof:
+                self.fill()  # (two bytes seen: a line end may be \r\n)
                 continue
-            if self._pos >= len(self._buf):
+            if self._pos >= len(self.buf):
                 return
-            first = self._buf[self._pos : self._pos + 1]
+            first = self.buf[self._pos : self._pos + 1]
             if first in (b"\r", b"\n"):  # an empty line: skipped, as Arrow skips it
-                self._pos += 2 if self._buf[self._pos : self._pos + 2] == b"\r\n" else 1
+                self._pos += 2 if self.buf[self._pos : self._pos + 2] == b"\r\n" else 1
                 continue
             start, ends = self._pos, []
             while True:
-                match = self._field.match(self._buf, self._pos)
+                match = self._field.match(self.buf, self._pos)
                 assert match is not None  # every part of the pattern may match nothing
-                if match.end() >= len(self._buf) - 1 and not self._eof:
-                    self._fill()  # the field (or its line end) may go on: read on, again
+                if match.end() >= len(self.buf) - 1 and not self.eof:
+                    self.fill()  # the field (or its line end) may go on: read on, again
                     continue
                 sep = match.group(1)
                 ends.append(match.end() - start - len(sep))
                 self._pos = match.end()
                 if sep != self._delimiter:
                     break
-            yield self._buf[start : start + ends[-1]], ends, self._offset + self._pos
+            yield self.buf[start : start + ends[-1]], ends, self.offset + self._pos
 
 
 def _stream(fs: pafs.FileSystem, path: str, codec: str | None, encoding: str) -> Any:
@@ -122,13 +122,19 @@ def _stream(fs: pafs.FileSystem, path: str, codec: str | None, encoding: str) ->
 
 def first_record(
     fs: pafs.FileSystem, path: str, codec: str | None, encoding: str, delimiter: str
-) -> list[bytes]:
-    """The values of the file's first record, as Arrow reads them (none: an empty file)."""
+) -> tuple[list[bytes], bytes | None]:
+    """The values of the file's first record, as Arrow reads them (none: an empty file),
+    and the whole file as UTF-8 if its first read held all of it (None: a larger file)."""
     with _stream(fs, path, codec, encoding) as stream:
-        for record, ends, _ in _Records(stream, delimiter):
+        records = _Records(stream, delimiter)
+        values: list[bytes] = []
+        for record, ends, _ in records:
             starts = [0, *(end + 1 for end in ends[:-1])]
-            return [_value(record[s:e]) for s, e in zip(starts, ends, strict=True)]
-    return []
+            values = [_value(record[s:e]) for s, e in zip(starts, ends, strict=True)]
+            break
+        while not records.eof and len(records.buf) < _READ:  # its end, if already read
+            records.fill()
+        return values, records.buf if records.eof and not records.offset else None
 
 
 _QUOTED = re.compile(rb'"((?:[^"]|"")*+)"?(.*)', re.DOTALL)
