@@ -6,17 +6,13 @@ from __future__ import annotations
 import csv
 import io
 import json
-import os
-import pty
 import re
-import select
-import sys
 import time
 from pathlib import Path
 from typing import Any
 
 import httpx
-from tests.helpers import ServeProcess, lakesync, wait_for
+from tests.helpers import ServeProcess, Terminal, lakesync, wait_for
 
 from lakesync import metrics
 
@@ -210,27 +206,10 @@ def test_active_jobs_counts_jobs_not_partitions() -> None:
 
 
 def on_terminal(env: dict[str, str], *args: str, timeout: float = 60) -> tuple[int, str]:
-    """Run `lakesync ARGS` under a pseudo-terminal of 80 columns; (exit code, output)."""
-    pid, fd = pty.fork()
-    if pid == 0:  # the child: a terminal of 80 x 24
-        os.environ.clear()
-        os.environ.update(env, COLUMNS="80", LINES="24", TERM="xterm")
-        os.execv(sys.executable, [sys.executable, "-m", "lakesync", *args])
-    chunks = []
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        ready, _, _ = select.select([fd], [], [], 0.5)
-        if ready:
-            try:
-                data = os.read(fd, 65536)
-            except OSError:
-                break
-            if not data:
-                break
-            chunks.append(data)
-    _, status = os.waitpid(pid, 0)
-    os.close(fd)
-    return os.waitstatus_to_exitcode(status), b"".join(chunks).decode(errors="replace")
+    """Run `lakesync ARGS` on a pseudo-terminal of 80 columns; (exit code, output)."""
+    term = Terminal(list(args), env).start()
+    code = term.wait(timeout)
+    return code, term.text
 
 
 def test_errors_and_logs_commands(serve_env: dict[str, str], serve: ServeProcess) -> None:
