@@ -286,7 +286,9 @@ def test_the_log_tells_of_a_takeover_after_a_crash(
     from lakesync.demo import generate
 
     lake = tmp_path / "lake"
-    generate(lake, 20000)
+    # 80 batches of 100 through the slow link (>= 3 requests of 10 ms each): the kill, after
+    # the first, comes well before the last; 20,000 took over 120 s to finish at load 40
+    generate(lake, 8000)
     serve_env["LAKESYNC_LAKE_URI"] = str(lake)
     serve_env["LAKESYNC_BATCH_SIZE"] = "100"
     serve: ServeProcess = request.getfixturevalue("serve")
@@ -322,11 +324,13 @@ def test_active_jobs_metric_counts_a_partitioned_job_once(
     from lakesync.demo import generate
 
     lake = tmp_path / "lake"
-    generate(lake, 20000)
+    # 5 partitions of 16 batches through the slow link, two at a time: the two runs overlap
+    # for most of the copy (20,000 records in partitions of 4,000 made the same 5 partitions)
+    generate(lake, 8000)
     serve_env.update(
         LAKESYNC_LAKE_URI=str(lake),
         LAKESYNC_BATCH_SIZE="100",
-        LAKESYNC_PARTITION_ROWS="4000",
+        LAKESYNC_PARTITION_ROWS="1600",
         LAKESYNC_WORKERS="2",
     )
     serve: ServeProcess = request.getfixturevalue("serve")
