@@ -465,11 +465,11 @@ class Terminal:
 
     def _read(self) -> None:
         while True:
-            ready, _, _ = select.select([self._fd], [], [], 0.2)
+            ready, _, _ = select.select([self._fd], [], [], 0.05)
             if not ready:
                 if self.proc is not None and self.proc.poll() is not None:
                     # the child is gone; drain what is left
-                    ready, _, _ = select.select([self._fd], [], [], 0.2)
+                    ready, _, _ = select.select([self._fd], [], [], 0.05)
                     if not ready:
                         return
                 continue
