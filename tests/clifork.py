@@ -7,8 +7,9 @@ loaded 2-core machine, most of a CLI test's time).
 Started by tests.helpers.CliZygote as ``python -m tests.clifork``. Protocol, one JSON
 object per line. On stdout, ``{"ready": 1}`` once lakesync is imported; then for each
 request read on stdin, ``{"id", "args", "env", "cwd", "out", "err"}`` (and ``"append"``:
-open them to append; ``out`` and ``err`` the same file: one file for both), the answers
-``{"id", "pid"}`` once forked and ``{"id", "status"}`` (a wait status) once reaped. Each
+open them to append; ``out`` and ``err`` the same file: one file for both; or ``"tty"``,
+a pseudo-terminal's path: the child's stdin, stdout, stderr and controlling terminal), the
+answers ``{"id", "pid"}`` once forked and ``{"id", "status"}`` (a wait status) once reaped. Each
 child leads its own process group, so a kill reaches whatever it started. On EOF (the
 test process is gone) the zygote kills its children's groups and exits.
 """
@@ -17,6 +18,7 @@ from __future__ import annotations
 
 import atexit
 import contextlib
+import fcntl
 import gc
 import importlib
 import json
@@ -25,16 +27,29 @@ import runpy
 import select
 import signal
 import sys
+import termios
 import threading
 import traceback
 
-#: imported once here, before any fork: what `python -m lakesync` and its commands import
-PRELOAD = ["lakesync.cli", "lakesync.runtime", "lakesync.api.app", "lakesync.worker"]
+#: imported once here, before any fork: what `python -m lakesync` and its commands import,
+#: and what `serve` and `worker` import only when they start (uvicorn and the server: 0.3 s
+#: a serve start; Celery's worker and kombu's Redis transport: 1 s a worker start, at load 20)
+PRELOAD = [
+    "lakesync.cli", "lakesync.runtime", "lakesync.api.app", "lakesync.worker",
+    "lakesync.api.server", "lakesync.executors.local", "uvicorn.loops.auto",
+    "uvicorn.protocols.http.h11_impl", "uvicorn.protocols.websockets.auto",
+    "uvicorn.lifespan.on", "celery.apps.worker", "celery.worker.consumer",
+    "celery.concurrency.prefork", "kombu.transport.redis", "kombu.transport.pyamqp",
+]  # fmt: skip
 
 
 def child(request: dict[str, object]) -> None:
     """In the forked child: become `python -m lakesync ARGS`, and exit. Never returns."""
-    os.setpgid(0, 0)
+    tty = request.get("tty")
+    if not tty:
+        os.setpgid(0, 0)
+    else:  # a session of its own, with the terminal as its controlling terminal
+        os.setsid()
     # the dispositions a fresh interpreter starts with: SIGINT raises KeyboardInterrupt,
     # SIGPIPE and SIGXFSZ are ignored (a write to a closed socket raises BrokenPipeError
     # rather than killing a server whose client went away), the others the default
@@ -47,20 +62,29 @@ def child(request: dict[str, object]) -> None:
     os.environ.clear()
     os.environ.update(request["env"])  # type: ignore[arg-type]
     os.chdir(str(request["cwd"]))
-    null = os.open(os.devnull, os.O_RDONLY)
-    os.dup2(null, 0)
-    # a server's log is appended to, both streams in one file, as `>> log 2>&1` would
-    flags = os.O_WRONLY | os.O_CREAT | (os.O_APPEND if request.get("append") else os.O_TRUNC)
-    if request["out"] == request["err"]:
-        target = os.open(str(request["out"]), flags, 0o600)
-        os.dup2(target, 1)
-        os.dup2(target, 2)
-        os.close(target)
+    if tty:  # stdin, stdout and stderr on the terminal, line-buffered as on a fresh start
+        terminal = os.open(str(tty), os.O_RDWR)
+        fcntl.ioctl(terminal, termios.TIOCSCTTY, 0)
+        for fd in (0, 1, 2):
+            os.dup2(terminal, fd)
+        os.close(terminal)
+        sys.stdout.reconfigure(line_buffering=True)  # type: ignore[union-attr]
     else:
-        for fd, path in ((1, request["out"]), (2, request["err"])):
-            target = os.open(str(path), flags, 0o600)
-            os.dup2(target, fd)
+        null = os.open(os.devnull, os.O_RDONLY)
+        os.dup2(null, 0)
+        # a server's log is appended to, both streams in one file, as `>> log 2>&1` would
+        append = os.O_APPEND if request.get("append") else os.O_TRUNC
+        flags = os.O_WRONLY | os.O_CREAT | append
+        if request["out"] == request["err"]:
+            target = os.open(str(request["out"]), flags, 0o600)
+            os.dup2(target, 1)
+            os.dup2(target, 2)
             os.close(target)
+        else:
+            for fd, path in ((1, request["out"]), (2, request["err"])):
+                target = os.open(str(path), flags, 0o600)
+                os.dup2(target, fd)
+                os.close(target)
     sys.argv = ["lakesync", *request["args"]]  # type: ignore[misc]
     # module state made from the environment at import (the CLI's consoles read COLUMNS,
     # NO_COLOR, TERM when created): made again from this command's environment
@@ -127,8 +151,9 @@ def serve() -> None:
                 os.close(wake_r)
                 os.close(wake_w)
                 child(request)  # never returns normally
-            with contextlib.suppress(OSError):  # the child may have set it already
-                os.setpgid(pid, pid)
+            if not request.get("tty"):  # (a terminal's child makes a session: not here)
+                with contextlib.suppress(OSError):  # the child may have set it already
+                    os.setpgid(pid, pid)
             ids[pid] = request["id"]
             answer({"id": request["id"], "pid": pid})
 

@@ -6,22 +6,28 @@ from __future__ import annotations
 
 import atexit
 import contextlib
+import fcntl
 import itertools
 import json
 import logging
 import os
+import pty
 import random
 import re
+import select
 import signal
 import socket
+import struct
 import subprocess
 import sys
 import tempfile
+import termios
 import threading
 import time
 import uuid
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
 from datetime import UTC, date, datetime, timedelta
 from decimal import Decimal
 from pathlib import Path
@@ -74,13 +80,17 @@ ISO_Z = re.compile(r"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d(\.\d+)?Z$")
 
 
 def wait_for(fn: Any, timeout: float = 60, every: float = 0.2) -> Any:
-    """Poll fn until it returns something truthy."""
+    """Poll fn until it returns something truthy. The first polls are 10 ms apart, the gap
+    growing by half each time up to ``every``: a condition met at once costs little more
+    than its check, and a long wait polls no more often than ``every``."""
     deadline = time.monotonic() + timeout
+    gap = min(0.01, every)
     while time.monotonic() < deadline:
         value = fn()
         if value:
             return value
-        time.sleep(every)
+        time.sleep(gap)
+        gap = min(gap * 1.5, every)
     raise AssertionError(f"condition not met within {timeout} s")
 
 
@@ -145,15 +155,15 @@ class CliZygote:
         with self.changed:  # the zygote is gone
             self.changed.notify_all()
 
-    def _wait(self, key: int, field: str, deadline: float, own: bool = False) -> int | None:
+    def _wait(self, key: int, field: str, deadline: float) -> int | None:
         """The answer ``field`` for command ``key``, or None at the deadline (and at once for
-        the status of a command kill_running killed, unless its ``own`` caller waits for it)."""
+        the status of a command kill_running killed)."""
         with self.changed:
             while field not in self.answers.get(key, {}):
                 left = deadline - time.monotonic()
                 if left <= 0 or self.proc.poll() is not None:
                     return None
-                if field == "status" and key < self.kill_below and not own:
+                if field == "status" and key < self.kill_below:
                     return None
                 self.changed.wait(min(left, 1.0))
             return self.answers[key][field]
@@ -175,6 +185,15 @@ class CliZygote:
         like subprocess.Popen's; its stdout and stderr appended to ``log``."""
         key, pid = self._fork({"args": args, "env": env, "cwd": str(Path.cwd()),
                                "out": str(log), "err": str(log), "append": True})  # fmt: skip
+        return Forked(self, key, pid, [sys.executable, "-m", "lakesync", *args])
+
+    def spawn_on_terminal(
+        self, args: list[str], env: dict[str, str], tty: str, cwd: Path
+    ) -> Forked:
+        """Start `python -m lakesync ARGS` on the pseudo-terminal at path ``tty`` (its stdin,
+        stdout, stderr and controlling terminal, in a session of its own, as a shell starts
+        a command) and return at once."""
+        key, pid = self._fork({"args": args, "env": env, "cwd": str(cwd), "tty": tty})
         return Forked(self, key, pid, [sys.executable, "-m", "lakesync", *args])
 
     def run(
@@ -240,13 +259,20 @@ class Forked:
         self.returncode: int | None = None
 
     def _reaped(self, timeout: float) -> bool:
-        if self.returncode is None:
-            status = self.zygote._wait(self.key, "status", time.monotonic() + timeout, own=True)
-            if status is None:
-                return False
-            self.returncode = os.waitstatus_to_exitcode(status)
-            with self.zygote.changed:
-                self.zygote.answers.pop(self.key, None)
+        """True once the process has ended (returncode set); safe from several threads (a
+        reader polling while the test waits)."""
+        zygote, deadline = self.zygote, time.monotonic() + timeout
+        with zygote.changed:
+            while self.returncode is None:
+                status = zygote.answers.get(self.key, {}).get("status")
+                if status is not None:
+                    self.returncode = os.waitstatus_to_exitcode(status)
+                    zygote.answers.pop(self.key, None)
+                    break
+                left = deadline - time.monotonic()
+                if left <= 0 or zygote.proc.poll() is not None:
+                    return False
+                zygote.changed.wait(min(left, 1.0))
         return True
 
     def poll(self) -> int | None:
@@ -386,6 +412,108 @@ def stop_workers(workers: list[Child]) -> None:
             os.killpg(w.pid, signal.SIGKILL)
 
 
+#: colours and cursor moves a terminal interprets
+ANSI = re.compile(r"\x1b\[[0-9;?]*[A-Za-z]|\x1b\][^\x07]*\x07|\x1b[()][A-Z0-9]")
+
+
+def visible(raw: str) -> list[str]:
+    """The lines a person sees: colours and cursor moves removed, each redraw its own line."""
+    return [line.rstrip() for line in re.split(r"\r\n|\r|\n", ANSI.sub("", raw))]
+
+
+@dataclass
+class Terminal:
+    """A `lakesync` command on a pseudo-terminal of 80 x 24, as its controlling terminal.
+
+    Forked from the zygote (CliZygote.spawn_on_terminal: a real process on a real terminal,
+    without 1-4 s of imports); ``fresh``: a fresh `python -m lakesync` instead, where how a
+    new interpreter starts on a terminal and takes the keyboard's Ctrl-C is the point."""
+
+    args: list[str]
+    env: dict[str, str]
+    columns: int = 80
+    fresh: bool = False
+    raw: bytearray = field(default_factory=bytearray)
+    proc: Child | None = None
+    _fd: int = -1
+    _slave: int = -1
+    _reader: threading.Thread | None = None
+
+    def start(self) -> Terminal:
+        master, slave = pty.openpty()
+        fcntl.ioctl(slave, termios.TIOCSWINSZ, struct.pack("HHHH", 24, self.columns, 0, 0))
+        env = {k: v for k, v in self.env.items() if k not in ("COLUMNS", "LINES")}
+        env["TERM"] = "xterm-256color"
+
+        def controlling_tty() -> None:  # in the child: a session of its own, this pty its tty
+            os.setsid()
+            fcntl.ioctl(0, termios.TIOCSCTTY, 0)
+
+        if self.fresh:
+            self.proc = subprocess.Popen(
+                [sys.executable, "-m", "lakesync", *self.args], env=env, cwd=ROOT,
+                stdin=slave, stdout=slave, stderr=slave, preexec_fn=controlling_tty,
+            )  # fmt: skip
+            os.close(slave)
+        else:  # the slave stays open here until the end: the child opens it after the fork
+            self.proc = cli_zygote().spawn_on_terminal(self.args, env, os.ttyname(slave), ROOT)
+            self._slave = slave
+        self._fd = master
+        self._reader = threading.Thread(target=self._read, daemon=True)
+        self._reader.start()
+        return self
+
+    def _read(self) -> None:
+        while True:
+            ready, _, _ = select.select([self._fd], [], [], 0.05)
+            if not ready:
+                if self.proc is not None and self.proc.poll() is not None:
+                    # the child is gone; drain what is left
+                    ready, _, _ = select.select([self._fd], [], [], 0.05)
+                    if not ready:
+                        return
+                continue
+            try:
+                chunk = os.read(self._fd, 65536)
+            except OSError:  # EIO: every end of the slave is closed
+                return
+            if not chunk:
+                return
+            self.raw.extend(chunk)
+
+    @property
+    def text(self) -> str:
+        return bytes(self.raw).decode("utf-8", "replace")
+
+    @property
+    def lines(self) -> list[str]:
+        return visible(self.text)
+
+    def type(self, keys: str) -> None:
+        os.write(self._fd, keys.encode())
+
+    def ctrl_c(self) -> None:
+        """What the keyboard sends: the line discipline turns it into SIGINT to the
+        terminal's foreground process group."""
+        self.type("\x03")
+
+    def wait_for_text(self, text: str, timeout: float = 60) -> None:
+        wait_for(lambda: text in "\n".join(self.lines), timeout=timeout, every=0.05)
+
+    def wait(self, timeout: float = 120) -> int:
+        assert self.proc is not None and self._reader is not None
+        try:
+            code = self.proc.wait(timeout)
+        finally:
+            if self.proc.poll() is None:
+                self.proc.kill()
+        self._reader.join(10)
+        os.close(self._fd)
+        if self._slave >= 0:
+            os.close(self._slave)
+        return code
+
+
 def write_operations(path: Path, operations: dict[str, dict[str, Any]]) -> Path:
     """A lakesync.toml declaring ``operations`` (name -> its keys and values)."""
     tables = [
@@ -428,7 +556,7 @@ class ServeProcess:
                     return self
             except httpx.HTTPError:
                 pass
-            time.sleep(0.2)
+            time.sleep(0.05)  # a start takes 0.5-2 s: a short poll, not a fifth of it
         raise RuntimeError(f"serve did not start: {self.log.read_text()[-3000:]}")
 
     def kill(self) -> None:

@@ -6,17 +6,13 @@ from __future__ import annotations
 import csv
 import io
 import json
-import os
-import pty
 import re
-import select
-import sys
 import time
 from pathlib import Path
 from typing import Any
 
 import httpx
-from tests.helpers import ServeProcess, lakesync, wait_for
+from tests.helpers import ServeProcess, Terminal, lakesync, wait_for
 
 from lakesync import metrics
 from lakesync.runner import RUNNING
@@ -211,27 +207,10 @@ def test_active_jobs_counts_jobs_not_partitions() -> None:
 
 
 def on_terminal(env: dict[str, str], *args: str, timeout: float = 60) -> tuple[int, str]:
-    """Run `lakesync ARGS` under a pseudo-terminal of 80 columns; (exit code, output)."""
-    pid, fd = pty.fork()
-    if pid == 0:  # the child: a terminal of 80 x 24
-        os.environ.clear()
-        os.environ.update(env, COLUMNS="80", LINES="24", TERM="xterm")
-        os.execv(sys.executable, [sys.executable, "-m", "lakesync", *args])
-    chunks = []
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        ready, _, _ = select.select([fd], [], [], 0.5)
-        if ready:
-            try:
-                data = os.read(fd, 65536)
-            except OSError:
-                break
-            if not data:
-                break
-            chunks.append(data)
-    _, status = os.waitpid(pid, 0)
-    os.close(fd)
-    return os.waitstatus_to_exitcode(status), b"".join(chunks).decode(errors="replace")
+    """Run `lakesync ARGS` on a pseudo-terminal of 80 columns; (exit code, output)."""
+    term = Terminal(list(args), env).start()
+    code = term.wait(timeout)
+    return code, term.text
 
 
 def test_errors_and_logs_commands(serve_env: dict[str, str], serve: ServeProcess) -> None:
@@ -308,7 +287,9 @@ def test_the_log_tells_of_a_takeover_after_a_crash(
     from lakesync.demo import generate
 
     lake = tmp_path / "lake"
-    generate(lake, 20000)
+    # 80 batches of 100 through the slow link (>= 3 requests of 10 ms each): the kill, after
+    # the first, comes well before the last; 20,000 took over 120 s to finish at load 40
+    generate(lake, 8000)
     serve_env["LAKESYNC_LAKE_URI"] = str(lake)
     serve_env["LAKESYNC_BATCH_SIZE"] = "100"
     serve: ServeProcess = request.getfixturevalue("serve")
@@ -344,11 +325,13 @@ def test_active_jobs_metric_counts_a_partitioned_job_once(
     from lakesync.demo import generate
 
     lake = tmp_path / "lake"
-    generate(lake, 20000)
+    # 5 partitions of 16 batches through the slow link, two at a time: the two runs overlap
+    # for most of the copy (20,000 records in partitions of 4,000 made the same 5 partitions)
+    generate(lake, 8000)
     serve_env.update(
         LAKESYNC_LAKE_URI=str(lake),
         LAKESYNC_BATCH_SIZE="100",
-        LAKESYNC_PARTITION_ROWS="4000",
+        LAKESYNC_PARTITION_ROWS="1600",
         LAKESYNC_WORKERS="2",
     )
     serve: ServeProcess = request.getfixturevalue("serve")

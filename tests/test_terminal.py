@@ -4,139 +4,40 @@ in a pipe, as scripts and cron run it."""
 
 from __future__ import annotations
 
-import fcntl
 import json
-import os
-import pty
 import re
-import select
 import signal
 import socket
-import struct
 import subprocess
-import sys
-import termios
 import threading
 import time
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import httpx
 import pytest
 import typer
-from tests.helpers import child_env, free_port, wait_for
+from tests.helpers import Terminal, child_env, free_port, lakesync, wait_for
 
 from lakesync.cli import app
 from lakesync.config import Settings
 from lakesync.demo import generate
 
 ROOT = Path(__file__).resolve().parent.parent
-ANSI = re.compile(r"\x1b\[[0-9;?]*[A-Za-z]|\x1b\][^\x07]*\x07|\x1b[()][A-Z0-9]")
 COMMANDS = sorted(typer.main.get_command(app).commands)  # type: ignore[attr-defined]
 
 
-def visible(raw: str) -> list[str]:
-    """The lines a person sees: colours and cursor moves removed, each redraw its own line."""
-    return [line.rstrip() for line in re.split(r"\r\n|\r|\n", ANSI.sub("", raw))]
-
-
-@dataclass
-class Terminal:
-    """A `lakesync` command on a pseudo-terminal of 80 x 24, as its controlling terminal."""
-
-    args: list[str]
-    env: dict[str, str]
-    columns: int = 80
-    raw: bytearray = field(default_factory=bytearray)
-    proc: subprocess.Popen[bytes] | None = None
-    _fd: int = -1
-    _reader: threading.Thread | None = None
-
-    def start(self) -> Terminal:
-        master, slave = pty.openpty()
-        fcntl.ioctl(slave, termios.TIOCSWINSZ, struct.pack("HHHH", 24, self.columns, 0, 0))
-        env = {k: v for k, v in self.env.items() if k not in ("COLUMNS", "LINES")}
-        env["TERM"] = "xterm-256color"
-
-        def controlling_tty() -> None:  # in the child: a session of its own, this pty its tty
-            os.setsid()
-            fcntl.ioctl(0, termios.TIOCSCTTY, 0)
-
-        self.proc = subprocess.Popen(
-            [sys.executable, "-m", "lakesync", *self.args], env=env, cwd=ROOT,
-            stdin=slave, stdout=slave, stderr=slave, preexec_fn=controlling_tty,
-        )  # fmt: skip
-        os.close(slave)
-        self._fd = master
-        self._reader = threading.Thread(target=self._read, daemon=True)
-        self._reader.start()
-        return self
-
-    def _read(self) -> None:
-        while True:
-            ready, _, _ = select.select([self._fd], [], [], 0.2)
-            if not ready:
-                if self.proc is not None and self.proc.poll() is not None:
-                    # the child is gone; drain what is left
-                    ready, _, _ = select.select([self._fd], [], [], 0.2)
-                    if not ready:
-                        return
-                continue
-            try:
-                chunk = os.read(self._fd, 65536)
-            except OSError:  # EIO: every end of the slave is closed
-                return
-            if not chunk:
-                return
-            self.raw.extend(chunk)
-
-    @property
-    def text(self) -> str:
-        return bytes(self.raw).decode("utf-8", "replace")
-
-    @property
-    def lines(self) -> list[str]:
-        return visible(self.text)
-
-    def type(self, keys: str) -> None:
-        os.write(self._fd, keys.encode())
-
-    def ctrl_c(self) -> None:
-        """What the keyboard sends: the line discipline turns it into SIGINT to the
-        terminal's foreground process group."""
-        self.type("\x03")
-
-    def wait_for_text(self, text: str, timeout: float = 60) -> None:
-        wait_for(lambda: text in "\n".join(self.lines), timeout=timeout, every=0.05)
-
-    def wait(self, timeout: float = 120) -> int:
-        assert self.proc is not None and self._reader is not None
-        try:
-            code = self.proc.wait(timeout)
-        finally:
-            if self.proc.poll() is None:
-                self.proc.kill()
-        self._reader.join(10)
-        os.close(self._fd)
-        return code
-
-
-def on_terminal(env: dict[str, str], *args: str, keys: str = "", timeout: float = 120) -> Any:
+def on_terminal(env: dict[str, str], *args: str, timeout: float = 120) -> Any:
     """Run a command to its end on an 80-column terminal: (exit code, visible lines)."""
     term = Terminal(list(args), env).start()
-    if keys:
-        time.sleep(0.5)
-        term.type(keys)
     code = term.wait(timeout)
     return code, term.lines
 
 
-def in_pipe(env: dict[str, str], *args: str, stdin: str = "") -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-m", "lakesync", *args], env=env, cwd=ROOT, input=stdin,
-        capture_output=True, text=True, timeout=120,
-    )  # fmt: skip
+def in_pipe(env: dict[str, str], *args: str) -> subprocess.CompletedProcess[str]:
+    """The command as a script or cron runs it: no terminal (stdout and stderr to files),
+    forked from the test's zygote (tests.helpers.lakesync)."""
+    return lakesync(env, *args, cwd=ROOT)
 
 
 LOG_LINE = re.compile(r"^\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d+ [A-Z]+ ")
@@ -233,7 +134,7 @@ def test_copy_on_a_terminal_shows_the_progress_bar_then_the_summary(
 def test_ctrl_c_of_a_copy_leaves_it_resumable_and_resume_finishes_it(
     env: dict[str, str], db: Any
 ) -> None:
-    term = Terminal(["copy", "--batch-size", "100"], env).start()
+    term = Terminal(["copy", "--batch-size", "100"], env, fresh=True).start()
     wait_for(lambda: (db.jobstatuses.find_one() or {}).get("processedRecords", 0) >= 2000,
              timeout=120, every=0.05)  # fmt: skip
     term.wait_for_text("records")  # the bar is up
@@ -412,7 +313,7 @@ def test_serve_on_a_terminal_starts_prints_where_the_data_is_and_stops_on_ctrl_c
     serve_env = {k: v for k, v in env.items() if k != "LAKESYNC_MONGODB_URI"}
     serve_env["LAKESYNC_DATA_DIR"] = str(tmp_path / "data")
     port = free_port()
-    term = Terminal(["serve", "--port", str(port)], serve_env).start()
+    term = Terminal(["serve", "--port", str(port)], serve_env, fresh=True).start()
     try:
         term.wait_for_text(f"open http://127.0.0.1:{port}/", timeout=90)
         term.wait_for_text("lakesync mongo-uri")
@@ -489,7 +390,7 @@ def test_ctrl_c_of_serve_during_a_partitioned_copy_hands_the_job_back(
         "LAKESYNC_LEASE_SECONDS": "60",  # a resume within 5 s cannot be a lease expiry
     }
     port = free_port()
-    term = Terminal(["serve", "--port", str(port)], serve_env).start()
+    term = Terminal(["serve", "--port", str(port)], serve_env, fresh=True).start()
     base = f"http://127.0.0.1:{port}"
     stop = threading.Event()
     try:
