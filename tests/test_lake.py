@@ -546,3 +546,8 @@ def test_csv_watermarks_of_disagreeing_types_are_compared_as_validation_reads_th
     read = lake_filter(lake, since, None)
     ids = [i for b in lake.batches(2, filter=read) for i in b.table.column("id").to_pylist()]
     assert ids == [2, 3, 4, 5, 6] and lake.count_rows(read) == 5
+    # a declared watermark the files do not hold: nothing to compare, the lake as it is
+    (tmp_path / "none").mkdir()
+    (tmp_path / "none" / "a.csv").write_text("id,v\n1,a\n")
+    declared = CsvOptions(watermark="updatedAt", watermark_type="timestamp")
+    assert Lake.open(str(tmp_path / "none"), csv=declared).schema.names == ["id", "v"]

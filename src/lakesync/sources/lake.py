@@ -23,6 +23,7 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from datetime import UTC, datetime
 from typing import Any
 
+import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.dataset as ds
@@ -1076,12 +1077,13 @@ def _filtered_keeping(
         for f in lake.schema:
             if f.name not in table.column_names:
                 table = table.append_column(f, pa.nulls(n, f.type))
-        rows = set(table.filter(where).column("\0row").to_pylist())
+        rows = table.filter(where).column("\0row").to_numpy()
         if unreadable is not None:  # kept: validation rejects them with the reason
-            rows.update(pc.indices_nonzero(unreadable).to_pylist())
+            lost = pc.indices_nonzero(unreadable).to_numpy().astype(np.int64)  # (uint64)
+            rows = np.union1d(rows, lost)
         mine = {r - read: why for r, why in held.items() if read <= r < read + n}
-        order = sorted(rows | mine.keys())
-        refused.update({given + i: mine[r] for i, r in enumerate(order) if r in mine})
+        order = np.union1d(rows, np.fromiter(mine, np.int64, len(mine)))
+        refused.update({given + int(np.searchsorted(order, r)): why for r, why in mine.items()})
         read, given = read + n, given + len(order)
         out = batch.take(pa.array(order, pa.int64()))
         yield out if columns is None else out.select(columns)

@@ -132,15 +132,12 @@ def compared(csv: CsvOptions, schemas: list[pa.Schema]) -> Compared | None:
     declares; or, undeclared, when the files' types disagree or some file holds it as text,
     as a timestamp if the other files hold timestamps or dates, as an integer if integers."""
     column = csv.watermark
-    if column is None:
-        return None
+    held = [[f.type for f in s if f.name == column] for s in schemas]
+    if column is None or not any(held) or any(len(h) > 1 for h in held):
+        return None  # no such column (or two of that name: refused where it is read)
     if csv.watermark_type in ("timestamp", "int"):
         return Compared(column, "timestamp" if csv.watermark_type == "timestamp" else "int")
-    types = {
-        s.field(column).type
-        for s in schemas
-        if column in s.names and not pa.types.is_null(s.field(column).type)
-    }
+    types = {t for h in held for t in h if not pa.types.is_null(t)}
     typed = {t for t in types if not pa.types.is_string(t) and not pa.types.is_large_string(t)}
     if not typed or (len(types) == 1 and types == typed):  # none, or one type not text
         return None
