@@ -500,3 +500,74 @@ def test_a_small_csv_file_is_not_read_again_for_its_end(tmp_path: Path) -> None:
     # each: the first record's read, then the reader's (Arrow's, or the grouped copy's);
     # the large file's end once more (the old way: every file's end, 3 opens each)
     assert opens == {"cell": 2, "line": 2, "big": 3}, opens
+
+
+def _run(settings: Settings, tmp_path: Path, toml: str, name: str, mode: str) -> JobStatus:
+    config = tmp_path / f"{name}.toml"
+    config.write_text(toml)
+    with Runtime(settings.model_copy(update={"operations_file": config})) as rt:
+        status, _ = rt.jobs.start(name, {"mode": mode})
+        rt.runner.run(status.jobId)
+        done = rt.jobs.get(status.jobId)
+    assert done.status == JobState.COMPLETED, (done.message, done.error)
+    counted = done.insertedRecords + done.updatedRecords + done.unchangedRecords
+    assert counted + done.duplicateRecords + done.errorRecords == done.totalRecords, done
+    return done
+
+
+def _watermark(db: Any, name: str) -> str:
+    return str(db.syncstate.find_one({"operation": name})["watermark"]["iso"])
+
+
+@pytest.mark.parametrize(
+    ("ext", "declared"), [("csv", False), ("csv", True), ("ndjson", False), ("ndjson", True)]
+)
+def test_a_watermark_written_in_mixed_formats_is_read_as_validation_reads_it(
+    settings: Settings, db: Any, tmp_path: Path, ext: str, declared: bool
+) -> None:
+    """A file whose watermark cells are written in two formats is read as text by Arrow:
+    its cells are compared (incremental filter) and scanned (the watermark recorded) as the
+    copy's validation reads a timestamp; a cell that is no timestamp is never dropped."""
+    lake = tmp_path / "wm"
+    lake.mkdir()
+
+    def write(name: str, rows: list[tuple[int, str]]) -> None:
+        if ext == "csv":
+            text = "id,v,ts\n" + "".join(f"{i},x,{ts}\n" for i, ts in rows)
+        else:
+            text = "".join(json.dumps({"id": i, "v": "x", "ts": ts}) + "\n" for i, ts in rows)
+        (lake / f"{name}.{ext}").write_text(text)
+
+    write("a", [(1, "2024-01-01T00:00:00Z"), (2, "2024-01-02T00:00:00Z")])  # one format
+    # two formats in one file (the second is 03:00 UTC): Arrow reads this column as text
+    write("b", [(4, "2024-01-03 05:00:00"), (5, "2024-01-03T05:00:00+02:00")])
+    fields = {"ts": "timestamp"} if declared else None
+    toml = _toml("wm", lake, fields, watermark="ts")
+    full = _run(settings, tmp_path, toml, "wm", "full")
+    assert (full.insertedRecords, full.errorRecords) == (4, 0), full
+    assert _watermark(db, "wm") == "2024-01-03T05:00:00.000Z"
+
+    write(
+        "c",
+        [
+            (6, "2024-01-04 00:00:00"),
+            (7, "2024-01-04T09:00:00+01:00"),  # 08:00 UTC: the new watermark
+            (8, "not a time"),  # kept by the filter: validation says what is wrong
+            (9, "2024-01-02T23:00:00-01:00"),  # 2024-01-03 00:00 UTC: older, not read
+        ],
+    )
+    new = _run(settings, tmp_path, toml, "wm", "incremental")
+    # read again: id 4, at the watermark itself (unchanged)
+    if declared:
+        assert (new.insertedRecords, new.unchangedRecords, new.errorRecords) == (2, 1, 1), new
+        error = db.copyerrors.find_one({"jobId": new.jobId})
+        assert "ts must be a timestamp, got 'not a time'" in error["reason"], error
+    else:  # an undeclared column is copied as it is written
+        assert (new.insertedRecords, new.unchangedRecords, new.errorRecords) == (3, 1, 0), new
+        assert db["wm"].find_one({"_id": 8})["ts"] == "not a time"
+    assert new.updatedRecords == 0 and db["wm"].find_one({"_id": 9}) is None
+    assert _watermark(db, "wm") == "2024-01-04T08:00:00.000Z"
+
+    again = _run(settings, tmp_path, toml, "wm", "incremental")
+    assert (again.insertedRecords, again.updatedRecords) == (0, 0), again
+    assert _watermark(db, "wm") == "2024-01-04T08:00:00.000Z"

@@ -519,3 +519,35 @@ def test_a_typed_hive_key_in_a_file_of_large_row_groups_reads_as_the_scanner_rea
     lake = Lake.open(str(tmp_path / "lake"))
     got = [r for b in lake.batches(1) for r in b.table.to_pylist()]
     assert got == [{"id": i, "year": 2024} for i in (1, 2, 3)]
+
+
+def test_csv_watermarks_of_disagreeing_types_are_compared_as_validation_reads_them(
+    tmp_path: Path,
+) -> None:
+    """Undeclared: one file's watermark cells carry an offset, one's have none, one's are
+    dates (Arrow types them three ways, no order between them) and one's are in two formats
+    (text): the filter and the scan read every cell as a validated timestamp; a cell that
+    is no time is kept by the filter."""
+    from lakesync.sources.text import CsvOptions
+    from lakesync.watermarks import from_millis, lake_filter, lake_kind, scan
+
+    (tmp_path / "a.csv").write_text("id,ts\n1,2024-01-01T00:00:00Z\n")
+    (tmp_path / "b.csv").write_text("id,ts\n2,2024-01-05 00:00:00\n3,2024-01-02 00:00:00\n")
+    (tmp_path / "c.csv").write_text("id,ts\n4,2024-01-03\n")
+    (tmp_path / "d.csv").write_text("id,ts\n5,2024-01-04T01:00:00+02:00\n6,soon\n7,\n")
+    lake = Lake.open(str(tmp_path), csv=CsvOptions(watermark="ts"))
+    kinds = [str(s.field("ts").type) for s in lake._schemas]  # as Arrow read each file
+    assert kinds == ["timestamp[s, tz=UTC]", "timestamp[s]", "date32[day]", "string"]
+    assert lake_kind(lake, "ts") == "timestamp"
+    rows, high = scan(lake, "ts", None)
+    assert (rows, high and high.iso) == (7, "2024-01-05T00:00:00.000Z")
+    since = from_millis("ts", 1704153600000)  # 2024-01-02T00:00Z
+    assert scan(lake, "ts", since)[0] == 5  # (ids 2, 3, 4, 5 and 6; 7 is null: out)
+    read = lake_filter(lake, since, None)
+    ids = [i for b in lake.batches(2, filter=read) for i in b.table.column("id").to_pylist()]
+    assert ids == [2, 3, 4, 5, 6] and lake.count_rows(read) == 5
+    # a declared watermark the files do not hold: nothing to compare, the lake as it is
+    (tmp_path / "none").mkdir()
+    (tmp_path / "none" / "a.csv").write_text("id,v\n1,a\n")
+    declared = CsvOptions(watermark="updatedAt", watermark_type="timestamp")
+    assert Lake.open(str(tmp_path / "none"), csv=declared).schema.names == ["id", "v"]

@@ -88,10 +88,12 @@ class Operation(Unattended):
     def csv_options(self) -> CsvOptions:
         """How this operation's CSV files are read: its declared string, int, float and bool
         fields and its key read as text (validation converts them), so "007" stays "007";
-        not the watermark, which filters as the file's own type."""
+        not the watermark, which is read as the file's own type and compared as its declared
+        type (see ``sources.text.Compared``)."""
         text = {f.name for f in self.schema_.fields if f.type in _TEXT_READ}
         text |= set(self.schema_.key_columns)
         text.discard(self.watermark or "")
+        declared = next((f.type for f in self.schema_.fields if f.name == self.watermark), None)
         return CsvOptions(
             self.encoding,
             self.delimiter,
@@ -99,6 +101,8 @@ class Operation(Unattended):
             frozenset(text),
             self.declared,
             tuple(self.schema_.key_columns),
+            watermark=self.watermark,
+            watermark_type=declared if declared in ("timestamp", "int") else None,
         )
 
     def source_uri(self, settings: Settings) -> str:

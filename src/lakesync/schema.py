@@ -337,6 +337,15 @@ _TYPE_WORDS = {
 }
 
 
+def read_as(
+    column: pa.ChunkedArray | pa.Array, ftype: FieldType, name: str
+) -> tuple[pa.Array, dict[int, str]]:
+    """``column`` read as validation reads a field declared ``ftype`` (one rule: a text
+    lake's watermark cells are filtered and scanned as they are validated, see
+    ``sources.text.Compared``); a value it cannot read is null, with its reason."""
+    return _coerce(column, FieldRule(name=name, type=ftype))
+
+
 def _coerce(column: pa.ChunkedArray | pa.Array, rule: FieldRule) -> tuple[pa.Array, dict[int, str]]:
     """Cast a column to the rule's type; values that cannot be cast become null + a reason."""
     col, bad = _cast(column, rule)

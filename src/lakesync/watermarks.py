@@ -26,6 +26,11 @@ cannot change, and reads ``since <= column`` with no upper bound; the next incre
 copy then opens only the files added after that version (``plan.Planner._open``). A
 completed job, of any mode, moves the watermark to ``until`` (and records the Delta
 version it read); a failed or cancelled one leaves it where it was.
+
+A CSV or JSON lake's watermark cells are filtered and scanned as the copy's validation
+reads them (``sources.text.Compared``, ``Lake.as_compared``): a file whose cells are in two
+formats is text to Arrow's reader, yet its values count, and a cell that cannot be read is
+kept by the filter (validation rejects it with the reason), never dropped.
 """
 
 from __future__ import annotations
@@ -79,10 +84,17 @@ def lake_kind(lake: Lake, column: str) -> Kind:
     arrow_type = lake.schema.field(column).type
     kind = kind_of(arrow_type)
     if kind is None:
+        text = ""
+        if lake.format in ("csv", "json") and pa.types.is_string(arrow_type):
+            text = (
+                " If its cells are times or integers written as text, declare the field's "
+                f'type ({column} = {{type = "timestamp"}} or "int" in the operation\'s '
+                "[schema.fields]): they are then compared as validation reads them."
+            )
         raise SourceError(
             f"The watermark column {column!r} in the lake at {lake.uri} is {arrow_type}; "
             "a watermark must be a timestamp, date or integer column. Fix the operation's "
-            "`watermark` in lakesync.toml, or run a full copy (mode full).",
+            f"`watermark` in lakesync.toml, or run a full copy (mode full).{text}",
             column=column,
         )
     return kind
@@ -124,7 +136,8 @@ def scan(lake: Lake, column: str, since: Watermark | None) -> tuple[int, Waterma
         rest = lake.only([lake.file_name(i) for i in unread])
         for batch in rest.batches(_SCAN_ROWS, filter=above, columns=[column]):
             rows += batch.table.num_rows
-            high = later(high, batch_max(batch.table, column))
+            # a text lake's cells as its filter compares them (``Lake.as_compared``)
+            high = later(high, batch_max(lake.as_compared(batch.table), column))
     return rows, high
 
 

@@ -24,6 +24,7 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from datetime import UTC, datetime
 from typing import Any
 
+import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.dataset as ds
@@ -157,6 +158,8 @@ class Lake:
         self._opens = _Opens()
         #: how CSV files are read (set by ``open``)
         self.csv = text.CsvOptions()
+        #: a text lake's watermark column, compared as validation reads it (set by ``open``)
+        self._compared: text.Compared | None = None
         #: columns of small files read at open (see ``parquet.Kept``); None once dropped
         self._kept: parquet.Kept | None = None
         if schema is not None:
@@ -382,7 +385,34 @@ class Lake:
             let_go([p for f, _, _ in inspected for p in f.scratch])
         lake._kept = None if kept is None else kept.finish()
         lake.csv = csv
+        if fmt in text.FORMATS:
+            lake._compare(text.compared(csv, lake._schemas))
         return lake
+
+    def _compare(self, compared: text.Compared | None) -> None:
+        """Compare the watermark column as ``compared`` says (None: as each file's reader
+        typed it): the lake's schema gives it the type compared, so that the filter's
+        bounds and the watermark's kind are of that type (``watermarks``)."""
+        self._compared = compared
+        if compared is not None:
+            at = self.schema.get_field_index(compared.column)
+            self.schema = self.schema.set(at, self.schema.field(at).with_type(compared.arrow_type))
+
+    def as_compared(self, table: pa.Table) -> pa.Table:
+        """``table`` with the watermark column as the lake's filter compares it: a text
+        lake's cells read as validation reads them (``text.Compared``), a cell that cannot
+        be read so null; any other lake's as they are."""
+        return self._comparing(table)[0]
+
+    def _comparing(self, table: pa.Table) -> tuple[pa.Table, pa.Array | None]:
+        """``as_compared``, and which cells of the column could not be read (None: the
+        table is as it was)."""
+        compared = self._compared
+        if compared is None or compared.column not in table.column_names:
+            return table, None
+        at = table.schema.get_field_index(compared.column)
+        values, unreadable = compared.read(table.column(at))
+        return table.set_column(at, pa.field(compared.column, values.type), values), unreadable
 
     @classmethod
     def _open_delta(
@@ -580,6 +610,7 @@ class Lake:
         part._opens = self._opens
         part._kept = self._kept
         part.csv = self.csv
+        part._compared = self._compared
         return part
 
     def resume_position(self, position: Position, file_name: str | None) -> Position:
@@ -723,7 +754,7 @@ class Lake:
                 if i not in self._ruled_out:
                     total += sum(b.num_rows for b in self._table.read(self._units[i], [], filter))
             return total
-        if self._mapped or any(keep is not None for keep in self._live):  # filtered as read
+        if self._mapped or self._compared or any(keep is not None for keep in self._live):
             for i in range(len(self.files)):
                 if i not in self._ruled_out:
                     total += sum(
@@ -895,13 +926,18 @@ class Lake:
         if columns is not None:  # a column some other file has is simply absent here
             columns = [c for c in columns if c in schema.names]
         held = dict(self._facts[index].refused or {})  # rows the reader refused (JSON guard)
-        where = None
-        if held and filter is not None and keep is None and not self._mapped:
-            where, filter = filter, None  # applied as read, the refused rows kept: see below
+        where, compared, wanted = None, self._compared, columns
+        if (held or compared) and filter is not None and keep is None and not self._mapped:
+            # applied as read, the refused rows and the cells the filter cannot compare kept:
+            # see below
+            where, filter = filter, None
+            if compared is not None and columns is not None and compared.column in schema.names:
+                columns = list(dict.fromkeys([*columns, compared.column]))
         # rows refused by the reader, by their place in the file's stream of rows; under a
         # filter (an incremental copy) they are kept, placed in the filtered stream: they
         # hold no value a filter could keep (a JSON record nested too deep is read as {}),
-        # yet each must still be rejected with its reason, not vanish
+        # yet each must still be rejected with its reason, not vanish; so are the rows of a
+        # text lake whose watermark cell cannot be read as validation reads it
         refused = held if filter is None and where is None else {}
         kept = self._kept_rows(index, columns, filter)  # read at open: no request
         fragment: Any = None if kept is not None else self._fragment(index, whole)
@@ -952,7 +988,7 @@ class Lake:
             into = held if filter is None else refused
             source = self._json_as_written(index, fragment, source, columns, filter, into)
         if where is not None:
-            source = _filtered_keeping(source, where, held, refused, self.schema)
+            source = _filtered_keeping(source, where, held, refused, self, wanted)
         yield from self._pieces(index, source, size, skip, offset, refused)
 
     def _json_as_written(
@@ -1122,24 +1158,33 @@ def _filtered_keeping(
     where: pc.Expression,
     held: dict[int, str],
     refused: dict[int, str],
-    schema: pa.Schema,
+    lake: Lake,
+    columns: list[str] | None,
 ) -> Iterator[pa.RecordBatch]:
     """``source``'s rows that ``where`` keeps, and the rows ``held`` names (file rows, with
-    their reason): ``refused`` gets those by their place in the stream given. A column of
-    the lake's ``schema`` the file lacks is null, as the scanner's filter has it."""
+    their reason): ``refused`` gets those by their place in the stream given. ``where``
+    compares the watermark column as the ``lake`` compares it (``Lake.as_compared``), and
+    keeps the rows whose cell cannot be compared so. A column of the lake's schema the file
+    lacks is null, as the scanner's filter has it. The batches given hold ``columns`` (None:
+    those read)."""
     read = given = 0
     for batch in source:
         n = batch.num_rows
         table = pa.Table.from_batches([batch]).append_column("\0row", pa.array(range(n)))
-        for f in schema:
+        table, unreadable = lake._comparing(table)
+        for f in lake.schema:
             if f.name not in table.column_names:
                 table = table.append_column(f, pa.nulls(n, f.type))
-        rows = set(table.filter(where).column("\0row").to_pylist())
+        rows = table.filter(where).column("\0row").to_numpy()
+        if unreadable is not None:  # kept: validation rejects them with the reason
+            lost = pc.indices_nonzero(unreadable).to_numpy().astype(np.int64)  # (uint64)
+            rows = np.union1d(rows, lost)
         mine = {r - read: why for r, why in held.items() if read <= r < read + n}
-        order = sorted(rows | mine.keys())
-        refused.update({given + i: mine[r] for i, r in enumerate(order) if r in mine})
+        order = np.union1d(rows, np.fromiter(mine, np.int64, len(mine)))
+        refused.update({given + int(np.searchsorted(order, r)): why for r, why in mine.items()})
         read, given = read + n, given + len(order)
-        yield batch.take(pa.array(order, pa.int64()))
+        out = batch.take(pa.array(order, pa.int64()))
+        yield out if columns is None else out.select(columns)
 
 
 def _within(refused: dict[int, str], start: int, rows: int) -> dict[int, str]:

@@ -10,6 +10,8 @@ timestamp, rejecting the records whose cell is not one); an unquoted empty cell 
 and a quoted "" the empty string (as DuckDB reads it with ``allow_quoted_nulls=false``);
 a column whose header is empty (pandas' unnamed index) is named ``column<i>`` (its place
 from 0), as DuckDB names it; text the file's encoding cannot decode rejects its record.
+The watermark column is read as the file's reader types it, and compared (an incremental
+filter, the watermark scan) as validation reads it (``Compared``).
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ from __future__ import annotations
 import codecs
 from collections.abc import Iterator
 from dataclasses import dataclass, field
+from typing import Literal
 
 import pyarrow as pa
 import pyarrow.compute as pc
@@ -26,6 +29,7 @@ import pyarrow.fs as pafs
 
 from lakesync.errors import SourceError
 from lakesync.locations import Location
+from lakesync.schema import read_as
 from lakesync.sources import jsonruns, widecsv
 from lakesync.sources.base import FileFacts, with_partition_columns
 from lakesync.sources.jsonarray import is_json_array, ndjson_copy
@@ -66,6 +70,10 @@ class CsvOptions:
     names: tuple[str, ...] = ()
     #: the key columns (JSON: a key is read as written, see ``jsonruns``)
     keys: tuple[str, ...] = ()
+    #: the operation's watermark column, and its declared type (timestamp or int; None:
+    #: not declared): see ``Compared``
+    watermark: str | None = None
+    watermark_type: str | None = None
 
     def file_format(self, columns: list[str] | None = None) -> ds.FileFormat:
         """The dataset format; ``columns``: the file's column names (then its header line,
@@ -91,6 +99,55 @@ class CsvOptions:
         if all(found):
             return None
         return [name or f"column{i}" for i, name in enumerate(found)]
+
+
+@dataclass(frozen=True)
+class Compared:
+    """A text lake's watermark column as the incremental filter and the watermark scan
+    compare it: each file's cells read as validation reads a field of ``type``
+    (``schema.read_as``), whatever type Arrow's reader gave the file's column. A file whose
+    cells are written in two formats (``2024-01-03 05:00:00`` and ``2024-01-03T05:00:00+02:00``)
+    is text to Arrow, and a text column has no order with a timestamp."""
+
+    column: str
+    type: Literal["timestamp", "int"]
+
+    @property
+    def arrow_type(self) -> pa.DataType:
+        """The type the cells are compared as (validation's for ``type``)."""
+        return pa.timestamp("ms", tz="UTC") if self.type == "timestamp" else pa.int64()
+
+    def read(self, values: pa.Array | pa.ChunkedArray) -> tuple[pa.Array, pa.Array]:
+        """``values`` as compared, and which of them cannot be read so (a cell that is not
+        null, read as null): a filter keeps those rows, so that validation rejects them
+        with the reason (a declared field) or they are copied as written (an undeclared
+        one), never dropped unseen."""
+        read, _ = read_as(values, self.type, self.column)
+        if isinstance(values, pa.ChunkedArray):
+            values = values.combine_chunks()
+        return read, pc.and_(read.is_null(), values.is_valid())
+
+
+def compared(csv: CsvOptions, schemas: list[pa.Schema]) -> Compared | None:
+    """How a text lake compares its watermark column (None: as the files' reader typed it,
+    one type in every file, a filter pushed down to the reader): as the type the operation
+    declares; or, undeclared, when the files' types disagree or some file holds it as text,
+    as a timestamp if the other files hold timestamps or dates, as an integer if integers."""
+    column = csv.watermark
+    held = [[f.type for f in s if f.name == column] for s in schemas]
+    if column is None or not any(held) or any(len(h) > 1 for h in held):
+        return None  # no such column (or two of that name: refused where it is read)
+    if csv.watermark_type in ("timestamp", "int"):
+        return Compared(column, "timestamp" if csv.watermark_type == "timestamp" else "int")
+    types = {t for h in held for t in h if not pa.types.is_null(t)}
+    typed = {t for t in types if not pa.types.is_string(t) and not pa.types.is_large_string(t)}
+    if not typed or (len(types) == 1 and types == typed):  # none, or one type not text
+        return None
+    if all(pa.types.is_timestamp(t) or pa.types.is_date(t) for t in typed):
+        return Compared(column, "timestamp")
+    if all(pa.types.is_integer(t) for t in typed):
+        return Compared(column, "int")
+    return None
 
 
 def inspect_file(
