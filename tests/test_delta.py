@@ -403,3 +403,26 @@ def test_a_copy_of_a_merged_rewrite_completes_and_says_so(
     assert db.taskdetails.count_documents({}) == len(kept)
     assert "Warning: for " in done.message and "merged rewrite of versions" in done.message
     assert "watermark" in done.message
+
+
+def test_keys_across_files_whose_commits_were_cleaned_up_are_said(tmp_path: Path) -> None:
+    """A DELETE rewrote an old file after a newer version of one of its keys was appended;
+    then the log was cleaned up after a checkpoint: both files are placed by modification
+    time, the rewrite's old row wins, and the plan counts that key as in doubt."""
+    from lakesync import repeats
+    from lakesync.schema import RecordSchema
+
+    path = tmp_path / "cleaned"
+    write_deltalake(str(path), pa.table({"id": [0, 1], "v": ["old", "old"]}))
+    write_deltalake(str(path), pa.table({"id": [0], "v": ["new"]}), mode="append")
+    DeltaTable(str(path)).delete("id = 1")
+    schema = RecordSchema(key="id")
+    assert repeats.plan_lake(Lake.open(str(path)), schema).warning() is None
+    DeltaTable(str(path)).create_checkpoint()
+    for v in range(3):
+        (path / "_delta_log" / f"{v:020d}.json").unlink()
+    lake = Lake.open(str(path))
+    assert {d.kind for d in lake.doubts if d} == {"missing"}
+    plan = repeats.plan_lake(lake, schema)
+    assert plan.doubted == 1 and plan.example is not None and plan.example[0] == "0"
+    assert "history missing" in (plan.warning() or "")

@@ -403,7 +403,7 @@ class IcebergSnapshot:
                 )
             )
         units.sort(key=lambda u: placed[u.path])
-        if history and history[0].parent_snapshot_id is not None:  # older snapshots expired
+        if history:  # a file older than the oldest snapshot kept: its snapshot was expired
             kept = 1 if v1 else history[0].sequence_number or 0
             for u in units:
                 if sequences[u.path] < kept and u.path not in self.doubts:
