@@ -65,7 +65,7 @@ from pymongo.database import Database
 from lakesync.lake import Lake, Listing
 from lakesync.models import PLANS, utcnow
 from lakesync.schema import RecordSchema, Validated, validate
-from lakesync.sources.base import MERGED, MISSING, OrderDoubt
+from lakesync.sources.base import MISSING, OrderDoubt
 from lakesync.typemap import MONGODB, ServerLimits, server_limits
 
 logger = logging.getLogger(__name__)
@@ -585,18 +585,19 @@ def _doubted(
 ) -> tuple[int, tuple[int, bytes] | None]:
     """How many of a bucket's keys have a winner the table's order cannot tell from the
     record before it, and the first one's (position, key bytes): the winner's file is a
-    merged rewrite that holds that record too, or both files lost their history (their
-    places among themselves are a guess). ``doubts``: file number -> its ``OrderDoubt``."""
+    merged rewrite (its rows of the key may be of any of the versions merged, in the
+    writer's order, and may be older than a record in a file written between those
+    versions), or both files lost their history (their places among themselves are a
+    guess). ``doubts``: file number -> its ``OrderDoubt``."""
     g = _groups(bucket)
     file = g.p >> 32
     winners = np.flatnonzero(g.last & ~g.first & np.isin(file, list(doubts)))
     count, first = 0, None
     for i in winners.tolist():
         doubt, before = doubts[int(file[i])], int(file[i - 1])
-        if doubt.kind == MERGED:
-            if before != int(file[i]):
-                continue
-        elif before == int(file[i]) or getattr(doubts.get(before), "kind", None) != MISSING:
+        if doubt.kind == MISSING and (
+            before == int(file[i]) or getattr(doubts.get(before), "kind", None) != MISSING
+        ):
             continue
         count += 1
         if first is None:
