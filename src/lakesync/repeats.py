@@ -591,18 +591,21 @@ def _doubted(
     guess). ``doubts``: file number -> its ``OrderDoubt``."""
     g = _groups(bucket)
     file = g.p >> 32
-    winners = np.flatnonzero(g.last & ~g.first & np.isin(file, list(doubts)))
-    count, first = 0, None
-    for i in winners.tolist():
-        doubt, before = doubts[int(file[i])], int(file[i - 1])
-        if doubt.kind == MISSING and (
-            before == int(file[i]) or getattr(doubts.get(before), "kind", None) != MISSING
-        ):
-            continue
-        count += 1
-        if first is None:
-            first = (int(g.p[i]), g.k[i].as_py())
-    return count, first
+    numbers = np.array(sorted(doubts), dtype=np.int64)
+    missing = np.array([doubts[n].kind == MISSING for n in numbers.tolist()], dtype=bool)
+
+    def kind(files: np.ndarray) -> np.ndarray:  # 0: a file in order, 1: merged, 2: missing
+        at = np.minimum(np.searchsorted(numbers, files), len(numbers) - 1)
+        return np.where(numbers[at] == files, np.where(missing[at], 2, 1), 0)
+
+    winners = np.flatnonzero(g.last & ~g.first)  # the last record of a repeated key
+    mine, before = file[winners], file[winners - 1]
+    theirs = kind(mine)
+    flagged = winners[(theirs == 1) | ((theirs == 2) & (before != mine) & (kind(before) == 2))]
+    if not len(flagged):
+        return 0, None
+    i = int(flagged[0])
+    return len(flagged), (int(g.p[i]), g.k[i].as_py())
 
 
 def _confused(limits: ServerLimits, later: bytes, earlier: bytes) -> str:
