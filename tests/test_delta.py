@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import re
 import sys
+from collections import Counter
 from collections.abc import Iterator
 from datetime import timedelta
 from pathlib import Path
@@ -12,6 +13,7 @@ from typing import Any
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.dataset as ds
+import pyarrow.parquet as pq
 import pytest
 from deltalake import DeltaTable, write_deltalake
 from tests.helpers import REGION, aws_test_env, run_job, s3_client, start_moto_thread
@@ -303,3 +305,126 @@ def test_a_resumed_incremental_run_reads_the_whole_table_once_the_old_log_is_gon
     assert paused.checkpoint.file != v0_file
     assert done.processedRecords == APPENDED + done.unchangedRecords
     assert db.taskdetails.count_documents({}) == FIRST + APPENDED
+
+
+def _appended_updates(path: Path, versions: int = 4, keys: int = 400) -> None:
+    """Every version appends a new value of the same keys (updates written as appends)."""
+    for v in range(versions):
+        rows = pa.table({"k": pa.array(range(keys), pa.int64()), "v": [v] * keys})
+        write_deltalake(str(path), rows, mode="append")
+
+
+def test_a_delete_that_merges_versions_into_one_file_is_said_not_silent(
+    tmp_path: Path, db: Any
+) -> None:
+    """A delta-rs DELETE rewrites the files of several versions into one file in its own
+    row order: which record of a key is newest cannot be told any more. The plan counts the
+    keys so left in doubt (here: every key the files still hold twice or more in one file),
+    and the job keeps a warning saying so and what to do."""
+    from lakesync import repeats
+    from lakesync.schema import RecordSchema
+
+    path = tmp_path / "updates"
+    _appended_updates(path)
+    DeltaTable(str(path)).delete("k % 97 = 0")
+    lake = Lake.open(str(path))
+    merged = [d for d in lake.doubts if d is not None]
+    assert merged and all(d.kind == "merged" for d in merged)
+    assert "merged rewrite of versions 0..3" in {d.why for d in merged}
+    # the keys held more than once whose last record is in a merged file: what is flagged
+    where: dict[int, int] = {}
+    held: Counter[int] = Counter()
+    for i, file in enumerate(lake.files):
+        for k in pq.read_table(file.removeprefix("file://"), columns=["k"])["k"].to_pylist():
+            where[k], held[k] = i, held[k] + 1
+    expected = sum(1 for k, n in held.items() if n > 1 and lake.doubts[where[k]] is not None)
+    assert expected > 0
+    plan = repeats.plan_lake(lake, RecordSchema(key="k"))
+    assert plan.doubted == expected and plan.example is not None
+    warning = plan.warning()
+    assert warning is not None and f"for {expected:,} keys" in warning
+    assert "merged rewrite of versions" in warning and "watermark" in warning
+    repeats.plan_job(db, "job_doubt", lake, RecordSchema(key="k"))
+    assert repeats.order_warning(db, "job_doubt") == warning
+
+
+def test_tables_whose_order_is_known_give_no_warning(tmp_path: Path) -> None:
+    """No false alarm: appended updates never rewritten, a table of unique keys rewritten by
+    a DELETE, and a MERGE-upsert table (one row per key) rewritten by a DELETE."""
+    from lakesync import repeats
+    from lakesync.schema import RecordSchema
+
+    schema = RecordSchema(key="k")
+    plain = tmp_path / "plain"
+    _appended_updates(plain)
+    assert repeats.plan_lake(Lake.open(str(plain)), schema).warning() is None
+    unique = tmp_path / "unique"
+    for v in range(4):
+        write_deltalake(str(unique), pa.table({"k": range(v * 100, v * 100 + 100)}), mode="append")
+    DeltaTable(str(unique)).delete("k % 7 = 0")
+    assert repeats.plan_lake(Lake.open(str(unique)), schema).warning() is None
+    upserted = tmp_path / "upserted"
+    write_deltalake(str(upserted), pa.table({"k": range(300), "v": [0] * 300}))
+    for v in range(1, 4):
+        source = pa.table({"k": range(v * 50, v * 50 + 300), "v": [v] * 300})
+        (
+            DeltaTable(str(upserted))
+            .merge(source, "t.k = s.k", source_alias="s", target_alias="t")
+            .when_matched_update_all()
+            .when_not_matched_insert_all()
+            .execute()
+        )
+    DeltaTable(str(upserted)).delete("k % 7 = 0")
+    plan = repeats.plan_lake(Lake.open(str(upserted)), schema)
+    assert plan.warning() is None and plan.doubted == 0
+
+
+def test_a_copy_of_a_merged_rewrite_completes_and_says_so(
+    settings: Settings, db: Any, tmp_path: Path, records: pa.Table
+) -> None:
+    """The job itself: it completes, every key copied once, and its final message (and its
+    log) warns of the keys whose newest record the table cannot tell, with what to do."""
+    path = tmp_path / "tasks"
+    plain = records.set_column(
+        records.schema.get_field_index("projectId"),
+        "projectId",
+        records["projectId"].cast(pa.string()),
+    )
+    at = plain.schema.get_field_index("hoursLogged")
+    some = plain.slice(0, 500)
+    for v in range(3):  # updates appended: hoursLogged is the version that wrote it
+        hours = pa.array([float(v)] * some.num_rows)
+        write_deltalake(str(path), some.set_column(at, "hoursLogged", hours), mode="append")
+    DeltaTable(str(path)).delete("taskDetailId LIKE '%7'")
+    settings = settings.model_copy(update={"lake_uri": str(path), "batch_size": 200})
+    with Runtime(settings) as rt:
+        done = run_job(rt, str(path))
+    assert done.status == JobState.COMPLETED, (done.message, done.error)
+    kept = [k for k in some["taskDetailId"].to_pylist() if not k.endswith("7")]
+    assert done.duplicateRecords == 2 * len(kept)
+    assert db.taskdetails.count_documents({}) == len(kept)
+    assert "Warning: for " in done.message and "merged rewrite of versions" in done.message
+    assert "watermark" in done.message
+
+
+def test_keys_across_files_whose_commits_were_cleaned_up_are_said(tmp_path: Path) -> None:
+    """A DELETE rewrote an old file after a newer version of one of its keys was appended;
+    then the log was cleaned up after a checkpoint: both files are placed by modification
+    time, the rewrite's old row wins, and the plan counts that key as in doubt."""
+    from lakesync import repeats
+    from lakesync.schema import RecordSchema
+
+    path = tmp_path / "cleaned"
+    write_deltalake(str(path), pa.table({"id": [0, 1], "v": ["old", "old"]}))
+    write_deltalake(str(path), pa.table({"id": [0], "v": ["new"]}), mode="append")
+    DeltaTable(str(path)).delete("id = 1")
+    schema = RecordSchema(key="id")
+    assert repeats.plan_lake(Lake.open(str(path)), schema).warning() is None
+    DeltaTable(str(path)).create_checkpoint()
+    for v in range(3):
+        (path / "_delta_log" / f"{v:020d}.json").unlink()
+    lake = Lake.open(str(path))
+    assert {d.kind for d in lake.doubts if d} == {"missing"}
+    plan = repeats.plan_lake(lake, schema)
+    assert plan.doubted == 1 and plan.example is not None and plan.example[0] == "0"
+    assert "history missing" in (plan.warning() or "")

@@ -857,3 +857,53 @@ def test_serve_killed_twice_while_copying_a_table_in_partitions(
     status = JobStatus.model_validate(final)
     check(status, db, table, empty_before=True)
     assert status.attempt >= 2 and (status.partitions or 0) >= 5
+
+
+def compact(table: Table) -> None:
+    """Rewrite all the data files of ``table`` as one, in one snapshot (as a compaction
+    does, through pyiceberg's own snapshot producer and file writer)."""
+    from pyiceberg.io.pyarrow import _dataframe_to_data_files
+
+    data = table.scan().to_arrow()
+    with table.transaction() as tx, tx.update_snapshot().overwrite() as rewrite:
+        for task in table.scan().plan_files():
+            rewrite.delete_data_file(task.file)
+        for f in _dataframe_to_data_files(
+            table_metadata=tx.table_metadata, df=data, io=table.io, write_uuid=rewrite.commit_uuid
+        ):
+            rewrite.append_data_file(f)
+
+
+def test_rewrites_whose_row_order_is_lost_are_said(catalog: SqlCatalog) -> None:
+    """The keys whose newest record the table cannot tell are counted (the job warns of
+    them): a compaction that wrote rows of several sequence numbers into one file, and files
+    whose snapshots were expired. Rewrites of one file each (pyiceberg's deletes) and tables
+    with their whole history give no warning."""
+    from lakesync import repeats
+    from lakesync.schema import RecordSchema
+
+    schema = RecordSchema(key=KEY)
+    assert repeats.plan_lake(Lake.open(folder(history(catalog))), schema).warning() is None
+    table = catalog.create_table("ns.compacted", schema=SCHEMA)
+    for v in (1, 2, 3):  # three versions of every key
+        table.append(rows(keys(50), v))
+    compact(table.refresh())  # into one file, in the writer's order
+    lake = Lake.open(folder(table.refresh()))
+    assert [d.why for d in lake.doubts if d] == ["merged rewrite of sequence numbers 1..3"]
+    plan = repeats.plan_lake(lake, schema)
+    assert plan.doubted == 50 and plan.example is not None
+    assert "merged rewrite of sequence numbers 1..3" in (plan.warning() or "")
+    table = catalog.create_table("ns.expired", schema=SCHEMA)
+    table.append(rows(keys(5), 1))
+    table.append(rows(keys(5), 2))
+    table.delete("taskDetailId = 'K00004'")  # both files rewritten, in one snapshot
+    table.append(rows(keys(3, 100), 3))
+    table = table.refresh()
+    assert repeats.plan_lake(Lake.open(folder(table)), schema).warning() is None
+    current = table.metadata.current_snapshot_id
+    old = [s.snapshot_id for s in table.metadata.snapshots if s.snapshot_id != current]
+    table.maintenance.expire_snapshots().by_ids(old).commit()
+    lake = Lake.open(folder(table.refresh()))
+    assert {d.kind for d in lake.doubts if d} == {"missing"}
+    plan = repeats.plan_lake(lake, schema)
+    assert plan.doubted == 4 and "history missing" in (plan.warning() or "")

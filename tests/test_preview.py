@@ -171,3 +171,28 @@ def test_preview_of_an_unreachable_s3_endpoint_says_so_and_speaks_of_no_job(
     for shown in (said, error):
         assert "job" not in shown and "checkpoint" not in shown, shown
     assert db.jobstatuses.count_documents({}) == 0
+
+
+def test_inspect_names_the_files_whose_row_order_a_rewrite_merged(
+    settings: Settings, tmp_path: Path
+) -> None:
+    """A delta-rs DELETE that rewrote files of several versions into one: the preview says
+    which files' row order the table cannot tell (a plain table says nothing)."""
+    from deltalake import DeltaTable, write_deltalake
+
+    table = tmp_path / "updates"
+    for v in range(3):
+        write_deltalake(str(table), pa.table({"k": range(100), "v": [v] * 100}), mode="append")
+    config = tmp_path / "lakesync.toml"
+    config.write_text(
+        f'[operations.kv]\nsource = "{table}"\ncollection = "kv"\nkey = "k"\n'
+    )  # fmt: skip
+    env = child_env(settings, COLUMNS="80", LAKESYNC_OPERATIONS_FILE=str(config))
+    before = json.loads(lakesync(env, "inspect", "kv", "--json").stdout)
+    assert before["orderInDoubt"] == {"files": 0, "examples": []}
+    DeltaTable(str(table)).delete("k % 9 = 0")
+    after = json.loads(lakesync(env, "inspect", "kv", "--json").stdout)
+    assert after["orderInDoubt"]["files"] >= 1
+    assert "merged rewrite of versions 0..2" in after["orderInDoubt"]["examples"][0]
+    shown = lakesync(env, "inspect", "kv")
+    assert "lake order" in shown.stdout and "older version" in shown.stdout, shown.stdout

@@ -301,6 +301,10 @@ class Store:
         repeats.plan_job(self.jobs.db, job_id, lake, schema, planned, by, collection, spill)
 
     @retried("reading the plan")
+    def order_warning(self, job_id: str) -> str | None:
+        return repeats.order_warning(self.jobs.db, job_id)
+
+    @retried("reading the plan")
     def superseded(self, job_id: str, files: list[str] | None = None) -> repeats.Superseded:
         return repeats.Superseded.load(self.jobs.db, job_id, files)
 

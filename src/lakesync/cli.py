@@ -926,6 +926,11 @@ def _print_preview(p: dict[str, Any]) -> None:
          f"{_plural(p['repeatedKeys']['keys'], 'key')} repeated "
          f"({_plural(p['repeatedKeys']['records'], 'record')} a later one replaces)"),
     ]  # fmt: skip
+    doubt = p.get("orderInDoubt") or {}
+    if doubt.get("files"):
+        facts.append(("lake order", f"{_plural(doubt['files'], 'file')} whose rows' order the "
+                      f"table cannot tell (e.g. {doubt['examples'][0]}): a key repeated in "
+                      "them may be copied at an older version"))  # fmt: skip
     table = Table(show_header=False, box=None, pad_edge=False)
     table.add_column(no_wrap=True, style="bold")
     table.add_column(overflow="fold")

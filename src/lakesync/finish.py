@@ -94,6 +94,8 @@ def complete(
     message = summary(final)
     if cp.since is not None:
         message += f" (records changed since {shown(cp.since)})"
+    if (warning := lease.store.order_warning(lease.job_id)) is not None:
+        message += f". {warning}"
     done = lease.end(final, JobState.COMPLETED, message)  # or cancelled: JobStore.finish
     mode = str(final.options.get("mode") or "full")
     if done is not None and done.state is JobState.COMPLETED and cp.until and mode != "dry-run":

@@ -98,6 +98,17 @@ def preview(
         },
         "documents": [_json(b) for b in bodies[:SHOWN]],
         "rejections": rejected,
+        "orderInDoubt": _in_doubt(lake),
+    }
+
+
+def _in_doubt(lake: Any) -> dict[str, Any]:
+    """The files whose place or row order the table cannot tell (``OrderDoubt``): a key
+    repeated in them may be copied at an older version (the job counts and warns)."""
+    doubted = [(lake.file_name(i), d.why) for i, d in enumerate(lake.doubts) if d is not None]
+    return {
+        "files": len(doubted),
+        "examples": [f"{name}: {why}" for name, why in doubted[:SHOWN]],
     }
 
 

@@ -65,6 +65,7 @@ from pymongo.database import Database
 from lakesync.lake import Lake, Listing
 from lakesync.models import PLANS, utcnow
 from lakesync.schema import RecordSchema, Validated, validate
+from lakesync.sources.base import MISSING, OrderDoubt
 from lakesync.typemap import MONGODB, ServerLimits, server_limits
 
 logger = logging.getLogger(__name__)
@@ -106,6 +107,24 @@ class Plan:
 
     superseded: dict[str, np.ndarray] = field(default_factory=dict)
     refused: dict[str, list[tuple[int, str]]] = field(default_factory=dict)
+    #: keys whose winning record the table's order cannot tell (``_doubted``): how many,
+    #: and one of them (the key as shown, its winner's file, why)
+    doubted: int = 0
+    example: tuple[str, str, str] | None = None
+
+    def warning(self) -> str | None:
+        """What the job says of the keys in doubt (None: there are none)."""
+        if not self.doubted or self.example is None:
+            return None
+        key, file, why = self.example
+        n = self.doubted
+        return (
+            f"Warning: for {n:,} key{'' if n == 1 else 's'} the table cannot tell which "
+            f"record is the newest, so the copy may hold an older version of "
+            f"{'it' if n == 1 else 'them'} (e.g. _id {key} in {file}: {why}). Copy a table "
+            "before compacting it, rewriting it or cleaning up its history, or copy it "
+            "incrementally with a watermark column"
+        )
 
 
 def plan_lake(
@@ -142,17 +161,28 @@ def plan_lake(
     index = {f: i for i, f in enumerate(lake.files)}
     part = lake.only([lake.file_name(i) for i in sorted(index[names[f]] for f in holding)])
     del files, names, index, holding
+    doubt_of = {f: d for f, d in zip(part.files, part.doubts, strict=True) if d is not None}
     with _KeyLog(spill) as log:
         files = _log_keys(log, part, schema, filter, None, limits, exact=True)
         names = list(files)
+        doubts = {n: doubt_of[f] for f, n in files.items() if f in doubt_of}
         losers: list[np.ndarray] = []
         refused: dict[str, list[tuple[int, str]]] = {}
+        doubted, example = 0, None
         for bucket in log.buckets():
             lost, conflicts = _settle(bucket, limits)
             losers.append(lost)
             for at, reason in conflicts:
                 refused.setdefault(names[at >> 32], []).append((at & 0xFFFFFFFF, reason))
-    return Plan(_by_file(losers, names), {f: sorted(r) for f, r in refused.items()})
+            if doubts:
+                count, first = _doubted(bucket, doubts)
+                doubted += count
+                if example is None and first is not None:
+                    at, key = first
+                    example = (_shown(key), names[at >> 32], doubts[at >> 32].why)
+    return Plan(
+        _by_file(losers, names), {f: sorted(r) for f, r in refused.items()}, doubted, example
+    )
 
 
 def _by_file(losers: list[np.ndarray], names: list[str]) -> dict[str, np.ndarray]:
@@ -550,6 +580,34 @@ def _settle(bucket: pa.Table, limits: ServerLimits) -> tuple[np.ndarray, list[tu
     return lost, conflicts
 
 
+def _doubted(
+    bucket: pa.Table, doubts: dict[int, OrderDoubt]
+) -> tuple[int, tuple[int, bytes] | None]:
+    """How many of a bucket's keys have a winner the table's order cannot tell from the
+    record before it, and the first one's (position, key bytes): the winner's file is a
+    merged rewrite (its rows of the key may be of any of the versions merged, in the
+    writer's order, and may be older than a record in a file written between those
+    versions), or both files lost their history (their places among themselves are a
+    guess). ``doubts``: file number -> its ``OrderDoubt``."""
+    g = _groups(bucket)
+    file = g.p >> 32
+    numbers = np.array(sorted(doubts), dtype=np.int64)
+    missing = np.array([doubts[n].kind == MISSING for n in numbers.tolist()], dtype=bool)
+
+    def kind(files: np.ndarray) -> np.ndarray:  # 0: a file in order, 1: merged, 2: missing
+        at = np.minimum(np.searchsorted(numbers, files), len(numbers) - 1)
+        return np.where(numbers[at] == files, np.where(missing[at], 2, 1), 0)
+
+    winners = np.flatnonzero(g.last & ~g.first)  # the last record of a repeated key
+    mine, before = file[winners], file[winners - 1]
+    theirs = kind(mine)
+    flagged = winners[(theirs == 1) | ((theirs == 2) & (before != mine) & (kind(before) == 2))]
+    if not len(flagged):
+        return 0, None
+    i = int(flagged[0])
+    return len(flagged), (int(g.p[i]), g.k[i].as_py())
+
+
 def _confused(limits: ServerLimits, later: bytes, earlier: bytes) -> str:
     server = limits.name.split(",")[0]
     return (
@@ -681,6 +739,11 @@ def plan_job(
     plan = plan_lake(lake, schema, filter, filter_columns, limits, spill)
     pa.default_memory_pool().release_unused()  # the plan's Arrow buffers, before the copy
     count = save(db, job_id, plan)
+    warning = plan.warning()
+    if warning is not None:  # the job's log keeps it; its final message says it (finish)
+        logger.warning("job %s: %s", job_id, warning)
+        doc = {"_id": f"{job_id}:order", "jobId": job_id, "order": warning, "createdAt": utcnow()}
+        db[PLANS].insert_one(doc)  # (``save`` removed any a dead run left)
     if count:
         logger.info(
             "job %s: %d records are replaced by a later record of the same key in %d files",
@@ -696,6 +759,12 @@ def plan_job(
             limits.name,
         )
     return count
+
+
+def order_warning(db: Database[dict[str, Any]], job_id: str) -> str | None:
+    """The warning ``plan_job`` kept for the job's final message (None: there is none)."""
+    doc = db[PLANS].find_one({"_id": f"{job_id}:order"})
+    return None if doc is None else str(doc["order"])
 
 
 def save_listing(db: Database[dict[str, Any]], job_id: str, listing: Listing | None) -> None:

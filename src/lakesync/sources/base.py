@@ -10,7 +10,12 @@ A *readable table* (``sources.lake.Lake``, whatever the kind underneath) offers:
 - reading: ``batches(size, start=Position(unit, row))`` streams ``LakeBatch``es from any
   position, so partitions and resumed runs read exactly the rows they were planned with;
 - ``version``: the table version read (Delta version, Iceberg snapshot id; None for plain
-  files), ``since_version`` for an incremental read of the units added after a version.
+  files), ``since_version`` for an incremental read of the units added after a version;
+- ``doubts``: per unit, None when its place and its own row order are the table's order,
+  else an ``OrderDoubt`` saying why not (a rewrite that merged rows of several versions
+  into it: the order of one key's rows inside it is the writer's; or its history is gone:
+  its place among such units is a guess). The plan warns of the keys whose winner this
+  leaves in doubt (``repeats``).
 
 A *table kind* (Delta today, Iceberg next) plugs in by turning a folder into a
 ``TableVersion``: its data files in the table's order, each with its partition values and
@@ -48,6 +53,22 @@ def rewritten_place(removed: Iterable[OrderKey], own: OrderKey) -> OrderKey:
     carries then never comes after a newer row of the same key written in between, as it
     would if the rewrite's commit were its place."""
     return (*max(removed), *own)
+
+
+@dataclass(frozen=True)
+class OrderDoubt:
+    """Why a unit's place in lake order, or its rows' order, is not the table's own.
+
+    ``kind`` is ``MERGED`` (a rewrite wrote rows of several versions into this one unit:
+    two rows of one key inside it are in the writer's order, not commit order) or
+    ``MISSING`` (the commit or snapshot that added it was cleaned up: its place among other
+    such units is a guess, by modification time). ``why`` says so in words."""
+
+    kind: str
+    why: str
+
+
+MERGED, MISSING = "merged", "missing"
 
 
 @dataclass(frozen=True)
@@ -192,6 +213,8 @@ class TableVersion:
     live: dict[str, pa.BooleanArray] = field(default_factory=dict)
     #: column mapping: the schema as the Parquet files name it (nested fields too), or None
     physical: pa.Schema | None = None
+    #: path -> why its place or row order is not the table's own (``OrderDoubt``)
+    doubts: dict[str, OrderDoubt] = field(default_factory=dict)
 
 
 def with_partition_columns(schema: pa.Schema, keys: list[tuple[str, str | None]]) -> pa.Schema:

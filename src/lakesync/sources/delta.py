@@ -91,7 +91,7 @@ def snapshot(location: Location, path: str, version: int | None = None) -> Table
         at = _file_path(location, path, row["path"])
         files.append((at, _expression(schema, row)))
         modified[at] = _millis(row["modification_time"])
-    order = commit_order(
+    order, doubts = commit_order(
         location, path, current, modified, lambda logged: _file_path(location, path, logged)
     )
     files.sort(key=lambda f: order[f[0]])  # the table's commit order
@@ -111,7 +111,7 @@ def snapshot(location: Location, path: str, version: int | None = None) -> Table
         len(files),
         len(live),
     )
-    return TableVersion("delta", current, schema, files, renames, live, physical)
+    return TableVersion("delta", current, schema, files, renames, live, physical, doubts)
 
 
 def _millis(value: Any) -> int:

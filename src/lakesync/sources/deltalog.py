@@ -14,6 +14,11 @@ place in that commit (the order of its ``add`` actions). delta-rs names files
   the rule Iceberg's order follows too).
 - A file whose commit JSON is gone (the log was cleaned up after a checkpoint) comes before
   every file known from a commit, ordered by its modification time, then its path.
+
+Two things this order cannot tell, said per file (``base.OrderDoubt``): a rewrite that
+removed files of several versions wrote their rows into its files in its own order (delta-rs
+DELETE/UPDATE, OPTIMIZE), so two rows of one key inside such a file are not in commit order;
+and the files whose commit is gone are placed among themselves by a guess.
 """
 
 from __future__ import annotations
@@ -30,7 +35,7 @@ import pyarrow.fs as pafs
 
 from lakesync.errors import SourceError
 from lakesync.locations import Location, read_error
-from lakesync.sources.base import OrderKey, rewritten_place
+from lakesync.sources.base import MERGED, MISSING, OrderDoubt, OrderKey, rewritten_place
 
 logger = logging.getLogger(__name__)
 
@@ -55,10 +60,11 @@ def commit_order(
     version: int,
     active: dict[str, int],
     path_of: Callable[[str], str],
-) -> dict[str, OrderKey]:
+) -> tuple[dict[str, OrderKey], dict[str, OrderDoubt]]:
     """The sort key of each active file (``active``: path -> modification time in ms) of
-    version ``version`` of the table at ``root``; ``path_of`` turns a path as the log
-    writes it into a filesystem path."""
+    version ``version`` of the table at ``root``, and the files whose place or row order
+    the log cannot tell (see the module's doc); ``path_of`` turns a path as the log writes
+    it into a filesystem path."""
     log = f"{root.rstrip('/')}/_delta_log"
     try:
         listed = location.fs.get_file_info(pafs.FileSelector(log))
@@ -75,12 +81,23 @@ def commit_order(
         return _read_commit(location, *item, path_of)
 
     keys: dict[str, OrderKey] = {}
+    spans: dict[str, tuple[int, int] | None] = {}
     with ThreadPoolExecutor(max(threads, 1)) as pool:
         for commit in (pool.map if threads else map)(read, found):
-            _apply(commit, keys)
-    order = {}
+            _apply(commit, keys, spans)
+    order, doubts = {}, {}
     for path, mtime in active.items():  # not in any commit left: before all of them
         order[path] = keys.get(path) or (0, mtime, path)
+        if path not in keys:
+            doubts[path] = OrderDoubt(MISSING, "history missing (its commit was cleaned up)")
+        elif path in spans:
+            span = spans[path]
+            if span is None:
+                why = "rewrite of several files whose history is missing"
+                doubts[path] = OrderDoubt(MERGED, why)
+            elif span[0] != span[1]:
+                why = f"merged rewrite of versions {span[0]}..{span[1]}"
+                doubts[path] = OrderDoubt(MERGED, why)
     missing = sum(1 for path in active if path not in keys)
     if missing:
         logger.info(
@@ -89,7 +106,7 @@ def commit_order(
             location.show(root),
             missing,
         )
-    return order
+    return order, doubts
 
 
 def commit_time(location: Location, root: str, version: int) -> int | None:
@@ -118,16 +135,29 @@ def commit_time(location: Location, root: str, version: int) -> int | None:
     return None if info.mtime_ns is None else info.mtime_ns // 1_000_000
 
 
-def _apply(commit: _Commit, keys: dict[str, OrderKey]) -> None:
-    """Give each file ``commit`` adds its place (see the module's rules)."""
+def _apply(
+    commit: _Commit, keys: dict[str, OrderKey], spans: dict[str, tuple[int, int] | None]
+) -> None:
+    """Give each file ``commit`` adds its place (see the module's rules), and the versions
+    whose rows it may hold (``spans``: first..last; None: some of them are unknown). The log
+    does not say which removed file went into which added one: each may hold any."""
     removed = [keys.get(p, _UNKNOWN) for p in commit.removes]
     rewrite = commit.operation.upper().startswith(_REWRITES) or (
         bool(commit.adds) and not any(change for _, change in commit.adds)
     )
+    span: tuple[int, int] | None = (commit.version, commit.version)
+    if rewrite and removed:
+        sources = [spans.get(p) if p in keys else None for p in commit.removes]
+        if len(sources) > 1 and any(s is None for s in sources):
+            span = None
+        else:
+            known = [s for s in sources if s is not None]
+            span = (min(s[0] for s in known), max(s[1] for s in known)) if known else span
     for index, (path, _) in enumerate(commit.adds):
         if path not in keys:
             own = (commit.version, index)
             keys[path] = rewritten_place(removed, own) if rewrite and removed else (1, *own)
+            spans[path] = span
 
 
 def _read_commit(

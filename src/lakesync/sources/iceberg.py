@@ -33,7 +33,7 @@ import pyarrow.fs as pafs
 from lakesync.config import Settings
 from lakesync.errors import SourceError, TransientSourceError
 from lakesync.locations import Location, read_error, short_error
-from lakesync.sources.base import OrderKey, rewritten_place
+from lakesync.sources.base import MISSING, OrderDoubt, OrderKey, rewritten_place
 from lakesync.sources.icebergorder import rewrite_places
 
 if TYPE_CHECKING:
@@ -303,6 +303,8 @@ class IcebergSnapshot:
             [f.remove_metadata() for f in schema_to_pyarrow(self._schema, include_field_ids=False)]
         )
         self._root = metadata.location.rstrip("/")
+        #: data file path -> why its place or row order is not the table's own
+        self.doubts: dict[str, OrderDoubt] = {}
         self.units: list[Unit] = [] if snapshot is None else self._plan(snapshot, confined)
         if since is not None and snapshot is not None:
             before = self._data_files(since, confined)
@@ -352,7 +354,7 @@ class IcebergSnapshot:
             return True
 
         try:
-            rewrites = rewrite_places(table, history, rank if v1 else None, check)
+            rewrites = rewrite_places(table, history, rank if v1 else None, check, self.doubts)
             if confined is not None:
                 _confined(snapshot.manifest_list, confined, self.uri)
             manifests = snapshot.manifests(table.io)
@@ -401,6 +403,12 @@ class IcebergSnapshot:
                 )
             )
         units.sort(key=lambda u: placed[u.path])
+        if history:  # a file older than the oldest snapshot kept: its snapshot was expired
+            kept = 1 if v1 else history[0].sequence_number or 0
+            for u in units:
+                if sequences[u.path] < kept and u.path not in self.doubts:
+                    why = "history missing (the snapshot that wrote it was expired)"
+                    self.doubts[u.path] = OrderDoubt(MISSING, why)
         return units
 
     def _data_files(self, snapshot_id: int, confined: str | None) -> set[str]:

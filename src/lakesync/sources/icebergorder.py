@@ -26,6 +26,10 @@ order:
   place in manifest order is not kept);
 - the history followed is the snapshot's ancestors still in the metadata: a rewrite whose
   snapshot was expired gives its files their own sequence number.
+
+What this cannot tell is said per file (``base.OrderDoubt``): a file a rewrite wrote from
+files of several sequence numbers holds their rows in the writer's order; the files older
+than the oldest snapshot kept (the others expired) may come from a rewrite that is gone.
 """
 
 from __future__ import annotations
@@ -34,7 +38,7 @@ from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from typing import TYPE_CHECKING, Any
 
-from lakesync.sources.base import OrderKey, rewritten_place
+from lakesync.sources.base import MERGED, OrderDoubt, OrderKey, rewritten_place
 
 if TYPE_CHECKING:
     from pyiceberg.manifest import DataFile
@@ -50,12 +54,14 @@ def rewrite_places(
     history: list[Any],
     rank: dict[int, int] | None,
     confined: Callable[[str], None],
+    doubts: dict[str, OrderDoubt] | None = None,
 ) -> dict[str, OrderKey]:
     """The place of each data file a rewrite of ``history`` (the snapshot read and its
     ancestors, oldest first) added, by path: the place of the newest file it replaced (see
     the module's rules), to which the file's own (sequence number, manifest order) is added.
     ``rank`` (v1 tables) numbers each snapshot in place of a sequence number; ``confined``
-    checks each metadata file read lies in the table's folder."""
+    checks each metadata file read lies in the table's folder. ``doubts`` receives the
+    added files that may hold rows of several sequence numbers (``OrderDoubt``)."""
     rewrites = [s for s in history if _is_rewrite(s)]
     if not rewrites:
         return {}
@@ -63,6 +69,7 @@ def rewrite_places(
     with ThreadPoolExecutor(min(_READ_THREADS, len(rewrites))) as pool:
         changes = list(pool.map(lambda s: _changes(table, s, rank, confined), rewrites))
     places: dict[str, OrderKey] = {}
+    spans: dict[str, tuple[int, int]] = {}  # the sequence numbers a file's rows come from
     for removed, added in changes:
         if not removed:
             continue
@@ -71,9 +78,16 @@ def rewrite_places(
             own = (sequence, _LAST)
             earlier = places.get(f.file_path)
             place[f.file_path] = own if earlier is None else rewritten_place((earlier,), own)
+            spans.setdefault(f.file_path, (sequence, sequence))
         for f in added:
             sources = [r for r, _ in removed if _could_hold(r, f, types)] or [r for r, _ in removed]
             places[f.file_path] = max(place[r.file_path] for r in sources)
+            low = min(spans[r.file_path][0] for r in sources)
+            high = max(spans[r.file_path][1] for r in sources)
+            spans[f.file_path] = (low, high)
+            if low != high and doubts is not None:
+                why = f"merged rewrite of sequence numbers {low}..{high}"
+                doubts[f.file_path] = OrderDoubt(MERGED, why)
     return places
 
 

@@ -47,6 +47,7 @@ from lakesync.sources.base import (
     FileFacts,
     LakeBatch,
     Listing,
+    OrderDoubt,
     Position,
     hold,
     let_go,
@@ -122,8 +123,11 @@ class Lake:
         objects: WholeObjects | None = None,
         table: iceberg.IcebergSnapshot | None = None,
         units: list[int] | None = None,
+        doubts: list[OrderDoubt | None] | None = None,
     ) -> None:
         self.uri, self.format, self.files, self.version = uri, fmt, files, version
+        #: per file: why its place or row order is not the table's own (None: it is)
+        self.doubts: list[OrderDoubt | None] = doubts or [None] * len(files)
         #: Iceberg: the snapshot read (it reads its units itself: deletes, field ids), and
         #: the unit of it each file index is
         self._table, self._units = table, units or list(range(len(files)))
@@ -475,6 +479,7 @@ class Lake:
             live=live,
             views=views,
             objects=loc.objects,
+            doubts=[snap.doubts.get(p) for p, _ in chosen],
         )
 
     @classmethod
@@ -539,6 +544,7 @@ class Lake:
             since_version=since,
             schema=snap.schema,
             table=snap,
+            doubts=[snap.doubts.get(u.path) for u in snap.units],
         )
 
     def close(self) -> None:
@@ -604,6 +610,7 @@ class Lake:
             objects=self._objects,
             table=self._table,
             units=[self._units[i] for i in picked],
+            doubts=[self.doubts[i] for i in picked],
         )
         if self._row_counts is not None:
             part._row_counts = [self._row_counts[i] for i in picked]

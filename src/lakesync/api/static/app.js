@@ -660,6 +660,12 @@ function renderPreview(p, documents) {
     `${fmt(p.rows)} rows (from ${p.rowsFrom}). Into ${p.collection} with _id = ${p.key}. ` +
     `Sample of ${fmt(p.sampleRows)}: ${fmt(p.sampleRejected)} rejected, ` +
     `${fmt(rep.keys)} key${rep.keys === 1 ? "" : "s"} repeated (${rep.among}). Nothing was written.`;
+  const doubt = p.orderInDoubt || { files: 0, examples: [] };
+  if (doubt.files) {
+    $("preview-summary").textContent +=
+      ` Lake order: ${fmt(doubt.files)} file${doubt.files === 1 ? "" : "s"} whose rows' order the table ` +
+      `cannot tell (e.g. ${doubt.examples[0]}): a key repeated in them may be copied at an older version.`;
+  }
   const body = $("preview-schema");
   body.replaceChildren();
   for (const c of p.schema || []) {
