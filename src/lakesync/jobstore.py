@@ -162,8 +162,9 @@ class JobStore:
         self.idempotency: Collection[dict[str, Any]] = db["idempotencykeys"]
         self.ttl_days = ttl_days
         self.seen = RecentStatuses()
-        #: called by the write that ended a job, which set its `notifyDue` (notify.py)
-        self.on_end: Callable[[], None] | None = None
+        #: called with the job's id by the write that ended it, which set its `notifyDue`
+        #: (notify.py)
+        self.on_end: Callable[[str], None] | None = None
 
     @property
     def leases(self) -> Leases:
@@ -691,7 +692,7 @@ class JobStore:
     def _ended(self, status: JobStatus) -> None:
         if self.on_end is not None:
             try:
-                self.on_end()
+                self.on_end(status.jobId)
             except Exception as e:  # a notification never changes how the job ended
                 logger.error("job %s: end hook failed: %s", status.jobId, e)
 

@@ -145,7 +145,8 @@ class Notifier:
         self._collecting = threading.RLock()
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
-        self._mine: set[str] = set()  # deliveries this process put in the outbox
+        self._mine: set[str] = set()  # deliveries of the ends of jobs this process ended
+        self._ended_here: set[str] = set()  # jobs ended here whose end is not collected yet
         self._inflight: dict[str, str] = {}  # delivery id -> the owner of its attempt
         self._swept = 0.0
 
@@ -174,17 +175,23 @@ class Notifier:
             urls.extend(op.notify)
         return {receiver_key(url): url for url in urls}
 
-    def job_ended(self) -> None:
+    def job_ended(self, job_id: str) -> None:
         """A job ended in this process (its end write set `notifyDue`): the dispatcher puts
         its deliveries in the outbox at once, and sends them (returns at once)."""
+        with self._lock:
+            self._ended_here.add(job_id)
         self._due.set()
         self.start()
         self._wake.set()
 
     def _collect(self, lost: bool = False) -> int:
         """Put the flagged ends in the outbox (``lost``: ends whose process died before it
-        could), as deliveries of this process; how many ends were found."""
+        could); those of jobs that ended here are this process's deliveries (a short command
+        drains those only, not another process's found flagged beside them); how many ends
+        were found."""
         with self._collecting:
+            with self._lock:
+                before = set(self._ended_here)
             found = list(
                 self.jobs.find(
                     {"notifyDue": 1, "status": {"$in": list(FINAL_STATES)}}, {"_id": 0}
@@ -201,11 +208,16 @@ class Notifier:
                     )
                 made = self.enqueue(status)
                 with self._lock:
-                    self._mine.update(made)
+                    if status.jobId in self._ended_here:
+                        self._ended_here.discard(status.jobId)
+                        self._mine.update(made)
                 self.jobs.update_one(
                     {"jobId": status.jobId, "status": status.status.value, "notifyDue": 1},
                     {"$unset": {"notifyDue": ""}},
                 )
+            if len(found) < 100:  # every flagged end: ours not found were collected elsewhere
+                with self._lock:
+                    self._ended_here -= before
             return len(found)
 
     def enqueue(self, status: JobStatus) -> list[str]:
