@@ -162,9 +162,11 @@ class JobStore:
         self.idempotency: Collection[dict[str, Any]] = db["idempotencykeys"]
         self.ttl_days = ttl_days
         self.seen = RecentStatuses()
-        #: called with the job's id by the write that ended it, which set its `notifyDue`
-        #: (notify.py)
-        self.on_end: Callable[[str], None] | None = None
+        #: called by the write that ended a job, which set its `notifyDue` (notify.py)
+        self.on_end: Callable[[], None] | None = None
+        #: jobs whose end this process wrote, until the webhook outbox takes them (notify.py:
+        #: a short command waits for those deliveries only)
+        self.ended_here: set[str] = set()
 
     @property
     def leases(self) -> Leases:
@@ -691,8 +693,9 @@ class JobStore:
 
     def _ended(self, status: JobStatus) -> None:
         if self.on_end is not None:
+            self.ended_here.add(status.jobId)
             try:
-                self.on_end(status.jobId)
+                self.on_end()
             except Exception as e:  # a notification never changes how the job ended
                 logger.error("job %s: end hook failed: %s", status.jobId, e)
 

@@ -146,7 +146,8 @@ class Notifier:
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self._mine: set[str] = set()  # deliveries of the ends of jobs this process ended
-        self._ended_here: set[str] = set()  # jobs ended here whose end is not collected yet
+        #: jobs ended here whose end is not collected yet (the store's `ended_here`)
+        self.ended_here: set[str] = set()
         self._inflight: dict[str, str] = {}  # delivery id -> the owner of its attempt
         self._swept = 0.0
 
@@ -175,11 +176,9 @@ class Notifier:
             urls.extend(op.notify)
         return {receiver_key(url): url for url in urls}
 
-    def job_ended(self, job_id: str) -> None:
+    def job_ended(self) -> None:
         """A job ended in this process (its end write set `notifyDue`): the dispatcher puts
         its deliveries in the outbox at once, and sends them (returns at once)."""
-        with self._lock:
-            self._ended_here.add(job_id)
         self._due.set()
         self.start()
         self._wake.set()
@@ -190,8 +189,7 @@ class Notifier:
         drains those only, not another process's found flagged beside them); how many ends
         were found."""
         with self._collecting:
-            with self._lock:
-                before = set(self._ended_here)
+            before = set(self.ended_here)
             found = list(
                 self.jobs.find(
                     {"notifyDue": 1, "status": {"$in": list(FINAL_STATES)}}, {"_id": 0}
@@ -208,16 +206,15 @@ class Notifier:
                     )
                 made = self.enqueue(status)
                 with self._lock:
-                    if status.jobId in self._ended_here:
-                        self._ended_here.discard(status.jobId)
+                    if status.jobId in self.ended_here:
+                        self.ended_here.discard(status.jobId)
                         self._mine.update(made)
                 self.jobs.update_one(
                     {"jobId": status.jobId, "status": status.status.value, "notifyDue": 1},
                     {"$unset": {"notifyDue": ""}},
                 )
             if len(found) < 100:  # every flagged end: ours not found were collected elsewhere
-                with self._lock:
-                    self._ended_here -= before
+                self.ended_here.difference_update(before)
             return len(found)
 
     def enqueue(self, status: JobStatus) -> list[str]:
