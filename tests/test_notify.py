@@ -200,6 +200,29 @@ def test_an_end_whose_outbox_write_was_lost_and_a_delivery_whose_process_died_ar
     assert len(hooks.by_job("/ok")[lost]) == 1
 
 
+def test_a_short_command_waits_only_for_the_ends_it_made(settings: Settings, db: Any) -> None:
+    """A command that ends a job (here with no webhook for its end) exits without waiting on
+    another process's end its dispatcher found flagged: that one's receiver hangs."""
+    from lakesync.models import JobState
+
+    hooks = Hooks(hang=120.0)
+    s = settings.model_copy(update={"notify": [f"{hooks.url}/hang"], "notify_on": ["cancelled"]})
+    try:
+        with Runtime(s) as dying:
+            dying.store.on_end = None  # its process died before putting its end in the outbox
+            _cancelled(dying)
+        rt = Runtime(s)  # a short command (no executor)
+        status, _ = rt.jobs.start("copy-taskdetail", trigger="cli")
+        rt.store.finish(status.jobId, None, JobState.FAILED, "Failed", "no webhook on failed")
+        closing = threading.Thread(target=rt.close, kwargs={"timeout": 60})
+        closing.start()
+        closing.join(30)
+        assert not closing.is_alive(), "the command waited for another process's delivery"
+    finally:
+        hooks.close()
+    assert db.notifications.count_documents({"status": IN_PROGRESS}) == 0  # handed back
+
+
 def test_a_hanging_receiver_delays_no_other(settings: Settings, hooks: Hooks, db: Any) -> None:
     s = settings.model_copy(
         update={

@@ -120,16 +120,52 @@ def _died_or_ended(proc: ServeProcess, job_id: str) -> bool:
         return False
 
 
-_HOOK = """
-import os, signal
+# A real segfault is taken by the thread that faults, at once. os.kill(getpid()) is sent to
+# the process instead: Linux hands it to a thread of its choosing (the event loop's), and
+# the reading thread ran on meanwhile: under load its partition committed a batch of the
+# file that "crashes" it, which restarts the count of deaths (a 4th crash).
+_CRASH = """
+import signal, threading
+def _crash():
+    signal.pthread_kill(threading.get_ident(), signal.SIGSEGV)  # this thread, as a fault
+    threading.Event().wait()  # never reached: the thread does not read on
+"""
+
+_HOOK = (
+    _CRASH
+    + """
 import lakesync.lake as _lake
 _original = _lake.Lake._file_batches
 def _file_batches(self, index, size, skip, filter, columns, *args, **kwargs):
     if "crash-me" in self.files[index] and columns is None:  # the copy, not the plan
-        os.kill(os.getpid(), signal.SIGSEGV)
+        _crash()
     return _original(self, index, size, skip, filter, columns, *args, **kwargs)
 _lake.Lake._file_batches = _file_batches
 """
+)
+
+
+def test_the_crash_stops_the_reading_thread_at_once(tmp_path: Path) -> None:
+    """The test hook's crash, as a segfault in the reader: the thread that meets it never
+    runs another line (it must not read, and commit, what crashes it)."""
+    import subprocess
+    import sys
+
+    ran_on = tmp_path / "ran-on"
+    child = _CRASH + textwrap.dedent(
+        f"""
+        import threading
+        def read():
+            _crash()
+            open({str(ran_on)!r}, "w").close()
+        threading.Thread(target=read).start()
+        threading.Event().wait(60)
+        """
+    )
+    for _ in range(12):
+        done = subprocess.run([sys.executable, "-c", child], timeout=60, check=False)
+        assert done.returncode == -signal.SIGSEGV
+        assert not ran_on.exists()
 
 
 @pytest.mark.slow

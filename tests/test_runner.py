@@ -157,6 +157,35 @@ def test_gives_up_after_max_attempts(settings: Settings) -> None:
     assert done.status == JobState.FAILED and "LAKESYNC_MAX_ATTEMPTS" in (done.error or "")
 
 
+def test_a_give_up_that_could_not_be_written_is_recorded_as_a_give_up_later(
+    settings: Settings, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The end write of a job whose runs kept dying fails (kept in the runner's memory, the
+    job still running); the next run of this process records it: failed, "Gave up"."""
+    from lakesync.errors import LakesyncError
+
+    settings = settings.model_copy(update={"max_attempts": 1})
+    with Runtime(settings) as rt:
+        status, _ = rt.jobs.start("copy-taskdetail")
+        rt.store.jobs.update_one({"jobId": status.jobId}, {"$set": {"failures": 1}})
+        finish, refused = rt.store.finish, []
+
+        def full_disk(*args: Any, **kwargs: Any) -> Any:
+            if not refused:
+                refused.append(args)
+                raise LakesyncError("the database refused the write (disk full)")
+            return finish(*args, **kwargs)
+
+        monkeypatch.setattr(rt.store, "finish", full_disk)
+        rt.runner.run(status.jobId)  # kept for later, not raised
+        assert refused and rt.jobs.get(status.jobId).status == JobState.IN_PROGRESS
+        # its lease expires (no run beats it): the next run of this process ends it
+        wait_for(lambda: rt.runner.run(status.jobId) is Outcome.ENDED or None, timeout=60)
+        done = rt.jobs.get(status.jobId)
+    assert done.status == JobState.FAILED and done.message == "Gave up", done
+    assert "LAKESYNC_MAX_ATTEMPTS" in (done.error or "")
+
+
 def test_two_runners_never_run_the_same_job(settings: Settings) -> None:
     with Runtime(settings) as rt:
         status, _ = rt.jobs.start("copy-taskdetail")

@@ -61,6 +61,10 @@ T = TypeVar("T")
 S = TypeVar("S", bound="Store")
 
 #: a partition document's counters and the job document's fields they add up to
+#: a job's end as failed that could not be written: job -> (message, error), recorded by
+#: this process's next run of the job (SliceLease.fail)
+Unrecorded = dict[str, tuple[str, str]]
+
 COUNTERS = {
     "processedRecords": "processed",
     "insertedRecords": "inserted",
@@ -523,7 +527,7 @@ class SliceLease:
         return final
 
     def fail(
-        self, status: JobStatus, error: str, unrecorded: dict[str, str], message: str = "Failed"
+        self, status: JobStatus, error: str, unrecorded: Unrecorded, message: str = "Failed"
     ) -> None:
         """End the slice and its job as failed (with `message`: "Gave up" when its runs kept
         dying); a failure that cannot be written is kept in `unrecorded`, recorded when this
@@ -544,4 +548,4 @@ class SliceLease:
                 "job %s: could not record its end (%s); it stays resumable", status.jobId, e
             )
             if self.index is None:
-                unrecorded[self.job_id] = error
+                unrecorded[self.job_id] = (message, error)

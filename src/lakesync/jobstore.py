@@ -164,6 +164,9 @@ class JobStore:
         self.seen = RecentStatuses()
         #: called by the write that ended a job, which set its `notifyDue` (notify.py)
         self.on_end: Callable[[], None] | None = None
+        #: jobs whose end this process wrote, until the webhook outbox takes them (notify.py:
+        #: a short command waits for those deliveries only)
+        self.ended_here: set[str] = set()
 
     @property
     def leases(self) -> Leases:
@@ -690,6 +693,7 @@ class JobStore:
 
     def _ended(self, status: JobStatus) -> None:
         if self.on_end is not None:
+            self.ended_here.add(status.jobId)
             try:
                 self.on_end()
             except Exception as e:  # a notification never changes how the job ended

@@ -145,7 +145,9 @@ class Notifier:
         self._collecting = threading.RLock()
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
-        self._mine: set[str] = set()  # deliveries this process put in the outbox
+        self._mine: set[str] = set()  # deliveries of the ends of jobs this process ended
+        #: jobs ended here whose end is not collected yet (the store's `ended_here`)
+        self.ended_here: set[str] = set()
         self._inflight: dict[str, str] = {}  # delivery id -> the owner of its attempt
         self._swept = 0.0
 
@@ -183,8 +185,11 @@ class Notifier:
 
     def _collect(self, lost: bool = False) -> int:
         """Put the flagged ends in the outbox (``lost``: ends whose process died before it
-        could), as deliveries of this process; how many ends were found."""
+        could); those of jobs that ended here are this process's deliveries (a short command
+        drains those only, not another process's found flagged beside them); how many ends
+        were found."""
         with self._collecting:
+            before = set(self.ended_here)
             found = list(
                 self.jobs.find(
                     {"notifyDue": 1, "status": {"$in": list(FINAL_STATES)}}, {"_id": 0}
@@ -201,11 +206,15 @@ class Notifier:
                     )
                 made = self.enqueue(status)
                 with self._lock:
-                    self._mine.update(made)
+                    if status.jobId in self.ended_here:
+                        self.ended_here.discard(status.jobId)
+                        self._mine.update(made)
                 self.jobs.update_one(
                     {"jobId": status.jobId, "status": status.status.value, "notifyDue": 1},
                     {"$unset": {"notifyDue": ""}},
                 )
+            if len(found) < 100:  # every flagged end: ours not found were collected elsewhere
+                self.ended_here.difference_update(before)
             return len(found)
 
     def enqueue(self, status: JobStatus) -> list[str]:

@@ -37,7 +37,7 @@ from typing import Any
 from pymongo.collection import Collection
 
 from lakesync import finish, metrics
-from lakesync.boundary import SliceLease, Store
+from lakesync.boundary import SliceLease, Store, Unrecorded
 from lakesync.config import Settings
 from lakesync.errors import LakesyncError, LeaseLost, TransientSourceError, TransientStoreError
 from lakesync.finish import summary
@@ -94,7 +94,7 @@ RUNNING = Running()
 
 
 def drive(
-    lease: SliceLease, status: JobStatus, copy: Callable[[], Outcome], unrecorded: dict[str, str]
+    lease: SliceLease, status: JobStatus, copy: Callable[[], Outcome], unrecorded: Unrecorded
 ) -> Outcome:
     """Run `copy` (a slice's stages) under the lease's heartbeat, and turn what stops it
     into the run's outcome: a lost lease or MongoDB or the lake unavailable past the retry
@@ -144,7 +144,7 @@ def gave_up(
     status: JobStatus,
     slice_doc: dict[str, Any],
     before: str,
-    unrecorded: dict[str, str],
+    unrecorded: Unrecorded,
     error: str | None = None,
 ) -> bool:
     """Fail the job whose slice (the job document, or a partition's) kept dying in its
@@ -169,8 +169,8 @@ class PartitionedJobs:
     planner: Planner
     owner: str
     stop: threading.Event
-    #: failures that could not be written: job -> error (the runner's)
-    unrecorded: dict[str, str] = field(default_factory=dict)
+    #: failures that could not be written: job -> (message, error) (the runner's)
+    unrecorded: Unrecorded = field(default_factory=dict)
     submit: Callable[[str, int], None] | None = None
 
     @property
@@ -354,8 +354,8 @@ class JobRunner:
     stop: threading.Event = field(default_factory=threading.Event)
     #: partitions of partitioned jobs; its `submit` is set when an executor runs them
     partitioned: PartitionedJobs = field(init=False)
-    #: failures that could not be written (the database refused every write): job -> error
-    unrecorded: dict[str, str] = field(default_factory=dict)
+    #: failures that could not be written (the database refused every write)
+    unrecorded: Unrecorded = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         self.boundary = Store(self.settings, self.store, self.stop)
@@ -412,7 +412,8 @@ class JobRunner:
         kept dying, or it was cancelled while no run held it; True if it ended."""
         if (unrecorded := self.unrecorded.pop(status.jobId, None)) is not None:
             # its failure could not be written (e.g. a full disk): record it, do not copy again
-            lease.fail(status, unrecorded, self.unrecorded)
+            message, error = unrecorded
+            lease.fail(status, error, self.unrecorded, message)
             return True
         source = status.options.get("source") or "its lake"
         doc = status.model_dump(include={"failures", "attempt", "checkpoint", "processedRecords"})

@@ -58,6 +58,7 @@ class Runtime:
             raise
         self.jobs = JobService(settings, self.store, self.registry, self.executor)
         self.store.on_end = self.notifier.job_ended
+        self.notifier.ended_here = self.store.ended_here  # the ends this process wrote
         self.scheduler = Scheduler(
             settings, self.registry, self.store, self.jobs, owner=self.runner.owner
         )
