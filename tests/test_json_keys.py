@@ -216,3 +216,28 @@ def test_mixed_keys_as_a_mongodb_server_gets_them(tmp_path: Path) -> None:
     whole = [r for b in opened.batches(16) for r in b.table.to_pylist()]
     resumed = [r for b in opened.batches(3, start=Position(0, 2)) for r in b.table.to_pylist()]
     assert resumed == whole[2:]
+
+
+def test_a_record_refused_after_arrow_gave_up_midway_is_the_one_rejected(
+    settings: Settings, db: Any, tmp_path: Path
+) -> None:
+    """Arrow's reader streams a large file block by block and gives up on the first block
+    holding a key of another type; the file is then read as written from the row it gave
+    up at. A record refused there is rejected by its row in the whole file: the reason once
+    landed as many rows early as Arrow had given (on a valid record, or on none), and the
+    bad record went on unrefused."""
+    lake = tmp_path / "late"
+    lake.mkdir()
+    rows, bad = 20_000, 15_000  # ~4.6 MB: the bad row is blocks past Arrow's first
+    pad = "x" * 200
+    lines = [json.dumps({"id": i, "v": i, "pad": pad}) for i in range(rows)]
+    lines[bad] = json.dumps({"id": [bad], "v": bad, "pad": pad})  # Arrow: number -> array
+    (lake / "a.ndjson").write_text("\n".join(lines) + "\n")
+    done = _copy(settings, tmp_path, _toml("late", lake), "late")
+    errors = list(db.copyerrors.find({"jobId": done.jobId}))
+    assert [(Path(e["file"]).name, e["row"]) for e in errors] == [("a.ndjson", bad)], [
+        {k: e.get(k) for k in ("file", "row", "key", "reason")} for e in errors
+    ]
+    assert "the key is an array ([15000])" in errors[0]["reason"], errors[0]["reason"]
+    assert {d["_id"]: d["v"] for d in db["late"].find()} == {i: i for i in range(rows) if i != bad}
+    assert (done.insertedRecords, done.errorRecords) == (rows - 1, 1), done

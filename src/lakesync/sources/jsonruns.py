@@ -264,7 +264,8 @@ def batches(
     """The rows of the NDJSON file ``path`` read as written, ``filter`` applied and
     ``columns`` kept as a scan of its fragment with ``schema`` would (a column the rows
     lack is null), from the ``skip``-th row of that stream on; ``refused`` gets the rows
-    refused, by their place in the stream given."""
+    refused, by their place in the whole stream (counted from its first row, not from
+    ``skip``: the caller's stream gave the rows before ``skip`` already)."""
     reader = _Reader(keys, text, schema)
     row = given = 0  # file rows read; rows of the filtered stream met (skipped ones too)
     with fs.open_input_stream(path) as stream:
@@ -279,8 +280,8 @@ def batches(
             kept = table.column("\0row").to_pylist()
             table = table.drop_columns(["\0row"])
             for place, r in enumerate(kept):
-                if r in mine and given + place >= skip:
-                    refused[given + place - skip] = mine[r]
+                if r in mine and given + place >= skip:  # (rows before: given already)
+                    refused[given + place] = mine[r]
             if given + len(kept) > skip:
                 start = max(skip - given, 0)
                 yield from table.slice(start).to_batches()
