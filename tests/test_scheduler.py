@@ -47,6 +47,28 @@ def test_cron_slots_follow_the_time_zone_and_intervals_align_to_the_epoch() -> N
     assert one.missed(T0, T0 + timedelta(seconds=10)) == 9
 
 
+@pytest.mark.parametrize(
+    "cron",
+    ["0 12 * * *", "*/15 * * * *", "30 1 * * 1"],  # daily, every quarter, weekly at 01:30
+)
+def test_a_cron_slot_is_never_due_before_its_time(cron: str) -> None:
+    """`latest` once added a second to `now` (so that a slot due now counts) and kept the
+    microseconds: at 11:59:59.2 the 12:00 slot was due, 0.8 s early."""
+    schedule = Schedule(cron=cron, timezone="Europe/Berlin")
+    slot = schedule.after(datetime(2026, 3, 2, 9, 0, tzinfo=UTC))
+    before = schedule.latest(slot - timedelta(seconds=1))
+    assert before < slot
+    for off in (-1.0, -0.8, -0.2, -0.000001):  # just before the slot: the one before it
+        assert schedule.latest(slot + timedelta(seconds=off)) == before, off
+    for off in (0, 0.000001, 0.2, 0.999999, 1, 59.9):  # at it and just after: the slot
+        assert schedule.latest(slot + timedelta(seconds=off)) == slot, off
+    start = slot - timedelta(seconds=3)
+    for tenth in range(60):  # no slot after now, none skipped between now and the next
+        now = start + timedelta(seconds=tenth / 10)
+        latest = schedule.latest(now)
+        assert latest <= now < schedule.after(latest), now
+
+
 BAD = [
     ('schedule = "*/15 * * *"', "schedule", "5-field cron"),
     ('schedule = "61 * * * *"', "schedule", "not a valid cron"),

@@ -200,7 +200,11 @@ class Schedule:
             step = int(parse_every(self.every).total_seconds())
             epoch = int(now.timestamp())
             return datetime.fromtimestamp(epoch - epoch % step, UTC)
-        local = now.astimezone(ZoneInfo(self.timezone)) + timedelta(seconds=1)
+        # croniter's previous slot is strictly before its start: a second past `now`, whole
+        # seconds only (cron slots are), so that a slot due exactly now counts and one due
+        # in 0.8 s does not
+        local = now.astimezone(ZoneInfo(self.timezone)).replace(microsecond=0)
+        local += timedelta(seconds=1)
         found: datetime = _cron(str(self.cron), local).get_prev(datetime)
         return found.astimezone(UTC)
 
