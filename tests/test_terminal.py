@@ -581,15 +581,24 @@ def test_verbose_log_lines_wrap_at_spaces_on_a_terminal_and_are_one_line_in_a_pi
     assert not wide, wide  # not even a log line is cut by the terminal at column 80
     records: list[str] = []  # each log line, its wrapped rest (the lines below it) joined
     rest = False
+    drawn = False  # the bar is shown: rich prints the log lines above it, through its proxy
+    above_the_bar = []  # the log lines printed while the bar was shown that wrapped
     for line in lines:
         if LOG_LINE.match(line):
             records.append(line)
             rest = True
         elif not line.strip() or line.startswith(("copying", "planning")) or not rest:
             rest = False  # the bar, a notice: not part of a log line
+            drawn = drawn or line.startswith(("copying", "planning"))
         else:
+            # wrapped at its spaces, the rest indented under its time: rich's stderr proxy
+            # once hid the terminal, and rich wrapped the line itself, flush left
+            assert line.startswith("  ") and not line.startswith("   "), "\n".join(lines)
             records[-1] += " " + line.strip()
+            if drawn:
+                above_the_bar.append(records[-1])
     assert any(len(r) > 80 for r in records), lines  # it wrapped, nothing was dropped
+    assert above_the_bar, "\n".join(lines)  # (the bar's log lines are checked above)
     ids = re.compile(r"job_[0-9a-z]{26}|^\S+ \S+")  # another job, another time
 
     def shape(line: str) -> str:

@@ -91,6 +91,9 @@ def wrap_at_spaces(text: str, width: int) -> str:
 
 def terminal_width(stream: Any) -> int | None:
     """The columns of the terminal `stream` writes to; None for a pipe or a file."""
+    # while a progress bar is drawn rich replaces sys.stderr with a proxy (an io.TextIOBase,
+    # whose isatty() is False) that prints above the bar: the terminal is the file behind it
+    stream = getattr(stream, "rich_proxied_file", stream)
     try:
         if not stream.isatty():
             return None
