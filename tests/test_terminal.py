@@ -530,6 +530,53 @@ def test_schedules_shows_a_failing_schedules_error_whole_at_80_columns(
     assert f"schedule of copy-projects-hourly failing: {error}\n" in piped.stdout
 
 
+def test_schedules_too_wide_for_80_columns_are_one_block_each(
+    env: dict[str, str], tmp_path: Path, lake20k: Path, db: Any
+) -> None:
+    """Schedules whose table would not fit 80 columns (a long name, cron and zone) are shown
+    one block each: the name on its own line, then `key: value` lines, every value whole,
+    rather than a table whose rows wrap into each other's columns."""
+    names = ["copy-projects-of-the-demo-lake-into-their-own-collection", "hourly"]
+    config = tmp_path / "lakesync.toml"
+    config.write_text(
+        f'[operations.{names[0]}]\nsource = "{lake20k}"\ncollection = "projects"\n'
+        'key = "taskDetailId"\nschedule = "15,45 6-22/2 * * 1-5"\n'
+        'timezone = "America/Argentina/Buenos_Aires"\n\n'
+        f'[operations.{names[1]}]\nsource = "{lake20k}"\ncollection = "hourly"\n'
+        'key = "taskDetailId"\nevery = "1h"\n'
+    )
+    env = env | {"LAKESYNC_OPERATIONS_FILE": str(config)}
+    job_id = "job_" + "q" * 26  # a job whose status has expired: its result is unknown
+    db.scheduleslots.insert_one(
+        {"_id": f"{names[0]}|0", "operation": names[0], "slotMs": 1_780_000_000_000,
+         "slot": "2026-05-28T20:26:40.000Z", "outcome": "started", "jobId": job_id}
+    )  # fmt: skip
+    listed = json.loads(in_pipe(env, "schedules", "--json").stdout)["schedules"]
+    assert [s["operation"] for s in listed] == names
+    assert listed[0]["lastRun"]["jobId"] == job_id, listed
+    code, lines = on_terminal(env, "schedules")
+    assert code == 0, lines
+    piped = in_pipe(env, "schedules")  # no terminal: 80 columns too
+    assert piped.returncode == 0, piped.stderr
+    for shown in (lines, piped.stdout.splitlines()):
+        text = "\n".join(shown)
+        assert_fits(shown)
+        assert "operation" not in text.split(), text  # no table header
+        heads = [i for i, line in enumerate(shown) if line in names]
+        assert [shown[i] for i in heads] == names, text  # each name alone on its line
+        first = shown[heads[0] + 1 : heads[1]]
+        fields = dict(line.strip().split(": ", 1) for line in first if line.strip())
+        assert fields == {
+            "schedule": "15,45 6-22/2 * * 1-5 America/Argentina/Buenos_Aires",
+            "next run": fields["next run"],
+            "last run": f"05-28 17:26 -03 started {job_id}",
+        }, text
+        assert re.fullmatch(r"\d\d-\d\d \d\d:[14]5 -03", fields["next run"]), text
+        second = dict(line.strip().split(": ", 1) for line in shown[heads[1] + 1 :] if line)
+        assert second["schedule"] == "every 1h" and second["last run"] == "-", text
+        assert re.fullmatch(r"\d\d-\d\d \d\d:00 UTC", second["next run"]), text
+
+
 def test_an_error_wraps_at_spaces_on_a_terminal_and_is_one_line_in_a_pipe(
     env: dict[str, str],
 ) -> None:

@@ -999,6 +999,8 @@ def worker(
 @app.command(cls=_Command, short_help="List scheduled operations and their next run.")
 def schedules(as_json: JsonFlag = False) -> None:
     """List scheduled operations: schedule, paused or not, next run, last run and result."""
+    from rich.measure import Measurement
+    from rich.padding import Padding
     from rich.table import Table
 
     from lakesync.models import new_job_id
@@ -1027,33 +1029,51 @@ def schedules(as_json: JsonFlag = False) -> None:
         for s, when in zip(listed, whens, strict=True)
     ]
     ids = any((s["lastRun"] or {}).get("jobId") for s in listed)
+    rows = [_schedule_row(s) for s in listed]
     table = Table(box=None, pad_edge=False, header_style="bold")
     table.add_column("operation", no_wrap=True, overflow="ellipsis")
     # wraps at its spaces, never inside a word (a time zone, a cron field)
     table.add_column("schedule", min_width=max(len(w) for when in whens for w in when.split()))
     table.add_column("next run", no_wrap=True)
     table.add_column("last run", no_wrap=True, min_width=len(new_job_id()) if ids else None)
-    for s, when in zip(listed, whens, strict=True):
-        last = s["lastRun"]
-        shown = "-"
-        if last is not None:
-            shown = f"{_local_time(last['slot'], s['timezone'])} {last['outcome']}"
-            if last.get("jobId"):
-                shown += f"\n{last['jobId']}" + (f"\n{last['result']}" if last["result"] else "")
-        upcoming = _local_time(s["nextRun"], s["timezone"])
-        table.add_row(
-            escape(s["operation"]),
-            escape(when),
-            "paused" if s["paused"] else upcoming if s["nextRun"] else "[red]failing[/]",
-            escape(shown),
-        )
-    out.print(table, highlight=False)
+    for (name, upcoming, last), when in zip(rows, whens, strict=True):
+        table.add_row(escape(name), escape(when), upcoming, escape("\n".join(last)))
+    if Measurement.get(out, out.options.update_width(10_000), table).maximum <= out.width:
+        out.print(table, highlight=False)
+    else:  # a table would squeeze its columns (names, times cut): one block per schedule
+        for i, ((name, upcoming, last), when) in enumerate(zip(rows, whens, strict=True)):
+            block = Table(show_header=False, box=None, pad_edge=False, padding=(0, 1, 0, 0))
+            block.add_column(no_wrap=True, style="dim")
+            block.add_column(overflow="fold")  # wraps at spaces; a long word alone is folded
+            block.add_row("schedule:", escape(when))
+            block.add_row("next run:", upcoming)
+            block.add_row("last run:", escape(" ".join(last)))
+            if i:
+                out.print()
+            out.print(f"[bold]{escape(name)}[/]", highlight=False)
+            out.print(Padding(block, (0, 0, 0, 2)), highlight=False)
     for s in listed:  # below the table, at the terminal's width: an error can be long
         if s["error"]:
             out.print(
                 f"[red]schedule of {escape(s['operation'])} failing:[/] {escape(s['error'])}",
                 highlight=False,
             )
+
+
+def _schedule_row(s: dict[str, Any]) -> tuple[str, str, list[str]]:
+    """A schedule's name, next run (markup: paused, failing) and last run (its lines)."""
+    last = s["lastRun"]
+    shown = ["-"]
+    if last is not None:
+        shown = [f"{_local_time(last['slot'], s['timezone'])} {last['outcome']}"]
+        if last.get("jobId"):
+            shown += [last["jobId"], *([last["result"]] if last["result"] else [])]
+    upcoming = _local_time(s["nextRun"], s["timezone"])
+    return (
+        s["operation"],
+        "paused" if s["paused"] else upcoming if s["nextRun"] else "[red]failing[/]",
+        shown,
+    )
 
 
 def _pause(name: str, paused: bool) -> None:
