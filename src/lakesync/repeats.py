@@ -122,8 +122,11 @@ class Plan:
             f"Warning: for {n:,} key{'' if n == 1 else 's'} the table cannot tell which "
             f"record is the newest, so the copy may hold an older version of "
             f"{'it' if n == 1 else 'them'} (e.g. _id {key} in {file}: {why}). Copy a table "
-            "before compacting it, rewriting it or cleaning up its history, or copy it "
-            "incrementally with a watermark column"
+            "before compacting it, rewriting it or cleaning up its history; after that, "
+            "only the table can tell: keep one row per key (MERGE upserts), or write it "
+            "anew as appends in the order of a column that orders a key's versions (such "
+            "as updatedAt). An incremental copy does not help: the rows it reads are in "
+            "the same order"
         )
 
 
