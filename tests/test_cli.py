@@ -410,3 +410,45 @@ def test_a_job_that_plans_says_so_in_status_simple_status_and_the_cli(
     human = " ".join(seen["human"].stdout.split())
     assert "in_progress" in human and "Planning: finding repeated keys in 5,000 records" in human
     assert db.jobstatuses.find_one({"jobId": status.jobId})["status"] == "completed"
+
+
+def test_status_of_a_partitioned_job_shows_its_partitions_not_a_job_checkpoint(
+    settings: Settings, env: dict[str, str], db: Any
+) -> None:
+    """A partitioned job's checkpoints are its partitions' own: the job's checkpoint stays
+    at file 0, row 0, batch 0 whatever the copy has done, and `status` once showed it as if
+    it were where the job stands. It shows the partitions done instead."""
+    from tests.test_partitions import stepped
+
+    rt, queued = stepped(settings, Path(str(settings.lake_uri)))
+    rt.settings.partition_rows = 1000  # the 5,000-row demo lake in several partitions
+    with rt:
+        job, _ = rt.jobs.start("copy-taskdetail")
+        rt.runner.run(job.jobId)
+        parts = rt.runner.partitioned
+        assert parts is not None and len(queued) >= 3, queued
+        runs = [(len(queued) - 1, queued[:1]), (0, queued[1:])]  # partway, then to the end
+        shown = []
+        for left, steps in runs:
+            for step in steps:
+                parts.run(*step)
+            s = rt.store.get(job.jobId)
+            assert s.partitions == len(queued) and s.partitionsDone == len(queued) - left, s
+            human = lakesync(env, "status", job.jobId)
+            assert human.returncode == 0, human.stderr
+            shown.append(human.stdout)
+            lines = human.stdout.splitlines()
+            (at,) = [i for i, line in enumerate(lines) if line.split()[:1] == ["checkpoint"]]
+            indent = lines[at].index("checkpoint") + len("checkpoint")
+            block = [lines[at][indent:]]  # the checkpoint row, its value's lines below it
+            for line in lines[at + 1 :]:
+                if line[:indent].strip():  # the next field's name
+                    break
+                block.append(line)
+            text = " ".join(" ".join(block).split())
+            assert "fileIndex" not in text and "batches" not in text, human.stdout
+            done = f"partitions: {s.partitionsDone:,} of {s.partitions:,} done"
+            assert text.startswith(done), human.stdout
+            assert "until: updatedAt = " in text, human.stdout  # the job's pinned watermark
+        assert rt.store.get(job.jobId).status.value == "completed", shown
+    assert json_out(lakesync(env, "status", job.jobId, "--json"))["checkpoint"] is not None

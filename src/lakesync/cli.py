@@ -491,7 +491,15 @@ def status(job_id: str, as_json: JsonFlag = False) -> None:
     table = Table(show_header=False, box=None)
     table.add_column(no_wrap=True)
     table.add_column(overflow="fold")
-    for key, value in s.public().items():
+    shown = s.public()
+    if s.partitions is not None and shown.get("checkpoint"):
+        # each partition keeps its own checkpoint; the job's position stays at its start
+        # (file 0, row 0) whatever the copy has done: what it keeps is its watermarks
+        where = ("fileIndex", "row", "batches", "file")
+        done = f"{s.partitionsDone or 0:,} of {s.partitions:,} done"
+        kept = {k: v for k, v in shown["checkpoint"].items() if k not in where}
+        shown["checkpoint"] = {"partitions": done, **kept}
+    for key, value in shown.items():
         if value not in (None, {}, "", []):
             table.add_row(f"[bold]{key}[/]", escape(_shown(key, value)))
     out.print(table)
