@@ -10,6 +10,7 @@ from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.dataset as ds
@@ -314,19 +315,78 @@ def _appended_updates(path: Path, versions: int = 4, keys: int = 400) -> None:
         write_deltalake(str(path), rows, mode="append")
 
 
+def _winners(lake: Lake, plan: Any) -> dict[int, int]:
+    """What a copy keeps: each key's record that the plan does not skip (its ``v``)."""
+    out = {}
+    for batch in lake.batches(1000):
+        keys, values = batch.table["k"].to_pylist(), batch.table["v"].to_pylist()
+        for r in range(batch.table.num_rows):
+            seg = batch.segment_of(r)
+            skipped = plan.superseded.get(seg.file, np.empty(0, np.uint32))
+            if seg.file_row(r) not in set(skipped.tolist()):
+                assert keys[r] not in out, "a key kept twice"
+                out[keys[r]] = values[r]
+    return out
+
+
+def test_a_delete_that_merges_versions_is_traced_to_the_rows_it_copied(tmp_path: Path) -> None:
+    """A delta-rs DELETE rewrites the files of several versions into one file in its own
+    row order, and OPTIMIZE then merges those: while the files they rewrote are still there,
+    each row takes the place of the row it was copied from (a whole-row hash found among
+    their rows), so the plan keeps the newest version of every key and warns of nothing."""
+    from lakesync import repeats
+    from lakesync.schema import RecordSchema
+
+    path = tmp_path / "updates"
+    newest = {}
+    for v in range(5):  # each version a newer value of a different part of the keys
+        keys = [k for k in range(600) if v == 0 or (k * 7 + v) % 3 != 0]
+        write_deltalake(str(path), pa.table({"k": keys, "v": [v] * len(keys)}), mode="append")
+        newest |= dict.fromkeys(keys, v)
+    DeltaTable(str(path)).delete("k % 97 = 0")
+    newest = {k: v for k, v in newest.items() if k % 97}
+    for compact in (False, True):
+        if compact:
+            DeltaTable(str(path)).optimize.compact()
+        lake = Lake.open(str(path))
+        assert [d.kind for d in lake.doubts if d] == ["rebuilt"]
+        plan = repeats.plan_lake(lake, RecordSchema(key="k"))
+        assert plan.warning() is None and plan.doubted == 0
+        assert _winners(lake, plan) == newest
+
+
+def test_an_update_or_vanished_files_leave_a_merged_rewrite_in_doubt(tmp_path: Path) -> None:
+    """An UPDATE changes the rows it rewrites (they cannot be found where they came from),
+    and vacuum removes the files a DELETE read: the doubt stays."""
+    updated = tmp_path / "updated"
+    _appended_updates(updated)
+    DeltaTable(str(updated)).update(predicate="k % 97 = 0", updates={"v": "v + 10"})
+    assert [d.kind for d in Lake.open(str(updated)).doubts if d] == ["merged"]
+    deleted = tmp_path / "deleted"
+    _appended_updates(deleted)
+    DeltaTable(str(deleted)).delete("k % 97 = 0")
+    assert [d.kind for d in Lake.open(str(deleted)).doubts if d] == ["rebuilt"]
+    DeltaTable(str(deleted)).vacuum(
+        retention_hours=0, enforce_retention_duration=False, dry_run=False
+    )
+    assert [d.kind for d in Lake.open(str(deleted)).doubts if d] == ["merged"]
+
+
 def test_a_delete_that_merges_versions_into_one_file_is_said_not_silent(
     tmp_path: Path, db: Any
 ) -> None:
     """A delta-rs DELETE rewrites the files of several versions into one file in its own
-    row order: which record of a key is newest cannot be told any more. The plan counts the
-    keys so left in doubt (here: every key the files still hold twice or more in one file),
-    and the job keeps a warning saying so and what to do."""
+    row order; once vacuum has removed the files it read, which record of a key is newest
+    cannot be told any more. The plan counts the keys so left in doubt (here: every key the
+    files still hold twice or more in one file), and the job keeps a warning saying so and
+    what to do."""
     from lakesync import repeats
     from lakesync.schema import RecordSchema
 
     path = tmp_path / "updates"
     _appended_updates(path)
     DeltaTable(str(path)).delete("k % 97 = 0")
+    DeltaTable(str(path)).vacuum(retention_hours=0, enforce_retention_duration=False, dry_run=False)
     lake = Lake.open(str(path))
     merged = [d for d in lake.doubts if d is not None]
     assert merged and all(d.kind == "merged" for d in merged)
@@ -382,8 +442,9 @@ def test_tables_whose_order_is_known_give_no_warning(tmp_path: Path) -> None:
 def test_a_copy_of_a_merged_rewrite_completes_and_says_so(
     settings: Settings, db: Any, tmp_path: Path, records: pa.Table
 ) -> None:
-    """The job itself: it completes, every key copied once, and its final message (and its
-    log) warns of the keys whose newest record the table cannot tell, with what to do."""
+    """The job itself, once vacuum removed the files the DELETE read: it completes, every
+    key copied once, and its final message (and its log) warns of the keys whose newest
+    record the table cannot tell, with what to do."""
     path = tmp_path / "tasks"
     plain = records.set_column(
         records.schema.get_field_index("projectId"),
@@ -396,6 +457,7 @@ def test_a_copy_of_a_merged_rewrite_completes_and_says_so(
         hours = pa.array([float(v)] * some.num_rows)
         write_deltalake(str(path), some.set_column(at, "hoursLogged", hours), mode="append")
     DeltaTable(str(path)).delete("taskDetailId LIKE '%7'")
+    DeltaTable(str(path)).vacuum(retention_hours=0, enforce_retention_duration=False, dry_run=False)
     settings = settings.model_copy(update={"lake_uri": str(path), "batch_size": 200})
     with Runtime(settings) as rt:
         done = run_job(rt, str(path))
