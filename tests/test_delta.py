@@ -198,6 +198,33 @@ def test_delta_table_on_s3(s3_delta: str, local_table: Path, settings: Settings,
         assert db.taskdetails.count_documents({}) == 4000
 
 
+def test_a_delete_that_merges_versions_on_s3_is_traced(s3_delta: str, settings: Settings) -> None:
+    """The files a DELETE removed are looked for and read on S3 as locally: the plan keeps
+    the newest version of every key and warns of nothing."""
+    from lakesync import repeats
+    from lakesync.schema import RecordSchema
+
+    with aws_test_env():
+        options = {
+            "AWS_ENDPOINT_URL": s3_delta, "AWS_ALLOW_HTTP": "true", "AWS_REGION": REGION,
+            "AWS_S3_ALLOW_UNSAFE_RENAME": "true",
+        }  # fmt: skip
+        uri = "s3://delta-lake/updates"
+        for v in range(3):
+            rows = pa.table({"k": range(v * 10, v * 10 + 100), "v": [v] * 100})
+            write_deltalake(uri, rows, mode="append", storage_options=options)
+        DeltaTable(uri, storage_options=options).delete("k % 9 = 0")
+        settings = settings.model_copy(update={
+            "s3_endpoint_url": s3_delta, "s3_region": REGION, "lake_uri": uri,
+        })  # fmt: skip
+        lake = Lake.open(uri, settings=settings)
+        assert [d.kind for d in lake.doubts if d] == ["rebuilt"]
+        plan = repeats.plan_lake(lake, RecordSchema(key="k"))
+        assert plan.warning() is None
+        newest = {k: min(k // 10, 2) for k in range(120) if k % 9}
+        assert _winners(lake, plan) == newest
+
+
 def test_incremental_copies_read_only_the_files_added_since_the_last_copy(
     settings: Settings, db: Any, tmp_path: Path, records: pa.Table
 ) -> None:

@@ -187,8 +187,13 @@ def _rebuildable(location: Location, lineage: Lineage, doubts: dict[str, OrderDo
     if not wanted:
         return
     needed = sorted(set().union(*wanted.values()))
+    threads = min(_READ_THREADS, len(needed)) if location.is_s3 else 0
     try:
-        infos = location.fs.get_file_info(needed)
+        if threads:  # one request each on S3: in parallel, as the commits are read
+            with ThreadPoolExecutor(threads) as pool:
+                infos = list(pool.map(location.fs.get_file_info, needed))
+        else:
+            infos = location.fs.get_file_info(needed)
     except (OSError, pa.ArrowException) as e:
         logger.info("Delta table: cannot look for the files rewrites removed (%s)", e)
         return

@@ -18,9 +18,9 @@ no row of them has: the files changed since, or a writer that changed rows) make
 file unrecoverable: its doubt stays.
 
 Memory: for each rewrite, 16 bytes per row of the files it removed (the row's hash and its
-place, sorted; the sort takes 8 more at its peak), and 8 bytes per row of every file
-rebuilt (its rows' places), for as long as ``Rebuilt`` is kept (the plan of one job). The
-rows are read in batches of _BATCH rows, the data columns only.
+place, sorted; about 32 at the peak of gathering and sorting them), and 8 bytes per row of
+every file rebuilt (its rows' places), for as long as ``Rebuilt`` is kept (the plan of one
+job). The rows are read in batches of _BATCH rows, the data columns only.
 """
 
 from __future__ import annotations
