@@ -172,6 +172,8 @@ def plan_lake(
     part = lake.only([lake.file_name(i) for i in sorted(index[names[f]] for f in holding)])
     del files, names, index, holding
     order, after = part.rebuilt_order()  # rewrites' rows where they came from (Delta)
+    if order is not None:  # the tracing's hashes, freed: handed back before the log grows
+        pa.default_memory_pool().release_unused()
     doubt_of = {f: d for f, d in zip(part.files, after, strict=True) if d is not None}
     with _KeyLog(spill, ordered=order is not None) as log:
         files = _log_keys(log, part, schema, filter, None, limits, exact=True, order=order)

@@ -186,11 +186,14 @@ class Rebuilt:
         every = np.concatenate(hashes) if hashes else np.empty(0, np.uint64)
         at = np.concatenate(places) if places else np.empty(0, np.int64)
         del hashes, places
-        order = np.lexsort((at, every))  # by hash, then place: the last of a hash is newest
-        every, at = every[order], at[order]
+        order = np.argsort(every)
+        every = every[order]
+        at = at[order]
         del order
-        last = np.r_[every[1:] != every[:-1], True] if len(every) else np.zeros(0, bool)
-        return every[last], at[last]
+        if not len(every):
+            return every, at
+        starts = np.flatnonzero(np.r_[True, every[1:] != every[:-1]])
+        return every[starts], np.maximum.reduceat(at, starts)  # the newest of equal rows
 
     def _hashes(self, path: str) -> Iterator[np.ndarray]:
         """The hash of every row of the data file ``path`` (``hash_rows``: the data columns
