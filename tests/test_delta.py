@@ -382,6 +382,32 @@ def test_a_delete_that_merges_versions_is_traced_to_the_rows_it_copied(tmp_path:
         assert _winners(lake, plan) == newest
 
 
+def test_a_rewrite_after_a_new_column_is_traced(tmp_path: Path) -> None:
+    """Files written before a column was added lack it; the DELETE writes it as null for
+    their rows: those rows are still found where they came from (a missing column hashes
+    as null), partitioned or not."""
+    from lakesync import repeats
+    from lakesync.schema import RecordSchema
+
+    for partitioned in (False, True):
+        path = tmp_path / f"evolved-{partitioned}"
+        by = {"partition_by": ["p"]} if partitioned else {}
+        newest = {}
+        for v in range(4):
+            keys = [k for k in range(300) if v == 0 or (k + v) % 2]
+            rows = pa.table({"k": keys, "v": [v] * len(keys), "p": [k % 2 for k in keys]})
+            if v >= 2:
+                rows = rows.append_column("note", pa.array([f"n{v}"] * len(keys)))
+            write_deltalake(str(path), rows, mode="append", schema_mode="merge", **by)
+            newest |= dict.fromkeys(keys, v)
+        DeltaTable(str(path)).delete("k % 11 = 0")
+        newest = {k: v for k, v in newest.items() if k % 11}
+        lake = Lake.open(str(path))
+        assert {d.kind for d in lake.doubts if d} == {"rebuilt"}
+        plan = repeats.plan_lake(lake, RecordSchema(key="k"))
+        assert plan.warning() is None and _winners(lake, plan) == newest
+
+
 def test_an_update_or_vanished_files_leave_a_merged_rewrite_in_doubt(tmp_path: Path) -> None:
     """An UPDATE changes the rows it rewrites (they cannot be found where they came from),
     and vacuum removes the files a DELETE read: the doubt stays."""
