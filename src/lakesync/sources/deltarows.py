@@ -18,15 +18,18 @@ no row of them has: the files changed since, or a writer that changed rows) make
 file unrecoverable: its doubt stays.
 
 Memory: for each rewrite, 16 bytes per row of the files it removed (the row's hash and its
-place, sorted; about 32 at the peak of gathering and sorting them), and 8 bytes per row of
-every file rebuilt (its rows' places), for as long as ``Rebuilt`` is kept (the plan of one
-job). The rows are read in batches of _BATCH rows, the data columns only.
+place, sorted; about 32 at the peak of gathering and sorting them), until the last file it
+wrote that is needed is traced; and 8 bytes per row of every file traced (its rows'
+places): a lake's files until the plan is done, a file a later rewrite removed until that
+rewrite's sources are gathered. The rows are read in batches of _BATCH rows, the data
+columns only.
 """
 
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterator
+from collections import Counter
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -77,7 +80,7 @@ def row_order(
     rebuilt = [i for i, d in enumerate(doubts) if d is not None and d.kind == REBUILT]
     if not rebuilt:
         return None, doubts
-    finder = Rebuilt(fs, lineage)
+    finder = Rebuilt(fs, lineage, [paths[i] for i in rebuilt])
     found: dict[int, np.ndarray] = {}
     after = list(doubts)
     for i in rebuilt:
@@ -109,13 +112,20 @@ class Rebuilt:
     """Finds the places of the rows of rewrites' files (``places``), sharing the work of
     one rewrite among the files it wrote and the rewrites after it."""
 
-    def __init__(self, fs: Any, lineage: Lineage) -> None:
+    def __init__(self, fs: Any, lineage: Lineage, targets: Iterable[str] = ()) -> None:
         self._fs, self._lineage = fs, lineage
         #: the files written with rows of their own, in the table's order: a place's number
         self.origins: list[str] = sorted(lineage.origins, key=lineage.origins.__getitem__)
         self._number = {path: n for n, path in enumerate(self.origins)}
         self._rows: dict[str, np.ndarray | None] = {}
         self._sources: dict[Rewrite, tuple[np.ndarray, np.ndarray] | None] = {}
+        #: per rewrite, how many of its files (``targets`` and their ancestors) are still to
+        #: be traced: its sources are dropped after the last one
+        self._pending: Counter[Rewrite] = Counter()
+        wanted = set(targets)
+        for target in list(wanted):
+            wanted |= lineage.ancestry(target) or set()
+        self._pending.update(lineage.made[p] for p in wanted if p in lineage.made)
 
     def origin_place(self, number: int) -> OrderKey:
         """The table's order key of origin file ``number``."""
@@ -156,6 +166,9 @@ class Rebuilt:
                 what = f"version {rewrite.version} rewrote"
                 raise Unmatched(f"a row of it is in none of the files {what}")
             out.append(places[at])
+        self._pending[rewrite] -= 1
+        if self._pending[rewrite] <= 0:  # its last file traced: its sources are not needed
+            self._sources.pop(rewrite, None)
         return np.concatenate(out) if out else np.empty(0, np.int64)
 
     def _read_sources(self, rewrite: Rewrite) -> tuple[np.ndarray, np.ndarray]:
@@ -183,6 +196,10 @@ class Rebuilt:
                     places.append(np.arange(first + done, first + done + n, dtype=np.int64))
                 hashes.append(rows)
                 done += n
+            if inherited is not None:  # removed once, so read by no other rewrite: dropped
+                if done != len(inherited):
+                    raise Unmatched(f"{source} holds other rows than when it was traced")
+                self._rows.pop(source, None)
         every = np.concatenate(hashes) if hashes else np.empty(0, np.uint64)
         at = np.concatenate(places) if places else np.empty(0, np.int64)
         del hashes, places
