@@ -107,6 +107,17 @@ def snapshot(location: Location, path: str, version: int | None = None) -> Table
     # the data columns as the files name them: what a rewrite's rows are traced by
     scanned = physical if physical is not None else schema
     lineage.columns = pa.schema([f for f in scanned if f.name not in partitions])
+
+    def vectors_at(at: int) -> dict[str, pa.BooleanArray]:
+        older = DeltaTable(uri, version=at, storage_options=options)
+        found = pa.table(older.deletion_vectors().read_all())
+        chosen = found.column("selection_vector").combine_chunks()
+        return {
+            _file_path(location, path, logged): chosen[i].values
+            for i, logged in enumerate(found.column("filepath").to_pylist())
+        }
+
+    lineage.vectors_at = vectors_at
     logger.info(
         "Delta table %s version %d: %d active file(s), %d with deleted rows",
         uri,

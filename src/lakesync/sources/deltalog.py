@@ -24,8 +24,9 @@ The first can be undone while the table still holds what the rewrite read: a rew
 copies rows unchanged (DELETE, OPTIMIZE, ...; not UPDATE or MERGE, which change the rows they
 rewrite) whose removed files are still on storage (not vacuumed) and were added by commits
 still in the log, each in turn such a rewrite or a plain write. Such a file's doubt is
-``REBUILT``: ``Lineage`` keeps what the log says of its ancestry, and ``deltarows`` finds the
-row each of its rows was copied from when the plan needs it.
+``REBUILT``: ``Lineage`` keeps what the log says of its ancestry (with the version the
+rewrite read, whose deletion vectors say which rows of the removed files it saw), and
+``deltarows`` finds the row each of its rows was copied from when the plan needs it.
 """
 
 from __future__ import annotations
@@ -70,19 +71,23 @@ class _Commit:
     removes: list[str] = field(default_factory=list)
     #: path -> its partition values (JSON, keys sorted), from its add or remove action
     partitions: dict[str, str] = field(default_factory=dict)
-    #: some removed file had a deletion vector (rows the rewrite did not read)
+    #: some removed file had a deletion vector (rows deleted before the rewrite read it)
     vectors: bool = False
+    #: the version the commit read (its commitInfo's readVersion), None if not said
+    read: int | None = None
 
 
 @dataclass(frozen=True)
 class Rewrite:
-    """A commit that rewrote files: its version, the files it removed, and whether it
-    copied the rows it kept unchanged and read every row of those files (no deletion
-    vector), which is what finding each row's source needs."""
+    """A commit that rewrote files: its version, the files it removed, whether it copied
+    the rows it kept unchanged (which finding each row's source needs), and when some of
+    those files had a deletion vector, the version it read them at (their live rows then:
+    ``Lineage.vectors_at``)."""
 
     version: int
     removes: tuple[str, ...]
     copies: bool
+    vectors_at: int | None = None
 
 
 @dataclass
@@ -90,17 +95,19 @@ class Lineage:
     """What the log says of where each file's rows came from: the files added with rows of
     their own (a write, an append) and their places, the files a rewrite added and that
     rewrite, and every file's partition values (JSON). ``columns`` are the data columns as
-    the Parquet files name them (set by ``delta.snapshot``)."""
+    the Parquet files name them, and ``vectors_at(version)`` the live rows of each file
+    with a deletion vector at that version (both set by ``delta.snapshot``)."""
 
     origins: dict[str, OrderKey] = field(default_factory=dict)
     made: dict[str, Rewrite] = field(default_factory=dict)
     partitions: dict[str, str] = field(default_factory=dict)
     columns: pa.Schema = field(default_factory=lambda: pa.schema([]))
+    vectors_at: Callable[[int], dict[str, pa.BooleanArray]] | None = None
 
     def ancestry(self, path: str) -> set[str] | None:
         """The files the rows of ``path`` (a rewrite's file) were copied from, down to
         plain writes, rewrites in between included; None when the log cannot tell (a file
-        whose commit is gone, a rewrite that changed rows or skipped deleted ones)."""
+        whose commit is gone, a rewrite that changed rows)."""
         out: set[str] = set()
         todo = [path]
         while todo:
@@ -257,7 +264,10 @@ def _apply(
         copies = commit.operation.upper().startswith(_COPIES) or not any(
             change for _, change in commit.adds
         )
-        made = Rewrite(commit.version, tuple(commit.removes), copies and not commit.vectors)
+        read = None
+        if commit.vectors:  # the deletion vectors it read: its read version's
+            read = commit.read if commit.read is not None else commit.version - 1
+        made = Rewrite(commit.version, tuple(commit.removes), copies, read)
     for index, (path, _) in enumerate(commit.adds):
         if path not in keys:
             own = (commit.version, index)
@@ -301,6 +311,8 @@ def _read_commit(
             commit.vectors |= bool(remove.get("deletionVector"))
         elif "commitInfo" in action:
             commit.operation = str(action["commitInfo"].get("operation") or "")
+            read = action["commitInfo"].get("readVersion")
+            commit.read = read if isinstance(read, int) else None
     return commit
 
 

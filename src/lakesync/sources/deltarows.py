@@ -176,6 +176,14 @@ class Rebuilt:
         newest place among the rows of that hash."""
         hashes: list[np.ndarray] = []
         places: list[np.ndarray] = []
+        live: dict[str, pa.BooleanArray] = {}
+        if rewrite.vectors_at is not None:  # rows deleted before it read them: not sources
+            if self._lineage.vectors_at is None:
+                raise Unmatched("the deletion vectors of the files it rewrote are not known")
+            try:
+                live = self._lineage.vectors_at(rewrite.vectors_at)
+            except Exception as e:  # deltalake's own errors: the version cannot be read
+                raise Unmatched(f"version {rewrite.vectors_at} cannot be read ({e})") from e
         for source in rewrite.removes:
             inherited = None
             if source in self._lineage.made:  # itself a rewrite's file: its rows' places
@@ -185,16 +193,23 @@ class Rebuilt:
             elif source not in self._number:
                 raise Unmatched(f"the commit that added {source} is not in the log")
             done = 0
+            kept = live.get(source)
             for rows in self._hashes(source):
                 n = len(rows)
                 if inherited is not None:
                     if done + n > len(inherited):
                         raise Unmatched(f"{source} holds other rows than when it was traced")
-                    places.append(inherited[done : done + n])
+                    at = inherited[done : done + n]
                 else:
                     first = self._number[source] << _ROW_BITS
-                    places.append(np.arange(first + done, first + done + n, dtype=np.int64))
+                    at = np.arange(first + done, first + done + n, dtype=np.int64)
+                if kept is not None:  # a deletion vector: its live rows (past its end: all)
+                    mask = np.ones(n, dtype=bool)
+                    seen = kept.slice(done, n).to_numpy(zero_copy_only=False)
+                    mask[: len(seen)] = seen
+                    rows, at = rows[mask], at[mask]
                 hashes.append(rows)
+                places.append(at)
                 done += n
             if inherited is not None:  # removed once, so read by no other rewrite: dropped
                 if done != len(inherited):
