@@ -447,6 +447,27 @@ def test_a_compaction_of_a_file_with_a_deletion_vector_is_traced(tmp_path: Path)
     assert kept == newest
 
 
+def test_a_rewrite_whose_rows_are_not_found_stays_in_doubt(tmp_path: Path) -> None:
+    """A file the DELETE read was replaced since by other rows (it is there, so the table
+    looks traceable when opened): the plan finds a row of the rewrite nowhere, keeps the
+    file in doubt and warns, as without tracing."""
+    from lakesync import repeats
+    from lakesync.schema import RecordSchema
+
+    path = tmp_path / "updates"
+    _appended_updates(path)
+    before = {str(p) for p in path.glob("*.parquet")}
+    DeltaTable(str(path)).delete("k % 97 = 0")
+    lake = Lake.open(str(path))
+    assert [d.kind for d in lake.doubts if d] == ["rebuilt"]
+    removed = sorted(before - {f.removeprefix("file://") for f in lake.files})
+    pq.write_table(pa.table({"k": [1, 2], "v": [9, 9]}), removed[0])
+    plan = repeats.plan_lake(lake, RecordSchema(key="k"))
+    warning = plan.warning()
+    assert plan.doubted > 0 and warning is not None
+    assert "merged rewrite of versions 0..3)" in warning
+
+
 def test_an_update_or_vanished_files_leave_a_merged_rewrite_in_doubt(tmp_path: Path) -> None:
     """An UPDATE changes the rows it rewrites (they cannot be found where they came from),
     and vacuum removes the files a DELETE read: the doubt stays."""
