@@ -10,12 +10,13 @@ from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.dataset as ds
 import pyarrow.parquet as pq
 import pytest
-from deltalake import DeltaTable, write_deltalake
+from deltalake import DeltaTable, QueryBuilder, write_deltalake
 from tests.helpers import REGION, aws_test_env, run_job, s3_client, start_moto_thread
 
 from lakesync.config import Settings
@@ -197,6 +198,33 @@ def test_delta_table_on_s3(s3_delta: str, local_table: Path, settings: Settings,
         assert db.taskdetails.count_documents({}) == 4000
 
 
+def test_a_delete_that_merges_versions_on_s3_is_traced(s3_delta: str, settings: Settings) -> None:
+    """The files a DELETE removed are looked for and read on S3 as locally: the plan keeps
+    the newest version of every key and warns of nothing."""
+    from lakesync import repeats
+    from lakesync.schema import RecordSchema
+
+    with aws_test_env():
+        options = {
+            "AWS_ENDPOINT_URL": s3_delta, "AWS_ALLOW_HTTP": "true", "AWS_REGION": REGION,
+            "AWS_S3_ALLOW_UNSAFE_RENAME": "true",
+        }  # fmt: skip
+        uri = "s3://delta-lake/updates"
+        for v in range(3):
+            rows = pa.table({"k": range(v * 10, v * 10 + 100), "v": [v] * 100})
+            write_deltalake(uri, rows, mode="append", storage_options=options)
+        DeltaTable(uri, storage_options=options).delete("k % 9 = 0")
+        settings = settings.model_copy(update={
+            "s3_endpoint_url": s3_delta, "s3_region": REGION, "lake_uri": uri,
+        })  # fmt: skip
+        lake = Lake.open(uri, settings=settings)
+        assert [d.kind for d in lake.doubts if d] == ["rebuilt"]
+        plan = repeats.plan_lake(lake, RecordSchema(key="k"))
+        assert plan.warning() is None
+        newest = {k: min(k // 10, 2) for k in range(120) if k % 9}
+        assert _winners(lake, plan) == newest
+
+
 def test_incremental_copies_read_only_the_files_added_since_the_last_copy(
     settings: Settings, db: Any, tmp_path: Path, records: pa.Table
 ) -> None:
@@ -314,19 +342,164 @@ def _appended_updates(path: Path, versions: int = 4, keys: int = 400) -> None:
         write_deltalake(str(path), rows, mode="append")
 
 
+def _winners(lake: Lake, plan: Any) -> dict[int, int]:
+    """What a copy keeps: each key's record that the plan does not skip (its ``v``)."""
+    out = {}
+    for batch in lake.batches(1000):
+        keys, values = batch.table["k"].to_pylist(), batch.table["v"].to_pylist()
+        for r in range(batch.table.num_rows):
+            seg = batch.segment_of(r)
+            skipped = plan.superseded.get(seg.file, np.empty(0, np.uint32))
+            if seg.file_row(r) not in set(skipped.tolist()):
+                assert keys[r] not in out, "a key kept twice"
+                out[keys[r]] = values[r]
+    return out
+
+
+def test_a_delete_that_merges_versions_is_traced_to_the_rows_it_copied(tmp_path: Path) -> None:
+    """A delta-rs DELETE rewrites the files of several versions into one file in its own
+    row order, and OPTIMIZE then merges those: while the files they rewrote are still there,
+    each row takes the place of the row it was copied from (a whole-row hash found among
+    their rows), so the plan keeps the newest version of every key and warns of nothing."""
+    from lakesync import repeats
+    from lakesync.schema import RecordSchema
+
+    path = tmp_path / "updates"
+    newest = {}
+    for v in range(5):  # each version a newer value of a different part of the keys
+        keys = [k for k in range(600) if v == 0 or (k * 7 + v) % 3 != 0]
+        write_deltalake(str(path), pa.table({"k": keys, "v": [v] * len(keys)}), mode="append")
+        newest |= dict.fromkeys(keys, v)
+    DeltaTable(str(path)).delete("k % 97 = 0")
+    newest = {k: v for k, v in newest.items() if k % 97}
+    for compact in (False, True):
+        if compact:
+            DeltaTable(str(path)).optimize.compact()
+        lake = Lake.open(str(path))
+        assert [d.kind for d in lake.doubts if d] == ["rebuilt"]
+        plan = repeats.plan_lake(lake, RecordSchema(key="k"))
+        assert plan.warning() is None and plan.doubted == 0
+        assert _winners(lake, plan) == newest
+
+
+def test_a_rewrite_after_a_new_column_is_traced(tmp_path: Path) -> None:
+    """Files written before a column was added lack it; the DELETE writes it as null for
+    their rows: those rows are still found where they came from (a missing column hashes
+    as null), partitioned or not."""
+    from lakesync import repeats
+    from lakesync.schema import RecordSchema
+
+    for partitioned in (False, True):
+        path = tmp_path / f"evolved-{partitioned}"
+        by = {"partition_by": ["p"]} if partitioned else {}
+        newest = {}
+        for v in range(4):
+            keys = [k for k in range(300) if v == 0 or (k + v) % 2]
+            rows = pa.table({"k": keys, "v": [v] * len(keys), "p": [k % 2 for k in keys]})
+            if v >= 2:
+                rows = rows.append_column("note", pa.array([f"n{v}"] * len(keys)))
+            write_deltalake(str(path), rows, mode="append", schema_mode="merge", **by)
+            newest |= dict.fromkeys(keys, v)
+        DeltaTable(str(path)).delete("k % 11 = 0")
+        newest = {k: v for k, v in newest.items() if k % 11}
+        lake = Lake.open(str(path))
+        assert {d.kind for d in lake.doubts if d} == {"rebuilt"}
+        plan = repeats.plan_lake(lake, RecordSchema(key="k"))
+        assert plan.warning() is None and _winners(lake, plan) == newest
+
+
+def test_a_compaction_of_a_file_with_a_deletion_vector_is_traced(tmp_path: Path) -> None:
+    """Spark's table whose file has a deletion vector, two appends of newer versions of
+    some of its keys, then delta-rs OPTIMIZE: the rewrite read the file's live rows as of
+    the version it read (its deletion vector then), and each row of the compacted file is
+    traced to its source: every key ends at its newest version, with no warning."""
+    import shutil
+
+    from tests.test_types import _fixtures
+
+    from lakesync import repeats
+    from lakesync.schema import RecordSchema
+
+    path = tmp_path / "spark"
+    shutil.copytree(_fixtures() / "table_with_deletion_logs", path)
+    query = "select * from t order by id"
+    live = pa.table(QueryBuilder().register("t", DeltaTable(str(path))).execute(query).read_all())
+    newest = dict(zip(live["id"].to_pylist(), live["name"].to_pylist(), strict=True))
+    schema = pa.schema(DeltaTable(str(path)).schema().to_arrow())
+    at = live.schema.get_field_index("name")
+    for v in range(2):
+        part = live.slice(v * 30, 40)
+        part = part.set_column(at, "name", pa.array([f"v{v}"] * part.num_rows, pa.string()))
+        write_deltalake(str(path), part.cast(schema), mode="append")
+        newest |= dict.fromkeys(part["id"].to_pylist(), f"v{v}")
+    DeltaTable(str(path)).optimize.compact()
+    lake = Lake.open(str(path))
+    assert [d.kind for d in lake.doubts if d] == ["rebuilt"]
+    plan = repeats.plan_lake(lake, RecordSchema(key="id"))
+    assert plan.warning() is None
+    kept = {}
+    for batch in lake.batches(1000):
+        keys, names = batch.table["id"].to_pylist(), batch.table["name"].to_pylist()
+        for r, (key, name) in enumerate(zip(keys, names, strict=True)):
+            seg = batch.segment_of(r)
+            if seg.file_row(r) not in plan.superseded.get(seg.file, np.empty(0)).tolist():
+                kept[key] = name
+    assert kept == newest
+
+
+def test_a_rewrite_whose_rows_are_not_found_stays_in_doubt(tmp_path: Path) -> None:
+    """A file the DELETE read was replaced since by other rows (it is there, so the table
+    looks traceable when opened): the plan finds a row of the rewrite nowhere, keeps the
+    file in doubt and warns, as without tracing."""
+    from lakesync import repeats
+    from lakesync.schema import RecordSchema
+
+    path = tmp_path / "updates"
+    _appended_updates(path)
+    before = {str(p) for p in path.glob("*.parquet")}
+    DeltaTable(str(path)).delete("k % 97 = 0")
+    lake = Lake.open(str(path))
+    assert [d.kind for d in lake.doubts if d] == ["rebuilt"]
+    removed = sorted(before - {f.removeprefix("file://") for f in lake.files})
+    pq.write_table(pa.table({"k": [1, 2], "v": [9, 9]}), removed[0])
+    plan = repeats.plan_lake(lake, RecordSchema(key="k"))
+    warning = plan.warning()
+    assert plan.doubted > 0 and warning is not None
+    assert "merged rewrite of versions 0..3)" in warning
+
+
+def test_an_update_or_vanished_files_leave_a_merged_rewrite_in_doubt(tmp_path: Path) -> None:
+    """An UPDATE changes the rows it rewrites (they cannot be found where they came from),
+    and vacuum removes the files a DELETE read: the doubt stays."""
+    updated = tmp_path / "updated"
+    _appended_updates(updated)
+    DeltaTable(str(updated)).update(predicate="k % 97 = 0", updates={"v": "v + 10"})
+    assert [d.kind for d in Lake.open(str(updated)).doubts if d] == ["merged"]
+    deleted = tmp_path / "deleted"
+    _appended_updates(deleted)
+    DeltaTable(str(deleted)).delete("k % 97 = 0")
+    assert [d.kind for d in Lake.open(str(deleted)).doubts if d] == ["rebuilt"]
+    DeltaTable(str(deleted)).vacuum(
+        retention_hours=0, enforce_retention_duration=False, dry_run=False
+    )
+    assert [d.kind for d in Lake.open(str(deleted)).doubts if d] == ["merged"]
+
+
 def test_a_delete_that_merges_versions_into_one_file_is_said_not_silent(
     tmp_path: Path, db: Any
 ) -> None:
     """A delta-rs DELETE rewrites the files of several versions into one file in its own
-    row order: which record of a key is newest cannot be told any more. The plan counts the
-    keys so left in doubt (here: every key the files still hold twice or more in one file),
-    and the job keeps a warning saying so and what to do."""
+    row order; once vacuum has removed the files it read, which record of a key is newest
+    cannot be told any more. The plan counts the keys so left in doubt (here: every key the
+    files still hold twice or more in one file), and the job keeps a warning saying so and
+    what to do."""
     from lakesync import repeats
     from lakesync.schema import RecordSchema
 
     path = tmp_path / "updates"
     _appended_updates(path)
     DeltaTable(str(path)).delete("k % 97 = 0")
+    DeltaTable(str(path)).vacuum(retention_hours=0, enforce_retention_duration=False, dry_run=False)
     lake = Lake.open(str(path))
     merged = [d for d in lake.doubts if d is not None]
     assert merged and all(d.kind == "merged" for d in merged)
@@ -387,8 +560,9 @@ def test_tables_whose_order_is_known_give_no_warning(tmp_path: Path) -> None:
 def test_a_copy_of_a_merged_rewrite_completes_and_says_so(
     settings: Settings, db: Any, tmp_path: Path, records: pa.Table
 ) -> None:
-    """The job itself: it completes, every key copied once, and its final message (and its
-    log) warns of the keys whose newest record the table cannot tell, with what to do."""
+    """The job itself, once vacuum removed the files the DELETE read: it completes, every
+    key copied once, and its final message (and its log) warns of the keys whose newest
+    record the table cannot tell, with what to do."""
     path = tmp_path / "tasks"
     plain = records.set_column(
         records.schema.get_field_index("projectId"),
@@ -401,6 +575,7 @@ def test_a_copy_of_a_merged_rewrite_completes_and_says_so(
         hours = pa.array([float(v)] * some.num_rows)
         write_deltalake(str(path), some.set_column(at, "hoursLogged", hours), mode="append")
     DeltaTable(str(path)).delete("taskDetailId LIKE '%7'")
+    DeltaTable(str(path)).vacuum(retention_hours=0, enforce_retention_duration=False, dry_run=False)
     settings = settings.model_copy(update={"lake_uri": str(path), "batch_size": 200})
     with Runtime(settings) as rt:
         done = run_job(rt, str(path))

@@ -237,6 +237,89 @@ def test_optimize_after_merges_copies_the_newest_of_every_key(
     db.client.drop_database(s.database)
 
 
+def appended_updates(path: Path, rng: random.Random, first: int, last: int) -> dict[str, set[int]]:
+    """Versions ``first``..``last`` appended, each a newer version of a random part of 120
+    keys (all of them in the first), the keys spread over three partitions; the versions
+    written of each key, tracked here (deltalake's reading is a bag of rows)."""
+    written: dict[str, set[int]] = {}
+    for v in range(first, last + 1):
+        keys = [k for k in range(120) if v == first or rng.random() < 0.6]
+        rows = [record(f"K{k:03d}", v) | {"projectId": f"PRJ-{k % 3}"} for k in keys]
+        write_deltalake(
+            str(path), pa.Table.from_pylist(rows, SCHEMA), mode="append",
+            partition_by=["projectId"],
+        )  # fmt: skip
+        for k in keys:
+            written.setdefault(f"K{k:03d}", set()).add(v)
+    return written
+
+
+def newest_of(written: dict[str, set[int]]) -> dict[str, str]:
+    return {k: f"v{max(vs)}" for k, vs in written.items()}
+
+
+def test_deletes_and_compactions_that_merge_versions_keep_the_newest_of_every_key(
+    settings: Settings, tmp_path: Path
+) -> None:
+    """A delta-rs DELETE, then OPTIMIZE, write rows of many versions into one file per
+    partition, in their own order. The files they rewrote are still there (no vacuum), so
+    each row is traced to the row it was copied from and takes that row's place: full,
+    incremental and full copies (whole and partitioned) hold the newest version of every
+    key that is left, with no warning. Once vacuum removes those files, the warning is
+    back."""
+    rng = random.Random(25)
+    table = tmp_path / "t"
+    written = appended_updates(table, rng, 1, 6)
+    s = fresh(settings, table, partition_rows=40, batch_size=16)
+    db = database_of(s)
+    check(run_whole(s), db, table, before={})
+    assert stored(db) == newest_of(written)
+
+    # the even versions of every 7th key: where it was the newest, an older one is now
+    sevens = [f"K{k:03d}" for k in range(0, 120, 7)]
+    keys = ", ".join(repr(k) for k in sevens)
+    DeltaTable(str(table)).delete(f"taskDetailId in ({keys}) and notes in ('v2', 'v4', 'v6')")
+    for k in sevens:
+        written[k] -= {2, 4, 6}
+    assert oracle(table)[0] == newest_of(written)  # deltalake's newest is the one tracked
+    assert {d.kind for d in Lake.open(str(table)).doubts if d} == {"rebuilt"}  # traceable
+    for how in ("whole", "random"):
+        before = stored(db)
+        done = full(s, how, seed=5)
+        check(done, db, table, before=before)
+        assert stored(db) == newest_of(written) and "Warning" not in (done.message or "")
+
+    for k, vs in appended_updates(table, rng, 7, 7).items():
+        written[k] |= vs
+    done = incremental(s)
+    assert done.status == JobState.COMPLETED, done.error
+    assert stored(db) == newest_of(written) and "Warning" not in (done.message or "")
+    DeltaTable(str(table)).optimize.compact()  # rewrites the DELETE's files and the new ones
+    assert len(DeltaTable(str(table)).file_uris()) == 3
+    assert oracle(table)[0] == newest_of(written)
+    done = incremental(s)  # the compacted files hold no new version
+    assert done.status == JobState.COMPLETED, done.error
+    assert (done.insertedRecords, done.updatedRecords) == (0, 0)
+    assert stored(db) == newest_of(written)
+    for how in ("whole", "random"):
+        before = stored(db)
+        done = full(s, how, seed=6)
+        check(done, db, table, before=before)
+        assert (done.insertedRecords, done.updatedRecords) == (0, 0)
+        assert stored(db) == newest_of(written) and "Warning" not in (done.message or "")
+
+    # vacuum removes the files the rewrites read: their rows cannot be traced any more
+    DeltaTable(str(table)).vacuum(
+        retention_hours=0, enforce_retention_duration=False, dry_run=False
+    )
+    assert {d.kind for d in Lake.open(str(table)).doubts if d} == {"merged"}
+    done = run_whole(s)
+    assert done.status == JobState.COMPLETED, done.error
+    message = done.message or ""
+    assert "Warning: for " in message and "merged rewrite of versions 0..7" in message
+    db.client.drop_database(s.database)
+
+
 def test_ten_appends_of_one_key_end_with_the_tenth(settings: Settings, tmp_path: Path) -> None:
     """The issue's case: v1..v10 of K appended, the copy holds v10 with 9 duplicates; after
     an incremental copy of v11, a full copy changes nothing."""

@@ -22,6 +22,7 @@ from lakesync.operations import OperationRegistry, ResolvedJob
 from lakesync.plan import open_source
 from lakesync.schema import check_columns, validate
 from lakesync.service import checked_request
+from lakesync.sources.base import REBUILT
 from lakesync.typemap import ServerLimits, bson_type_name
 
 #: records read for the sample: enough to meet a few bad rows, few enough to answer at once
@@ -104,8 +105,14 @@ def preview(
 
 def _in_doubt(lake: Any) -> dict[str, Any]:
     """The files whose place or row order the table cannot tell (``OrderDoubt``): a key
-    repeated in them may be copied at an older version (the job counts and warns)."""
-    doubted = [(lake.file_name(i), d.why) for i, d in enumerate(lake.doubts) if d is not None]
+    repeated in them may be copied at an older version (the job counts and warns). A Delta
+    rewrite whose rows the copy can trace to the files it rewrote (``REBUILT``: they are
+    all still there) is not one of them."""
+    doubted = [
+        (lake.file_name(i), d.why)
+        for i, d in enumerate(lake.doubts)
+        if d is not None and d.kind != REBUILT
+    ]
     return {
         "files": len(doubted),
         "examples": [f"{name}: {why}" for name, why in doubted[:SHOWN]],

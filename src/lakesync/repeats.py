@@ -28,6 +28,12 @@ groups; the bytes decide, so a collision of hashes never merges two keys. An int
 string key column is hashed column-wise (numpy); any other key value by value, through the
 same functions, so a key hashes alike whichever way it came.
 
+Lake order is each record's position, except where a Delta rewrite (DELETE, OPTIMIZE) wrote
+rows of several versions into one file in its own order: when the table still holds the
+files it rewrote, each of its rows takes the place of the row it was copied from
+(``Lake.rebuilt_order``), logged beside its position (8 bytes more per record, only in
+such lakes), and a key's winner is its last record by that order.
+
 A server that keeps some keys as their text (nx-27017: ``_id`` 1 and "1" are one key there;
 ``ServerLimits.text_keys``) hashes them as that text, so keys it cannot tell apart meet in
 one bucket: of their winning records the earliest is kept and the later ones are refused
@@ -62,10 +68,14 @@ from bson.binary import Binary
 from bson.decimal128 import create_decimal128_context
 from pymongo.database import Database
 
+from lakesync.hashing import SEED as _INT_SEED
+from lakesync.hashing import hash_strings as _hash_strings
+from lakesync.hashing import mix as _mix
 from lakesync.lake import Lake, Listing
 from lakesync.models import PLANS, utcnow
 from lakesync.schema import RecordSchema, Validated, validate
 from lakesync.sources.base import MISSING, OrderDoubt
+from lakesync.sources.deltarows import RowOrder
 from lakesync.typemap import MONGODB, ServerLimits, server_limits
 
 logger = logging.getLogger(__name__)
@@ -164,9 +174,12 @@ def plan_lake(
     index = {f: i for i, f in enumerate(lake.files)}
     part = lake.only([lake.file_name(i) for i in sorted(index[names[f]] for f in holding)])
     del files, names, index, holding
-    doubt_of = {f: d for f, d in zip(part.files, part.doubts, strict=True) if d is not None}
-    with _KeyLog(spill) as log:
-        files = _log_keys(log, part, schema, filter, None, limits, exact=True)
+    order, after = part.rebuilt_order()  # rewrites' rows where they came from (Delta)
+    if order is not None:  # the tracing's hashes, freed: handed back before the log grows
+        pa.default_memory_pool().release_unused()
+    doubt_of = {f: d for f, d in zip(part.files, after, strict=True) if d is not None}
+    with _KeyLog(spill, ordered=order is not None) as log:
+        files = _log_keys(log, part, schema, filter, None, limits, exact=True, order=order)
         names = list(files)
         doubts = {n: doubt_of[f] for f, n in files.items() if f in doubt_of}
         losers: list[np.ndarray] = []
@@ -219,10 +232,12 @@ def _log_keys(
     columns: list[str] | None,
     limits: ServerLimits,
     exact: bool,
+    order: RowOrder | None = None,
 ) -> dict[str, int]:
     """Log the key and lake position (file number << 32 | row) of each valid record; the
     files' numbers. Not ``exact``: records bson cannot encode count as valid (the first
-    pass; see the module's docstring)."""
+    pass; see the module's docstring). With ``order``, each record's order too (the
+    winner of a key is the last by it, not by position: ``RowOrder``)."""
     files: dict[str, int] = {}
     size = _EXACT_BATCH if exact else _PLAN_BATCH
     for batch in lake.batches(size, filter=filter, columns=columns):
@@ -239,70 +254,23 @@ def _log_keys(
             ),
             np.int64,
         )
-        where = base[np.searchsorted(offsets, rows, side="right") - 1] + rows
+        segment = np.searchsorted(offsets, rows, side="right") - 1
+        where = base[segment] + rows
         hashes, keys = _batch_keys(checked, limits)
-        log.add(hashes, keys, where)
+        ranks = None
+        if order is not None:
+            ranks = np.empty(len(rows), dtype=np.int64)
+            for s in np.unique(segment).tolist():
+                seg, mine = batch.segments[s], segment == s
+                ranks[mine] = order.of(seg.file_index, rows[mine] - seg.offset + seg.start_row)
+        log.add(hashes, keys, where, ranks)
     return files
 
 
 # -- keys as fixed-width hashes and exact bytes ---------------------------------------------
 
 _INT, _STR, _BSON = b"\x01", b"\x02", b"\x03"
-_M1, _M2 = np.uint64(0xBF58476D1CE4E5B9), np.uint64(0x94D049BB133111EB)
-_POLY = np.uint64(0x100000001B3)  # FNV's prime: any odd multiplier would do
-_INT_SEED = np.uint64(0x9E3779B97F4A7C15)
-_HASH_CHUNK = 1 << 16  # bytes of strings hashed at once: temporaries of ~40 bytes each
-_powers: np.ndarray = np.ones(1, dtype=np.uint64)
-_LONG = 4096  # bytes: a longer key is hashed by BLAKE2b (_powers stays small)
 _DECIMAL128 = create_decimal128_context()
-
-
-def _mix(x: np.ndarray) -> np.ndarray:
-    """splitmix64's finaliser, element-wise (uint64 arithmetic wraps)."""
-    x = x ^ (x >> np.uint64(30))
-    x *= _M1
-    x ^= x >> np.uint64(27)
-    x *= _M2
-    return np.asarray(x ^ (x >> np.uint64(31)))
-
-
-def _hash_strings(col: pa.Array) -> np.ndarray:
-    """A 64-bit hash of each string (or binary) value, vectorised: a polynomial of its bytes,
-    mixed with its length. Equal values hash alike; different ones rarely do (and are told
-    apart by their bytes: ``_settle``)."""
-    global _powers
-    col = col.cast(pa.large_binary())
-    n = len(col)
-    offsets = np.frombuffer(col.buffers()[1], np.int64)[col.offset : col.offset + n + 1]
-    data_buf = col.buffers()[2]
-    data = np.frombuffer(data_buf, np.uint8) if data_buf is not None else np.empty(0, np.uint8)
-    lengths = np.diff(offsets)
-    sums = np.zeros(n, dtype=np.uint64)
-    long = np.flatnonzero(lengths > _LONG)
-    for i in long.tolist():
-        value = data[int(offsets[i]) : int(offsets[i + 1])].tobytes()
-        sums[i] = int.from_bytes(hashlib.blake2b(value, digest_size=8).digest(), "little")
-    lengths_short = np.where(lengths > _LONG, 0, lengths)  # hashed above
-    longest = int(lengths_short.max()) if n else 0
-    if longest > len(_powers):
-        grown = np.cumprod(np.full(longest - 1, _POLY, dtype=np.uint64))  # _POLY ** i
-        _powers = np.concatenate([np.ones(1, dtype=np.uint64), grown])
-    # chunks of about _HASH_CHUNK bytes (at least one string each): bounded temporaries
-    cuts = np.unique(np.searchsorted(offsets, np.arange(offsets[0], offsets[-1], _HASH_CHUNK)))
-    edges = [*(int(c) for c in cuts if 0 < c < n), n]
-    lo = 0
-    for hi in edges:
-        full = np.flatnonzero(lengths_short[lo:hi]) + lo
-        if len(full):  # the bytes of the chunk's short strings, gathered
-            lens = lengths_short[full]
-            firsts = np.cumsum(lens) - lens
-            total = int(firsts[-1] + lens[-1])
-            within = np.arange(total, dtype=np.int64) - np.repeat(firsts, lens)
-            index = within + np.repeat(offsets[full], lens)
-            terms = data[index].astype(np.uint64) * _powers[within]
-            sums[full] = np.add.reduceat(terms, firsts)
-        lo = hi
-    return _mix(sums ^ _mix(lengths.astype(np.uint64) + _INT_SEED))
 
 
 def _int_keys(col: pa.Array, limits: ServerLimits) -> tuple[np.ndarray, pa.Array]:
@@ -430,7 +398,8 @@ def _decoded(data: bytes) -> Any:
 # -- the log of keys: in memory up to a budget, then in buckets on disk ---------------------
 
 _LOG_SCHEMA = pa.schema([("h", pa.uint64()), ("k", pa.large_binary()), ("p", pa.int64())])
-_EMPTY_LOG = pa.RecordBatch.from_pylist([], _LOG_SCHEMA)
+#: with each record's order (``RowOrder``) where it is not its position
+_ORDERED_SCHEMA = _LOG_SCHEMA.append(pa.field("o", pa.int64()))
 
 
 class _KeyLog:
@@ -439,10 +408,11 @@ class _KeyLog:
     _BUCKETS buckets by the top bits of ``h`` and written to one file of the spill folder,
     and ``buckets`` then reads consecutive buckets of every file, about _PLAN_MEMORY at a
     time: all the records of one key (and of keys the server may confuse: same ``h``) are
-    in one bucket."""
+    in one bucket. ``ordered``: each record's order (``o``) is logged too, 8 bytes more."""
 
-    def __init__(self, spill: Path | None, budget: int = 0) -> None:
+    def __init__(self, spill: Path | None, budget: int = 0, ordered: bool = False) -> None:
         self.budget = budget or _PLAN_MEMORY
+        self._schema = _ORDERED_SCHEMA if ordered else _LOG_SCHEMA
         self._spill = spill
         self._held: list[pa.RecordBatch] = []
         self._bytes = 0
@@ -457,8 +427,9 @@ class _KeyLog:
         if self._dir is not None:
             self._dir.cleanup()
 
-    def add(self, h: np.ndarray, k: pa.Array, p: np.ndarray) -> None:
-        batch = pa.RecordBatch.from_arrays([pa.array(h), k, pa.array(p)], schema=_LOG_SCHEMA)
+    def add(self, h: np.ndarray, k: pa.Array, p: np.ndarray, o: np.ndarray | None = None) -> None:
+        columns = [pa.array(h), k, pa.array(p), *([] if o is None else [pa.array(o)])]
+        batch = pa.RecordBatch.from_arrays(columns, schema=self._schema)
         self._held.append(batch)
         self._bytes += batch.nbytes
         if self._bytes > self.budget:
@@ -474,7 +445,7 @@ class _KeyLog:
                 self._spill.mkdir(parents=True, exist_ok=True)
             folder = None if self._spill is None else str(self._spill)
             self._dir = tempfile.TemporaryDirectory(prefix="plan-", dir=folder)
-        table = pa.Table.from_batches(self._held, _LOG_SCHEMA)
+        table = pa.Table.from_batches(self._held, self._schema)
         self._held, self._bytes = [], 0
         hashes = np.concatenate([c.to_numpy() for c in table["h"].chunks])
         bucket = (hashes >> np.uint64(64 - _BUCKET_BITS)).astype(np.int64)
@@ -486,18 +457,19 @@ class _KeyLog:
         del table, order
         whole = data.to_batches()[0] if data.num_rows else None
         path = os.path.join(self._dir.name, f"run-{len(self._runs):05d}.arrow")
-        with pa.OSFile(path, "wb") as sink, pa.ipc.new_file(sink, _LOG_SCHEMA) as writer:
+        empty = pa.RecordBatch.from_pylist([], self._schema)
+        with pa.OSFile(path, "wb") as sink, pa.ipc.new_file(sink, self._schema) as writer:
             for b in range(_BUCKETS):  # one record batch per bucket, in bucket order
                 lo, hi = int(bounds[b]), int(bounds[b + 1])
                 part = whole.slice(lo, hi - lo) if whole is not None else None
-                writer.write_batch(part if part is not None else _EMPTY_LOG)
+                writer.write_batch(part if part is not None else empty)
         self._runs.append(path)
 
     def buckets(self) -> Iterator[pa.Table]:
         """The logged records, a bucket at a time (all of them at once if none spilled)."""
         if not self._runs:
             if self._held:
-                yield pa.Table.from_batches(self._held, _LOG_SCHEMA)
+                yield pa.Table.from_batches(self._held, self._schema)
             return
         if self._held:
             self._write_run()
@@ -512,7 +484,7 @@ class _KeyLog:
                     held.append(batch)
                     size += batch.nbytes
                 if size >= self.budget or b == _BUCKETS - 1:
-                    yield pa.Table.from_batches(held, _LOG_SCHEMA)
+                    yield pa.Table.from_batches(held, self._schema)
                     held, size = [], 0
         finally:
             for f in files:
@@ -521,9 +493,10 @@ class _KeyLog:
 
 @dataclass
 class _Groups:
-    """A bucket's records sorted by hash, key bytes and position: equal keys are runs."""
+    """A bucket's records sorted by hash, key bytes and order (their position, or their
+    ``o`` where it is logged): equal keys are runs, the last of a run is its winner."""
 
-    p: np.ndarray  # positions, sorted
+    p: np.ndarray  # positions, in that order
     k: pa.Array  # key bytes, in the same order
     first: np.ndarray  # bool: the first record of its key
     last: np.ndarray  # bool: the last record of its key (the winner)
@@ -535,8 +508,9 @@ def _groups(bucket: pa.Table) -> _Groups:
     if bucket.num_rows == 0:
         none = np.zeros(0, dtype=bool)
         return _Groups(_EMPTY, pa.array([], pa.large_binary()), none, none, none, none)
+    by = "o" if "o" in bucket.column_names else "p"  # the records' order: the last one wins
     order = pc.sort_indices(
-        bucket, sort_keys=[("h", "ascending"), ("k", "ascending"), ("p", "ascending")]
+        bucket, sort_keys=[("h", "ascending"), ("k", "ascending"), (by, "ascending")]
     )
     table = bucket.take(order).combine_chunks()
     h, p, k = table["h"].to_numpy(), table["p"].to_numpy(), table["k"].chunk(0)

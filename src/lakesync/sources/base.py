@@ -15,7 +15,9 @@ A *readable table* (``sources.lake.Lake``, whatever the kind underneath) offers:
   else an ``OrderDoubt`` saying why not (a rewrite that merged rows of several versions
   into it: the order of one key's rows inside it is the writer's; or its history is gone:
   its place among such units is a guess). The plan warns of the keys whose winner this
-  leaves in doubt (``repeats``).
+  leaves in doubt (``repeats``). A merged rewrite whose history is all there (Delta:
+  ``REBUILT``) is not in doubt: ``rebuilt_order`` gives each of its rows the place of the
+  row it was copied from, and the plan of repeated keys orders them by it.
 
 A *table kind* (Delta today, Iceberg next) plugs in by turning a folder into a
 ``TableVersion``: its data files in the table's order, each with its partition values and
@@ -60,15 +62,19 @@ class OrderDoubt:
     """Why a unit's place in lake order, or its rows' order, is not the table's own.
 
     ``kind`` is ``MERGED`` (a rewrite wrote rows of several versions into this one unit:
-    two rows of one key inside it are in the writer's order, not commit order) or
+    two rows of one key inside it are in the writer's order, not commit order),
     ``MISSING`` (the commit or snapshot that added it was cleaned up: its place among other
-    such units is a guess, by modification time). ``why`` says so in words."""
+    such units is a guess, by modification time) or ``REBUILT`` (a merged rewrite whose
+    rows' places the table can still tell: the files it rewrote are still there and their
+    commits still in the log, so the plan of repeated keys gives each of its rows the place
+    of the row it was copied from, ``Lake.rebuilt_order``; if that fails, it is ``MERGED``).
+    ``why`` says so in words."""
 
     kind: str
     why: str
 
 
-MERGED, MISSING = "merged", "missing"
+MERGED, MISSING, REBUILT = "merged", "missing", "rebuilt"
 
 
 @dataclass(frozen=True)
@@ -215,6 +221,11 @@ class TableVersion:
     physical: pa.Schema | None = None
     #: path -> why its place or row order is not the table's own (``OrderDoubt``)
     doubts: dict[str, OrderDoubt] = field(default_factory=dict)
+    #: path -> its place in the table's order (the key ``files`` is sorted by)
+    places: dict[str, OrderKey] = field(default_factory=dict)
+    #: Delta: where the rows of rewritten files came from (``deltalog.Lineage``), for the
+    #: files whose doubt is ``REBUILT``
+    lineage: Any = None
 
 
 def with_partition_columns(schema: pa.Schema, keys: list[tuple[str, str | None]]) -> pa.Schema:

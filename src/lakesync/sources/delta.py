@@ -91,7 +91,7 @@ def snapshot(location: Location, path: str, version: int | None = None) -> Table
         at = _file_path(location, path, row["path"])
         files.append((at, _expression(schema, row)))
         modified[at] = _millis(row["modification_time"])
-    order, doubts = commit_order(
+    order, doubts, lineage = commit_order(
         location, path, current, modified, lambda logged: _file_path(location, path, logged)
     )
     files.sort(key=lambda f: order[f[0]])  # the table's commit order
@@ -104,6 +104,20 @@ def snapshot(location: Location, path: str, version: int | None = None) -> Table
     physical = None
     if mapping != "none":  # partition columns keep their names: they are not in the files
         physical = pa.schema([f if f.name in partitions else physical_field(f) for f in schema])
+    # the data columns as the files name them: what a rewrite's rows are traced by
+    scanned = physical if physical is not None else schema
+    lineage.columns = pa.schema([f for f in scanned if f.name not in partitions])
+
+    def vectors_at(at: int) -> dict[str, pa.BooleanArray]:
+        older = DeltaTable(uri, version=at, storage_options=options)
+        found = pa.table(older.deletion_vectors().read_all())
+        chosen = found.column("selection_vector").combine_chunks()
+        return {
+            _file_path(location, path, logged): chosen[i].values
+            for i, logged in enumerate(found.column("filepath").to_pylist())
+        }
+
+    lineage.vectors_at = vectors_at
     logger.info(
         "Delta table %s version %d: %d active file(s), %d with deleted rows",
         uri,
@@ -111,7 +125,9 @@ def snapshot(location: Location, path: str, version: int | None = None) -> Table
         len(files),
         len(live),
     )
-    return TableVersion("delta", current, schema, files, renames, live, physical, doubts)
+    return TableVersion(
+        "delta", current, schema, files, renames, live, physical, doubts, order, lineage
+    )
 
 
 def _millis(value: Any) -> int:

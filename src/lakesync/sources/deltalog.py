@@ -19,6 +19,14 @@ Two things this order cannot tell, said per file (``base.OrderDoubt``): a rewrit
 removed files of several versions wrote their rows into its files in its own order (delta-rs
 DELETE/UPDATE, OPTIMIZE), so two rows of one key inside such a file are not in commit order;
 and the files whose commit is gone are placed among themselves by a guess.
+
+The first can be undone while the table still holds what the rewrite read: a rewrite that
+copies rows unchanged (DELETE, OPTIMIZE, ...; not UPDATE or MERGE, which change the rows they
+rewrite) whose removed files are still on storage (not vacuumed) and were added by commits
+still in the log, each in turn such a rewrite or a plain write. Such a file's doubt is
+``REBUILT``: ``Lineage`` keeps what the log says of its ancestry (with the version the
+rewrite read, whose deletion vectors say which rows of the removed files it saw), and
+``deltarows`` finds the row each of its rows was copied from when the plan needs it.
 """
 
 from __future__ import annotations
@@ -35,13 +43,22 @@ import pyarrow.fs as pafs
 
 from lakesync.errors import SourceError
 from lakesync.locations import Location, read_error
-from lakesync.sources.base import MERGED, MISSING, OrderDoubt, OrderKey, rewritten_place
+from lakesync.sources.base import (
+    MERGED,
+    MISSING,
+    REBUILT,
+    OrderDoubt,
+    OrderKey,
+    rewritten_place,
+)
 
 logger = logging.getLogger(__name__)
 
 _COMMIT = re.compile(r"(\d{20})\.json")
 #: operations whose added files carry rows of the files they remove
 _REWRITES = ("DELETE", "UPDATE", "MERGE", "OPTIMIZE", "REORG", "ZORDER", "COMPACT")
+#: rewrites that copy the rows they keep unchanged (UPDATE and MERGE change some of them)
+_COPIES = ("DELETE", "OPTIMIZE", "REORG", "ZORDER", "COMPACT")
 _READ_THREADS = 32  # commits fetched in parallel on S3
 _UNKNOWN: OrderKey = (0, 0, "")  # a removed file whose add is not in the log any more
 
@@ -52,6 +69,60 @@ class _Commit:
     operation: str = ""
     adds: list[tuple[str, bool]] = field(default_factory=list)  # logged path, dataChange
     removes: list[str] = field(default_factory=list)
+    #: path -> its partition values (JSON, keys sorted), from its add or remove action
+    partitions: dict[str, str] = field(default_factory=dict)
+    #: some removed file had a deletion vector (rows deleted before the rewrite read it)
+    vectors: bool = False
+    #: the version the commit read (its commitInfo's readVersion), None if not said
+    read: int | None = None
+
+
+@dataclass(frozen=True)
+class Rewrite:
+    """A commit that rewrote files: its version, the files it removed, whether it copied
+    the rows it kept unchanged (which finding each row's source needs), and when some of
+    those files had a deletion vector, the version it read them at (their live rows then:
+    ``Lineage.vectors_at``)."""
+
+    version: int
+    removes: tuple[str, ...]
+    copies: bool
+    vectors_at: int | None = None
+
+
+@dataclass
+class Lineage:
+    """What the log says of where each file's rows came from: the files added with rows of
+    their own (a write, an append) and their places, the files a rewrite added and that
+    rewrite, and every file's partition values (JSON). ``columns`` are the data columns as
+    the Parquet files name them, and ``vectors_at(version)`` the live rows of each file
+    with a deletion vector at that version (both set by ``delta.snapshot``)."""
+
+    origins: dict[str, OrderKey] = field(default_factory=dict)
+    made: dict[str, Rewrite] = field(default_factory=dict)
+    partitions: dict[str, str] = field(default_factory=dict)
+    columns: pa.Schema = field(default_factory=lambda: pa.schema([]))
+    vectors_at: Callable[[int], dict[str, pa.BooleanArray]] | None = None
+
+    def ancestry(self, path: str) -> set[str] | None:
+        """The files the rows of ``path`` (a rewrite's file) were copied from, down to
+        plain writes, rewrites in between included; None when the log cannot tell (a file
+        whose commit is gone, a rewrite that changed rows)."""
+        out: set[str] = set()
+        todo = [path]
+        while todo:
+            rewrite = self.made.get(todo.pop())
+            if rewrite is None or not rewrite.copies:
+                return None
+            for source in rewrite.removes:
+                if source in out:
+                    continue
+                if source not in self.origins and source not in self.made:
+                    return None
+                out.add(source)
+                if source in self.made:
+                    todo.append(source)
+        return out
 
 
 def commit_order(
@@ -60,11 +131,11 @@ def commit_order(
     version: int,
     active: dict[str, int],
     path_of: Callable[[str], str],
-) -> tuple[dict[str, OrderKey], dict[str, OrderDoubt]]:
+) -> tuple[dict[str, OrderKey], dict[str, OrderDoubt], Lineage]:
     """The sort key of each active file (``active``: path -> modification time in ms) of
-    version ``version`` of the table at ``root``, and the files whose place or row order
-    the log cannot tell (see the module's doc); ``path_of`` turns a path as the log writes
-    it into a filesystem path."""
+    version ``version`` of the table at ``root``, the files whose place or row order the
+    log cannot tell (see the module's doc), and the files' lineage; ``path_of`` turns a
+    path as the log writes it into a filesystem path."""
     log = f"{root.rstrip('/')}/_delta_log"
     try:
         listed = location.fs.get_file_info(pafs.FileSelector(log))
@@ -82,9 +153,10 @@ def commit_order(
 
     keys: dict[str, OrderKey] = {}
     spans: dict[str, tuple[int, int] | None] = {}
+    lineage = Lineage()
     with ThreadPoolExecutor(max(threads, 1)) as pool:
         for commit in (pool.map if threads else map)(read, found):
-            _apply(commit, keys, spans)
+            _apply(commit, keys, spans, lineage)
     order, doubts = {}, {}
     for path, mtime in active.items():  # not in any commit left: before all of them
         order[path] = keys.get(path) or (0, mtime, path)
@@ -98,6 +170,7 @@ def commit_order(
             elif span[0] != span[1]:
                 why = f"merged rewrite of versions {span[0]}..{span[1]}"
                 doubts[path] = OrderDoubt(MERGED, why)
+    _rebuildable(location, lineage, doubts)
     missing = sum(1 for path in active if path not in keys)
     if missing:
         logger.info(
@@ -106,7 +179,36 @@ def commit_order(
             location.show(root),
             missing,
         )
-    return order, doubts
+    return order, doubts, lineage
+
+
+def _rebuildable(location: Location, lineage: Lineage, doubts: dict[str, OrderDoubt]) -> None:
+    """Turn the doubt of each merged rewrite whose rows' sources the table still holds
+    (``Lineage.ancestry``, every one of those files still on storage) into ``REBUILT``."""
+    wanted: dict[str, set[str]] = {}
+    for path, doubt in doubts.items():
+        if doubt.kind == MERGED and doubt.why.startswith("merged rewrite of versions"):
+            sources = lineage.ancestry(path)
+            if sources is not None:
+                wanted[path] = sources
+    if not wanted:
+        return
+    needed = sorted(set().union(*wanted.values()))
+    threads = min(_READ_THREADS, len(needed)) if location.is_s3 else 0
+    try:
+        if threads:  # one request each on S3: in parallel, as the commits are read
+            with ThreadPoolExecutor(threads) as pool:
+                infos = list(pool.map(location.fs.get_file_info, needed))
+        else:
+            infos = location.fs.get_file_info(needed)
+    except (OSError, pa.ArrowException) as e:
+        logger.info("Delta table: cannot look for the files rewrites removed (%s)", e)
+        return
+    there = {p for p, i in zip(needed, infos, strict=True) if i.type == pafs.FileType.File}
+    for path, sources in wanted.items():
+        if sources <= there:
+            why = doubts[path].why + " (its rows' order is found from the files it rewrote)"
+            doubts[path] = OrderDoubt(REBUILT, why)
 
 
 def commit_time(location: Location, root: str, version: int) -> int | None:
@@ -136,7 +238,10 @@ def commit_time(location: Location, root: str, version: int) -> int | None:
 
 
 def _apply(
-    commit: _Commit, keys: dict[str, OrderKey], spans: dict[str, tuple[int, int] | None]
+    commit: _Commit,
+    keys: dict[str, OrderKey],
+    spans: dict[str, tuple[int, int] | None],
+    lineage: Lineage,
 ) -> None:
     """Give each file ``commit`` adds its place (see the module's rules), and the versions
     whose rows it may hold (``spans``: first..last; None: some of them are unknown). The log
@@ -153,11 +258,25 @@ def _apply(
         else:
             known = [s for s in sources if s is not None]
             span = (min(s[0] for s in known), max(s[1] for s in known)) if known else span
+    lineage.partitions.update(commit.partitions)
+    made = None
+    if rewrite and removed:
+        copies = commit.operation.upper().startswith(_COPIES) or not any(
+            change for _, change in commit.adds
+        )
+        read = None
+        if commit.vectors:  # the deletion vectors it read: its read version's
+            read = commit.read if commit.read is not None else commit.version - 1
+        made = Rewrite(commit.version, tuple(commit.removes), copies, read)
     for index, (path, _) in enumerate(commit.adds):
         if path not in keys:
             own = (commit.version, index)
-            keys[path] = rewritten_place(removed, own) if rewrite and removed else (1, *own)
+            keys[path] = rewritten_place(removed, own) if made is not None else (1, *own)
             spans[path] = span
+            if made is not None:
+                lineage.made[path] = made
+            else:
+                lineage.origins[path] = keys[path]
 
 
 def _read_commit(
@@ -184,8 +303,19 @@ def _read_commit(
         if "add" in action:
             add = action["add"]
             commit.adds.append((path_of(add["path"]), bool(add.get("dataChange", True))))
+            commit.partitions[commit.adds[-1][0]] = _partitions(add)
         elif "remove" in action:
-            commit.removes.append(path_of(action["remove"]["path"]))
+            remove = action["remove"]
+            commit.removes.append(path_of(remove["path"]))
+            commit.partitions.setdefault(commit.removes[-1], _partitions(remove))
+            commit.vectors |= bool(remove.get("deletionVector"))
         elif "commitInfo" in action:
             commit.operation = str(action["commitInfo"].get("operation") or "")
+            read = action["commitInfo"].get("readVersion")
+            commit.read = read if isinstance(read, int) else None
     return commit
+
+
+def _partitions(action: dict[str, object]) -> str:
+    """An add or remove action's partition values, as JSON with its keys sorted."""
+    return json.dumps(action.get("partitionValues") or {}, sort_keys=True)

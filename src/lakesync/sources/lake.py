@@ -48,12 +48,14 @@ from lakesync.sources.base import (
     LakeBatch,
     Listing,
     OrderDoubt,
+    OrderKey,
     Position,
     hold,
     let_go,
 )
 from lakesync.sources.delta import snapshot
-from lakesync.sources.deltalog import commit_time
+from lakesync.sources.deltalog import Lineage, commit_time
+from lakesync.sources.deltarows import RowOrder, row_order
 from lakesync.sources.stream import across_files, prefetched, prepared
 from lakesync.sources.tables import DELTA_LOG as LOG_DIR
 
@@ -124,10 +126,15 @@ class Lake:
         table: iceberg.IcebergSnapshot | None = None,
         units: list[int] | None = None,
         doubts: list[OrderDoubt | None] | None = None,
+        places: list[OrderKey] | None = None,
+        lineage: Lineage | None = None,
     ) -> None:
         self.uri, self.format, self.files, self.version = uri, fmt, files, version
         #: per file: why its place or row order is not the table's own (None: it is)
         self.doubts: list[OrderDoubt | None] = doubts or [None] * len(files)
+        #: Delta: per file its place in the table's order, and where rewrites' rows came
+        #: from (``rebuilt_order``)
+        self._places, self._lineage = places, lineage
         #: Iceberg: the snapshot read (it reads its units itself: deletes, field ids), and
         #: the unit of it each file index is
         self._table, self._units = table, units or list(range(len(files)))
@@ -480,6 +487,8 @@ class Lake:
             views=views,
             objects=loc.objects,
             doubts=[snap.doubts.get(p) for p, _ in chosen],
+            places=[snap.places[p] for p, _ in chosen],
+            lineage=snap.lineage,
         )
 
     @classmethod
@@ -577,6 +586,16 @@ class Lake:
         file = self.files[index]
         return file[len(self._root) :].lstrip("/") if file.startswith(self._root) else file
 
+    def rebuilt_order(self) -> tuple[RowOrder | None, list[OrderDoubt | None]]:
+        """The order of this lake's rows for the plan of repeated keys when some of its
+        files are Delta rewrites whose rows can be traced to the rows they were copied
+        from (doubt ``REBUILT``: ``deltarows``), None when none is; and the files' doubts
+        once traced (a rebuilt file is in doubt no more; one that could not be, is)."""
+        if self._lineage is None or self._places is None:
+            return None, self.doubts
+        paths = [f.path for f in self._facts]
+        return row_order(self._fs, self._lineage, paths, self._places, self.doubts)
+
     def only(self, names: list[str], first_index: int = 0) -> Lake:
         """This lake reduced to the files named (as ``file_name`` gives them), in that order.
 
@@ -611,6 +630,8 @@ class Lake:
             table=self._table,
             units=[self._units[i] for i in picked],
             doubts=[self.doubts[i] for i in picked],
+            places=None if self._places is None else [self._places[i] for i in picked],
+            lineage=self._lineage,
         )
         if self._row_counts is not None:
             part._row_counts = [self._row_counts[i] for i in picked]
