@@ -321,7 +321,7 @@ def test_a_delete_that_merges_versions_into_one_file_is_said_not_silent(
     row order: which record of a key is newest cannot be told any more. The plan counts the
     keys so left in doubt (here: every key the files still hold twice or more in one file),
     and the job keeps a warning saying so and what to do."""
-    from lakesync import repeats
+    from lakesync import boundary, repeats
     from lakesync.schema import RecordSchema
 
     path = tmp_path / "updates"
@@ -344,8 +344,8 @@ def test_a_delete_that_merges_versions_into_one_file_is_said_not_silent(
     warning = plan.warning()
     assert warning is not None and f"for {expected:,} keys" in warning
     assert "merged rewrite of versions" in warning and "watermark" in warning
-    repeats.plan_job(db, "job_doubt", lake, RecordSchema(key="k"))
-    assert repeats.order_warning(db, "job_doubt") == warning
+    boundary.plan_job(db, "job_doubt", lake, RecordSchema(key="k"))
+    assert boundary.order_warning(db, "job_doubt") == warning
 
 
 def test_tables_whose_order_is_known_give_no_warning(tmp_path: Path) -> None:
