@@ -420,9 +420,10 @@ def test_a_transient_error_at_each_call_of_the_job_path_fails_no_job(
     sites = sorted(faults.hit)
     assert len(sites) >= 20, sites  # every kind of call was hit once, and retried
     assert {f for f, _ in sites} >= {"boundary.py", "jobstore.py", "lease.py", "copy.py",
-                                     "mirror.py", "watermarks.py"}, sites  # fmt: skip
-    # the plan (jobplans): the store boundary keeps it
+                                     "mirror.py"}, sites  # fmt: skip
+    # the watermark (syncstate) and the plan (jobplans): the store boundary keeps both
     functions = {faults.function[site] for site in sites}
+    assert {f for f in functions if f.startswith("WatermarkStore.")}, functions
     plans = {"save_plan", "order_warning", "save_listing", "load_listing", "load_superseded"}
     assert functions >= plans, functions
 
