@@ -493,7 +493,7 @@ def test_a_delete_that_merges_versions_into_one_file_is_said_not_silent(
     cannot be told any more. The plan counts the keys so left in doubt (here: every key the
     files still hold twice or more in one file), and the job keeps a warning saying so and
     what to do."""
-    from lakesync import repeats
+    from lakesync import boundary, repeats
     from lakesync.schema import RecordSchema
 
     path = tmp_path / "updates"
@@ -522,8 +522,8 @@ def test_a_delete_that_merges_versions_into_one_file_is_said_not_silent(
     assert "before compacting it" in warning and "keep one row per key" in warning, warning
     assert "appends in the order of a column that orders" in warning, warning
     assert "watermark" not in warning and "incrementally" not in warning, warning
-    repeats.plan_job(db, "job_doubt", lake, RecordSchema(key="k"))
-    assert repeats.order_warning(db, "job_doubt") == warning
+    boundary.plan_job(db, "job_doubt", lake, RecordSchema(key="k"))
+    assert boundary.order_warning(db, "job_doubt") == warning
 
 
 def test_tables_whose_order_is_known_give_no_warning(tmp_path: Path) -> None:

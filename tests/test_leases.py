@@ -330,6 +330,7 @@ class FaultInjector:
 
     def __init__(self, monkeypatch: pytest.MonkeyPatch) -> None:
         self.hit: dict[tuple[str, int], int] = {}
+        self.function: dict[tuple[str, int], str] = {}  # site -> the function it is in
         self.armed = False
         self.lock = threading.Lock()
         for name in METHODS:
@@ -340,8 +341,11 @@ class FaultInjector:
         while frame is not None:
             path = frame.f_code.co_filename
             if "/lakesync/" in path and "/tests/" not in path:
-                return (path.rsplit("/", 1)[-1], frame.f_lineno) if path.endswith(JOB_PATH) \
-                    else None  # fmt: skip
+                if not path.endswith(JOB_PATH):
+                    return None
+                site = (path.rsplit("/", 1)[-1], frame.f_lineno)
+                self.function[site] = frame.f_code.co_qualname
+                return site
             frame = frame.f_back  # type: ignore[assignment]
         return None
 
@@ -416,7 +420,12 @@ def test_a_transient_error_at_each_call_of_the_job_path_fails_no_job(
     sites = sorted(faults.hit)
     assert len(sites) >= 20, sites  # every kind of call was hit once, and retried
     assert {f for f, _ in sites} >= {"boundary.py", "jobstore.py", "lease.py", "copy.py",
-                                     "mirror.py", "watermarks.py", "repeats.py"}, sites  # fmt: skip
+                                     "mirror.py"}, sites  # fmt: skip
+    # the watermark (syncstate) and the plan (jobplans): the store boundary keeps both
+    functions = {faults.function[site] for site in sites}
+    assert {f for f in functions if f.startswith("WatermarkStore.")}, functions
+    plans = {"save_plan", "order_warning", "save_listing", "load_listing", "load_superseded"}
+    assert functions >= plans, functions
 
 
 def test_a_partition_mongodb_cannot_serve_is_named_as_the_partition_in_the_error(

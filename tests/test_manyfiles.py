@@ -283,7 +283,7 @@ def test_a_listing_is_kept_in_documents_that_fit_and_not_at_all_for_schemas_too_
 ) -> None:
     """pandas writes each file's index range into its schema's metadata: every file of such
     a lake has its own schema. The plan keeps what fits in MongoDB documents, or nothing."""
-    from lakesync import repeats
+    from lakesync import boundary
 
     lake = tmp_path / "lake"
     lake.mkdir()
@@ -293,15 +293,15 @@ def test_a_listing_is_kept_in_documents_that_fit_and_not_at_all_for_schemas_too_
         pq.write_table(table, lake / f"part-{i:03d}-{'x' * 150}.parquet")  # long names
     listing = Lake.open(str(lake)).listing()
     assert listing is not None and len(listing.schemas) == 30
-    monkeypatch.setattr(repeats, "_LISTING_NAMES_BYTES", 2_000)  # ~10 names per document
-    repeats.save_listing(db, "job_a", listing)
+    monkeypatch.setattr(boundary, "_LISTING_NAMES_BYTES", 2_000)  # ~10 names per document
+    boundary.save_listing(db, "job_a", listing)
     docs = list(db.jobplans.find({"jobId": "job_a"}))
     assert len(docs) >= 3 and all(len(bson.encode(d)) < 16 << 20 for d in docs)
-    assert repeats.load_listing(db, "job_a") == listing
-    monkeypatch.setattr(repeats, "_LISTING_SCHEMA_BYTES", 2_000)  # the 30 schemas do not fit
-    repeats.save_listing(db, "job_a", listing)
+    assert boundary.load_listing(db, "job_a") == listing
+    monkeypatch.setattr(boundary, "_LISTING_SCHEMA_BYTES", 2_000)  # the 30 schemas do not fit
+    boundary.save_listing(db, "job_a", listing)
     assert db.jobplans.count_documents({"jobId": "job_a"}) == 0
-    assert repeats.load_listing(db, "job_a") is None  # resumed runs read the footers again
+    assert boundary.load_listing(db, "job_a") is None  # resumed runs read the footers again
 
 
 def test_s3_files_read_through_pyarrow_where_botocore_finds_no_credentials(

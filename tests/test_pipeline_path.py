@@ -37,7 +37,7 @@ PACKAGE = str(Path(lakesync.__file__).parent) + "/"
 LOGGING = str(Path(logging.__file__).parent) + "/"
 
 #: the most modules a job's id may reach, whole or partitioned (see the README's layout)
-LIMIT = 12
+LIMIT = 10
 
 
 def carries(value: Any, job_id: str, depth: int = 0) -> bool:

@@ -14,12 +14,12 @@ import pytest
 
 from lakesync import metrics, mirror
 from lakesync.api.errors import status_of
+from lakesync.boundary import WatermarkStore
 from lakesync.config import Settings
 from lakesync.demo import FILE_SCHEMA, append_records, generate, touch_records
 from lakesync.errors import RequestError
 from lakesync.models import JobState, JobStatus, Outcome
 from lakesync.runtime import Runtime
-from lakesync.watermarks import WatermarkStore
 
 VALID = 4975
 

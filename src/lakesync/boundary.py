@@ -6,6 +6,11 @@ backoff with jitter within ``LAKESYNC_RETRY_BUDGET_SECONDS``) and names what it 
 in the error a spent budget gives. The stages (plan.py, slices.py, finish.py) call these
 as plain calls.
 
+The job path's documents are written here too: besides the job and partition documents,
+the plan a job keeps for its runs (`jobplans`: the lake's listing, the superseded records
+repeats.py finds, the order warning) and the operations' watermarks (`syncstate`), so
+repeats.py and watermarks.py only compute, and never see a job.
+
 A `SliceLease` is the lease one run holds on its slice of a job: the job document for a
 whole job, or one partition document. It fences data writes (`fence`), commits a batch's
 counters and checkpoint only while it holds the lease (`commit`), hands the slice back,
@@ -28,31 +33,49 @@ import logging
 import math
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Concatenate, ParamSpec, TypeVar
 
+import numpy as np
+import pyarrow as pa
+from bson.binary import Binary
+from pydantic import BaseModel, ConfigDict, ValidationError
+from pymongo import DESCENDING
 from pymongo.collection import Collection
-from pymongo.errors import BulkWriteError
+from pymongo.database import Database
+from pymongo.errors import BulkWriteError, DuplicateKeyError
 
-from lakesync import metrics, mirror, repeats
+from lakesync import metrics, mirror
 from lakesync.config import Settings
 from lakesync.errors import JobError, LakesyncError, LeaseLost
 from lakesync.jobstore import JobStore
 from lakesync.lake import Lake, Listing
 from lakesync.lease import FENCE_TRUST_SECONDS, Heartbeat, Leases, progressed, suspect
-from lakesync.models import ACTIVE_STATES, PARTITIONS, Checkpoint, Counters, JobState, JobStatus
+from lakesync.locations import canonical_uri
+from lakesync.models import (
+    ACTIVE_STATES,
+    PARTITIONS,
+    PLANS,
+    Checkpoint,
+    Counters,
+    JobState,
+    JobStatus,
+    Watermark,
+    utcnow,
+)
+from lakesync.repeats import Plan, Superseded, plan_lake
 from lakesync.retry import RetryPolicy
-from lakesync.watermarks import WatermarkStore
+from lakesync.schema import RecordSchema
+from lakesync.typemap import MONGODB, server_limits
 
 if TYPE_CHECKING:
     import pyarrow.compute as pc
 
     from lakesync.copy import BatchResult, CopyEngine
     from lakesync.lake import LakeBatch
-    from lakesync.models import Watermark
-    from lakesync.schema import RecordSchema
 
 logger = logging.getLogger(__name__)
 
@@ -285,11 +308,11 @@ class Store:
 
     @retried("reading the plan")
     def load_listing(self, job_id: str) -> Listing | None:
-        return repeats.load_listing(self.jobs.db, job_id)
+        return load_listing(self.jobs.db, job_id)
 
     @retried("keeping the lake's listing")
     def save_listing(self, job_id: str, listing: Listing | None) -> None:
-        repeats.save_listing(self.jobs.db, job_id, listing)
+        save_listing(self.jobs.db, job_id, listing)
 
     @retried("planning repeated keys")
     def plan_repeats(
@@ -302,15 +325,15 @@ class Store:
         collection: str,
         spill: Path,
     ) -> None:
-        repeats.plan_job(self.jobs.db, job_id, lake, schema, planned, by, collection, spill)
+        plan_job(self.jobs.db, job_id, lake, schema, planned, by, collection, spill)
 
     @retried("reading the plan")
     def order_warning(self, job_id: str) -> str | None:
-        return repeats.order_warning(self.jobs.db, job_id)
+        return order_warning(self.jobs.db, job_id)
 
     @retried("reading the plan")
-    def superseded(self, job_id: str, files: list[str] | None = None) -> repeats.Superseded:
-        return repeats.Superseded.load(self.jobs.db, job_id, files)
+    def superseded(self, job_id: str, files: list[str] | None = None) -> Superseded:
+        return load_superseded(self.jobs.db, job_id, files)
 
     @retried("reading the watermark")
     def watermark(self, operation: str, source: str, column: str) -> Watermark | None:
@@ -368,6 +391,338 @@ class Store:
     @retried(lambda engine, batch, what: what)
     def write(self, engine: CopyEngine, batch: LakeBatch, what: str) -> BatchResult:
         return engine.write(batch)
+
+
+# -- jobplans: what the plan stage keeps for every run of the job ---------------------
+
+#: superseded rows per document (4 bytes each: well under the 16 MB document limit)
+_ROWS_PER_DOCUMENT = 1_000_000
+_REFUSED_PER_DOCUMENT = 20_000  # rows and reasons (~250 bytes each)
+_FILES_PER_DOCUMENT = 20_000  # a listing's entries: ~60 bytes each, ~1.2 MB per document
+#: bytes of file names in one listing document, and of schemas in the first one (the two
+#: together under the server's 16 MB limit)
+_LISTING_NAMES_BYTES = 6 << 20
+_LISTING_SCHEMA_BYTES = 6 << 20
+
+
+def ensure_plan_indexes(db: Database[dict[str, Any]]) -> None:
+    """Plans are found by job (they expire with their job: JobStore.finish)."""
+    db[PLANS].create_index("jobId")
+
+
+def save_plan(db: Database[dict[str, Any]], job_id: str, plan: Plan | dict[str, np.ndarray]) -> int:
+    """Store a job's plan (replacing any a dead run left half-written); the count of
+    superseded records stored."""
+    if not isinstance(plan, Plan):
+        plan = Plan(plan)
+    coll = db[PLANS]
+    coll.delete_many({"jobId": job_id})
+    now = utcnow()
+
+    def documents() -> Iterable[dict[str, Any]]:
+        for file, rows in plan.superseded.items():
+            for n, at in enumerate(range(0, len(rows), _ROWS_PER_DOCUMENT)):
+                chunk = rows[at : at + _ROWS_PER_DOCUMENT].astype("<u4")
+                yield {
+                    "_id": f"{job_id}:{n}:{file}",
+                    "jobId": job_id,
+                    "file": file,
+                    "rows": Binary(chunk.tobytes()),
+                    "createdAt": now,
+                }
+        for file, refused in plan.refused.items():
+            for n, at in enumerate(range(0, len(refused), _REFUSED_PER_DOCUMENT)):
+                part = refused[at : at + _REFUSED_PER_DOCUMENT]
+                yield {
+                    "_id": f"{job_id}:r{n}:{file}",
+                    "jobId": job_id,
+                    "file": file,
+                    "refused": Binary(np.array([r for r, _ in part], dtype="<u4").tobytes()),
+                    "reasons": [why for _, why in part],
+                    "createdAt": now,
+                }
+
+    batch: list[dict[str, Any]] = []
+    for doc in documents():
+        batch.append(doc)
+        if len(batch) >= 100:
+            coll.insert_many(batch, ordered=False)
+            batch = []
+    if batch:
+        coll.insert_many(batch, ordered=False)
+    return sum(len(r) for r in plan.superseded.values())
+
+
+def plan_job(
+    db: Database[dict[str, Any]],
+    job_id: str,
+    lake: Lake,
+    schema: RecordSchema,
+    filter: pc.Expression | None = None,
+    filter_columns: Sequence[str] = (),
+    collection: str | None = None,
+    spill: Path | None = None,
+) -> int:
+    """Find and store the records a job skips as duplicates (and those it refuses because
+    the server cannot tell their key from an earlier one); how many duplicates there are.
+    ``spill``: the folder where a large plan waits (the data folder)."""
+    limits = MONGODB if collection is None else server_limits(db[collection])
+    plan = plan_lake(lake, schema, filter, filter_columns, limits, spill)
+    pa.default_memory_pool().release_unused()  # the plan's Arrow buffers, before the copy
+    count = save_plan(db, job_id, plan)
+    warning = plan.warning()
+    if warning is not None:  # the job's log keeps it; its final message says it (finish)
+        logger.warning("job %s: %s", job_id, warning)
+        doc = {"_id": f"{job_id}:order", "jobId": job_id, "order": warning, "createdAt": utcnow()}
+        db[PLANS].insert_one(doc)  # (``save_plan`` removed any a dead run left)
+    if count:
+        logger.info(
+            "job %s: %d records are replaced by a later record of the same key in %d files",
+            job_id,
+            count,
+            len(plan.superseded),
+        )
+    if plan.refused:
+        logger.info(
+            "job %s: %d records refused: %s cannot tell their key from an earlier record's",
+            job_id,
+            sum(len(r) for r in plan.refused.values()),
+            limits.name,
+        )
+    return count
+
+
+def order_warning(db: Database[dict[str, Any]], job_id: str) -> str | None:
+    """The warning ``plan_job`` kept for the job's final message (None: there is none)."""
+    doc = db[PLANS].find_one({"_id": f"{job_id}:order"})
+    return None if doc is None else str(doc["order"])
+
+
+def save_listing(db: Database[dict[str, Any]], job_id: str, listing: Listing | None) -> None:
+    """Keep the lake's files as the job's first run found them (size, rows, schema), so that
+    its partitions and resumed runs read no footer again; in documents of at most
+    20,000 files (a lake of 100,000 files takes five, about 6 MB)."""
+    coll = db[PLANS]
+    coll.delete_many({"jobId": job_id, "listing": {"$exists": True}})
+    if listing is None:
+        return
+    schemas = [Binary(s.serialize().to_pybytes()) for s in listing.schemas]
+    if sum(len(s) for s in schemas) > _LISTING_SCHEMA_BYTES:
+        # files that differ in their schemas' metadata (pandas writes its index range there)
+        logger.info(
+            "job %s: the lake's files have %d different schemas; not kept in the plan "
+            "(partitions and resumed runs read the footers again)",
+            job_id,
+            len(schemas),
+        )
+        return
+    now = utcnow()
+    for n, chunk in enumerate(_chunks(list(listing.files))):
+        doc: dict[str, Any] = {
+            "_id": f"{job_id}:files:{n}",
+            "jobId": job_id,
+            "listing": n,
+            "names": chunk,
+            "facts": Binary(
+                np.array([listing.files[name] for name in chunk], dtype="<i8").tobytes()
+            ),
+            "createdAt": now,
+        }
+        if n == 0:
+            doc |= {"root": listing.root, "format": listing.format, "schemas": schemas}
+        coll.insert_one(doc)
+
+
+def _chunks(names: list[str]) -> Iterator[list[str]]:
+    """``names`` in runs of at most _FILES_PER_DOCUMENT files and _LISTING_NAMES_BYTES of
+    names (S3 keys may be 1,024 bytes long), so every listing document fits in 16 MB."""
+    chunk: list[str] = []
+    size = 0
+    for name in names:
+        if chunk and (len(chunk) >= _FILES_PER_DOCUMENT or size >= _LISTING_NAMES_BYTES):
+            yield chunk
+            chunk, size = [], 0
+        chunk.append(name)
+        size += len(name.encode()) + 8
+    yield chunk
+
+
+def load_listing(db: Database[dict[str, Any]], job_id: str) -> Listing | None:
+    """The listing ``save_listing`` kept for the job (None if there is none)."""
+    docs = list(db[PLANS].find({"jobId": job_id, "listing": {"$exists": True}}, sort=[("_id", 1)]))
+    docs.sort(key=lambda d: int(d["listing"]))
+    if not docs or docs[0]["listing"] != 0:
+        return None
+    head = docs[0]
+    schemas = [pa.ipc.read_schema(pa.py_buffer(bytes(b))) for b in head["schemas"]]
+    files: dict[str, tuple[int, int, int]] = {}
+    for doc in docs:
+        facts = np.frombuffer(bytes(doc["facts"]), dtype="<i8").reshape(-1, 3)
+        for name, (size, rows, schema) in zip(doc["names"], facts.tolist(), strict=True):
+            files[name] = (size, rows, schema)
+    return Listing(str(head["root"]), str(head["format"]), schemas, files)
+
+
+def load_superseded(
+    db: Database[dict[str, Any]], job_id: str, files: Sequence[str] | None = None
+) -> Superseded:
+    """The job's plan for ``files`` (all of the job's files when None)."""
+    query: dict[str, Any] = {"jobId": job_id, "file": {"$exists": True}}  # not the listing
+    if files is not None:
+        query["file"] = {"$in": list(files)}
+    parts: dict[str, list[np.ndarray]] = {}
+    refused: dict[str, list[tuple[int, str]]] = {}
+    for doc in db[PLANS].find(query, sort=[("_id", 1)]):
+        file = str(doc["file"])
+        if "refused" in doc:
+            rows = np.frombuffer(bytes(doc["refused"]), dtype="<u4").tolist()
+            refused.setdefault(file, []).extend(zip(rows, doc["reasons"], strict=True))
+        else:
+            parts.setdefault(file, []).append(np.frombuffer(bytes(doc["rows"]), "<u4"))
+    rows_of = {f: np.sort(np.concatenate(p)) for f, p in parts.items()}
+    return Superseded(rows_of, {f: sorted(r) for f, r in refused.items()})
+
+
+# -- syncstate: how far each operation has read each source ---------------------------
+
+
+class SyncState(BaseModel):
+    """One `syncstate` document: an operation's watermark for one source."""
+
+    model_config = ConfigDict(extra="ignore")
+
+    operation: str
+    source: str
+    watermark: Watermark
+    jobId: str | None = None
+    mode: str | None = None
+    updatedAtMs: int | None = None
+    deltaVersion: int | None = None  # the Delta table version that copy read
+    icebergSnapshotId: int | None = None  # the Iceberg snapshot that copy read
+
+
+class WatermarkStore:
+    """Reads and writes operations' watermarks (the `syncstate` collection)."""
+
+    def __init__(self, db: Database[dict[str, Any]]) -> None:
+        self.states: Collection[dict[str, Any]] = db["syncstate"]
+
+    @staticmethod
+    def _id(operation: str, source: str) -> str:
+        return f"{operation}|{source}"
+
+    def canonicalise(self) -> int:
+        """Re-key watermarks stored under another spelling of their source (`/data/lake/`,
+        `s3://b//p`: versions before sources were canonical) so that the next incremental
+        copy, which looks them up canonically, finds them. Relative paths are left alone:
+        they meant the writer's working directory, which this process may not share. Of two
+        watermarks for one source, the later one stays. Returns how many moved."""
+        moved = 0
+        for doc in list(self.states.find({}, {"_id": 1, "operation": 1, "source": 1})):
+            operation, source = doc.get("operation"), doc.get("source")
+            if not isinstance(operation, str) or not isinstance(source, str):
+                continue
+            if not (source.startswith("/") or source.startswith("s3://")):
+                continue
+            try:
+                canonical = canonical_uri(source)
+            except Exception:  # a source no longer valid: left as it is
+                continue
+            if canonical == source:
+                continue
+            full = self.states.find_one({"_id": doc["_id"]})
+            if full is None:
+                continue
+            full.update(_id=self._id(operation, canonical), source=canonical)
+            try:
+                self.states.insert_one(full)
+            except DuplicateKeyError:  # both spellings hold one: keep the later
+                kept = self.states.find_one({"_id": full["_id"]}) or {}
+                if int(full.get("updatedAtMs") or 0) > int(kept.get("updatedAtMs") or 0):
+                    self.states.replace_one({"_id": full["_id"]}, full)
+            self.states.delete_one({"_id": doc["_id"]})
+            moved += 1
+        if moved:
+            logger.info("syncstate: %d watermark(s) re-keyed to their canonical source", moved)
+        return moved
+
+    def get(self, operation: str, source: str, column: str) -> Watermark | None:
+        """The watermark of the operation for this source (None if none, or another column's)."""
+        doc = self.states.find_one({"_id": self._id(operation, source)})
+        state = self._model(doc)
+        if state is None:
+            return None
+        if state.watermark.column != column:
+            logger.warning(
+                "%s: the stored watermark is for column %s, not %s; reading everything",
+                operation,
+                state.watermark.column,
+                column,
+            )
+            return None
+        return state.watermark
+
+    def save(
+        self,
+        operation: str,
+        source: str,
+        watermark: Watermark,
+        job_id: str,
+        mode: str,
+        delta_version: int | None = None,
+        iceberg_snapshot: int | None = None,
+    ) -> None:
+        """Record the watermark a completed job reached (and the Delta version or Iceberg
+        snapshot it read)."""
+        now = datetime.now(UTC)
+        fields = {
+            "operation": operation,
+            "source": source,
+            "jobId": job_id,
+            "mode": mode,
+            "watermark": watermark.model_dump(),
+            "updatedAtMs": int(now.timestamp() * 1000),
+        }
+        update: dict[str, Any] = {"$set": fields, "$currentDate": {"updatedAt": True}}
+        unset = {}
+        for name, pin in (("deltaVersion", delta_version), ("icebergSnapshotId", iceberg_snapshot)):
+            if pin is None:
+                unset[name] = ""
+            else:
+                fields[name] = pin
+        if unset:
+            update["$unset"] = unset
+        self.states.update_one({"_id": self._id(operation, source)}, update, upsert=True)
+
+    def read_versions(
+        self, operation: str, source: str, column: str
+    ) -> tuple[int | None, int | None, int | None]:
+        """The Delta version and the Iceberg snapshot the last completed copy read, if it
+        recorded this column's watermark (an incremental copy then reads only the files
+        added since), and when that copy ended (ms since the epoch, lakesync's clock: a
+        Delta version committed later belongs to a table recreated since): one read of the
+        operation's state."""
+        state = self._model(self.states.find_one({"_id": self._id(operation, source)}))
+        if state is None or state.watermark.column != column:
+            return None, None, None
+        return state.deltaVersion, state.icebergSnapshotId, state.updatedAtMs
+
+    def for_operation(self, operation: str) -> list[SyncState]:
+        """The operation's watermarks, most recently updated first."""
+        docs = self.states.find({"operation": operation}).sort("updatedAtMs", DESCENDING)
+        return [s for s in (self._model(d) for d in docs.limit(50)) if s is not None]
+
+    @staticmethod
+    def _model(doc: dict[str, Any] | None) -> SyncState | None:
+        if doc is None:
+            return None
+        try:
+            return SyncState.model_validate(doc)
+        except ValidationError:
+            logger.warning(
+                "syncstate %r is malformed; ignoring it (a full copy rewrites it)", doc.get("_id")
+            )
+            return None
 
 
 # -- the lease on one slice -------------------------------------------------------------

@@ -823,11 +823,10 @@ def operations(as_json: JsonFlag = False) -> None:
     from rich.table import Table
 
     from lakesync.runtime import Runtime
-    from lakesync.watermarks import WatermarkStore
 
     try:
         with Runtime(_settings(), short=True) as rt:
-            listed = rt.registry.overview(rt.settings, rt.store, WatermarkStore(rt.store.db))
+            listed = rt.registry.overview(rt.settings, rt.store, rt.runner.watermarks)
             rt.scheduler.annotate(listed)
     except LakesyncError as e:
         _fail(e)

@@ -216,7 +216,7 @@ class JobLister(Protocol):
 
 
 class StateReader(Protocol):
-    """Reads an operation's watermarks (watermarks.WatermarkStore)."""
+    """Reads an operation's watermarks (boundary.WatermarkStore)."""
 
     def for_operation(self, operation: str) -> list[Any]: ...
 

@@ -4,7 +4,8 @@ A lake is read in lake order (files in their sorted order, rows in file order) a
 each key, the last valid record wins. Before a job writes anything, its first run reads the
 lake once more, validating each record (no encoding, no server), and finds the positions of
 the valid records that a later valid record of the same key replaces: the *superseded*
-records. They are stored in `jobplans`, and every run of the job (whole, or any of its
+records. They are stored in `jobplans` (by the store boundary, boundary.py: this module
+finds them and never sees a job), and every run of the job (whole, or any of its
 partitions, in any order, on any machine, after any crash) skips them and counts them as
 `duplicateRecords`. What is left holds one record per key, so:
 
@@ -53,7 +54,7 @@ import logging
 import math
 import os
 import tempfile
-from collections.abc import Iterable, Iterator, Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from decimal import Decimal
 from pathlib import Path
@@ -64,31 +65,21 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 from bson import SON, Decimal128
-from bson.binary import Binary
 from bson.decimal128 import create_decimal128_context
-from pymongo.database import Database
 
 from lakesync.hashing import SEED as _INT_SEED
 from lakesync.hashing import hash_strings as _hash_strings
 from lakesync.hashing import mix as _mix
-from lakesync.lake import Lake, Listing
-from lakesync.models import PLANS, utcnow
+from lakesync.lake import Lake
 from lakesync.schema import RecordSchema, Validated, validate
 from lakesync.sources.base import MISSING, OrderDoubt
 from lakesync.sources.deltarows import RowOrder
-from lakesync.typemap import MONGODB, ServerLimits, server_limits
+from lakesync.typemap import MONGODB, ServerLimits
 
 logger = logging.getLogger(__name__)
 
-_ROWS_PER_DOCUMENT = 1_000_000  # 4 bytes each: well under the 16 MB document limit
 _PLAN_BATCH = 50_000  # keys only
 _EXACT_BATCH = 5_000  # whole records, validated and encoded as the copy does
-#: bytes of file names in one listing document, and of schemas in the first one (the two
-#: together under the server's 16 MB limit)
-_LISTING_NAMES_BYTES = 6 << 20
-_LISTING_SCHEMA_BYTES = 6 << 20
-_REFUSED_PER_DOCUMENT = 20_000  # rows and reasons (~250 bytes each)
-_FILES_PER_DOCUMENT = 20_000  # a listing's entries: ~60 bytes each, ~1.2 MB per document
 _EMPTY = np.empty(0, dtype=np.int64)
 #: bytes of keys a plan holds in memory; past it they wait in the data folder (_KeyLog)
 _PLAN_MEMORY = 4 << 20
@@ -629,181 +620,3 @@ class Superseded:
         rows, reasons = self._refused[file]
         lo, hi = np.searchsorted(rows, [start, stop])
         return [(int(rows[i]) - start, reasons[i]) for i in range(lo, hi)]
-
-    @classmethod
-    def load(
-        cls, db: Database[dict[str, Any]], job_id: str, files: Sequence[str] | None = None
-    ) -> Superseded:
-        """The job's plan for ``files`` (all of the job's files when None)."""
-        query: dict[str, Any] = {"jobId": job_id, "file": {"$exists": True}}  # not the listing
-        if files is not None:
-            query["file"] = {"$in": list(files)}
-        parts: dict[str, list[np.ndarray]] = {}
-        refused: dict[str, list[tuple[int, str]]] = {}
-        for doc in db[PLANS].find(query, sort=[("_id", 1)]):
-            file = str(doc["file"])
-            if "refused" in doc:
-                rows = np.frombuffer(bytes(doc["refused"]), dtype="<u4").tolist()
-                refused.setdefault(file, []).extend(zip(rows, doc["reasons"], strict=True))
-            else:
-                parts.setdefault(file, []).append(np.frombuffer(bytes(doc["rows"]), "<u4"))
-        rows_of = {f: np.sort(np.concatenate(p)) for f, p in parts.items()}
-        return cls(rows_of, {f: sorted(r) for f, r in refused.items()})
-
-
-def ensure_indexes(db: Database[dict[str, Any]]) -> None:
-    """Plans are found by job (they expire with their job: JobStore.finish)."""
-    db[PLANS].create_index("jobId")
-
-
-def save(db: Database[dict[str, Any]], job_id: str, plan: Plan | dict[str, np.ndarray]) -> int:
-    """Store a job's plan (replacing any a dead run left half-written); the count of
-    superseded records stored."""
-    if not isinstance(plan, Plan):
-        plan = Plan(plan)
-    coll = db[PLANS]
-    coll.delete_many({"jobId": job_id})
-    now = utcnow()
-
-    def documents() -> Iterable[dict[str, Any]]:
-        for file, rows in plan.superseded.items():
-            for n, at in enumerate(range(0, len(rows), _ROWS_PER_DOCUMENT)):
-                chunk = rows[at : at + _ROWS_PER_DOCUMENT].astype("<u4")
-                yield {
-                    "_id": f"{job_id}:{n}:{file}",
-                    "jobId": job_id,
-                    "file": file,
-                    "rows": Binary(chunk.tobytes()),
-                    "createdAt": now,
-                }
-        for file, refused in plan.refused.items():
-            for n, at in enumerate(range(0, len(refused), _REFUSED_PER_DOCUMENT)):
-                part = refused[at : at + _REFUSED_PER_DOCUMENT]
-                yield {
-                    "_id": f"{job_id}:r{n}:{file}",
-                    "jobId": job_id,
-                    "file": file,
-                    "refused": Binary(np.array([r for r, _ in part], dtype="<u4").tobytes()),
-                    "reasons": [why for _, why in part],
-                    "createdAt": now,
-                }
-
-    batch: list[dict[str, Any]] = []
-    for doc in documents():
-        batch.append(doc)
-        if len(batch) >= 100:
-            coll.insert_many(batch, ordered=False)
-            batch = []
-    if batch:
-        coll.insert_many(batch, ordered=False)
-    return sum(len(r) for r in plan.superseded.values())
-
-
-def plan_job(
-    db: Database[dict[str, Any]],
-    job_id: str,
-    lake: Lake,
-    schema: RecordSchema,
-    filter: pc.Expression | None = None,
-    filter_columns: Sequence[str] = (),
-    collection: str | None = None,
-    spill: Path | None = None,
-) -> int:
-    """Find and store the records a job skips as duplicates (and those it refuses because
-    the server cannot tell their key from an earlier one); how many duplicates there are.
-    ``spill``: the folder where a large plan waits (the data folder)."""
-    limits = MONGODB if collection is None else server_limits(db[collection])
-    plan = plan_lake(lake, schema, filter, filter_columns, limits, spill)
-    pa.default_memory_pool().release_unused()  # the plan's Arrow buffers, before the copy
-    count = save(db, job_id, plan)
-    warning = plan.warning()
-    if warning is not None:  # the job's log keeps it; its final message says it (finish)
-        logger.warning("job %s: %s", job_id, warning)
-        doc = {"_id": f"{job_id}:order", "jobId": job_id, "order": warning, "createdAt": utcnow()}
-        db[PLANS].insert_one(doc)  # (``save`` removed any a dead run left)
-    if count:
-        logger.info(
-            "job %s: %d records are replaced by a later record of the same key in %d files",
-            job_id,
-            count,
-            len(plan.superseded),
-        )
-    if plan.refused:
-        logger.info(
-            "job %s: %d records refused: %s cannot tell their key from an earlier record's",
-            job_id,
-            sum(len(r) for r in plan.refused.values()),
-            limits.name,
-        )
-    return count
-
-
-def order_warning(db: Database[dict[str, Any]], job_id: str) -> str | None:
-    """The warning ``plan_job`` kept for the job's final message (None: there is none)."""
-    doc = db[PLANS].find_one({"_id": f"{job_id}:order"})
-    return None if doc is None else str(doc["order"])
-
-
-def save_listing(db: Database[dict[str, Any]], job_id: str, listing: Listing | None) -> None:
-    """Keep the lake's files as the job's first run found them (size, rows, schema), so that
-    its partitions and resumed runs read no footer again; in documents of at most
-    20,000 files (a lake of 100,000 files takes five, about 6 MB)."""
-    coll = db[PLANS]
-    coll.delete_many({"jobId": job_id, "listing": {"$exists": True}})
-    if listing is None:
-        return
-    schemas = [Binary(s.serialize().to_pybytes()) for s in listing.schemas]
-    if sum(len(s) for s in schemas) > _LISTING_SCHEMA_BYTES:
-        # files that differ in their schemas' metadata (pandas writes its index range there)
-        logger.info(
-            "job %s: the lake's files have %d different schemas; not kept in the plan "
-            "(partitions and resumed runs read the footers again)",
-            job_id,
-            len(schemas),
-        )
-        return
-    now = utcnow()
-    for n, chunk in enumerate(_chunks(list(listing.files))):
-        doc: dict[str, Any] = {
-            "_id": f"{job_id}:files:{n}",
-            "jobId": job_id,
-            "listing": n,
-            "names": chunk,
-            "facts": Binary(
-                np.array([listing.files[name] for name in chunk], dtype="<i8").tobytes()
-            ),
-            "createdAt": now,
-        }
-        if n == 0:
-            doc |= {"root": listing.root, "format": listing.format, "schemas": schemas}
-        coll.insert_one(doc)
-
-
-def _chunks(names: list[str]) -> Iterator[list[str]]:
-    """``names`` in runs of at most _FILES_PER_DOCUMENT files and _LISTING_NAMES_BYTES of
-    names (S3 keys may be 1,024 bytes long), so every listing document fits in 16 MB."""
-    chunk: list[str] = []
-    size = 0
-    for name in names:
-        if chunk and (len(chunk) >= _FILES_PER_DOCUMENT or size >= _LISTING_NAMES_BYTES):
-            yield chunk
-            chunk, size = [], 0
-        chunk.append(name)
-        size += len(name.encode()) + 8
-    yield chunk
-
-
-def load_listing(db: Database[dict[str, Any]], job_id: str) -> Listing | None:
-    """The listing ``save_listing`` kept for the job (None if there is none)."""
-    docs = list(db[PLANS].find({"jobId": job_id, "listing": {"$exists": True}}, sort=[("_id", 1)]))
-    docs.sort(key=lambda d: int(d["listing"]))
-    if not docs or docs[0]["listing"] != 0:
-        return None
-    head = docs[0]
-    schemas = [pa.ipc.read_schema(pa.py_buffer(bytes(b))) for b in head["schemas"]]
-    files: dict[str, tuple[int, int, int]] = {}
-    for doc in docs:
-        facts = np.frombuffer(bytes(doc["facts"]), dtype="<i8").reshape(-1, 3)
-        for name, (size, rows, schema) in zip(doc["names"], facts.tolist(), strict=True):
-            files[name] = (size, rows, schema)
-    return Listing(str(head["root"]), str(head["format"]), schemas, files)

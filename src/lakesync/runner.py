@@ -37,7 +37,7 @@ from typing import Any
 from pymongo.collection import Collection
 
 from lakesync import finish, metrics
-from lakesync.boundary import SliceLease, Store, Unrecorded
+from lakesync.boundary import SliceLease, Store, Unrecorded, WatermarkStore
 from lakesync.config import Settings
 from lakesync.errors import LakesyncError, LeaseLost, TransientSourceError, TransientStoreError
 from lakesync.finish import summary
@@ -49,7 +49,6 @@ from lakesync.models import JobState, JobStatus, Outcome
 from lakesync.operations import OperationRegistry
 from lakesync.plan import Planner, Slice
 from lakesync.slices import Clock, copy_slice
-from lakesync.watermarks import WatermarkStore
 
 __all__ = ["JobRunner", "Outcome", "PartitionedJobs", "new_owner", "summary"]
 

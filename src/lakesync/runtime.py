@@ -5,7 +5,8 @@ from __future__ import annotations
 import logging
 from types import TracebackType
 
-from lakesync import joblog, rejections, repeats
+from lakesync import joblog, rejections
+from lakesync.boundary import ensure_plan_indexes
 from lakesync.config import Settings
 from lakesync.executors import Executor
 from lakesync.jobstore import JobStore
@@ -38,7 +39,7 @@ class Runtime:
             self.mongo.ping()
             self.store = JobStore(self.mongo.db, settings.status_ttl_days)
             self.store.ensure_indexes()
-            repeats.ensure_indexes(self.mongo.db)
+            ensure_plan_indexes(self.mongo.db)
             joblog.ensure_indexes(self.mongo.db, settings.status_ttl_days)
             rejections.ensure_indexes(self.store.copyerrors)
             if reads_lake and settings.lake_uri is None:

@@ -2,7 +2,8 @@
 
 An operation's watermark is the highest value of its watermark column (e.g. ``updatedAt``)
 in the last completed copy of a source. It lives in ``syncstate``, one document per
-operation and source::
+operation and source, which the store boundary reads and writes (``boundary.WatermarkStore``:
+this module computes watermarks and never sees a job)::
 
     {_id: "op|source", operation, source, jobId, mode, updatedAt,
      watermark: {column, kind, value, iso}}
@@ -37,19 +38,13 @@ from __future__ import annotations
 
 import logging
 from datetime import UTC, datetime
-from typing import Any, Literal
+from typing import Literal
 
 import pyarrow as pa
 import pyarrow.compute as pc
-from pydantic import BaseModel, ConfigDict, ValidationError
-from pymongo import DESCENDING
-from pymongo.collection import Collection
-from pymongo.database import Database
-from pymongo.errors import DuplicateKeyError
 
 from lakesync.errors import RequestError, SourceError
 from lakesync.lake import Lake
-from lakesync.locations import canonical_uri
 from lakesync.models import Watermark
 from lakesync.operations import Mode, Operation, duration_ms
 
@@ -274,142 +269,3 @@ def watermark_column(op: Operation, lake: Lake, mode: Mode) -> str | None:
         return op.watermark
     usable = lake.has_column(op.watermark) and kind_of(lake.schema.field(op.watermark).type)
     return op.watermark if usable else None
-
-
-class SyncState(BaseModel):
-    """One `syncstate` document: an operation's watermark for one source."""
-
-    model_config = ConfigDict(extra="ignore")
-
-    operation: str
-    source: str
-    watermark: Watermark
-    jobId: str | None = None
-    mode: str | None = None
-    updatedAtMs: int | None = None
-    deltaVersion: int | None = None  # the Delta table version that copy read
-    icebergSnapshotId: int | None = None  # the Iceberg snapshot that copy read
-
-
-class WatermarkStore:
-    """Reads and writes operations' watermarks (the `syncstate` collection)."""
-
-    def __init__(self, db: Database[dict[str, Any]]) -> None:
-        self.states: Collection[dict[str, Any]] = db["syncstate"]
-
-    @staticmethod
-    def _id(operation: str, source: str) -> str:
-        return f"{operation}|{source}"
-
-    def canonicalise(self) -> int:
-        """Re-key watermarks stored under another spelling of their source (`/data/lake/`,
-        `s3://b//p`: versions before sources were canonical) so that the next incremental
-        copy, which looks them up canonically, finds them. Relative paths are left alone:
-        they meant the writer's working directory, which this process may not share. Of two
-        watermarks for one source, the later one stays. Returns how many moved."""
-        moved = 0
-        for doc in list(self.states.find({}, {"_id": 1, "operation": 1, "source": 1})):
-            operation, source = doc.get("operation"), doc.get("source")
-            if not isinstance(operation, str) or not isinstance(source, str):
-                continue
-            if not (source.startswith("/") or source.startswith("s3://")):
-                continue
-            try:
-                canonical = canonical_uri(source)
-            except Exception:  # a source no longer valid: left as it is
-                continue
-            if canonical == source:
-                continue
-            full = self.states.find_one({"_id": doc["_id"]})
-            if full is None:
-                continue
-            full.update(_id=self._id(operation, canonical), source=canonical)
-            try:
-                self.states.insert_one(full)
-            except DuplicateKeyError:  # both spellings hold one: keep the later
-                kept = self.states.find_one({"_id": full["_id"]}) or {}
-                if int(full.get("updatedAtMs") or 0) > int(kept.get("updatedAtMs") or 0):
-                    self.states.replace_one({"_id": full["_id"]}, full)
-            self.states.delete_one({"_id": doc["_id"]})
-            moved += 1
-        if moved:
-            logger.info("syncstate: %d watermark(s) re-keyed to their canonical source", moved)
-        return moved
-
-    def get(self, operation: str, source: str, column: str) -> Watermark | None:
-        """The watermark of the operation for this source (None if none, or another column's)."""
-        doc = self.states.find_one({"_id": self._id(operation, source)})
-        state = self._model(doc)
-        if state is None:
-            return None
-        if state.watermark.column != column:
-            logger.warning(
-                "%s: the stored watermark is for column %s, not %s; reading everything",
-                operation,
-                state.watermark.column,
-                column,
-            )
-            return None
-        return state.watermark
-
-    def save(
-        self,
-        operation: str,
-        source: str,
-        watermark: Watermark,
-        job_id: str,
-        mode: str,
-        delta_version: int | None = None,
-        iceberg_snapshot: int | None = None,
-    ) -> None:
-        """Record the watermark a completed job reached (and the Delta version or Iceberg
-        snapshot it read)."""
-        now = datetime.now(UTC)
-        fields = {
-            "operation": operation,
-            "source": source,
-            "jobId": job_id,
-            "mode": mode,
-            "watermark": watermark.model_dump(),
-            "updatedAtMs": int(now.timestamp() * 1000),
-        }
-        update: dict[str, Any] = {"$set": fields, "$currentDate": {"updatedAt": True}}
-        unset = {}
-        for name, pin in (("deltaVersion", delta_version), ("icebergSnapshotId", iceberg_snapshot)):
-            if pin is None:
-                unset[name] = ""
-            else:
-                fields[name] = pin
-        if unset:
-            update["$unset"] = unset
-        self.states.update_one({"_id": self._id(operation, source)}, update, upsert=True)
-
-    def read_versions(
-        self, operation: str, source: str, column: str
-    ) -> tuple[int | None, int | None, int | None]:
-        """The Delta version and the Iceberg snapshot the last completed copy read, if it
-        recorded this column's watermark (an incremental copy then reads only the files
-        added since), and when that copy ended (ms since the epoch, lakesync's clock: a
-        Delta version committed later belongs to a table recreated since): one read of the
-        operation's state."""
-        state = self._model(self.states.find_one({"_id": self._id(operation, source)}))
-        if state is None or state.watermark.column != column:
-            return None, None, None
-        return state.deltaVersion, state.icebergSnapshotId, state.updatedAtMs
-
-    def for_operation(self, operation: str) -> list[SyncState]:
-        """The operation's watermarks, most recently updated first."""
-        docs = self.states.find({"operation": operation}).sort("updatedAtMs", DESCENDING)
-        return [s for s in (self._model(d) for d in docs.limit(50)) if s is not None]
-
-    @staticmethod
-    def _model(doc: dict[str, Any] | None) -> SyncState | None:
-        if doc is None:
-            return None
-        try:
-            return SyncState.model_validate(doc)
-        except ValidationError:
-            logger.warning(
-                "syncstate %r is malformed; ignoring it (a full copy rewrites it)", doc.get("_id")
-            )
-            return None

@@ -9,16 +9,13 @@ from fastapi import APIRouter
 from lakesync.api.deps import Authorized, RuntimeDep
 from lakesync.masking import masked
 from lakesync.service import allowed_roots
-from lakesync.watermarks import WatermarkStore
 
 router = APIRouter(prefix="/api/operations", tags=["operations"], dependencies=[Authorized])
 
 
 @router.get("", summary="Declared operations with their last job, watermark and schedule")
 def list_operations(runtime: RuntimeDep) -> dict[str, Any]:
-    listed = runtime.registry.overview(
-        runtime.settings, runtime.store, WatermarkStore(runtime.store.db)
-    )
+    listed = runtime.registry.overview(runtime.settings, runtime.store, runtime.runner.watermarks)
     runtime.scheduler.annotate(listed)
     # where a job's `source` option may point (the page's source field says it)
     return {
