@@ -1,0 +1,200 @@
+"""Every integer written in an NDJSON or JSON-array file keeps its exact value, in every
+column: Arrow's reader made a column holding an integer beyond int64, or integers beside
+fractions, a column of doubles (5 became 5.0, 9007199254740993 became 9007199254740992.0,
+12345678901234567890123 became 1.2345678901234568e+22), with nothing rejected. Python's
+``json`` module is the oracle; a file of plain floats stays on Arrow's fast path."""
+
+from __future__ import annotations
+
+import gzip
+import json
+from collections.abc import Iterator
+from decimal import Decimal
+from pathlib import Path
+from typing import Any
+
+import pytest
+from bson import Decimal128
+from tests.test_csv import _copy, _toml
+
+from lakesync.config import Settings
+from lakesync.operations import OperationRegistry
+from lakesync.preview import preview
+from lakesync.schema import RecordSchema, validate
+from lakesync.sources import jsonruns
+from lakesync.sources.lake import Lake
+from lakesync.sources.text import CsvOptions
+from lakesync.typemap import MONGODB, NX_27017, server_limits
+
+LINES = [
+    '{"id": 1, "n": 12345678901234567890123}',
+    '{"id": 2, "n": 5}',
+    '{"id": 3, "n": 9223372036854775808}',
+    '{"id": 4, "m": 9007199254740993, "f": 1}',
+    '{"id": 5, "m": 2.5}',
+    '{"id": 6, "n": -9223372036854775808, "m": 7}',
+    '{"id": 7, "n": 2.0, "m": 1e3}',
+    '{"id": 8, "n": 1234567890123456789012345678901234567}',  # 37 digits: no Decimal128
+    '{"id": 9, "n": ' + "9" * 80 + "}",  # more than a decimal holds
+]
+
+
+def _write(lake: Path, form: str) -> None:
+    """The lines as an NDJSON file, a JSON array (as Python's json writes it) or gzip."""
+    lake.mkdir()
+    if form == "ndjson":
+        (lake / "a.ndjson").write_text("\n".join(LINES) + "\n")
+    elif form == "json":
+        records = [json.loads(line) for line in LINES]
+        (lake / "a.json").write_text(json.dumps(records, indent=1))
+    else:
+        (lake / "a.ndjson.gz").write_bytes(gzip.compress(("\n".join(LINES) + "\n").encode()))
+
+
+def _written() -> Iterator[dict[str, Any]]:
+    return (json.loads(line) for line in LINES)
+
+
+def _fits_decimal128(value: int) -> bool:
+    return len(str(abs(value)).rstrip("0")) <= 34
+
+
+def _same(a: Any, b: Any) -> bool:
+    """Equal, and of the same kind (5 is not 5.0; BSON's Int64 is an int)."""
+    kinds = (bool, int, float, str, type(None))
+    return (
+        next(k for k in kinds if isinstance(a, k)) is next(k for k in kinds if isinstance(b, k))
+        and a == b
+    )
+
+
+@pytest.mark.parametrize("form", ["ndjson", "json", "gz"])
+def test_every_integer_is_copied_as_written(
+    settings: Settings, db: Any, tmp_path: Path, form: str
+) -> None:
+    lake = tmp_path / "big"
+    _write(lake, form)
+    done = _copy(settings, tmp_path, _toml("big", lake, format="json"), "big")
+    limits = server_limits(db["big"])
+    docs = {d["_id"]: d for d in db["big"].find()}
+    reasons = {e["key"]: e["reason"] for e in db.copyerrors.find({"jobId": done.jobId})}
+    for record in _written():
+        key = record["id"]
+        big = [v for v in record.values() if isinstance(v, int) and not -(2**63) <= v < 2**63]
+        if any(len(str(abs(v))) > 76 for v in big):
+            assert "the integer has 80 digits" in reasons[str(key)], reasons
+            continue
+        if big and not limits.decimal128:  # nx-27017: no Decimal128, rejected saying so
+            assert f"{big[0]} needs Decimal128" in reasons[str(key)], reasons
+            continue
+        if big and not all(_fits_decimal128(v) for v in big):
+            assert "does not fit Decimal128" in reasons[str(key)], reasons
+            continue
+        assert key in docs and str(key) not in reasons, (key, reasons)
+        for name in ("n", "m", "f"):
+            want = record.get(name)
+            got = docs[key].get(name)
+            if isinstance(want, int) and want in big:
+                assert got == Decimal128(str(want)), (key, name, got)
+            else:
+                assert _same(got, want), (key, name, got, want)
+    assert docs[2]["n"] == 5 and isinstance(docs[2]["n"], int)
+    assert docs[4]["m"] == 9007199254740993 and docs[5]["m"] == 2.5
+    again = _copy(settings, tmp_path, _toml("big", lake, format="json"), "big")
+    assert again.unchangedRecords == done.insertedRecords, again
+
+
+def test_as_a_mongodb_server_gets_them_big_integers_are_decimal128(tmp_path: Path) -> None:
+    """On MongoDB (no nx-27017 limits): beyond int64 an exact Decimal128, up to 34
+    significant digits; the integers beside them stay integers, the fractions doubles."""
+    lake = tmp_path / "big"
+    _write(lake, "ndjson")
+    opened = Lake.open(str(lake), csv=CsvOptions(text=frozenset({"id"}), keys=("id",)))
+    docs, rejected = {}, {}
+    for batch in opened.batches(100):
+        out = validate(RecordSchema(key="id"), batch.table, MONGODB, refused=batch.refused)
+        docs |= {d["_id"]: d for d in out.documents}
+        rejected |= {r.key: r.reason for r in out.rejections}
+    assert docs[1]["n"] == Decimal128("12345678901234567890123")
+    assert docs[3]["n"] == Decimal128("9223372036854775808")
+    assert _same(docs[6]["n"], -(2**63)) and _same(docs[6]["m"], 7)
+    assert _same(docs[2]["n"], 5) and _same(docs[4]["m"], 9007199254740993)
+    assert _same(docs[5]["m"], 2.5) and _same(docs[7]["n"], 2.0) and _same(docs[7]["m"], 1000.0)
+    assert set(rejected) == {"8", "9"}, rejected
+    assert "does not fit Decimal128 (34 significant digits)" in rejected["8"]
+    assert "the integer has 80 digits" in rejected["9"]
+
+
+def test_a_declared_type_still_wins(settings: Settings, db: Any, tmp_path: Path) -> None:
+    """Declared float: the integers are doubles; declared int: 9007199254740993 exactly (it
+    was 9007199254740992 read through a double); declared string: the integer's digits."""
+    lake = tmp_path / "typed"
+    lake.mkdir()
+    (lake / "a.ndjson").write_text(
+        '{"id": 1, "f": 5, "i": 9007199254740993, "s": 12345678901234567890123}\n'
+        '{"id": 2, "f": 2.5, "i": 2.0, "s": 2.5}\n'
+    )
+    fields = {"f": "float", "i": "int", "s": "string"}
+    done = _copy(settings, tmp_path, _toml("typed", lake, fields, format="json"), "typed")
+    assert done.errorRecords == 0, done
+    docs = {d["_id"]: d for d in db["typed"].find()}
+    assert _same(docs[1]["f"], 5.0) and _same(docs[2]["f"], 2.5)
+    assert _same(docs[1]["i"], 9007199254740993) and _same(docs[2]["i"], 2)
+    assert docs[1]["s"] == "12345678901234567890123" and docs[2]["s"] == "2.5"
+
+
+def test_inspect_shows_the_exact_values(settings: Settings, tmp_path: Path) -> None:
+    lake = tmp_path / "big"
+    _write(lake, "ndjson")
+    config = tmp_path / "lakesync.toml"
+    config.write_text(_toml("big", lake, format="json"))
+    s = settings.model_copy(update={"operations_file": config})
+    p = preview(s, OperationRegistry.from_settings(s), "big", limits=MONGODB, trusted=True)
+    docs = {d["_id"]: d for d in p["documents"]}
+    assert docs[1]["n"] == {"$numberDecimal": "12345678901234567890123"}
+    assert docs[2]["n"] == 5 and docs[4]["m"] == 9007199254740993 and docs[5]["m"] == 2.5
+    types = {f["name"]: f["bsonType"] for f in p["schema"]}
+    assert types["n"] == types["m"] == "int or long, double or decimal, as each value is written"
+    p = preview(s, OperationRegistry.from_settings(s), "big", limits=NX_27017, trusted=True)
+    assert {r["key"] for r in p["rejections"]} == {"1", "3", "8", "9"}  # no Decimal128
+    assert {d["_id"]: d["m"] for d in p["documents"]}[4] == 9007199254740993
+
+
+def test_a_file_of_floats_is_read_by_arrow_alone(
+    settings: Settings, db: Any, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Whole floats written with a fraction or an exponent (2.0, 1e3), integers in integer
+    columns, and integer-looking text in strings: no integer is written in a double column,
+    so the file never reaches the exact reader."""
+    lake = tmp_path / "floats"
+    lake.mkdir()
+    rows = [
+        {"id": i, "x": i / 4, "y": float(i), "z": 1e300 if i % 2 else -2.5e-3, "note": '"x": 5,'}
+        for i in range(3000)
+    ]
+    (lake / "a.ndjson").write_text("".join(json.dumps(r) + "\n" for r in rows))
+
+    def refuse(*args: Any, **kwargs: Any) -> Any:
+        raise AssertionError("the exact reader was used")
+
+    monkeypatch.setattr(jsonruns, "batches", refuse)
+    done = _copy(settings, tmp_path, _toml("floats", lake, format="json"), "floats")
+    assert done.insertedRecords == 3000, done
+    docs = {d["_id"]: d for d in db["floats"].find()}
+    assert all(_same(docs[r["id"]]["y"], r["y"]) and docs[r["id"]]["x"] == r["x"] for r in rows)
+    # one integer in a double column, in the file's last line: the exact reader is used
+    with (lake / "a.ndjson").open("a") as f:
+        f.write('{"id": 3000, "x": 3, "y": 1.5, "z": 0.5, "note": ""}\n')
+    with pytest.raises(AssertionError, match="the exact reader was used"):
+        list(Lake.open(str(lake), csv=CsvOptions(keys=("id",))).batches(5000))
+
+
+def test_an_integer_beyond_a_decimal_is_refused_by_its_reader() -> None:
+    from lakesync.sources.jsonnumbers import exact_column
+
+    column, refused = exact_column("n", [1, 10**80, 2.5, None])
+    assert column is not None and column.to_pylist() == [1, None, 2.5, None]
+    assert refused == {1: "n: the integer has 81 digits; lakesync stores at most 34 "
+                       "significant ones (Decimal128)"}  # fmt: skip
+    assert exact_column("n", [1.5, None])[0] is None
+    assert exact_column("n", [10**20, None])[0].to_pylist() == [Decimal(10**20), None]
