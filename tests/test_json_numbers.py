@@ -198,3 +198,26 @@ def test_an_integer_beyond_a_decimal_is_refused_by_its_reader() -> None:
                        "significant ones (Decimal128)"}  # fmt: skip
     assert exact_column("n", [1.5, None])[0] is None
     assert exact_column("n", [10**20, None])[0].to_pylist() == [Decimal(10**20), None]
+
+
+def test_a_filtered_read_compares_a_column_mixing_integers_and_fractions(tmp_path: Path) -> None:
+    """An incremental copy's filter on an integer column whose later records hold a
+    fraction and an integer beyond int64 (read as a union, which no Arrow comparison
+    takes: compared as doubles, as Arrow's reader read it) keeps the rows at or above it,
+    with their values as written."""
+    import pyarrow.compute as pc
+
+    lake = tmp_path / "wm"
+    lake.mkdir()
+    lines = [json.dumps({"id": i, "v": i}) for i in range(60000)]  # past Arrow's first block
+    lines += ['{"id": 60000, "v": 60000.5}', '{"id": 60001, "v": 60001}']
+    lines += ['{"id": 60002, "v": 18446744073709551616}']
+    (lake / "a.ndjson").write_text("\n".join(lines) + "\n")
+    opened = Lake.open(str(lake), csv=CsvOptions(text=frozenset({"id"}), keys=("id",)))
+    rows = [
+        r for b in opened.batches(1000, filter=pc.field("v") >= 59999) for r in b.table.to_pylist()
+    ]
+    assert [(r["id"], r["v"]) for r in rows] == [
+        (59999, 59999), (60000, 60000.5), (60001, 60001), (60002, Decimal(2**64))
+    ]  # fmt: skip
+    assert [type(r["v"]) for r in rows] == [int, float, int, Decimal]

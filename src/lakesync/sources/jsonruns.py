@@ -341,7 +341,17 @@ def _shaped(
         table = table.append_column(name, pa.nulls(n, kind))
     table = table.append_column("\0row", pa.array(range(n), pa.int64()))
     if filter is not None:
-        keep = table.filter(filter).column("\0row").to_pylist()
+        keep = _compared(table).filter(filter).column("\0row").to_pylist()
         rows = sorted(set(keep) | {r for r in mine if r in range(n)})
         table = table.take(pa.array(rows, pa.int64()))
     return table.select([*wanted, "\0row"])
+
+
+def _compared(table: pa.Table) -> pa.Table:
+    """``table`` as a filter compares it: a column mixing integers and fractions (a union,
+    which no Arrow comparison takes) as doubles, as Arrow's reader would have read it."""
+    for i, f in enumerate(table.schema):
+        if pa.types.is_union(f.type):
+            values = [None if v is None else float(v) for v in table.column(i).to_pylist()]
+            table = table.set_column(i, f.name, pa.array(values, pa.float64()))
+    return table
