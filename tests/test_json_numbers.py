@@ -221,3 +221,19 @@ def test_a_filtered_read_compares_a_column_mixing_integers_and_fractions(tmp_pat
         (59999, 59999), (60000, 60000.5), (60001, 60001), (60002, Decimal(2**64))
     ]  # fmt: skip
     assert [type(r["v"]) for r in rows] == [int, float, int, Decimal]
+
+
+def test_a_file_arrow_cannot_type_and_a_file_of_doubles_make_one_lake(tmp_path: Path) -> None:
+    """A file whose keys mix numbers and strings (its schema read as written) and whose
+    ``v`` mixes integers and fractions, beside a file whose ``v`` holds doubles: the lake's
+    schema has ``v`` as Arrow types it (a double) in both, and each value is as written."""
+    lake = tmp_path / "two"
+    lake.mkdir()
+    (lake / "a.ndjson").write_text('{"id": 1, "v": 1}\n{"id": 2, "v": 2.5}\n{"id": "c", "v": 3}\n')
+    (lake / "b.ndjson").write_text('{"id": 4, "v": 4.5}\n')
+    opened = Lake.open(str(lake), csv=CsvOptions(text=frozenset({"id"}), keys=("id",)))
+    assert str(opened.schema.field("v").type) == "double"
+    rows = [r for b in opened.batches(10) for r in b.table.to_pylist()]
+    assert [(r["id"], r["v"], type(r["v"])) for r in rows] == [
+        (1, 1, int), (2, 2.5, float), ("c", 3, int), (4, 4.5, float)
+    ]  # fmt: skip

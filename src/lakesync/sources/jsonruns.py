@@ -142,9 +142,17 @@ class _Reader:
     (by their place in the stream of rows), with the reason."""
 
     def __init__(
-        self, keys: list[str], text: frozenset[str], schema: pa.Schema | None = None
+        self,
+        keys: list[str],
+        text: frozenset[str],
+        schema: pa.Schema | None = None,
+        numbers: bool = True,
     ) -> None:
         self.keys = keys
+        #: whether the other columns typed as doubles get their integers back (not for a
+        #: file's schema: that is Arrow's, as for the files Arrow reads alone, so that the
+        #: lake's files unify)
+        self.numbers = numbers
         # read as strings: the declared text columns the scan reads as strings (a date
         # written as a string stays that string, see ``text.as_written``)
         self.text = frozenset(
@@ -251,7 +259,7 @@ class _Reader:
             else:
                 table = table.append_column(name, exact)
         for i, f in enumerate(table.schema):
-            if not pa.types.is_floating(f.type) or f.name in self.keys:
+            if not self.numbers or not pa.types.is_floating(f.type) or f.name in self.keys:
                 continue
             column, refused = exact_column(f.name, [r.get(f.name) for r in records])
             for row, why in refused.items():
@@ -309,7 +317,7 @@ def batches(
 def schema_of(fs: pafs.FileSystem, path: str, keys: list[str], text: frozenset[str]) -> pa.Schema:
     """The schema of a file Arrow cannot type (its first block, read as written): each
     column with the type its first run gives it."""
-    reader = _Reader(keys, text)
+    reader = _Reader(keys, text, numbers=False)
     fields: dict[str, pa.Field] = {}
     with fs.open_input_stream(path) as stream:
         for table in reader.tables(stream):
