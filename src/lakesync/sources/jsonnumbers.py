@@ -75,14 +75,14 @@ def written_integers(
     with fs.open_input_stream(path) as stream:  # decompressed by its extension
         while True:
             chunk = stream.read(_READ)
-            text = rest + chunk
-            if chunk:  # records end with their lines: a match never spans two reads
-                end = text.rfind(b"\n") + 1
-                text, rest = text[:end], text[end:]
-            if any(p.search(text) for p in patterns):
+            text = rest + chunk if rest else chunk
+            # records end with their lines: a match never spans two reads
+            end = text.rfind(b"\n") + 1 if chunk else len(text)
+            if any(p.search(text, 0, end) for p in patterns):
                 return True
             if not chunk:
                 return False
+            rest = text[end:]
 
 
 def _kind(value: Any) -> int:
