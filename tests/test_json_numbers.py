@@ -237,3 +237,27 @@ def test_a_file_arrow_cannot_type_and_a_file_of_doubles_make_one_lake(tmp_path: 
     assert [(r["id"], r["v"], type(r["v"])) for r in rows] == [
         (1, 1, int), (2, 2.5, float), ("c", 3, int), (4, 4.5, float)
     ]  # fmt: skip
+
+
+def test_a_union_of_numbers_is_written_value_by_value() -> None:
+    """The typemap rule of a column mixing integers, fractions and integers beyond int64:
+    each value as its own BSON type; on nx-27017 the Decimal128 rejects its record."""
+    import bson
+    import pyarrow as pa
+
+    from lakesync.sources.jsonnumbers import MIXED, exact_column
+    from lakesync.typemap import bson_type_name
+
+    column, _ = exact_column("v", [1, 2.5, 2**64, None, -(2**63), 2**31])
+    assert column is not None and column.type == MIXED
+    assert bson_type_name(MIXED) == "int or long, double or decimal, as each value is written"
+    table = pa.table({"id": list(range(6)), "v": column})
+    out = validate(RecordSchema(key="id"), table, MONGODB)
+    got = [bson.decode(b)["v"] for b in out.encoded()]
+    assert got == [1, 2.5, Decimal128(str(2**64)), None, -(2**63), 2**31]
+    assert [type(v) for v in got] == [int, float, Decimal128, type(None), bson.Int64, bson.Int64]
+    on_nx = validate(RecordSchema(key="id"), table, NX_27017)
+    assert [(r.row, r.reason) for r in on_nx.rejections] == [
+        (2, "v: decimal 18446744073709551616 needs Decimal128, which the server (nx-27017, "
+         "the embedded server) cannot store")
+    ]  # fmt: skip
