@@ -261,3 +261,23 @@ def test_a_union_of_numbers_is_written_value_by_value() -> None:
         (2, "v: decimal 18446744073709551616 needs Decimal128, which the server (nx-27017, "
          "the embedded server) cannot store")
     ]  # fmt: skip
+
+
+def test_a_column_declared_float_is_read_by_arrow_alone(
+    settings: Settings, db: Any, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Validation makes a declared float's integers doubles: its integers (as JavaScript
+    writes 2.0) do not send the file to the exact reader, as TaskDetail's hoursLogged."""
+    lake = tmp_path / "floats"
+    lake.mkdir()
+    (lake / "a.ndjson").write_text('{"id": 1, "x": 5}\n{"id": 2, "x": 2.5}\n')
+
+    def refuse(*args: Any, **kwargs: Any) -> Any:
+        raise AssertionError("the exact reader was used")
+
+    monkeypatch.setattr(jsonruns, "batches", refuse)
+    toml = _toml("floats", lake, {"x": "float"}, format="json")
+    done = _copy(settings, tmp_path, toml, "floats")
+    assert done.insertedRecords == 2, done
+    docs = {d["_id"]: d["x"] for d in db["floats"].find()}
+    assert _same(docs[1], 5.0) and _same(docs[2], 2.5)

@@ -1014,9 +1014,13 @@ class Lake:
         given = 0
         keys = frozenset(self.csv.keys)
         schema = self._schemas[index]
-        read = schema  # the columns whose integers matter: those read (and filtered on)
-        if columns is not None and filter is None:
-            read = pa.schema([f for f in schema if f.name in columns])
+        # the columns whose integers matter: those read (and filtered on), not declared float
+        read = pa.schema(
+            f
+            for f in schema
+            if f.name not in self.csv.doubles
+            and (columns is None or filter is not None or f.name in columns)
+        )
         if jsonruns.needs_exact(schema, keys):
             logger.info("Reading %s as written: a key column is typed double", self.files[index])
         elif jsonnumbers.written_integers(fragment.filesystem, fragment.path, read, keys):
