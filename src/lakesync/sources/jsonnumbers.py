@@ -8,9 +8,9 @@ by ``jsonruns``; these are the other columns.
 
 ``written_integers`` tells whether a file needs that: whether some top-level column Arrow
 typed as a double is written with an integer literal in some record (one regular expression
-per such column over the file's text, at C speed: under 1 ms of CPU a MB a column). A file whose
-double columns hold numbers with a fraction or an exponent only (``2.0``, ``2.75``) is read
-by Arrow's scan alone.
+per such column over the file's text, at C speed: under 1 ms of CPU a MB a column). A file
+whose double columns hold numbers with a fraction or an exponent only (``2.0``, ``2.75``),
+or are declared ``float``, is read by Arrow's scan alone.
 
 ``exact_column`` builds such a column of a run of records from their values as Python's
 ``json`` parsed them: integers within int64 as int64, beyond as decimals (BSON Decimal128,
