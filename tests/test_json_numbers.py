@@ -13,6 +13,7 @@ from decimal import Decimal
 from pathlib import Path
 from typing import Any
 
+import pyarrow as pa
 import pytest
 from bson import Decimal128
 from tests.test_csv import _copy, _toml
@@ -40,15 +41,19 @@ LINES = [
 
 
 def _write(lake: Path, form: str) -> None:
-    """The lines as an NDJSON file, a JSON array (as Python's json writes it) or gzip."""
+    """The lines as an NDJSON file, a JSON array (as Python's json writes it), gzip or
+    zstd (``.zst``: read under another name, see ``text._CodecAliases``)."""
     lake.mkdir()
     if form == "ndjson":
         (lake / "a.ndjson").write_text("\n".join(LINES) + "\n")
     elif form == "json":
         records = [json.loads(line) for line in LINES]
         (lake / "a.json").write_text(json.dumps(records, indent=1))
-    else:
+    elif form == "gz":
         (lake / "a.ndjson.gz").write_bytes(gzip.compress(("\n".join(LINES) + "\n").encode()))
+    else:
+        with pa.CompressedOutputStream(str(lake / "a.ndjson.zst"), "zstd") as out:
+            out.write(("\n".join(LINES) + "\n").encode())
 
 
 def _written() -> Iterator[dict[str, Any]]:
@@ -68,7 +73,7 @@ def _same(a: Any, b: Any) -> bool:
     )
 
 
-@pytest.mark.parametrize("form", ["ndjson", "json", "gz"])
+@pytest.mark.parametrize("form", ["ndjson", "json", "gz", "zst"])
 def test_every_integer_is_copied_as_written(
     settings: Settings, db: Any, tmp_path: Path, form: str
 ) -> None:

@@ -45,6 +45,15 @@ MIXED = pa.dense_union(
 )
 _READ = 16 << 20
 _SPACE = rb"[ \t\r\n]*"
+#: a text file's codec by the extension its fragment's path ends with (``text._CodecAliases``
+#: names a ``.zst`` file ``.zst.zstd``, which pyarrow's own detection does not know)
+_CODECS = {".gz": "gzip", ".bz2": "bz2", ".zstd": "zstd", ".zst": "zstd"}
+
+
+def open_text(fs: pafs.FileSystem, path: str) -> Any:
+    """The file at a JSON fragment's ``path`` as a stream, decompressed as it is read."""
+    codec = next((c for suffix, c in _CODECS.items() if path.endswith(suffix)), None)
+    return fs.open_input_stream(path, compression=codec)
 
 
 def _pattern(names: list[str]) -> list[re.Pattern[bytes]]:
@@ -72,7 +81,7 @@ def written_integers(
         return False
     patterns = _pattern(names)
     rest = b""
-    with fs.open_input_stream(path) as stream:  # decompressed by its extension
+    with open_text(fs, path) as stream:
         while True:
             chunk = stream.read(_READ)
             text = rest + chunk if rest else chunk

@@ -39,7 +39,7 @@ import pyarrow.compute as pc
 import pyarrow.fs as pafs
 import pyarrow.json as pajson
 
-from lakesync.sources.jsonnumbers import MAX_DIGITS, decimals, exact_column
+from lakesync.sources.jsonnumbers import MAX_DIGITS, decimals, exact_column, open_text
 
 #: lines parsed at a time (and at most about this many bytes of them)
 _BLOCK_ROWS = 8192
@@ -294,7 +294,7 @@ def batches(
     refused, by their place in the stream given."""
     reader = _Reader(keys, text, schema)
     row = given = 0  # file rows read; rows of the filtered stream met (skipped ones too)
-    with fs.open_input_stream(path) as stream:
+    with open_text(fs, path) as stream:
         for table in reader.tables(stream):
             n = table.num_rows
             mine = {r - row: why for r, why in reader.refused.items() if row <= r < row + n}
@@ -319,7 +319,7 @@ def schema_of(fs: pafs.FileSystem, path: str, keys: list[str], text: frozenset[s
     column with the type its first run gives it."""
     reader = _Reader(keys, text, numbers=False)
     fields: dict[str, pa.Field] = {}
-    with fs.open_input_stream(path) as stream:
+    with open_text(fs, path) as stream:
         for table in reader.tables(stream):
             for f in table.schema:
                 if f.name not in fields or pa.types.is_null(fields[f.name].type):
