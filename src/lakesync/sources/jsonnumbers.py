@@ -153,7 +153,7 @@ def exact_column(name: str, values: list[Any]) -> tuple[pa.Array | None, dict[in
         child = children[code]
         offsets.append(len(child))
         child.append(Decimal(value) if code == 2 else value)
-    arrays = [pa.array(values, f.type) for values, f in zip(children, MIXED, strict=True)]
+    arrays = [pa.array(child, f.type) for child, f in zip(children, MIXED, strict=True)]
     mixed = pa.UnionArray.from_dense(
         pa.array(codes, pa.int8()),
         pa.array(offsets, pa.int32()),
