@@ -103,6 +103,7 @@ class Operation(Unattended):
             tuple(self.schema_.key_columns),
             watermark=self.watermark,
             watermark_type=declared if declared in ("timestamp", "int") else None,
+            doubles=frozenset(f.name for f in self.schema_.fields if f.type == "float"),
         )
 
     def source_uri(self, settings: Settings) -> str:

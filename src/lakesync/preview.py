@@ -53,12 +53,12 @@ def preview(
     refused = first.refused if first is not None else {}  # rows the reader refused, as a copy
     checked = validate(op.schema_, table, limits, refused=refused)
     bodies = checked.encoded()
-    stored = checked.columns  # the valid rows' values as they are stored
+    stored = checked.types  # the types of the valid rows' values as they are stored
     key_columns = op.schema_.key_columns
     schema = []
     for field in lake.schema:
         written = field.name in stored
-        kind = stored[field.name].type if written else field.type
+        kind = stored[field.name] if written else field.type
         schema.append(
             {
                 "name": field.name,

@@ -140,6 +140,9 @@ class Validated:
     key: str | list[str] = ""
     #: columns encode.py does not write, as BSON-ready values of the valid rows
     values: dict[str, list[Any]] = field(default_factory=dict)
+    #: the Arrow type of each column as validated (those in ``values`` too, whose
+    #: ``columns`` entry only holds nulls)
+    types: dict[str, pa.DataType] = field(default_factory=dict)
     bodies: list[bytes] | None = None  # the BSON of each document, once encoded
 
     def column_values(self, name: str) -> list[Any]:
@@ -572,7 +575,8 @@ def validate(
         }
     arrays = {k: v if isinstance(v, pa.Array) else pa.nulls(len(rows)) for k, v in stored.items()}
     values = {k: v for k, v in stored.items() if isinstance(v, list)}
-    out = Validated(rows, rejections, columns=arrays, key=schema.key, values=values)
+    types = {k: c.type for k, c in columns.items()}
+    out = Validated(rows, rejections, columns=arrays, key=schema.key, values=values, types=types)
     return _encode_or_reject(out) if encode else out
 
 
@@ -633,6 +637,7 @@ def _encode_or_reject(out: Validated) -> Validated:
         columns={k: v.take(pa.array(keep, pa.int64())) for k, v in out.columns.items()},
         key=out.key,
         values={k: [v[j] for j in keep] for k, v in out.values.items()},
+        types=out.types,
         bodies=[bodies[j] for j in keep],
     )
     return kept

@@ -290,6 +290,8 @@ def _rule(kind: pa.DataType, limits: ServerLimits) -> tuple[str, Convert]:
         return "double", lambda v: _double(float(v), limits)
     if t.is_decimal(kind):
         return "decimal", lambda v: _decimal(v, limits, "decimal")
+    if t.is_union(kind) and all(_is_number(f.type) for f in kind):
+        return "int or long, double or decimal, as each value is written", _number(limits)
     if t.is_string(kind) or t.is_large_string(kind) or t.is_string_view(kind):
         return "string", str
     if (
@@ -329,6 +331,27 @@ def _rule(kind: pa.DataType, limits: ServerLimits) -> tuple[str, Convert]:
     name = describe(kind)
     reason = f"a value of Arrow type {name}, which has no BSON type"
     return f"none (Arrow {name}: records with a value are rejected)", lambda v: _raise(reason)
+
+
+def _is_number(kind: pa.DataType) -> bool:
+    t = pa.types
+    return bool(t.is_integer(kind) or t.is_floating(kind) or t.is_decimal(kind))
+
+
+def _number(limits: ServerLimits) -> Convert:
+    """The converter of a union of number types (a JSON column mixing integers and
+    fractions, see ``sources.jsonnumbers``): each value as its own type."""
+
+    def convert(value: Any) -> Any:
+        if isinstance(value, Decimal):
+            return _decimal(value, limits, "decimal")
+        if isinstance(value, float):
+            return _double(value, limits)
+        if value > INT64_MAX:  # a uint64 member
+            return _decimal(Decimal(value), limits, "uint64")
+        return int(value)
+
+    return convert
 
 
 def _nullable(convert: Convert) -> Convert:

@@ -5,8 +5,9 @@ strings (``1``, ``"a"``, as pandas writes an object column) fails the whole file
 (``changed from number to string in row N``), and integers beyond int64 (``2**64``) or next
 to a decimal number (``1``, ``2.5``) silently become doubles: wrong keys.
 
-A JSON file Arrow fails on (``is_type_error``), or whose key column Arrow types as a double
-(which may hold integers it promoted), is read here instead, a block of lines at a time:
+A JSON file Arrow fails on (``is_type_error``), whose key column Arrow types as a double
+(which may hold integers it promoted), or whose other columns typed as doubles are written
+with integers (``jsonnumbers.written_integers``), is read here instead, a block of lines at a time:
 each line is parsed once with Python's ``json`` to tell the kind of its key (string,
 integer, integer beyond int64, number with a fraction, boolean), and each run of
 consecutive lines whose keys have one kind is handed to Arrow's reader on its own, its key
@@ -14,7 +15,10 @@ column then replaced by the exact values (an integer beyond int64 as a decimal: 
 Decimal128, as the README's types table has uint64 beyond int64). A run Arrow still cannot
 read (another column changes type) is split where Arrow says, so every column of every
 record keeps the type it is written with. Runs of different types are batches of their
-own (``stream.across_files`` never mixes schemas in one batch).
+own (``stream.across_files`` never mixes schemas in one batch). The other columns a run's
+read types as doubles get their integers back from the parsed lines
+(``jsonnumbers.exact_column``: a column mixing integers and fractions is a union, never
+split into runs).
 
 A record that cannot be read this way is refused with its reason and read as ``{}`` (so
 rows keep their places): a key that is an object or an array (it cannot be an ``_id``), an
@@ -28,13 +32,14 @@ import io
 import json
 import re
 from collections.abc import Iterator
-from decimal import Decimal
 from typing import Any
 
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.fs as pafs
 import pyarrow.json as pajson
+
+from lakesync.sources.jsonnumbers import MAX_DIGITS, decimals, exact_column, open_text
 
 #: lines parsed at a time (and at most about this many bytes of them)
 _BLOCK_ROWS = 8192
@@ -43,8 +48,6 @@ _READ = 1 << 20
 _WHITESPACE = b" \t\r\n"
 _ROW = re.compile(r"in row (\d+)")
 _INT64 = (-(1 << 63), (1 << 63) - 1)
-#: the most digits an integer key may have: a decimal256's precision
-_MAX_DIGITS = 76
 
 
 def is_type_error(error: BaseException) -> bool:
@@ -86,7 +89,7 @@ def _refusal(name: str, value: Any) -> str | None:
         )
     if isinstance(value, int) and not isinstance(value, bool):
         digits = len(str(abs(value)))
-        if digits > _MAX_DIGITS:
+        if digits > MAX_DIGITS:
             return (
                 f"{name}: the integer key has {digits} digits; a key holds at most 34 (Decimal128)"
             )
@@ -104,10 +107,7 @@ def _key_array(values: list[Any], kind: str | None) -> pa.Array | None:
     if kind == "bool":
         return pa.array(values, pa.bool_())
     if kind == "big":
-        decimals = [None if v is None else Decimal(v) for v in values]
-        widest = max(len(str(abs(v))) for v in values if v is not None)
-        kind_ = pa.decimal128(38, 0) if widest <= 38 else pa.decimal256(_MAX_DIGITS, 0)
-        return pa.array(decimals, kind_)
+        return decimals(values)
     return None
 
 
@@ -142,9 +142,17 @@ class _Reader:
     (by their place in the stream of rows), with the reason."""
 
     def __init__(
-        self, keys: list[str], text: frozenset[str], schema: pa.Schema | None = None
+        self,
+        keys: list[str],
+        text: frozenset[str],
+        schema: pa.Schema | None = None,
+        numbers: bool = True,
     ) -> None:
         self.keys = keys
+        #: whether the other columns typed as doubles get their integers back (not for a
+        #: file's schema: that is Arrow's, as for the files Arrow reads alone, so that the
+        #: lake's files unify)
+        self.numbers = numbers
         # read as strings: the declared text columns the scan reads as strings (a date
         # written as a string stays that string, see ``text.as_written``)
         self.text = frozenset(
@@ -160,13 +168,15 @@ class _Reader:
         for block in _blocks(stream):
             values: list[list[Any]] = []
             kinds: list[tuple[str | None, ...]] = []
+            records: list[dict[str, Any]] = []
             for i, line in enumerate(block):
-                why, found = self._parse(line)
+                why, found, record = self._parse(line)
                 if why is not None:
                     self.refused[self.row + i] = why
                     block[i] = b"{}"
-                    found = [None] * len(self.keys)
+                    found, record = [None] * len(self.keys), {}
                 values.append(found)
+                records.append(record)
                 kinds.append(tuple(_kind(v) for v in found))
             start = 0
             while start < len(block):
@@ -174,33 +184,37 @@ class _Reader:
                 while end < len(block) and _fits(kinds[end], kind):
                     kind = _merged(kind, kinds[end])
                     end += 1
-                yield from self._run(block[start:end], values[start:end], kind, self.row + start)
+                yield from self._run(
+                    block[start:end], values[start:end], records[start:end], kind, self.row + start
+                )
                 start = end
             self.row += len(block)
 
-    def _parse(self, line: bytes) -> tuple[str | None, list[Any]]:
+    def _parse(self, line: bytes) -> tuple[str | None, list[Any], dict[str, Any]]:
         try:
             record = json.loads(line)
         except (ValueError, RecursionError) as e:
-            return f"the line is not valid JSON ({str(e)[:80]})", []
+            return f"the line is not valid JSON ({str(e)[:80]})", [], {}
         if not isinstance(record, dict):
-            return f"the line is {json.dumps(record)[:40]}, not a JSON object", []
+            return f"the line is {json.dumps(record)[:40]}, not a JSON object", [], {}
         found = [record.get(k) for k in self.keys]
         for name, value in zip(self.keys, found, strict=True):
             why = _refusal(name, value)
             if why is not None:
-                return why, []
-        return None, found
+                return why, [], {}
+        return None, found, record
 
     def _run(
         self,
         lines: list[bytes],
         values: list[list[Any]],
+        records: list[dict[str, Any]],
         kind: tuple[str | None, ...],
         first: int,
         explicit: frozenset[str] | None = None,
     ) -> Iterator[pa.Table]:
-        """The run's rows, read by Arrow (split where it cannot), keys made exact."""
+        """The run's rows, read by Arrow (split where it cannot), keys and the integers of
+        the columns Arrow typed as doubles made exact (``jsonnumbers``)."""
         explicit = self.text - set(self.keys) if explicit is None else explicit
         data = b"\n".join(lines)
         schema = pa.schema([(name, pa.string()) for name in sorted(explicit)])
@@ -216,17 +230,22 @@ class _Reader:
             found = _ROW.search(str(e))
             at = int(found.group(1)) if found else len(lines) // 2
             if 0 < at < len(lines):  # read up to where Arrow stopped, then the rest
-                yield from self._run(lines[:at], values[:at], kind, first, explicit)
-                yield from self._run(lines[at:], values[at:], kind, first + at)
+                yield from self._run(lines[:at], values[:at], records[:at], kind, first, explicit)
+                yield from self._run(lines[at:], values[at:], records[at:], kind, first + at)
                 return
             column = re.search(r"Column\(/([^/)]*)", str(e))
             if column and column.group(1) in explicit:  # a declared string written otherwise
-                yield from self._run(lines, values, kind, first, explicit - {column.group(1)})
+                fewer = explicit - {column.group(1)}
+                yield from self._run(lines, values, records, kind, first, fewer)
                 return
             if len(lines) > 1:
                 half = len(lines) // 2
-                yield from self._run(lines[:half], values[:half], kind, first, explicit)
-                yield from self._run(lines[half:], values[half:], kind, first + half)
+                yield from self._run(
+                    lines[:half], values[:half], records[:half], kind, first, explicit
+                )
+                yield from self._run(
+                    lines[half:], values[half:], records[half:], kind, first + half
+                )
                 return
             self.refused[first] = f"Arrow's JSON reader cannot read the record: {str(e)[:200]}"
             yield pa.table({"\0empty": [None]}).drop_columns(["\0empty"])
@@ -239,6 +258,14 @@ class _Reader:
                 table = table.set_column(table.column_names.index(name), name, exact)
             else:
                 table = table.append_column(name, exact)
+        for i, f in enumerate(table.schema):
+            if not self.numbers or not pa.types.is_floating(f.type) or f.name in self.keys:
+                continue
+            column, refused = exact_column(f.name, [r.get(f.name) for r in records])
+            for row, why in refused.items():
+                self.refused.setdefault(first + row, why)
+            if column is not None:
+                table = table.set_column(i, f.name, column)
         yield table
 
 
@@ -268,7 +295,7 @@ def batches(
     ``skip``: the caller's stream gave the rows before ``skip`` already)."""
     reader = _Reader(keys, text, schema)
     row = given = 0  # file rows read; rows of the filtered stream met (skipped ones too)
-    with fs.open_input_stream(path) as stream:
+    with open_text(fs, path) as stream:
         for table in reader.tables(stream):
             n = table.num_rows
             mine = {r - row: why for r, why in reader.refused.items() if row <= r < row + n}
@@ -291,9 +318,9 @@ def batches(
 def schema_of(fs: pafs.FileSystem, path: str, keys: list[str], text: frozenset[str]) -> pa.Schema:
     """The schema of a file Arrow cannot type (its first block, read as written): each
     column with the type its first run gives it."""
-    reader = _Reader(keys, text)
+    reader = _Reader(keys, text, numbers=False)
     fields: dict[str, pa.Field] = {}
-    with fs.open_input_stream(path) as stream:
+    with open_text(fs, path) as stream:
         for table in reader.tables(stream):
             for f in table.schema:
                 if f.name not in fields or pa.types.is_null(fields[f.name].type):
@@ -323,7 +350,17 @@ def _shaped(
         table = table.append_column(name, pa.nulls(n, kind))
     table = table.append_column("\0row", pa.array(range(n), pa.int64()))
     if filter is not None:
-        keep = table.filter(filter).column("\0row").to_pylist()
+        keep = _compared(table).filter(filter).column("\0row").to_pylist()
         rows = sorted(set(keep) | {r for r in mine if r in range(n)})
         table = table.take(pa.array(rows, pa.int64()))
     return table.select([*wanted, "\0row"])
+
+
+def _compared(table: pa.Table) -> pa.Table:
+    """``table`` as a filter compares it: a column mixing integers and fractions (a union,
+    which no Arrow comparison takes) as doubles, as Arrow's reader would have read it."""
+    for i, f in enumerate(table.schema):
+        if pa.types.is_union(f.type):
+            values = [None if v is None else float(v) for v in table.column(i).to_pylist()]
+            table = table.set_column(i, f.name, pa.array(values, pa.float64()))
+    return table

@@ -41,7 +41,7 @@ from lakesync.locations import (
     read_error,
     resolve,
 )
-from lakesync.sources import iceberg, jsonruns, parquet, tables, text
+from lakesync.sources import iceberg, jsonnumbers, jsonruns, parquet, tables, text
 from lakesync.sources.base import (
     ColumnStats,
     FileFacts,
@@ -1029,11 +1029,26 @@ class Lake:
         refused: dict[int, str],
     ) -> Iterator[pa.RecordBatch]:
         """JSON file ``index``'s batches from Arrow's scan ``source``; if Arrow cannot type
-        a column (or typed the key as a double), from ``jsonruns`` instead, from the row the
-        scan stopped at (``refused`` gets the rows it refuses, by their place)."""
+        a column (or typed the key as a double, or typed as a double another column written
+        with integers), from ``jsonruns`` instead, from the row the scan stopped at
+        (``refused`` gets the rows it refuses, by their place)."""
         given = 0
         keys = frozenset(self.csv.keys)
-        if not jsonruns.needs_exact(self._schemas[index], keys):
+        schema = self._schemas[index]
+        # the columns whose integers matter: those read (and filtered on), not declared float
+        read = pa.schema(
+            f
+            for f in schema
+            if f.name not in self.csv.doubles
+            and (columns is None or filter is not None or f.name in columns)
+        )
+        if jsonruns.needs_exact(schema, keys):
+            logger.info("Reading %s as written: a key column is typed double", self.files[index])
+        elif jsonnumbers.written_integers(fragment.filesystem, fragment.path, read, keys):
+            logger.info(
+                "Reading %s as written: a column typed double holds integers", self.files[index]
+            )
+        else:
             try:
                 for batch in source:
                     given += batch.num_rows

@@ -74,6 +74,9 @@ class CsvOptions:
     #: not declared): see ``Compared``
     watermark: str | None = None
     watermark_type: str | None = None
+    #: the fields declared ``float`` (JSON: validation makes their integers doubles, so a
+    #: file is not read as written for them, see ``jsonnumbers``)
+    doubles: frozenset[str] = field(default_factory=frozenset)
 
     def file_format(self, columns: list[str] | None = None) -> ds.FileFormat:
         """The dataset format; ``columns``: the file's column names (then its header line,
