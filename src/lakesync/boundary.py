@@ -33,6 +33,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Concatenate, ParamSpec, TypeVar
 
+import numpy as np
 from pymongo.collection import Collection
 from pymongo.errors import BulkWriteError
 
@@ -310,7 +311,17 @@ class Store:
 
     @retried("reading the plan")
     def superseded(self, job_id: str, files: list[str] | None = None) -> repeats.Superseded:
-        return repeats.Superseded.load(self.jobs.db, job_id, files)
+        """The job's plan for ``files``: each file's superseded rows are read when the copy
+        reaches the file (``superseded_rows``, under the same retry policy)."""
+
+        def fetch(file: str) -> np.ndarray:
+            return self.superseded_rows(job_id, file)
+
+        return repeats.Superseded.load(self.jobs.db, job_id, files, fetch)
+
+    @retried("reading the plan")
+    def superseded_rows(self, job_id: str, file: str) -> np.ndarray:
+        return repeats.rows_of(self.jobs.db, job_id, file)
 
     @retried("reading the watermark")
     def watermark(self, operation: str, source: str, column: str) -> Watermark | None:

@@ -47,7 +47,8 @@ import logging
 import math
 import os
 import tempfile
-from collections.abc import Iterable, Iterator, Mapping, Sequence
+import threading
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from decimal import Decimal
 from pathlib import Path
@@ -60,6 +61,7 @@ import pyarrow.compute as pc
 from bson import SON, Decimal128
 from bson.binary import Binary
 from bson.decimal128 import create_decimal128_context
+from pymongo.collection import Collection
 from pymongo.database import Database
 
 from lakesync.lake import Lake, Listing
@@ -80,6 +82,11 @@ _LISTING_SCHEMA_BYTES = 6 << 20
 _REFUSED_PER_DOCUMENT = 20_000  # rows and reasons (~250 bytes each)
 _FILES_PER_DOCUMENT = 20_000  # a listing's entries: ~60 bytes each, ~1.2 MB per document
 _EMPTY = np.empty(0, dtype=np.int64)
+#: superseded positions in one shard of a stored plan (8 bytes each while it is stored)
+_SHARD_ROWS = 1 << 18
+_INSERT_BYTES = 1 << 20  # of plan documents in one insert
+#: files whose superseded rows a copy holds at once (``Superseded``)
+_FILES_HELD = 4
 #: bytes of keys a plan holds in memory; past it they wait in the data folder (_KeyLog)
 _PLAN_MEMORY = 4 << 20
 _BUCKET_BITS = 8
@@ -144,7 +151,27 @@ def plan_lake(
     that hold a key that repeats (or that the server may not tell from another) at all
     (most lakes: none, and nothing else is read); then the whole records of just those
     files, validated as the copy validates them, so that the last *valid* record wins.
+
+    The superseded rows are all held here (``Plan.superseded``); ``plan_job`` stores them
+    bucket by bucket instead (``_Losers``), holding a bounded part of them at once.
     """
+    held = _HeldLosers()
+    plan = _plan(lake, schema, filter, filter_columns, limits, spill, held)
+    plan.superseded = held.superseded
+    return plan
+
+
+def _plan(
+    lake: Lake,
+    schema: RecordSchema,
+    filter: pc.Expression | None,
+    filter_columns: Sequence[str],
+    limits: ServerLimits,
+    spill: Path | None,
+    losers: _Losers,
+) -> Plan:
+    """``plan_lake``'s work: the superseded positions go to ``losers`` as each bucket of
+    keys is settled; the plan returned holds the rest (refusals, keys in doubt)."""
     keys_only = RecordSchema(
         key=schema.key, fields=[r for r in schema.fields if r.name in schema.key_columns]
     )
@@ -165,13 +192,14 @@ def plan_lake(
     with _KeyLog(spill) as log:
         files = _log_keys(log, part, schema, filter, None, limits, exact=True)
         names = list(files)
+        losers.start(names, log.extent)
         doubts = {n: doubt_of[f] for f, n in files.items() if f in doubt_of}
-        losers: list[np.ndarray] = []
         refused: dict[str, list[tuple[int, str]]] = {}
         doubted, example = 0, None
         for bucket in log.buckets():
             lost, conflicts = _settle(bucket, limits)
-            losers.append(lost)
+            losers.add(lost)
+            del lost
             for at, reason in conflicts:
                 refused.setdefault(names[at >> 32], []).append((at & 0xFFFFFFFF, reason))
             if doubts:
@@ -180,9 +208,38 @@ def plan_lake(
                 if example is None and first is not None:
                     at, key = first
                     example = (_shown(key), names[at >> 32], doubts[at >> 32].why)
-    return Plan(
-        _by_file(losers, names), {f: sorted(r) for f, r in refused.items()}, doubted, example
-    )
+        losers.finish()
+    return Plan({}, {f: sorted(r) for f, r in refused.items()}, doubted, example)
+
+
+class _Losers:
+    """Where ``_plan`` puts the superseded positions (file number << 32 | row) of each
+    bucket of keys as it settles it: ``start`` with the files' names (by number) and how
+    far each file's logged rows reach (``_KeyLog.extent``), then ``add`` per bucket, then
+    ``finish``."""
+
+    def start(self, names: list[str], extent: dict[int, tuple[int, int]]) -> None:
+        self.names = names
+
+    def add(self, lost: np.ndarray) -> None:
+        raise NotImplementedError
+
+    def finish(self) -> None:
+        """Every bucket was added."""
+
+
+class _HeldLosers(_Losers):
+    """All in memory (``plan_lake``): ``superseded`` once finished."""
+
+    def __init__(self) -> None:
+        self._parts: list[np.ndarray] = []
+        self.superseded: dict[str, np.ndarray] = {}
+
+    def add(self, lost: np.ndarray) -> None:
+        self._parts.append(lost)
+
+    def finish(self) -> None:
+        self.superseded = _by_file(self._parts, self.names)
 
 
 def _by_file(losers: list[np.ndarray], names: list[str]) -> dict[str, np.ndarray]:
@@ -445,6 +502,8 @@ class _KeyLog:
         self._bytes = 0
         self._dir: tempfile.TemporaryDirectory[str] | None = None
         self._runs: list[str] = []
+        #: file number -> (records logged, last row logged + 1): a few bytes per file
+        self.extent: dict[int, tuple[int, int]] = {}
 
     def __enter__(self) -> _KeyLog:
         return self
@@ -455,6 +514,13 @@ class _KeyLog:
             self._dir.cleanup()
 
     def add(self, h: np.ndarray, k: pa.Array, p: np.ndarray) -> None:
+        if len(p):
+            files, at, counts = np.unique(p >> 32, return_inverse=True, return_counts=True)
+            ends = np.zeros(len(files), dtype=np.int64)
+            np.maximum.at(ends, at, (p & 0xFFFFFFFF) + 1)
+            for f, n, end in zip(files.tolist(), counts.tolist(), ends.tolist(), strict=True):
+                was = self.extent.get(f, (0, 0))
+                self.extent[f] = (was[0] + n, max(was[1], end))
         batch = pa.RecordBatch.from_arrays([pa.array(h), k, pa.array(p)], schema=_LOG_SCHEMA)
         self._held.append(batch)
         self._bytes += batch.nbytes
@@ -619,27 +685,50 @@ def _confused(limits: ServerLimits, later: bytes, earlier: bytes) -> str:
 
 class Superseded:
     """The plan of some files of a job, looked up batch by batch: the rows a later record of
-    the same key replaces (4 bytes each), and the rows refused with their reason."""
+    the same key replaces (4 bytes each), and the rows refused with their reason.
+
+    Given as ``rows`` (all held), or as ``fetch`` (a function of a file's name: its sorted
+    rows) with the names of the files ``holding`` any: then a file's rows are read when the
+    copy first asks for them, and only the last _FILES_HELD files' are held (``load``), so
+    what the copy holds of the plan does not grow with the lake."""
 
     def __init__(
         self,
         rows: dict[str, np.ndarray] | None = None,
         refused: dict[str, list[tuple[int, str]]] | None = None,
+        *,
+        fetch: Callable[[str], np.ndarray] | None = None,
+        holding: Iterable[str] = (),
     ) -> None:
         self._rows = {f: np.asarray(r, dtype=np.uint32) for f, r in (rows or {}).items()}
         self._refused: dict[str, tuple[np.ndarray, list[str]]] = {}
         for file, pairs in (refused or {}).items():
             pairs = sorted(pairs)
             self._refused[file] = (np.array([r for r, _ in pairs], np.int64), [w for _, w in pairs])
+        self._fetch = fetch
+        self._holding = frozenset(holding)
+        self._lock = threading.Lock()  # the copy's reader thread and its writer may both ask
+
+    def _of(self, file: str) -> np.ndarray | None:
+        if self._fetch is None or file not in self._holding:
+            return self._rows.get(file)
+        with self._lock:
+            rows = self._rows.get(file)
+            if rows is None:
+                rows = np.asarray(self._fetch(file), dtype=np.uint32)
+                while len(self._rows) >= _FILES_HELD:  # the oldest first
+                    del self._rows[next(iter(self._rows))]
+                self._rows[file] = rows
+            return rows
 
     @property
-    def count(self) -> int:
-        """How many records are superseded."""
-        return sum(len(r) for r in self._rows.values())
+    def held(self) -> int:
+        """How many superseded rows are held in memory now."""
+        return sum(len(r) for r in list(self._rows.values()))
 
     def within(self, file: str, start: int, stop: int) -> np.ndarray:
         """The superseded rows of ``file`` in ``[start, stop)``, relative to ``start``."""
-        rows = self._rows.get(file)
+        rows = self._of(file)
         if rows is None:
             return _EMPTY
         lo, hi = np.searchsorted(rows, [start, stop])
@@ -655,28 +744,97 @@ class Superseded:
 
     @classmethod
     def load(
-        cls, db: Database[dict[str, Any]], job_id: str, files: Sequence[str] | None = None
+        cls,
+        db: Database[dict[str, Any]],
+        job_id: str,
+        files: Sequence[str] | None = None,
+        fetch: Callable[[str], np.ndarray] | None = None,
     ) -> Superseded:
-        """The job's plan for ``files`` (all of the job's files when None)."""
+        """The job's plan for ``files`` (all of the job's files when None): the refused rows,
+        and the names of the files with superseded rows, whose rows ``fetch`` reads when the
+        copy reaches them (``rows_of`` when None)."""
         query: dict[str, Any] = {"jobId": job_id, "file": {"$exists": True}}  # not the listing
         if files is not None:
             query["file"] = {"$in": list(files)}
-        parts: dict[str, list[np.ndarray]] = {}
+        holding: set[str] = set()
         refused: dict[str, list[tuple[int, str]]] = {}
-        for doc in db[PLANS].find(query, sort=[("_id", 1)]):
+        for doc in db[PLANS].find(query, {"rows": 0}, sort=[("_id", 1)]):
             file = str(doc["file"])
             if "refused" in doc:
                 rows = np.frombuffer(bytes(doc["refused"]), dtype="<u4").tolist()
                 refused.setdefault(file, []).extend(zip(rows, doc["reasons"], strict=True))
             else:
-                parts.setdefault(file, []).append(np.frombuffer(bytes(doc["rows"]), "<u4"))
-        rows_of = {f: np.sort(np.concatenate(p)) for f, p in parts.items()}
-        return cls(rows_of, {f: sorted(r) for f, r in refused.items()})
+                holding.add(file)
+        if fetch is None:
+
+            def fetch(file: str) -> np.ndarray:
+                return rows_of(db, job_id, file)
+
+        return cls(refused={f: sorted(r) for f, r in refused.items()}, fetch=fetch, holding=holding)
+
+
+def rows_of(db: Database[dict[str, Any]], job_id: str, file: str) -> np.ndarray:
+    """The superseded rows of one file of a job's plan, sorted (uint32)."""
+    parts = [
+        np.frombuffer(bytes(doc["rows"]), "<u4")
+        for doc in db[PLANS].find({"jobId": job_id, "file": file, "rows": {"$exists": True}})
+    ]
+    if not parts:
+        return np.empty(0, dtype=np.uint32)
+    return np.sort(np.concatenate(parts))
 
 
 def ensure_indexes(db: Database[dict[str, Any]]) -> None:
-    """Plans are found by job (they expire with their job: JobStore.finish)."""
+    """Plans are found by job (they expire with their job: JobStore.finish), and a copy
+    reads a file's superseded rows when it reaches the file (``rows_of``)."""
     db[PLANS].create_index("jobId")
+    db[PLANS].create_index([("jobId", 1), ("file", 1)])
+
+
+def _rows_document(job_id: str, n: int, file: str, rows: np.ndarray, now: Any) -> dict[str, Any]:
+    return {
+        "_id": f"{job_id}:{n}:{file}",
+        "jobId": job_id,
+        "file": file,
+        "rows": Binary(rows.astype("<u4").tobytes()),
+        "createdAt": now,
+    }
+
+
+def _refused_documents(
+    job_id: str, refused: dict[str, list[tuple[int, str]]], now: Any
+) -> Iterator[dict[str, Any]]:
+    for file, pairs in refused.items():
+        for n, at in enumerate(range(0, len(pairs), _REFUSED_PER_DOCUMENT)):
+            part = pairs[at : at + _REFUSED_PER_DOCUMENT]
+            yield {
+                "_id": f"{job_id}:r{n}:{file}",
+                "jobId": job_id,
+                "file": file,
+                "refused": Binary(np.array([r for r, _ in part], dtype="<u4").tobytes()),
+                "reasons": [why for _, why in part],
+                "createdAt": now,
+            }
+
+
+class _Inserts:
+    """Plan documents inserted in batches of at most 100 documents or _INSERT_BYTES."""
+
+    def __init__(self, coll: Collection[dict[str, Any]]) -> None:
+        self._coll = coll
+        self._batch: list[dict[str, Any]] = []
+        self._bytes = 0
+
+    def add(self, doc: dict[str, Any]) -> None:
+        self._batch.append(doc)
+        self._bytes += len(doc.get("rows", b"")) + len(doc.get("refused", b"")) + 200
+        if len(self._batch) >= 100 or self._bytes >= _INSERT_BYTES:
+            self.flush()
+
+    def flush(self) -> None:
+        if self._batch:
+            self._coll.insert_many(self._batch, ordered=False)
+        self._batch, self._bytes = [], 0
 
 
 def save(db: Database[dict[str, Any]], job_id: str, plan: Plan | dict[str, np.ndarray]) -> int:
@@ -687,39 +845,105 @@ def save(db: Database[dict[str, Any]], job_id: str, plan: Plan | dict[str, np.nd
     coll = db[PLANS]
     coll.delete_many({"jobId": job_id})
     now = utcnow()
-
-    def documents() -> Iterable[dict[str, Any]]:
-        for file, rows in plan.superseded.items():
-            for n, at in enumerate(range(0, len(rows), _ROWS_PER_DOCUMENT)):
-                chunk = rows[at : at + _ROWS_PER_DOCUMENT].astype("<u4")
-                yield {
-                    "_id": f"{job_id}:{n}:{file}",
-                    "jobId": job_id,
-                    "file": file,
-                    "rows": Binary(chunk.tobytes()),
-                    "createdAt": now,
-                }
-        for file, refused in plan.refused.items():
-            for n, at in enumerate(range(0, len(refused), _REFUSED_PER_DOCUMENT)):
-                part = refused[at : at + _REFUSED_PER_DOCUMENT]
-                yield {
-                    "_id": f"{job_id}:r{n}:{file}",
-                    "jobId": job_id,
-                    "file": file,
-                    "refused": Binary(np.array([r for r, _ in part], dtype="<u4").tobytes()),
-                    "reasons": [why for _, why in part],
-                    "createdAt": now,
-                }
-
-    batch: list[dict[str, Any]] = []
-    for doc in documents():
-        batch.append(doc)
-        if len(batch) >= 100:
-            coll.insert_many(batch, ordered=False)
-            batch = []
-    if batch:
-        coll.insert_many(batch, ordered=False)
+    inserts = _Inserts(coll)
+    for file, rows in plan.superseded.items():
+        for n, at in enumerate(range(0, len(rows), _ROWS_PER_DOCUMENT)):
+            inserts.add(_rows_document(job_id, n, file, rows[at : at + _ROWS_PER_DOCUMENT], now))
+    for doc in _refused_documents(job_id, plan.refused, now):
+        inserts.add(doc)
+    inserts.flush()
     return sum(len(r) for r in plan.superseded.values())
+
+
+def _shard_bounds(extent: dict[int, tuple[int, int]], most: int) -> np.ndarray:
+    """Cuts of the positions (file << 32 | row) into ranges that hold at most ``most``
+    logged records each (so at most ``most`` superseded ones): whole files together, and a
+    file of more records cut every ``most`` rows. ``extent``: ``_KeyLog.extent``."""
+    cuts = [0]
+    held = 0
+    for f in sorted(extent):
+        count, end = extent[f]
+        if held and held + count > most:
+            cuts.append(f << 32)
+            held = 0
+        if count > most:
+            cuts.extend((f << 32) | r for r in range(most, end, most))
+            cuts.append((f + 1) << 32)
+            held = 0
+        else:
+            held += count
+    cuts.append((max(extent, default=0) + 1) << 32)
+    return np.unique(np.array(cuts, dtype=np.int64))
+
+
+class _StoredLosers(_Losers):
+    """The superseded positions stored in ``jobplans`` without holding them all at once:
+    each bucket's go to shard files of the spill folder (ranges of positions that hold at
+    most _SHARD_ROWS of them, ``_shard_bounds``), then each shard is read alone, sorted
+    and stored file by file. Held at once: one bucket's positions, or one shard's (8 bytes
+    each), and one insert batch."""
+
+    def __init__(self, coll: Collection[dict[str, Any]], job_id: str, spill: Path | None):
+        self._coll, self._job_id, self._spill = coll, job_id, spill
+        self._dir: tempfile.TemporaryDirectory[str] | None = None
+        self._bounds = _EMPTY
+        self.count = 0  # superseded records stored
+        self.files: set[str] = set()  # the files that have any
+        #: the most positions held at once (by ``add``'s caller, a shard, a file's rows)
+        self.most_held = 0
+
+    def start(self, names: list[str], extent: dict[int, tuple[int, int]]) -> None:
+        super().start(names, extent)
+        self._bounds = _shard_bounds(extent, _SHARD_ROWS)
+        if self._spill is not None:
+            self._spill.mkdir(parents=True, exist_ok=True)
+        folder = None if self._spill is None else str(self._spill)
+        self._dir = tempfile.TemporaryDirectory(prefix="losers-", dir=folder)
+
+    def _shard(self, s: int) -> str:
+        assert self._dir is not None
+        return os.path.join(self._dir.name, f"shard-{s:06d}.bin")
+
+    def add(self, lost: np.ndarray) -> None:
+        self.most_held = max(self.most_held, len(lost))
+        if not len(lost):
+            return
+        lost = np.sort(lost)
+        cuts = np.searchsorted(lost, self._bounds)
+        for s in np.flatnonzero(np.diff(cuts)).tolist():
+            with open(self._shard(s), "ab") as out:
+                out.write(lost[cuts[s] : cuts[s + 1]].astype("<i8").tobytes())
+
+    def finish(self) -> None:
+        try:
+            now = utcnow()
+            inserts = _Inserts(self._coll)
+            for s in range(len(self._bounds) - 1):
+                path = self._shard(s)
+                if not os.path.exists(path):
+                    continue
+                every = np.fromfile(path, dtype="<i8")
+                os.remove(path)
+                self.most_held = max(self.most_held, len(every))
+                every.sort()
+                numbers = every >> 32
+                starts = np.flatnonzero(np.r_[True, numbers[1:] != numbers[:-1]])
+                ends = [*starts[1:].tolist(), len(every)]
+                for lo, hi in zip(starts.tolist(), ends, strict=True):
+                    name = self.names[int(numbers[lo])]
+                    rows = every[lo:hi] & 0xFFFFFFFF
+                    inserts.add(_rows_document(self._job_id, s, name, rows, now))
+                    self.count += hi - lo
+                    self.files.add(name)
+                del every, numbers
+            inserts.flush()
+        finally:
+            self.close()
+
+    def close(self) -> None:
+        if self._dir is not None:
+            self._dir.cleanup()
+            self._dir = None
 
 
 def plan_job(
@@ -734,22 +958,33 @@ def plan_job(
 ) -> int:
     """Find and store the records a job skips as duplicates (and those it refuses because
     the server cannot tell their key from an earlier one); how many duplicates there are.
-    ``spill``: the folder where a large plan waits (the data folder)."""
+    ``spill``: the folder where a large plan waits (the data folder). The superseded rows
+    are stored as they are found (``_StoredLosers``), replacing any plan a dead run left."""
     limits = MONGODB if collection is None else server_limits(db[collection])
-    plan = plan_lake(lake, schema, filter, filter_columns, limits, spill)
+    coll = db[PLANS]
+    coll.delete_many({"jobId": job_id})
+    losers = _StoredLosers(coll, job_id, spill)
+    try:
+        plan = _plan(lake, schema, filter, filter_columns, limits, spill, losers)
+    finally:
+        losers.close()
     pa.default_memory_pool().release_unused()  # the plan's Arrow buffers, before the copy
-    count = save(db, job_id, plan)
+    inserts = _Inserts(coll)
+    for doc in _refused_documents(job_id, plan.refused, utcnow()):
+        inserts.add(doc)
+    inserts.flush()
+    count = losers.count
     warning = plan.warning()
     if warning is not None:  # the job's log keeps it; its final message says it (finish)
         logger.warning("job %s: %s", job_id, warning)
         doc = {"_id": f"{job_id}:order", "jobId": job_id, "order": warning, "createdAt": utcnow()}
-        db[PLANS].insert_one(doc)  # (``save`` removed any a dead run left)
+        db[PLANS].insert_one(doc)  # (the plan's start removed any a dead run left)
     if count:
         logger.info(
             "job %s: %d records are replaced by a later record of the same key in %d files",
             job_id,
             count,
-            len(plan.superseded),
+            len(losers.files),
         )
     if plan.refused:
         logger.info(
