@@ -382,6 +382,32 @@ def test_a_delete_that_merges_versions_is_traced_to_the_rows_it_copied(tmp_path:
         assert _winners(lake, plan) == newest
 
 
+def test_a_traced_rewrite_is_stored_as_planned(tmp_path: Path, db: Any) -> None:
+    """A job's plan is stored file by file as its buckets are settled (boundary.plan_job,
+    its rows read back per file): for a DELETE traced row by row, the rows stored are the
+    ones the plan finds by the rewrite's order, and a copy skipping them keeps every key's
+    newest version."""
+    from types import SimpleNamespace
+
+    from lakesync import boundary, repeats
+    from lakesync.schema import RecordSchema
+
+    path = tmp_path / "updates"
+    _appended_updates(path)
+    DeltaTable(str(path)).delete("k % 97 = 0")
+    lake = Lake.open(str(path))
+    assert [d.kind for d in lake.doubts if d] == ["rebuilt"]
+    held = repeats.plan_lake(lake, RecordSchema(key="k")).superseded
+    count = boundary.plan_job(db, "job_traced", lake, RecordSchema(key="k"), spill=tmp_path)
+    assert count == sum(len(r) for r in held.values()) > 0
+    plan = boundary.load_superseded(db, "job_traced")
+    stored = {f: plan.within(f, 0, 2**32).astype(np.uint32) for f in lake.files}
+    stored = {f: rows for f, rows in stored.items() if len(rows)}
+    assert {f: r.tolist() for f, r in stored.items()} == {f: r.tolist() for f, r in held.items()}
+    newest = {k: 3 for k in range(400) if k % 97}
+    assert _winners(lake, SimpleNamespace(superseded=stored)) == newest
+
+
 def test_a_rewrite_after_a_new_column_is_traced(tmp_path: Path) -> None:
     """Files written before a column was added lack it; the DELETE writes it as null for
     their rows: those rows are still found where they came from (a missing column hashes

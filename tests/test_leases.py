@@ -422,9 +422,10 @@ def test_a_transient_error_at_each_call_of_the_job_path_fails_no_job(
     assert {f for f, _ in sites} >= {"boundary.py", "jobstore.py", "lease.py", "copy.py",
                                      "mirror.py"}, sites  # fmt: skip
     # the watermark (syncstate) and the plan (jobplans): the store boundary keeps both
+    # (plan_job removes a dead run's plan, then stores the rows as the plan finds them)
     functions = {faults.function[site] for site in sites}
     assert {f for f in functions if f.startswith("WatermarkStore.")}, functions
-    plans = {"save_plan", "order_warning", "save_listing", "load_listing", "load_superseded"}
+    plans = {"plan_job", "order_warning", "save_listing", "load_listing", "load_superseded"}
     assert functions >= plans, functions
 
 

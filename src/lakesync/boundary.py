@@ -33,7 +33,7 @@ import logging
 import math
 import threading
 import time
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
@@ -333,7 +333,17 @@ class Store:
 
     @retried("reading the plan")
     def superseded(self, job_id: str, files: list[str] | None = None) -> Superseded:
-        return load_superseded(self.jobs.db, job_id, files)
+        """The job's plan for ``files``: each file's superseded rows are read when the copy
+        reaches the file (``superseded_rows``, under the same retry policy)."""
+
+        def fetch(file: str) -> np.ndarray:
+            return self.superseded_rows(job_id, file)
+
+        return load_superseded(self.jobs.db, job_id, files, fetch)
+
+    @retried("reading the plan")
+    def superseded_rows(self, job_id: str, file: str) -> np.ndarray:
+        return load_superseded_rows(self.jobs.db, job_id, file)
 
     @retried("reading the watermark")
     def watermark(self, operation: str, source: str, column: str) -> Watermark | None:
@@ -405,51 +415,86 @@ _LISTING_NAMES_BYTES = 6 << 20
 _LISTING_SCHEMA_BYTES = 6 << 20
 
 
+#: bytes of plan documents in one insert
+_INSERT_BYTES = 1 << 20
+
+
 def ensure_plan_indexes(db: Database[dict[str, Any]]) -> None:
-    """Plans are found by job (they expire with their job: JobStore.finish)."""
+    """Plans are found by job (they expire with their job: JobStore.finish), and a copy
+    reads a file's superseded rows when it reaches the file (``load_superseded_rows``)."""
     db[PLANS].create_index("jobId")
+    db[PLANS].create_index([("jobId", 1), ("file", 1)])
 
 
-def save_plan(db: Database[dict[str, Any]], job_id: str, plan: Plan | dict[str, np.ndarray]) -> int:
-    """Store a job's plan (replacing any a dead run left half-written); the count of
-    superseded records stored."""
+def _rows_document(job_id: str, n: int, file: str, rows: np.ndarray, now: Any) -> dict[str, Any]:
+    return {
+        "_id": f"{job_id}:{n}:{file}",
+        "jobId": job_id,
+        "file": file,
+        "rows": Binary(rows.astype("<u4").tobytes()),
+        "createdAt": now,
+    }
+
+
+def _refused_documents(
+    job_id: str, refused: dict[str, list[tuple[int, str]]], now: Any
+) -> Iterator[dict[str, Any]]:
+    for file, pairs in refused.items():
+        for n, at in enumerate(range(0, len(pairs), _REFUSED_PER_DOCUMENT)):
+            part = pairs[at : at + _REFUSED_PER_DOCUMENT]
+            yield {
+                "_id": f"{job_id}:r{n}:{file}",
+                "jobId": job_id,
+                "file": file,
+                "refused": Binary(np.array([r for r, _ in part], dtype="<u4").tobytes()),
+                "reasons": [why for _, why in part],
+                "createdAt": now,
+            }
+
+
+class _Inserts:
+    """Plan documents inserted in batches of at most 100 documents or _INSERT_BYTES."""
+
+    def __init__(self, coll: Collection[dict[str, Any]]) -> None:
+        self._coll = coll
+        self._batch: list[dict[str, Any]] = []
+        self._bytes = 0
+
+    def add(self, doc: dict[str, Any]) -> None:
+        self._batch.append(doc)
+        self._bytes += len(doc.get("rows", b"")) + len(doc.get("refused", b"")) + 200
+        if len(self._batch) >= 100 or self._bytes >= _INSERT_BYTES:
+            self.flush()
+
+    def flush(self) -> None:
+        if self._batch:
+            self._coll.insert_many(self._batch, ordered=False)
+        self._batch, self._bytes = [], 0
+
+
+def save_plan(
+    db: Database[dict[str, Any]],
+    job_id: str,
+    plan: Plan | dict[str, np.ndarray],
+    replace: bool = True,
+) -> int:
+    """Store a job's plan: the superseded rows it holds and its refused rows; the count of
+    superseded records stored. ``replace``: first remove any plan a dead run left
+    half-written (``plan_job`` does that itself, before the superseded rows it stores as
+    the plan finds them)."""
     if not isinstance(plan, Plan):
         plan = Plan(plan)
     coll = db[PLANS]
-    coll.delete_many({"jobId": job_id})
+    if replace:
+        coll.delete_many({"jobId": job_id})
     now = utcnow()
-
-    def documents() -> Iterable[dict[str, Any]]:
-        for file, rows in plan.superseded.items():
-            for n, at in enumerate(range(0, len(rows), _ROWS_PER_DOCUMENT)):
-                chunk = rows[at : at + _ROWS_PER_DOCUMENT].astype("<u4")
-                yield {
-                    "_id": f"{job_id}:{n}:{file}",
-                    "jobId": job_id,
-                    "file": file,
-                    "rows": Binary(chunk.tobytes()),
-                    "createdAt": now,
-                }
-        for file, refused in plan.refused.items():
-            for n, at in enumerate(range(0, len(refused), _REFUSED_PER_DOCUMENT)):
-                part = refused[at : at + _REFUSED_PER_DOCUMENT]
-                yield {
-                    "_id": f"{job_id}:r{n}:{file}",
-                    "jobId": job_id,
-                    "file": file,
-                    "refused": Binary(np.array([r for r, _ in part], dtype="<u4").tobytes()),
-                    "reasons": [why for _, why in part],
-                    "createdAt": now,
-                }
-
-    batch: list[dict[str, Any]] = []
-    for doc in documents():
-        batch.append(doc)
-        if len(batch) >= 100:
-            coll.insert_many(batch, ordered=False)
-            batch = []
-    if batch:
-        coll.insert_many(batch, ordered=False)
+    inserts = _Inserts(coll)
+    for file, rows in plan.superseded.items():
+        for n, at in enumerate(range(0, len(rows), _ROWS_PER_DOCUMENT)):
+            inserts.add(_rows_document(job_id, n, file, rows[at : at + _ROWS_PER_DOCUMENT], now))
+    for doc in _refused_documents(job_id, plan.refused, now):
+        inserts.add(doc)
+    inserts.flush()
     return sum(len(r) for r in plan.superseded.values())
 
 
@@ -465,22 +510,36 @@ def plan_job(
 ) -> int:
     """Find and store the records a job skips as duplicates (and those it refuses because
     the server cannot tell their key from an earlier one); how many duplicates there are.
-    ``spill``: the folder where a large plan waits (the data folder)."""
+    ``spill``: the folder where a large plan waits (the data folder). Any plan a dead run
+    left is removed first; the superseded rows are then stored file by file as the plan
+    finds them (``plan_lake``'s ``store``), so a bounded part of them is held at once."""
     limits = MONGODB if collection is None else server_limits(db[collection])
-    plan = plan_lake(lake, schema, filter, filter_columns, limits, spill)
+    coll = db[PLANS]
+    coll.delete_many({"jobId": job_id})
+    inserts = _Inserts(coll)
+    now = utcnow()
+    stored: dict[str, int] = {}  # superseded records stored, by file
+
+    def store(file: str, part: int, rows: np.ndarray) -> None:
+        inserts.add(_rows_document(job_id, part, file, rows, now))
+        stored[file] = stored.get(file, 0) + len(rows)
+
+    plan = plan_lake(lake, schema, filter, filter_columns, limits, spill, store)
+    inserts.flush()
     pa.default_memory_pool().release_unused()  # the plan's Arrow buffers, before the copy
-    count = save_plan(db, job_id, plan)
+    save_plan(db, job_id, plan, replace=False)  # the refused rows (the superseded: stored)
+    count = sum(stored.values())
     warning = plan.warning()
     if warning is not None:  # the job's log keeps it; its final message says it (finish)
         logger.warning("job %s: %s", job_id, warning)
         doc = {"_id": f"{job_id}:order", "jobId": job_id, "order": warning, "createdAt": utcnow()}
-        db[PLANS].insert_one(doc)  # (``save_plan`` removed any a dead run left)
+        coll.insert_one(doc)  # (any a dead run left was removed above)
     if count:
         logger.info(
             "job %s: %d records are replaced by a later record of the same key in %d files",
             job_id,
             count,
-            len(plan.superseded),
+            len(stored),
         )
     if plan.refused:
         logger.info(
@@ -564,23 +623,44 @@ def load_listing(db: Database[dict[str, Any]], job_id: str) -> Listing | None:
 
 
 def load_superseded(
-    db: Database[dict[str, Any]], job_id: str, files: Sequence[str] | None = None
+    db: Database[dict[str, Any]],
+    job_id: str,
+    files: Sequence[str] | None = None,
+    fetch: Callable[[str], np.ndarray] | None = None,
 ) -> Superseded:
-    """The job's plan for ``files`` (all of the job's files when None)."""
+    """The job's plan for ``files`` (all of the job's files when None): the refused rows,
+    and the names of the files with superseded rows, whose rows ``fetch`` reads when the
+    copy reaches them (``load_superseded_rows`` when None)."""
     query: dict[str, Any] = {"jobId": job_id, "file": {"$exists": True}}  # not the listing
     if files is not None:
         query["file"] = {"$in": list(files)}
-    parts: dict[str, list[np.ndarray]] = {}
+    holding: set[str] = set()
     refused: dict[str, list[tuple[int, str]]] = {}
-    for doc in db[PLANS].find(query, sort=[("_id", 1)]):
+    for doc in db[PLANS].find(query, {"rows": 0}, sort=[("_id", 1)]):
         file = str(doc["file"])
         if "refused" in doc:
             rows = np.frombuffer(bytes(doc["refused"]), dtype="<u4").tolist()
             refused.setdefault(file, []).extend(zip(rows, doc["reasons"], strict=True))
         else:
-            parts.setdefault(file, []).append(np.frombuffer(bytes(doc["rows"]), "<u4"))
-    rows_of = {f: np.sort(np.concatenate(p)) for f, p in parts.items()}
-    return Superseded(rows_of, {f: sorted(r) for f, r in refused.items()})
+            holding.add(file)
+    if fetch is None:
+
+        def fetch(file: str) -> np.ndarray:
+            return load_superseded_rows(db, job_id, file)
+
+    refusals = {f: sorted(r) for f, r in refused.items()}
+    return Superseded(refused=refusals, fetch=fetch, holding=holding)
+
+
+def load_superseded_rows(db: Database[dict[str, Any]], job_id: str, file: str) -> np.ndarray:
+    """The superseded rows of one file of a job's plan, sorted (uint32)."""
+    parts = [
+        np.frombuffer(bytes(doc["rows"]), "<u4")
+        for doc in db[PLANS].find({"jobId": job_id, "file": file, "rows": {"$exists": True}})
+    ]
+    if not parts:
+        return np.empty(0, dtype=np.uint32)
+    return np.sort(np.concatenate(parts))
 
 
 # -- syncstate: how far each operation has read each source ---------------------------

@@ -54,7 +54,8 @@ import logging
 import math
 import os
 import tempfile
-from collections.abc import Iterator, Mapping, Sequence
+import threading
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from decimal import Decimal
 from pathlib import Path
@@ -81,6 +82,10 @@ logger = logging.getLogger(__name__)
 _PLAN_BATCH = 50_000  # keys only
 _EXACT_BATCH = 5_000  # whole records, validated and encoded as the copy does
 _EMPTY = np.empty(0, dtype=np.int64)
+#: superseded positions in one shard of a stored plan (8 bytes each while it is stored)
+_SHARD_ROWS = 1 << 18
+#: files whose superseded rows a copy holds at once (``Superseded``)
+_FILES_HELD = 4
 #: bytes of keys a plan holds in memory; past it they wait in the data folder (_KeyLog)
 _PLAN_MEMORY = 4 << 20
 _BUCKET_BITS = 8
@@ -138,6 +143,7 @@ def plan_lake(
     filter_columns: Sequence[str] = (),
     limits: ServerLimits = MONGODB,
     spill: Path | None = None,
+    store: RowsSink | None = None,
 ) -> Plan:
     """The plan of a lake (``Plan``). Rows count as ``Lake.batches`` counts them (after
     ``filter``, whose columns ``filter_columns`` names). Invalid records replace nothing:
@@ -148,7 +154,33 @@ def plan_lake(
     that hold a key that repeats (or that the server may not tell from another) at all
     (most lakes: none, and nothing else is read); then the whole records of just those
     files, validated as the copy validates them, so that the last *valid* record wins.
+
+    The superseded rows are all held (``Plan.superseded``), unless ``store`` is given:
+    then they are handed to it file by file as the buckets of keys are settled, a bounded
+    part of them held at once (``_SpilledLosers``), and the plan returned holds none. The
+    store boundary (``boundary.plan_job``) stores them so in the job's plan.
     """
+    losers: _Losers = _HeldLosers() if store is None else _SpilledLosers(store, spill)
+    try:
+        plan = _plan(lake, schema, filter, filter_columns, limits, spill, losers)
+    finally:
+        losers.close()
+    if isinstance(losers, _HeldLosers):
+        plan.superseded = losers.superseded
+    return plan
+
+
+def _plan(
+    lake: Lake,
+    schema: RecordSchema,
+    filter: pc.Expression | None,
+    filter_columns: Sequence[str],
+    limits: ServerLimits,
+    spill: Path | None,
+    losers: _Losers,
+) -> Plan:
+    """``plan_lake``'s work: the superseded positions go to ``losers`` as each bucket of
+    keys is settled; the plan returned holds the rest (refusals, keys in doubt)."""
     keys_only = RecordSchema(
         key=schema.key, fields=[r for r in schema.fields if r.name in schema.key_columns]
     )
@@ -172,13 +204,14 @@ def plan_lake(
     with _KeyLog(spill, ordered=order is not None) as log:
         files = _log_keys(log, part, schema, filter, None, limits, exact=True, order=order)
         names = list(files)
+        losers.start(names, log.extent)
         doubts = {n: doubt_of[f] for f, n in files.items() if f in doubt_of}
-        losers: list[np.ndarray] = []
         refused: dict[str, list[tuple[int, str]]] = {}
         doubted, example = 0, None
         for bucket in log.buckets():
             lost, conflicts = _settle(bucket, limits)
-            losers.append(lost)
+            losers.add(lost)
+            del lost
             for at, reason in conflicts:
                 refused.setdefault(names[at >> 32], []).append((at & 0xFFFFFFFF, reason))
             if doubts:
@@ -187,9 +220,130 @@ def plan_lake(
                 if example is None and first is not None:
                     at, key = first
                     example = (_shown(key), names[at >> 32], doubts[at >> 32].why)
-    return Plan(
-        _by_file(losers, names), {f: sorted(r) for f, r in refused.items()}, doubted, example
-    )
+        losers.finish()
+    return Plan({}, {f: sorted(r) for f, r in refused.items()}, doubted, example)
+
+
+class _Losers:
+    """Where ``_plan`` puts the superseded positions (file number << 32 | row) of each
+    bucket of keys as it settles it: ``start`` with the files' names (by number) and how
+    far each file's logged rows reach (``_KeyLog.extent``), then ``add`` per bucket, then
+    ``finish``."""
+
+    def start(self, names: list[str], extent: dict[int, tuple[int, int]]) -> None:
+        self.names = names
+
+    def add(self, lost: np.ndarray) -> None:
+        raise NotImplementedError
+
+    def finish(self) -> None:
+        """Every bucket was added."""
+
+    def close(self) -> None:
+        """The plan is over (finished or not): what it left is removed."""
+
+
+class _HeldLosers(_Losers):
+    """All in memory (``plan_lake``): ``superseded`` once finished."""
+
+    def __init__(self) -> None:
+        self._parts: list[np.ndarray] = []
+        self.superseded: dict[str, np.ndarray] = {}
+
+    def add(self, lost: np.ndarray) -> None:
+        self._parts.append(lost)
+
+    def finish(self) -> None:
+        self.superseded = _by_file(self._parts, self.names)
+
+
+#: where ``plan_lake`` hands the superseded rows it does not hold: a file's name, the
+#: number of this part of the file's rows (a file's parts are numbered apart) and the rows,
+#: sorted (uint32); the parts of one file are ranges of rows that do not overlap
+RowsSink = Callable[[str, int, np.ndarray], None]
+
+
+def _shard_bounds(extent: dict[int, tuple[int, int]], most: int) -> np.ndarray:
+    """Cuts of the positions (file << 32 | row) into ranges that hold at most ``most``
+    logged records each (so at most ``most`` superseded ones): whole files together, and a
+    file of more records cut every ``most`` rows. ``extent``: ``_KeyLog.extent``."""
+    cuts = [0]
+    held = 0
+    for f in sorted(extent):
+        count, end = extent[f]
+        if held and held + count > most:
+            cuts.append(f << 32)
+            held = 0
+        if count > most:
+            cuts.extend((f << 32) | r for r in range(most, end, most))
+            cuts.append((f + 1) << 32)
+            held = 0
+        else:
+            held += count
+    cuts.append((max(extent, default=0) + 1) << 32)
+    return np.unique(np.array(cuts, dtype=np.int64))
+
+
+class _SpilledLosers(_Losers):
+    """The superseded positions handed to ``store`` (``RowsSink``) without holding them all
+    at once: each bucket's go to shard files of the spill folder (ranges of positions that
+    hold at most _SHARD_ROWS of them, ``_shard_bounds``), then each shard is read alone,
+    sorted and handed on file by file (the shard's number numbers the part). Held at once:
+    one bucket's positions, or one shard's (8 bytes each)."""
+
+    def __init__(self, store: RowsSink, spill: Path | None) -> None:
+        self._store, self._spill = store, spill
+        self._dir: tempfile.TemporaryDirectory[str] | None = None
+        self._bounds = _EMPTY
+        #: the most positions held at once (by ``add``'s caller, or a shard)
+        self.most_held = 0
+
+    def start(self, names: list[str], extent: dict[int, tuple[int, int]]) -> None:
+        super().start(names, extent)
+        self._bounds = _shard_bounds(extent, _SHARD_ROWS)
+        if self._spill is not None:
+            self._spill.mkdir(parents=True, exist_ok=True)
+        folder = None if self._spill is None else str(self._spill)
+        self._dir = tempfile.TemporaryDirectory(prefix="losers-", dir=folder)
+
+    def _shard(self, s: int) -> str:
+        assert self._dir is not None
+        return os.path.join(self._dir.name, f"shard-{s:06d}.bin")
+
+    def add(self, lost: np.ndarray) -> None:
+        self.most_held = max(self.most_held, len(lost))
+        if not len(lost):
+            return
+        lost = np.sort(lost)
+        cuts = np.searchsorted(lost, self._bounds)
+        for s in np.flatnonzero(np.diff(cuts)).tolist():
+            with open(self._shard(s), "ab") as out:
+                out.write(lost[cuts[s] : cuts[s + 1]].astype("<i8").tobytes())
+
+    def finish(self) -> None:
+        try:
+            for s in range(len(self._bounds) - 1):
+                path = self._shard(s)
+                if not os.path.exists(path):
+                    continue
+                every = np.fromfile(path, dtype="<i8")
+                os.remove(path)
+                self.most_held = max(self.most_held, len(every))
+                every.sort()
+                numbers = every >> 32
+                starts = np.flatnonzero(np.r_[True, numbers[1:] != numbers[:-1]])
+                ends = [*starts[1:].tolist(), len(every)]
+                for lo, hi in zip(starts.tolist(), ends, strict=True):
+                    rows = (every[lo:hi] & 0xFFFFFFFF).astype(np.uint32)
+                    self._store(self.names[int(numbers[lo])], s, rows)
+                del every, numbers
+        finally:
+            self.close()
+
+    def close(self) -> None:
+        if self._dir is not None:
+            self._dir.cleanup()
+            self._dir = None
 
 
 def _by_file(losers: list[np.ndarray], names: list[str]) -> dict[str, np.ndarray]:
@@ -409,6 +563,8 @@ class _KeyLog:
         self._bytes = 0
         self._dir: tempfile.TemporaryDirectory[str] | None = None
         self._runs: list[str] = []
+        #: file number -> (records logged, last row logged + 1): a few bytes per file
+        self.extent: dict[int, tuple[int, int]] = {}
 
     def __enter__(self) -> _KeyLog:
         return self
@@ -419,6 +575,13 @@ class _KeyLog:
             self._dir.cleanup()
 
     def add(self, h: np.ndarray, k: pa.Array, p: np.ndarray, o: np.ndarray | None = None) -> None:
+        if len(p):
+            files, at, counts = np.unique(p >> 32, return_inverse=True, return_counts=True)
+            ends = np.zeros(len(files), dtype=np.int64)
+            np.maximum.at(ends, at, (p & 0xFFFFFFFF) + 1)
+            for f, n, end in zip(files.tolist(), counts.tolist(), ends.tolist(), strict=True):
+                was = self.extent.get(f, (0, 0))
+                self.extent[f] = (was[0] + n, max(was[1], end))
         columns = [pa.array(h), k, pa.array(p), *([] if o is None else [pa.array(o)])]
         batch = pa.RecordBatch.from_arrays(columns, schema=self._schema)
         self._held.append(batch)
@@ -587,27 +750,51 @@ def _confused(limits: ServerLimits, later: bytes, earlier: bytes) -> str:
 
 class Superseded:
     """The plan of some files of a job, looked up batch by batch: the rows a later record of
-    the same key replaces (4 bytes each), and the rows refused with their reason."""
+    the same key replaces (4 bytes each), and the rows refused with their reason.
+
+    Given as ``rows`` (all held), or as ``fetch`` (a function of a file's name: its sorted
+    rows) with the names of the files ``holding`` any: then a file's rows are read when the
+    copy first asks for them, and only the last _FILES_HELD files' are held (as the store
+    boundary loads a job's plan: ``boundary.load_superseded``), so what the copy holds of
+    the plan does not grow with the lake."""
 
     def __init__(
         self,
         rows: dict[str, np.ndarray] | None = None,
         refused: dict[str, list[tuple[int, str]]] | None = None,
+        *,
+        fetch: Callable[[str], np.ndarray] | None = None,
+        holding: Iterable[str] = (),
     ) -> None:
         self._rows = {f: np.asarray(r, dtype=np.uint32) for f, r in (rows or {}).items()}
         self._refused: dict[str, tuple[np.ndarray, list[str]]] = {}
         for file, pairs in (refused or {}).items():
             pairs = sorted(pairs)
             self._refused[file] = (np.array([r for r, _ in pairs], np.int64), [w for _, w in pairs])
+        self._fetch = fetch
+        self._holding = frozenset(holding)
+        self._lock = threading.Lock()  # the copy's reader thread and its writer may both ask
+
+    def _of(self, file: str) -> np.ndarray | None:
+        if self._fetch is None or file not in self._holding:
+            return self._rows.get(file)
+        with self._lock:
+            rows = self._rows.get(file)
+            if rows is None:
+                rows = np.asarray(self._fetch(file), dtype=np.uint32)
+                while len(self._rows) >= _FILES_HELD:  # the oldest first
+                    del self._rows[next(iter(self._rows))]
+                self._rows[file] = rows
+            return rows
 
     @property
-    def count(self) -> int:
-        """How many records are superseded."""
-        return sum(len(r) for r in self._rows.values())
+    def held(self) -> int:
+        """How many superseded rows are held in memory now."""
+        return sum(len(r) for r in list(self._rows.values()))
 
     def within(self, file: str, start: int, stop: int) -> np.ndarray:
         """The superseded rows of ``file`` in ``[start, stop)``, relative to ``start``."""
-        rows = self._rows.get(file)
+        rows = self._of(file)
         if rows is None:
             return _EMPTY
         lo, hi = np.searchsorted(rows, [start, stop])

@@ -88,6 +88,20 @@ class Position:
 #: a column's (min, max, null count) over a whole file, from its Parquet footer; min and
 #: max are None when every value is null
 ColumnStats = tuple[pa.Scalar | None, pa.Scalar | None, int]
+#: how ``FileFacts`` keeps them: the footer's raw min and max (Python values) and the null
+#: count, with their Arrow type (one object per type): ~0.6 KB per file of three columns,
+#: where scalars took ~1.3 KB (``column_stats``)
+RawStats = tuple[Any, Any, int, pa.DataType]
+
+
+def as_column_stats(raw: RawStats) -> ColumnStats:
+    """``RawStats`` as Arrow scalars."""
+    low, high, nulls, kind = raw
+    return (
+        None if low is None else pa.scalar(low, kind),
+        None if high is None else pa.scalar(high, kind),
+        nulls,
+    )
 
 
 @dataclass(frozen=True, slots=True)
@@ -104,7 +118,7 @@ class FileFacts:
     size: int | None = None
     rows: int | None = None
     expr: pc.Expression | None = None
-    stats: dict[str, ColumnStats] | None = None
+    stats: dict[str, RawStats] | None = None
     decoded: int | None = None  # Parquet: bytes of its row groups decoded (the footer's sum)
     #: rows the reader must not read, and why (a JSON record nested too deep: jsondepth.py)
     refused: dict[int, str] | None = None

@@ -6,6 +6,7 @@ A lake of plain files is read in path order (files sorted by path, rows in file 
 
 from __future__ import annotations
 
+import functools
 import os
 import re
 import threading
@@ -96,6 +97,14 @@ def partition(rel: str) -> list[tuple[str, str | None]]:
 
 
 def hive_expression(keys: list[tuple[str, str | None]]) -> pc.Expression | None:
+    """The partition expression of a file with these hive ``keys``: one object for the
+    files of one folder (each expression costs ~0.9 KB; a lake of many files has few
+    folders)."""
+    return _hive_expression(tuple(keys))
+
+
+@functools.lru_cache(maxsize=4096)
+def _hive_expression(keys: tuple[tuple[str, str | None], ...]) -> pc.Expression | None:
     expr = None
     for key, value in keys:
         term = pc.field(key).is_null() if value is None else pc.field(key) == value

@@ -50,6 +50,7 @@ from lakesync.sources.base import (
     OrderDoubt,
     OrderKey,
     Position,
+    as_column_stats,
     hold,
     let_go,
 )
@@ -710,7 +711,9 @@ class Lake:
         if facts.stats is None or self._mapped or self._live[index] is not None:
             return None  # (Iceberg files keep no statistics here: FileFacts.stats is None)
         found = facts.stats.get(column)
-        return None if found is None or facts.rows is None else (found, facts.rows)
+        if found is None or facts.rows is None:
+            return None
+        return as_column_stats(found), facts.rows
 
     @property
     def opened(self) -> int:

@@ -7,6 +7,7 @@ scanner's own results are the reference each shortcut is held to (see ``_View``)
 
 from __future__ import annotations
 
+import sys
 from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
@@ -17,7 +18,7 @@ import pyarrow.dataset as ds
 import pyarrow.parquet as pq
 
 from lakesync.locations import Location
-from lakesync.sources.base import ColumnStats, FileFacts, with_partition_columns
+from lakesync.sources.base import FileFacts, RawStats, with_partition_columns
 
 #: Local Parquet files are read column chunk by column chunk. Pre-buffering (Arrow's default,
 #: kept for S3, where fewer larger requests matter) caches every range read until the file
@@ -289,11 +290,11 @@ def _conformed(
     return pa.RecordBatch.from_arrays(arrays, schema=target)
 
 
-def column_stats(meta: Any, schema: pa.Schema) -> dict[str, ColumnStats]:
+def column_stats(meta: Any, schema: pa.Schema) -> dict[str, RawStats]:
     """Min, max and null count over a file's row groups of its top-level integer, date and
     timestamp columns, from the footer; a column some row group has no statistics for is
     left out (it must be read to be known)."""
-    out: dict[str, ColumnStats] = {}
+    out: dict[str, RawStats] = {}
     wanted = {f.name for f in schema if _stats_kind(f.type)}
     groups = [meta.row_group(g) for g in range(meta.num_row_groups)] if wanted else []
     if not groups:
@@ -319,15 +320,13 @@ def column_stats(meta: Any, schema: pa.Schema) -> dict[str, ColumnStats]:
             elif st.null_count != group.num_rows:
                 break
         else:
-            out[name] = (
-                None if low is None else pa.scalar(low, scalar_type),
-                None if high is None else pa.scalar(high, scalar_type),
-                nulls,
-            )
+            # raw values, the name and type shared between files (``RawStats``)
+            out[sys.intern(name)] = (low, high, nulls, scalar_type)
     return out
 
 
 _UNITS = {"MILLIS": "ms", "MICROS": "us", "NANOS": "ns"}
+_TIMESTAMPS = {u: pa.timestamp(u) for u in _UNITS.values()}  # one object each: RawStats
 
 
 def _stats_kind(t: pa.DataType) -> bool:
@@ -345,7 +344,7 @@ def _stats_type(st: Any, arrow_type: pa.DataType) -> pa.DataType | None:
     if kind == "TIMESTAMP" and pa.types.is_timestamp(arrow_type):
         text = str(logical)  # e.g. Timestamp(isAdjustedToUTC=true, timeUnit=microseconds, ...)
         unit = next((u for k, u in _UNITS.items() if k.lower() in text.lower()), None)
-        return None if unit is None else pa.timestamp(unit)
+        return None if unit is None else _TIMESTAMPS[unit]
     if kind == "DATE" and pa.types.is_date(arrow_type):
         return pa.date32()
     if kind in ("INT", "NONE") and pa.types.is_signed_integer(arrow_type):

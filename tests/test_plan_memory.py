@@ -1,0 +1,106 @@
+"""The plan of repeated keys holds a bounded part of the superseded positions at once
+(issue #27): it stores them as it finds them, and a copy reads a file's rows when it reaches
+the file. Measured with tracemalloc (numpy's arrays are traced), not with time."""
+
+from __future__ import annotations
+
+import tracemalloc
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from lakesync import boundary, repeats
+from lakesync.lake import Lake
+from lakesync.schema import RecordSchema
+
+FILES = 60
+ROWS = 5_000  # per file: 300,000 records, ~27% of them superseded (80,289)
+
+
+def _lake(folder: Path) -> Path:
+    """FILES files whose records take, 40% of them, the key of a random record of the next
+    file (the last file's: of the first), as bench/scale.py's lake of repeats."""
+    rng = np.random.default_rng(3)
+    folder.mkdir()
+    keys = [np.array([f"K{f * ROWS + i:07d}" for i in range(ROWS)]) for f in range(FILES)]
+    for f in range(FILES):
+        mine = keys[f].copy()
+        pick = np.flatnonzero(rng.random(ROWS) < 0.4)
+        mine[pick] = keys[(f + 1) % FILES][rng.integers(0, ROWS, len(pick))]
+        table = pa.table({"k": pa.array(mine.tolist(), pa.string()), "v": np.arange(ROWS)})
+        pq.write_table(table, folder / f"part-{f:03d}.parquet")
+    return folder
+
+
+@pytest.fixture
+def small_budgets(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Budgets small enough that the keys spill and the positions would dominate the heap:
+    keys logged 64 KB at a time, batches of a few thousand records."""
+    monkeypatch.setattr(repeats, "_PLAN_MEMORY", 64 << 10)
+    monkeypatch.setattr(repeats, "_PLAN_BATCH", 5_000)
+    monkeypatch.setattr(repeats, "_EXACT_BATCH", 2_000)
+    monkeypatch.setattr(repeats, "_SHARD_ROWS", 8_192)
+    monkeypatch.setattr(boundary, "_INSERT_BYTES", 64 << 10)
+
+
+def test_the_plan_stores_superseded_positions_without_holding_them_all(
+    db: Any, tmp_path: Path, small_budgets: None, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """80,289 superseded records: all of them at once would be 321 KB in their final
+    form (4 bytes each) and 963 KB while assembled (12 bytes each: the plan of session 8,
+    which peaked 1,301 KB here). Stored as they are found, from the end of the plan's last
+    pass over the lake its traced heap may not grow by the final form's size; the rows
+    stored are exactly ``plan_lake``'s, and a copy that reads them file by file holds a
+    few files' rows at once."""
+    lake = _lake(tmp_path / "lake")
+    schema = RecordSchema(key="k")
+    expected = repeats.plan_lake(Lake.open(str(lake)), schema).superseded
+    superseded = sum(len(r) for r in expected.values())
+    assert superseded > 75_000 and len(expected) == FILES
+
+    opened = Lake.open(str(lake))
+    log_keys = repeats._log_keys
+    logged: list[int] = []
+
+    def log_and_mark(*args: Any, **kwargs: Any) -> dict[str, int]:
+        """A pass's logging of keys (its batches: Python objects by the thousand), left
+        out: from its end, what the plan holds is its buckets and its positions."""
+        files = log_keys(*args, **kwargs)
+        logged.append(tracemalloc.get_traced_memory()[0])
+        tracemalloc.reset_peak()
+        return files
+
+    monkeypatch.setattr(repeats, "_log_keys", log_and_mark)
+    tracemalloc.start()
+    try:
+        count = boundary.plan_job(db, "job_m", opened, schema, spill=tmp_path / "spill")
+        peak = tracemalloc.get_traced_memory()[1] - logged[-1]
+        # measured 189 KB with these budgets; the plan of session 8: 1,301 KB
+        assert peak < superseded * 4, f"the plan's heap peaked {peak:,} bytes past its logging"
+        assert count == superseded
+
+        before = tracemalloc.get_traced_memory()[0]
+        plan = boundary.load_superseded(db, "job_m")
+        loaded = tracemalloc.get_traced_memory()[0] - before
+        # the copy's view of the plan: the files' names (measured 11 KB), then a few
+        # files' rows at once (6,332 rows, 43 KB once every file was read)
+        assert loaded < 64_000, f"{loaded:,} bytes held after loading the plan"
+        found: dict[str, np.ndarray] = {}
+        most = 0
+        for file in opened.files:
+            rows = plan.within(file, 0, 2**32)
+            if len(rows):
+                found[file] = rows
+            most = max(most, plan.held)
+        kept = tracemalloc.get_traced_memory()[0] - before - sum(r.nbytes for r in found.values())
+    finally:
+        tracemalloc.stop()
+    assert most <= 4 * ROWS
+    assert kept < 128_000, f"{kept:,} bytes held after reading every file's rows"
+    assert found.keys() == expected.keys()
+    for file, rows in expected.items():
+        assert found[file].tolist() == rows.tolist(), file
