@@ -312,16 +312,17 @@ class Store:
     @retried("reading the plan")
     def superseded(self, job_id: str, files: list[str] | None = None) -> repeats.Superseded:
         """The job's plan for ``files``: each file's superseded rows are read when the copy
-        reaches the file (``superseded_rows``, under the same retry policy)."""
+        reaches the file, a window of files at a time (``superseded_rows``, under the same
+        retry policy)."""
 
-        def fetch(file: str) -> np.ndarray:
-            return self.superseded_rows(job_id, file)
+        def fetch(files: list[str]) -> dict[str, np.ndarray]:
+            return self.superseded_rows(job_id, files)
 
         return repeats.Superseded.load(self.jobs.db, job_id, files, fetch)
 
     @retried("reading the plan")
-    def superseded_rows(self, job_id: str, file: str) -> np.ndarray:
-        return repeats.rows_of(self.jobs.db, job_id, file)
+    def superseded_rows(self, job_id: str, files: list[str]) -> dict[str, np.ndarray]:
+        return repeats.rows_of(self.jobs.db, job_id, files)
 
     @retried("reading the watermark")
     def watermark(self, operation: str, source: str, column: str) -> Watermark | None:

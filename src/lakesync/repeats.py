@@ -48,7 +48,7 @@ import math
 import os
 import tempfile
 import threading
-from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from decimal import Decimal
 from pathlib import Path
@@ -85,8 +85,10 @@ _EMPTY = np.empty(0, dtype=np.int64)
 #: superseded positions in one shard of a stored plan (8 bytes each while it is stored)
 _SHARD_ROWS = 1 << 18
 _INSERT_BYTES = 1 << 20  # of plan documents in one insert
-#: files whose superseded rows a copy holds at once (``Superseded``)
-_FILES_HELD = 4
+#: superseded rows a copy reads ahead in one query, from the file it reaches on (and at
+#: most _FETCH_FILES files): a lake of small files costs a query per window, not per file
+_FETCH_ROWS = 1 << 16
+_FETCH_FILES = 64
 #: bytes of keys a plan holds in memory; past it they wait in the data folder (_KeyLog)
 _PLAN_MEMORY = 4 << 20
 _BUCKET_BITS = 8
@@ -687,9 +689,11 @@ class Superseded:
     """The plan of some files of a job, looked up batch by batch: the rows a later record of
     the same key replaces (4 bytes each), and the rows refused with their reason.
 
-    Given as ``rows`` (all held), or as ``fetch`` (a function of a file's name: its sorted
-    rows) with the names of the files ``holding`` any: then a file's rows are read when the
-    copy first asks for them, and only the last _FILES_HELD files' are held (``load``), so
+    Given as ``rows`` (all held), or as ``fetch`` (a function of some files' names: their
+    sorted rows) with the files ``holding`` any, in lake order (the plan's documents come
+    sorted so), each with its count of rows when known: then a file's rows are read when
+    the copy first asks for them, with those of the files after it up to _FETCH_ROWS rows
+    (and _FETCH_FILES files) in the same query, and only that window is held (``load``), so
     what the copy holds of the plan does not grow with the lake."""
 
     def __init__(
@@ -697,8 +701,8 @@ class Superseded:
         rows: dict[str, np.ndarray] | None = None,
         refused: dict[str, list[tuple[int, str]]] | None = None,
         *,
-        fetch: Callable[[str], np.ndarray] | None = None,
-        holding: Iterable[str] = (),
+        fetch: Callable[[list[str]], dict[str, np.ndarray]] | None = None,
+        holding: Mapping[str, int | None] | None = None,
     ) -> None:
         self._rows = {f: np.asarray(r, dtype=np.uint32) for f, r in (rows or {}).items()}
         self._refused: dict[str, tuple[np.ndarray, list[str]]] = {}
@@ -706,19 +710,28 @@ class Superseded:
             pairs = sorted(pairs)
             self._refused[file] = (np.array([r for r, _ in pairs], np.int64), [w for _, w in pairs])
         self._fetch = fetch
-        self._holding = frozenset(holding)
+        self._order = list(holding or {})
+        self._place = {f: i for i, f in enumerate(self._order)}
+        self._counts = [(holding or {})[f] for f in self._order]
         self._lock = threading.Lock()  # the copy's reader thread and its writer may both ask
 
     def _of(self, file: str) -> np.ndarray | None:
-        if self._fetch is None or file not in self._holding:
+        at = self._place.get(file) if self._fetch is not None else None
+        if at is None:
             return self._rows.get(file)
         with self._lock:
             rows = self._rows.get(file)
             if rows is None:
-                rows = np.asarray(self._fetch(file), dtype=np.uint32)
-                while len(self._rows) >= _FILES_HELD:  # the oldest first
-                    del self._rows[next(iter(self._rows))]
-                self._rows[file] = rows
+                window, total = [file], self._counts[at] or 0
+                for name, n in zip(self._order[at + 1 :], self._counts[at + 1 :], strict=False):
+                    if n is None or total + n > _FETCH_ROWS or len(window) >= _FETCH_FILES:
+                        break
+                    window.append(name)
+                    total += n
+                assert self._fetch is not None
+                found = self._fetch(window)
+                self._rows = {f: np.asarray(found.get(f, _EMPTY), np.uint32) for f in window}
+                rows = self._rows[file]
             return rows
 
     @property
@@ -748,7 +761,7 @@ class Superseded:
         db: Database[dict[str, Any]],
         job_id: str,
         files: Sequence[str] | None = None,
-        fetch: Callable[[str], np.ndarray] | None = None,
+        fetch: Callable[[list[str]], dict[str, np.ndarray]] | None = None,
     ) -> Superseded:
         """The job's plan for ``files`` (all of the job's files when None): the refused rows,
         and the names of the files with superseded rows, whose rows ``fetch`` reads when the
@@ -756,32 +769,33 @@ class Superseded:
         query: dict[str, Any] = {"jobId": job_id, "file": {"$exists": True}}  # not the listing
         if files is not None:
             query["file"] = {"$in": list(files)}
-        holding: set[str] = set()
+        holding: dict[str, int | None] = {}
         refused: dict[str, list[tuple[int, str]]] = {}
         for doc in db[PLANS].find(query, {"rows": 0}, sort=[("_id", 1)]):
             file = str(doc["file"])
             if "refused" in doc:
                 rows = np.frombuffer(bytes(doc["refused"]), dtype="<u4").tolist()
                 refused.setdefault(file, []).extend(zip(rows, doc["reasons"], strict=True))
-            else:
-                holding.add(file)
+            else:  # (a plan stored before session 9 has no count: its files come alone)
+                n = doc.get("n")
+                was = holding.get(file, 0)
+                holding[file] = None if n is None or was is None else was + int(n)
         if fetch is None:
 
-            def fetch(file: str) -> np.ndarray:
-                return rows_of(db, job_id, file)
+            def fetch(files: list[str]) -> dict[str, np.ndarray]:
+                return rows_of(db, job_id, files)
 
         return cls(refused={f: sorted(r) for f, r in refused.items()}, fetch=fetch, holding=holding)
 
 
-def rows_of(db: Database[dict[str, Any]], job_id: str, file: str) -> np.ndarray:
-    """The superseded rows of one file of a job's plan, sorted (uint32)."""
-    parts = [
-        np.frombuffer(bytes(doc["rows"]), "<u4")
-        for doc in db[PLANS].find({"jobId": job_id, "file": file, "rows": {"$exists": True}})
-    ]
-    if not parts:
-        return np.empty(0, dtype=np.uint32)
-    return np.sort(np.concatenate(parts))
+def rows_of(db: Database[dict[str, Any]], job_id: str, files: list[str]) -> dict[str, np.ndarray]:
+    """The superseded rows of some files of a job's plan, sorted (uint32), by file name (a
+    file without any is left out)."""
+    query = {"jobId": job_id, "file": {"$in": files}, "rows": {"$exists": True}}
+    parts: dict[str, list[np.ndarray]] = {}
+    for doc in db[PLANS].find(query):
+        parts.setdefault(str(doc["file"]), []).append(np.frombuffer(bytes(doc["rows"]), "<u4"))
+    return {f: np.sort(np.concatenate(p)) for f, p in parts.items()}
 
 
 def ensure_indexes(db: Database[dict[str, Any]]) -> None:
@@ -792,11 +806,14 @@ def ensure_indexes(db: Database[dict[str, Any]]) -> None:
 
 
 def _rows_document(job_id: str, n: int, file: str, rows: np.ndarray, now: Any) -> dict[str, Any]:
+    """Rows of a file, the ``n``-th part of the plan (zero-padded: the documents sort in
+    lake order, as ``Superseded.load`` reads them), and how many."""
     return {
-        "_id": f"{job_id}:{n}:{file}",
+        "_id": f"{job_id}:{n:06d}:{file}",
         "jobId": job_id,
         "file": file,
         "rows": Binary(rows.astype("<u4").tobytes()),
+        "n": len(rows),
         "createdAt": now,
     }
 
