@@ -45,6 +45,7 @@ def small_budgets(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(repeats, "_EXACT_BATCH", 2_000)
     monkeypatch.setattr(repeats, "_SHARD_ROWS", 8_192)
     monkeypatch.setattr(boundary, "_INSERT_BYTES", 64 << 10)
+    monkeypatch.setattr(repeats, "_FETCH_ROWS", 4_096)
 
 
 def test_the_plan_stores_superseded_positions_without_holding_them_all(
@@ -84,10 +85,16 @@ def test_the_plan_stores_superseded_positions_without_holding_them_all(
         assert count == superseded
 
         before = tracemalloc.get_traced_memory()[0]
-        plan = boundary.load_superseded(db, "job_m")
+        windows: list[list[str]] = []
+
+        def fetch(files: list[str]) -> dict[str, np.ndarray]:
+            windows.append(files)
+            return boundary.load_superseded_rows(db, "job_m", files)
+
+        plan = boundary.load_superseded(db, "job_m", fetch=fetch)
         loaded = tracemalloc.get_traced_memory()[0] - before
-        # the copy's view of the plan: the files' names (measured 11 KB), then a few
-        # files' rows at once (6,332 rows, 43 KB once every file was read)
+        # the copy's view of the plan: the files' names (measured 11 KB), then a window of
+        # files' rows at once, read in one query (4,096 rows at most here, or one file's)
         assert loaded < 64_000, f"{loaded:,} bytes held after loading the plan"
         found: dict[str, np.ndarray] = {}
         most = 0
@@ -99,7 +106,9 @@ def test_the_plan_stores_superseded_positions_without_holding_them_all(
         kept = tracemalloc.get_traced_memory()[0] - before - sum(r.nbytes for r in found.values())
     finally:
         tracemalloc.stop()
-    assert most <= 4 * ROWS
+    assert most <= 4_096 + ROWS
+    assert len(windows) < FILES // 2, f"{len(windows)} queries for {FILES} files"
+    assert sorted(f for w in windows for f in w) == sorted(opened.files)  # each read once
     assert kept < 128_000, f"{kept:,} bytes held after reading every file's rows"
     assert found.keys() == expected.keys()
     for file, rows in expected.items():

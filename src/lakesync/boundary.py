@@ -334,16 +334,17 @@ class Store:
     @retried("reading the plan")
     def superseded(self, job_id: str, files: list[str] | None = None) -> Superseded:
         """The job's plan for ``files``: each file's superseded rows are read when the copy
-        reaches the file (``superseded_rows``, under the same retry policy)."""
+        reaches the file, a window of files at a time (``superseded_rows``, under the same
+        retry policy)."""
 
-        def fetch(file: str) -> np.ndarray:
-            return self.superseded_rows(job_id, file)
+        def fetch(files: list[str]) -> dict[str, np.ndarray]:
+            return self.superseded_rows(job_id, files)
 
         return load_superseded(self.jobs.db, job_id, files, fetch)
 
     @retried("reading the plan")
-    def superseded_rows(self, job_id: str, file: str) -> np.ndarray:
-        return load_superseded_rows(self.jobs.db, job_id, file)
+    def superseded_rows(self, job_id: str, files: list[str]) -> dict[str, np.ndarray]:
+        return load_superseded_rows(self.jobs.db, job_id, files)
 
     @retried("reading the watermark")
     def watermark(self, operation: str, source: str, column: str) -> Watermark | None:
@@ -427,11 +428,14 @@ def ensure_plan_indexes(db: Database[dict[str, Any]]) -> None:
 
 
 def _rows_document(job_id: str, n: int, file: str, rows: np.ndarray, now: Any) -> dict[str, Any]:
+    """Rows of a file, the ``n``-th part of the plan (zero-padded: the documents sort in
+    lake order, as ``load_superseded`` reads them), and how many."""
     return {
-        "_id": f"{job_id}:{n}:{file}",
+        "_id": f"{job_id}:{n:06d}:{file}",
         "jobId": job_id,
         "file": file,
         "rows": Binary(rows.astype("<u4").tobytes()),
+        "n": len(rows),
         "createdAt": now,
     }
 
@@ -626,41 +630,45 @@ def load_superseded(
     db: Database[dict[str, Any]],
     job_id: str,
     files: Sequence[str] | None = None,
-    fetch: Callable[[str], np.ndarray] | None = None,
+    fetch: Callable[[list[str]], dict[str, np.ndarray]] | None = None,
 ) -> Superseded:
     """The job's plan for ``files`` (all of the job's files when None): the refused rows,
-    and the names of the files with superseded rows, whose rows ``fetch`` reads when the
-    copy reaches them (``load_superseded_rows`` when None)."""
+    and the names of the files with superseded rows (in lake order, with their counts),
+    whose rows ``fetch`` reads when the copy reaches them (``load_superseded_rows`` when
+    None)."""
     query: dict[str, Any] = {"jobId": job_id, "file": {"$exists": True}}  # not the listing
     if files is not None:
         query["file"] = {"$in": list(files)}
-    holding: set[str] = set()
+    holding: dict[str, int | None] = {}
     refused: dict[str, list[tuple[int, str]]] = {}
     for doc in db[PLANS].find(query, {"rows": 0}, sort=[("_id", 1)]):
         file = str(doc["file"])
         if "refused" in doc:
             rows = np.frombuffer(bytes(doc["refused"]), dtype="<u4").tolist()
             refused.setdefault(file, []).extend(zip(rows, doc["reasons"], strict=True))
-        else:
-            holding.add(file)
+        else:  # (a plan stored before session 9 has no count: its files come alone)
+            n = doc.get("n")
+            was = holding.get(file, 0)
+            holding[file] = None if n is None or was is None else was + int(n)
     if fetch is None:
 
-        def fetch(file: str) -> np.ndarray:
-            return load_superseded_rows(db, job_id, file)
+        def fetch(files: list[str]) -> dict[str, np.ndarray]:
+            return load_superseded_rows(db, job_id, files)
 
     refusals = {f: sorted(r) for f, r in refused.items()}
     return Superseded(refused=refusals, fetch=fetch, holding=holding)
 
 
-def load_superseded_rows(db: Database[dict[str, Any]], job_id: str, file: str) -> np.ndarray:
-    """The superseded rows of one file of a job's plan, sorted (uint32)."""
-    parts = [
-        np.frombuffer(bytes(doc["rows"]), "<u4")
-        for doc in db[PLANS].find({"jobId": job_id, "file": file, "rows": {"$exists": True}})
-    ]
-    if not parts:
-        return np.empty(0, dtype=np.uint32)
-    return np.sort(np.concatenate(parts))
+def load_superseded_rows(
+    db: Database[dict[str, Any]], job_id: str, files: list[str]
+) -> dict[str, np.ndarray]:
+    """The superseded rows of some files of a job's plan, sorted (uint32), by file name (a
+    file without any is left out)."""
+    query = {"jobId": job_id, "file": {"$in": files}, "rows": {"$exists": True}}
+    parts: dict[str, list[np.ndarray]] = {}
+    for doc in db[PLANS].find(query):
+        parts.setdefault(str(doc["file"]), []).append(np.frombuffer(bytes(doc["rows"]), "<u4"))
+    return {f: np.sort(np.concatenate(p)) for f, p in parts.items()}
 
 
 # -- syncstate: how far each operation has read each source ---------------------------

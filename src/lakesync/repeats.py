@@ -55,7 +55,7 @@ import math
 import os
 import tempfile
 import threading
-from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from decimal import Decimal
 from pathlib import Path
@@ -84,8 +84,10 @@ _EXACT_BATCH = 5_000  # whole records, validated and encoded as the copy does
 _EMPTY = np.empty(0, dtype=np.int64)
 #: superseded positions in one shard of a stored plan (8 bytes each while it is stored)
 _SHARD_ROWS = 1 << 18
-#: files whose superseded rows a copy holds at once (``Superseded``)
-_FILES_HELD = 4
+#: superseded rows a copy reads ahead in one query, from the file it reaches on (and at
+#: most _FETCH_FILES files): a lake of small files costs a query per window, not per file
+_FETCH_ROWS = 1 << 16
+_FETCH_FILES = 64
 #: bytes of keys a plan holds in memory; past it they wait in the data folder (_KeyLog)
 _PLAN_MEMORY = 4 << 20
 _BUCKET_BITS = 8
@@ -752,9 +754,11 @@ class Superseded:
     """The plan of some files of a job, looked up batch by batch: the rows a later record of
     the same key replaces (4 bytes each), and the rows refused with their reason.
 
-    Given as ``rows`` (all held), or as ``fetch`` (a function of a file's name: its sorted
-    rows) with the names of the files ``holding`` any: then a file's rows are read when the
-    copy first asks for them, and only the last _FILES_HELD files' are held (as the store
+    Given as ``rows`` (all held), or as ``fetch`` (a function of some files' names: their
+    sorted rows) with the files ``holding`` any, in lake order (the plan's documents come
+    sorted so), each with its count of rows when known: then a file's rows are read when
+    the copy first asks for them, with those of the files after it up to _FETCH_ROWS rows
+    (and _FETCH_FILES files) in the same query, and only that window is held (as the store
     boundary loads a job's plan: ``boundary.load_superseded``), so what the copy holds of
     the plan does not grow with the lake."""
 
@@ -763,8 +767,8 @@ class Superseded:
         rows: dict[str, np.ndarray] | None = None,
         refused: dict[str, list[tuple[int, str]]] | None = None,
         *,
-        fetch: Callable[[str], np.ndarray] | None = None,
-        holding: Iterable[str] = (),
+        fetch: Callable[[list[str]], dict[str, np.ndarray]] | None = None,
+        holding: Mapping[str, int | None] | None = None,
     ) -> None:
         self._rows = {f: np.asarray(r, dtype=np.uint32) for f, r in (rows or {}).items()}
         self._refused: dict[str, tuple[np.ndarray, list[str]]] = {}
@@ -772,19 +776,28 @@ class Superseded:
             pairs = sorted(pairs)
             self._refused[file] = (np.array([r for r, _ in pairs], np.int64), [w for _, w in pairs])
         self._fetch = fetch
-        self._holding = frozenset(holding)
+        self._order = list(holding or {})
+        self._place = {f: i for i, f in enumerate(self._order)}
+        self._counts = [(holding or {})[f] for f in self._order]
         self._lock = threading.Lock()  # the copy's reader thread and its writer may both ask
 
     def _of(self, file: str) -> np.ndarray | None:
-        if self._fetch is None or file not in self._holding:
+        at = self._place.get(file) if self._fetch is not None else None
+        if at is None:
             return self._rows.get(file)
         with self._lock:
             rows = self._rows.get(file)
             if rows is None:
-                rows = np.asarray(self._fetch(file), dtype=np.uint32)
-                while len(self._rows) >= _FILES_HELD:  # the oldest first
-                    del self._rows[next(iter(self._rows))]
-                self._rows[file] = rows
+                window, total = [file], self._counts[at] or 0
+                for name, n in zip(self._order[at + 1 :], self._counts[at + 1 :], strict=False):
+                    if n is None or total + n > _FETCH_ROWS or len(window) >= _FETCH_FILES:
+                        break
+                    window.append(name)
+                    total += n
+                assert self._fetch is not None
+                found = self._fetch(window)
+                self._rows = {f: np.asarray(found.get(f, _EMPTY), np.uint32) for f in window}
+                rows = self._rows[file]
             return rows
 
     @property
