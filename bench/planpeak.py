@@ -103,8 +103,13 @@ def main() -> int:
             ):
                 proc.send_signal(signal.SIGKILL)
                 break
-        proc.wait()
+        out, _ = proc.communicate()
         written = client[database]["taskdetails"].estimated_document_count()
+        counts: dict[str, Any] = {}
+        if proc.returncode == 0:  # a whole copy: its final status (``--json``)
+            final = json.loads(out.decode().strip().splitlines()[-1])
+            names = ("status", "insertedRecords", "duplicateRecords", "errorRecords")
+            counts = {k: final.get(k) for k in names}
     finally:
         if log is not None:
             log.close()
@@ -113,7 +118,7 @@ def main() -> int:
         server.stop()
     print(json.dumps({
         "lake": str(ns.lake), "src": str(ns.src), "planMB": plan_mb, "peakMB": round(peak, 1),
-        "planSeconds": plan_s, "written": written, "returncode": proc.returncode,
+        "planSeconds": plan_s, "written": written, "returncode": proc.returncode, **counts,
         "loadStart": load, "loadEnd": [round(x, 2) for x in os.getloadavg()],
     }), flush=True)  # fmt: skip
     return 0
