@@ -44,8 +44,8 @@ from lakesync.runtime import Runtime
 #: take tests a few at a time, so the long ones spread over both and no worker ends the run
 #: alone with a long test (the tests after them are short, and fill in the gaps).
 LONGEST_FIRST = [
-    "test_partitions.py", "test_faults.py", "test_openapi.py", "test_leases.py",
-    "test_s3.py", "test_netlify_page.py", "test_manyfiles.py", "test_page.py",
+    "test_partitions.py", "test_faults.py", "test_openapi.py", "test_interrupt.py",
+    "test_leases.py", "test_s3.py", "test_netlify_page.py", "test_manyfiles.py", "test_page.py",
     "test_terminal.py", "test_hardening.py", "test_masking.py", "test_encode.py",
 ]  # fmt: skip
 
