@@ -40,8 +40,8 @@ from lakesync.mongo import EmbeddedServer
 from lakesync.runtime import Runtime
 
 #: The modules whose tests take longest (docs/testing.md, --durations), longest first. They
-#: run first, their `slow` tests first: with `make test`'s --maxschedchunk the two workers
-#: take tests a few at a time, so the long ones spread over both and no worker ends the run
+#: run first, their `slow` tests first: with `make test`'s --maxschedchunk the workers
+#: take tests a few at a time, so the long ones spread over them and no worker ends the run
 #: alone with a long test (the tests after them are short, and fill in the gaps).
 LONGEST_FIRST = [
     "test_partitions.py", "test_faults.py", "test_openapi.py", "test_interrupt.py",
