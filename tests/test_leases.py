@@ -512,6 +512,8 @@ def test_a_reaped_partition_or_job_is_claimable_only_with_its_death_counted(
     db.jobpartitions.insert_one(
         {"_id": "j1:1", "jobId": "j1", "index": 1, **dead, "processedRecords": 600}
     )  # a new spot: counting restarts
+    first = {k: v for k, v in dead.items() if k not in ("failures", "failedAtRecord")}
+    db.jobpartitions.insert_one({"_id": "j1:2", "jobId": "j1", "index": 2, **first})
     seen: list[tuple[str, Any]] = []  # (document, failures) whenever a write left it pending
     for name in ("find_one_and_update", "update_one"):
         original = getattr(Collection, name)
@@ -528,13 +530,14 @@ def test_a_reaped_partition_or_job_is_claimable_only_with_its_death_counted(
         monkeypatch.setattr(Collection, name, watched)
     rt, _ = stepped(settings, lake)
     with rt:
-        assert sorted(rt.runner.partitioned.stale()) == [("j1", 0), ("j1", 1)]
+        assert sorted(rt.runner.partitioned.stale()) == [("j1", 0), ("j1", 1), ("j1", 2)]
         db.jobstatuses.update_one({"jobId": "j1"}, {"$set": {"status": "in_progress"}})
         assert rt.store.stale(settings.lease_seconds) == ["j1"]
     parts = {d["_id"]: d for d in db.jobpartitions.find()}
     job = db.jobstatuses.find_one({"jobId": "j1"})
     assert (parts["j1:0"]["failures"], parts["j1:0"]["failedAtRecord"]) == (2, 400)
     assert (parts["j1:1"]["failures"], parts["j1:1"]["failedAtRecord"]) == (1, 600)
+    assert (parts["j1:2"]["failures"], parts["j1:2"]["failedAtRecord"]) == (1, 400)  # its first
     assert job is not None and (job["failures"], job["status"]) == (2, "pending")
-    expected = {"j1:0": 2, "j1:1": 1}
+    expected = {"j1:0": 2, "j1:1": 1, "j1:2": 1}
     assert seen and all(failures == expected.get(what, 2) for what, failures in seen), seen
