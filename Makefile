@@ -11,8 +11,9 @@ STAMP_DEV := $(VENV)/.installed-dev
 # `make run PORT=8400` when 8000 is taken; HOST=0.0.0.0 needs LAKESYNC_API_TOKEN
 HOST ?= 127.0.0.1
 PORT ?= 8000
-# tests run in this many pytest-xdist workers (1: in the pytest process itself)
-TEST_WORKERS ?= 2
+# tests run in this many pytest-xdist workers (1: in the pytest process itself); more than
+# the 2 cores: the tests mostly wait (servers, leases, slow links), see docs/testing.md
+TEST_WORKERS ?= 3
 
 .PHONY: run test test-services lint typecheck bench lock upgrade clean
 

@@ -5,10 +5,11 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import signal
 import socket
 import subprocess
 import uuid
-from collections.abc import Iterator
+from collections.abc import Generator, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -16,6 +17,7 @@ import pytest
 from fastapi.testclient import TestClient
 from pydantic import SecretStr
 from pymongo import MongoClient
+from tests import interrupt
 from tests.helpers import (
     CHROMIUM,
     CHROMIUM_ARGS,
@@ -38,14 +40,49 @@ from lakesync.mongo import EmbeddedServer
 from lakesync.runtime import Runtime
 
 #: The modules whose tests take longest (docs/testing.md, --durations), longest first. They
-#: run first, their `slow` tests first: with `make test`'s --maxschedchunk the two workers
-#: take tests a few at a time, so the long ones spread over both and no worker ends the run
+#: run first, their `slow` tests first: with `make test`'s --maxschedchunk the workers
+#: take tests a few at a time, so the long ones spread over them and no worker ends the run
 #: alone with a long test (the tests after them are short, and fill in the gaps).
 LONGEST_FIRST = [
-    "test_partitions.py", "test_faults.py", "test_openapi.py", "test_leases.py",
-    "test_s3.py", "test_netlify_page.py", "test_manyfiles.py", "test_page.py",
+    "test_partitions.py", "test_faults.py", "test_openapi.py", "test_interrupt.py",
+    "test_leases.py", "test_s3.py", "test_netlify_page.py", "test_manyfiles.py", "test_page.py",
     "test_terminal.py", "test_hardening.py", "test_masking.py", "test_encode.py",
 ]  # fmt: skip
+
+
+_INTERRUPT = interrupt.Interrupt()
+
+
+def _controller(config: pytest.Config) -> bool:
+    """Whether this process is the controller of pytest-xdist workers."""
+    return config.pluginmanager.hasplugin("dsession") and not hasattr(config, "workerinput")
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    """One Ctrl-C stops the run (tests/interrupt.py): SIGINT is taken back where the run
+    inherited it ignored; a worker is interrupted once, its clean-up not a second time."""
+    interrupt.take_sigint()
+    if hasattr(config, "workerinput"):
+        signal.signal(signal.SIGINT, interrupt.interrupt_once)
+    _INTERRUPT.config = config
+
+
+def pytest_keyboard_interrupt() -> None:
+    """In the xdist controller: its workers are interrupted too (a SIGINT to the controller
+    alone left them running their tests until xdist killed them, their clean-up skipped)."""
+    if _INTERRUPT.config is not None and _controller(_INTERRUPT.config):
+        _INTERRUPT.begin()
+
+
+@pytest.hookimpl(wrapper=True, tryfirst=True)
+def pytest_sessionfinish() -> Generator[None, object, object]:
+    _INTERRUPT.before_teardown()  # (xdist ends its workers in its own sessionfinish)
+    return (yield)
+
+
+def pytest_unconfigure() -> None:
+    """After an interrupt: whatever the workers started and left running is killed."""
+    _INTERRUPT.finish()
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:

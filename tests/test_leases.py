@@ -29,6 +29,7 @@ from lakesync.errors import TransientStoreError
 from lakesync.jobstore import JobStore
 from lakesync.lease import Leases
 from lakesync.models import JobState, Outcome
+from lakesync.retry import RetryPolicy
 from lakesync.runtime import Runtime
 
 #: 10 partitions of about 800 records, 4 batches of 200 each, as 20,000 in partitions of
@@ -369,6 +370,19 @@ class FaultInjector:
         return call
 
 
+def quick_retries(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Retries 20x sooner: the backoff (0.2 s doubling, with jitter) is not what the fault
+    tests are about, and at about 0.3 s a call site it was most of their time (two faults
+    at each of some hundred sites). Every fault is still retried by the same policy."""
+    original = RetryPolicy.__init__
+
+    def init(policy: RetryPolicy, *args: Any, **kwargs: Any) -> None:
+        original(policy, *args, **kwargs)
+        policy.base = 0.01
+
+    monkeypatch.setattr(RetryPolicy, "__init__", init)
+
+
 def run_armed(rt: Runtime, faults: FaultInjector, options: dict[str, Any]) -> Any:
     """Start a job, run it to its end with faults armed, return its final status."""
     job, _ = rt.jobs.start("copy-taskdetail", options)
@@ -385,6 +399,7 @@ def test_a_transient_error_at_each_call_of_the_job_path_fails_no_job(
     settings: Settings, db: Any, lake: Path, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
 ) -> None:
     faults = FaultInjector(monkeypatch)
+    quick_retries(monkeypatch)
     rt, queued = stepped(settings, lake, retry_budget_seconds=30)
     with rt:
         # a partitioned full copy, each partition run as an executor would
@@ -485,3 +500,54 @@ def test_celery_sends_a_pending_job_or_partition_once_while_it_waits(
             for job_id, index in rt.runner.partitioned.stale():
                 celery.submit_partition(job_id, index)
         assert queue.llen(QUEUE) == 2 + len(queued)
+
+
+# -- a death is counted before anyone can claim the document again ----------------------------
+
+
+def test_a_reaped_partition_or_job_is_claimable_only_with_its_death_counted(
+    settings: Settings, db: Any, lake: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The recovery scan hands back a partition (and a job) whose holder died. Once it is
+    pending another run may claim it at once and crash the process on the same record
+    before a later write counts the first death: under load a partition that crashes the
+    reader ran a 4th time where 3 deaths end it (test_reader_safety's flake). So the death
+    counts in the write that hands it back: whenever the document is pending again, its
+    failures include the death."""
+    old = datetime.now(UTC) - timedelta(hours=1)
+    dead = {"status": "in_progress", "owner": "host:1:dead", "leaseBeat": 7, "heartbeatAt": old,
+            "processedRecords": 400, "failures": 1, "failedAtRecord": 400}  # fmt: skip
+    db.jobstatuses.insert_one({"jobId": "j1", **dead})
+    db.jobpartitions.insert_one({"_id": "j1:0", "jobId": "j1", "index": 0, **dead})
+    db.jobpartitions.insert_one(
+        {"_id": "j1:1", "jobId": "j1", "index": 1, **dead, "processedRecords": 600}
+    )  # a new spot: counting restarts
+    first = {k: v for k, v in dead.items() if k not in ("failures", "failedAtRecord")}
+    db.jobpartitions.insert_one({"_id": "j1:2", "jobId": "j1", "index": 2, **first})
+    seen: list[tuple[str, Any]] = []  # (document, failures) whenever a write left it pending
+    for name in ("find_one_and_update", "update_one"):
+        original = getattr(Collection, name)
+
+        def watched(
+            coll: Collection[Any], query: Any, *a: Any, _o: Any = original, **k: Any
+        ) -> Any:
+            out = _o(coll, query, *a, **k)
+            if coll.name in ("jobpartitions", "jobstatuses"):
+                for doc in coll.find({"status": "pending"}, {"failures": 1, "jobId": 1}):
+                    seen.append((str(doc.get("_id", doc.get("jobId"))), doc.get("failures")))
+            return out
+
+        monkeypatch.setattr(Collection, name, watched)
+    rt, _ = stepped(settings, lake)
+    with rt:
+        assert sorted(rt.runner.partitioned.stale()) == [("j1", 0), ("j1", 1), ("j1", 2)]
+        db.jobstatuses.update_one({"jobId": "j1"}, {"$set": {"status": "in_progress"}})
+        assert rt.store.stale(settings.lease_seconds) == ["j1"]
+    parts = {d["_id"]: d for d in db.jobpartitions.find()}
+    job = db.jobstatuses.find_one({"jobId": "j1"})
+    assert (parts["j1:0"]["failures"], parts["j1:0"]["failedAtRecord"]) == (2, 400)
+    assert (parts["j1:1"]["failures"], parts["j1:1"]["failedAtRecord"]) == (1, 600)
+    assert (parts["j1:2"]["failures"], parts["j1:2"]["failedAtRecord"]) == (1, 400)  # its first
+    assert job is not None and (job["failures"], job["status"]) == (2, "pending")
+    expected = {"j1:0": 2, "j1:1": 1, "j1:2": 1}
+    assert seen and all(failures == expected.get(what, 2) for what, failures in seen), seen

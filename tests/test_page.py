@@ -594,7 +594,7 @@ def test_page_recovers_after_a_server_restart(
     serve_env: dict[str, str], slow_database: Any, tmp_path: Path, request: Any, run: Any
 ) -> None:
     lake = tmp_path / "lake"
-    generate(lake, 20000)
+    generate(lake, 10000)  # 100 batches through the slow link: the kill lands mid-copy
     serve_env["LAKESYNC_LAKE_URI"] = str(lake)
     serve_env["LAKESYNC_BATCH_SIZE"] = "100"
     serve = request.getfixturevalue("serve")
@@ -622,7 +622,7 @@ def test_page_recovers_after_a_server_restart(
     expect(page.locator("#status-badge")).to_have_attribute(
         "data-status", "completed", timeout=120_000
     )
-    expect(page.locator("#message")).to_contain_text("Copied 20,000 records")
+    expect(page.locator("#message")).to_contain_text("Copied 10,000 records")
     assert httpx.get(f"{serve.url}/api/jobs/{job_id}").json()["attempt"] >= 2
     shots(r, "server-back")
 
@@ -689,3 +689,42 @@ def test_a_job_that_plans_shows_planning_not_zero_percent(serve: Any, run: Any) 
     expect(page.locator("#message")).to_have_text(planning["message"])
     expect(page.locator("#progress-counts")).not_to_contain_text("0 / 0")
     r.shot("planning-390")
+
+
+def test_the_jobs_table_shows_a_jobs_end_even_when_an_older_refresh_answers_last(
+    serve_env: dict[str, str], tmp_path: Path, request: Any, run: Any
+) -> None:
+    """The table's refresh every 5 s may be in flight when the followed job ends; the
+    refresh the end asks for used to be dropped (one at a time), so the older answer (the
+    job running) stood in the table until the next tick: test_cancel_a_running_copy's
+    5 s wait for the row failed on main under load. A refresh asked for meanwhile now runs
+    after the one in flight."""
+    lake = tmp_path / "big-lake"
+    generate(lake, 60000)
+    serve_env["LAKESYNC_LAKE_URI"] = str(lake)
+    serve_env["LAKESYNC_BATCH_SIZE"] = "50"
+    serve = request.getfixturevalue("serve")
+    page = run().page
+    page.goto(serve.url + "/")
+    page.locator("#copy-button").click()
+    job_id = job_id_of(page)
+    row = page.locator(f'#jobs-table tr[data-job-id="{job_id}"] .badge')
+    expect(row).to_have_attribute("data-status", "in_progress", timeout=30_000)
+    held: list[tuple[Any, Any]] = []
+
+    def hold_one(route: Any) -> None:  # the next refresh's answer, delayed past the end
+        if held:
+            route.continue_()
+        else:
+            held.append((route, route.fetch()))
+
+    page.route(re.compile(r"/api/jobs\?limit=10$"), hold_one)
+    wait_for(lambda: held or page.wait_for_timeout(100), timeout=30)  # the next tick
+    stale, answer = held[0]
+    assert '"in_progress"' in answer.text()
+    assert httpx.post(f"{serve.url}/api/jobs/{job_id}/cancel", timeout=30).status_code == 202
+    badge = page.locator("#status-badge")
+    expect(badge).to_have_attribute("data-status", "cancelled", timeout=60_000)
+    stale.fulfill(response=answer)  # the older answer comes in last
+    # well before the next tick (5 s after the held one): only a refresh after it can tell
+    expect(row).to_have_attribute("data-status", "cancelled", timeout=2_500)

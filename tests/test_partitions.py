@@ -6,13 +6,12 @@ import itertools
 import os
 import signal
 import subprocess
-import sys
 import time
 from pathlib import Path
 from typing import Any
 
 import pytest
-from tests.helpers import start_worker, stop_workers, wait_for
+from tests.helpers import lakesync, start_worker, stop_workers, wait_for
 
 from lakesync.config import Settings
 from lakesync.demo import append_records, generate
@@ -118,8 +117,7 @@ def test_worker_refuses_to_start_without_its_broker(serve_env: dict[str, str]) -
     env = dict(serve_env, LAKESYNC_EXECUTOR="celery",
                LAKESYNC_BROKER_URL="redis://user:hunter2@127.0.0.1:1/0")  # fmt: skip
     started = time.monotonic()
-    run = subprocess.run([sys.executable, "-m", "lakesync", "worker"], env=env,
-                         capture_output=True, text=True, timeout=60)  # fmt: skip
+    run = lakesync(env, "worker", timeout=60)  # forked from the zygote: no import to pay
     assert run.returncode != 0
     assert time.monotonic() - started < 30
     assert "Cannot reach the Celery broker at redis://user:***@127.0.0.1:1/0" in run.stderr

@@ -391,14 +391,12 @@ class JobStore:
         partitioned job nobody holds (its partitions run on their own) does not.
         """
         message = {"$set": {"message": "Its run stopped; resuming from the checkpoint"}}
-        doc = self.leases.reap(job_id, seen, message)
-        if doc is None:
+        # a run that died holding it counts, in the write that hands it back
+        if self.leases.reap(job_id, seen, message, count_death=True) is None:
             return False
         logger.warning(
             "job %s: its lease expired; handed back to be resumed", job_id, extra={"jobId": job_id}
         )
-        if doc.get("owner"):
-            self.leases.count_death(job_id, doc)
         return True
 
     # -- creating ------------------------------------------------------------------------

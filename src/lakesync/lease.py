@@ -152,39 +152,52 @@ class Leases:
             doc = current  # the first attempt was applied; its reply was lost
         return doc
 
-    def reap(self, value: Any, seen: Mapping[str, Any], update: Doc | None = None) -> Doc | None:
+    def reap(
+        self,
+        value: Any,
+        seen: Mapping[str, Any],
+        update: Doc | None = None,
+        count_death: bool = False,
+    ) -> Doc | None:
         """Hand back (pending) a document whose lease a scan saw expired; None if it beat
-        since. Returns the document as it was, so the caller sees who held it."""
+        since. Returns the document as it was, so the caller sees who held it.
+
+        With ``count_death``, a run that died holding it (it has an owner) is counted in
+        the same write that hands it back (the rule of ``count_death``): once pending, a
+        run may claim it at once, and die on the same record, before a later write could
+        count the first death (the process crashing again lost it)."""
         swap = {self.key: value, "status": IN_PROGRESS, "leaseBeat": seen.get("leaseBeat")}
         update = _merge(
             update, {"$set": {"status": PENDING}, "$unset": {"owner": "", "queued": ""}}
         )
+        if count_death:
+            fields = {"owner": 1, "processedRecords": 1, "failedAtRecord": 1}
+            current = self.coll.find_one(swap, fields)
+            if current is None:
+                return None
+            if current.get("owner"):
+                for name in ("processedRecords", "failedAtRecord"):  # as read, or not reaped
+                    swap[name] = current.get(name, {"$exists": False})
+                update = _merge(update, _death(current))
         return self.coll.find_one_and_update(
             swap, self.decorate(update), return_document=ReturnDocument.BEFORE
         )
 
-    def count_death(
-        self, value: Any, doc: Mapping[str, Any], owner: str | None = None
-    ) -> Doc | None:
+    def count_death(self, value: Any, doc: Mapping[str, Any], owner: str) -> Doc | None:
         """Count a run that died holding the document (its lease expired: a crash, a kill)
         in `failures`: runs that died in a row at the same record (`processedRecords`). A
         run that committed records before dying restarts the count, so only a document stuck
         at one spot adds up; a clean hand-back (``release``) never counts.
 
-        ``doc`` is the document before this death counts. With ``owner`` (a takeover whose
-        update already added 1 to `failures`) only a restart of the count is written; else
-        (a reap) the count is written here. Returns the document after a restart, else None.
+        For a takeover by ``owner`` whose update already added 1 to `failures` (``doc``, the
+        document after it): only a restart of the count is written here. Returns the
+        document after a restart, else None. (A reap counts its death itself: ``reap``.)
         """
         reached = int(doc.get("processedRecords", 0))
         if doc.get("failedAtRecord") == reached:
-            if owner is None:  # reaped: the takeover did not count it
-                self.coll.update_one({self.key: value}, self.decorate({"$inc": {"failures": 1}}))
             return None
-        query: Doc = {self.key: value}
-        if owner is not None:
-            query["owner"] = owner
         return self.coll.find_one_and_update(
-            query,
+            {self.key: value, "owner": owner},
             self.decorate({"$set": {"failures": 1, "failedAtRecord": reached}}),
             projection=self.projection,
             return_document=ReturnDocument.AFTER,
@@ -350,6 +363,15 @@ def kept_dying(doc: Mapping[str, Any], max_attempts: int, before: str) -> str | 
         f"reading there; max {max_attempts}, LAKESYNC_MAX_ATTEMPTS). Fix or remove that file, "
         "or leave it out of the source with a glob, then resume the job."
     )
+
+
+def _death(doc: Mapping[str, Any]) -> Doc:
+    """The update counting the death of a run that held ``doc``: one more in a row at the
+    same record, or the first at a new one (see ``Leases.count_death``)."""
+    reached = int(doc.get("processedRecords", 0))
+    if doc.get("failedAtRecord") == reached:
+        return {"$inc": {"failures": 1}}
+    return {"$set": {"failures": 1, "failedAtRecord": reached}}
 
 
 def _field(doc: Mapping[str, Any], path: str) -> Any:

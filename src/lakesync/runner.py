@@ -198,11 +198,9 @@ class PartitionedJobs:
         pending, expired = self.leases.scan(self.store.settings.lease_seconds)
         found = list(pending)
         for doc in expired:
-            before = self.leases.reap(doc["_id"], doc)
-            if before is not None:
+            # a run that died holding it counts, in the write that hands it back
+            if self.leases.reap(doc["_id"], doc, count_death=True) is not None:
                 found.append(doc)
-                if before.get("owner"):  # its run died holding it
-                    self.leases.count_death(doc["_id"], before)
         out, running = [], {}
         for doc in found:
             job_id, index = str(doc["_id"]).rsplit(":", 1)

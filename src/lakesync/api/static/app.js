@@ -1259,9 +1259,15 @@ function drawAverage(svg, W, H, avg) {
 /* ------------------------------------------------------------------ recent jobs table */
 
 let jobsLoading = null;
+let jobsAgain = false; // a refresh was asked for while one was in flight
 
 function refreshJobs({ autoFollow = false } = {}) {
-  if (jobsLoading) return jobsLoading;
+  // one refresh at a time; one asked for meanwhile runs after it: the answer in flight may
+  // predate what was asked for (a job's end), and would otherwise stand until the next tick
+  if (jobsLoading) {
+    jobsAgain = true;
+    return jobsLoading;
+  }
   jobsLoading = (async () => {
     try {
       const { data } = await api(jobsUrl());
@@ -1282,6 +1288,10 @@ function refreshJobs({ autoFollow = false } = {}) {
       return null;
     } finally {
       jobsLoading = null;
+      if (jobsAgain) {
+        jobsAgain = false;
+        refreshJobs();
+      }
     }
   })();
   return jobsLoading;
