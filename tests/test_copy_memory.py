@@ -9,6 +9,9 @@ import tracemalloc
 from pathlib import Path
 from typing import Any
 
+import pytest
+
+import lakesync.sources.lake as lake_module
 from lakesync.config import Settings
 from lakesync.demo import generate
 from lakesync.models import JobState, JobStatus
@@ -49,15 +52,22 @@ def _grown(settings: Settings, lake: Path) -> tuple[int, int, int]:
     return late - middle, files, final.totalRecords
 
 
-def test_the_copy_keeps_nothing_per_file_or_record(settings: Settings, tmp_path: Path) -> None:
+def test_the_copy_keeps_nothing_per_file_or_record(
+    settings: Settings, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """6,000 records in 320 files of ~20 records, 100 a batch: from the copy's middle to its
     end (windows a sixth apart: 1,000 to 3,000 records, ~50-150 files) the Python heap may
-    not grow by 16 KB. Measured: -78 and -96 KB in two runs (the heap gives some back as the
-    copy goes on); the same copy made to keep each batch's keys (about 40 bytes a record)
-    gained 78 and 87 KB and failed. A leak of a few bytes a record could hide in what is
-    given back; one of tens of bytes a record, or hundreds a file, cannot."""
+    not grow by 48 KB. Read in the copy's own thread (below), the growth is the same on every
+    run: 24-29 KB at 6,000 records (it was 35 KB at 12,000 and 51 KB at 24,000: about 4
+    bytes a record, still to be explained, issue #27); with 40 bytes a record kept on top
+    (a list of 40-byte strings grown in the progress callback) it gained over 100 KB and
+    failed. So a leak of tens of bytes a record, or hundreds a file, cannot hide."""
+    # the lake read in the copy's own thread: what a reading thread holds ahead of the copy
+    # (a file or a batch more or less, by how the two threads happen to be scheduled) would
+    # make the two windows differ by tens of KB on a loaded machine, leak or not
+    monkeypatch.setattr(lake_module, "_PREFETCH", 0)
     lake = tmp_path / "many-files"
     generate(lake, ROWS, seed=5, files_per_partition=10)
     grown, files, total = _grown(settings, lake)
     assert total == ROWS and files >= 300
-    assert grown < 16_000, f"{grown:,} bytes kept over {ROWS // 3:,} records"
+    assert grown < 48_000, f"{grown:,} bytes kept over {ROWS // 3:,} records"
