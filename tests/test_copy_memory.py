@@ -58,8 +58,10 @@ def test_the_copy_keeps_nothing_per_file_or_record(
     """6,000 records in 320 files of ~20 records, 100 a batch: from the copy's middle to its
     end (windows a sixth apart: 1,000 to 3,000 records, ~50-150 files) the Python heap may
     not grow by 48 KB. Read in the copy's own thread (below), the growth is the same on every
-    run: 24-29 KB at 6,000 records (it was 35 KB at 12,000 and 51 KB at 24,000: about 4
-    bytes a record, still to be explained, issue #27); with 40 bytes a record kept on top
+    run: 24-29 KB at 6,000 records (35 KB at 12,000, 51 KB at 24,000: not objects kept, but
+    CPython's free lists of tuples, floats, lists and dicts filling up to their caps, whose
+    blocks keep the trace of their first use; a full gc.collect() frees them, no container
+    holds them, and the growth levels off); with 40 bytes a record kept on top
     (a list of 40-byte strings grown in the progress callback) it gained over 100 KB and
     failed. So a leak of tens of bytes a record, or hundreds a file, cannot hide."""
     # the lake read in the copy's own thread: what a reading thread holds ahead of the copy
