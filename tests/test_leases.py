@@ -502,6 +502,58 @@ def test_celery_sends_a_pending_job_or_partition_once_while_it_waits(
         assert queue.llen(QUEUE) == 2 + len(queued)
 
 
+def test_celery_sends_again_a_job_or_partition_whose_message_a_killed_worker_took(
+    settings: Settings, lake: Path, redis_url: str
+) -> None:
+    """A worker killed after Redis delivered it a message, before it claimed the document,
+    leaves the message unacknowledged for the 12 h visibility timeout: the document stays
+    pending and marked queued. Once the mark is older than it may be trusted, the recovery
+    scan sends the document again, once (as a killed Celery worker left a partition in
+    test_partitions, and its job never ended)."""
+    import redis
+    from pydantic import SecretStr
+
+    from lakesync.executors.celery import QUEUE, CeleryExecutor
+    from lakesync.models import PARTITIONS
+
+    settings = settings.model_copy(update={"broker_url": SecretStr(redis_url)})
+    queue = redis.Redis.from_url(redis_url)
+    long_ago = datetime.now(UTC).replace(tzinfo=None) - timedelta(hours=1)  # as stored (UTC)
+    rt, queued = stepped(settings, lake)
+    with rt:
+        celery = CeleryExecutor(settings, rt.store)
+
+        def scan_jobs() -> None:
+            for job_id in rt.store.stale(settings.lease_seconds):
+                celery.submit(job_id)
+
+        def scan_parts() -> None:
+            for job_id, index in rt.runner.partitioned.stale():
+                celery.submit_partition(job_id, index)
+
+        job, _ = rt.jobs.start("copy-taskdetail")
+        scan_jobs()
+        assert queue.llen(QUEUE) == 1
+        queue.delete(QUEUE)  # taken by a worker that was killed before it claimed the job
+        scan_jobs()
+        assert queue.llen(QUEUE) == 0  # a fresh mark is trusted: the message may still wait
+        rt.store.jobs.update_one({"jobId": job.jobId}, {"$set": {"queuedAt": long_ago}})
+        scan_jobs()
+        scan_jobs()
+        assert queue.llen(QUEUE) == 1  # sent again, once
+        queue.delete(QUEUE)
+        rt.runner.run(job.jobId)  # plans partitions (kept in `queued`, not sent)
+        scan_parts()
+        assert queue.llen(QUEUE) == len(queued) >= 3
+        queue.delete(QUEUE)  # the same for partitions
+        scan_parts()
+        assert queue.llen(QUEUE) == 0
+        rt.store.db[PARTITIONS].update_many({"jobId": job.jobId}, {"$set": {"queuedAt": long_ago}})
+        scan_parts()
+        scan_parts()
+        assert queue.llen(QUEUE) == len(queued)
+
+
 # -- a death is counted before anyone can claim the document again ----------------------------
 
 

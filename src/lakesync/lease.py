@@ -49,6 +49,11 @@ MIN_LEASE_SECONDS = 1.0
 #: how long after sending a write that proved the lease held a run skips the fence read;
 #: half of MIN_LEASE_SECONDS, so that the clocks' rates may differ by a wide margin
 FENCE_TRUST_SECONDS = MIN_LEASE_SECONDS / 2
+#: the least time a queued mark is trusted: a message a broker delivered to a worker that was
+#: killed before claiming it stays unacknowledged (Redis: for its 12 h visibility timeout), so
+#: a mark older than this (or two leases, if longer) is cleared and the document sent again;
+#: a duplicate delivery finds the document claimed and returns at once
+QUEUED_TRUST_SECONDS = 60.0
 
 
 def new_owner() -> str:
@@ -253,10 +258,31 @@ class Leases:
         """
         found = self.coll.find_one_and_update(
             {self.key: value, "status": PENDING, "queued": None},  # nx: no $ne on missing
-            {"$set": {"queued": True}},
+            {"$set": {"queued": True}, "$currentDate": {"queuedAt": True}, "$inc": {"sends": 1}},
             projection={"_id": 1},
         )
         return found is not None
+
+    def _unqueue_stale(self, doc: Mapping[str, Any], now: datetime, trust: float) -> bool:
+        """Clear the queued mark of a pending document sent at least ``trust`` seconds ago
+        (server time) and not claimed since: its message may have been lost with a killed
+        worker. A compare-and-swap on `sends`, so only one scan clears one mark."""
+        at = doc.get("queuedAt")
+        age = (now - _aware(at)).total_seconds() if isinstance(at, datetime) else None
+        if age is not None and age < trust:
+            return False
+        swap = {self.key: doc[self.key], "status": PENDING, "sends": doc.get("sends")}
+        if doc.get("sends") is None:
+            swap["sends"] = {"$exists": False}
+        cleared = self.coll.find_one_and_update(
+            swap, {"$unset": {"queued": "", "queuedAt": ""}}, projection={"_id": 1}
+        )
+        if cleared is not None:
+            since = "long" if age is None else f"{age:.0f} s"
+            logger.warning(
+                "%s: sent %s ago and never claimed; sending it again", doc[self.key], since
+            )
+        return cleared is not None
 
     def server_now(self) -> datetime:
         """The server's time, the only clock leases are judged by."""
@@ -288,17 +314,25 @@ class Leases:
     def scan(
         self, lease_seconds: float, query: Doc | None = None, limit: int = 500
     ) -> tuple[list[Doc], list[Doc]]:
-        """(pending documents not sent to a queue yet, in-progress documents whose lease
-        expired)."""
+        """(pending documents not sent to a queue yet, or sent so long ago that the message
+        may be lost, in-progress documents whose lease expired)."""
         base = dict(query or {})
         fields = {self.key: 1, "status": 1, "leaseBeat": 1, "heartbeatAt": 1, "heartbeatMs": 1}
         pending = list(
             self.coll.find({**base, "status": PENDING, "queued": None}, fields).limit(limit)
         )
+        sent = {**fields, "queuedAt": 1, "sends": 1}
+        queued = list(
+            self.coll.find({**base, "status": PENDING, "queued": {"$exists": True}}, sent).limit(
+                limit
+            )
+        )
         running = list(self.coll.find({**base, "status": IN_PROGRESS}, fields).limit(limit))
-        if not running:
+        if not running and not queued:
             return pending, []
         now = self.server_now()
+        trust = max(QUEUED_TRUST_SECONDS, 2 * lease_seconds)
+        pending += [d for d in queued if self._unqueue_stale(d, now, trust)]
         return pending, [d for d in running if self.expired(d, lease_seconds, now)]
 
 
