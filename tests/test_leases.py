@@ -549,6 +549,15 @@ def test_celery_sends_again_a_job_or_partition_whose_message_a_killed_worker_too
         scan_parts()
         assert queue.llen(QUEUE) == 0
         rt.store.db[PARTITIONS].update_many({"jobId": job.jobId}, {"$set": {"queuedAt": long_ago}})
+        # while a run holds a live lease the queue may just be long (workers busy): not sent
+        busy = {"_id": f"{job.jobId}:0"}
+        held = rt.store.db[PARTITIONS].find_one(busy)
+        assert held is not None
+        beat = {"$set": {"status": "in_progress"}, "$currentDate": {"heartbeatAt": True}}
+        rt.store.db[PARTITIONS].update_one(busy, beat)
+        scan_parts()
+        assert queue.llen(QUEUE) == 0
+        rt.store.db[PARTITIONS].replace_one(busy, held)  # the run ended: nothing at work
         scan_parts()
         scan_parts()
         assert queue.llen(QUEUE) == len(queued)

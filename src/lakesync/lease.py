@@ -331,9 +331,13 @@ class Leases:
         if not running and not queued:
             return pending, []
         now = self.server_now()
-        trust = max(QUEUED_TRUST_SECONDS, 2 * lease_seconds)
-        pending += [d for d in queued if self._unqueue_stale(d, now, trust)]
-        return pending, [d for d in running if self.expired(d, lease_seconds, now)]
+        expired = [d for d in running if self.expired(d, lease_seconds, now)]
+        if len(expired) == len(running):  # no run at work: a mark this old is a lost message
+            # (while some run holds a live lease, the queue may just be long: workers busy
+            # with documents sent earlier take the rest in turn, so nothing is sent twice)
+            trust = max(QUEUED_TRUST_SECONDS, 2 * lease_seconds)
+            pending += [d for d in queued if self._unqueue_stale(d, now, trust)]
+        return pending, expired
 
 
 #: A run of a document whose last run died without progress since (``suspect``) holds
