@@ -7,7 +7,8 @@ finds it owned and returns at once, and the new run resumes from the checkpoint.
 A job or partition is sent once per pending state: sending marks its document `queued`
 (atomically, so two workers' recovery scans cannot both send it) and a claim or a
 hand-back clears the mark. The recovery scan therefore does not send again what waits in
-the queue, unless no run claimed it within max(60 s, two leases): on Redis a message a
+the queue, unless no run claimed it within max(60 s, two leases) and no run holds a live
+lease (workers idle): on Redis a message a
 killed worker had received stays unacknowledged for the visibility timeout (12 h), so
 the mark alone could keep the document pending that long (lease.QUEUED_TRUST_SECONDS).
 """
