@@ -634,3 +634,31 @@ def test_keys_across_files_whose_commits_were_cleaned_up_are_said(tmp_path: Path
     plan = repeats.plan_lake(lake, schema)
     assert plan.doubted == 1 and plan.example is not None and plan.example[0] == "0"
     assert "history missing" in (plan.warning() or "")
+
+
+def test_a_copy_of_a_delete_that_merged_versions_writes_the_newest_of_every_key(
+    settings: Settings, db: Any, tmp_path: Path
+) -> None:
+    """The plan's traced order, not a key's last row in the batch, picks the winner: delta-rs
+    writes a merged file's newest rows first, so the batch's last row of a key is one the
+    plan superseded (the copy once wrote nothing: 0 inserted, 245 duplicates)."""
+    path = tmp_path / "appends"
+    for v in range(1, 6):
+        write_deltalake(
+            path, pa.table({"k": [f"K{i}" for i in range(50)], "v": [v] * 50}), mode="append"
+        )
+    DeltaTable(path).delete("k = 'K7'")
+    toml = tmp_path / "lakesync.toml"
+    toml.write_text(
+        f'[operations.appends]\nsource = "{path}"\nformat = "delta"\n'
+        'collection = "appends"\nkey = "k"\n'
+    )
+    settings = settings.model_copy(update={"operations_file": toml})
+    with Runtime(settings) as rt:
+        status, _ = rt.jobs.start("appends", {}, trusted=True)
+        rt.runner.run(status.jobId)
+        final = rt.jobs.get(status.jobId)
+    assert (final.insertedRecords, final.duplicateRecords) == (49, 196), final.message
+    assert {d["_id"]: d["v"] for d in db["appends"].find()} == {
+        f"K{i}": 5 for i in range(50) if i != 7
+    }

@@ -336,11 +336,12 @@ class CopyEngine:
         for seg in batch.segments:
             rel = self.superseded.within(seg.file, seg.start_row, seg.start_row + seg.rows)
             dropped.update((rel + seg.offset).tolist())
-        last = {key: i for i, key in enumerate(keys)}  # keys are hashable (typemap.lookup_key)
+        # the last of a key among the records the plan keeps: where the plan orders a key's
+        # records other than by place (a traced Delta rewrite), its winner need not be last
+        last = {key: i for i, key in enumerate(keys) if rows[i] not in dropped}  # hashable keys
         if not dropped and len(last) == len(keys):
             return None
-        winners = set(last.values())
-        return [i for i, row in enumerate(rows) if i in winners and row not in dropped]
+        return sorted(last.values())
 
     def write(self, batch: LakeBatch) -> BatchResult:
         """Write one batch; safe to call again for the same batch (idempotent)."""
