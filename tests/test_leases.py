@@ -326,40 +326,54 @@ class FaultInjector:
     was lost). Then the site is left alone.
 
     A call site is the innermost line of lakesync that calls a collection method; calls
-    from the test itself (starting jobs, reading them) are left alone.
+    from the test itself (starting jobs, reading them) are left alone. A site reached on
+    several paths is faulted on each: the path is the lines of lakesync from the site out
+    to the store boundary's retried method (``Leases._update`` alone serves the claims,
+    commits, settles and hand-backs of jobs and partitions alike, and one fault there would
+    leave the rest untried).
     """
 
     def __init__(self, monkeypatch: pytest.MonkeyPatch) -> None:
         self.hit: dict[tuple[str, int], int] = {}
         self.function: dict[tuple[str, int], str] = {}  # site -> the function it is in
+        self.paths: dict[tuple[tuple[str, int], ...], int] = {}  # faults go by call path
         self.armed = False
         self.lock = threading.Lock()
         for name in METHODS:
             monkeypatch.setattr(Collection, name, self._wrap(getattr(Collection, name), name))
 
-    def _site(self) -> tuple[str, int] | None:
+    def _site(self) -> tuple[tuple[str, int], ...] | None:
+        """The call path: the site first, then the lines of lakesync that led to it, out to
+        the store boundary's retried method (or to the outermost line of lakesync)."""
         frame = sys._getframe(2)
+        path: list[tuple[str, int]] = []
         while frame is not None:
-            path = frame.f_code.co_filename
-            if "/lakesync/" in path and "/tests/" not in path:
-                if not path.endswith(JOB_PATH):
-                    return None
-                site = (path.rsplit("/", 1)[-1], frame.f_lineno)
-                self.function[site] = frame.f_code.co_qualname
-                return site
+            name = frame.f_code.co_filename
+            if "/lakesync/" in name and "/tests/" not in name:
+                if frame.f_code.co_qualname.startswith("retried."):
+                    break  # the store boundary's retry: the path is complete
+                if not path:
+                    if not name.endswith(JOB_PATH):
+                        return None
+                    self.function[(name.rsplit("/", 1)[-1], frame.f_lineno)] = (
+                        frame.f_code.co_qualname
+                    )
+                path.append((name.rsplit("/", 1)[-1], frame.f_lineno))
             frame = frame.f_back  # type: ignore[assignment]
-        return None
+        return tuple(path) or None
 
     def _wrap(self, original: Callable[..., Any], name: str) -> Callable[..., Any]:
         def call(coll: Collection[Any], *args: Any, **kwargs: Any) -> Any:
-            site = self._site() if self.armed else None
-            if site is not None and threading.current_thread().name.startswith("heartbeat"):
-                site = None  # a missed beat is retried at the next tick anyway
-            if site is None:
+            path = self._site() if self.armed else None
+            if path is not None and threading.current_thread().name.startswith("heartbeat"):
+                path = None  # a missed beat is retried at the next tick anyway
+            if path is None:
                 return original(coll, *args, **kwargs)
+            site = path[0]
             with self.lock:
-                seen = self.hit.get(site, 0)
-                self.hit[site] = seen + 1
+                self.hit[site] = self.hit.get(site, 0) + 1
+                seen = self.paths.get(path, 0)
+                self.paths[path] = seen + 1
             if seen == 0:
                 raise AutoReconnect(f"injected before {site[0]}:{site[1]} ({name})")
             result = original(coll, *args, **kwargs)
