@@ -27,7 +27,7 @@ from lakesync.config import Settings
 from lakesync.demo import generate
 from lakesync.errors import TransientStoreError
 from lakesync.jobstore import JobStore
-from lakesync.lease import Leases
+from lakesync.lease import Leases, kept_dying
 from lakesync.models import JobState, Outcome
 from lakesync.retry import RetryPolicy
 from lakesync.runtime import Runtime
@@ -626,3 +626,44 @@ def test_a_reaped_partition_or_job_is_claimable_only_with_its_death_counted(
     assert job is not None and (job["failures"], job["status"]) == (2, "pending")
     expected = {"j1:0": 2, "j1:1": 1, "j1:2": 1}
     assert seen and all(failures == expected.get(what, 2) for what, failures in seen), seen
+
+
+def test_a_takeover_whose_reply_was_lost_counts_the_death_as_one_that_got_through(
+    settings: Settings, db: Any, lake: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A takeover counts the dead run in `failures`: one more at the same record, or the
+    first at a new one. When MongoDB applies the takeover and the reply is lost, the retry
+    finds the document held by this run already; the death must still count as a first at
+    the new record, not as one more of an old streak (2 deaths at record 400, then progress
+    to 800: a third death there is not a third in a row, and must not give the job up)."""
+    old = datetime.now(UTC) - timedelta(hours=1)
+    dead = {"status": "in_progress", "owner": "host:1:dead", "leaseBeat": 7, "heartbeatAt": old,
+            "heartbeatMs": int(old.timestamp() * 1000), "processedRecords": 800, "failures": 2,
+            "failedAtRecord": 400}  # fmt: skip
+    db.jobpartitions.insert_one({"_id": "j3:0", "jobId": "j3", "index": 0, **dead})
+    original = Collection.find_one_and_update
+    lost: list[str] = []
+
+    def reply_lost(coll: Collection[Any], query: Any, *a: Any, **k: Any) -> Any:
+        out = original(coll, query, *a, **k)
+        if "leaseBeat" in query and "owner" not in query and coll.name not in lost:
+            lost.append(coll.name)  # the takeover (a compare-and-swap on the beat), once
+            raise AutoReconnect("connection reset after the takeover was applied")
+        return out
+
+    monkeypatch.setattr(Collection, "find_one_and_update", reply_lost)
+    rt, _ = stepped(settings, lake)
+    with rt:
+        job, _ = rt.jobs.start("copy-taskdetail")
+        db.jobstatuses.update_one({"jobId": job.jobId}, {"$set": dead})
+        store = Store(rt.settings, rt.store, threading.Event())  # the job path's boundary
+        part = store.claim_part("j3:0", "host:2:me")
+        claimed = store.claim(job.jobId, "host:2:me")
+    assert lost == ["jobpartitions", "jobstatuses"]
+    assert part is not None and claimed is not None
+    for doc in (db.jobpartitions.find_one({"_id": "j3:0"}), db.jobstatuses.find_one(
+            {"jobId": job.jobId})):  # fmt: skip
+        assert doc is not None and doc["owner"] == "host:2:me"
+        assert (doc["failures"], doc["failedAtRecord"]) == (1, 800), doc
+        assert kept_dying(doc, 3, "the first file") is None  # (3 at 400 gave it up)
+    assert (part["failures"], claimed.failures) == (1, 1)

@@ -216,14 +216,12 @@ class Store:
     @retried("claiming a partition")
     def claim_part(self, pid: str, owner: str) -> dict[str, Any] | None:
         """Take a pending partition, or one whose run died (that death counts, as a job's
-        does: ``Leases.count_death``)."""
+        does: ``Leases.take_over``)."""
         leases = self.part_leases
         doc = leases.claim(pid, owner, {"$inc": {"attempt": 1}})
-        if doc is None:
-            update = {"$inc": {"attempt": 1, "failures": 1}}
+        if doc is None:  # the death counts in the takeover's own write
+            update = {"$inc": {"attempt": 1}}
             doc = leases.take_over(pid, owner, self.settings.lease_seconds, update)
-            if doc is not None:
-                doc = leases.count_death(pid, doc, owner) or doc
         return doc
 
     @retried("recording the partition's runner")

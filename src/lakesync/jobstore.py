@@ -494,8 +494,7 @@ class JobStore:
             "$currentDate": {"runStartedAt": True},
         }
         doc = self.leases.claim(job_id, owner, update)
-        if doc is None:
-            update["$inc"]["failures"] = 1
+        if doc is None:  # the death counts in the takeover's own write
             doc = self.leases.take_over(job_id, owner, lease_seconds, update)
             if doc is not None:
                 logger.warning(
@@ -503,7 +502,6 @@ class JobStore:
                     job_id,
                     extra={"jobId": job_id},
                 )
-                doc = self.leases.count_death(job_id, doc, owner) or doc
         return None if doc is None else self._seen(doc)
 
     def _owned(self, job_id: str, owner: str) -> dict[str, Any]:

@@ -124,15 +124,23 @@ class Leases:
     def take_over(
         self, value: Any, owner: str, lease_seconds: float, update: Doc | None = None
     ) -> Doc | None:
-        """Take an in-progress document whose lease expired (server time); None otherwise."""
-        doc = self.coll.find_one(
-            {self.key: value, "status": IN_PROGRESS},
-            {"leaseBeat": 1, "heartbeatAt": 1, "heartbeatMs": 1},
-        )
+        """Take an in-progress document whose lease expired (server time); None otherwise.
+
+        The run that held it died: its death is counted in the same write (the rule of
+        ``_death``). A retry of a takeover whose reply was lost finds the document
+        held by ``owner`` (``claim``) with the death counted once and right: counted in a
+        later write, it would be lost with that reply, and a death at a new record would
+        add to an old streak (failing the job as one that kept dying at one spot)."""
+        fields = {"leaseBeat": 1, "heartbeatAt": 1, "heartbeatMs": 1}
+        fields |= {"processedRecords": 1, "failedAtRecord": 1}
+        doc = self.coll.find_one({self.key: value, "status": IN_PROGRESS}, fields)
         if doc is None or not self.expired(doc, lease_seconds, self.server_now()):
             return None
         update = _merge(update, {"$set": {"owner": owner}, "$unset": {"queued": ""}})
+        update = _merge(update, _death(doc))
         swap = {self.key: value, "status": IN_PROGRESS, "leaseBeat": doc.get("leaseBeat")}
+        for name in ("processedRecords", "failedAtRecord"):  # as read (a job's sums move
+            swap[name] = doc.get(name, {"$exists": False})  # without a beat: raise_totals)
         return self._update(value, swap, update)
 
     def commit(
@@ -168,7 +176,7 @@ class Leases:
         since. Returns the document as it was, so the caller sees who held it.
 
         With ``count_death``, a run that died holding it (it has an owner) is counted in
-        the same write that hands it back (the rule of ``count_death``): once pending, a
+        the same write that hands it back (the rule of ``_death``): once pending, a
         run may claim it at once, and die on the same record, before a later write could
         count the first death (the process crashing again lost it)."""
         swap = {self.key: value, "status": IN_PROGRESS, "leaseBeat": seen.get("leaseBeat")}
@@ -186,26 +194,6 @@ class Leases:
                 update = _merge(update, _death(current))
         return self.coll.find_one_and_update(
             swap, self.decorate(update), return_document=ReturnDocument.BEFORE
-        )
-
-    def count_death(self, value: Any, doc: Mapping[str, Any], owner: str) -> Doc | None:
-        """Count a run that died holding the document (its lease expired: a crash, a kill)
-        in `failures`: runs that died in a row at the same record (`processedRecords`). A
-        run that committed records before dying restarts the count, so only a document stuck
-        at one spot adds up; a clean hand-back (``release``) never counts.
-
-        For a takeover by ``owner`` whose update already added 1 to `failures` (``doc``, the
-        document after it): only a restart of the count is written here. Returns the
-        document after a restart, else None. (A reap counts its death itself: ``reap``.)
-        """
-        reached = int(doc.get("processedRecords", 0))
-        if doc.get("failedAtRecord") == reached:
-            return None
-        return self.coll.find_one_and_update(
-            {self.key: value, "owner": owner},
-            self.decorate({"$set": {"failures": 1, "failedAtRecord": reached}}),
-            projection=self.projection,
-            return_document=ReturnDocument.AFTER,
         )
 
     def renew(self, value: Any, owner: str, update: Doc | None = None) -> Doc:
@@ -377,7 +365,7 @@ def progressed() -> None:
 
 def suspect(coll: Collection[Doc], query: Doc) -> bool:
     """Whether the document's last run died, and no run made progress since (its deaths
-    are adding up: see ``Leases.count_death``)."""
+    are adding up: see ``_death``)."""
     fields = {"failures": 1, "failedAtRecord": 1, "processedRecords": 1, "_id": 0}
     doc = coll.find_one(query, fields)
     if not doc or not int(doc.get("failures") or 0):
@@ -404,8 +392,11 @@ def kept_dying(doc: Mapping[str, Any], max_attempts: int, before: str) -> str | 
 
 
 def _death(doc: Mapping[str, Any]) -> Doc:
-    """The update counting the death of a run that held ``doc``: one more in a row at the
-    same record, or the first at a new one (see ``Leases.count_death``)."""
+    """The update counting the death of a run that held ``doc`` (its lease expired: a
+    crash, a kill) in `failures`: runs that died in a row at the same record
+    (`processedRecords`). A run that committed records before dying restarts the count, so
+    only a document stuck at one spot adds up; a clean hand-back (``release``) never counts.
+    A takeover and a reap count it in their own write (``Leases.take_over``, ``reap``)."""
     reached = int(doc.get("processedRecords", 0))
     if doc.get("failedAtRecord") == reached:
         return {"$inc": {"failures": 1}}
