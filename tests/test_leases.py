@@ -667,3 +667,29 @@ def test_a_takeover_whose_reply_was_lost_counts_the_death_as_one_that_got_throug
         assert (doc["failures"], doc["failedAtRecord"]) == (1, 800), doc
         assert kept_dying(doc, 3, "the first file") is None  # (3 at 400 gave it up)
     assert (part["failures"], claimed.failures) == (1, 1)
+
+
+def test_the_retry_budget_counts_from_the_failure_not_from_a_long_unit_of_work() -> None:
+    """Some units the store boundary retries work long before their first MongoDB write:
+    ``Store.plan_repeats`` reads the lake's keys (a minute or more for ten million records)
+    and stores the plan as it goes. The budget is how long MongoDB may stay unavailable,
+    so a transient error after the budget's worth of work is still retried."""
+    calls: list[int] = []
+
+    def long_plan() -> str:
+        calls.append(1)
+        time.sleep(0.3)  # the work, past the whole budget
+        if len(calls) == 1:
+            raise AutoReconnect("connection reset while storing the plan")
+        return "planned"
+
+    policy = RetryPolicy(budget=0.2, base=0.01)
+    assert policy.call(long_plan, "planning repeated keys") == "planned"
+    assert len(calls) == 2
+    down = RetryPolicy(budget=0.2, base=0.01)  # MongoDB that stays down: still bounded
+
+    def never() -> None:
+        raise AutoReconnect("connection refused")
+
+    with pytest.raises(TransientStoreError, match=r"within the 0\.2 s retry budget"):
+        down.call(never, "reading the job")

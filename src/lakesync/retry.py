@@ -61,8 +61,12 @@ class RetryPolicy:
         self.on_retry = on_retry
 
     def call(self, fn: Callable[[], T], what: str) -> T:
-        """Run fn, retrying transient MongoDB errors; StoreError when the budget is spent."""
-        deadline = time.monotonic() + self.budget
+        """Run fn, retrying transient MongoDB errors; StoreError when the budget is spent.
+
+        The budget counts from the first failure: it bounds how long MongoDB may stay
+        unavailable, not the work of ``fn`` (planning a large lake's repeated keys reads
+        it for minutes before the plan's first write)."""
+        deadline: float | None = None
         attempt = 0
         while True:
             try:
@@ -71,6 +75,8 @@ class RetryPolicy:
                 reason = server_reason(e)
                 if not is_transient(e):  # e.g. a full disk: retrying cannot help, the run fails
                     raise StoreError(f"MongoDB refused {what}: {reason}") from None
+                if deadline is None:
+                    deadline = time.monotonic() + self.budget
                 left = deadline - time.monotonic()
                 if left <= 0 or (self.stop is not None and self.stop.is_set()):
                     raise TransientStoreError(
