@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+import pyarrow.parquet as pq
 import pytest
 from pymongo.collection import Collection
 from pymongo.errors import AutoReconnect
@@ -337,6 +338,7 @@ class FaultInjector:
         self.hit: dict[tuple[str, int], int] = {}
         self.function: dict[tuple[str, int], str] = {}  # site -> the function it is in
         self.paths: dict[tuple[tuple[str, int], ...], int] = {}  # faults go by call path
+        self.via: set[str] = set()  # the store boundary's methods whose calls were faulted
         self.armed = False
         self.lock = threading.Lock()
         for name in METHODS:
@@ -347,11 +349,15 @@ class FaultInjector:
         the store boundary's retried method (or to the outermost line of lakesync)."""
         frame = sys._getframe(2)
         path: list[tuple[str, int]] = []
+        last = ""
         while frame is not None:
             name = frame.f_code.co_filename
             if "/lakesync/" in name and "/tests/" not in name:
                 if frame.f_code.co_qualname.startswith("retried."):
-                    break  # the store boundary's retry: the path is complete
+                    if path:  # the store boundary's retry: the path is complete
+                        self.via.add(last)
+                    break
+                last = frame.f_code.co_qualname
                 if not path:
                     if not name.endswith(JOB_PATH):
                         return None
@@ -456,6 +462,48 @@ def test_a_transient_error_at_each_call_of_the_job_path_fails_no_job(
     assert {f for f in functions if f.startswith("WatermarkStore.")}, functions
     plans = {"plan_job", "order_warning", "save_listing", "load_listing", "load_superseded"}
     assert functions >= plans, functions
+
+
+def test_a_transient_error_at_each_call_of_hand_backs_repeats_and_mirror_deletes(
+    settings: Settings, db: Any, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    """The calls the test above does not reach: hand-backs of jobs and partitions (a run
+    reaching its time limit), a plan of repeated keys stored and read back, a mirror's
+    deletes. Each is faulted before and after MongoDB applied it, on each call path."""
+    lake = tmp_path / "lake"
+    generate(lake, 3000, bad_rows=0, seed=9, files_per_partition=2)
+    first = sorted(lake.rglob("*.parquet"))[0]
+    again = lake / "projectId=PRJ-999" / "part-9999-again.parquet"  # last in lake order
+    again.parent.mkdir()
+    again.write_bytes(first.read_bytes())  # its keys repeat: the earlier rows are superseded
+    repeated = pq.ParquetFile(first).metadata.num_rows
+    faults = FaultInjector(monkeypatch)
+    quick_retries(monkeypatch)
+    rt, queued = stepped(settings, lake, retry_budget_seconds=30, job_time_limit=0.001)
+    with rt:
+        job, _ = rt.jobs.start("copy-taskdetail")
+        faults.armed = True
+        rt.runner.run(job.jobId)
+        for step in queued:  # every batch reaches the time limit: handed back, run again
+            while (outcome := rt.runner.partitioned.run(*step)) is Outcome.CONTINUE:
+                pass
+            assert outcome is Outcome.ENDED
+        faults.armed = False
+        partitioned = rt.store.get(job.jobId)
+        db.taskdetails.insert_many([{"_id": f"gone-{i}", "taskDetailId": f"gone-{i}"}
+                                    for i in range(450)])  # fmt: skip
+        rt.runner.partitioned.submit = None
+        mirrored = run_armed(rt, faults, {"mode": "mirror"})
+    for s in (partitioned, mirrored):
+        assert s.status == JobState.COMPLETED, (s.message, s.error)
+        assert s.processedRecords == s.totalRecords == 3000 + repeated
+        assert s.duplicateRecords == repeated and s.errorRecords == 0
+    assert partitioned.insertedRecords == 3000 and partitioned.partitions >= 3
+    assert mirrored.unchangedRecords == 3000 and mirrored.deletedRecords == 450
+    assert db.taskdetails.count_documents({}) == 3000
+    wanted = {"Store.release", "Store.release_part", "Store.plan_repeats",
+              "Store.superseded_rows", "Store.delete", "Store.missing_page"}  # fmt: skip
+    assert faults.via >= wanted, wanted - faults.via
 
 
 def test_a_partition_mongodb_cannot_serve_is_named_as_the_partition_in_the_error(
