@@ -484,6 +484,10 @@ def test_a_transient_error_at_each_call_of_hand_backs_repeats_and_mirror_deletes
         job, _ = rt.jobs.start("copy-taskdetail")
         faults.armed = True
         rt.runner.run(job.jobId)
+        old = datetime.now(UTC) - timedelta(hours=1)  # a run died holding the first one:
+        dead = {"status": "in_progress", "owner": "host:1:dead", "heartbeatAt": old,
+                "heartbeatMs": int(old.timestamp() * 1000)}  # fmt: skip
+        db.jobpartitions.update_one({"_id": f"{job.jobId}:{queued[0][1]}"}, {"$set": dead})
         for step in queued:  # every batch reaches the time limit: handed back, run again
             while (outcome := rt.runner.partitioned.run(*step)) is Outcome.CONTINUE:
                 pass
@@ -504,6 +508,7 @@ def test_a_transient_error_at_each_call_of_hand_backs_repeats_and_mirror_deletes
     wanted = {"Store.release", "Store.release_part", "Store.plan_repeats",
               "Store.superseded_rows", "Store.delete", "Store.missing_page"}  # fmt: skip
     assert faults.via >= wanted, wanted - faults.via
+    assert "Leases.take_over" in {faults.function[site] for site in faults.hit}
 
 
 def test_a_partition_mongodb_cannot_serve_is_named_as_the_partition_in_the_error(
