@@ -329,9 +329,10 @@ class FaultInjector:
     A call site is the innermost line of lakesync that calls a collection method; calls
     from the test itself (starting jobs, reading them) are left alone. A site reached on
     several paths is faulted on each: the path is the lines of lakesync from the site out
-    to the store boundary's retried method (``Leases._update`` alone serves the claims,
+    to the first, the retry machinery left out (``Leases._update`` alone serves the claims,
     commits, settles and hand-backs of jobs and partitions alike, and one fault there would
-    leave the rest untried).
+    leave the rest untried; a commit of the copy and one of a mirror's deletes differ only
+    beyond the store boundary).
     """
 
     def __init__(self, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -345,18 +346,20 @@ class FaultInjector:
             monkeypatch.setattr(Collection, name, self._wrap(getattr(Collection, name), name))
 
     def _site(self) -> tuple[tuple[str, int], ...] | None:
-        """The call path: the site first, then the lines of lakesync that led to it, out to
-        the store boundary's retried method (or to the outermost line of lakesync)."""
+        """The call path: the site first, then the lines of lakesync that led to it (but
+        those of the store boundary's retry wrapper and policy)."""
         frame = sys._getframe(2)
         path: list[tuple[str, int]] = []
-        last = ""
+        last, retried = "", False
         while frame is not None:
             name = frame.f_code.co_filename
             if "/lakesync/" in name and "/tests/" not in name:
-                if frame.f_code.co_qualname.startswith("retried."):
-                    if path:  # the store boundary's retry: the path is complete
+                if frame.f_code.co_qualname.startswith("retried.") or name.endswith("retry.py"):
+                    if path and not retried:  # the store boundary's retried method
                         self.via.add(last)
-                    break
+                    retried = True
+                    frame = frame.f_back  # type: ignore[assignment]
+                    continue
                 last = frame.f_code.co_qualname
                 if not path:
                     if not name.endswith(JOB_PATH):
