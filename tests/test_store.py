@@ -309,3 +309,38 @@ def test_an_upgrade_moves_partitions_and_plans_to_expire_with_their_job(db: Any)
         assert ttl == [{"expireAt": 1}], name
         expiring = {d["jobId"] for d in db[name].find({"expireAt": {"$exists": True}})}
         assert expiring == {"job_ended", "job_gone"}, name  # never under a running job
+
+
+def test_insert_new_keeps_documents_already_there_and_raises_any_other_write_error(
+    db: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A second try of an insert (partitions planned, rejections, a mirror's key set) finds
+    its documents there: kept. Any other write error is no duplicate and must not vanish."""
+    from pymongo.collection import Collection
+    from pymongo.errors import BulkWriteError
+
+    from lakesync.mongo import insert_new
+
+    coll = db["insert_new"]
+    docs = [{"_id": f"j:{i}", "index": i} for i in range(3)]
+    insert_new(coll, [dict(d) for d in docs])
+    insert_new(coll, [dict(d) for d in docs] + [{"_id": "j:3", "index": 3}])
+    assert sorted(d["index"] for d in coll.find()) == [0, 1, 2, 3]
+
+    def refused(code: int) -> Any:
+        def insert_many(self: Any, documents: Any, ordered: bool = True) -> Any:
+            raise BulkWriteError({
+                "writeErrors": [
+                    {"index": 0, "code": 11000, "errmsg": "E11000 duplicate key"},
+                    {"index": 1, "code": code, "errmsg": "Document failed validation"},
+                ],
+                "writeConcernErrors": [],
+            })  # fmt: skip
+
+        return insert_many
+
+    monkeypatch.setattr(Collection, "insert_many", refused(121))
+    with pytest.raises(BulkWriteError):
+        insert_new(coll, [dict(d) for d in docs])
+    monkeypatch.setattr(Collection, "insert_many", refused(11000))
+    insert_new(coll, [dict(d) for d in docs])  # duplicates only

@@ -46,7 +46,7 @@ from pydantic import BaseModel, ConfigDict, ValidationError
 from pymongo import DESCENDING
 from pymongo.collection import Collection
 from pymongo.database import Database
-from pymongo.errors import BulkWriteError, DuplicateKeyError
+from pymongo.errors import DuplicateKeyError
 
 from lakesync import metrics, mirror
 from lakesync.config import Settings
@@ -66,6 +66,7 @@ from lakesync.models import (
     Watermark,
     utcnow,
 )
+from lakesync.mongo import insert_new
 from lakesync.repeats import Plan, Superseded, plan_lake
 from lakesync.retry import RetryPolicy
 from lakesync.schema import RecordSchema
@@ -231,8 +232,7 @@ class Store:
 
     @retried("planning the partitions")
     def insert_parts(self, docs: list[dict[str, Any]]) -> None:
-        with contextlib.suppress(BulkWriteError):  # planned by a run (or try) before
-            self.parts.insert_many(docs, ordered=False)
+        insert_new(self.parts, docs)  # a partition planned by a run (or try) before is kept
 
     @retried("reading the partitions")
     def unfinished(self, job_id: str) -> list[int]:

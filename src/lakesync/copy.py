@@ -55,6 +55,7 @@ from pymongo.errors import BulkWriteError
 
 from lakesync.lake import LakeBatch
 from lakesync.models import Counters, utcnow
+from lakesync.mongo import DUPLICATE_KEY, insert_new
 from lakesync.repeats import Superseded
 from lakesync.schema import RecordSchema, Rejection, Validated, validate
 from lakesync.typemap import (
@@ -75,7 +76,6 @@ logger = logging.getLogger(__name__)
 MARKER = "_lakesync"
 MAX_MESSAGE_BYTES = 40 * 1024 * 1024  # below MongoDB's 48 MB message limit
 MAX_MESSAGE_OPS = 100_000  # MongoDB's maxWriteBatchSize
-_DUPLICATE_KEY = 11000
 _MARKER_ELEMENT = b"\x03" + MARKER.encode() + b"\x00"  # BSON: an embedded document named _lakesync
 _I32 = struct.Struct("<i")
 
@@ -433,7 +433,7 @@ class CopyEngine:
                 counts.inserted += int(e.details.get("nInserted", 0))
                 for err in e.details.get("writeErrors", []):
                     i = start + int(err["index"])
-                    if err.get("code") == _DUPLICATE_KEY:
+                    if err.get("code") == DUPLICATE_KEY:
                         taken.append(i)
                         continue
                     reason = err.get("errmsg", "")
@@ -601,7 +601,7 @@ class CopyEngine:
         retry: list[tuple[Write, RawBSONDocument]] = []
         for err in errors:
             write = chunk[err["index"]][0]
-            if err.get("code") == _DUPLICATE_KEY and write.counted is Counted.INSERTED:
+            if err.get("code") == DUPLICATE_KEY and write.counted is Counted.INSERTED:
                 write.counted = Counted.UPDATED  # inserted meanwhile by another writer
                 retry.append((write, write.document()))
                 continue
@@ -626,9 +626,4 @@ class CopyEngine:
 
     def _store_rejections(self, rejected: list[dict[str, Any]]) -> None:
         """Insert rejections; ids are positional, so a replayed batch adds no duplicates."""
-        try:
-            self.errors.insert_many(rejected, ordered=False)
-        except BulkWriteError as e:
-            real = [w for w in e.details.get("writeErrors", []) if w.get("code") != _DUPLICATE_KEY]
-            if real:
-                raise
+        insert_new(self.errors, rejected)

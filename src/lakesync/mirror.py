@@ -28,7 +28,7 @@ from typing import Any
 import pyarrow as pa
 from pymongo.collection import Collection
 from pymongo.database import Database
-from pymongo.errors import BulkWriteError, DuplicateKeyError, PyMongoError
+from pymongo.errors import DuplicateKeyError, PyMongoError
 
 from lakesync.config import Settings
 from lakesync.errors import JobError, RequestError
@@ -36,6 +36,7 @@ from lakesync.lake import Lake
 from lakesync.locations import canonical_uri
 from lakesync.masking import masked
 from lakesync.models import JobState, JobStatus
+from lakesync.mongo import insert_new
 from lakesync.operations import JobOptions, Operation
 from lakesync.schema import RecordSchema
 
@@ -44,7 +45,6 @@ logger = logging.getLogger(__name__)
 SEEN_PREFIX = "mirrorseen_"
 _DONE = (JobState.COMPLETED.value, JobState.CANCELLED.value)  # failed jobs can be resumed
 PAGE = 1000  # target documents compared per step of the delete phase
-_DUPLICATE_KEY = 11000
 _LOWEST: dict[type, Any] = {str: "", int: -(2**63)}  # the first id of each key type
 #: a document of another type than the keys, inserted before the first batch: the delete
 #: phase refuses to run without it (a seen set that was lost would delete live documents)
@@ -154,12 +154,8 @@ class MirrorSet:
         ids = list(set(keys))
         if not ids:
             return
-        try:
-            self.seen.insert_many([{"_id": i} for i in ids], ordered=False)
-        except BulkWriteError as e:  # keys seen before: a replayed batch, a repeated key
-            real = [w for w in e.details.get("writeErrors", []) if w.get("code") != _DUPLICATE_KEY]
-            if real:
-                raise
+        # keys seen before (a replayed batch, a repeated key) are kept
+        insert_new(self.seen, [{"_id": i} for i in ids])
 
     def next_page(self, after: Key | None) -> tuple[Key, list[Key]] | None:
         """After ``after``: (last id compared, ids not in the lake), or None when done."""

@@ -33,12 +33,31 @@ from lakesync.masking import masked
 
 if TYPE_CHECKING:  # pymongo is imported when first used: while the embedded server starts
     from pymongo import MongoClient
+    from pymongo.collection import Collection
     from pymongo.database import Database
 
 logger = logging.getLogger(__name__)
 
 CONNECT_TIMEOUT_MS = 5000
 WATCH_SECONDS = 1.0  # how often a serve or worker checks that the embedded server answers
+
+
+DUPLICATE_KEY = 11000  # MongoDB's code for a write refused by a unique index
+
+
+def insert_new(collection: Collection[dict[str, Any]], docs: list[dict[str, Any]]) -> None:
+    """Insert `docs` unordered, keeping those already there (their `_id` or unique key was
+    written by an earlier try or run); any other write error, or a write concern error,
+    raises."""
+    from pymongo.errors import BulkWriteError
+
+    try:
+        collection.insert_many(docs, ordered=False)
+    except BulkWriteError as e:
+        if e.details.get("writeConcernErrors") or any(
+            w.get("code") != DUPLICATE_KEY for w in e.details.get("writeErrors", [])
+        ):
+            raise
 
 
 def describe_hosts(uri: str) -> str:
