@@ -17,8 +17,10 @@ from tests.helpers import (
     REGION,
     SCHEMA,
     aws_test_env,
+    child_env,
     database_of,
     fresh,
+    lakesync,
     record,
     run_whole,
     s3_client,
@@ -123,3 +125,31 @@ def test_a_folder_holding_a_table_with_both_logs_names_it_as_it_is_read(tmp_path
     base = str(tmp_path / "lake")
     paths = [f"{table}/metadata/v1.metadata.json", f"{table}/_delta_log/0.json"]
     assert tables_listed(base, paths) == [(str(table), "delta")]
+
+
+def test_the_rejections_of_a_partitioned_delta_table_read_whole_at_80_columns(
+    settings: Settings, tmp_path: Path
+) -> None:
+    """A Delta data file is named ``part-00000-<uuid>-c000.snappy.parquet``, under its
+    partition folders: with that path kept whole, `lakesync errors` squeezed the key and the
+    reason into a few columns each ("(non" / "e)", "rea" / "son", a word cut every 3
+    letters). Too wide a path gives each rejection a block instead: the key and file:row
+    on a line, the reason below, wrapped at its spaces."""
+    table = tmp_path / "t"
+    rows = pa.Table.from_pylist([record("A", 1), record("B", 1, bad=True)], SCHEMA)
+    write_deltalake(str(table), rows, mode="append", partition_by=["projectId", "status"])
+    s = fresh(settings, table)
+    done = run_whole(s)
+    assert done.status == JobState.COMPLETED and done.errorRecords == 1, done.error
+    reason = database_of(s).copyerrors.find_one()["reason"]
+    run = lakesync(child_env(s), "errors", done.jobId)
+    assert run.returncode == 0, run.stderr
+    lines = run.stdout.splitlines()
+    assert lines[0].startswith("files under ")  # a path: whole, however long
+    too_wide = [line for line in lines[1:] if len(line) > 80 and len(line.split()) > 1]
+    assert not too_wide, run.stdout
+    words = set(run.stdout.split())
+    assert set(reason.split()) <= words, run.stdout  # every word of the reason whole
+    (path,) = DeltaTable(str(table)).file_uris()
+    assert f"{path.rsplit('/', 1)[1]}:1" in words, run.stdout  # under "files under" its folder
+    database_of(s).client.drop_database(s.database)
