@@ -4,10 +4,12 @@ is the oracle, as in ``tests/test_csv.py``."""
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Any
 
 import duckdb
+from tests.helpers import child_env, lakesync
 
 from lakesync.config import Settings
 from lakesync.models import JobState
@@ -61,3 +63,28 @@ def test_a_declared_cell_is_read_alike_whatever_else_its_batch_holds(
     whole = _copy(settings, db, config, 1000)
     assert whole == _copy(settings, db, config, 1)
     assert whole == (oracle, ["B3"])
+
+
+def test_inspect_samples_the_first_records_of_files_whose_types_differ(
+    settings: Settings, tmp_path: Path
+) -> None:
+    """A batch ends where the files' schemas differ (a JSON field an integer in one file and
+    an object in the next, a CSV column read as numbers in one file and text in the next):
+    `lakesync inspect` sampled that first batch only, "the first 2 records" of a lake of 7,
+    missing the rejections and repeated keys of the rest of its first 1,000 records."""
+    lake = tmp_path / "lake"
+    lake.mkdir()
+    (lake / "a.ndjson").write_text('{"id": 1, "x": 1}\n{"id": 2, "x": 2}\n')
+    (lake / "b.ndjson").write_text('{"id": 1, "x": {"a": 1}}\n')
+    (lake / "c.ndjson").write_text('{"id": 2, "x": 3}\n{"x": 4}\n')
+    config = tmp_path / "lakesync.toml"
+    config.write_text(f'[operations.j]\nsource = "{lake}"\ncollection = "j"\nkey = "id"\n')
+    env = child_env(settings, LAKESYNC_OPERATIONS_FILE=str(config))
+    run = lakesync(env, "inspect", "j", "--json")
+    assert run.returncode == 0, run.stderr
+    p = json.loads(run.stdout)
+    assert p["rows"] == 5 and p["sampleRows"] == 5, p
+    assert p["repeatedKeys"] == {"keys": 2, "records": 2, "among": "the first 5 records"}
+    assert p["sampleRejected"] == 1 and p["rejections"][0]["file"].endswith("c.ndjson")
+    assert p["rejections"][0]["row"] == 1
+    assert [d["_id"] for d in p["documents"]] == [1, 2, 1, 2]
