@@ -153,3 +153,53 @@ def test_the_rejections_of_a_partitioned_delta_table_read_whole_at_80_columns(
     (path,) = DeltaTable(str(table)).file_uris()
     assert f"{path.rsplit('/', 1)[1]}:1" in words, run.stdout  # under "files under" its folder
     database_of(s).client.drop_database(s.database)
+
+
+def test_an_iceberg_table_with_struct_and_list_columns_copies_as_pyiceberg_reads_it(
+    settings: Settings, tmp_path: Path
+) -> None:
+    """pyiceberg's ``Schema.column_names`` names nested fields too (``s.a``, ``s.b``, ``s``,
+    ``l.element``, ``l``): reading a unit with it as the top-level columns failed every copy
+    of a table holding a struct ("KeyError: 'Column s.a does not exist in schema'"). A
+    nested field renamed afterwards is read by field id, as pyiceberg reads it."""
+    from pyiceberg.catalog.sql import SqlCatalog
+
+    catalog = SqlCatalog(
+        "local", uri=f"sqlite:///{tmp_path}/catalog.db", warehouse=f"file://{tmp_path}/wh"
+    )
+    catalog.create_namespace("ns")
+    struct = pa.struct([("a", pa.int64()), ("b", pa.string())])
+
+    def rows(ids: list[int], version: int, inner: pa.DataType = struct) -> pa.Table:
+        b = inner[1].name  # type: ignore[index]
+        return pa.table({
+            "id": pa.array(ids, pa.int64()),
+            "s": pa.array([{"a": version, b: f"v{version}"}] * len(ids), inner),
+            "l": pa.array([[version, version]] * len(ids), pa.list_(pa.int64())),
+        })  # fmt: skip
+
+    table = catalog.create_table("ns.t", schema=rows([1], 1).schema)
+    table.append(rows([1, 2, 3], 1))
+    table.append(rows([1], 2))
+    with table.update_schema() as update:
+        update.rename_column("s.b", "bee")
+    table.append(rows([2], 3, pa.struct([("a", pa.int64()), ("bee", pa.string())])))
+    config = tmp_path / "lakesync.toml"
+    config.write_text(
+        f'[operations.t]\nsource = "{tmp_path}/wh/ns/t"\ncollection = "t"\nkey = "id"\n'
+    )
+    s = settings.model_copy(update={"operations_file": config})
+    with Runtime(s) as rt:
+        job, _ = rt.jobs.start("t", {}, trusted=True)
+        rt.runner.run(job.jobId)
+        done = rt.jobs.get(job.jobId)
+    assert done.status == JobState.COMPLETED, done.error
+    newest: dict[int, dict[str, Any]] = {}  # each key's newest version (s.a)
+    for r in table.scan().to_arrow().to_pylist():
+        if r["id"] not in newest or r["s"]["a"] > newest[r["id"]]["s"]["a"]:
+            newest[r["id"]] = r
+    db = database_of(s)
+    stored_rows = {d["_id"]: {k: d[k] for k in ("id", "s", "l")} for d in db.t.find()}
+    assert stored_rows == newest and newest[2]["s"] == {"a": 3, "bee": "v3"}
+    assert done.insertedRecords == 3 and done.duplicateRecords == 2
+    db.client.drop_database(s.database)
