@@ -88,3 +88,28 @@ def test_inspect_samples_the_first_records_of_files_whose_types_differ(
     assert p["sampleRejected"] == 1 and p["rejections"][0]["file"].endswith("c.ndjson")
     assert p["rejections"][0]["row"] == 1
     assert [d["_id"] for d in p["documents"]] == [1, 2, 1, 2]
+
+
+def test_a_byte_the_declared_encoding_does_not_define_rejects_its_record(
+    settings: Settings, db: Any, tmp_path: Path
+) -> None:
+    """cp1252 leaves 0x81, 0x8d, 0x8f, 0x90 and 0x9d undefined. With ``encoding =
+    "cp1252"`` one such byte in the second record failed the job with "The header of a.csv
+    is not valid cp1252 (byte 0x81 in it)": the header was valid, and the README's rule is
+    that text not valid in the file's encoding rejects its record (as with UTF-8)."""
+    lake = tmp_path / "lake"
+    lake.mkdir()
+    (lake / "a.csv").write_bytes(b"id;name\n007;Zo\xeb \x80\n7;x\x81y\n8;ok\n")
+    config = tmp_path / "lakesync.toml"
+    config.write_text(
+        f'[operations.cells]\nsource = "{lake}"\nformat = "csv"\ncollection = "cells"\n'
+        'key = "id"\nencoding = "cp1252"\ndelimiter = ";"\n'
+    )
+    with Runtime(settings.model_copy(update={"operations_file": config})) as rt:
+        job, _ = rt.jobs.start("cells", {}, trusted=True)
+        rt.runner.run(job.jobId)
+        done = rt.jobs.get(job.jobId)
+    assert done.status == JobState.COMPLETED, done.error
+    assert {d["_id"]: d["name"] for d in db.cells.find()} == {"007": "Zoë €", "8": "ok"}
+    (rejected,) = db.copyerrors.find({"jobId": done.jobId})
+    assert rejected["key"] == "7" and "0x81" in rejected["reason"], rejected

@@ -34,6 +34,7 @@ from lakesync.sources import jsonruns, widecsv
 from lakesync.sources.base import FileFacts, with_partition_columns
 from lakesync.sources.jsonarray import is_json_array, ndjson_copy
 from lakesync.sources.jsondepth import guard
+from lakesync.sources.undefined import MARKED, first_mark, reading_codec
 from lakesync.sources.widecsv import CSV_BLOCK_BYTES, convert_options, parse_options
 
 #: the text formats and their pyarrow dataset formats
@@ -81,7 +82,7 @@ class CsvOptions:
     def file_format(self, columns: list[str] | None = None) -> ds.FileFormat:
         """The dataset format; ``columns``: the file's column names (then its header line,
         if any, is skipped rather than read as names)."""
-        read = pacsv.ReadOptions(encoding=self.encoding, block_size=CSV_BLOCK_BYTES)
+        read = pacsv.ReadOptions(encoding=reading_codec(self.encoding), block_size=CSV_BLOCK_BYTES)
         if columns is not None:
             read.column_names = columns
             read.skip_rows = 1 if self.header else 0
@@ -187,6 +188,9 @@ def inspect_file(
         try:  # the names from the first record: Arrow's reader refuses two empty ones
             head, whole = widecsv.first_record(source, real, codec, csv.encoding, csv.delimiter)
             found = [v.decode() if csv.header else "" for v in head]
+            marks = [m for name in found if (m := first_mark(name)) is not None]
+            if marks:  # a byte the encoding does not define (see ``undefined``)
+                raise UnicodeDecodeError(csv.encoding, bytes([marks[0][0]]), 0, 1, "undefined")
         except UnicodeDecodeError as e:  # pyarrow hands the header's names over as UTF-8
             raise SourceError(
                 f"The header of {loc.show(path)} is not valid {csv.encoding} (byte "
@@ -400,6 +404,8 @@ def decoded(batch: pa.RecordBatch, encoding: str | None) -> tuple[pa.RecordBatch
     for i, column in enumerate(columns):
         if not pa.types.is_nested(column.type) and not pa.types.is_string(column.type):
             continue
+        if encoding is not None and pa.types.is_string(column.type):
+            columns[i] = column = _unmarked(column, batch.schema.names[i], encoding, fix, bad)
         try:
             column.validate(full=True)
             continue
@@ -442,3 +448,23 @@ def decoded(batch: pa.RecordBatch, encoding: str | None) -> tuple[pa.RecordBatch
     if not bad:
         return batch, bad
     return pa.RecordBatch.from_arrays(columns, schema=batch.schema), bad
+
+
+def _unmarked(
+    column: pa.Array, name: str, encoding: str, fix: str, bad: dict[int, str]
+) -> pa.Array:
+    """``column`` with each cell holding a byte the CSV file's encoding does not define
+    (read as a mark, see ``undefined``) made null, and its row's reason in ``bad``."""
+    marked = pc.fill_null(pc.match_substring_regex(column, MARKED), False)
+    if not pc.any(marked).as_py():
+        return column
+    for row in pc.indices_nonzero(marked).to_pylist():
+        found = first_mark(column[row].as_py())
+        assert found is not None
+        byte, place = found
+        bad.setdefault(
+            row,
+            f"{name}: the text is not valid {encoding} (byte 0x{byte:02x} at position "
+            f"{place}); {fix}",
+        )
+    return pc.if_else(marked, pa.scalar(None, column.type), column)
