@@ -113,3 +113,31 @@ def test_a_byte_the_declared_encoding_does_not_define_rejects_its_record(
     assert {d["_id"]: d["name"] for d in db.cells.find()} == {"007": "Zoë €", "8": "ok"}
     (rejected,) = db.copyerrors.find({"jobId": done.jobId})
     assert rejected["key"] == "7" and "0x81" in rejected["reason"], rejected
+
+
+def test_a_json_record_of_megabytes_is_copied_whole(
+    settings: Settings, db: Any, tmp_path: Path
+) -> None:
+    """A record may be as large as a document: a 5 MB string in an NDJSON file (plain,
+    gzipped, or a JSON array) failed the whole job with Arrow's "straddling object
+    straddles two block boundaries" (its default block is 1 MB), as a CSV cell did before."""
+    import gzip
+
+    lake = tmp_path / "lake"
+    lake.mkdir()
+    big = "z" * 5_000_000
+    lines = f'{{"id": "1", "s": "a"}}\n{{"id": "2", "s": "{big}"}}\n{{"id": "3", "s": "c"}}\n'
+    (lake / "a.ndjson").write_text(lines)
+    with gzip.open(lake / "b.ndjson.gz", "wt") as f:
+        f.write(lines.replace('"id": "', '"id": "b'))
+    (lake / "c.json").write_text(f'[{{"id": "c1", "s": "{big}"}},\r\n {{"id": "c2", "s": "x"}}]')
+    config = tmp_path / "lakesync.toml"
+    config.write_text(f'[operations.j]\nsource = "{lake}"\ncollection = "j"\nkey = "id"\n')
+    with Runtime(settings.model_copy(update={"operations_file": config})) as rt:
+        job, _ = rt.jobs.start("j", {}, trusted=True)
+        rt.runner.run(job.jobId)
+        done = rt.jobs.get(job.jobId)
+    assert done.status == JobState.COMPLETED, done.error
+    sizes = {d["_id"]: len(d["s"]) for d in db.j.find()}
+    assert sizes == {"1": 1, "2": 5_000_000, "3": 1, "b1": 1, "b2": 5_000_000, "b3": 1,
+                     "c1": 5_000_000, "c2": 1}  # fmt: skip

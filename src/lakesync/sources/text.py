@@ -26,6 +26,7 @@ import pyarrow.compute as pc
 import pyarrow.csv as pacsv
 import pyarrow.dataset as ds
 import pyarrow.fs as pafs
+import pyarrow.json as pajson
 
 from lakesync.errors import SourceError
 from lakesync.locations import Location
@@ -39,6 +40,9 @@ from lakesync.sources.widecsv import CSV_BLOCK_BYTES, convert_options, parse_opt
 
 #: the text formats and their pyarrow dataset formats
 FORMATS = {"csv": ds.CsvFileFormat, "json": ds.JsonFileFormat}
+#: an NDJSON block must hold a whole record, which may be as large as a MongoDB document
+#: (16 MB): Arrow's default block (1 MB) failed the file ("straddles two block boundaries")
+JSON_BLOCK_BYTES = CSV_BLOCK_BYTES
 #: compressed text by extension: pyarrow's codec names
 COMPRESSIONS = {".gz": "gzip", ".bz2": "bz2", ".zst": "zstd", ".zstd": "zstd"}
 
@@ -222,7 +226,12 @@ def inspect_file(
             opened, filesystem=fs, partition_expression=expr, file_size=size
         )
     else:
-        fragment = FORMATS[fmt]().make_fragment(
+        file_format = FORMATS[fmt]()
+        if fmt == "json":  # a record may be as large as a document, as a CSV cell
+            file_format = ds.JsonFileFormat(
+                read_options=pajson.ReadOptions(block_size=JSON_BLOCK_BYTES)
+            )
+        fragment = file_format.make_fragment(
             opened, filesystem=fs, partition_expression=expr, file_size=size
         )
     try:
