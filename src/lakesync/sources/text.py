@@ -41,7 +41,9 @@ from lakesync.sources.widecsv import CSV_BLOCK_BYTES, convert_options, parse_opt
 #: the text formats and their pyarrow dataset formats
 FORMATS = {"csv": ds.CsvFileFormat, "json": ds.JsonFileFormat}
 #: an NDJSON block must hold a whole record, which may be as large as a MongoDB document
-#: (16 MB): Arrow's default block (1 MB) failed the file ("straddles two block boundaries")
+#: (16 MB): Arrow's default block (1 MB) failed the file ("straddles two block boundaries").
+#: A file's block is 1 MB, or its longest line when longer (``jsondepth`` measures it);
+#: this when that is not known
 JSON_BLOCK_BYTES = CSV_BLOCK_BYTES
 #: compressed text by extension: pyarrow's codec names
 COMPRESSIONS = {".gz": "gzip", ".bz2": "bz2", ".zst": "zstd", ".zstd": "zstd"}
@@ -179,8 +181,10 @@ def inspect_file(
         fs, real = pafs.LocalFileSystem(), ndjson_copy(fs, path, loc.show(path), codec)
         size, codec = None, None
         scratch.append(real)
+    longest = None
     if fmt == "json":  # a record nested too deep would crash Arrow's reader (a segfault)
         safe = guard(fs, real, codec)
+        longest = safe.longest
         if safe.path != real:  # a plain NDJSON copy
             fs, real, size, refused, codec = safe.fs, safe.path, None, safe.refused, None
             scratch.append(real)
@@ -227,10 +231,9 @@ def inspect_file(
         )
     else:
         file_format = FORMATS[fmt]()
-        if fmt == "json":  # a record may be as large as a document, as a CSV cell
-            file_format = ds.JsonFileFormat(
-                read_options=pajson.ReadOptions(block_size=JSON_BLOCK_BYTES)
-            )
+        if fmt == "json":  # a block must hold the longest record (Arrow's default: 1 MB)
+            block = JSON_BLOCK_BYTES if longest is None else max(1 << 20, longest + 2)
+            file_format = ds.JsonFileFormat(read_options=pajson.ReadOptions(block_size=block))
         fragment = file_format.make_fragment(
             opened, filesystem=fs, partition_expression=expr, file_size=size
         )
