@@ -141,3 +141,28 @@ def test_a_json_record_of_megabytes_is_copied_whole(
     sizes = {d["_id"]: len(d["s"]) for d in db.j.find()}
     assert sizes == {"1": 1, "2": 5_000_000, "3": 1, "b1": 1, "b2": 5_000_000, "b3": 1,
                      "c1": 5_000_000, "c2": 1}  # fmt: skip
+
+
+def test_a_header_that_repeats_a_name_is_named_as_duckdb_names_it(
+    settings: Settings, db: Any, tmp_path: Path
+) -> None:
+    """A header repeating a name (``a,a,a,a_1``, and two empty names) failed the job with
+    Arrow's "CSV file contained multiple columns named a"; DuckDB's ``read_csv`` names them
+    ``a``, ``a_1``, ``a_2``, ``a_1_1``, and the empty ones ``column<i>`` (suffixed too)."""
+    lake = tmp_path / "lake"
+    lake.mkdir()
+    (lake / "a.csv").write_text("id,a,a,a,a_1,,column5,\n1,w,x,y,z,u,v,t\n")
+    config = tmp_path / "lakesync.toml"
+    config.write_text(
+        f'[operations.dup]\nsource = "{lake}"\nformat = "csv"\ncollection = "dup"\nkey = "id"\n'
+    )
+    with Runtime(settings.model_copy(update={"operations_file": config})) as rt:
+        job, _ = rt.jobs.start("dup", {}, trusted=True)
+        rt.runner.run(job.jobId)
+        done = rt.jobs.get(job.jobId)
+    assert done.status == JobState.COMPLETED, done.error
+    relation = duckdb.sql(f"SELECT * FROM read_csv('{lake / 'a.csv'}', all_varchar = true)")
+    (row,) = relation.fetchall()
+    (doc,) = db.dup.find({}, {"_id": 0, "_lakesync": 0})
+    assert doc == dict(zip(relation.columns, row, strict=True))
+    assert list(doc) == ["id", "a", "a_1", "a_2", "a_1_1", "column5", "column5_1", "column7"]

@@ -105,10 +105,25 @@ class CsvOptions:
         """The column names a file is read with, if not those ``found`` in it (None)."""
         if not self.header:
             given = list(self.names[: len(found)])
-            return given + [f"f{i}" for i in range(len(given), len(found))]
-        if all(found):
-            return None
-        return [name or f"column{i}" for i, name in enumerate(found)]
+            return unique(given + [f"f{i}" for i in range(len(given), len(found))])
+        names = unique([name or f"column{i}" for i, name in enumerate(found)])
+        return None if names == found else names
+
+
+def unique(names: list[str]) -> list[str]:
+    """``names`` with each one already taken suffixed as DuckDB's ``read_csv`` does it (a
+    header ``a,a,a,a_1`` names ``a``, ``a_1``, ``a_2``, ``a_1_1``): Arrow's reader refused
+    a file whose header repeats a name ("multiple columns named a")."""
+    taken: set[str] = set()
+    counts: dict[str, int] = {}
+    out = []
+    for name in names:
+        while name in taken:
+            counts[name] = counts.get(name, 0) + 1
+            name = f"{name}_{counts[name]}"
+        taken.add(name)
+        out.append(name)
+    return out
 
 
 @dataclass(frozen=True)
