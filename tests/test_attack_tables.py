@@ -17,8 +17,10 @@ from tests.helpers import (
     REGION,
     SCHEMA,
     aws_test_env,
+    child_env,
     database_of,
     fresh,
+    lakesync,
     record,
     run_whole,
     s3_client,
@@ -123,3 +125,81 @@ def test_a_folder_holding_a_table_with_both_logs_names_it_as_it_is_read(tmp_path
     base = str(tmp_path / "lake")
     paths = [f"{table}/metadata/v1.metadata.json", f"{table}/_delta_log/0.json"]
     assert tables_listed(base, paths) == [(str(table), "delta")]
+
+
+def test_the_rejections_of_a_partitioned_delta_table_read_whole_at_80_columns(
+    settings: Settings, tmp_path: Path
+) -> None:
+    """A Delta data file is named ``part-00000-<uuid>-c000.snappy.parquet``, under its
+    partition folders: with that path kept whole, `lakesync errors` squeezed the key and the
+    reason into a few columns each ("(non" / "e)", "rea" / "son", a word cut every 3
+    letters). Too wide a path gives each rejection a block instead: the key and file:row
+    on a line, the reason below, wrapped at its spaces."""
+    table = tmp_path / "t"
+    rows = pa.Table.from_pylist([record("A", 1), record("B", 1, bad=True)], SCHEMA)
+    write_deltalake(str(table), rows, mode="append", partition_by=["projectId", "status"])
+    s = fresh(settings, table)
+    done = run_whole(s)
+    assert done.status == JobState.COMPLETED and done.errorRecords == 1, done.error
+    reason = database_of(s).copyerrors.find_one()["reason"]
+    run = lakesync(child_env(s), "errors", done.jobId)
+    assert run.returncode == 0, run.stderr
+    lines = run.stdout.splitlines()
+    assert lines[0].startswith("files under ")  # a path: whole, however long
+    too_wide = [line for line in lines[1:] if len(line) > 80 and len(line.split()) > 1]
+    assert not too_wide, run.stdout
+    words = set(run.stdout.split())
+    assert set(reason.split()) <= words, run.stdout  # every word of the reason whole
+    (path,) = DeltaTable(str(table)).file_uris()
+    assert f"{path.rsplit('/', 1)[1]}:1" in words, run.stdout  # under "files under" its folder
+    database_of(s).client.drop_database(s.database)
+
+
+def test_an_iceberg_table_with_struct_and_list_columns_copies_as_pyiceberg_reads_it(
+    settings: Settings, tmp_path: Path
+) -> None:
+    """pyiceberg's ``Schema.column_names`` names nested fields too (``s.a``, ``s.b``, ``s``,
+    ``l.element``, ``l``): reading a unit with it as the top-level columns failed every copy
+    of a table holding a struct ("KeyError: 'Column s.a does not exist in schema'"). A
+    nested field renamed afterwards is read by field id, as pyiceberg reads it."""
+    from pyiceberg.catalog.sql import SqlCatalog
+
+    catalog = SqlCatalog(
+        "local", uri=f"sqlite:///{tmp_path}/catalog.db", warehouse=f"file://{tmp_path}/wh"
+    )
+    catalog.create_namespace("ns")
+    struct = pa.struct([("a", pa.int64()), ("b", pa.string())])
+
+    def rows(ids: list[int], version: int, inner: pa.DataType = struct) -> pa.Table:
+        b = inner[1].name  # type: ignore[index]
+        return pa.table({
+            "id": pa.array(ids, pa.int64()),
+            "s": pa.array([{"a": version, b: f"v{version}"}] * len(ids), inner),
+            "l": pa.array([[version, version]] * len(ids), pa.list_(pa.int64())),
+        })  # fmt: skip
+
+    table = catalog.create_table("ns.t", schema=rows([1], 1).schema)
+    table.append(rows([1, 2, 3], 1))
+    table.append(rows([1], 2))
+    with table.update_schema() as update:
+        update.rename_column("s.b", "bee")
+    table.append(rows([2], 3, pa.struct([("a", pa.int64()), ("bee", pa.string())])))
+    config = tmp_path / "lakesync.toml"
+    config.write_text(
+        f'[operations.t]\nsource = "{tmp_path}/wh/ns/t"\ncollection = "t"\nkey = "id"\n'
+    )
+    s = settings.model_copy(update={"operations_file": config})
+    with Runtime(s) as rt:
+        job, _ = rt.jobs.start("t", {}, trusted=True)
+        rt.runner.run(job.jobId)
+        done = rt.jobs.get(job.jobId)
+    assert done.status == JobState.COMPLETED, done.error
+    newest: dict[int, dict[str, Any]] = {}  # each key's newest version (s.a)
+    for r in table.scan().to_arrow().to_pylist():
+        if r["id"] not in newest or r["s"]["a"] > newest[r["id"]]["s"]["a"]:
+            newest[r["id"]] = r
+    db = database_of(s)
+    stored_rows = {d["_id"]: {k: d[k] for k in ("id", "s", "l")} for d in db.t.find()}
+    assert stored_rows == newest and newest[2]["s"] == {"a": 3, "bee": "v3"}
+    assert done.insertedRecords == 3 and done.duplicateRecords == 2
+    db.client.drop_database(s.database)

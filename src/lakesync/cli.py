@@ -746,6 +746,7 @@ def errors(
     limit: Annotated[int, typer.Option(min=1, help="At most this many records.")] = 100,
 ) -> None:
     """List a job's rejected records: key, file, row and reason, in lake order."""
+    from rich.padding import Padding
     from rich.table import Table
 
     from lakesync import rejections
@@ -769,18 +770,28 @@ def errors(
         folder = os.path.dirname(folder)
     if folder:
         out.print(escape(f"files under {folder}/"), highlight=False)
-    table = Table(box=None, pad_edge=False, header_style="bold")
-    table.add_column("key", overflow="fold")
-    table.add_column("file:row", no_wrap=True)
-    table.add_column("reason", overflow="fold")  # wraps at its spaces
-    for doc, file in zip(found, files, strict=True):
-        place = file[len(folder) + 1 :] if folder else file
-        table.add_row(
-            escape(str(doc["key"] or "(none)")),
-            escape(f"{place}:{doc['row']}"),
-            escape(str(doc["reason"] or "")),
+    rows = [
+        (
+            str(doc["key"] or "(none)"),
+            f"{file[len(folder) + 1 :] if folder else file}:{doc['row']}",
+            str(doc["reason"] or ""),
         )
-    out.print(table, highlight=False)
+        for doc, file in zip(found, files, strict=True)
+    ]
+    key_width = max(len(word) for key, _, _ in rows for word in key.split() or [""])
+    if key_width + max(len(place) for _, place, _ in rows) + 4 + 24 <= out.width:
+        table = Table(box=None, pad_edge=False, header_style="bold")
+        table.add_column("key", overflow="fold")
+        table.add_column("file:row", no_wrap=True)
+        table.add_column("reason", overflow="fold")  # wraps at its spaces
+        for key, place, reason in rows:
+            table.add_row(escape(key), escape(place), escape(reason))
+        out.print(table, highlight=False)
+    else:  # a table would squeeze the key and the reason beside a long path (a Delta file,
+        # part-00000-<uuid>-c000.snappy.parquet): one block each, the reason below
+        for key, place, reason in rows:
+            out.print(f"[bold]{escape(key)}[/]  {escape(place)}", highlight=False)
+            out.print(Padding(escape(reason), (0, 0, 0, 2), expand=False), highlight=False)
     if job.errorRecords > len(found):
         err.print(
             f"Showing {len(found):,} of {job.errorRecords:,} rejected records; "

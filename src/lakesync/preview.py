@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 from collections import Counter
+from dataclasses import replace
 from typing import Any
 
 import bson
@@ -27,6 +28,8 @@ from lakesync.typemap import ServerLimits, bson_type_name
 
 #: records read for the sample: enough to meet a few bad rows, few enough to answer at once
 SAMPLE_ROWS = 1000
+#: batches read for the sample at most (each ends where the files' schemas differ)
+SAMPLE_BATCHES = 100
 #: sample documents and rejections shown
 SHOWN = 10
 
@@ -48,12 +51,29 @@ def preview(
     lake = open_source(job, settings)
     check_columns(op.schema_, lake.schema, lake.uri)  # what would fail the job up front
     rows = lake.count_rows()
-    first = next(iter(lake.batches(SAMPLE_ROWS)), None)
-    table = first.table if first is not None else lake.schema.empty_table()
-    refused = first.refused if first is not None else {}  # rows the reader refused, as a copy
-    checked = validate(op.schema_, table, limits, refused=refused)
-    bodies = checked.encoded()
-    stored = checked.types  # the types of the valid rows' values as they are stored
+    # the first SAMPLE_ROWS records: a batch ends early where the files' schemas differ (a
+    # JSON field an integer in one file and an object in the next), so as many as it takes
+    # (at most SAMPLE_BATCHES of them: a lake of many small files of as many schemas is
+    # sampled from its first files, as "the first N records" then says)
+    sample: list[Any] = []
+    taken = 0
+    for batch in lake.batches(SAMPLE_ROWS):
+        if taken + batch.table.num_rows > SAMPLE_ROWS:  # the first rows of it, to the count
+            keep = SAMPLE_ROWS - taken
+            refused = {row: why for row, why in batch.refused.items() if row < keep}
+            batch = replace(batch, table=batch.table.slice(0, keep), refused=refused)
+        sample.append(batch)
+        taken += batch.table.num_rows
+        if taken >= SAMPLE_ROWS or len(sample) >= SAMPLE_BATCHES:
+            break
+    if not sample:
+        checks = [(None, validate(op.schema_, lake.schema.empty_table(), limits))]
+    else:  # rows the reader refused are rejected as a copy rejects them
+        checks = [(b, validate(op.schema_, b.table, limits, refused=b.refused)) for b in sample]
+    bodies = [body for _, checked in checks for body in checked.encoded()]
+    stored: dict[str, Any] = {}  # the types of the valid rows' values as they are stored
+    for _, checked in checks:
+        stored = {**checked.types, **stored}
     key_columns = op.schema_.key_columns
     schema = []
     for field in lake.schema:
@@ -67,15 +87,15 @@ def preview(
                 "key": field.name in key_columns,
             }
         )
-    repeats = Counter(checked.keys)
-    rejected = []
-    for r in checked.rejections[:SHOWN]:
-        assert first is not None  # rejections come from rows
-        seg = first.segment_of(r.row)
+    repeats = Counter(key for _, checked in checks for key in checked.keys)
+    rejections = [(b, r) for b, checked in checks for r in checked.rejections]
+    rejected: list[dict[str, Any]] = []
+    for held, r in rejections[:SHOWN]:
+        assert held is not None  # rejections come from rows
+        seg = held.segment_of(r.row)
         rejected.append(
             {"key": r.key, "file": seg.file, "row": seg.file_row(r.row), "reason": r.reason}
         )
-    sampled = table.num_rows
     return {
         "operation": operation,
         "source": masked(source),
@@ -90,12 +110,12 @@ def preview(
         "rows": rows,
         "rowsFrom": "file footers" if lake.format in ("parquet", "delta") else "reading the files",
         "schema": schema,
-        "sampleRows": sampled,
-        "sampleRejected": len(checked.rejections),
+        "sampleRows": taken,
+        "sampleRejected": len(rejections),
         "repeatedKeys": {
             "keys": sum(1 for n in repeats.values() if n > 1),
             "records": sum(n - 1 for n in repeats.values() if n > 1),
-            "among": f"the first {sampled:,} records",
+            "among": f"the first {taken:,} records",
         },
         "documents": [_json(b) for b in bodies[:SHOWN]],
         "rejections": rejected,

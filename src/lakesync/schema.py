@@ -330,6 +330,22 @@ def _py_convert(value: Any, ftype: str) -> Any:
     return value
 
 
+#: a cell that the column's cast cannot read either (see ``_cast_alone``)
+_NOT_CAST = object()
+
+
+def _cast_alone(column: pa.Array, i: int, target: pa.DataType) -> Any:
+    """Cell ``i`` read alone by the cast that read clean columns (``_NOT_CAST``: it cannot
+    be). A cell that cast reads ("1" as true, "0x10" as 16, "nan") is read so in a batch
+    whose column failed the cast too: a cell's verdict must not depend on the other cells
+    of its batch, the batch size or a partition's bounds. Only cells ``_py_convert`` refused
+    come here (a cast per cell costs ~60 us, 170 times the Python conversion)."""
+    try:
+        return column.slice(i, 1).cast(target).to_pylist()[0]
+    except (pa.ArrowInvalid, pa.ArrowNotImplementedError, pa.ArrowTypeError):
+        return _NOT_CAST
+
+
 _TYPE_WORDS = {
     "float": "a number",
     "int": "an integer",
@@ -380,6 +396,8 @@ def _cast(column: pa.ChunkedArray | pa.Array, rule: FieldRule) -> tuple[pa.Array
         try:
             converted = _py_convert(value, rule.type)
         except (ValueError, TypeError, OverflowError):
+            converted = _cast_alone(column, i, target)
+        if converted is _NOT_CAST:
             values.append(None)
             bad[i] = f"{rule.name} must be {_TYPE_WORDS[rule.type]}, got {value!r:.60}"
             continue

@@ -466,7 +466,8 @@ class IcebergSnapshot:
                 plain = [f for f in self._schema.fields if f.field_type.is_primitive]
                 wanted = [(plain or self._schema.fields)[0].name]
         projection = self._schema if wanted is None else self._schema.select(*wanted)
-        target = pa.schema([self.schema.field(n) for n in projection.column_names])
+        # the top-level fields (``column_names`` names nested ones too: ``s.a``, ``l.element``)
+        target = pa.schema([self.schema.field(f.name) for f in projection.fields])
         scan = ArrowScan(self._table.metadata, self._table.io, projection, AlwaysTrue())
         try:
             for batch in _task_batches(scan, self._table.io, unit.task):

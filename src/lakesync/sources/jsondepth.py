@@ -56,6 +56,8 @@ class Guarded:
     fs: pafs.FileSystem
     path: str
     refused: dict[int, str] = field(default_factory=dict)
+    #: the longest line's bytes (None: not known), which Arrow's block must hold
+    longest: int | None = None
 
 
 @dataclass
@@ -68,9 +70,12 @@ class _Scan:
     depth: int = 0  # the current line's nesting
     carry: bytes = b""  # a trailing backslash, kept for the next chunk
     deep: set[int] = field(default_factory=set)  # ids of the lines nested too deep
+    run: int = 0  # bytes of the current line before the chunk
+    longest: int = 0  # the longest line's bytes so far
 
     def feed(self, chunk: bytes, final: bool = False) -> None:
         """Scan the next bytes of the file."""
+        self._measure(chunk, final)
         data = self.carry + chunk
         self.carry = b""
         # an escaped backslash is two bytes that cannot escape a quote: blank them, so that
@@ -107,6 +112,18 @@ class _Scan:
         else:
             self.in_string = bool((parity[-1] ^ quote[-1]) & 1)
             self.depth = int(depth[-1])
+
+    def _measure(self, chunk: bytes, final: bool) -> None:
+        """Keep the longest line's length (a record Arrow's block must hold whole)."""
+        ends = np.flatnonzero(np.frombuffer(chunk, np.uint8) == _NL)
+        if ends.size:
+            inner = int(np.diff(ends).max()) - 1 if len(ends) > 1 else 0
+            self.longest = max(self.longest, self.run + int(ends[0]), inner)
+            self.run = len(chunk) - int(ends[-1]) - 1
+        else:
+            self.run += len(chunk)
+        if final:
+            self.longest = max(self.longest, self.run)
 
 
 _cache: OrderedDict[str, Guarded] = OrderedDict()
@@ -148,7 +165,7 @@ def _guarded(fs: pafs.FileSystem, path: str, codec: str | None, tag: str, limit:
             scan.feed(chunk)
     scan.feed(b"", final=True)
     if not scan.deep:
-        return Guarded(fs, path)
+        return Guarded(fs, path, longest=scan.longest)
     mine = f".{os.getpid()}.{threading.get_ident()}.part"
     partial, listed = Path(f"{target}{mine}"), Path(f"{refusals}{mine}")
     try:
@@ -162,7 +179,7 @@ def _guarded(fs: pafs.FileSystem, path: str, codec: str | None, tag: str, limit:
     finally:
         partial.unlink(missing_ok=True)
         listed.unlink(missing_ok=True)
-    return Guarded(pafs.LocalFileSystem(), str(target), refused)
+    return Guarded(pafs.LocalFileSystem(), str(target), refused, scan.longest)
 
 
 def _copy_without(

@@ -26,6 +26,7 @@ import pyarrow.compute as pc
 import pyarrow.csv as pacsv
 import pyarrow.dataset as ds
 import pyarrow.fs as pafs
+import pyarrow.json as pajson
 
 from lakesync.errors import SourceError
 from lakesync.locations import Location
@@ -34,10 +35,16 @@ from lakesync.sources import jsonruns, widecsv
 from lakesync.sources.base import FileFacts, with_partition_columns
 from lakesync.sources.jsonarray import is_json_array, ndjson_copy
 from lakesync.sources.jsondepth import guard
+from lakesync.sources.undefined import MARKED, first_mark, reading_codec
 from lakesync.sources.widecsv import CSV_BLOCK_BYTES, convert_options, parse_options
 
 #: the text formats and their pyarrow dataset formats
 FORMATS = {"csv": ds.CsvFileFormat, "json": ds.JsonFileFormat}
+#: an NDJSON block must hold a whole record, which may be as large as a MongoDB document
+#: (16 MB): Arrow's default block (1 MB) failed the file ("straddles two block boundaries").
+#: A file's block is 1 MB, or its longest line when longer (``jsondepth`` measures it);
+#: this when that is not known
+JSON_BLOCK_BYTES = CSV_BLOCK_BYTES
 #: compressed text by extension: pyarrow's codec names
 COMPRESSIONS = {".gz": "gzip", ".bz2": "bz2", ".zst": "zstd", ".zstd": "zstd"}
 
@@ -81,7 +88,7 @@ class CsvOptions:
     def file_format(self, columns: list[str] | None = None) -> ds.FileFormat:
         """The dataset format; ``columns``: the file's column names (then its header line,
         if any, is skipped rather than read as names)."""
-        read = pacsv.ReadOptions(encoding=self.encoding, block_size=CSV_BLOCK_BYTES)
+        read = pacsv.ReadOptions(encoding=reading_codec(self.encoding), block_size=CSV_BLOCK_BYTES)
         if columns is not None:
             read.column_names = columns
             read.skip_rows = 1 if self.header else 0
@@ -98,10 +105,25 @@ class CsvOptions:
         """The column names a file is read with, if not those ``found`` in it (None)."""
         if not self.header:
             given = list(self.names[: len(found)])
-            return given + [f"f{i}" for i in range(len(given), len(found))]
-        if all(found):
-            return None
-        return [name or f"column{i}" for i, name in enumerate(found)]
+            return unique(given + [f"f{i}" for i in range(len(given), len(found))])
+        names = unique([name or f"column{i}" for i, name in enumerate(found)])
+        return None if names == found else names
+
+
+def unique(names: list[str]) -> list[str]:
+    """``names`` with each one already taken suffixed as DuckDB's ``read_csv`` does it (a
+    header ``a,a,a,a_1`` names ``a``, ``a_1``, ``a_2``, ``a_1_1``): Arrow's reader refused
+    a file whose header repeats a name ("multiple columns named a")."""
+    taken: set[str] = set()
+    counts: dict[str, int] = {}
+    out = []
+    for name in names:
+        while name in taken:
+            counts[name] = counts.get(name, 0) + 1
+            name = f"{name}_{counts[name]}"
+        taken.add(name)
+        out.append(name)
+    return out
 
 
 @dataclass(frozen=True)
@@ -174,8 +196,10 @@ def inspect_file(
         fs, real = pafs.LocalFileSystem(), ndjson_copy(fs, path, loc.show(path), codec)
         size, codec = None, None
         scratch.append(real)
+    longest = None
     if fmt == "json":  # a record nested too deep would crash Arrow's reader (a segfault)
         safe = guard(fs, real, codec)
+        longest = safe.longest
         if safe.path != real:  # a plain NDJSON copy
             fs, real, size, refused, codec = safe.fs, safe.path, None, safe.refused, None
             scratch.append(real)
@@ -187,6 +211,9 @@ def inspect_file(
         try:  # the names from the first record: Arrow's reader refuses two empty ones
             head, whole = widecsv.first_record(source, real, codec, csv.encoding, csv.delimiter)
             found = [v.decode() if csv.header else "" for v in head]
+            marks = [m for name in found if (m := first_mark(name)) is not None]
+            if marks:  # a byte the encoding does not define (see ``undefined``)
+                raise UnicodeDecodeError(csv.encoding, bytes([marks[0][0]]), 0, 1, "undefined")
         except UnicodeDecodeError as e:  # pyarrow hands the header's names over as UTF-8
             raise SourceError(
                 f"The header of {loc.show(path)} is not valid {csv.encoding} (byte "
@@ -218,7 +245,11 @@ def inspect_file(
             opened, filesystem=fs, partition_expression=expr, file_size=size
         )
     else:
-        fragment = FORMATS[fmt]().make_fragment(
+        file_format = FORMATS[fmt]()
+        if fmt == "json":  # a block must hold the longest record (Arrow's default: 1 MB)
+            block = JSON_BLOCK_BYTES if longest is None else max(1 << 20, longest + 2)
+            file_format = ds.JsonFileFormat(read_options=pajson.ReadOptions(block_size=block))
+        fragment = file_format.make_fragment(
             opened, filesystem=fs, partition_expression=expr, file_size=size
         )
     try:
@@ -400,6 +431,8 @@ def decoded(batch: pa.RecordBatch, encoding: str | None) -> tuple[pa.RecordBatch
     for i, column in enumerate(columns):
         if not pa.types.is_nested(column.type) and not pa.types.is_string(column.type):
             continue
+        if encoding is not None and pa.types.is_string(column.type):
+            columns[i] = column = _unmarked(column, batch.schema.names[i], encoding, fix, bad)
         try:
             column.validate(full=True)
             continue
@@ -442,3 +475,23 @@ def decoded(batch: pa.RecordBatch, encoding: str | None) -> tuple[pa.RecordBatch
     if not bad:
         return batch, bad
     return pa.RecordBatch.from_arrays(columns, schema=batch.schema), bad
+
+
+def _unmarked(
+    column: pa.Array, name: str, encoding: str, fix: str, bad: dict[int, str]
+) -> pa.Array:
+    """``column`` with each cell holding a byte the CSV file's encoding does not define
+    (read as a mark, see ``undefined``) made null, and its row's reason in ``bad``."""
+    marked = pc.fill_null(pc.match_substring_regex(column, MARKED), False)
+    if not pc.any(marked).as_py():
+        return column
+    for row in pc.indices_nonzero(marked).to_pylist():
+        found = first_mark(column[row].as_py())
+        assert found is not None
+        byte, place = found
+        bad.setdefault(
+            row,
+            f"{name}: the text is not valid {encoding} (byte 0x{byte:02x} at position "
+            f"{place}); {fix}",
+        )
+    return pc.if_else(marked, pa.scalar(None, column.type), column)

@@ -29,6 +29,7 @@ import pyarrow.csv as pacsv
 import pyarrow.fs as pafs
 
 from lakesync.sources.base import hold, reused, scratch_folder
+from lakesync.sources.undefined import reading_codec
 
 #: a CSV block must hold a whole record: a cell may be as large as a MongoDB document
 #: (16 MB), which Arrow's default block (1 MB) refused ("straddles two block boundaries")
@@ -117,7 +118,7 @@ class _Records:
 def _stream(fs: pafs.FileSystem, path: str, codec: str | None, encoding: str) -> Any:
     """The file's bytes as UTF-8, decompressed and transcoded as Arrow's reader does it."""
     raw = fs.open_input_stream(path, compression=codec)
-    return pa.transcoding_input_stream(raw, encoding, "utf8")
+    return pa.transcoding_input_stream(raw, reading_codec(encoding), "utf8")
 
 
 def first_record(
