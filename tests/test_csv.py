@@ -4,6 +4,7 @@ and header per operation, undecodable text rejected per record, large cells. Duc
 
 from __future__ import annotations
 
+import gzip
 import json
 import os
 import subprocess
@@ -16,6 +17,7 @@ import duckdb
 import pyarrow.dataset as ds
 import pyarrow.fs as pafs
 import pytest
+from tests.test_partitions import stepped
 
 from lakesync.config import Settings
 from lakesync.errors import ConfigError
@@ -571,3 +573,146 @@ def test_a_watermark_written_in_mixed_formats_is_read_as_validation_reads_it(
     again = _run(settings, tmp_path, toml, "wm", "incremental")
     assert (again.insertedRecords, again.updatedRecords) == (0, 0), again
     assert _watermark(db, "wm") == "2024-01-04T08:00:00.000Z"
+
+
+def _ragged_lake(root: Path, header: bool) -> Path:
+    """Tab-separated files (one gzipped) whose records of fewer or more cells than the file
+    has columns sit first (after the first record, without a header: it names the width),
+    in the middle and last; keys repeat across files."""
+    lake = root / f"ragged{int(header)}"
+    lake.mkdir()
+    top = ["id\tv\tw\tx"] if header else []
+    first = [] if header else ["0\t0\tzero\t0"]
+    files = {
+        "a.csv": [*top, *first, "1\t10\tone", "2\t20\ttwo\t2", "3\t30\tthree\t3\textra",
+                  "4\t40\tfour\t4", "5\t50"],
+        "b.csv.gz": [*top, *first, "6\t60\tsix\t6\tx\ty", "2\t21\ttwo again\t2", "7\t70\tseven\t7",
+                     "8"],
+        "c.csv": [*top, *first, "9\t90\tnine\t9", "1\t11\tone again\t1"],
+    }  # fmt: skip
+    for name, lines in files.items():
+        data = ("\n".join(lines) + "\n").encode()
+        (lake / name).write_bytes(gzip.compress(data) if name.endswith(".gz") else data)
+    return lake
+
+
+def _rejections(db: Any, job: str) -> list[tuple[str, int, str]]:
+    return sorted((e["file"], e["row"], e["reason"]) for e in db.copyerrors.find({"jobId": job}))
+
+
+@pytest.mark.parametrize("header", [True, False])
+@pytest.mark.parametrize("wide", [False, True])
+def test_a_record_of_another_number_of_cells_is_rejected_with_its_reason_not_the_job(
+    settings: Settings,
+    db: Any,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    header: bool,
+    wide: bool,
+) -> None:
+    if wide:  # 4 columns: read as a wide file, which split records itself
+        monkeypatch.setattr(widecsv, "WIDE_COLUMNS", 3)
+        monkeypatch.setattr(widecsv, "GROUP_COLUMNS", 2)
+    lake = _ragged_lake(tmp_path, header)
+    fields = {"id": "string", "v": "int", "w": "string"}
+    name = f"ragged{int(header)}{int(wide)}"
+
+    def toml(**more: Any) -> str:
+        return _toml(name, lake, fields, delimiter="\t", header=header, **more)
+
+    whole = _copy(settings, tmp_path, toml(), name)
+    expected = _collection(db, name)
+    rejected = _rejections(db, whole.jobId)
+    ragged = 5  # per file: a 2 (one at its first record), b 2, c 0; a 1 more
+    assert (whole.totalRecords, whole.errorRecords) == (11 + 3 * (not header), ragged), whole
+    assert whole.insertedRecords == len(expected) == 5 + (not header), whole
+    assert whole.duplicateRecords == 1 + 2 * (not header), whole  # (2 and, no header, 0 twice)
+    files = [lake / f for f in ("a.csv", "b.csv.gz", "c.csv")]
+    oracle = _oracle(files, {"id": "VARCHAR", "v": "BIGINT", "w": "VARCHAR", "x": "BIGINT"},
+                     delim="\t", header=header, ignore_errors=True)  # fmt: skip
+    assert {k: (d["v"], d["w"]) for k, d in expected.items()} == {
+        k: (d["v"], d["w"]) for k, d in oracle.items()
+    }
+    shift = 1 + header  # the row number Arrow's reader gives the first data record
+    places = [("a.csv", 0, 3), ("a.csv", 2, 5), ("a.csv", 4, 2), ("b.csv.gz", 0, 6),
+              ("b.csv.gz", 3, 1)]  # fmt: skip
+    places = [(f, r + (not header), got) for f, r, got in places]  # (row 0: the first record)
+    assert [(f.rsplit("/", 1)[-1], r) for f, r, _ in rejected] == [(f, r) for f, r, _ in places]
+    for (_, row, why), (_, _, got) in zip(rejected, places, strict=True):
+        assert f"Row #{row + shift} of the file has {got} cells, the file has 4 columns" in why
+
+    for size in (1, 2):  # the same, a batch at a time of one or two records
+        db[name].drop()
+        again = _copy(settings, tmp_path, toml(batchSize=size), name)
+        assert _collection(db, name) == expected and _rejections(db, again.jobId) == rejected
+        assert (again.insertedRecords, again.errorRecords) == (whole.insertedRecords, ragged)
+    rerun = _copy(settings, tmp_path, toml(), name)
+    assert (rerun.insertedRecords, rerun.updatedRecords, rerun.errorRecords) == (0, 0, ragged)
+
+    db[name].drop()  # partitioned, in reverse order, one partition failing and resumed
+    config = tmp_path / f"{name}-parts.toml"
+    config.write_text(toml(batchSize=1))
+    rt, queued = stepped(settings.model_copy(update={"operations_file": config}), lake)
+    rt.settings.partition_rows = 2  # about a file a partition
+    with rt:
+        job, _ = rt.jobs.start(name)
+        rt.runner.run(job.jobId)
+        parts = rt.runner.partitioned
+        assert parts is not None and len(queued) >= 3, queued
+        order = list(reversed(queued))
+        parts.run(*order[0])
+        victim = db.jobpartitions.find_one({"_id": f"{job.jobId}:{order[1][1]}"})["files"][0]
+        parked = tmp_path / "parked"
+        (lake / victim).rename(parked)  # this part fails its job
+        parts.run(*order[1])
+        assert rt.store.get(job.jobId).status == JobState.FAILED
+        parked.rename(lake / victim)
+        rt.jobs.resume(job.jobId)
+        queued.clear()
+        rt.runner.run(job.jobId)
+        for step in reversed(queued):
+            parts.run(*step)
+        done = rt.store.get(job.jobId)
+    assert done.status == JobState.COMPLETED, (done.message, done.error)
+    assert _collection(db, name) == expected and _rejections(db, done.jobId) == rejected
+    assert (done.totalRecords, done.insertedRecords, done.duplicateRecords, done.errorRecords) == (
+        whole.totalRecords,
+        whole.insertedRecords,
+        whole.duplicateRecords,
+        ragged,
+    )
+
+
+@pytest.mark.parametrize("wide", [False, True])
+def test_a_read_resumed_at_any_row_refuses_the_same_records_at_the_same_places(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, wide: bool
+) -> None:
+    from lakesync.sources.base import Position
+    from lakesync.sources.lake import Lake
+
+    if wide:
+        monkeypatch.setattr(widecsv, "WIDE_COLUMNS", 3)
+        monkeypatch.setattr(widecsv, "GROUP_COLUMNS", 2)
+    lake = _ragged_lake(tmp_path, True)
+    opened = Lake.open(str(lake), csv=CsvOptions(delimiter="\t", text=frozenset({"id"})))
+    counts = opened.file_row_counts()
+    assert counts == [5, 4, 2] and opened.count_rows() == 11
+
+    def read(size: int, start: Position) -> list[tuple[int, int, Any, str | None]]:
+        """(file, row, the record's id, why it was refused) of each row read."""
+        out = []
+        for batch in opened.batches(size, start=start):
+            ids = batch.table.column("id").to_pylist()
+            for seg in batch.segments:
+                for r in range(seg.offset, seg.offset + seg.rows):
+                    out.append((seg.file_index, seg.file_row(r), ids[r], batch.refused.get(r)))
+        return out
+
+    whole = read(100, Position())
+    assert [(f, r) for f, r, _, why in whole if why] == [(0, 0), (0, 2), (0, 4), (1, 0), (1, 3)]
+    assert all(i is None for _, _, i, why in whole if why)  # a placeholder, no cell of it
+    for size in (1, 2, 3):
+        for f, n in enumerate(counts):
+            for row in range(n):
+                assert read(size, Position(f, row)) == [w for w in whole if w[:2] >= (f, row)]
+    opened.close()

@@ -346,7 +346,7 @@ def hold(paths: Iterable[str]) -> None:
 
 def let_go(paths: Iterable[str]) -> None:
     """Let go of scratch copies; one nobody holds any more is removed (a guarded JSON
-    copy with the list of its refused rows)."""
+    copy or a CSV copy with the list of its refused rows)."""
     with _scratch_lock:
         own = _scratch[2] if _scratch is not None and _scratch[0] == os.getpid() else None
         for path in paths:
@@ -360,3 +360,5 @@ def let_go(paths: Iterable[str]) -> None:
             Path(path).unlink(missing_ok=True)
             if path.endswith(".safe.ndjson"):
                 Path(path.removesuffix(".safe.ndjson") + ".refused.json").unlink(missing_ok=True)
+            elif path.endswith(".arrow"):  # a CSV copy's (``widecsv``)
+                Path(path.removesuffix(".arrow") + ".refused.json").unlink(missing_ok=True)

@@ -17,9 +17,9 @@ filter, the watermark scan) as validation reads it (``Compared``).
 from __future__ import annotations
 
 import codecs
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import Any, Literal
 
 import pyarrow as pa
 import pyarrow.compute as pc
@@ -85,9 +85,12 @@ class CsvOptions:
     #: file is not read as written for them, see ``jsonnumbers``)
     doubles: frozenset[str] = field(default_factory=frozenset)
 
-    def file_format(self, columns: list[str] | None = None) -> ds.FileFormat:
+    def file_format(
+        self, columns: list[str] | None = None, invalid: Callable[[Any], str] | None = None
+    ) -> ds.FileFormat:
         """The dataset format; ``columns``: the file's column names (then its header line,
-        if any, is skipped rather than read as names)."""
+        if any, is skipped rather than read as names); ``invalid``: told each record of
+        another number of cells (None: such a record fails the read)."""
         read = pacsv.ReadOptions(encoding=reading_codec(self.encoding), block_size=CSV_BLOCK_BYTES)
         if columns is not None:
             read.column_names = columns
@@ -95,8 +98,11 @@ class CsvOptions:
         elif not self.header:
             read.autogenerate_column_names = True  # f0, f1...
         convert = convert_options({name: pa.string() for name in self.text})
+        parse = parse_options(self.delimiter)
+        if invalid is not None:
+            parse.invalid_row_handler = invalid
         return ds.CsvFileFormat(
-            parse_options=parse_options(self.delimiter),
+            parse_options=parse,
             convert_options=convert,
             read_options=read,
         )
@@ -224,10 +230,16 @@ def inspect_file(
             ) from e
         names = csv.named(found)
         # Arrow's reader takes ~10 KB a column; and it reads an empty last cell that ends
-        # the file (no line break after it) as "" after a quoted cell: the group reader
-        # reads both right
-        if len(head) > widecsv.WIDE_COLUMNS or _ends_in_a_cell(source, real, codec, csv, whole):
-            copy = widecsv.wide_copy(
+        # the file (no line break after it) as "" after a quoted cell; and it fails the
+        # whole file on a record of another number of cells: the group reader reads all
+        # three right (such a record refused with its reason, in its place)
+        grouped = len(head) > widecsv.WIDE_COLUMNS
+        grouped = grouped or _ends_in_a_cell(source, real, codec, csv, whole)
+        if not grouped:  # no header, or an empty name in it: read with the names made for it
+            file_format = csv.file_format(names)
+            grouped = _ragged(csv, names, opened, fs, size)
+        if grouped:
+            copy, refused = widecsv.wide_copy(
                 source,
                 real,
                 codec,
@@ -239,8 +251,7 @@ def inspect_file(
             )
             fs, opened, size, file_format = pafs.LocalFileSystem(), copy, None, _WIDE
             scratch.append(copy)
-        else:  # no header, or an empty name in it: read with the names made for it
-            file_format = csv.file_format(names)
+            refused = refused or None
         fragment = file_format.make_fragment(
             opened, filesystem=fs, partition_expression=expr, file_size=size
         )
@@ -264,6 +275,26 @@ def inspect_file(
         schema = as_written(schema, csv.text)
     facts = FileFacts(real, size, None, expr, refused=refused, scratch=tuple(scratch))
     return facts, schema, fragment
+
+
+def _ragged(
+    csv: CsvOptions, names: list[str] | None, path: str, fs: pafs.FileSystem, size: int | None
+) -> bool:
+    """Whether some record of the CSV file has another number of cells than its first
+    (Arrow's reader would fail the whole file on it): its records counted by Arrow's
+    parser, which tells each such record to a handler."""
+    found: list[bool] = []
+
+    def handler(row: Any) -> str:
+        found.append(True)
+        return "skip"
+
+    fragment = csv.file_format(names, handler).make_fragment(path, filesystem=fs, file_size=size)
+    try:
+        fragment.count_rows()
+    except pa.ArrowInvalid:  # (met again where the file is read, with its reason)
+        return bool(found)
+    return bool(found)
 
 
 def _ends_in_a_cell(

@@ -12,16 +12,24 @@ read). The file becomes an Arrow IPC copy in this process's scratch folder (as a
 becomes an NDJSON copy: ``jsonarray``), named after the file and the options it is read
 with, and is then read like any other file. Memory is bounded by a block of the file
 (``CSV_BLOCK_BYTES``) and one group's conversion, not by the number of columns.
+
+A record of fewer or more cells than the file has columns is not read: it stays in the copy
+as a row of nulls at its place (so the rows after it keep theirs) and is refused with its
+reason (``ragged_reason``), as a JSON record nested too deep is (``jsondepth``). A file of
+few columns holding such a record is read here too (``text.inspect_file``): Arrow's reader
+failed the whole file on it ("Expected 4 columns, got 3").
 """
 
 from __future__ import annotations
 
 import hashlib
 import itertools
+import json
 import os
 import re
 import threading
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import pyarrow as pa
@@ -37,6 +45,8 @@ CSV_BLOCK_BYTES = 17 << 20
 #: a file whose first record has more fields than this is read a group of columns at a time
 WIDE_COLUMNS = 1000
 GROUP_COLUMNS = 1000
+#: the extension of the list of a copy's refused rows, beside it
+REFUSED_SUFFIX = ".refused.json"
 #: records converted at a time after the first block (whose types are fixed by then)
 _RUN_BYTES = 4 << 20
 _READ = 1 << 20
@@ -147,6 +157,16 @@ def _value(field: bytes) -> bytes:
     return field if match is None else match[1].replace(b'""', b'"') + match[2]
 
 
+def ragged_reason(record: int, expected: int, found: int, shown: str) -> str:
+    """Why a CSV record of ``found`` cells in a file of ``expected`` columns is rejected;
+    ``record``: its number in the file (1-based, the header counted, as Arrow's reader
+    numbers its rows)."""
+    return (
+        f"Row #{record} of the file has {found} cells, the file has {expected} columns "
+        f"({shown[:60]!r}); it was not read. Fix the record in the lake."
+    )
+
+
 def _groups(count: int) -> list[tuple[int, int]]:
     """Column ranges of about ``GROUP_COLUMNS`` each, none of one column (a record of a
     single empty cell would be an empty line, which a CSV reader skips)."""
@@ -177,10 +197,12 @@ def _converted(
             block_size=max(len(data) + 1, 1 << 20),
             use_threads=False,
         )
+        parse = parse_options(delimiter)
+        parse.ignore_empty_lines = False  # (records only: a row of one null cell is a row)
         table = pacsv.read_csv(
             pa.py_buffer(data),
             read_options=read,
-            parse_options=parse_options(delimiter),
+            parse_options=parse,
             convert_options=convert_options({n: types[n] for n in group if n in types}),
             memory_pool=pa.system_memory_pool(),
         )
@@ -199,25 +221,33 @@ def wide_copy(
     header: bool,
     names: list[str],
     text: frozenset[str],
-) -> str:
+) -> tuple[str, dict[int, str]]:
     """The local path of an Arrow IPC copy of the CSV file ``path`` (made if needed), read
     with ``names`` for its columns (its header line, if any, skipped), ``text`` of them read
-    as text, the other types inferred from the file's first block as Arrow infers them."""
+    as text, the other types inferred from the file's first block as Arrow infers them; and
+    its refused rows (records of another number of cells), by their place, with the reason."""
     info = fs.get_file_info(path)
     read = (encoding, delimiter, header, names, sorted(text))
     tag = repr((fs.type_name, path, info.size, info.mtime_ns, *read)).encode()
     target = scratch_folder() / f"{hashlib.sha256(tag).hexdigest()[:32]}.arrow"
-    if reused(target):
-        return str(target)
-    partial = target.with_suffix(f".{threading.get_ident()}.part")
+    listed = target.with_suffix(REFUSED_SUFFIX)  # (removed with the copy: ``base.let_go``)
+    if listed.exists() and reused(target):
+        rows = json.loads(listed.read_text())
+        return str(target), {int(r): why for r, why in rows.items()}
+    mine = f".{os.getpid()}.{threading.get_ident()}.part"
+    partial, written = target.with_suffix(mine), Path(f"{listed}{mine}")
+    refused: dict[int, str] = {}
     try:
         with _stream(fs, path, codec, encoding) as stream, pa.OSFile(str(partial), "wb") as out:
-            _write(_Records(stream, delimiter), out, names, delimiter, header, text)
+            _write(_Records(stream, delimiter), out, names, delimiter, header, text, refused)
+        written.write_text(json.dumps({str(r): why for r, why in refused.items()}))
+        os.replace(written, listed)  # both complete before either is used
         os.replace(partial, target)
         hold([str(target)])
     finally:
         partial.unlink(missing_ok=True)
-    return str(target)
+        written.unlink(missing_ok=True)
+    return str(target), refused
 
 
 def _write(
@@ -227,6 +257,7 @@ def _write(
     delimiter: str,
     header: bool,
     text: frozenset[str],
+    refused: dict[int, str],
 ) -> None:
     types: dict[str, pa.DataType] = {n: pa.string() for n in names if n in text}
     writer = None
@@ -242,18 +273,22 @@ def _write(
         writer.write_table(table)
         run, run_bytes = [], 0
 
+    width = len(delimiter.encode())
+    blank = delimiter.encode() * (len(names) - 1), [i * width for i in range(len(names))]
+    row = 0  # the data record's place in the file's rows
     for record, ends, offset in records:
         if skip:
             skip = False
             continue
-        if len(ends) != len(names):
+        size = len(record)
+        if len(ends) != len(names):  # refused, a row of nulls in its place
             shown = record[:96].decode("utf-8", "replace")
-            raise pa.ArrowInvalid(
-                f"CSV parse error: Expected {len(names)} columns, got {len(ends)}: {shown}"
-            )
+            refused[row] = ragged_reason(row + 1 + header, len(names), len(ends), shown)
+            record, ends = blank
+        row += 1
         if offset > limit and run:  # this record is past the block: the block ends before it
             flush()
-            limit = offset - len(record) + _RUN_BYTES
+            limit = offset - size + _RUN_BYTES
         run.append((record, ends))
         run_bytes += len(record)
     if run:
