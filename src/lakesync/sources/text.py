@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import codecs
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, Literal
 
 import pyarrow as pa
@@ -197,6 +197,7 @@ def inspect_file(
     fs, real = loc.fs, path
     codec = compression_of(path)
     refused = None
+    rows = None  # a CSV file's, counted at open (when it is read as Arrow reads it)
     scratch: list[str] = []  # the copies made (held: the lake lets them go when closed)
     if fmt == "json" and is_json_array(fs, path, codec):  # [{...}, ...]: read as NDJSON
         fs, real = pafs.LocalFileSystem(), ndjson_copy(fs, path, loc.show(path), codec)
@@ -237,7 +238,9 @@ def inspect_file(
         grouped = grouped or _ends_in_a_cell(source, real, codec, csv, whole)
         if not grouped:  # no header, or an empty name in it: read with the names made for it
             file_format = csv.file_format(names)
-            grouped = _ragged(csv, names, opened, fs, size)
+            rows = _counted(csv, names, opened, fs, size, whole)
+            grouped = rows is None
+            rows = None if rows is None or rows < 0 else rows  # (read on, to fail as it did)
         if grouped:
             copy, refused = widecsv.wide_copy(
                 source,
@@ -273,28 +276,39 @@ def inspect_file(
     schema = with_partition_columns(physical, keys)
     if fmt == "json" and csv is not None:  # (the scan's schema is the reader's explicit one)
         schema = as_written(schema, csv.text)
-    facts = FileFacts(real, size, None, expr, refused=refused, scratch=tuple(scratch))
+    facts = FileFacts(real, size, rows, expr, refused=refused, scratch=tuple(scratch))
     return facts, schema, fragment
 
 
-def _ragged(
-    csv: CsvOptions, names: list[str] | None, path: str, fs: pafs.FileSystem, size: int | None
-) -> bool:
-    """Whether some record of the CSV file has another number of cells than its first
-    (Arrow's reader would fail the whole file on it): its records counted by Arrow's
-    parser, which tells each such record to a handler."""
+def _counted(
+    csv: CsvOptions,
+    names: list[str] | None,
+    path: str,
+    fs: pafs.FileSystem,
+    size: int | None,
+    whole: bytes | None,
+) -> int | None:
+    """The CSV file's rows, counted by Arrow's parser; None if some record has another
+    number of cells than the file's columns (Arrow's reader would fail the whole file on
+    it), which its invalid-row handler tells. ``whole``: the file as UTF-8, if its first
+    read held all of it (then it is not read again)."""
     found: list[bool] = []
 
     def handler(row: Any) -> str:
         found.append(True)
         return "skip"
 
-    fragment = csv.file_format(names, handler).make_fragment(path, filesystem=fs, file_size=size)
+    if whole is not None:
+        utf8 = replace(csv, encoding="utf-8").file_format(names, handler)
+        fragment = utf8.make_fragment(pa.py_buffer(whole))
+    else:
+        given = csv.file_format(names, handler)
+        fragment = given.make_fragment(path, filesystem=fs, file_size=size)
     try:
-        fragment.count_rows()
+        rows = int(fragment.count_rows())
     except pa.ArrowInvalid:  # (met again where the file is read, with its reason)
-        return bool(found)
-    return bool(found)
+        return None if found else -1
+    return None if found else rows
 
 
 def _ends_in_a_cell(
