@@ -264,10 +264,6 @@ def bad_sources(tmp_path: Path) -> dict[str, tuple[str, str]]:
             str(write_file(tmp_path / "junk" / "part-0.parquet", b"PAR1 this is not parquet")),
             "not a valid parquet file",
         ),
-        "ragged csv": (
-            str(write_file(tmp_path / "csv" / "a.csv", HEADER + "TD-1,T,P,todo,1\n")),
-            "a.csv",
-        ),
         "not json": (
             str(write_file(tmp_path / "json" / "a.json", '{"taskDetailId": "TD-1", "taskId": ')),
             "a.json",
@@ -289,6 +285,11 @@ def test_bad_sources_fail_the_job_and_leave_copied_data_alone(
             assert source.rsplit("/", 1)[-1] in failed.error  # names the file or directory
             assert "Traceback" not in failed.error and failed.endTime is not None
             assert failed.insertedRecords == failed.updatedRecords == 0
+        # a CSV record of fewer cells than the header is one bad record, not a bad file (#25)
+        ragged = write_file(tmp_path / "csv" / "a.csv", HEADER + "TD-1,T,P,todo,1\n")
+        done = run_job(rt, {"source": str(ragged)})
+        assert done.status == JobState.COMPLETED, (done.message, done.error)
+        assert (done.totalRecords, done.errorRecords, done.insertedRecords) == (1, 1, 0), done
         assert list(db.taskdetails.find().sort("_id")) == before
         assert rt.jobs.get(run_job(rt).jobId).unchangedRecords == VALID  # still all there
 
