@@ -716,3 +716,15 @@ def test_a_read_resumed_at_any_row_refuses_the_same_records_at_the_same_places(
             for row in range(n):
                 assert read(size, Position(f, row)) == [w for w in whole if w[:2] >= (f, row)]
     opened.close()
+
+
+def test_an_incremental_copy_rejects_a_ragged_record_and_counts_it(
+    settings: Settings, db: Any, tmp_path: Path
+) -> None:
+    lake = _ragged_lake(tmp_path, True)
+    fields = {"id": "string", "v": "int", "w": "string"}
+    toml = _toml("ragw", lake, fields, delimiter="\t", watermark="v")
+    first = _run(settings, tmp_path, toml, "ragw", "incremental")
+    assert (first.totalRecords, first.errorRecords, first.insertedRecords) == (11, 5, 5), first
+    again = _run(settings, tmp_path, toml, "ragw", "incremental")
+    assert (again.insertedRecords, again.updatedRecords) == (0, 0), again
