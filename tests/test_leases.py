@@ -26,7 +26,7 @@ from tests.helpers import ServeProcess, lakesync, wait_for
 from lakesync.boundary import SliceLease, Store
 from lakesync.config import Settings
 from lakesync.demo import generate
-from lakesync.errors import StoreError, TransientStoreError
+from lakesync.errors import TransientStoreError
 from lakesync.jobstore import JobStore
 from lakesync.lease import Leases, kept_dying
 from lakesync.models import JobState, Outcome
@@ -749,31 +749,3 @@ def test_the_retry_budget_counts_from_the_failure_not_from_a_long_unit_of_work()
 
     with pytest.raises(TransientStoreError, match=r"within the 0\.2 s retry budget"):
         down.call(never, "reading the job")
-
-
-def test_a_run_that_lost_its_lease_keeps_no_failure_to_record_later(
-    settings: Settings, db: Any, lake: Path
-) -> None:
-    """A run whose job was taken over, then failed (its lake read, say), cannot end the
-    job: the new owner holds it. That failure is not one "that could not be written" to
-    record when this process next claims the job: the new owner may complete the copy,
-    or hand it back at its time limit, and a later run here would fail a healthy job."""
-    rt, _ = stepped(settings, lake)
-    with rt:
-        job, _ = rt.jobs.start("copy-taskdetail")
-        store = Store(rt.settings, rt.store, threading.Event())
-        assert store.claim(job.jobId, "host:1:old") is not None
-        taken = {"$set": {"owner": "host:2:new"}, "$inc": {"leaseBeat": 1}}
-        db.jobstatuses.update_one({"jobId": job.jobId}, taken)  # taken over meanwhile
-        unrecorded: dict[str, tuple[str, str]] = {}
-        SliceLease(store, job.jobId, "host:1:old").fail(job, "file gone", unrecorded)
-        assert unrecorded == {}
-        now = rt.store.get(job.jobId)
-        assert now.status == JobState.IN_PROGRESS and now.error is None
-        # a failure MongoDB refused to record is still kept for the next claim
-        db.jobstatuses.update_one({"jobId": job.jobId}, {"$set": {"owner": "host:1:old"}})
-        refused = StoreError("MongoDB refused ending the job: disk full")
-        with pytest.MonkeyPatch.context() as mp:
-            mp.setattr(Store, "finish", lambda *_, **__: (_ for _ in ()).throw(refused))
-            SliceLease(store, job.jobId, "host:1:old").fail(job, "file gone", unrecorded)
-        assert unrecorded == {job.jobId: ("Failed", "file gone")}

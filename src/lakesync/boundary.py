@@ -984,8 +984,6 @@ class SliceLease:
             self.settle(JobState.FAILED, error)
             self.store.aggregate(status)
             self.end(status, JobState.FAILED, message, f"{self.where.capitalize()} failed: {error}")
-        except LeaseLost as e:  # another run holds the job (or ended it): its end is theirs
-            logger.warning("job %s: not failed by this run (%s)", status.jobId, e)
         except (LakesyncError, JobError) as e:
             logger.error(
                 "job %s: could not record its end (%s); it stays resumable", status.jobId, e
