@@ -385,6 +385,7 @@ def start_lakesync(args: list[str], env: dict[str, str], log: Path) -> Child:
     process that can be signalled, killed and crash. A fresh interpreter where the
     environment changes how Python starts (a PYTHON* variable of its own: PYTHONPATH
     bringing a sitecustomize, say), which a fork would not honour."""
+    log.touch()  # a forked child opens it later: a test may read it before then
     python = {k: v for k, v in env.items() if k.startswith("PYTHON")}
     if python == {k: v for k, v in os.environ.items() if k.startswith("PYTHON")}:
         return spawned(cli_zygote().spawn(args, env, log))
