@@ -877,8 +877,9 @@ def run_whole(settings: Settings) -> JobStatus:
         return rt.jobs.get(job.jobId)
 
 
-def run_partitioned(settings: Settings, order: str, seed: int = 0) -> JobStatus:
-    """Plan the partitions, then run each partition's runs one at a time in ``order``."""
+def run_partitioned(settings: Settings, order: str, seed: int = 0, least: int = 3) -> JobStatus:
+    """Plan the partitions (at least ``least``), then run each partition's runs one at a time
+    in ``order``."""
     rt = Runtime(settings, executor="local")
     queued: list[tuple[str, int]] = []
     rt.executor.submit = lambda job_id: None  # type: ignore[method-assign,union-attr]
@@ -886,7 +887,7 @@ def run_partitioned(settings: Settings, order: str, seed: int = 0) -> JobStatus:
     with rt:
         job, _ = rt.jobs.start("copy-taskdetail", {}, trusted=True)
         rt.runner.run(job.jobId)
-        assert len(queued) >= 3, "the lake should split into several partitions"
+        assert len(queued) >= least, "the lake should split into several partitions"
         steps = list(queued)
         if order == "reverse":
             steps.reverse()

@@ -17,7 +17,7 @@ import duckdb
 import pyarrow.dataset as ds
 import pyarrow.fs as pafs
 import pytest
-from tests.test_partitions import stepped
+from tests.test_partitions import reversed_with_a_failure_resumed
 
 from lakesync.config import Settings
 from lakesync.errors import ConfigError
@@ -652,27 +652,8 @@ def test_a_record_of_another_number_of_cells_is_rejected_with_its_reason_not_the
     db[name].drop()  # partitioned, in reverse order, one partition failing and resumed
     config = tmp_path / f"{name}-parts.toml"
     config.write_text(toml(batchSize=1))
-    rt, queued = stepped(settings.model_copy(update={"operations_file": config}), lake)
-    rt.settings.partition_rows = 2  # about a file a partition
-    with rt:
-        job, _ = rt.jobs.start(name)
-        rt.runner.run(job.jobId)
-        parts = rt.runner.partitioned
-        assert parts is not None and len(queued) >= 3, queued
-        order = list(reversed(queued))
-        parts.run(*order[0])
-        victim = db.jobpartitions.find_one({"_id": f"{job.jobId}:{order[1][1]}"})["files"][0]
-        parked = tmp_path / "parked"
-        (lake / victim).rename(parked)  # this part fails its job
-        parts.run(*order[1])
-        assert rt.store.get(job.jobId).status == JobState.FAILED
-        parked.rename(lake / victim)
-        rt.jobs.resume(job.jobId)
-        queued.clear()
-        rt.runner.run(job.jobId)
-        for step in reversed(queued):
-            parts.run(*step)
-        done = rt.store.get(job.jobId)
+    parts = settings.model_copy(update={"operations_file": config})
+    done = reversed_with_a_failure_resumed(parts, db, lake, tmp_path / "parked", name)
     assert done.status == JobState.COMPLETED, (done.message, done.error)
     assert _collection(db, name) == expected and _rejections(db, done.jobId) == rejected
     assert (done.totalRecords, done.insertedRecords, done.duplicateRecords, done.errorRecords) == (

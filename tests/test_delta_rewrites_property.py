@@ -14,7 +14,6 @@ after every operation.
 
 from __future__ import annotations
 
-import random
 import uuid
 from collections import Counter
 from datetime import timedelta
@@ -26,7 +25,7 @@ import pyarrow as pa
 from deltalake import DeltaTable, QueryBuilder, write_deltalake
 from hypothesis import HealthCheck, event, given, note
 from hypothesis import settings as hsettings
-from tests.helpers import SCHEMA, T0, counts_of, database_of, fresh, record
+from tests.helpers import SCHEMA, T0, counts_of, database_of, fresh, record, run_partitioned
 
 from lakesync.config import Settings
 from lakesync.lake import Lake
@@ -166,18 +165,7 @@ def run(settings: Settings, how: str, seed: int) -> JobStatus:
             job, _ = rt.jobs.start("copy-taskdetail", options, trusted=True)
             rt.runner.run(job.jobId)
             return rt.jobs.get(job.jobId)
-    rt = Runtime(settings, executor="local")
-    queued: list[tuple[str, int]] = []
-    rt.executor.submit = lambda job_id: None  # type: ignore[method-assign,union-attr]
-    rt.runner.partitioned.submit = lambda j, i: queued.append((j, i))  # type: ignore[union-attr]
-    with rt:
-        job, _ = rt.jobs.start("copy-taskdetail", {}, trusted=True)
-        rt.runner.run(job.jobId)
-        steps = list(queued)
-        random.Random(seed).shuffle(steps)
-        for step in steps:
-            rt.runner.partitioned.run(*step)  # type: ignore[union-attr]
-        return rt.jobs.get(job.jobId)
+    return run_partitioned(settings, "random", seed, least=0)
 
 
 class Copied:

@@ -12,7 +12,7 @@ from typing import Any
 
 import duckdb
 from tests.test_csv import _copy, _toml
-from tests.test_partitions import stepped
+from tests.test_partitions import reversed_with_a_failure_resumed
 
 from lakesync.config import Settings
 from lakesync.models import JobState
@@ -98,27 +98,8 @@ def test_partitioned_in_reverse_order_and_resumed_the_keys_agree(
     lake = _lake(tmp_path)
     config = tmp_path / "events.toml"
     config.write_text(_toml("events", lake))
-    rt, queued = stepped(settings.model_copy(update={"operations_file": config}), lake)
-    rt.settings.partition_rows = 2  # about a file a partition
-    with rt:
-        job, _ = rt.jobs.start("events")
-        rt.runner.run(job.jobId)
-        parts = rt.runner.partitioned
-        assert parts is not None and len(queued) >= 3, queued
-        order = list(reversed(queued))
-        parts.run(*order[0])
-        victim = db.jobpartitions.find_one({"_id": f"{job.jobId}:{order[1][1]}"})["files"][0]
-        parked = tmp_path / "parked"
-        (lake / victim).rename(parked)  # this part fails its job
-        parts.run(*order[1])
-        assert rt.store.get(job.jobId).status == JobState.FAILED
-        (parked).rename(lake / victim)
-        rt.jobs.resume(job.jobId)
-        queued.clear()
-        rt.runner.run(job.jobId)
-        for step in reversed(queued):
-            parts.run(*step)
-        done = rt.store.get(job.jobId)
+    parts = settings.model_copy(update={"operations_file": config})
+    done = reversed_with_a_failure_resumed(parts, db, lake, tmp_path / "parked", "events")
     assert done.status == JobState.COMPLETED, (done.message, done.error)
     assert _docs(db) == _oracle(lake)
     assert (done.insertedRecords, done.duplicateRecords, done.errorRecords) == (7, 4, 2), done

@@ -15,7 +15,7 @@ from tests.helpers import lakesync, start_worker, stop_workers, wait_for
 
 from lakesync.config import Settings
 from lakesync.demo import append_records, generate
-from lakesync.models import JobState
+from lakesync.models import JobState, JobStatus
 from lakesync.plan import file_ranges as plan
 from lakesync.runtime import Runtime
 
@@ -179,6 +179,34 @@ def stepped(settings: Settings, lake: Path) -> tuple[Runtime, list[tuple[str, in
     rt.executor.submit = lambda job_id: None  # type: ignore[method-assign,union-attr]
     rt.runner.partitioned.submit = lambda job_id, i: queued.append((job_id, i))  # type: ignore[union-attr]
     return rt, queued
+
+
+def reversed_with_a_failure_resumed(
+    settings: Settings, db: Any, lake: Path, parked: Path, name: str
+) -> JobStatus:
+    """Operation `name` in partitions of about a file, run in reverse order: the second one
+    run fails its job (one of its files moved to `parked`), then the file is back, the job
+    is resumed and its partitions run again in reverse order. The job's last status."""
+    rt, queued = stepped(settings, lake)
+    rt.settings.partition_rows = 2  # about a file a partition
+    with rt:
+        job, _ = rt.jobs.start(name)
+        rt.runner.run(job.jobId)
+        parts = rt.runner.partitioned
+        assert parts is not None and len(queued) >= 3, queued
+        order = list(reversed(queued))
+        parts.run(*order[0])
+        victim = db.jobpartitions.find_one({"_id": f"{job.jobId}:{order[1][1]}"})["files"][0]
+        (lake / victim).rename(parked)  # this part fails its job
+        parts.run(*order[1])
+        assert rt.store.get(job.jobId).status == JobState.FAILED
+        parked.rename(lake / victim)
+        rt.jobs.resume(job.jobId)
+        queued.clear()
+        rt.runner.run(job.jobId)
+        for step in reversed(queued):
+            parts.run(*step)
+        return rt.store.get(job.jobId)
 
 
 def test_a_partitioned_job_copies_the_files_it_planned_while_the_lake_changes(
