@@ -35,7 +35,7 @@ from lakesync.sources import jsonruns, widecsv
 from lakesync.sources.base import FileFacts, with_partition_columns
 from lakesync.sources.jsonarray import is_json_array, ndjson_copy
 from lakesync.sources.jsondepth import guard
-from lakesync.sources.undefined import MARKED, first_mark, reading_codec
+from lakesync.sources.undefined import MARKED, first_mark, marking, reading_codec
 from lakesync.sources.widecsv import CSV_BLOCK_BYTES, convert_options, parse_options
 
 #: the text formats and their pyarrow dataset formats
@@ -476,7 +476,7 @@ def decoded(batch: pa.RecordBatch, encoding: str | None) -> tuple[pa.RecordBatch
     for i, column in enumerate(columns):
         if not pa.types.is_nested(column.type) and not pa.types.is_string(column.type):
             continue
-        if encoding is not None and pa.types.is_string(column.type):
+        if encoding is not None and pa.types.is_string(column.type) and marking(encoding):
             columns[i] = column = _unmarked(column, batch.schema.names[i], encoding, fix, bad)
         try:
             column.validate(full=True)

@@ -52,6 +52,7 @@ def _registered() -> None:
     codecs.register(_search)
 
 
+@functools.cache
 def reading_codec(encoding: str) -> str:
     """The codec a CSV file of ``encoding`` is read with: ``encoding`` itself for UTF-8
     (Arrow checks it, see ``text.decoded``) and for a codec that could decode to the marks
@@ -73,3 +74,9 @@ def first_mark(value: str) -> tuple[int, int] | None:
     """(the byte, its place in ``value``) of the first undefined byte in a decoded value."""
     found = _FIRST.search(value)
     return None if found is None else (ord(found[0]) - MARK, found.start())
+
+
+def marking(encoding: str) -> bool:
+    """Whether a file of ``encoding`` is read with marks for its undefined bytes (else no
+    cell can hold one: nothing to look for)."""
+    return reading_codec(encoding) != encoding
