@@ -26,7 +26,7 @@ from tests.helpers import ServeProcess, lakesync, wait_for
 from lakesync.boundary import SliceLease, Store
 from lakesync.config import Settings
 from lakesync.demo import generate
-from lakesync.errors import TransientStoreError
+from lakesync.errors import StoreError, TransientStoreError
 from lakesync.jobstore import JobStore
 from lakesync.lease import Leases, kept_dying
 from lakesync.models import JobState, Outcome
@@ -749,3 +749,54 @@ def test_the_retry_budget_counts_from_the_failure_not_from_a_long_unit_of_work()
 
     with pytest.raises(TransientStoreError, match=r"within the 0\.2 s retry budget"):
         down.call(never, "reading the job")
+
+
+def test_a_failure_kept_unrecorded_is_dropped_once_another_run_has_progressed(
+    settings: Settings, db: Any, lake: Path
+) -> None:
+    """A run whose job was taken over, then failed (its lake read, say), cannot end the
+    job: the new owner holds it, and the failure is kept for this process's next claim.
+    If the new owner copied meanwhile and handed the job back (a stop, a time limit), that
+    failure is stale: the next run here goes on and completes the job. A failure nobody
+    moved past (MongoDB refused it: a full disk) is still recorded."""
+    old_rt, _ = stepped(settings, lake)
+    new_rt, _ = stepped(settings, lake)
+    with old_rt, new_rt:
+        for rt in (old_rt, new_rt):
+            rt.runner.partitioned.submit = None  # copied in one piece
+        job, _ = old_rt.jobs.start("copy-taskdetail")
+        old, store = old_rt.runner, old_rt.runner.boundary
+        assert store.claim(job.jobId, "host:1:old") is not None
+        taken = {"$set": {"owner": "host:2:new"}, "$inc": {"leaseBeat": 1}}
+        db.jobstatuses.update_one({"jobId": job.jobId}, taken)  # taken over meanwhile
+        SliceLease(store, job.jobId, "host:1:old").fail(job, "file gone", old.unrecorded)
+        assert job.jobId in old.unrecorded  # not written: kept for the next claim
+        pending = {"$set": {"status": JobState.PENDING.value}, "$unset": {"owner": ""}}
+        db.jobstatuses.update_one({"jobId": job.jobId}, pending)  # handed back
+
+        def stop_after_two_batches(s: Any) -> None:
+            if s.processedRecords >= 2 * BATCH:
+                new_rt.runner.stop.set()
+
+        assert new_rt.runner.run(job.jobId, on_progress=stop_after_two_batches) in (
+            Outcome.CONTINUE,
+            Outcome.NOT_CLAIMED,
+            Outcome.ENDED,
+        )
+        handed = new_rt.store.get(job.jobId)
+        assert handed.status == JobState.PENDING and handed.processedRecords >= 2 * BATCH
+        old.run(job.jobId)
+        assert old.unrecorded == {}
+        assert_clean(old_rt.store.get(job.jobId), db)
+
+        # nobody moved past it: the kept failure is recorded by the next claim here
+        job2, _ = old_rt.jobs.start("copy-taskdetail")
+        assert store.claim(job2.jobId, "host:1:old") is not None
+        refused = StoreError("MongoDB refused ending the job: disk full")
+        with pytest.MonkeyPatch.context() as mp:
+            mp.setattr(Store, "finish", lambda *_, **__: (_ for _ in ()).throw(refused))
+            SliceLease(store, job2.jobId, "host:1:old").fail(job2, "file gone", old.unrecorded)
+        db.jobstatuses.update_one({"jobId": job2.jobId}, pending)
+        old.run(job2.jobId)
+        ended = old_rt.store.get(job2.jobId)
+        assert ended.status == JobState.FAILED and ended.error == "file gone", ended

@@ -84,11 +84,14 @@ P = ParamSpec("P")
 T = TypeVar("T")
 S = TypeVar("S", bound="Store")
 
-#: a partition document's counters and the job document's fields they add up to
-#: a job's end as failed that could not be written: job -> (message, error), recorded by
-#: this process's next run of the job (SliceLease.fail)
-Unrecorded = dict[str, tuple[str, str]]
+#: where a job stood: its processed records and checkpoint as last committed
+Progress = tuple[int, Checkpoint | None]
+#: a job's end as failed that could not be written: job -> (message, error, where the job
+#: stood then), recorded by this process's next run of the job if the job has not
+#: progressed since (SliceLease.fail, JobRunner._ended_before)
+Unrecorded = dict[str, tuple[str, str, Progress]]
 
+#: a partition document's counters and the job document's fields they add up to
 COUNTERS = {
     "processedRecords": "processed",
     "insertedRecords": "inserted",
@@ -814,6 +817,11 @@ class WatermarkStore:
 # -- the lease on one slice -------------------------------------------------------------
 
 
+def progress(status: JobStatus) -> Progress:
+    """Where the job stood in ``status``: a run that committed a batch moves it."""
+    return status.processedRecords, status.checkpoint
+
+
 @dataclass
 class SliceLease:
     """The lease one run holds on its slice of a job: the job document (a whole job) or
@@ -831,6 +839,8 @@ class SliceLease:
     #: the job's counters are its partitions' sums (any run of a partitioned job)
     partitioned: bool = False
     _held_at: float = field(default=-math.inf, init=False)
+    #: where the job stood after this run's last commit (a whole job; None: as claimed)
+    _progress: Progress | None = field(default=None, init=False)
 
     def __post_init__(self) -> None:
         self.partitioned = self.partitioned or self.index is not None
@@ -893,6 +903,7 @@ class SliceLease:
         sent = time.monotonic()
         if self.index is None:
             status = self.store.commit(self.job_id, self.owner, delta, cp, derived)
+            self._progress = progress(status)
         else:
             self.store.commit_part(self.job_id, self.index, self.owner, delta, cp, self.of_where)
         self._held_at = sent
@@ -971,8 +982,9 @@ class SliceLease:
         self, status: JobStatus, error: str, unrecorded: Unrecorded, message: str = "Failed"
     ) -> None:
         """End the slice and its job as failed (with `message`: "Gave up" when its runs kept
-        dying); a failure that cannot be written is kept in `unrecorded`, recorded when this
-        process next claims the job (never raises)."""
+        dying); a failure that cannot be written is kept in `unrecorded` with where the job
+        stood, recorded when this process next claims the job unless it progressed since
+        (never raises)."""
         if self.index is None:
             logger.error("job %s failed: %s", self.job_id, error)
         else:
@@ -989,4 +1001,4 @@ class SliceLease:
                 "job %s: could not record its end (%s); it stays resumable", status.jobId, e
             )
             if self.index is None:
-                unrecorded[self.job_id] = (message, error)
+                unrecorded[self.job_id] = (message, error, self._progress or progress(status))

@@ -37,7 +37,7 @@ from typing import Any
 from pymongo.collection import Collection
 
 from lakesync import finish, metrics
-from lakesync.boundary import SliceLease, Store, Unrecorded, WatermarkStore
+from lakesync.boundary import SliceLease, Store, Unrecorded, WatermarkStore, progress
 from lakesync.config import Settings
 from lakesync.errors import LakesyncError, LeaseLost, TransientSourceError, TransientStoreError
 from lakesync.finish import summary
@@ -408,10 +408,21 @@ class JobRunner:
         """End a job that must not be copied again: its failure was not recorded, its runs
         kept dying, or it was cancelled while no run held it; True if it ended."""
         if (unrecorded := self.unrecorded.pop(status.jobId, None)) is not None:
-            # its failure could not be written (e.g. a full disk): record it, do not copy again
-            message, error = unrecorded
-            lease.fail(status, error, self.unrecorded, message)
-            return True
+            message, error, then = unrecorded
+            if progress(status) == then:
+                # its failure could not be written (e.g. a full disk): record it, do not
+                # copy again
+                lease.fail(status, error, self.unrecorded, message)
+                return True
+            # another run copied since (it held the job when this one failed): the failure
+            # is stale, and would end a job that is getting on
+            logger.warning(
+                "job %s: an earlier run here failed (%s) but could not record it; the job "
+                "has progressed since, to record %s, so it goes on",
+                status.jobId,
+                error,
+                f"{status.processedRecords:,}",
+            )
         source = status.options.get("source") or "its lake"
         doc = status.model_dump(include={"failures", "attempt", "checkpoint", "processedRecords"})
         before = f"{source} (before a checkpoint)"
