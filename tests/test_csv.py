@@ -639,7 +639,8 @@ def test_a_record_of_another_number_of_cells_is_rejected_with_its_reason_not_the
     places = [(f, r + (not header), got) for f, r, got in places]  # (row 0: the first record)
     assert [(f.rsplit("/", 1)[-1], r) for f, r, _ in rejected] == [(f, r) for f, r, _ in places]
     for (_, row, why), (_, _, got) in zip(rejected, places, strict=True):
-        assert f"Row #{row + shift} of the file has {got} cells, the file has 4 columns" in why
+        cells = f"{got} cell{'s' * (got != 1)}"
+        assert f"Row #{row + shift} of the file has {cells}, the file has 4 columns" in why
 
     for size in (1, 2):  # the same, a batch at a time of one or two records
         db[name].drop()

@@ -162,7 +162,8 @@ def ragged_reason(record: int, expected: int, found: int, shown: str) -> str:
     ``record``: its number in the file (1-based, the header counted, as Arrow's reader
     numbers its rows)."""
     return (
-        f"Row #{record} of the file has {found} cells, the file has {expected} columns "
+        f"Row #{record} of the file has {found} cell{'s' * (found != 1)}, the file has "
+        f"{expected} columns "
         f"({shown[:60]!r}); it was not read. Fix the record in the lake."
     )
 
