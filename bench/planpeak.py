@@ -20,6 +20,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -74,7 +75,10 @@ def main() -> int:
     client: MongoClient[dict[str, Any]] = MongoClient(server.uri)
     load = [round(x, 2) for x in os.getloadavg()]
     started = time.perf_counter()
-    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    # its output to files, not pipes: a copy of hours that fills a pipe no one reads would
+    # stop in its write, and be measured standing still
+    out_file, err_file = (open(work / name, "w+b") for name in ("stdout", "stderr"))  # noqa: SIM115
+    proc = subprocess.Popen(cmd, env=env, stdout=out_file, stderr=err_file)
     log = ns.trace.open("w") if ns.trace else None
     plan_mb = plan_s = None
     copying_since = None
@@ -103,19 +107,27 @@ def main() -> int:
             ):
                 proc.send_signal(signal.SIGKILL)
                 break
-        out, _ = proc.communicate()
+        proc.wait()
+        out_file.seek(0)
+        out = out_file.read()
         written = client[database]["taskdetails"].estimated_document_count()
         counts: dict[str, Any] = {}
         if proc.returncode == 0:  # a whole copy: its final status (``--json``)
             final = json.loads(out.decode().strip().splitlines()[-1])
             names = ("status", "insertedRecords", "duplicateRecords", "errorRecords")
             counts = {k: final.get(k) for k in names}
+        elif copying_since is None or ns.copy_seconds < 0:  # it failed: say why
+            err_file.seek(0)
+            counts = {"stderr": err_file.read()[-2000:].decode(errors="replace")}
     finally:
         if log is not None:
             log.close()
+        for f in (out_file, err_file):
+            f.close()
         client.drop_database(database)
         client.close()
         server.stop()
+        shutil.rmtree(work, ignore_errors=True)  # the server's files: GBs at 10M records
     print(json.dumps({
         "lake": str(ns.lake), "src": str(ns.src), "planMB": plan_mb, "peakMB": round(peak, 1),
         "planSeconds": plan_s, "written": written, "returncode": proc.returncode, **counts,
