@@ -354,3 +354,17 @@ def test_active_jobs_metric_counts_a_partitioned_job_once(
     assert job["status"] == "completed" and job["partitions"] >= 2
     assert 2.0 in runs_seen, f"the partitions never ran side by side: {runs_seen}"
     assert max(jobs_seen) == 1.0, f"one job was counted as several: {jobs_seen}"
+
+
+def test_a_rejected_key_is_shown_as_it_is_not_as_it_looks() -> None:
+    """`lakesync errors` printed the key "7 " as 7, the empty key and 0 as "(none)"."""
+    from lakesync.cli import shown_key
+
+    shown = {k: shown_key(k) for k in ("7 ", " 7", "", "007", "a\tb", "é")}
+    assert shown == {"7 ": '"7 "', " 7": '" 7"', "": '""', "007": "007",
+                     "a\tb": '"a\\tb"', "é": "é"}  # fmt: skip
+    assert (shown_key(0), shown_key(None), shown_key(None, "(no key)")) == (
+        "0",
+        "(none)",
+        "(no key)",
+    )

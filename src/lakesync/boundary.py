@@ -84,8 +84,8 @@ P = ParamSpec("P")
 T = TypeVar("T")
 S = TypeVar("S", bound="Store")
 
-#: where a job stood: its processed records and checkpoint as last committed
-Progress = tuple[int, Checkpoint | None]
+#: where a job stood: its processed records and committed batches
+Progress = tuple[int, int]
 #: a job's end as failed that could not be written: job -> (message, error, where the job
 #: stood then), recorded by this process's next run of the job if the job has not
 #: progressed since (SliceLease.fail, JobRunner._ended_before)
@@ -818,8 +818,9 @@ class WatermarkStore:
 
 
 def progress(status: JobStatus) -> Progress:
-    """Where the job stood in ``status``: a run that committed a batch moves it."""
-    return status.processedRecords, status.checkpoint
+    """Where the job stood in ``status``: a run that committed a batch moves it (the
+    empty checkpoint a run sets at its start does not)."""
+    return status.processedRecords, status.checkpoint.batches if status.checkpoint else 0
 
 
 @dataclass

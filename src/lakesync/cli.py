@@ -738,6 +738,16 @@ def mongo_uri(
 
 
 @app.command(cls=_Command, short_help="List a job's rejected records and why.")
+def shown_key(key: Any, missing: str = "(none)") -> str:
+    """A rejected record's key for a reader: quoted where its text would hide what it is
+    (empty, or spaces or control characters at its ends: "7 " is not 7); 0 is a key."""
+    if key is None:
+        return missing
+    if isinstance(key, str) and (not key or key != key.strip() or not key.isprintable()):
+        return json.dumps(key, ensure_ascii=False)
+    return str(key)
+
+
 def errors(
     job_id: str,
     as_csv: Annotated[
@@ -772,7 +782,7 @@ def errors(
         out.print(escape(f"files under {folder}/"), highlight=False)
     rows = [
         (
-            str(doc["key"] or "(none)"),
+            shown_key(doc["key"]),
             f"{file[len(folder) + 1 :] if folder else file}:{doc['row']}",
             str(doc["reason"] or ""),
         )
@@ -974,7 +984,7 @@ def _print_preview(p: dict[str, Any]) -> None:
         out.print(f"\n[bold]{_plural(len(p['rejections']), 'sample rejection')}[/]")
         for r in p["rejections"]:
             where = f"{Path(r['file']).name} row {r['row']}"
-            text = f"{r['key'] or '(no key)'} ({where}): {r['reason']}"
+            text = f"{shown_key(r['key'], '(no key)')} ({where}): {r['reason']}"
             out.print(escape(text), highlight=False)
 
 
