@@ -737,7 +737,6 @@ def mongo_uri(
         _notice("(from LAKESYNC_MONGODB_URI)")
 
 
-@app.command(cls=_Command, short_help="List a job's rejected records and why.")
 def shown_key(key: Any, missing: str = "(none)") -> str:
     """A rejected record's key for a reader: quoted where its text would hide what it is
     (empty, or spaces or control characters at its ends: "7 " is not 7); 0 is a key."""
@@ -748,6 +747,7 @@ def shown_key(key: Any, missing: str = "(none)") -> str:
     return str(key)
 
 
+@app.command(cls=_Command, short_help="List a job's rejected records and why.")
 def errors(
     job_id: str,
     as_csv: Annotated[
