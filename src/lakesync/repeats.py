@@ -79,7 +79,11 @@ from lakesync.typemap import MONGODB, ServerLimits
 
 logger = logging.getLogger(__name__)
 
-_PLAN_BATCH = 50_000  # keys only
+#: records per batch of the first pass (keys only). A batch of a lake of small files is a
+#: piece of each file it spans, and the pass holds about three (validated, queued, being
+#: assembled): 50,000 records of 20-row files were 7,500 files' pieces, ~10 MB of a
+#: 20,000-file copy's peak RSS (issue #27); 10,000 cost no time measured
+_PLAN_BATCH = 10_000
 _EXACT_BATCH = 5_000  # whole records, validated and encoded as the copy does
 _EMPTY = np.empty(0, dtype=np.int64)
 #: superseded positions in one shard of a stored plan (8 bytes each while it is stored)
@@ -232,7 +236,7 @@ class _Losers:
     far each file's logged rows reach (``_KeyLog.extent``), then ``add`` per bucket, then
     ``finish``."""
 
-    def start(self, names: list[str], extent: dict[int, tuple[int, int]]) -> None:
+    def start(self, names: list[str], extent: Extent) -> None:
         self.names = names
 
     def add(self, lost: np.ndarray) -> None:
@@ -265,14 +269,16 @@ class _HeldLosers(_Losers):
 RowsSink = Callable[[str, int, np.ndarray], None]
 
 
-def _shard_bounds(extent: dict[int, tuple[int, int]], most: int) -> np.ndarray:
+def _shard_bounds(extent: Extent, most: int) -> np.ndarray:
     """Cuts of the positions (file << 32 | row) into ranges that hold at most ``most``
     logged records each (so at most ``most`` superseded ones): whole files together, and a
     file of more records cut every ``most`` rows. ``extent``: ``_KeyLog.extent``."""
     cuts = [0]
     held = 0
-    for f in sorted(extent):
-        count, end = extent[f]
+    logged = np.flatnonzero(extent.counts)
+    for f, count, end in zip(
+        logged.tolist(), extent.counts[logged].tolist(), extent.ends[logged].tolist(), strict=True
+    ):
         if held and held + count > most:
             cuts.append(f << 32)
             held = 0
@@ -282,7 +288,7 @@ def _shard_bounds(extent: dict[int, tuple[int, int]], most: int) -> np.ndarray:
             held = 0
         else:
             held += count
-    cuts.append((max(extent, default=0) + 1) << 32)
+    cuts.append(((int(logged[-1]) if len(logged) else 0) + 1) << 32)
     return np.unique(np.array(cuts, dtype=np.int64))
 
 
@@ -300,7 +306,7 @@ class _SpilledLosers(_Losers):
         #: the most positions held at once (by ``add``'s caller, or a shard)
         self.most_held = 0
 
-    def start(self, names: list[str], extent: dict[int, tuple[int, int]]) -> None:
+    def start(self, names: list[str], extent: Extent) -> None:
         super().start(names, extent)
         self._bounds = _shard_bounds(extent, _SHARD_ROWS)
         if self._spill is not None:
@@ -549,6 +555,36 @@ _LOG_SCHEMA = pa.schema([("h", pa.uint64()), ("k", pa.large_binary()), ("p", pa.
 _ORDERED_SCHEMA = _LOG_SCHEMA.append(pa.field("o", pa.int64()))
 
 
+class Extent:
+    """How far the records logged reach in each file (by its number in the log): how many
+    there are and the last row + 1, in two arrays indexed by file number (16 bytes per
+    file; a dict of tuples of Python integers took ~0.1 KB, and a plan logs every file of
+    the lake, issue #27)."""
+
+    def __init__(self) -> None:
+        self.counts = np.zeros(0, dtype=np.int64)
+        self.ends = np.zeros(0, dtype=np.int64)
+
+    def add(self, p: np.ndarray) -> None:
+        """Positions (file number << 32 | row) logged."""
+        files, at, counts = np.unique(p >> 32, return_inverse=True, return_counts=True)
+        ends = np.zeros(len(files), dtype=np.int64)
+        np.maximum.at(ends, at, (p & 0xFFFFFFFF) + 1)
+        need = int(files[-1]) + 1
+        if need > len(self.counts):  # grown by doubling: file numbers come in order
+            size = max(need, 2 * len(self.counts))
+            self.counts = np.concatenate([self.counts, np.zeros(size - len(self.counts), np.int64)])
+            self.ends = np.concatenate([self.ends, np.zeros(size - len(self.ends), np.int64)])
+        self.counts[files] += counts
+        self.ends[files] = np.maximum(self.ends[files], ends)
+
+    def __getitem__(self, file: int) -> tuple[int, int]:
+        """The records logged of file ``file`` and its last row logged + 1."""
+        if file >= len(self.counts):
+            return 0, 0
+        return int(self.counts[file]), int(self.ends[file])
+
+
 class _KeyLog:
     """Every valid record's key hash (``h``), exact key bytes (``k``) and lake position
     (``p``). Held in memory up to _PLAN_MEMORY; past it, each full load is split into
@@ -565,8 +601,8 @@ class _KeyLog:
         self._bytes = 0
         self._dir: tempfile.TemporaryDirectory[str] | None = None
         self._runs: list[str] = []
-        #: file number -> (records logged, last row logged + 1): a few bytes per file
-        self.extent: dict[int, tuple[int, int]] = {}
+        #: by file number: records logged and last row logged + 1 (16 bytes per file)
+        self.extent = Extent()
 
     def __enter__(self) -> _KeyLog:
         return self
@@ -578,12 +614,7 @@ class _KeyLog:
 
     def add(self, h: np.ndarray, k: pa.Array, p: np.ndarray, o: np.ndarray | None = None) -> None:
         if len(p):
-            files, at, counts = np.unique(p >> 32, return_inverse=True, return_counts=True)
-            ends = np.zeros(len(files), dtype=np.int64)
-            np.maximum.at(ends, at, (p & 0xFFFFFFFF) + 1)
-            for f, n, end in zip(files.tolist(), counts.tolist(), ends.tolist(), strict=True):
-                was = self.extent.get(f, (0, 0))
-                self.extent[f] = (was[0] + n, max(was[1], end))
+            self.extent.add(p)
         columns = [pa.array(h), k, pa.array(p), *([] if o is None else [pa.array(o)])]
         batch = pa.RecordBatch.from_arrays(columns, schema=self._schema)
         self._held.append(batch)

@@ -31,9 +31,11 @@ from __future__ import annotations
 
 import atexit
 import bisect
+import functools
 import os
 import shutil
 import stat
+import struct
 import tempfile
 import threading
 from collections.abc import Iterable
@@ -88,10 +90,56 @@ class Position:
 #: a column's (min, max, null count) over a whole file, from its Parquet footer; min and
 #: max are None when every value is null
 ColumnStats = tuple[pa.Scalar | None, pa.Scalar | None, int]
-#: how ``FileFacts`` keeps them: the footer's raw min and max (Python values) and the null
-#: count, with their Arrow type (one object per type): ~0.6 KB per file of three columns,
-#: where scalars took ~1.3 KB (``column_stats``)
+#: one column's as the footer gives them: raw min and max (Python integers: days, units of
+#: time since the epoch, or the integer itself) and the null count, with their Arrow type
 RawStats = tuple[Any, Any, int, pa.DataType]
+#: the columns whose statistics a file has: names and Arrow types, in order
+StatsLayout = tuple[tuple[str, pa.DataType], ...]
+#: one column's packed: min, max, null count, which of min and max are known (1, 2)
+_PACKED = struct.Struct("<qqqB")
+
+
+@functools.lru_cache(maxsize=256)
+def _layout(layout: StatsLayout) -> StatsLayout:
+    """One object per layout, shared by the files that have it."""
+    return layout
+
+
+@dataclass(frozen=True, slots=True)
+class PackedStats:
+    """A file's statistics as ``FileFacts`` keeps them (issue #27): the layout shared between
+    files, the values packed in bytes. ~0.15 KB per file of three timestamp columns, where a
+    dict of ``RawStats`` tuples of Python integers took ~0.5 KB (and Arrow scalars ~1.3 KB),
+    and a lake keeps them for each of its files."""
+
+    layout: StatsLayout
+    data: bytes
+
+    @staticmethod
+    def of(found: dict[str, RawStats]) -> PackedStats | None:
+        """``found`` packed (None when empty); a column whose values are not 64-bit integers
+        is left out (unknown: the file is read to know it)."""
+        layout, parts = [], []
+        for name, (low, high, nulls, kind) in found.items():
+            if not all(v is None or type(v) is int for v in (low, high, nulls)):
+                continue
+            flags = (low is not None) | (high is not None) << 1
+            try:
+                parts.append(_PACKED.pack(low or 0, high or 0, nulls or 0, flags))
+            except struct.error:  # past int64
+                continue
+            layout.append((name, kind))
+        if not layout:
+            return None
+        return PackedStats(_layout(tuple(layout)), b"".join(parts))
+
+    def get(self, column: str) -> RawStats | None:
+        """The column's statistics (None: not known)."""
+        for i, (name, kind) in enumerate(self.layout):
+            if name == column:
+                low, high, nulls, flags = _PACKED.unpack_from(self.data, i * _PACKED.size)
+                return (low if flags & 1 else None, high if flags & 2 else None, nulls, kind)
+        return None
 
 
 def as_column_stats(raw: RawStats) -> ColumnStats:
@@ -118,7 +166,7 @@ class FileFacts:
     size: int | None = None
     rows: int | None = None
     expr: pc.Expression | None = None
-    stats: dict[str, RawStats] | None = None
+    stats: PackedStats | None = None
     decoded: int | None = None  # Parquet: bytes of its row groups decoded (the footer's sum)
     #: rows the reader must not read, and why (a JSON record nested too deep: jsondepth.py)
     refused: dict[int, str] | None = None

@@ -18,7 +18,7 @@ import pyarrow.dataset as ds
 import pyarrow.parquet as pq
 
 from lakesync.locations import Location
-from lakesync.sources.base import FileFacts, RawStats, with_partition_columns
+from lakesync.sources.base import FileFacts, PackedStats, RawStats, with_partition_columns
 
 #: Local Parquet files are read column chunk by column chunk. Pre-buffering (Arrow's default,
 #: kept for S3, where fewer larger requests matter) caches every range read until the file
@@ -290,15 +290,15 @@ def _conformed(
     return pa.RecordBatch.from_arrays(arrays, schema=target)
 
 
-def column_stats(meta: Any, schema: pa.Schema) -> dict[str, RawStats]:
+def column_stats(meta: Any, schema: pa.Schema) -> PackedStats | None:
     """Min, max and null count over a file's row groups of its top-level integer, date and
-    timestamp columns, from the footer; a column some row group has no statistics for is
-    left out (it must be read to be known)."""
+    timestamp columns, from the footer, packed (None: none); a column some row group has
+    no statistics for is left out (it must be read to be known)."""
     out: dict[str, RawStats] = {}
     wanted = {f.name for f in schema if _stats_kind(f.type)}
     groups = [meta.row_group(g) for g in range(meta.num_row_groups)] if wanted else []
     if not groups:
-        return out
+        return None
     for i in range(meta.num_columns):
         first = groups[0].column(i)
         name = first.path_in_schema
@@ -322,7 +322,7 @@ def column_stats(meta: Any, schema: pa.Schema) -> dict[str, RawStats]:
         else:
             # raw values, the name and type shared between files (``RawStats``)
             out[sys.intern(name)] = (low, high, nulls, scalar_type)
-    return out
+    return PackedStats.of(out)
 
 
 _UNITS = {"MILLIS": "ms", "MICROS": "us", "NANOS": "ns"}
