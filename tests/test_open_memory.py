@@ -8,6 +8,9 @@ from __future__ import annotations
 import ctypes
 import ctypes.util
 import gc
+import os
+import subprocess
+import sys
 import tracemalloc
 from pathlib import Path
 
@@ -138,3 +141,25 @@ def test_packed_statistics_give_the_footers_values(tmp_path: Path) -> None:
     assert stats(0, "none") == (None, None, 3)
     assert stats(0, "s") is None and stats(0, "f") is None and stats(0, "nope") is None
     assert stats(1, "i") is None  # written without statistics: read to be known
+
+
+@pytest.mark.parametrize("pyarrow_first", [False, True])
+def test_arrow_allocates_from_the_system_pool_whoever_imported_pyarrow_first(
+    pyarrow_first: bool,
+) -> None:
+    """lakesync chose the system allocator by setting ARROW_DEFAULT_MEMORY_POOL, which
+    pyarrow reads when it is imported: a program (a benchmark, a worker, a notebook) that
+    imported pyarrow first kept mimalloc, whose freed pages stay resident (docs/performance.md,
+    "Memory at lake scale"). A pool the environment names is kept."""
+    imports = "import pyarrow, lakesync" if pyarrow_first else "import lakesync, pyarrow"
+    code = f"{imports}; print(pyarrow.default_memory_pool().backend_name)"
+    env = {k: v for k, v in os.environ.items() if k != "ARROW_DEFAULT_MEMORY_POOL"}
+    run = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True)
+    assert run.stdout.strip() == "system", run.stderr
+    named = {**env, "ARROW_DEFAULT_MEMORY_POOL": "jemalloc"}
+    run = subprocess.run([sys.executable, "-c", code], env=named, capture_output=True, text=True)
+    assert run.stdout.strip() in ("jemalloc", "mimalloc", "system"), run.stderr  # if built in
+    assert run.stdout.strip() == subprocess.run(
+        [sys.executable, "-c", "import pyarrow; print(pyarrow.default_memory_pool().backend_name)"],
+        env=named, capture_output=True, text=True,
+    ).stdout.strip()  # fmt: skip
