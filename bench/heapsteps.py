@@ -16,8 +16,8 @@ traced heap or the objects; the allocators' retained pages show only in the firs
 from __future__ import annotations
 
 import argparse
-import ctypes
 import gc
+import sys
 import time
 import tracemalloc
 from pathlib import Path
@@ -28,21 +28,8 @@ from lakesync.copy import CopyEngine, _new_documents
 from lakesync.lake import Lake
 from lakesync.schema import TASK_DETAIL
 
-
-class _MallInfo2(ctypes.Structure):
-    _fields_ = [
-        (name, ctypes.c_size_t)
-        for name in ("arena", "ordblks", "smblks", "hblks", "hblkhd", "usmblks", "fsmblks",
-                     "uordblks", "fordblks", "keepcost")
-    ]  # fmt: skip
-
-
-def malloc_in_use() -> float:
-    """glibc's bytes in use, all arenas (MB)."""
-    libc = ctypes.CDLL("libc.so.6")
-    libc.mallinfo2.restype = _MallInfo2
-    info = libc.mallinfo2()
-    return float(info.uordblks + info.hblkhd) / 2**20
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repository: tests.mallinfo
+from tests.mallinfo import malloc_in_use
 
 
 def resident_by_kind() -> dict[str, float]:
@@ -95,9 +82,10 @@ def main() -> None:
         kinds = " ".join(f"{k} {v:5.1f}" for k, v in resident_by_kind().items() if k != "files")
         objects = len(gc.get_objects())
         traced = tracemalloc.get_traced_memory()[0] / 2**20 if ns.tracemalloc else float("nan")
+        in_use = malloc_in_use() / 2**20
         print(
             f"{time.perf_counter() - started:6.0f} s {records:>11,} records  {kinds}  "
-            f"malloc in use {malloc_in_use():5.1f}  arrow {pool.bytes_allocated() / 2**20:4.1f}"
+            f"malloc in use {in_use:5.1f}  arrow {pool.bytes_allocated() / 2**20:4.1f}"
             f"/{pool.max_memory() / 2**20:4.1f}  traced {traced:5.1f}  objects {objects:,}",
             flush=True,
         )

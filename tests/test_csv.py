@@ -700,6 +700,29 @@ def test_a_read_resumed_at_any_row_refuses_the_same_records_at_the_same_places(
     opened.close()
 
 
+@pytest.mark.parametrize("wide", [False, True])
+def test_a_filtered_count_counts_the_ragged_records_batches_reject(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, wide: bool
+) -> None:
+    """Under a filter (an incremental copy's), ``batches`` keeps each refused record in its
+    place, to be rejected with its reason: ``count_rows`` counts them as it does."""
+    import pyarrow.compute as pc
+
+    from lakesync.sources.lake import Lake
+
+    if wide:
+        monkeypatch.setattr(widecsv, "WIDE_COLUMNS", 3)
+        monkeypatch.setattr(widecsv, "GROUP_COLUMNS", 2)
+    lake = _ragged_lake(tmp_path, True)
+    opened = Lake.open(str(lake), csv=CsvOptions(delimiter="\t", text=frozenset({"id"})))
+    for where in (pc.field("v") >= 30, pc.field("v") > 1000, pc.field("w") == "one again"):
+        batches = list(opened.batches(100, filter=where))
+        kept = sum(b.table.num_rows for b in batches)
+        assert sum(len(b.refused) for b in batches) == 5  # whatever the filter keeps
+        assert opened.count_rows(where) == kept, where
+    opened.close()
+
+
 def test_an_incremental_copy_rejects_a_ragged_record_and_counts_it(
     settings: Settings, db: Any, tmp_path: Path
 ) -> None:

@@ -20,6 +20,7 @@ import httpx
 import pyarrow.parquet as pq
 import pytest
 from pymongo.collection import Collection
+from pymongo.database import Database
 from pymongo.errors import AutoReconnect
 from tests.helpers import ServeProcess, lakesync, wait_for
 
@@ -29,7 +30,9 @@ from lakesync.demo import generate
 from lakesync.errors import StoreError, TransientStoreError
 from lakesync.jobstore import JobStore
 from lakesync.lease import Leases, kept_dying
+from lakesync.mirror import SEEN_PREFIX
 from lakesync.models import JobState, Outcome
+from lakesync.repeats import Plan
 from lakesync.retry import RetryPolicy
 from lakesync.runtime import Runtime
 
@@ -193,7 +196,7 @@ class Freezer:
             monkeypatch.setattr(Collection, name, self._wrap(getattr(Collection, name), name))
 
     def _wrap(self, original: Callable[..., Any], name: str) -> Callable[..., Any]:
-        def call(coll: Collection[Any], *args: Any, **kwargs: Any) -> Any:
+        def call(coll: Collection[Any] | Database[Any], *args: Any, **kwargs: Any) -> Any:
             if threading.current_thread() is self.thread and coll.name == "taskdetails":
                 if self.frozen.is_set():
                     self.waiting.set()
@@ -319,6 +322,9 @@ JOB_PATH = ("runner.py", "boundary.py", "plan.py", "slices.py", "finish.py", "le
 METHODS = ("find_one", "find_one_and_update", "update_one", "update_many", "insert_one",
            "insert_many", "find", "bulk_write", "delete_many", "drop", "count_documents",
            "create_index", "aggregate", "replace_one")  # fmt: skip
+#: the database-level calls of the job path: the lease's clock read (``server_now``), the
+#: drop and the sweep of mirror key sets
+DATABASE_METHODS = ("command", "drop_collection", "list_collection_names")
 
 
 class FaultInjector:
@@ -326,7 +332,8 @@ class FaultInjector:
     before the call reaches MongoDB; the second time, after MongoDB applied it (the reply
     was lost). Then the site is left alone.
 
-    A call site is the innermost line of lakesync that calls a collection method; calls
+    A call site is the innermost line of lakesync that calls a collection method (or a
+    database's: a command, a collection dropped or listed); calls
     from the test itself (starting jobs, reading them) are left alone. A site reached on
     several paths is faulted on each: the path is the lines of lakesync from the site out
     to the first, the retry machinery left out (``Leases._update`` alone serves the claims,
@@ -340,10 +347,13 @@ class FaultInjector:
         self.function: dict[tuple[str, int], str] = {}  # site -> the function it is in
         self.paths: dict[tuple[tuple[str, int], ...], int] = {}  # faults go by call path
         self.via: set[str] = set()  # the store boundary's methods whose calls were faulted
+        self.calls: set[tuple[str, str]] = set()  # (function of a faulted site, method)
         self.armed = False
         self.lock = threading.Lock()
         for name in METHODS:
             monkeypatch.setattr(Collection, name, self._wrap(getattr(Collection, name), name))
+        for name in DATABASE_METHODS:
+            monkeypatch.setattr(Database, name, self._wrap(getattr(Database, name), name))
 
     def _site(self) -> tuple[tuple[str, int], ...] | None:
         """The call path: the site first, then the lines of lakesync that led to it (but
@@ -372,7 +382,7 @@ class FaultInjector:
         return tuple(path) or None
 
     def _wrap(self, original: Callable[..., Any], name: str) -> Callable[..., Any]:
-        def call(coll: Collection[Any], *args: Any, **kwargs: Any) -> Any:
+        def call(coll: Collection[Any] | Database[Any], *args: Any, **kwargs: Any) -> Any:
             path = self._site() if self.armed else None
             if path is not None and threading.current_thread().name.startswith("heartbeat"):
                 path = None  # a missed beat is retried at the next tick anyway
@@ -381,6 +391,7 @@ class FaultInjector:
             site = path[0]
             with self.lock:
                 self.hit[site] = self.hit.get(site, 0) + 1
+                self.calls.add((self.function[site], name))
                 seen = self.paths.get(path, 0)
                 self.paths[path] = seen + 1
             if seen == 0:
@@ -423,6 +434,10 @@ def test_a_transient_error_at_each_call_of_the_job_path_fails_no_job(
 ) -> None:
     faults = FaultInjector(monkeypatch)
     quick_retries(monkeypatch)
+    # every plan keeps an order warning for the job's final message (a Delta or Iceberg
+    # table's rewrites may leave the order of a key's records in doubt)
+    doubt = "Lake order in doubt (injected)."
+    monkeypatch.setattr(Plan, "warning", lambda plan: doubt)
     rt, queued = stepped(settings, lake, retry_budget_seconds=30)
     with rt:
         # a partitioned full copy, each partition run as an executor would
@@ -442,10 +457,16 @@ def test_a_transient_error_at_each_call_of_the_job_path_fails_no_job(
         db.drop_collection("taskdetails")
         generate(tmp_path / "clean", 3000, seed=9)
         clean = rt.settings.model_copy(update={"lake_uri": str(tmp_path / "clean")})
+    # the key set a mirror job that ended left (its drop failed): the next mirror sweeps it
+    leftover = f"{SEEN_PREFIX}gone_job"
+    db[leftover].insert_one({"_id": 1})
     with Runtime(clean) as mirror_rt:
         finals.append(run_armed(mirror_rt, faults, {"mode": "mirror"}))
-    for s in finals:
+    for s in [partitioned, *finals]:
         assert s.status == JobState.COMPLETED, (s.message, s.error)
+        assert s.message.count(doubt) == 1, s.message
+    # the mirror's key set dropped at its end, the leftover swept: none is left behind
+    assert not [n for n in db.list_collection_names() if n.startswith(SEEN_PREFIX)]
     full, incremental, mirrored = finals
     assert full.totalRecords == full.processedRecords == ROWS
     assert full.unchangedRecords == ROWS - 30 and full.errorRecords == 30
@@ -465,6 +486,11 @@ def test_a_transient_error_at_each_call_of_the_job_path_fails_no_job(
     assert {f for f in functions if f.startswith("WatermarkStore.")}, functions
     plans = {"plan_job", "order_warning", "save_listing", "load_listing", "load_superseded"}
     assert functions >= plans, functions
+    # the order warning stored; the key sets dropped and swept (database-level calls)
+    wanted = {("plan_job", "insert_one"), ("drop_seen", "drop_collection"),
+              ("sweep", "list_collection_names"), ("sweep", "find_one"),
+              ("sweep", "drop_collection")}  # fmt: skip
+    assert faults.calls >= wanted, wanted - faults.calls
 
 
 def test_a_transient_error_at_each_call_of_hand_backs_repeats_and_mirror_deletes(
@@ -511,7 +537,9 @@ def test_a_transient_error_at_each_call_of_hand_backs_repeats_and_mirror_deletes
     wanted = {"Store.release", "Store.release_part", "Store.plan_repeats",
               "Store.superseded_rows", "Store.delete", "Store.missing_page"}  # fmt: skip
     assert faults.via >= wanted, wanted - faults.via
-    assert "Leases.take_over" in {faults.function[site] for site in faults.hit}
+    # the takeover of the dead run's partition reads the server's clock (a command)
+    assert ("Leases.take_over", "find_one") in faults.calls
+    assert ("Leases.server_now", "command") in faults.calls
 
 
 def test_a_partition_mongodb_cannot_serve_is_named_as_the_partition_in_the_error(
@@ -535,6 +563,28 @@ def test_a_partition_mongodb_cannot_serve_is_named_as_the_partition_in_the_error
     assert "while recording partition 3 completed:" in str(settled.value)
     assert "while handing back partition 3 of 8 (files 5-7):" in str(handed.value)
     assert "job_x" not in str(settled.value) + str(handed.value)
+
+
+def test_a_key_set_mongodb_will_not_drop_is_left_to_the_next_sweep_and_fails_nothing(
+    settings: Settings, db: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # the drop and the sweep are retried (the fault test above); past the budget they are
+    # housekeeping: the job's end stands, and the next mirror job's sweep drops the set
+    quick = settings.model_copy(update={"retry_budget_seconds": 0})
+    store = Store(quick, JobStore(db), threading.Event())
+    db[f"{SEEN_PREFIX}job_x"].insert_one({"_id": 1})
+    drop = Database.drop_collection
+
+    def down(*_: Any, **__: Any) -> Any:
+        raise AutoReconnect("connection reset by peer")
+
+    monkeypatch.setattr(Database, "drop_collection", down)
+    store.drop_key_set("job_x")  # logged, not raised
+    store.sweep_key_sets()
+    monkeypatch.setattr(Database, "drop_collection", drop)
+    assert f"{SEEN_PREFIX}job_x" in db.list_collection_names()
+    store.sweep_key_sets()  # job_x has no document: it ended
+    assert f"{SEEN_PREFIX}job_x" not in db.list_collection_names()
 
 
 # -- the Celery recovery scan sends a waiting job or partition once ---------------------------

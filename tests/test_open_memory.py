@@ -5,8 +5,6 @@ bytes glibc and Python hold, not in time or RSS."""
 
 from __future__ import annotations
 
-import ctypes
-import ctypes.util
 import gc
 import os
 import subprocess
@@ -18,26 +16,11 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+from tests.mallinfo import malloc_in_use
 
 from lakesync.lake import Lake
 
 FOLDERS, PER_FOLDER = 10, 100
-
-
-class _MallInfo2(ctypes.Structure):
-    _fields_ = [
-        (name, ctypes.c_size_t)
-        for name in ("arena", "ordblks", "smblks", "hblks", "hblkhd", "usmblks", "fsmblks",
-                     "uordblks", "fordblks", "keepcost")
-    ]  # fmt: skip
-
-
-def _malloc_in_use() -> int:
-    """glibc's bytes in use, all arenas (Arrow's C++ objects; not Python's small objects)."""
-    libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
-    libc.mallinfo2.restype = _MallInfo2
-    info = libc.mallinfo2()
-    return int(info.uordblks + info.hblkhd)
 
 
 def _lake(folder: Path) -> Path:
@@ -64,16 +47,16 @@ def test_an_opened_lake_keeps_well_under_a_kilobyte_per_file(tmp_path: Path) -> 
     #27) and session 8's lake 1,216 + 953 (an Arrow scalar for each minimum and maximum, a
     partition expression per file)."""
     try:
-        _malloc_in_use()
+        malloc_in_use()
     except (OSError, AttributeError):
         pytest.skip("glibc's mallinfo2 is not available here")
     lake = _lake(tmp_path / "lake")
     Lake.open(str(lake))  # the one-time costs: imports, pools, caches
     gc.collect()
-    before = _malloc_in_use()
+    before = malloc_in_use()
     opened = Lake.open(str(lake))
     gc.collect()
-    in_c = _malloc_in_use() - before
+    in_c = malloc_in_use() - before
     del opened
     gc.collect()
     tracemalloc.start()  # apart: its own records are malloc'd

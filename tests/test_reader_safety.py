@@ -255,11 +255,13 @@ def test_a_record_nested_too_deep_is_refused_under_an_incremental_filter(tmp_pat
         assert seen == ([2, 3, "refused", 5])[start:], (start, size, seen)
         assert all("more than 100 levels" in r for r in reasons)
     assert sum(b.table.num_rows for b in lake.batches(10, filter=since, columns=["seq"])) == 4
+    assert lake.count_rows(since) == 4  # counted as the batches keep it
     # a file without the watermark column at all: its other rows filtered out, as before
     (tmp_path / "b.ndjson").write_text('{"id": 6}\n{"id": 7, "v": ' + _deep(MAX_DEPTH + 1) + "}\n")
     lake = Lake.open(str(tmp_path), format="json")
     last = list(lake.batches(10, filter=since))[-1]
     assert last.file.endswith("b.ndjson") and last.table.num_rows == 1 and 0 in last.refused
+    assert lake.count_rows(since) == 5
 
 
 def test_local_json_copies_live_in_a_folder_of_this_user_alone(

@@ -27,7 +27,6 @@ refused, so the counters never count it.
 
 from __future__ import annotations
 
-import contextlib
 import functools
 import logging
 import math
@@ -50,7 +49,7 @@ from pymongo.errors import DuplicateKeyError
 
 from lakesync import metrics, mirror
 from lakesync.config import Settings
-from lakesync.errors import JobError, LakesyncError, LeaseLost
+from lakesync.errors import JobError, LakesyncError, LeaseLost, StoreError
 from lakesync.jobstore import JobStore
 from lakesync.lake import Lake, Listing
 from lakesync.lease import FENCE_TRUST_SECONDS, Heartbeat, Leases, progressed, suspect
@@ -372,12 +371,35 @@ class Store:
             pins.get("icebergSnapshotId"),
         )
 
-    @retried("sweeping key sets")
     def sweep_key_sets(self) -> None:
+        """Drop the key sets of mirror jobs that ended (a drop that failed left them).
+        Housekeeping: if MongoDB refuses it past the retry budget, the next mirror job
+        sweeps again; the job goes on."""
+        try:
+            self._sweep_key_sets()
+        except StoreError as e:
+            logger.warning("could not sweep leftover %s* collections: %s", mirror.SEEN_PREFIX, e)
+
+    @retried("sweeping key sets")
+    def _sweep_key_sets(self) -> None:
         mirror.sweep(self.jobs.db, self.jobs.jobs)
 
-    @retried("dropping the key set")
     def drop_key_set(self, job_id: str) -> None:
+        """Drop a mirror job's key set at its end. If MongoDB refuses it past the retry
+        budget, the next mirror job's sweep drops it; the job's end stands."""
+        try:
+            self._drop_key_set(job_id)
+        except StoreError as e:
+            logger.warning(
+                "job %s: could not drop %s%s (the next mirror job sweeps it): %s",
+                job_id,
+                mirror.SEEN_PREFIX,
+                job_id,
+                e,
+            )
+
+    @retried("dropping the key set")
+    def _drop_key_set(self, job_id: str) -> None:
         mirror.drop_seen(self.jobs.db, job_id)
 
     @retried("starting the mirror's key set")
@@ -949,8 +971,7 @@ class SliceLease:
             done = self.store.finish(self.job_id, self.owner, state, message, error)
             # a mirror's key set (a failed one may be resumed: it needs its keys)
             if state is not JobState.FAILED and status.options.get("mode") == "mirror":
-                with contextlib.suppress(LakesyncError):  # swept later if this fails
-                    self.store.drop_key_set(self.job_id)
+                self.store.drop_key_set(self.job_id)  # swept later if this fails
             return done
         try:
             return self.store.finish(self.job_id, None, state, message, error, ender=self.owner)

@@ -28,7 +28,7 @@ from typing import Any
 import pyarrow as pa
 from pymongo.collection import Collection
 from pymongo.database import Database
-from pymongo.errors import DuplicateKeyError, PyMongoError
+from pymongo.errors import DuplicateKeyError
 
 from lakesync.config import Settings
 from lakesync.errors import JobError, RequestError
@@ -179,24 +179,20 @@ class MirrorSet:
 def drop_seen(db: Database[dict[str, Any]], job_id: str) -> None:
     """Remove a job's seen set, if it has one (when a job completes or is cancelled).
 
-    A failed job keeps it: it can be resumed, and its delete phase needs every key.
+    A failed job keeps it: it can be resumed, and its delete phase needs every key. A
+    MongoDB error is raised: the store boundary retries the drop (``Store.drop_key_set``).
     """
-    try:
-        db.drop_collection(SEEN_PREFIX + job_id)
-    except Exception as e:  # a leftover is swept by the next mirror job
-        logger.warning("job %s: could not drop %s%s: %s", job_id, SEEN_PREFIX, job_id, e)
+    db.drop_collection(SEEN_PREFIX + job_id)
 
 
 def sweep(db: Database[dict[str, Any]], jobs: Collection[dict[str, Any]]) -> None:
-    """Drop the seen sets of jobs that completed, were cancelled or expired."""
-    try:
-        for name in db.list_collection_names():
-            if not name.startswith(SEEN_PREFIX):
-                continue
-            job_id = name[len(SEEN_PREFIX) :]
-            job = jobs.find_one({"jobId": job_id}, {"status": 1})
-            if job is None or job.get("status") in _DONE:
-                logger.info("dropping %s: its job ended", name)
-                db.drop_collection(name)
-    except PyMongoError as e:  # only housekeeping: the next mirror job tries again
-        logger.warning("could not sweep leftover %s* collections: %s", SEEN_PREFIX, e)
+    """Drop the seen sets of jobs that completed, were cancelled or expired. A MongoDB
+    error is raised: the store boundary retries the sweep (``Store.sweep_key_sets``)."""
+    for name in db.list_collection_names():
+        if not name.startswith(SEEN_PREFIX):
+            continue
+        job_id = name[len(SEEN_PREFIX) :]
+        job = jobs.find_one({"jobId": job_id}, {"status": 1})
+        if job is None or job.get("status") in _DONE:
+            logger.info("dropping %s: its job ended", name)
+            db.drop_collection(name)

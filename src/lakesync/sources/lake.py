@@ -776,7 +776,9 @@ class Lake:
         return list(self._row_counts)
 
     def count_rows(self, filter: pc.Expression | None = None) -> int:
-        """Rows after ``filter``, counted exactly as ``batches`` counts them."""
+        """Rows after ``filter``, counted exactly as ``batches`` counts them: with the
+        rows the reader refused (a CSV record of another number of cells, a JSON record
+        nested too deep), which ``batches`` keeps under any filter, to be rejected."""
         if filter is None:
             return sum(self.file_row_counts())
         total = 0
@@ -793,7 +795,12 @@ class Lake:
                     )
             return total
         for i in range(len(self.files)):
-            if i not in self._ruled_out:
+            if i in self._ruled_out:
+                continue
+            if self._facts[i].refused:  # kept whatever the filter says, to be rejected
+                batches = self._file_batches(i, 1 << 16, 0, filter, None)
+                total += sum(b.table.num_rows for b in batches)
+            else:
                 total += self._counted(i, filter)
         return total
 
