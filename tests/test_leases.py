@@ -841,12 +841,42 @@ def test_a_failure_kept_unrecorded_is_dropped_once_another_run_has_progressed(
 
         # nobody moved past it: the kept failure is recorded by the next claim here
         job2, _ = old_rt.jobs.start("copy-taskdetail")
-        assert store.claim(job2.jobId, "host:1:old") is not None
+        claimed2 = store.claim(job2.jobId, "host:1:old")
+        assert claimed2 is not None  # the status its run fails with: the claimed one
         refused = StoreError("MongoDB refused ending the job: disk full")
         with pytest.MonkeyPatch.context() as mp:
             mp.setattr(Store, "finish", lambda *_, **__: (_ for _ in ()).throw(refused))
-            SliceLease(store, job2.jobId, "host:1:old").fail(job2, "file gone", old.unrecorded)
+            lease = SliceLease(store, job2.jobId, "host:1:old")
+            lease.fail(claimed2, "file gone", old.unrecorded)
         db.jobstatuses.update_one({"jobId": job2.jobId}, pending)
         old.run(job2.jobId)
         ended = old_rt.store.get(job2.jobId)
         assert ended.status == JobState.FAILED and ended.error == "file gone", ended
+
+
+def test_a_failure_kept_before_any_commit_is_dropped_once_another_run_has_claimed_the_job(
+    settings: Settings, db: Any, lake: Path
+) -> None:
+    """A run that failed before its first commit, its job taken over meanwhile: its mark is
+    (0 records, 0 batches). The run that took it over planned the job and was stopped
+    before its first commit (a shutdown during a long plan), handing the job back where
+    it stood: the kept failure looked current, and ended a job another run had claimed
+    and got on with since. A claim by another run (the job's attempt moved past this
+    process's next claim) makes the kept failure stale."""
+    old_rt, _ = stepped(settings, lake)
+    with old_rt:
+        old_rt.runner.partitioned.submit = None  # copied in one piece
+        job, _ = old_rt.jobs.start("copy-taskdetail")
+        old, store = old_rt.runner, old_rt.runner.boundary
+        claimed = store.claim(job.jobId, "host:1:old")
+        assert claimed is not None and claimed.checkpoint is None
+        taken = {"$set": {"owner": "host:2:new"}, "$inc": {"leaseBeat": 1, "attempt": 1}}
+        db.jobstatuses.update_one({"jobId": job.jobId}, taken)  # taken over meanwhile
+        SliceLease(store, job.jobId, "host:1:old").fail(claimed, "file gone", old.unrecorded)
+        assert job.jobId in old.unrecorded  # not written: kept for the next claim
+        # the new owner planned (an empty checkpoint) and was stopped before a commit
+        planned = {"$set": {"checkpoint": {"batches": 0}, "status": JobState.PENDING.value}}
+        db.jobstatuses.update_one({"jobId": job.jobId}, {**planned, "$unset": {"owner": ""}})
+        old.run(job.jobId)
+        assert old.unrecorded == {}
+        assert_clean(old_rt.store.get(job.jobId), db)

@@ -368,3 +368,16 @@ def test_a_rejected_key_is_shown_as_it_is_not_as_it_looks() -> None:
         "(none)",
         "(no key)",
     )
+
+
+def test_a_rejected_key_that_hides_what_it_is_is_shown_escaped_and_apart_from_no_key() -> None:
+    """Characters that print as nothing or as a line break (a zero-width space, U+2028,
+    DEL) were shown raw inside the quotes, so "a<ZWSP>b" still read as "ab" (and U+2028
+    broke the table's line); and the key "(none)" read as no key at all."""
+    from lakesync.cli import shown_key
+
+    assert shown_key("a\u200bb") == '"a\\u200bb"'
+    assert shown_key("x\u2028") == '"x\\u2028"'
+    assert shown_key("\x7f") == '"\\u007f"'
+    assert shown_key("(none)") == '"(none)"' and shown_key("(no key)", "(no key)") == '"(no key)"'
+    assert shown_key("é") == "é" and shown_key("x y") == "x y"

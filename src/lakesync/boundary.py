@@ -86,9 +86,10 @@ S = TypeVar("S", bound="Store")
 #: where a job stood: its processed records and committed batches
 Progress = tuple[int, int]
 #: a job's end as failed that could not be written: job -> (message, error, where the job
-#: stood then), recorded by this process's next run of the job if the job has not
-#: progressed since (SliceLease.fail, JobRunner._ended_before)
-Unrecorded = dict[str, tuple[str, str, Progress]]
+#: stood then, the failed run's attempt), recorded by this process's next run of the job
+#: if the job has not progressed since and no other run claimed it meanwhile
+#: (SliceLease.fail, JobRunner._ended_before)
+Unrecorded = dict[str, tuple[str, str, Progress, int]]
 
 #: a partition document's counters and the job document's fields they add up to
 COUNTERS = {
@@ -1023,4 +1024,5 @@ class SliceLease:
                 "job %s: could not record its end (%s); it stays resumable", status.jobId, e
             )
             if self.index is None:
-                unrecorded[self.job_id] = (message, error, self._progress or progress(status))
+                stood = self._progress or progress(status)
+                unrecorded[self.job_id] = (message, error, stood, status.attempt)

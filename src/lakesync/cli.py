@@ -742,8 +742,13 @@ def shown_key(key: Any, missing: str = "(none)") -> str:
     (empty, or spaces or control characters at its ends: "7 " is not 7); 0 is a key."""
     if key is None:
         return missing
-    if isinstance(key, str) and (not key or key != key.strip() or not key.isprintable()):
-        return json.dumps(key, ensure_ascii=False)
+    if isinstance(key, str) and (
+        not key or key != key.strip() or not key.isprintable() or key == missing
+    ):
+        # characters that print as nothing or break the line (a zero-width space, U+2028)
+        # escaped too: JSON escapes only the ASCII control characters
+        text = json.dumps(key, ensure_ascii=False)
+        return "".join(c if c.isprintable() else f"\\u{ord(c):04x}" for c in text)
     return str(key)
 
 

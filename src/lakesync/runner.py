@@ -408,17 +408,20 @@ class JobRunner:
         """End a job that must not be copied again: its failure was not recorded, its runs
         kept dying, or it was cancelled while no run held it; True if it ended."""
         if (unrecorded := self.unrecorded.pop(status.jobId, None)) is not None:
-            message, error, then = unrecorded
-            if progress(status) == then:
+            message, error, then, attempt = unrecorded
+            # this claim is the next after the failed run's: no other run claimed the job
+            # meanwhile (one that planned it and stopped before its first commit leaves
+            # its progress where it stood, yet the failure is not the job's any more)
+            if progress(status) == then and status.attempt == attempt + 1:
                 # its failure could not be written (e.g. a full disk): record it, do not
                 # copy again
                 lease.fail(status, error, self.unrecorded, message)
                 return True
-            # another run copied since (it held the job when this one failed): the failure
-            # is stale, and would end a job that is getting on
+            # another run copied since, or claimed the job (it held the job when this one
+            # failed): the failure is stale, and would end a job that is getting on
             logger.warning(
                 "job %s: an earlier run here failed (%s) but could not record it; the job "
-                "has progressed since, to record %s, so it goes on",
+                "has been run or progressed since (to record %s), so it goes on",
                 status.jobId,
                 error,
                 f"{status.processedRecords:,}",

@@ -711,7 +711,7 @@ class Lake:
         if facts.stats is None or self._mapped or self._live[index] is not None:
             return None  # (Iceberg files keep no statistics here: FileFacts.stats is None)
         found = facts.stats.get(column)
-        if found is None or facts.rows is None:
+        if found is None or facts.rows is None or not _same_kind(found[3], column, self.schema):
             return None
         return as_column_stats(found), facts.rows
 
@@ -1248,3 +1248,18 @@ def _within(refused: dict[int, str], start: int, rows: int) -> dict[int, str]:
     if not refused:
         return {}
     return {r - start: why for r, why in refused.items() if start <= r < start + rows}
+
+
+def _same_kind(stats_type: pa.DataType, column: str, schema: pa.Schema) -> bool:
+    """Whether a file's statistics of ``column`` (of ``stats_type``: int64 for integers,
+    date32, a timestamp) are of the lake's kind of values: the same column may be an
+    integer in one file and a date or a timestamp in another (the lake's type is then the
+    first file's), and days or a timestamp's units are no integers of the lake."""
+    if column not in schema.names:
+        return False
+    lake_type = schema.field(column).type
+    if pa.types.is_timestamp(stats_type):
+        return bool(pa.types.is_timestamp(lake_type))
+    if pa.types.is_date(stats_type):
+        return bool(pa.types.is_date(lake_type))
+    return bool(pa.types.is_integer(lake_type))

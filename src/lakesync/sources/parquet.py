@@ -8,7 +8,8 @@ scanner's own results are the reference each shortcut is held to (see ``_View``)
 from __future__ import annotations
 
 import sys
-from collections.abc import Iterator
+from collections import Counter
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -290,15 +291,20 @@ def _conformed(
     return pa.RecordBatch.from_arrays(arrays, schema=target)
 
 
-def column_stats(meta: Any, schema: pa.Schema) -> PackedStats | None:
+def column_stats(meta: Any, schema: pa.Schema, partition: Iterable[str] = ()) -> PackedStats | None:
     """Min, max and null count over a file's row groups of its top-level integer, date and
     timestamp columns, from the footer, packed (None: none); a column some row group has
-    no statistics for is left out (it must be read to be known)."""
+    no statistics for is left out (it must be read to be known). So are the columns of
+    the file's hive ``partition`` (the partition's value is read, not the file's column)
+    and a path the footer gives twice (a column "a.b" and a struct a's field b: which is
+    which cannot be told)."""
     out: dict[str, RawStats] = {}
-    wanted = {f.name for f in schema if _stats_kind(f.type)}
+    wanted = {f.name for f in schema if _stats_kind(f.type)} - set(partition)
     groups = [meta.row_group(g) for g in range(meta.num_row_groups)] if wanted else []
     if not groups:
         return None
+    paths = Counter(groups[0].column(i).path_in_schema for i in range(meta.num_columns))
+    wanted = {name for name in wanted if paths[name] == 1}
     for i in range(meta.num_columns):
         first = groups[0].column(i)
         name = first.path_in_schema
@@ -380,7 +386,7 @@ def inspect_file(
     schema = with_partition_columns(schema, keys)
     meta = fragment.metadata
     decoded = sum(meta.row_group(g).total_byte_size for g in range(meta.num_row_groups))
-    stats = column_stats(meta, schema)
+    stats = column_stats(meta, schema, (name for name, _ in keys))
     facts = FileFacts(path, size, meta.num_rows, expr, stats, int(decoded))
     if keep is not None and size is not None and size <= KEEP_FILE_BYTES:
         columns = [c for c in keep if c in schema.names]
