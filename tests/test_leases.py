@@ -854,6 +854,36 @@ def test_a_failure_kept_unrecorded_is_dropped_once_another_run_has_progressed(
         assert ended.status == JobState.FAILED and ended.error == "file gone", ended
 
 
+def test_a_cancel_requested_beats_a_failure_kept_unrecorded(
+    settings: Settings, db: Any, lake: Path
+) -> None:
+    """A failure this process could not record (a full disk) is recorded by its next
+    claim; but if the user asked to cancel the job meanwhile, the user's request wins: the
+    job ends Cancelled, not Failed with the old error."""
+    old_rt, _ = stepped(settings, lake)
+    with old_rt:
+        old_rt.runner.partitioned.submit = None  # copied in one piece
+        old, store = old_rt.runner, old_rt.runner.boundary
+        job, _ = old_rt.jobs.start("copy-taskdetail")
+        claimed = store.claim(job.jobId, "host:1:old")
+        assert claimed is not None
+        refused = StoreError("MongoDB refused ending the job: disk full")
+        with pytest.MonkeyPatch.context() as mp:
+            mp.setattr(Store, "finish", lambda *_, **__: (_ for _ in ()).throw(refused))
+            SliceLease(store, job.jobId, "host:1:old").fail(claimed, "file gone", old.unrecorded)
+        assert job.jobId in old.unrecorded  # not written: kept for the next claim
+        pending = {
+            "$set": {"status": JobState.PENDING.value, "cancelRequested": True},
+            "$unset": {"owner": ""},
+        }
+        db.jobstatuses.update_one({"jobId": job.jobId}, pending)  # cancel asked meanwhile
+        old.run(job.jobId)
+        ended = old_rt.store.get(job.jobId)
+        assert ended.status == JobState.CANCELLED, ended
+        assert old.unrecorded == {}
+        assert ended.processedRecords == 0  # not copied again
+
+
 def test_a_failure_kept_before_any_commit_is_dropped_once_another_run_has_claimed_the_job(
     settings: Settings, db: Any, lake: Path
 ) -> None:

@@ -496,3 +496,64 @@ def test_watermarks_stored_under_another_spelling_are_found_after_an_upgrade(
         again = copy(rt)
     assert again.processedRecords == again.unchangedRecords == 1  # from the watermark on
     assert sorted(d["_id"] for d in db.syncstate.find()) == [f"late|{canonical}", "late|lake/"]
+
+
+#: watermark columns whose values sit near their type's minimum, so the watermark less the
+#: lookback falls below what the column can hold: (Arrow type, first value, one step,
+#: lookback as lakesync.toml writes it)
+NEAR_THE_EDGE: dict[str, tuple[pa.DataType, Any, Any, str]] = {
+    "int32": (pa.int32(), -(2**31) + 5, 1, "100"),
+    "int64": (pa.int64(), -(2**63) + 5, 1, "100"),
+    "uint32": (pa.uint32(), 3, 1, "100"),
+    "timestamp_ns": (
+        pa.timestamp("ns", tz="UTC"),
+        datetime(1677, 9, 22, 1, 0, 0),
+        timedelta(hours=1),
+        '"30d"',
+    ),
+    # the lookback reaches before year 1, which Python's datetime cannot show
+    "timestamp_ms": (
+        pa.timestamp("ms", tz="UTC"),
+        datetime(1, 1, 2, 1, 0, 0),
+        timedelta(hours=1),
+        '"30d"',
+    ),
+}
+
+
+@pytest.mark.parametrize("kind", list(NEAR_THE_EDGE))
+def test_a_lookback_reaching_below_the_watermark_column_type_reads_from_the_start(
+    settings: Settings, db: Any, tmp_path: Path, kind: str
+) -> None:
+    """The watermark less the lookback is below the least value the column's type holds
+    (an int32 near -2**31, an int64 near -2**63, a timestamp[ns] in 1677), or before year
+    1: no bound on that side, the copy exact, instead of an overflow from the filter."""
+    arrow_type, first, step, lookback = NEAR_THE_EDGE[kind]
+    lake = tmp_path / "lake"
+    lake.mkdir()
+
+    def part(name: str, ids: range, steps: list[int | None]) -> None:
+        values = [None if s is None else first + step * s for s in steps]
+        table = pa.table(
+            {
+                "id": [f"R-{i:05d}" for i in ids],
+                "w": pa.array(values, arrow_type),
+                "v": [f"value {i}" for i in ids],
+            }
+        )
+        pq.write_table(table, lake / name)
+
+    part("a.parquet", range(0, 10), list(range(10)))
+    config = tmp_path / "lakesync.toml"
+    config.write_text(operation_toml(lake, lookback))
+    with Runtime(settings.model_copy(update={"operations_file": config})) as rt:
+        assert copy(rt).insertedRecords == 10
+        part("b.parquet", range(100, 105), [0, 3, 9, 12, None])  # late, at and above it
+        second = copy(rt)
+    # what a full read finds, filtered in Python: every row with a watermark (the lookback
+    # reaches below the type, so from the start)
+    whole = pq.read_table(lake).to_pylist()
+    wanted = {r["id"] for r in whole if r["w"] is not None}
+    assert second.totalRecords == len(wanted)
+    assert second.insertedRecords == 4 and second.unchangedRecords == 10
+    assert {d["_id"] for d in db.late.find({}, {"_id": 1})} == wanted

@@ -413,6 +413,19 @@ class JobRunner:
             # meanwhile (one that planned it and stopped before its first commit leaves
             # its progress where it stood, yet the failure is not the job's any more)
             if progress(status) == then and status.attempt == attempt + 1:
+                if status.cancelRequested:
+                    # the user asked to cancel since: their request wins over a failure
+                    # nobody saw, which the log keeps
+                    logger.warning(
+                        "job %s: an earlier run here failed (%s) but could not record it; "
+                        "a cancel was requested since, so the job ends cancelled",
+                        status.jobId,
+                        error,
+                    )
+                    lease.end(
+                        status, JobState.CANCELLED, f"Cancelled; {finish.lowered(summary(status))}"
+                    )
+                    return True
                 # its failure could not be written (e.g. a full disk): record it, do not
                 # copy again
                 lease.fail(status, error, self.unrecorded, message)

@@ -54,6 +54,7 @@ Kind = Literal["timestamp", "date", "int"]
 _DAY_MS = 86_400_000
 _SCAN_ROWS = 65_536  # rows per batch of the watermark scan (one column)
 _PER_MS = {"s": (1000, 1), "ms": (1, 1), "us": (1, 1000), "ns": (1, 1_000_000)}
+_INT64 = (-(2**63), 2**63 - 1)
 
 
 def kind_of(arrow_type: pa.DataType) -> Kind | None:
@@ -106,7 +107,7 @@ def scan(lake: Lake, column: str, since: Watermark | None) -> tuple[int, Waterma
     the watermark column alone, several at a time.
     """
     rows, high = 0, None
-    above = None if since is None else pc.field(column) >= _scalar(lake, since)
+    above = None if since is None else _at_least(lake, since)
     unread, below = [], []
     for index in range(len(lake.files)):
         known = lake.file_stats(index, column)
@@ -151,9 +152,32 @@ def lake_filter(
     no upper bound without ``until``)."""
     if since is None:
         return None
+    above = _at_least(lake, since)
+    return above if until is None else above & _at_most(lake, until)
+
+
+def _at_least(lake: Lake, since: Watermark) -> pc.Expression:
+    """``column >= since``. A ``since`` below the least value the column's type holds (a
+    lookback reaching past an int32's -2**31, a timestamp[ns]'s 1677) is no bound: every
+    value (nulls stay out, as any comparison leaves them); one above its greatest, none."""
     field = pc.field(since.column)
-    above = field >= _scalar(lake, since)
-    return above if until is None else above & (field <= _scalar(lake, until))
+    low, high = _type_range(lake, since)
+    if since.value < low:
+        return field.is_valid()
+    if since.value > high:
+        return field.is_valid() & pc.scalar(False)
+    return field >= _scalar(lake, since)
+
+
+def _at_most(lake: Lake, until: Watermark) -> pc.Expression:
+    """``column <= until``, with no bound past the type's greatest value (see ``_at_least``)."""
+    field = pc.field(until.column)
+    low, high = _type_range(lake, until)
+    if until.value > high:
+        return field.is_valid()
+    if until.value < low:
+        return field.is_valid() & pc.scalar(False)
+    return field <= _scalar(lake, until)
 
 
 def reach_back(saved: Watermark | None, lookback: str | int | None) -> Watermark | None:
@@ -173,7 +197,9 @@ def reach_back(saved: Watermark | None, lookback: str | int | None) -> Watermark
                 "(e.g. lookback = 100).",
                 column=saved.column,
             )
-        return saved.model_copy(update={"value": saved.value - lookback})
+        # no integer column holds less than int64's least value, which MongoDB can store
+        # in the checkpoint (a Python int below it cannot be)
+        return saved.model_copy(update={"value": max(saved.value - lookback, _INT64[0])})
     if not isinstance(lookback, str):
         raise SourceError(
             f"The operation's lookback {lookback} is a number, but its watermark column "
@@ -207,6 +233,24 @@ def _scalar(lake: Lake, since: Watermark) -> pa.Scalar:
     return pa.scalar(since.value, type=arrow_type)
 
 
+def _type_range(lake: Lake, w: Watermark) -> tuple[int, int]:
+    """The least and greatest watermark values (``Watermark.value``'s units) that compare
+    with the lake's column without overflowing its type (checked by ``_scalar``)."""
+    arrow_type = lake.schema.field(w.column).type
+    if pa.types.is_integer(arrow_type):
+        bits = arrow_type.bit_width
+        if pa.types.is_signed_integer(arrow_type):
+            return -(2 ** (bits - 1)), 2 ** (bits - 1) - 1
+        return 0, 2**bits - 1
+    if pa.types.is_timestamp(arrow_type):
+        # the comparison casts the millisecond scalar to a finer column unit (us, ns)
+        per = _PER_MS[arrow_type.unit][1]
+        return -(2**63 // per), (2**63 - 1) // per
+    if pa.types.is_date(arrow_type):  # compared as date32: days in an int32
+        return -(2**31) * _DAY_MS, 2**31 * _DAY_MS - 1
+    return _INT64
+
+
 def batch_max(table: pa.Table, column: str) -> Watermark | None:
     """The highest watermark in a batch (None if the batch has no usable value).
 
@@ -236,7 +280,10 @@ def batch_max(table: pa.Table, column: str) -> Watermark | None:
 
 def from_millis(column: str, millis: int, kind: Kind = "timestamp") -> Watermark:
     """A timestamp (or date) watermark from epoch milliseconds, with its ISO form."""
-    when = datetime.fromtimestamp(millis / 1000, tz=UTC)
+    try:
+        when = datetime.fromtimestamp(millis / 1000, tz=UTC)
+    except (ValueError, OverflowError, OSError):  # before year 1 or after 9999 (a lookback)
+        return Watermark(column=column, kind=kind, value=millis)
     text = when.isoformat(timespec="milliseconds").replace("+00:00", "Z")
     return Watermark(column=column, kind=kind, value=millis, iso=text)
 
