@@ -118,6 +118,26 @@ def retried(
     return wrap
 
 
+def housekeeping(
+    what: str | Callable[..., str], later: str
+) -> Callable[[Callable[Concatenate[S, P], None]], Callable[Concatenate[S, P], None]]:
+    """``retried``, for work that is done again later (``later`` says when): past the retry
+    budget its failure is logged, not raised, and the caller goes on."""
+
+    def wrap(method: Callable[Concatenate[S, P], None]) -> Callable[Concatenate[S, P], None]:
+        run = retried(what)(method)
+
+        def call(self: S, /, *args: P.args, **kwargs: P.kwargs) -> None:
+            try:
+                run(self, *args, **kwargs)
+            except StoreError as e:
+                logger.warning("%s; %s", e, later)
+
+        return functools.update_wrapper(call, method)
+
+    return wrap
+
+
 def _named(pid: str) -> str:
     """A partition as people count it in messages ("partition 3"), from its `_id`: the
     job's own log leaves the job's id out, and indexes count from 0."""
@@ -372,35 +392,16 @@ class Store:
             pins.get("icebergSnapshotId"),
         )
 
+    @housekeeping("sweeping key sets", "the next mirror job sweeps them again")
     def sweep_key_sets(self) -> None:
-        """Drop the key sets of mirror jobs that ended (a drop that failed left them).
-        Housekeeping: if MongoDB refuses it past the retry budget, the next mirror job
-        sweeps again; the job goes on."""
-        try:
-            self._sweep_key_sets()
-        except StoreError as e:
-            logger.warning("could not sweep leftover %s* collections: %s", mirror.SEEN_PREFIX, e)
-
-    @retried("sweeping key sets")
-    def _sweep_key_sets(self) -> None:
+        """Drop the key sets of mirror jobs that ended (a drop that failed left them)."""
         mirror.sweep(self.jobs.db, self.jobs.jobs)
 
+    @housekeeping(
+        lambda job_id: f"dropping job {job_id}'s key set", "the next mirror job sweeps it"
+    )
     def drop_key_set(self, job_id: str) -> None:
-        """Drop a mirror job's key set at its end. If MongoDB refuses it past the retry
-        budget, the next mirror job's sweep drops it; the job's end stands."""
-        try:
-            self._drop_key_set(job_id)
-        except StoreError as e:
-            logger.warning(
-                "job %s: could not drop %s%s (the next mirror job sweeps it): %s",
-                job_id,
-                mirror.SEEN_PREFIX,
-                job_id,
-                e,
-            )
-
-    @retried("dropping the key set")
-    def _drop_key_set(self, job_id: str) -> None:
+        """Drop a mirror job's key set at its end (the job's end stands if this fails)."""
         mirror.drop_seen(self.jobs.db, job_id)
 
     @retried("starting the mirror's key set")
