@@ -407,47 +407,47 @@ class JobRunner:
     def _ended_before(self, status: JobStatus, lease: SliceLease) -> bool:
         """End a job that must not be copied again: its failure was not recorded, its runs
         kept dying, or it was cancelled while no run held it; True if it ended."""
-        if (unrecorded := self.unrecorded.pop(status.jobId, None)) is not None:
-            message, error, then, attempt = unrecorded
-            # this claim is the next after the failed run's: no other run claimed the job
-            # meanwhile (one that planned it and stopped before its first commit leaves
-            # its progress where it stood, yet the failure is not the job's any more)
-            if progress(status) == then and status.attempt == attempt + 1:
-                if status.cancelRequested:
-                    # the user asked to cancel since: their request wins over a failure
-                    # nobody saw, which the log keeps
-                    logger.warning(
-                        "job %s: an earlier run here failed (%s) but could not record it; "
-                        "a cancel was requested since, so the job ends cancelled",
-                        status.jobId,
-                        error,
-                    )
-                    lease.end(
-                        status, JobState.CANCELLED, f"Cancelled; {finish.lowered(summary(status))}"
-                    )
-                    return True
-                # its failure could not be written (e.g. a full disk): record it, do not
-                # copy again
-                lease.fail(status, error, self.unrecorded, message)
-                return True
-            # another run copied since, or claimed the job (it held the job when this one
-            # failed): the failure is stale, and would end a job that is getting on
-            logger.warning(
-                "job %s: an earlier run here failed (%s) but could not record it; the job "
-                "has been run or progressed since (to record %s), so it goes on",
-                status.jobId,
-                error,
-                f"{status.processedRecords:,}",
-            )
+        kept = self._kept_failure(status)
+        if kept is not None and not status.cancelRequested:
+            # its failure could not be written (e.g. a full disk): record it, do not copy again
+            message, error = kept
+            lease.fail(status, error, self.unrecorded, message)
+            return True
         source = status.options.get("source") or "its lake"
         doc = status.model_dump(include={"failures", "attempt", "checkpoint", "processedRecords"})
         before = f"{source} (before a checkpoint)"
-        if gave_up(lease, status, doc, before, self.unrecorded, status.error):
+        if kept is None and gave_up(lease, status, doc, before, self.unrecorded, status.error):
             return True
         if status.cancelRequested:
+            if kept is not None:  # the user's request wins over a failure nobody saw
+                logger.warning(
+                    "job %s: an earlier run here failed (%s) but could not record it; "
+                    "a cancel was requested since, so the job ends cancelled",
+                    status.jobId,
+                    kept[1],
+                )
             lease.end(status, JobState.CANCELLED, f"Cancelled; {finish.lowered(summary(status))}")
             return True
         return False
+
+    def _kept_failure(self, status: JobStatus) -> tuple[str, str] | None:
+        """(message, error) of this process's failure of the job that could not be written,
+        if it is still the job's: this claim is the next after the failed run's, and the job
+        stands where that run left it. Another run that copied since, or only claimed the
+        job (planned and stopped before its first commit), makes it stale: logged, dropped."""
+        if (unrecorded := self.unrecorded.pop(status.jobId, None)) is None:
+            return None
+        message, error, then, attempt = unrecorded
+        if progress(status) == then and status.attempt == attempt + 1:
+            return message, error
+        logger.warning(
+            "job %s: an earlier run here failed (%s) but could not record it; the job "
+            "has been run or progressed since (to record %s), so it goes on",
+            status.jobId,
+            error,
+            f"{status.processedRecords:,}",
+        )
+        return None
 
     def _copy(
         self,
