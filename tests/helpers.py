@@ -39,6 +39,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 from fastapi.testclient import TestClient
+from hypothesis import strategies as st
 from moto.server import ThreadedMotoServer
 from pymongo import MongoClient
 from pymongo.collection import Collection
@@ -804,6 +805,20 @@ def write_lake(root: Path, files: list[list[dict[str, Any]]]) -> Path:
     for i, rows in enumerate(files):
         pq.write_table(pa.Table.from_pylist(rows, SCHEMA), root / f"part-{i:03d}.parquet")
     return root
+
+
+def drawn_files(
+    keys: int, versions: int, rows: tuple[int, int], files: tuple[int, int]
+) -> st.SearchStrategy[list[list[dict[str, Any]]]]:
+    """Files of records for a property test: keys K0.. repeated within and across files,
+    versions 1.. in any order, and some records bad (a drawn flag, on even versions)."""
+    drawn = st.tuples(st.integers(0, keys - 1), st.integers(1, versions), st.booleans())
+    lake = st.lists(
+        st.lists(drawn, min_size=rows[0], max_size=rows[1]), min_size=files[0], max_size=files[1]
+    )
+    return lake.map(
+        lambda data: [[record(f"K{k}", v, bad=b and v % 2 == 0) for k, v, b in f] for f in data]
+    )
 
 
 def versioned_lake(root: Path, keys: int = 600, versions: int = 6, seed: int = 3) -> Path:

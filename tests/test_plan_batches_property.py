@@ -20,7 +20,7 @@ import pytest
 from hypothesis import HealthCheck, given
 from hypothesis import settings as hsettings
 from hypothesis import strategies as st
-from tests.helpers import T0, record, write_lake
+from tests.helpers import T0, drawn_files, write_lake
 
 from lakesync import repeats
 from lakesync.lake import Lake
@@ -53,13 +53,7 @@ def oracle(lake: Path, filter: pc.Expression | None) -> dict[str, list[int]]:
     suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow],
 )
 @given(
-    data=st.lists(
-        st.lists(
-            st.tuples(st.integers(0, 9), st.integers(1, 6), st.booleans()), min_size=0, max_size=23
-        ),
-        min_size=1,
-        max_size=7,
-    ),
+    files=drawn_files(10, 6, rows=(0, 23), files=(1, 7)),
     plan_batch=st.sampled_from([1, 2, 3, 5, 7, 10_000]),
     exact_batch=st.sampled_from([1, 2, 3, 5_000]),
     shard_rows=st.sampled_from([1, 2, 3, 1 << 18]),
@@ -68,14 +62,13 @@ def oracle(lake: Path, filter: pc.Expression | None) -> dict[str, list[int]]:
 )
 def test_property_the_plan_equals_the_sequential_oracle_whatever_the_batches(
     tmp_path_factory: pytest.TempPathFactory,
-    data: Any,
+    files: Any,
     plan_batch: int,
     exact_batch: int,
     shard_rows: int,
     spill: bool,
     since: int | None,
 ) -> None:
-    files = [[record(f"K{k}", v, bad=b and v % 2 == 0) for k, v, b in rows] for rows in data]
     root = tmp_path_factory.mktemp("plan")
     lake = write_lake(root / "lake", files)
     filter = None if since is None else pc.field("updatedAt") >= T0 + timedelta(seconds=since)

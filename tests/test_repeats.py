@@ -27,6 +27,7 @@ from tests.helpers import (
     assert_like_reference,
     counts_of,
     database_of,
+    drawn_files,
     fresh,
     record,
     reference,
@@ -166,20 +167,10 @@ def test_one_piece_and_partitions_in_any_order_give_the_same_collection_and_coun
     deadline=None,
     suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow],
 )
-@given(
-    data=st.lists(
-        st.lists(
-            st.tuples(st.integers(0, 7), st.integers(1, 4), st.booleans()), min_size=1, max_size=9
-        ),
-        min_size=3,
-        max_size=5,
-    ),
-    order_seed=st.integers(0, 1000),
-)
+@given(files=drawn_files(8, 4, rows=(1, 9), files=(3, 5)), order_seed=st.integers(0, 1000))
 def test_property_partitioned_in_random_order_equals_the_sequential_reference(
-    settings: Settings, tmp_path_factory: pytest.TempPathFactory, data: Any, order_seed: int
+    settings: Settings, tmp_path_factory: pytest.TempPathFactory, files: Any, order_seed: int
 ) -> None:
-    files = [[record(f"K{k}", v, bad=b and v % 2 == 0) for k, v, b in rows] for rows in data]
     lake = write_lake(tmp_path_factory.mktemp("prop") / "lake", files)
     s = fresh(settings, lake, partition_rows=1, batch_size=2)  # a partition per file
     done = run_partitioned(s, "random", seed=order_seed)
